@@ -1,0 +1,43 @@
+"""qkv — attention as a soft lookup.
+
+Each token's query is matched against every token's key; the scores q·k/√d become weights by a
+softmax, and the output is the weighted blend of the values. Layers (imports flow down only):
+attention → nn → models → lens → cli/web.
+"""
+
+from .attention import (
+    Intermediates,
+    alibi,
+    alibi_slopes,
+    and_masks,
+    attention,
+    attention_weights,
+    causal_mask,
+    document_mask,
+    key_padding_mask,
+    or_masks,
+    prefix_lm_mask,
+    reference_attention,
+    sliding_window_mask,
+    softcap,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Intermediates",
+    "__version__",
+    "alibi",
+    "alibi_slopes",
+    "and_masks",
+    "attention",
+    "attention_weights",
+    "causal_mask",
+    "document_mask",
+    "key_padding_mask",
+    "or_masks",
+    "prefix_lm_mask",
+    "reference_attention",
+    "sliding_window_mask",
+    "softcap",
+]

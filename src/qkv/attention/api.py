@@ -1,0 +1,178 @@
+"""`attention` and `attention_weights`: the engine's public functions and backend dispatch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import scoring
+from .reference import Intermediates, reference
+from .sdpa import sdpa, unsupported
+from .spec import MaskMod, ScoreMod, Spec, make_spec
+from .tiled import tiled
+
+BACKENDS = ("auto", "reference", "tiled", "sdpa")
+
+
+def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> str:
+    """`auto`: the fastest backend that computes exactly what was asked.
+
+    SDPA (fused C++/CUDA) for plain, causal and tensor-masked attention; our tiled kernel when
+    the request needs the LSE, a mod, a generator-driven dropout, block skipping (window,
+    mask_mod), or when NaN/inf sit in K/V under a mask (SDPA would leak them: 0·NaN = NaN).
+    """
+    if spec.Sq == 0 or spec.Sk == 0 or return_lse or unsupported(spec) is not None:
+        return "tiled"
+    if spec.dropout_p > 0 or spec.left is not None or spec.mask_mod is not None:
+        return "tiled"
+    if spec.right is not None and spec.right != 0:
+        return "tiled"
+    if spec.masked and not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+        return "tiled"
+    return "sdpa"
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    mask: Tensor | None = None,
+    mask_mod: MaskMod | None = None,
+    score_mod: ScoreMod | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact soft lookup: each query row blends the values by softmax(scale·q·kᵀ).
+
+    Shapes: q (B, Hq, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv) → out (B, Hq, Sq, Dv);
+    with `return_lse=True` also lse (B, Hq, Sq), fp32 (fp64 for fp64 input), natural log.
+    GQA/MQA: Hq % Hk == 0 and query head h reads kv head h // (Hq // Hk).
+
+    Order: s = scale·q·k (scale defaults to 1/√D) → softcap c·tanh(s/c) → score_mod →
+    masks (−inf) → softmax in fp32 → dropout, scaled 1/(1−p) → ·v.
+
+    Alignment: query row i sits at absolute position i + δ with δ = Sk − Sq (bottom-right), so
+    `causal=True` keeps key j iff j ≤ i + δ. For Sq=2, Sk=5::
+
+        1 1 1 1 0
+        1 1 1 1 1
+
+    `window=(left, right)` keeps i+δ−left ≤ j ≤ i+δ+right (inclusive; None = unbounded);
+    `(W−1, 0)` attends exactly the W most recent keys. `mask` is bool (True = keep) or a float
+    additive bias, broadcastable to (B, Hq, Sq, Sk). `mask_mod`/`score_mod` are FlexAttention-style
+    functions of index tensors (see `qkv.attention.mods`); all masks combine by AND.
+
+    A row with no key left returns 0 with LSE −inf and zero gradients, never NaN. NaN/inf in a
+    masked-out key or value never reaches the output.
+
+    Backends: "reference" (explicit, O(Sq·Sk) memory, the oracle), "tiled" (online softmax,
+    O(N) memory, custom backward, skips masked-out key blocks), "sdpa" (PyTorch's fused kernel,
+    exact requests only), "auto" (the fastest exact one). Equivalent PyTorch::
+
+        s = (q @ k.repeat_interleave(Hq // Hk, 1).transpose(-1, -2)) * scale
+        s = s.masked_fill(~keep, float("-inf"))
+        out = torch.softmax(s.float(), -1).to(v.dtype) @ v.repeat_interleave(Hq // Hk, 1)
+    """
+    spec = make_spec(
+        q,
+        k,
+        v,
+        causal=causal,
+        window=window,
+        mask=mask,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        scale=scale,
+        softcap=softcap,
+        dropout_p=dropout_p,
+        generator=generator,
+    )
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = choose_backend(q, k, v, spec, return_lse)
+    if backend == "reference":
+        r = reference(q, k, v, spec)
+        return (r.out, r.lse) if return_lse else r.out
+    if backend == "tiled":
+        out, lse = tiled(q, k, v, spec)
+        return (out, lse) if return_lse else out
+    if return_lse:
+        raise ValueError("backend='sdpa' does not return the LSE; use backend='tiled' or 'auto'")
+    return sdpa(q, k, v, spec)
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Intermediates:
+    """The reference backend with every intermediate (scores, logits, weights, lse, out).
+    Takes the keyword arguments of `attention` (but `return_lse`/`backend`). O(Sq·Sk) memory."""
+    return reference(q, k, v, make_spec(q, k, v, **kwargs))
+
+
+def _rows(rows: object, Sq: int, device: torch.device) -> Tensor:
+    if rows is None:
+        return torch.arange(Sq, device=device)
+    if isinstance(rows, slice):
+        return torch.arange(Sq, device=device)[rows]
+    if isinstance(rows, int) and not isinstance(rows, bool):
+        rows = [rows]
+    t = torch.as_tensor(rows, device=device)
+    if t.dim() != 1 or t.is_floating_point() or t.dtype == torch.bool:
+        raise TypeError(f"rows must be an int, a slice, or a 1-D sequence of ints, got {rows!r}")
+    if t.numel() and (int(t.min()) < -Sq or int(t.max()) >= Sq):
+        raise IndexError(f"rows must lie in [-{Sq}, {Sq}) for Sq={Sq}, got {t.tolist()}")
+    return torch.where(t < 0, t + Sq, t).long()
+
+
+def attention_weights(
+    q: Tensor,
+    k: Tensor,
+    lse: Tensor | None = None,
+    *,
+    rows: int | slice | list[int] | Tensor | None = None,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    mask: Tensor | None = None,
+    mask_mod: MaskMod | None = None,
+    score_mod: ScoreMod | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> Tensor:
+    """Exact softmax rows for the chosen queries, (B, Hq, len(rows), Sk), without the full matrix.
+
+    `w[b, h, r, j] = exp(logit[b, h, rows[r], j] − lse[b, h, rows[r]])`, the very weights
+    `attention` used (pre-dropout), in O(len(rows)·Sk) memory. Pass the `lse` that
+    `attention(..., return_lse=True)` returned, or None to compute it for these rows alone
+    (also exact, same cost). Masks and mods must be those of the attention call. An empty row
+    is all 0. Equivalent: `reference_attention(q, k, v, ...).weights[:, :, rows]`.
+    """
+    spec = make_spec(
+        q, k, k, causal=causal, window=window, mask=mask, mask_mod=mask_mod,
+        score_mod=score_mod, scale=scale, softcap=softcap,
+    )  # fmt: skip
+    idx = _rows(rows, spec.Sq, q.device)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg = scoring.group(q[:, :, idx], spec)  # (b hk (g r) d)
+    kbad = scoring.bad_keys(k, spec.G)
+    kk = scoring.finite(k) if kbad is not None else k
+    raw = scoring.scaled_scores(qg, kk, spec).to(cdt)  # (b h r j)
+    if spec.Sk == 0:
+        return raw
+    logits, _ = scoring.scores(raw, spec, scoring.block(spec, idx, 0, spec.Sk, q.device), kbad)
+    if lse is None:
+        m = scoring.safe_max(logits.amax(-1, keepdim=True))
+        lse_r = m + torch.log(torch.exp(logits - m).sum(-1, keepdim=True))
+    else:
+        want = (spec.B, spec.Hq, spec.Sq)
+        if not isinstance(lse, Tensor) or tuple(lse.shape) != want:
+            got = tuple(lse.shape) if isinstance(lse, Tensor) else type(lse).__name__
+            raise ValueError(f"lse must have shape (B, Hq, Sq) = {want}, got {got}")
+        lse_r = lse[:, :, idx].to(device=q.device, dtype=cdt).unsqueeze(-1)
+    lse_r = torch.where(lse_r == float("-inf"), torch.full_like(lse_r, float("inf")), lse_r)
+    return torch.exp(logits - lse_r)

@@ -1,0 +1,135 @@
+"""Ready-made `mask_mod`s and `score_mod`s, and ways to combine them.
+
+A mask_mod is `fn(b, h, q_idx, kv_idx) -> bool tensor` (True = keep); a score_mod is
+`fn(score, b, h, q_idx, kv_idx) -> score`. Arguments are integer tensors broadcastable to
+(b h i j); `q_idx` is the query's absolute position i + δ (δ = Sk − Sq), the coordinate shared
+with keys, so the same mod is right for a prefill (Sq = Sk) and a cached decode step (Sq = 1).
+
+    >>> import torch, qkv
+    >>> q = k = v = torch.randn(1, 2, 6, 8)
+    >>> doc = torch.tensor([0, 0, 0, 1, 1, 1])
+    >>> keep = qkv.and_masks(qkv.causal_mask, qkv.document_mask(doc))
+    >>> out = qkv.attention(q, k, v, mask_mod=keep)   # block-diagonal causal
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .spec import MaskMod, ScoreMod
+
+
+def and_masks(*mods: MaskMod) -> MaskMod:
+    """Keep (b, h, q, kv) only where every mod keeps it. No mods keeps everything."""
+
+    def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        out = torch.ones((), dtype=torch.bool, device=q_idx.device)
+        for m in mods:
+            out = out & m(b, h, q_idx, kv_idx)
+        return out
+
+    return mod
+
+
+def or_masks(*mods: MaskMod) -> MaskMod:
+    """Keep (b, h, q, kv) where any mod keeps it. No mods keeps nothing."""
+
+    def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        out = torch.zeros((), dtype=torch.bool, device=q_idx.device)
+        for m in mods:
+            out = out | m(b, h, q_idx, kv_idx)
+        return out
+
+    return mod
+
+
+def causal_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    """kv_idx ≤ q_idx: the same as `causal=True` (bottom-right aligned)."""
+    return kv_idx <= q_idx
+
+
+def sliding_window_mask(left: int, right: int = 0) -> MaskMod:
+    """q_idx − left ≤ kv_idx ≤ q_idx + right: the same as `window=(left, right)`.
+    `(W − 1, 0)` keeps exactly the W most recent keys, the query's own included."""
+    if left < 0 or right < 0:
+        raise ValueError(f"window sides must be ≥ 0, got left={left}, right={right}")
+
+    def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (kv_idx >= q_idx - left) & (kv_idx <= q_idx + right)
+
+    return mod
+
+
+def key_padding_mask(keep_or_lengths: Tensor) -> MaskMod:
+    """Padding keys masked out. Takes `lengths (B,)` (keys `< lengths[b]` are real) or a bool
+    `keep (B, Sk)` (True = real token), the `attention_mask` of Hugging Face tokenizers."""
+    t = keep_or_lengths
+    if t.dtype == torch.bool:
+        if t.dim() != 2:
+            raise ValueError(f"a key padding keep-mask must be (B, Sk), got shape {tuple(t.shape)}")
+        return lambda b, h, q_idx, kv_idx: t[b, kv_idx]
+    if t.dim() != 1 or t.is_floating_point():
+        raise ValueError(f"key lengths must be an integer tensor (B,), got {t.dtype} {tuple(t.shape)}")
+    return lambda b, h, q_idx, kv_idx: kv_idx < t[b]
+
+
+def document_mask(doc_ids: Tensor) -> MaskMod:
+    """Block-diagonal: a query sees only keys of its own document. `doc_ids (S,)` or `(B, S)`,
+    indexed by absolute position (packed sequences, Sk = S)."""
+    ids = doc_ids if doc_ids.dim() == 2 else doc_ids.unsqueeze(0)
+    if ids.dim() != 2:
+        raise ValueError(f"doc_ids must be (S,) or (B, S), got shape {tuple(doc_ids.shape)}")
+
+    def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        bb = b if ids.shape[0] > 1 else torch.zeros_like(b)
+        return ids[bb, q_idx] == ids[bb, kv_idx]
+
+    return mod
+
+
+def prefix_lm_mask(prefix_len: int | Tensor) -> MaskMod:
+    """Bidirectional over the first `prefix_len` keys, causal after (T5/PaLI prefix-LM).
+    `prefix_len` is an int or a per-batch tensor (B,)."""
+
+    def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        n = prefix_len[b] if isinstance(prefix_len, Tensor) else prefix_len
+        return (kv_idx < n) | (kv_idx <= q_idx)
+
+    return mod
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    """ALiBi head slopes (Press et al. 2022): 2^(−8(h+1)/n) for n a power of two, else the
+    paper's interleaving of the two nearest powers."""
+    if n_heads < 1:
+        raise ValueError(f"n_heads must be ≥ 1, got {n_heads}")
+
+    def pow2(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return torch.tensor(pow2(n_heads))
+    near = 2 ** math.floor(math.log2(n_heads))
+    return torch.tensor(pow2(near) + pow2(2 * near)[0::2][: n_heads - near])
+
+
+def alibi(slopes: Tensor | int) -> ScoreMod:
+    """score − slope[h]·|q_idx − kv_idx| (for causal attention: + slope·(kv_idx − q_idx))."""
+    s = alibi_slopes(slopes) if isinstance(slopes, int) else slopes
+
+    def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        slope = s.to(device=score.device, dtype=score.dtype)[h]
+        return score - slope * (q_idx - kv_idx).abs().to(score.dtype)
+
+    return mod
+
+
+def softcap(cap: float) -> ScoreMod:
+    """cap·tanh(score/cap) (Gemma 2, Grok). The `softcap=` argument does the same, first."""
+    if not cap > 0:
+        raise ValueError(f"softcap must be > 0, got {cap}")
+    return lambda score, b, h, q_idx, kv_idx: cap * torch.tanh(score / cap)

@@ -1,0 +1,151 @@
+"""The score pipeline every backend shares, applied to any block of rows × keys.
+
+    s = scale·q·k  →  softcap c·tanh(s/c)  →  score_mod  →  masks (−inf)  →  (+ float bias)
+
+A block is query rows `rows` (a slice or an index tensor into 0..Sq) against keys `ks:ke`.
+Index tensors handed to `mask_mod`/`score_mod` are 4-D and broadcastable to (b h i j):
+`b (B,1,1,1)`, `h (1,Hq,1,1)`, `q_idx (1,1,i,1)`, `kv_idx (1,1,1,j)`. `q_idx` is the query's
+**absolute position** i + δ (δ = Sk − Sq), the same coordinate `causal=True` uses, so a mod
+stays correct when decoding with a KV cache; it equals FlexAttention's q_idx when Sq == Sk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .spec import Spec
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class Block:
+    rows: slice | Tensor  # query rows i into 0..Sq
+    ks: int  # keys ks:ke
+    ke: int
+    q_pos: Tensor  # (i,) int64 absolute positions i + δ
+    band_full: bool  # the band (causal/window) keeps every (i, j) of this block
+
+
+def block(spec: Spec, rows: slice | Tensor, ks: int, ke: int, device: torch.device) -> Block:
+    """Describe a block; `band_full` lets the caller skip building the band mask."""
+    if isinstance(rows, slice):
+        q_pos = torch.arange(rows.start, rows.stop, device=device) + spec.delta
+        lo, hi = rows.start + spec.delta, rows.stop - 1 + spec.delta
+    else:
+        q_pos = rows.to(device=device, dtype=torch.long) + spec.delta
+        lo = int(q_pos.min()) if q_pos.numel() else 0
+        hi = int(q_pos.max()) if q_pos.numel() else 0
+    full = (spec.left is None or ks >= hi - spec.left) and (spec.right is None or ke - 1 <= lo + spec.right)
+    return Block(rows=rows, ks=ks, ke=ke, q_pos=q_pos, band_full=full)
+
+
+def band_range(spec: Spec, lo: int, hi: int) -> tuple[int, int]:
+    """Keys [start, stop) that the band can keep for query rows lo..hi (inclusive)."""
+    start = 0 if spec.left is None else max(0, lo + spec.delta - spec.left)
+    stop = spec.Sk if spec.right is None else min(spec.Sk, hi + spec.delta + spec.right + 1)
+    return start, max(start, stop)
+
+
+def _grids(spec: Spec, blk: Block, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    b = torch.arange(spec.B, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(spec.Hq, device=device).view(1, -1, 1, 1)
+    qi = blk.q_pos.view(1, 1, -1, 1)
+    kj = torch.arange(blk.ks, blk.ke, device=device).view(1, 1, 1, -1)
+    return b, h, qi, kj
+
+
+def _slice(m: Tensor, blk: Block) -> Tensor:  # (b h i j) mask restricted to the block
+    if m.shape[2] != 1:
+        m = m[:, :, blk.rows]
+    return m if m.shape[3] == 1 else m[..., blk.ks : blk.ke]
+
+
+def scaled_scores(qg: Tensor, k: Tensor, spec: Spec) -> Tensor:
+    """scale·q·kᵀ for grouped queries `qg (b hk (g i) d)` and keys `k (b hk j d)` → (b h i j).
+
+    fp32/fp64 fold the scale into q (one pass less over the scores); fp16/bf16 multiply in
+    the matmul's dtype and scale in fp32. Every backend computes scores with this one function.
+    """
+    if qg.dtype in (torch.float32, torch.float64):
+        t = (qg * spec.scale) @ k.transpose(-1, -2)
+    else:
+        t = (qg @ k.transpose(-1, -2)).float() * spec.scale
+    return t.view(spec.B, spec.Hq, -1, k.shape[2])
+
+
+def group(q: Tensor, spec: Spec) -> Tensor:
+    """(b h i d) → (b hk (g i) d): the g query heads sharing kv head hk become rows."""
+    return q.unflatten(1, (spec.Hk, spec.G)).reshape(spec.B, spec.Hk, -1, q.shape[-1])
+
+
+def modify(s: Tensor, spec: Spec, blk: Block) -> Tensor:
+    """softcap then score_mod on scaled scores `s (b h i j)`; not in place (autograd-safe)."""
+    if spec.softcap is not None:
+        s = spec.softcap * torch.tanh(s / spec.softcap)
+    if spec.score_mod is not None:
+        out = spec.score_mod(s, *_grids(spec, blk, s.device))
+        if not isinstance(out, Tensor):
+            raise TypeError(f"score_mod must return a tensor, got {type(out).__name__}")
+        s = torch.broadcast_to(out, s.shape).to(s.dtype)
+    return s
+
+
+def keep(spec: Spec, blk: Block, device: torch.device) -> Tensor | None:
+    """Bool keep-mask broadcastable to the block's (b h i j), or None when all is kept."""
+    out: Tensor | None = None
+    if spec.banded and not blk.band_full:
+        kj = torch.arange(blk.ks, blk.ke, device=device).view(1, -1)
+        qi = blk.q_pos.view(-1, 1)
+        band = torch.ones(qi.shape[0], kj.shape[1], dtype=torch.bool, device=device)
+        if spec.left is not None:
+            band &= kj >= qi - spec.left
+        if spec.right is not None:
+            band &= kj <= qi + spec.right
+        out = band
+    if spec.keep is not None:
+        m = _slice(spec.keep, blk)
+        out = m if out is None else out & m
+    if spec.mask_mod is not None:
+        m = spec.mask_mod(*_grids(spec, blk, device))
+        if not isinstance(m, Tensor) or m.dtype != torch.bool:
+            got = m.dtype if isinstance(m, Tensor) else type(m).__name__
+            raise TypeError(f"mask_mod must return a bool tensor (True = keep), got {got}")
+        out = m if out is None else out & m
+    return out
+
+
+def scores(s: Tensor, spec: Spec, blk: Block, kbad: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Full pipeline on scaled scores `s (b h i j)`: returns (logits, keep).
+
+    `kbad (b h j)` marks keys holding NaN/inf: their scores become NaN (so a query that keeps
+    such a key gets NaN, as plain math would) while a query that masks them never sees them.
+    """
+    if kbad is not None:
+        s = s.masked_fill(kbad[..., blk.ks : blk.ke].unsqueeze(-2), float("nan"))
+    s = modify(s, spec, blk)
+    k = keep(spec, blk, s.device)
+    if k is not None:
+        s = s.masked_fill(~k, NEG_INF)
+    if spec.bias is not None:
+        s = s + _slice(spec.bias, blk)
+    return s, k
+
+
+def safe_max(m: Tensor) -> Tensor:
+    """Row max with −inf (an empty row) replaced by 0, so exp(s − m) never makes NaN."""
+    return torch.where(m == NEG_INF, torch.zeros_like(m), m)
+
+
+def bad_keys(k: Tensor, G: int) -> Tensor | None:
+    """(b h j) bool, True where key j of query head h holds NaN/inf; None if k is finite."""
+    bad = ~torch.isfinite(k).all(-1)
+    return bad.repeat_interleave(G, dim=1) if bad.any() else None
+
+
+def finite(x: Tensor) -> Tensor:
+    """x with NaN/inf replaced by 0 (for matmuls whose masked terms must stay exactly 0)."""
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))

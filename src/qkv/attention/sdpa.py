@@ -1,0 +1,55 @@
+"""The `sdpa` backend: PyTorch's fused `scaled_dot_product_attention`, used only where the
+request maps onto it exactly (no softcap or score_mod; dropout only from the global RNG).
+Masks it cannot express natively (window, mask_mod, causal with Sq ≠ Sk) are materialised
+into one boolean/float mask first, which costs O(Sq·Sk) memory.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import scoring
+from .spec import Spec
+
+
+def unsupported(spec: Spec) -> str | None:
+    """Why this request does not map onto SDPA exactly, or None if it does."""
+    if spec.softcap is not None:
+        return "softcap"
+    if spec.score_mod is not None:
+        return "score_mod"
+    if spec.dropout_p > 0 and spec.generator is not None:
+        return "dropout with a generator (SDPA draws from the global RNG)"
+    return None
+
+
+def dense_mask(spec: Spec, device) -> Tensor | None:
+    """Every mask of the request as one SDPA attn_mask (bool keep, or float bias with −inf)."""
+    blk = scoring.block(spec, slice(0, spec.Sq), 0, spec.Sk, device)
+    keep = scoring.keep(spec, blk, device)
+    bias = spec.bias
+    if bias is None:
+        return keep
+    return bias if keep is None else bias.masked_fill(~keep, float("-inf"))
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Tensor:
+    why = unsupported(spec)
+    if why is not None:
+        raise ValueError(f"backend='sdpa' cannot compute {why} exactly; use backend='tiled' or 'auto'")
+    only_causal = spec.left is None and spec.right == 0 and spec.mask is None and spec.mask_mod is None
+    is_causal = only_causal and spec.Sq == spec.Sk
+    mask = None if is_causal else dense_mask(spec, q.device)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(q.dtype)
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        dropout_p=spec.dropout_p,
+        is_causal=is_causal,
+        scale=spec.scale,
+        enable_gqa=spec.G > 1,
+    )

@@ -1,0 +1,192 @@
+"""Validated description of one attention call, shared by every backend.
+
+Letters used throughout `qkv.attention`: b batch, h query head, i query row, j key position,
+d head dim (q/k), e value dim. `g` is the GQA group size Hq // Hk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Everything a backend needs besides q, k, v. Built by `make_spec`, never by hand."""
+
+    B: int
+    Hq: int
+    Hk: int
+    Sq: int
+    Sk: int
+    D: int
+    Dv: int
+    scale: float
+    left: int | None  # band: keep i+δ−left ≤ j ≤ i+δ+right (None = unbounded)
+    right: int | None
+    mask: Tensor | None  # bool keep (True = keep) or float additive bias, 4-D broadcastable
+    mask_mod: MaskMod | None
+    score_mod: ScoreMod | None
+    softcap: float | None
+    dropout_p: float
+    generator: torch.Generator | None
+
+    @property
+    def G(self) -> int:  # query heads per kv head
+        return self.Hq // self.Hk
+
+    @property
+    def delta(self) -> int:  # query row i sits at absolute position i + δ
+        return self.Sk - self.Sq
+
+    @property
+    def banded(self) -> bool:
+        return self.left is not None or self.right is not None
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.mask if self.mask is not None and self.mask.dtype != torch.bool else None
+
+    @property
+    def keep(self) -> Tensor | None:
+        return self.mask if self.mask is not None and self.mask.dtype == torch.bool else None
+
+    @property
+    def has_mods(self) -> bool:
+        return self.softcap is not None or self.score_mod is not None
+
+    @property
+    def masked(self) -> bool:
+        return self.banded or self.mask is not None or self.mask_mod is not None
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Raise TypeError/ValueError naming expected vs actual for malformed q, k, v."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have 4 dims (B, H, S, D) but has {t.dim()}: shape {_shape(t)}; "
+                "add a batch/head axis with .unsqueeze(0)"
+            )
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (dim 0 must match)")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads, got Hk={k.shape[1]} and Hv={v.shape[1]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"query heads must be a multiple of key/value heads (GQA), got Hq={q.shape[1]} and Hk={k.shape[1]}"
+        )
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same length, got Sk={k.shape[2]} and Sv={v.shape[2]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must have the same head dim, got D={q.shape[3]} and Dk={k.shape[3]}")
+
+
+def _window(window: object) -> tuple[int | None, int | None]:
+    if window is None:
+        return None, None
+    if isinstance(window, int) or not isinstance(window, tuple | list) or len(window) != 2:
+        raise TypeError(f"window must be a (left, right) pair of ints or None, got {window!r}; e.g. (255, 0)")
+    out = []
+    for side in window:
+        if side is not None and (not isinstance(side, int) or isinstance(side, bool) or side < 0):
+            raise ValueError(f"window sides must be ints ≥ 0 or None, got {window!r}")
+        out.append(side)
+    return out[0], out[1]
+
+
+def _mask(mask: Tensor | None, q: Tensor, B: int, Hq: int, Sq: int, Sk: int) -> Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a bool or float tensor, got {type(mask).__name__}")
+    if mask.device != q.device:
+        raise ValueError(f"mask is on {mask.device} but q is on {q.device}; move it with mask.to(q.device)")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"mask must be bool (True = keep) or a float additive bias, got {mask.dtype}")
+    if mask.dim() > 4:
+        raise ValueError(f"mask must have at most 4 dims (B, Hq, Sq, Sk), got shape {_shape(mask)}")
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    target = (B, Hq, Sq, Sk)
+    for have, want in zip(m.shape, target, strict=True):
+        if have not in (1, want):
+            raise ValueError(f"mask of shape {_shape(mask)} cannot broadcast to (B, Hq, Sq, Sk) = {target}")
+    return m if m.dtype == torch.bool else m.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def make_spec(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    mask: Tensor | None = None,
+    mask_mod: MaskMod | None = None,
+    score_mod: ScoreMod | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Spec:
+    """Validate everything and fold `causal` into the (left, right) band."""
+    check_qkv(q, k, v)
+    B, Hq, Sq, D = q.shape
+    Hk, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    left, right = _window(window)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
+    if not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if softcap is not None and (not isinstance(softcap, int | float) or not softcap > 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    if not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    for name, fn in (("mask_mod", mask_mod), ("score_mod", score_mod)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    return Spec(
+        B=B,
+        Hq=Hq,
+        Hk=Hk,
+        Sq=Sq,
+        Sk=Sk,
+        D=D,
+        Dv=Dv,
+        scale=float(scale),
+        left=left,
+        right=right,
+        mask=_mask(mask, q, B, Hq, Sq, Sk),
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        softcap=None if softcap is None else float(softcap),
+        dropout_p=float(dropout_p),
+        generator=generator,
+    )
