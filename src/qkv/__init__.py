@@ -22,6 +22,8 @@ from .attention import (
     softcap,
 )
 
+from .models import available, load
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -32,6 +34,8 @@ __all__ = [
     "and_masks",
     "attention",
     "attention_weights",
+    "available",
+    "load",
     "causal_mask",
     "document_mask",
     "key_padding_mask",
