@@ -78,8 +78,10 @@ class _Tiles:
 
 
 def _forward(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, lse) in the compute dtype: fp32 output is kept for the backward's rowsum(dO∘O),
+    which would lose digits from a bf16-rounded O."""
     s = t.spec
-    out = q.new_zeros(s.B, s.Hq, s.Sq, s.Dv)
+    out = torch.zeros(s.B, s.Hq, s.Sq, s.Dv, dtype=t.cdt, device=q.device)  # (b h i e)
     lse = torch.full((s.B, s.Hq, s.Sq), float("-inf"), dtype=t.cdt, device=q.device)
     out5 = out.view(s.B, s.Hk, s.G, s.Sq, s.Dv)
     for qs in range(0, s.Sq, t.block_q):
@@ -108,7 +110,7 @@ def _forward(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
         o = acc / t.grouped(l_safe.unsqueeze(-1))
         if hit is not None:
             o = o.masked_fill(hit > 0, float("nan"))
-        out5[:, :, :, qs:qe] = o.view(s.B, s.Hk, s.G, qe - qs, s.Dv).to(out.dtype)
+        out5[:, :, :, qs:qe] = o.view(s.B, s.Hk, s.G, qe - qs, s.Dv)
         lse[:, :, qs:qe] = scoring.safe_max(m) + torch.log(l)
     return out, lse
 
@@ -170,10 +172,10 @@ class _TiledAttention(torch.autograd.Function):
         if spec.dropout_p > 0:
             seed = int(torch.randint(0, 2**62, (1,), generator=spec.generator))
         t = _Tiles(q, k, v, spec, seed, block_q, block_k)
-        out, lse = _forward(t, q)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out_c, lse = _forward(t, q)
+        ctx.save_for_backward(q, k, v, out_c, lse)
         ctx.spec, ctx.seed, ctx.blocks = spec, seed, (block_q, block_k)
-        return out, lse
+        return out_c.to(q.dtype), lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
