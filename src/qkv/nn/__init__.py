@@ -1,1 +1,28 @@
-"""L2 — modules that own W_Q, W_K, W_V, W_O and call `qkv.attention`."""
+"""L2 — modules that own W_Q, W_K, W_V, W_O and call `qkv.attention`.
+
+rope = RotaryEmbedding(64, base=1e5)                      # half-split (HF Llama) layout
+attn = MultiHeadAttention(576, 9, n_kv_heads=3, rope=rope, causal=True)
+cache = KVCache(n_layers)                                  # attn(x, cache=cache[layer])
+with capture(model) as cap: model(ids)                     # cap.layers: AttentionRecord
+"""
+
+from .attention import MultiHeadAttention
+from .blocks import ACTIVATIONS, MLP, PostNormBlock, PreNormBlock, RMSNorm
+from .cache import KVCache, LayerCache
+from .capture import AttentionRecord, Capture, capture
+from .rope import RotaryEmbedding
+
+__all__ = [
+    "ACTIVATIONS",
+    "MLP",
+    "AttentionRecord",
+    "Capture",
+    "KVCache",
+    "LayerCache",
+    "MultiHeadAttention",
+    "PostNormBlock",
+    "PreNormBlock",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "capture",
+]

@@ -1,0 +1,214 @@
+"""MultiHeadAttention: the module that owns W_Q, W_K, W_V, W_O and calls `qkv.attention`.
+
+Letters: b batch, i query position, j key position, m model dim, h query head, k kv head,
+d head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..attention import attention
+from .cache import LayerCache
+from .capture import _ACTIVE, AttentionRecord
+from .rope import RotaryEmbedding
+
+
+def _check_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head (GQA/MQA) attention with weights stored per head, as a person inspects them.
+
+    Parameters: W_Q (h m d), W_K and W_V (k m d), W_O (h d m); with `bias`: b_Q (h d),
+    b_K and b_V (k d), b_O (m). `n_kv_heads` defaults to `n_heads` (MHA), `d_head` to
+    d_model // n_heads. `rope`, if given, rotates q and k at their absolute positions.
+
+    forward(x (b i m), *, mask=None, cache=None) → (b i m). Equivalent code::
+
+        q = einsum("bim,hmd->bhid", x, W_Q) + b_Q[:, None]      # likewise k, v with W_K, W_V
+        q, k = rope(q, pos), rope(k, pos)                        # pos = cache.length + arange(i)
+        z = qkv.attention(q, k, v, causal=causal, mask=mask)     # (b h i d), kv head = h // (h/k)
+        out = einsum("bhid,hdm->bim", z, W_O) + b_O
+
+    `mask` is bool keep (True = attend) broadcastable to (b, h, i, j), e.g. key padding
+    (b, 1, 1, j); with a cache j counts the cached tokens too. `causal` is bottom-right aligned,
+    so decoding with a cache needs no mask. With `cache` (a `LayerCache`), the new k/v are
+    appended and attention runs over all cached positions.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        d_head: int | None = None,
+        bias: bool = True,
+        rope: RotaryEmbedding | None = None,
+        causal: bool = False,
+        *,
+        scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        d_model = _check_int("d_model", d_model)
+        n_heads = _check_int("n_heads", n_heads)
+        n_kv_heads = n_heads if n_kv_heads is None else _check_int("n_kv_heads", n_kv_heads)
+        if n_heads % n_kv_heads:
+            raise ValueError(
+                f"n_heads must be a multiple of n_kv_heads (GQA), got {n_heads} and {n_kv_heads}"
+            )
+        if d_head is None:
+            if d_model % n_heads:
+                raise ValueError(
+                    f"d_model={d_model} is not divisible by n_heads={n_heads}; pass d_head explicitly"
+                )
+            d_head = d_model // n_heads
+        d_head = _check_int("d_head", d_head)
+        if rope is not None and not isinstance(rope, RotaryEmbedding):
+            raise TypeError(
+                f"rope must be a qkv.nn.RotaryEmbedding or None, got {type(rope).__name__}"
+            )
+        if rope is not None and rope.d_head != d_head:
+            raise ValueError(f"rope.d_head={rope.d_head} must equal d_head={d_head}")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        self.d_model, self.n_heads, self.n_kv_heads, self.d_head = (
+            d_model,
+            n_heads,
+            n_kv_heads,
+            d_head,
+        )
+        self.causal = causal
+        self.scale = 1.0 / math.sqrt(d_head) if scale is None else float(scale)
+        self.rope = rope
+        self.W_Q = nn.Parameter(torch.empty(n_heads, d_model, d_head))
+        self.W_K = nn.Parameter(torch.empty(n_kv_heads, d_model, d_head))
+        self.W_V = nn.Parameter(torch.empty(n_kv_heads, d_model, d_head))
+        self.W_O = nn.Parameter(torch.empty(n_heads, d_head, d_model))
+        if bias:
+            self.b_Q = nn.Parameter(torch.zeros(n_heads, d_head))
+            self.b_K = nn.Parameter(torch.zeros(n_kv_heads, d_head))
+            self.b_V = nn.Parameter(torch.zeros(n_kv_heads, d_head))
+            self.b_O = nn.Parameter(torch.zeros(d_model))
+        else:
+            self.register_parameter("b_Q", None)
+            self.register_parameter("b_K", None)
+            self.register_parameter("b_V", None)
+            self.register_parameter("b_O", None)
+        self._fused: tuple | None = None  # (params, versions, w, b), see fused_qkv
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init: U(±1/√fan_in) per projection, biases 0."""
+        for w, fan_in in (
+            (self.W_Q, self.d_model),
+            (self.W_K, self.d_model),
+            (self.W_V, self.d_model),
+            (self.W_O, self.n_heads * self.d_head),
+        ):
+            nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        for b in (self.b_Q, self.b_K, self.b_V, self.b_O):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
+            f"d_head={self.d_head}, bias={self.b_Q is not None}, causal={self.causal}"
+        )
+
+    def fused_qkv(self) -> tuple[Tensor, Tensor | None]:
+        """W_Q, W_K, W_V as one nn.Linear-layout weight ((h+2k)·d, m), so `F.linear(x, w, b)`
+        gives q|k|v per head, and the matching bias. Cached while the parameters are the same
+        objects at the same version and storage, and no gradient is needed."""
+        params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
+        grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+        versions = tuple(None if p is None else (p._version, p.data_ptr(), p.dtype) for p in params)
+        if not grad and self._fused is not None:
+            old, old_versions, w, b = self._fused
+            if old_versions == versions and all(a is c for a, c in zip(old, params, strict=True)):
+                return w, b
+        w = torch.cat((self.W_Q, self.W_K, self.W_V), 0)  # ((h+2k) m d)
+        w = w.transpose(1, 2).reshape(-1, self.d_model)  # ((h+2k)·d m)
+        b = None
+        if self.b_Q is not None:
+            b = torch.cat((self.b_Q, self.b_K, self.b_V), 0).reshape(-1)
+        self._fused = None if grad else (params, versions, w, b)
+        return w, b
+
+    def _check(self, x: object, mask: object, cache: object) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"x must be a torch.Tensor of shape (B, S, d_model), got {type(x).__name__}"
+            )
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"x must have shape (B, S, d_model={self.d_model}), got {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor, got {x.dtype}")
+        if x.dtype != self.W_Q.dtype:
+            raise TypeError(
+                f"x is {x.dtype} but the weights are {self.W_Q.dtype}; cast one to the other"
+            )
+        if cache is not None and not isinstance(cache, LayerCache):
+            raise TypeError(
+                f"cache must be a qkv.nn.LayerCache (e.g. kv_cache[layer]) or None, got {type(cache).__name__}"
+            )
+        if mask is not None and not isinstance(mask, Tensor):
+            raise TypeError(
+                f"mask must be a bool tensor (True = keep) or None, got {type(mask).__name__}"
+            )
+
+    def forward(
+        self, x: Tensor, *, mask: Tensor | None = None, cache: LayerCache | None = None
+    ) -> Tensor:
+        self._check(x, mask, cache)
+        B, S, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.d_head
+        w, b = self.fused_qkv()
+        qkv = F.linear(x, w, b)  # (b i (h+2k)·d)
+        qkv = qkv.view(B, S, H + 2 * K, D).transpose(1, 2)  # (b (h+2k) i d)
+        q, k, v = qkv.split((H, K, K), dim=1)  # (b h i d), (b k i d), (b k i d)
+        start = 0 if cache is None else cache.length
+        if self.rope is not None:
+            pos = torch.arange(start, start + S, device=x.device)
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (b k j d)
+        caps = _ACTIVE.get()
+        recording = [(c, i) for c in caps if (i := c.wants(self)) is not None] if caps else []
+        if recording:
+            z, lse = attention(
+                q, k, v, causal=self.causal, mask=mask, scale=self.scale, return_lse=True
+            )
+        else:
+            z, lse = attention(q, k, v, causal=self.causal, mask=mask, scale=self.scale), None
+        out = z.transpose(1, 2).reshape(B, S, H * D) @ self.W_O.reshape(
+            H * D, self.d_model
+        )  # (b i m)
+        if self.b_O is not None:
+            out = out + self.b_O
+        for cap, i in recording:
+            t = (lambda a: a.detach()) if cap.detach else (lambda a: a)
+            cap.layers.append(
+                AttentionRecord(
+                    layer=i,
+                    q=t(q),
+                    k=t(k),
+                    v=t(v),
+                    z=t(z),
+                    W_O=t(self.W_O),
+                    attn_kwargs={"causal": self.causal, "mask": mask, "scale": self.scale},
+                    lse=t(lse),
+                    b_O=None if self.b_O is None else t(self.b_O),
+                )
+            )
+        return out

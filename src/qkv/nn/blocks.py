@@ -1,0 +1,117 @@
+"""Transformer building blocks around MultiHeadAttention: RMSNorm, the MLP (plain or gated),
+and the two residual arrangements (pre-norm as in Llama/GPT-2, post-norm as in BERT).
+
+Letters: b batch, i position, m model dim, f MLP hidden dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import MultiHeadAttention
+from .cache import LayerCache
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": F.gelu,  # erf form (BERT)
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,  # Llama's SwiGLU gate
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    """`x / sqrt(mean(x², -1) + eps) * weight`, normalised in float32 (as HF Llama), x (… m)."""
+
+    def __init__(self, d_model: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = float(eps)
+        self.weight = nn.Parameter(torch.ones(d_model))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward, x (b i m) → (b i m).
+
+    plain (`gated=False`, BERT/GPT-2): `down(act(up(x)))`
+    gated (`gated=True`, Llama SwiGLU):  `down(act(gate(x)) * up(x))`
+
+    `act` is a name in ACTIVATIONS ("gelu", "gelu_tanh", "silu", "relu") or a callable.
+    Weights are nn.Linear: up/gate (f, m), down (m, f).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        act: str | Callable[[Tensor], Tensor] = "gelu",
+        gated: bool = False,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(act, str):
+            if act not in ACTIVATIONS:
+                raise ValueError(
+                    f"unknown activation {act!r}; choose one of {sorted(ACTIVATIONS)} or pass a callable"
+                )
+            self.act_name, act = act, ACTIVATIONS[act]
+        elif callable(act):
+            self.act_name = getattr(act, "__name__", "custom")
+        else:
+            raise TypeError(
+                f"act must be an activation name or a callable, got {type(act).__name__}"
+            )
+        self.act = act
+        self.up = nn.Linear(d_model, d_hidden, bias=bias)
+        self.gate = nn.Linear(d_model, d_hidden, bias=bias) if gated else None
+        self.down = nn.Linear(d_hidden, d_model, bias=bias)
+
+    def extra_repr(self) -> str:
+        return f"act={self.act_name}, gated={self.gate is not None}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate is None:
+            return self.down(self.act(self.up(x)))
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class PreNormBlock(nn.Module):
+    """`h = x + attn(norm1(x)); out = h + mlp(norm2(h))` (GPT-2, Llama)."""
+
+    def __init__(
+        self, attn: MultiHeadAttention, mlp: nn.Module, norm1: nn.Module, norm2: nn.Module
+    ) -> None:
+        super().__init__()
+        self.attn, self.mlp, self.norm1, self.norm2 = attn, mlp, norm1, norm2
+
+    def forward(
+        self, x: Tensor, *, mask: Tensor | None = None, cache: LayerCache | None = None
+    ) -> Tensor:
+        h = x + self.attn(self.norm1(x), mask=mask, cache=cache)
+        return h + self.mlp(self.norm2(h))
+
+
+class PostNormBlock(nn.Module):
+    """`h = norm1(x + attn(x)); out = norm2(h + mlp(h))` (original Transformer, BERT)."""
+
+    def __init__(
+        self, attn: MultiHeadAttention, mlp: nn.Module, norm1: nn.Module, norm2: nn.Module
+    ) -> None:
+        super().__init__()
+        self.attn, self.mlp, self.norm1, self.norm2 = attn, mlp, norm1, norm2
+
+    def forward(
+        self, x: Tensor, *, mask: Tensor | None = None, cache: LayerCache | None = None
+    ) -> Tensor:
+        h = self.norm1(x + self.attn(x, mask=mask, cache=cache))
+        return self.norm2(h + self.mlp(h))

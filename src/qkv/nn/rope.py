@@ -1,0 +1,98 @@
+"""Rotary position embeddings (RoFormer): rotate each pair of q/k features by an angle that
+grows with the token's position, so q·k depends only on the relative offset.
+
+Letters: b batch, h head, i position, d head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class RotaryEmbedding(nn.Module):
+    """`rope(x, positions)`: x (b h i d), positions (i,) or (b, i) long → (b h i d).
+
+    Pair p ∈ [0, d/2) rotates by angle `positions · θ_p` with `θ_p = base^(−2p/d)`:
+
+        interleaved=False (half-split, HF Llama / GPT-NeoX): pair p is (x[p], x[p + d/2])
+        interleaved=True  (GPT-J / Meta Llama):               pair p is (x[2p], x[2p + 1])
+
+    Equivalent complex code (pair p as a + ib): `(a + ib) · exp(i · pos · θ_p)`.
+    Angles are computed in float64 and cached per (device, dtype); the result has x's dtype.
+    No parameters: the module has no state_dict entries.
+    """
+
+    def __init__(self, d_head: int, base: float = 10000.0, interleaved: bool = False) -> None:
+        super().__init__()
+        if not isinstance(d_head, int) or isinstance(d_head, bool) or d_head <= 0 or d_head % 2:
+            raise ValueError(
+                f"d_head must be a positive even int (features rotate in pairs), got {d_head!r}"
+            )
+        if not isinstance(base, int | float) or not base > 1:
+            raise ValueError(f"base must be a number > 1, got {base!r}")
+        self.d_head = d_head
+        self.base = float(base)
+        self.interleaved = bool(interleaved)
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def extra_repr(self) -> str:
+        return f"d_head={self.d_head}, base={self.base}, interleaved={self.interleaved}"
+
+    def inv_freq(self) -> Tensor:
+        """θ_p = base^(−2p/d) for p in [0, d/2), float64 on the CPU."""
+        p = torch.arange(0, self.d_head, 2, dtype=torch.float64)
+        return self.base ** (-p / self.d_head)
+
+    def tables(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin of shape (≥n, d/2) for positions 0.. on `device` in `dtype` (grown on demand)."""
+        key = (device, dtype)
+        got = self._tables.get(key)
+        if got is None or got[0].shape[0] < n:
+            size = max(256, 1 << (max(n, 1) - 1).bit_length())
+            ang = torch.arange(size, dtype=torch.float64)[:, None] * self.inv_freq()[None, :]
+            got = (ang.cos().to(device, dtype), ang.sin().to(device, dtype))
+            self._tables[key] = got
+        return got
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != self.d_head:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"rope expects x of shape (B, H, S, d_head={self.d_head}), got {got}")
+        if not isinstance(positions, Tensor) or positions.dtype not in (torch.int64, torch.int32):
+            raise TypeError(
+                f"positions must be an int64 tensor of shape (S,) or (B, S), got {positions!r}"
+            )
+        B, _, S, _ = x.shape
+        if positions.dim() == 1:
+            if positions.shape[0] != S:
+                raise ValueError(
+                    f"positions has {positions.shape[0]} entries but x has S={S} positions"
+                )
+        elif positions.dim() == 2:
+            if positions.shape[1] != S or positions.shape[0] not in (1, B):
+                raise ValueError(
+                    f"positions of shape {tuple(positions.shape)} must be (S,) or (B, S) = ({B}, {S})"
+                )
+        else:
+            raise ValueError(
+                f"positions must have shape (S,) or (B, S), got {tuple(positions.shape)}"
+            )
+        if positions.numel() and int(positions.min()) < 0:
+            raise ValueError("positions must be ≥ 0")
+        n = int(positions.max()) + 1 if positions.numel() else 0
+        cdt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        cos_t, sin_t = self.tables(n, x.device, cdt)
+        pos = positions.to(x.device)
+        cos, sin = cos_t[pos], sin_t[pos]  # (i p) or (b i p)
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]  # (b 1 i p)
+        xc = x.to(cdt)
+        if self.interleaved:
+            a, b = xc[..., 0::2], xc[..., 1::2]
+            out = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+        else:
+            half = self.d_head // 2
+            a, b = xc[..., :half], xc[..., half:]
+            out = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+        return out.to(x.dtype)

@@ -1,0 +1,155 @@
+"""MultiHeadAttention against torch.nn.MultiheadAttention and an explicit float64 computation."""
+
+import pytest
+import torch
+
+from qkv.nn import MultiHeadAttention, RotaryEmbedding
+
+F64_TOL = 1e-10
+
+
+def copy_from_torch(ref: torch.nn.MultiheadAttention, mha: MultiHeadAttention) -> None:
+    """torch keeps in_proj_weight ((q|k|v)·(h d), m) and out_proj.weight (m, h d)."""
+    H, D, E = mha.n_heads, mha.d_head, mha.d_model
+    wq, wk, wv = ref.in_proj_weight.detach().chunk(3, 0)
+    bq, bk, bv = ref.in_proj_bias.detach().chunk(3, 0)
+    with torch.no_grad():
+        for w, src in ((mha.W_Q, wq), (mha.W_K, wk), (mha.W_V, wv)):
+            w.copy_(src.view(H, D, E).transpose(1, 2))
+        for b, src in ((mha.b_Q, bq), (mha.b_K, bk), (mha.b_V, bv)):
+            b.copy_(src.view(H, D))
+        mha.W_O.copy_(ref.out_proj.weight.detach().t().reshape(H, D, E))
+        mha.b_O.copy_(ref.out_proj.bias.detach())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_matches_torch_multihead_attention(causal, padded):
+    torch.manual_seed(0)
+    B, S, E, H = 3, 11, 64, 4
+    ref = torch.nn.MultiheadAttention(E, H, batch_first=True, dtype=torch.float64)
+    torch.nn.init.normal_(ref.in_proj_bias)
+    torch.nn.init.normal_(ref.out_proj.bias)
+    mha = MultiHeadAttention(E, H, causal=causal).double()
+    copy_from_torch(ref, mha)
+    x = torch.randn(B, S, E, dtype=torch.float64)
+    lengths = torch.tensor([11, 7, 1]) if padded else torch.tensor([S] * B)
+    keep = torch.arange(S)[None, :] < lengths[:, None]  # (b j)
+    attn_mask = torch.ones(S, S, dtype=torch.bool).triu(1) if causal else None  # True = blocked
+    want, _ = ref(
+        x, x, x, key_padding_mask=~keep if padded else None, attn_mask=attn_mask, need_weights=False
+    )
+    got = mha(x, mask=keep[:, None, None, :] if padded else None)
+    real = keep[:, :, None].expand_as(got)  # padded query rows are don't-care
+    assert (got - want)[real].abs().max() < F64_TOL
+
+
+def explicit(x, mha, mask, causal, pos=None):
+    """float64 einsum reference with kv heads repeated for GQA."""
+    q = torch.einsum("bim,hmd->bhid", x, mha.W_Q) + (0 if mha.b_Q is None else mha.b_Q[:, None])
+    k = torch.einsum("bim,hmd->bhid", x, mha.W_K) + (0 if mha.b_K is None else mha.b_K[:, None])
+    v = torch.einsum("bim,hmd->bhid", x, mha.W_V) + (0 if mha.b_V is None else mha.b_V[:, None])
+    if mha.rope is not None:
+        q, k = mha.rope(q, pos), mha.rope(k, pos)
+    g = mha.n_heads // mha.n_kv_heads
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = torch.einsum("bhid,bhjd->bhij", q, k) / mha.d_head**0.5
+    S = x.shape[1]
+    keep = torch.ones(S, S, dtype=torch.bool)
+    if causal:
+        keep = keep.tril()
+    if mask is not None:
+        keep = keep & mask
+    s = s.masked_fill(~keep, float("-inf"))
+    z = torch.einsum("bhij,bhjd->bhid", s.softmax(-1), v)
+    out = torch.einsum("bhid,hdm->bim", z, mha.W_O)
+    return out if mha.b_O is None else out + mha.b_O
+
+
+@pytest.mark.parametrize("heads", [(6, 2), (6, 1), (6, 6)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gqa_matches_explicit_float64(heads, causal, bias):
+    torch.manual_seed(1)
+    H, K = heads
+    mha = MultiHeadAttention(48, H, n_kv_heads=K, d_head=20, bias=bias, causal=causal).double()
+    if bias:
+        for b in (mha.b_Q, mha.b_K, mha.b_V, mha.b_O):
+            torch.nn.init.normal_(b)
+    x = torch.randn(2, 13, 48, dtype=torch.float64)
+    mask = torch.ones(2, 1, 1, 13, dtype=torch.bool)
+    mask[1, ..., 9:] = False
+    got = mha(x, mask=mask)
+    want = explicit(x, mha, mask, causal)
+    assert (got - want)[0].abs().max() < F64_TOL
+    assert (got - want)[1, :9].abs().max() < F64_TOL
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_attention_matches_explicit(interleaved):
+    torch.manual_seed(2)
+    rope = RotaryEmbedding(16, base=1e5, interleaved=interleaved)
+    mha = MultiHeadAttention(32, 4, n_kv_heads=2, d_head=16, rope=rope, causal=True).double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    torch.testing.assert_close(
+        mha(x), explicit(x, mha, None, True, torch.arange(9)), rtol=0, atol=F64_TOL
+    )
+
+
+def test_float32_close_to_float64_and_gradients_flow():
+    torch.manual_seed(3)
+    mha = MultiHeadAttention(64, 4, n_kv_heads=2, causal=True)
+    x = torch.randn(2, 17, 64)
+    out = mha(x)
+    want = explicit(x.double(), mha.double(), None, True)
+    mha.float()
+    assert (out.double() - want).abs().max() < 1e-5
+    out = mha(x)  # after .float(), the fused weights are rebuilt
+    assert (out.double() - want).abs().max() < 1e-5
+    out.square().sum().backward()
+    for p in mha.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_fused_weights_follow_in_place_updates():
+    mha = MultiHeadAttention(16, 2)
+    x = torch.randn(1, 3, 16)
+    with torch.no_grad():
+        before = mha(x)
+        mha.W_V.mul_(2.0)
+        after = mha(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, explicit(x, mha, None, False).detach())
+
+
+def test_parameter_shapes():
+    mha = MultiHeadAttention(576, 9, n_kv_heads=3, d_head=64, bias=False)
+    assert mha.W_Q.shape == (9, 576, 64)
+    assert mha.W_K.shape == mha.W_V.shape == (3, 576, 64)
+    assert mha.W_O.shape == (9, 64, 576)
+    assert mha.b_Q is None and mha.b_O is None
+    assert set(dict(mha.named_parameters())) == {"W_Q", "W_K", "W_V", "W_O"}
+    mha = MultiHeadAttention(64, 4)
+    assert mha.b_Q.shape == (4, 16) and mha.b_K.shape == (4, 16) and mha.b_O.shape == (64,)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="d_head explicitly"):
+        MultiHeadAttention(64, 5)
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        MultiHeadAttention(64, 6, n_kv_heads=4)
+    with pytest.raises(ValueError, match=r"rope\.d_head=8"):
+        MultiHeadAttention(64, 4, rope=RotaryEmbedding(8))
+    with pytest.raises(TypeError, match="causal"):
+        MultiHeadAttention(64, 4, causal=1)
+    mha = MultiHeadAttention(64, 4)
+    with pytest.raises(ValueError, match=r"\(B, S, d_model=64\), got \(2, 3, 32\)"):
+        mha(torch.randn(2, 3, 32))
+    with pytest.raises(ValueError, match="d_model=64"):
+        mha(torch.randn(3, 64))
+    with pytest.raises(TypeError, match="float64"):
+        mha(torch.randn(1, 3, 64, dtype=torch.float64))
+    with pytest.raises(TypeError, match="LayerCache"):
+        mha(torch.randn(1, 3, 64), cache=object())
+    with pytest.raises(ValueError, match="broadcast"):
+        mha(torch.randn(1, 3, 64), mask=torch.ones(1, 1, 1, 4, dtype=torch.bool))
