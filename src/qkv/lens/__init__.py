@@ -1,0 +1,53 @@
+"""L4 — the lens: for any token of any text, what it looked up.
+
+    from qkv.lens import explain
+    r = explain("The dog chased the ball because it was excited.", token="excited", model="smollm2")
+    r.head(13, 8).keys[:3]          # keys ranked by weight: score, weight, contribution
+    r.to_json("it.json"); r.to_html("it.html"); r.to_png("it.png"); print(r)
+
+`explain` runs one forward under `qkv.nn.capture` and recomputes the query's rows exactly from
+q, k and the LSE (never N×N). `head_search` ranks heads on pronoun → antecedent pairs.
+"""
+
+from .explain import DEFAULT_TOP, ROLLOUT_AUTO_MAX_TOKENS, explain
+from .heads import DATA_PATH, Example, HeadScores, HeadSearch, head_search, load_examples
+from .lookup import query_row
+from .record import (
+    SCHEMA,
+    ExplainResult,
+    Head,
+    Key,
+    Layer,
+    LayerKey,
+    ModelSummary,
+    Query,
+    Rollout,
+    Token,
+    from_json,
+)
+from .rollout import rollout_row
+
+__all__ = [
+    "DATA_PATH",
+    "DEFAULT_TOP",
+    "ROLLOUT_AUTO_MAX_TOKENS",
+    "SCHEMA",
+    "Example",
+    "ExplainResult",
+    "Head",
+    "HeadScores",
+    "HeadSearch",
+    "Key",
+    "Layer",
+    "LayerKey",
+    "ModelSummary",
+    "Query",
+    "Rollout",
+    "Token",
+    "explain",
+    "from_json",
+    "head_search",
+    "load_examples",
+    "query_row",
+    "rollout_row",
+]

@@ -1,0 +1,283 @@
+"""`explain(text, token=...)`: what one token looked up, in every layer and head of a real model.
+
+One forward pass runs under `qkv.nn.capture`, which keeps q, k (after RoPE), v, the per-head
+output z and the LSE of every layer — O(N) tensors. The query's row is then recomputed exactly
+with `qkv.attention_weights` (O(H·N) per layer), never the N×N matrix that
+`output_attentions=True` or TransformerLens keep. Two exact shortcuts:
+
+* a causal model's query at position i cannot see later tokens, so only tokens 0..i are run;
+* the forward stops right after the last attention layer needed (the final MLP and the
+  unembedding, 50k × N logits for smollm2, are never computed).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .lookup import lookup_layer
+from .record import ExplainResult, ModelSummary, Query, Rollout
+from .rollout import rollout_row
+from .tokens import find_token, make_tokens
+
+DEFAULT_TOP = 10  # keys kept per head in the record (0 = all)
+ROLLOUT_AUTO_MAX_TOKENS = 1024  # rollout=None computes it up to this many tokens
+
+
+class _Stop(Exception):
+    """Raised by a forward hook once the last needed attention layer has been recorded."""
+
+
+def resolve_model(model: Any) -> nn.Module:
+    """A model from a name / checkpoint path (loaded with `qkv.load`) or an already loaded one."""
+    if isinstance(model, str | os.PathLike):
+        from qkv.models import load
+
+        return load(model)
+    if isinstance(model, nn.Module) and hasattr(model, "tokenizer"):
+        return model
+    raise TypeError(
+        "model must be a name such as 'smollm2' or 'minilm', a checkpoint directory, or a "
+        f"model returned by qkv.load, got {type(model).__name__}"
+    )
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    from qkv.nn import MultiHeadAttention
+
+    mods = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    if not mods:
+        raise ValueError(
+            f"{type(model).__name__} has no qkv.nn.MultiHeadAttention layers to explain"
+        )
+    return mods
+
+
+def summarize(model: nn.Module, name: str | None = None) -> ModelSummary:
+    """The model's shape, read from its attention modules (the ground truth) and its config."""
+    mods = attention_modules(model)
+    cfg = getattr(model, "config", None)
+    a = mods[0]
+    maxpos = (
+        getattr(cfg, "max_positions", None) or getattr(model.tokenizer, "max_length", None) or 0
+    )
+    return ModelSummary(
+        name=str(name or getattr(cfg, "name", None) or type(model).__name__),
+        n_layers=len(mods),
+        n_heads=int(a.n_heads),
+        n_kv_heads=int(a.n_kv_heads),
+        d_model=int(a.d_model),
+        d_head=int(a.d_head),
+        causal=bool(getattr(cfg, "causal", a.causal)),
+        max_positions=int(maxpos),
+    )
+
+
+def _check_range(what: str, x: int | None, n: int, model: str) -> int | None:
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{what} must be an int or None, got {type(x).__name__}")
+    if not -n <= x < n:
+        raise IndexError(f"{what} {x} out of range: {model} has {n} {what}s, valid 0..{n - 1}")
+    return x % n
+
+
+def run_capture(
+    model: nn.Module,
+    ids: list[int],
+    *,
+    layers: list[int],
+    progress: bool = True,
+    desc: str = "forward",
+) -> list:
+    """One forward of `ids` recording the attention `layers` (sorted), stopping after the last.
+
+    Returns the AttentionRecords ordered by layer. Must run under torch.inference_mode()."""
+    from qkv.nn import capture
+
+    mods = attention_modules(model)
+    last = max(layers)
+    bar = tqdm(
+        total=last + 1,
+        desc=desc,
+        unit="layer",
+        delay=1.0,
+        disable=not progress,
+        file=sys.stderr,
+        leave=False,
+    )
+
+    def tick(*_: Any) -> None:
+        bar.update(1)
+
+    def stop(*_: Any) -> None:
+        raise _Stop
+
+    hooks = [m.register_forward_hook(tick) for m in mods[: last + 1]]
+    hooks.append(mods[last].register_forward_hook(stop))
+    try:
+        with capture(model, layers=layers) as cap:
+            try:
+                model(torch.tensor([ids], dtype=torch.long))
+            except _Stop:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
+    recs = {r.layer: r for r in cap.layers}  # the last call per layer
+    missing = [i for i in layers if i not in recs]
+    if missing:
+        raise RuntimeError(f"capture recorded no call of attention layers {missing}")
+    return [recs[i] for i in sorted(layers)]
+
+
+def explain(
+    text: str,
+    token: str | int,
+    *,
+    model: Any = "smollm2",
+    occurrence: int = 1,
+    layer: int | None = None,
+    head: int | None = None,
+    top: int = DEFAULT_TOP,
+    key: str | int | None = None,
+    rollout: bool | None = None,
+    progress: bool | None = None,
+) -> ExplainResult:
+    """What `token` of `text` looked up: per layer and head, each key's score, weight and
+    contribution, ranked by weight.
+
+    Args:
+        text: the input; tokenized by the model's tokenizer (special tokens included).
+        token: the query — a word of the text (its `occurrence`-th whole-word match, counting
+            from 1; a word split into pieces resolves to its last piece) or a token index.
+        model: a name ("smollm2", "minilm"), a checkpoint directory, or a model from `qkv.load`
+            (pass a loaded model to avoid reloading it on every call).
+        layer, head: restrict the record to one layer and/or head (0-based).
+        top: keys kept per head and per layer summary, ranked by weight; 0 keeps all.
+        key: a token (word or index) kept in every head whatever its rank, so that
+            `result.heads_to(key)` ranks the heads that send the query most to it.
+        rollout: attention rollout of the query through the layers (Abnar & Zuidema 2020).
+            True/False; None computes it for texts of at most 1024 tokens (it costs about the
+            q·kᵀ half of one attention forward; see `qkv.lens.rollout`).
+        progress: show progress bars for steps that take longer than a second (default: when
+            stderr is a terminal).
+
+    Returns an `ExplainResult` (see `qkv.lens.record`). Exact: the rows equal the model's own
+    softmax weights; nothing N×N is materialised. Raises ValueError for empty text or text
+    beyond the model's context, ValueError listing the tokens when `token` is absent, and
+    IndexError naming the valid range for `layer`/`head`/an index out of range.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("text is empty: pass the sentence whose token you want explained")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise ValueError(f"top must be an int ≥ 0 (0 keeps every key), got {top!r}")
+    if progress is None:
+        progress = sys.stderr.isatty()
+    m = resolve_model(model)
+    info = summarize(m, model if isinstance(model, str) and not os.path.isdir(model) else None)
+    layer = _check_range("layer", layer, info.n_layers, info.name)
+    head = _check_range("head", head, info.n_heads, info.name)
+
+    enc = m.tokenizer.encode(text)  # raises for text beyond the context, naming the limit
+    if info.max_positions and len(enc.ids) > info.max_positions:
+        raise ValueError(
+            f"text is {len(enc.ids)} tokens but {info.name} takes at most {info.max_positions}; shorten it"
+        )
+    tokens = make_tokens(text, enc.tokens, enc.offsets)
+    i = find_token(tokens, text, token, occurrence, what="token")
+    j = None if key is None else find_token(tokens, text, key, 1, what="key")
+    if j is not None and info.causal and j > i:
+        raise ValueError(
+            f"key {tokens[j].text!r} (token {j}) comes after the query {tokens[i].text!r} (token {i}); "
+            f"{info.name} is causal, so the query cannot see it. Pick a key at or before token {i}."
+        )
+
+    n = i + 1 if info.causal else len(tokens)  # a causal query never sees later tokens
+    last = info.n_layers - 1 if layer is None else layer
+    do_rollout = rollout if rollout is not None else len(tokens) <= ROLLOUT_AUTO_MAX_TOKENS
+    wanted = list(range(last + 1)) if do_rollout or layer is None else [layer]
+    with torch.inference_mode():
+        recs = run_capture(m, enc.ids[:n], layers=wanted, progress=progress)
+        shown = [r for r in recs if layer is None or r.layer == layer]
+        bar = tqdm(
+            shown,
+            desc="lookups",
+            unit="layer",
+            delay=1.0,
+            disable=not progress,
+            file=sys.stderr,
+            leave=False,
+        )
+        layers = [
+            lookup_layer(r, i, top=top, keep=j, heads=None if head is None else [head]) for r in bar
+        ]
+        ro = None
+        if do_rollout:
+            bar = tqdm(
+                total=len(recs),
+                desc="rollout",
+                unit="layer",
+                delay=1.0,
+                disable=not progress,
+                file=sys.stderr,
+                leave=False,
+            )
+            values = np.zeros(len(tokens))
+            values[:n] = rollout_row(recs, i, progress=lambda: bar.update(1))
+            bar.close()
+            ro = Rollout(through_layer=last, values=values)
+    query = Query(i, tokens[i].text)
+    result = ExplainResult(
+        model=info,
+        text=text,
+        tokens=tokens,
+        query=query,
+        layers=layers,
+        top=top,
+        key=None if j is None else Query(j, tokens[j].text),
+        rollout=ro,
+    )
+    result.notes.extend(notes(result))
+    if ro is None and rollout is None:
+        result.notes.append(
+            f"Rollout skipped: the text has more than {ROLLOUT_AUTO_MAX_TOKENS} tokens; pass "
+            "rollout=True (--rollout) to compute it."
+        )
+    return result
+
+
+def notes(r: ExplainResult) -> list[str]:
+    """Plain-language remarks shown with every view."""
+    out = []
+    i, q = r.query.index, r.query.text.strip()
+    if r.model.causal and i < len(r.tokens) - 1:
+        later = r.text[r.tokens[i].end :].strip()
+        out.append(
+            f"{r.model.name} is causal: {q!r} (token {i}) sees only tokens 0..{i}; what follows "
+            f"({later[:60]!r}{'…' if len(later) > 60 else ''}) cannot change its lookups."
+        )
+    heads = [h for lay in r.layers for h in lay.heads]
+    dis = [h for h in heads if h.disagrees]
+    if dis:
+        j, cnt = Counter(h.top_weight for h in dis).most_common(1)[0]
+        t = r.tokens[j]
+        sink = " — an attention sink" if j == 0 or t.special else ""
+        out.append(
+            f"In {len(dis)} of {len(heads)} heads the key with the most weight is not the key that "
+            f"carried the most content; most often it is {t.text.strip()!r} (token {j}, in {cnt} "
+            f"heads){sink}. Such keys take weight but pass on little: Q and K decide the routing, "
+            "V carries the content."
+        )
+    return out

@@ -1,0 +1,250 @@
+"""The standalone HTML view of an `ExplainResult`: one file, inline CSS and JS, no network.
+
+The record is embedded column-wise as base64 float32/int32 arrays (≈ 16 bytes per kept key and
+head), so a 512-token text with every key of every head kept stays a few MB. Nothing in the
+page references another host: the embedded JSON escapes "/" so even a URL inside the text
+is not a live reference.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import secrets
+
+import numpy as np
+
+from .io import write_atomic
+from .record import ExplainResult
+
+
+def _b64(a: np.ndarray, dtype: str) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, dtype=dtype).tobytes()).decode("ascii")
+
+
+def pack(r: ExplainResult) -> dict:
+    """The record in the page's compact form (columns concatenated over heads / layers)."""
+    heads, idx, score, weight, contrib = [], [], [], [], []
+    layers, lidx, lweight, lcontrib = [], [], [], []
+    off = loff = 0
+    for lay in r.layers:
+        layers.append([lay.layer, lay.top_weight, lay.top_contribution, loff, len(lay.index)])
+        lidx.append(lay.index), lweight.append(lay.weight), lcontrib.append(lay.contribution)
+        loff += len(lay.index)
+        for h in lay.heads:
+            heads.append(
+                [
+                    lay.layer,
+                    h.head,
+                    h.kv_head,
+                    h.entropy,
+                    h.output_norm,
+                    h.n_keys,
+                    h.top_weight,
+                    h.top_contribution,
+                    off,
+                    len(h.index),
+                ]
+            )
+            s = np.where(np.isfinite(h.score), h.score, np.nan)
+            (
+                idx.append(h.index),
+                score.append(s),
+                weight.append(h.weight),
+                contrib.append(h.contribution),
+            )
+            off += len(h.index)
+
+    def cat(parts: list, dtype: str) -> str:
+        return _b64(np.concatenate(parts) if parts else np.zeros(0), dtype)
+
+    m = r.model
+    return {
+        "model": {
+            "name": m.name,
+            "causal": m.causal,
+            "n_layers": m.n_layers,
+            "n_heads": m.n_heads,
+            "n_kv_heads": m.n_kv_heads,
+        },
+        "text": r.text,
+        "tokens": [[t.text, t.start, t.end] for t in r.tokens],
+        "query": r.query.index,
+        "key": None if r.key is None else r.key.index,
+        "top": r.top,
+        "notes": r.notes,
+        "heads": heads,
+        "idx": cat(idx, "<i4"),
+        "score": cat(score, "<f4"),
+        "weight": cat(weight, "<f4"),
+        "contrib": cat(contrib, "<f4"),
+        "layers": layers,
+        "lidx": cat(lidx, "<i4"),
+        "lweight": cat(lweight, "<f4"),
+        "lcontrib": cat(lcontrib, "<f4"),
+        "rollout": None
+        if r.rollout is None
+        else {"through": r.rollout.through_layer, "values": _b64(r.rollout.values, "<f4")},
+    }
+
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
+main{max-width:1200px;margin:0 auto;padding:16px 20px}
+h1{font-size:18px;margin:0 0 4px}.sub{color:#666;margin-bottom:10px}
+.notes{color:#555;font-size:13px;margin:0 0 12px;padding-left:18px}
+.controls{display:flex;gap:14px;align-items:center;flex-wrap:wrap;margin:8px 0 12px}
+select,button{font:inherit;padding:2px 6px}
+#text{background:#fff;border:1px solid #ddd;border-radius:6px;padding:12px;white-space:pre-wrap;line-height:2.1;max-height:340px;overflow:auto}
+#text span{border-radius:3px;cursor:pointer;padding:1px 0}
+#text span.q{outline:2px solid #d62728;outline-offset:1px}
+#text span.pin{box-shadow:0 0 0 2px #1f77b4}
+#text span.sp{color:#999;font-size:11px}
+.row{display:flex;gap:20px;flex-wrap:wrap;margin-top:14px}
+.panel{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px;overflow:auto}
+table{border-collapse:collapse;font-size:13px}td,th{padding:2px 6px;text-align:right}th{color:#555;font-weight:600}
+td.l,th.l{text-align:left}
+.bar{display:inline-block;height:9px;background:#4c78a8;vertical-align:middle;margin-right:4px}
+.bar.c{background:#f58518}
+.sink{color:#b35900}
+#grid td{width:18px;height:16px;padding:0;border:1px solid #fff;cursor:pointer}
+#grid td.sel{outline:2px solid #d62728}
+#grid th{font-weight:400;font-size:11px}
+#tip{position:fixed;pointer-events:none;background:#222;color:#fff;font-size:12px;padding:4px 7px;border-radius:4px;display:none;white-space:pre}
+"""
+
+JS = r"""
+const D = JSON.parse(document.getElementById('qkv-data').textContent);
+function bytes(b){const s=atob(b),u=new Uint8Array(s.length);for(let i=0;i<s.length;i++)u[i]=s.charCodeAt(i);return u.buffer;}
+const f32=b=>new Float32Array(bytes(b)), i32=b=>new Int32Array(bytes(b));
+const IDX=i32(D.idx),SC=f32(D.score),W=f32(D.weight),C=f32(D.contrib);
+const LIDX=i32(D.lidx),LW=f32(D.lweight),LC=f32(D.lcontrib);
+const RO=D.rollout?f32(D.rollout.values):null;
+const N=D.tokens.length, $=id=>document.getElementById(id);
+const layers=[...new Set(D.heads.map(h=>h[0]))], headsOf=l=>D.heads.filter(h=>h[0]===l);
+const st={layer:layers[0], head:-1, qty:'weight', pin:D.key};
+const tt=j=>{const s=D.tokens[j][0].trim();return s||D.tokens[j][0];};
+function keys(){ // {j:[score,weight,contrib]} for the selection
+  const out=new Map();
+  if(st.qty==='rollout'&&RO){for(let j=0;j<N;j++)out.set(j,[NaN,RO[j],RO[j]]);return out;}
+  if(st.head<0){const L=D.layers.find(x=>x[0]===st.layer);for(let r=L[3];r<L[3]+L[4];r++)out.set(LIDX[r],[NaN,LW[r],LC[r]]);return out;}
+  const h=D.heads.find(x=>x[0]===st.layer&&x[1]===st.head);for(let r=h[8];r<h[8]+h[9];r++)out.set(IDX[r],[SC[r],W[r],C[r]]);return out;
+}
+function weightOn(h,j){for(let r=h[8];r<h[8]+h[9];r++)if(IDX[r]===j)return W[r];return null;}
+function fmt(x){return x===null||isNaN(x)?'—':(Math.abs(x)>=100?x.toFixed(0):x.toPrecision(3));}
+function drawText(){
+  const K=keys(),col=st.qty==='contribution'?[245,133,24]:[76,120,168];
+  let mx=0;K.forEach(v=>{const x=st.qty==='contribution'?v[2]:v[1];if(x>mx)mx=x;});
+  const el=$('text');el.textContent='';let pos=0;
+  D.tokens.forEach((t,j)=>{if(t[1]<t[2]&&t[1]>pos){el.appendChild(document.createTextNode(D.text.slice(pos,t[1])));}pos=Math.max(pos,t[2]);
+    const s=document.createElement('span');s.textContent=t[1]===t[2]?t[0]+' ':t[0];
+    if(t[1]===t[2])s.className='sp';
+    const v=K.get(j);const x=v?(st.qty==='contribution'?v[2]:v[1]):0;
+    if(x>0)s.style.background=`rgba(${col},${Math.min(1,x/(mx||1))*0.85})`;
+    if(j===D.query)s.classList.add('q');if(j===st.pin)s.classList.add('pin');
+    s.onmousemove=e=>tip(e,`${JSON.stringify(tt(j))} (token ${j})`+(v?`\nscore ${fmt(v[0])}  weight ${fmt(v[1])}  contribution ${fmt(v[2])}`:'\n(not among the kept keys)'));
+    s.onmouseleave=()=>$('tip').style.display='none';
+    s.onclick=()=>{st.pin=j;draw();};el.appendChild(s);});
+  if(pos<D.text.length)el.appendChild(document.createTextNode(D.text.slice(pos)));
+}
+function tip(e,s){const t=$('tip');t.textContent=s;t.style.display='block';t.style.left=(e.clientX+12)+'px';t.style.top=(e.clientY+12)+'px';}
+function drawKeys(){
+  const K=[...keys().entries()].sort((a,b)=>b[1][1]-a[1][1]).slice(0,D.top||40);
+  const mw=Math.max(1e-12,...K.map(k=>k[1][1])),mc=Math.max(1e-12,...K.map(k=>k[1][2]));
+  const byC=[...K].sort((a,b)=>b[1][2]-a[1][2]).map(k=>k[0]);
+  let h=`<table><tr><th>#</th><th class=l>key</th><th>idx</th><th>score</th><th class=l>weight</th><th class=l>contribution</th><th>rank by content</th></tr>`;
+  K.forEach(([j,v],r)=>{const rc=byC.indexOf(j)+1,sink=rc>r+3&&v[1]>0.05;
+    h+=`<tr><td>${r+1}</td><td class=l>${esc(tt(j))}</td><td>${j}</td><td>${fmt(v[0])}</td>`+
+    `<td class=l><span class=bar style="width:${80*v[1]/mw}px"></span>${fmt(v[1])}</td>`+
+    `<td class=l><span class="bar c" style="width:${80*v[2]/mc}px"></span>${fmt(v[2])}</td><td class="${sink?'sink':''}">${rc}${sink?' sink':''}</td></tr>`;});
+  const what=st.qty==='rollout'?'rollout':st.head<0?`layer ${st.layer}, mean over heads`:`layer ${st.layer} head ${st.head}`;
+  let extra='';if(st.head>=0&&st.qty!=='rollout'){const hh=D.heads.find(x=>x[0]===st.layer&&x[1]===st.head);extra=` · entropy ${fmt(hh[3])} nats · ‖output‖ ${fmt(hh[4])} · ${hh[5]} keys visible`;}
+  $('keys').innerHTML=`<b>${what}</b>${extra}`+h+'</table>';
+}
+function esc(s){return s.replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
+function drawGrid(){
+  const pin=st.pin;let h=`<b>weight ${esc(JSON.stringify(tt(D.query)))} → ${pin===null?'(click a token)':esc(JSON.stringify(tt(pin)))} by layer × head</b><table><tr><th></th>`;
+  const H=D.model.n_heads;for(let k=0;k<H;k++)h+=`<th>${k}</th>`;h+='</tr>';
+  layers.forEach(l=>{h+=`<tr><th>${l}</th>`;const hs=headsOf(l);for(let k=0;k<H;k++){const x=hs.find(y=>y[1]===k);
+    if(!x){h+='<td></td>';continue;}const w=pin===null?null:weightOn(x,pin);
+    const bg=w===null?'#eee':`rgba(214,39,40,${Math.min(1,w)})`,sel=l===st.layer&&k===st.head?' class=sel':'';
+    h+=`<td${sel} style="background:${bg}" data-l=${l} data-h=${k} title="layer ${l} head ${k}: ${w===null?'not kept':w.toFixed(3)}"></td>`;}
+    h+='</tr>';});
+  $('grid').innerHTML=h+'</table>';
+  $('grid').querySelectorAll('td[data-l]').forEach(td=>td.onclick=()=>{st.layer=+td.dataset.l;st.head=+td.dataset.h;syncControls();draw();});
+}
+function syncControls(){$('layer').value=st.layer;fillHeads();$('head').value=st.head;}
+function fillHeads(){const s=$('head');s.innerHTML='<option value=-1>mean of heads</option>'+headsOf(st.layer).map(h=>`<option value=${h[1]}>${h[1]}</option>`).join('');}
+function draw(){drawText();drawKeys();drawGrid();}
+$('layer').innerHTML=layers.map(l=>`<option value=${l}>${l}</option>`).join('');
+if(!RO)$('qty').querySelector('option[value=rollout]').remove();
+$('layer').onchange=e=>{st.layer=+e.target.value;fillHeads();st.head=-1;draw();};
+$('head').onchange=e=>{st.head=+e.target.value;draw();};
+$('qty').onchange=e=>{st.qty=e.target.value;draw();};
+if(D.heads.length===1){st.head=D.heads[0][1];}
+if(st.pin===null&&D.heads.length){st.pin=D.heads[0][7];}
+syncControls();draw();
+"""
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>qkv explain — {title}</title>
+<style>{css}</style></head>
+<body><main>
+<h1>What {query} looks up</h1>
+<div class="sub">{sub}</div>
+<ul class="notes">{notes}</ul>
+<div class="controls">
+<label>layer <select id="layer"></select></label>
+<label>head <select id="head"></select></label>
+<label>show <select id="qty"><option value="weight">weight (softmax)</option>
+<option value="contribution">contribution ‖w·v W_O‖</option><option value="rollout">rollout</option></select></label>
+<span class="sub">Click a token to see which heads send the query to it; click a cell to open that head.</span>
+</div>
+<div id="text"></div>
+<div class="row"><div class="panel" id="keys"></div><div class="panel" id="grid"></div></div>
+<div id="tip"></div>
+</main>
+<script type="application/json" id="qkv-data">{data}</script>
+<script>{js}</script>
+</body></html>
+"""
+
+
+def _esc(s: str) -> str:
+    return html.escape(s).replace("/", "&#47;")  # a URL in the user's text stays inert text
+
+
+def page(r: ExplainResult) -> str:
+    """The whole standalone HTML document."""
+    data = json.dumps(pack(r), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    data = data.replace("/", "\\/")  # "\/" is JSON for "/": no live URL, no </script>
+    m = r.model
+    q = _esc(repr(r.query.text.strip() or r.query.text))
+    kept = "all keys" if r.top == 0 else f"top {r.top} keys per head"
+    sub = (
+        f"{_esc(m.name)} · {'causal' if m.causal else 'bidirectional'} · {m.n_layers} layers × "
+        f"{m.n_heads} heads · {len(r.tokens)} tokens · query {q} (token {r.query.index}) · {kept}"
+    )
+    notes = "".join(f"<li>{_esc(n)}</li>" for n in r.notes)
+    return PAGE.format(title=q, css=CSS, query=q, sub=sub, notes=notes, data=data, js=JS)
+
+
+def to_html(
+    r: ExplainResult, path: str | os.PathLike | None = None, *, fragment: bool = False
+) -> str:
+    """The standalone page (also written atomically to `path`); `fragment=True` wraps it in a
+    sandboxed iframe for notebooks (`_repr_html_`)."""
+    doc = page(r)
+    if path is not None:
+        write_atomic(path, doc)
+    if fragment:
+        fid = secrets.token_hex(4)
+        return (
+            f'<iframe id="qkv-{fid}" sandbox="allow-scripts" style="width:100%;height:760px;border:1px solid #ddd" '
+            f'srcdoc="{html.escape(doc, quote=True)}"></iframe>'
+        )
+    return doc

@@ -1,0 +1,187 @@
+"""The lookup math for one query row i of one captured layer — exact, never N×N.
+
+Letters: b batch (always 1 here), h query head, g kv head, j key position, d head dim,
+m model dim. For query row i and head h (kv head g = h // (Hq // Hk)):
+
+    score_hj        = scale · q_hi · k_gj                 (after RoPE; the raw scaled dot product)
+    weight_hj       = softmax_j(score_h·  + masks)        (recomputed by qkv.attention_weights)
+    contribution_hj = ‖weight_hj · v_gj W_O^h‖            (Kobayashi et al. 2020: what key j carried)
+    output_norm_h   = ‖z_hi W_O^h‖ = ‖Σ_j weight_hj v_gj W_O^h‖
+    entropy_h       = −Σ_j weight_hj log weight_hj        (nats)
+
+and for the whole layer: mean_h weight_hj, and ‖Σ_h weight_hj v_gj W_O^h‖ (the layer-level norm).
+Cost per layer: O(H·Sk·d) for the row plus O(H·Sk·d²) for the value norms (a d×d Gram matrix per
+head instead of the d×m product) and O(Sk·H·d·m) for the layer-level norm; memory O(H·Sk + Sk·m).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from qkv.attention import attention_weights
+
+from .record import Head, Layer
+
+
+class AttentionRecordLike(Protocol):
+    """What `qkv.nn.capture` records per attention call (see HELPERS contract)."""
+
+    layer: int
+    q: Tensor  # (b h i d) after RoPE
+    k: Tensor  # (b g j d) after RoPE
+    v: Tensor  # (b g j e)
+    z: Tensor  # (b h i e) per-head output before W_O
+    W_O: Tensor  # (h e m)
+    attn_kwargs: dict[str, Any]
+
+
+@dataclass
+class Row:
+    """Query row i of one layer, every visible key, every head (float64 numpy, (h j))."""
+
+    score: np.ndarray
+    weight: np.ndarray
+    contribution: np.ndarray
+    visible: np.ndarray  # bool (h j)
+    output_norm: np.ndarray  # (h,)
+    layer_weight: np.ndarray  # (j,) mean over heads
+    layer_contribution: np.ndarray  # (j,)
+
+
+def weight_kwargs(rec: AttentionRecordLike) -> dict[str, Any]:
+    """The keyword arguments of `attention_weights` among the record's `attn_kwargs`."""
+    allowed = ("causal", "window", "mask", "mask_mod", "score_mod", "scale", "softcap")
+    kw = {k: v for k, v in (rec.attn_kwargs or {}).items() if k in allowed}
+    if isinstance(kw.get("mask"), Tensor) and kw["mask"].dim() == 4:
+        kw["mask"] = kw["mask"][:1]  # batch item 0, like q[:1]
+    return kw
+
+
+def rows(rec: AttentionRecordLike, idx: list[int]) -> Tensor:
+    """Exact softmax rows (h, len(idx), j) for query rows `idx` of batch item 0 (fp32/fp64),
+    from the captured LSE when the record has one (else the LSE of those rows is computed)."""
+    lse = getattr(rec, "lse", None)
+    lse = None if lse is None else lse[:1]
+    return attention_weights(rec.q[:1], rec.k[:1], lse, rows=idx, **weight_kwargs(rec))[0]
+
+
+def visible_keys(rec: AttentionRecordLike, i: int) -> Tensor:
+    """(h, j) bool: the keys query row i may see under the record's masks (not its scores).
+
+    Computed as the support of the softmax of an all-zero query (uniform over kept keys), with
+    float biases reduced to where they are finite; score mods and softcaps change values, not
+    which keys are kept, so they are dropped here."""
+    kw = weight_kwargs(rec)
+    kw.pop("score_mod", None)
+    kw.pop("softcap", None)
+    mask = kw.get("mask")
+    if isinstance(mask, Tensor) and mask.dtype != torch.bool:
+        kw["mask"] = torch.isfinite(mask)
+    q0 = torch.zeros_like(rec.q[:1])  # (b h i d); only row i is scored
+    return attention_weights(q0, rec.k[:1], None, rows=[i], **kw)[0, :, 0] > 0
+
+
+def query_row(rec: AttentionRecordLike, i: int) -> Row:
+    """Everything the lens reports for query row `i` of one captured layer (batch item 0)."""
+    q, k, v, z, W_O = rec.q[0], rec.k[0], rec.v[0], rec.z[0], rec.W_O  # (h i d) (g j d) (g j e)
+    H, G = q.shape[0], k.shape[0]
+    if H % G:
+        raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({G})")
+    kv = torch.arange(H, device=q.device) // (H // G)  # (h,) kv head of each query head
+    scale = rec.attn_kwargs.get("scale") if rec.attn_kwargs else None
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    f64 = torch.float64
+
+    w = rows(rec, [i])[:, 0].to(f64)  # (h j)
+    vis = visible_keys(rec, i)  # (h j)
+    s = torch.einsum("hd,hjd->hj", q[:, i].to(f64), k[kv].to(f64)) * scale  # (h j)
+
+    # ‖v_gj W_O^h‖ through the Gram matrix M_h = W_O^h W_O^hᵀ (e×e): ‖x W‖² = x M xᵀ
+    Wo = W_O.to(f64)  # (h e m)
+    M = Wo @ Wo.transpose(-1, -2)  # (h e e)
+    vh = v[kv].to(f64)  # (h j e)
+    vnorm = ((vh @ M) * vh).sum(-1).clamp_min(0).sqrt()  # (h j)
+    contrib = w * vnorm  # (h j)
+    out = torch.einsum("he,hem->hm", z[:, i].to(f64), Wo).norm(dim=-1)  # (h,)
+
+    # layer level: ‖Σ_h w_hj v_gj W_O^h‖ = ‖x_j W_O_flat‖, x_j = concat_h(w_hj v_gj) (fp32 matmul)
+    x = (w.to(v.dtype).unsqueeze(-1) * v[kv]).permute(1, 0, 2).reshape(w.shape[1], -1)  # (j (h e))
+    lc = (x @ W_O.reshape(-1, W_O.shape[-1])).to(f64).norm(dim=-1)  # (j,)
+    lw = w.mean(0)
+    return Row(
+        score=s.cpu().numpy(),
+        weight=w.cpu().numpy(),
+        contribution=contrib.cpu().numpy(),
+        visible=vis.cpu().numpy(),
+        output_norm=out.cpu().numpy(),
+        layer_weight=lw.cpu().numpy(),
+        layer_contribution=lc.cpu().numpy(),
+    )
+
+
+def ranked(weight: np.ndarray, candidates: np.ndarray, top: int, keep: int | None) -> np.ndarray:
+    """Indices among `candidates` ranked by weight (desc, ties by index), cut to `top` (0 = all);
+    `keep`, if visible, is always included (at its rank)."""
+    order = candidates[np.argsort(-weight[candidates], kind="stable")]
+    if top and len(order) > top:
+        cut = order[:top]
+        if keep is not None and keep in order and keep not in cut:
+            cut = np.append(cut, keep)
+        order = cut
+    return order
+
+
+def entropy(w: np.ndarray) -> float:
+    p = w[w > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def lookup_layer(
+    rec: AttentionRecordLike,
+    i: int,
+    *,
+    top: int,
+    keep: int | None = None,
+    heads: list[int] | None = None,
+) -> Layer:
+    """The record's `Layer` for query row i: every head (or `heads`), keys ranked by weight."""
+    r = query_row(rec, i)
+    H = r.weight.shape[0]
+    G = rec.k.shape[1]
+    out = []
+    for h in range(H) if heads is None else heads:
+        vis = np.nonzero(r.visible[h])[0]
+        idx = ranked(r.weight[h], vis, top, keep)
+        wv, cv = r.weight[h][vis], r.contribution[h][vis]
+        out.append(
+            Head(
+                head=h,
+                kv_head=h // (H // G),
+                entropy=entropy(wv),
+                output_norm=float(r.output_norm[h]),
+                n_keys=len(vis),
+                top_weight=int(vis[np.argmax(wv)]),
+                top_contribution=int(vis[np.argmax(cv)]),
+                index=idx,
+                score=r.score[h][idx],
+                weight=r.weight[h][idx],
+                contribution=r.contribution[h][idx],
+            )
+        )
+    anyvis = np.nonzero(r.visible.any(0))[0]
+    lidx = ranked(r.layer_weight, anyvis, top, keep)
+    return Layer(
+        layer=int(rec.layer),
+        heads=out,
+        top_weight=int(anyvis[np.argmax(r.layer_weight[anyvis])]),
+        top_contribution=int(anyvis[np.argmax(r.layer_contribution[anyvis])]),
+        index=lidx,
+        weight=r.layer_weight[lidx],
+        contribution=r.layer_contribution[lidx],
+    )

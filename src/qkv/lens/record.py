@@ -1,0 +1,547 @@
+"""The lens' record: what one query token looked up, per layer and head, as typed dataclasses.
+
+The record is the contract between the lens and every view (terminal, PNG, HTML, web). It
+serialises to the versioned JSON document "qkv.explain/1" (docs/lens-schema.md) and back.
+
+Keys of a head are held column-wise (numpy arrays, ranked by weight, highest first) so a record
+of a 8k-token text with every key kept stays small; `Head.keys` gives them as `Key` objects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .io import write_atomic
+
+SCHEMA = "qkv.explain/1"
+
+
+@dataclass(frozen=True)
+class Token:
+    """One token of the text: `text` is `source[start:end]` (a special token such as [CLS] has
+    start == end and carries the tokenizer's own string)."""
+
+    index: int
+    text: str
+    start: int
+    end: int
+
+    @property
+    def special(self) -> bool:
+        return self.start == self.end
+
+
+@dataclass(frozen=True)
+class Query:
+    """The token whose lookups are explained (also used for the chosen key of a head search)."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key j as seen by the query i through one head h.
+
+    score = q_i·k_j·scale (after RoPE), weight = softmax row entry, contribution =
+    ‖weight · v_j W_O^h‖ (the norm of what key j actually added to the head's output).
+    """
+
+    index: int
+    score: float
+    weight: float
+    contribution: float
+
+
+@dataclass(frozen=True)
+class LayerKey:
+    """Key j for a whole layer: `weight` = mean over heads; `contribution` =
+    ‖Σ_h weight_h · v_j^h W_O^h‖ (Kobayashi et al. 2020's layer-level norm)."""
+
+    index: int
+    weight: float
+    contribution: float
+
+
+def _arr(x: Any, dtype: Any) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x, dtype=dtype).reshape(-1))
+
+
+@dataclass(eq=False)
+class Head:
+    """Query i's lookup through one head: keys ranked by weight (top-k, or all when top=0).
+
+    `top_weight`/`top_contribution` are the arg-max key over *all* visible keys, so a sink
+    (high weight, small contribution) shows even when the key lists are cut to top-k.
+    """
+
+    head: int
+    kv_head: int
+    entropy: float  # −Σ w log w over the visible keys, in nats
+    output_norm: float  # ‖z_i^h W_O^h‖, the head's whole output for the query
+    n_keys: int  # keys the query can see (after causal/padding masks)
+    top_weight: int
+    top_contribution: int
+    index: np.ndarray  # (k,) int64, ranked by weight
+    score: np.ndarray  # (k,) float64
+    weight: np.ndarray  # (k,) float64
+    contribution: np.ndarray  # (k,) float64
+
+    def __post_init__(self) -> None:
+        self.index = _arr(self.index, np.int64)
+        self.score, self.weight, self.contribution = (
+            _arr(x, np.float64) for x in (self.score, self.weight, self.contribution)
+        )
+        n = {len(self.index), len(self.score), len(self.weight), len(self.contribution)}
+        if len(n) != 1:
+            raise ValueError(f"head {self.head}: key columns differ in length {sorted(n)}")
+
+    @property
+    def keys(self) -> list[Key]:
+        return [
+            Key(int(j), float(s), float(w), float(c))
+            for j, s, w, c in zip(
+                self.index, self.score, self.weight, self.contribution, strict=True
+            )
+        ]
+
+    @property
+    def disagrees(self) -> bool:
+        """True when the key with most weight is not the key that carried most content."""
+        return self.top_weight != self.top_contribution
+
+    def key(self, j: int) -> Key | None:
+        hit = np.nonzero(self.index == j)[0]
+        if not len(hit):
+            return None
+        r = int(hit[0])
+        return Key(j, float(self.score[r]), float(self.weight[r]), float(self.contribution[r]))
+
+
+@dataclass(eq=False)
+class Layer:
+    layer: int
+    heads: list[Head]
+    top_weight: int  # arg-max of the head-mean weight over all visible keys
+    top_contribution: int  # arg-max of the layer-level contribution
+    index: np.ndarray  # (k,) ranked by head-mean weight
+    weight: np.ndarray
+    contribution: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.index = _arr(self.index, np.int64)
+        self.weight, self.contribution = (
+            _arr(x, np.float64) for x in (self.weight, self.contribution)
+        )
+
+    @property
+    def keys(self) -> list[LayerKey]:
+        return [
+            LayerKey(int(j), float(w), float(c))
+            for j, w, c in zip(self.index, self.weight, self.contribution, strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    name: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    causal: bool
+    max_positions: int
+
+
+@dataclass(eq=False)
+class Rollout:
+    """Attention rollout (Abnar & Zuidema 2020) of the query row through layers 0..through_layer:
+    `values[j]` is how much of token j flows into the query's representation there."""
+
+    through_layer: int
+    values: np.ndarray  # (n_tokens,)
+
+    def __post_init__(self) -> None:
+        self.values = _arr(self.values, np.float64)
+
+
+@dataclass(eq=False)
+class ExplainResult:
+    """What one token looked up. Build with `qkv.lens.explain`; save with `.to_json()`,
+    `.to_html()`, `.to_png(path)`; print with `.render()` (rich) or `str()`."""
+
+    model: ModelSummary
+    text: str
+    tokens: list[Token]
+    query: Query
+    layers: list[Layer]
+    top: int  # keys kept per head; 0 = all
+    key: Query | None = None  # a chosen key kept in every head (see `heads_to`)
+    rollout: Rollout | None = None
+    notes: list[str] = field(default_factory=list)
+
+    # ---- navigation -------------------------------------------------------------------
+    def layer(self, layer: int) -> Layer:
+        for lay in self.layers:
+            if lay.layer == layer:
+                return lay
+        have = [lay.layer for lay in self.layers]
+        raise IndexError(f"layer {layer} is not in this record; it holds layers {have}")
+
+    def head(self, layer: int, head: int) -> Head:
+        lay = self.layer(layer)
+        for h in lay.heads:
+            if h.head == head:
+                return h
+        raise IndexError(
+            f"head {head} is not in layer {layer} of this record; it holds heads {[h.head for h in lay.heads]}"
+        )
+
+    def token_index(self, token: str | int) -> int:
+        """A token index from an index or a token's text (first match, whitespace-stripped)."""
+        if isinstance(token, int) and not isinstance(token, bool):
+            if not -len(self.tokens) <= token < len(self.tokens):
+                raise IndexError(f"token index {token} outside [0, {len(self.tokens)})")
+            return token % len(self.tokens)
+        for t in self.tokens:
+            if t.text.strip() == str(token).strip():
+                return t.index
+        raise ValueError(f"token {token!r} not found; tokens: {token_list(self.tokens)}")
+
+    def heads_to(self, key: str | int, n: int | None = None) -> list[tuple[int, int, Key]]:
+        """The heads that send the query most to `key`: (layer, head, Key) ranked by weight.
+
+        Exact when every head kept that key: record made with `key=` or `top=0`; otherwise a
+        ValueError says so."""
+        j = self.token_index(key)
+        out = []
+        for lay in self.layers:
+            for h in lay.heads:
+                k = h.key(j)
+                if k is None:
+                    if j >= h.n_keys and self.model.causal:
+                        k = Key(j, float("-inf"), 0.0, 0.0)  # a causal query cannot see j
+                    else:
+                        raise ValueError(
+                            f"layer {lay.layer} head {h.head} did not keep key {j} in its top "
+                            f"{self.top}; rerun explain with key={key!r} or top=0"
+                        )
+                out.append((lay.layer, h.head, k))
+        out.sort(key=lambda t: -t[2].weight)
+        return out if n is None else out[:n]
+
+    # ---- serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def to_json(self, path: str | os.PathLike | None = None, *, indent: int | None = None) -> str:
+        """The "qkv.explain/1" document as a string; with `path`, also written atomically."""
+        s = json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+        if path is not None:
+            write_atomic(path, s + "\n")
+        return s
+
+    @classmethod
+    def from_json(cls, source: str | os.PathLike | dict) -> ExplainResult:
+        return from_json(source)
+
+    # ---- views (imported lazily: matplotlib and rich cost import time) -----------------
+    def to_html(self, path: str | os.PathLike | None = None) -> str:
+        from .html import to_html
+
+        return to_html(self, path)
+
+    def _repr_html_(self) -> str:
+        from .html import to_html
+
+        return to_html(self, None, fragment=True)
+
+    def to_png(self, path: str | os.PathLike) -> Path:
+        from .png import to_png
+
+        return to_png(self, path)
+
+    def render(self, console: Any = None, **kwargs: Any) -> None:
+        """Print the rich terminal view (see `qkv.lens.terminal.render`)."""
+        from .terminal import render
+
+        render(self, console, **kwargs)
+
+    def __str__(self) -> str:
+        from .terminal import render_text
+
+        return render_text(self)
+
+
+def token_list(tokens: list[Token], limit: int = 80) -> str:
+    """'0:"The" 1:" dog" ...' for error messages."""
+    shown = " ".join(f"{t.index}:{t.text!r}" for t in tokens[:limit])
+    return shown + (f" … ({len(tokens)} tokens)" if len(tokens) > limit else "")
+
+
+# ---- dict <-> record ------------------------------------------------------------------------
+
+
+def _f(x: float) -> float:
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"the record holds a non-finite number {x}; cannot serialise it")
+    return x
+
+
+def _score(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def to_dict(r: ExplainResult) -> dict:
+    m = r.model
+    return {
+        "schema": SCHEMA,
+        "model": m.name,
+        "model_config": {
+            "n_layers": m.n_layers,
+            "n_heads": m.n_heads,
+            "n_kv_heads": m.n_kv_heads,
+            "d_model": m.d_model,
+            "d_head": m.d_head,
+            "causal": m.causal,
+            "max_positions": m.max_positions,
+        },
+        "text": r.text,
+        "tokens": [
+            {"index": t.index, "text": t.text, "start": t.start, "end": t.end} for t in r.tokens
+        ],
+        "query": {"index": r.query.index, "text": r.query.text},
+        "key": None if r.key is None else {"index": r.key.index, "text": r.key.text},
+        "top": r.top,
+        "layers": [
+            {
+                "layer": lay.layer,
+                "top_weight": lay.top_weight,
+                "top_contribution": lay.top_contribution,
+                "keys": [
+                    {"index": int(j), "weight": _f(w), "contribution": _f(c)}
+                    for j, w, c in zip(lay.index, lay.weight, lay.contribution, strict=True)
+                ],
+                "heads": [
+                    {
+                        "head": h.head,
+                        "kv_head": h.kv_head,
+                        "entropy": _f(h.entropy),
+                        "output_norm": _f(h.output_norm),
+                        "n_keys": h.n_keys,
+                        "top_weight": h.top_weight,
+                        "top_contribution": h.top_contribution,
+                        "keys": [
+                            {
+                                "index": int(j),
+                                "score": _score(s),
+                                "weight": _f(w),
+                                "contribution": _f(c),
+                            }
+                            for j, s, w, c in zip(
+                                h.index, h.score, h.weight, h.contribution, strict=True
+                            )
+                        ],
+                    }
+                    for h in lay.heads
+                ],
+            }
+            for lay in r.layers
+        ],
+        "rollout": None
+        if r.rollout is None
+        else {
+            "through_layer": r.rollout.through_layer,
+            "values": [_f(x) for x in r.rollout.values],
+        },
+        "notes": list(r.notes),
+    }
+
+
+class _Reader:
+    """Typed access into a parsed document; every failure names the JSON path."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, path: str, msg: str) -> ValueError:
+        return ValueError(f"{self.where}: not a valid {SCHEMA} document: {path} {msg}")
+
+    def get(self, obj: Any, name: str, path: str) -> Any:
+        if not isinstance(obj, dict):
+            raise self.fail(path, f"must be an object, got {type(obj).__name__}")
+        if name not in obj:
+            raise self.fail(f"{path}.{name}" if path else name, "is missing")
+        return obj[name]
+
+    def integer(self, obj: Any, name: str, path: str, lo: int = 0, hi: int | None = None) -> int:
+        x = self.get(obj, name, path)
+        p = f"{path}.{name}" if path else name
+        if not isinstance(x, int) or isinstance(x, bool):
+            raise self.fail(p, f"must be an integer, got {x!r}")
+        if x < lo or (hi is not None and x >= hi):
+            raise self.fail(p, f"must lie in [{lo}, {hi if hi is not None else '∞'}), got {x}")
+        return x
+
+    def num(self, obj: Any, name: str, path: str, nullable: bool = False) -> float:
+        x = self.get(obj, name, path)
+        if x is None and nullable:
+            return float("-inf")
+        if not isinstance(x, int | float) or isinstance(x, bool) or not math.isfinite(x):
+            raise self.fail(f"{path}.{name}", f"must be a finite number, got {x!r}")
+        return float(x)
+
+    def string(self, obj: Any, name: str, path: str) -> str:
+        x = self.get(obj, name, path)
+        if not isinstance(x, str):
+            raise self.fail(f"{path}.{name}" if path else name, f"must be a string, got {x!r}")
+        return x
+
+    def array(self, obj: Any, name: str, path: str) -> list:
+        x = self.get(obj, name, path)
+        if not isinstance(x, list):
+            raise self.fail(
+                f"{path}.{name}" if path else name, f"must be a list, got {type(x).__name__}"
+            )
+        return x
+
+
+def from_json(source: str | os.PathLike | dict) -> ExplainResult:
+    """Read and validate a "qkv.explain/1" document (a path, a JSON string, or a parsed dict).
+
+    Malformed input raises ValueError naming the offending field; a missing file raises
+    FileNotFoundError."""
+    if isinstance(source, dict):
+        doc, where = source, "<dict>"
+    else:
+        s = os.fspath(source)
+        if isinstance(source, os.PathLike) or not s.lstrip().startswith("{"):
+            p = Path(s)
+            if not p.is_file():
+                raise FileNotFoundError(f"no explain record at {s!r}")
+            where, s = str(p), p.read_text(encoding="utf-8")
+        else:
+            where = "<string>"
+        try:
+            doc = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e}); expected a {SCHEMA} document") from e
+    rd = _Reader(where)
+    if not isinstance(doc, dict):
+        raise rd.fail("(top level)", f"must be an object, got {type(doc).__name__}")
+    schema = doc.get("schema")
+    if schema != SCHEMA:
+        raise rd.fail("schema", f"must be {SCHEMA!r}, got {schema!r}")
+    cfg = rd.get(doc, "model_config", "")
+    model = ModelSummary(
+        name=rd.string(doc, "model", ""),
+        n_layers=rd.integer(cfg, "n_layers", "model_config", 1),
+        n_heads=rd.integer(cfg, "n_heads", "model_config", 1),
+        n_kv_heads=rd.integer(cfg, "n_kv_heads", "model_config", 1),
+        d_model=rd.integer(cfg, "d_model", "model_config", 1),
+        d_head=rd.integer(cfg, "d_head", "model_config", 1),
+        causal=bool(rd.get(cfg, "causal", "model_config")),
+        max_positions=rd.integer(cfg, "max_positions", "model_config", 1),
+    )
+    text = rd.string(doc, "text", "")
+    tokens = []
+    for i, t in enumerate(rd.array(doc, "tokens", "")):
+        p = f"tokens[{i}]"
+        tok = Token(
+            rd.integer(t, "index", p, i, i + 1),
+            rd.string(t, "text", p),
+            rd.integer(t, "start", p, 0, len(text) + 1),
+            rd.integer(t, "end", p, 0, len(text) + 1),
+        )
+        if tok.end < tok.start:
+            raise rd.fail(p, f"has end {tok.end} < start {tok.start}")
+        tokens.append(tok)
+    n = len(tokens)
+    if n == 0:
+        raise rd.fail("tokens", "is empty")
+
+    def query(name: str) -> Query | None:
+        q = rd.get(doc, name, "")
+        if q is None and name == "key":
+            return None
+        return Query(rd.integer(q, "index", name, 0, n), rd.string(q, "text", name))
+
+    top = rd.integer(doc, "top", "", 0)
+    layers = []
+    for li, lay in enumerate(rd.array(doc, "layers", "")):
+        lp = f"layers[{li}]"
+        heads = []
+        for hi, h in enumerate(rd.array(lay, "heads", lp)):
+            hp = f"{lp}.heads[{hi}]"
+            cols: tuple[list, list, list, list] = ([], [], [], [])
+            for ki, k in enumerate(rd.array(h, "keys", hp)):
+                kp = f"{hp}.keys[{ki}]"
+                cols[0].append(rd.integer(k, "index", kp, 0, n))
+                cols[1].append(rd.num(k, "score", kp, nullable=True))
+                cols[2].append(rd.num(k, "weight", kp))
+                cols[3].append(rd.num(k, "contribution", kp))
+            heads.append(
+                Head(
+                    head=rd.integer(h, "head", hp, 0, model.n_heads),
+                    kv_head=rd.integer(h, "kv_head", hp, 0, model.n_kv_heads),
+                    entropy=rd.num(h, "entropy", hp),
+                    output_norm=rd.num(h, "output_norm", hp),
+                    n_keys=rd.integer(h, "n_keys", hp, 0, n + 1),
+                    top_weight=rd.integer(h, "top_weight", hp, 0, n),
+                    top_contribution=rd.integer(h, "top_contribution", hp, 0, n),
+                    index=cols[0],
+                    score=cols[1],
+                    weight=cols[2],
+                    contribution=cols[3],
+                )
+            )
+        lcols: tuple[list, list, list] = ([], [], [])
+        for ki, k in enumerate(rd.array(lay, "keys", lp)):
+            kp = f"{lp}.keys[{ki}]"
+            lcols[0].append(rd.integer(k, "index", kp, 0, n))
+            lcols[1].append(rd.num(k, "weight", kp))
+            lcols[2].append(rd.num(k, "contribution", kp))
+        layers.append(
+            Layer(
+                layer=rd.integer(lay, "layer", lp, 0, model.n_layers),
+                heads=heads,
+                top_weight=rd.integer(lay, "top_weight", lp, 0, n),
+                top_contribution=rd.integer(lay, "top_contribution", lp, 0, n),
+                index=lcols[0],
+                weight=lcols[1],
+                contribution=lcols[2],
+            )
+        )
+    ro = rd.get(doc, "rollout", "")
+    rollout = None
+    if ro is not None:
+        vals = rd.array(ro, "values", "rollout")
+        if len(vals) != n:
+            raise rd.fail("rollout.values", f"must hold one value per token ({n}), got {len(vals)}")
+        for i, v in enumerate(vals):
+            if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+                raise rd.fail(f"rollout.values[{i}]", f"must be a finite number, got {v!r}")
+        rollout = Rollout(rd.integer(ro, "through_layer", "rollout", 0, model.n_layers), vals)
+    notes = rd.array(doc, "notes", "")
+    if not all(isinstance(x, str) for x in notes):
+        raise rd.fail("notes", "must be a list of strings")
+    return ExplainResult(
+        model=model,
+        text=text,
+        tokens=tokens,
+        query=query("query"),  # type: ignore[arg-type]
+        layers=layers,
+        top=top,
+        key=query("key"),
+        rollout=rollout,
+        notes=notes,
+    )

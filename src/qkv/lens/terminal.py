@@ -1,0 +1,249 @@
+"""The terminal view of an `ExplainResult` (rich): the text with the query marked, notes, and
+tables whose "weight" and "contribution" columns sit side by side, so a sink (much weight,
+little content) stands out.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .record import ExplainResult, Head
+
+BAR = 12  # characters of a full bar
+
+
+def bar(x: float, full: float = 1.0, width: int = BAR) -> str:
+    n = 0 if full <= 0 else max(0.0, min(1.0, x / full)) * width
+    whole = int(n)
+    part = " ▏▎▍▌▋▊▉"[int((n - whole) * 8)] if whole < width else ""
+    return ("█" * whole + part).ljust(width)
+
+
+def tok(r: ExplainResult, j: int) -> str:
+    t = r.tokens[j].text
+    return repr(t.strip() or t)[1:-1]
+
+
+def marked_text(r: ExplainResult) -> Text:
+    """The source text with the query token (and the chosen key) highlighted."""
+    out = Text()
+    pos = 0
+    for t in r.tokens:
+        if not t.special and t.start > pos:
+            out.append(r.text[pos : t.start])
+            pos = t.start
+        pos = max(pos, t.end)
+        style = ""
+        if t.index == r.query.index:
+            style = "bold reverse"
+        elif r.key is not None and t.index == r.key.index:
+            style = "bold underline"
+        out.append(
+            t.text if not t.special else f"{t.text} ", style=style or ("dim" if t.special else "")
+        )
+    out.append(r.text[pos:])
+    return out
+
+
+def _rank_contribution(h: Head) -> list[int]:
+    order = sorted(range(len(h.index)), key=lambda r: -h.contribution[r])
+    ranks = [0] * len(h.index)
+    for rank, r in enumerate(order):
+        ranks[r] = rank + 1
+    return ranks
+
+
+def head_table(r: ExplainResult, layer: int, h: Head) -> Table:
+    t = Table(
+        title=f"layer {layer} head {h.head} (kv head {h.kv_head}) — entropy {h.entropy:.2f} nats, "
+        f"‖output‖ {h.output_norm:.3g}, {h.n_keys} keys visible",
+        title_justify="left",
+    )
+    for col, kw in (
+        ("#", {"justify": "right"}),
+        ("key", {}),
+        ("idx", {"justify": "right"}),
+        ("score", {"justify": "right"}),
+        ("weight", {}),
+        ("contribution", {}),
+        ("rank by content", {"justify": "right"}),
+    ):
+        t.add_column(col, **kw)
+    wmax = float(h.weight.max()) if len(h.weight) else 1.0
+    cmax = float(h.contribution.max()) if len(h.contribution) else 1.0
+    ranks = _rank_contribution(h)
+    for rank, (j, s, w, c) in enumerate(
+        zip(h.index, h.score, h.weight, h.contribution, strict=True)
+    ):
+        flag = ""
+        if ranks[rank] > rank + 2 and w > 0.05:
+            flag = " ← sink: weight without content"
+        elif ranks[rank] + 2 < rank + 1:
+            flag = " ← carries more than its weight"
+        t.add_row(
+            str(rank + 1),
+            tok(r, int(j)),
+            str(int(j)),
+            f"{s:.2f}",
+            f"{bar(w, wmax)} {w:.3f}",
+            f"{bar(c, cmax)} {c:.3g}",
+            f"{ranks[rank]}{flag}",
+        )
+    return t
+
+
+def _pairs(r: ExplainResult, idx, vals, n: int, fmt: str = "{:.2f}") -> str:
+    return "  ".join(
+        f"{tok(r, int(j))} {fmt.format(v)}" for j, v in list(zip(idx, vals, strict=True))[:n]
+    )
+
+
+def _by_contribution(idx, contrib) -> tuple[list, list]:
+    order = sorted(range(len(idx)), key=lambda k: -contrib[k])
+    return [idx[k] for k in order], [contrib[k] for k in order]
+
+
+def layer_table(r: ExplainResult, n: int = 3) -> Table:
+    t = Table(
+        title="Per layer: mean weight over heads vs the content carried (‖Σ_h w·v W_O‖)",
+        title_justify="left",
+    )
+    t.add_column("layer", justify="right")
+    t.add_column("most weight")
+    t.add_column("most content")
+    for lay in r.layers:
+        ci, cv = _by_contribution(list(lay.index), list(lay.contribution))
+        style = "yellow" if lay.top_weight != lay.top_contribution else ""
+        t.add_row(
+            str(lay.layer),
+            _pairs(r, lay.index, lay.weight, n),
+            Text(_pairs(r, ci, cv, n, "{:.3g}"), style=style),
+        )
+    return t
+
+
+def heads_table(r: ExplainResult, n: int = 3) -> Table:
+    lay = r.layers[0]
+    t = Table(title=f"layer {lay.layer}: every head", title_justify="left")
+    for col in ("head", "most weight", "most content", "entropy", "‖out‖"):
+        t.add_column(col, justify="right" if col in ("head", "entropy", "‖out‖") else "left")
+    for h in lay.heads:
+        ci, cv = _by_contribution(list(h.index), list(h.contribution))
+        style = "yellow" if h.disagrees else ""
+        t.add_row(
+            str(h.head),
+            _pairs(r, h.index, h.weight, n),
+            Text(_pairs(r, ci, cv, n, "{:.3g}"), style=style),
+            f"{h.entropy:.2f}",
+            f"{h.output_norm:.3g}",
+        )
+    return t
+
+
+def routing_heads(r: ExplainResult, n: int = 10) -> Table:
+    """Heads whose most-contributing key also takes much weight: content routing, not sinks."""
+    rows = []
+    for lay in r.layers:
+        for h in lay.heads:
+            k = h.key(h.top_contribution)
+            if k is not None:
+                rows.append((k.weight, lay.layer, h, k))
+    rows.sort(key=lambda x: -x[0])
+    t = Table(
+        title=f"Heads that route content to {tok(r, r.query.index)!r}: weight on the key that carried the most",
+        title_justify="left",
+    )
+    for col in ("layer", "head", "key", "weight", "contribution", "entropy"):
+        t.add_column(col, justify="left" if col == "key" else "right")
+    for w, layer, h, k in rows[:n]:
+        t.add_row(
+            str(layer),
+            str(h.head),
+            f"{tok(r, k.index)} ({k.index})",
+            f"{bar(w)} {w:.3f}",
+            f"{k.contribution:.3g}",
+            f"{h.entropy:.2f}",
+        )
+    return t
+
+
+def key_table(r: ExplainResult, n: int = 10) -> Table:
+    assert r.key is not None
+    t = Table(
+        title=f"Heads that send {tok(r, r.query.index)!r} most to {tok(r, r.key.index)!r} (token {r.key.index})",
+        title_justify="left",
+    )
+    for col in ("layer", "head", "weight", "contribution", "rank in head"):
+        t.add_column(col, justify="right")
+    for layer, head, k in r.heads_to(r.key.index, n):
+        h = r.head(layer, head)
+        rank = int(sum(h.weight > k.weight)) + 1
+        t.add_row(
+            str(layer),
+            str(head),
+            f"{bar(k.weight)} {k.weight:.3f}",
+            f"{k.contribution:.3g}",
+            str(rank),
+        )
+    return t
+
+
+def rollout_table(r: ExplainResult, n: int = 8) -> Table:
+    assert r.rollout is not None
+    v = r.rollout.values
+    order = [j for j in sorted(range(len(v)), key=lambda j: -v[j])[:n] if v[j] > 0]
+    t = Table(
+        title=f"Attention rollout through layer {r.rollout.through_layer} (Abnar & Zuidema 2020): "
+        f"what {tok(r, r.query.index)!r} is made of",
+        title_justify="left",
+        min_width=80,
+    )
+    t.add_column("token")
+    t.add_column("idx", justify="right")
+    t.add_column("share")
+    vmax = max(float(v.max()), 1e-12)
+    for j in order:
+        t.add_row(tok(r, j), str(j), f"{bar(float(v[j]), vmax)} {v[j]:.3f}")
+    return t
+
+
+def render(r: ExplainResult, console: Console | None = None, *, n: int = 10) -> None:
+    """Print the record: header, notes, then the tables that fit what the record holds —
+    one head: its ranked keys; one layer: every head; all layers: per-layer summary,
+    content-routing heads, heads to the chosen key, rollout."""
+    c = console or Console()
+    m = r.model
+    kind = "causal decoder" if m.causal else "bidirectional encoder"
+    c.print(
+        f"[bold]qkv explain[/] · {m.name} ({kind}, {m.n_layers} layers × {m.n_heads} heads, "
+        f"{m.n_kv_heads} kv heads) · {len(r.tokens)} tokens · query [bold reverse]"
+        f"{tok(r, r.query.index)}[/] (token {r.query.index})"
+    )
+    c.print(marked_text(r))
+    for note in r.notes:
+        c.print(Text("• " + note, style="dim"))
+    heads = [(lay.layer, h) for lay in r.layers for h in lay.heads]
+    if len(heads) <= 3:
+        for layer, h in heads:
+            c.print(head_table(r, layer, h))
+    elif len(r.layers) == 1:
+        c.print(heads_table(r))
+    else:
+        c.print(layer_table(r))
+        c.print(routing_heads(r, n))
+    if r.key is not None and len(heads) > 1:
+        c.print(key_table(r, n))
+    if r.rollout is not None:
+        c.print(rollout_table(r))
+
+
+def render_text(r: ExplainResult, width: int = 120, **kwargs: Any) -> str:
+    """The terminal view as plain text (no colour codes)."""
+    buf = io.StringIO()
+    render(r, Console(file=buf, width=width, color_system=None, force_terminal=False), **kwargs)
+    return buf.getvalue()
