@@ -98,13 +98,15 @@ def convert(
     ignore: Iterable[str] = (),
     source: str = "checkpoint",
     check_finite: bool = True,
+    assign: bool = False,
 ) -> Report:
     """Fill every tensor of `model.state_dict()` from `checkpoint` through `rules`, or raise.
 
     Raises ValueError (nothing loaded) if a model tensor has no rule, a rule's source key is
     absent, a checkpoint key is used by no rule and matches no `ignore` glob, a converted tensor's
     shape differs from the model's (naming the tensor, the expected and the actual shape), or a
-    tensor holds NaN/inf. Tensors are cast to the model tensor's dtype.
+    tensor holds NaN/inf. Tensors are cast to the model tensor's dtype. `assign=True` makes the
+    converted tensors the model's parameters (no copy; lets a model built on the meta device load).
     """
     rules = expand(rules, n_layers)
     target = model.state_dict()
@@ -152,9 +154,9 @@ def convert(
         t = r.fn(raw) if r.fn is not None else raw
         want = target[r.dst]
         if _shape(t) != _shape(want):
-            raw_note = "" if r.fn is None else f" (raw {_shape(raw)})"
+            after = "" if r.fn is None else f" (→ {_shape(t)} after conversion)"
             raise ValueError(
-                f"{source}: tensor {r.src!r} has shape {_shape(t)}{raw_note} but {r.dst!r} expects "
+                f"{source}: tensor {r.src!r} has shape {_shape(raw)}{after} but {r.dst!r} expects "
                 f"{_shape(want)}; the file is corrupted or belongs to another model"
             )
         if want.is_floating_point():
@@ -163,13 +165,18 @@ def convert(
                     f"{source}: tensor {r.src!r} is {t.dtype}, expected a floating tensor for {r.dst!r}"
                 )
             t = t.to(want.dtype)
-            if check_finite and not bool(torch.isfinite(t).all()):
+            # a finite sum implies every element is finite (NaN/inf propagate); exact check otherwise
+            if (
+                check_finite
+                and not bool(torch.isfinite(t.sum()))
+                and not bool(torch.isfinite(t).all())
+            ):
                 raise ValueError(
                     f"{source}: tensor {r.src!r} contains NaN or inf; the file is corrupted"
                 )
-        state[r.dst] = t
+        state[r.dst] = t.contiguous() if assign else t
         report.loaded.append(r.dst)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
     return report
 
 
