@@ -1,0 +1,14 @@
+"""L4 — learning Q, K and V from scratch: synthetic lookup tasks, a training loop, experiments."""
+
+from .tasks import IGNORE, TASKS, Batch, CopyTask, InductionTask, RecallTask, Task, make_task
+
+__all__ = [
+    "IGNORE",
+    "TASKS",
+    "Batch",
+    "CopyTask",
+    "InductionTask",
+    "RecallTask",
+    "Task",
+    "make_task",
+]
