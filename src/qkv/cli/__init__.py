@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # one module per subcommand group; each defines register(subparsers)
-COMMANDS = ("demo",)
+COMMANDS = ("demo", "explain", "heads", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:

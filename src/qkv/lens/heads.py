@@ -195,9 +195,9 @@ def head_search(
     deciding word). Returns a `HeadSearch` with accuracies at "query" and at "word"."""
     if progress is None:
         progress = sys.stderr.isatty()
+    examples = load_examples(data)  # before the (slow) model load
     m = resolve_model(model)
     info = summarize(m, model if isinstance(model, str) and not os.path.isdir(model) else None)
-    examples = load_examples(data)
     src = str(data) if data is not None else "bundled winograd.jsonl"
     L, H = info.n_layers, info.n_heads
     correct = {a: np.zeros((len(examples), L, H), dtype=bool) for a in AT}

@@ -1,0 +1,99 @@
+"""`qkv explain TEXT --token WORD`: what one token looks up, per layer and head."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qkv.lens import DEFAULT_TOP, explain
+from qkv.lens.io import check_writable
+from qkv.models import DEFAULT_MODEL
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.text is None) == (args.file is None):
+        raise ValueError("pass the text either as an argument or with --file PATH (not both)")
+    if args.file is not None:
+        p = Path(args.file)
+        if not p.is_file():
+            raise FileNotFoundError(f"no text file at {args.file!r}")
+        text = p.read_text(encoding="utf-8")
+    else:
+        text = args.text
+    if (args.token is None) == (args.index is None):
+        raise ValueError("choose the query with --token WORD or --index I (exactly one)")
+    for path in (args.json, args.html, args.png):  # fail before the model runs
+        if path is not None and path != "-":
+            check_writable(path)
+    result = explain(
+        text,
+        args.token if args.token is not None else args.index,
+        model=args.model,
+        occurrence=args.occurrence,
+        layer=args.layer,
+        head=args.head,
+        top=args.top,
+        key=args.key,
+        rollout=args.rollout,
+    )
+    if args.json == "-":
+        sys.stdout.write(result.to_json(indent=1) + "\n")
+    else:
+        result.render()
+    written = []
+    if args.json not in (None, "-"):
+        result.to_json(args.json, indent=1)
+        written.append(args.json)
+    if args.html is not None:
+        result.to_html(args.html)
+        written.append(args.html)
+    if args.png is not None:
+        result.to_png(args.png)
+        written.append(args.png)
+    for w in written:
+        print(f"wrote {w}", file=sys.stderr)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="what one token looks up: per layer and head, each key's score, weight and contribution",
+        description="Run the model once and show, for the query token, every layer and head's lookup: "
+        "score q·k/√d, softmax weight, and contribution ‖w·v W_O‖ (what the key carried), keys ranked.",
+    )
+    p.add_argument("text", nargs="?", help="the text (or use --file)")
+    p.add_argument("--file", help="read the text from this file")
+    p.add_argument("--token", help="the query token: a word of the text")
+    p.add_argument("--index", type=int, help="the query token by index (instead of --token)")
+    p.add_argument("--occurrence", type=int, default=1, help="which occurrence of --token (from 1)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model name or checkpoint directory (default {DEFAULT_MODEL})",
+    )
+    p.add_argument("--layer", type=int, help="only this layer (0-based)")
+    p.add_argument("--head", type=int, help="only this head (0-based)")
+    p.add_argument(
+        "--top",
+        type=int,
+        default=DEFAULT_TOP,
+        help=f"keys kept per head, ranked by weight; 0 = all (default {DEFAULT_TOP})",
+    )
+    p.add_argument("--key", help="a token to rank heads by: which heads send the query most to it")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--rollout",
+        dest="rollout",
+        action="store_true",
+        default=None,
+        help="compute attention rollout (default: texts ≤ 1024 tokens)",
+    )
+    g.add_argument(
+        "--no-rollout", dest="rollout", action="store_false", help="skip attention rollout"
+    )
+    p.add_argument("--json", metavar="PATH|-", help="write the qkv.explain/1 record (- for stdout)")
+    p.add_argument("--html", metavar="PATH", help="write a standalone HTML view")
+    p.add_argument("--png", metavar="PATH", help="write a PNG figure")
+    p.set_defaults(run=run)

@@ -1,0 +1,190 @@
+"""The lens' numbers against an explicit float64 oracle on tiny random models.
+
+The oracle sees only each attention module's input x (a forward pre-hook, not the capture)
+and the module's weights, and recomputes q, k, v, RoPE, the full softmax matrix, the
+contributions ‖w·v W_O^h‖, the layer norm ‖Σ_h w·v W_O^h‖ and the rollout by hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qkv.lens import explain
+from qkv.nn import MultiHeadAttention
+
+from .conftest import SENTENCE, SENTENCE_B
+
+TOL = {"weight": 2e-6, "score": 1e-5, "rel": 1e-5}  # fp32 model vs fp64 oracle
+
+
+def rope64(x: torch.Tensor, base: float) -> torch.Tensor:
+    """Half-split rotary embedding (HF Llama layout), written out: pair p = (x[p], x[p + d/2])."""
+    d = x.shape[-1]
+    theta = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.arange(x.shape[-2], dtype=torch.float64)[:, None] * theta
+    cos, sin = ang.cos(), ang.sin()
+    a, b = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat((a * cos - b * sin, a * sin + b * cos), -1)
+
+
+def oracle(model, text: str) -> list[dict]:
+    """Per layer: weights (h i j), scores, contributions (h i j), out norms (h i), layer contribution (i j)."""
+    inputs = []
+    mods = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for m in mods]
+    try:
+        with torch.no_grad():
+            model(torch.tensor([model.tokenizer.encode(text).ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        return [_layer64(mod, x) for mod, x in zip(mods, inputs, strict=True)]
+
+
+def _layer64(mod: MultiHeadAttention, x: torch.Tensor) -> dict:
+    """One layer in float64 from its input x (1 i m)."""
+    x = x[0].double()  # (i m)
+    P = {
+        n: (None if p is None else p.double())
+        for n, p in (("Q", mod.W_Q), ("K", mod.W_K), ("V", mod.W_V), ("O", mod.W_O))
+    }
+    q = torch.einsum("im,hmd->hid", x, P["Q"])
+    k = torch.einsum("im,hmd->hid", x, P["K"])
+    v = torch.einsum("im,hmd->hid", x, P["V"])
+    if mod.b_Q is not None:
+        q, k, v = (
+            q + mod.b_Q.double()[:, None],
+            k + mod.b_K.double()[:, None],
+            v + mod.b_V.double()[:, None],
+        )
+    if mod.rope is not None:
+        q, k = rope64(q, mod.rope.base), rope64(k, mod.rope.base)
+    G = mod.n_heads // mod.n_kv_heads
+    k, v = k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (h i j)
+    S = s.shape[-1]
+    logits = (
+        s.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+        if mod.causal
+        else s
+    )
+    w = torch.softmax(logits, -1)
+    vo = torch.einsum("hjd,hdm->hjm", v, P["O"])  # (h j m)
+    contrib = w * vo.norm(dim=-1)[:, None, :]  # (h i j)
+    outn = torch.einsum("hij,hjm->him", w, vo).norm(dim=-1)  # (h i)
+    layer_c = torch.einsum("hij,hjm->ijm", w, vo).norm(dim=-1)  # (i j)
+    return {"w": w, "s": s, "c": contrib, "out": outn, "lc": layer_c}
+
+
+def rollout64(orc: list[dict], i: int) -> np.ndarray:
+    S = orc[0]["w"].shape[-1]
+    R = torch.eye(S, dtype=torch.float64)
+    for lay in orc:
+        R = (0.5 * lay["w"].mean(0) + 0.5 * torch.eye(S, dtype=torch.float64)) @ R
+    return R[i].numpy()
+
+
+@pytest.mark.parametrize("which", ["tiny_causal", "tiny_bidir"])
+def test_every_number_matches_the_float64_oracle(which, request):
+    model = request.getfixturevalue(which)
+    r = explain(SENTENCE, "it", model=model, top=0, rollout=True)
+    orc = oracle(model, SENTENCE)
+    i = r.query.index
+    assert len(r.layers) == len(orc)
+    for lay, o in zip(r.layers, orc, strict=True):
+        for h in lay.heads:
+            vis = np.arange(i + 1) if model.config.causal else np.arange(len(r.tokens))
+            assert sorted(h.index.tolist()) == vis.tolist()
+            np.testing.assert_allclose(
+                h.weight, o["w"][h.head, i, h.index].numpy(), atol=TOL["weight"], rtol=0
+            )
+            np.testing.assert_allclose(
+                h.score, o["s"][h.head, i, h.index].numpy(), atol=TOL["score"], rtol=TOL["rel"]
+            )
+            np.testing.assert_allclose(
+                h.contribution, o["c"][h.head, i, h.index].numpy(), rtol=TOL["rel"], atol=1e-7
+            )
+            assert h.output_norm == pytest.approx(float(o["out"][h.head, i]), rel=TOL["rel"])
+            p = o["w"][h.head, i, vis].numpy()
+            assert h.entropy == pytest.approx(float(-(p * np.log(p)).sum()), rel=TOL["rel"])
+            assert np.all(np.diff(h.weight) <= 0), "keys must be ranked by weight"
+            assert h.top_weight == int(vis[np.argmax(o["w"][h.head, i, vis].numpy())])
+            assert h.top_contribution == int(vis[np.argmax(o["c"][h.head, i, vis].numpy())])
+            assert h.kv_head == h.head // (model.config.n_heads // model.config.n_kv_heads)
+        np.testing.assert_allclose(
+            lay.weight, o["w"][:, i, lay.index].mean(0).numpy(), atol=TOL["weight"]
+        )
+        np.testing.assert_allclose(
+            lay.contribution, o["lc"][i, lay.index].numpy(), rtol=1e-5, atol=1e-7
+        )
+    np.testing.assert_allclose(r.rollout.values, rollout64(orc, i), atol=1e-6)
+    assert r.rollout.values.sum() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_top_k_keeps_the_chosen_key_and_the_true_argmaxes(tiny_causal):
+    full = explain(SENTENCE, "it", model=tiny_causal, top=0)
+    r = explain(SENTENCE, "it", model=tiny_causal, top=2, key="The")
+    for lay_f, lay in zip(full.layers, r.layers, strict=True):
+        for hf, h in zip(lay_f.heads, lay.heads, strict=True):
+            assert h.index[:2].tolist() == hf.index[:2].tolist()
+            assert 0 in h.index.tolist() and len(h.index) <= 3
+            assert (h.top_weight, h.top_contribution) == (hf.top_weight, hf.top_contribution)
+            assert h.entropy == hf.entropy
+    # heads_to ranks by the exact weight on the key
+    want = sorted(
+        ((lay.layer, h.head, h.key(0).weight) for lay in full.layers for h in lay.heads),
+        key=lambda t: -t[2],
+    )
+    got = [(layer, head, k.weight) for layer, head, k in r.heads_to("The")]
+    assert got == want
+
+
+def test_heads_to_refuses_a_key_it_did_not_keep(tiny_bidir):
+    r = explain(SENTENCE, "it", model=tiny_bidir, top=1)
+    kept = {j for lay in r.layers for h in lay.heads for j in h.index.tolist()}
+    missing = next(j for j in range(len(r.tokens)) if j not in kept)
+    with pytest.raises(ValueError, match="rerun explain with key="):
+        r.heads_to(missing)
+
+
+def test_causal_query_cannot_see_the_deciding_word(tiny_causal):
+    a = explain(SENTENCE, "it", model=tiny_causal, top=0)
+    b = explain(SENTENCE_B, "it", model=tiny_causal, top=0)
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        for ha, hb in zip(la.heads, lb.heads, strict=True):
+            np.testing.assert_array_equal(ha.index, hb.index)
+            np.testing.assert_allclose(ha.weight, hb.weight, atol=1e-7)
+    assert any("cannot change its lookups" in n for n in a.notes)
+
+
+def test_layer_and_head_filters(tiny_causal):
+    full = explain(SENTENCE, "excited", model=tiny_causal, top=0)
+    one = explain(SENTENCE, "excited", model=tiny_causal, top=0, layer=1, head=3, rollout=False)
+    assert [lay.layer for lay in one.layers] == [1] and [h.head for h in one.layers[0].heads] == [3]
+    np.testing.assert_allclose(one.head(1, 3).weight, full.head(1, 3).weight, atol=1e-6)
+    neg = explain(SENTENCE, "excited", model=tiny_causal, layer=-1, head=-1, rollout=False)
+    assert (neg.layers[0].layer, neg.layers[0].heads[0].head) == (2, 3)
+    assert one.rollout is None
+
+
+def test_rollout_through_a_chosen_layer(tiny_bidir):
+    r = explain(SENTENCE, "it", model=tiny_bidir, layer=1, rollout=True)
+    orc = oracle(tiny_bidir, SENTENCE)
+    assert r.rollout.through_layer == 1
+    np.testing.assert_allclose(r.rollout.values, rollout64(orc[:2], r.query.index), atol=1e-6)
+
+
+def test_token_by_index_word_and_occurrence(tiny_bidir):
+    text = "The dog saw the other dog."
+    r1 = explain(text, "dog", model=tiny_bidir, occurrence=2, rollout=False)
+    r2 = explain(text, 6, model=tiny_bidir, rollout=False)  # [CLS] The dog saw the other dog
+    assert r1.query == r2.query and r1.query.text == "dog" and r1.query.index == 6
+    assert explain(text, "[SEP]", model=tiny_bidir, rollout=False).query.index == len(r1.tokens) - 1
+    assert (
+        explain(text, "DOG", model=tiny_bidir, rollout=False).query.index == 2
+    )  # case-insensitive fallback

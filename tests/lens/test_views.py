@@ -1,0 +1,135 @@
+"""Terminal, HTML and PNG views; atomic writes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qkv.lens import explain
+from qkv.lens import io as lens_io
+
+from .conftest import SENTENCE
+
+URL_TEXT = "See https://example.com/x and http://cdn.example.org/lib.js because it was excited."
+
+
+@pytest.fixture(scope="module")
+def result(tiny_causal):
+    return explain(SENTENCE, "excited", model=tiny_causal, top=3, key="dog", rollout=True)
+
+
+def test_terminal_view_shows_the_lookups(result, tiny_causal):
+    s = str(result)
+    assert "query excited (token 8)" in s
+    assert "The dog chased the ball because it was excited." in s
+    assert "Heads that send 'excited' most to 'dog'" in s and "rollout" in s
+    one = explain(SENTENCE, "it", model=tiny_causal, layer=0, head=1)
+    s1 = str(one)
+    assert "layer 0 head 1" in s1 and "rank by content" in s1
+    h = one.head(0, 1)
+    assert f"{h.weight[0]:.3f}" in s1
+    assert "every head" in str(explain(SENTENCE, "it", model=tiny_causal, layer=2))
+
+
+def _data(page: str) -> dict:
+    m = re.search(r'<script type="application/json" id="qkv-data">(.*?)</script>', page, re.S)
+    return json.loads(m.group(1))
+
+
+def test_html_is_standalone_and_carries_the_record(result, tmp_path):
+    page = result.to_html(tmp_path / "r.html")
+    assert (tmp_path / "r.html").read_text() == page
+    assert "<script src" not in page and "<link" not in page
+    assert not re.search(r"https?://", page)
+    data = _data(page)
+    assert data["query"] == result.query.index and data["key"] == result.key.index
+    w = np.frombuffer(base64.b64decode(data["weight"]), dtype="<f4")
+    first = result.layers[0].heads[0]
+    np.testing.assert_allclose(w[: len(first.weight)], first.weight, rtol=1e-6)
+    assert len(data["heads"]) == sum(len(lay.heads) for lay in result.layers)
+
+
+def test_html_neutralises_urls_in_the_text(tiny_causal):
+    r = explain(URL_TEXT, "excited", model=tiny_causal)
+    page = r.to_html()
+    assert not re.search(r"https?://", page)
+    assert _data(page)["text"] == URL_TEXT  # "\/" decodes back to "/"
+    frag = r._repr_html_()
+    assert frag.startswith("<iframe") and "srcdoc=" in frag and not re.search(r"https?://", frag)
+
+
+def test_png_is_written(result, tiny_causal, tmp_path):
+    for name, r in (
+        ("all.png", result),
+        ("one.png", explain(SENTENCE, "it", model=tiny_causal, layer=1, head=0)),
+        ("layer.png", explain(SENTENCE, "it", model=tiny_causal, layer=1)),
+    ):
+        p = r.to_png(tmp_path / name)
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    assert sorted(os.listdir(tmp_path)) == ["all.png", "layer.png", "one.png"]  # no temp files left
+
+
+def test_unwritable_paths_write_nothing(result, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        result.to_json(tmp_path / "no" / "such" / "dir.json")
+    with pytest.raises(ValueError, match="is a directory"):
+        result.to_html(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(FileNotFoundError):
+        result.to_png(blocker / "x.png")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(result, tmp_path, monkeypatch):
+    target = tmp_path / "r.json"
+    target.write_text("old")
+
+    def boom(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lens_io.os, "replace", boom)
+    with pytest.raises(ValueError, match="No space left on device"):
+        result.to_json(target)
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["r.json"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory(result, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(ValueError, match="not writable"):
+            result.to_html(ro / "r.html")
+        assert os.listdir(ro) == []
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.skipif(
+    shutil.which("node") is None, reason="node.js is not installed to run the page's script"
+)
+def test_html_script_runs(result, tiny_bidir, tmp_path):
+    """Run the page's script in node against a minimal DOM stub and click through the controls."""
+    for name, r in (
+        ("causal.html", result),
+        ("bidir.html", explain(SENTENCE, "it", model=tiny_bidir, top=0)),
+    ):
+        r.to_html(tmp_path / name)
+        out = subprocess.run(
+            ["node", str(Path(__file__).with_name("dom_stub.js")), str(tmp_path / name)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("ok")
