@@ -65,7 +65,7 @@ def test_other_arguments(tiny_causal):
 
 
 def test_key_after_a_causal_query(tiny_causal):
-    with pytest.raises(ValueError, match="comes after the query .* cannot see it"):
+    with pytest.raises(ValueError, match=r"comes after the query .* cannot see it"):
         explain(SENTENCE, "it", model=tiny_causal, key="excited")
 
 
