@@ -39,17 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
-
-try:
-    from .tokenizer import Encoding
-except ImportError:  # TEMPORARY until the shared models/tokenizer.py lands
-
-    @dataclass(frozen=True)
-    class Encoding:  # type: ignore[no-redef]
-        ids: list[int]
-        tokens: list[str]
-        offsets: list[tuple[int, int]]
-
+from .tokenizer import Encoding
 
 FORMAT = "qkv.tiny/1"
 CONFIG_FILE = "config.json"

@@ -88,9 +88,9 @@ class RecallTask(Task):
     """
 
     name: ClassVar[str] = "recall"
-    n_records: int = 8
-    n_keys: int = 16
-    n_values: int = 16
+    n_records: int = 16
+    n_keys: int = 32
+    n_values: int = 32
     n_queries: int = 4
     seq_len: int | None = None
 
