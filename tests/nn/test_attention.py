@@ -153,3 +153,17 @@ def test_bad_input():
         mha(torch.randn(1, 3, 64), cache=object())
     with pytest.raises(ValueError, match="broadcast"):
         mha(torch.randn(1, 3, 64), mask=torch.ones(1, 1, 1, 4, dtype=torch.bool))
+
+
+def test_nan_in_padded_positions_never_leaks():
+    """The fast backend choice keeps the engine's guarantee: masked NaN keys stay out."""
+    torch.manual_seed(8)
+    mha = MultiHeadAttention(16, 2)
+    x = torch.randn(2, 6, 16)
+    keep = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    keep[1, ..., 4:] = False
+    clean = mha(x, mask=keep)
+    x[1, 4:] = float("nan")
+    dirty = mha(x, mask=keep)
+    torch.testing.assert_close(dirty[0], clean[0])
+    torch.testing.assert_close(dirty[1, :4], clean[1, :4])

@@ -216,11 +216,14 @@ class BertEncoder(nn.Module):
         keep = self._check(ids, attention_mask, cache)
         S = ids.shape[1]
         pos = torch.arange(S, device=ids.device)
-        x = self.embed_tokens(ids) + self.embed_positions(pos)  # (b i m)
-        if token_type_ids is None:
-            x = x + self.embed_types.weight[0]
+        if token_type_ids is None:  # all type 0: fold it into the (i m) position term
+            x = self.embed_tokens(ids) + (self.embed_positions(pos) + self.embed_types.weight[0])
         else:
-            x = x + self.embed_types(token_type_ids)
+            x = (
+                self.embed_tokens(ids)
+                + self.embed_positions(pos)
+                + self.embed_types(token_type_ids)
+            )
         x = self.embed_norm(x)
         mask = None if keep is None or bool(keep.all()) else keep[:, None, None, :]  # (b 1 1 j)
         for blk in self.blocks:

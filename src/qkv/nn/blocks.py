@@ -85,6 +85,16 @@ class MLP(nn.Module):
         return self.down(self.act(self.gate(x)) * self.up(x))
 
 
+def _residual(branch: Tensor, x: Tensor) -> Tensor:
+    """`branch + x`, in place into `branch` (a fresh tensor nobody else holds) when no
+    autograd graph is being built; saves one (b i m) allocation per residual."""
+    if not torch.is_grad_enabled() or not (branch.requires_grad or x.requires_grad):
+        same = branch.shape == x.shape and branch.dtype == x.dtype
+        if same and branch.is_contiguous() and branch.data_ptr() != x.data_ptr():
+            return branch.add_(x)
+    return branch + x
+
+
 class PreNormBlock(nn.Module):
     """`h = x + attn(norm1(x)); out = h + mlp(norm2(h))` (GPT-2, Llama)."""
 
@@ -97,8 +107,8 @@ class PreNormBlock(nn.Module):
     def forward(
         self, x: Tensor, *, mask: Tensor | None = None, cache: LayerCache | None = None
     ) -> Tensor:
-        h = x + self.attn(self.norm1(x), mask=mask, cache=cache)
-        return h + self.mlp(self.norm2(h))
+        h = _residual(self.attn(self.norm1(x), mask=mask, cache=cache), x)
+        return _residual(self.mlp(self.norm2(h)), h)
 
 
 class PostNormBlock(nn.Module):
@@ -113,5 +123,5 @@ class PostNormBlock(nn.Module):
     def forward(
         self, x: Tensor, *, mask: Tensor | None = None, cache: LayerCache | None = None
     ) -> Tensor:
-        h = self.norm1(x + self.attn(x, mask=mask, cache=cache))
-        return self.norm2(h + self.mlp(h))
+        h = self.norm1(_residual(self.attn(x, mask=mask, cache=cache), x))
+        return self.norm2(_residual(self.mlp(h), h))
