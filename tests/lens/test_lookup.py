@@ -131,10 +131,14 @@ def test_top_k_keeps_the_chosen_key_and_the_true_argmaxes(tiny_causal):
     r = explain(SENTENCE, "it", model=tiny_causal, top=2, key="The")
     for lay_f, lay in zip(full.layers, r.layers, strict=True):
         for hf, h in zip(lay_f.heads, lay.heads, strict=True):
-            assert h.index[:2].tolist() == hf.index[:2].tolist()
-            assert 0 in h.index.tolist() and len(h.index) <= 3
+            by_w = hf.index[:2].tolist()
+            by_c = hf.index[np.argsort(-hf.contribution, kind="stable")][:2].tolist()
+            assert set(h.index.tolist()) == {*by_w, *by_c, 0}
+            assert h.index[:2].tolist() == by_w and np.all(np.diff(h.weight) <= 0)
             assert (h.top_weight, h.top_contribution) == (hf.top_weight, hf.top_contribution)
             assert h.entropy == hf.entropy
+        lay_c = lay_f.index[np.argsort(-lay_f.contribution, kind="stable")][:2].tolist()
+        assert set(lay.index.tolist()) == {*lay_f.index[:2].tolist(), *lay_c, 0}
     # heads_to ranks by the exact weight on the key
     want = sorted(
         ((lay.layer, h.head, h.key(0).weight) for lay in full.layers for h in lay.heads),

@@ -163,7 +163,8 @@ def explain(
         model: a name ("smollm2", "minilm"), a checkpoint directory, or a model from `qkv.load`
             (pass a loaded model to avoid reloading it on every call).
         layer, head: restrict the record to one layer and/or head (0-based).
-        top: keys kept per head and per layer summary, ranked by weight; 0 keeps all.
+        top: keys kept per head and per layer: the top-k by weight and the top-k by
+            contribution, ranked by weight; 0 keeps all.
         key: a token (word or index) kept in every head whatever its rank, so that
             `result.heads_to(key)` ranks the heads that send the query most to it.
         rollout: attention rollout of the query through the layers (Abnar & Zuidema 2020).

@@ -80,11 +80,29 @@ def visible_keys(rec: AttentionRecordLike, i: int) -> Tensor:
     kw = weight_kwargs(rec)
     kw.pop("score_mod", None)
     kw.pop("softcap", None)
+    H, Sq, Sk = rec.q.shape[1], rec.q.shape[2], rec.k.shape[2]
+    if kw.get("mask") is None and kw.get("mask_mod") is None and kw.get("window") is None:
+        j = torch.arange(Sk, device=rec.k.device)
+        keep = j <= i + (Sk - Sq) if kw.get("causal") else torch.ones(Sk, dtype=torch.bool)
+        return keep.expand(H, Sk)  # the plain cases, without a pass over the keys
     mask = kw.get("mask")
     if isinstance(mask, Tensor) and mask.dtype != torch.bool:
         kw["mask"] = torch.isfinite(mask)
     q0 = torch.zeros_like(rec.q[:1])  # (b h i d); only row i is scored
     return attention_weights(q0, rec.k[:1], None, rows=[i], **kw)[0, :, 0] > 0
+
+
+def value_norms(vh: Tensor, W_O: Tensor) -> Tensor:
+    """‖v_hj W_O^h‖ for vh (h j e), W_O (h e m) → (h j), without the (h j m) product when long:
+    through the Gram matrix M_h = W_O^h W_O^hᵀ (e×e, float64), ‖x W‖² = x M xᵀ. The direct
+    product costs h·j·e·m, the Gram route h·e²·m + h·j·e²: cheaper once j > e·m/(m − e)."""
+    e, m = W_O.shape[-2], W_O.shape[-1]
+    if m <= e or vh.shape[1] * (m - e) <= e * m:
+        return (vh @ W_O).norm(dim=-1)
+    Wo = W_O.double()
+    M = Wo @ Wo.transpose(-1, -2)  # (h e e)
+    v64 = vh.double()
+    return ((v64 @ M) * v64).sum(-1).clamp_min(0).sqrt()
 
 
 def query_row(rec: AttentionRecordLike, i: int) -> Row:
@@ -100,15 +118,11 @@ def query_row(rec: AttentionRecordLike, i: int) -> Row:
 
     w = rows(rec, [i])[:, 0].to(f64)  # (h j)
     vis = visible_keys(rec, i)  # (h j)
-    s = torch.einsum("hd,hjd->hj", q[:, i].to(f64), k[kv].to(f64)) * scale  # (h j)
-
-    # ‖v_gj W_O^h‖ through the Gram matrix M_h = W_O^h W_O^hᵀ (e×e): ‖x W‖² = x M xᵀ
-    Wo = W_O.to(f64)  # (h e m)
-    M = Wo @ Wo.transpose(-1, -2)  # (h e e)
-    vh = v[kv].to(f64)  # (h j e)
-    vnorm = ((vh @ M) * vh).sum(-1).clamp_min(0).sqrt()  # (h j)
+    s = (torch.einsum("hd,hjd->hj", q[:, i], k[kv]) * scale).to(f64)  # (h j)
+    vh = v[kv]  # (h j e)
+    vnorm = value_norms(vh, W_O).to(f64)  # (h j): ‖v_gj W_O^h‖
     contrib = w * vnorm  # (h j)
-    out = torch.einsum("he,hem->hm", z[:, i].to(f64), Wo).norm(dim=-1)  # (h,)
+    out = torch.einsum("he,hem->hm", z[:, i].to(f64), W_O.to(f64)).norm(dim=-1)  # (h,)
 
     # layer level: ‖Σ_h w_hj v_gj W_O^h‖ = ‖x_j W_O_flat‖, x_j = concat_h(w_hj v_gj) (fp32 matmul)
     x = (w.to(v.dtype).unsqueeze(-1) * v[kv]).permute(1, 0, 2).reshape(w.shape[1], -1)  # (j (h e))
@@ -125,16 +139,18 @@ def query_row(rec: AttentionRecordLike, i: int) -> Row:
     )
 
 
-def ranked(weight: np.ndarray, candidates: np.ndarray, top: int, keep: int | None) -> np.ndarray:
-    """Indices among `candidates` ranked by weight (desc, ties by index), cut to `top` (0 = all);
-    `keep`, if visible, is always included (at its rank)."""
+def select(
+    weight: np.ndarray, contrib: np.ndarray, candidates: np.ndarray, top: int, keep: int | None
+) -> np.ndarray:
+    """The kept keys, ranked by weight (desc, ties by index): with `top` > 0 the top-k by weight
+    together with the top-k by contribution (so a key that carried much with little weight is
+    never cut) and `keep` if visible; with `top` == 0 every candidate."""
     order = candidates[np.argsort(-weight[candidates], kind="stable")]
-    if top and len(order) > top:
-        cut = order[:top]
-        if keep is not None and keep in order and keep not in cut:
-            cut = np.append(cut, keep)
-        order = cut
-    return order
+    if not top or len(order) <= top:
+        return order
+    by_c = candidates[np.argsort(-contrib[candidates], kind="stable")]
+    chosen = np.concatenate((order[:top], by_c[:top], [keep] if keep is not None else []))
+    return order[np.isin(order, chosen)]
 
 
 def entropy(w: np.ndarray) -> float:
@@ -150,14 +166,15 @@ def lookup_layer(
     keep: int | None = None,
     heads: list[int] | None = None,
 ) -> Layer:
-    """The record's `Layer` for query row i: every head (or `heads`), keys ranked by weight."""
+    """The record's `Layer` for query row i: every head (or `heads`), keys ranked by weight
+    (the top-k by weight and the top-k by contribution; all with top=0)."""
     r = query_row(rec, i)
     H = r.weight.shape[0]
     G = rec.k.shape[1]
     out = []
     for h in range(H) if heads is None else heads:
         vis = np.nonzero(r.visible[h])[0]
-        idx = ranked(r.weight[h], vis, top, keep)
+        idx = select(r.weight[h], r.contribution[h], vis, top, keep)
         wv, cv = r.weight[h][vis], r.contribution[h][vis]
         out.append(
             Head(
@@ -175,7 +192,7 @@ def lookup_layer(
             )
         )
     anyvis = np.nonzero(r.visible.any(0))[0]
-    lidx = ranked(r.layer_weight, anyvis, top, keep)
+    lidx = select(r.layer_weight, r.layer_contribution, anyvis, top, keep)
     return Layer(
         layer=int(rec.layer),
         heads=out,

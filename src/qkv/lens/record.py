@@ -76,7 +76,8 @@ def _arr(x: Any, dtype: Any) -> np.ndarray:
 
 @dataclass(eq=False)
 class Head:
-    """Query i's lookup through one head: keys ranked by weight (top-k, or all when top=0).
+    """Query i's lookup through one head: the kept keys — the top-k by weight and the top-k by
+    contribution (all when top=0) — ranked by weight.
 
     `top_weight`/`top_contribution` are the arg-max key over *all* visible keys, so a sink
     (high weight, small contribution) shows even when the key lists are cut to top-k.
@@ -183,7 +184,7 @@ class ExplainResult:
     tokens: list[Token]
     query: Query
     layers: list[Layer]
-    top: int  # keys kept per head; 0 = all
+    top: int  # k of the top-k by weight ∪ top-k by contribution kept per head; 0 = all
     key: Query | None = None  # a chosen key kept in every head (see `heads_to`)
     rollout: Rollout | None = None
     notes: list[str] = field(default_factory=list)
