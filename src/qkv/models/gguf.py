@@ -115,9 +115,10 @@ def _read_file(path: Path) -> GGUFContents:
                 f"{path}: tensor {t.name!r} is stored as {t.tensor_type.name}, which the installed "
                 f"gguf library cannot dequantise ({e}); try `pip install -U gguf`"
             ) from e
-        tensors[t.name] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(
-            shape
-        )
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if not array.flags.writeable:  # F32 tensors are views of the read-only file map
+            array = array.copy()
+        tensors[t.name] = torch.from_numpy(array).reshape(shape)
         types[t.name] = t.tensor_type.name
     return GGUFContents(path=path, metadata=metadata, tensors=tensors, types=types)
 
@@ -192,9 +193,10 @@ def _read_cache(path: Path, entry: Path) -> GGUFContents | None:
     meta_file, tensor_file = entry / "metadata.json", entry / "tensors.safetensors"
     if not (meta_file.is_file() and tensor_file.is_file()):
         return None
-    try:
-        from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
+    try:
         doc = json.loads(meta_file.read_text(encoding="utf-8"))
         if doc.get("source") != str(path.resolve()) or doc.get("format") != CACHE_FORMAT:
             return None
@@ -204,7 +206,7 @@ def _read_cache(path: Path, entry: Path) -> GGUFContents | None:
             return None
         tensors = {name: tensors[name] for name in types}  # file order
         return GGUFContents(path=path, metadata=doc["metadata"], tensors=tensors, types=types)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError):
         return None  # a damaged cache entry is rebuilt from the GGUF
 
 

@@ -479,7 +479,11 @@ def load_gguf(
     `cache_dir` as in `read_gguf` (False: always dequantise from the file). Raises ValueError for a
     foreign or corrupted file (naming the tensor and the expected shape); nothing half-loaded.
     """
-    contents = read_gguf(path, cache_dir=cache_dir)
+    return from_gguf(read_gguf(path, cache_dir=cache_dir), name=name)
+
+
+def from_gguf(contents: GGUFContents, *, name: str | None = None) -> Llama:
+    """Build and fill a `Llama` from already-read GGUF contents (see `load_gguf`)."""
     config = LlamaConfig.from_gguf(contents, name=name)
     tokenizer = Tokenizer(
         build_tokenizer(contents.metadata),
@@ -497,8 +501,14 @@ def load_gguf(
     with torch.device("meta"):  # no memory, no random init; `convert` fills every tensor
         model = Llama(config, tokenizer, contents.metadata.get("tokenizer.chat_template"))
     model.to_empty(device="cpu")
+    _check_finite(contents)
     convert(
-        contents.tensors, rules(config), model, n_layers=config.n_layers, source=str(contents.path)
+        contents.tensors,
+        rules(config),
+        model,
+        n_layers=config.n_layers,
+        source=str(contents.path),
+        check_finite=False,  # done above, ~15x faster
     )
     return model.eval()
 
