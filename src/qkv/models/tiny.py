@@ -461,7 +461,8 @@ def load_checkpoint(path: str | Path) -> TinyTransformer:
     if missing or unexpected or wrong:
         parts = [f"missing tensors {missing}"] if missing else []
         parts += [f"unexpected tensors {unexpected}"] if unexpected else []
-        parts += [f"shape mismatch {w}" for w in wrong]
+        parts += [f"shape mismatch {w}" for w in wrong[:3]]
+        parts += [f"and {len(wrong) - 3} more shape mismatches"] if len(wrong) > 3 else []
         raise ValueError(
             f"checkpoint {path}: config.json and model.safetensors disagree: "
             + "; ".join(parts)
