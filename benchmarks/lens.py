@@ -174,7 +174,7 @@ def main() -> None:
     rows = []
     ours = spawn("ours", str(a.n), str(a.repeat), "1")
     fwd = med(ours["forward_s"])
-    rows.append((f"plain forward of our model (logits)", a.n, fwd, 1.0, ours["forward_peak_gb"]))
+    rows.append(("plain forward of our model (logits)", a.n, fwd, 1.0, ours["forward_peak_gb"]))
     ex = med(ours["explain_s"])
     rows.append(("explain one token (no rollout)", a.n, ex, ex / fwd, ours["explain_peak_gb"]))
     if "explain_rollout_s" in ours:
@@ -215,7 +215,10 @@ def main() -> None:
         print(f"| {what:<40} | {n:>6} | {t:>8.2f} | {rs:>9} | {peak:>11.2f} |")
     print()
     print(
-        f"all times: forward {['%.2f' % x for x in ours['forward_s']]}, explain {['%.2f' % x for x in ours['explain_s']]}"
+        "all times (s): forward",
+        [round(x, 2) for x in ours["forward_s"]],
+        "explain",
+        [round(x, 2) for x in ours["explain_s"]],
     )
     print(
         f"HTML for 512 tokens: {html['html_top0_mb']:.2f} MB with every key of every head (top 0), "
