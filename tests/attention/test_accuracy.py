@@ -119,8 +119,8 @@ def test_gradients(backend, case, dtype):
 
 def test_lse_gradient_flows():
     """d(lse)/d(logits) = softmax: a loss on the LSE gets exact gradients from the tiled backend."""
-    q, k, v = make_qkv(1, 4, 2, 37, 53, 16, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(
-        lambda q, k, v: qkv.attention(q, k, v, causal=True, return_lse=True, backend="tiled")[1].sum(),
+    q, k, v = make_qkv(1, 4, 2, 7, 9, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: qkv.attention(q, k, v, causal=True, return_lse=True, backend="tiled")[1],
         (q, k, v),
     )

@@ -1,0 +1,185 @@
+"""Empty rows, non-finite masked entries, empty sequences, layouts, huge scores, dropout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkv
+from qkv.attention.spec import make_spec
+from qkv.attention.tiled import tiled
+
+from .conftest import assert_within_budget, err, make_qkv, oracle
+
+BACKENDS = ["reference", "tiled", "auto"]
+
+
+def _all_finite(*ts):
+    return all(bool(torch.isfinite(t).all()) for t in ts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_rows_are_zero_with_lse_minus_inf_and_zero_grads(backend):
+    q, k, v = make_qkv(1, 4, 2, 40, 50, 16, requires_grad=True)
+    keep = torch.ones(1, 1, 40, 50, dtype=torch.bool)
+    keep[..., 7, :] = False  # row 7 keeps nothing
+    out, lse = qkv.attention(q, k, v, mask=keep, return_lse=True, backend=backend)
+    assert torch.all(out[:, :, 7] == 0) and torch.all(lse[:, :, 7] == float("-inf"))
+    out.sum().backward()
+    assert _all_finite(out, q.grad, k.grad, v.grad)
+    assert torch.all(q.grad[:, :, 7] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_with_more_queries_than_keys_has_empty_top_rows(backend):
+    q, k, v = make_qkv(1, 2, 2, 9, 4, 8, requires_grad=True)  # δ = −5: rows 0..4 see nothing
+    out, lse = qkv.attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    assert torch.all(out[:, :, :5] == 0) and torch.all(lse[:, :, :5] == float("-inf"))
+    assert torch.all(out[:, :, 5:] != 0)
+    out.sum().backward()
+    assert _all_finite(q.grad, k.grad, v.grad)
+
+
+@pytest.mark.parametrize("what", ["key", "value", "both"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf_in_masked_keys_and_values_do_not_leak(backend, what):
+    q, k, v = make_qkv(2, 4, 2, 30, 30, 16)
+    k, v = k.clone(), v.clone()
+    if what in ("key", "both"):
+        k[:, :, 20] = float("nan")
+        k[:, :, 25, 3] = float("inf")
+    if what in ("value", "both"):
+        v[:, :, 20] = float("nan")
+        v[:, :, 25, 3] = float("-inf")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = qkv.attention(q, k, v, causal=True, backend=backend)
+    assert _all_finite(out[:, :, :20]), "rows that cannot see keys 20/25 must stay finite"
+    assert not _all_finite(out[:, :, 25:]), "rows that do attend a NaN/inf must show it"
+    clean = oracle(q[:, :, :20], k[:, :, :20], v[:, :, :20], causal=True).out
+    assert err(out[:, :, :20], clean) < 1e-5
+    # masked for every query: no NaN anywhere, forward or backward, and zero grads there
+    keep = torch.ones(1, 1, 1, 30, dtype=torch.bool)
+    keep[..., [20, 25]] = False
+    out = qkv.attention(q, k, v, causal=True, mask=keep, backend=backend)
+    out.sum().backward()
+    assert _all_finite(out, q.grad, k.grad, v.grad)
+    assert torch.all(k.grad[:, :, [20, 25]] == 0) and torch.all(v.grad[:, :, [20, 25]] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_padded_keys_does_not_leak(backend):
+    q, k, v = make_qkv(2, 4, 4, 10, 12, 8)
+    k[1, :, 8:] = float("nan")
+    v[1, :, 8:] = float("nan")
+    keep = (torch.arange(12) < torch.tensor([12, 8]).view(2, 1)).view(2, 1, 1, 12)
+    out = qkv.attention(q, k, v, mask=keep, backend=backend)
+    assert _all_finite(out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", [(0, 5), (5, 0), (0, 0)])
+def test_empty_sequences(backend, size):
+    Sq, Sk = size
+    q, k, v = make_qkv(2, 4, 2, Sq, Sk, 8, Dv=6, requires_grad=True)
+    out, lse = qkv.attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    assert out.shape == (2, 4, Sq, 6) and lse.shape == (2, 4, Sq)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+    out.sum().backward()
+    assert torch.all(q.grad == 0) and torch.all(k.grad == 0) and torch.all(v.grad == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    base = make_qkv(2, 8, 8, 37, 37, 32)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in base)  # (B, S, H, D) storage
+    assert not q.is_contiguous()
+    want = oracle(q.contiguous(), k.contiguous(), v.contiguous(), causal=True).out
+    assert err(qkv.attention(q, k, v, causal=True, backend=backend), want) < 1e-5
+    sliced = qkv.attention(q[..., ::2], k[..., ::2], v, causal=True, backend=backend)
+    want = oracle(q[..., ::2].contiguous(), k[..., ::2].contiguous(), v, causal=True).out
+    assert err(sliced, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_scores_do_not_overflow(backend, dtype):
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16, dtype=torch.float64)
+    q = q * 2000  # scores of magnitude ~1e4
+    assert (q @ k.transpose(-1, -2) / 4).abs().max() > 5e3
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    out, lse = qkv.attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    assert _all_finite(out, lse)
+    truth = oracle(q, k, v, causal=True)
+    plain = qkv.reference_attention(q, k, v, causal=True)
+    assert_within_budget(out, plain.out, truth.out, dtype)
+    assert_within_budget(lse, plain.lse, truth.lse, dtype, what="lse")
+
+
+def test_dropout_is_reproducible_with_a_generator_and_changes_with_the_seed():
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16)
+    for backend in ("tiled", "reference", "auto"):
+        a = qkv.attention(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(7), backend=backend)
+        b = qkv.attention(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(7), backend=backend)
+        c = qkv.attention(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(8), backend=backend)
+        assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_dropout_forward_and_backward_use_the_same_mask():
+    """gradcheck on a fixed generator: the backward differentiates exactly the forward's mask."""
+    q, k, v = make_qkv(1, 2, 1, 7, 11, 4, dtype=torch.float64, requires_grad=True)
+    spec_kw = dict(causal=True, dropout_p=0.4)
+
+    def f(q, k, v):
+        return qkv.attention(q, k, v, generator=torch.Generator().manual_seed(3), backend="tiled", **spec_kw)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+    # and across many tiles
+    def g(q, k, v):
+        spec = make_spec(q, k, v, generator=torch.Generator().manual_seed(3), **spec_kw)
+        return tiled(q, k, v, spec, block_q=3, block_k=4)[0]
+
+    assert torch.autograd.gradcheck(g, (q, k, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", ["tiled", "reference"])
+def test_dropout_mean_matches_no_dropout(backend):
+    """E[dropout(w)/(1−p)] = w: the mean over many seeds approaches the plain output."""
+    q, k, v = make_qkv(1, 1, 1, 8, 16, 8, dtype=torch.float64)
+    plain = qkv.attention(q, k, v, backend="reference")
+    n = 400
+    runs = torch.stack(
+        [qkv.attention(q, k, v, dropout_p=0.5, generator=torch.Generator().manual_seed(s), backend=backend) for s in range(n)]
+    )
+    mean, sem = runs.mean(0), runs.std(0) / n**0.5
+    z = ((mean - plain).abs() / sem.clamp_min(1e-12)).max()
+    assert z < 5.0, f"mean of dropout runs is {z:.1f} standard errors from the plain output"
+
+
+def test_gradcheck_tiled_float64_full_jacobian():
+    q, k, v = make_qkv(1, 2, 1, 5, 6, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v):
+        return tiled(q, k, v, make_spec(q, k, v, causal=True, softcap=2.0), block_q=2, block_k=4)[0]
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_gradcheck_tiled_float64_small_shapes():
+    cases = [
+        dict(causal=True),
+        dict(window=(3, 2)),
+        dict(softcap=1.5, score_mod=qkv.alibi(4)),
+        dict(mask_mod=lambda b, h, q, kv: (q + kv) % 3 != 1),
+        dict(mask=torch.randn(1, 4, 9, 11, dtype=torch.float64)),
+        dict(causal=True, dropout_p=0.3, generator=torch.Generator().manual_seed(0)),
+    ]
+    for kw in cases:
+        q, k, v = make_qkv(1, 4, 2, 9, 11, 4, Dv=3, dtype=torch.float64, requires_grad=True)
+
+        def f(q, k, v, kw=kw):
+            if "generator" in kw:
+                kw = {**kw, "generator": torch.Generator().manual_seed(0)}
+            spec = make_spec(q, k, v, **kw)
+            return tiled(q, k, v, spec, block_q=4, block_k=3)[0]
+
+        assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=True), kw
