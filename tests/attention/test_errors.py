@@ -1,0 +1,88 @@
+"""Bad input raises ValueError/TypeError that names what was expected and what came."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkv
+
+from .conftest import make_qkv
+
+
+def _qkv():
+    return make_qkv(2, 8, 2, 5, 7, 16)
+
+
+@pytest.mark.parametrize(
+    "mutate, exc, words",
+    [
+        (lambda q, k, v: (q[0], k, v), ValueError, ["4 dims", "3"]),
+        (lambda q, k, v: (q, k[:, :1].expand(2, 3, 7, 16), v[:, :1].expand(2, 3, 7, 16)), ValueError, ["Hq=8", "Hk=3"]),
+        (lambda q, k, v: (q, k, v[:, :1]), ValueError, ["Hk=2", "Hv=1"]),
+        (lambda q, k, v: (q, k[..., :8], v), ValueError, ["D=16", "Dk=8"]),
+        (lambda q, k, v: (q, k, v[:, :, :6]), ValueError, ["Sk=7", "Sv=6"]),
+        (lambda q, k, v: (q[:1], k, v), ValueError, ["batch"]),
+        (lambda q, k, v: (q.double(), k, v), TypeError, ["float64", "float32"]),
+        (lambda q, k, v: (q.long(), k.long(), v.long()), TypeError, ["int64"]),
+        (lambda q, k, v: (q.numpy(), k, v), TypeError, ["ndarray"]),
+    ],
+    ids=["rank", "heads", "kv-heads", "head-dim", "kv-len", "batch", "dtype-mix", "int", "numpy"],
+)
+def test_bad_tensors(mutate, exc, words):
+    q, k, v = mutate(*_qkv())
+    with pytest.raises(exc) as e:
+        qkv.attention(q, k, v)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_device_mismatch_named():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="meta"):
+        qkv.attention(q, k.to("meta"), v)
+
+
+@pytest.mark.parametrize(
+    "kw, exc, words",
+    [
+        (dict(mask=torch.ones(3, 1, 5, 7, dtype=torch.bool)), ValueError, ["(3, 1, 5, 7)", "(2, 8, 5, 7)"]),
+        (dict(mask=torch.ones(5, 8, dtype=torch.bool)), ValueError, ["cannot broadcast"]),
+        (dict(mask=torch.ones(5, 7, dtype=torch.int32)), TypeError, ["int32"]),
+        (dict(dropout_p=1.0), ValueError, ["[0, 1)", "1.0"]),
+        (dict(dropout_p=-0.1), ValueError, ["[0, 1)"]),
+        (dict(window=5), TypeError, ["(left, right)"]),
+        (dict(window=(-1, 0)), ValueError, ["≥ 0"]),
+        (dict(softcap=0.0), ValueError, ["softcap"]),
+        (dict(scale=float("nan")), ValueError, ["scale"]),
+        (dict(backend="flash"), ValueError, ["'flash'", "tiled"]),
+        (dict(mask_mod=lambda b, h, q, kv: q - kv), TypeError, ["bool"]),
+        (dict(score_mod=3), TypeError, ["callable"]),
+        (dict(causal="yes"), TypeError, ["causal"]),
+    ],
+    ids=lambda x: str(x)[:40] if not isinstance(x, dict) else "-".join(x),
+)
+def test_bad_options(kw, exc, words):
+    q, k, v = _qkv()
+    with pytest.raises(exc) as e:
+        qkv.attention(q, k, v, **kw)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_sdpa_backend_refuses_what_it_cannot_compute_exactly():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="softcap"):
+        qkv.attention(q, k, v, softcap=5.0, backend="sdpa")
+    with pytest.raises(ValueError, match="LSE"):
+        qkv.attention(q, k, v, return_lse=True, backend="sdpa")
+
+
+def test_attention_weights_bad_rows_and_lse():
+    q, k, v = _qkv()
+    with pytest.raises(IndexError, match=r"\[-5, 5\)"):
+        qkv.attention_weights(q, k, rows=[5])
+    with pytest.raises(TypeError, match="rows"):
+        qkv.attention_weights(q, k, rows=[0.5])
+    with pytest.raises(ValueError, match=r"\(2, 8, 5\)"):
+        qkv.attention_weights(q, k, torch.zeros(2, 8, 4), rows=[0])
