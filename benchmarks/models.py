@@ -7,10 +7,11 @@ state), median of `--runs` timed runs after one warm-up, under torch.inference_m
 Memory and load time: one fresh subprocess per implementation (`--worker`), which loads the
 model, runs the same forward once and reports
     load_s      wall time of the load call (imports excluded)
-    peak_rss    the process's peak resident set (ru_maxrss): imports (both workers import
+    peak_rss    the process's peak resident set (VmHWM): imports (both workers import
                 torch, qkv and transformers, so the baseline is the same) + weights + forward
-    fwd_extra   peak_rss after the forward minus the resident set just before it
-                (the forward's own peak working memory)
+    fwd_extra   peak_rss after the forward minus the resident set just before it, after a
+                1×8-token warm-up forward has paged in every weight (mmap'd or not) and
+                initialised the kernels: the big forward's own peak working memory
 Each model has a `bench_<model>(args)` function and a `worker_<model>_<impl>(args)`
 entry registered in BENCHES / WORKERS.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,8 +38,13 @@ def rss_now() -> int:
 
 
 def rss_peak() -> int:
-    """Peak resident set size of this process in bytes (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process in bytes: VmHWM from /proc/self/status.
+    (Not ru_maxrss: after fork+exec it starts from the parent's peak, not this process's.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def median_time(fn: Callable[[], object], runs: int) -> list[float]:
@@ -115,19 +120,20 @@ def minilm_forward(impl: str, model, ids, keep):
 
 
 def minilm_worker(impl: str, args) -> dict:
+    # both sides import their model code before the clock starts: load_s is the load itself
     import torch
+    from transformers import BertModel  # noqa: F401
+
+    import qkv.models.bert  # noqa: F401
 
     torch.manual_seed(0)
     ids, keep = minilm_inputs(args.padded)
-    import transformers  # noqa: F401
-
-    import qkv  # noqa: F401  (imports are excluded from load_s for both sides)
-
     t = time.perf_counter()
     model = load_minilm_qkv() if impl == "qkv" else load_minilm_hf()
     load_s = time.perf_counter() - t
-    before = rss_now()
     with torch.inference_mode():
+        minilm_forward(impl, model, ids[:1, :8], keep[:1, :8])()  # touch weights, init kernels
+        before = rss_now()
         minilm_forward(impl, model, ids, keep)()
     peak = rss_peak()
     return {"load_s": load_s, "peak_rss": peak, "fwd_extra": peak - before}
@@ -153,23 +159,169 @@ def bench_minilm(args) -> str:
         label = "forward, ragged (512…64)" if padded else "forward, full"
         rows.append([f"{label} median s", f"{mo:.3f}", f"{mh:.3f}", f"{mh / mo:.2f}×"])
         rows.append([f"  max |Δ| hidden vs transformers: {err:.1e}", "", "", ""])
-    w = {impl: run_worker(f"minilm-{impl}", []) for impl in ("qkv", "hf")}
+    for padded in (False, True):
+        label = "ragged" if padded else "full"
+        flag = ["--padded"] if padded else []
+        w = {impl: run_worker(f"minilm-{impl}", flag) for impl in ("qkv", "hf")}
+        q, h = w["qkv"], w["hf"]
+        if not padded:
+            rows.append(["load s (fresh process)", f"{q['load_s']:.2f}", f"{h['load_s']:.2f}", ""])
+        rows.append([f"peak RSS of process, {label}", mib(q["peak_rss"]), mib(h["peak_rss"]), ""])
+        ratio = f"{h['fwd_extra'] / q['fwd_extra']:.2f}× less" if q["fwd_extra"] > 0 else ""
+        rows.append(
+            [f"forward's extra peak RSS, {label}", mib(q["fwd_extra"]), mib(h["fwd_extra"]), ratio]
+        )
+    return table(rows)
+
+
+# ---------------------------------------------------------------- smollm2
+
+SMOL_PREFILL, SMOL_PROMPT, SMOL_DECODE = 2048, 32, 64
+
+
+def smollm2_ids(n: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(17, 49152, (1, n), generator=g)  # ordinary (non-control) tokens
+
+
+def load_smollm2_qkv(cache: bool = True):
+    from qkv.models import llama
+
+    return llama.load_smollm2(cache_dir=None if cache else False)
+
+
+def load_smollm2_hf():
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from qkv.models import llama
+
+    path = llama.package_file(llama.SMOLLM2_MODULE, llama.SMOLLM2_FILE, llama.SMOLLM2_PACKAGE)
+    return LlamaForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
+
+
+def smollm2_prefill(impl: str, model, ids):
+    """Full forward → logits (1, S, 49152), as `model(ids)` / `hf(ids).logits`."""
+    if impl == "qkv":
+        return lambda: model(ids)
+    return lambda: model(input_ids=ids, use_cache=False).logits
+
+
+def smollm2_decode(impl: str, model, ids, n: int):
+    """Greedy generation of exactly n new tokens with the KV cache (prefill of ids included)."""
+    if impl == "qkv":
+        return lambda: list(model.generate_ids(ids[0].tolist(), n, stop_ids=()))
+    mask = ids.new_ones(ids.shape)
+    return lambda: model.generate(
+        ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        eos_token_id=None, pad_token_id=2,
+    )[0, ids.shape[1] :].tolist()  # fmt: skip
+
+
+def smollm2_worker(impl: str, args) -> dict:
+    import torch
+    from transformers import LlamaForCausalLM  # noqa: F401
+
+    import qkv.models.llama  # noqa: F401
+
+    ids = smollm2_ids(SMOL_PREFILL)
+    t = time.perf_counter()
+    if impl == "hf":
+        model = load_smollm2_hf()
+    else:
+        model = load_smollm2_qkv(cache=impl == "qkv")
+    load_s = time.perf_counter() - t
+    kind = "hf" if impl == "hf" else "qkv"
+    with torch.inference_mode():
+        smollm2_prefill(kind, model, ids[:, :8])()  # touch weights, init kernels
+        before = rss_now()
+        smollm2_prefill(kind, model, ids)()
+    peak = rss_peak()
+    return {"load_s": load_s, "peak_rss": peak, "fwd_extra": peak - before}
+
+
+def bench_smollm2(args) -> str:
+    import torch
+
+    extra = ["--threads", str(args.threads)] if args.threads else []
+    load_smollm2_qkv()  # make sure the on-disk cache exists before timing a cached load
+    w = {impl: run_worker(f"smollm2-{impl}", extra) for impl in ("qkv", "qkv-nocache", "hf")}
+    ours, theirs = load_smollm2_qkv(), load_smollm2_hf()
+    rows = [["smollm2 (SmolLM2-135M, fp32)", "qkv", "transformers (sdpa)", "ratio (speed-up)"]]
+    ids = smollm2_ids(SMOL_PREFILL)
+    f_ours, f_hf = smollm2_prefill("qkv", ours, ids), smollm2_prefill("hf", theirs, ids)
+    with torch.inference_mode():
+        err = float((f_ours() - f_hf()).abs().max())
+        t_ours, t_hf = [], []
+        for _ in range(args.runs):  # alternate so both see the same machine state
+            t_ours += median_time(f_ours, 1)
+            t_hf += median_time(f_hf, 1)
+    mo, mh = statistics.median(t_ours), statistics.median(t_hf)
     rows.append(
-        ["load s (fresh process)", f"{w['qkv']['load_s']:.2f}", f"{w['hf']['load_s']:.2f}", ""]
+        [
+            f"prefill {SMOL_PREFILL} tokens → logits, median s",
+            f"{mo:.2f}",
+            f"{mh:.2f}",
+            f"{mh / mo:.2f}×",
+        ]
     )
-    rows.append(["peak RSS of process", mib(w["qkv"]["peak_rss"]), mib(w["hf"]["peak_rss"]), ""])
+    rows.append([f"  max |Δ logit| vs transformers: {err:.1e}", "", "", ""])
+    prompt = smollm2_ids(SMOL_PROMPT)
+    d_ours = smollm2_decode("qkv", ours, prompt, SMOL_DECODE)
+    d_hf = smollm2_decode("hf", theirs, prompt, SMOL_DECODE)
+    same = d_ours() == d_hf()
+    t_ours, t_hf = [], []
+    for _ in range(args.runs):
+        t_ours += median_time(d_ours, 1)
+        t_hf += median_time(d_hf, 1)
+    to, th = SMOL_DECODE / statistics.median(t_ours), SMOL_DECODE / statistics.median(t_hf)
     rows.append(
-        ["forward's extra peak RSS", mib(w["qkv"]["fwd_extra"]), mib(w["hf"]["fwd_extra"]), ""]
+        [
+            f"greedy decode {SMOL_PROMPT}+{SMOL_DECODE} tokens, KV cache, tokens/s",
+            f"{to:.1f}",
+            f"{th:.1f}",
+            f"{to / th:.2f}×",
+        ]
     )
+    rows.append([f"  same {SMOL_DECODE} tokens as transformers.generate: {same}", "", "", ""])
+    q, n, h = w["qkv"], w["qkv-nocache"], w["hf"]
+    rows.append(
+        [
+            "load s, fresh process (qkv: disk cache)",
+            f"{q['load_s']:.2f}",
+            f"{h['load_s']:.2f}",
+            f"{h['load_s'] / q['load_s']:.2f}×",
+        ]
+    )
+    rows.append(
+        [
+            "load s, fresh process (qkv: from the GGUF)",
+            f"{n['load_s']:.2f}",
+            f"{h['load_s']:.2f}",
+            f"{h['load_s'] / n['load_s']:.2f}×",
+        ]
+    )
+    rows.append(
+        ["peak RSS of process (load + 2048 prefill)", mib(q["peak_rss"]), mib(h["peak_rss"]), ""]
+    )
+    ratio = f"{h['fwd_extra'] / q['fwd_extra']:.2f}× less" if q["fwd_extra"] > 0 else ""
+    rows.append(["2048 prefill's extra peak RSS", mib(q["fwd_extra"]), mib(h["fwd_extra"]), ratio])
     return table(rows)
 
 
 # ---------------------------------------------------------------- registry
 
-BENCHES: dict[str, Callable] = {"minilm": bench_minilm}
+BENCHES: dict[str, Callable] = {"minilm": bench_minilm, "smollm2": bench_smollm2}
 WORKERS: dict[str, Callable] = {
     "minilm-qkv": lambda a: minilm_worker("qkv", a),
     "minilm-hf": lambda a: minilm_worker("hf", a),
+    "smollm2-qkv": lambda a: smollm2_worker("qkv", a),
+    "smollm2-qkv-nocache": lambda a: smollm2_worker("qkv-nocache", a),
+    "smollm2-hf": lambda a: smollm2_worker("hf", a),
 }
 
 

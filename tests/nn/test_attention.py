@@ -167,3 +167,36 @@ def test_nan_in_padded_positions_never_leaks():
     dirty = mha(x, mask=keep)
     torch.testing.assert_close(dirty[0], clean[0])
     torch.testing.assert_close(dirty[1, :4], clean[1, :4])
+
+
+def test_pack_keeps_values_and_needs_no_fused_copy():
+    torch.manual_seed(9)
+    mha = MultiHeadAttention(24, 6, n_kv_heads=2, d_head=4, rope=RotaryEmbedding(4), causal=True)
+    torch.nn.init.normal_(mha.b_K)
+    x = torch.randn(2, 5, 24)
+    want = mha(x)
+    before = {n: p.detach().clone() for n, p in mha.named_parameters()}
+    ids = {n: id(p) for n, p in mha.named_parameters()}
+    mha.pack_()
+    for n, p in mha.named_parameters():
+        torch.testing.assert_close(p, before[n])
+        assert id(p) == ids[n] and p.requires_grad
+    assert not mha.W_Q.is_contiguous()
+    assert mha.W_K.untyped_storage().data_ptr() == mha.W_Q.untyped_storage().data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(mha(x), want)
+    assert mha._fused is None  # the packed view was used, nothing cached
+    got = mha(x)  # autograd path still concatenates, gradients reach every parameter
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    assert all(p.grad is not None for p in mha.parameters())
+
+
+def test_cache_built_in_inference_mode_is_not_reused_for_autograd():
+    mha = MultiHeadAttention(16, 2).requires_grad_(False)
+    x = torch.randn(1, 3, 16)
+    with torch.inference_mode():
+        mha(x)
+    xg = x.clone().requires_grad_(True)
+    mha(xg).sum().backward()  # would fail if the inference-mode fused weight were reused
+    assert xg.grad is not None

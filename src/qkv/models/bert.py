@@ -144,20 +144,29 @@ class BertEncoder(nn.Module):
     → (n, m) unit-norm mean-pooled sentence embeddings. `model.tokenizer` encodes text.
     """
 
-    def __init__(self, config: BertConfig, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(
+        self,
+        config: BertConfig,
+        tokenizer: Tokenizer | None = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         c = self.config = config
         self.tokenizer = tokenizer
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model)
-        self.embed_positions = nn.Embedding(c.max_positions, c.d_model)
-        self.embed_types = nn.Embedding(c.type_vocab_size, c.d_model)
-        self.embed_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
+        fk = {"device": device}  # device="meta": no storage, no init (the loader assigns weights)
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.d_model, **fk)
+        self.embed_positions = nn.Embedding(c.max_positions, c.d_model, **fk)
+        self.embed_types = nn.Embedding(c.type_vocab_size, c.d_model, **fk)
+        self.embed_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, **fk)
         self.blocks = nn.ModuleList(
             PostNormBlock(
-                MultiHeadAttention(c.d_model, c.n_heads, d_head=c.d_head, bias=True, causal=False),
-                MLP(c.d_model, c.d_mlp, act=c.act),
-                nn.LayerNorm(c.d_model, eps=c.layer_norm_eps),
-                nn.LayerNorm(c.d_model, eps=c.layer_norm_eps),
+                MultiHeadAttention(
+                    c.d_model, c.n_heads, d_head=c.d_head, bias=True, causal=False, **fk
+                ),
+                MLP(c.d_model, c.d_mlp, act=c.act, **fk),
+                nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, **fk),
+                nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, **fk),
             )
             for _ in range(c.n_layers)
         )
@@ -273,12 +282,15 @@ def load_bert(model_dir: str | Path, name: str = "minilm") -> BertEncoder:
     tokenizer = Tokenizer.from_file(
         d / "tokenizer.json", max_length=config.max_positions, name=name
     )
-    model = BertEncoder(config)
+    model = BertEncoder(config, device="meta")  # every tensor is assigned from the file
     state = read_safetensors(d / "model.safetensors")
     model.load_report = convert(
         state, rules(config), model, n_layers=config.n_layers, ignore=IGNORE,
         source=str(d / "model.safetensors"), assign=True,
     )  # fmt: skip
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention):
+            m.pack_()  # W_Q/W_K/W_V become views of one fused matrix: no copy at inference
     model.tokenizer = tokenizer
     return model.eval()
 

@@ -47,7 +47,7 @@ def heads_in(n_heads: int, d_head: int) -> Reshape:
     def fn(w: Tensor) -> Tensor:
         if w.dim() != 2 or w.shape[0] != n_heads * d_head:
             return w  # the shape check reports it
-        return w.reshape(n_heads, d_head, w.shape[1]).transpose(1, 2).contiguous()
+        return w.view(n_heads, d_head, w.shape[1]).transpose(1, 2)  # a view, no copy
 
     return fn
 
@@ -58,7 +58,7 @@ def heads_out(n_heads: int, d_head: int) -> Reshape:
     def fn(w: Tensor) -> Tensor:
         if w.dim() != 2 or w.shape[1] != n_heads * d_head:
             return w
-        return w.t().reshape(n_heads, d_head, w.shape[0]).contiguous()
+        return w.t().view(n_heads, d_head, w.shape[0])  # a view, no copy
 
     return fn
 
@@ -106,7 +106,8 @@ def convert(
     absent, a checkpoint key is used by no rule and matches no `ignore` glob, a converted tensor's
     shape differs from the model's (naming the tensor, the expected and the actual shape), or a
     tensor holds NaN/inf. Tensors are cast to the model tensor's dtype. `assign=True` makes the
-    converted tensors the model's parameters (no copy; lets a model built on the meta device load).
+    converted tensors the model's parameters (no copy; lets a model built on the meta device
+    load); the per-head reshapes are views, so such parameters may be non-contiguous.
     """
     rules = expand(rules, n_layers)
     target = model.state_dict()
@@ -174,7 +175,7 @@ def convert(
                 raise ValueError(
                     f"{source}: tensor {r.src!r} contains NaN or inf; the file is corrupted"
                 )
-        state[r.dst] = t.contiguous() if assign else t
+        state[r.dst] = t
         report.loaded.append(r.dst)
     model.load_state_dict(state, strict=True, assign=assign)
     return report

@@ -56,6 +56,7 @@ class Tokenizer:
         pad_id: int | None = None,
         padding_side: str = "right",
         name: str = "model",
+        _copy: bool = True,
     ) -> None:
         if not isinstance(tk, tokenizers.Tokenizer):
             raise TypeError(f"tk must be a tokenizers.Tokenizer, got {type(tk).__name__}")
@@ -63,7 +64,8 @@ class Tokenizer:
             raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-        self._tk = tokenizers.Tokenizer.from_str(tk.to_str())
+        # our own copy with truncation and padding off (from_file's tokenizer is ours already)
+        self._tk = tokenizers.Tokenizer.from_str(tk.to_str()) if _copy else tk
         self._tk.no_truncation()
         self._tk.no_padding()
         self._truncating: tokenizers.Tokenizer | None = None
@@ -86,7 +88,7 @@ class Tokenizer:
             tk = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
-        return cls(tk, **kwargs)
+        return cls(tk, _copy=False, **kwargs)
 
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, max_length={self.max_length})"

@@ -71,6 +71,8 @@ class MultiHeadAttention(nn.Module):
         causal: bool = False,
         *,
         scale: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         d_model = _check_int("d_model", d_model)
@@ -104,15 +106,16 @@ class MultiHeadAttention(nn.Module):
         self.causal = causal
         self.scale = 1.0 / math.sqrt(d_head) if scale is None else float(scale)
         self.rope = rope
-        self.W_Q = nn.Parameter(torch.empty(n_heads, d_model, d_head))
-        self.W_K = nn.Parameter(torch.empty(n_kv_heads, d_model, d_head))
-        self.W_V = nn.Parameter(torch.empty(n_kv_heads, d_model, d_head))
-        self.W_O = nn.Parameter(torch.empty(n_heads, d_head, d_model))
+        fk = {"device": device, "dtype": dtype}  # factory kwargs, as torch.nn modules take them
+        self.W_Q = nn.Parameter(torch.empty(n_heads, d_model, d_head, **fk))
+        self.W_K = nn.Parameter(torch.empty(n_kv_heads, d_model, d_head, **fk))
+        self.W_V = nn.Parameter(torch.empty(n_kv_heads, d_model, d_head, **fk))
+        self.W_O = nn.Parameter(torch.empty(n_heads, d_head, d_model, **fk))
         if bias:
-            self.b_Q = nn.Parameter(torch.zeros(n_heads, d_head))
-            self.b_K = nn.Parameter(torch.zeros(n_kv_heads, d_head))
-            self.b_V = nn.Parameter(torch.zeros(n_kv_heads, d_head))
-            self.b_O = nn.Parameter(torch.zeros(d_model))
+            self.b_Q = nn.Parameter(torch.zeros(n_heads, d_head, **fk))
+            self.b_K = nn.Parameter(torch.zeros(n_kv_heads, d_head, **fk))
+            self.b_V = nn.Parameter(torch.zeros(n_kv_heads, d_head, **fk))
+            self.b_O = nn.Parameter(torch.zeros(d_model, **fk))
         else:
             self.register_parameter("b_Q", None)
             self.register_parameter("b_K", None)
@@ -142,22 +145,74 @@ class MultiHeadAttention(nn.Module):
 
     def fused_qkv(self) -> tuple[Tensor, Tensor | None]:
         """W_Q, W_K, W_V as one nn.Linear-layout weight ((h+2k)·d, m), so `F.linear(x, w, b)`
-        gives q|k|v per head, and the matching bias. Cached while the parameters are the same
-        objects at the same version and storage, and no gradient is needed."""
+        gives q|k|v per head, and the matching bias.
+
+        Without autograd: a zero-copy view when the weights are packed (see `pack_`), else a
+        concatenated copy cached while the parameters keep their identity, version and storage.
+        With autograd (some parameter requires grad): concatenated afresh, so gradients flow.
+        """
         params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
         grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
-        versions = tuple(None if p is None else (p._version, p.data_ptr(), p.dtype) for p in params)
-        if not grad and self._fused is not None:
-            old, old_versions, w, b = self._fused
-            if old_versions == versions and all(a is c for a, c in zip(old, params, strict=True)):
-                return w, b
+        if not grad:
+            w = self._packed_weight()
+            if w is not None:
+                return w, self._bias()
+            key = (
+                tuple(None if p is None else (p._version, p.data_ptr(), p.dtype) for p in params),
+                torch.is_inference_mode_enabled(),  # an inference tensor is no use outside it
+            )
+            if self._fused is not None:
+                old, old_key, w, b = self._fused
+                if old_key == key and all(a is c for a, c in zip(old, params, strict=True)):
+                    return w, b
         w = torch.cat((self.W_Q, self.W_K, self.W_V), 0)  # ((h+2k) m d)
         w = w.transpose(1, 2).reshape(-1, self.d_model)  # ((h+2k)·d m)
-        b = None
-        if self.b_Q is not None:
-            b = torch.cat((self.b_Q, self.b_K, self.b_V), 0).reshape(-1)
-        self._fused = None if grad else (params, versions, w, b)
+        b = self._bias()
+        self._fused = None if grad else (params, key, w, b)
         return w, b
+
+    def _bias(self) -> Tensor | None:
+        if self.b_Q is None:
+            return None
+        return torch.cat((self.b_Q, self.b_K, self.b_V), 0).reshape(-1)  # ((h+2k)·d,)
+
+    def _packed_weight(self) -> Tensor | None:
+        """The ((h+2k)·d, m) matrix W_Q, W_K, W_V are views of, if `pack_` laid them out so."""
+        H, K, D, m = self.n_heads, self.n_kv_heads, self.d_head, self.d_model
+        q, k, v = self.W_Q, self.W_K, self.W_V
+        step = D * m
+        if not (q.stride() == k.stride() == v.stride() == (step, 1, m)):
+            return None
+        ptr = q.untyped_storage().data_ptr()
+        if k.untyped_storage().data_ptr() != ptr or v.untyped_storage().data_ptr() != ptr:
+            return None
+        base = q.storage_offset()
+        if k.storage_offset() != base + H * step or v.storage_offset() != base + (H + K) * step:
+            return None
+        return q.detach().as_strided(((H + 2 * K) * D, m), (m, 1), base)
+
+    @torch.no_grad()
+    def pack_(self) -> MultiHeadAttention:
+        """Lay W_Q, W_K, W_V (and b_Q, b_K, b_V) out in place as per-head views of one fused
+        ((h+2k)·d, m) matrix, the nn.Linear layout `forward` multiplies by: inference then
+        needs no fused copy (half the attention-weight memory). Shapes, values, Parameter
+        objects and requires_grad are unchanged; the parameters become non-contiguous views
+        sharing one storage (call `.contiguous()` on them before `safetensors.save_file`).
+        Loaders call it once after loading. Returns self."""
+        H, K = self.n_heads, self.n_kv_heads
+        w = (
+            torch.cat((self.W_Q, self.W_K, self.W_V), 0).transpose(1, 2).contiguous()
+        )  # ((h+2k) d m)
+        heads = w.transpose(1, 2)  # ((h+2k) m d), a view
+        parts = (("W_Q", 0, H), ("W_K", H, H + K), ("W_V", H + K, H + 2 * K))
+        for name, lo, hi in parts:
+            getattr(self, name).data = heads[lo:hi]
+        if self.b_Q is not None:
+            b = torch.cat((self.b_Q, self.b_K, self.b_V), 0)  # ((h+2k) d)
+            for name, lo, hi in parts:
+                getattr(self, "b" + name[1:]).data = b[lo:hi]
+        self._fused = None
+        return self
 
     def _check(self, x: object, mask: object, cache: object) -> None:
         if not isinstance(x, Tensor):

@@ -26,10 +26,10 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 class RMSNorm(nn.Module):
     """`x / sqrt(mean(x², -1) + eps) * weight`, normalised in float32 (as HF Llama), x (… m)."""
 
-    def __init__(self, d_model: int, eps: float = 1e-6) -> None:
+    def __init__(self, d_model: int, eps: float = 1e-6, *, device=None, dtype=None) -> None:
         super().__init__()
         self.eps = float(eps)
-        self.weight = nn.Parameter(torch.ones(d_model))
+        self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -57,8 +57,12 @@ class MLP(nn.Module):
         act: str | Callable[[Tensor], Tensor] = "gelu",
         gated: bool = False,
         bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        fk = {"device": device, "dtype": dtype}
         if isinstance(act, str):
             if act not in ACTIVATIONS:
                 raise ValueError(
@@ -72,9 +76,9 @@ class MLP(nn.Module):
                 f"act must be an activation name or a callable, got {type(act).__name__}"
             )
         self.act = act
-        self.up = nn.Linear(d_model, d_hidden, bias=bias)
-        self.gate = nn.Linear(d_model, d_hidden, bias=bias) if gated else None
-        self.down = nn.Linear(d_hidden, d_model, bias=bias)
+        self.up = nn.Linear(d_model, d_hidden, bias=bias, **fk)
+        self.gate = nn.Linear(d_model, d_hidden, bias=bias, **fk) if gated else None
+        self.down = nn.Linear(d_hidden, d_model, bias=bias, **fk)
 
     def extra_repr(self) -> str:
         return f"act={self.act_name}, gated={self.gate is not None}"
