@@ -6,12 +6,16 @@ Speed: both implementations are loaded in one process and run alternately (same 
 state), median of `--runs` timed runs after one warm-up, under torch.inference_mode().
 Memory and load time: one fresh subprocess per implementation (`--worker`), which loads the
 model, runs the same forward once and reports
-    load_s      wall time of the load call (imports excluded)
+    load_s      wall time of loading model + tokenizer (imports excluded; qkv.load returns
+                both, so the transformers side loads BertModel and AutoTokenizer)
     peak_rss    the process's peak resident set (VmHWM): imports (both workers import
                 torch, qkv and transformers, so the baseline is the same) + weights + forward
+    first_s     load_s plus the first 1×8-token forward (what lazy weight loading defers)
+    anon, file  resident set after the forward, anonymous vs file-backed (mmap'd weights)
     fwd_extra   peak_rss after the forward minus the resident set just before it, after a
-                1×8-token warm-up forward has paged in every weight (mmap'd or not) and
-                initialised the kernels: the big forward's own peak working memory
+                1×8-token warm-up forward (kernels initialised) and a sum over every
+                parameter (every weight paged in, mmap'd or not): the forward's own
+                peak working memory
 Each model has a `bench_<model>(args)` function and a `worker_<model>_<impl>(args)`
 entry registered in BENCHES / WORKERS.
 """
@@ -45,6 +49,17 @@ def rss_peak() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def rss_split() -> tuple[int, int]:
+    """(anonymous, file-backed) resident bytes now: weights mapped from a file count as file."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in ("RssAnon", "RssFile"):
+                out[key] = int(line.split()[1]) * 1024
+    return out["RssAnon"], out["RssFile"]
 
 
 def median_time(fn: Callable[[], object], runs: int) -> list[float]:
@@ -105,12 +120,16 @@ def load_minilm_qkv():
     return qkv.load("minilm")
 
 
-def load_minilm_hf():
-    from transformers import BertModel
+def load_minilm_hf(tokenizer: bool = False):
+    """BertModel (sdpa); with `tokenizer`, also its fast tokenizer, as qkv.load gives both."""
+    from transformers import AutoTokenizer, BertModel
 
     from qkv.models.bert import package_dir
 
-    return BertModel.from_pretrained(str(package_dir()), attn_implementation="sdpa").eval()
+    model = BertModel.from_pretrained(str(package_dir()), attn_implementation="sdpa").eval()
+    if tokenizer:
+        model.tokenizer = AutoTokenizer.from_pretrained(str(package_dir()))
+    return model
 
 
 def minilm_forward(impl: str, model, ids, keep):
@@ -122,21 +141,31 @@ def minilm_forward(impl: str, model, ids, keep):
 def minilm_worker(impl: str, args) -> dict:
     # both sides import their model code before the clock starts: load_s is the load itself
     import torch
-    from transformers import BertModel  # noqa: F401
+    from transformers import AutoTokenizer, BertModel  # noqa: F401
 
     import qkv.models.bert  # noqa: F401
 
     torch.manual_seed(0)
     ids, keep = minilm_inputs(args.padded)
     t = time.perf_counter()
-    model = load_minilm_qkv() if impl == "qkv" else load_minilm_hf()
+    model = load_minilm_qkv() if impl == "qkv" else load_minilm_hf(tokenizer=True)
     load_s = time.perf_counter() - t
     with torch.inference_mode():
-        minilm_forward(impl, model, ids[:1, :8], keep[:1, :8])()  # touch weights, init kernels
+        minilm_forward(impl, model, ids[:1, :8], keep[:1, :8])()  # init kernels
+        first_s = time.perf_counter() - t  # load + first short forward (lazy loading pays here)
+        sum(float(p.sum()) for p in model.parameters())  # page in every weight
         before = rss_now()
         minilm_forward(impl, model, ids, keep)()
     peak = rss_peak()
-    return {"load_s": load_s, "peak_rss": peak, "fwd_extra": peak - before}
+    anon, file = rss_split()
+    return {
+        "load_s": load_s,
+        "first_s": first_s,
+        "peak_rss": peak,
+        "fwd_extra": peak - before,
+        "anon": anon,
+        "file": file,
+    }
 
 
 def bench_minilm(args) -> str:
@@ -166,7 +195,13 @@ def bench_minilm(args) -> str:
         q, h = w["qkv"], w["hf"]
         if not padded:
             rows.append(["load s (fresh process)", f"{q['load_s']:.2f}", f"{h['load_s']:.2f}", ""])
+            rows.append(
+                ["load + first 1×8 forward s", f"{q['first_s']:.2f}", f"{h['first_s']:.2f}", ""]
+            )
         rows.append([f"peak RSS of process, {label}", mib(q["peak_rss"]), mib(h["peak_rss"]), ""])
+        if not padded:
+            split = [f"{mib(w[i]['anon'])} / {mib(w[i]['file'])}" for i in ("qkv", "hf")]
+            rows.append(["  resident after: anon / file-backed", *split, ""])
         ratio = f"{h['fwd_extra'] / q['fwd_extra']:.2f}× less" if q["fwd_extra"] > 0 else ""
         rows.append(
             [f"forward's extra peak RSS, {label}", mib(q["fwd_extra"]), mib(h["fwd_extra"]), ratio]
@@ -241,7 +276,15 @@ def smollm2_worker(impl: str, args) -> dict:
         before = rss_now()
         smollm2_prefill(kind, model, ids)()
     peak = rss_peak()
-    return {"load_s": load_s, "peak_rss": peak, "fwd_extra": peak - before}
+    anon, file = rss_split()
+    return {
+        "load_s": load_s,
+        "first_s": first_s,
+        "peak_rss": peak,
+        "fwd_extra": peak - before,
+        "anon": anon,
+        "file": file,
+    }
 
 
 def bench_smollm2(args) -> str:
