@@ -160,12 +160,11 @@ def test_heads_ranks_heads_on_a_user_file(loads, tmp_path, capsys):
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(DATA_PATH.read_text().splitlines()[:4]) + "\n")
     assert main(["heads", "--model", "tiny-causal", "--data", str(data), "--top", "3"]) == 0
-    out = capsys.readouterr().out
-    assert (
-        "4 sentences" in out
-        and "Best heads at the pronoun" in out
-        and "Best heads at the deciding word" in out
-    )
-    assert "is causal" in out
+    out = " ".join(capsys.readouterr().out.split())  # undo the terminal's line wrapping
+    assert "4 sentences" in out and "Best heads at the deciding word" in out
+    assert "is causal" in out and "every head scores 50.0%" in out
+    assert main(["heads", "--model", "tiny-bidir", "--data", str(data)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Best heads at the pronoun" in out and "is causal" not in out
     assert main(["heads", "--model", "tiny-bidir", "--data", str(tmp_path / "none.jsonl")]) == 2
     assert "no data file" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from qkv.lens import explain
+from qkv.lens.lookup import value_norms
 from qkv.nn import MultiHeadAttention
 
 from .conftest import SENTENCE, SENTENCE_B
@@ -192,3 +193,12 @@ def test_token_by_index_word_and_occurrence(tiny_bidir):
     assert (
         explain(text, "DOG", model=tiny_bidir, rollout=False).query.index == 2
     )  # case-insensitive fallback
+
+
+@pytest.mark.parametrize("j", [5, 200])  # direct product below the crossover, Gram route above
+def test_value_norms_both_routes(j):
+    g = torch.Generator().manual_seed(0)
+    vh = torch.randn(3, j, 16, generator=g)
+    W_O = torch.randn(3, 16, 40, generator=g)
+    want = torch.einsum("hje,hem->hjm", vh.double(), W_O.double()).norm(dim=-1)
+    torch.testing.assert_close(value_norms(vh, W_O).double(), want, rtol=1e-5, atol=1e-6)

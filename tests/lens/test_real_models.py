@@ -160,4 +160,6 @@ def test_head_search_finds_layer13_head8(smollm2, tmp_path):
     q, w = s.scores["query"], s.scores["word"]
     assert q.n == w.n == 16 and q.n_pairs == 8
     np.testing.assert_array_equal(q.accuracy, 0.5)  # causal: the pronoun cannot separate a pair
-    assert w.accuracy[13, 8] >= 0.75 and w.accuracy.max() > w.baseline == 0.5
+    assert w.baseline == 0.5 and w.accuracy[13, 8] > w.baseline  # the word has read the referent
+    assert w.pair_accuracy.max() > 0  # some head gets both sentences of a pair right
+    assert "every head scores 50.0%" in str(s)

@@ -304,19 +304,25 @@ def render(s: HeadSearch, console: Console | None = None, n: int = 10) -> None:
             f"\nAt the pronoun ({q.n} sentences, {q.n_pairs} minimal pairs): baseline {q.baseline:.1%}"
             + (f", pairs both right {q.baseline_pair:.0%}" if q.n_pairs else "")
         )
+        flat = bool(q.accuracy.min() == q.accuracy.max())
         if m.causal:
-            spread = f"{q.accuracy.min():.1%}–{q.accuracy.max():.1%}"
+            spread = (
+                f"{q.accuracy.min():.1%}"
+                if flat
+                else f"{q.accuracy.min():.1%}–{q.accuracy.max():.1%}"
+            )
             c.print(
                 Text(
                     f"{m.name} is causal: at the pronoun it has not yet read the word that decides the "
                     'referent ("excited" vs "round" comes after "it"), so both sentences of a pair give '
-                    f"identical lookups and no head can tell them apart (head accuracies span {spread}, "
-                    "at most one sentence of each pair right). The reference is resolved later, at the "
-                    "deciding word — scored below.",
+                    f"identical lookups and no head can tell them apart: every head scores {spread}, "
+                    "never both sentences of a pair. The reference is resolved later, at the deciding "
+                    "word — scored below.",
                     style="cyan",
                 )
             )
-        c.print(_table(s, q, n, "Best heads at the pronoun"))
+        if not (m.causal and flat):
+            c.print(_table(s, q, n, "Best heads at the pronoun"))
     w = s.scores.get("word")
     if w is not None:
         c.print(
