@@ -279,7 +279,6 @@ def smollm2_worker(impl: str, args) -> dict:
     anon, file = rss_split()
     return {
         "load_s": load_s,
-        "first_s": first_s,
         "peak_rss": peak,
         "fwd_extra": peak - before,
         "anon": anon,
