@@ -38,7 +38,9 @@ FILES = sorted(p for p in SRC.rglob("*.py") if p.relative_to(SRC).parts[0] in LE
 def test_imports_flow_down(path):
     layer = path.relative_to(SRC).parts[0]
     for other in imported_layers(path):
-        assert LEVEL[other] <= LEVEL[layer], f"{layer} (L{LEVEL[layer]}) imports {other} (L{LEVEL[other]})"
+        assert LEVEL[other] <= LEVEL[layer], (
+            f"{layer} (L{LEVEL[layer]}) imports {other} (L{LEVEL[other]})"
+        )
 
 
 def test_the_check_can_fail(tmp_path):

@@ -44,7 +44,9 @@ def err(a, b):
 def assert_within_budget(got, plain, truth, dtype, factor=FWD_FACTOR, what="output"):
     e_got, e_plain = err(got, truth), err(plain, truth)
     budget = factor * e_plain + FLOOR[dtype]
-    assert e_got <= budget, f"{what}: error {e_got:.3g} > {factor}× plain {e_plain:.3g} + floor {FLOOR[dtype]:.0e}"
+    assert e_got <= budget, (
+        f"{what}: error {e_got:.3g} > {factor}× plain {e_plain:.3g} + floor {FLOOR[dtype]:.0e}"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,9 @@ def mask_kwargs(name: str, B: int, Sq: int, Sk: int) -> dict:
     if name == "window":
         return {"window": (17, 5)}
     if name == "key_padding":
-        keep = torch.arange(Sk).view(1, 1, 1, Sk) < torch.tensor([Sk, max(1, Sk // 2)]).view(B, 1, 1, 1)
+        keep = torch.arange(Sk).view(1, 1, 1, Sk) < torch.tensor([Sk, max(1, Sk // 2)]).view(
+            B, 1, 1, 1
+        )
         return {"mask": keep}
     if name == "document":
         return {"mask_mod": document_mask(torch.arange(Sk) // 37)}
@@ -59,7 +61,9 @@ def test_head_dims(D, dtype):
     truth = oracle(q, k, v).out
     plain = reference_attention(q, k, v).out
     for backend in ("tiled", "auto"):
-        assert_within_budget(qkv.attention(q, k, v, backend=backend), plain, truth, dtype, what=backend)
+        assert_within_budget(
+            qkv.attention(q, k, v, backend=backend), plain, truth, dtype, what=backend
+        )
 
 
 @pytest.mark.parametrize("mod", ["none", "alibi", "softcap"])

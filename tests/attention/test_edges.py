@@ -118,9 +118,15 @@ def test_huge_scores_do_not_overflow(backend, dtype):
 def test_dropout_is_reproducible_with_a_generator_and_changes_with_the_seed():
     q, k, v = make_qkv(1, 2, 2, 64, 64, 16)
     for backend in ("tiled", "reference", "auto"):
-        a = qkv.attention(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(7), backend=backend)
-        b = qkv.attention(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(7), backend=backend)
-        c = qkv.attention(q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(8), backend=backend)
+        a = qkv.attention(
+            q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(7), backend=backend
+        )
+        b = qkv.attention(
+            q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(7), backend=backend
+        )
+        c = qkv.attention(
+            q, k, v, dropout_p=0.3, generator=torch.Generator().manual_seed(8), backend=backend
+        )
         assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -130,9 +136,12 @@ def test_dropout_forward_and_backward_use_the_same_mask():
     spec_kw = dict(causal=True, dropout_p=0.4)
 
     def f(q, k, v):
-        return qkv.attention(q, k, v, generator=torch.Generator().manual_seed(3), backend="tiled", **spec_kw)
+        return qkv.attention(
+            q, k, v, generator=torch.Generator().manual_seed(3), backend="tiled", **spec_kw
+        )
 
     assert torch.autograd.gradcheck(f, (q, k, v))
+
     # and across many tiles
     def g(q, k, v):
         spec = make_spec(q, k, v, generator=torch.Generator().manual_seed(3), **spec_kw)
@@ -148,7 +157,12 @@ def test_dropout_mean_matches_no_dropout(backend):
     plain = qkv.attention(q, k, v, backend="reference")
     n = 400
     runs = torch.stack(
-        [qkv.attention(q, k, v, dropout_p=0.5, generator=torch.Generator().manual_seed(s), backend=backend) for s in range(n)]
+        [
+            qkv.attention(
+                q, k, v, dropout_p=0.5, generator=torch.Generator().manual_seed(s), backend=backend
+            )
+            for s in range(n)
+        ]
     )
     mean, sem = runs.mean(0), runs.std(0) / n**0.5
     z = ((mean - plain).abs() / sem.clamp_min(1e-12)).max()

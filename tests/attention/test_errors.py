@@ -18,7 +18,11 @@ def _qkv():
     "mutate, exc, words",
     [
         (lambda q, k, v: (q[0], k, v), ValueError, ["4 dims", "3"]),
-        (lambda q, k, v: (q, k[:, :1].expand(2, 3, 7, 16), v[:, :1].expand(2, 3, 7, 16)), ValueError, ["Hq=8", "Hk=3"]),
+        (
+            lambda q, k, v: (q, k[:, :1].expand(2, 3, 7, 16), v[:, :1].expand(2, 3, 7, 16)),
+            ValueError,
+            ["Hq=8", "Hk=3"],
+        ),
         (lambda q, k, v: (q, k, v[:, :1]), ValueError, ["Hk=2", "Hv=1"]),
         (lambda q, k, v: (q, k[..., :8], v), ValueError, ["D=16", "Dk=8"]),
         (lambda q, k, v: (q, k, v[:, :, :6]), ValueError, ["Sk=7", "Sv=6"]),
@@ -46,7 +50,11 @@ def test_device_mismatch_named():
 @pytest.mark.parametrize(
     "kw, exc, words",
     [
-        (dict(mask=torch.ones(3, 1, 5, 7, dtype=torch.bool)), ValueError, ["(3, 1, 5, 7)", "(2, 8, 5, 7)"]),
+        (
+            dict(mask=torch.ones(3, 1, 5, 7, dtype=torch.bool)),
+            ValueError,
+            ["(3, 1, 5, 7)", "(2, 8, 5, 7)"],
+        ),
         (dict(mask=torch.ones(5, 8, dtype=torch.bool)), ValueError, ["cannot broadcast"]),
         (dict(mask=torch.ones(5, 7, dtype=torch.int32)), TypeError, ["int32"]),
         (dict(dropout_p=1.0), ValueError, ["[0, 1)", "1.0"]),

@@ -45,10 +45,19 @@ MODS = {
         qkv.key_padding_mask(torch.arange(SK).expand(B, SK) % 3 != 1),
         lambda b, h, i, j: j % 3 != 1,
     ),
-    "document": (qkv.document_mask(torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])), lambda b, h, i, j: [0, 0, 0, 1, 1, 2, 2, 2, 2][i] == [0, 0, 0, 1, 1, 2, 2, 2, 2][j]),
+    "document": (
+        qkv.document_mask(torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])),
+        lambda b, h, i, j: [0, 0, 0, 1, 1, 2, 2, 2, 2][i] == [0, 0, 0, 1, 1, 2, 2, 2, 2][j],
+    ),
     "prefix": (qkv.prefix_lm_mask(4), lambda b, h, i, j: j < 4 or j <= i),
-    "and": (qkv.and_masks(qkv.causal_mask, qkv.sliding_window_mask(1)), lambda b, h, i, j: i - 1 <= j <= i),
-    "or": (qkv.or_masks(lambda b, h, q, kv: kv < 2, qkv.sliding_window_mask(0)), lambda b, h, i, j: j < 2 or j == i),
+    "and": (
+        qkv.and_masks(qkv.causal_mask, qkv.sliding_window_mask(1)),
+        lambda b, h, i, j: i - 1 <= j <= i,
+    ),
+    "or": (
+        qkv.or_masks(lambda b, h, q, kv: kv < 2, qkv.sliding_window_mask(0)),
+        lambda b, h, i, j: j < 2 or j == i,
+    ),
 }
 
 
@@ -63,7 +72,10 @@ def test_mask_mods_equal_dense_predicates(name):
 
 def test_flags_equal_their_mods():
     q, k, v = make_qkv(B, H, 2, SQ, SK, 8, dtype=torch.float64)
-    assert err(qkv.attention(q, k, v, causal=True), qkv.attention(q, k, v, mask_mod=qkv.causal_mask)) < 1e-12
+    assert (
+        err(qkv.attention(q, k, v, causal=True), qkv.attention(q, k, v, mask_mod=qkv.causal_mask))
+        < 1e-12
+    )
     a = qkv.attention(q, k, v, window=(2, 1))
     assert err(a, qkv.attention(q, k, v, mask_mod=qkv.sliding_window_mask(2, 1))) < 1e-12
     a = qkv.attention(q, k, v, softcap=1.5)
@@ -74,7 +86,10 @@ def test_alibi_equals_explicit_bias():
     q, k, v = make_qkv(B, 8, 8, SQ, SK, 8, dtype=torch.float64)
     slopes = [2 ** (-(h + 1)) for h in range(8)]  # 2^(−8(h+1)/8)
     bias = torch.tensor(
-        [[[-slopes[h] * abs(i + SK - SQ - j) for j in range(SK)] for i in range(SQ)] for h in range(8)],
+        [
+            [[-slopes[h] * abs(i + SK - SQ - j) for j in range(SK)] for i in range(SQ)]
+            for h in range(8)
+        ],
         dtype=torch.float64,
     )
     want = qkv.reference_attention(q, k, v, mask=bias).out

@@ -72,7 +72,9 @@ def key_padding_mask(keep_or_lengths: Tensor) -> MaskMod:
             raise ValueError(f"a key padding keep-mask must be (B, Sk), got shape {tuple(t.shape)}")
         return lambda b, h, q_idx, kv_idx: t[b, kv_idx]
     if t.dim() != 1 or t.is_floating_point():
-        raise ValueError(f"key lengths must be an integer tensor (B,), got {t.dtype} {tuple(t.shape)}")
+        raise ValueError(
+            f"key lengths must be an integer tensor (B,), got {t.dtype} {tuple(t.shape)}"
+        )
     return lambda b, h, q_idx, kv_idx: kv_idx < t[b]
 
 

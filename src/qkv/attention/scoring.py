@@ -39,7 +39,9 @@ def block(spec: Spec, rows: slice | Tensor, ks: int, ke: int, device: torch.devi
         q_pos = rows.to(device=device, dtype=torch.long) + spec.delta
         lo = int(q_pos.min()) if q_pos.numel() else 0
         hi = int(q_pos.max()) if q_pos.numel() else 0
-    full = (spec.left is None or ks >= hi - spec.left) and (spec.right is None or ke - 1 <= lo + spec.right)
+    full = (spec.left is None or ks >= hi - spec.left) and (
+        spec.right is None or ke - 1 <= lo + spec.right
+    )
     return Block(rows=rows, ks=ks, ke=ke, q_pos=q_pos, band_full=full)
 
 
@@ -118,7 +120,9 @@ def keep(spec: Spec, blk: Block, device: torch.device) -> Tensor | None:
     return out
 
 
-def scores(s: Tensor, spec: Spec, blk: Block, kbad: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+def scores(
+    s: Tensor, spec: Spec, blk: Block, kbad: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """Full pipeline on scaled scores `s (b h i j)`: returns (logits, keep).
 
     `kbad (b h j)` marks keys holding NaN/inf: their scores become NaN (so a query that keeps

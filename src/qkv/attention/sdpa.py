@@ -37,8 +37,12 @@ def dense_mask(spec: Spec, device) -> Tensor | None:
 def sdpa(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Tensor:
     why = unsupported(spec)
     if why is not None:
-        raise ValueError(f"backend='sdpa' cannot compute {why} exactly; use backend='tiled' or 'auto'")
-    only_causal = spec.left is None and spec.right == 0 and spec.mask is None and spec.mask_mod is None
+        raise ValueError(
+            f"backend='sdpa' cannot compute {why} exactly; use backend='tiled' or 'auto'"
+        )
+    only_causal = (
+        spec.left is None and spec.right == 0 and spec.mask is None and spec.mask_mod is None
+    )
     is_causal = only_causal and spec.Sq == spec.Sk
     mask = None if is_causal else dense_mask(spec, q.device)
     if mask is not None and mask.is_floating_point():

@@ -84,30 +84,44 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
                 "add a batch/head axis with .unsqueeze(0)"
             )
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+            raise TypeError(
+                f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}"
+            )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+        raise ValueError(
+            f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}"
+        )
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (dim 0 must match)")
+        raise ValueError(
+            f"batch sizes differ: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} (dim 0 must match)"
+        )
     if k.shape[1] != v.shape[1]:
-        raise ValueError(f"k and v must have the same number of heads, got Hk={k.shape[1]} and Hv={v.shape[1]}")
+        raise ValueError(
+            f"k and v must have the same number of heads, got Hk={k.shape[1]} and Hv={v.shape[1]}"
+        )
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(
             f"query heads must be a multiple of key/value heads (GQA), got Hq={q.shape[1]} and Hk={k.shape[1]}"
         )
     if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k and v must have the same length, got Sk={k.shape[2]} and Sv={v.shape[2]}")
+        raise ValueError(
+            f"k and v must have the same length, got Sk={k.shape[2]} and Sv={v.shape[2]}"
+        )
     if q.shape[3] != k.shape[3]:
-        raise ValueError(f"q and k must have the same head dim, got D={q.shape[3]} and Dk={k.shape[3]}")
+        raise ValueError(
+            f"q and k must have the same head dim, got D={q.shape[3]} and Dk={k.shape[3]}"
+        )
 
 
 def _window(window: object) -> tuple[int | None, int | None]:
     if window is None:
         return None, None
     if isinstance(window, int) or not isinstance(window, tuple | list) or len(window) != 2:
-        raise TypeError(f"window must be a (left, right) pair of ints or None, got {window!r}; e.g. (255, 0)")
+        raise TypeError(
+            f"window must be a (left, right) pair of ints or None, got {window!r}; e.g. (255, 0)"
+        )
     out = []
     for side in window:
         if side is not None and (not isinstance(side, int) or isinstance(side, bool) or side < 0):
@@ -122,17 +136,27 @@ def _mask(mask: Tensor | None, q: Tensor, B: int, Hq: int, Sq: int, Sk: int) -> 
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a bool or float tensor, got {type(mask).__name__}")
     if mask.device != q.device:
-        raise ValueError(f"mask is on {mask.device} but q is on {q.device}; move it with mask.to(q.device)")
+        raise ValueError(
+            f"mask is on {mask.device} but q is on {q.device}; move it with mask.to(q.device)"
+        )
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"mask must be bool (True = keep) or a float additive bias, got {mask.dtype}")
+        raise TypeError(
+            f"mask must be bool (True = keep) or a float additive bias, got {mask.dtype}"
+        )
     if mask.dim() > 4:
         raise ValueError(f"mask must have at most 4 dims (B, Hq, Sq, Sk), got shape {_shape(mask)}")
     m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     target = (B, Hq, Sq, Sk)
     for have, want in zip(m.shape, target, strict=True):
         if have not in (1, want):
-            raise ValueError(f"mask of shape {_shape(mask)} cannot broadcast to (B, Hq, Sq, Sk) = {target}")
-    return m if m.dtype == torch.bool else m.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+            raise ValueError(
+                f"mask of shape {_shape(mask)} cannot broadcast to (B, Hq, Sq, Sk) = {target}"
+            )
+    return (
+        m
+        if m.dtype == torch.bool
+        else m.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    )
 
 
 def make_spec(

@@ -7,11 +7,27 @@ empties is skipped. The backward pass recomputes each tile from q, k and the sav
 (i j) matrix is ever stored; it is a custom autograd Function.
 
 GQA without copying K/V: the g query heads that share kv head h are laid out as rows of one
-matrix, q (b, hk, g, i, d) → (b, hk, g·i, d), so `q_blk @ kᵀ` serves the whole group and dK/dV
+matrix, q (b, hk, g, i, d) → (b·hk, g·i, d), so `q_blk @ kᵀ` serves the whole group and dK/dV
 sum over the group inside the matmul. Pure PyTorch: runs on any device torch does.
+
+Fewer passes over each tile (fp32/fp64). Once a row has a reference max m, later tiles need no
+max: the offset rides inside the matmul as one extra column, [q·scale, −m]·[k, 1] = s − m, and
+the row sum rides in the second, p·[v, 1] = [p·v, Σp]. A tile is then three passes: matmul, exp,
+matmul. The reference max need not be the true max (any common offset cancels in acc / l);
+should a later tile exceed it (its row sum Σp > 7.4·j, i.e. a score may be more than ~log(j)+2
+above m, where exp's argument would start to lose digits), the tile is redone with a new max,
+exactly as plain online softmax would. The backward uses the same trick: [q·scale, −lse]·[k, 1]
+gives s − lse, and [dO, −Δ]·[v, 1] gives dP − Δ.
+
+Base 2 inside. Tiles hold scores × log2(e) and use exp2: PyTorch's CPU `exp` falls off its
+vector path for arguments below about −87 (−inf of a masked key included) and runs 20–150×
+slower there, while `exp2` does not. log2(e) folds into the q scale for free; m and l are kept
+in base 2 and the LSE is returned in natural log. Mods and float biases act on natural scores.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -22,6 +38,8 @@ from .spec import Spec
 
 BLOCK_Q = 256
 BLOCK_K = 512
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
 
 
 def key_blocks(spec: Spec, qs: int, qe: int, block_k: int) -> list[tuple[int, int]]:
@@ -29,7 +47,9 @@ def key_blocks(spec: Spec, qs: int, qe: int, block_k: int) -> list[tuple[int, in
     return [(j, min(j + block_k, stop)) for j in range(start, stop, block_k)]
 
 
-def _dropout_keep(seed: int, qs: int, ks: int, shape: torch.Size, p: float, device: torch.device) -> Tensor:
+def _dropout_keep(
+    seed: int, qs: int, ks: int, shape: torch.Size, p: float, device: torch.device
+) -> Tensor:
     """The dropout keep-mask of one tile, a pure function of (seed, tile): forward and backward
     regenerate the very same mask without storing it."""
     g = torch.Generator(device=device)
@@ -37,132 +57,220 @@ def _dropout_keep(seed: int, qs: int, ks: int, shape: torch.Size, p: float, devi
     return torch.rand(shape, generator=g, device=device) >= p
 
 
-class _Tiles:
-    """Shared tile arithmetic of forward and backward for one call."""
+def _ones_column(x: Tensor) -> Tensor:  # (n r c) → (n r c+1) with a trailing column of ones
+    return torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
 
-    def __init__(self, q: Tensor, k: Tensor, v: Tensor, spec: Spec, seed: int, block_q: int, block_k: int):
+
+class _Tiles:
+    """Per-call state and tile arithmetic shared by forward and backward.
+
+    Tensors are 3-D `(b·hk, rows, cols)`; `k3`/`v3` carry a trailing ones column when `fast`.
+    """
+
+    def __init__(
+        self, q: Tensor, k: Tensor, v: Tensor, spec: Spec, seed: int, block_q: int, block_k: int
+    ):
         self.spec, self.seed, self.block_q, self.block_k = spec, seed, block_q, block_k
         self.cdt = compute_dtype(q.dtype)
         self.kbad = scoring.bad_keys(k, spec.G)
-        self.k = scoring.finite(k) if self.kbad is not None else k
         self.vbad = None if bool(torch.isfinite(v).all()) else ~torch.isfinite(v)
-        self.v = scoring.finite(v) if self.vbad is not None else v
+        k = scoring.finite(k) if self.kbad is not None else k
+        v = scoring.finite(v) if self.vbad is not None else v
+        self.fast = q.dtype == self.cdt and spec.dropout_p == 0 and self.vbad is None
+        self.base2 = not spec.has_mods and spec.bias is None  # raw scores already × log2(e)
+        self.unit = spec.scale * (LOG2E if self.base2 else 1.0)
+        self.qmul = self.unit if self.fast else 1.0  # what q_block multiplied q by
+        n = spec.B * spec.Hk
+        k3, v3 = k.reshape(n, spec.Sk, spec.D), v.reshape(n, spec.Sk, spec.Dv)
+        self.k3 = _ones_column(k3) if self.fast else k3.contiguous()
+        self.v3 = _ones_column(v3) if self.fast else v3.contiguous()
         self.q5 = q.unflatten(1, (spec.Hk, spec.G))  # (b hk g i d)
-        self.plain = not (spec.has_mods or spec.mask is not None or spec.mask_mod is not None)
-        self.plain = self.plain and self.kbad is None
+        self.masked = spec.mask is not None or spec.mask_mod is not None or self.kbad is not None
+        self.vbad3 = None if self.vbad is None else self.vbad.reshape(n, spec.Sk, spec.Dv)
 
-    def q_block(self, qs: int, qe: int) -> Tensor:  # (b hk (g i) d)
+    # ---- layout helpers -------------------------------------------------------------------
+    def q_block(self, qs: int, qe: int) -> Tensor:
+        """(b·hk, g·i, d+1): q × `qmul` with a free last column for the offset."""
         s = self.spec
-        return self.q5[:, :, :, qs:qe].reshape(s.B, s.Hk, s.G * (qe - qs), s.D)
+        qb = self.q5[:, :, :, qs:qe].reshape(s.B * s.Hk, s.G * (qe - qs), s.D)
+        out = torch.zeros(qb.shape[0], qb.shape[1], s.D + 1, dtype=qb.dtype, device=qb.device)
+        out[..., : s.D] = qb * self.qmul
+        return out
 
-    def raw(self, qb: Tensor, ks: int, ke: int) -> Tensor:
-        """Scaled scores of a tile, (b h i j) in the compute dtype."""
-        return scoring.scaled_scores(qb, self.k[:, :, ks:ke], self.spec)
+    def rows3(self, t: Tensor) -> Tensor:  # (b h i ...) → (b·hk, g·i, ...)
+        return t.reshape(self.spec.B * self.spec.Hk, -1, *t.shape[3:])
 
-    def logits(self, raw: Tensor, qs: int, qe: int, ks: int, ke: int) -> tuple[Tensor, Tensor | None, bool]:
-        """(logits, keep, empty): the score pipeline on one tile; `empty` if nothing is kept."""
-        blk = scoring.block(self.spec, slice(qs, qe), ks, ke, raw.device)
-        if self.plain and blk.band_full:
-            return raw, None, False
-        logits, keep = scoring.scores(raw, self.spec, blk, self.kbad)
+    def heads4(self, t: Tensor) -> Tensor:  # (b·hk, g·i, j) → (b h i j)
+        return t.view(self.spec.B, self.spec.Hq, -1, t.shape[-1])
+
+    # ---- scores ---------------------------------------------------------------------------
+    def raw(self, qe3: Tensor, ks: int, ke: int) -> Tensor:
+        """Scores × `unit` (b h i j) in the compute dtype, from the q block's first d columns:
+        base-2 logits when `base2`, natural scale·q·k otherwise."""
+        s = self.spec
+        t = qe3[..., : s.D] @ self.k3[:, ks:ke, : s.D].transpose(-1, -2)
+        return self.heads4(t if self.fast else t.to(self.cdt) * self.unit)
+
+    def block(self, qs: int, qe: int, ks: int, ke: int, device) -> scoring.Block:
+        return scoring.block(self.spec, slice(qs, qe), ks, ke, device)
+
+    def pipeline(self, s: Tensor, blk: scoring.Block) -> tuple[Tensor, Tensor | None, bool]:
+        """Masks/mods on raw tile scores: (base-2 logits, keep, empty)."""
+        if not (self.masked or self.spec.has_mods) and blk.band_full and self.spec.bias is None:
+            return s, None, False
+        logits, keep = scoring.scores(s, self.spec, blk, self.kbad)
+        if not self.base2:
+            logits = logits * LOG2E
         return logits, keep, keep is not None and not bool(keep.any())
 
-    def dropout(self, p: Tensor, qs: int, ks: int) -> Tensor | None:
+    def shifted(
+        self, qe3: Tensor, blk: scoring.Block, shift4: Tensor
+    ) -> tuple[Tensor, Tensor | None, bool]:
+        """base-2 logits − shift for a tile (fast mode): the shift is already in q's last column
+        unless a mod or bias needs the natural scores first."""
+        if not self.base2:
+            logits, keep, empty = self.pipeline(self.raw(qe3, blk.ks, blk.ke), blk)
+            return logits.sub_(shift4), keep, empty
+        s = self.heads4(qe3 @ self.k3[:, blk.ks : blk.ke].transpose(-1, -2))
+        return self.pipeline(s, blk)
+
+    def dropout(self, shape: torch.Size, qs: int, ks: int, device) -> Tensor | None:
         d = self.spec.dropout_p
         if d == 0:
             return None
-        return _dropout_keep(self.seed, qs, ks, p.shape, d, p.device).to(p.dtype) / (1.0 - d)
-
-    def grouped(self, t: Tensor) -> Tensor:  # (b h i j) → (b hk (g i) j)
-        return t.reshape(self.spec.B, self.spec.Hk, -1, t.shape[-1])
+        return _dropout_keep(self.seed, qs, ks, shape, d, device).to(self.cdt) / (1.0 - d)
 
 
 def _forward(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
     """(out, lse) in the compute dtype: fp32 output is kept for the backward's rowsum(dO∘O),
     which would lose digits from a bf16-rounded O."""
-    s = t.spec
-    out = torch.zeros(s.B, s.Hq, s.Sq, s.Dv, dtype=t.cdt, device=q.device)  # (b h i e)
-    lse = torch.full((s.B, s.Hq, s.Sq), float("-inf"), dtype=t.cdt, device=q.device)
+    s, cdt, dev = t.spec, t.cdt, q.device
+    out = torch.zeros(s.B, s.Hq, s.Sq, s.Dv, dtype=cdt, device=dev)  # (b h i e)
+    lse = torch.full((s.B, s.Hq, s.Sq), float("-inf"), dtype=cdt, device=dev)
     out5 = out.view(s.B, s.Hk, s.G, s.Sq, s.Dv)
+    ev = s.Dv + 1 if t.fast else s.Dv  # acc carries Σp as its last column in fast mode
     for qs in range(0, s.Sq, t.block_q):
         qe = min(qs + t.block_q, s.Sq)
-        qb = t.q_block(qs, qe)
-        m = torch.full((s.B, s.Hq, qe - qs), float("-inf"), dtype=t.cdt, device=q.device)
-        l = torch.zeros_like(m)
-        acc = torch.zeros(s.B, s.Hk, s.G * (qe - qs), s.Dv, dtype=t.cdt, device=q.device)
-        hit = torch.zeros_like(acc) if t.vbad is not None else None
+        n = qe - qs
+        qe3 = t.q_block(qs, qe)
+        m = torch.full((s.B, s.Hq, n), float("-inf"), dtype=cdt, device=dev)
+        acc = torch.zeros(s.B * s.Hk, s.G * n, ev, dtype=cdt, device=dev)
+        l = torch.zeros_like(m)  # used outside fast mode
+        hit = torch.zeros_like(acc) if t.vbad3 is not None else None
+        ready = False  # every row has a finite reference max, written into qe3[..., -1]
         for ks, ke in key_blocks(s, qs, qe, t.block_k):
-            logits, _, empty = t.logits(t.raw(qb, ks, ke), qs, qe, ks, ke)
+            blk = t.block(qs, qe, ks, ke, dev)
+            if ready:
+                p, _, empty = t.shifted(qe3, blk, m.unsqueeze(-1))
+                if empty:
+                    continue
+                at = p.exp2_().view(s.B * s.Hk, -1, ke - ks) @ t.v3[:, ks:ke]
+                # accept while no score exceeds the reference max by more than ~log(j)+2:
+                # exp's argument then stays small, so its rounding matches plain softmax.
+                # (inf and NaN fail this test too, and take the plain path below.)
+                if bool((at[..., -1] <= (ke - ks) * 7.4).all()):
+                    acc += at
+                    continue
+            logits, _, empty = t.pipeline(t.raw(qe3, ks, ke), blk)
             if empty:
                 continue
-            m_new = torch.maximum(m, logits.amax(-1))
-            m_safe = scoring.safe_max(m_new)
-            p = logits.sub_(m_safe.unsqueeze(-1)).exp_()  # (b h i j), in place
-            alpha = torch.exp(m - m_safe)
-            l = l * alpha + p.sum(-1)
-            drop = t.dropout(p, qs, ks)
-            pd = t.grouped(p if drop is None else p * drop)
-            acc.mul_(t.grouped(alpha.unsqueeze(-1))).add_((pd.to(q.dtype) @ t.v[:, :, ks:ke]).to(t.cdt))
+            m_new = scoring.safe_max(torch.maximum(m, logits.amax(-1)))
+            alpha = torch.exp2(m - m_new)  # (b h i)
+            p = logits.sub_(m_new.unsqueeze(-1)).exp2_()  # (b h i j), in place
+            drop = t.dropout(p.shape, qs, ks, dev)
+            if drop is None:
+                pd = t.rows3(p)
+            else:
+                l = l * alpha + p.sum(-1)
+                pd = t.rows3(p * drop)
+            acc.mul_(t.rows3(alpha.unsqueeze(-1))).add_((pd.to(q.dtype) @ t.v3[:, ks:ke]).to(cdt))
+            if drop is None and not t.fast:
+                l = l * alpha + p.sum(-1)
             if hit is not None:
-                hit.add_((pd != 0).to(t.cdt) @ t.vbad[:, :, ks:ke].to(t.cdt))
+                hit.add_((pd != 0).to(cdt) @ t.vbad3[:, ks:ke].to(cdt))
             m = m_new
+            if t.fast:
+                qe3[..., -1] = -t.rows3(m.unsqueeze(-1)).squeeze(-1)
+                ready = bool((m != float("-inf")).all())
+        if t.fast:
+            l = acc[..., -1].reshape(s.B, s.Hq, n)
+            acc = acc[..., :-1]
         l_safe = torch.where(l == 0, torch.ones_like(l), l)
-        o = acc / t.grouped(l_safe.unsqueeze(-1))
+        o = acc / t.rows3(l_safe.unsqueeze(-1))
         if hit is not None:
             o = o.masked_fill(hit > 0, float("nan"))
-        out5[:, :, :, qs:qe] = o.view(s.B, s.Hk, s.G, qe - qs, s.Dv)
-        lse[:, :, qs:qe] = scoring.safe_max(m) + torch.log(l)
+        out5[:, :, :, qs:qe] = o.view(s.B, s.Hk, s.G, n, s.Dv)
+        lse[:, :, qs:qe] = (scoring.safe_max(m) + torch.log2(l)) * LN2
     return out, lse
 
 
 def _backward(t: _Tiles, q: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None):
-    s = t.spec
-    cdt = t.cdt
-    dq = torch.zeros(s.B, s.Hq, s.Sq, s.D, dtype=cdt, device=q.device)
-    dk = torch.zeros(s.B, s.Hk, s.Sk, s.D, dtype=cdt, device=q.device)
-    dv = torch.zeros(s.B, s.Hk, s.Sk, s.Dv, dtype=cdt, device=q.device)
+    s, cdt, dev = t.spec, t.cdt, q.device
+    nb = s.B * s.Hk
+    dq = torch.zeros(s.B, s.Hq, s.Sq, s.D, dtype=cdt, device=dev)
+    dk = torch.zeros(nb, s.Sk, s.D, dtype=cdt, device=dev)
+    dv = torch.zeros(nb, s.Sk, s.Dv, dtype=cdt, device=dev)
     dq5 = dq.view(s.B, s.Hk, s.G, s.Sq, s.D)
     do5 = dout.unflatten(1, (s.Hk, s.G))
     o5 = out.unflatten(1, (s.Hk, s.G))
     for qs in range(0, s.Sq, t.block_q):
         qe = min(qs + t.block_q, s.Sq)
         n = qe - qs
-        qb = t.q_block(qs, qe)
-        dob = do5[:, :, :, qs:qe].reshape(s.B, s.Hk, s.G * n, s.Dv)
-        ob = o5[:, :, :, qs:qe].reshape(s.B, s.Hk, s.G * n, s.Dv)
-        delta = (dob.to(cdt) * ob.to(cdt)).sum(-1).view(s.B, s.Hq, n, 1)  # rowsum(dO∘O)
+        qe3 = t.q_block(qs, qe)
+        dob = do5[:, :, :, qs:qe].reshape(nb, s.G * n, s.Dv)
+        ob = o5[:, :, :, qs:qe].reshape(nb, s.G * n, s.Dv)
+        delta = (dob.to(cdt) * ob.to(cdt)).sum(-1)  # (b·hk, g·i) rowsum(dO∘O)
         if dlse is not None:
-            delta = delta - dlse[:, :, qs:qe].unsqueeze(-1).to(cdt)
-        lse_b = lse[:, :, qs:qe].unsqueeze(-1)
+            delta = delta - t.rows3(dlse[:, :, qs:qe].unsqueeze(-1)).squeeze(-1).to(cdt)
+        lse_b = lse[:, :, qs:qe] * LOG2E  # base 2
         lse_b = torch.where(lse_b == float("-inf"), torch.full_like(lse_b, float("inf")), lse_b)
-        dqb = torch.zeros(s.B, s.Hk, s.G * n, s.D, dtype=cdt, device=q.device)
+        if t.fast:
+            qe3[..., -1] = -t.rows3(lse_b.unsqueeze(-1)).squeeze(-1)
+            dob = torch.cat([dob, -delta.unsqueeze(-1)], dim=-1)  # [dO, −Δ]·[v, 1] = dP − Δ
+        dqb = torch.zeros(nb, s.G * n, s.D, dtype=cdt, device=dev)
         for ks, ke in key_blocks(s, qs, qe, t.block_k):
-            raw = t.raw(qb, ks, ke)
-            if t.spec.has_mods:
-                raw = raw.detach().requires_grad_()
+            blk = t.block(qs, qe, ks, ke, dev)
+            if s.has_mods:
+                raw = t.raw(qe3, ks, ke).detach().requires_grad_()
                 with torch.enable_grad():
-                    logits, keep, empty = t.logits(raw, qs, qe, ks, ke)
+                    logits, keep, empty = t.pipeline(raw, blk)
+                if empty:
+                    continue
+                p = torch.exp2(logits.detach() - lse_b.unsqueeze(-1))
+            elif t.fast:
+                p, keep, empty = t.shifted(qe3, blk, lse_b.unsqueeze(-1))
+                if empty:
+                    continue
+                p = p.exp2_()
             else:
-                logits, keep, empty = t.logits(raw, qs, qe, ks, ke)
-            if empty:
-                continue
-            p = torch.exp(logits.detach() - lse_b)  # (b h i j)
-            drop = t.dropout(p, qs, ks)
-            pd = p if drop is None else p * drop
-            dv[:, :, ks:ke] += (t.grouped(pd).transpose(-1, -2).to(dout.dtype) @ dob).to(cdt)
-            dp = (dob @ t.v[:, :, ks:ke].transpose(-1, -2)).to(cdt).view_as(p)
-            if drop is not None:
-                dp = dp * drop
-            ds = p * (dp - delta)
-            if t.spec.has_mods:
-                (ds,) = torch.autograd.grad(logits, raw, ds)
+                logits, keep, empty = t.pipeline(t.raw(qe3, ks, ke), blk)
+                if empty:
+                    continue
+                p = torch.exp2(logits - lse_b.unsqueeze(-1))
+            p3 = t.rows3(p)  # (b·hk, g·i, j)
+            drop = t.dropout(p.shape, qs, ks, dev)
+            pd = p3 if drop is None else p3 * t.rows3(drop)
+            dv[:, ks:ke] += (pd.transpose(-1, -2).to(dout.dtype) @ dob[..., : s.Dv]).to(cdt)
+            dp = (dob @ t.v3[:, ks:ke].transpose(-1, -2)).to(cdt)
+            if t.fast:
+                ds = p3.mul_(dp)  # p·(dP − Δ), in place
+            else:
+                if drop is not None:
+                    dp = dp * t.rows3(drop)
+                ds = p3 * (dp - delta.unsqueeze(-1))
+            if s.has_mods:  # ∂L/∂logits₂ = ln2·p(dP − Δ); autograd carries it back to raw
+                (ds4,) = torch.autograd.grad(logits, raw, t.heads4(ds) * LN2)
                 if keep is not None:
-                    ds = ds.masked_fill(~keep, 0.0)
-            ds = t.grouped(ds * s.scale)  # (b hk (g i) j)
-            dqb += (ds.to(q.dtype) @ t.k[:, :, ks:ke]).to(cdt)
-            dk[:, :, ks:ke] += (ds.transpose(-1, -2).to(q.dtype) @ qb).to(cdt)
+                    ds4 = ds4.masked_fill(~keep, 0.0)
+                ds = t.rows3(ds4)
+            # ds = ∂L/∂s for s = scale·q·k; qe3 holds q·qmul: dq = scale·ds·k, dk = scale·dsᵀ·q
+            dqb += (ds.to(q.dtype) @ t.k3[:, ks:ke, : s.D]).to(cdt)
+            dk[:, ks:ke] += (ds.transpose(-1, -2).to(q.dtype) @ qe3[..., : s.D]).to(cdt) * (
+                s.scale / t.qmul
+            )
+        dqb *= s.scale
         dq5[:, :, :, qs:qe] = dqb.view(s.B, s.Hk, s.G, n, s.D)
-    return dq, dk, dv
+    return dq, dk.view(s.B, s.Hk, s.Sk, s.D), dv.view(s.B, s.Hk, s.Sk, s.Dv)
 
 
 class _TiledAttention(torch.autograd.Function):
