@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qkv.lens import explain
-from qkv.lens.lookup import value_norms
+from qkv.lens.lookup import layer_contributions, value_norms
 from qkv.nn import MultiHeadAttention
 
 from .conftest import SENTENCE, SENTENCE_B
@@ -202,3 +202,21 @@ def test_value_norms_both_routes(j):
     W_O = torch.randn(3, 16, 40, generator=g)
     want = torch.einsum("hje,hem->hjm", vh.double(), W_O.double()).norm(dim=-1)
     torch.testing.assert_close(value_norms(vh, W_O).double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_contributions_prune_exactly():
+    """The bound-ordered scan returns the exact top-k of the layer norm without computing all."""
+    g = torch.Generator().manual_seed(1)
+    H, J, E, M, top = 4, 1500, 8, 24, 5
+    w = torch.softmax(3 * torch.randn(H, J, generator=g, dtype=torch.float64), -1)
+    vh, W_O = torch.randn(H, J, E, generator=g), torch.randn(H, E, M, generator=g)
+    full = torch.einsum("hj,hje,hem->jm", w, vh.double(), W_O.double()).norm(dim=-1).numpy()
+    bound = (w * value_norms(vh, W_O).double()).sum(0).numpy()
+    assert np.all(bound >= full * (1 - 1e-6))
+    cand, need = np.arange(J), np.array([7, 9])
+    got = layer_contributions(w, vh, W_O, bound, cand, need, top)
+    done = ~np.isnan(got)
+    assert done.sum() < J / 2  # it pruned
+    np.testing.assert_allclose(got[done], full[done], rtol=1e-5)
+    assert set(np.argsort(-np.nan_to_num(got, nan=-1))[:top]) == set(np.argsort(-full)[:top])
+    assert done[need].all()

@@ -51,7 +51,7 @@ class Row:
     visible: np.ndarray  # bool (h j)
     output_norm: np.ndarray  # (h,)
     layer_weight: np.ndarray  # (j,) mean over heads
-    layer_contribution: np.ndarray  # (j,)
+    layer_contribution: np.ndarray  # (j,), NaN where not needed (see layer_contributions)
 
 
 def weight_kwargs(rec: AttentionRecordLike) -> dict[str, Any]:
@@ -105,8 +105,56 @@ def value_norms(vh: Tensor, W_O: Tensor) -> Tensor:
     return ((v64 @ M) * v64).sum(-1).clamp_min(0).sqrt()
 
 
-def query_row(rec: AttentionRecordLike, i: int) -> Row:
-    """Everything the lens reports for query row `i` of one captured layer (batch item 0)."""
+def layer_contributions(
+    w: Tensor,
+    vh: Tensor,
+    W_O: Tensor,
+    bound: np.ndarray,
+    cand: np.ndarray,
+    need: np.ndarray,
+    top: int,
+) -> np.ndarray:
+    """‖Σ_h w_hj v_hj W_O^h‖ (Kobayashi et al.'s layer-level norm) for the keys that matter, NaN
+    for the rest: every key of `need`, and enough of `cand` to know its exact top-`top` (all of
+    `cand` when top == 0). w (h j), vh (h j e), W_O (h e m), bound (j,) ≥ the norm.
+
+    The full computation costs j·(h·e)·m (a d_model² matmul per key); keys are instead visited
+    in decreasing order of the bound Σ_h ‖w_hj v_hj W_O^h‖ (triangle inequality) and the scan
+    stops once no unvisited key's bound can reach the k-th largest exact norm."""
+    Wf = W_O.reshape(-1, W_O.shape[-1])  # ((h e) m)
+    out = np.full(w.shape[1], np.nan)
+
+    def exact(idx: np.ndarray) -> None:
+        idx = idx[np.isnan(out[idx])]
+        if len(idx):
+            t = torch.as_tensor(idx, device=vh.device)
+            x = (
+                (w[:, t].to(vh.dtype).unsqueeze(-1) * vh[:, t])
+                .permute(1, 0, 2)
+                .reshape(len(idx), -1)
+            )
+            out[idx] = (x @ Wf).double().norm(dim=-1).cpu().numpy()  # (s,)
+
+    if not top or len(cand) <= 4 * max(top, 64):
+        exact(cand)
+        return out
+    exact(need)
+    order = cand[np.argsort(-bound[cand], kind="stable")]
+    step = 4 * max(top, 64)
+    for pos in range(0, len(order), step):
+        done = out[cand][~np.isnan(out[cand])]
+        kth = np.sort(done)[-top] if len(done) >= top else -np.inf
+        if bound[order[pos]] * (1 + 1e-5) < kth:
+            break  # no key from here on can enter the top-k
+        exact(order[pos : pos + step])
+    return out
+
+
+def query_row(rec: AttentionRecordLike, i: int, *, top: int = 0, keep: int | None = None) -> Row:
+    """Everything the lens reports for query row `i` of one captured layer (batch item 0).
+
+    The layer-level contribution is exact for the keys a record of `top` keys (0 = all) and
+    `keep` needs, NaN elsewhere (see `layer_contributions`)."""
     q, k, v, z, W_O = rec.q[0], rec.k[0], rec.v[0], rec.z[0], rec.W_O  # (h i d) (g j d) (g j e)
     H, G = q.shape[0], k.shape[0]
     if H % G:
@@ -117,25 +165,27 @@ def query_row(rec: AttentionRecordLike, i: int) -> Row:
     f64 = torch.float64
 
     w = rows(rec, [i])[:, 0].to(f64)  # (h j)
-    vis = visible_keys(rec, i)  # (h j)
+    vis = visible_keys(rec, i).cpu().numpy()  # (h j)
     s = (torch.einsum("hd,hjd->hj", q[:, i], k[kv]) * scale).to(f64)  # (h j)
     vh = v[kv]  # (h j e)
     vnorm = value_norms(vh, W_O).to(f64)  # (h j): ‖v_gj W_O^h‖
-    contrib = w * vnorm  # (h j)
+    contrib = (w * vnorm).cpu().numpy()  # (h j)
     out = torch.einsum("he,hem->hm", z[:, i].to(f64), W_O.to(f64)).norm(dim=-1)  # (h,)
+    lw = w.mean(0).cpu().numpy()
 
-    # layer level: ‖Σ_h w_hj v_gj W_O^h‖ = ‖x_j W_O_flat‖, x_j = concat_h(w_hj v_gj) (fp32 matmul)
-    x = (w.to(v.dtype).unsqueeze(-1) * v[kv]).permute(1, 0, 2).reshape(w.shape[1], -1)  # (j (h e))
-    lc = (x @ W_O.reshape(-1, W_O.shape[-1])).to(f64).norm(dim=-1)  # (j,)
-    lw = w.mean(0)
+    cand = np.nonzero(vis.any(0))[0]
+    need = cand[np.argsort(-lw[cand], kind="stable")][: top or None]
+    if keep is not None and vis[:, keep].any():
+        need = np.append(need, keep)
+    lc = layer_contributions(w, vh, W_O, contrib.sum(0), cand, need, top)
     return Row(
         score=s.cpu().numpy(),
         weight=w.cpu().numpy(),
-        contribution=contrib.cpu().numpy(),
-        visible=vis.cpu().numpy(),
+        contribution=contrib,
+        visible=vis,
         output_norm=out.cpu().numpy(),
-        layer_weight=lw.cpu().numpy(),
-        layer_contribution=lc.cpu().numpy(),
+        layer_weight=lw,
+        layer_contribution=lc,
     )
 
 
@@ -148,7 +198,8 @@ def select(
     order = candidates[np.argsort(-weight[candidates], kind="stable")]
     if not top or len(order) <= top:
         return order
-    by_c = candidates[np.argsort(-contrib[candidates], kind="stable")]
+    c = np.nan_to_num(contrib[candidates], nan=-np.inf)  # NaN: not computed, known to be small
+    by_c = candidates[np.argsort(-c, kind="stable")]
     chosen = np.concatenate((order[:top], by_c[:top], [keep] if keep is not None else []))
     return order[np.isin(order, chosen)]
 
@@ -168,7 +219,7 @@ def lookup_layer(
 ) -> Layer:
     """The record's `Layer` for query row i: every head (or `heads`), keys ranked by weight
     (the top-k by weight and the top-k by contribution; all with top=0)."""
-    r = query_row(rec, i)
+    r = query_row(rec, i, top=top, keep=keep)
     H = r.weight.shape[0]
     G = rec.k.shape[1]
     out = []
@@ -197,7 +248,7 @@ def lookup_layer(
         layer=int(rec.layer),
         heads=out,
         top_weight=int(anyvis[np.argmax(r.layer_weight[anyvis])]),
-        top_contribution=int(anyvis[np.argmax(r.layer_contribution[anyvis])]),
+        top_contribution=int(anyvis[np.nanargmax(r.layer_contribution[anyvis])]),
         index=lidx,
         weight=r.layer_weight[lidx],
         contribution=r.layer_contribution[lidx],
