@@ -87,7 +87,7 @@ def test_sdpa_backend_refuses_what_it_cannot_compute_exactly():
 
 
 def test_attention_weights_bad_rows_and_lse():
-    q, k, v = _qkv()
+    q, k, _ = _qkv()
     with pytest.raises(IndexError, match=r"\[-5, 5\)"):
         qkv.attention_weights(q, k, rows=[5])
     with pytest.raises(TypeError, match="rows"):

@@ -27,7 +27,7 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool
         return "tiled"
     if spec.right is not None and spec.right != 0:
         return "tiled"
-    if spec.masked and not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+    if spec.masked and not (scoring.all_finite(k) and scoring.all_finite(v)):
         return "tiled"
     return "sdpa"
 

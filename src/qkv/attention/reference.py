@@ -47,7 +47,7 @@ def softmax_lse(logits: Tensor) -> tuple[Tensor, Tensor]:
 
 def blend(w: Tensor, v: Tensor) -> Tensor:
     """w (b h i j) @ v (b h j e) where a NaN/inf value reaches only rows that weight it > 0."""
-    if bool(torch.isfinite(v).all()):
+    if scoring.all_finite(v):
         return w @ v
     out = w @ scoring.finite(v)
     hit = (w != 0).to(w.dtype) @ (~torch.isfinite(v)).to(w.dtype)

@@ -121,19 +121,20 @@ def keep(spec: Spec, blk: Block, device: torch.device) -> Tensor | None:
 
 
 def scores(
-    s: Tensor, spec: Spec, blk: Block, kbad: Tensor | None = None
+    s: Tensor, spec: Spec, blk: Block, kbad: Tensor | None = None, inplace: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """Full pipeline on scaled scores `s (b h i j)`: returns (logits, keep).
 
     `kbad (b h j)` marks keys holding NaN/inf: their scores become NaN (so a query that keeps
     such a key gets NaN, as plain math would) while a query that masks them never sees them.
+    `inplace` may overwrite `s` (never when autograd must see the steps).
     """
     if kbad is not None:
         s = s.masked_fill(kbad[..., blk.ks : blk.ke].unsqueeze(-2), float("nan"))
     s = modify(s, spec, blk)
     k = keep(spec, blk, s.device)
     if k is not None:
-        s = s.masked_fill(~k, NEG_INF)
+        s = s.masked_fill_(k.logical_not(), NEG_INF) if inplace else s.masked_fill(~k, NEG_INF)
     if spec.bias is not None:
         s = s + _slice(spec.bias, blk)
     return s, k
@@ -144,8 +145,16 @@ def safe_max(m: Tensor) -> Tensor:
     return torch.where(m == NEG_INF, torch.zeros_like(m), m)
 
 
+def all_finite(x: Tensor) -> bool:
+    """True if x holds no NaN/inf, in one reduction pass (a finite sum proves it; a sum that
+    overflows only sends the caller down its careful path)."""
+    return x.numel() == 0 or bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def bad_keys(k: Tensor, G: int) -> Tensor | None:
     """(b h j) bool, True where key j of query head h holds NaN/inf; None if k is finite."""
+    if all_finite(k):
+        return None
     bad = ~torch.isfinite(k).all(-1)
     return bad.repeat_interleave(G, dim=1) if bad.any() else None
 

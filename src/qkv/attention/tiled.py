@@ -73,7 +73,7 @@ class _Tiles:
         self.spec, self.seed, self.block_q, self.block_k = spec, seed, block_q, block_k
         self.cdt = compute_dtype(q.dtype)
         self.kbad = scoring.bad_keys(k, spec.G)
-        self.vbad = None if bool(torch.isfinite(v).all()) else ~torch.isfinite(v)
+        self.vbad = None if scoring.all_finite(v) else ~torch.isfinite(v)
         k = scoring.finite(k) if self.kbad is not None else k
         v = scoring.finite(v) if self.vbad is not None else v
         self.fast = q.dtype == self.cdt and spec.dropout_p == 0 and self.vbad is None
@@ -118,7 +118,7 @@ class _Tiles:
         """Masks/mods on raw tile scores: (base-2 logits, keep, empty)."""
         if not (self.masked or self.spec.has_mods) and blk.band_full and self.spec.bias is None:
             return s, None, False
-        logits, keep = scoring.scores(s, self.spec, blk, self.kbad)
+        logits, keep = scoring.scores(s, self.spec, blk, self.kbad, inplace=not s.requires_grad)
         if not self.base2:
             logits = logits * LOG2E
         return logits, keep, keep is not None and not bool(keep.any())
@@ -296,10 +296,20 @@ class _TiledAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
+def default_blocks(spec: Spec) -> tuple[int, int]:
+    """Tile sizes: 256×512, but for a narrow band (sliding window) query blocks of a quarter of
+    its width, so a tile is mostly kept keys rather than masked ones."""
+    if spec.left is not None and spec.right is not None:
+        return max(32, min(BLOCK_Q, (spec.left + spec.right + 1) // 4)), BLOCK_K
+    return BLOCK_Q, BLOCK_K
+
+
 def tiled(
-    q: Tensor, k: Tensor, v: Tensor, spec: Spec, block_q: int = BLOCK_Q, block_k: int = BLOCK_K
+    q: Tensor, k: Tensor, v: Tensor, spec: Spec, block_q: int | None = None, block_k: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """(out (b h i e), lse (b h i)) by online softmax; differentiable in q, k, v."""
+    dq, dk = default_blocks(spec)
+    block_q, block_k = block_q or dq, block_k or dk
     if spec.mask is not None and spec.mask.requires_grad:
         raise ValueError(
             "the tiled backend does not differentiate through a float mask; "
