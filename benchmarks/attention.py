@@ -63,16 +63,24 @@ def speed_table(repeats: int) -> list[str]:
         q, k, v = inputs(n)
         for causal in (False, True):
             ours = median_time(lambda: qkv.attention(q, k, v, causal=causal), repeats)
-            sdpa = median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), repeats)
-            out.append(row(f"auto {'causal' if causal else 'dense'} N={n} vs SDPA", ours, sdpa, 0.95))
+            sdpa = median_time(
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), repeats
+            )
+            out.append(
+                row(f"auto {'causal' if causal else 'dense'} N={n} vs SDPA", ours, sdpa, 0.95)
+            )
     q, k, v = inputs(4096)
     spec = make_spec(q, k, v, causal=True)
     ours = median_time(lambda: tiled(q, k, v, spec), repeats)
     sdpa = median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats)
     out.append(row("tiled causal N=4096 forward vs SDPA", ours, sdpa, 0.5))
     q, k, v = inputs(4096, requires_grad=True)
-    ours = median_time(fwd_bwd(lambda q, k, v: qkv.attention(q, k, v, causal=True, backend="tiled"), q, k, v), 3)
-    sdpa = median_time(fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v), 3)
+    ours = median_time(
+        fwd_bwd(lambda q, k, v: qkv.attention(q, k, v, causal=True, backend="tiled"), q, k, v), 3
+    )
+    sdpa = median_time(
+        fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v), 3
+    )
     out.append(row("tiled causal N=4096 fwd+bwd vs SDPA", ours, sdpa, 0.4))
     return out
 
@@ -132,21 +140,34 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_count
 
 def memory_table(n: int) -> list[str]:
     out = ["| case | peak RSS | time | target met |", "|---|---|---|---|"]
-    res = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(n), "tiled"], capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, str(n), "tiled"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     mib, secs = map(float, res.stdout.split())
     ok = "yes" if mib <= 2048 else "NO (target ≤ 2 GB)"
     gib_scores = 8 * n * n * 4 / 2**30
-    out.append(f"| tiled causal fwd+bwd N={n} (score matrix alone: {gib_scores:.0f} GiB) | {mib:.0f} MiB | {secs:.0f} s | {ok} |")
+    out.append(
+        f"| tiled causal fwd+bwd N={n} (score matrix alone: {gib_scores:.0f} GiB) | {mib:.0f} MiB | {secs:.0f} s | {ok} |"
+    )
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="skip flex_attention and the N=32768 memory run")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="skip flex_attention and the N=32768 memory run"
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="also write the tables here")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU float32, B={B} H={H} D={D}\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU float32, B={B} H={H} D={D}\n"
+    )
     tables = {}
     for name, fn in (
         ("speed", lambda: speed_table(args.repeats)),
