@@ -94,7 +94,6 @@ def window_table(repeats: int, flex: bool) -> list[str]:
     keep = (i.view(-1, 1) - i.view(1, -1) >= 0) & (i.view(-1, 1) - i.view(1, -1) < w)
     sdpa = median_time(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep), 2)
     out.append(row(f"auto window {w} N={n} vs SDPA + bool mask", ours, sdpa, 5.0))
-    del keep
     if flex:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -116,7 +115,7 @@ def weights_table(repeats: int) -> list[str]:
     n = 16384
     q, k, v = inputs(n)
     fwd = median_time(lambda: qkv.attention(q, k, v, causal=True), 3)
-    out_, lse = qkv.attention(q, k, v, causal=True, return_lse=True)
+    _, lse = qkv.attention(q, k, v, causal=True, return_lse=True)
     one = median_time(lambda: qkv.attention_weights(q, k, lse, rows=[n - 1], causal=True), repeats)
     share = one / fwd
     ok = "yes" if share <= 0.05 else "NO (target ≤ 5%)"
