@@ -83,7 +83,9 @@ def test_sdpa_backend_refuses_what_it_cannot_compute_exactly():
     with pytest.raises(ValueError, match="softcap"):
         qkv.attention(q, k, v, softcap=5.0, backend="sdpa")
     with pytest.raises(ValueError, match="LSE"):
-        qkv.attention(q, k, v, return_lse=True, backend="sdpa")
+        qkv.attention(q, k, v, window=(2, 2), return_lse=True, backend="sdpa")
+    with pytest.raises(ValueError, match="LSE"):
+        qkv.attention(q.requires_grad_(), k, v, return_lse=True, backend="sdpa")
 
 
 def test_attention_weights_bad_rows_and_lse():

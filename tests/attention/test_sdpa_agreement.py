@@ -9,7 +9,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 import qkv
 
-from .conftest import FLOOR, err, make_qkv
+from .conftest import FLOOR, err, make_qkv, oracle
 
 # PyTorch SDPA (its own C++ kernel) vs ours, same dtype: both approximate the same float64
 # value, so allow each its rounding: a few ulps of the output scale.
@@ -64,3 +64,19 @@ def test_gradients_match_sdpa():
     (qkv.attention(q, k, v, causal=True, backend="tiled") * do).sum().backward()
     for name, t, w in zip("qkv", (q, k, v), want, strict=True):
         assert err(t.grad, w) <= 1e-4 + FLOOR[torch.float32], f"d{name}"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", [(8, 8), (9, 3)], ids=["mha", "gqa"])
+def test_sdpa_lse_path_matches_oracle(layout, causal):
+    """Without gradients, `auto` takes (out, lse) from PyTorch's CPU flash kernel: check both."""
+    Hq, Hk = layout
+    q, k, v = make_qkv(1, Hq, Hk, 300, 300, 64)
+    truth = oracle(q, k, v, causal=causal)
+    with torch.no_grad():
+        for backend in ("sdpa", "auto"):
+            out, lse = qkv.attention(q, k, v, causal=causal, return_lse=True, backend=backend)
+            assert (
+                err(out, truth.out) <= TOL[torch.float32]
+                and err(lse, truth.lse) <= TOL[torch.float32]
+            )

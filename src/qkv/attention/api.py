@@ -7,7 +7,7 @@ from torch import Tensor
 
 from . import scoring
 from .reference import Intermediates, reference
-from .sdpa import sdpa, unsupported
+from .sdpa import lse_supported, sdpa, sdpa_lse, unsupported
 from .spec import MaskMod, ScoreMod, Spec, make_spec
 from .tiled import tiled
 
@@ -17,10 +17,18 @@ BACKENDS = ("auto", "reference", "tiled", "sdpa")
 def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> str:
     """`auto`: the fastest backend that computes exactly what was asked.
 
-    SDPA (fused C++/CUDA) for plain, causal and tensor-masked attention; our tiled kernel when
-    the request needs the LSE, a mod, a generator-driven dropout, block skipping (window,
-    mask_mod), or when NaN/inf sit in K/V under a mask (SDPA would leak them: 0·NaN = NaN).
+    SDPA (fused C++/CUDA) for plain, causal and tensor-masked attention, and with the LSE where
+    PyTorch's CPU flash kernel returns it (no gradient needed, plain or causal); our tiled kernel
+    when the request needs a differentiable LSE, a mod, a generator-driven dropout, block
+    skipping (window, mask_mod), or when NaN/inf sit in K/V under a mask (SDPA would leak them:
+    0·NaN = NaN).
     """
+    if return_lse and lse_supported(q, k, v, spec):
+        return (
+            "sdpa"
+            if not spec.masked or (scoring.all_finite(k) and scoring.all_finite(v))
+            else "tiled"
+        )
     if spec.Sq == 0 or spec.Sk == 0 or return_lse or unsupported(spec) is not None:
         return "tiled"
     if spec.dropout_p > 0 or spec.left is not None or spec.mask_mod is not None:
@@ -105,7 +113,7 @@ def attention(
         out, lse = tiled(q, k, v, spec)
         return (out, lse) if return_lse else out
     if return_lse:
-        raise ValueError("backend='sdpa' does not return the LSE; use backend='tiled' or 'auto'")
+        return sdpa_lse(q, k, v, spec)
     return sdpa(q, k, v, spec)
 
 

@@ -6,6 +6,7 @@ into one boolean/float mask first, which costs O(Sq·Sk) memory.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -57,3 +58,40 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Tensor:
         scale=spec.scale,
         enable_gqa=spec.G > 1,
     )
+
+
+def lse_supported(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
+    """Whether PyTorch's CPU flash kernel can return (out, lse) for this request exactly.
+
+    It computes plain or causal (Sq == Sk) attention without masks, mods or dropout. Its LSE has
+    no gradient path, so it serves only calls that need no gradient (the lens' capture).
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    causal_only = spec.left is None and spec.right in (None, 0)
+    return (
+        hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+        and q.device.type == "cpu"
+        and not needs_grad
+        and causal_only
+        and (spec.right is None or spec.Sq == spec.Sk)
+        and spec.mask is None
+        and spec.mask_mod is None
+        and unsupported(spec) is None
+        and spec.dropout_p == 0
+        and spec.Sq > 0
+        and spec.Sk > 0
+    )
+
+
+def sdpa_lse(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
+    """(out, lse) from the CPU flash kernel; K/V are expanded to Hq heads for GQA (O(N))."""
+    if not lse_supported(q, k, v, spec):
+        raise ValueError(
+            "backend='sdpa' returns the LSE only on CPU, without gradients, for plain or causal "
+            "(Sq == Sk) attention; use backend='tiled' or 'auto'"
+        )
+    if spec.G > 1:
+        k, v = k.repeat_interleave(spec.G, dim=1), v.repeat_interleave(spec.G, dim=1)
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out, lse = op(q, k, v, 0.0, spec.right == 0, scale=spec.scale)
+    return out, lse

@@ -305,7 +305,12 @@ def default_blocks(spec: Spec) -> tuple[int, int]:
 
 
 def tiled(
-    q: Tensor, k: Tensor, v: Tensor, spec: Spec, block_q: int | None = None, block_k: int | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: Spec,
+    block_q: int | None = None,
+    block_k: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out (b h i e), lse (b h i)) by online softmax; differentiable in q, k, v."""
     dq, dk = default_blocks(spec)

@@ -18,22 +18,6 @@ from .capture import _ACTIVE, AttentionRecord
 from .rope import RotaryEmbedding
 
 
-def _fast_backend(k: Tensor, v: Tensor, mask: Tensor | None) -> str:
-    """ "sdpa" when `auto` would pick it anyway, decided cheaply; else "auto".
-
-    With a mask, `auto` only uses SDPA if K and V are all finite (SDPA would leak a masked NaN
-    as 0·NaN), and checks that with `isfinite(...).all()`, which costs more than the attention
-    itself at BERT sizes on CPU. A finite sum implies every element is finite (NaN and inf
-    propagate through a sum), so one reduction decides it; any doubt falls back to "auto".
-    The call this serves has no window, mod, softcap, dropout or LSE, so nothing else differs.
-    """
-    if mask is None or k.shape[2] == 0 or v.shape[2] == 0:
-        return "auto"
-    if bool(torch.isfinite(k.sum())) and bool(torch.isfinite(v.sum())):
-        return "sdpa"
-    return "auto"
-
-
 def _check_int(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -261,8 +245,7 @@ class MultiHeadAttention(nn.Module):
                 q, k, v, causal=self.causal, mask=mask, scale=self.scale, return_lse=True
             )
         else:
-            backend = _fast_backend(k, v, mask)
-            z = attention(q, k, v, causal=self.causal, mask=mask, scale=self.scale, backend=backend)
+            z = attention(q, k, v, causal=self.causal, mask=mask, scale=self.scale)
             lse = None
         zf = z.transpose(1, 2).reshape(B, S, H * D)  # (b i (h d))
         out = F.linear(zf, self.W_O.reshape(H * D, self.d_model).t(), self.b_O)  # (b i m)
