@@ -185,8 +185,12 @@ def main() -> None:
         print(json.dumps(r))
         return
 
+    import torch
+
+    nt = a.threads or torch.get_num_threads()
+    load = os.getloadavg()[0]
     print(
-        f"lens benchmark · smollm2 · CPU threads {os.cpu_count()} · load avg {os.getloadavg()[0]:.1f}"
+        f"lens benchmark · smollm2 · {os.cpu_count()} CPUs, {nt} torch threads · load avg {load:.1f}"
     )
     rows = []
     ours = spawn("ours", str(a.n), str(a.repeat), "1")

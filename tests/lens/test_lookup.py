@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from qkv.lens import explain
+from qkv.lens import rollout as rollout_module
 from qkv.lens.lookup import layer_contributions, value_norms
 from qkv.nn import MultiHeadAttention
 
@@ -220,3 +221,15 @@ def test_layer_contributions_prune_exactly():
     np.testing.assert_allclose(got[done], full[done], rtol=1e-5)
     assert set(np.argsort(-np.nan_to_num(got, nan=-1))[:top]) == set(np.argsort(-full)[:top])
     assert done[need].all()
+
+
+@pytest.mark.parametrize("which", ["tiny_causal", "tiny_bidir"])
+def test_rollout_in_one_row_chunks(which, request, monkeypatch):
+    """Chunking the rows (one query row at a time, causal prefixes) changes nothing."""
+    model = request.getfixturevalue(which)
+    want = explain(SENTENCE, "was", model=model, rollout=True).rollout.values
+    monkeypatch.setattr(rollout_module, "CHUNK_ELEMENTS", 1)
+    got = explain(SENTENCE, "was", model=model, rollout=True).rollout.values
+    np.testing.assert_allclose(got, want, atol=1e-7)
+    i = explain(SENTENCE, "was", model=model, layer=0, head=0).query.index
+    np.testing.assert_allclose(got, rollout64(oracle(model, SENTENCE), i), atol=1e-6)
