@@ -187,9 +187,16 @@ def explain(
             stderr is a terminal).
 
     Returns an `ExplainResult` (see `qkv.lens.record`). Exact: the rows equal the model's own
-    softmax weights; nothing N×N is materialised. Raises ValueError for empty text or text
-    beyond the model's context, ValueError listing the tokens when `token` is absent, and
-    IndexError naming the valid range for `layer`/`head`/an index out of range.
+    softmax weights; nothing N×N is materialised. Equivalent naive code (transformers, which
+    keeps all L·H·N² weights)::
+
+        out = hf_model(ids, output_attentions=True)
+        w = out.attentions[l][0, h, i]                 # head h's row for query i: weight (j,)
+        contribution = w * (v_h @ W_O_h).norm(dim=-1)  # v_h (j e), W_O_h (e m) → (j,)
+
+    Raises ValueError for empty text or text beyond the model's context, ValueError listing
+    the tokens when `token` is absent, and IndexError naming the valid range for
+    `layer`/`head`/an index out of range.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
