@@ -350,7 +350,11 @@ def render_chat(
     in a sandbox, as transformers' `apply_chat_template(tokenize=False)` does."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    def raise_exception(message: str):
+        raise ValueError(f"chat template: {message}")
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(
         messages=messages, add_generation_prompt=add_generation_prompt
     )

@@ -185,7 +185,7 @@ class Llama(nn.Module):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         rope = RotaryEmbedding(c.d_head, base=c.rope_base, interleaved=False)
-        # no random init (`_weight`): every weight comes from the checkpoint
+        # left uninitialised (`_weight`): every weight comes from the checkpoint (`from_gguf`)
         self.embed = nn.Embedding(
             c.vocab_size, c.d_model, _weight=torch.empty(c.vocab_size, c.d_model)
         )
@@ -490,7 +490,7 @@ def from_gguf(contents: GGUFContents, *, name: str | None = None) -> Llama:
         max_length=config.max_positions,
         add_special_tokens=True,
         pad_id=contents.metadata.get("tokenizer.ggml.padding_token_id"),
-        padding_side="left",
+        padding_side="right",  # positions count from the first column: pad on the right
         name=config.name,
     )
     if tokenizer.vocab_size != config.vocab_size:
@@ -498,18 +498,20 @@ def from_gguf(contents: GGUFContents, *, name: str | None = None) -> Llama:
             f"{contents.path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
             f"vocabulary is {config.vocab_size}"
         )
-    with torch.device("meta"):  # no memory, no random init; `convert` fills every tensor
+    with torch.device("meta"):  # no memory, no random init: every tensor is assigned below
         model = Llama(config, tokenizer, contents.metadata.get("tokenizer.chat_template"))
-    model.to_empty(device="cpu")
     _check_finite(contents)
-    convert(
+    model.load_report = convert(
         contents.tensors,
         rules(config),
         model,
         n_layers=config.n_layers,
         source=str(contents.path),
         check_finite=False,  # done above, ~15x faster
+        assign=True,  # the dequantised tensors become the parameters (per-head views, no copy)
     )
+    for block in model.blocks:
+        block.attn.pack_()  # W_Q/W_K/W_V as views of one fused matrix: no copy per forward
     return model.eval()
 
 
