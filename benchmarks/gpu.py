@@ -1,7 +1,10 @@
 """The engine on a GPU: correctness of `tiled` against PyTorch SDPA, then a timing table.
 
-    python benchmarks/cuda.py                  # on a CUDA machine (≈ 1–2 minutes)
-    python benchmarks/cuda.py --device cpu --quick   # smoke test of the script itself
+    python benchmarks/gpu.py                  # on a CUDA machine (≈ 1–2 minutes)
+    python benchmarks/gpu.py --device cpu --quick   # smoke test of the script itself
+
+(Not named cuda.py: a script of that name in benchmarks/ shadows the `cuda` package that
+torch imports at start-up, and breaks every sibling script.)
 
 Prints the card's name; paste the tables into benchmarks/RESULTS.md under "CUDA".
 """
@@ -9,20 +12,13 @@ Prints the card's name; paste the tables into benchmarks/RESULTS.md under "CUDA"
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-# this file is named cuda.py, as the issue asks; keep its folder off the import path so that
-# torch's own `import cuda.bindings` does not find it
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import qkv  # noqa: E402
+import qkv
 
 TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # vs SDPA, same dtype
 
