@@ -76,8 +76,8 @@ def worker_ours(n: int, repeat: int, forward: bool) -> dict:
         "n": n,
         "forward_s": [],
         "explain_s": [],
-        "forward_peak_gib": 0.0,
-        "explain_peak_gib": 0.0,
+        "forward_peak_gib": [],
+        "explain_peak_gib": [],
     }
     for _ in range(repeat):
         if forward:
@@ -86,12 +86,12 @@ def worker_ours(n: int, repeat: int, forward: bool) -> dict:
             with torch.inference_mode():
                 m(ids)
             res["forward_s"].append(time.perf_counter() - t)
-            res["forward_peak_gib"] = max(res["forward_peak_gib"], peak_gib())
+            res["forward_peak_gib"].append(peak_gib())
         reset_peak()
         t = time.perf_counter()
         r = explain(text, -1, model=m, rollout=False, progress=False)
         res["explain_s"].append(time.perf_counter() - t)
-        res["explain_peak_gib"] = max(res["explain_peak_gib"], peak_gib())
+        res["explain_peak_gib"].append(peak_gib())
         assert len(r.layers) == 30
     if n <= 4096:  # rollout on top (exact, O(chunk·N) memory), once
         reset_peak()
@@ -193,20 +193,18 @@ def main() -> None:
         f"lens benchmark · smollm2 · {os.cpu_count()} CPUs, {nt} torch threads · load avg {load:.1f}"
     )
     rows = []
+    # times: forward and explain interleaved in one process; peaks: each op first in a fresh
+    # process (a later op's high-water mark would include what the allocator kept from before)
     ours = spawn("ours", str(a.n), str(a.repeat), "1")
+    fresh = spawn("ours", str(a.n), "1", "0")
     fwd = med(ours["forward_s"])
-    rows.append(("plain forward of our model (logits)", a.n, fwd, 1.0, ours["forward_peak_gib"]))
+    rows.append(("plain forward of our model (logits)", a.n, fwd, 1.0, ours["forward_peak_gib"][0]))
     ex = med(ours["explain_s"])
-    rows.append(("explain one token (no rollout)", a.n, ex, ex / fwd, ours["explain_peak_gib"]))
+    rows.append(("explain one token (no rollout)", a.n, ex, ex / fwd, fresh["explain_peak_gib"][0]))
     if "explain_rollout_s" in ours:
+        t = ours["explain_rollout_s"]
         rows.append(
-            (
-                "explain one token + rollout",
-                a.n,
-                ours["explain_rollout_s"],
-                ours["explain_rollout_s"] / fwd,
-                ours["explain_rollout_peak_gib"],
-            )
+            ("explain one token + rollout", a.n, t, t / fwd, fresh["explain_rollout_peak_gib"])
         )
     if a.hf:
         hf = spawn("hf", str(a.n), str(max(1, a.repeat - 1)))
@@ -222,7 +220,7 @@ def main() -> None:
                 a.long,
                 med(lo["explain_s"]),
                 float("nan"),
-                lo["explain_peak_gib"],
+                lo["explain_peak_gib"][0],
             )
         )
     html = spawn("html", "512")
