@@ -131,7 +131,7 @@ def test_causal_pronoun_cannot_separate_a_pair(tiny_causal, small_data):
     np.testing.assert_array_equal(q.accuracy, 0.5)  # identical lookups, opposite answers
     np.testing.assert_array_equal(q.pair_accuracy, 0.0)
     assert q.baseline == 0.5 and q.baseline_pair == 0.0
-    out = str(s)
+    out = " ".join(str(s).split())  # undo line wrapping
     assert "is causal" in out and "every head scores 50.0%" in out and "deciding word" in out
     assert "Best heads at the pronoun" not in out  # a table of identical 50% rows says nothing
 
