@@ -14,7 +14,7 @@ from rich.text import Text
 
 from .record import ExplainResult, Head
 
-BAR = 12  # characters of a full bar
+BAR = 8  # characters of a full bar
 
 
 def bar(x: float, full: float = 1.0, width: int = BAR) -> str:
@@ -108,7 +108,7 @@ def _by_contribution(idx, contrib) -> tuple[list, list]:
     return [idx[k] for k in order], [contrib[k] for k in order]
 
 
-def layer_table(r: ExplainResult, n: int = 3) -> Table:
+def layer_table(r: ExplainResult, n: int = 2) -> Table:
     t = Table(
         title="Per layer: mean weight over heads vs the content carried (‖Σ_h w·v W_O‖)",
         title_justify="left",
@@ -145,29 +145,39 @@ def heads_table(r: ExplainResult, n: int = 3) -> Table:
     return t
 
 
-def routing_heads(r: ExplainResult, n: int = 10) -> Table:
-    """Heads whose most-contributing key also takes much weight: content routing, not sinks."""
+def sinks(r: ExplainResult) -> set[int]:
+    """Keys left out of the "focused heads" table: the first token, special tokens, the query."""
+    return {0, r.query.index} | {t.index for t in r.tokens if t.special}
+
+
+def focused_heads(r: ExplainResult, n: int = 10) -> Table:
+    """The heads that put the most weight on one token other than the sinks (the first token,
+    special tokens) and the query itself — where the lookup is about content."""
+    skip = sinks(r)
     rows = []
     for lay in r.layers:
         for h in lay.heads:
-            k = h.key(h.top_contribution)
-            if k is not None:
-                rows.append((k.weight, lay.layer, h, k))
+            for rank, (j, w, c) in enumerate(zip(h.index, h.weight, h.contribution, strict=True)):
+                if int(j) not in skip:
+                    crank = int((h.contribution > c).sum()) + 1
+                    rows.append((float(w), lay.layer, h, int(j), float(c), rank + 1, crank))
+                    break
     rows.sort(key=lambda x: -x[0])
+    names = ", ".join(repr(tok(r, j)) for j in sorted(skip))
     t = Table(
-        title=f"Heads that route content to {tok(r, r.query.index)!r}: weight on the key that carried the most",
+        title=f"Heads that send {tok(r, r.query.index)!r} most to one token (other than {names})",
         title_justify="left",
     )
-    for col in ("layer", "head", "key", "weight", "contribution", "entropy"):
-        t.add_column(col, justify="left" if col == "key" else "right")
-    for w, layer, h, k in rows[:n]:
+    for col in ("layer", "head", "key", "weight", "contribution", "rank w/c"):
+        t.add_column(col, justify="left" if col in ("key", "weight") else "right", no_wrap=True)
+    for w, layer, h, j, c, rank, crank in rows[:n]:
         t.add_row(
             str(layer),
             str(h.head),
-            f"{tok(r, k.index)} ({k.index})",
+            f"{tok(r, j)} ({j})",
             f"{bar(w)} {w:.3f}",
-            f"{k.contribution:.3g}",
-            f"{h.entropy:.2f}",
+            f"{c:.3g}",
+            f"{rank} / {crank}",
         )
     return t
 
@@ -179,7 +189,7 @@ def key_table(r: ExplainResult, n: int = 10) -> Table:
         title_justify="left",
     )
     for col in ("layer", "head", "weight", "contribution", "rank in head"):
-        t.add_column(col, justify="right")
+        t.add_column(col, justify="left" if col == "weight" else "right", no_wrap=True)
     for layer, head, k in r.heads_to(r.key.index, n):
         h = r.head(layer, head)
         rank = int(sum(h.weight > k.weight)) + 1
@@ -196,12 +206,14 @@ def key_table(r: ExplainResult, n: int = 10) -> Table:
 def rollout_table(r: ExplainResult, n: int = 8) -> Table:
     assert r.rollout is not None
     v = r.rollout.values
-    order = [j for j in sorted(range(len(v)), key=lambda j: -v[j])[:n] if v[j] > 0]
+    order = [j for j in sorted(range(len(v)), key=lambda j: -v[j])[:n] if v[j] >= 1e-3] or [
+        int(v.argmax())
+    ]
     t = Table(
         title=f"Attention rollout through layer {r.rollout.through_layer} (Abnar & Zuidema 2020): "
         f"what {tok(r, r.query.index)!r} is made of",
         title_justify="left",
-        min_width=80,
+        min_width=60,
     )
     t.add_column("token")
     t.add_column("idx", justify="right")
@@ -209,6 +221,9 @@ def rollout_table(r: ExplainResult, n: int = 8) -> Table:
     vmax = max(float(v.max()), 1e-12)
     for j in order:
         t.add_row(tok(r, j), str(j), f"{bar(float(v[j]), vmax)} {v[j]:.3f}")
+    rest = float(v.sum() - sum(v[j] for j in order))
+    if rest >= 5e-4:
+        t.caption = f"the other tokens together: {rest:.3f}"
     return t
 
 
@@ -235,7 +250,7 @@ def render(r: ExplainResult, console: Console | None = None, *, n: int = 10) -> 
         c.print(heads_table(r))
     else:
         c.print(layer_table(r))
-        c.print(routing_heads(r, n))
+        c.print(focused_heads(r, n))
     if r.key is not None and len(heads) > 1:
         c.print(key_table(r, n))
     if r.rollout is not None:
