@@ -28,6 +28,8 @@ in base 2 and the LSE is returned in natural log. Mods and float biases act on n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -55,6 +57,39 @@ def _dropout_keep(
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + qs * 65_537 + ks) % (2**63))
     return torch.rand(shape, generator=g, device=device) >= p
+
+
+def each_block(fn: Callable[[int, int], None], starts: Iterable[int], device: torch.device) -> int:
+    """Run fn(qs, worker) for every query block; returns the number of workers used.
+
+    On CPU with several threads, blocks go to single-threaded workers (coarse parallelism over
+    query blocks, like FlashAttention's grid) instead of splitting every small op across
+    threads: one fork/join per call rather than per op, which also keeps a loaded machine from
+    stalling on each op's barrier. Worker w takes blocks w, w+W, w+2W, … — a fixed assignment,
+    so per-worker partial sums (dK, dV) add up in the same order every run: deterministic.
+    Intra-op threads are restored afterwards.
+    """
+    starts = list(starts)
+    workers = min(torch.get_num_threads(), len(starts))
+    if device.type != "cpu" or workers < 2:
+        for qs in starts:
+            fn(qs, 0)
+        return 1
+    grad = torch.is_grad_enabled()
+
+    def run(w: int) -> None:
+        with torch.set_grad_enabled(grad):
+            for qs in starts[w::workers]:
+                fn(qs, w)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(run, range(workers)))
+    finally:
+        torch.set_num_threads(threads)
+    return workers
 
 
 def _ones_column(x: Tensor) -> Tensor:  # (n r c) → (n r c+1) with a trailing column of ones
@@ -149,7 +184,8 @@ def _forward(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
     lse = torch.full((s.B, s.Hq, s.Sq), float("-inf"), dtype=cdt, device=dev)
     out5 = out.view(s.B, s.Hk, s.G, s.Sq, s.Dv)
     ev = s.Dv + 1 if t.fast else s.Dv  # acc carries Σp as its last column in fast mode
-    for qs in range(0, s.Sq, t.block_q):
+
+    def one(qs: int, worker: int) -> None:
         qe = min(qs + t.block_q, s.Sq)
         n = qe - qs
         qe3 = t.q_block(qs, qe)
@@ -201,6 +237,8 @@ def _forward(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
             o = o.masked_fill(hit > 0, float("nan"))
         out5[:, :, :, qs:qe] = o.view(s.B, s.Hk, s.G, n, s.Dv)
         lse[:, :, qs:qe] = (scoring.safe_max(m) + torch.log2(l)) * LN2
+
+    each_block(one, range(0, s.Sq, t.block_q), dev)
     return out, lse
 
 
@@ -208,12 +246,21 @@ def _backward(t: _Tiles, q: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse
     s, cdt, dev = t.spec, t.cdt, q.device
     nb = s.B * s.Hk
     dq = torch.zeros(s.B, s.Hq, s.Sq, s.D, dtype=cdt, device=dev)
-    dk = torch.zeros(nb, s.Sk, s.D, dtype=cdt, device=dev)
-    dv = torch.zeros(nb, s.Sk, s.Dv, dtype=cdt, device=dev)
     dq5 = dq.view(s.B, s.Hk, s.G, s.Sq, s.D)
     do5 = dout.unflatten(1, (s.Hk, s.G))
     o5 = out.unflatten(1, (s.Hk, s.G))
-    for qs in range(0, s.Sq, t.block_q):
+    workers = min(torch.get_num_threads(), -(-s.Sq // t.block_q)) if dev.type == "cpu" else 1
+    # per worker: (dk, dv) partial sums, added in worker order at the end
+    grads = [
+        (
+            torch.zeros(nb, s.Sk, s.D, dtype=cdt, device=dev),
+            torch.zeros(nb, s.Sk, s.Dv, dtype=cdt, device=dev),
+        )
+        for _ in range(max(1, workers))
+    ]
+
+    def one(qs: int, worker: int) -> None:
+        dk, dv = grads[worker]
         qe = min(qs + t.block_q, s.Sq)
         n = qe - qs
         qe3 = t.q_block(qs, qe)
@@ -270,6 +317,12 @@ def _backward(t: _Tiles, q: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse
             )
         dqb *= s.scale
         dq5[:, :, :, qs:qe] = dqb.view(s.B, s.Hk, s.G, n, s.D)
+
+    each_block(one, range(0, s.Sq, t.block_q), dev)
+    dk, dv = grads[0]
+    for pdk, pdv in grads[1:]:
+        dk += pdk
+        dv += pdv
     return dq, dk.view(s.B, s.Hk, s.Sk, s.D), dv.view(s.B, s.Hk, s.Sk, s.Dv)
 
 
