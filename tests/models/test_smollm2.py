@@ -162,16 +162,13 @@ def test_incremental_logits_equal_one_shot(model):
 
 
 def test_padded_batch_matches_single(model):
-    a, b = (model.tokenizer.encode(t).ids for t in ("Short text.", PROMPTS[0]))
-    S = max(len(a), len(b))
-    ids = torch.full((2, S), 2, dtype=torch.long)
-    mask = torch.zeros(2, S, dtype=torch.bool)
-    for row, seq in enumerate((a, b)):
-        ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), True  # right padding
+    batch = model.tokenizer.encode_batch(["Short text.", PROMPTS[0]])  # right padding
+    n = len(batch.encodings[0])
+    assert not batch.attention_mask[0, n:].any() and batch.attention_mask[1].all()
     with torch.no_grad():
-        batch = model(ids, attention_mask=mask)
-        single = model(torch.tensor([a]))
-    err = (batch[0, : len(a)] - single[0]).abs().max().item()
+        padded = model(batch.ids, attention_mask=batch.attention_mask)
+        single = model(torch.tensor([batch.encodings[0].ids]))
+    err = (padded[0, :n] - single[0]).abs().max().item()
     assert err < CACHE_TOL, f"padded row differs from the lone text by {err:.2e}"
 
 
@@ -179,7 +176,7 @@ def test_chat_template_matches_transformers(model, hf_tok):
     messages = [{"role": "user", "content": "What is 2+2?"}]
     ours = model.encode_prompt(messages, chat=True)
     theirs = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    theirs = theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs
+    theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs  # BatchEncoding or list
     assert ours == list(theirs)
     assert model.encode_prompt("What is 2+2?", chat=True) == ours
 
