@@ -189,6 +189,11 @@ def test_generate_text_stream_and_sampling(model):
     s1 = model.generate("Once upon a time", 8, temperature=0.8, top_k=20, seed=0)
     s2 = model.generate("Once upon a time", 8, temperature=0.8, top_k=20, seed=0)
     assert s1 == s2
+    steps = model.generate_ids(model.tokenizer.encode("Hi").ids, 3)
+    next(steps)
+    assert not torch.is_inference_mode_enabled()  # only inside the generator, not between yields
+    with pytest.raises(ValueError, match="no prompt tokens"):
+        model.generate_ids([], 3)  # checked at the call, not at the first next()
     answer = model.generate("What is the capital of France?", 16, chat=True)
     assert "Paris" in answer and "<|im_end|>" not in answer
 

@@ -313,7 +313,8 @@ class Llama(nn.Module):
         stop_ids: Sequence[int] | None = None,
         use_cache: bool = True,
     ) -> Iterator[int]:
-        """Yield up to `max_new_tokens` new token ids after `ids` (a stop id is yielded, then it ends).
+        """An iterator over up to `max_new_tokens` new token ids after `ids` (a stop id is yielded,
+        then it ends). Arguments are checked at the call; tokens are computed as it is consumed.
 
         temperature 0 → greedy (argmax); otherwise sample softmax(logits / temperature) over the
         `top_k` most likely tokens (all if None) with a generator seeded by `seed`. `use_cache`
@@ -329,28 +330,40 @@ class Llama(nn.Module):
         gen = None
         if temperature > 0:
             gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        device = self.embed.weight.device
         steps = min(max_new_tokens, c.max_positions - len(ids) + 1)
         if steps <= 0:
             raise ValueError(
                 f"prompt is {len(ids)} tokens, beyond {c.name}'s context of {c.max_positions}"
             )
-        with torch.inference_mode():
-            cache = KVCache(c.n_layers) if use_cache else None
-            seq = torch.tensor([ids], dtype=torch.long, device=device)
-            for step in range(steps):
-                if cache is None:
-                    h = self.hidden(seq)[:, -1]
-                else:
-                    h = self.hidden(seq if step == 0 else seq[:, -1:], cache=cache)[:, -1]
-                    if step == 0:
-                        cache.reserve(min(c.max_positions, len(ids) + steps))
-                logits = self.unembed(h)[0]  # (v)
-                nxt = _pick(logits, temperature, top_k, gen)
-                yield nxt
-                if nxt in stop or step == steps - 1:
-                    return
-                seq = torch.cat((seq, torch.tensor([[nxt]], dtype=torch.long, device=device)), 1)
+        return self._decode(ids, steps, temperature, top_k, gen, stop, use_cache)
+
+    @torch.inference_mode()  # as a decorator: active only while the generator runs, not between yields
+    def _decode(
+        self,
+        ids: list[int],
+        steps: int,
+        temperature: float,
+        top_k: int | None,
+        gen: torch.Generator | None,
+        stop: set[int],
+        use_cache: bool,
+    ) -> Iterator[int]:
+        c = self.config
+        device = self.embed.weight.device
+        cache = KVCache(c.n_layers) if use_cache else None
+        seq = torch.tensor([ids], dtype=torch.long, device=device)  # (1 i)
+        for step in range(steps):
+            if cache is None:
+                h = self.hidden(seq)[:, -1]  # (1 m)
+            else:
+                h = self.hidden(seq if step == 0 else seq[:, -1:], cache=cache)[:, -1]
+                if step == 0:
+                    cache.reserve(min(c.max_positions, len(ids) + steps))
+            nxt = _pick(self.unembed(h)[0], temperature, top_k, gen)
+            yield nxt
+            if nxt in stop or step == steps - 1:
+                return
+            seq = torch.cat((seq, torch.tensor([[nxt]], dtype=torch.long, device=device)), 1)
 
     def generate(
         self,
