@@ -81,7 +81,9 @@ def _train_config(args: argparse.Namespace, **fixed) -> TrainConfig:
     return TrainConfig(**{**kw, **fixed, "progress": not args.quiet})
 
 
-def _add_task_flags(p: argparse.ArgumentParser, recall_defaults: dict) -> None:
+def _add_task_flags(
+    p: argparse.ArgumentParser, recall_defaults: dict, recall_only: bool = False
+) -> None:
     g = p.add_argument_group("task (defaults from the task's dataclass)")
     r = RecallTask(**recall_defaults)
     g.add_argument("--records", type=int, help=f"recall: key→value records (default {r.n_records})")
@@ -97,6 +99,9 @@ def _add_task_flags(p: argparse.ArgumentParser, recall_defaults: dict) -> None:
         type=int,
         help="recall/induction: sequence length (recall: filler '_' pads the records)",
     )
+    if recall_only:
+        p.set_defaults(symbols=None, length=None)
+        return
     g.add_argument("--symbols", type=int, help="induction/copy: alphabet size (default 16)")
     g.add_argument("--length", type=int, help="copy: segment length (default 8)")
 
@@ -248,7 +253,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "projections",
         help="separate vs tied W_Q/W_K/W_V vs no value projection, several seeds, same budget",
         description="Train the same model on recall with W_Q, W_K, W_V separate; W_Q = W_K; W_Q = W_K = W_V; "
-        "and V = X. Prints a table (final held-out accuracy, steps to 90%%, mean ± sd over seeds) and saves "
+        "and V = X. Prints a table (final held-out accuracy, steps to 90%, mean ± sd over seeds) and saves "
         "a learning-curve PNG and a JSON of every run.",
     )
     x.add_argument(
@@ -270,7 +275,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument(
         "--json", default="projections.json", help="every run's numbers (default projections.json)"
     )
-    _add_task_flags(x, DEFAULT_TASK)
+    _add_task_flags(x, DEFAULT_TASK, recall_only=True)
     _add_arch_flags(x, with_projections=False)
     _add_train_flags(x, DEFAULT_STEPS, early_stop=False)
     x.set_defaults(run=run_experiment, projections=None)
