@@ -299,3 +299,13 @@ def test_ctrl_c_between_the_renames_is_held_back():
             done.append("both renames ran")
     assert done == ["both renames ran"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ignored_ctrl_c_stays_ignored():
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)  # e.g. a background job
+    try:
+        with tiny._hold_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -349,8 +349,12 @@ def checkpoint_tensors(model: TinyTransformer) -> dict[str, Tensor]:
 @contextlib.contextmanager
 def _hold_interrupts() -> Iterator[None]:
     """Defer Ctrl-C (SIGINT) until the block ends, so a pair of renames is never split.
-    Only the main thread can install signal handlers; elsewhere this is a no-op."""
-    if threading.current_thread() is not threading.main_thread():
+    Only the main thread can install signal handlers, and only Python's default handler is
+    replaced; otherwise this is a no-op."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):  # not the main thread, or Ctrl-C is ignored / handled by someone else: leave it alone
         yield
         return
     caught: list[tuple] = []
