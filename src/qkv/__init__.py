@@ -21,7 +21,7 @@ from .attention import (
     sliding_window_mask,
     softcap,
 )
-
+from .lens import explain, head_search
 from .models import available, load
 
 __version__ = "0.1.0"
@@ -35,10 +35,12 @@ __all__ = [
     "attention",
     "attention_weights",
     "available",
-    "load",
     "causal_mask",
     "document_mask",
+    "explain",
+    "head_search",
     "key_padding_mask",
+    "load",
     "or_masks",
     "prefix_lm_mask",
     "reference_attention",
