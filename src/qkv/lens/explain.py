@@ -181,8 +181,9 @@ def explain(
         key: a token (word or index) kept in every head whatever its rank, so that
             `result.heads_to(key)` ranks the heads that send the query most to it.
         rollout: attention rollout of the query through the layers (Abnar & Zuidema 2020).
-            True/False; None computes it for texts of at most 1024 tokens (it costs about the
-            q·kᵀ half of one attention forward; see `qkv.lens.rollout`).
+            True/False; None computes it for texts of at most 1024 tokens: it recomputes every
+            row the query depends on, O(L·H·N²·d) time (on smollm2 at 2048 tokens about as much
+            again as the forward) in O(chunk·N) memory; see `qkv.lens.rollout`.
         progress: show progress bars for steps that take longer than a second (default: when
             stderr is a terminal).
 
