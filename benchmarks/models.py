@@ -227,16 +227,21 @@ def load_smollm2_qkv(cache: bool = True):
     return llama.load_smollm2(cache_dir=None if cache else False)
 
 
-def load_smollm2_hf():
+def load_smollm2_hf(tokenizer: bool = False):
+    """LlamaForCausalLM (sdpa) from the GGUF; with `tokenizer`, also its GGUF tokenizer, as
+    qkv.load gives both."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from qkv.models import llama
 
     path = llama.package_file(llama.SMOLLM2_MODULE, llama.SMOLLM2_FILE, llama.SMOLLM2_PACKAGE)
-    return LlamaForCausalLM.from_pretrained(
+    model = LlamaForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, torch_dtype=torch.float32, attn_implementation="sdpa"
     ).eval()
+    if tokenizer:
+        model.tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model
 
 
 def smollm2_prefill(impl: str, model, ids):
@@ -266,7 +271,7 @@ def smollm2_worker(impl: str, args) -> dict:
     ids = smollm2_ids(SMOL_PREFILL)
     t = time.perf_counter()
     if impl == "hf":
-        model = load_smollm2_hf()
+        model = load_smollm2_hf(tokenizer=True)
     else:
         model = load_smollm2_qkv(cache=impl == "qkv")
     load_s = time.perf_counter() - t
@@ -333,7 +338,7 @@ def bench_smollm2(args) -> str:
     q, n, h = w["qkv"], w["qkv-nocache"], w["hf"]
     rows.append(
         [
-            "load s, fresh process (qkv: disk cache)",
+            "load model+tokenizer s, fresh process (qkv: disk cache)",
             f"{q['load_s']:.2f}",
             f"{h['load_s']:.2f}",
             f"{h['load_s'] / q['load_s']:.2f}×",
@@ -341,7 +346,7 @@ def bench_smollm2(args) -> str:
     )
     rows.append(
         [
-            "load s, fresh process (qkv: from the GGUF)",
+            "load model+tokenizer s, fresh process (qkv: from the GGUF)",
             f"{n['load_s']:.2f}",
             f"{h['load_s']:.2f}",
             f"{h['load_s'] / n['load_s']:.2f}×",
@@ -349,6 +354,14 @@ def bench_smollm2(args) -> str:
     )
     rows.append(
         ["peak RSS of process (load + 2048 prefill)", mib(q["peak_rss"]), mib(h["peak_rss"]), ""]
+    )
+    rows.append(
+        [
+            "  resident after: anon / file-backed",
+            f"{mib(q['anon'])} / {mib(q['file'])}",
+            f"{mib(h['anon'])} / {mib(h['file'])}",
+            "",
+        ]
     )
     ratio = f"{h['fwd_extra'] / q['fwd_extra']:.2f}× less" if q["fwd_extra"] > 0 else ""
     rows.append(["2048 prefill's extra peak RSS", mib(q["fwd_extra"]), mib(h["fwd_extra"]), ratio])
