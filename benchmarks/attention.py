@@ -37,6 +37,19 @@ def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def paired(ours, peer, repeats: int = 5) -> tuple[float, float]:
+    """Medians of alternating runs (ours, peer, ours, peer, …): on a shared machine both sides
+    see the same background load, so the ratio is fair even when single timings swing."""
+    ours(), peer()
+    a, b = [], []
+    for _ in range(repeats):
+        for fn, acc in ((ours, a), (peer, b)):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(a), statistics.median(b)
+
+
 def inputs(n: int, requires_grad: bool = False):
     g = torch.Generator().manual_seed(0)
     return [torch.randn(B, H, n, D, generator=g).requires_grad_(requires_grad) for _ in range(3)]
@@ -62,24 +75,27 @@ def speed_table(repeats: int) -> list[str]:
     for n in (1024, 4096):
         q, k, v = inputs(n)
         for causal in (False, True):
-            ours = median_time(lambda: qkv.attention(q, k, v, causal=causal), repeats)
-            sdpa = median_time(
-                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), repeats
+            ours, sdpa = paired(
+                lambda: qkv.attention(q, k, v, causal=causal),
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                repeats,
             )
             out.append(
                 row(f"auto {'causal' if causal else 'dense'} N={n} vs SDPA", ours, sdpa, 0.95)
             )
     q, k, v = inputs(4096)
     spec = make_spec(q, k, v, causal=True)
-    ours = median_time(lambda: tiled(q, k, v, spec), repeats)
-    sdpa = median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats)
+    ours, sdpa = paired(
+        lambda: tiled(q, k, v, spec),
+        lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        repeats,
+    )
     out.append(row("tiled causal N=4096 forward vs SDPA", ours, sdpa, 0.5))
     q, k, v = inputs(4096, requires_grad=True)
-    ours = median_time(
-        fwd_bwd(lambda q, k, v: qkv.attention(q, k, v, causal=True, backend="tiled"), q, k, v), 3
-    )
-    sdpa = median_time(
-        fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v), 3
+    ours, sdpa = paired(
+        fwd_bwd(lambda q, k, v: qkv.attention(q, k, v, causal=True, backend="tiled"), q, k, v),
+        fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v),
+        3,
     )
     out.append(row("tiled causal N=4096 fwd+bwd vs SDPA", ours, sdpa, 0.4))
     return out
@@ -105,7 +121,11 @@ def window_table(repeats: int, flex: bool) -> list[str]:
         compiled = torch.compile(flex_attention)
         compiled(q, k, v, block_mask=block_mask)
         compile_s = time.perf_counter() - t0
-        fl = median_time(lambda: compiled(q, k, v, block_mask=block_mask), repeats)
+        ours, fl = paired(
+            lambda: qkv.attention(q, k, v, window=(w - 1, 0)),
+            lambda: compiled(q, k, v, block_mask=block_mask),
+            repeats,
+        )
         out.append(row(f"auto window {w} N={n} vs compiled flex_attention", ours, fl, 1.0))
         out.append(f"\nflex_attention compile + block mask: {compile_s:.1f} s (once per shape)")
     return out

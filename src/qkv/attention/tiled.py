@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import scoring
@@ -242,6 +243,71 @@ def _forward(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
     return out, lse
 
 
+def banded_ok(t: _Tiles) -> bool:
+    """The banded forward applies to a plain sliding window (no other mask, mod or dropout)."""
+    s = t.spec
+    if (
+        not t.fast
+        or s.left is None
+        or s.right is None
+        or t.masked
+        or s.has_mods
+        or s.bias is not None
+    ):
+        return False
+    return s.Sq > 0 and s.Sk > 0 and s.left + s.right + 1 <= s.Sk // 2
+
+
+def _forward_banded(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
+    """Sliding-window forward with no per-tile Python: every query block's key span is a strided
+    view (`unfold`) of zero-padded K/V, so a handful of batched ops cover many blocks at once.
+
+    Block b holds rows b·n … b·n+n−1 and reads keys from s_b = b·n + δ − left, L = n+left+right
+    of them; inside a span the band is the same for every block: keep c ≥ r and c ≤ r+left+right
+    (row r, span column c), and keys outside 0..Sk−1 are padding. Memory O(Sq·L), not O(Sq·Sk).
+    """
+    s, cdt, dev = t.spec, t.cdt, q.device
+    n = t.block_q
+    L = n + s.left + s.right
+    nblk = -(-s.Sq // n)
+    first = s.delta - s.left  # key index where block 0's span starts
+    lo = max(0, -first)
+    hi = max(0, (nblk - 1) * n + first + L - s.Sk)
+    kp = F.pad(t.k3, (0, 0, lo, hi))  # (b·hk, lo+Sk+hi, d+1)
+    vp = F.pad(t.v3, (0, 0, lo, hi))  # (b·hk, lo+Sk+hi, e+1)
+    ks = kp[:, first + lo :].unfold(1, L, n)[:, :nblk]  # (b·hk, blk, d+1, L)
+    vs = vp[:, first + lo :].unfold(1, L, n)[:, :nblk]  # (b·hk, blk, e+1, L)
+    r = torch.arange(n, device=dev).view(-1, 1)
+    c = torch.arange(L, device=dev).view(1, -1)
+    band = (c >= r) & (c <= r + s.left + s.right)  # (i, L), the same for every block
+    j = torch.arange(nblk, device=dev).view(-1, 1) * n + first + c  # (blk, L) key index
+    keep = band.unsqueeze(0) & ((j >= 0) & (j < s.Sk)).unsqueeze(1)  # (blk, i, L)
+    pad_q = nblk * n - s.Sq
+    q5 = F.pad(t.q5, (0, 0, 0, pad_q)) * t.qmul  # (b hk g blk·n d)
+    qb = q5.unflatten(3, (nblk, n)).permute(0, 1, 3, 2, 4, 5)  # (b hk blk g n d)
+    qb = qb.reshape(s.B * s.Hk, nblk, s.G * n, s.D)
+    out = torch.empty(s.B * s.Hk, nblk, s.G * n, s.Dv, dtype=cdt, device=dev)
+    lse = torch.empty(s.B * s.Hk, nblk, s.G * n, dtype=cdt, device=dev)
+    step = max(1, (1 << 24) // max(1, s.B * s.Hq * n * L))  # ≤ 16M scores per chunk
+    for b0 in range(0, nblk, step):
+        b1 = min(nblk, b0 + step)
+        sc = qb[:, b0:b1] @ ks[:, b0:b1, : s.D]  # (b·hk, blk, g·n, L), base-2 logits
+        sc5 = sc.unflatten(2, (s.G, n))
+        sc5.masked_fill_(~keep[b0:b1].unsqueeze(1), float("-inf"))
+        m = scoring.safe_max(sc.amax(-1, keepdim=True))
+        pv = sc.sub_(m).exp2_() @ vs[:, b0:b1].transpose(-1, -2)  # [p·v, Σp]
+        l = pv[..., -1:]
+        out[:, b0:b1] = pv[..., :-1] / torch.where(l == 0, torch.ones_like(l), l)
+        lse[:, b0:b1] = ((m + torch.log2(l)) * LN2).squeeze(-1)
+    out = (
+        out.view(s.B, s.Hk, nblk, s.G, n, s.Dv)
+        .permute(0, 1, 3, 2, 4, 5)
+        .reshape(s.B, s.Hq, -1, s.Dv)
+    )
+    lse = lse.view(s.B, s.Hk, nblk, s.G, n).permute(0, 1, 3, 2, 4).reshape(s.B, s.Hq, -1)
+    return out[:, :, : s.Sq].contiguous(), lse[:, :, : s.Sq].contiguous()
+
+
 def _backward(t: _Tiles, q: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None):
     s, cdt, dev = t.spec, t.cdt, q.device
     nb = s.B * s.Hk
@@ -333,7 +399,7 @@ class _TiledAttention(torch.autograd.Function):
         if spec.dropout_p > 0:
             seed = int(torch.randint(0, 2**62, (1,), generator=spec.generator))
         t = _Tiles(q, k, v, spec, seed, block_q, block_k)
-        out_c, lse = _forward(t, q)
+        out_c, lse = _forward_banded(t, q) if banded_ok(t) else _forward(t, q)
         ctx.save_for_backward(q, k, v, out_c, lse)
         ctx.spec, ctx.seed, ctx.blocks = spec, seed, (block_q, block_k)
         return out_c.to(q.dtype), lse
