@@ -513,30 +513,17 @@ def from_gguf(contents: GGUFContents, *, name: str | None = None) -> Llama:
         )
     with torch.device("meta"):  # no memory, no random init: every tensor is assigned below
         model = Llama(config, tokenizer, contents.metadata.get("tokenizer.chat_template"))
-    _check_finite(contents)
     model.load_report = convert(
         contents.tensors,
         rules(config),
         model,
         n_layers=config.n_layers,
         source=str(contents.path),
-        check_finite=False,  # done above, ~15x faster
         assign=True,  # the dequantised tensors become the parameters (per-head views, no copy)
     )
     for block in model.blocks:
         block.attn.pack_()  # W_Q/W_K/W_V as views of one fused matrix: no copy per forward
     return model.eval()
-
-
-def _check_finite(contents: GGUFContents) -> None:
-    """ValueError naming the first tensor with NaN/inf. A sum is NaN/inf whenever an element is,
-    so `isfinite(t.sum())` clears a tensor in one fast pass (`isfinite(t).all()` is ~15× slower
-    on CPU); only a failing sum (or an overflow) runs the exact check."""
-    for name, t in contents.tensors.items():
-        if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-            raise ValueError(
-                f"{contents.path}: tensor {name!r} contains NaN or inf; the file is corrupted"
-            )
 
 
 def load_smollm2(*, cache_dir: str | Path | bool | None = None) -> Llama:
