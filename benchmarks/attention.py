@@ -188,11 +188,12 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU float32, B={B} H={H} D={D}\n"
     )
     tables = {}
+    # memory first: its subprocess must not inherit what torch.compile sets up for flex
     for name, fn in (
+        ("memory", (lambda: memory_table(32768)) if not args.quick else None),
         ("speed", lambda: speed_table(args.repeats)),
         ("window", lambda: window_table(args.repeats, flex=not args.quick)),
         ("weights", lambda: weights_table(args.repeats)),
-        ("memory", (lambda: memory_table(32768)) if not args.quick else None),
     ):
         if fn is None:
             continue

@@ -22,10 +22,6 @@ import subprocess
 import sys
 import time
 
-# benchmarks/ holds other scripts (e.g. cuda.py) that must not shadow modules torch imports
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
 WORDS = (
     "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "
     "and every token asks what it should look up before the answer arrives"

@@ -183,6 +183,12 @@ def make_spec(
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if causal:
         right = 0 if right is None else min(right, 0)
+    # a side that keeps every key is no constraint: drop it, so e.g. a causal decode step
+    # (Sq = 1) is plain attention and takes the fused path without a mask
+    if right is not None and right >= Sq - 1:
+        right = None
+    if left is not None and left >= Sk - 1:
+        left = None
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     if not isinstance(scale, int | float) or not math.isfinite(scale):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validate import positive_ints
 from ..nn import MLP, MultiHeadAttention, PostNormBlock
 from .convert import Rule, convert, heads_bias, heads_in, heads_out, read_safetensors
 from .registry import MODELS
@@ -48,19 +49,20 @@ class BertConfig:
     causal: bool = False
 
     def __post_init__(self) -> None:
-        for f in (
-            "n_layers",
-            "n_heads",
-            "n_kv_heads",
-            "d_model",
-            "d_head",
-            "d_mlp",
-            "vocab_size",
-            "max_positions",
-        ):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"BertConfig.{f} must be a positive int, got {v!r}")
+        positive_ints(
+            "BertConfig",
+            self,
+            (
+                "n_layers",
+                "n_heads",
+                "n_kv_heads",
+                "d_model",
+                "d_head",
+                "d_mlp",
+                "vocab_size",
+                "max_positions",
+            ),
+        )
         if self.n_heads * self.d_head != self.d_model:
             raise ValueError(
                 f"BERT needs n_heads·d_head == d_model, got {self.n_heads}·{self.d_head} != {self.d_model}"

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._validate import positive_ints
 from ..models.tiny import (
     TinyConfig,
     TinyTransformer,
@@ -64,17 +65,11 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in (
-            "steps",
-            "batch_size",
-            "eval_every",
-            "eval_size",
-            "test_size",
-            "checkpoint_every",
-        ):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"TrainConfig: {name} must be a positive int, got {v!r}")
+        positive_ints(
+            "TrainConfig",
+            self,
+            ("steps", "batch_size", "eval_every", "eval_size", "test_size", "checkpoint_every"),
+        )
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"TrainConfig: warmup must be an int ≥ 0, got {self.warmup!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
