@@ -99,14 +99,18 @@ def _residual(branch: Tensor, x: Tensor) -> Tensor:
     return branch + x
 
 
-class PreNormBlock(nn.Module):
-    """`h = x + attn(norm1(x)); out = h + mlp(norm2(h))` (GPT-2, Llama)."""
+class _Block(nn.Module):
+    """An attention sublayer and an MLP sublayer, each with its norm and residual."""
 
     def __init__(
         self, attn: MultiHeadAttention, mlp: nn.Module, norm1: nn.Module, norm2: nn.Module
     ) -> None:
         super().__init__()
         self.attn, self.mlp, self.norm1, self.norm2 = attn, mlp, norm1, norm2
+
+
+class PreNormBlock(_Block):
+    """`h = x + attn(norm1(x)); out = h + mlp(norm2(h))` (GPT-2, Llama)."""
 
     def forward(
         self, x: Tensor, *, mask: Tensor | None = None, cache: LayerCache | None = None
@@ -115,14 +119,8 @@ class PreNormBlock(nn.Module):
         return _residual(self.mlp(self.norm2(h)), h)
 
 
-class PostNormBlock(nn.Module):
+class PostNormBlock(_Block):
     """`h = norm1(x + attn(x)); out = norm2(h + mlp(h))` (original Transformer, BERT)."""
-
-    def __init__(
-        self, attn: MultiHeadAttention, mlp: nn.Module, norm1: nn.Module, norm2: nn.Module
-    ) -> None:
-        super().__init__()
-        self.attn, self.mlp, self.norm1, self.norm2 = attn, mlp, norm1, norm2
 
     def forward(
         self, x: Tensor, *, mask: Tensor | None = None, cache: LayerCache | None = None
