@@ -38,6 +38,9 @@ def test_matches_complex_formula(interleaved, dtype, d, base):
     assert got.dtype == dtype and got.shape == x.shape
     want = complex_rope(x.to(dtype), pos, base, interleaved)
     assert (got.double() - want).abs().max() <= TOL[dtype] * want.abs().max()
+    # an int start means the contiguous positions start … start+S−1 (the slice fast path)
+    sliced = rope(x.to(dtype), 5)
+    assert (sliced.double() - want).abs().max() <= TOL[dtype] * want.abs().max()
 
 
 @pytest.mark.parametrize("interleaved", [False, True])

@@ -234,8 +234,7 @@ class MultiHeadAttention(nn.Module):
         q, k, v = qkv.split((H, K, K), dim=1)  # (b h i d), (b k i d), (b k i d)
         start = 0 if cache is None else cache.length
         if self.rope is not None:
-            pos = torch.arange(start, start + S, device=x.device)
-            q, k = self.rope(q, pos), self.rope(k, pos)
+            q, k = self.rope(q, start), self.rope(k, start)  # positions start … start+S−1
         if cache is not None:
             k, v = cache.append(k, v)  # (b k j d)
         caps = _ACTIVE.get()

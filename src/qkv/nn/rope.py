@@ -55,10 +55,21 @@ class RotaryEmbedding(nn.Module):
             self._tables[key] = got
         return got
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | int) -> Tensor:
+        """Rotate x (b h i d) by its positions: a tensor (i,) or (b, i), or an int `start` for
+        the contiguous positions start … start+i−1 (a slice of the tables, no gather)."""
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != self.d_head:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"rope expects x of shape (B, H, S, d_head={self.d_head}), got {got}")
+        if isinstance(positions, int) and not isinstance(positions, bool):
+            if positions < 0:
+                raise ValueError(f"positions must be ≥ 0, got start={positions}")
+            S = x.shape[2]
+            cdt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+            cos_t, sin_t = self.tables(positions + S, x.device, cdt)
+            return self._rotate(
+                x, cos_t[positions : positions + S], sin_t[positions : positions + S], cdt
+            )
         if not isinstance(positions, Tensor) or positions.dtype not in (torch.int64, torch.int32):
             raise TypeError(
                 f"positions must be an int64 tensor of shape (S,) or (B, S), got {positions!r}"
@@ -87,6 +98,9 @@ class RotaryEmbedding(nn.Module):
         cos, sin = cos_t[pos], sin_t[pos]  # (i p) or (b i p)
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # (b 1 i p)
+        return self._rotate(x, cos, sin, cdt)
+
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor, cdt: torch.dtype) -> Tensor:
         xc = x.to(cdt)
         if self.interleaved:
             a, b = xc[..., 0::2], xc[..., 1::2]
