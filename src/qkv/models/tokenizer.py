@@ -183,3 +183,15 @@ class Tokenizer:
                 )
             ids = ids.tolist()
         return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def ids_shape(ids: object) -> tuple[int, int]:
+    """(B, S) of a batch of token ids; TypeError unless it is a (B, S) int64 tensor."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
+        got = (
+            f"{ids.dtype} {tuple(ids.shape)}"
+            if isinstance(ids, torch.Tensor)
+            else type(ids).__name__
+        )
+        raise TypeError(f"ids must be a (B, S) int64 (torch.long) tensor of token ids, got {got}")
+    return ids.shape[0], ids.shape[1]
