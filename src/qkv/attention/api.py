@@ -182,5 +182,5 @@ def attention_weights(
             got = tuple(lse.shape) if isinstance(lse, Tensor) else type(lse).__name__
             raise ValueError(f"lse must have shape (B, Hq, Sq) = {want}, got {got}")
         lse_r = lse[:, :, idx].to(device=q.device, dtype=cdt).unsqueeze(-1)
-    lse_r = torch.where(lse_r == float("-inf"), torch.full_like(lse_r, float("inf")), lse_r)
+    lse_r = scoring.empty_rows_to_inf(lse_r)
     return torch.exp(logits - lse_r)

@@ -145,6 +145,11 @@ def safe_max(m: Tensor) -> Tensor:
     return torch.where(m == NEG_INF, torch.zeros_like(m), m)
 
 
+def empty_rows_to_inf(lse: Tensor) -> Tensor:
+    """An empty row's LSE −inf becomes +inf, so exp(logit − lse) is 0 there (not NaN)."""
+    return torch.where(lse == NEG_INF, torch.full_like(lse, float("inf")), lse)
+
+
 def all_finite(x: Tensor) -> bool:
     """True if x holds no NaN/inf, in one reduction pass (a finite sum proves it; a sum that
     overflows only sends the caller down its careful path)."""

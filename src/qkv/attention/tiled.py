@@ -60,8 +60,14 @@ def _dropout_keep(
     return torch.rand(shape, generator=g, device=device) >= p
 
 
-def each_block(fn: Callable[[int, int], None], starts: Iterable[int], device: torch.device) -> int:
-    """Run fn(qs, worker) for every query block; returns the number of workers used.
+def n_workers(n_blocks: int, device: torch.device) -> int:
+    """How many workers `each_block` uses for n_blocks query blocks (1 = run inline)."""
+    workers = min(torch.get_num_threads(), n_blocks) if device.type == "cpu" else 1
+    return max(1, workers)
+
+
+def each_block(fn: Callable[[int, int], None], starts: Iterable[int], device: torch.device) -> None:
+    """Run fn(qs, worker) for every query block, worker in range(n_workers(len(starts))).
 
     On CPU with several threads, blocks go to single-threaded workers (coarse parallelism over
     query blocks, like FlashAttention's grid) instead of splitting every small op across
@@ -71,11 +77,11 @@ def each_block(fn: Callable[[int, int], None], starts: Iterable[int], device: to
     Intra-op threads are restored afterwards.
     """
     starts = list(starts)
-    workers = min(torch.get_num_threads(), len(starts))
-    if device.type != "cpu" or workers < 2:
+    workers = n_workers(len(starts), device)
+    if workers < 2:
         for qs in starts:
             fn(qs, 0)
-        return 1
+        return
     grad = torch.is_grad_enabled()
 
     def run(w: int) -> None:
@@ -90,7 +96,6 @@ def each_block(fn: Callable[[int, int], None], starts: Iterable[int], device: to
             list(pool.map(run, range(workers)))
     finally:
         torch.set_num_threads(threads)
-    return workers
 
 
 def _ones_column(x: Tensor) -> Tensor:  # (n r c) → (n r c+1) with a trailing column of ones
@@ -315,14 +320,14 @@ def _backward(t: _Tiles, q: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse
     dq5 = dq.view(s.B, s.Hk, s.G, s.Sq, s.D)
     do5 = dout.unflatten(1, (s.Hk, s.G))
     o5 = out.unflatten(1, (s.Hk, s.G))
-    workers = min(torch.get_num_threads(), -(-s.Sq // t.block_q)) if dev.type == "cpu" else 1
+    workers = n_workers(len(range(0, s.Sq, t.block_q)), dev)
     # per worker: (dk, dv) partial sums, added in worker order at the end
     grads = [
         (
             torch.zeros(nb, s.Sk, s.D, dtype=cdt, device=dev),
             torch.zeros(nb, s.Sk, s.Dv, dtype=cdt, device=dev),
         )
-        for _ in range(max(1, workers))
+        for _ in range(workers)
     ]
 
     def one(qs: int, worker: int) -> None:
@@ -336,7 +341,7 @@ def _backward(t: _Tiles, q: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse
         if dlse is not None:
             delta = delta - t.rows3(dlse[:, :, qs:qe].unsqueeze(-1)).squeeze(-1).to(cdt)
         lse_b = lse[:, :, qs:qe] * LOG2E  # base 2
-        lse_b = torch.where(lse_b == float("-inf"), torch.full_like(lse_b, float("inf")), lse_b)
+        lse_b = scoring.empty_rows_to_inf(lse_b)
         if t.fast:
             qe3[..., -1] = -t.rows3(lse_b.unsqueeze(-1)).squeeze(-1)
             dob = torch.cat([dob, -delta.unsqueeze(-1)], dim=-1)  # [dO, −Δ]·[v, 1] = dP − Δ
