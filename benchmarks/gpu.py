@@ -1,7 +1,12 @@
-"""The engine on a GPU: correctness of `tiled` against PyTorch SDPA, then a timing table.
+"""The engine on a GPU: correctness of `tiled` against PyTorch SDPA, then timing and memory tables.
 
-    python benchmarks/gpu.py                  # on a CUDA machine (≈ 1–2 minutes)
+    python benchmarks/gpu.py                  # on a CUDA machine (≈ 2–4 minutes)
     python benchmarks/gpu.py --device cpu --quick   # smoke test of the script itself
+
+Sections: (1) max |ours − SDPA| for the output and dQ/dK/dV, per dtype and case; (2) forward
+time, tiled and auto vs SDPA; (3) causal forward+backward time and peak CUDA memory; (4) a
+sliding window of 256 vs SDPA with the equivalent boolean mask and vs compiled flex_attention.
+Ratios are peer time / our time (> 1 means we are faster), all measured in the same run.
 
 (Not named cuda.py: a script of that name in benchmarks/ shadows the `cuda` package that
 torch imports at start-up, and breaks every sibling script.)
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +27,8 @@ import torch.nn.functional as F
 import qkv
 
 TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # vs SDPA, same dtype
+GRAD_FACTOR = 10  # gradients are sums over Sq rows: allow 10× the output tolerance
+D = 64
 
 
 def sync(device: str) -> None:
@@ -28,7 +36,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device: str, repeats: int = 10) -> float:
+def median_ms(fn: Callable[[], object], device: str, repeats: int = 10) -> float:
     fn()
     sync(device)
     times = []
@@ -40,51 +48,141 @@ def median_ms(fn, device: str, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
+def peak_mib(fn: Callable[[], object], device: str) -> float:
+    """Peak CUDA memory allocated while `fn` runs, above what was allocated before (MiB)."""
+    if device != "cuda":
+        return float("nan")
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def qkv_tensors(device: str, dtype, b: int, hq: int, hk: int, n: int, grad: bool, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = ((b, hq, n, D), (b, hk, n, D), (b, hk, n, D))
+    return [
+        torch.randn(s, device=device, dtype=dtype, generator=g).requires_grad_(grad) for s in shapes
+    ]
+
+
+def window_mask(n: int, w: int, device: str) -> torch.Tensor:  # (n n) bool, True = keep
+    i = torch.arange(n, device=device)
+    d = i[:, None] - i[None, :]
+    return (d >= 0) & (d < w)
+
+
 def correctness(device: str, dtypes, n: int) -> list[str]:
     rows = [
-        "| dtype | case | max |out − SDPA| | max |dq − SDPA dq| | ok |",
-        "|---|---|---|---|---|",
+        "| dtype | case | max abs Δ out | Δ dq | Δ dk | Δ dv | ok |",
+        "|---|---|---|---|---|---|---|",
     ]
+    mask = window_mask(n, 256, device)
+    cases = (
+        ("causal mha 8/8", 8, 8, dict(causal=True), dict(is_causal=True)),
+        ("causal gqa 8/2", 8, 2, dict(causal=True), dict(is_causal=True, enable_gqa=True)),
+        ("dense mqa 8/1", 8, 1, {}, dict(enable_gqa=True)),
+        ("window 256 8/8", 8, 8, dict(window=(255, 0)), dict(attn_mask=mask)),
+    )
     for dtype in dtypes:
-        for name, hq, hk, kw, skw in (
-            ("causal mha", 8, 8, dict(causal=True), dict(is_causal=True)),
-            ("causal gqa 8/2", 8, 2, dict(causal=True), dict(is_causal=True, enable_gqa=True)),
-            ("dense mqa 8/1", 8, 1, {}, dict(enable_gqa=True)),
-        ):
-            g = torch.Generator(device=device).manual_seed(0)
-            q = torch.randn(
-                2, hq, n, 64, device=device, dtype=dtype, generator=g, requires_grad=True
-            )
-            k = torch.randn(
-                2, hk, n, 64, device=device, dtype=dtype, generator=g, requires_grad=True
-            )
-            v = torch.randn(
-                2, hk, n, 64, device=device, dtype=dtype, generator=g, requires_grad=True
-            )
+        for name, hq, hk, kw, skw in cases:
+            q, k, v = qkv_tensors(device, dtype, 2, hq, hk, n, grad=True)
             ours = qkv.attention(q, k, v, backend="tiled", **kw)
-            (dq,) = torch.autograd.grad(ours.float().sum(), q)
+            g_ours = torch.autograd.grad(ours.float().sum(), (q, k, v))
             want = F.scaled_dot_product_attention(q, k, v, **skw)
-            (dq_want,) = torch.autograd.grad(want.float().sum(), q)
+            g_want = torch.autograd.grad(want.float().sum(), (q, k, v))
             e_o = (ours.float() - want.float()).abs().max().item()
-            e_g = (dq.float() - dq_want.float()).abs().max().item()
-            ok = "yes" if e_o <= TOL[dtype] and e_g <= 10 * TOL[dtype] else "NO"
-            rows.append(f"| {dtype} | {name} | {e_o:.2e} | {e_g:.2e} | {ok} |")
+            e_g = [
+                (a.float() - b.float()).abs().max().item()
+                for a, b in zip(g_ours, g_want, strict=True)
+            ]
+            ok = e_o <= TOL[dtype] and max(e_g) <= GRAD_FACTOR * TOL[dtype]
+            cells = " | ".join(f"{e:.2e}" for e in (e_o, *e_g))
+            rows.append(f"| {dtype} | {name} | {cells} | {'yes' if ok else 'NO'} |")
     return rows
 
 
-def timing(device: str, dtype, sizes) -> list[str]:
-    rows = ["| N | case | tiled | auto | SDPA | tiled/SDPA |", "|---|---|---|---|---|---|"]
+def forward_timing(device: str, dtype, sizes) -> list[str]:
+    rows = [
+        "| N | case | tiled | auto | SDPA | SDPA/tiled | SDPA/auto |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for n in sizes:
-        q, k, v = (torch.randn(1, 8, n, 64, device=device, dtype=dtype) for _ in range(3))
+        q, k, v = qkv_tensors(device, dtype, 1, 8, 8, n, grad=False)
         for causal in (False, True):
             t = median_ms(lambda: qkv.attention(q, k, v, causal=causal, backend="tiled"), device)
             a = median_ms(lambda: qkv.attention(q, k, v, causal=causal), device)
             s = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), device)
+            case = "causal" if causal else "dense"
             rows.append(
-                f"| {n} | {'causal' if causal else 'dense'} fwd | {t:.2f} ms | {a:.2f} ms | {s:.2f} ms | {s / t:.2f}× |"
+                f"| {n} | {case} | {t:.2f} ms | {a:.2f} ms | {s:.2f} ms | {s / t:.2f}× | {s / a:.2f}× |"
             )
-        t = median_ms(lambda: qkv.attention(q, k, v, window=(255, 0), backend="tiled"), device)
-        rows.append(f"| {n} | window 256 fwd | {t:.2f} ms | | | |")
+    return rows
+
+
+def backward_timing(device: str, dtype, sizes) -> list[str]:
+    rows = [
+        "| N | causal fwd+bwd | tiled | SDPA | SDPA/tiled | peak tiled | peak SDPA |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in sizes:
+        q, k, v = qkv_tensors(device, dtype, 1, 8, 8, n, grad=True)
+
+        def step(fn):
+            return lambda: torch.autograd.grad(fn().sum(), (q, k, v))
+
+        ours = step(lambda: qkv.attention(q, k, v, causal=True, backend="tiled"))
+        peer = step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        t, s = median_ms(ours, device, 5), median_ms(peer, device, 5)
+        mt, ms = peak_mib(ours, device), peak_mib(peer, device)
+        rows.append(
+            f"| {n} | B=1 H=8 | {t:.1f} ms | {s:.1f} ms | {s / t:.2f}× | {mt:.0f} MiB | {ms:.0f} MiB |"
+        )
+    return rows
+
+
+def window_timing(device: str, dtype, n: int, w: int = 256) -> list[str]:
+    rows = [
+        f"| N={n}, window {w}, causal | forward | fwd+bwd | peak fwd+bwd |",
+        "|---|---|---|---|",
+    ]
+    q, k, v = qkv_tensors(device, dtype, 1, 8, 8, n, grad=True)
+    mask = window_mask(n, w, device)
+
+    def both(fn):
+        fwd = lambda: fn()  # noqa: E731
+        bwd = lambda: torch.autograd.grad(fn().sum(), (q, k, v))  # noqa: E731
+        return fwd, bwd
+
+    runs = {
+        "qkv tiled (banded)": both(lambda: qkv.attention(q, k, v, window=(w - 1, 0))),
+        "SDPA + bool mask": both(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)),
+    }
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def keep(b, h, qi, ki):
+            return (qi >= ki) & (qi - ki < w)
+
+        bm = create_block_mask(keep, None, None, n, n, device=device)
+        flex = torch.compile(flex_attention)
+        runs["flex_attention (compiled)"] = both(lambda: flex(q, k, v, block_mask=bm))
+    except Exception as e:  # report, keep measuring the rest
+        rows.append(f"| flex_attention unavailable: {type(e).__name__}: {e} | | | |")
+    times = {}
+    for name, (fwd, bwd) in runs.items():
+        try:
+            times[name] = (median_ms(fwd, device), median_ms(bwd, device, 5), peak_mib(bwd, device))
+        except Exception as e:
+            rows.append(f"| {name} failed: {type(e).__name__}: {str(e)[:120]} | | | |")
+    for name, (f, b, m) in times.items():
+        rows.append(f"| {name} | {f:.2f} ms | {b:.2f} ms | {m:.0f} MiB |")
+    ours = times.get("qkv tiled (banded)")
+    for name, (f, b, _) in times.items():
+        if ours and name != "qkv tiled (banded)":
+            rows.append(f"| ratio {name} / qkv | {f / ours[0]:.2f}× | {b / ours[1]:.2f}× | |")
     return rows
 
 
@@ -93,20 +191,26 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs")
+    ap.add_argument("--dtypes", default=None, help="comma list, e.g. float32,bfloat16")
     args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run on a GPU machine, or pass --device cpu --quick")
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"device: {name}, torch {torch.__version__}\n")
-    dtypes = (
-        [torch.float32] if args.device == "cpu" else [torch.float32, torch.bfloat16, torch.float16]
-    )
-    print("\n".join(correctness(args.device, dtypes, 128 if args.quick else 1024)) + "\n")
+    name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
+    print(f"device: {name}, torch {torch.__version__}\n", flush=True)
+    default = "float32" if dev == "cpu" else "float32,bfloat16,float16"
+    dtypes = [getattr(torch, d) for d in (args.dtypes or default).split(",")]
+    print("## correctness: tiled vs SDPA, B=2, D=64\n", flush=True)
+    print("\n".join(correctness(dev, dtypes, 128 if args.quick else 1024)) + "\n", flush=True)
+    dtype = torch.float32 if dev == "cpu" else torch.bfloat16
     sizes = [256] if args.quick else [1024, 4096, 16384]
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    print(f"timing, {dtype}, B=1 H=8 D=64, median of 10:\n")
-    print("\n".join(timing(args.device, dtype, sizes)))
+    print(f"## forward, {dtype}, B=1 H=8 D=64, median of 10\n", flush=True)
+    print("\n".join(forward_timing(dev, dtype, sizes)) + "\n", flush=True)
+    print(f"## causal forward+backward, {dtype}, median of 5\n", flush=True)
+    print("\n".join(backward_timing(dev, dtype, sizes)) + "\n", flush=True)
+    print(f"## sliding window, {dtype}, B=1 H=8 D=64\n", flush=True)
+    print("\n".join(window_timing(dev, dtype, 512 if args.quick else 16384)), flush=True)
 
 
 if __name__ == "__main__":
