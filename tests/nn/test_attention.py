@@ -192,6 +192,30 @@ def test_pack_keeps_values_and_needs_no_fused_copy():
     assert all(p.grad is not None for p in mha.parameters())
 
 
+def test_packed_view_follows_in_place_edits_and_relayouts():
+    """The packed fused view is reused across calls only while it is still the weights' storage:
+    an in-place edit shows at once, and `.double()` (new storage) is computed afresh."""
+    torch.manual_seed(10)
+    mha = MultiHeadAttention(24, 6, n_kv_heads=2, d_head=4, rope=RotaryEmbedding(4), causal=True)
+    mha.requires_grad_(False).pack_()
+    x = torch.randn(2, 5, 24)
+    mha(x)  # caches the packed view
+    with torch.no_grad():
+        mha.W_K.mul_(-2.0)
+        mha.b_V.add_(1.0)
+    pos = torch.arange(5)
+    m64 = MultiHeadAttention(24, 6, n_kv_heads=2, d_head=4, rope=RotaryEmbedding(4), causal=True)
+    m64.load_state_dict({n: p.double() for n, p in mha.state_dict().items()}, strict=True)
+    m64.double()
+    got = mha(x)
+    torch.testing.assert_close(
+        got.double(), explicit(x.double(), m64, None, True, pos), atol=1e-5, rtol=0
+    )
+    want = explicit(x.double(), mha.double(), None, True, pos)  # new storage: packed view dropped
+    torch.testing.assert_close(mha(x.double()), want, rtol=0, atol=F64_TOL)
+    assert mha._packed is None
+
+
 def test_cache_built_in_inference_mode_is_not_reused_for_autograd():
     mha = MultiHeadAttention(16, 2).requires_grad_(False)
     x = torch.randn(1, 3, 16)

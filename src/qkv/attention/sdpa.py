@@ -45,7 +45,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Tensor:
         spec.left is None and spec.right == 0 and spec.mask is None and spec.mask_mod is None
     )
     is_causal = only_causal and spec.Sq == spec.Sk
-    mask = None if is_causal else dense_mask(spec, q.device)
+    mask = None if is_causal or not spec.masked else dense_mask(spec, q.device)
     if mask is not None and mask.is_floating_point():
         mask = mask.to(q.dtype)
     return F.scaled_dot_product_attention(

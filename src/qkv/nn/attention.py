@@ -106,6 +106,7 @@ class MultiHeadAttention(nn.Module):
             self.register_parameter("b_V", None)
             self.register_parameter("b_O", None)
         self._fused: tuple | None = None  # (params, versions, w, b), see fused_qkv
+        self._packed: tuple | None = None  # (data_ptrs, w): the packed view, see fused_qkv
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -138,9 +139,15 @@ class MultiHeadAttention(nn.Module):
         params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
         grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
         if not grad:
-            w = self._packed_weight()
-            if w is not None:
-                return w, self._bias()
+            # still the layout `pack_` made (same storage: in-place edits show through the view)
+            key = (self.W_Q.data_ptr(), self.W_K.data_ptr(), self.W_V.data_ptr())
+            key += (torch.is_inference_mode_enabled(),)
+            if self._packed is not None and self._packed[0] != key:
+                self._packed = None  # re-laid out (e.g. `.to()`): let the old storage go
+            if self._packed is None and (w := self._packed_weight()) is not None:
+                self._packed = (key, w)
+            if self._packed is not None:
+                return self._packed[1], self._bias()
             key = (
                 tuple(None if p is None else (p._version, p.data_ptr(), p.dtype) for p in params),
                 torch.is_inference_mode_enabled(),  # an inference tensor is no use outside it
@@ -195,7 +202,7 @@ class MultiHeadAttention(nn.Module):
             b = torch.cat((self.b_Q, self.b_K, self.b_V), 0)  # ((h+2k) d)
             for name, lo, hi in parts:
                 getattr(self, "b" + name[1:]).data = b[lo:hi]
-        self._fused = None
+        self._fused = self._packed = None
         return self
 
     def _check(self, x: object, mask: object, cache: object) -> None:
@@ -231,10 +238,12 @@ class MultiHeadAttention(nn.Module):
         w, b = self.fused_qkv()
         qkv = F.linear(x, w, b)  # (b i (h+2k)·d)
         qkv = qkv.view(B, S, H + 2 * K, D).transpose(1, 2)  # (b (h+2k) i d)
-        q, k, v = qkv.split((H, K, K), dim=1)  # (b h i d), (b k i d), (b k i d)
         start = 0 if cache is None else cache.length
-        if self.rope is not None:
-            q, k = self.rope(q, start), self.rope(k, start)  # positions start … start+S−1
+        if self.rope is None:
+            q, k, v = qkv.split((H, K, K), dim=1)  # (b h i d), (b k i d), (b k i d)
+        else:  # q and k rotate together: one pass over (b (h+k) i d), positions start … start+S−1
+            qk, v = qkv.split((H + K, K), dim=1)
+            q, k = self.rope(qk, start).split((H, K), dim=1)
         if cache is not None:
             k, v = cache.append(k, v)  # (b k j d)
         caps = _ACTIVE.get()

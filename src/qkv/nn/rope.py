@@ -45,13 +45,20 @@ class RotaryEmbedding(nn.Module):
         return self.base ** (-p / self.d_head)
 
     def tables(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin of shape (≥n, d/2) for positions 0.. on `device` in `dtype` (grown on demand)."""
+        """cos_w, sin_w of shape (≥n, d) for positions 0.. on `device` in `dtype` (grown on
+        demand): each pair's cos on both its features, and its sin signed −sin on the first."""
         key = (device, dtype)
         got = self._tables.get(key)
         if got is None or got[0].shape[0] < n:
             size = max(256, 1 << (max(n, 1) - 1).bit_length())
             ang = torch.arange(size, dtype=torch.float64)[:, None] * self.inv_freq()[None, :]
-            got = (ang.cos().to(device, dtype), ang.sin().to(device, dtype))
+            cos, sin = ang.cos(), ang.sin()
+            if self.interleaved:  # features (2p, 2p+1) form pair p
+                cos_w = torch.stack((cos, cos), -1).flatten(-2)
+                sin_w = torch.stack((-sin, sin), -1).flatten(-2)
+            else:  # features (p, p + d/2) form pair p
+                cos_w, sin_w = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+            got = (cos_w.to(device, dtype), sin_w.to(device, dtype))
             self._tables[key] = got
         return got
 
@@ -66,10 +73,9 @@ class RotaryEmbedding(nn.Module):
                 raise ValueError(f"positions must be ≥ 0, got start={positions}")
             S = x.shape[2]
             cdt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-            cos_t, sin_t = self.tables(positions + S, x.device, cdt)
-            return self._rotate(
-                x, cos_t[positions : positions + S], sin_t[positions : positions + S], cdt
-            )
+            cos_w, sin_w = self.tables(positions + S, x.device, cdt)
+            end = positions + S
+            return self._rotate(x, cos_w[positions:end], sin_w[positions:end], cdt)
         if not isinstance(positions, Tensor) or positions.dtype not in (torch.int64, torch.int32):
             raise TypeError(
                 f"positions must be an int64 tensor of shape (S,) or (B, S), got {positions!r}"
@@ -93,20 +99,21 @@ class RotaryEmbedding(nn.Module):
             raise ValueError("positions must be ≥ 0")
         n = int(positions.max()) + 1 if positions.numel() else 0
         cdt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        cos_t, sin_t = self.tables(n, x.device, cdt)
+        cos_w, sin_w = self.tables(n, x.device, cdt)
         pos = positions.to(x.device)
-        cos, sin = cos_t[pos], sin_t[pos]  # (i p) or (b i p)
+        cos, sin = cos_w[pos], sin_w[pos]  # (i d) or (b i d)
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # (b 1 i p)
         return self._rotate(x, cos, sin, cdt)
 
-    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor, cdt: torch.dtype) -> Tensor:
+    def _rotate(self, x: Tensor, cos_w: Tensor, sin_w: Tensor, cdt: torch.dtype) -> Tensor:
+        """x·cos_w + swap(x)·sin_w, where swap exchanges the two features of each pair: for
+        pair (a, b) that is (a·cos − b·sin, b·cos + a·sin), the same products and sums as the
+        complex form, in four ops."""
         xc = x.to(cdt)
         if self.interleaved:
-            a, b = xc[..., 0::2], xc[..., 1::2]
-            out = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+            swapped = xc.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (b a) per pair
         else:
             half = self.d_head // 2
-            a, b = xc[..., :half], xc[..., half:]
-            out = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
-        return out.to(x.dtype)
+            swapped = torch.cat((xc[..., half:], xc[..., :half]), dim=-1)
+        return (xc * cos_w + swapped * sin_w).to(x.dtype)
