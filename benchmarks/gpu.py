@@ -3,9 +3,11 @@
     python benchmarks/gpu.py                  # on a CUDA machine (≈ 2–4 minutes)
     python benchmarks/gpu.py --device cpu --quick   # smoke test of the script itself
 
-Sections: (1) max |ours − SDPA| for the output and dQ/dK/dV, per dtype and case; (2) forward
-time, tiled and auto vs SDPA; (3) causal forward+backward time and peak CUDA memory; (4) a
-sliding window of 256 vs SDPA with the equivalent boolean mask and vs compiled flex_attention.
+Sections: (1) max |ours − SDPA| for the output and dQ/dK/dV, per dtype and case; (2) the
+output and LSE of `return_lse=True` (the lens' call) vs float64, with the backend `auto` picks;
+(3) forward time, tiled and auto vs SDPA; (4) causal forward+backward time and peak CUDA
+memory; (5) a sliding window of 256 vs SDPA with the equivalent boolean mask and vs compiled
+flex_attention.
 Ratios are peer time / our time (> 1 means we are faster), all measured in the same run.
 
 (Not named cuda.py: a script of that name in benchmarks/ shadows the `cuda` package that
@@ -101,6 +103,41 @@ def correctness(device: str, dtypes, n: int) -> list[str]:
             ok = e_o <= TOL[dtype] and max(e_g) <= GRAD_FACTOR * TOL[dtype]
             cells = " | ".join(f"{e:.2e}" for e in (e_o, *e_g))
             rows.append(f"| {dtype} | {name} | {cells} | {'yes' if ok else 'NO'} |")
+    return rows
+
+
+def lse_check(device: str, dtypes, n: int) -> list[str]:
+    """`attention(..., return_lse=True)` without gradients (what the lens' capture calls) vs a
+    float64 reference, with the backend `auto` picked and its time next to `tiled`'s."""
+    from qkv.attention.api import choose_backend
+    from qkv.attention.spec import make_spec
+
+    rows = [
+        "| dtype | case | auto picks | max abs Δ out vs f64 | Δ lse | auto | tiled |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for dtype in dtypes:
+        for name, hq, hk, causal in (
+            ("causal mha 8/8", 8, 8, True),
+            ("dense gqa 8/2", 8, 2, False),
+        ):
+            q, k, v = qkv_tensors(device, dtype, 2, hq, hk, n, grad=False)
+            picked = choose_backend(q, k, v, make_spec(q, k, v, causal=causal), True)
+            with torch.no_grad():
+                out, lse = qkv.attention(q, k, v, causal=causal, return_lse=True)
+                ref = qkv.reference_attention(q.double(), k.double(), v.double(), causal=causal)
+                a = median_ms(
+                    lambda: qkv.attention(q, k, v, causal=causal, return_lse=True), device
+                )
+                t = median_ms(
+                    lambda: qkv.attention(q, k, v, causal=causal, return_lse=True, backend="tiled"),
+                    device,
+                )
+            e_o = (out.double() - ref.out).abs().max().item()
+            e_l = (lse.double() - ref.lse).abs().max().item()
+            rows.append(
+                f"| {dtype} | {name} | {picked} | {e_o:.2e} | {e_l:.2e} | {a:.2f} ms | {t:.2f} ms |"
+            )
     return rows
 
 
@@ -203,6 +240,8 @@ def main() -> None:
     dtypes = [getattr(torch, d) for d in (args.dtypes or default).split(",")]
     print("## correctness: tiled vs SDPA, B=2, D=64\n", flush=True)
     print("\n".join(correctness(dev, dtypes, 128 if args.quick else 1024)) + "\n", flush=True)
+    print("## return_lse without gradients (the lens' capture) vs float64, B=2, D=64\n")
+    print("\n".join(lse_check(dev, dtypes, 128 if args.quick else 2048)) + "\n", flush=True)
     dtype = torch.float32 if dev == "cpu" else torch.bfloat16
     sizes = [256] if args.quick else [1024, 4096, 16384]
     print(f"## forward, {dtype}, B=1 H=8 D=64, median of 10\n", flush=True)

@@ -61,17 +61,17 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Tensor:
 
 
 def lse_supported(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
-    """Whether PyTorch's CPU flash kernel can return (out, lse) for this request exactly.
+    """Whether one of PyTorch's fused kernels can return (out, lse) for this request exactly.
 
-    It computes plain or causal (Sq == Sk) attention without masks, mods or dropout. Its LSE has
-    no gradient path, so it serves only calls that need no gradient (the lens' capture).
+    They compute plain or causal (Sq == Sk) attention without masks, mods or dropout: on CPU the
+    flash kernel (any float dtype); on CUDA the flash kernel (fp16/bf16) or the memory-efficient
+    one (fp32), for head dims D == Dv, a multiple of 8, ≤ 256. Their LSE has no gradient path,
+    so they serve only calls that need no gradient (the lens' capture).
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     causal_only = spec.left is None and spec.right in (None, 0)
-    return (
-        hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-        and q.device.type == "cpu"
-        and not needs_grad
+    exact = (
+        not needs_grad
         and causal_only
         and (spec.right is None or spec.Sq == spec.Sk)
         and spec.mask is None
@@ -81,17 +81,39 @@ def lse_supported(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
         and spec.Sq > 0
         and spec.Sk > 0
     )
+    if not exact:
+        return False
+    if q.device.type == "cpu":
+        return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    return (
+        q.device.type == "cuda"
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and spec.D == spec.Dv
+        and spec.D % 8 == 0
+        and spec.D <= 256
+    )
 
 
 def sdpa_lse(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
-    """(out, lse) from the CPU flash kernel; K/V are expanded to Hq heads for GQA (O(N))."""
+    """(out, lse (B, Hq, Sq) fp32) from a fused kernel; K/V are expanded to Hq heads for GQA
+    (O(N) memory), as the kernels that return the LSE take equal head counts."""
     if not lse_supported(q, k, v, spec):
         raise ValueError(
-            "backend='sdpa' returns the LSE only on CPU, without gradients, for plain or causal "
-            "(Sq == Sk) attention; use backend='tiled' or 'auto'"
+            "backend='sdpa' returns the LSE only without gradients, for plain or causal (Sq == Sk) "
+            "attention, on CPU or (D == Dv, a multiple of 8, ≤ 256) on CUDA; use backend='tiled' "
+            "or 'auto'"
         )
     if spec.G > 1:
         k, v = k.repeat_interleave(spec.G, dim=1), v.repeat_interleave(spec.G, dim=1)
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    out, lse = op(q, k, v, 0.0, spec.right == 0, scale=spec.scale)
-    return out, lse
+    causal = spec.right == 0
+    if q.device.type == "cpu":
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out, lse = op(q, k, v, 0.0, causal, scale=spec.scale)
+        return out, lse
+    if q.dtype == torch.float32:  # the memory-efficient kernel; its LSE may be padded past Sq
+        got = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=spec.scale
+        )
+        return got[0], got[1][..., : spec.Sq]
+    got = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, scale=spec.scale)
+    return got[0], got[1]
