@@ -7,6 +7,9 @@ Index tensors handed to `mask_mod`/`score_mod` are 4-D and broadcastable to (b h
 `b (B,1,1,1)`, `h (1,Hq,1,1)`, `q_idx (1,1,i,1)`, `kv_idx (1,1,1,j)`. `q_idx` is the query's
 **absolute position** i + δ (δ = Sk − Sq), the same coordinate `causal=True` uses, so a mod
 stays correct when decoding with a KV cache; it equals FlexAttention's q_idx when Sq == Sk.
+
+A loop over many blocks builds `Positions` once per call: blocks then slice its index tensors
+(views, no kernel launch) and reuse band masks of equal shape and diagonal offset.
 """
 
 from __future__ import annotations
@@ -21,6 +24,30 @@ from .spec import Spec
 NEG_INF = float("-inf")
 
 
+BAND_CACHE = 64  # band masks kept per call (a tile loop meets only a few diagonal offsets)
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Index tensors of one call, built once and sliced per block (views: no launch per tile)."""
+
+    b: Tensor  # (B,1,1,1)
+    h: Tensor  # (1,Hq,1,1)
+    q: Tensor  # (Sq,) int64 absolute positions i + δ
+    k: Tensor  # (Sk,) int64 key positions j
+    bands: dict  # (diagonal offset, rows, cols) → bool band mask (i j), shared by equal blocks
+
+
+def positions(spec: Spec, device: torch.device) -> Positions:
+    return Positions(
+        b=torch.arange(spec.B, device=device).view(-1, 1, 1, 1),
+        h=torch.arange(spec.Hq, device=device).view(1, -1, 1, 1),
+        q=torch.arange(spec.delta, spec.delta + spec.Sq, device=device),
+        k=torch.arange(spec.Sk, device=device),
+        bands={},
+    )
+
+
 @dataclass(frozen=True)
 class Block:
     rows: slice | Tensor  # query rows i into 0..Sq
@@ -28,12 +55,23 @@ class Block:
     ke: int
     q_pos: Tensor  # (i,) int64 absolute positions i + δ
     band_full: bool  # the band (causal/window) keeps every (i, j) of this block
+    pos: Positions | None = None  # the call's index tensors, when a tile loop built them
 
 
-def block(spec: Spec, rows: slice | Tensor, ks: int, ke: int, device: torch.device) -> Block:
+def block(
+    spec: Spec,
+    rows: slice | Tensor,
+    ks: int,
+    ke: int,
+    device: torch.device,
+    pos: Positions | None = None,
+) -> Block:
     """Describe a block; `band_full` lets the caller skip building the band mask."""
     if isinstance(rows, slice):
-        q_pos = torch.arange(rows.start, rows.stop, device=device) + spec.delta
+        if pos is not None:
+            q_pos = pos.q[rows]
+        else:
+            q_pos = torch.arange(rows.start, rows.stop, device=device) + spec.delta
         lo, hi = rows.start + spec.delta, rows.stop - 1 + spec.delta
     else:
         q_pos = rows.to(device=device, dtype=torch.long) + spec.delta
@@ -42,7 +80,7 @@ def block(spec: Spec, rows: slice | Tensor, ks: int, ke: int, device: torch.devi
     full = (spec.left is None or ks >= hi - spec.left) and (
         spec.right is None or ke - 1 <= lo + spec.right
     )
-    return Block(rows=rows, ks=ks, ke=ke, q_pos=q_pos, band_full=full)
+    return Block(rows=rows, ks=ks, ke=ke, q_pos=q_pos, band_full=full, pos=pos)
 
 
 def band_range(spec: Spec, lo: int, hi: int) -> tuple[int, int]:
@@ -53,9 +91,11 @@ def band_range(spec: Spec, lo: int, hi: int) -> tuple[int, int]:
 
 
 def _grids(spec: Spec, blk: Block, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    qi = blk.q_pos.view(1, 1, -1, 1)
+    if blk.pos is not None:
+        return blk.pos.b, blk.pos.h, qi, blk.pos.k[blk.ks : blk.ke].view(1, 1, 1, -1)
     b = torch.arange(spec.B, device=device).view(-1, 1, 1, 1)
     h = torch.arange(spec.Hq, device=device).view(1, -1, 1, 1)
-    qi = blk.q_pos.view(1, 1, -1, 1)
     kj = torch.arange(blk.ks, blk.ke, device=device).view(1, 1, 1, -1)
     return b, h, qi, kj
 
@@ -96,18 +136,44 @@ def modify(s: Tensor, spec: Spec, blk: Block) -> Tensor:
     return s
 
 
+def band(spec: Spec, blk: Block, device: torch.device) -> Tensor:
+    """The band's keep-mask (i j) of a block: i+δ−left ≤ j ≤ i+δ+right. Read-only (cached).
+
+    For a slice of rows it is a diagonal strip: with o = ks − (qs + δ), entry (r, c) is key
+    ks+c of row qs+r, kept iff −left ≤ o + c − r ≤ right, i.e. `tril(right − o)` and
+    `triu(−left − o)` of a block of ones; blocks of equal shape and offset share one mask.
+    """
+    rows = blk.rows
+    if isinstance(rows, slice):
+        n, w = rows.stop - rows.start, blk.ke - blk.ks
+        o = blk.ks - (rows.start + spec.delta)
+        key = (o, n, w)
+        cache = blk.pos.bands if blk.pos is not None else None
+        if cache is not None and key in cache:
+            return cache[key]
+        out = torch.ones(n, w, dtype=torch.bool, device=device)
+        if spec.right is not None:
+            out.tril_(spec.right - o)
+        if spec.left is not None:
+            out.triu_(-spec.left - o)
+        if cache is not None and len(cache) < BAND_CACHE:
+            cache[key] = out
+        return out
+    kj = torch.arange(blk.ks, blk.ke, device=device).view(1, -1)
+    qi = blk.q_pos.view(-1, 1)
+    out = torch.ones(qi.shape[0], kj.shape[1], dtype=torch.bool, device=device)
+    if spec.left is not None:
+        out &= kj >= qi - spec.left
+    if spec.right is not None:
+        out &= kj <= qi + spec.right
+    return out
+
+
 def keep(spec: Spec, blk: Block, device: torch.device) -> Tensor | None:
     """Bool keep-mask broadcastable to the block's (b h i j), or None when all is kept."""
     out: Tensor | None = None
     if spec.banded and not blk.band_full:
-        kj = torch.arange(blk.ks, blk.ke, device=device).view(1, -1)
-        qi = blk.q_pos.view(-1, 1)
-        band = torch.ones(qi.shape[0], kj.shape[1], dtype=torch.bool, device=device)
-        if spec.left is not None:
-            band &= kj >= qi - spec.left
-        if spec.right is not None:
-            band &= kj <= qi + spec.right
-        out = band
+        out = band(spec, blk, device)
     if spec.keep is not None:
         m = _slice(spec.keep, blk)
         out = m if out is None else out & m
@@ -142,7 +208,7 @@ def scores(
 
 def safe_max(m: Tensor) -> Tensor:
     """Row max with −inf (an empty row) replaced by 0, so exp(s − m) never makes NaN."""
-    return torch.where(m == NEG_INF, torch.zeros_like(m), m)
+    return m.masked_fill(m == NEG_INF, 0.0)
 
 
 def empty_rows_to_inf(lse: Tensor) -> Tensor:

@@ -23,6 +23,15 @@ Base 2 inside. Tiles hold scores × log2(e) and use exp2: PyTorch's CPU `exp` fa
 vector path for arguments below about −87 (−inf of a masked key included) and runs 20–150×
 slower there, while `exp2` does not. log2(e) folds into the q scale for free; m and l are kept
 in base 2 and the LSE is returned in natural log. Mods and float biases act on natural scores.
+
+Sync-free loops off the CPU. On a GPU the host only queues kernels: any `bool(tensor)` inside a
+tile loop waits for the device to drain, and each op costs ~5–10 µs of Python and launch time
+however small its tile. So on a non-CPU device (`sync_free`) the loops branch on nothing the
+device computed: plain online softmax (no accept test, so no shifted-max fast mode), no skip of
+a tile the masks empty (it adds exact zeros: p = exp2(−inf − m) = 0 and `safe_max` keeps m
+finite), a plain window on bf16/fp16 takes the banded forward too, and tiles are large
+(`default_blocks`). Index tensors and band masks are built once per call (`scoring.positions`).
+The only syncs are the NaN/inf checks of K and V when a pass sets up (`_Tiles`).
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from .spec import Spec
 
 BLOCK_Q = 256
 BLOCK_K = 512
+GPU_TILE = 1 << 24  # scores per tile off the CPU: 64 MB of fp32, well past launch-bound sizes
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
@@ -60,9 +70,20 @@ def _dropout_keep(
     return torch.rand(shape, generator=g, device=device) >= p
 
 
+# Test hook: None decides by device (sync-free loops on any non-CPU device); True/False forces
+# the GPU-style (or CPU-style) loops on any device, so CPU tests can cover both.
+SYNC_FREE: bool | None = None
+
+
+def sync_free(device: torch.device) -> bool:
+    """Whether tile loops must avoid host syncs and data-dependent branches (off the CPU)."""
+    return device.type != "cpu" if SYNC_FREE is None else SYNC_FREE
+
+
 def n_workers(n_blocks: int, device: torch.device) -> int:
     """How many workers `each_block` uses for n_blocks query blocks (1 = run inline)."""
-    workers = min(torch.get_num_threads(), n_blocks) if device.type == "cpu" else 1
+    cpu = device.type == "cpu" and not sync_free(device)
+    workers = min(torch.get_num_threads(), n_blocks) if cpu else 1
     return max(1, workers)
 
 
@@ -106,6 +127,7 @@ class _Tiles:
     """Per-call state and tile arithmetic shared by forward and backward.
 
     Tensors are 3-D `(b·hk, rows, cols)`; `k3`/`v3` carry a trailing ones column when `fast`.
+    `sync_free`: no host sync or data-dependent branch per tile (see the module docstring).
     """
 
     def __init__(
@@ -117,7 +139,11 @@ class _Tiles:
         self.vbad = None if scoring.all_finite(v) else ~torch.isfinite(v)
         k = scoring.finite(k) if self.kbad is not None else k
         v = scoring.finite(v) if self.vbad is not None else v
-        self.fast = q.dtype == self.cdt and spec.dropout_p == 0 and self.vbad is None
+        self.sync_free = sync_free(q.device)
+        self.pos = scoring.positions(spec, q.device)
+        self.fast = (
+            q.dtype == self.cdt and spec.dropout_p == 0 and self.vbad is None and not self.sync_free
+        )
         self.base2 = not spec.has_mods and spec.bias is None  # raw scores already × log2(e)
         self.unit = spec.scale * (LOG2E if self.base2 else 1.0)
         self.qmul = self.unit if self.fast else 1.0  # what q_block multiplied q by
@@ -131,9 +157,12 @@ class _Tiles:
 
     # ---- layout helpers -------------------------------------------------------------------
     def q_block(self, qs: int, qe: int) -> Tensor:
-        """(b·hk, g·i, d+1): q × `qmul` with a free last column for the offset."""
+        """(b·hk, g·i, d+1): q × `qmul` with a free last column for the offset (`fast`);
+        else (b·hk, g·i, d): q itself, contiguous (aligned rows for the matmuls)."""
         s = self.spec
         qb = self.q5[:, :, :, qs:qe].reshape(s.B * s.Hk, s.G * (qe - qs), s.D)
+        if not self.fast:
+            return qb.contiguous()
         out = torch.zeros(qb.shape[0], qb.shape[1], s.D + 1, dtype=qb.dtype, device=qb.device)
         out[..., : s.D] = qb * self.qmul
         return out
@@ -153,16 +182,19 @@ class _Tiles:
         return self.heads4(t if self.fast else t.to(self.cdt) * self.unit)
 
     def block(self, qs: int, qe: int, ks: int, ke: int, device) -> scoring.Block:
-        return scoring.block(self.spec, slice(qs, qe), ks, ke, device)
+        return scoring.block(self.spec, slice(qs, qe), ks, ke, device, self.pos)
 
     def pipeline(self, s: Tensor, blk: scoring.Block) -> tuple[Tensor, Tensor | None, bool]:
-        """Masks/mods on raw tile scores: (base-2 logits, keep, empty)."""
+        """Masks/mods on raw tile scores: (base-2 logits, keep, empty). `empty` (the masks drop
+        the whole tile, so the caller may skip it) costs a host sync: never set when sync-free."""
         if not (self.masked or self.spec.has_mods) and blk.band_full and self.spec.bias is None:
             return s, None, False
         logits, keep = scoring.scores(s, self.spec, blk, self.kbad, inplace=not s.requires_grad)
         if not self.base2:
             logits = logits * LOG2E
-        return logits, keep, keep is not None and not bool(keep.any())
+        if keep is None or self.sync_free:
+            return logits, keep, False
+        return logits, keep, not bool(keep.any())
 
     def shifted(
         self, qe3: Tensor, blk: scoring.Block, shift4: Tensor
@@ -249,16 +281,20 @@ def _forward(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def banded_ok(t: _Tiles) -> bool:
-    """The banded forward applies to a plain sliding window (no other mask, mod or dropout)."""
-    s = t.spec
-    if (
-        not t.fast
-        or s.left is None
-        or s.right is None
-        or t.masked
-        or s.has_mods
-        or s.bias is not None
-    ):
+    """The banded forward applies to a plain sliding window (no other mask, mod or dropout).
+    On CPU only in `fast` mode (fp32/fp64); sync-free, bf16/fp16 too."""
+    return (
+        (t.fast or (t.sync_free and t.vbad is None))
+        and not t.masked  # K holds no NaN/inf either
+        and plain_window(t.spec)
+    )
+
+
+def plain_window(s: Spec) -> bool:
+    """A sliding window at most half as wide as the keys, with no other mask, mod or dropout."""
+    if s.left is None or s.right is None or s.mask is not None or s.mask_mod is not None:
+        return False
+    if s.has_mods or s.dropout_p > 0:
         return False
     return s.Sq > 0 and s.Sk > 0 and s.left + s.right + 1 <= s.Sk // 2
 
@@ -270,6 +306,8 @@ def _forward_banded(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
     Block b holds rows b·n … b·n+n−1 and reads keys from s_b = b·n + δ − left, L = n+left+right
     of them; inside a span the band is the same for every block: keep c ≥ r and c ≤ r+left+right
     (row r, span column c), and keys outside 0..Sk−1 are padding. Memory O(Sq·L), not O(Sq·Sk).
+    In `fast` mode q is pre-scaled and Σp rides in V's ones column; otherwise (bf16/fp16, GPU)
+    scores are scaled in fp32 after the matmul and Σp is summed in fp32, as in `_forward`.
     """
     s, cdt, dev = t.spec, t.cdt, q.device
     n = t.block_q
@@ -286,7 +324,7 @@ def _forward_banded(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
     c = torch.arange(L, device=dev).view(1, -1)
     band = (c >= r) & (c <= r + s.left + s.right)  # (i, L), the same for every block
     j = torch.arange(nblk, device=dev).view(-1, 1) * n + first + c  # (blk, L) key index
-    keep = band.unsqueeze(0) & ((j >= 0) & (j < s.Sk)).unsqueeze(1)  # (blk, i, L)
+    drop = ~(band.unsqueeze(0) & ((j >= 0) & (j < s.Sk)).unsqueeze(1))  # (blk, i, L)
     pad_q = nblk * n - s.Sq
     q5 = F.pad(t.q5, (0, 0, 0, pad_q)) * t.qmul  # (b hk g blk·n d)
     qb = q5.unflatten(3, (nblk, n)).permute(0, 1, 3, 2, 4, 5)  # (b hk blk g n d)
@@ -296,13 +334,20 @@ def _forward_banded(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
     step = max(1, (1 << 24) // max(1, s.B * s.Hq * n * L))  # ≤ 16M scores per chunk
     for b0 in range(0, nblk, step):
         b1 = min(nblk, b0 + step)
-        sc = qb[:, b0:b1] @ ks[:, b0:b1, : s.D]  # (b·hk, blk, g·n, L), base-2 logits
-        sc5 = sc.unflatten(2, (s.G, n))
-        sc5.masked_fill_(~keep[b0:b1].unsqueeze(1), float("-inf"))
+        sc = qb[:, b0:b1] @ ks[:, b0:b1, : s.D]  # (b·hk, blk, g·n, L)
+        if not t.fast:
+            sc = sc.to(cdt).mul_(t.unit)
+        sc5 = sc.unflatten(2, (s.G, n))  # base-2 logits
+        sc5.masked_fill_(drop[b0:b1].unsqueeze(1), float("-inf"))
         m = scoring.safe_max(sc.amax(-1, keepdim=True))
-        pv = sc.sub_(m).exp2_() @ vs[:, b0:b1].transpose(-1, -2)  # [p·v, Σp]
-        l = pv[..., -1:]
-        out[:, b0:b1] = pv[..., :-1] / torch.where(l == 0, torch.ones_like(l), l)
+        p = sc.sub_(m).exp2_()
+        if t.fast:
+            pv = p @ vs[:, b0:b1].transpose(-1, -2)  # [p·v, Σp]
+            l, pv = pv[..., -1:], pv[..., :-1]
+        else:
+            l = p.sum(-1, keepdim=True)
+            pv = (p.to(q.dtype) @ vs[:, b0:b1].transpose(-1, -2)).to(cdt)
+        out[:, b0:b1] = pv / torch.where(l == 0, 1.0, l)
         lse[:, b0:b1] = ((m + torch.log2(l)) * LN2).squeeze(-1)
     out = (
         out.view(s.B, s.Hk, nblk, s.G, n, s.Dv)
@@ -368,7 +413,8 @@ def _backward(t: _Tiles, q: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse
             p3 = t.rows3(p)  # (b·hk, g·i, j)
             drop = t.dropout(p.shape, qs, ks, dev)
             pd = p3 if drop is None else p3 * t.rows3(drop)
-            dv[:, ks:ke] += (pd.transpose(-1, -2).to(dout.dtype) @ dob[..., : s.Dv]).to(cdt)
+            # add_ on the slice: `dv[:, ks:ke] += x` would also copy the slice onto itself
+            dv[:, ks:ke].add_((pd.transpose(-1, -2).to(dout.dtype) @ dob[..., : s.Dv]).to(cdt))
             dp = (dob @ t.v3[:, ks:ke].transpose(-1, -2)).to(cdt)
             if t.fast:
                 ds = p3.mul_(dp)  # p·(dP − Δ), in place
@@ -382,10 +428,10 @@ def _backward(t: _Tiles, q: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse
                     ds4 = ds4.masked_fill(~keep, 0.0)
                 ds = t.rows3(ds4)
             # ds = ∂L/∂s for s = scale·q·k; qe3 holds q·qmul: dq = scale·ds·k, dk = scale·dsᵀ·q
-            dqb += (ds.to(q.dtype) @ t.k3[:, ks:ke, : s.D]).to(cdt)
-            dk[:, ks:ke] += (ds.transpose(-1, -2).to(q.dtype) @ qe3[..., : s.D]).to(cdt) * (
-                s.scale / t.qmul
-            )
+            ds = ds.to(q.dtype)
+            dqb += (ds @ t.k3[:, ks:ke, : s.D]).to(cdt)
+            dk_t = (ds.transpose(-1, -2) @ qe3[..., : s.D]).to(cdt)
+            dk[:, ks:ke].add_(dk_t, alpha=s.scale / t.qmul)
         dqb *= s.scale
         dq5[:, :, :, qs:qe] = dqb.view(s.B, s.Hk, s.G, n, s.D)
 
@@ -399,14 +445,16 @@ def _backward(t: _Tiles, q: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse
 
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec: Spec, block_q: int, block_k: int):
+    def forward(ctx, q, k, v, spec: Spec, blocks: tuple[int, int], blocks_bwd: tuple[int, int]):
+        """`blocks_bwd` may differ from `blocks` only without dropout (whose masks are drawn
+        per tile, so forward and backward must tile alike)."""
         seed = 0
         if spec.dropout_p > 0:
             seed = int(torch.randint(0, 2**62, (1,), generator=spec.generator))
-        t = _Tiles(q, k, v, spec, seed, block_q, block_k)
+        t = _Tiles(q, k, v, spec, seed, *blocks)
         out_c, lse = _forward_banded(t, q) if banded_ok(t) else _forward(t, q)
         ctx.save_for_backward(q, k, v, out_c, lse)
-        ctx.spec, ctx.seed, ctx.blocks = spec, seed, (block_q, block_k)
+        ctx.spec, ctx.seed, ctx.blocks = spec, seed, blocks_bwd
         return out_c.to(q.dtype), lse
 
     @staticmethod
@@ -420,12 +468,25 @@ class _TiledAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
-def default_blocks(spec: Spec) -> tuple[int, int]:
-    """Tile sizes: 256×512, but for a narrow band (sliding window) query blocks of a quarter of
-    its width, so a tile is mostly kept keys rather than masked ones."""
-    if spec.left is not None and spec.right is not None:
-        return max(32, min(BLOCK_Q, (spec.left + spec.right + 1) // 4)), BLOCK_K
-    return BLOCK_Q, BLOCK_K
+def default_blocks(spec: Spec, device: torch.device, backward: bool = False) -> tuple[int, int]:
+    """Tile sizes. CPU: 256×512, but for a narrow band (sliding window) query blocks of a
+    quarter of its width, so a tile is mostly kept keys rather than masked ones.
+
+    Sync-free (GPU): a tile of ~`GPU_TILE` scores over all b·h, block_k = 2·block_q, powers of
+    two (B=1, H=8: 1024×2048). A tile costs ~15 launches whatever its size, so small tiles
+    leave the GPU idle; at this size each elementwise pass moves ~64 MB and outlasts its
+    launch. A plain window's forward keeps the band rule's block_q: the banded forward batches
+    many query blocks per op, so there block_q only sets how much of each key span is masked;
+    its backward (no dropout, so free to tile differently) takes the large tiles.
+    """
+    banded = spec.left is not None and spec.right is not None
+    band_q = max(32, min(BLOCK_Q, (spec.left + spec.right + 1) // 4)) if banded else BLOCK_Q
+    if not sync_free(device):
+        return band_q, BLOCK_K
+    per_head = max(1, GPU_TILE // max(1, spec.B * spec.Hq))  # block_q · block_k
+    block_k = min(4096, max(128, 1 << ((2 * per_head).bit_length() - 1) // 2))
+    block_q = min(2048, max(64, per_head // block_k))
+    return (band_q if plain_window(spec) and not backward else block_q), block_k
 
 
 def tiled(
@@ -437,13 +498,15 @@ def tiled(
     block_k: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out (b h i e), lse (b h i)) by online softmax; differentiable in q, k, v."""
-    dq, dk = default_blocks(spec)
-    block_q, block_k = block_q or dq, block_k or dk
+    fq, fk = default_blocks(spec, q.device)
+    bq, bk = default_blocks(spec, q.device, backward=True)
     if spec.mask is not None and spec.mask.requires_grad:
         raise ValueError(
             "the tiled backend does not differentiate through a float mask; "
             "pass mask.detach(), or backend='reference' or 'sdpa' to learn the bias"
         )
-    if block_q < 1 or block_k < 1:
-        raise ValueError(f"block sizes must be ≥ 1, got block_q={block_q}, block_k={block_k}")
-    return _TiledAttention.apply(q, k, v, spec, block_q, block_k)
+    blocks = (block_q or fq, block_k or fk)
+    blocks_bwd = (block_q or bq, block_k or bk)
+    if min(blocks) < 1:
+        raise ValueError(f"block sizes must be ≥ 1, got block_q={blocks[0]}, block_k={blocks[1]}")
+    return _TiledAttention.apply(q, k, v, spec, blocks, blocks_bwd)
