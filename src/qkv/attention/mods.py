@@ -122,10 +122,15 @@ def alibi_slopes(n_heads: int) -> Tensor:
 def alibi(slopes: Tensor | int) -> ScoreMod:
     """score − slope[h]·|q_idx − kv_idx| (for causal attention: + slope·(kv_idx − q_idx))."""
     s = alibi_slopes(slopes) if isinstance(slopes, int) else slopes
+    placed: dict[
+        tuple[torch.device, torch.dtype], Tensor
+    ] = {}  # one host→device copy, not per tile
 
     def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        slope = s.to(device=score.device, dtype=score.dtype)[h]
-        return score - slope * (q_idx - kv_idx).abs().to(score.dtype)
+        key = (score.device, score.dtype)
+        if key not in placed:
+            placed[key] = s.to(device=score.device, dtype=score.dtype)
+        return score - placed[key][h] * (q_idx - kv_idx).abs().to(score.dtype)
 
     return mod
 
