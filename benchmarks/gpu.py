@@ -238,17 +238,17 @@ def main() -> None:
     print(f"device: {name}, torch {torch.__version__}\n", flush=True)
     default = "float32" if dev == "cpu" else "float32,bfloat16,float16"
     dtypes = [getattr(torch, d) for d in (args.dtypes or default).split(",")]
-    print("## correctness: tiled vs SDPA, B=2, D=64\n", flush=True)
+    print("#### correctness: tiled vs SDPA, B=2, D=64\n", flush=True)
     print("\n".join(correctness(dev, dtypes, 128 if args.quick else 1024)) + "\n", flush=True)
-    print("## return_lse without gradients (the lens' capture) vs float64, B=2, D=64\n")
+    print("#### return_lse without gradients (the lens' capture) vs float64, B=2, D=64\n")
     print("\n".join(lse_check(dev, dtypes, 128 if args.quick else 2048)) + "\n", flush=True)
     dtype = torch.float32 if dev == "cpu" else torch.bfloat16
     sizes = [256] if args.quick else [1024, 4096, 16384]
-    print(f"## forward, {dtype}, B=1 H=8 D=64, median of 10\n", flush=True)
+    print(f"#### forward, {dtype}, B=1 H=8 D=64, median of 10\n", flush=True)
     print("\n".join(forward_timing(dev, dtype, sizes)) + "\n", flush=True)
-    print(f"## causal forward+backward, {dtype}, median of 5\n", flush=True)
+    print(f"#### causal forward+backward, {dtype}, median of 5\n", flush=True)
     print("\n".join(backward_timing(dev, dtype, sizes)) + "\n", flush=True)
-    print(f"## sliding window, {dtype}, B=1 H=8 D=64\n", flush=True)
+    print(f"#### sliding window, {dtype}, B=1 H=8 D=64\n", flush=True)
     print("\n".join(window_timing(dev, dtype, 512 if args.quick else 16384)), flush=True)
 
 

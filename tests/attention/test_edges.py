@@ -197,3 +197,18 @@ def test_gradcheck_tiled_float64_small_shapes():
             return tiled(q, k, v, spec, block_q=4, block_k=3)[0]
 
         assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=True), kw
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_checks_every_tensor_and_survives_overflowing_sums(dtype):
+    """The auto backend's K/V guard: one total for all tensors, exact when the total overflows."""
+    from qkv.attention.scoring import all_finite
+
+    big = torch.full((64, 64), torch.finfo(dtype).max / 2, dtype=dtype)  # finite, sum overflows
+    ok = torch.randn(3, 5).to(dtype)
+    assert all_finite(ok, big) and all_finite(big) and all_finite()
+    assert all_finite(torch.empty(0, dtype=dtype), ok)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        b = ok.clone()
+        b[2, 4] = bad
+        assert not all_finite(ok, b) and not all_finite(b, big) and not all_finite(b)

@@ -18,24 +18,20 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool
     """`auto`: the fastest backend that computes exactly what was asked.
 
     SDPA (fused C++/CUDA) for plain, causal and tensor-masked attention, and with the LSE where
-    PyTorch's CPU flash kernel returns it (no gradient needed, plain or causal); our tiled kernel
-    when the request needs a differentiable LSE, a mod, a generator-driven dropout, block
-    skipping (window, mask_mod), or when NaN/inf sit in K/V under a mask (SDPA would leak them:
-    0·NaN = NaN).
+    one of PyTorch's fused kernels returns it (no gradient needed, plain or causal; see
+    `lse_supported`); our tiled kernel when the request needs a differentiable LSE, a mod, a
+    generator-driven dropout, block skipping (window, mask_mod), or when NaN/inf sit in K/V under
+    a mask (SDPA would leak them: 0·NaN = NaN). That check costs one host sync on a GPU.
     """
     if return_lse and lse_supported(q, k, v, spec):
-        return (
-            "sdpa"
-            if not spec.masked or (scoring.all_finite(k) and scoring.all_finite(v))
-            else "tiled"
-        )
+        return "sdpa" if not spec.masked or scoring.all_finite(k, v) else "tiled"
     if spec.Sq == 0 or spec.Sk == 0 or return_lse or unsupported(spec) is not None:
         return "tiled"
     if spec.dropout_p > 0 or spec.left is not None or spec.mask_mod is not None:
         return "tiled"
     if spec.right is not None and spec.right != 0:
         return "tiled"
-    if spec.masked and not (scoring.all_finite(k) and scoring.all_finite(v)):
+    if spec.masked and not scoring.all_finite(k, v):
         return "tiled"
     return "sdpa"
 

@@ -216,10 +216,16 @@ def empty_rows_to_inf(lse: Tensor) -> Tensor:
     return torch.where(lse == NEG_INF, torch.full_like(lse, float("inf")), lse)
 
 
-def all_finite(x: Tensor) -> bool:
-    """True if x holds no NaN/inf, in one reduction pass (a finite sum proves it; a sum that
-    overflows only sends the caller down its careful path)."""
-    return x.numel() == 0 or bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+def all_finite(*xs: Tensor) -> bool:
+    """True if no tensor in xs holds NaN/inf, in one reduction pass each and one host sync in
+    all (a finite total proves it; a total that overflows is checked element-wise instead)."""
+    xs = tuple(x for x in xs if x.numel())
+    if not xs:
+        return True
+    total = xs[0].sum(dtype=torch.float32 if xs[0].dtype != torch.float64 else None)
+    for x in xs[1:]:
+        total = total + x.sum(dtype=total.dtype)
+    return bool(torch.isfinite(total)) or all(bool(torch.isfinite(x).all()) for x in xs)
 
 
 def bad_keys(k: Tensor, G: int) -> Tensor | None:
