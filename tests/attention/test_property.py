@@ -33,9 +33,8 @@ def problems(draw):
     return (Hk * G, Hk, Sq, Sk, D), kw, seed, draw(st.integers(1, 17)), draw(st.integers(1, 17))
 
 
-@settings(max_examples=150, deadline=None)
-@given(problems())
-def test_tiled_equals_reference(problem):
+def check_tiled_against_reference(problem) -> None:
+    """tiled (forward, LSE and gradients) equals the float64 reference on one drawn problem."""
     (Hq, Hk, Sq, Sk, D), kw, seed, bq, bk = problem
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, Hq, Sq, D, generator=g, dtype=torch.float64, requires_grad=True)
@@ -49,3 +48,9 @@ def test_tiled_equals_reference(problem):
     want = torch.autograd.grad((ref.out * do).sum(), (q, k, v))
     for a, b in zip(got, want, strict=True):
         assert torch.isfinite(a).all() and err(a, b) < 1e-10
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_tiled_equals_reference(problem):
+    check_tiled_against_reference(problem)
