@@ -33,6 +33,15 @@ GRAD_FACTOR = 10  # gradients are sums over Sq rows: allow 10× the output toler
 D = 64
 
 
+def kernels() -> list[str]:
+    """Our kernels under test: `tiled`, and the opt-in `triton` where triton imports."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return ["tiled"]
+    return ["tiled", "triton"]
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -78,8 +87,8 @@ def window_mask(n: int, w: int, device: str) -> torch.Tensor:  # (n n) bool, Tru
 
 def correctness(device: str, dtypes, n: int) -> list[str]:
     rows = [
-        "| dtype | case | max abs Δ out | Δ dq | Δ dk | Δ dv | ok |",
-        "|---|---|---|---|---|---|---|",
+        "| kernel | dtype | case | max abs Δ out | Δ dq | Δ dk | Δ dv | ok |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     mask = window_mask(n, 256, device)
     cases = (
@@ -88,11 +97,15 @@ def correctness(device: str, dtypes, n: int) -> list[str]:
         ("dense mqa 8/1", 8, 1, {}, dict(enable_gqa=True)),
         ("window 256 8/8", 8, 8, dict(window=(255, 0)), dict(attn_mask=mask)),
     )
-    for dtype in dtypes:
+    for kernel, dtype in ((b, d) for b in kernels() for d in dtypes):
         for name, hq, hk, kw, skw in cases:
             q, k, v = qkv_tensors(device, dtype, 2, hq, hk, n, grad=True)
-            ours = qkv.attention(q, k, v, backend="tiled", **kw)
-            g_ours = torch.autograd.grad(ours.float().sum(), (q, k, v))
+            try:
+                ours = qkv.attention(q, k, v, backend=kernel, **kw)
+                g_ours = torch.autograd.grad(ours.float().sum(), (q, k, v))
+            except Exception as e:  # report and go on: one broken kernel must not hide the rest
+                rows.append(f"| {kernel} | {dtype} | {name} | {type(e).__name__}: {e} | | | | NO |")
+                continue
             want = F.scaled_dot_product_attention(q, k, v, **skw)
             g_want = torch.autograd.grad(want.float().sum(), (q, k, v))
             e_o = (ours.float() - want.float()).abs().max().item()
@@ -102,7 +115,7 @@ def correctness(device: str, dtypes, n: int) -> list[str]:
             ]
             ok = e_o <= TOL[dtype] and max(e_g) <= GRAD_FACTOR * TOL[dtype]
             cells = " | ".join(f"{e:.2e}" for e in (e_o, *e_g))
-            rows.append(f"| {dtype} | {name} | {cells} | {'yes' if ok else 'NO'} |")
+            rows.append(f"| {kernel} | {dtype} | {name} | {cells} | {'yes' if ok else 'NO'} |")
     return rows
 
 
@@ -143,18 +156,26 @@ def lse_check(device: str, dtypes, n: int) -> list[str]:
 
 def forward_timing(device: str, dtype, sizes) -> list[str]:
     rows = [
-        "| N | case | tiled | auto | SDPA | SDPA/tiled | SDPA/auto |",
-        "|---|---|---|---|---|---|---|",
+        "| N | case | tiled | triton | auto | SDPA | SDPA/tiled | SDPA/triton | SDPA/auto |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for n in sizes:
         q, k, v = qkv_tensors(device, dtype, 1, 8, 8, n, grad=False)
         for causal in (False, True):
-            t = median_ms(lambda: qkv.attention(q, k, v, causal=causal, backend="tiled"), device)
-            a = median_ms(lambda: qkv.attention(q, k, v, causal=causal), device)
+            ms = {}
+            for b in (*kernels(), "auto"):
+                try:
+                    ms[b] = median_ms(
+                        lambda: qkv.attention(q, k, v, causal=causal, backend=b), device
+                    )
+                except Exception:
+                    ms[b] = float("nan")
             s = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), device)
+            t, tr, a = ms["tiled"], ms.get("triton", float("nan")), ms["auto"]
             case = "causal" if causal else "dense"
             rows.append(
-                f"| {n} | {case} | {t:.2f} ms | {a:.2f} ms | {s:.2f} ms | {s / t:.2f}× | {s / a:.2f}× |"
+                f"| {n} | {case} | {t:.2f} ms | {tr:.2f} ms | {a:.2f} ms | {s:.2f} ms "
+                f"| {s / t:.2f}× | {s / tr:.2f}× | {s / a:.2f}× |"
             )
     return rows
 
@@ -197,6 +218,10 @@ def window_timing(device: str, dtype, n: int, w: int = 256) -> list[str]:
         "qkv tiled (banded)": both(lambda: qkv.attention(q, k, v, window=(w - 1, 0))),
         "SDPA + bool mask": both(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)),
     }
+    if "triton" in kernels():
+        runs["qkv triton"] = both(
+            lambda: qkv.attention(q, k, v, window=(w - 1, 0), backend="triton")
+        )
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
