@@ -11,7 +11,21 @@ from .sdpa import lse_supported, sdpa, sdpa_lse, unsupported
 from .spec import MaskMod, ScoreMod, Spec, make_spec
 from .tiled import tiled
 
-BACKENDS = ("auto", "reference", "tiled", "sdpa")
+BACKENDS = ("auto", "reference", "tiled", "sdpa", "triton")  # "triton": explicit opt-in only
+
+
+def _triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
+    """The triton backend, imported on first use so `import qkv` never needs Triton."""
+    try:
+        from .triton_kernel import triton_attention
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] != "triton":
+            raise
+        raise ImportError(
+            "backend='triton' needs Triton (Linux + CUDA): pip install triton; "
+            "or use backend='tiled'"
+        ) from e
+    return triton_attention(q, k, v, spec)
 
 
 def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> str:
@@ -78,7 +92,9 @@ def attention(
 
     Backends: "reference" (explicit, O(Sq·Sk) memory, the oracle), "tiled" (online softmax,
     O(N) memory, custom backward, skips masked-out key blocks), "sdpa" (PyTorch's fused kernel,
-    exact requests only), "auto" (the fastest exact one). Equivalent PyTorch::
+    exact requests only), "triton" (FlashAttention-2-style forward kernel for CUDA, tiled
+    backward; plain/causal/window/GQA only; opt-in: "auto" never picks it), "auto" (the fastest
+    exact one). Equivalent PyTorch::
 
         s = (q @ k.repeat_interleave(Hq // Hk, 1).transpose(-1, -2)) * scale
         s = s.masked_fill(~keep, float("-inf"))
@@ -107,6 +123,9 @@ def attention(
         return (r.out, r.lse) if return_lse else r.out
     if backend == "tiled":
         out, lse = tiled(q, k, v, spec)
+        return (out, lse) if return_lse else out
+    if backend == "triton":
+        out, lse = _triton_attention(q, k, v, spec)
         return (out, lse) if return_lse else out
     if return_lse:
         return sdpa_lse(q, k, v, spec)

@@ -461,11 +461,30 @@ class _TiledAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        t = _Tiles(q, k, v, ctx.spec, ctx.seed, *ctx.blocks)
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(t, q, out, lse, dout.contiguous(), dlse)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        dq, dk, dv = backward(q, k, v, ctx.spec, out, lse, dout, dlse, ctx.seed, ctx.blocks)
+        return dq, dk, dv, None, None, None
+
+
+def backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: Spec,
+    out: Tensor,
+    lse: Tensor,
+    dout: Tensor | None,
+    dlse: Tensor | None,
+    seed: int = 0,
+    blocks: tuple[int, int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) in the inputs' dtypes from any exact forward's out (b h i e) and lse (b h i)
+    (natural log, −inf for an empty row), recomputing each tile: the backward of every backend
+    that has none of its own. `seed`/`blocks` must be the forward's when it used dropout."""
+    t = _Tiles(q, k, v, spec, seed, *(blocks or default_blocks(spec, q.device, backward=True)))
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _backward(t, q, out, lse, dout.contiguous(), dlse)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def default_blocks(spec: Spec, device: torch.device, backward: bool = False) -> tuple[int, int]:

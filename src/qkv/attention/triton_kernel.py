@@ -1,0 +1,331 @@
+"""The triton backend: a FlashAttention-2-style forward kernel for CUDA, opt-in and unmeasured.
+
+One program per (query block, b·h): it loads its Q block (i d) once, visits only the key
+blocks the band (causal/window) can keep, and keeps an online softmax in base 2 (scores ×
+scale·log2(e), `exp2`) with fp32 running max `m`, sum `l` and accumulator `acc` (i e). Key
+blocks come in three runs: the band's left edge and right edge (masked with `tl.where`, as is
+the sequence tail) and the interior between them (no mask work at all). The run bounds are
+`key_block_range`, mirrored exactly by the kernel's `_block_range` (a debug counter checks it).
+
+Exactly what `qkv.attention` means: scale, bottom-right alignment (query row i at position
+i + δ, δ = Sk − Sq), window (left, right) inclusive, GQA by indexing kv head h // (Hq // Hk)
+(no K/V copies), an empty row → out 0 and LSE −inf, NaN/inf in masked-out K or V never reaches
+the output: a banded call checks K and V once (one host sync) and, if they hold any, runs a
+variant that zeroes them and marks NaN exactly where plain math would (a kept bad key or value).
+fp16/bf16/fp32 in, fp32 accumulation, LSE fp32 natural log (under the interpreter, whose
+`tl.dot` mistakes bf16 for integers, bf16 operands are widened to fp32 first: same products).
+Head dims D = Dv ≤ 256, padded to a power of two ≥ 16 inside. fp32 dots use IEEE precision
+(no TF32), as the error budget demands.
+
+The backward is the tiled backend's (`tiled.backward`): it recomputes each tile from q, k, v
+and the saved LSE, so gradients work everywhere this forward does.
+
+Importing this module imports Triton and decides, once, whether kernels run compiled (CUDA)
+or in Triton's CPU interpreter (`TRITON_INTERPRET=1` set before the import): under the
+interpreter, CPU tensors are accepted so the kernel can be tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import scoring, tiled
+from .spec import Spec
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+MAX_D = 256
+# Reductions as `tl.reduce` with Triton's own combine functions, and `tl.full` for zeros:
+# builtins only. `tl.max`/`tl.sum`/`tl.zeros` are themselves jit functions, built compiled if
+# `triton.language` was imported (e.g. by torch) before TRITON_INTERPRET=1 was set, and then the
+# interpreter cannot call them; it recognises these combine functions and reduces with numpy.
+_MAX = tl.standard._elementwise_max
+_SUM = tl.standard._sum_combine
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch parameters (to be tuned on a GPU): block sizes are powers of two ≥ 16."""
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def unsupported(q: Tensor, spec: Spec) -> str | None:
+    """Why the triton backend cannot compute this request exactly, or None if it can."""
+    if spec.mask is not None or spec.mask_mod is not None:
+        return "masks (mask=, mask_mod=) are not supported; use backend='tiled' or 'sdpa'"
+    if spec.has_mods:
+        return "score_mod/softcap are not supported; use backend='tiled'"
+    if spec.dropout_p > 0:
+        return "dropout is not supported; use backend='tiled' or 'sdpa'"
+    if spec.D != spec.Dv:
+        return f"needs D == Dv, got D={spec.D}, Dv={spec.Dv}; use backend='tiled'"
+    if not 1 <= spec.D <= MAX_D:
+        return f"needs 1 ≤ D ≤ {MAX_D}, got D={spec.D}; use backend='tiled'"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"needs float16/bfloat16/float32 inputs, got {q.dtype}; use backend='tiled'"
+    if q.device.type != "cuda" and not (INTERPRETED and q.device.type == "cpu"):
+        return (
+            f"runs on CUDA tensors only, got device {q.device}; use backend='tiled' "
+            "(or set TRITON_INTERPRET=1 before importing triton to interpret on CPU)"
+        )
+    return None
+
+
+def key_block_range(
+    qs: int, qe: int, Sk: int, delta: int, left: int | None, right: int | None, block_n: int
+) -> tuple[int, int, int, int]:
+    """Key blocks (of `block_n` keys) for query rows qs..qe−1: (lo, mid_lo, mid_hi, hi).
+
+    [lo, hi) are the blocks holding any key of `scoring.band_range` for those rows (all others
+    are skipped); [mid_lo, mid_hi) ⊆ [lo, hi) are the interior blocks where every (i, j) is kept
+    and inside Sk, which need no mask. The kernel's `_block_range` computes the same integers.
+    """
+    start = 0 if left is None else max(0, qs + delta - left)
+    stop = Sk if right is None else min(Sk, qe - 1 + delta + right + 1)
+    stop = max(start, stop)
+    lo, hi = start // block_n, (stop + block_n - 1) // block_n
+    # interior: block b (keys b·n … b·n+n−1) kept by every row: b·n ≥ qe−1+δ−left and
+    # b·n+n−1 ≤ qs+δ+right, and b·n+n ≤ Sk
+    first = 0 if left is None else max(0, qe - 1 + delta - left)
+    last = Sk if right is None else max(0, min(Sk, qs + delta + right + 1))
+    mid_lo = min(hi, max(lo, (first + block_n - 1) // block_n))
+    mid_hi = max(mid_lo, min(hi, last // block_n))
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _block_range(qs, qe, Sk, delta, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 BLOCK_N: tl.constexpr):  # fmt: skip
+    """`key_block_range`, in the kernel (all operands ≥ 0 before each division)."""
+    start = 0
+    first = 0
+    if HAS_LEFT:
+        start = tl.maximum(0, qs + delta - left)
+        first = tl.maximum(0, qe - 1 + delta - left)
+    stop = Sk
+    last = Sk
+    if HAS_RIGHT:
+        stop = tl.minimum(Sk, qe - 1 + delta + right + 1)
+        last = tl.maximum(0, tl.minimum(Sk, qs + delta + right + 1))
+    stop = tl.maximum(start, stop)
+    lo = start // BLOCK_N
+    hi = (stop + BLOCK_N - 1) // BLOCK_N
+    mid_lo = tl.minimum(hi, tl.maximum(lo, (first + BLOCK_N - 1) // BLOCK_N))
+    mid_hi = tl.maximum(mid_lo, tl.minimum(hi, last // BLOCK_N))
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
+           blk_lo, blk_hi, Sk, D, delta, left, right, qk_scale,
+           MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+           CLEAN: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+           DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Online softmax over key blocks [blk_lo, blk_hi): scores (i j) in base 2, masked by the
+    band and the sequence tail only when MASKED; returns the updated (acc, m, l, hit, visits)."""
+    d_ok = offs_d < D
+    for blk in range(blk_lo, blk_hi):
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        kv_ok = offs_n < Sk
+        kt_ptrs = k_base + offs_n[None, :] * skn + offs_d[:, None] * skd  # (d j)
+        v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :] * svd  # (j e)
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None] & kv_ok[None, :], other=0.0)
+        elif EVEN_D:
+            kt = tl.load(kt_ptrs)
+        else:
+            kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
+        if CLEAN:  # a non-finite key: NaN for the rows that keep it, nothing for the others
+            kbad = tl.reduce(
+                ((kt != kt) | (tl.abs(kt.to(tl.float32)) == float("inf"))).to(tl.int32), 0, _MAX
+            )  # (j)
+            kt = tl.where(kbad[None, :] > 0, 0.0, kt)
+        if DOT_F32:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # (i j) base-2 logits
+        if CLEAN:
+            s = tl.where(kbad[None, :] > 0, float("nan"), s)
+        if MASKED:
+            pos = offs_m[:, None] + delta  # absolute position of each query row
+            keep = kv_ok[None, :] & (offs_m[:, None] >= 0)
+            if HAS_LEFT:
+                keep = keep & (offs_n[None, :] >= pos - left)
+            if HAS_RIGHT:
+                keep = keep & (offs_n[None, :] <= pos + right)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an empty row keeps m = −inf
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        if CLEAN:  # 0·NaN = NaN: zero non-finite values, remember where kept ones were hit
+            bad = ((v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))).to(tl.float32)  # (j e)
+            v = tl.where(bad > 0, 0.0, v)
+            if MASKED:
+                hit = tl.dot(keep.to(tl.float32), bad, hit, input_precision="ieee")
+            else:
+                hit = hit + tl.reduce(bad, 0, _SUM)[None, :]
+        p = p.to(v.dtype)  # (i j) rounded like v, as FlashAttention does
+        if DOT_F32:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = tl.dot(p, v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+        visits += 1
+    return acc, m_i, l_i, hit, visits
+
+
+@triton.jit
+def _forward_kernel(Q, K, V, O, LSE, VISITS,
+                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+                    Hq, G, Sq, Sk, D, left, right, qk_scale,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CLEAN: tl.constexpr,
+                    COUNT: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Grid (cdiv(Sq, BLOCK_M), B·Hq). O (b h i e) in q's dtype, LSE (b h i) fp32 contiguous;
+    VISITS (B·Hq, n_blocks, 2) int32 [masked, interior] key blocks visited, when COUNT."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // G  # GQA: the kv head this query head reads
+    delta = Sk - Sq
+    qs = pid_m * BLOCK_M
+    qe = tl.minimum(qs + BLOCK_M, Sq)
+    offs_m = qs + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Sq
+    d_ok = offs_d < D
+
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (i d)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    hit = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    n_masked = pid_m * 0  # i32 loop counters (debug: blocks visited)
+    n_inner = pid_m * 0
+    lo, mid_lo, mid_hi, hi = _block_range(qs, qe, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT,
+                                          BLOCK_N)  # fmt: skip
+    acc, m_i, l_i, hit, n_inner = _visit(
+        acc, m_i, l_i, hit, n_inner, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
+        mid_lo, mid_hi, Sk, D, delta, left, right, qk_scale,
+        False, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, BLOCK_N,
+    )  # fmt: skip
+    acc, m_i, l_i, hit, n_masked = _visit(
+        acc, m_i, l_i, hit, n_masked, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
+        lo, mid_lo, Sk, D, delta, left, right, qk_scale,
+        True, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, BLOCK_N,
+    )  # fmt: skip
+    acc, m_i, l_i, hit, n_masked = _visit(
+        acc, m_i, l_i, hit, n_masked, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
+        mid_hi, hi, Sk, D, delta, left, right, qk_scale,
+        True, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, BLOCK_N,
+    )  # fmt: skip
+
+    empty = l_i == 0.0  # no key kept: out 0, LSE −inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if CLEAN:
+        out = tl.where(hit > 0, float("nan"), out)
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = tl.where(
+        empty,
+        float("-inf"),
+        (m_safe + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,  # ln 2
+    )
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh * Sq + offs_m, lse, mask=m_ok)
+    if COUNT:
+        n_blocks = tl.num_programs(0)
+        tl.store(VISITS + (pid_bh * n_blocks + pid_m) * 2, n_masked)
+        tl.store(VISITS + (pid_bh * n_blocks + pid_m) * 2 + 1, n_inner)
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, spec: Spec, config: Config = Config(), count: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(out (b h i e) in q's dtype, lse (b h i) fp32, visits) — no autograd; see `triton`.
+
+    `visits` (b·h, n_query_blocks, 2) int32 counts the [masked, interior] key blocks each
+    program visited when `count`, else None."""
+    for name, n in (("block_m", config.block_m), ("block_n", config.block_n)):
+        if n < 16 or n & (n - 1):
+            raise ValueError(f"{name} must be a power of two ≥ 16, got {n}")
+    s = spec
+    out = torch.zeros(s.B, s.Hq, s.Sq, s.Dv, dtype=q.dtype, device=q.device)
+    lse = torch.full((s.B, s.Hq, s.Sq), float("-inf"), dtype=torch.float32, device=q.device)
+    n_blocks = triton.cdiv(s.Sq, config.block_m)
+    visits = None
+    if count:
+        visits = torch.zeros(s.B * s.Hq, n_blocks, 2, dtype=torch.int32, device=q.device)
+    if s.Sq == 0 or s.Sk == 0 or s.B * s.Hq == 0:
+        return out, lse, visits
+    clean = s.banded and not scoring.all_finite(k, v)  # one host sync, banded calls only
+    block_d = max(16, triton.next_power_of_2(s.D))
+    grid = (n_blocks, s.B * s.Hq)
+    _forward_kernel[grid](
+        q, k, v, out, lse, visits if count else lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        s.Hq, s.G, s.Sq, s.Sk, s.D, s.left or 0, s.right or 0, s.scale * LOG2E,
+        HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None, CLEAN=clean,
+        COUNT=count, EVEN_D=block_d == s.D,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out, lse, visits
+
+
+# whether the kernels above were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)
+INTERPRETED = not isinstance(_forward_kernel, triton.runtime.JITFunction)
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec: Spec, config: Config):
+        out, lse, _ = forward(q, k, v, spec, config)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec = spec
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = tiled.backward(q, k, v, ctx.spec, out, lse, dout, dlse)
+        return dq, dk, dv, None, None
+
+
+def triton_attention(
+    q: Tensor, k: Tensor, v: Tensor, spec: Spec, config: Config | None = None
+) -> tuple[Tensor, Tensor]:
+    """(out (b h i e), lse (b h i) fp32) by the Triton forward; differentiable in q, k, v
+    through the tiled backward. Raises ValueError naming another backend for what it lacks."""
+    why = unsupported(q, spec)
+    if why is not None:
+        raise ValueError(f"backend='triton': {why}")
+    return _TritonAttention.apply(q, k, v, spec, config or Config())

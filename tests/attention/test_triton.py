@@ -1,0 +1,298 @@
+"""The triton backend against the float64 oracle: forward, LSE, gradients, block skipping, errors.
+
+Without a GPU the kernel runs in Triton's CPU interpreter: TRITON_INTERPRET=1 must be set
+before `qkv.attention.triton_kernel` is imported (Triton decides interpreted vs compiled when
+a kernel is decorated, and again at launch), so it is set here around that import and by a
+fixture around each test, never for other test modules. With CUDA present the same tests run the compiled kernel on the GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+import qkv
+from qkv.attention import BACKENDS, choose_backend, reference_attention, scoring
+from qkv.attention.spec import make_spec
+
+from .conftest import GRAD_FACTOR, assert_within_budget, err, make_qkv, oracle
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (pip install triton; Linux only)", allow_module_level=True)
+
+_saved = os.environ.get("TRITON_INTERPRET")
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    from qkv.attention import triton_kernel as tk
+finally:
+    if _saved is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+
+if not tk.INTERPRETED and not torch.cuda.is_available():
+    pytest.skip(
+        "triton kernels were built compiled (imported before TRITON_INTERPRET=1) and there is "
+        "no CUDA device to run them on",
+        allow_module_level=True,
+    )
+DEVICE = "cpu" if tk.INTERPRETED else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch):
+    """Triton also reads TRITON_INTERPRET when it launches: set it per test, never for others."""
+    if tk.INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+SMALL = tk.Config(block_m=16, block_n=16)  # many blocks on small sizes: edges and skipping
+
+
+def qkv_on(*args, **kw):
+    return [t.to(DEVICE).detach().requires_grad_(t.requires_grad) for t in make_qkv(*args, **kw)]
+
+
+def run(q, k, v, config=SMALL, **kw):
+    return tk.triton_attention(q, k, v, make_spec(q, k, v, **kw), config)
+
+
+# (B, Hq, Hk, Sq, Sk, D, kwargs)
+CASES = {
+    "dense-1x1": (1, 2, 2, 1, 1, 16, {}),
+    "dense-17x100-gqa": (1, 8, 2, 17, 100, 16, {}),
+    "dense-257x33-mqa": (1, 4, 1, 257, 33, 64, {}),
+    "causal-100": (2, 2, 2, 100, 100, 64, {"causal": True}),
+    "causal-decode-1x257": (1, 4, 1, 1, 257, 16, {"causal": True}),
+    "causal-7x100-gqa": (1, 8, 2, 7, 100, 16, {"causal": True}),
+    "causal-100x17-empty-top": (1, 2, 1, 100, 17, 16, {"causal": True}),
+    "window-left-only": (1, 2, 2, 100, 100, 16, {"window": (20, None)}),
+    "window-right-only": (1, 2, 2, 100, 257, 16, {"window": (None, 5)}),
+    "window-small-both": (1, 2, 1, 257, 257, 16, {"window": (3, 2)}),
+    "window-large-both-gqa": (1, 8, 2, 100, 100, 64, {"window": (60, 30)}),
+    "window-causal-sq>sk": (1, 2, 2, 100, 60, 16, {"window": (9, None), "causal": True}),
+    "window-empty-rows": (1, 2, 2, 40, 17, 16, {"window": (0, 0)}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_and_lse_vs_oracle(case, dtype):
+    B, Hq, Hk, Sq, Sk, D, kw = CASES[case]
+    q, k, v = qkv_on(B, Hq, Hk, Sq, Sk, D, dtype=dtype)
+    truth = oracle(q.cpu(), k.cpu(), v.cpu(), **kw)
+    plain = reference_attention(q.cpu(), k.cpu(), v.cpu(), **kw)
+    out, lse = run(q, k, v, **kw)
+    assert out.dtype == dtype and out.shape == (B, Hq, Sq, D)
+    assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Sq)
+    assert_within_budget(out.cpu(), plain.out, truth.out, dtype, what="out")
+    assert_within_budget(lse.cpu(), plain.lse, truth.lse, dtype, what="lse")
+    empty = truth.lse == float("-inf")  # rows no key is left for: exactly 0 and −inf
+    assert torch.equal(lse.cpu() == float("-inf"), empty)
+    assert (out.cpu()[empty] == 0).all()
+
+
+def test_empty_top_rows_exact():
+    """causal with Sq > Sk: the first Sq − Sk rows see no key (bottom-right alignment)."""
+    q, k, v = qkv_on(1, 2, 2, 40, 17, 16)
+    out, lse = run(q, k, v, causal=True)
+    assert (out[:, :, :23] == 0).all() and (lse[:, :, :23] == float("-inf")).all()
+    assert torch.isfinite(lse[:, :, 23:]).all()
+
+
+@pytest.mark.parametrize("D", [16, 32, 40])
+def test_float16_and_head_dims(D):
+    q, k, v = qkv_on(1, 4, 2, 33, 70, D, dtype=torch.float16)
+    kw = {"window": (None, 2)}
+    truth, plain = oracle(q.cpu(), k.cpu(), v.cpu(), **kw), reference_attention(q, k, v, **kw)
+    out, lse = run(q, k, v, **kw)
+    assert_within_budget(out.cpu(), plain.out.cpu(), truth.out, torch.float16, what="out")
+    assert_within_budget(lse.cpu(), plain.lse.cpu(), truth.lse, torch.float16, what="lse")
+
+
+def test_public_api_default_blocks():
+    q, k, v = qkv_on(1, 8, 2, 100, 257, 64, dtype=torch.bfloat16)
+    truth = oracle(q.cpu(), k.cpu(), v.cpu(), causal=True)
+    plain = reference_attention(q.cpu(), k.cpu(), v.cpu(), causal=True)
+    out, lse = qkv.attention(q, k, v, causal=True, return_lse=True, backend="triton")
+    assert_within_budget(out.cpu(), plain.out, truth.out, torch.bfloat16)
+    assert_within_budget(lse.cpu(), plain.lse, truth.lse, torch.bfloat16, what="lse")
+    assert isinstance(qkv.attention(q, k, v, backend="triton"), torch.Tensor)
+
+
+GRAD_CASES = {
+    "causal-gqa": (17, 40, 16, {"causal": True}),
+    "window-mqa": (40, 40, 16, {"window": (5, 3)}),
+    "causal-empty-top": (40, 17, 16, {"causal": True}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(GRAD_CASES))
+def test_gradients_through_tiled_backward(case, dtype):
+    """Loss on out and on the LSE: dq, dk, dv against the float64 oracle's autograd."""
+    Sq, Sk, D, kw = GRAD_CASES[case]
+    Hq, Hk = (4, 1) if "mqa" in case else (4, 2)
+    q, k, v = qkv_on(2, Hq, Hk, Sq, Sk, D, dtype=dtype, requires_grad=True)
+    g = torch.Generator().manual_seed(1)
+    do = torch.randn(2, Hq, Sq, D, generator=g, dtype=torch.float64)
+    dl = torch.randn(2, Hq, Sq, generator=g, dtype=torch.float64)
+
+    def grads(fn, *xs):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        out, lse = fn(*xs)
+        lse = torch.where(torch.isfinite(lse), lse, 0.0)  # an empty row's −inf has no gradient
+        ((out * do.to(out)).sum() + (lse * dl.to(lse)).sum()).backward()
+        return [x.grad.cpu() for x in xs]
+
+    def ref(*x):
+        r = reference_attention(*x, **kw)
+        return r.out, r.lse
+
+    truth = grads(ref, q.cpu().double(), k.cpu().double(), v.cpu().double())
+    plain = grads(ref, q.cpu(), k.cpu(), v.cpu())
+    got = grads(lambda *x: run(*x, **kw), q, k, v)
+    for name, a, p, t in zip("qkv", got, plain, truth, strict=True):
+        assert a.dtype == dtype
+        assert_within_budget(a, p, t, dtype, factor=GRAD_FACTOR, what=f"d{name}")
+
+
+def _brute_blocks(spec, qs, qe, n):
+    """Per key block: 'skip' (no kept key), 'full' (every (i, j) kept, inside Sk) or 'edge'."""
+    i = torch.arange(qs, qe).view(-1, 1) + spec.delta
+    kinds = []
+    for b in range(-(-spec.Sk // n)):
+        j = torch.arange(b * n, b * n + n).view(1, -1)
+        keep = j < spec.Sk
+        if spec.left is not None:
+            keep = keep & (j >= i - spec.left)
+        if spec.right is not None:
+            keep = keep & (j <= i + spec.right)
+        kinds.append("skip" if not keep.any() else "full" if keep.all() else "edge")
+    return kinds
+
+
+def test_key_block_range_matches_band_range():
+    """Every block outside [lo, hi) keeps no key, [lo, hi) is tight around `band_range`, and
+    the unmasked interior [mid_lo, mid_hi) is exactly the set of fully kept blocks."""
+    g = torch.Generator().manual_seed(0)
+    sides = [None, 0, 1, 2, 5, 16, 40]
+    n_checked = 0
+    for _ in range(400):
+        Sq, Sk = (int(x) for x in torch.randint(1, 90, (2,), generator=g))
+        left, right = (sides[int(x)] for x in torch.randint(0, len(sides), (2,), generator=g))
+        bm, n = (16, 32, 64)[n_checked % 3], (16, 32)[n_checked % 2]
+        x = torch.empty(1, 1, Sq, 1)
+        spec = make_spec(
+            x, torch.empty(1, 1, Sk, 1), torch.empty(1, 1, Sk, 1), window=(left, right)
+        )
+        for qs in range(0, Sq, bm):
+            qe = min(qs + bm, Sq)
+            lo, mid_lo, mid_hi, hi = tk.key_block_range(
+                qs, qe, Sk, spec.delta, spec.left, spec.right, n
+            )
+            assert lo <= mid_lo <= mid_hi <= hi
+            start, stop = scoring.band_range(spec, qs, qe - 1)
+            if stop > start:
+                assert (lo, hi) == (start // n, -(-stop // n))
+            else:
+                assert lo == hi
+            kinds = _brute_blocks(spec, qs, qe, n)
+            assert all(kd == "skip" for kd in kinds[:lo] + kinds[hi:])
+            assert [b for b, kd in enumerate(kinds) if kd == "full"] == list(range(mid_lo, mid_hi))
+            n_checked += 1
+    assert n_checked > 500
+
+
+@pytest.mark.parametrize(
+    "kw", [{"window": (8, 0)}, {"causal": True}, {"window": (None, 3)}], ids=str
+)
+def test_kernel_visits_only_the_band(kw):
+    """The kernel's own loop counters equal `key_block_range`: it skips what the band drops."""
+    Sq = Sk = 257
+    q, k, v = qkv_on(1, 2, 1, Sq, Sk, 16)
+    spec = make_spec(q, k, v, **kw)
+    _, _, visits = tk.forward(q, k, v, spec, SMALL, count=True)
+    want = []
+    for qs in range(0, Sq, 16):
+        lo, mid_lo, mid_hi, hi = tk.key_block_range(
+            qs, min(qs + 16, Sq), Sk, spec.delta, spec.left, spec.right, 16
+        )
+        want.append([mid_lo - lo + hi - mid_hi, mid_hi - mid_lo])
+    assert visits.cpu().tolist() == [want, want]  # both query heads
+    n_key_blocks = -(-Sk // 16)
+    total = visits.sum().item()
+    assert total < 2 * len(want) * n_key_blocks * (
+        0.2 if "window" in kw and kw["window"][0] else 0.6
+    )
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_nan_in_masked_keys_and_values_does_not_leak(where):
+    q, k, v = (t.detach() for t in qkv_on(1, 2, 1, 40, 40, 16))
+    kw = {"window": (3, 0)}
+    t = k if where == "k" else v
+    t[:, :, 5, 2] = float("nan")  # key 5: kept by rows 5..8 only
+    t[:, :, 30, 0] = float("inf")  # key 30: kept by rows 30..33 only
+    truth = oracle(q.cpu(), k.cpu(), v.cpu(), **kw).out
+    out, _ = run(q, k, v, **kw)
+    out = out.cpu()
+    assert torch.equal(out.isnan(), truth.isnan())
+    ok = torch.isfinite(truth)
+    assert ok[:, :, :5].all() and ok[:, :, 9:30].all() and ok[:, :, 34:].all()
+    assert err(out[ok], truth[ok]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"mask": torch.ones(7, 9, dtype=torch.bool)}, "mask"),
+        ({"mask_mod": lambda b, h, i, j: i >= j}, "mask"),
+        ({"score_mod": lambda s, b, h, i, j: s}, "score_mod"),
+        ({"softcap": 5.0}, "softcap"),
+        ({"dropout_p": 0.1}, "dropout"),
+    ],
+    ids=["mask", "mask_mod", "score_mod", "softcap", "dropout"],
+)
+def test_unsupported_requests_raise(kw, needle):
+    q, k, v = qkv_on(1, 2, 2, 7, 9, 16)
+    if "mask" in kw:
+        kw = {**kw, "mask": kw["mask"].to(DEVICE)}
+    with pytest.raises(ValueError, match=needle) as e:
+        qkv.attention(q, k, v, backend="triton", **kw)
+    assert "backend='tiled'" in str(e.value)
+
+
+def test_unsupported_shapes_dtypes_devices_raise():
+    q, k, v = make_qkv(1, 2, 2, 7, 9, 16, Dv=32)
+    with pytest.raises(ValueError, match="D == Dv"):
+        qkv.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), backend="triton")
+    q, k, v = make_qkv(1, 2, 2, 7, 9, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        qkv.attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), backend="triton")
+    q, k, v = (t.to("meta") for t in make_qkv(1, 2, 2, 7, 9, 16))
+    with pytest.raises(ValueError, match="CUDA"):
+        qkv.attention(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window": (3, 0)}], ids=str)
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_triton_is_opt_in_only(kw, return_lse):
+    """Never run on a GPU yet: "auto" must not pick it until it is measured."""
+    q, k, v = make_qkv(1, 2, 2, 7, 9, 16)
+    assert "triton" in BACKENDS
+    assert choose_backend(q, k, v, make_spec(q, k, v, **kw), return_lse) != "triton"
+
+
+def test_missing_triton_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton → ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "qkv.attention.triton_kernel")
+    q, k, v = make_qkv(1, 2, 2, 7, 9, 16)
+    with pytest.raises(ImportError, match="pip install triton"):
+        qkv.attention(q, k, v, backend="triton")
