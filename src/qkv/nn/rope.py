@@ -109,11 +109,11 @@ class RotaryEmbedding(nn.Module):
     def _rotate(self, x: Tensor, cos_w: Tensor, sin_w: Tensor, cdt: torch.dtype) -> Tensor:
         """x·cos_w + swap(x)·sin_w, where swap exchanges the two features of each pair: for
         pair (a, b) that is (a·cos − b·sin, b·cos + a·sin), the same products and sums as the
-        complex form, in four ops."""
-        xc = x.to(cdt)
+        complex form, in four ops (plus two casts for half-precision x)."""
+        xc = x if x.dtype == cdt else x.to(cdt)
         if self.interleaved:
             swapped = xc.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (b a) per pair
         else:
-            half = self.d_head // 2
-            swapped = torch.cat((xc[..., half:], xc[..., :half]), dim=-1)
-        return (xc * cos_w + swapped * sin_w).to(x.dtype)
+            swapped = xc.roll(self.d_head // 2, dims=-1)  # (x[d/2:], x[:d/2])
+        out = xc * cos_w + swapped * sin_w
+        return out if out.dtype == x.dtype else out.to(x.dtype)
