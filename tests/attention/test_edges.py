@@ -212,3 +212,24 @@ def test_all_finite_checks_every_tensor_and_survives_overflowing_sums(dtype):
         b = ok.clone()
         b[2, 4] = bad
         assert not all_finite(ok, b) and not all_finite(b, big) and not all_finite(b)
+
+
+def test_auto_falls_back_to_tiled_when_the_fused_lse_kernel_is_missing(monkeypatch):
+    """`auto` picks PyTorch's fused (out, lse) kernel where it exists; a device that lacks it
+    (RuntimeError from the op, e.g. flash attention on a pre-sm80 GPU) gets the tiled kernel."""
+    from qkv.attention import api
+
+    def missing(*args):
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    monkeypatch.setattr(api, "sdpa_lse", missing)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 4, 33, 16, generator=g) for _ in range(3))
+    with torch.no_grad():
+        assert api.choose_backend(q, k, v, api.make_spec(q, k, v, causal=True), True) == "sdpa"
+        out, lse = qkv.attention(q, k, v, causal=True, return_lse=True)
+    want = qkv.reference_attention(q.double(), k.double(), v.double(), causal=True)
+    assert (out.double() - want.out).abs().max() < 1e-5
+    assert (lse.double() - want.lse).abs().max() < 1e-5
+    with pytest.raises(RuntimeError, match="No available kernel"):  # an explicit choice is kept
+        qkv.attention(q, k, v, causal=True, return_lse=True, backend="sdpa")

@@ -116,8 +116,14 @@ def attention(
     )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    auto = backend == "auto"
+    if auto:
         backend = choose_backend(q, k, v, spec, return_lse)
+    if auto and backend == "sdpa" and return_lse:
+        try:
+            return sdpa_lse(q, k, v, spec)
+        except RuntimeError:  # a GPU without that fused kernel (e.g. flash before sm80)
+            backend = "tiled"
     if backend == "reference":
         r = reference(q, k, v, spec)
         return (r.out, r.lse) if return_lse else r.out
