@@ -453,7 +453,7 @@ def _pick(
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, -1)
+    probs = torch.softmax(logits, -1).cpu()  # the seeded generator is a CPU one, on any device
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
