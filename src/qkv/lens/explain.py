@@ -143,7 +143,8 @@ def run_capture(
 
         hooks = [m.register_forward_hook(after(n)) for n, m in enumerate(mods[: last + 1])]
         try:
-            model(torch.tensor([ids], dtype=torch.long))
+            device = next(model.parameters()).device  # the ids go where the weights are
+            model(torch.tensor([ids], dtype=torch.long, device=device))
         except _Stop:
             pass
         finally:

@@ -316,7 +316,8 @@ class TinyTransformer(nn.Module):
         """Continue `prompt` token by token with the KV cache; yields each new token's text.
         temperature 0 is greedy."""
         _positive_int("generate", "max_new_tokens", max_new_tokens)
-        ids = torch.tensor([self.tokenizer.encode(prompt).ids])
+        device = self.embed.weight.device
+        ids = torch.tensor([self.tokenizer.encode(prompt).ids], device=device)
         cache = KVCache(self.config.n_layers)
         for _ in range(max_new_tokens):
             if cache.length + ids.shape[1] > self.config.max_positions:
@@ -327,7 +328,7 @@ class TinyTransformer(nn.Module):
             else:
                 nxt = int(logits.argmax())
             yield self.config.vocab[nxt]
-            ids = torch.tensor([[nxt]])
+            ids = torch.tensor([[nxt]], device=device)
 
 
 def checkpoint_tensors(model: TinyTransformer) -> dict[str, Tensor]:
