@@ -224,7 +224,7 @@ def head_search(
             stop = max(prep.pos.values()) + 1 if info.causal else len(prep.ids)
             recs = run_capture(m, prep.ids[:stop], layers=list(range(L)), progress=False)
             for rec in recs:
-                w = rows(rec, [prep.pos[a] for a in at]).double().numpy()  # (h r j)
+                w = rows(rec, [prep.pos[a] for a in at]).double().cpu().numpy()  # (h r j)
                 cw = np.stack([w[:, :, c].sum(-1) for c in prep.cands], -1)  # (h r c)
                 pred = cw.argmax(-1)  # (h r)
                 for r, a in enumerate(at):

@@ -43,7 +43,7 @@ def rollout_row(records: Sequence[AttentionRecordLike], i: int, progress=None) -
         for s in range(0, len(support), chunk):
             idx = support[s : s + chunk]
             a, stop = _mean_rows(rec, idx)  # (r j'): head-mean rows over keys 0..stop-1
-            acc[:stop] += (u[idx].to(a.dtype) @ a).double()
+            acc[:stop] += (u[idx].to(a.device, a.dtype) @ a).double().cpu()
         u = 0.5 * u + 0.5 * acc
         if progress is not None:
             progress()
