@@ -119,10 +119,12 @@ def attention(
     auto = backend == "auto"
     if auto:
         backend = choose_backend(q, k, v, spec, return_lse)
-    if auto and backend == "sdpa" and return_lse:
+    if backend == "sdpa" and return_lse:
         try:
             return sdpa_lse(q, k, v, spec)
         except RuntimeError:  # a GPU without that fused kernel (e.g. flash before sm80)
+            if not auto:
+                raise
             backend = "tiled"
     if backend == "reference":
         r = reference(q, k, v, spec)
@@ -133,8 +135,6 @@ def attention(
     if backend == "triton":
         out, lse = _triton_attention(q, k, v, spec)
         return (out, lse) if return_lse else out
-    if return_lse:
-        return sdpa_lse(q, k, v, spec)
     return sdpa(q, k, v, spec)
 
 

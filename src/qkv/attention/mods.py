@@ -122,9 +122,8 @@ def alibi_slopes(n_heads: int) -> Tensor:
 def alibi(slopes: Tensor | int) -> ScoreMod:
     """score − slope[h]·|q_idx − kv_idx| (for causal attention: + slope·(kv_idx − q_idx))."""
     s = alibi_slopes(slopes) if isinstance(slopes, int) else slopes
-    placed: dict[
-        tuple[torch.device, torch.dtype], Tensor
-    ] = {}  # one host→device copy, not per tile
+    # the slopes on each (device, dtype) they meet: one host→device copy, not one per tile
+    placed: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         key = (score.device, score.dtype)

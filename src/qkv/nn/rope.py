@@ -103,7 +103,7 @@ class RotaryEmbedding(nn.Module):
         pos = positions.to(x.device)
         cos, sin = cos_w[pos], sin_w[pos]  # (i d) or (b i d)
         if cos.dim() == 3:
-            cos, sin = cos[:, None], sin[:, None]  # (b 1 i p)
+            cos, sin = cos[:, None], sin[:, None]  # (b 1 i d)
         return self._rotate(x, cos, sin, cdt)
 
     def _rotate(self, x: Tensor, cos_w: Tensor, sin_w: Tensor, cdt: torch.dtype) -> Tensor:
