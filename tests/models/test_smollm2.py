@@ -13,7 +13,7 @@ import torch
 import qkv
 from qkv.models import gguf as qgguf
 from qkv.models import llama
-from qkv.nn import KVCache, RotaryEmbedding
+from qkv.nn import KVCache, RotaryEmbedding, quant
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -115,8 +115,14 @@ def test_load_by_name_uses_package(monkeypatch, tmp_path, model):
     assert list(tmp_path.iterdir()), "the dequantised tensors were not cached"
     sd, ref = m.state_dict(), model.state_dict()
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
-    m2 = qkv.load("smollm2")  # from the cache: the same tensors
+    m2 = qkv.load("smollm2")  # from the cache: the same tensors, and the same blocks
     assert all(torch.equal(v, ref[k]) for k, v in m2.state_dict().items())
+    got, want = mirrors(m2), mirrors(model)
+    assert got.keys() == want.keys() and len(got) == 30 * 5 + 1
+    for name, (mir, _) in got.items():
+        b, ref_b = mir.blocks, want[name][0].blocks
+        assert mir.valid() and b.kind == ref_b.kind, name
+        assert np.array_equal(b.data, ref_b.data) and np.array_equal(b.scale, ref_b.scale), name
 
 
 @pytest.mark.parametrize("text", PROMPTS)
@@ -159,6 +165,53 @@ def test_incremental_logits_equal_one_shot(model):
     assert cache.length == ids.shape[1]
     err = (torch.cat(parts, 1) - full).abs().max().item()
     assert err < CACHE_TOL, f"max |Δ logit| cached vs one-shot = {err:.2e}"
+
+
+def mirrors(model) -> dict:
+    """Every block mirror of the model → (Mirror, the nn.Linear-layout weight it stands for)."""
+    out = {"unembed": (model.mirrors["unembed"], model.embed.weight)}
+    H, D, m = model.config.n_heads, model.config.d_head, model.config.d_model
+    for i, blk in enumerate(model.blocks):
+        out[f"{i}.qkv"] = (blk.attn.mirrors["qkv"], blk.attn.fused_qkv()[0])
+        out[f"{i}.out"] = (blk.attn.mirrors["out"], blk.attn.W_O.reshape(H * D, m).t())
+        for name in ("gate", "up", "down"):
+            out[f"{i}.{name}"] = (blk.mlp.mirrors[name], getattr(blk.mlp, name).weight)
+    return out
+
+
+def test_block_mirrors_equal_the_parameters(model):
+    """The decode step's blocks are the GGUF's, in the parameters' row order (Q/K unpermuted,
+    Q|K|V fused): dequantised, each equals the dense weight it stands for, bit for bit."""
+    found = mirrors(model)
+    assert len(found) == 30 * 5 + 1
+    for name, (mir, weight) in found.items():
+        assert mir.valid(), name
+        assert torch.equal(mir.blocks.dequantize(), weight), name
+    kinds = {mir.blocks.kind for mir, _ in found.values()}
+    assert kinds == {"q4_1", "q8_0"}  # layers Q4_1, the tied embedding Q8_0
+
+
+def test_decode_with_blocks_equals_dense(model, monkeypatch):
+    calls = []
+    real = quant.BlockWeight.matmul
+    monkeypatch.setattr(quant.BlockWeight, "matmul", lambda b, x: calls.append(1) or real(b, x))
+    prompt = ids_of(model, GREEDY_PROMPT)[0].tolist()
+    fast = list(model.generate_ids(prompt, N_GREEDY, stop_ids=()))
+    per_step = 30 * 5 + 1  # 5 matrices a layer + the unembedding
+    assert len(calls) == (N_GREEDY - 1) * per_step + 1  # every step; the prefill's last row
+    with quant.dense():
+        dense = list(model.generate_ids(prompt, N_GREEDY, stop_ids=()))
+    assert fast == dense and len(calls) == (N_GREEDY - 1) * per_step + 1
+    with torch.no_grad():  # one decode step's logits, blocks vs dense weights
+        cache = KVCache(model.config.n_layers)
+        model(torch.tensor([prompt]), cache=cache)
+        cache2 = KVCache(model.config.n_layers)
+        with quant.dense():
+            model(torch.tensor([prompt]), cache=cache2)
+            want = model(torch.tensor([[fast[0]]]), cache=cache2)
+        got = model(torch.tensor([[fast[0]]]), cache=cache)
+    err = (got - want).abs().max().item()
+    assert err < CACHE_TOL, f"max |Δ logit| blocks vs dense = {err:.2e}"
 
 
 def test_padded_batch_matches_single(model):
@@ -331,11 +384,12 @@ def test_truncated_gguf_names_tensor(gguf_path, tmp_path):
         qgguf.read_gguf(tmp_path / "absent.gguf")
 
 
-def tiny_gguf(path, *, arch="llama", bad=None):
-    """A 2-layer Llama GGUF with a 4-token vocabulary; `bad` = a tensor name to give a wrong shape."""
+def tiny_gguf(path, *, arch="llama", bad=None, quantised=False):
+    """A 2-layer Llama GGUF with a 4-token vocabulary; `bad` = a tensor name to give a wrong shape;
+    `quantised`: matrices stored in blocks (wider, as blocks take 32 inputs)."""
     gguf = pytest.importorskip("gguf")
     w = gguf.GGUFWriter(str(path), arch)
-    m, f, h, kv, d, v = 8, 16, 2, 1, 4, 4
+    m, f, h, kv, d, v = (64, 96, 2, 1, 32, 4) if quantised else (8, 16, 2, 1, 4, 4)
     for key, val in {
         "block_count": 2, "context_length": 32, "embedding_length": m, "feed_forward_length": f,
         "attention.head_count": h, "attention.head_count_kv": kv,
@@ -362,7 +416,13 @@ def tiny_gguf(path, *, arch="llama", bad=None):
     for name, shape in shapes.items():
         if name == bad:
             shape = (shape[0] + 2, *shape[1:])
-        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+        a = rng.standard_normal(shape).astype(np.float32)
+        if quantised and len(shape) == 2:  # llama.cpp's choice: Q8_0 embedding, Q4_1 layers
+            kind = "Q8_0" if name == "token_embd.weight" else "Q4_1"
+            qtype = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -393,6 +453,31 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path):
     again = qgguf.read_gguf(path, cache_dir=tmp_path / "cache")
     assert all(torch.equal(again.tensors[k], t) for k, t in first.tensors.items())
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_tiny_quantised_gguf_decodes_from_its_blocks(tmp_path):
+    """Blocks survive the on-disk cache; decoding from them gives the dense weights' logits; an
+    entry of an older cache format for the same file is removed when the new one is written."""
+    path = tiny_gguf(tmp_path / "q.gguf", quantised=True)
+    stale = qgguf._cache_entry(path, tmp_path / "cache").name.rsplit("-v", 1)[0] + "-v1"
+    (tmp_path / "cache" / stale).mkdir(parents=True)
+    first = llama.load_gguf(path, cache_dir=tmp_path / "cache")
+    assert [e.name for e in (tmp_path / "cache").iterdir()] != [stale]
+    assert not (tmp_path / "cache" / stale).exists()
+    m = llama.load_gguf(path, cache_dir=tmp_path / "cache")  # from the cache
+    assert len(mirrors(m)) == 2 * 5 + 1
+    for name, (mir, weight) in mirrors(m).items():
+        assert torch.equal(mir.blocks.dequantize(), weight), name
+        assert torch.equal(weight, mirrors(first)[name][1]), name
+    ids = torch.tensor([[1, 2, 3, 1]])
+    with torch.no_grad():
+        full = m(ids)
+        cache = KVCache(2)
+        steps = [m(ids[:, :1], cache=cache)] + [
+            m(ids[:, i : i + 1], cache=cache) for i in (1, 2, 3)
+        ]
+    scale = float(full.abs().max())  # random std-1 weights: logits far from unit size
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5 * scale)
 
 
 def test_bad_prompts(model, monkeypatch):

@@ -18,6 +18,7 @@ Letters: h head, d head dim, p rotation pair, m model dim.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,7 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-CACHE_FORMAT = 1  # bump when the cached layout changes
+from ..nn.quant import BlockWeight
+
+CACHE_FORMAT = 2  # bump when the cached layout changes (2: + the raw Q4_1/Q8_0 blocks)
 
 # llama.cpp pre-tokenizer names → how text is split before byte-level BPE. llama.cpp's "smollm"
 # (like "starcoder") first isolates every numeric character (`\p{N}`), then applies GPT-2's regex;
@@ -39,6 +42,7 @@ _DIGIT_SPLIT_PRE = frozenset({"smollm", "starcoder", "refact", "codeshell", "exa
 _GPT2_PRE = frozenset({"gpt-2", "gpt2", "default"})
 SUPPORTED_PRE_TOKENIZERS = tuple(sorted(_DIGIT_SPLIT_PRE | _GPT2_PRE))
 
+BLOCK_TYPES = frozenset({"Q4_1", "Q8_0"})  # kept as blocks too (`GGUFContents.blocks`)
 TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 1, 3, 4
 
 
@@ -49,12 +53,15 @@ class GGUFContents:
     metadata: every key/value field (arrays as lists, e.g. `tokenizer.ggml.tokens`).
     tensors: name → float32 tensor in PyTorch order (a GGUF `[576, 192]` is a (192, 576) matrix).
     types: name → the ggml type it was stored as (`"Q4_1"`, `"Q8_0"`, `"F32"` ...).
+    blocks: name → the same weight as its stored blocks (`qkv.nn.quant.BlockWeight`), for every
+        Q4_1/Q8_0 matrix; `dequantize()` of each equals `tensors[name]` exactly.
     """
 
     path: Path
     metadata: dict[str, Any]
     tensors: dict[str, Tensor]
     types: dict[str, str]
+    blocks: dict[str, BlockWeight] = dataclasses.field(default_factory=dict)
 
     @property
     def architecture(self) -> str:
@@ -105,7 +112,7 @@ def _read_file(path: Path) -> GGUFContents:
 
     reader = _open_reader(path, gguf)
     metadata = {name: _field_value(field, gguf) for name, field in reader.fields.items()}
-    tensors, types = {}, {}
+    tensors, types, blocks = {}, {}, {}
     for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dims innermost first
         try:
@@ -120,7 +127,9 @@ def _read_file(path: Path) -> GGUFContents:
             array = array.copy()
         tensors[t.name] = torch.from_numpy(array).reshape(shape)
         types[t.name] = t.tensor_type.name
-    return GGUFContents(path=path, metadata=metadata, tensors=tensors, types=types)
+        if t.tensor_type.name in BLOCK_TYPES and len(shape) == 2:
+            blocks[t.name] = BlockWeight.from_ggml(t.tensor_type.name, t.data, shape)
+    return GGUFContents(path=path, metadata=metadata, tensors=tensors, types=types, blocks=blocks)
 
 
 def _open_reader(path: Path, gguf):
@@ -183,6 +192,9 @@ def _field_value(field, gguf) -> Any:
 # on-disk cache of the dequantised tensors
 
 
+_BLOCKS = "blocks/"  # cache keys of the block arrays: blocks/<tensor>/{data,scale,minimum}
+
+
 def _cache_entry(path: Path, root: Path) -> Path:
     st = path.resolve().stat()
     key = f"{path.stem}-{st.st_size}-{st.st_mtime_ns}-v{CACHE_FORMAT}"
@@ -200,12 +212,23 @@ def _read_cache(path: Path, entry: Path) -> GGUFContents | None:
         doc = json.loads(meta_file.read_text(encoding="utf-8"))
         if doc.get("source") != str(path.resolve()) or doc.get("format") != CACHE_FORMAT:
             return None
-        tensors = load_file(tensor_file)
+        stored = load_file(tensor_file)
         types = doc["types"]
-        if set(tensors) != set(types):
+        tensors = {name: stored.pop(name) for name in types}  # file order; KeyError: rebuild
+        blocks = {
+            name: BlockWeight(
+                types[name].lower(),
+                stored.pop(f"{_BLOCKS}{name}/data").numpy(),
+                stored.pop(f"{_BLOCKS}{name}/scale").numpy(),
+                stored.pop(f"{_BLOCKS}{name}/minimum").numpy() if types[name] == "Q4_1" else None,
+            )
+            for name in doc["blocks"]
+        }
+        if stored:  # keys no current reader knows: rebuild rather than guess
             return None
-        tensors = {name: tensors[name] for name in types}  # file order
-        return GGUFContents(path=path, metadata=doc["metadata"], tensors=tensors, types=types)
+        return GGUFContents(
+            path=path, metadata=doc["metadata"], tensors=tensors, types=types, blocks=blocks
+        )
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError):
         return None  # a damaged cache entry is rebuilt from the GGUF
 
@@ -217,17 +240,28 @@ def _write_cache(contents: GGUFContents, entry: Path) -> None:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
         try:
-            save_file(contents.tensors, str(tmp / "tensors.safetensors"))
+            stored = dict(contents.tensors)
+            for name, b in contents.blocks.items():
+                stored[f"{_BLOCKS}{name}/data"] = torch.from_numpy(b.data)
+                stored[f"{_BLOCKS}{name}/scale"] = torch.from_numpy(b.scale)
+                if b.minimum is not None:
+                    stored[f"{_BLOCKS}{name}/minimum"] = torch.from_numpy(b.minimum)
+            save_file(stored, str(tmp / "tensors.safetensors"))
             doc = {
                 "format": CACHE_FORMAT,
                 "source": str(contents.path.resolve()),
                 "types": contents.types,
+                "blocks": sorted(contents.blocks),
                 "metadata": contents.metadata,
             }
             (tmp / "metadata.json").write_text(json.dumps(doc), encoding="utf-8")
             if entry.exists():
                 shutil.rmtree(entry, ignore_errors=True)
             os.replace(tmp, entry)
+            stem = entry.name.rsplit("-v", 1)[0]  # the same file cached by an older format
+            for old in entry.parent.glob(f"{stem}-v*"):
+                if old != entry:
+                    shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError:

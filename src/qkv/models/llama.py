@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import MLP, KVCache, MultiHeadAttention, PreNormBlock, RMSNorm, RotaryEmbedding
+from ..nn.quant import BlockWeight, Mirror, linear
 from .convert import Rule, convert, heads_in, heads_out
 from .gguf import GGUFContents, build_tokenizer, read_gguf, render_chat, unpermute_qk
 from .tokenizer import Tokenizer, ids_shape
@@ -202,6 +202,7 @@ class Llama(nn.Module):
         )
         self.norm = RMSNorm(c.d_model, c.rms_eps)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.mirrors: dict[str, Mirror] = {}  # "unembed": the checkpoint's blocks (nn.quant)
 
     def extra_repr(self) -> str:
         return f"name={self.config.name!r}, tie_embeddings={self.config.tie_embeddings}"
@@ -209,7 +210,7 @@ class Llama(nn.Module):
     def unembed(self, h: Tensor) -> Tensor:
         """Final hidden states (… m) → logits (… v)."""
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w)
+        return linear(h, w, None, self.mirrors.get("unembed"))
 
     def hidden(
         self, ids: Tensor, *, attention_mask: Tensor | None = None, cache: KVCache | None = None
@@ -518,7 +519,41 @@ def from_gguf(contents: GGUFContents, *, name: str | None = None) -> Llama:
     )
     for block in model.blocks:
         block.attn.pack_()  # W_Q/W_K/W_V as views of one fused matrix: no copy per forward
+    attach_blocks(model, contents.blocks)
     return model.eval()
+
+
+def attach_blocks(model: Llama, blocks: dict[str, BlockWeight]) -> int:
+    """Give the model's linear maps `Mirror`s of the GGUF's own blocks (`qkv.nn.quant`), which
+    the one-token decode step multiplies by on CPU: 0.75 bytes a weight streamed instead of 4.
+    Rows follow the parameters' layout (Q/K unpermuted, Q|K|V fused). A matrix stored unquantised
+    gets none. Returns the number of mirrors attached."""
+    c = model.config
+    q_rows = unpermute_qk(torch.arange(c.n_heads * c.d_head)[:, None], c.n_heads)[:, 0]
+    k_rows = unpermute_qk(torch.arange(c.n_kv_heads * c.d_head)[:, None], c.n_kv_heads)[:, 0]
+    n = 0
+
+    def attach(where: dict[str, Mirror], name: str, b: BlockWeight | None, *owners: Tensor):
+        nonlocal n
+        if b is not None:
+            where[name] = Mirror(b, *owners)
+            n += 1
+
+    for i, block in enumerate(model.blocks):
+        get = lambda key: blocks.get(f"blk.{i}.{key}.weight")  # noqa: B023, E731
+        attn, mlp = block.attn, block.mlp
+        q, k, v = get("attn_q"), get("attn_k"), get("attn_v")
+        if q is not None and k is not None and v is not None and q.kind == k.kind == v.kind:
+            qkv = BlockWeight.cat([q.rows(q_rows), k.rows(k_rows), v])
+            attach(attn.mirrors, "qkv", qkv, attn.W_Q, attn.W_K, attn.W_V)
+        attach(attn.mirrors, "out", get("attn_output"), attn.W_O)
+        for name in ("gate", "up", "down"):
+            attach(mlp.mirrors, name, get(f"ffn_{name}"), getattr(mlp, name).weight)
+    if model.lm_head is None:
+        attach(model.mirrors, "unembed", blocks.get("token_embd.weight"), model.embed.weight)
+    else:
+        attach(model.mirrors, "unembed", blocks.get("output.weight"), model.lm_head.weight)
+    return n
 
 
 def load_smollm2(*, cache_dir: str | Path | bool | None = None) -> Llama:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import attention
 from .cache import LayerCache
 from .capture import _ACTIVE, AttentionRecord
+from .quant import Mirror, linear
 from .rope import RotaryEmbedding
 
 
@@ -107,6 +107,8 @@ class MultiHeadAttention(nn.Module):
             self.register_parameter("b_O", None)
         self._fused: tuple | None = None  # (params, versions, w, b), see fused_qkv
         self._packed: tuple | None = None  # (data_ptrs, w): the packed view, see fused_qkv
+        # "qkv" (of the fused ((h+2k)·d, m) matrix), "out": the checkpoint's blocks, see nn.quant
+        self.mirrors: dict[str, Mirror] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -236,7 +238,7 @@ class MultiHeadAttention(nn.Module):
         B, S, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.d_head
         w, b = self.fused_qkv()
-        qkv = F.linear(x, w, b)  # (b i (h+2k)·d)
+        qkv = linear(x, w, b, self.mirrors.get("qkv"))  # (b i (h+2k)·d)
         qkv = qkv.view(B, S, H + 2 * K, D).transpose(1, 2)  # (b (h+2k) i d)
         start = 0 if cache is None else cache.length
         if self.rope is None:
@@ -256,7 +258,8 @@ class MultiHeadAttention(nn.Module):
             z = attention(q, k, v, causal=self.causal, mask=mask, scale=self.scale)
             lse = None
         zf = z.transpose(1, 2).reshape(B, S, H * D)  # (b i (h d))
-        out = F.linear(zf, self.W_O.reshape(H * D, self.d_model).t(), self.b_O)  # (b i m)
+        w_o = self.W_O.reshape(H * D, self.d_model).t()  # (m (h d)), nn.Linear layout
+        out = linear(zf, w_o, self.b_O, self.mirrors.get("out"))  # (b i m)
         for cap, i in recording:
             t = (lambda a: a.detach()) if cap.detach else (lambda a: a)
             cap.layers.append(

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .attention import MultiHeadAttention
 from .cache import LayerCache
+from .quant import Mirror, linear
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # erf form (BERT)
@@ -81,14 +82,19 @@ class MLP(nn.Module):
         self.up = nn.Linear(d_model, d_hidden, bias=bias, **fk)
         self.gate = nn.Linear(d_model, d_hidden, bias=bias, **fk) if gated else None
         self.down = nn.Linear(d_hidden, d_model, bias=bias, **fk)
+        self.mirrors: dict[str, Mirror] = {}  # "up", "gate", "down": checkpoint blocks (nn.quant)
 
     def extra_repr(self) -> str:
         return f"act={self.act_name}, gated={self.gate is not None}"
 
+    def _linear(self, name: str, x: Tensor) -> Tensor:
+        layer = getattr(self, name)
+        return linear(x, layer.weight, layer.bias, self.mirrors.get(name))
+
     def forward(self, x: Tensor) -> Tensor:
         if self.gate is None:
-            return self.down(self.act(self.up(x)))
-        return self.down(self.act(self.gate(x)) * self.up(x))
+            return self._linear("down", self.act(self._linear("up", x)))
+        return self._linear("down", self.act(self._linear("gate", x)) * self._linear("up", x))
 
 
 def _residual(branch: Tensor, x: Tensor) -> Tensor:

@@ -1,0 +1,293 @@
+"""Block-quantised weights as the checkpoint stores them, for the one-token decode step on CPU.
+
+A GGUF keeps most matrices in llama.cpp's blocks of 32 input features. Dequantised to float32
+(what the model's parameters hold, and what `transformers` multiplies by) they take 4 bytes a
+weight; decoding one token is a matrix-vector product per weight, bound by the bytes it streams.
+`BlockWeight` keeps the blocks themselves (0.75 or 1.06 bytes a weight) and multiplies by them
+directly, in float32 arithmetic — the weights are exactly the parameters' values, only the order
+of the sums differs:
+
+    q4_1   w[n, 32c + t] = scale[c, n] · q[n, 32c + t] + minimum[c, n],   q ∈ 0..15
+    q8_0   w[n, 32c + t] = scale[c, n] · q[n, 32c + t],                   q ∈ −128..127
+
+    y[r, n] = Σ_c scale[c, n] · Σ_t q[n, 32c + t] · x[r, 32c + t]  +  minimum[c, n] · Σ_t x[r, 32c + t]
+
+A `Mirror` ties blocks to the parameters they equal and is used only while those parameters are
+unchanged (same storage, same autograd version counter: any in-place edit, `load_state_dict`, an
+optimizer step or `.to()` retires it). `linear(x, weight, bias, mirror)` is `F.linear` with that
+fast path: taken for float32 CPU inputs of at most `MAX_ROWS` rows without autograd, otherwise
+(prefill, training, GPU, other dtypes, `with dense():`) it is exactly `F.linear`.
+
+Caveat: writes through `param.data` bypass PyTorch's version counter, so a mirror cannot see them;
+edit parameters in place under `torch.no_grad()` instead (or call `dense()`).
+
+Letters: r row (token), n output feature, c block of 32 input features, t position in a block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GROUP = 32  # input features per block, both formats
+MAX_ROWS = 2  # more rows go to F.linear: from ~3 rows BLAS on dense weights is faster (RESULTS.md)
+Kind = Literal["q4_1", "q8_0"]
+_GGML_BYTES = {"q4_1": 2 + 2 + GROUP // 2, "q8_0": 2 + GROUP}  # bytes per block in a GGUF
+_ENABLED: ContextVar[bool] = ContextVar("qkv_quant_enabled", default=True)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockWeight:
+    """An (n, k) nn.Linear-layout weight kept as blocks of 32 input features.
+
+    data: (k/32, 16, n) uint8 for q4_1 (byte t of a block holds q[32c + t] in its low nibble and
+    q[32c + 16 + t] in its high one, llama.cpp's order) or (k/32, 32, n) int8 for q8_0;
+    scale, minimum: (k/32, n) float32 (minimum is None for q8_0). Output features run along the
+    last axis, so the kernel's inner loop is contiguous.
+    """
+
+    kind: Kind
+    data: np.ndarray
+    scale: np.ndarray
+    minimum: np.ndarray | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.data.shape[2]), int(self.data.shape[0]) * GROUP
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.data, self.scale, self.minimum) if a is not None)
+
+    @classmethod
+    def from_ggml(cls, kind: str, raw: np.ndarray, shape: tuple[int, int]) -> BlockWeight:
+        """A GGUF tensor's raw bytes (any shape, n·k/32 blocks in row order) → BlockWeight.
+
+        shape is the (n, k) PyTorch shape. ValueError for an unknown kind or a size mismatch."""
+        kind = kind.lower()
+        if kind not in _GGML_BYTES:
+            raise ValueError(
+                f"unsupported block format {kind!r}; expected one of {list(_GGML_BYTES)}"
+            )
+        n, k = shape
+        size = _GGML_BYTES[kind]
+        if k % GROUP or np.asarray(raw).size != n * k // GROUP * size:
+            raise ValueError(
+                f"{kind} blocks for a {shape} weight need k % {GROUP} == 0 and "
+                f"{n * k // GROUP * size} bytes, got k={k} and {np.asarray(raw).size} bytes"
+            )
+        blocks = np.asarray(raw, dtype=np.uint8).reshape(n, k // GROUP, size)  # (n c bytes)
+        scale = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (n c)
+        if kind == "q4_1":
+            minimum = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            data = blocks[:, :, 4:]  # (n c 16)
+        else:
+            minimum, data = None, blocks[:, :, 2:].view(np.int8)  # (n c 32)
+        return cls(
+            kind,  # type: ignore[arg-type]
+            np.ascontiguousarray(data.transpose(1, 2, 0)),  # (c t n)
+            np.ascontiguousarray(scale.T),  # (c n)
+            None if minimum is None else np.ascontiguousarray(minimum.T),
+        )
+
+    def rows(self, index: Sequence[int] | np.ndarray | Tensor) -> BlockWeight:
+        """The weight's rows (output features) `index`, in that order (a copy)."""
+        idx = np.asarray(index, dtype=np.int64)
+        take = lambda a: None if a is None else np.ascontiguousarray(a[..., idx])  # noqa: E731
+        return BlockWeight(self.kind, take(self.data), take(self.scale), take(self.minimum))
+
+    @staticmethod
+    def cat(parts: Sequence[BlockWeight]) -> BlockWeight:
+        """Row-wise concatenation (the fused Q|K|V matrix); parts must share kind and k."""
+        kinds, ks = {p.kind for p in parts}, {p.shape[1] for p in parts}
+        if len(kinds) != 1 or len(ks) != 1:
+            raise ValueError(f"cannot concatenate blocks of kinds {kinds} and widths {ks}")
+        minimum = (
+            None if parts[0].minimum is None else np.concatenate([p.minimum for p in parts], -1)
+        )
+        return BlockWeight(
+            parts[0].kind,
+            np.concatenate([p.data for p in parts], -1),
+            np.concatenate([p.scale for p in parts], -1),
+            minimum,
+        )
+
+    def dequantize(self) -> Tensor:
+        """The (n, k) float32 weight, computed as the `gguf` library does (`scale·q + minimum`)."""
+        n, k = self.shape
+        if self.kind == "q4_1":
+            q = np.concatenate((self.data & 15, self.data >> 4), axis=1)  # (c 32 n)
+        else:
+            q = self.data
+        w = self.scale[:, None, :] * q.astype(np.float32)  # (c t n)
+        if self.minimum is not None:
+            w = w + self.minimum[:, None, :]
+        return torch.from_numpy(np.ascontiguousarray(w.reshape(k, n).T))
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """x (r, k) float32 CPU → x @ Wᵀ (r, n), from the blocks (no dense weight is formed)."""
+        n, k = self.shape
+        if x.dim() != 2 or x.shape[1] != k or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(
+                f"x must be a (rows, {k}) float32 CPU tensor, got {tuple(x.shape)} {x.dtype} on {x.device}"
+            )
+        xs = x.detach().contiguous().numpy()
+        y = np.empty((x.shape[0], n), np.float32)
+        kernel = _kernels()[self.kind]
+        if self.minimum is None:
+            kernel(xs, self.data, self.scale, y)
+        else:
+            kernel(xs, self.data, self.scale, self.minimum, y)
+        return torch.from_numpy(y)
+
+
+class Mirror:
+    """Blocks that equal the weight `owners` make up, valid while every owner keeps its storage
+    and its autograd version (no in-place edit since). Owners are the parameters themselves
+    (W_Q, W_K, W_V for a fused Q|K|V matrix)."""
+
+    def __init__(self, blocks: BlockWeight, *owners: Tensor) -> None:
+        if not owners:
+            raise ValueError("a Mirror needs the parameter(s) its blocks equal")
+        self.blocks, self.owners = blocks, owners
+        self._key = _key(owners)
+
+    def valid(self) -> bool:
+        return self._key is not None and _key(self.owners) == self._key
+
+    def __repr__(self) -> str:
+        n, k = self.blocks.shape
+        return f"Mirror({self.blocks.kind}, ({n}, {k}), valid={self.valid()})"
+
+
+def _key(owners: Sequence[Tensor]) -> tuple | None:
+    try:
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in owners)
+    except RuntimeError:  # inference tensors keep no version counter: never trust a mirror of one
+        return None
+
+
+def linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, mirror: Mirror | None = None
+) -> Tensor:
+    """`F.linear(x, weight, bias)`; x (… k), weight (n, k) → (… n). With a valid `mirror` of
+    `weight`, a float32 CPU x of at most MAX_ROWS rows and no autograd, it multiplies by the
+    mirror's blocks instead (same weights; float32 sums in another order)."""
+    if mirror is None or not _usable(x, weight, bias, mirror):
+        return F.linear(x, weight, bias)
+    y = mirror.blocks.matmul(x.reshape(-1, x.shape[-1]))  # (r n)
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _usable(x: Tensor, weight: Tensor, bias: Tensor | None, mirror: Mirror) -> bool:
+    if not _ENABLED.get() or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if x.dim() == 0 or x.numel() > MAX_ROWS * x.shape[-1] or x.numel() == 0:
+        return False
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+        return False
+    return tuple(weight.shape) == mirror.blocks.shape and mirror.valid()
+
+
+@contextlib.contextmanager
+def dense() -> Iterator[None]:
+    """Within the block, `linear` always multiplies by the dense parameters (F.linear): the
+    reference the blocks are tested against, and the way to time the float32 path."""
+    token = _ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels (numba, compiled on first use and cached on disk)
+
+_CACHE = True  # numba caches compiled kernels on disk (tests of the generated code turn it off)
+_LOCK = threading.Lock()
+_COMPILED: dict[str, object] = {}
+
+
+def _kernels() -> dict[str, object]:
+    if _COMPILED:
+        return _COMPILED
+    with _LOCK:
+        if not _COMPILED:
+            _COMPILED.update(_compile())
+    return _COMPILED
+
+
+def _compile() -> dict[str, object]:
+    from numba import njit
+
+    # reassociation lets LLVM vectorise the sums; no "fast" (it would assume no NaN/inf)
+    jit = njit(fastmath={"reassoc", "contract", "nsz"}, cache=_CACHE, nogil=True, boundscheck=False)
+
+    f32 = np.float32  # every constant typed: no float64 detour
+    eight, sixteen, sixteenth = f32(8), f32(16), f32(1 / 16)
+
+    @jit
+    def q4_1(x, data, scale, minimum, y):  # x (r k), data (c 16 n) u8, scale/minimum (c n), y (r n)
+        R = x.shape[0]
+        C, _, N = data.shape
+        dot = np.empty((R, N), np.float32)
+        sx = np.empty(R, np.float32)
+        y[:] = 0
+        for c in range(C):  # each block row is read once, for every row of x
+            o = c * GROUP
+            dot[:] = 0
+            for r in range(R):
+                acc = f32(0)
+                for t in range(GROUP):
+                    acc += x[r, o + t]
+                sx[r] = acc
+            for t in range(GROUP // 2):
+                row = data[c, t]
+                for r in range(R):
+                    lo, hi, d = x[r, o + t], x[r, o + GROUP // 2 + t], dot[r]
+                    for i in range(N):  # nibbles split in float32 lanes (no int64 detour)
+                        v = f32(row[i])
+                        h = np.floor(v * sixteenth)  # q[32c + 16 + t]
+                        # centred (q − 8): the two sums below cancel less
+                        d[i] += (v - sixteen * h - eight) * lo + (h - eight) * hi
+            sc, mn = scale[c], minimum[c]
+            for r in range(R):
+                for i in range(N):  # w = scale·(q − 8) + (minimum + 8·scale)
+                    y[r, i] += sc[i] * dot[r, i] + (mn[i] + eight * sc[i]) * sx[r]
+
+    @jit
+    def q8_0(x, data, scale, y):  # x (r k), data (c 32 n) i8, scale (c n), y (r n)
+        R = x.shape[0]
+        C, _, N = data.shape
+        dot = np.empty((R, N), np.float32)
+        y[:] = 0
+        for c in range(C):
+            o = c * GROUP
+            dot[:] = 0
+            for t in range(GROUP):
+                row = data[c, t]
+                for r in range(R):
+                    xt, d = x[r, o + t], dot[r]
+                    for i in range(N):
+                        d[i] += f32(row[i]) * xt
+            sc = scale[c]
+            for r in range(R):
+                for i in range(N):
+                    y[r, i] += sc[i] * dot[r, i]
+
+    return {"q4_1": q4_1, "q8_0": q8_0}
