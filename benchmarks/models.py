@@ -335,6 +335,27 @@ def bench_smollm2(args) -> str:
         ]
     )
     rows.append([f"  same {SMOL_DECODE} tokens as transformers.generate: {same}", "", "", ""])
+    from qkv.nn import quant
+
+    def d_dense():
+        with quant.dense():
+            return d_ours()
+
+    same_dense = d_dense() == d_hf()
+    t_dense, t_hf = [], []
+    for _ in range(args.runs):
+        t_dense += median_time(d_dense, 1)
+        t_hf += median_time(d_hf, 1)
+    td, th = SMOL_DECODE / statistics.median(t_dense), SMOL_DECODE / statistics.median(t_hf)
+    rows.append(
+        [
+            "  the same with qkv on dense float32 weights (quant.dense()), tokens/s",
+            f"{td:.1f}",
+            f"{th:.1f}",
+            f"{td / th:.2f}×",
+        ]
+    )
+    rows.append([f"  same {SMOL_DECODE} tokens as transformers.generate: {same_dense}", "", "", ""])
     q, n, h = w["qkv"], w["qkv-nocache"], w["hf"]
     rows.append(
         [

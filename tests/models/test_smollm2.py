@@ -3,6 +3,7 @@ tokenizer loaded from the same file (HF_HUB_OFFLINE=1), plus llama.cpp's Q/K row
 on-disk cache and bad input."""
 
 import dataclasses
+import json
 import os
 import shutil
 
@@ -459,11 +460,19 @@ def test_tiny_quantised_gguf_decodes_from_its_blocks(tmp_path):
     """Blocks survive the on-disk cache; decoding from them gives the dense weights' logits; an
     entry of an older cache format for the same file is removed when the new one is written."""
     path = tiny_gguf(tmp_path / "q.gguf", quantised=True)
-    stale = qgguf._cache_entry(path, tmp_path / "cache").name.rsplit("-v", 1)[0] + "-v1"
-    (tmp_path / "cache" / stale).mkdir(parents=True)
-    first = llama.load_gguf(path, cache_dir=tmp_path / "cache")
-    assert [e.name for e in (tmp_path / "cache").iterdir()] != [stale]
-    assert not (tmp_path / "cache" / stale).exists()
+    cache = tmp_path / "cache"
+    (tmp_path / "other").mkdir()
+    stale = {  # entry → the source its metadata names
+        "q-1-1-v1": str(path.resolve()),  # this file, an older mtime and format: superseded
+        "q-2-2-v2": str(tmp_path / "gone.gguf"),  # a file that no longer exists: garbage
+        "q-3-3-v2": str(tiny_gguf(tmp_path / "other" / "q.gguf")),  # another live file: kept
+    }
+    for name, source in stale.items():
+        (cache / name).mkdir(parents=True)
+        (cache / name / "metadata.json").write_text(json.dumps({"source": source}))
+    first = llama.load_gguf(path, cache_dir=cache)
+    left = sorted(e.name for e in cache.iterdir())
+    assert left == sorted(["q-3-3-v2", qgguf._cache_entry(path, cache).name])
     m = llama.load_gguf(path, cache_dir=tmp_path / "cache")  # from the cache
     assert len(mirrors(m)) == 2 * 5 + 1
     for name, (mir, weight) in mirrors(m).items():

@@ -258,14 +258,26 @@ def _write_cache(contents: GGUFContents, entry: Path) -> None:
             if entry.exists():
                 shutil.rmtree(entry, ignore_errors=True)
             os.replace(tmp, entry)
-            stem = entry.name.rsplit("-v", 1)[0]  # the same file cached by an older format
-            for old in entry.parent.glob(f"{stem}-v*"):
-                if old != entry:
-                    shutil.rmtree(old, ignore_errors=True)
+            _drop_superseded(entry, contents.path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError:
         pass  # read-only home, full disk...: loading still works, only slower next time
+
+
+def _drop_superseded(entry: Path, path: Path) -> None:
+    """Remove cache entries that `entry` replaces: earlier versions or formats of the same file
+    (a reinstalled package changes its mtime) and entries whose source file is gone."""
+    source = str(path.resolve())
+    for other in entry.parent.glob(f"{path.stem}-*"):
+        if other == entry or not other.is_dir():
+            continue
+        try:
+            was = json.loads((other / "metadata.json").read_text(encoding="utf-8")).get("source")
+        except (OSError, ValueError, AttributeError):
+            continue  # not ours to judge (or being written right now)
+        if was == source or not (isinstance(was, str) and Path(was).exists()):
+            shutil.rmtree(other, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
