@@ -4,8 +4,10 @@ rope = RotaryEmbedding(64, base=1e5)                      # half-split (HF Llama
 attn = MultiHeadAttention(576, 9, n_kv_heads=3, rope=rope, causal=True)
 cache = KVCache(n_layers)                                  # attn(x, cache=cache[layer])
 with capture(model) as cap: model(ids)                     # cap.layers: AttentionRecord
+quant.linear(x, w, b, mirror)                              # decode step from checkpoint blocks
 """
 
+from . import quant
 from .attention import MultiHeadAttention
 from .blocks import ACTIVATIONS, MLP, PostNormBlock, PreNormBlock, RMSNorm
 from .cache import KVCache, LayerCache
@@ -25,4 +27,5 @@ __all__ = [
     "RMSNorm",
     "RotaryEmbedding",
     "capture",
+    "quant",
 ]
