@@ -71,6 +71,16 @@ def median_time(fn: Callable[[], object], runs: int) -> list[float]:
     return out
 
 
+def alternate(fa: Callable[[], object], fb: Callable[[], object], runs: int) -> tuple[float, float]:
+    """Median seconds of `fa` and of `fb` over `runs` alternating calls, so that both see the
+    same machine state."""
+    ta, tb = [], []
+    for _ in range(runs):
+        ta += median_time(fa, 1)
+        tb += median_time(fb, 1)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def run_worker(name: str, extra: list[str]) -> dict:
     """Run `--worker name` in a fresh interpreter and parse its JSON line."""
     cmd = [sys.executable, __file__, "--worker", name, *extra]
@@ -180,11 +190,7 @@ def bench_minilm(args) -> str:
         with torch.inference_mode():
             a, b = f_ours(), f_hf()
             err = float((a - b)[keep].abs().max())
-            t_ours, t_hf = [], []
-            for _ in range(args.runs):  # alternate so both see the same machine state
-                t_ours += median_time(f_ours, 1)
-                t_hf += median_time(f_hf, 1)
-        mo, mh = statistics.median(t_ours), statistics.median(t_hf)
+            mo, mh = alternate(f_ours, f_hf, args.runs)
         label = "forward, ragged (512…64)" if padded else "forward, full"
         rows.append([f"{label} median s", f"{mo:.3f}", f"{mh:.3f}", f"{mh / mo:.2f}×"])
         rows.append([f"  max |Δ| hidden vs transformers: {err:.1e}", "", "", ""])
@@ -303,11 +309,7 @@ def bench_smollm2(args) -> str:
     f_ours, f_hf = smollm2_prefill("qkv", ours, ids), smollm2_prefill("hf", theirs, ids)
     with torch.inference_mode():
         err = float((f_ours() - f_hf()).abs().max())
-        t_ours, t_hf = [], []
-        for _ in range(args.runs):  # alternate so both see the same machine state
-            t_ours += median_time(f_ours, 1)
-            t_hf += median_time(f_hf, 1)
-    mo, mh = statistics.median(t_ours), statistics.median(t_hf)
+        mo, mh = alternate(f_ours, f_hf, args.runs)
     rows.append(
         [
             f"prefill {SMOL_PREFILL} tokens → logits, median s",
@@ -321,11 +323,7 @@ def bench_smollm2(args) -> str:
     d_ours = smollm2_decode("qkv", ours, prompt, SMOL_DECODE)
     d_hf = smollm2_decode("hf", theirs, prompt, SMOL_DECODE)
     same = d_ours() == d_hf()
-    t_ours, t_hf = [], []
-    for _ in range(args.runs):
-        t_ours += median_time(d_ours, 1)
-        t_hf += median_time(d_hf, 1)
-    to, th = SMOL_DECODE / statistics.median(t_ours), SMOL_DECODE / statistics.median(t_hf)
+    to, th = (SMOL_DECODE / t for t in alternate(d_ours, d_hf, args.runs))
     rows.append(
         [
             f"greedy decode {SMOL_PROMPT}+{SMOL_DECODE} tokens, KV cache, tokens/s",
@@ -342,11 +340,7 @@ def bench_smollm2(args) -> str:
             return d_ours()
 
     same_dense = d_dense() == d_hf()
-    t_dense, t_hf = [], []
-    for _ in range(args.runs):
-        t_dense += median_time(d_dense, 1)
-        t_hf += median_time(d_hf, 1)
-    td, th = SMOL_DECODE / statistics.median(t_dense), SMOL_DECODE / statistics.median(t_hf)
+    td, th = (SMOL_DECODE / t for t in alternate(d_dense, d_hf, args.runs))
     rows.append(
         [
             "  the same with qkv on dense float32 weights (quant.dense()), tokens/s",
