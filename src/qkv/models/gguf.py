@@ -19,6 +19,7 @@ Letters: h head, d head dim, p rotation pair, m model dim.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -269,7 +270,7 @@ def _drop_superseded(entry: Path, path: Path) -> None:
     """Remove cache entries that `entry` replaces: earlier versions or formats of the same file
     (a reinstalled package changes its mtime) and entries whose source file is gone."""
     source = str(path.resolve())
-    for other in entry.parent.glob(f"{path.stem}-*"):
+    for other in entry.parent.glob(f"{glob.escape(path.stem)}-*"):
         if other == entry or not other.is_dir():
             continue
         try:

@@ -523,6 +523,9 @@ def from_gguf(contents: GGUFContents, *, name: str | None = None) -> Llama:
     return model.eval()
 
 
+GGUF_LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
 def attach_blocks(model: Llama, blocks: dict[str, BlockWeight]) -> int:
     """Give the model's linear maps `Mirror`s of the GGUF's own blocks (`qkv.nn.quant`), which
     the one-token decode step multiplies by on CPU: 0.75 bytes a weight streamed instead of 4.
@@ -540,8 +543,8 @@ def attach_blocks(model: Llama, blocks: dict[str, BlockWeight]) -> int:
             n += 1
 
     for i, block in enumerate(model.blocks):
-        get = lambda key: blocks.get(f"blk.{i}.{key}.weight")  # noqa: B023, E731
         attn, mlp = block.attn, block.mlp
+        get = {key: blocks.get(f"blk.{i}.{key}.weight") for key in GGUF_LINEAR}.get
         q, k, v = get("attn_q"), get("attn_k"), get("attn_v")
         if q is not None and k is not None and v is not None and q.kind == k.kind == v.kind:
             qkv = BlockWeight.cat([q.rows(q_rows), k.rows(k_rows), v])

@@ -218,7 +218,6 @@ def dense() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 # kernels (numba, compiled on first use and cached on disk)
 
-_CACHE = True  # numba caches compiled kernels on disk (tests of the generated code turn it off)
 _LOCK = threading.Lock()
 _COMPILED: dict[str, object] = {}
 
@@ -238,7 +237,7 @@ def _compile() -> dict[str, object]:
     from numba import njit
 
     # reassociation lets LLVM vectorise the sums; no "fast" (it would assume no NaN/inf)
-    jit = njit(fastmath={"reassoc", "contract", "nsz"}, cache=_CACHE, nogil=True, boundscheck=False)
+    jit = njit(fastmath={"reassoc", "contract", "nsz"}, cache=True, nogil=True, boundscheck=False)
 
     f32 = np.float32  # every constant typed: no float64 detour
     eight, sixteen, sixteenth = f32(8), f32(16), f32(1 / 16)
