@@ -485,8 +485,10 @@ def test_tiny_quantised_gguf_decodes_from_its_blocks(tmp_path):
         steps = [m(ids[:, :1], cache=cache)] + [
             m(ids[:, i : i + 1], cache=cache) for i in (1, 2, 3)
         ]
-    scale = float(full.abs().max())  # random std-1 weights: logits far from unit size
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5 * scale)
+    # random std-1 weights: logits far from unit size, and float32 rounding (blocks vs dense
+    # sums, fused kernels) reaches ~1.2e-5 of the largest; a wrong block or position is O(1)
+    scale = float(full.abs().max())
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=3e-5 * scale)
 
 
 def test_bad_prompts(model, monkeypatch):

@@ -164,14 +164,14 @@ def test_mirror_needs_owners(layer):
 
 
 def test_wide_vectors_stay_inside_our_kernels():
-    """`_compile` forces 16-lane vectors for its own kernels only: numba code compiled after it
+    """`Kernels` forces 16-lane vectors for our own kernels only: numba code compiled after it
     gets LLVM's own choice again (256-bit on AVX-512 servers)."""
     llvm = pytest.importorskip("llvmlite.binding")
     if "avx512f" not in llvm.get_host_cpu_features().flatten():
         pytest.skip("the host has no AVX-512: the width is never forced")
     from numba import njit
 
-    quant._kernels()
+    quant.KERNELS["q4_1"]
 
     @njit(fastmath={"reassoc"})
     def dot(a, b):

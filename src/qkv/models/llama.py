@@ -519,6 +519,7 @@ def from_gguf(contents: GGUFContents, *, name: str | None = None) -> Llama:
     )
     for block in model.blocks:
         block.attn.pack_()  # W_Q/W_K/W_V as views of one fused matrix: no copy per forward
+        block.mlp.pack_()  # gate and up likewise: one matmul for both
     attach_blocks(model, contents.blocks)
     return model.eval()
 

@@ -5,9 +5,10 @@ attn = MultiHeadAttention(576, 9, n_kv_heads=3, rope=rope, causal=True)
 cache = KVCache(n_layers)                                  # attn(x, cache=cache[layer])
 with capture(model) as cap: model(ids)                     # cap.layers: AttentionRecord
 quant.linear(x, w, b, mirror)                              # decode step from checkpoint blocks
+fused.rms_norm(x, w, eps)                                  # one-pass CPU kernels (inference)
 """
 
-from . import quant
+from . import fused, quant
 from .attention import MultiHeadAttention
 from .blocks import ACTIVATIONS, MLP, PostNormBlock, PreNormBlock, RMSNorm
 from .cache import KVCache, LayerCache
@@ -27,5 +28,6 @@ __all__ = [
     "RMSNorm",
     "RotaryEmbedding",
     "capture",
+    "fused",
     "quant",
 ]

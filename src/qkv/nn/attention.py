@@ -239,13 +239,12 @@ class MultiHeadAttention(nn.Module):
         H, K, D = self.n_heads, self.n_kv_heads, self.d_head
         w, b = self.fused_qkv()
         qkv = linear(x, w, b, self.mirrors.get("qkv"))  # (b i (h+2k)·d)
-        qkv = qkv.view(B, S, H + 2 * K, D).transpose(1, 2)  # (b (h+2k) i d)
+        qkv = qkv.view(B, S, H + 2 * K, D)  # (b i (h+2k) d)
         start = 0 if cache is None else cache.length
         if self.rope is None:
-            q, k, v = qkv.split((H, K, K), dim=1)  # (b h i d), (b k i d), (b k i d)
-        else:  # q and k rotate together: one pass over (b (h+k) i d), positions start … start+S−1
-            qk, v = qkv.split((H + K, K), dim=1)
-            q, k = self.rope(qk, start).split((H, K), dim=1)
+            q, k, v = qkv.transpose(1, 2).split((H, K, K), dim=1)  # (b h i d), (b k i d) ×2
+        else:  # q and k rotate together at positions start … start+S−1
+            q, k, v = self.rope.rotate_qkv(qkv, start, H, K)
         if cache is not None:
             k, v = cache.append(k, v)  # (b k j d)
         caps = _ACTIVE.get()

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused
 from .attention import MultiHeadAttention
 from .cache import LayerCache
-from .quant import Mirror, linear
+from .quant import Mirror, linear, uses_blocks
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # erf form (BERT)
@@ -25,7 +26,9 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 
 class RMSNorm(nn.Module):
-    """`x / sqrt(mean(x², -1) + eps) * weight`, normalised in float32 (as HF Llama), x (… m)."""
+    """`x / sqrt(mean(x², -1) + eps) * weight`, normalised in float32 (as HF Llama), x (… m).
+    Float32 CPU inference takes one fused pass (`nn.fused.rms_norm`, its sum of squares in
+    float64)."""
 
     def __init__(self, d_model: int, eps: float = 1e-6, *, device=None, dtype=None) -> None:
         super().__init__()
@@ -36,6 +39,8 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() and fused.eligible(x, self.weight):
+            return fused.rms_norm(x, self.weight, self.eps)  # one pass (sum of squares in f64)
         if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
         h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -91,10 +96,54 @@ class MLP(nn.Module):
         layer = getattr(self, name)
         return linear(x, layer.weight, layer.bias, self.mirrors.get(name))
 
+    @torch.no_grad()
+    def pack_(self) -> MLP:
+        """Gated: lay gate and up (weights and biases) out in place as the two halves of one
+        (2f, m) matrix, so inference computes both in one matmul (see `fused_gate_up`). Values,
+        Parameter objects and requires_grad are unchanged; the weights become views sharing one
+        storage. Plain MLPs are left as they are. Loaders call it once. Returns self."""
+        if self.gate is None:
+            return self
+        f = self.gate.weight.shape[0]
+        w = torch.cat((self.gate.weight, self.up.weight), 0)  # (2f m)
+        self.gate.weight.data, self.up.weight.data = w[:f], w[f:]
+        if self.gate.bias is not None:
+            b = torch.cat((self.gate.bias, self.up.bias), 0)
+            self.gate.bias.data, self.up.bias.data = b[:f], b[f:]
+        return self
+
+    def fused_gate_up(self) -> tuple[Tensor, Tensor | None] | None:
+        """The (2f, m) weight (and (2f,) bias) gate and up are the halves of, if `pack_` laid
+        them out so and they still are; else None."""
+        if self.gate is None:
+            return None
+        g, u = self.gate, self.up
+        halves = [(g.weight, u.weight)] + ([(g.bias, u.bias)] if g.bias is not None else [])
+        joined = []
+        for a, b in halves:
+            if a.shape != b.shape or not (a.is_contiguous() and b.is_contiguous()):
+                return None
+            if b.data_ptr() != a.data_ptr() + a.numel() * a.element_size():
+                return None
+            if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+                return None
+            joined.append(a.detach().as_strided((2 * a.shape[0], *a.shape[1:]), (*a.stride(),)))
+        return joined[0], (joined[1] if len(joined) > 1 else None)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.gate is None:
             return self._linear("down", self.act(self._linear("up", x)))
-        return self._linear("down", self.act(self._linear("gate", x)) * self._linear("up", x))
+        params = (x, self.gate.weight, self.up.weight, self.gate.bias, self.up.bias)
+        grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+        if grad:
+            return self._linear("down", self.act(self._linear("gate", x)) * self._linear("up", x))
+        fused = self.fused_gate_up() if not uses_blocks(x, self.mirrors.get("gate")) else None
+        if fused is not None:  # one (… 2f) matmul; gate and up are its two halves
+            g, u = F.linear(x, *fused).chunk(2, dim=-1)
+        else:
+            g, u = self._linear("gate", x), self._linear("up", x)
+        g = F.silu(g, inplace=True) if self.act is F.silu else self.act(g)
+        return self._linear("down", g.mul_(u))  # no graph to keep: in place
 
 
 def _residual(branch: Tensor, x: Tensor) -> Tensor:

@@ -27,7 +27,6 @@ Letters: r row (token), n output feature, c block of 32 input features, t positi
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -37,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ._jit import FLAGS, Kernels
 
 GROUP = 32  # input features per block, both formats
 MAX_ROWS = 2  # more rows go to F.linear: from ~3 rows BLAS on dense weights is faster (RESULTS.md)
@@ -142,7 +143,7 @@ class BlockWeight:
             )
         xs = x.detach().contiguous().numpy()
         y = np.empty((x.shape[0], n), np.float32)
-        kernel = _kernels()[self.kind]
+        kernel = KERNELS[self.kind]
         if self.minimum is None:
             kernel(xs, self.data, self.scale, y)
         else:
@@ -190,18 +191,22 @@ def linear(
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def uses_blocks(x: Tensor, mirror: Mirror | None) -> bool:
+    """Whether `linear(x, …, mirror)` may take the blocks, the weight's own checks aside: a
+    valid mirror, a float32 CPU x of 1 … MAX_ROWS rows, and not inside `dense()`."""
+    if mirror is None or not _ENABLED.get() or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    return x.dim() > 0 and 0 < x.numel() <= MAX_ROWS * x.shape[-1] and mirror.valid()
+
+
 def _usable(x: Tensor, weight: Tensor, bias: Tensor | None, mirror: Mirror) -> bool:
-    if not _ENABLED.get() or x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    if x.dim() == 0 or x.numel() > MAX_ROWS * x.shape[-1] or x.numel() == 0:
-        return False
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         return False
     if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
         return False
-    return tuple(weight.shape) == mirror.blocks.shape and mirror.valid()
+    return tuple(weight.shape) == mirror.blocks.shape and uses_blocks(x, mirror)
 
 
 @contextlib.contextmanager
@@ -216,28 +221,14 @@ def dense() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# kernels (numba, compiled on first use and cached on disk)
-
-_LOCK = threading.Lock()
-_COMPILED: dict[str, object] = {}
+# kernels (numba, compiled on first use and cached on disk, see _jit)
 
 
-def _kernels() -> dict[str, object]:
-    if _COMPILED:
-        return _COMPILED
-    with _LOCK:
-        if not _COMPILED:
-            _COMPILED.update(_compile())
-    return _COMPILED
-
-
-def _compile() -> dict[str, object]:
-    import llvmlite.binding as llvm
+def _build() -> dict[str, tuple]:
     import numba
     from numba import njit
 
-    # reassociation lets LLVM vectorise the sums; no "fast" (it would assume no NaN/inf)
-    jit = njit(fastmath={"reassoc", "contract", "nsz"}, cache=True, nogil=True, boundscheck=False)
+    jit = njit(**FLAGS)
 
     f32 = np.float32  # every constant typed: no float64 detour
     eight, sixteen, sixteenth = f32(8), f32(16), f32(1 / 16)
@@ -292,20 +283,10 @@ def _compile() -> dict[str, object]:
                     y[r, i] += sc[i] * dot[r, i]
 
     f32_2d = numba.float32[:, ::1]
-    sigs = {
-        q4_1: (f32_2d, numba.uint8[:, :, ::1], f32_2d, f32_2d, f32_2d),
-        q8_0: (f32_2d, numba.int8[:, :, ::1], f32_2d, f32_2d),
+    return {
+        "q4_1": (q4_1, (f32_2d, numba.uint8[:, :, ::1], f32_2d, f32_2d, f32_2d)),
+        "q8_0": (q8_0, (f32_2d, numba.int8[:, :, ::1], f32_2d, f32_2d)),
     }
-    # LLVM prefers 256-bit vectors on AVX-512 servers; these loops run ~25% faster on all 16
-    # float32 lanes (RESULTS.md). The option is process-wide, so it is set only around our
-    # compilation and put back (0 = LLVM's own choice) before anything else compiles.
-    wide = "avx512f" in llvm.get_host_cpu_features().flatten()
-    if wide:
-        llvm.set_option("", "-force-vector-width=16")
-    try:
-        for kernel, sig in sigs.items():
-            kernel.compile(sig)  # from numba's disk cache when it has them
-    finally:
-        if wide:
-            llvm.set_option("", "-force-vector-width=0")
-    return {"q4_1": q4_1, "q8_0": q8_0}
+
+
+KERNELS = Kernels(_build)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import fused
+
 
 class RotaryEmbedding(nn.Module):
     """`rope(x, positions)`: x (b h i d), positions (i,) or (b, i) long → (b h i d).
@@ -35,6 +37,7 @@ class RotaryEmbedding(nn.Module):
         self.base = float(base)
         self.interleaved = bool(interleaved)
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        self._pairs: tuple[Tensor, Tensor] | None = None  # float32 CPU cos, sin (n, d/2)
 
     def extra_repr(self) -> str:
         return f"d_head={self.d_head}, base={self.base}, interleaved={self.interleaved}"
@@ -61,6 +64,37 @@ class RotaryEmbedding(nn.Module):
             got = (cos_w.to(device, dtype), sin_w.to(device, dtype))
             self._tables[key] = got
         return got
+
+    def rotate_qkv(
+        self, qkv: Tensor, start: int, n_q: int, n_k: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Split a fused projection qkv (b i n_q+2·n_k d) into q (b n_q i d), k and v
+        (b n_k i d), q and k rotated at positions start … start+i−1: the same values as
+        `q, k = self(qk, start).split(...)` on the transposed heads. Float32 CPU inputs without
+        autograd take one fused pass (`nn.fused.rope_qkv`) and get contiguous results."""
+        _, S, T, D = qkv.shape
+        if T != n_q + 2 * n_k or D != self.d_head:
+            raise ValueError(
+                f"qkv must have shape (B, S, {n_q}+2·{n_k}, d_head={self.d_head}), got {tuple(qkv.shape)}"
+            )
+        if fused.eligible(qkv) and isinstance(start, int) and start >= 0:
+            cos, sin = self._pair_tables(start + S)
+            return fused.rope_qkv(qkv, cos, sin, start, n_q, n_k, self.interleaved)
+        qk, v = qkv.transpose(1, 2).split((n_q + n_k, n_k), dim=1)
+        q, k = self(qk, start).split((n_q, n_k), dim=1)
+        return q, k, v
+
+    def _pair_tables(self, n: int) -> tuple[Tensor, Tensor]:
+        """float32 CPU cos and sin per (position, pair): (≥n, d/2), contiguous."""
+        if self._pairs is None or self._pairs[0].shape[0] < n:
+            cos_w, sin_w = self.tables(n, torch.device("cpu"), torch.float32)
+            P = self.d_head // 2
+            if self.interleaved:  # pair p is (2p, 2p+1); sin_w holds (−sin, sin) per pair
+                cos, sin = cos_w[:, 0::2], sin_w[:, 1::2]
+            else:  # pair p is (p, p + d/2); sin_w holds (−sin | sin)
+                cos, sin = cos_w[:, :P], sin_w[:, P:]
+            self._pairs = (cos.contiguous(), sin.contiguous())
+        return self._pairs
 
     def forward(self, x: Tensor, positions: Tensor | int) -> Tensor:
         """Rotate x (b h i d) by its positions: a tensor (i,) or (b, i), or an int `start` for
