@@ -119,7 +119,7 @@ def test_load_by_name_uses_package(monkeypatch, tmp_path, model):
     m2 = qkv.load("smollm2")  # from the cache: the same tensors, and the same blocks
     assert all(torch.equal(v, ref[k]) for k, v in m2.state_dict().items())
     got, want = mirrors(m2), mirrors(model)
-    assert got.keys() == want.keys() and len(got) == 30 * 5 + 1
+    assert got.keys() == want.keys() and len(got) == N_MIRRORS
     for name, (mir, _) in got.items():
         b, ref_b = mir.blocks, want[name][0].blocks
         assert mir.valid() and b.kind == ref_b.kind, name
@@ -168,6 +168,9 @@ def test_incremental_logits_equal_one_shot(model):
     assert err < CACHE_TOL, f"max |Δ logit| cached vs one-shot = {err:.2e}"
 
 
+N_MIRRORS = 30 * 4 + 1  # a layer's Q|K|V, W_O, gate|up and down; the unembedding
+
+
 def mirrors(model) -> dict:
     """Every block mirror of the model → (Mirror, the nn.Linear-layout weight it stands for)."""
     out = {"unembed": (model.mirrors["unembed"], model.embed.weight)}
@@ -175,16 +178,16 @@ def mirrors(model) -> dict:
     for i, blk in enumerate(model.blocks):
         out[f"{i}.qkv"] = (blk.attn.mirrors["qkv"], blk.attn.fused_qkv()[0])
         out[f"{i}.out"] = (blk.attn.mirrors["out"], blk.attn.W_O.reshape(H * D, m).t())
-        for name in ("gate", "up", "down"):
-            out[f"{i}.{name}"] = (blk.mlp.mirrors[name], getattr(blk.mlp, name).weight)
+        out[f"{i}.gate_up"] = (blk.mlp.mirrors["gate_up"], blk.mlp.fused_gate_up()[0])
+        out[f"{i}.down"] = (blk.mlp.mirrors["down"], blk.mlp.down.weight)
     return out
 
 
 def test_block_mirrors_equal_the_parameters(model):
     """The decode step's blocks are the GGUF's, in the parameters' row order (Q/K unpermuted,
-    Q|K|V fused): dequantised, each equals the dense weight it stands for, bit for bit."""
+    Q|K|V and gate|up fused): dequantised, each equals the dense weight it stands for, bit for bit."""
     found = mirrors(model)
-    assert len(found) == 30 * 5 + 1
+    assert len(found) == N_MIRRORS
     for name, (mir, weight) in found.items():
         assert mir.valid(), name
         assert torch.equal(mir.blocks.dequantize(), weight), name
@@ -198,7 +201,7 @@ def test_decode_with_blocks_equals_dense(model, monkeypatch):
     monkeypatch.setattr(quant.BlockWeight, "matmul", lambda b, x: calls.append(1) or real(b, x))
     prompt = ids_of(model, GREEDY_PROMPT)[0].tolist()
     fast = list(model.generate_ids(prompt, N_GREEDY, stop_ids=()))
-    per_step = 30 * 5 + 1  # 5 matrices a layer + the unembedding
+    per_step = N_MIRRORS  # every matrix once per step
     assert len(calls) == (N_GREEDY - 1) * per_step + 1  # every step; the prefill's last row
     with quant.dense():
         dense = list(model.generate_ids(prompt, N_GREEDY, stop_ids=()))
@@ -474,7 +477,7 @@ def test_tiny_quantised_gguf_decodes_from_its_blocks(tmp_path):
     left = sorted(e.name for e in cache.iterdir())
     assert left == sorted(["q-3-3-v2", qgguf._cache_entry(path, cache).name])
     m = llama.load_gguf(path, cache_dir=tmp_path / "cache")  # from the cache
-    assert len(mirrors(m)) == 2 * 5 + 1
+    assert len(mirrors(m)) == 2 * 4 + 1
     for name, (mir, weight) in mirrors(m).items():
         assert torch.equal(mir.blocks.dequantize(), weight), name
         assert torch.equal(weight, mirrors(first)[name][1]), name

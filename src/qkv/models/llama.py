@@ -530,7 +530,8 @@ GGUF_LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"
 def attach_blocks(model: Llama, blocks: dict[str, BlockWeight]) -> int:
     """Give the model's linear maps `Mirror`s of the GGUF's own blocks (`qkv.nn.quant`), which
     the one-token decode step multiplies by on CPU: 0.75 bytes a weight streamed instead of 4.
-    Rows follow the parameters' layout (Q/K unpermuted, Q|K|V fused). A matrix stored unquantised
+    Rows follow the parameters' layout (Q/K unpermuted, Q|K|V fused, gate|up fused when the MLP
+    is packed). A matrix stored unquantised
     gets none. Returns the number of mirrors attached."""
     c = model.config
     q_rows = unpermute_qk(torch.arange(c.n_heads * c.d_head)[:, None], c.n_heads)[:, 0]
@@ -551,8 +552,15 @@ def attach_blocks(model: Llama, blocks: dict[str, BlockWeight]) -> int:
             qkv = BlockWeight.cat([q.rows(q_rows), k.rows(k_rows), v])
             attach(attn.mirrors, "qkv", qkv, attn.W_Q, attn.W_K, attn.W_V)
         attach(attn.mirrors, "out", get("attn_output"), attn.W_O)
-        for name in ("gate", "up", "down"):
-            attach(mlp.mirrors, name, get(f"ffn_{name}"), getattr(mlp, name).weight)
+        gate, up = get("ffn_gate"), get("ffn_up")
+        if mlp.fused_gate_up() is not None and gate is not None and up is not None:
+            if gate.kind == up.kind:  # packed (see MLP.pack_): one matmul for both halves
+                gate_up = BlockWeight.cat([gate, up])
+                attach(mlp.mirrors, "gate_up", gate_up, mlp.gate.weight, mlp.up.weight)
+        else:
+            attach(mlp.mirrors, "gate", gate, mlp.gate.weight)
+            attach(mlp.mirrors, "up", up, mlp.up.weight)
+        attach(mlp.mirrors, "down", get("ffn_down"), mlp.down.weight)
     if model.lm_head is None:
         attach(model.mirrors, "unembed", blocks.get("token_embd.weight"), model.embed.weight)
     else:

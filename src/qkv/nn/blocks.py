@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from . import fused
 from .attention import MultiHeadAttention
 from .cache import LayerCache
-from .quant import Mirror, linear, uses_blocks
+from .quant import Mirror, linear
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # erf form (BERT)
@@ -87,7 +87,8 @@ class MLP(nn.Module):
         self.up = nn.Linear(d_model, d_hidden, bias=bias, **fk)
         self.gate = nn.Linear(d_model, d_hidden, bias=bias, **fk) if gated else None
         self.down = nn.Linear(d_hidden, d_model, bias=bias, **fk)
-        self.mirrors: dict[str, Mirror] = {}  # "up", "gate", "down": checkpoint blocks (nn.quant)
+        # "up", "gate", "down", or "gate_up" once packed: the checkpoint's blocks (nn.quant)
+        self.mirrors: dict[str, Mirror] = {}
 
     def extra_repr(self) -> str:
         return f"act={self.act_name}, gated={self.gate is not None}"
@@ -137,9 +138,9 @@ class MLP(nn.Module):
         grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
         if grad:
             return self._linear("down", self.act(self._linear("gate", x)) * self._linear("up", x))
-        fused = self.fused_gate_up() if not uses_blocks(x, self.mirrors.get("gate")) else None
+        fused = self.fused_gate_up()
         if fused is not None:  # one (… 2f) matmul; gate and up are its two halves
-            g, u = F.linear(x, *fused).chunk(2, dim=-1)
+            g, u = linear(x, *fused, self.mirrors.get("gate_up")).chunk(2, dim=-1)
         else:
             g, u = self._linear("gate", x), self._linear("up", x)
         g = F.silu(g, inplace=True) if self.act is F.silu else self.act(g)
