@@ -459,6 +459,25 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path):
     shutil.rmtree(tmp_path / "cache")
 
 
+def test_cache_joins_gate_and_up_so_packing_copies_nothing(tmp_path):
+    """The cache stores each layer's gate|up as one tensor; read back, they are the halves of one
+    storage, so the model's packed MLP multiplies by the cached memory itself."""
+    path = tiny_gguf(tmp_path / "j.gguf")
+    fresh = qgguf.read_gguf(path, cache_dir=False)
+    qgguf.read_gguf(path, cache_dir=tmp_path / "cache")  # writes the entry
+    cached = qgguf.read_gguf(path, cache_dir=tmp_path / "cache")
+    assert list(cached.tensors) == list(fresh.tensors)  # same names, same order
+    assert all(torch.equal(cached.tensors[k], t) for k, t in fresh.tensors.items())
+    m = llama.from_gguf(cached)
+    for i, blk in enumerate(m.blocks):
+        gate = cached.tensors[f"blk.{i}.ffn_gate.weight"]
+        assert blk.mlp.gate.weight.data_ptr() == gate.data_ptr()  # not copied by pack_
+        w, _ = blk.mlp.fused_gate_up()
+        assert torch.equal(w, torch.cat((fresh.tensors[f"blk.{i}.ffn_gate.weight"],
+                                         fresh.tensors[f"blk.{i}.ffn_up.weight"])))  # fmt: skip
+    shutil.rmtree(tmp_path / "cache")
+
+
 def test_tiny_quantised_gguf_decodes_from_its_blocks(tmp_path):
     """Blocks survive the on-disk cache; decoding from them gives the dense weights' logits; an
     entry of an older cache format for the same file is removed when the new one is written."""

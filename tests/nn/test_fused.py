@@ -173,3 +173,26 @@ def test_eligible():
     assert not fused.eligible(x, leaf)
     with torch.no_grad():
         assert fused.eligible(x, leaf)
+
+
+def test_large_dense_linear_fills_populated_pages(monkeypatch):
+    """A ≥ 64 MiB float32 output (SmolLM2's prefill logits) is written into pre-mapped pages:
+    the same values as F.linear, bit for bit; with autograd it is F.linear itself."""
+    from qkv.nn import quant
+
+    calls = []
+    real = fused.empty_populated
+    monkeypatch.setattr(fused, "empty_populated", lambda *s: calls.append(s) or real(*s))
+    x = torch.randn(1, 256, 32, generator=gen(9))
+    w = torch.randn(65536, 32, generator=gen(10))  # (1, 256, 65536) float32 = 64 MiB
+    with torch.no_grad():
+        got = quant.linear(x, w)
+    assert calls == [(1, 256, 65536)]
+    assert torch.equal(got, F.linear(x, w))
+    leaf = w.clone().requires_grad_()
+    assert quant.linear(x, leaf).requires_grad and len(calls) == 1
+    with torch.no_grad():
+        quant.linear(x[:, :255], w)  # just under the threshold: plain F.linear
+    assert len(calls) == 1
+    t = fused.empty_populated(3, 5)
+    assert t.shape == (3, 5) and t.dtype == torch.float32

@@ -34,7 +34,10 @@ from torch import Tensor
 
 from ..nn.quant import BlockWeight
 
-CACHE_FORMAT = 2  # bump when the cached layout changes (2: + the raw Q4_1/Q8_0 blocks)
+CACHE_FORMAT = 3  # bump when the cached layout changes (2: + the raw Q4_1/Q8_0 blocks, 3: joined)
+# tensors the cache stores as one (2n, …) tensor, read back as the halves of one storage: what
+# MLP.pack_ lays out, so a model loaded from the cache multiplies by them without a copy
+_JOINED = (("ffn_gate", "ffn_up"),)
 
 # llama.cpp pre-tokenizer names → how text is split before byte-level BPE. llama.cpp's "smollm"
 # (like "starcoder") first isolates every numeric character (`\p{N}`), then applies GPT-2's regex;
@@ -194,6 +197,20 @@ def _field_value(field, gguf) -> Any:
 
 
 _BLOCKS = "blocks/"  # cache keys of the block arrays: blocks/<tensor>/{data,scale,minimum}
+_JOINED_KEY = "joined/"  # cache key of a joined pair: joined/<first tensor>
+
+
+def _joined_pairs(tensors: dict[str, Tensor]) -> list[list[str]]:
+    """[first, second] names of every `_JOINED` pair present with equal shapes and dtypes."""
+    pairs = []
+    for name, t in tensors.items():
+        for a, b in _JOINED:
+            other = name.replace(f".{a}.", f".{b}.")
+            if f".{a}." in name and other in tensors:
+                u = tensors[other]
+                if u.shape == t.shape and u.dtype == t.dtype and t.dim() > 0:
+                    pairs.append([name, other])
+    return pairs
 
 
 def _cache_entry(path: Path, root: Path) -> Path:
@@ -215,7 +232,13 @@ def _read_cache(path: Path, entry: Path) -> GGUFContents | None:
             return None
         stored = load_file(tensor_file)
         types = doc["types"]
-        tensors = {name: stored.pop(name) for name in types}  # file order; KeyError: rebuild
+        halves = {}
+        for first, second in doc["joined"]:
+            both = stored.pop(f"{_JOINED_KEY}{first}")
+            n = both.shape[0] // 2
+            halves[first], halves[second] = both[:n], both[n:]
+        # in file order; a missing name raises KeyError: the entry is rebuilt
+        tensors = {name: halves[name] if name in halves else stored.pop(name) for name in types}
         blocks = {
             name: BlockWeight(
                 types[name].lower(),
@@ -242,6 +265,10 @@ def _write_cache(contents: GGUFContents, entry: Path) -> None:
         tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
         try:
             stored = dict(contents.tensors)
+            joined = _joined_pairs(contents.tensors)
+            for first, second in joined:
+                both = torch.cat((stored.pop(first), stored.pop(second)))
+                stored[f"{_JOINED_KEY}{first}"] = both
             for name, b in contents.blocks.items():
                 stored[f"{_BLOCKS}{name}/data"] = torch.from_numpy(b.data)
                 stored[f"{_BLOCKS}{name}/scale"] = torch.from_numpy(b.scale)
@@ -253,6 +280,7 @@ def _write_cache(contents: GGUFContents, entry: Path) -> None:
                 "source": str(contents.path.resolve()),
                 "types": contents.types,
                 "blocks": sorted(contents.blocks),
+                "joined": joined,
                 "metadata": contents.metadata,
             }
             (tmp / "metadata.json").write_text(json.dumps(doc), encoding="utf-8")

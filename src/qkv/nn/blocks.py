@@ -103,8 +103,8 @@ class MLP(nn.Module):
         (2f, m) matrix, so inference computes both in one matmul (see `fused_gate_up`). Values,
         Parameter objects and requires_grad are unchanged; the weights become views sharing one
         storage. Plain MLPs are left as they are. Loaders call it once. Returns self."""
-        if self.gate is None:
-            return self
+        if self.gate is None or self.fused_gate_up() is not None:
+            return self  # nothing to fuse, or already one storage (e.g. from the GGUF cache)
         f = self.gate.weight.shape[0]
         w = torch.cat((self.gate.weight, self.up.weight), 0)  # (2f m)
         self.gate.weight.data, self.up.weight.data = w[:f], w[f:]

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import fused
 from ._jit import FLAGS, Kernels
 
 GROUP = 32  # input features per block, both formats
@@ -184,11 +185,22 @@ def linear(
     `weight`, a float32 CPU x of at most MAX_ROWS rows and no autograd, it multiplies by the
     mirror's blocks instead (same weights; float32 sums in another order)."""
     if mirror is None or not _usable(x, weight, bias, mirror):
-        return F.linear(x, weight, bias)
+        return _dense(x, weight, bias)
     y = mirror.blocks.matmul(x.reshape(-1, x.shape[-1]))  # (r n)
     if bias is not None:
         y += bias
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _dense(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear; a large float32 CPU output without autograd goes into pre-mapped pages."""
+    n_out = x.numel() // max(x.shape[-1], 1) * weight.shape[0] if x.dim() else 0
+    big = n_out * 4 >= fused.POPULATE_BYTES and bias is None and x.dim() > 1
+    if not (big and fused.eligible(x, weight) and x.is_contiguous() and weight.dim() == 2):
+        return F.linear(x, weight, bias)
+    out = fused.empty_populated(*x.shape[:-1], weight.shape[0])
+    torch.mm(x.view(-1, x.shape[-1]), weight.t(), out=out.view(-1, weight.shape[0]))
+    return out
 
 
 def uses_blocks(x: Tensor, mirror: Mirror | None) -> bool:
