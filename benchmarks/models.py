@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -71,14 +72,28 @@ def median_time(fn: Callable[[], object], runs: int) -> list[float]:
     return out
 
 
-def alternate(fa: Callable[[], object], fb: Callable[[], object], runs: int) -> tuple[float, float]:
-    """Median seconds of `fa` and of `fb` over `runs` alternating calls, so that both see the
-    same machine state."""
+@dataclass(frozen=True)
+class Paired:
+    """Medians of two alternately timed calls, and in how many of the pairs `a` was faster."""
+
+    a: float
+    b: float
+    wins: int
+    runs: int
+
+    def speedup(self) -> str:
+        """b/a (a's speed-up over b), with the pairs a won: "1.04× (5/5)"."""
+        return f"{self.b / self.a:.2f}× ({self.wins}/{self.runs})"
+
+
+def alternate(fa: Callable[[], object], fb: Callable[[], object], runs: int) -> Paired:
+    """`fa` and `fb` timed in `runs` alternating pairs, so that both see the same machine state."""
     ta, tb = [], []
     for _ in range(runs):
         ta += median_time(fa, 1)
         tb += median_time(fb, 1)
-    return statistics.median(ta), statistics.median(tb)
+    wins = sum(a < b for a, b in zip(ta, tb, strict=True))
+    return Paired(statistics.median(ta), statistics.median(tb), wins, runs)
 
 
 def run_worker(name: str, extra: list[str]) -> dict:
@@ -190,9 +205,9 @@ def bench_minilm(args) -> str:
         with torch.inference_mode():
             a, b = f_ours(), f_hf()
             err = float((a - b)[keep].abs().max())
-            mo, mh = alternate(f_ours, f_hf, args.runs)
+            p = alternate(f_ours, f_hf, args.runs)
         label = "forward, ragged (512…64)" if padded else "forward, full"
-        rows.append([f"{label} median s", f"{mo:.3f}", f"{mh:.3f}", f"{mh / mo:.2f}×"])
+        rows.append([f"{label} median s", f"{p.a:.3f}", f"{p.b:.3f}", p.speedup()])
         rows.append([f"  max |Δ| hidden vs transformers: {err:.1e}", "", "", ""])
     for padded in (False, True):
         label = "ragged" if padded else "full"
@@ -309,13 +324,13 @@ def bench_smollm2(args) -> str:
     f_ours, f_hf = smollm2_prefill("qkv", ours, ids), smollm2_prefill("hf", theirs, ids)
     with torch.inference_mode():
         err = float((f_ours() - f_hf()).abs().max())
-        mo, mh = alternate(f_ours, f_hf, args.runs)
+        p = alternate(f_ours, f_hf, args.runs)
     rows.append(
         [
             f"prefill {SMOL_PREFILL} tokens → logits, median s",
-            f"{mo:.2f}",
-            f"{mh:.2f}",
-            f"{mh / mo:.2f}×",
+            f"{p.a:.2f}",
+            f"{p.b:.2f}",
+            p.speedup(),
         ]
     )
     rows.append([f"  max |Δ logit| vs transformers: {err:.1e}", "", "", ""])
@@ -323,13 +338,13 @@ def bench_smollm2(args) -> str:
     d_ours = smollm2_decode("qkv", ours, prompt, SMOL_DECODE)
     d_hf = smollm2_decode("hf", theirs, prompt, SMOL_DECODE)
     same = d_ours() == d_hf()
-    to, th = (SMOL_DECODE / t for t in alternate(d_ours, d_hf, args.runs))
+    p = alternate(d_ours, d_hf, args.runs)
     rows.append(
         [
             f"greedy decode {SMOL_PROMPT}+{SMOL_DECODE} tokens, KV cache, tokens/s",
-            f"{to:.1f}",
-            f"{th:.1f}",
-            f"{to / th:.2f}×",
+            f"{SMOL_DECODE / p.a:.1f}",
+            f"{SMOL_DECODE / p.b:.1f}",
+            p.speedup(),
         ]
     )
     rows.append([f"  same {SMOL_DECODE} tokens as transformers.generate: {same}", "", "", ""])
@@ -340,13 +355,13 @@ def bench_smollm2(args) -> str:
             return d_ours()
 
     same_dense = d_dense() == d_hf()
-    td, th = (SMOL_DECODE / t for t in alternate(d_dense, d_hf, args.runs))
+    p = alternate(d_dense, d_hf, args.runs)
     rows.append(
         [
             "  the same with qkv on dense float32 weights (quant.dense()), tokens/s",
-            f"{td:.1f}",
-            f"{th:.1f}",
-            f"{td / th:.2f}×",
+            f"{SMOL_DECODE / p.a:.1f}",
+            f"{SMOL_DECODE / p.b:.1f}",
+            p.speedup(),
         ]
     )
     rows.append([f"  same {SMOL_DECODE} tokens as transformers.generate: {same_dense}", "", "", ""])
