@@ -531,8 +531,7 @@ def attach_blocks(model: Llama, blocks: dict[str, BlockWeight]) -> int:
     """Give the model's linear maps `Mirror`s of the GGUF's own blocks (`qkv.nn.quant`), which
     the one-token decode step multiplies by on CPU: 0.75 bytes a weight streamed instead of 4.
     Rows follow the parameters' layout (Q/K unpermuted, Q|K|V fused, gate|up fused when the MLP
-    is packed). A matrix stored unquantised
-    gets none. Returns the number of mirrors attached."""
+    is packed). A matrix stored unquantised gets none. Returns the number of mirrors attached."""
     c = model.config
     q_rows = unpermute_qk(torch.arange(c.n_heads * c.d_head)[:, None], c.n_heads)[:, 0]
     k_rows = unpermute_qk(torch.arange(c.n_kv_heads * c.d_head)[:, None], c.n_kv_heads)[:, 0]

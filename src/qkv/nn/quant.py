@@ -194,31 +194,28 @@ def linear(
 
 def _dense(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """F.linear; a large float32 CPU output without autograd goes into pre-mapped pages."""
-    n_out = x.numel() // max(x.shape[-1], 1) * weight.shape[0] if x.dim() else 0
-    big = n_out * 4 >= fused.POPULATE_BYTES and bias is None and x.dim() > 1
-    if not (big and fused.eligible(x, weight) and x.is_contiguous() and weight.dim() == 2):
+    fits = x.dim() > 1 and weight.dim() == 2 and x.shape[-1] == weight.shape[1] and bias is None
+    if not fits or x.numel() // max(x.shape[-1], 1) * weight.shape[0] * 4 < fused.POPULATE_BYTES:
+        return F.linear(x, weight, bias)  # (and every error message F.linear gives)
+    if not (fused.eligible(x, weight) and x.is_contiguous()):
         return F.linear(x, weight, bias)
     out = fused.empty_populated(*x.shape[:-1], weight.shape[0])
     torch.mm(x.view(-1, x.shape[-1]), weight.t(), out=out.view(-1, weight.shape[0]))
     return out
 
 
-def uses_blocks(x: Tensor, mirror: Mirror | None) -> bool:
-    """Whether `linear(x, …, mirror)` may take the blocks, the weight's own checks aside: a
-    valid mirror, a float32 CPU x of 1 … MAX_ROWS rows, and not inside `dense()`."""
-    if mirror is None or not _ENABLED.get() or x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    return x.dim() > 0 and 0 < x.numel() <= MAX_ROWS * x.shape[-1] and mirror.valid()
-
-
 def _usable(x: Tensor, weight: Tensor, bias: Tensor | None, mirror: Mirror) -> bool:
+    if not _ENABLED.get() or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if x.dim() == 0 or x.numel() > MAX_ROWS * x.shape[-1] or x.numel() == 0:
+        return False
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         return False
     if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
         return False
-    return tuple(weight.shape) == mirror.blocks.shape and uses_blocks(x, mirror)
+    return tuple(weight.shape) == mirror.blocks.shape and mirror.valid()
 
 
 @contextlib.contextmanager
