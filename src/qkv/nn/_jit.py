@@ -2,8 +2,8 @@
 elementwise kernels): compiled once per process against explicit signatures, loaded from
 numba's disk cache when it has them.
 
-    KERNELS = Kernels(build)      # build() → {name: (dispatcher, signature)}
-    KERNELS["q4_1"](x, ...)       # the first lookup compiles every kernel `build` returns
+    KERNELS = Kernels(build, wide=True)   # build() → {name: (dispatcher, signature)}
+    KERNELS["q4_1"](x, ...)               # the first lookup compiles all that `build` returns
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ class Kernels:
     """A lazily compiled set of numba kernels, thread-safe. On AVX-512 hosts they are compiled
     with 16-lane vectors (LLVM prefers 256-bit there; these loops run ~25% faster on all 16
     float32 lanes, RESULTS.md). The LLVM option is process-wide, so it is set only around our
-    own compilation and put back (0 = LLVM's own choice) before anything else compiles."""
+    own compilation and put back (0 = LLVM's own choice) before anything else compiles.
+    `wide=False` leaves the width to LLVM: a forced width makes LLVM print a remark for every
+    loop it cannot vectorise, which memory-bound elementwise kernels have plenty of."""
 
-    def __init__(self, build: Callable[[], dict[str, tuple[Any, tuple]]]) -> None:
-        self._build = build
+    def __init__(self, build: Callable[[], dict[str, tuple[Any, tuple]]], *, wide: bool) -> None:
+        self._build, self._wide = build, wide
         self._compiled: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -44,7 +46,7 @@ class Kernels:
         import llvmlite.binding as llvm
 
         kernels = self._build()
-        wide = "avx512f" in llvm.get_host_cpu_features().flatten()
+        wide = self._wide and "avx512f" in llvm.get_host_cpu_features().flatten()
         if wide:
             llvm.set_option("", "-force-vector-width=16")
         try:

@@ -154,4 +154,4 @@ def _build() -> dict[str, tuple]:
     }
 
 
-KERNELS = Kernels(_build)
+KERNELS = Kernels(_build, wide=False)

@@ -298,4 +298,4 @@ def _build() -> dict[str, tuple]:
     }
 
 
-KERNELS = Kernels(_build)
+KERNELS = Kernels(_build, wide=True)
