@@ -110,7 +110,16 @@ def calls(monkeypatch):
     return seen
 
 
-def test_linear_uses_blocks_for_a_decode_step(layer, calls):
+@pytest.fixture
+def threads():
+    """Sets torch's thread count for one test and puts it back."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_linear_uses_blocks_for_a_decode_step(layer, calls, threads):
+    threads(1)
     weight, bias, mirror = layer
     x = torch.randn(1, 1, 64)
     with torch.no_grad():
@@ -125,14 +134,19 @@ def test_linear_uses_blocks_for_a_decode_step(layer, calls):
 
 @pytest.mark.parametrize(
     "why",
-    ["rows", "grad", "float64", "dense()", "edited", "replaced", "shape", "inference owner"],
-)
-def test_linear_falls_back_to_dense(layer, calls, why):
+    ["rows", "2 rows, 2 threads", "grad", "float64", "dense()", "edited", "replaced", "shape",
+     "inference owner"],
+)  # fmt: skip
+def test_linear_falls_back_to_dense(layer, calls, threads, why):
     weight, bias, mirror = layer
     x = torch.randn(1, 64)
     ctx = torch.no_grad()
+    threads(1)
     if why == "rows":
         x = torch.randn(quant.MAX_ROWS + 1, 64)
+    elif why == "2 rows, 2 threads":  # BLAS then uses both cores; the kernels use one
+        x = torch.randn(2, 64)
+        threads(2)
     elif why == "grad":
         ctx = torch.enable_grad()
     elif why == "float64":

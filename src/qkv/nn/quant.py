@@ -41,7 +41,9 @@ from . import fused
 from ._jit import FLAGS, Kernels
 
 GROUP = 32  # input features per block, both formats
-MAX_ROWS = 2  # more rows go to F.linear: from ~3 rows BLAS on dense weights is faster (RESULTS.md)
+# more rows go to F.linear: on one thread BLAS on the dense weights is faster from ~3 rows, on
+# more threads (the kernels use one) from 2 (RESULTS.md)
+MAX_ROWS = 2
 Kind = Literal["q4_1", "q8_0"]
 _GGML_BYTES = {"q4_1": 2 + 2 + GROUP // 2, "q8_0": 2 + GROUP}  # bytes per block in a GGUF
 _ENABLED: ContextVar[bool] = ContextVar("qkv_quant_enabled", default=True)
@@ -182,7 +184,8 @@ def linear(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, mirror: Mirror | None = None
 ) -> Tensor:
     """`F.linear(x, weight, bias)`; x (… k), weight (n, k) → (… n). With a valid `mirror` of
-    `weight`, a float32 CPU x of at most MAX_ROWS rows and no autograd, it multiplies by the
+    `weight`, a float32 CPU x of at most MAX_ROWS rows (1 when PyTorch has more than one thread)
+    and no autograd, it multiplies by the
     mirror's blocks instead (same weights; float32 sums in another order)."""
     if mirror is None or not _usable(x, weight, bias, mirror):
         return _dense(x, weight, bias)
@@ -207,7 +210,8 @@ def _dense(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def _usable(x: Tensor, weight: Tensor, bias: Tensor | None, mirror: Mirror) -> bool:
     if not _ENABLED.get() or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
-    if x.dim() == 0 or x.numel() > MAX_ROWS * x.shape[-1] or x.numel() == 0:
+    rows = MAX_ROWS if torch.get_num_threads() == 1 else 1
+    if x.dim() == 0 or x.numel() > rows * x.shape[-1] or x.numel() == 0:
         return False
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)

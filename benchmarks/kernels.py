@@ -1,0 +1,118 @@
+"""The CPU kernels under the models, one at a time, against the PyTorch code they replace, on
+SmolLM2's shapes (d_model 576, 9 query / 3 kv heads of 64, MLP 1536, vocabulary 49152):
+
+    .venv/bin/python benchmarks/kernels.py                 # 2048 tokens, 1 thread
+    .venv/bin/python benchmarks/kernels.py --threads 2 --tokens 512
+
+rows                     qkv                                   PyTorch
+RoPE + split of QKV      nn.fused.rope_qkv (contiguous out)    rope on the strided heads, as before
+RMSNorm                  nn.fused.rms_norm                     F.rms_norm
+gate and up              one (2f, m) matmul, SiLU·up in place  two matmuls, silu(g) * u
+logits (unembedding)     matmul into pre-mapped pages          F.linear
+Q4_1 matmul, 1–2 rows    nn.quant blocks, 30 layers' gate+up   F.linear on the dense weights
+
+Times are medians of --runs alternating pairs (both sides see the same machine state); the
+ratio is PyTorch's time over ours. Random weights: the kernels' speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+D_MODEL, HEADS, KV_HEADS, D_HEAD, D_FF, VOCAB, LAYERS = 576, 9, 3, 64, 1536, 49152, 30
+
+
+def paired(ours: Callable[[], object], theirs: Callable[[], object], runs: int) -> tuple:
+    """Median seconds of each over `runs` alternating pairs, after one warm-up call each."""
+    ours(), theirs()
+    a, b = [], []
+    for _ in range(runs):
+        for fn, out in ((ours, a), (theirs, b)):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return statistics.median(a), statistics.median(b)
+
+
+def cases(n: int) -> list[tuple[str, Callable[[], object], Callable[[], object]]]:
+    from qkv.nn import RotaryEmbedding, fused, quant
+
+    g = torch.Generator().manual_seed(0)
+    rope = RotaryEmbedding(D_HEAD, base=100000.0)
+    qkv = torch.randn(1, n, HEADS + 2 * KV_HEADS, D_HEAD, generator=g)
+
+    def rope_torch():
+        qk, v = qkv.transpose(1, 2).split((HEADS + KV_HEADS, KV_HEADS), dim=1)
+        return rope(qk, 0).split((HEADS, KV_HEADS), dim=1), v
+
+    x = torch.randn(1, n, D_MODEL, generator=g)
+    w_norm = torch.randn(D_MODEL, generator=g)
+    gate_up = torch.randn(2 * D_FF, D_MODEL, generator=g) / D_MODEL**0.5
+    gate, up = gate_up[:D_FF], gate_up[D_FF:]
+
+    def mlp_fused():
+        h, u = F.linear(x, gate_up).chunk(2, dim=-1)
+        return F.silu(h, inplace=True).mul_(u)
+
+    embed = torch.randn(VOCAB, D_MODEL, generator=g)
+    rng = np.random.default_rng(0)
+    c = D_MODEL // 32
+    layers = [  # one per layer, as a decode step streams them (each dense one is 7 MiB)
+        quant.BlockWeight(
+            "q4_1",
+            rng.integers(0, 256, (c, 16, 2 * D_FF), dtype=np.uint8),
+            rng.random((c, 2 * D_FF), dtype=np.float32) / 100,
+            rng.random((c, 2 * D_FF), dtype=np.float32) / -10,
+        )
+        for _ in range(LAYERS)
+    ]
+    dense = [b.dequantize() for b in layers]
+    rows = {r: torch.randn(r, D_MODEL, generator=g) for r in (1, 2)}
+
+    def stream(r: int, use_blocks: bool):
+        if use_blocks:
+            return lambda: [b.matmul(rows[r]) for b in layers]
+        return lambda: [F.linear(rows[r], w) for w in dense]
+
+    return [
+        (f"RoPE + split of the fused QKV, {n} tokens",
+         lambda: rope.rotate_qkv(qkv, 0, HEADS, KV_HEADS), rope_torch),
+        (f"RMSNorm, {n} × {D_MODEL}", lambda: fused.rms_norm(x, w_norm, 1e-5),
+         lambda: F.rms_norm(x, (D_MODEL,), w_norm, 1e-5)),
+        (f"gate and up + SiLU·up, {n} tokens", mlp_fused,
+         lambda: F.silu(F.linear(x, gate)) * F.linear(x, up)),
+        (f"logits {n} × {VOCAB}", lambda: quant.linear(x, embed), lambda: F.linear(x, embed)),
+        *[(f"Q4_1 gate+up matmul × {LAYERS} layers, {r} row{'s' * (r > 1)}",
+           stream(r, True), stream(r, False)) for r in (1, 2)],
+    ]  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--runs", type=int, default=9)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"## CPU kernels  (torch {torch.__version__}, {args.threads} thread(s))\n")
+    rows = [("kernel", "qkv ms", "PyTorch ms", "speed-up")]
+    with torch.inference_mode():
+        for name, ours, theirs in cases(args.tokens):
+            a, b = paired(ours, theirs, args.runs)
+            rows.append((name, f"{a * 1e3:.3f}", f"{b * 1e3:.3f}", f"{b / a:.2f}×"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for k, r in enumerate(rows):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+        if k == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+if __name__ == "__main__":
+    main()
