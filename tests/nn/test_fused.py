@@ -216,3 +216,20 @@ def test_fresh_compile_prints_nothing(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout == "" and res.stderr == "", (res.stdout + res.stderr)[-2000:]
     assert any(tmp_path.rglob("*.nbi")), "numba wrote no cache index: NUMBA_CACHE_DIR ignored?"
+
+
+def test_torch_compile_traces_the_pytorch_code():
+    """Under torch.compile (fullgraph) the kernels step aside: the traced graph holds the
+    PyTorch ops, and its result equals eager's fused path."""
+    torch.manual_seed(11)
+    norm, mlp = RMSNorm(16), MLP(16, 24, act="silu", gated=True, bias=False).pack_()
+    rope = RotaryEmbedding(4)
+    x, qkv = torch.randn(2, 5, 16), torch.randn(2, 5, 8, 4)
+
+    def step(x, qkv):
+        return mlp(norm(x)), *rope.rotate_qkv(qkv, 3, 4, 2)
+
+    with torch.no_grad():
+        compiled = torch.compile(step, backend="eager", fullgraph=True)
+        for a, b in zip(compiled(x, qkv), step(x, qkv), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

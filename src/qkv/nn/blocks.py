@@ -115,8 +115,9 @@ class MLP(nn.Module):
 
     def fused_gate_up(self) -> tuple[Tensor, Tensor | None] | None:
         """The (2f, m) weight (and (2f,) bias) gate and up are the halves of, if `pack_` laid
-        them out so and they still are; else None."""
-        if self.gate is None:
+        them out so and they still are; else None (also while torch.compile traces: the check
+        reads storage addresses)."""
+        if self.gate is None or torch.compiler.is_compiling():
             return None
         g, u = self.gate, self.up
         halves = [(g.weight, u.weight)] + ([(g.bias, u.bias)] if g.bias is not None else [])

@@ -25,7 +25,10 @@ from ._jit import FLAGS, Kernels
 
 
 def eligible(*tensors: Tensor) -> bool:
-    """True when every tensor is float32 on the CPU and none needs a gradient recorded."""
+    """True when every tensor is float32 on the CPU and none needs a gradient recorded, outside
+    `torch.compile`'s tracing (a traced graph keeps the PyTorch code it can compile)."""
+    if torch.compiler.is_compiling():
+        return False
     grad = torch.is_grad_enabled()
     return all(
         t.device.type == "cpu" and t.dtype == torch.float32 and not (grad and t.requires_grad)

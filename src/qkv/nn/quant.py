@@ -208,6 +208,8 @@ def _dense(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _usable(x: Tensor, weight: Tensor, bias: Tensor | None, mirror: Mirror) -> bool:
+    if torch.compiler.is_compiling():  # a traced graph keeps F.linear
+        return False
     if not _ENABLED.get() or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     rows = MAX_ROWS if torch.get_num_threads() == 1 else 1
