@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # one module per subcommand group; each defines register(subparsers)
-COMMANDS = ("demo", "explain", "heads", "models", "train")
+COMMANDS = ("demo", "explain", "generate", "heads", "models", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ def describe() -> str:
             "",
         ]
     lines.append('Use one with: qkv explain "TEXT" --token WORD --model NAME')
+    lines.append('Continue a text with a decoder: qkv generate "TEXT" [--chat] --model NAME')
     return "\n".join(lines)
 
 

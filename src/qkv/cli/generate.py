@@ -1,0 +1,73 @@
+"""`qkv generate PROMPT`: continue a text, or answer it with --chat, with a bundled decoder,
+streaming the new text as it is decoded."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import qkv.models
+from qkv.models import DEFAULT_MODEL
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.prompt is None) == (args.file is None):
+        raise ValueError("pass the prompt either as an argument or with --file PATH (not both)")
+    if args.file is not None:
+        p = Path(args.file)
+        if not p.is_file():
+            raise FileNotFoundError(f"no prompt file at {args.file!r}")
+        prompt = p.read_text(encoding="utf-8")
+    else:
+        prompt = args.prompt
+    model = qkv.models.load(args.model)
+    if not callable(getattr(model, "generate", None)):
+        raise ValueError(
+            f"{args.model!r} is not a decoder and cannot generate text; use smollm2 "
+            "(`qkv models` lists them)"
+        )
+    pieces = model.generate(
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        chat=args.chat,
+        seed=args.seed,
+        stream=True,
+        truncate=args.truncate,
+    )
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="continue a text (or answer it, --chat) with a decoder, streamed",
+        description="Greedy by default (--temperature 0); the KV cache keeps each step O(context). "
+        "Stops at the model's end-of-turn token or after --max-new-tokens.",
+    )
+    p.add_argument("prompt", nargs="?", help="the text to continue (or --file PATH)")
+    p.add_argument("--file", help="read the prompt from a UTF-8 text file")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"a decoder model name (default {DEFAULT_MODEL})"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many (default 64)")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
+    )
+    p.add_argument("--top-k", type=int, help="sample only among the k likeliest tokens")
+    p.add_argument("--seed", type=int, help="seed for sampling (reproducible output)")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="keep the prompt's last tokens when it does not fit the context",
+    )
+    p.set_defaults(run=run)
