@@ -108,6 +108,29 @@ def test_last_hidden_state_padded_batch(model, hf, hf_tok):
     assert (got[1, : alone.shape[1]] - alone[0]).abs().max() < HIDDEN_TOL
 
 
+def test_padded_batch_runs_on_real_tokens_only(model, hf):
+    """A padded batch is packed to its real tokens (`_unpadded`): padded rows come back 0, a
+    mask with holes and an all-padding row work, and real tokens match transformers given the
+    same mask. Under capture (the lens) the masked batch runs instead, with the same values."""
+    from qkv.nn import capture
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (3, 12), generator=g)
+    keep = torch.ones(3, 12, dtype=torch.bool)
+    keep[0, 7:] = False  # right padding
+    keep[1, 2:5] = False  # holes
+    keep[2] = False  # nothing real
+    with torch.no_grad():
+        got = model(ids, attention_mask=keep)
+        want = hf(input_ids=ids, attention_mask=keep.long()).last_hidden_state
+        with capture(model) as cap:
+            masked = model(ids, attention_mask=keep)
+    assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
+    assert (got - want)[keep].abs().max() < HIDDEN_TOL
+    assert (masked - got)[keep].abs().max() < HIDDEN_TOL
+    assert cap.layers[0].q.shape[0] == 3  # the lens saw the whole (padded) batch
+
+
 def test_embeddings_match_sentence_transformers(model, st):
     want = st.encode(TEXTS, convert_to_tensor=True, batch_size=2)
     for batch_size in (32, 2):

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .._validate import positive_ints
 from ..nn import MLP, MultiHeadAttention, PostNormBlock
+from ..nn.capture import active as capturing
 from .convert import Rule, convert, heads_bias, heads_in, heads_out, read_safetensors
 from .registry import MODELS
 from .tokenizer import Tokenizer, ids_shape
@@ -142,7 +143,8 @@ class BertEncoder(nn.Module):
     """A BERT encoder on `qkv.nn.MultiHeadAttention`.
 
     `model(ids (b i), attention_mask=(b i) bool)` → last hidden state (b i m); padded positions
-    (mask False) are never attended to, their own rows are don't-care. `model.embed(texts)`
+    (mask False) are never attended to, and their own rows are 0: a padded batch runs on its
+    real tokens only (see `_unpadded`). `model.embed(texts)`
     → (n, m) unit-norm mean-pooled sentence embeddings. `model.tokenizer` encodes text.
     """
 
@@ -231,10 +233,27 @@ class BertEncoder(nn.Module):
                 + self.embed_types(token_type_ids)
             )
         x = self.embed_norm(x)
-        mask = None if keep is None or bool(keep.all()) else keep[:, None, None, :]  # (b 1 1 j)
+        if keep is None or bool(keep.all()):
+            for blk in self.blocks:
+                x = blk(x)
+            return x
+        if capturing():  # the lens records (b h i d) tensors: keep the padded batch
+            for blk in self.blocks:
+                x = blk(x, mask=keep[:, None, None, :])  # (b 1 1 j)
+            return x
+        return self._unpadded(x, keep)
+
+    def _unpadded(self, x: Tensor, keep: Tensor) -> Tensor:
+        """The blocks on the real tokens only, packed back to back (1 n m), each text attending
+        within itself; padded rows of the result are 0. Every op but attention is per token,
+        so this equals the masked batch on real tokens, without the padding's work."""
+        B, S, m = x.shape
+        idx = keep.reshape(-1).nonzero().squeeze(1)  # (n,) real tokens, row by row
+        segments = [n for n in keep.sum(1).tolist() if n > 0]
+        h = x.reshape(B * S, m).index_select(0, idx)[None]  # (1 n m)
         for blk in self.blocks:
-            x = blk(x, mask=mask)
-        return x
+            h = blk(h, segments=segments)
+        return x.new_zeros(B * S, m).index_copy(0, idx, h[0]).view(B, S, m)
 
     @torch.no_grad()
     def embed(

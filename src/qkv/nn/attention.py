@@ -7,6 +7,7 @@ d head dim.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +42,9 @@ class MultiHeadAttention(nn.Module):
     `mask` is bool keep (True = attend) broadcastable to (b, h, i, j), e.g. key padding
     (b, 1, 1, j); with a cache j counts the cached tokens too. `causal` is bottom-right aligned,
     so decoding with a cache needs no mask. With `cache` (a `LayerCache`), the new k/v are
-    appended and attention runs over all cached positions.
+    appended and attention runs over all cached positions. With `segments` (lengths), x is
+    (1, n, m) holding that many whole sequences back to back (padding removed): each attends
+    only within itself, positions restarting at 0 (FlashAttention's variable-length mode).
     """
 
     def __init__(
@@ -232,9 +235,16 @@ class MultiHeadAttention(nn.Module):
             )
 
     def forward(
-        self, x: Tensor, *, mask: Tensor | None = None, cache: LayerCache | None = None
+        self,
+        x: Tensor,
+        *,
+        mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+        segments: Sequence[int] | None = None,
     ) -> Tensor:
         self._check(x, mask, cache)
+        if segments is not None:
+            return self._forward_segments(x, segments, mask, cache)
         B, S, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.d_head
         w, b = self.fused_qkv()
@@ -275,3 +285,37 @@ class MultiHeadAttention(nn.Module):
                 )
             )
         return out
+
+    def _forward_segments(
+        self, x: Tensor, segments: Sequence[int], mask: object, cache: object
+    ) -> Tensor:
+        """x (1 n m) holds whole sequences back to back, of lengths `segments`: the projections
+        run once over all n tokens, attention within each sequence (RoPE positions and the
+        causal diagonal restart at each), as FlashAttention's variable-length mode does."""
+        if mask is not None or cache is not None:
+            raise ValueError("segments cannot be combined with a mask or a cache")
+        lengths = [int(n) for n in segments]
+        if x.shape[0] != 1 or sum(lengths) != x.shape[1] or min(lengths, default=0) <= 0:
+            raise ValueError(
+                f"segments must be positive lengths summing to x's tokens, with x of shape "
+                f"(1, n, {self.d_model}); got x {tuple(x.shape)} and segments of sum "
+                f"{sum(lengths)}, smallest {min(lengths, default=None)}"
+            )
+        if _ACTIVE.get():
+            raise ValueError("capture records whole batches: run without segments inside capture()")
+        H, K, D = self.n_heads, self.n_kv_heads, self.d_head
+        w, b = self.fused_qkv()
+        qkv = linear(x, w, b, self.mirrors.get("qkv")).view(1, -1, H + 2 * K, D)  # (1 n t d)
+        parts, start = [], 0
+        for n in lengths:
+            seg = qkv[:, start : start + n]
+            if self.rope is None:
+                q, k, v = seg.transpose(1, 2).split((H, K, K), dim=1)
+            else:
+                q, k, v = self.rope.rotate_qkv(seg, 0, H, K)
+            z = attention(q, k, v, causal=self.causal, scale=self.scale)  # (1 h i d)
+            parts.append(z.transpose(1, 2))  # (1 i h d)
+            start += n
+        zf = torch.cat(parts, 1).reshape(1, -1, H * D)  # (1 n (h d))
+        w_o = self.W_O.reshape(H * D, self.d_model).t()
+        return linear(zf, w_o, self.b_O, self.mirrors.get("out"))

@@ -6,7 +6,7 @@ Letters: b batch, i position, m model dim, f MLP hidden dim.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +159,8 @@ def _residual(branch: Tensor, x: Tensor) -> Tensor:
 
 
 class _Block(nn.Module):
-    """An attention sublayer and an MLP sublayer, each with its norm and residual."""
+    """An attention sublayer and an MLP sublayer, each with its norm and residual. `mask`,
+    `cache` and `segments` go to the attention (see MultiHeadAttention.forward)."""
 
     def __init__(
         self, attn: MultiHeadAttention, mlp: nn.Module, norm1: nn.Module, norm2: nn.Module
@@ -172,9 +173,14 @@ class PreNormBlock(_Block):
     """`h = x + attn(norm1(x)); out = h + mlp(norm2(h))` (GPT-2, Llama)."""
 
     def forward(
-        self, x: Tensor, *, mask: Tensor | None = None, cache: LayerCache | None = None
+        self,
+        x: Tensor,
+        *,
+        mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+        segments: Sequence[int] | None = None,
     ) -> Tensor:
-        h = _residual(self.attn(self.norm1(x), mask=mask, cache=cache), x)
+        h = _residual(self.attn(self.norm1(x), mask=mask, cache=cache, segments=segments), x)
         return _residual(self.mlp(self.norm2(h)), h)
 
 
@@ -182,7 +188,12 @@ class PostNormBlock(_Block):
     """`h = norm1(x + attn(x)); out = norm2(h + mlp(h))` (original Transformer, BERT)."""
 
     def forward(
-        self, x: Tensor, *, mask: Tensor | None = None, cache: LayerCache | None = None
+        self,
+        x: Tensor,
+        *,
+        mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+        segments: Sequence[int] | None = None,
     ) -> Tensor:
-        h = self.norm1(_residual(self.attn(x, mask=mask, cache=cache), x))
+        h = self.norm1(_residual(self.attn(x, mask=mask, cache=cache, segments=segments), x))
         return self.norm2(_residual(self.mlp(h), h))
