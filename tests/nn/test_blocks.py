@@ -29,6 +29,31 @@ def test_mlp_plain_and_gated():
         MLP(8, 16, act="swish2")
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu", "relu", "custom"])
+def test_mlp_inference_path_equals_float64(act, gated):
+    """Without autograd the activation runs in place on the fresh projection: same values as
+    the float64 formula, the input untouched; a custom callable is called as given."""
+    torch.manual_seed(1)
+    fn = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu,
+          "relu": F.relu, "custom": torch.tanh}[act]  # fmt: skip
+    m = MLP(8, 16, act=torch.tanh if act == "custom" else act, gated=gated)
+    x = torch.randn(2, 3, 8) * 3
+    x0 = x.clone()
+    d = {k: t.double() for k, t in m.state_dict().items()}
+    h = F.linear(x.double(), d["up.weight"], d["up.bias"])
+    if gated:
+        h = fn(F.linear(x.double(), d["gate.weight"], d["gate.bias"])) * h
+    else:
+        h = fn(h)
+    want = F.linear(h, d["down.weight"], d["down.bias"])
+    with torch.no_grad():
+        got = m(x)
+    assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(x, x0)
+    torch.testing.assert_close(m(x).detach(), got)  # the autograd path agrees
+
+
 @pytest.mark.parametrize("Block", [PreNormBlock, PostNormBlock])
 @pytest.mark.parametrize("mlp", ["mlp", "identity"])
 def test_blocks_formula_with_and_without_grad(Block, mlp):

@@ -23,6 +23,12 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,  # Llama's SwiGLU gate
     "relu": F.relu,
 }
+_INPLACE: dict[str, Callable[[Tensor], Tensor]] = {  # the same functions, overwriting x
+    "gelu": lambda x: torch.ops.aten.gelu_(x),
+    "gelu_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "silu": lambda x: F.silu(x, inplace=True),
+    "relu": lambda x: F.relu(x, inplace=True),
+}
 
 
 class RMSNorm(nn.Module):
@@ -133,10 +139,12 @@ class MLP(nn.Module):
         return joined[0], (joined[1] if len(joined) > 1 else None)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gate is None:
-            return self._linear("down", self.act(self._linear("up", x)))
-        params = (x, self.gate.weight, self.up.weight, self.gate.bias, self.up.bias)
+        layers = (self.up, self.down) if self.gate is None else (self.gate, self.up, self.down)
+        params = [x] + [p for layer in layers for p in (layer.weight, layer.bias)]
         grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+        if self.gate is None:
+            h = self._linear("up", x)
+            return self._linear("down", self.act(h) if grad else self._act_(h))
         if grad:
             return self._linear("down", self.act(self._linear("gate", x)) * self._linear("up", x))
         fused = self.fused_gate_up()
@@ -144,8 +152,15 @@ class MLP(nn.Module):
             g, u = linear(x, *fused, self.mirrors.get("gate_up")).chunk(2, dim=-1)
         else:
             g, u = self._linear("gate", x), self._linear("up", x)
-        g = F.silu(g, inplace=True) if self.act is F.silu else self.act(g)
-        return self._linear("down", g.mul_(u))  # no graph to keep: in place
+        return self._linear("down", self._act_(g).mul_(u))  # no graph to keep: in place
+
+    def _act_(self, h: Tensor) -> Tensor:
+        """act(h), in place for the built-in activations (h is a fresh tensor no graph needs):
+        one large allocation fewer per layer, each a round of fresh pages to fault in."""
+        inplace = (
+            _INPLACE.get(self.act_name) if self.act is ACTIVATIONS.get(self.act_name) else None
+        )
+        return inplace(h) if inplace is not None else self.act(h)
 
 
 def _residual(branch: Tensor, x: Tensor) -> Tensor:
