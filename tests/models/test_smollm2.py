@@ -229,6 +229,35 @@ def test_padded_batch_matches_single(model):
     assert err < CACHE_TOL, f"padded row differs from the lone text by {err:.2e}"
 
 
+def test_padded_batch_runs_on_real_tokens_only(model, hf):
+    """Left padding and an all-padding row: the batch runs packed (`qkv.nn.varlen`); real
+    tokens' logits match transformers on the same mask, padded rows are 0, and under capture
+    (the masked batch) the values are the same. A hole keeps the masked batch (packing would
+    move the RoPE positions after it), which matches transformers too."""
+    from qkv.nn import capture
+
+    ids = torch.randint(17, 49152, (3, 10), generator=torch.Generator().manual_seed(0))
+    keep = torch.ones(3, 10, dtype=torch.bool)
+    keep[0, :4] = False  # left padding
+    keep[1, 8:] = False  # right padding
+    keep[2] = False
+    with torch.no_grad():
+        got = model(ids, attention_mask=keep)
+        want = hf(input_ids=ids[:2], attention_mask=keep[:2].long()).logits
+        with capture(model, layers=[0]):
+            masked = model(ids, attention_mask=keep)
+    assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
+    err = (got[:2] - want)[keep[:2]].abs().max().item()
+    assert err < LOGIT_TOL, f"max |Δ logit| = {err:.2e}"
+    assert (masked - got)[keep].abs().max().item() < CACHE_TOL
+    keep[1, 5] = False  # a hole: the masked batch
+    with torch.no_grad():
+        got = model(ids[:2], attention_mask=keep[:2])
+        want = hf(input_ids=ids[:2], attention_mask=keep[:2].long()).logits
+    err = (got - want)[keep[:2]].abs().max().item()
+    assert err < LOGIT_TOL, f"max |Δ logit| with a hole = {err:.2e}"
+
+
 def test_chat_template_matches_transformers(model, hf_tok):
     messages = [{"role": "user", "content": "What is 2+2?"}]
     ours = model.encode_prompt(messages, chat=True)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .._validate import positive_ints
 from ..nn import MLP, MultiHeadAttention, PostNormBlock
 from ..nn.capture import active as capturing
+from ..nn.varlen import unpadded
 from .convert import Rule, convert, heads_bias, heads_in, heads_out, read_safetensors
 from .registry import MODELS
 from .tokenizer import Tokenizer, ids_shape
@@ -144,7 +145,7 @@ class BertEncoder(nn.Module):
 
     `model(ids (b i), attention_mask=(b i) bool)` → last hidden state (b i m); padded positions
     (mask False) are never attended to, and their own rows are 0: a padded batch runs on its
-    real tokens only (see `_unpadded`). `model.embed(texts)`
+    real tokens only (`qkv.nn.varlen`). `model.embed(texts)`
     → (n, m) unit-norm mean-pooled sentence embeddings. `model.tokenizer` encodes text.
     """
 
@@ -241,19 +242,13 @@ class BertEncoder(nn.Module):
             for blk in self.blocks:
                 x = blk(x, mask=keep[:, None, None, :])  # (b 1 1 j)
             return x
-        return self._unpadded(x, keep)
+        return unpadded(x, keep, self._packed)  # real tokens only; padded rows 0
 
-    def _unpadded(self, x: Tensor, keep: Tensor) -> Tensor:
-        """The blocks on the real tokens only, packed back to back (1 n m), each text attending
-        within itself; padded rows of the result are 0. Every op but attention is per token,
-        so this equals the masked batch on real tokens, without the padding's work."""
-        B, S, m = x.shape
-        idx = keep.reshape(-1).nonzero().squeeze(1)  # (n,) real tokens, row by row
-        segments = [n for n in keep.sum(1).tolist() if n > 0]
-        h = x.reshape(B * S, m).index_select(0, idx)[None]  # (1 n m)
+    def _packed(self, h: Tensor, segments: list[int]) -> Tensor:
+        """The blocks on texts packed back to back (1 n m), each attending within itself."""
         for blk in self.blocks:
             h = blk(h, segments=segments)
-        return x.new_zeros(B * S, m).index_copy(0, idx, h[0]).view(B, S, m)
+        return h
 
     @torch.no_grad()
     def embed(
