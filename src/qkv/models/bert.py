@@ -14,6 +14,7 @@ import importlib.util
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from .._validate import positive_ints
 from ..nn import MLP, MultiHeadAttention, PostNormBlock
 from ..nn.capture import active as capturing
-from ..nn.varlen import unpadded
+from ..nn.varlen import run_blocks, unpadded
 from .convert import Rule, convert, heads_bias, heads_in, heads_out, read_safetensors
 from .registry import MODELS
 from .tokenizer import Tokenizer, ids_shape
@@ -242,13 +243,7 @@ class BertEncoder(nn.Module):
             for blk in self.blocks:
                 x = blk(x, mask=keep[:, None, None, :])  # (b 1 1 j)
             return x
-        return unpadded(x, keep, self._packed)  # real tokens only; padded rows 0
-
-    def _packed(self, h: Tensor, segments: list[int]) -> Tensor:
-        """The blocks on texts packed back to back (1 n m), each attending within itself."""
-        for blk in self.blocks:
-            h = blk(h, segments=segments)
-        return h
+        return unpadded(x, keep, partial(run_blocks, self.blocks))  # real tokens; pads 0
 
     @torch.no_grad()
     def embed(

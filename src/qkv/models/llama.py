@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..nn import MLP, KVCache, MultiHeadAttention, PreNormBlock, RMSNorm, RotaryEmbedding
 from ..nn.capture import active as capturing
 from ..nn.quant import BlockWeight, Mirror, linear
-from ..nn.varlen import one_run_per_row, unpadded
+from ..nn.varlen import one_run_per_row, run_blocks, unpadded
 from .convert import Rule, convert, heads_in, heads_out
 from .gguf import GGUFContents, build_tokenizer, read_gguf, render_chat, unpermute_qk
 from .tokenizer import Tokenizer, ids_shape
@@ -230,23 +230,18 @@ class Llama(nn.Module):
     ) -> Tensor:
         """Embed, the blocks, then `head`. A left- or right-padded batch without a cache (and
         outside `capture()`) runs on its real tokens only (`qkv.nn.varlen`): its padded rows
-        are 0. A mask with holes keeps the masked batch (packing would move RoPE positions)."""
+        are 0. RoPE positions then restart per text, which attention cannot see (it depends
+        only on offsets); a mask with holes would change offsets, so it keeps the masked batch."""
         self._check(ids, attention_mask, cache)
         x = self.embed(ids)  # (b i m)
         padded = attention_mask is not None and not bool(attention_mask.all())
         if padded and cache is None and not capturing() and one_run_per_row(attention_mask):
-            return unpadded(x, attention_mask, lambda h, segments: head(self._packed(h, segments)))
+            run = lambda h, segments: head(run_blocks(self.blocks, h, segments))  # noqa: E731
+            return unpadded(x, attention_mask, run)
         mask = None if attention_mask is None else attention_mask[:, None, None, :]  # (b 1 1 j)
         for i, block in enumerate(self.blocks):
             x = block(x, mask=mask, cache=None if cache is None else cache[i])
         return head(x)
-
-    def _packed(self, h: Tensor, segments: list[int]) -> Tensor:
-        """The blocks on texts packed back to back (1 n m), each attending within itself (RoPE
-        positions restart per text: attention depends only on offsets, so it is the same)."""
-        for block in self.blocks:
-            h = block(h, segments=segments)
-        return h
 
     def _check(self, ids: object, attention_mask: object, cache: object) -> tuple[int, int, int]:
         c = self.config

@@ -4,16 +4,16 @@ number of real tokens (what MultiHeadAttention's `segments` takes). Every op of 
 attention works per token, so this equals the masked batch on real tokens while skipping the
 padding's work (FlashAttention's variable-length mode does the same for attention alone).
 
-    y = unpadded(x, keep, lambda h, segments: blocks(h, segments=segments))   # (b i m'), 0 at pads
+    y = unpadded(x, keep, partial(run_blocks, model.blocks))     # (b i m), 0 at padded rows
 
 Letters: b batch, i position, n real tokens in all, m feature.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def unpadded(x: Tensor, keep: Tensor, fn: Callable[[Tensor, list[int]], Tensor]) -> Tensor:
@@ -36,3 +36,11 @@ def one_run_per_row(keep: Tensor) -> bool:
     such as RoPE do not see. With holes, positions inside a text would change."""
     runs = keep[:, :1].sum(1) + (keep[:, 1:] & ~keep[:, :-1]).sum(1)  # (b,) starts of runs
     return bool((runs <= 1).all())
+
+
+def run_blocks(blocks: Iterable[nn.Module], h: Tensor, segments: list[int]) -> Tensor:
+    """Each block in turn on texts packed back to back (1 n m), each text attending within
+    itself (the blocks pass `segments` to MultiHeadAttention)."""
+    for block in blocks:
+        h = block(h, segments=segments)
+    return h
