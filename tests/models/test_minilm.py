@@ -1,6 +1,7 @@
 """minilm (all-MiniLM-L6-v2) against transformers' BertModel and sentence-transformers,
 loaded from the same package directory (local path, HF_HUB_OFFLINE=1)."""
 
+import io
 import os
 import shutil
 
@@ -255,3 +256,35 @@ def test_truncated_file(bad_dir, model_dir):
 def test_missing_file(bad_dir):
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         bert.load_bert(bad_dir)
+
+
+def test_embed_progress_bar(model, monkeypatch):
+    """progress=True drives a bar over the texts (shown once the work passes a second);
+    progress=False and the default off a terminal disable it; the embeddings are the same."""
+    from qkv.models import bert
+
+    bars = []
+
+    class Bar:
+        def __init__(self, **kw):
+            self.kw, self.done, self.closed = kw, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.closed = True
+
+    monkeypatch.setattr(bert, "tqdm", Bar)
+    texts = [f"sentence number {i} about dogs and balls" for i in range(20)]
+    shown = model.embed(texts, batch_size=8, progress=True)
+    hidden = model.embed(texts, batch_size=8, progress=False)
+    monkeypatch.setattr(bert.sys, "stderr", io.StringIO())  # not a terminal
+    model.embed(texts[:3])  # default: off a terminal, no bar
+    assert [b.kw["disable"] for b in bars] == [False, True, True]
+    assert [(b.kw["total"], b.done, b.closed) for b in bars[:2]] == [(20, 20, True)] * 2
+    assert bars[0].kw["delay"] == 1.0 and torch.equal(shown, hidden)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .._validate import positive_ints
 from ..nn import MLP, MultiHeadAttention, PostNormBlock
@@ -247,11 +249,18 @@ class BertEncoder(nn.Module):
 
     @torch.no_grad()
     def embed(
-        self, texts: Sequence[str], *, batch_size: int = 32, truncate: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int = 32,
+        truncate: bool = False,
+        progress: bool | None = None,
     ) -> Tensor:
         """Sentence embeddings (n, m): mean of the last hidden state over each text's real
         tokens ([CLS]/[SEP] included, padding excluded), L2-normalised (sentence-transformers'
-        all-MiniLM-L6-v2 pipeline; note it truncates at 256 tokens, we allow max_positions)."""
+        all-MiniLM-L6-v2 pipeline; note it truncates at 256 tokens, we allow max_positions).
+        `progress`: a progress bar on stderr when the work takes over a second (default: when
+        stderr is a terminal)."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; pass token ids to model(...) instead")
         if isinstance(texts, str):
@@ -260,13 +269,20 @@ class BertEncoder(nn.Module):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         out = []
         device = self.embed_tokens.weight.device
-        for s in range(0, len(texts), batch_size):
-            batch = self.tokenizer.encode_batch(list(texts[s : s + batch_size]), truncate=truncate)
-            ids, keep = batch.ids.to(device), batch.attention_mask.to(device)
-            h = self(ids, attention_mask=keep)  # (b i m)
-            w = keep.to(h.dtype).unsqueeze(-1)  # (b i 1)
-            mean = (h * w).sum(1) / w.sum(1).clamp(min=1e-9)
-            out.append(F.normalize(mean, p=2, dim=-1))
+        show = sys.stderr.isatty() if progress is None else bool(progress)
+        bar = tqdm(total=len(texts), desc="embed", unit="text", delay=1.0, disable=not show,
+                   file=sys.stderr, leave=False)  # fmt: skip
+        with bar:  # closed on errors too
+            for s in range(0, len(texts), batch_size):
+                batch = self.tokenizer.encode_batch(
+                    list(texts[s : s + batch_size]), truncate=truncate
+                )
+                ids, keep = batch.ids.to(device), batch.attention_mask.to(device)
+                h = self(ids, attention_mask=keep)  # (b i m)
+                w = keep.to(h.dtype).unsqueeze(-1)  # (b i 1)
+                mean = (h * w).sum(1) / w.sum(1).clamp(min=1e-9)
+                out.append(F.normalize(mean, p=2, dim=-1))
+                bar.update(len(ids))
         if not out:
             raise ValueError("texts is empty: pass at least one text")
         return torch.cat(out)
