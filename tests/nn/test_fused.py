@@ -58,7 +58,8 @@ def test_rotate_qkv_rejects_bad_shapes():
 
 
 def test_attention_module_fast_path_equals_autograd_path():
-    """MultiHeadAttention with RoPE: no-grad (fused split) and grad (PyTorch) forwards agree."""
+    """MultiHeadAttention with RoPE: the no-grad forward (fused split) agrees with the grad
+    forward (PyTorch rope) and with the module in float64."""
     torch.manual_seed(0)
     attn = MultiHeadAttention(32, 4, n_kv_heads=2, rope=RotaryEmbedding(8), causal=True)
     x = torch.randn(2, 9, 32)
@@ -67,6 +68,11 @@ def test_attention_module_fast_path_equals_autograd_path():
     slow = attn(x)  # parameters require grad: the PyTorch rope
     assert slow.requires_grad
     torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=1e-5)
+    ref = MultiHeadAttention(32, 4, n_kv_heads=2, rope=RotaryEmbedding(8), causal=True).double()
+    ref.load_state_dict(attn.state_dict())
+    with torch.no_grad():  # float64: the PyTorch rope (tested against the complex formula)
+        want = ref(x.double())
+    assert (fast.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def rms_oracle(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -233,3 +239,16 @@ def test_torch_compile_traces_the_pytorch_code():
         compiled = torch.compile(step, backend="eager", fullgraph=True)
         for a, b in zip(compiled(x, qkv), step(x, qkv), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_fused_gate_up_follows_the_layout():
+    """fused_gate_up's answer is reused while the weights keep their layout, and recomputed
+    when it changes (packed, replaced, moved back to separate storages)."""
+    mlp = MLP(8, 12, act="silu", gated=True, bias=False)
+    assert mlp.fused_gate_up() is None
+    mlp.pack_()
+    first = mlp.fused_gate_up()
+    assert first is not None and mlp.fused_gate_up()[0] is first[0]  # reused
+    torch.testing.assert_close(first[0], torch.cat((mlp.gate.weight, mlp.up.weight)))
+    mlp.up.weight.data = mlp.up.weight.detach().clone()  # no longer the second half
+    assert mlp.fused_gate_up() is None

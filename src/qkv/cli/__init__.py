@@ -9,9 +9,22 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # one module per subcommand group; each defines register(subparsers)
 COMMANDS = ("demo", "explain", "generate", "heads", "models", "train")
+
+
+def text_or_file(text: str | None, file: str | None, what: str = "text") -> str:
+    """The positional TEXT, or the UTF-8 contents of --file PATH: exactly one of them."""
+    if (text is None) == (file is None):
+        raise ValueError(f"pass the {what} either as an argument or with --file PATH (not both)")
+    if file is None:
+        return text
+    p = Path(file)
+    if not p.is_file():
+        raise FileNotFoundError(f"no {what} file at {file!r}")
+    return p.read_text(encoding="utf-8")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from qkv.cli import text_or_file
 from qkv.lens import DEFAULT_TOP, explain
 from qkv.lens.io import check_writable
 from qkv.models import DEFAULT_MODEL
 
 
 def run(args: argparse.Namespace) -> int:
-    if (args.text is None) == (args.file is None):
-        raise ValueError("pass the text either as an argument or with --file PATH (not both)")
-    if args.file is not None:
-        p = Path(args.file)
-        if not p.is_file():
-            raise FileNotFoundError(f"no text file at {args.file!r}")
-        text = p.read_text(encoding="utf-8")
-    else:
-        text = args.text
+    text = text_or_file(args.text, args.file, "text")
     if (args.token is None) == (args.index is None):
         raise ValueError("choose the query with --token WORD or --index I (exactly one)")
     for path in (args.json, args.html, args.png):  # fail before the model runs

@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import qkv.models
+from qkv.cli import text_or_file
 from qkv.models import DEFAULT_MODEL
 
 
 def run(args: argparse.Namespace) -> int:
-    if (args.prompt is None) == (args.file is None):
-        raise ValueError("pass the prompt either as an argument or with --file PATH (not both)")
-    if args.file is not None:
-        p = Path(args.file)
-        if not p.is_file():
-            raise FileNotFoundError(f"no prompt file at {args.file!r}")
-        prompt = p.read_text(encoding="utf-8")
-    else:
-        prompt = args.prompt
+    prompt = text_or_file(args.prompt, args.file, "prompt")
     model = qkv.models.load(args.model)
     if not callable(getattr(model, "generate", None)):
         raise ValueError(

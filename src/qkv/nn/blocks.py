@@ -95,6 +95,7 @@ class MLP(nn.Module):
         self.down = nn.Linear(d_hidden, d_model, bias=bias, **fk)
         # "up", "gate", "down", or "gate_up" once packed: the checkpoint's blocks (nn.quant)
         self.mirrors: dict[str, Mirror] = {}
+        self._gate_up: tuple | None = None  # (layout key, fused_gate_up's answer)
 
     def extra_repr(self) -> str:
         return f"act={self.act_name}, gated={self.gate is not None}"
@@ -127,6 +128,17 @@ class MLP(nn.Module):
             return None
         g, u = self.gate, self.up
         halves = [(g.weight, u.weight)] + ([(g.bias, u.bias)] if g.bias is not None else [])
+        # a decode step asks once per layer: reuse the answer while the layout is unchanged
+        key = tuple((t.data_ptr(), t.shape, t.stride()) for pair in halves for t in pair)
+        key += (torch.is_inference_mode_enabled(),)  # an inference view is no use outside it
+        if self._gate_up is not None and self._gate_up[0] == key:
+            return self._gate_up[1]
+        joined = self._join(halves)
+        self._gate_up = (key, joined)
+        return joined
+
+    @staticmethod
+    def _join(halves: list) -> tuple[Tensor, Tensor | None] | None:
         joined = []
         for a, b in halves:
             if a.shape != b.shape or not (a.is_contiguous() and b.is_contiguous()):
