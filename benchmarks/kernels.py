@@ -82,6 +82,50 @@ def cases(n: int) -> list[tuple[str, Callable[[], object], Callable[[], object]]
     ]  # fmt: skip
 
 
+def width_cases() -> list[tuple[str, Callable[[], object], Callable[[], object]]]:
+    """The block kernels compiled twice in this process, without numba's disk cache (it would
+    hand both the same machine code): 16 float32 lanes forced, and LLVM's own choice."""
+    from numba import njit
+
+    from qkv.nn import _jit, quant
+
+    def variant(wide: bool) -> _jit.Kernels:
+        def build():
+            flags = {**_jit.FLAGS, "cache": False}
+            return {n: (njit(**flags)(k.py_func), sig) for n, (k, sig) in quant._build().items()}
+
+        return _jit.Kernels(build, wide=wide)
+
+    forced, llvm = variant(True), variant(False)
+    rng = np.random.default_rng(0)
+    c, n = D_MODEL // 32, 2 * D_FF
+    q4 = [rng.integers(0, 256, (c, 16, n), dtype=np.uint8) for _ in range(LAYERS)]
+    q8 = [rng.integers(-128, 128, (c, 32, n), dtype=np.int8) for _ in range(LAYERS)]
+    scale = rng.random((c, n), dtype=np.float32) / 100
+    minimum = rng.random((c, n), dtype=np.float32) / -10
+
+    def stream(kernels: _jit.Kernels, kind: str, r: int):
+        x = rng.standard_normal((r, D_MODEL), dtype=np.float32)
+        y = np.empty((r, n), np.float32)
+        if kind == "q4_1":
+            return lambda: [kernels["q4_1"](x, d, scale, minimum, y) for d in q4]
+        return lambda: [kernels["q8_0"](x, d, scale, y) for d in q8]
+
+    return [
+        (f"{kind.upper()} gate+up × {LAYERS} layers, {r} row{'s' * (r > 1)}",
+         stream(forced, kind, r), stream(llvm, kind, r))
+        for kind in ("q4_1", "q8_0") for r in (1, 2)
+    ]  # fmt: skip
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for k, r in enumerate(rows):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+        if k == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", type=int, default=2048)
@@ -96,11 +140,20 @@ def main() -> None:
             ours(), theirs()  # warm-up: first-call compilation, page faults
             p = alternate(ours, theirs, args.runs)
             rows.append((name, f"{p.a * 1e3:.3f}", f"{p.b * 1e3:.3f}", p.speedup()))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for k, r in enumerate(rows):
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
-        if k == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print_table(rows)
+
+    import llvmlite.binding as llvm
+
+    from qkv.nn import _jit
+
+    print(f"\n## Block kernels: 16 float32 lanes forced vs LLVM's own width "
+          f"(host CPU {llvm.get_host_cpu_name()}; qkv forces them: {_jit.wide_vectors_pay()})\n")  # fmt: skip
+    rows = [("kernel", "forced 16 ms", "LLVM's width ms", "speed-up of forcing")]
+    for name, forced, own in width_cases():
+        forced(), own()
+        p = alternate(forced, own, args.runs)
+        rows.append((name, f"{p.a * 1e3:.3f}", f"{p.b * 1e3:.3f}", p.speedup()))
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -175,25 +175,3 @@ def test_mirror_needs_owners(layer):
     with pytest.raises(ValueError, match="needs the parameter"):
         Mirror(layer[2].blocks)
     assert "valid=True" in repr(layer[2])
-
-
-def test_wide_vectors_stay_inside_our_kernels():
-    """`Kernels` forces 16-lane vectors for our own kernels only: numba code compiled after it
-    gets LLVM's own choice again (256-bit on AVX-512 servers)."""
-    llvm = pytest.importorskip("llvmlite.binding")
-    if "avx512f" not in llvm.get_host_cpu_features().flatten():
-        pytest.skip("the host has no AVX-512: the width is never forced")
-    from numba import njit
-
-    quant.KERNELS["q4_1"]
-
-    @njit(fastmath={"reassoc"})
-    def dot(a, b):
-        s = np.float32(0)
-        for i in range(a.shape[0]):
-            s += a[i] * b[i]
-        return s
-
-    a = np.ones(1000, np.float32)
-    assert dot(a, a) == 1000
-    assert "zmm" not in dot.inspect_asm(dot.signatures[0])

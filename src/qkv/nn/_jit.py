@@ -2,7 +2,7 @@
 elementwise kernels): compiled once per process against explicit signatures, loaded from
 numba's disk cache when it has them.
 
-    KERNELS = Kernels(build, wide=True)   # build() → {name: (dispatcher, signature)}
+    KERNELS = Kernels(build, wide=wide_vectors_pay)   # build() → {name: (dispatcher, signature)}
     KERNELS["q4_1"](x, ...)               # the first lookup compiles all that `build` returns
 """
 
@@ -23,14 +23,16 @@ FLAGS: dict[str, Any] = {
 
 
 class Kernels:
-    """A lazily compiled set of numba kernels, thread-safe. On AVX-512 hosts they are compiled
-    with 16-lane vectors (LLVM prefers 256-bit there; these loops run ~25% faster on all 16
-    float32 lanes, RESULTS.md). The LLVM option is process-wide, so it is set only around our
-    own compilation and put back (0 = LLVM's own choice) before anything else compiles.
+    """A lazily compiled set of numba kernels, thread-safe. `wide=True` compiles them with 16
+    float32 lanes forced (`-force-vector-width=16`); a callable such as `wide_vectors_pay`
+    decides at the first compilation. The LLVM option is process-wide, so it is set only around
+    our own compilation and put back (0 = LLVM's own choice) before anything else compiles.
     `wide=False` leaves the width to LLVM: a forced width makes LLVM print a remark for every
     loop it cannot vectorise, which memory-bound elementwise kernels have plenty of."""
 
-    def __init__(self, build: Callable[[], dict[str, tuple[Any, tuple]]], *, wide: bool) -> None:
+    def __init__(
+        self, build: Callable[[], dict[str, tuple[Any, tuple]]], *, wide: bool | Callable[[], bool]
+    ) -> None:
         self._build, self._wide = build, wide
         self._compiled: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -46,7 +48,7 @@ class Kernels:
         import llvmlite.binding as llvm
 
         kernels = self._build()
-        wide = self._wide and "avx512f" in llvm.get_host_cpu_features().flatten()
+        wide = self._wide() if callable(self._wide) else self._wide
         if wide:
             llvm.set_option("", "-force-vector-width=16")
         try:
@@ -56,3 +58,12 @@ class Kernels:
             if wide:
                 llvm.set_option("", "-force-vector-width=0")
         return {name: kernel for name, (kernel, _) in kernels.items()}
+
+
+def wide_vectors_pay() -> bool:
+    """Whether 16 forced float32 lanes pay on this host: on AVX-512 hosts, yes (Intel, where
+    LLVM prefers 256-bit vectors: ~25% on the block matmuls; AMD Zen 4, where LLVM already picks
+    512-bit: 1.00–1.04×, RESULTS.md); elsewhere 16 lanes would be split into narrower registers."""
+    import llvmlite.binding as llvm
+
+    return "avx512f" in llvm.get_host_cpu_features().flatten()

@@ -1,0 +1,80 @@
+"""qkv.nn._jit: the forced vector width of our kernels stays inside their compilation.
+
+LLVM's `-force-vector-width` is process-wide. What we promise is that code numba compiles after
+our kernels is the code it would compile in a process that never loaded them. The oracle is that
+fresh process, never an assumed default: LLVM's own width differs between hosts (256-bit on
+Intel's AVX-512 servers, 512-bit on AMD Zen 4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+# One numba loop compiled afresh per call of `probe()`, described by its instructions: each
+# mnemonic with the vector register classes it touches (symbol names differ between processes).
+PROBE = r"""
+import json, re, sys
+import numpy as np
+from numba import njit
+
+def dot(a, b):
+    s = np.float32(0)
+    for i in range(a.shape[0]):
+        s += a[i] * b[i]
+    return s
+
+def probe():
+    f = njit(fastmath={"reassoc"})(dot)
+    a = np.ones(1000, np.float32)
+    assert f(a, a) == 1000
+    asm = f.inspect_asm(f.signatures[0])
+    rows = []
+    for line in asm.splitlines():
+        m = re.match(r"\s+([a-z][a-z0-9]*)\b(.*)", line)
+        if m and not line.lstrip().startswith("."):
+            rows.append(m.group(1) + " " + ",".join(re.findall(r"%([xyz]mm|k)\d", m.group(2))))
+    return rows
+"""
+
+
+def run(code: str, cache_dir: os.PathLike) -> dict:
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
+    res = subprocess.run(
+        [sys.executable, "-c", PROBE + code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_wide_vectors_stay_inside_our_kernels(tmp_path):
+    """Numba code compiled after our kernels (compiled from scratch, then loaded from numba's
+    disk cache) equals the same code compiled in a fresh process that never loaded them."""
+    fresh = run("print(json.dumps({'asm': probe()}))", tmp_path / "fresh")
+    after = "from qkv.nn import quant\nquant.KERNELS['q4_1']\nprint(json.dumps({'asm': probe()}))"
+    for state in ("cold cache", "warm cache"):
+        got = run(after, tmp_path / "ours")
+        assert got["asm"] == fresh["asm"], f"{state}: the loop compiled differently after ours"
+    assert any((tmp_path / "ours").rglob("*.nbi")), "numba cached nothing: the warm run was cold"
+
+
+def test_the_width_check_can_fail(tmp_path):
+    """A width left forced after compilation shows in the probe: at least one of 4, 8 and 16
+    lanes changes its instructions on any x86-64 host (and 16, the width we force, does on every
+    host where we force it)."""
+    code = """
+import llvmlite.binding as llvm
+from qkv.nn._jit import wide_vectors_pay
+out = {"own": probe(), "ours_forced": wide_vectors_pay()}
+for lanes in (4, 8, 16):
+    llvm.set_option("", f"-force-vector-width={lanes}")
+    out[str(lanes)] = probe()
+print(json.dumps(out))
+"""
+    got = run(code, tmp_path)
+    changed = {lanes: got[lanes] != got["own"] for lanes in ("4", "8", "16")}
+    assert any(changed.values()), changed
+    if got["ours_forced"]:
+        assert changed["16"], "forcing 16 lanes did not change the probe: the check is blind here"
