@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -104,17 +106,35 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(result, tmp_path, monkey
     assert os.listdir(tmp_path) == ["r.json"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_directory(result, tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
+@contextlib.contextmanager
+def unprivileged():
+    """Root ignores permission bits, so as root act as `nobody` for the block: only the
+    effective uid changes, and root's saved uid takes it back. Other users stay themselves."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
     try:
-        with pytest.raises(ValueError, match="not writable"):
-            result.to_html(ro / "r.html")
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_read_only_directory(result):
+    base = Path(tempfile.mkdtemp())  # under /tmp: every user can reach it (tmp_path is 0o700)
+    base.chmod(0o755)
+    ro = base / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with unprivileged():
+            with pytest.raises(PermissionError):  # the setup is real: a plain write is refused
+                (ro / "probe").write_text("x")
+            with pytest.raises(ValueError, match="is not writable"):
+                result.to_html(ro / "r.html")
         assert os.listdir(ro) == []
     finally:
-        ro.chmod(0o700)
+        shutil.rmtree(base)
 
 
 @pytest.mark.skipif(

@@ -22,9 +22,9 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(
             f"cannot write {str(p)!r}: directory {str(parent)!r} does not exist (create it first)"
         )
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(parent, os.W_OK | os.X_OK, effective_ids=True):
         raise ValueError(f"cannot write {str(p)!r}: directory {str(parent)!r} is not writable")
-    if p.exists() and not os.access(p, os.W_OK):
+    if p.exists() and not os.access(p, os.W_OK, effective_ids=True):
         raise ValueError(f"cannot write {str(p)!r}: the file exists and is read-only")
     return p
 
@@ -33,7 +33,10 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write `data` to `path` via a temp file + `os.replace`; on any failure nothing is left."""
     p = check_writable(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    try:  # the directory may change between the check and the write
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    except OSError as e:
+        raise ValueError(f"cannot write {str(p)!r}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
