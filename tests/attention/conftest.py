@@ -1,15 +1,21 @@
 """Shared helpers for the engine tests: inputs, the float64 oracle and the error budget.
 
-Error budget (flash-attn style): a backend's max error against a float64 run of the reference
-must be at most FACTOR × the error of the plain same-dtype reference, plus a tiny floor.
+Error budget (flash-attn style): a backend's max error against the float64 oracle must be at
+most FACTOR × the error of the plain same-dtype implementation, plus a tiny floor.
+
+Both the oracle and the plain implementation are `naive`, written out here and sharing no code
+with `qkv.attention` (the reference backend included, which computes fp16/bf16 in fp32 and so
+is no longer "plain"): run on float64 inputs it is the oracle; run on the inputs as given it is
+what plain PyTorch does in that dtype.
 """
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import pytest
 import torch
-
-from qkv.attention import reference_attention
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 # absolute floor added to the budget, per dtype (one table, keyed by dtype)
@@ -28,9 +34,63 @@ def make_qkv(B, Hq, Hk, Sq, Sk, D, Dv=None, dtype=torch.float32, seed=0, require
     return out
 
 
-def oracle(q, k, v, **kw):
-    """The float64 reference on the very same (rounded) inputs."""
-    return reference_attention(q.detach().double(), k.detach().double(), v.detach().double(), **kw)
+class Naive(NamedTuple):
+    out: torch.Tensor  # (b h i e) in the inputs' dtype
+    lse: torch.Tensor  # (b h i) fp32 (fp64 for fp64 inputs), −inf for an empty row
+
+
+def naive(q, k, v, *, causal=False, window=None, mask=None, mask_mod=None, score_mod=None,
+          scale=None, softcap=None):  # fmt: skip
+    """Attention as plain PyTorch code in the inputs' dtype: `q @ kᵀ` is a matmul in that dtype
+    (so fp16/bf16 scores are rounded to it), then fp32 for softcap, score_mod, masks and the
+    softmax (as FlexAttention's eager path), weights rounded to the dtype before `@ v`.
+    Bottom-right aligned (query i at position i + Sk − Sq); an empty row gives 0 and LSE −inf.
+    Differentiable by autograd, so its gradients are the plain same-dtype ones as well."""
+    B, Hq, Sq, D = q.shape
+    Hk, Sk = k.shape[1], k.shape[2]
+    g = Hq // Hk
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    s = (q @ k.transpose(-1, -2)).to(wide) * (1 / math.sqrt(D) if scale is None else scale)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(Sq).view(-1, 1) + (Sk - Sq)  # absolute query positions
+    j = torch.arange(Sk).view(1, -1)
+    b4, h4 = torch.arange(B).view(-1, 1, 1, 1), torch.arange(Hq).view(1, -1, 1, 1)
+    if score_mod is not None:
+        s = score_mod(s, b4, h4, i.view(1, 1, Sq, 1), j.view(1, 1, 1, Sk)).to(wide).expand_as(s)
+    keep = torch.ones(B, Hq, Sq, Sk, dtype=torch.bool)
+    left, right = window if window is not None else (None, None)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    if left is not None:
+        keep &= j >= i - left
+    if right is not None:
+        keep &= j <= i + right
+    if mask is not None and mask.dtype == torch.bool:
+        keep &= mask
+    elif mask is not None:
+        s = s + mask.to(wide)
+    if mask_mod is not None:
+        keep &= mask_mod(b4, h4, i.view(1, 1, Sq, 1), j.view(1, 1, 1, Sk))
+    s = s.masked_fill(~keep, float("-inf"))
+    m = s.detach().amax(-1, keepdim=True)
+    e = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0))  # (b h i j), all 0 in an empty row
+    total = e.sum(-1, keepdim=True)
+    empty = total == 0
+    w = e / torch.where(empty, 1.0, total)
+    lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, total)))
+    return Naive(out=w.to(v.dtype) @ v, lse=lse.squeeze(-1))
+
+
+def same_dtype(q, k, v, **kw) -> Naive:
+    """The plain same-dtype implementation the error budget is measured against."""
+    return naive(*(t.detach() for t in (q, k, v)), **kw)
+
+
+def oracle(q, k, v, **kw) -> Naive:
+    """The float64 truth on the very same (rounded) inputs."""
+    return naive(*(t.detach().double() for t in (q, k, v)), **kw)
 
 
 def err(a, b):

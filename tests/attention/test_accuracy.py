@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import qkv
-from qkv.attention import document_mask, reference_attention
+from qkv.attention import document_mask
 
-from .conftest import GRAD_FACTOR, assert_within_budget, make_qkv, oracle
+from .conftest import GRAD_FACTOR, assert_within_budget, make_qkv, naive, oracle, same_dtype
 
 SIZES = [(1, 1), (1, 239), (113, 203), (203, 113), (511, 513), (1023, 1024)]
 HEAD_DIMS = [16, 40, 59, 64, 111, 128]
@@ -48,7 +48,7 @@ def test_causal_forward_sizes_layouts_dtypes(backend, size, layout, dtype):
     D = HEAD_DIMS[(Sq + Sk) % len(HEAD_DIMS)]
     q, k, v = make_qkv(1, Hq, Hk, Sq, Sk, D, dtype=dtype)
     truth = oracle(q, k, v, causal=True).out
-    plain = reference_attention(q, k, v, causal=True).out
+    plain = same_dtype(q, k, v, causal=True).out
     got = qkv.attention(q, k, v, causal=True, backend=backend)
     assert got.dtype == dtype and got.shape == (1, Hq, Sq, D)
     assert_within_budget(got, plain, truth, dtype)
@@ -59,7 +59,7 @@ def test_causal_forward_sizes_layouts_dtypes(backend, size, layout, dtype):
 def test_head_dims(D, dtype):
     q, k, v = make_qkv(2, 4, 2, 113, 203, D, Dv=D + 3, dtype=dtype)
     truth = oracle(q, k, v).out
-    plain = reference_attention(q, k, v).out
+    plain = same_dtype(q, k, v).out
     for backend in ("tiled", "auto"):
         assert_within_budget(
             qkv.attention(q, k, v, backend=backend), plain, truth, dtype, what=backend
@@ -74,7 +74,7 @@ def test_masks_and_score_mods(size, mask, mod):
     q, k, v = make_qkv(2, 8, 2, Sq, Sk, 40)
     kw = {**mask_kwargs(mask, 2, Sq, Sk), **mod_kwargs(mod)}
     truth = oracle(q, k, v, **kw)
-    plain = reference_attention(q, k, v, **kw)
+    plain = same_dtype(q, k, v, **kw)
     for backend in ("tiled", "auto"):
         out, lse = qkv.attention(q, k, v, return_lse=True, backend=backend, **kw)
         assert_within_budget(out, plain.out, truth.out, torch.float32, what=f"{backend} out")
@@ -113,8 +113,8 @@ def test_gradients(backend, case, dtype):
         (fn(*xs) * do.to(xs[0].dtype)).sum().backward()
         return [x.grad for x in xs]
 
-    truth = grads(lambda *x: reference_attention(*x, **kw).out, q.double(), k.double(), v.double())
-    plain = grads(lambda *x: reference_attention(*x, **kw).out, q, k, v)
+    truth = grads(lambda *x: naive(*x, **kw).out, q.double(), k.double(), v.double())
+    plain = grads(lambda *x: naive(*x, **kw).out, q, k, v)
     got = grads(lambda *x: qkv.attention(*x, backend=backend, **kw), q, k, v)
     for name, g, p, t in zip("qkv", got, plain, truth, strict=True):
         assert g.dtype == dtype

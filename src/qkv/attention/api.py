@@ -186,11 +186,11 @@ def attention_weights(
         score_mod=score_mod, scale=scale, softcap=softcap,
     )  # fmt: skip
     idx = _rows(rows, spec.Sq, q.device)
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    cdt = scoring.compute_dtype(q.dtype)
     qg = scoring.group(q[:, :, idx], spec)  # (b hk (g r) d)
     kbad = scoring.bad_keys(k, spec.G)
     kk = scoring.finite(k) if kbad is not None else k
-    raw = scoring.scaled_scores(qg, kk, spec).to(cdt)  # (b h r j)
+    raw = scoring.scaled_scores(qg, kk, spec)  # (b h r j), fp32 (fp64 for fp64 input)
     if spec.Sk == 0:
         return raw
     logits, _ = scoring.scores(raw, spec, scoring.block(spec, idx, 0, spec.Sk, q.device), kbad)

@@ -5,8 +5,11 @@
     w = softmax(ℓ)               (b h i j)   weights (fp32, or fp64 for fp64 input)
     o = dropout(w) @ v           (b h i e)
 
-Matmuls run in the input dtype, the softmax in fp32 (fp64 for fp64 input): exactly the "plain
-same-dtype implementation" the error budget of the fast backends is measured against. Memory is
+Everything runs in the compute dtype, fp32 (fp64 for fp64 input): fp16/bf16 inputs are widened
+(exactly) first, so the scores, softmax, weights, LSE, the product with v and, by autograd, dP
+are fp32, as in FlashAttention's own reference (`attention_ref(upcast=True)`); only `out` (and
+the gradients) are rounded to the input dtype. The "plain same-dtype implementation" that the
+tests' error budget needs is written out in the tests, sharing no code with this one. Memory is
 O(Sq·Sk) per head: use it for checking and teaching, not for long inputs.
 """
 
@@ -29,11 +32,7 @@ class Intermediates:
     logits: Tensor  # (b h i j) after softcap, score_mod and masks (−inf = dropped)
     weights: Tensor  # (b h i j) softmax rows, before dropout; an empty row is all 0
     lse: Tensor  # (b h i) log-sum-exp of logits (fp32; fp64 for fp64 input); −inf for an empty row
-    out: Tensor  # (b h i e)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    out: Tensor  # (b h i e) in the input dtype
 
 
 def softmax_lse(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,13 +54,14 @@ def blend(w: Tensor, v: Tensor) -> Tensor:
 
 
 def reference(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Intermediates:
-    """Explicit attention; differentiable by autograd; float64-capable."""
-    cdt = compute_dtype(q.dtype)
+    """Explicit attention; differentiable by autograd; float64-capable. Intermediates are in
+    the compute dtype (fp32 for fp16/bf16 input), `out` in the input dtype."""
+    cdt = scoring.compute_dtype(q.dtype)
     G = spec.G
-    kk = k.repeat_interleave(G, dim=1)  # (b h j d)
-    vv = v.repeat_interleave(G, dim=1)  # (b h j e)
+    kk = scoring.widen(k).repeat_interleave(G, dim=1)  # (b h j d)
+    vv = scoring.widen(v).repeat_interleave(G, dim=1)  # (b h j e)
     kbad = scoring.bad_keys(k, G)
-    s = (q @ scoring.finite(kk).transpose(-1, -2)).to(cdt) * spec.scale  # (b h i j)
+    s = (scoring.widen(q) @ scoring.finite(kk).transpose(-1, -2)) * spec.scale  # (b h i j)
     blk = scoring.block(spec, slice(0, spec.Sq), 0, spec.Sk, q.device)
     logits, _ = scoring.scores(s, spec, blk, kbad)
     if spec.Sk == 0:
@@ -73,5 +73,5 @@ def reference(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Intermediates:
     if spec.dropout_p > 0:
         u = torch.rand(w.shape, generator=spec.generator, dtype=cdt, device=w.device)
         wd = w * (u >= spec.dropout_p) / (1.0 - spec.dropout_p)
-    out = blend(wd.to(v.dtype), vv)
+    out = blend(wd, vv).to(v.dtype)
     return Intermediates(scores=s, logits=logits, weights=w, lse=lse, out=out)

@@ -106,16 +106,23 @@ def _slice(m: Tensor, blk: Block) -> Tensor:  # (b h i j) mask restricted to the
     return m if m.shape[3] == 1 else m[..., blk.ks : blk.ke]
 
 
-def scaled_scores(qg: Tensor, k: Tensor, spec: Spec) -> Tensor:
-    """scale·q·kᵀ for grouped queries `qg (b hk (g i) d)` and keys `k (b hk j d)` → (b h i j).
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of scores, softmax, LSE and the backward's dP: fp64 for fp64 input, else fp32
+    (fp16/bf16 included, as FlashAttention)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    fp32/fp64 fold the scale into q (one pass less over the scores); fp16/bf16 multiply in
-    the matmul's dtype and scale in fp32. Every backend computes scores with this one function.
+
+def widen(x: Tensor) -> Tensor:
+    """x in its compute dtype: fp16/bf16 → fp32 (exact, a copy); fp32/fp64 as is (no copy)."""
+    return x.to(compute_dtype(x.dtype))
+
+
+def scaled_scores(qg: Tensor, k: Tensor, spec: Spec) -> Tensor:
+    """scale·q·kᵀ for grouped queries `qg (b hk (g i) d)` and keys `k (b hk j d)` → (b h i j),
+    in the compute dtype. fp16/bf16 operands are widened first (exactly), so the products are
+    summed in fp32 and the scores are never rounded to half precision; the scale folds into q.
     """
-    if qg.dtype in (torch.float32, torch.float64):
-        t = (qg * spec.scale) @ k.transpose(-1, -2)
-    else:
-        t = (qg @ k.transpose(-1, -2)).float() * spec.scale
+    t = (widen(qg) * spec.scale) @ widen(k).transpose(-1, -2)
     return t.view(spec.B, spec.Hq, -1, k.shape[2])
 
 

@@ -32,6 +32,13 @@ a tile the masks empty (it adds exact zeros: p = exp2(−inf − m) = 0 and `saf
 finite), a plain window on bf16/fp16 takes the banded forward too, and tiles are large
 (`default_blocks`). Index tensors and band masks are built once per call (`scoring.positions`).
 The only syncs are the NaN/inf checks of K and V when a pass sets up (`_Tiles`).
+
+Half precision. fp16/bf16 q, k, v are widened to fp32 once per call (exact; an O(N) copy), so
+every tile runs the fp32 code above: scores q·k are summed in fp32 and never rounded to the input
+dtype, and so are the softmax, P·V, the LSE and the backward's dP and dP − Δ (FlashAttention
+keeps all of these in fp32 too, and rounds P to half before P·V, which is not done here). Only the
+outputs and gradients are rounded to the input dtype. The price is fp32 matmuls where half ones
+would round: see benchmarks/RESULTS.md for what it costs on a CPU.
 """
 
 from __future__ import annotations
@@ -45,7 +52,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import scoring
-from .reference import compute_dtype
 from .spec import Spec
 
 BLOCK_Q = 256
@@ -126,24 +132,25 @@ def _ones_column(x: Tensor) -> Tensor:  # (n r c) → (n r c+1) with a trailing 
 class _Tiles:
     """Per-call state and tile arithmetic shared by forward and backward.
 
-    Tensors are 3-D `(b·hk, rows, cols)`; `k3`/`v3` carry a trailing ones column when `fast`.
-    `sync_free`: no host sync or data-dependent branch per tile (see the module docstring).
+    Tensors are 3-D `(b·hk, rows, cols)` in the compute dtype (fp16/bf16 widened to fp32);
+    `k3`/`v3` carry a trailing ones column when `fast`. `sync_free`: no host sync or
+    data-dependent branch per tile (see the module docstring).
     """
 
     def __init__(
         self, q: Tensor, k: Tensor, v: Tensor, spec: Spec, seed: int, block_q: int, block_k: int
     ):
         self.spec, self.seed, self.block_q, self.block_k = spec, seed, block_q, block_k
-        self.cdt = compute_dtype(q.dtype)
+        self.cdt = scoring.compute_dtype(q.dtype)
+        q, k, v = scoring.widen(q), scoring.widen(k), scoring.widen(v)  # fp32 scores, P·V, dP
+        self.q = q
         self.kbad = scoring.bad_keys(k, spec.G)
         self.vbad = None if scoring.all_finite(v) else ~torch.isfinite(v)
         k = scoring.finite(k) if self.kbad is not None else k
         v = scoring.finite(v) if self.vbad is not None else v
         self.sync_free = sync_free(q.device)
         self.pos = scoring.positions(spec, q.device)
-        self.fast = (
-            q.dtype == self.cdt and spec.dropout_p == 0 and self.vbad is None and not self.sync_free
-        )
+        self.fast = spec.dropout_p == 0 and self.vbad is None and not self.sync_free
         self.base2 = not spec.has_mods and spec.bias is None  # raw scores already × log2(e)
         self.unit = spec.scale * (LOG2E if self.base2 else 1.0)
         self.qmul = self.unit if self.fast else 1.0  # what q_block multiplied q by
@@ -214,10 +221,10 @@ class _Tiles:
         return _dropout_keep(self.seed, qs, ks, shape, d, device).to(self.cdt) / (1.0 - d)
 
 
-def _forward(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
+def _forward(t: _Tiles) -> tuple[Tensor, Tensor]:
     """(out, lse) in the compute dtype: fp32 output is kept for the backward's rowsum(dO∘O),
     which would lose digits from a bf16-rounded O."""
-    s, cdt, dev = t.spec, t.cdt, q.device
+    s, cdt, dev = t.spec, t.cdt, t.q.device
     out = torch.zeros(s.B, s.Hq, s.Sq, s.Dv, dtype=cdt, device=dev)  # (b h i e)
     lse = torch.full((s.B, s.Hq, s.Sq), float("-inf"), dtype=cdt, device=dev)
     out5 = out.view(s.B, s.Hk, s.G, s.Sq, s.Dv)
@@ -257,7 +264,7 @@ def _forward(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
             else:
                 l = l * alpha + p.sum(-1)
                 pd = t.rows3(p * drop)
-            acc.mul_(t.rows3(alpha.unsqueeze(-1))).add_((pd.to(q.dtype) @ t.v3[:, ks:ke]).to(cdt))
+            acc.mul_(t.rows3(alpha.unsqueeze(-1))).add_(pd @ t.v3[:, ks:ke])
             if drop is None and not t.fast:
                 l = l * alpha + p.sum(-1)
             if hit is not None:
@@ -282,7 +289,7 @@ def _forward(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
 
 def banded_ok(t: _Tiles) -> bool:
     """The banded forward applies to a plain sliding window (no other mask, mod or dropout).
-    On CPU only in `fast` mode (fp32/fp64); sync-free, bf16/fp16 too."""
+    On CPU only in `fast` mode (no dropout, V finite); sync-free too, V finite."""
     return (
         (t.fast or (t.sync_free and t.vbad is None))
         and not t.masked  # K holds no NaN/inf either
@@ -299,7 +306,7 @@ def plain_window(s: Spec) -> bool:
     return s.Sq > 0 and s.Sk > 0 and s.left + s.right + 1 <= s.Sk // 2
 
 
-def _forward_banded(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
+def _forward_banded(t: _Tiles) -> tuple[Tensor, Tensor]:
     """Sliding-window forward with no per-tile Python: every query block's key span is a strided
     view (`unfold`) of zero-padded K/V, so a handful of batched ops cover many blocks at once.
 
@@ -307,9 +314,9 @@ def _forward_banded(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
     of them; inside a span the band is the same for every block: keep c ≥ r and c ≤ r+left+right
     (row r, span column c), and keys outside 0..Sk−1 are padding. Memory O(Sq·L), not O(Sq·Sk).
     In `fast` mode q is pre-scaled and Σp rides in V's ones column; otherwise (bf16/fp16, GPU)
-    scores are scaled in fp32 after the matmul and Σp is summed in fp32, as in `_forward`.
+    scores are scaled after the matmul and Σp is summed apart, as in `_forward`.
     """
-    s, cdt, dev = t.spec, t.cdt, q.device
+    s, cdt, dev = t.spec, t.cdt, t.q.device
     n = t.block_q
     L = n + s.left + s.right
     nblk = -(-s.Sq // n)
@@ -346,7 +353,7 @@ def _forward_banded(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
             l, pv = pv[..., -1:], pv[..., :-1]
         else:
             l = p.sum(-1, keepdim=True)
-            pv = (p.to(q.dtype) @ vs[:, b0:b1].transpose(-1, -2)).to(cdt)
+            pv = p @ vs[:, b0:b1].transpose(-1, -2)
         out[:, b0:b1] = pv / torch.where(l == 0, 1.0, l)
         lse[:, b0:b1] = ((m + torch.log2(l)) * LN2).squeeze(-1)
     out = (
@@ -358,8 +365,9 @@ def _forward_banded(t: _Tiles, q: Tensor) -> tuple[Tensor, Tensor]:
     return out[:, :, : s.Sq].contiguous(), lse[:, :, : s.Sq].contiguous()
 
 
-def _backward(t: _Tiles, q: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None):
-    s, cdt, dev = t.spec, t.cdt, q.device
+def _backward(t: _Tiles, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None):
+    """(dq, dk, dv) in the compute dtype; `dout` is in it too (widened by `backward`)."""
+    s, cdt, dev = t.spec, t.cdt, t.q.device
     nb = s.B * s.Hk
     dq = torch.zeros(s.B, s.Hq, s.Sq, s.D, dtype=cdt, device=dev)
     dq5 = dq.view(s.B, s.Hk, s.G, s.Sq, s.D)
@@ -414,8 +422,8 @@ def _backward(t: _Tiles, q: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse
             drop = t.dropout(p.shape, qs, ks, dev)
             pd = p3 if drop is None else p3 * t.rows3(drop)
             # add_ on the slice: `dv[:, ks:ke] += x` would also copy the slice onto itself
-            dv[:, ks:ke].add_((pd.transpose(-1, -2).to(dout.dtype) @ dob[..., : s.Dv]).to(cdt))
-            dp = (dob @ t.v3[:, ks:ke].transpose(-1, -2)).to(cdt)
+            dv[:, ks:ke].add_(pd.transpose(-1, -2) @ dob[..., : s.Dv])
+            dp = dob @ t.v3[:, ks:ke].transpose(-1, -2)  # fp32 for fp16/bf16 inputs too
             if t.fast:
                 ds = p3.mul_(dp)  # p·(dP − Δ), in place
             else:
@@ -428,9 +436,8 @@ def _backward(t: _Tiles, q: Tensor, out: Tensor, lse: Tensor, dout: Tensor, dlse
                     ds4 = ds4.masked_fill(~keep, 0.0)
                 ds = t.rows3(ds4)
             # ds = ∂L/∂s for s = scale·q·k; qe3 holds q·qmul: dq = scale·ds·k, dk = scale·dsᵀ·q
-            ds = ds.to(q.dtype)
-            dqb += (ds @ t.k3[:, ks:ke, : s.D]).to(cdt)
-            dk_t = (ds.transpose(-1, -2) @ qe3[..., : s.D]).to(cdt)
+            dqb += ds @ t.k3[:, ks:ke, : s.D]
+            dk_t = ds.transpose(-1, -2) @ qe3[..., : s.D]
             dk[:, ks:ke].add_(dk_t, alpha=s.scale / t.qmul)
         dqb *= s.scale
         dq5[:, :, :, qs:qe] = dqb.view(s.B, s.Hk, s.G, n, s.D)
@@ -452,7 +459,7 @@ class _TiledAttention(torch.autograd.Function):
         if spec.dropout_p > 0:
             seed = int(torch.randint(0, 2**62, (1,), generator=spec.generator))
         t = _Tiles(q, k, v, spec, seed, *blocks)
-        out_c, lse = _forward_banded(t, q) if banded_ok(t) else _forward(t, q)
+        out_c, lse = _forward_banded(t) if banded_ok(t) else _forward(t)
         ctx.save_for_backward(q, k, v, out_c, lse)
         ctx.spec, ctx.seed, ctx.blocks = spec, seed, blocks_bwd
         return out_c.to(q.dtype), lse
@@ -481,9 +488,8 @@ def backward(
     (natural log, −inf for an empty row), recomputing each tile: the backward of every backend
     that has none of its own. `seed`/`blocks` must be the forward's when it used dropout."""
     t = _Tiles(q, k, v, spec, seed, *(blocks or default_blocks(spec, q.device, backward=True)))
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv = _backward(t, q, out, lse, dout.contiguous(), dlse)
+    dout = torch.zeros_like(out) if dout is None else dout
+    dq, dk, dv = _backward(t, out, lse, scoring.widen(dout).contiguous(), dlse)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
