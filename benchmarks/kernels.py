@@ -85,16 +85,10 @@ def cases(n: int) -> list[tuple[str, Callable[[], object], Callable[[], object]]
 def width_cases() -> list[tuple[str, Callable[[], object], Callable[[], object]]]:
     """The block kernels compiled twice in this process, without numba's disk cache (it would
     hand both the same machine code): 16 float32 lanes forced, and LLVM's own choice."""
-    from numba import njit
-
     from qkv.nn import _jit, quant
 
     def variant(wide: bool) -> _jit.Kernels:
-        def build():
-            flags = {**_jit.FLAGS, "cache": False}
-            return {n: (njit(**flags)(k.py_func), sig) for n, (k, sig) in quant._build().items()}
-
-        return _jit.Kernels(build, wide=wide)
+        return _jit.Kernels(lambda flags: quant._build({**flags, "cache": False}), wide=wide)
 
     forced, llvm = variant(True), variant(False)
     rng = np.random.default_rng(0)

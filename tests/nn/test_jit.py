@@ -78,3 +78,32 @@ print(json.dumps(out))
     assert any(changed.values()), changed
     if got["ours_forced"]:
         assert changed["16"], "forcing 16 lanes did not change the probe: the check is blind here"
+
+
+def test_no_writable_cache_compiles_uncached(tmp_path):
+    """Where numba finds no writable cache directory (a read-only install and HOME), it raises
+    "cannot cache function" at decoration; the kernels then compile uncached, say so once on
+    stderr, and still compute the right thing (vs float64)."""
+    code = """
+from numba.core import caching
+caching.CacheImpl._locator_classes = []  # numba's own "no locator available" path
+import numpy as np, torch
+from qkv.nn import fused, quant
+x, w = torch.randn(3, 64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+got = fused.rms_norm(x.float(), w.float(), 1e-5)
+rows = np.ones((1, 32), np.float32)
+q = quant.BlockWeight("q8_0", np.ones((1, 32, 4), np.int8), np.full((1, 4), 0.5, np.float32),
+                     None)
+print(json.dumps({"err": float((got.double() - ref).abs().max()),
+                  "q8": q.matmul(torch.from_numpy(rows)).tolist()}))
+"""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    res = subprocess.run(
+        [sys.executable, "-c", PROBE + code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["err"] < 1e-5 and got["q8"] == [[16.0] * 4]  # 32 · 1 · 0.5 each, exact
+    assert res.stderr.count("set NUMBA_CACHE_DIR to a writable directory") == 1, res.stderr
+    assert not any(tmp_path.rglob("*.nbi")), "numba cached although it had no locator"

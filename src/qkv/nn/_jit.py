@@ -2,13 +2,14 @@
 elementwise kernels): compiled once per process against explicit signatures, loaded from
 numba's disk cache when it has them.
 
-    KERNELS = Kernels(build, wide=wide_vectors_pay)   # build() → {name: (dispatcher, signature)}
-    KERNELS["q4_1"](x, ...)               # the first lookup compiles all that `build` returns
+    KERNELS = Kernels(build, wide=wide_vectors_pay)  # build(flags) → {name: (dispatcher, sig)}
+    KERNELS["q4_1"](x, ...)              # the first lookup compiles all that `build` returns
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,8 @@ FLAGS: dict[str, Any] = {
     "error_model": "numpy",  # x/0 gives inf or nan as in PyTorch, not ZeroDivisionError
 }
 
+_uncached_warned = threading.Event()
+
 
 class Kernels:
     """A lazily compiled set of numba kernels, thread-safe. `wide=True` compiles them with 16
@@ -31,7 +34,10 @@ class Kernels:
     loop it cannot vectorise, which memory-bound elementwise kernels have plenty of."""
 
     def __init__(
-        self, build: Callable[[], dict[str, tuple[Any, tuple]]], *, wide: bool | Callable[[], bool]
+        self,
+        build: Callable[[dict[str, Any]], dict[str, tuple[Any, tuple]]],
+        *,
+        wide: bool | Callable[[], bool],
     ) -> None:
         self._build, self._wide = build, wide
         self._compiled: dict[str, Any] = {}
@@ -47,7 +53,20 @@ class Kernels:
     def _compile(self) -> dict[str, Any]:
         import llvmlite.binding as llvm
 
-        kernels = self._build()
+        try:
+            kernels = self._build(FLAGS)
+        except RuntimeError as e:  # numba found no writable place for its cache
+            if "cannot cache" not in str(e):
+                raise
+            if not _uncached_warned.is_set():  # once a process, not once a kernel set
+                _uncached_warned.set()
+                warnings.warn(
+                    "numba has no writable cache directory, so qkv's CPU kernels compile anew "
+                    "in every process (a few seconds); set NUMBA_CACHE_DIR to a writable directory",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            kernels = self._build({**FLAGS, "cache": False})
         wide = self._wide() if callable(self._wide) else self._wide
         if wide:
             llvm.set_option("", "-force-vector-width=16")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._jit import FLAGS, Kernels
+from ._jit import Kernels
 
 
 def eligible(*tensors: Tensor) -> bool:
@@ -107,11 +107,11 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def _build() -> dict[str, tuple]:
+def _build(flags: dict) -> dict[str, tuple]:
     import numba
     from numba import njit
 
-    jit = njit(**FLAGS)
+    jit = njit(**flags)
 
     @jit
     def rope_qkv(qkv, cos, sin, start, n_q, n_k, interleaved, q, k, v):

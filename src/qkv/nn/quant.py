@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import fused
-from ._jit import FLAGS, Kernels, wide_vectors_pay
+from ._jit import Kernels, wide_vectors_pay
 
 GROUP = 32  # input features per block, both formats
 # more rows go to F.linear: on one thread BLAS on the dense weights is faster from ~3 rows, on
@@ -239,11 +239,11 @@ def dense() -> Iterator[None]:
 # kernels (numba, compiled on first use and cached on disk, see _jit)
 
 
-def _build() -> dict[str, tuple]:
+def _build(flags: dict) -> dict[str, tuple]:
     import numba
     from numba import njit
 
-    jit = njit(**FLAGS)
+    jit = njit(**flags)
 
     f32 = np.float32  # every constant typed: no float64 detour
     eight, sixteen, sixteenth = f32(8), f32(16), f32(1 / 16)
