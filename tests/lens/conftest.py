@@ -35,7 +35,8 @@ class WordTokenizer:
     def __init__(self, vocab: int, specials: bool, max_length: int) -> None:
         self.vocab, self.specials, self.max_length = vocab, specials, max_length
 
-    def encode(self, text: str) -> Enc:
+    def encode(self, text: str, truncate: bool = False) -> Enc:
+        """`truncate` keeps the first max_length tokens (the specials included), as qkv's does."""
         if not text:
             raise ValueError("empty text")
         spans = [m.span() for m in re.finditer(r"\w+|[^\w\s]", text)]
@@ -43,9 +44,14 @@ class WordTokenizer:
         ids = [2 + sum(map(ord, t)) % (self.vocab - 2) for t in toks]
         if self.specials:
             toks, ids, spans = ["[CLS]", *toks, "[SEP]"], [0, *ids, 1], [(0, 0), *spans, (0, 0)]
+        if truncate and len(ids) > self.max_length:
+            keep = self.max_length - 2 * self.specials
+            cut = (slice(0, keep + 1), slice(-1, None)) if self.specials else (slice(0, keep),)
+            toks, ids, spans = ([x for c in cut for x in seq[c]] for seq in (toks, ids, spans))
         if len(ids) > self.max_length:
             raise ValueError(
-                f"text is {len(ids)} tokens but the model takes at most {self.max_length}"
+                f"text is {len(ids)} tokens but the model takes at most {self.max_length}; "
+                "shorten it or pass truncate=True"  # as qkv's Tokenizer says
             )
         return Enc(ids, toks, spans)
 

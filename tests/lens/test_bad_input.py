@@ -27,23 +27,36 @@ def test_token_inside_a_word_is_not_a_match(tiny_causal):
 
 
 def test_occurrence_out_of_range(tiny_causal):
-    with pytest.raises(ValueError, match=r"occurs 1 time\(s\).*\[1, 1\], got 2"):
+    with pytest.raises(
+        ValueError, match=r"occurs 1 time\(s\).*\[1, 1\] \(or -1..-1 from the end\), got 2"
+    ):
         explain(SENTENCE, "dog", model=tiny_causal, occurrence=2)
+    with pytest.raises(ValueError, match=r"got -2"):
+        explain(SENTENCE, "dog", model=tiny_causal, occurrence=-2)
     with pytest.raises(ValueError, match="counts from 1"):
         explain(SENTENCE, "dog", model=tiny_causal, occurrence=0)
 
 
 def test_index_out_of_range(tiny_causal):
-    with pytest.raises(IndexError, match=r"valid range \[0, 9\]"):
+    with pytest.raises(IndexError, match=r"token index 10 out of range: .* valid 0..9, or -10..-1"):
         explain(SENTENCE, 10, model=tiny_causal)
+    with pytest.raises(IndexError, match=r"token index -11 out of range"):
+        explain(SENTENCE, -11, model=tiny_causal)
 
 
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
-        ({"layer": 3}, r"layer 3 out of range: tiny-causal has 3 layers, valid 0..2"),
-        ({"layer": -4}, r"valid 0..2"),
-        ({"head": 4}, r"head 4 out of range: tiny-causal has 4 heads, valid 0..3"),
+        (
+            {"layer": 3},
+            r"layer 3 out of range: there are 3 layers in tiny-causal; valid 0..2, or -3..-1",
+        ),
+        ({"layer": -4}, r"valid 0..2, or -3..-1 counting from the end"),
+        (
+            {"head": 4},
+            r"head 4 out of range: there are 4 heads in tiny-causal; valid 0..3, or -4..-1",
+        ),
+        ({"head": -5}, r"head -5 out of range"),
     ],
 )
 def test_layer_and_head_out_of_range(tiny_causal, kw, message):
@@ -72,3 +85,50 @@ def test_key_after_a_causal_query(tiny_causal):
 def test_text_beyond_the_context(tiny_causal):
     with pytest.raises(ValueError, match="at most 512"):
         explain("word " * 600, "word", model=tiny_causal)
+
+
+def test_negative_indices_count_from_the_end_everywhere(tiny_causal):
+    r = explain(SENTENCE, -1, model=tiny_causal, layer=-1, head=-1, key=-2, rollout=False)
+    assert (r.query.index, r.key.index) == (9, 8)
+    assert (r.layers[0].layer, r.layers[0].heads[0].head) == (2, 3)
+    assert r.head(-1, -1) is r.head(2, 3) and r.layer(-1) is r.layer(2)
+    assert r.token_index(-10) == 0
+    for kw in ({"layer": -4}, {"head": -5}):
+        with pytest.raises(IndexError, match="counting from the end"):
+            explain(SENTENCE, "it", model=tiny_causal, **kw)
+    with pytest.raises(IndexError, match=r"head -5 out of range.*valid 0..3, or -4..-1"):
+        r.head(2, -5)
+
+
+def test_truncate_reads_the_first_tokens_and_says_so(tiny_bidir):
+    long = "the dog ran . " * 200  # 800 words and stops, over the 512-token context
+    with pytest.raises(ValueError, match="truncate=True"):
+        explain(long, "dog", model=tiny_bidir)
+    r = explain(long, "dog", model=tiny_bidir, truncate=True, occurrence=-1, rollout=False)
+    assert len(r.tokens) == 512 and r.tokens[-1].text == "[SEP]"
+    assert any("only its first 512 tokens" in n for n in r.notes)
+    with pytest.raises(
+        ValueError,
+        match=r"occurs 128 time\(s\) \(tokens \[2, 6, .*, 42, …, 510\]\).*got 200 \(only the first 512 tokens fit",
+    ):
+        explain(long, "dog", model=tiny_bidir, truncate=True, occurrence=200)
+    short = explain("the dog ran .", "dog", model=tiny_bidir, truncate=True, rollout=False)
+    assert not any("first" in n for n in short.notes)
+
+
+@pytest.mark.parametrize(
+    ("text", "token", "said"),
+    [
+        (REPEATS := "The dog saw the other dog because it was tired.", "dog",
+         "'dog' occurs 2 times (tokens 1, 5); this is the 1st (token 1); pick another with --occurrence"),
+        (REPEATS, "dog saw", "'dog saw' is several words (2 tokens: 'dog|saw'); the query is the last of them, 'saw' (token 2)"),
+        ("The ball's owner ran.", "ball's", "\"ball's\" is split into pieces (3 tokens: \"ball|'|s\")"),
+        (REPEATS, "DOG", "'DOG' matched 'dog' ignoring case"),
+    ],
+)  # fmt: skip
+def test_silent_choices_are_said(tiny_causal, text, token, said):
+    r = explain(text, token, model=tiny_causal, rollout=False)
+    assert sum(n.startswith("The query:") for n in r.notes) == 1
+    assert any(said in n for n in r.notes), r.notes
+    plain = explain(text, "tired" if "tired" in text else "owner", model=tiny_causal, rollout=False)
+    assert not any(n.startswith("The query:") for n in plain.notes)

@@ -131,16 +131,20 @@ def test_every_number_matches_the_float64_oracle(which, request):
 def test_top_k_keeps_the_chosen_key_and_the_true_argmaxes(tiny_causal):
     full = explain(SENTENCE, "it", model=tiny_causal, top=0)
     r = explain(SENTENCE, "it", model=tiny_causal, top=2, key="The")
+    pins = {0, r.query.index}  # the first token and the query: kept whatever their rank
     for lay_f, lay in zip(full.layers, r.layers, strict=True):
         for hf, h in zip(lay_f.heads, lay.heads, strict=True):
             by_w = hf.index[:2].tolist()
             by_c = hf.index[np.argsort(-hf.contribution, kind="stable")][:2].tolist()
-            assert set(h.index.tolist()) == {*by_w, *by_c, 0}
+            other = next(j for j in hf.index.tolist() if j not in pins)  # most weight besides
+            assert set(h.index.tolist()) == {*by_w, *by_c, *pins, other}
             assert h.index[:2].tolist() == by_w and np.all(np.diff(h.weight) <= 0)
             assert (h.top_weight, h.top_contribution) == (hf.top_weight, hf.top_contribution)
             assert h.entropy == hf.entropy
-        lay_c = lay_f.index[np.argsort(-lay_f.contribution, kind="stable")][:2].tolist()
-        assert set(lay.index.tolist()) == {*lay_f.index[:2].tolist(), *lay_c, 0}
+        by_w = lay_f.index[:3].tolist()  # a layer keeps at least its top 3 (LAYER_KEYS)
+        lay_c = lay_f.index[np.argsort(-lay_f.contribution, kind="stable")][:3].tolist()
+        other = next(j for j in lay_f.index.tolist() if j not in pins)
+        assert set(lay.index.tolist()) == {*by_w, *lay_c, *pins, other}
     # heads_to ranks by the exact weight on the key
     want = sorted(
         ((lay.layer, h.head, h.key(0).weight) for lay in full.layers for h in lay.heads),
@@ -233,3 +237,62 @@ def test_rollout_in_one_row_chunks(which, request, monkeypatch):
     np.testing.assert_allclose(got, want, atol=1e-7)
     i = explain(SENTENCE, "was", model=model, layer=0, head=0).query.index
     np.testing.assert_allclose(got, rollout64(oracle(model, SENTENCE), i), atol=1e-6)
+
+
+REPEATS = "The dog saw the other dog because it was tired."  # "dog" at tokens 1 and 5
+
+
+def test_key_occurrence_picks_the_repeat_and_heads_to_follows_it(tiny_causal):
+    """--key WORD used to take the first occurrence only, and heads_to() re-read the word."""
+    full = explain(REPEATS, "it", model=tiny_causal, top=0, rollout=False)
+    r = explain(REPEATS, "it", model=tiny_causal, top=1, key="dog", key_occurrence=2)
+    assert r.key.index == 5 and r.key.text == "dog"
+    want = sorted(
+        ((lay.layer, h.head, h.key(5).weight) for lay in full.layers for h in lay.heads),
+        key=lambda t: -t[2],
+    )
+    assert [(lay, h, k.weight) for lay, h, k in r.heads_to()] == want  # the record's own key
+    assert [k.index for _, _, k in r.heads_to("dog", occurrence=2)] == [5] * len(want)
+    assert [k.index for _, _, k in full.heads_to("dog", occurrence=-1)] == [5] * len(want)
+    assert explain(REPEATS, "it", model=tiny_causal, key=-6, rollout=False).key.index == 5
+    assert any(
+        "'dog' occurs 2 times (tokens 1, 5); this is the 2nd (token 5)" in n for n in r.notes
+    )
+
+
+def test_heads_to_error_advises_a_key_that_picks_the_same_token(tiny_bidir):
+    r = explain(REPEATS, "it", model=tiny_bidir, top=1, rollout=False)
+    kept = {j for lay in r.layers for h in lay.heads for j in h.index.tolist()}
+    missing = next(j for j in range(len(r.tokens)) if j not in kept)
+    with pytest.raises(
+        ValueError, match=rf"\(token {missing}\).*rerun explain with key={missing} "
+    ):
+        r.heads_to(missing)
+    # the advice is right: that rerun keeps the token in every head
+    again = explain(REPEATS, "it", model=tiny_bidir, top=1, key=missing, rollout=False)
+    assert len(again.heads_to()) == sum(len(lay.heads) for lay in again.layers)
+
+
+def test_layer_aggregates_do_not_depend_on_top(tiny_causal, tiny_bidir):
+    """With top=1 the per-layer table showed a second entry that was not the layer's second."""
+    for model in (tiny_causal, tiny_bidir):
+        full = explain(REPEATS, "it", model=model, top=0, rollout=False)
+        for top in (1, 2):
+            r = explain(REPEATS, "it", model=model, top=top, rollout=False)
+            for lay_f, lay in zip(full.layers, r.layers, strict=True):
+                assert lay.index[:3].tolist() == lay_f.index[:3].tolist()
+                by_c = lay_f.index[np.argsort(-lay_f.contribution, kind="stable")][:3]
+                got = lay.index[np.argsort(-lay.contribution, kind="stable")][:3]
+                assert got.tolist() == by_c.tolist()
+
+
+def test_every_head_keeps_its_sinks_and_the_next_key(tiny_bidir):
+    """The "focused heads" view needs the key with most weight besides the sinks, exactly."""
+    full = explain(REPEATS, "it", model=tiny_bidir, top=0, rollout=False)
+    r = explain(REPEATS, "it", model=tiny_bidir, top=1, rollout=False)
+    sinks = {0, r.query.index, len(r.tokens) - 1}  # [CLS], the query, [SEP]
+    for lay_f, lay in zip(full.layers, r.layers, strict=True):
+        for hf, h in zip(lay_f.heads, lay.heads, strict=True):
+            assert sinks <= set(h.index.tolist())
+            first = lambda x: next(j for j in x.index.tolist() if j not in sinks)  # noqa: E731
+            assert first(h) == first(hf)

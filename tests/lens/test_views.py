@@ -32,7 +32,7 @@ def test_terminal_view_shows_the_lookups(result, tiny_causal):
     s = str(result)
     assert "query excited (token 8)" in s
     assert "The dog chased the ball because it was excited." in s
-    assert "Heads that send 'excited' most to 'dog'" in s and "rollout" in s
+    assert "Heads that send 'excited (8)' most to 'dog (1)'" in s and "rollout" in s
     one = explain(SENTENCE, "it", model=tiny_causal, layer=0, head=1)
     s1 = str(one)
     assert "layer 0 head 1" in s1 and "rank by content" in s1

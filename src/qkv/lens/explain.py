@@ -16,7 +16,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .lookup import lookup_layer
 from .record import ExplainResult, ModelSummary, Query, Rollout
 from .rollout import rollout_row
-from .tokens import find_token, make_tokens
+from .tokens import index_in, make_tokens, pick_token, sink_tokens
 
 DEFAULT_TOP = 10  # keys kept per head in the record (0 = all)
 ROLLOUT_AUTO_MAX_TOKENS = 1024  # rollout=None computes it up to this many tokens
@@ -86,9 +86,7 @@ def _check_range(what: str, x: int | None, n: int, model: str) -> int | None:
         return None
     if isinstance(x, bool) or not isinstance(x, int):
         raise TypeError(f"{what} must be an int or None, got {type(x).__name__}")
-    if not -n <= x < n:
-        raise IndexError(f"{what} {x} out of range: {model} has {n} {what}s, valid 0..{n - 1}")
-    return x % n
+    return index_in(what, x, n, f"{what}s in {model}")
 
 
 def run_capture(
@@ -164,7 +162,9 @@ def explain(
     head: int | None = None,
     top: int = DEFAULT_TOP,
     key: str | int | None = None,
+    key_occurrence: int = 1,
     rollout: bool | None = None,
+    truncate: bool = False,
     progress: bool | None = None,
 ) -> ExplainResult:
     """What `token` of `text` looked up: per layer and head, each key's score, weight and
@@ -173,18 +173,28 @@ def explain(
     Args:
         text: the input; tokenized by the model's tokenizer (special tokens included).
         token: the query — a word of the text (its `occurrence`-th whole-word match, counting
-            from 1; a word split into pieces resolves to its last piece) or a token index.
+            from 1, negative from the end; a word split into pieces, or several words, resolve
+            to the last token) or a token index. A str is always a word (even "1"), an int
+            always a position.
         model: a name ("smollm2", "minilm"), a checkpoint directory, or a model from `qkv.load`
             (pass a loaded model to avoid reloading it on every call).
-        layer, head: restrict the record to one layer and/or head (0-based).
+        layer, head: restrict the record to one layer and/or head (0-based). Every index here
+            (layer, head, token, key) follows Python: negative counts from the end, so -1 is
+            the last layer; anything outside -n..n-1 raises IndexError.
         top: keys kept per head and per layer: the top-k by weight and the top-k by
-            contribution, ranked by weight; 0 keeps all.
-        key: a token (word or index) kept in every head whatever its rank, so that
-            `result.heads_to(key)` ranks the heads that send the query most to it.
+            contribution, ranked by weight; 0 keeps all. Whatever k, each head also keeps the
+            sinks (the first token, special tokens), the query, `key`, and the key with most
+            weight besides those; a layer's list keeps at least its top 3.
+        key: a token (word or index, read as `token` is) kept in every head whatever its rank,
+            so that `result.heads_to()` ranks the heads that send the query most to it.
+        key_occurrence: which occurrence of a repeated `key` word (from 1, negative from the
+            end), as `occurrence` is for the query.
         rollout: attention rollout of the query through the layers (Abnar & Zuidema 2020).
             True/False; None computes it for texts of at most 1024 tokens: it recomputes every
             row the query depends on, O(L·H·N²·d) time (on smollm2 at 2048 tokens about as much
             again as the forward) in O(chunk·N) memory; see `qkv.lens.rollout`.
+        truncate: keep the text's first tokens when it is longer than the model's context
+            (the query must lie among them; a note says how much was cut) instead of raising.
         progress: show progress bars for steps that take longer than a second (default: when
             stderr is a terminal).
 
@@ -213,14 +223,20 @@ def explain(
     layer = _check_range("layer", layer, info.n_layers, info.name)
     head = _check_range("head", head, info.n_heads, info.name)
 
-    enc = m.tokenizer.encode(text)  # raises for text beyond the context, naming the limit
-    if info.max_positions and len(enc.ids) > info.max_positions:
-        raise ValueError(
-            f"text is {len(enc.ids)} tokens but {info.name} takes at most {info.max_positions}; shorten it"
-        )
+    enc, cut = _encode(m.tokenizer, text, info, truncate)
     tokens = make_tokens(text, enc.tokens, enc.offsets)
-    i = find_token(tokens, text, token, occurrence, what="token")
-    j = None if key is None else find_token(tokens, text, key, 1, what="key")
+    try:
+        qpick = pick_token(tokens, text, token, occurrence, what="token")
+        kpick = (
+            None
+            if key is None
+            else pick_token(tokens, text, key, key_occurrence, "key", "key_occurrence")
+        )
+    except (ValueError, IndexError) as e:
+        if cut:  # say that only the part that fits was searched
+            raise type(e)(f"{e} (only the first {len(tokens)} tokens fit {info.name})") from None
+        raise
+    i, j = qpick.index, None if kpick is None else kpick.index
     if j is not None and info.causal and j > i:
         raise ValueError(
             f"key {tokens[j].text!r} (token {j}) comes after the query {tokens[i].text!r} (token {i}); "
@@ -232,12 +248,13 @@ def explain(
     do_rollout = rollout if rollout is not None else len(tokens) <= ROLLOUT_AUTO_MAX_TOKENS
     wanted = list(range(last + 1)) if do_rollout or layer is None else [layer]
     heads = None if head is None else [head]
+    pins = sink_tokens(tokens, i) + ([] if j is None else [j])
     layers: list = []
 
     def reduce(rec: Any) -> Any:
         """Each layer's lookups as soon as it has run; keep only what rollout needs (q, k)."""
         if layer is None or rec.layer == layer:
-            layers.append(lookup_layer(rec, i, top=top, keep=j, heads=heads))
+            layers.append(lookup_layer(rec, i, top=top, keep=pins, heads=heads))
         if not do_rollout:
             return None
         rec.v = rec.z = None
@@ -272,6 +289,17 @@ def explain(
         key=None if j is None else Query(j, tokens[j].text),
         rollout=ro,
     )
+    for pick, what, option in ((qpick, "query", "--occurrence N / occurrence=N"),
+                               (kpick, "key", "--key-occurrence N / key_occurrence=N")):  # fmt: skip
+        said = None if pick is None else pick.note(tokens, what, option)
+        if said:
+            result.notes.append(said)
+    if cut:
+        end = max(t.end for t in tokens)
+        result.notes.append(
+            f"The text is longer than {info.name} reads at once: only its first {len(tokens)} "
+            f"tokens (characters 0..{end} of {len(text)}) were read; the rest is left out."
+        )
     result.notes.extend(notes(result))
     if ro is None and rollout is None:
         result.notes.append(
@@ -279,6 +307,32 @@ def explain(
             "rollout=True (--rollout) to compute it."
         )
     return result
+
+
+class _Encoding(NamedTuple):
+    ids: list[int]
+    tokens: list[str]
+    offsets: list[tuple[int, int]]
+
+
+def _encode(tokenizer: Any, text: str, info: ModelSummary, truncate: bool) -> tuple[Any, bool]:
+    """The text's encoding, and whether `truncate` cut it to the model's context (its first
+    tokens: the tokenizer's own truncation, which keeps its special tokens, where it has one)."""
+    try:
+        enc = tokenizer.encode(text)  # raises for text beyond its limit, naming it
+    except ValueError:
+        if not truncate:
+            raise
+        enc = tokenizer.encode(text, truncate=True)
+    limit = info.max_positions
+    if limit and len(enc.ids) > limit:
+        if not truncate:
+            raise ValueError(
+                f"text is {len(enc.ids)} tokens but {info.name} takes at most {limit}; "
+                "shorten it or pass truncate=True"
+            )
+        enc = _Encoding(list(enc.ids[:limit]), list(enc.tokens[:limit]), list(enc.offsets[:limit]))
+    return enc, truncate and max((e for _, e in enc.offsets), default=0) < len(text.rstrip())
 
 
 def notes(r: ExplainResult) -> list[str]:
@@ -291,16 +345,46 @@ def notes(r: ExplainResult) -> list[str]:
             f"{r.model.name} is causal: {q!r} (token {i}) sees only tokens 0..{i}; what follows "
             f"({later[:60]!r}{'…' if len(later) > 60 else ''}) cannot change its lookups."
         )
-    heads = [h for lay in r.layers for h in lay.heads]
-    dis = [h for h in heads if h.disagrees]
-    if dis:
-        j, cnt = Counter(h.top_weight for h in dis).most_common(1)[0]
-        t = r.tokens[j]
-        sink = " — an attention sink" if j == 0 or t.special else ""
-        out.append(
-            f"In {len(dis)} of {len(heads)} heads the key with the most weight is not the key that "
-            f"carried the most content; most often it is {t.text.strip()!r} (token {j}, in {cnt} "
-            f"heads){sink}. Such keys take weight but pass on little: Q and K decide the routing, "
-            "V carries the content."
-        )
+    sink = sink_note(r)
+    if sink:
+        out.append(sink)
     return out
+
+
+def _n(k: int, thing: str) -> str:
+    return f"{k} {thing}{'' if k == 1 else 's'}"
+
+
+def sink_note(r: ExplainResult) -> str | None:
+    """Where the weight and the content part ways, in this run's numbers: the key that most
+    often takes a head's most weight without carrying its most content, how much it carries
+    there relative to the top content key, and the heads where it tops both."""
+    heads = [(lay.layer, h) for lay in r.layers for h in lay.heads]
+    dis = [h for _, h in heads if h.disagrees]
+    if not dis:
+        return None
+    j, cnt = Counter(h.top_weight for h in dis).most_common(1)[0]
+    t = r.tokens[j]
+    name = f"{t.text.strip()!r} (token {j}{', an attention sink' if j == 0 or t.special else ''})"
+    mine = [h for h in dis if h.top_weight == j]
+    w = np.mean([h.key(j).weight for h in mine])
+    ratio = np.mean(
+        [h.key(j).contribution / max(h.key(h.top_contribution).contribution, 1e-30) for h in mine]
+    )
+    s = (
+        f"In {len(dis)} of {_n(len(heads), 'head')} the key with the most weight is not the key "
+        f"that carried the most content. Most often that key is {name}: in {_n(cnt, 'head')} it "
+        "takes the "
+        f"most weight (mean {w:.2f}) yet carries on average {ratio:.0%} of what the head's top "
+        "content key carries."
+    )
+    both = [(lay, h) for lay, h in heads if h.top_weight == j and not h.disagrees]
+    if both:
+        lay, h = max(both, key=lambda t: t[1].key(j).contribution)
+        k = h.key(j)
+        s += (
+            f" Not everywhere: in {_n(len(both), 'head')} it takes the most weight and also carries the "
+            f"most content (largest: layer {lay} head {h.head}, weight {k.weight:.2f}, "
+            f"content {k.contribution:.3g})."
+        )
+    return s

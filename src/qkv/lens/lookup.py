@@ -17,6 +17,7 @@ head instead of the d×m product) and O(Sk·H·d·m) for the layer-level norm; m
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +28,8 @@ from torch import Tensor
 from qkv.attention import attention_weights
 
 from .record import Head, Layer
+
+LAYER_KEYS = 3  # a layer's key list keeps at least its top 3 by weight and by contribution
 
 
 class AttentionRecordLike(Protocol):
@@ -150,11 +153,13 @@ def layer_contributions(
     return out
 
 
-def query_row(rec: AttentionRecordLike, i: int, *, top: int = 0, keep: int | None = None) -> Row:
+def query_row(
+    rec: AttentionRecordLike, i: int, *, top: int = 0, keep: int | Sequence[int] | None = None
+) -> Row:
     """Everything the lens reports for query row `i` of one captured layer (batch item 0).
 
     The layer-level contribution is exact for the keys a record of `top` keys (0 = all) and
-    `keep` needs, NaN elsewhere (see `layer_contributions`)."""
+    `keep` needs (see `select`), NaN elsewhere (see `layer_contributions`)."""
     q, k, v, z, W_O = rec.q[0], rec.k[0], rec.v[0], rec.z[0], rec.W_O  # (h i d) (g j d) (g j e)
     H, G = q.shape[0], k.shape[0]
     if H % G:
@@ -174,10 +179,10 @@ def query_row(rec: AttentionRecordLike, i: int, *, top: int = 0, keep: int | Non
     lw = w.mean(0).cpu().numpy()
 
     cand = np.nonzero(vis.any(0))[0]
-    need = cand[np.argsort(-lw[cand], kind="stable")][: top or None]
-    if keep is not None and vis[:, keep].any():
-        need = np.append(need, keep)
-    lc = layer_contributions(w, vh, W_O, contrib.sum(0), cand, need, top)
+    pins = _pins(keep, vis.any(0))
+    by_w = cand[np.argsort(-lw[cand], kind="stable")]
+    need = np.concatenate((by_w[: top or None], pins, by_w[~np.isin(by_w, pins)][:1]))
+    lc = layer_contributions(w, vh, W_O, contrib.sum(0), cand, need.astype(np.int64), top)
     return Row(
         score=s.cpu().numpy(),
         weight=w.cpu().numpy(),
@@ -189,18 +194,36 @@ def query_row(rec: AttentionRecordLike, i: int, *, top: int = 0, keep: int | Non
     )
 
 
+def _pins(keep: int | Sequence[int] | None, visible: np.ndarray) -> np.ndarray:
+    """The kept-whatever-their-rank keys that `visible` (j,) lets the query see."""
+    ks = [] if keep is None else [keep] if isinstance(keep, int | np.integer) else list(keep)
+    return np.array(
+        sorted({int(j) for j in ks if 0 <= int(j) < len(visible) and visible[j]}), dtype=np.int64
+    )
+
+
 def select(
-    weight: np.ndarray, contrib: np.ndarray, candidates: np.ndarray, top: int, keep: int | None
+    weight: np.ndarray,
+    contrib: np.ndarray,
+    candidates: np.ndarray,
+    top: int,
+    keep: int | Sequence[int] | None = None,
 ) -> np.ndarray:
     """The kept keys, ranked by weight (desc, ties by index): with `top` > 0 the top-k by weight
     together with the top-k by contribution (so a key that carried much with little weight is
-    never cut) and `keep` if visible; with `top` == 0 every candidate."""
+    never cut), every visible key of `keep` (the sinks, the query, a chosen key: kept whatever
+    their rank) and the key with most weight outside `keep` (so a view that skips the sinks
+    still finds the true next key); with `top` == 0 every candidate."""
     order = candidates[np.argsort(-weight[candidates], kind="stable")]
     if not top or len(order) <= top:
         return order
     c = np.nan_to_num(contrib[candidates], nan=-np.inf)  # NaN: not computed, known to be small
     by_c = candidates[np.argsort(-c, kind="stable")]
-    chosen = np.concatenate((order[:top], by_c[:top], [keep] if keep is not None else []))
+    visible = np.zeros(int(candidates.max()) + 1, dtype=bool)
+    visible[candidates] = True
+    pins = _pins(keep, visible)
+    other = order[~np.isin(order, pins)][:1]
+    chosen = np.concatenate((order[:top], by_c[:top], pins, other))
     return order[np.isin(order, chosen)]
 
 
@@ -214,12 +237,16 @@ def lookup_layer(
     i: int,
     *,
     top: int,
-    keep: int | None = None,
+    keep: int | Sequence[int] | None = None,
     heads: list[int] | None = None,
 ) -> Layer:
     """The record's `Layer` for query row i: every head (or `heads`), keys ranked by weight
-    (the top-k by weight and the top-k by contribution; all with top=0)."""
-    r = query_row(rec, i, top=top, keep=keep)
+    (the top-k by weight and the top-k by contribution, plus `keep`; see `select`; all with
+    top=0). The layer's own key list keeps at least the top LAYER_KEYS, whatever `top`, so its
+    summary (most weight, most content) does not depend on how many keys a head keeps.
+    `heads` restricts the per-head lists only: the layer's numbers are over every head."""
+    ltop = max(top, LAYER_KEYS) if top else 0
+    r = query_row(rec, i, top=ltop, keep=keep)
     H = r.weight.shape[0]
     G = rec.k.shape[1]
     out = []
@@ -243,7 +270,7 @@ def lookup_layer(
             )
         )
     anyvis = np.nonzero(r.visible.any(0))[0]
-    lidx = select(r.layer_weight, r.layer_contribution, anyvis, top, keep)
+    lidx = select(r.layer_weight, r.layer_contribution, anyvis, ltop, keep)
     return Layer(
         layer=int(rec.layer),
         heads=out,

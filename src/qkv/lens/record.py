@@ -118,6 +118,12 @@ class Head:
         """True when the key with most weight is not the key that carried most content."""
         return self.top_weight != self.top_contribution
 
+    def __repr__(self) -> str:
+        return (
+            f"<Head {self.head} (kv {self.kv_head}): {len(self.index)} of {self.n_keys} keys kept, "
+            f"top weight → token {self.top_weight}, top content → token {self.top_contribution}>"
+        )
+
     def key(self, j: int) -> Key | None:
         hit = np.nonzero(self.index == j)[0]
         if not len(hit):
@@ -140,6 +146,12 @@ class Layer:
         self.index = _arr(self.index, np.int64)
         self.weight, self.contribution = (
             _arr(x, np.float64) for x in (self.weight, self.contribution)
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<Layer {self.layer}: {len(self.heads)} heads, top weight → token {self.top_weight}, "
+            f"top content → token {self.top_contribution}>"
         )
 
     @property
@@ -189,40 +201,63 @@ class ExplainResult:
     rollout: Rollout | None = None
     notes: list[str] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        n_heads = sum(len(lay.heads) for lay in self.layers)
+        key = "" if self.key is None else f", key={self.key.text.strip()!r}@{self.key.index}"
+        return (
+            f"<ExplainResult {self.model.name}: query {self.query.text.strip()!r}@{self.query.index}"
+            f"{key} of {len(self.tokens)} tokens, {len(self.layers)} layers × "
+            f"{n_heads // max(len(self.layers), 1)} heads, top {self.top or 'all'}; "
+            "print() it for the tables>"
+        )
+
     # ---- navigation -------------------------------------------------------------------
     def layer(self, layer: int) -> Layer:
+        """The record's layer `layer` (negative counts from the model's last layer)."""
+        from .tokens import index_in
+
+        n = index_in("layer", layer, self.model.n_layers, f"layers in {self.model.name}")
         for lay in self.layers:
-            if lay.layer == layer:
+            if lay.layer == n:
                 return lay
         have = [lay.layer for lay in self.layers]
         raise IndexError(f"layer {layer} is not in this record; it holds layers {have}")
 
     def head(self, layer: int, head: int) -> Head:
+        """Head `head` of layer `layer` (negative numbers count from the last)."""
+        from .tokens import index_in
+
         lay = self.layer(layer)
+        n = index_in("head", head, self.model.n_heads, f"heads in {self.model.name}")
         for h in lay.heads:
-            if h.head == head:
+            if h.head == n:
                 return h
         raise IndexError(
-            f"head {head} is not in layer {layer} of this record; it holds heads {[h.head for h in lay.heads]}"
+            f"head {head} is not in layer {lay.layer} of this record; it holds heads {[h.head for h in lay.heads]}"
         )
 
-    def token_index(self, token: str | int) -> int:
-        """A token index from an index or a token's text (first match, whitespace-stripped)."""
-        if isinstance(token, int) and not isinstance(token, bool):
-            if not -len(self.tokens) <= token < len(self.tokens):
-                raise IndexError(f"token index {token} outside [0, {len(self.tokens)})")
-            return token % len(self.tokens)
-        for t in self.tokens:
-            if t.text.strip() == str(token).strip():
-                return t.index
-        raise ValueError(f"token {token!r} not found; tokens: {token_list(self.tokens)}")
+    def token_index(self, token: str | int, occurrence: int = 1) -> int:
+        """A token's index, read as `explain` reads its `token`: an int is a position (negative
+        counts from the end), a str a word of the text (its `occurrence`-th whole-word match,
+        from 1; a word in pieces resolves to its last piece)."""
+        from .tokens import find_token
 
-    def heads_to(self, key: str | int, n: int | None = None) -> list[tuple[int, int, Key]]:
-        """The heads that send the query most to `key`: (layer, head, Key) ranked by weight.
+        return find_token(self.tokens, self.text, token, occurrence, what="token")
 
-        Exact when every head kept that key: record made with `key=` or `top=0`; otherwise a
-        ValueError says so."""
-        j = self.token_index(key)
+    def heads_to(
+        self, key: str | int | None = None, n: int | None = None, *, occurrence: int = 1
+    ) -> list[tuple[int, int, Key]]:
+        """The heads that send the query most to `key` (default: the record's chosen key, else
+        read as `token_index` reads it): (layer, head, Key), ranked by weight.
+
+        Exact when every head kept that key: the record's own key, a sink, or a record made
+        with `top=0`; otherwise a ValueError names the token index to pass to explain."""
+        if key is None:
+            if self.key is None:
+                raise ValueError("this record has no chosen key; pass one (a word or an index)")
+            j = self.key.index
+        else:
+            j = self.token_index(key, occurrence)
         out = []
         for lay in self.layers:
             for h in lay.heads:
@@ -232,8 +267,9 @@ class ExplainResult:
                         k = Key(j, float("-inf"), 0.0, 0.0)  # a causal query cannot see j
                     else:
                         raise ValueError(
-                            f"layer {lay.layer} head {h.head} did not keep key {j} in its top "
-                            f"{self.top}; rerun explain with key={key!r} or top=0"
+                            f"layer {lay.layer} head {h.head} did not keep key "
+                            f"{self.tokens[j].text.strip()!r} (token {j}) among its top {self.top}; "
+                            f"rerun explain with key={j} (an int is the token's position) or top=0"
                         )
                 out.append((lay.layer, h.head, k))
         out.sort(key=lambda t: -t[2].weight)

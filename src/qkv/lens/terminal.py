@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .record import ExplainResult, Head
+from .tokens import sink_tokens
 
 BAR = 8  # characters of a full bar
 
@@ -29,25 +30,54 @@ def tok(r: ExplainResult, j: int) -> str:
     return repr(t.strip() or t)[1:-1]
 
 
-def marked_text(r: ExplainResult) -> Text:
-    """The source text with the query token (and the chosen key) highlighted."""
+ECHO_CHARS = 600  # a longer text is echoed as this many characters around the query
+
+
+def marked_text(r: ExplainResult, limit: int = ECHO_CHARS) -> Text:
+    """The source text with the query token (and the chosen key) highlighted; a text longer
+    than `limit` characters is cut to a window around the query, saying what was left out."""
+    q = r.tokens[r.query.index]
+    lo, hi = 0, len(r.text)
+    if hi > limit:
+        centre = q.start if not q.special else (0 if q.index == 0 else hi)
+        lo = max(0, min(centre - limit // 2, hi - limit))
+        hi = lo + limit
+        if r.key is not None and not r.tokens[r.key.index].special:
+            k = r.tokens[r.key.index]
+            lo, hi = min(lo, k.start), max(hi, k.end)  # keep the chosen key in view
     out = Text()
-    pos = 0
+    if lo > 0:
+        out.append(f"[… {len(r.text[:lo].split())} words before] …", style="dim")
+    pos = lo
     for t in r.tokens:
-        if not t.special and t.start > pos:
+        if t.special:
+            if (t.index == 0 and lo == 0) or (t.index > 0 and hi == len(r.text)):
+                out.append(
+                    f"{t.text} ", style="bold reverse" if t.index == r.query.index else "dim"
+                )
+            continue
+        if t.end <= lo or t.start >= hi:
+            continue
+        if t.start > pos:
             out.append(r.text[pos : t.start])
-            pos = t.start
-        pos = max(pos, t.end)
+        s = max(pos, t.start)
         style = ""
         if t.index == r.query.index:
             style = "bold reverse"
         elif r.key is not None and t.index == r.key.index:
             style = "bold underline"
-        out.append(
-            t.text if not t.special else f"{t.text} ", style=style or ("dim" if t.special else "")
-        )
-    out.append(r.text[pos:])
+        out.append(r.text[s : t.end], style=style)
+        pos = max(pos, t.end)
+    if pos < hi:
+        out.append(r.text[pos:hi])
+    if hi < len(r.text):
+        out.append(f"… [{len(r.text[hi:].split())} words after]", style="dim")
     return out
+
+
+def label(r: ExplainResult, j: int) -> str:
+    """A key as the tables name it: its text and its position, 'dog (1)'."""
+    return f"{tok(r, j)} ({j})"
 
 
 def _rank_contribution(h: Head) -> list[int]:
@@ -99,7 +129,7 @@ def head_table(r: ExplainResult, layer: int, h: Head) -> Table:
 
 def _pairs(r: ExplainResult, idx, vals, n: int, fmt: str = "{:.2f}") -> str:
     return "  ".join(
-        f"{tok(r, int(j))} {fmt.format(v)}" for j, v in list(zip(idx, vals, strict=True))[:n]
+        f"{label(r, int(j))} {fmt.format(v)}" for j, v in list(zip(idx, vals, strict=True))[:n]
     )
 
 
@@ -109,19 +139,28 @@ def _by_contribution(idx, contrib) -> tuple[list, list]:
 
 
 def layer_table(r: ExplainResult, n: int = 2) -> Table:
-    t = Table(
-        title="Per layer: mean weight over heads vs the content carried (‖Σ_h w·v W_O‖)",
-        title_justify="left",
-    )
+    """Per layer, the keys with most weight and most content: the layer's own numbers (over
+    every head, kept for at least its top 3 whatever `top`), or, when the record holds one head
+    per layer (explain(head=H) without a layer), that head's."""
+    one = {h.head for lay in r.layers for h in lay.heads}
+    if all(len(lay.heads) == 1 for lay in r.layers) and len(one) == 1 and r.model.n_heads > 1:
+        head = one.pop()
+        title = f"Per layer, head {head}: the keys with most weight vs most content (‖w·v W_O‖)"
+        rows = [(lay.layer, lay.heads[0]) for lay in r.layers]
+        n = min(n, r.top) if r.top else n  # a head's first `top` by weight/content are exact
+    else:
+        title = "Per layer: mean weight over heads vs the content carried (‖Σ_h w·v W_O‖)"
+        rows = [(lay.layer, lay) for lay in r.layers]
+    t = Table(title=title, title_justify="left")
     t.add_column("layer", justify="right")
     t.add_column("most weight")
     t.add_column("most content")
-    for lay in r.layers:
-        ci, cv = _by_contribution(list(lay.index), list(lay.contribution))
-        style = "yellow" if lay.top_weight != lay.top_contribution else ""
+    for layer, x in rows:
+        ci, cv = _by_contribution(list(x.index), list(x.contribution))
+        style = "yellow" if x.top_weight != x.top_contribution else ""
         t.add_row(
-            str(lay.layer),
-            _pairs(r, lay.index, lay.weight, n),
+            str(layer),
+            _pairs(r, x.index, x.weight, n),
             Text(_pairs(r, ci, cv, n, "{:.3g}"), style=style),
         )
     return t
@@ -129,6 +168,7 @@ def layer_table(r: ExplainResult, n: int = 2) -> Table:
 
 def heads_table(r: ExplainResult, n: int = 3) -> Table:
     lay = r.layers[0]
+    n = min(n, r.top) if r.top else n  # a head's first `top` by weight/content are exact
     t = Table(title=f"layer {lay.layer}: every head", title_justify="left")
     for col in ("head", "most weight", "most content", "entropy", "‖out‖"):
         t.add_column(col, justify="right" if col in ("head", "entropy", "‖out‖") else "left")
@@ -147,37 +187,46 @@ def heads_table(r: ExplainResult, n: int = 3) -> Table:
 
 def sinks(r: ExplainResult) -> set[int]:
     """Keys left out of the "focused heads" table: the first token, special tokens, the query."""
-    return {0, r.query.index} | {t.index for t in r.tokens if t.special}
+    return set(sink_tokens(r.tokens, r.query.index))
 
 
 def focused_heads(r: ExplainResult, n: int = 10) -> Table:
     """The heads that put the most weight on one token other than the sinks (the first token,
-    special tokens) and the query itself — where the lookup is about content."""
+    special tokens) and the query itself — where the lookup is about content. Exact whatever
+    `top`: the record keeps the sinks and the next key by weight in every head."""
     skip = sinks(r)
     rows = []
     for lay in r.layers:
         for h in lay.heads:
             for rank, (j, w, c) in enumerate(zip(h.index, h.weight, h.contribution, strict=True)):
                 if int(j) not in skip:
-                    crank = int((h.contribution > c).sum()) + 1
-                    rows.append((float(w), lay.layer, h, int(j), float(c), rank + 1, crank))
+                    rows.append((float(w), lay.layer, h, int(j), float(c), rank + 1))
                     break
     rows.sort(key=lambda x: -x[0])
-    names = ", ".join(repr(tok(r, j)) for j in sorted(skip))
+    names = ", ".join(repr(label(r, j)) for j in sorted(skip))
     t = Table(
-        title=f"Heads that send {tok(r, r.query.index)!r} most to one token (other than {names})",
+        title=f"Heads that send {label(r, r.query.index)!r} most to one token (other than {names})",
         title_justify="left",
+        caption="rank: the key's place in its head by weight (2 = one sink weighs more); "
+        "most content from: the key that carried the most through that head",
+        caption_justify="left",
     )
-    for col in ("layer", "head", "key", "weight", "contribution", "rank w/c"):
-        t.add_column(col, justify="left" if col in ("key", "weight") else "right", no_wrap=True)
-    for w, layer, h, j, c, rank, crank in rows[:n]:
+    for col in ("layer", "head", "key", "rank", "weight", "content", "most content from"):
+        t.add_column(
+            col,
+            justify="left" if col in ("key", "weight", "most content from") else "right",
+            no_wrap=True,
+        )
+    for w, layer, h, j, c, rank in rows[:n]:
+        tc = h.top_contribution
         t.add_row(
             str(layer),
             str(h.head),
-            f"{tok(r, j)} ({j})",
+            label(r, j),
+            str(rank),
             f"{bar(w)} {w:.3f}",
             f"{c:.3g}",
-            f"{rank} / {crank}",
+            "this key" if tc == j else label(r, tc),
         )
     return t
 
@@ -185,20 +234,20 @@ def focused_heads(r: ExplainResult, n: int = 10) -> Table:
 def key_table(r: ExplainResult, n: int = 10) -> Table:
     assert r.key is not None
     t = Table(
-        title=f"Heads that send {tok(r, r.query.index)!r} most to {tok(r, r.key.index)!r} (token {r.key.index})",
+        title=f"Heads that send {label(r, r.query.index)!r} most to {label(r, r.key.index)!r}",
         title_justify="left",
     )
     for col in ("layer", "head", "weight", "contribution", "rank in head"):
         t.add_column(col, justify="left" if col == "weight" else "right", no_wrap=True)
-    for layer, head, k in r.heads_to(r.key.index, n):
+    for layer, head, k in r.heads_to(n=n):
         h = r.head(layer, head)
-        rank = int(sum(h.weight > k.weight)) + 1
+        rank = int(sum(h.weight > k.weight)) + 1  # exact up to `top`: those keys are all kept
         t.add_row(
             str(layer),
             str(head),
             f"{bar(k.weight)} {k.weight:.3f}",
             f"{k.contribution:.3g}",
-            str(rank),
+            str(rank) if not r.top or rank <= r.top else f"> {r.top}",
         )
     return t
 

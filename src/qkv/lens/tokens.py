@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .record import Token, token_list
 
@@ -44,46 +45,135 @@ def span_tokens(tokens: Sequence[Token], span: tuple[int, int]) -> list[int]:
     return [t.index for t in tokens if t.end > t.start and t.start < e and t.end > s]
 
 
-def occurrences(tokens: Sequence[Token], text: str, word: str) -> list[list[int]]:
-    """Every occurrence of `word` as a list of token indices (a special token: its own list)."""
+def match_word(tokens: Sequence[Token], text: str, word: str) -> tuple[list[list[int]], bool]:
+    """Every occurrence of `word` as a list of token indices (a special token: its own list),
+    in order; exact case first, ignoring case only when nothing matches (the bool says so)."""
     w = word.strip()
     if not w:
-        return []
+        return [], False
     specials = [[t.index] for t in tokens if t.special and t.text == w]
     for ignore_case in (False, True):
-        found = [span_tokens(tokens, sp) for sp in word_spans(text, w, ignore_case)]
-        found = [f for f in found if f]
+        found = [
+            f for f in (span_tokens(tokens, sp) for sp in word_spans(text, w, ignore_case)) if f
+        ]
         if found or specials:
-            return sorted(specials + found, key=lambda f: f[-1])
-    return []
+            return sorted(specials + found, key=lambda f: f[-1]), ignore_case
+    return [], False
 
 
-def find_token(
-    tokens: Sequence[Token], text: str, token: str | int, occurrence: int = 1, what: str = "token"
-) -> int:
-    """The index of `token` (an index, or a word of the text; `occurrence` counts from 1).
+def occurrences(tokens: Sequence[Token], text: str, word: str) -> list[list[int]]:
+    """Every occurrence of `word` as a list of token indices (see `match_word`)."""
+    return match_word(tokens, text, word)[0]
+
+
+def _few(xs: list[int], n: int = 12) -> str:
+    """'[1, 5]', or '[1, 5, …, 99]' past n items."""
+    return str(xs) if len(xs) <= n else "[" + ", ".join(map(str, xs[: n - 1])) + f", …, {xs[-1]}]"
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+@dataclass(frozen=True)
+class Pick:
+    """How a token was chosen: `index`, and for a word, every occurrence (token indices each),
+    which one (`occurrence`, from 1) and whether the match ignored case."""
+
+    index: int
+    word: str | None = None
+    found: tuple[tuple[int, ...], ...] = ()
+    occurrence: int = 1
+    ignore_case: bool = False
+
+    def note(self, tokens: Sequence[Token], what: str, option: str) -> str | None:
+        """One line saying what was chosen when the choice was not the only one possible
+        (repeats, a word split into pieces, several words, a case-insensitive match); else None."""
+        if self.word is None:
+            return None
+        t = tokens[self.index]
+        said = []
+        if len(self.found) > 1:
+            where = _few([o[-1] for o in self.found])[1:-1]
+            said.append(
+                f"{self.word!r} occurs {len(self.found)} times (tokens {where}); this is the "
+                f"{_ordinal(self.occurrence)} (token {self.index}); pick another with {option}"
+            )
+        span = self.found[self.occurrence - 1]
+        if len(span) > 1:
+            pieces = "|".join(tokens[k].text for k in span).strip()
+            several = len(self.word.split()) > 1
+            said.append(
+                f"{self.word!r} is {'several words' if several else 'split into pieces'} "
+                f"({len(span)} tokens: {pieces!r}); the {what} is the last of them, "
+                f"{t.text.strip()!r} (token {self.index})"
+            )
+        if self.ignore_case:
+            said.append(f"{self.word!r} matched {t.text.strip()!r} ignoring case")
+        return (f"The {what}: " + "; ".join(said) + ".") if said else None
+
+
+def index_in(what: str, x: int, n: int, unit: str) -> int:
+    """A 0-based index into n things; negative counts from the end (-1 = the last), as Python does.
+
+    Raises IndexError naming both valid ranges."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{what} must be an int, got {type(x).__name__}")
+    if not -n <= x < n:
+        raise IndexError(
+            f"{what} {x} out of range: there are {n} {unit}; valid 0..{n - 1}, or -{n}..-1 "
+            "counting from the end"
+        )
+    return x % n
+
+
+def pick_token(
+    tokens: Sequence[Token],
+    text: str,
+    token: str | int,
+    occurrence: int = 1,
+    what: str = "token",
+    option: str = "occurrence",
+) -> Pick:
+    """Which token `token` names: an index (negative counts from the end), or a word of the
+    text — its `occurrence`-th whole-word match (from 1; negative counts from the end), resolved
+    to the last token of the match. `what` and `option` name the token and its occurrence
+    argument in errors.
 
     Raises ValueError listing the tokens when it is absent, IndexError for a bad index."""
     n = len(tokens)
     if isinstance(token, bool) or not isinstance(token, int | str):
         raise TypeError(f"{what} must be a token string or an index, got {type(token).__name__}")
     if isinstance(token, int):
-        if not -n <= token < n:
-            raise IndexError(
-                f"{what} index {token} is outside the text's {n} tokens: valid range [0, {n - 1}]"
-            )
-        return token % n
-    if isinstance(occurrence, bool) or not isinstance(occurrence, int) or occurrence < 1:
-        raise ValueError(f"occurrence counts from 1, got {occurrence!r}")
-    occ = occurrences(tokens, text, token)
+        return Pick(index_in(f"{what} index", token, n, "tokens in the text"))
+    if isinstance(occurrence, bool) or not isinstance(occurrence, int) or occurrence == 0:
+        raise ValueError(
+            f"{option} counts from 1 (negative from the end: -1 = the last), got {occurrence!r}"
+        )
+    occ, ignore_case = match_word(tokens, text, token)
     if not occ:
         raise ValueError(
             f"{what} {token!r} is not in the text. Its tokens are: {token_list(list(tokens))}. "
             "Pass one of these words, or an index."
         )
-    if occurrence > len(occ):
+    if not -len(occ) <= occurrence <= len(occ):
         raise ValueError(
-            f"{what} {token!r} occurs {len(occ)} time(s) (tokens {[o[-1] for o in occ]}); "
-            f"occurrence must be in [1, {len(occ)}], got {occurrence}"
+            f"{what} {token!r} occurs {len(occ)} time(s) (tokens {_few([o[-1] for o in occ])}); "
+            f"{option} must be in [1, {len(occ)}] (or -{len(occ)}..-1 from the end), got {occurrence}"
         )
-    return occ[occurrence - 1][-1]
+    k = occurrence - 1 if occurrence > 0 else len(occ) + occurrence
+    return Pick(occ[k][-1], token, tuple(tuple(o) for o in occ), k + 1, ignore_case)
+
+
+def find_token(
+    tokens: Sequence[Token], text: str, token: str | int, occurrence: int = 1, what: str = "token"
+) -> int:
+    """The index of `token` (see `pick_token`)."""
+    return pick_token(tokens, text, token, occurrence, what).index
+
+
+def sink_tokens(tokens: Sequence[Token], query: int) -> list[int]:
+    """The keys a lookup often parks weight on regardless of content: the first token, the
+    special tokens ([CLS], [SEP]) and the query itself. The record keeps them in every head
+    whatever their rank, and the "focused heads" view looks past them."""
+    return sorted({0, query} | {t.index for t in tokens if t.special})
