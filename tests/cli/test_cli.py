@@ -58,7 +58,9 @@ def test_explain_prints_and_writes_every_view(loads, tmp_path, capsys):
         argv += [f"--{k}", str(p)]
     assert main(argv) == 0
     out = capsys.readouterr()
-    assert "query it (token 6)" in out.out and "Heads that send 'it' most to 'dog'" in out.out
+    assert (
+        "query it (token 6)" in out.out and "Heads that send 'it (6)' most to 'dog (1)'" in out.out
+    )
     r = from_json(paths["json"])
     assert r.query.text == "it" and r.top == 3 and r.key.text == "dog"
     assert paths["html"].read_text().startswith("<!DOCTYPE html>")
@@ -119,9 +121,20 @@ def test_explain_reads_a_file(loads, tmp_path, capsys):
         (["--token", "cat"], "'cat' is not in the text. Its tokens are: 0:'The' 1:'dog'"),
         (
             ["--token", "it", "--layer", "9"],
-            "layer 9 out of range: tiny-causal has 3 layers, valid 0..2",
+            "--layer 9 out of range: there are 3 layers in tiny-causal; valid 0..2, or -3..-1",
         ),
-        (["--token", "it", "--head", "-9"], "valid 0..3"),
+        (
+            ["--token", "it", "--head", "-9"],
+            "--head -9 out of range: there are 4 heads in tiny-causal; valid 0..3, or -4..-1 counting from the end",
+        ),
+        (["--index", "10"], "--index 10 out of range: there are 10 tokens in the text"),
+        (["--token", "it", "--top", "-1"], "--top must be an int ≥ 0"),
+        (["--token", "it", "--occurrence", "0"], "--occurrence counts from 1"),
+        (
+            ["--token", "it", "--key", "the", "--key-occurrence", "2"],
+            "key 'the' occurs 1 time(s) (tokens [3]); --key-occurrence must be in [1, 1]",
+        ),
+        (["--token", "it", "--key", "dog", "--key-index", "1"], "not both"),
         (["--token", "it", "--index", "3"], "exactly one"),
         ([], "exactly one"),
     ],
@@ -168,3 +181,100 @@ def test_heads_ranks_heads_on_a_user_file(loads, tmp_path, capsys):
     assert "Best heads at the pronoun" in out and "is causal" not in out
     assert main(["heads", "--model", "tiny-bidir", "--data", str(tmp_path / "none.jsonl")]) == 2
     assert "no data file" in capsys.readouterr().err
+
+
+def test_errors_name_cli_flags_not_python_arguments(loads, capsys):
+    long = "word " * 600  # over the tiny model's 512 tokens
+    assert main(["explain", long, "--token", "word", "--model", "tiny-causal"]) == 2
+    err = capsys.readouterr().err
+    assert "pass --truncate" in err and "truncate=True" not in err
+    assert main(["explain", long, "--index", "3", "--model", "tiny-causal", "--truncate"]) == 0
+    assert "only its first 512 tokens" in " ".join(capsys.readouterr().out.split())
+    assert main(["train", "recall", "--steps", "0", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps must be a positive int, got 0" in err and "TrainConfig" not in err
+
+
+def test_cli_message_rewrites_python_names():
+    from qkv.cli import _flags, build_parser, cli_message
+
+    flags = _flags(build_parser())
+    said = cli_message(
+        "with max_new_tokens=64 that exceeds; lower max_new_tokens, or pass truncate=True. "
+        "TinyConfig: d_model=32 is not divisible; key 'dog' (token 3) is fine",
+        flags,
+        {"token index": "--index"},
+    )
+    assert said == (
+        "with --max-new-tokens 64 that exceeds; lower --max-new-tokens, or pass --truncate. "
+        "--d-model 32 is not divisible; key 'dog' (token 3) is fine"
+    )
+
+
+def test_head_minus_one_is_the_last_head_in_every_layer(loads, capsys):
+    argv = ["explain", SENTENCE, "--token", "it", "--model", "tiny-causal", "--head", "-1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert all(f"layer {n} head 3 " in out for n in range(3)) and "head 2 " not in out
+
+
+def test_top_1_tables_match_top_0(loads, capsys):
+    """The per-layer and focused-heads tables are the same whatever --top keeps per head."""
+
+    def tables(top: str) -> str:
+        argv = ["explain", SENTENCE, "--token", "it", "--model", "tiny-bidir", "--top", top]
+        assert main([*argv, "--no-rollout"]) == 0
+        out = capsys.readouterr().out
+        return out[out.index("Per layer") :]
+
+    assert tables("1") == tables("0")
+
+
+def test_a_closed_pipe_exits_141_without_a_traceback():
+    """`qkv models | head -c 5`: the reader goes away before we write."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "qkv", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    p.stdout.close()  # nobody reads: the first write (or the exit flush) meets EPIPE
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == ""
+
+
+def test_rich_output_into_a_closed_pipe_exits_141(loads, monkeypatch, capsys):
+    """rich's own handler would exit 1; the CLI's console hands the broken pipe to main."""
+    from qkv import cli
+
+    class Closed:
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def isatty(self):
+            return False
+
+        def fileno(self):
+            raise OSError("no file descriptor")
+
+    monkeypatch.setattr("sys.stdout", Closed())
+    assert cli.main(["explain", SENTENCE, "--token", "it", "--model", "tiny-causal"]) == 141
+
+
+@pytest.mark.parametrize("where", ["start-up", "model load"])
+def test_ctrl_c_exits_130_quietly(loads, monkeypatch, capsys, where):
+    from qkv import cli
+
+    def interrupt(*_a, **_k):
+        raise KeyboardInterrupt
+
+    if where == "start-up":
+        monkeypatch.setattr(cli, "build_parser", interrupt)
+    else:
+        monkeypatch.setattr(qkv.models, "load", interrupt)
+    assert cli.main(["explain", SENTENCE, "--token", "it", "--model", "tiny-causal"]) == 130
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""

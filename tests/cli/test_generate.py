@@ -67,7 +67,7 @@ def test_reads_the_prompt_from_a_file(smollm2, loads, tmp_path, capsys):
         (["hi", "--file", "x.txt"], "either as an argument or with --file"),
         (["--file", "/nonexistent/p.txt"], "no prompt file"),
         (["hi", "--temperature", "-1"], "temperature must be"),
-        (["hi", "--max-new-tokens", "0"], "max_new_tokens"),
+        (["hi", "--max-new-tokens", "0"], "--max-new-tokens"),
         (["hi " * 9000], "exceeds smollm2's context of 8192 tokens"),  # fails before prefill
     ],
 )

@@ -153,3 +153,63 @@ def test_html_script_runs(result, tiny_bidir, tmp_path):
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith("ok")
+
+
+@pytest.fixture(scope="module")
+def deep():
+    from .conftest import TinyModel
+
+    return TinyModel(causal=True, n_layers=5, seed=2)
+
+
+def test_head_without_layer_shapes_the_per_layer_table(deep):
+    r = explain(SENTENCE, "it", model=deep, head=2, top=2, rollout=False)
+    s = str(r)
+    assert "Per layer, head 2:" in s and "mean weight over heads" not in s
+    rows = [line for line in s.splitlines() if line.startswith("│") and "│ most" not in line]
+    for lay, row in zip(r.layers, rows, strict=False):
+        h = lay.heads[0]
+        assert f"{r.tokens[h.top_weight].text} ({h.top_weight}) {h.weight[0]:.2f}" in row
+
+
+def test_tables_say_positions_and_what_their_columns_mean(deep):
+    s = str(explain(SENTENCE, "it", model=deep, top=1, rollout=False))
+    assert "rank w/c" not in s and "most content from" in s and "rank: the key's place" in s
+    assert "the (3) " in s or "dog (1) " in s or "ball (4) " in s
+
+
+def test_repr_is_one_short_line(result):
+    s = repr(result)
+    assert "\n" not in s and len(s) < 200
+    assert s.startswith("<ExplainResult tiny-causal: query 'excited'@8, key='dog'@1 of 10 tokens")
+    assert len(repr(result.layers[0])) < 120 and len(repr(result.layers[0].heads[0])) < 120
+
+
+def test_a_long_text_is_echoed_around_the_query(tiny_causal):
+    words = [f"w{k}" for k in range(500)]  # 2,400 characters, within the tiny context
+    words[300] = "needle"
+    r = explain(" ".join(words), "needle", model=tiny_causal, layer=0, head=0, top=1)
+    s = str(r)
+    assert "needle" in s and "w290" in s and "w10 " not in s and "w499" not in s
+    assert "[… 240 words before]" in s and "words after …]" in s
+    assert len(s) < 5000
+    short = str(explain(SENTENCE, "it", model=tiny_causal, layer=0, head=0))
+    assert SENTENCE in short and "words before" not in short
+
+
+def test_the_sink_note_states_this_run_s_numbers(tiny_bidir):
+    r = explain(SENTENCE, "it", model=tiny_bidir, top=3, rollout=False)
+    note = next(n for n in r.notes if "the key with the most weight is not" in n)
+    assert "pass on little" not in note  # a claim the data may contradict
+    heads = [h for lay in r.layers for h in lay.heads]
+    dis = [h for h in heads if h.disagrees]
+    assert f"In {len(dis)} of {len(heads)} heads" in note
+    j = int(np.bincount([h.top_weight for h in dis]).argmax())
+    mine = [h for h in dis if h.top_weight == j]
+    w = np.mean([h.key(j).weight for h in mine])
+    assert (
+        f"in {len(mine)} head{'s' if len(mine) > 1 else ''} it takes the most weight (mean {w:.2f})"
+        in note
+    )
+    both = [h for h in heads if h.top_weight == j and not h.disagrees]
+    assert ("Not everywhere" in note) == bool(both)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 # one module per subcommand group; each defines register(subparsers)
 COMMANDS = ("demo", "explain", "generate", "heads", "models", "train")
@@ -35,13 +38,93 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _flags(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool]]:
+    """dest → (its long flag, whether it takes a value), over the parser and its subcommands."""
+    out: dict[str, tuple[str, bool]] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in action.choices.values():
+                out.update(_flags(p))
+        elif action.option_strings and action.dest != "help":
+            out[action.dest] = (action.option_strings[-1], action.nargs != 0)
+    return out
+
+
+def cli_message(message: str, flags: dict[str, tuple[str, bool]], names: dict[str, str]) -> str:
+    """A library error in the CLI's words: Python names become the flags that set them.
+
+    `names` maps a phrase or Python name to its flag ("token index" → "--index",
+    "n_records" → "--records"); `flags` is dest → (flag, takes a value), from the parser.
+    Rewritten: `Owner.name` / `Owner: name` (a config field), `name=value` (a keyword
+    argument), a name with an underscore anywhere, and a plain name opening a clause before
+    "must", "counts" or "N out of range"."""
+    table = {k: (v, True) for k, v in names.items()} | flags
+
+    def flag(name: str) -> str | None:
+        return table[name][0] if name in table else None
+
+    def kwarg(m: re.Match) -> str:
+        name, value = m.group(1), m.group(2)
+        f = flag(name)
+        if f is None:
+            return m.group(0)
+        return f if value is None or (value == "True" and not table[name][1]) else f"{f} {value}"
+
+    for phrase, f in sorted(names.items(), key=lambda t: -len(t[0])):
+        if " " in phrase:
+            message = re.sub(rf"(?<![\w-]){re.escape(phrase)}\b", f, message)
+    value = r"=([^\s,;)]*[^\s,;).])"  # name=value (a sentence's full stop is not the value's)
+    message = re.sub(rf"\b[A-Z]\w*(?:\.|: )([a-z_]\w*)\b(?:{value})?", kwarg, message)
+    message = re.sub(rf"(?<![\w.-])([a-z_]\w*){value}", kwarg, message)
+    message = re.sub(
+        r"(?<![\w-])([a-z]\w*_\w+)\b", lambda m: flag(m.group(1)) or m.group(0), message
+    )
+    return re.sub(
+        r"(^|; |\. )([a-z]\w*)(?= (?:must|counts|-?\d+ out of range)\b)",
+        lambda m: m.group(1) + (flag(m.group(2)) or m.group(2)),
+        message,
+    )
+
+
+def stdout_console() -> Any:
+    """A rich Console on stdout whose broken pipe reaches `main` as BrokenPipeError (rich's
+    own handler exits 1)."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError
+
+    return _Console()
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so that the exit flush stays silent."""
     try:
-        return int(args.run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, IndexError, KeyError) as e:
-        print(f"qkv {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (captured output)
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done; 2 bad input (one line naming the flag); 130
+    interrupted (Ctrl-C); 141 the reader of stdout went away (`| head`); no traceback."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        try:
+            rc = int(args.run(args) or 0)
+        except (ValueError, TypeError, FileNotFoundError, IndexError, KeyError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            names = getattr(args, "python_names", {})
+            print(f"qkv {args.command}: error: {cli_message(str(msg), _flags(parser), names)}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return rc
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141

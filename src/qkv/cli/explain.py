@@ -1,11 +1,14 @@
-"""`qkv explain TEXT --token WORD`: what one token looks up, per layer and head."""
+"""`qkv explain TEXT --token WORD`: what one token looks up, per layer and head.
+
+Every index (--index, --key-index, --layer, --head) is 0-based and, as in Python, a negative
+one counts from the end (-1 = the last); outside -n..n-1 is an error naming both ranges."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from qkv.cli import text_or_file
+from qkv.cli import stdout_console, text_or_file
 from qkv.lens import DEFAULT_TOP, explain
 from qkv.lens.io import check_writable
 from qkv.models import DEFAULT_MODEL
@@ -15,6 +18,8 @@ def run(args: argparse.Namespace) -> int:
     text = text_or_file(args.text, args.file, "text")
     if (args.token is None) == (args.index is None):
         raise ValueError("choose the query with --token WORD or --index I (exactly one)")
+    if args.key is not None and args.key_index is not None:
+        raise ValueError("choose the key with --key WORD or --key-index J (not both)")
     for path in (args.json, args.html, args.png):  # fail before the model runs
         if path is not None and path != "-":
             check_writable(path)
@@ -26,13 +31,15 @@ def run(args: argparse.Namespace) -> int:
         layer=args.layer,
         head=args.head,
         top=args.top,
-        key=args.key,
+        key=args.key if args.key is not None else args.key_index,
+        key_occurrence=args.key_occurrence,
         rollout=args.rollout,
+        truncate=args.truncate,
     )
     if args.json == "-":
         sys.stdout.write(result.to_json(indent=1) + "\n")
     else:
-        result.render()
+        result.render(stdout_console())
     written = []
     if args.json not in (None, "-"):
         result.to_json(args.json, indent=1)
@@ -57,23 +64,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("text", nargs="?", help="the text (or use --file)")
     p.add_argument("--file", help="read the text from this file")
-    p.add_argument("--token", help="the query token: a word of the text")
-    p.add_argument("--index", type=int, help="the query token by index (instead of --token)")
-    p.add_argument("--occurrence", type=int, default=1, help="which occurrence of --token (from 1)")
+    p.add_argument("--token", help="the query token: a word of the text (always a word, even '1')")
+    p.add_argument(
+        "--index", type=int, help="the query by token position (instead of --token; -1 = last)"
+    )
+    p.add_argument(
+        "--occurrence",
+        type=int,
+        default=1,
+        help="which occurrence of a repeated --token word (from 1; -1 = the last)",
+    )
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help=f"model name or checkpoint directory (default {DEFAULT_MODEL})",
     )
-    p.add_argument("--layer", type=int, help="only this layer (0-based)")
-    p.add_argument("--head", type=int, help="only this head (0-based)")
+    p.add_argument("--layer", type=int, help="only this layer (0-based; -1 = the last)")
+    p.add_argument(
+        "--head",
+        type=int,
+        help="only this head, in every layer or in --layer (0-based; -1 = the last)",
+    )
     p.add_argument(
         "--top",
         type=int,
         default=DEFAULT_TOP,
         help=f"keys kept per head, ranked by weight; 0 = all (default {DEFAULT_TOP})",
     )
-    p.add_argument("--key", help="a token to rank heads by: which heads send the query most to it")
+    p.add_argument("--key", help="a word to rank heads by: which heads send the query most to it")
+    p.add_argument(
+        "--key-index", type=int, help="the key by token position (instead of --key; -1 = last)"
+    )
+    p.add_argument(
+        "--key-occurrence",
+        type=int,
+        default=1,
+        help="which occurrence of a repeated --key word (from 1; -1 = the last)",
+    )
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="read only the text's first tokens when it is longer than the model's context",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--rollout",
@@ -88,4 +120,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH|-", help="write the qkv.explain/1 record (- for stdout)")
     p.add_argument("--html", metavar="PATH", help="write a standalone HTML view")
     p.add_argument("--png", metavar="PATH", help="write a PNG figure")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, python_names={"token index": "--index", "key index": "--key-index"})

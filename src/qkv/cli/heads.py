@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from qkv.cli import stdout_console
 from qkv.lens import head_search
 from qkv.models import DEFAULT_MODEL
 
@@ -12,7 +13,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ValueError(f"--top must be ≥ 1, got {args.top}")
     result = head_search(args.model, args.data)
-    result.render(n=args.top)
+    result.render(stdout_console(), n=args.top)
     return 0
 
 

@@ -46,6 +46,8 @@ TRAIN_FLAGS = (
     "checkpoint_every",
     "threads",
 )
+# the library's names for those flags, so that its errors reach the user in flags
+PYTHON_NAMES = {f: "--" + k.replace("_", "-") for k, f in {**TASK_FLAGS, **ARCH_FLAGS}.items()}
 _TC = TrainConfig()
 _AC = {f.name: f.default for f in dataclasses.fields(TinyConfig)}
 
@@ -243,7 +245,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_task_flags(p, {})
     _add_arch_flags(p)
     _add_train_flags(p, _TC.steps)
-    p.set_defaults(run=run_train)
+    p.set_defaults(run=run_train, python_names=PYTHON_NAMES)
 
     e = sub.add_parser(
         "experiment", help="experiments on learned attention (projections: why W_Q, W_K, W_V?)"
@@ -278,4 +280,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_task_flags(x, DEFAULT_TASK, recall_only=True)
     _add_arch_flags(x, with_projections=False)
     _add_train_flags(x, DEFAULT_STEPS, early_stop=False)
-    x.set_defaults(run=run_experiment, projections=None)
+    x.set_defaults(run=run_experiment, projections=None, python_names=PYTHON_NAMES)

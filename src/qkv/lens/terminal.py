@@ -33,6 +33,15 @@ def tok(r: ExplainResult, j: int) -> str:
 ECHO_CHARS = 600  # a longer text is echoed as this many characters around the query
 
 
+def _snap(text: str, i: int, step: int, most: int = 40) -> int:
+    """Move i (by `step`, at most `most` characters) to the nearest word boundary."""
+    for _ in range(most):
+        if i <= 0 or i >= len(text) or text[i - (step < 0)].isspace():
+            break
+        i += step
+    return i
+
+
 def marked_text(r: ExplainResult, limit: int = ECHO_CHARS) -> Text:
     """The source text with the query token (and the chosen key) highlighted; a text longer
     than `limit` characters is cut to a window around the query, saying what was left out."""
@@ -40,14 +49,11 @@ def marked_text(r: ExplainResult, limit: int = ECHO_CHARS) -> Text:
     lo, hi = 0, len(r.text)
     if hi > limit:
         centre = q.start if not q.special else (0 if q.index == 0 else hi)
-        lo = max(0, min(centre - limit // 2, hi - limit))
-        hi = lo + limit
-        if r.key is not None and not r.tokens[r.key.index].special:
-            k = r.tokens[r.key.index]
-            lo, hi = min(lo, k.start), max(hi, k.end)  # keep the chosen key in view
+        lo = _snap(r.text, max(0, min(centre - limit // 2, hi - limit)), -1)
+        hi = _snap(r.text, min(lo + limit, hi), 1)
     out = Text()
     if lo > 0:
-        out.append(f"[… {len(r.text[:lo].split())} words before] …", style="dim")
+        out.append(f"[… {len(r.text[:lo].split())} words before] ", style="dim")
     pos = lo
     for t in r.tokens:
         if t.special:
@@ -71,7 +77,7 @@ def marked_text(r: ExplainResult, limit: int = ECHO_CHARS) -> Text:
     if pos < hi:
         out.append(r.text[pos:hi])
     if hi < len(r.text):
-        out.append(f"… [{len(r.text[hi:].split())} words after]", style="dim")
+        out.append(f" [{len(r.text[hi:].split())} words after …]", style="dim")
     return out
 
 
