@@ -96,3 +96,33 @@ def test_attention_weights_bad_rows_and_lse():
         qkv.attention_weights(q, k, rows=[0.5])
     with pytest.raises(ValueError, match=r"\(2, 8, 5\)"):
         qkv.attention_weights(q, k, torch.zeros(2, 8, 4), rows=[0])
+
+
+@pytest.mark.parametrize(
+    "slopes, words",
+    [
+        (torch.rand(3, 8), ["(3, 8)", "B=2, Hq=8", "(2, 8)"]),
+        (torch.rand(4), ["(4,)", "Hq=8", "(8,)"]),
+        (torch.rand(2, 8, 1), ["(Hq,) or (B, Hq)"]),
+    ],
+)
+def test_alibi_slopes_of_the_wrong_shape_are_named(slopes, words):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError) as e:
+        qkv.attention(q, k, v, score_mod=qkv.alibi(slopes))
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.parametrize("B", [2, 9], ids=["fails-to-index", "wrong-shape"])
+def test_flex_style_chained_indexing_is_explained(B):
+    """FlexAttention mods index captured tensors as bias[b][q]; ours are broadcast index tensors,
+    so that fails to index (B < Sq) or yields a shape that cannot broadcast (B ≥ Sq)."""
+    q, k, v = make_qkv(B, 8, 2, 5, 7, 16)
+    bias = torch.randn(B, 5)
+    with pytest.raises((IndexError, RuntimeError, ValueError)) as e:
+        qkv.attention(q, k, v, score_mod=lambda s, b, h, q_idx, kv_idx: s + bias[b][q_idx - 2])
+    assert "score_mod" in str(e.value) and "bias[b, q_idx]" in str(e.value), str(e.value)
+    assert "broadcast" in str(e.value)
+    with pytest.raises((IndexError, RuntimeError, ValueError)) as e:
+        qkv.attention(q, k, v, mask_mod=lambda b, h, q_idx, kv_idx: bias[b][q_idx - 2] > 0)
+    assert "mask_mod" in str(e.value) and "bias[b, q_idx]" in str(e.value), str(e.value)

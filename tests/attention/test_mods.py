@@ -97,6 +97,24 @@ def test_alibi_equals_explicit_bias():
         assert err(qkv.attention(q, k, v, score_mod=qkv.alibi(8), backend=backend), want) < 1e-12
 
 
+def test_alibi_per_batch_slopes_equal_explicit_bias():
+    """(B, H) slopes, as flash-attn's `alibi_slopes` takes them: row b uses slopes[b]."""
+    q, k, v = make_qkv(B, 4, 4, SQ, SK, 8, dtype=torch.float64)
+    slopes = torch.tensor([[0.5, 0.25, 0.125, 0.0625], [0.3, 0.2, 0.1, 0.0]], dtype=torch.float64)
+    bias = torch.tensor(
+        [
+            [[[-slopes[b, h].item() * abs(i + SK - SQ - j) for j in range(SK)] for i in range(SQ)]
+             for h in range(4)]
+            for b in range(B)
+        ],
+        dtype=torch.float64,
+    )  # fmt: skip
+    want = qkv.reference_attention(q, k, v, mask=bias).out
+    for backend in ("reference", "tiled"):
+        got = qkv.attention(q, k, v, score_mod=qkv.alibi(slopes), backend=backend)
+        assert err(got, want) < 1e-12, backend
+
+
 def test_alibi_slopes_non_power_of_two():
     s = qkv.alibi_slopes(12)  # Press et al.: 8 slopes of n=8, then every other slope of n=16
     want = [2 ** (-(i + 1)) for i in range(8)] + [2 ** (-0.5 * (2 * i + 1)) for i in range(4)]

@@ -36,7 +36,13 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool
     `lse_supported`); our tiled kernel when the request needs a differentiable LSE, a mod, a
     generator-driven dropout, block skipping (window, mask_mod), or when NaN/inf sit in K/V under
     a mask (SDPA would leak them: 0·NaN = NaN). That check costs one host sync on a GPU.
+    Also tiled for fp16/bf16 on CPU when a gradient is needed: PyTorch's CPU kernels fail
+    flash-attn's own backward test there (fp16, 2 keys, d=64, causal: dq 6.3e-3 off float64
+    against an allowance of 4.3e-3; tests/attention/test_peers.py), while tiled keeps dP in fp32.
     """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if needs_grad and q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
+        return "tiled"
     if return_lse and lse_supported(q, k, v, spec):
         return "sdpa" if not spec.masked or scoring.all_finite(k, v) else "tiled"
     if spec.Sq == 0 or spec.Sk == 0 or return_lse or unsupported(spec) is not None:

@@ -120,16 +120,35 @@ def alibi_slopes(n_heads: int) -> Tensor:
 
 
 def alibi(slopes: Tensor | int) -> ScoreMod:
-    """score − slope[h]·|q_idx − kv_idx| (for causal attention: + slope·(kv_idx − q_idx))."""
+    """score − slope·|q_idx − kv_idx| (for causal attention: + slope·(kv_idx − q_idx)).
+
+    `slopes` is an int n (`alibi_slopes(n)`), a tensor (Hq,) shared by the batch, or (B, Hq)
+    per batch row (as flash-attn's `alibi_slopes` accepts). With causal attention flash-attn adds
+    slope·(kv_idx − (Sk − 1)) instead: per row that differs by a constant, so the weights and
+    output are the same (the LSE is not)."""
     s = alibi_slopes(slopes) if isinstance(slopes, int) else slopes
+    if not isinstance(s, Tensor) or s.dim() not in (1, 2) or not s.is_floating_point():
+        got = f"{s.dtype} {tuple(s.shape)}" if isinstance(s, Tensor) else type(s).__name__
+        raise ValueError(
+            f"alibi slopes must be an int or a float tensor (Hq,) or (B, Hq), got {got}"
+        )
     # the slopes on each (device, dtype) they meet: one host→device copy, not one per tile
     placed: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         key = (score.device, score.dtype)
         if key not in placed:
+            want = (b.shape[0], h.shape[1])[2 - s.dim() :]
+            if tuple(s.shape) != want:
+                names = ("B", "Hq")[2 - s.dim() :]
+                raise ValueError(
+                    f"alibi has slopes of shape {tuple(s.shape)} but the call has "
+                    + ", ".join(f"{n}={w}" for n, w in zip(names, want, strict=True))
+                    + f"; pass slopes of shape {want}"
+                )
             placed[key] = s.to(device=score.device, dtype=score.dtype)
-        return score - placed[key][h] * (q_idx - kv_idx).abs().to(score.dtype)
+        slope = placed[key][h] if s.dim() == 1 else placed[key][b, h]  # (1|B, Hq, 1, 1)
+        return score - slope * (q_idx - kv_idx).abs().to(score.dtype)
 
     return mod
 

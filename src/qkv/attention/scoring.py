@@ -100,6 +100,41 @@ def _grids(spec: Spec, blk: Block, device: torch.device) -> tuple[Tensor, Tensor
     return b, h, qi, kj
 
 
+MOD_INDEXING = (
+    "its index arguments are integer tensors broadcast over (b h i j) — b (B,1,1,1), "
+    "h (1,Hq,1,1), q_idx (1,1,i,1), kv_idx (1,1,1,j) — so index a captured tensor with them all "
+    "at once, e.g. bias[b, q_idx] or bias[b, h, q_idx, kv_idx]; FlexAttention-style "
+    "bias[b][q_idx] indexes the result of bias[b] again along its first axis"
+)
+
+
+def call_mod(name: str, fn, *args: Tensor) -> Tensor:
+    """Call a user's mask_mod/score_mod on a block's index tensors (the last four args), and
+    explain the broadcast indexing contract if it fails to index, fails on mismatched shapes
+    (IndexError, RuntimeError: the same type is raised again, with the hint) or returns a
+    tensor that does not broadcast to the block's (b h i j) (ValueError)."""
+    try:
+        out = fn(*args)
+    except IndexError as e:
+        raise IndexError(f"{name} raised IndexError ({e}); if it indexes: {MOD_INDEXING}") from e
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"{name} raised RuntimeError ({e}); if it indexes: {MOD_INDEXING}"
+        ) from e
+    if isinstance(out, Tensor):
+        want = torch.broadcast_shapes(*(a.shape for a in args[-4:]))
+        try:
+            fits = torch.broadcast_shapes(out.shape, want) == want
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"{name} returned shape {tuple(out.shape)}, which does not broadcast to the "
+                f"block's (b h i j) = {tuple(want)}: {MOD_INDEXING}"
+            )
+    return out
+
+
 def _slice(m: Tensor, blk: Block) -> Tensor:  # (b h i j) mask restricted to the block
     if m.shape[2] != 1:
         m = m[:, :, blk.rows]
@@ -136,7 +171,7 @@ def modify(s: Tensor, spec: Spec, blk: Block) -> Tensor:
     if spec.softcap is not None:
         s = spec.softcap * torch.tanh(s / spec.softcap)
     if spec.score_mod is not None:
-        out = spec.score_mod(s, *_grids(spec, blk, s.device))
+        out = call_mod("score_mod", spec.score_mod, s, *_grids(spec, blk, s.device))
         if not isinstance(out, Tensor):
             raise TypeError(f"score_mod must return a tensor, got {type(out).__name__}")
         s = torch.broadcast_to(out, s.shape).to(s.dtype)
@@ -185,7 +220,7 @@ def keep(spec: Spec, blk: Block, device: torch.device) -> Tensor | None:
         m = _slice(spec.keep, blk)
         out = m if out is None else out & m
     if spec.mask_mod is not None:
-        m = spec.mask_mod(*_grids(spec, blk, device))
+        m = call_mod("mask_mod", spec.mask_mod, *_grids(spec, blk, device))
         if not isinstance(m, Tensor) or m.dtype != torch.bool:
             got = m.dtype if isinstance(m, Tensor) else type(m).__name__
             raise TypeError(f"mask_mod must return a bool tensor (True = keep), got {got}")
