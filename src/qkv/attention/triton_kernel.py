@@ -12,7 +12,9 @@ i + δ, δ = Sk − Sq), window (left, right) inclusive, GQA by indexing kv head
 (no K/V copies), an empty row → out 0 and LSE −inf, NaN/inf in masked-out K or V never reaches
 the output: a banded call checks K and V once (one host sync) and, if they hold any, runs a
 variant that zeroes them and marks NaN exactly where plain math would (a kept bad key or value).
-fp16/bf16/fp32 in, fp32 accumulation, LSE fp32 natural log (under the interpreter, whose
+fp16/bf16/fp32 in; scores q·k are accumulated in fp32 by `tl.dot` and never rounded to the
+input dtype, and softmax, `m`, `l` and `acc` stay fp32 (P is rounded to v's dtype before P·V, as
+FlashAttention does); LSE fp32 natural log (under the interpreter, whose
 `tl.dot` mistakes bf16 for integers, bf16 operands are widened to fp32 first: same products).
 Head dims D = Dv ≤ 256, padded to a power of two ≥ 16 inside. fp32 dots use IEEE precision
 (no TF32), as the error budget demands.
