@@ -12,7 +12,7 @@ LEVEL = {"attention": 1, "nn": 2, "models": 3, "lens": 4, "train": 4, "cli": 5, 
 
 
 def imported_layers(path: Path) -> set[str]:
-    return layers_in(path.read_text(), path.relative_to(SRC).parts)
+    return layers_in(path.read_text(encoding="utf-8"), path.relative_to(SRC).parts)
 
 
 def layers_in(source: str, pkg: tuple[str, ...]) -> set[str]:

@@ -30,7 +30,7 @@ def test_train_writes_checkpoint_and_metrics(tmp_path, capsys):
         main(["train", "recall", "--out", str(out), "--steps", "20", "--d-model", "32", *SMALL])
         == 0
     )
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert {"task", "accuracy", "seconds", "steps"} <= metrics.keys()
     assert metrics["task"] == "recall" and metrics["steps"] == 20 and 0 <= metrics["accuracy"] <= 1
     assert metrics["task_params"]["n_records"] == 4 and metrics["model"]["d_model"] == 32
@@ -44,7 +44,7 @@ def test_train_writes_checkpoint_and_metrics(tmp_path, capsys):
 def test_train_other_tasks(tmp_path, task):
     args = ["train", task, "--out", str(tmp_path), "--steps", "5", "--symbols", "9", "-q"]
     assert main(args) == 0
-    assert json.loads((tmp_path / "metrics.json").read_text())["task"] == task
+    assert json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))["task"] == task
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_experiment_projections(tmp_path, capsys):
     for v in ("separate", "tied_qk", "tied_qkv", "no_v", "steps to 90%", "final accuracy"):
         assert v in table
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    doc = json.loads(js.read_text())
+    doc = json.loads(js.read_text(encoding="utf-8"))
     assert len(doc["runs"]) == 8 and {r["variant"] for r in doc["runs"]} == {
         "separate",
         "tied_qk",

@@ -31,7 +31,7 @@ def test_short_run_learns_recall(trained):
     m = result.metrics
     assert m["accuracy"] >= 0.98, m  # held-out test queries (3000 of them)
     assert m["test_queries"] == 3000 and m["steps"] < 1500 and m["seconds"] > 0  # no clock limit
-    on_disk = json.loads((out / "metrics.json").read_text())
+    on_disk = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     for k in ("task", "accuracy", "seconds", "steps"):
         assert on_disk[k] == m[k]
     # the reported accuracy is reproducible from the checkpoint with an independent lookup

@@ -224,7 +224,7 @@ def test_checkpoint_round_trip_via_qkv_load(tmp_path, projections):
 
 def test_checkpoint_config_tensor_mismatch(tmp_path):
     save_checkpoint(make(), tmp_path)
-    doc = json.loads((tmp_path / "config.json").read_text())
+    doc = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
     doc["config"]["d_model"] = 64
     (tmp_path / "config.json").write_text(json.dumps(doc))
     with pytest.raises(

@@ -297,7 +297,7 @@ def load_bert(model_dir: str | Path, name: str = "minilm") -> BertEncoder:
         if not (d / f).is_file():
             raise FileNotFoundError(f"{d} has no {f}; expected a BERT checkpoint directory")
     try:
-        hf = json.loads((d / "config.json").read_text())
+        hf = json.loads((d / "config.json").read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{d / 'config.json'} is not valid JSON: {e}") from e
     config = BertConfig.from_hf(hf, name=name)

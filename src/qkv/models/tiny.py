@@ -393,7 +393,7 @@ def _write_temp(path: Path, write) -> Path:
 def write_atomic(path: str | Path, text: str) -> None:
     """Write a text file so readers see the old or the new content, never a partial one."""
     path = Path(path)
-    tmp = _write_temp(path, lambda p: p.write_text(text))
+    tmp = _write_temp(path, lambda p: p.write_text(text, encoding="utf-8"))
     os.replace(tmp, path)
 
 
@@ -411,7 +411,8 @@ def save_checkpoint(model: TinyTransformer, path: str | Path, *, extra: dict | N
     tmp_w = _write_temp(path / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=meta))
     try:
         tmp_c = _write_temp(
-            path / CONFIG_FILE, lambda p: p.write_text(json.dumps(doc, indent=2) + "\n")
+            path / CONFIG_FILE,
+            lambda p: p.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8"),
         )
     except BaseException:
         tmp_w.unlink(missing_ok=True)
@@ -435,7 +436,7 @@ def load_checkpoint(path: str | Path) -> TinyTransformer:
                 f"{path} is not a qkv checkpoint: {f.name} is missing (write one with `qkv train`)"
             )
     try:
-        doc = json.loads(cfg_file.read_text())
+        doc = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
