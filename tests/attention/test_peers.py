@@ -248,6 +248,20 @@ def test_awkward_head_dims_bf16(d, causal, backend):
         assert_lse_fp32_exact(got[1], truth[1])
 
 
+# ---- the LSE that `auto` returns without gradients (the lens' capture) ---------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_auto_lse_without_gradients_is_fp32_exact(causal, dtype):
+    q, k, v = (randn(2, 8, 300, 64, dtype=dtype, seed=s) for s in range(3))
+    with torch.no_grad():
+        out, lse = qkv.attention(q, k, v, causal=causal, return_lse=True)
+    truth = naive(*(t.double() for t in (q, k, v)), causal=causal)
+    flash_check(out, naive(q, k, v, causal=causal).out, truth.out, FLASH_FWD)
+    assert_lse_fp32_exact(lse, truth.lse)
+
+
 # ---- the checks can fail ------------------------------------------------------------------------
 
 

@@ -36,12 +36,14 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool
     `lse_supported`); our tiled kernel when the request needs a differentiable LSE, a mod, a
     generator-driven dropout, block skipping (window, mask_mod), or when NaN/inf sit in K/V under
     a mask (SDPA would leak them: 0·NaN = NaN). That check costs one host sync on a GPU.
-    Also tiled for fp16/bf16 on CPU when a gradient is needed: PyTorch's CPU kernels fail
-    flash-attn's own backward test there (fp16, 2 keys, d=64, causal: dq 6.3e-3 off float64
-    against an allowance of 4.3e-3; tests/attention/test_peers.py), while tiled keeps dP in fp32.
+    Also tiled for fp16/bf16 on CPU when a gradient or the LSE is asked for: PyTorch's CPU
+    kernels fail flash-attn's own backward test there (fp16, 2 keys, d=64, causal: dq 6.3e-3
+    off float64 against an allowance of 4.3e-3) and return an LSE 6e-5 off (tiled: 1e-6), see
+    tests/attention/test_peers.py; tiled keeps scores, LSE and dP in fp32.
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if needs_grad and q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if half and q.device.type == "cpu" and (needs_grad or return_lse):
         return "tiled"
     if return_lse and lse_supported(q, k, v, spec):
         return "sdpa" if not spec.masked or scoring.all_finite(k, v) else "tiled"
