@@ -239,7 +239,7 @@ def explain(
     i, j = qpick.index, None if kpick is None else kpick.index
     if j is not None and info.causal and j > i:
         raise ValueError(
-            f"key {tokens[j].text!r} (token {j}) comes after the query {tokens[i].text!r} (token {i}); "
+            f"key {tokens[j].text.strip()!r} (token {j}) comes after the query {tokens[i].text.strip()!r} (token {i}); "
             f"{info.name} is causal, so the query cannot see it. Pick a key at or before token {i}."
         )
 

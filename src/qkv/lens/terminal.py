@@ -213,14 +213,14 @@ def focused_heads(r: ExplainResult, n: int = 10) -> Table:
     t = Table(
         title=f"Heads that send {label(r, r.query.index)!r} most to one token (other than {names})",
         title_justify="left",
-        caption="rank: the key's place in its head by weight (2 = one sink weighs more); "
-        "most content from: the key that carried the most through that head",
+        caption="rank: the key's place by weight in its head (2: one sink above it). "
+        "top content: the key that carried the most through that head",
         caption_justify="left",
     )
-    for col in ("layer", "head", "key", "rank", "weight", "content", "most content from"):
+    for col in ("layer", "head", "key", "rank", "weight", "content", "top content"):
         t.add_column(
             col,
-            justify="left" if col in ("key", "weight", "most content from") else "right",
+            justify="left" if col in ("key", "weight", "top content") else "right",
             no_wrap=True,
         )
     for w, layer, h, j, c, rank in rows[:n]:
@@ -232,7 +232,7 @@ def focused_heads(r: ExplainResult, n: int = 10) -> Table:
             str(rank),
             f"{bar(w)} {w:.3f}",
             f"{c:.3g}",
-            "this key" if tc == j else label(r, tc),
+            "same" if tc == j else label(r, tc),
         )
     return t
 
