@@ -50,12 +50,12 @@ def test_train_other_tasks(tmp_path, task):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--records", "40"], "n_records=40 records need as many distinct keys"),
-        (["--seq-len", "5"], "seq_len=5 is too short"),
+        (["--records", "40"], "--records 40 records need as many distinct keys"),
+        (["--seq-len", "5"], "--seq-len 5 is too short"),
         (["--symbols", "5"], "task 'recall' has no --symbols"),
-        (["--d-model", "0"], "d_model must be positive"),
-        (["--steps", "-1"], "steps must be a positive int"),
-        (["--projections", "no_v", "--d-head", "8"], "n_kv_heads·d_head == d_model"),
+        (["--d-model", "0"], "--d-model must be positive"),
+        (["--steps", "-1"], "--steps must be a positive int"),
+        (["--projections", "no_v", "--d-head", "8"], "--kv-heads·--d-head == --d-model"),
     ],
 )
 def test_train_bad_parameters(tmp_path, capsys, args, message):

@@ -55,6 +55,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_token_choice(
+    p: argparse.ArgumentParser, word: str, index: str, occurrence: str, what: str
+) -> None:
+    """--WORD (always a word of the text, even '1'), --INDEX (always a position), --OCCURRENCE."""
+    p.add_argument(f"--{word}", help=f"{what}: a word of the text (always a word, even '1')")
+    p.add_argument(
+        f"--{index}", type=int, help=f"{what} by position, instead of --{word} (-1 = the last)"
+    )
+    p.add_argument(
+        f"--{occurrence}",
+        type=int,
+        default=1,
+        help=f"which occurrence of a repeated --{word} word (from 1; -1 = the last)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "explain",
@@ -64,16 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("text", nargs="?", help="the text (or use --file)")
     p.add_argument("--file", help="read the text from this file")
-    p.add_argument("--token", help="the query token: a word of the text (always a word, even '1')")
-    p.add_argument(
-        "--index", type=int, help="the query by token position (instead of --token; -1 = last)"
-    )
-    p.add_argument(
-        "--occurrence",
-        type=int,
-        default=1,
-        help="which occurrence of a repeated --token word (from 1; -1 = the last)",
-    )
+    _add_token_choice(p, "token", "index", "occurrence", "the query token")
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -91,15 +98,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_TOP,
         help=f"keys kept per head, ranked by weight; 0 = all (default {DEFAULT_TOP})",
     )
-    p.add_argument("--key", help="a word to rank heads by: which heads send the query most to it")
-    p.add_argument(
-        "--key-index", type=int, help="the key by token position (instead of --key; -1 = last)"
-    )
-    p.add_argument(
-        "--key-occurrence",
-        type=int,
-        default=1,
-        help="which occurrence of a repeated --key word (from 1; -1 = the last)",
+    _add_token_choice(
+        p,
+        "key",
+        "key-index",
+        "key-occurrence",
+        "a key to rank heads by (which send the query most to it)",
     )
     p.add_argument(
         "--truncate",
