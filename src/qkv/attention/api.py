@@ -84,6 +84,10 @@ def attention(
     Order: s = scale·q·k (scale defaults to 1/√D) → softcap c·tanh(s/c) → score_mod →
     masks (−inf) → softmax in fp32 → dropout, scaled 1/(1−p) → ·v.
 
+    Precision: for fp16/bf16 inputs the scores q·k are summed in fp32 and never rounded to the
+    input dtype; softcap, mods, softmax, the LSE and the backward's dP stay fp32 (as in
+    FlashAttention); out and the gradients come back in the input dtype.
+
     Alignment: query row i sits at absolute position i + δ with δ = Sk − Sq (bottom-right), so
     `causal=True` keeps key j iff j ≤ i + δ. For Sq=2, Sk=5::
 
