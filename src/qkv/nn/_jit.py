@@ -80,9 +80,11 @@ class Kernels:
 
 
 def wide_vectors_pay() -> bool:
-    """Whether 16 forced float32 lanes pay on this host: on AVX-512 hosts, yes (Intel, where
-    LLVM prefers 256-bit vectors: ~25% on the block matmuls; AMD Zen 4, where LLVM already picks
-    512-bit: 1.00–1.04×, RESULTS.md); elsewhere 16 lanes would be split into narrower registers."""
+    """Whether 16 forced float32 lanes pay on this host: on AVX-512 hosts, yes. Intel's, where
+    LLVM prefers 256-bit vectors: the block matmuls ~25% faster. AMD Zen 4, where LLVM already
+    picks 512-bit: Q4_1 (every layer's matrices) 1.03–1.05×, Q8_0 (the unembedding) 0.97–1.00×
+    (RESULTS.md, "Vector width"). Without AVX-512, 16 lanes would be split into narrower
+    registers, and the width is left to LLVM."""
     import llvmlite.binding as llvm
 
     return "avx512f" in llvm.get_host_cpu_features().flatten()
