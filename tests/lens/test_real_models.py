@@ -139,13 +139,14 @@ def _text_of(model, n_tokens: int) -> str:
 
 def test_html_for_512_tokens_is_small_and_offline(smollm2, tmp_path):
     text = _text_of(smollm2, 512)
-    r = explain(text, -1, model=smollm2, top=0)
+    r = explain(text, -1, model=smollm2, top=0, rollout=True, flow=True)
     assert len(r.tokens) == 512 and r.rollout is not None
     page = r.to_html(tmp_path / "r.html")
     size = (tmp_path / "r.html").stat().st_size
     print(f"HTML for 512 tokens, every key of every head: {size / 1e6:.2f} MB")
     assert size < 5e6 and not re.search(r"https?://", page)
     assert r.rollout.values.sum() == pytest.approx(1.0, abs=1e-6)
+    assert r.flow.values.sum() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_text_beyond_the_context(minilm):

@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         top=args.top,
         key=args.key if args.key is not None else args.key_index,
         key_occurrence=args.key_occurrence,
+        flow=args.flow,
         rollout=args.rollout,
         truncate=args.truncate,
     )
@@ -110,16 +111,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="read only the text's first tokens when it is longer than the model's context",
     )
+    p.add_argument(
+        "--flow",
+        action="store_true",
+        help="also propagate the query's contribution norms through the layers (Kobayashi et al.; "
+        "costs about one more attention pass)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--rollout",
         dest="rollout",
         action="store_true",
-        default=None,
-        help="compute attention rollout (default: texts ≤ 1024 tokens)",
+        default=False,
+        help="also compute classic attention rollout (weights only; converges to a sink on most "
+        "real models, and says so)",
     )
     g.add_argument(
-        "--no-rollout", dest="rollout", action="store_false", help="skip attention rollout"
+        "--no-rollout", dest="rollout", action="store_false", help="no rollout (the default)"
     )
     p.add_argument("--json", metavar="PATH|-", help="write the qkv.explain/1 record (- for stdout)")
     p.add_argument("--html", metavar="PATH", help="write a standalone HTML view")

@@ -9,7 +9,7 @@
 q, k and the LSE (never N×N). `head_search` ranks heads on pronoun → antecedent pairs.
 """
 
-from .explain import DEFAULT_TOP, ROLLOUT_AUTO_MAX_TOKENS, explain
+from .explain import DEFAULT_TOP, explain
 from .heads import DATA_PATH, Example, HeadScores, HeadSearch, head_search, load_examples
 from .lookup import query_row
 from .record import (
@@ -25,12 +25,11 @@ from .record import (
     Token,
     from_json,
 )
-from .rollout import rollout_row
+from .rollout import flow_row, rollout_row
 
 __all__ = [
     "DATA_PATH",
     "DEFAULT_TOP",
-    "ROLLOUT_AUTO_MAX_TOKENS",
     "SCHEMA",
     "Example",
     "ExplainResult",
@@ -45,6 +44,7 @@ __all__ = [
     "Rollout",
     "Token",
     "explain",
+    "flow_row",
     "from_json",
     "head_search",
     "load_examples",

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,11 +26,10 @@ from tqdm.auto import tqdm
 
 from .lookup import lookup_layer
 from .record import ExplainResult, ModelSummary, Query, Rollout
-from .rollout import rollout_row
+from .rollout import flow_layer, flow_row, rollout_caveat, rollout_row
 from .tokens import index_in, make_tokens, pick_token, sink_tokens
 
 DEFAULT_TOP = 10  # keys kept per head in the record (0 = all)
-ROLLOUT_AUTO_MAX_TOKENS = 1024  # rollout=None computes it up to this many tokens
 
 
 class _Stop(Exception):
@@ -163,7 +163,8 @@ def explain(
     top: int = DEFAULT_TOP,
     key: str | int | None = None,
     key_occurrence: int = 1,
-    rollout: bool | None = None,
+    flow: bool = False,
+    rollout: bool = False,
     truncate: bool = False,
     progress: bool | None = None,
 ) -> ExplainResult:
@@ -189,10 +190,15 @@ def explain(
             so that `result.heads_to()` ranks the heads that send the query most to it.
         key_occurrence: which occurrence of a repeated `key` word (from 1, negative from the
             end), as `occurrence` is for the query.
-        rollout: attention rollout of the query through the layers (Abnar & Zuidema 2020).
-            True/False; None computes it for texts of at most 1024 tokens: it recomputes every
-            row the query depends on, O(L·H·N²·d) time (on smollm2 at 2048 tokens about as much
-            again as the forward) in O(chunk·N) memory; see `qkv.lens.rollout`.
+        flow: also compute the contribution flow of the query through the layers: per layer,
+            each key's share of ‖Σ_h w·v W_O‖ beside the residual ‖x‖ (Kobayashi et al.
+            2020/2021), multiplied through the layers. Off by default: it recomputes every row
+            the query depends on, O(L·H·N²·d) time in O(chunk·N) memory (see
+            `qkv.lens.rollout`), and on a model with attention sinks it too piles onto the sink
+            (smollm2, seed sentence: 0.95 on "The").
+        rollout: also compute classic attention rollout (Abnar & Zuidema 2020), weights only;
+            same cost. Whenever one token holds more than 90% of a flow or a rollout, a note
+            says that it converged there and says little about this text.
         truncate: keep the text's first tokens when it is longer than the model's context
             (the query must lie among them; a note says how much was cut) instead of raising.
         progress: show progress bars for steps that take longer than a second (default: when
@@ -245,38 +251,32 @@ def explain(
 
     n = i + 1 if info.causal else len(tokens)  # a causal query never sees later tokens
     last = info.n_layers - 1 if layer is None else layer
-    do_rollout = rollout if rollout is not None else len(tokens) <= ROLLOUT_AUTO_MAX_TOKENS
-    wanted = list(range(last + 1)) if do_rollout or layer is None else [layer]
+    if not isinstance(flow, bool) or not isinstance(rollout, bool):
+        raise TypeError(f"flow and rollout must be True or False, got {flow!r}, {rollout!r}")
+    do_flow = flow
+    wanted = list(range(last + 1)) if do_flow or rollout or layer is None else [layer]
     heads = None if head is None else [head]
     pins = sink_tokens(tokens, i) + ([] if j is None else [j])
     layers: list = []
+    residual: dict[int, torch.Tensor] = {}
 
     def reduce(rec: Any) -> Any:
-        """Each layer's lookups as soon as it has run; keep only what rollout needs (q, k)."""
+        """Each layer's lookups as soon as it has run; keep only what the propagations need."""
         if layer is None or rec.layer == layer:
             layers.append(lookup_layer(rec, i, top=top, keep=pins, heads=heads))
-        if not do_rollout:
+        if not (do_flow or rollout):
             return None
+        fl = flow_layer(rec, residual.pop(rec.layer)) if do_flow else None
         rec.v = rec.z = None
-        return rec
+        return rec, fl
 
-    with torch.inference_mode():
+    with torch.inference_mode(), _residual_norms(m, residual, do_flow):
         recs = run_capture(m, enc.ids[:n], layers=wanted, progress=progress, on_layer=reduce)
-        ro = None
-        if do_rollout:
-            bar = tqdm(
-                total=len(recs),
-                desc="rollout",
-                unit="layer",
-                delay=1.0,
-                disable=not progress,
-                file=sys.stderr,
-                leave=False,
-            )
-            values = np.zeros(len(tokens))
-            values[:n] = rollout_row(recs, i, progress=lambda: bar.update(1))
-            bar.close()
-            ro = Rollout(through_layer=last, values=values)
+        ro = fl = None
+        if rollout:
+            ro = _propagated(rollout_row, [r for r, _ in recs], i, n, len(tokens), last, "rollout", progress)
+        if do_flow:
+            fl = _propagated(flow_row, [f for _, f in recs], i, n, len(tokens), last, "flow", progress)
         del recs
     query = Query(i, tokens[i].text)
     result = ExplainResult(
@@ -288,6 +288,7 @@ def explain(
         top=top,
         key=None if j is None else Query(j, tokens[j].text),
         rollout=ro,
+        flow=fl,
     )
     for pick, what, option in ((qpick, "query", "--occurrence N / occurrence=N"),
                                (kpick, "key", "--key-occurrence N / key_occurrence=N")):  # fmt: skip
@@ -301,12 +302,54 @@ def explain(
             f"tokens (characters 0..{end} of {len(text)}) were read; the rest is left out."
         )
     result.notes.extend(notes(result))
-    if ro is None and rollout is None:
-        result.notes.append(
-            f"Rollout skipped: the text has more than {ROLLOUT_AUTO_MAX_TOKENS} tokens; pass "
-            "rollout=True (--rollout) to compute it."
-        )
     return result
+
+
+def _propagated(
+    fn: Callable, recs: list, i: int, n: int, n_tokens: int, last: int, what: str, progress: bool
+) -> Rollout:
+    """`fn(recs, i)` (rollout_row or flow_row) padded to every token, with a progress bar."""
+    bar = tqdm(
+        total=len(recs),
+        desc=what,
+        unit="layer",
+        delay=1.0,
+        disable=not progress,
+        file=sys.stderr,
+        leave=False,
+    )
+    values = np.zeros(n_tokens)
+    values[:n] = fn(recs, i, progress=lambda: bar.update(1))
+    bar.close()
+    return Rollout(through_layer=last, values=values)
+
+
+@contextmanager
+def _residual_norms(model: nn.Module, into: dict[int, torch.Tensor], on: bool) -> Iterator[None]:
+    """While on, `into[l]` receives ‖x_j‖ (j,) of the residual stream entering attention layer
+    l: the input of the module that holds it (a pre-norm block's x, before its norm; a post-norm
+    block's x, which its attention reads as is)."""
+    if not on:
+        yield
+        return
+    mods = attention_modules(model)
+    parent = {id(c): p for p in model.modules() for c in p.children()}
+    hooks = []
+    for n, mod in enumerate(mods):
+        block = parent.get(id(mod))
+        if block is None:
+            raise ValueError(f"attention layer {n} has no enclosing block to read its residual from")
+
+        def pre(_: nn.Module, args: tuple, kwargs: dict, n: int = n) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            into[n] = x[0].double().norm(dim=-1)  # (j,)
+
+        hooks.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 class _Encoding(NamedTuple):
@@ -348,6 +391,12 @@ def notes(r: ExplainResult) -> list[str]:
     sink = sink_note(r)
     if sink:
         out.append(sink)
+    for what, p in (("contribution flow", r.flow), ("rollout", r.rollout)):
+        if p is not None:
+            j = int(np.argmax(p.values))
+            said = rollout_caveat(p.values, repr(r.tokens[j].text.strip() or r.tokens[j].text), what)
+            if said:
+                out.append(said)
     return out
 
 

@@ -228,8 +228,9 @@ def select(
 
 
 def entropy(w: np.ndarray) -> float:
+    """−Σ w log w in nats, never −0.0 (a head with one key has entropy 0)."""
     p = w[w > 0]
-    return float(-(p * np.log(p)).sum())
+    return max(0.0, float(-(p * np.log(p)).sum()))
 
 
 def lookup_layer(

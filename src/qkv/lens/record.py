@@ -25,13 +25,18 @@ SCHEMA = "qkv.explain/1"
 
 @dataclass(frozen=True)
 class Token:
-    """One token of the text: `text` is `source[start:end]` (a special token such as [CLS] has
-    start == end and carries the tokenizer's own string)."""
+    """One token of the text: `start:end` are the characters it touches and
+    `byte_start:byte_end` its own exact UTF-8 bytes (disjoint from every other token's).
+    `text` is `source[start:end]`, except where a byte-level tokenizer split a character over
+    several tokens: then it labels the part, ' 🎉[1-2/4]' (a space and bytes 1–2 of 🎉's 4).
+    A special token such as [CLS] has start == end and carries the tokenizer's own string."""
 
     index: int
     text: str
     start: int
     end: int
+    byte_start: int = -1  # -1: not known (a record written before byte spans)
+    byte_end: int = -1
 
     @property
     def special(self) -> bool:
@@ -176,8 +181,9 @@ class ModelSummary:
 
 @dataclass(eq=False)
 class Rollout:
-    """Attention rollout (Abnar & Zuidema 2020) of the query row through layers 0..through_layer:
-    `values[j]` is how much of token j flows into the query's representation there."""
+    """A propagation of the query row through layers 0..through_layer (rows sum to 1): the
+    record's `flow` (contribution flow, norm-based) or `rollout` (Abnar & Zuidema 2020, weights
+    only); `values[j]` is token j's share. See `qkv.lens.rollout` for both mixings."""
 
     through_layer: int
     values: np.ndarray  # (n_tokens,)
@@ -198,8 +204,9 @@ class ExplainResult:
     layers: list[Layer]
     top: int  # k of the top-k by weight ∪ top-k by contribution kept per head; 0 = all
     key: Query | None = None  # a chosen key kept in every head (see `heads_to`)
-    rollout: Rollout | None = None
+    rollout: Rollout | None = None  # classic rollout, only when asked for
     notes: list[str] = field(default_factory=list)
+    flow: Rollout | None = None  # the contribution flow
 
     def __repr__(self) -> str:
         n_heads = sum(len(lay.heads) for lay in self.layers)
@@ -338,6 +345,14 @@ def _score(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+def _propagation(p: Rollout | None) -> dict | None:
+    return (
+        None
+        if p is None
+        else {"through_layer": p.through_layer, "values": [_f(x) for x in p.values]}
+    )
+
+
 def to_dict(r: ExplainResult) -> dict:
     m = r.model
     return {
@@ -354,7 +369,14 @@ def to_dict(r: ExplainResult) -> dict:
         },
         "text": r.text,
         "tokens": [
-            {"index": t.index, "text": t.text, "start": t.start, "end": t.end} for t in r.tokens
+            {
+                "index": t.index,
+                "text": t.text,
+                "start": t.start,
+                "end": t.end,
+                "bytes": [t.byte_start, t.byte_end],
+            }
+            for t in r.tokens
         ],
         "query": {"index": r.query.index, "text": r.query.text},
         "key": None if r.key is None else {"index": r.key.index, "text": r.key.text},
@@ -394,12 +416,8 @@ def to_dict(r: ExplainResult) -> dict:
             }
             for lay in r.layers
         ],
-        "rollout": None
-        if r.rollout is None
-        else {
-            "through_layer": r.rollout.through_layer,
-            "values": [_f(x) for x in r.rollout.values],
-        },
+        "rollout": _propagation(r.rollout),
+        "flow": _propagation(r.flow),
         "notes": list(r.notes),
     }
 
@@ -493,11 +511,19 @@ def from_json(source: str | os.PathLike | dict) -> ExplainResult:
     tokens = []
     for i, t in enumerate(rd.array(doc, "tokens", "")):
         p = f"tokens[{i}]"
+        span = t.get("bytes", [-1, -1]) if isinstance(t, dict) else None  # optional
+        if (
+            not isinstance(span, list)
+            or len(span) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= -1 for b in span)
+        ):
+            raise rd.fail(f"{p}.bytes", f"must be [start, end] byte offsets, got {span!r}")
         tok = Token(
             rd.integer(t, "index", p, i, i + 1),
             rd.string(t, "text", p),
             rd.integer(t, "start", p, 0, len(text) + 1),
             rd.integer(t, "end", p, 0, len(text) + 1),
+            *span,
         )
         if tok.end < tok.start:
             raise rd.fail(p, f"has end {tok.end} < start {tok.start}")
@@ -558,16 +584,19 @@ def from_json(source: str | os.PathLike | dict) -> ExplainResult:
                 contribution=lcols[2],
             )
         )
-    ro = rd.get(doc, "rollout", "")
-    rollout = None
-    if ro is not None:
-        vals = rd.array(ro, "values", "rollout")
+
+    def propagation(name: str) -> Rollout | None:
+        ro = doc.get(name) if name == "flow" else rd.get(doc, name, "")  # flow: optional
+        if ro is None:
+            return None
+        vals = rd.array(ro, "values", name)
         if len(vals) != n:
-            raise rd.fail("rollout.values", f"must hold one value per token ({n}), got {len(vals)}")
+            raise rd.fail(f"{name}.values", f"must hold one value per token ({n}), got {len(vals)}")
         for i, v in enumerate(vals):
             if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
-                raise rd.fail(f"rollout.values[{i}]", f"must be a finite number, got {v!r}")
-        rollout = Rollout(rd.integer(ro, "through_layer", "rollout", 0, model.n_layers), vals)
+                raise rd.fail(f"{name}.values[{i}]", f"must be a finite number, got {v!r}")
+        return Rollout(rd.integer(ro, "through_layer", name, 0, model.n_layers), vals)
+
     notes = rd.array(doc, "notes", "")
     if not all(isinstance(x, str) for x in notes):
         raise rd.fail("notes", "must be a list of strings")
@@ -579,6 +608,7 @@ def from_json(source: str | os.PathLike | dict) -> ExplainResult:
         layers=layers,
         top=top,
         key=query("key"),
-        rollout=rollout,
+        rollout=propagation("rollout"),
         notes=notes,
+        flow=propagation("flow"),
     )

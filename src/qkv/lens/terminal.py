@@ -258,15 +258,24 @@ def key_table(r: ExplainResult, n: int = 10) -> Table:
     return t
 
 
-def rollout_table(r: ExplainResult, n: int = 8) -> Table:
-    assert r.rollout is not None
-    v = r.rollout.values
+def propagation_table(r: ExplainResult, what: str = "flow", n: int = 8) -> Table:
+    """The record's contribution flow (`what="flow"`) or classic rollout, top `n` tokens, with
+    the caveat when one token holds more than 90%."""
+    from .rollout import rollout_caveat
+
+    p = r.flow if what == "flow" else r.rollout
+    assert p is not None
+    v = p.values
     order = [j for j in sorted(range(len(v)), key=lambda j: -v[j])[:n] if v[j] >= 1e-3] or [
         int(v.argmax())
     ]
+    title = (
+        "Contribution flow (norm-based, Kobayashi et al. 2020/2021)"
+        if what == "flow"
+        else "Attention rollout (Abnar & Zuidema 2020, weights only)"
+    )
     t = Table(
-        title=f"Attention rollout through layer {r.rollout.through_layer} (Abnar & Zuidema 2020): "
-        f"what {tok(r, r.query.index)!r} is made of",
+        title=f"{title} into {label(r, r.query.index)!r} through layer {p.through_layer}",
         title_justify="left",
         min_width=60,
     )
@@ -277,15 +286,21 @@ def rollout_table(r: ExplainResult, n: int = 8) -> Table:
     for j in order:
         t.add_row(tok(r, j), str(j), f"{bar(float(v[j]), vmax)} {v[j]:.3f}")
     rest = float(v.sum() - sum(v[j] for j in order))
-    if rest >= 5e-4:
-        t.caption = f"the other tokens together: {rest:.3f}"
+    caption = [f"the other tokens together: {rest:.3f}"] if rest >= 5e-4 else []
+    j = int(v.argmax())
+    caveat = rollout_caveat(v, repr(tok(r, j)), "contribution flow" if what == "flow" else what)
+    if caveat:
+        caption.append("caveat: " + caveat)
+    t.caption = "\n".join(caption) or None
+    t.caption_justify = "left"
     return t
 
 
 def render(r: ExplainResult, console: Console | None = None, *, n: int = 10) -> None:
     """Print the record: header, notes, then the tables that fit what the record holds —
     one head: its ranked keys; one layer: every head; all layers: per-layer summary,
-    content-routing heads, heads to the chosen key, rollout."""
+    content-routing heads, heads to the chosen key, contribution flow and rollout (when asked
+    for)."""
     c = console or Console()
     m = r.model
     kind = "causal decoder" if m.causal else "bidirectional encoder"
@@ -308,8 +323,10 @@ def render(r: ExplainResult, console: Console | None = None, *, n: int = 10) -> 
         c.print(focused_heads(r, n))
     if r.key is not None and len(heads) > 1:
         c.print(key_table(r, n))
+    if r.flow is not None:
+        c.print(propagation_table(r, "flow"))
     if r.rollout is not None:
-        c.print(rollout_table(r))
+        c.print(propagation_table(r, "rollout"))
 
 
 def render_text(r: ExplainResult, width: int = 120, **kwargs: Any) -> str:
