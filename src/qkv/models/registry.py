@@ -51,19 +51,46 @@ def available() -> list[ModelInfo]:
 
 
 def load(name_or_path: str | Path):
-    """Load a bundled model by name (`"smollm2"`, `"minilm"`) or a checkpoint directory
-    written by `qkv train` (it holds `config.json` + `model.safetensors`)."""
-    path = Path(name_or_path)
-    if isinstance(name_or_path, Path) or path.is_dir() or "/" in str(name_or_path):
-        if not path.is_dir():
-            raise FileNotFoundError(f"no checkpoint directory at {path}")
-        module = importlib.import_module("qkv.models.tiny")
-        return module.load_checkpoint(path)
-    if not isinstance(name_or_path, str) or name_or_path not in MODELS:
-        close = difflib.get_close_matches(str(name_or_path), list(MODELS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model {name_or_path!r}: choose one of {sorted(MODELS)}{hint}")
-    info = MODELS[name_or_path]
-    module_name, fn = info.loader.split(":")
-    module = importlib.import_module(f"qkv.models.{module_name}")
-    return getattr(module, fn)()
+    """Load a bundled model by name, or a checkpoint by path.
+
+    The rule: a `str` that is a bundled name (`"smollm2"`, `"minilm"`) is always the bundled
+    model; anything else — a `Path`, or any other string — is a path (`~` expanded). So a folder
+    called `minilm` in the current directory is loaded as `"./minilm"`, and it never shadows the
+    bundled one. A path is
+
+    * a Hugging Face folder: config.json (its `model_type` or `architectures` picks the
+      architecture, never the folder's name) + model.safetensors or a sharded index
+      (+ tokenizer.json: without it, pass token ids; text raises a clear error);
+    * a folder written by `qkv train` (config.json with `"format": "qkv.tiny/1"`);
+    * a Llama `.gguf` file.
+    """
+    if isinstance(name_or_path, str) and name_or_path in MODELS:
+        info = MODELS[name_or_path]
+        module_name, fn = info.loader.split(":")
+        module = importlib.import_module(f"qkv.models.{module_name}")
+        return getattr(module, fn)()
+    if not isinstance(name_or_path, str | Path):
+        raise TypeError(f"expected a model name or a path, got {type(name_or_path).__name__}")
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        bare = isinstance(name_or_path, str) and not any(c in name_or_path for c in "/\\.~")
+        if bare:  # a word that is no bundled name and no file: most likely a misspelt name
+            close = difflib.get_close_matches(name_or_path, list(MODELS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"unknown model {name_or_path!r}: choose one of {sorted(MODELS)}{hint} "
+                "(or give the path of a checkpoint folder)"
+            )
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(
+                f"{path} is a file; qkv.load takes a checkpoint folder (config.json + "
+                "*.safetensors) or a .gguf file"
+            )
+        return importlib.import_module("qkv.models.llama").load_gguf(path)
+    hf = importlib.import_module("qkv.models.hf")
+    cfg = hf.read_json(path / hf.CONFIG)
+    if "format" in cfg:  # written by `qkv train`
+        return importlib.import_module("qkv.models.tiny").load_checkpoint(path)
+    return hf.load_dir(path)

@@ -29,14 +29,19 @@ class MultiHeadAttention(nn.Module):
     """Multi-head (GQA/MQA) attention with weights stored per head, as a person inspects them.
 
     Parameters: W_Q (h m d), W_K and W_V (k m d), W_O (h d m); with `bias`: b_Q (h d),
-    b_K and b_V (k d), b_O (m). `n_kv_heads` defaults to `n_heads` (MHA), `d_head` to
-    d_model // n_heads. `rope`, if given, rotates q and k at their absolute positions.
+    b_K and b_V (k d), and b_O (m) unless `out_bias=False` (Qwen2 biases q, k, v only).
+    `n_kv_heads` defaults to `n_heads` (MHA), `d_head` to d_model // n_heads. `rope`, if given,
+    rotates q and k at their absolute positions. `q_norm` / `k_norm` (modules over the last
+    dim d, e.g. RMSNorm(d)) normalise each head's q and k before RoPE (QK-norm, Qwen3).
+    `window` = (left, right) limits each query to keys within that band of its diagonal, as
+    `qkv.attention`'s `window` ((W−1, 0) with `causal`: the last W keys, Mistral's sliding window).
 
     forward(x (b i m), *, mask=None, cache=None) → (b i m). Equivalent code::
 
         q = einsum("bim,hmd->bhid", x, W_Q) + b_Q[:, None]      # likewise k, v with W_K, W_V
+        q, k = q_norm(q), k_norm(k)                              # if given (QK-norm)
         q, k = rope(q, pos), rope(k, pos)                        # pos = cache.length + arange(i)
-        z = qkv.attention(q, k, v, causal=causal, mask=mask)     # (b h i d), kv head = h // (h/k)
+        z = qkv.attention(q, k, v, causal=causal, window=window, mask=mask)  # kv head = h // (h/k)
         out = einsum("bhid,hdm->bim", z, W_O) + b_O
 
     `mask` is bool keep (True = attend) broadcastable to (b, h, i, j), e.g. key padding
@@ -58,6 +63,10 @@ class MultiHeadAttention(nn.Module):
         causal: bool = False,
         *,
         scale: float | None = None,
+        out_bias: bool | None = None,
+        window: tuple[int | None, int | None] | None = None,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -84,6 +93,16 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"rope.d_head={rope.d_head} must equal d_head={d_head}")
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {causal!r}")
+        if window is not None and (
+            not isinstance(window, tuple)
+            or len(window) != 2
+            or any(w is not None and (not isinstance(w, int) or w < 0) for w in window)
+        ):
+            raise ValueError(
+                f"window must be None or a (left, right) pair of ints ≥ 0 or None, got {window!r}"
+            )
+        if (q_norm is None) != (k_norm is None):
+            raise ValueError("q_norm and k_norm come together (QK-norm): pass both or neither")
         self.d_model, self.n_heads, self.n_kv_heads, self.d_head = (
             d_model,
             n_heads,
@@ -91,6 +110,8 @@ class MultiHeadAttention(nn.Module):
             d_head,
         )
         self.causal = causal
+        self.window = window
+        self.q_norm, self.k_norm = q_norm, k_norm
         self.scale = 1.0 / math.sqrt(d_head) if scale is None else float(scale)
         self.rope = rope
         fk = {"device": device, "dtype": dtype}  # factory kwargs, as torch.nn modules take them
@@ -102,11 +123,13 @@ class MultiHeadAttention(nn.Module):
             self.b_Q = nn.Parameter(torch.zeros(n_heads, d_head, **fk))
             self.b_K = nn.Parameter(torch.zeros(n_kv_heads, d_head, **fk))
             self.b_V = nn.Parameter(torch.zeros(n_kv_heads, d_head, **fk))
-            self.b_O = nn.Parameter(torch.zeros(d_model, **fk))
         else:
             self.register_parameter("b_Q", None)
             self.register_parameter("b_K", None)
             self.register_parameter("b_V", None)
+        if bias if out_bias is None else out_bias:
+            self.b_O = nn.Parameter(torch.zeros(d_model, **fk))
+        else:
             self.register_parameter("b_O", None)
         self._fused: tuple | None = None  # (params, versions, w, b), see fused_qkv
         self._packed: tuple | None = None  # (data_ptrs, w): the packed view, see fused_qkv
@@ -131,6 +154,9 @@ class MultiHeadAttention(nn.Module):
         return (
             f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
             f"d_head={self.d_head}, bias={self.b_Q is not None}, causal={self.causal}"
+            + ("" if self.b_O is None or self.b_Q is not None else ", out_bias=True")
+            + ("" if self.b_Q is None or self.b_O is not None else ", out_bias=False")
+            + ("" if self.window is None else f", window={self.window}")
         )
 
     def fused_qkv(self) -> tuple[Tensor, Tensor | None]:
@@ -247,9 +273,7 @@ class MultiHeadAttention(nn.Module):
             return self._forward_segments(x, segments, mask, cache)
         B, S, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.d_head
-        w, b = self.fused_qkv()
-        qkv = linear(x, w, b, self.mirrors.get("qkv"))  # (b i (h+2k)·d)
-        qkv = qkv.view(B, S, H + 2 * K, D)  # (b i (h+2k) d)
+        qkv = self._project(x)  # (b i (h+2k) d)
         start = 0 if cache is None else cache.length
         if self.rope is None:
             q, k, v = qkv.transpose(1, 2).split((H, K, K), dim=1)  # (b h i d), (b k i d) ×2
@@ -259,13 +283,13 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.append(k, v)  # (b k j d)
         caps = _ACTIVE.get()
         recording = [(c, i) for c in caps if (i := c.wants(self)) is not None] if caps else []
+        kw = {"causal": self.causal, "mask": mask, "scale": self.scale}
+        if self.window is not None:
+            kw["window"] = self.window
         if recording:
-            z, lse = attention(
-                q, k, v, causal=self.causal, mask=mask, scale=self.scale, return_lse=True
-            )
+            z, lse = attention(q, k, v, **kw, return_lse=True)
         else:
-            z = attention(q, k, v, causal=self.causal, mask=mask, scale=self.scale)
-            lse = None
+            z, lse = attention(q, k, v, **kw), None
         zf = z.transpose(1, 2).reshape(B, S, H * D)  # (b i (h d))
         w_o = self.W_O.reshape(H * D, self.d_model).t()  # (m (h d)), nn.Linear layout
         out = linear(zf, w_o, self.b_O, self.mirrors.get("out"))  # (b i m)
@@ -279,12 +303,23 @@ class MultiHeadAttention(nn.Module):
                     v=t(v),
                     z=t(z),
                     W_O=t(self.W_O),
-                    attn_kwargs={"causal": self.causal, "mask": mask, "scale": self.scale},
+                    attn_kwargs=kw,
                     lse=t(lse),
                     b_O=None if self.b_O is None else t(self.b_O),
                 )
             )
         return out
+
+    def _project(self, x: Tensor) -> Tensor:
+        """x (b i m) → q|k|v per head (b i (h+2k) d), q and k normalised if QK-norm is on."""
+        B, S, _ = x.shape
+        H, K = self.n_heads, self.n_kv_heads
+        w, b = self.fused_qkv()
+        qkv = linear(x, w, b, self.mirrors.get("qkv")).view(B, S, H + 2 * K, self.d_head)
+        if self.q_norm is None:
+            return qkv
+        q, k, v = qkv.split((H, K, K), dim=2)  # (b i h d), (b i k d) ×2
+        return torch.cat((self.q_norm(q), self.k_norm(k), v), dim=2)
 
     def _forward_segments(
         self, x: Tensor, segments: Sequence[int], mask: object, cache: object
@@ -304,8 +339,7 @@ class MultiHeadAttention(nn.Module):
         if _ACTIVE.get():
             raise ValueError("capture records whole batches: run without segments inside capture()")
         H, K, D = self.n_heads, self.n_kv_heads, self.d_head
-        w, b = self.fused_qkv()
-        qkv = linear(x, w, b, self.mirrors.get("qkv")).view(1, -1, H + 2 * K, D)  # (1 n t d)
+        qkv = self._project(x)  # (1 n (h+2k) d)
         parts, start = [], 0
         for n in lengths:
             seg = qkv[:, start : start + n]
@@ -313,7 +347,7 @@ class MultiHeadAttention(nn.Module):
                 q, k, v = seg.transpose(1, 2).split((H, K, K), dim=1)
             else:
                 q, k, v = self.rope.rotate_qkv(seg, 0, H, K)
-            z = attention(q, k, v, causal=self.causal, scale=self.scale)  # (1 h i d)
+            z = attention(q, k, v, causal=self.causal, window=self.window, scale=self.scale)
             parts.append(z.transpose(1, 2))  # (1 i h d)
             start += n
         zf = torch.cat(parts, 1).reshape(1, -1, H * D)  # (1 n (h d))

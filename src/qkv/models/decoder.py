@@ -1,0 +1,241 @@
+"""One decoder for every causal family (Llama, Mistral, Qwen2, Qwen3, GPT-2, ...), built from
+`qkv.nn` blocks; a family is a `DecoderConfig` (read from its checkpoint by `models/hf.py`).
+
+    ids (b i) → embed (+ learned positions) → n_layers × pre-norm block → norm → logits (b i v)
+    block: h = x + attn(norm1(x));  out = h + mlp(norm2(h))
+    attn:  causal GQA, RoPE or none, optional q/k/v(/o) biases, QK-norm, sliding window
+    mlp:   down(act(gate(x)) · up(x)) (gated) or down(act(up(x)))
+
+Letters: b batch, i query position, j key position, m model dim, v vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .._validate import positive_ints
+from ..nn import (
+    ACTIVATIONS,
+    MLP,
+    KVCache,
+    MultiHeadAttention,
+    PreNormBlock,
+    RMSNorm,
+    RotaryEmbedding,
+)
+from ..nn.capture import active as capturing
+from ..nn.varlen import one_run_per_row, run_blocks, unpadded
+from .generate import Generation
+from .tokenizer import Tokenizer, ids_shape
+
+NORMS = ("rms", "layer")
+POSITIONS = ("rope", "learned")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture of a pre-norm causal decoder (one source of defaults; validated).
+
+    `windows` holds one entry per layer: None (global attention) or W, the number of keys a
+    query sees (itself and the W−1 before it; Mistral's `sliding_window`). `qk_norm` puts an
+    RMSNorm(d_head) on each head's q and k before RoPE (Qwen3). `attn_bias` biases q, k, v;
+    `out_bias` the output projection (Qwen2: q, k, v only)."""
+
+    name: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_ff: int
+    vocab_size: int
+    max_positions: int
+    norm: str = "rms"
+    norm_eps: float = 1e-6
+    act: str = "silu"
+    gated: bool = True
+    positions: str = "rope"
+    rope_base: float = 10000.0
+    attn_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    windows: tuple[int | None, ...] | None = None
+    tie_embeddings: bool = True
+    bos_id: int | None = None
+    eos_id: int | None = None
+    causal: bool = True
+
+    def __post_init__(self) -> None:
+        own = "DecoderConfig"
+        positive_ints(own, self, ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_head",
+                                  "d_ff", "vocab_size", "max_positions"))  # fmt: skip
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"{own}: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (GQA)"
+            )
+        if self.norm not in NORMS or self.positions not in POSITIONS:
+            raise ValueError(
+                f"{own}: norm must be one of {NORMS} and positions one of {POSITIONS}, "
+                f"got {self.norm!r}, {self.positions!r}"
+            )
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"{own}: act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
+        if self.positions == "rope" and (self.d_head % 2 or not self.rope_base > 1):
+            raise ValueError(
+                f"{own}: RoPE needs an even d_head and rope_base > 1, got {self.d_head}, {self.rope_base}"
+            )
+        if not self.norm_eps > 0:
+            raise ValueError(f"{own}: norm_eps must be > 0, got {self.norm_eps}")
+        if self.windows is not None and (
+            len(self.windows) != self.n_layers
+            or any(w is not None and (not isinstance(w, int) or w <= 0) for w in self.windows)
+        ):
+            raise ValueError(
+                f"{own}: windows must hold one positive int or None per layer ({self.n_layers}), "
+                f"got {self.windows!r}"
+            )
+        if not self.causal:
+            raise ValueError(f"{own}: a decoder is causal; causal must be True")
+        for f in ("bos_id", "eos_id"):
+            v = getattr(self, f)
+            if v is not None and not 0 <= v < self.vocab_size:
+                raise ValueError(f"{own}.{f}={v} is outside the vocabulary [0, {self.vocab_size})")
+
+
+class Decoder(Generation, nn.Module):
+    """Causal decoder. `model(ids (b i), *, attention_mask=None, cache=None)` → logits (b i v).
+
+    `cache` (a `qkv.nn.KVCache`) makes a call continue where the cached tokens end: positions
+    start at `cache.length`, and the outputs equal one uncached call on the concatenated ids.
+    `attention_mask` (b, j) bool, True = real token, covers every key (cached ones included);
+    padded keys are never attended to (positions still count them: pad on the right).
+    Generation (`generate`, `generate_ids`) comes from `models.generate.Generation`.
+    """
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        tokenizer: Tokenizer | None = None,
+        chat_template: str | None = None,
+    ) -> None:
+        super().__init__()
+        c = self.config = config
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+        rope = None
+        if c.positions == "rope":
+            rope = RotaryEmbedding(c.d_head, base=c.rope_base, interleaved=False)
+        # left uninitialised (`_weight`): every weight comes from the checkpoint
+        self.embed = nn.Embedding(
+            c.vocab_size, c.d_model, _weight=torch.empty(c.vocab_size, c.d_model)
+        )
+        self.embed_positions = None
+        if c.positions == "learned":
+            self.embed_positions = nn.Embedding(c.max_positions, c.d_model)
+        windows = c.windows or (None,) * c.n_layers
+        self.blocks = nn.ModuleList(
+            PreNormBlock(
+                MultiHeadAttention(
+                    c.d_model, c.n_heads, c.n_kv_heads, c.d_head, bias=c.attn_bias, rope=rope,
+                    causal=True, out_bias=c.out_bias, window=None if w is None else (w - 1, 0),
+                    q_norm=RMSNorm(c.d_head, c.norm_eps) if c.qk_norm else None,
+                    k_norm=RMSNorm(c.d_head, c.norm_eps) if c.qk_norm else None,
+                ),
+                MLP(c.d_model, c.d_ff, act=c.act, gated=c.gated, bias=c.mlp_bias),
+                self._norm(c),
+                self._norm(c),
+            )
+            for w in windows
+        )  # fmt: skip
+        self.norm = self._norm(c)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+
+    @staticmethod
+    def _norm(c: DecoderConfig) -> nn.Module:
+        return (
+            RMSNorm(c.d_model, c.norm_eps)
+            if c.norm == "rms"
+            else nn.LayerNorm(c.d_model, c.norm_eps)
+        )
+
+    def extra_repr(self) -> str:
+        return f"name={self.config.name!r}, tie_embeddings={self.config.tie_embeddings}"
+
+    def unembed(self, h: Tensor) -> Tensor:
+        """Final hidden states (… m) → logits (… v)."""
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return h @ w.t()
+
+    def hidden(
+        self, ids: Tensor, *, attention_mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
+        """The final-norm hidden states (b i m) that `forward` unembeds."""
+        return self._run(ids, attention_mask, cache, self.norm)
+
+    def forward(
+        self, ids: Tensor, *, attention_mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
+        return self._run(ids, attention_mask, cache, lambda h: self.unembed(self.norm(h)))
+
+    def _run(
+        self, ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None, head: Callable
+    ) -> Tensor:
+        """Embed, the blocks, then `head`. A left- or right-padded batch without a cache (and
+        outside `capture()`) of a RoPE model runs on its real tokens only (`qkv.nn.varlen`):
+        its padded rows are 0. RoPE positions then restart per text, which attention cannot
+        see (it depends only on offsets); a mask with holes would change offsets, so it keeps
+        the masked batch, as do learned absolute positions."""
+        _, S, past = self._check(ids, attention_mask, cache)
+        x = self.embed(ids)  # (b i m)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(torch.arange(past, past + S, device=ids.device))
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        packable = self.embed_positions is None and cache is None and not capturing()
+        if padded and packable and one_run_per_row(attention_mask):
+            run = lambda h, segments: head(run_blocks(self.blocks, h, segments))  # noqa: E731
+            return unpadded(x, attention_mask, run)
+        mask = None if attention_mask is None else attention_mask[:, None, None, :]  # (b 1 1 j)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask=mask, cache=None if cache is None else cache[i])
+        return head(x)
+
+    def _check(self, ids: object, attention_mask: object, cache: object) -> tuple[int, int, int]:
+        c = self.config
+        B, S = ids_shape(ids)
+        if S == 0 or B == 0:
+            raise ValueError(f"ids is empty (shape {tuple(ids.shape)}): pass at least one token")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= c.vocab_size:
+            raise ValueError(
+                f"token ids must lie in [0, {c.vocab_size}), got values in [{lo}, {hi}]"
+            )
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a qkv.nn.KVCache or None, got {type(cache).__name__}")
+        if cache is not None and len(cache) != c.n_layers:
+            raise ValueError(f"cache has {len(cache)} layers but {c.name} has {c.n_layers}")
+        past = 0 if cache is None else cache.length
+        if past + S > c.max_positions:
+            raise ValueError(
+                f"{past + S} positions ({past} cached + {S} new) exceed {c.name}'s context of "
+                f"{c.max_positions} tokens; shorten the input (or use truncate=True in generate)"
+            )
+        if attention_mask is not None:
+            want = (B, past + S)
+            if (
+                not isinstance(attention_mask, Tensor)
+                or attention_mask.dtype != torch.bool
+                or tuple(attention_mask.shape) != want
+            ):
+                got = (
+                    f"{tuple(attention_mask.shape)} {attention_mask.dtype}"
+                    if isinstance(attention_mask, Tensor)
+                    else type(attention_mask).__name__
+                )
+                raise ValueError(
+                    f"attention_mask must be a (B, cached + S) = {want} bool tensor, got {got}"
+                )
+        return B, S, past

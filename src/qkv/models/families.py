@@ -1,0 +1,373 @@
+"""Hugging Face architectures as declarative descriptions, one `Family` per `model_type`.
+
+A family says how to read its `config.json` into the generic `DecoderConfig` / `EncoderConfig`
+(`fields`: our field ← the first present HF key, dotted for nested dicts; `fixed`: values the
+architecture implies) and how its checkpoint keys map onto the model (`weights`: `W(dst, src,
+reshape, when)` with `{}` for the layer; `reshape` names a conversion in `RESHAPES`; `when`
+names a bool config field that must hold for the tensor to exist). Keys are matched after the
+family's `prefix` (the base model's name inside a *ForCausalLM / *ForMaskedLM) is stripped.
+`unsupported` lists config settings the generic models do not implement: each is a clear
+error naming the setting, never a silently wrong model.
+
+Letters: h query heads, k kv heads, d head dim, m model dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from .convert import Reshape, heads_bias, heads_in, heads_out
+
+
+@dataclass(frozen=True)
+class W:
+    """Model tensor `dst` ← `RESHAPES[reshape](config)(checkpoint[src])`, if config.`when`."""
+
+    dst: str
+    src: str
+    reshape: str | None = None
+    when: str | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    kind: str  # "decoder" | "encoder"
+    fields: Mapping[str, tuple[str, ...]]
+    weights: tuple[W, ...]
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    prefix: str = ""
+    ignore: tuple[str, ...] = ()
+    unsupported: tuple[tuple[str, Callable[[Any], bool]], ...] = ()
+    window: str = "none"  # "all": `sliding_window` on every layer; "layer_types": per layer
+    classes: tuple[str, ...] = ()  # `architectures` names (prefixes) when model_type is absent
+    derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # fields from fields
+
+
+def _split(part: int, reshape: Callable[[Any], Reshape]) -> Callable[[Any], Reshape]:
+    """GPT-2's fused c_attn, (m, 3m) Conv1D (in, out) or its (3m,) bias: third `part` of the
+    output features, then `reshape`."""
+
+    def make(c: Any) -> Reshape:
+        inner = reshape(c)
+
+        def fn(w: Tensor) -> Tensor:
+            if w.shape[-1] != 3 * c.d_model:
+                return w  # convert's shape check names the tensor
+            return inner(w.chunk(3, dim=-1)[part].transpose(0, -1))
+
+        return fn
+
+    return make
+
+
+def _conv1d(reshape: Callable[[Any], Reshape]) -> Callable[[Any], Reshape]:
+    """A Conv1D weight (in, out) is an nn.Linear weight transposed."""
+
+    def make(c: Any) -> Reshape:
+        inner = reshape(c)
+        return lambda w: inner(w.t())
+
+    return make
+
+
+RESHAPES: dict[str, Callable[[Any], Reshape]] = {
+    "q": lambda c: heads_in(c.n_heads, c.d_head),  # (h·d, m) → (h m d)
+    "kv": lambda c: heads_in(c.n_kv_heads, c.d_head),  # (k·d, m) → (k m d)
+    "o": lambda c: heads_out(c.n_heads, c.d_head),  # (m, h·d) → (h d m)
+    "bq": lambda c: heads_bias(c.n_heads, c.d_head),  # (h·d,) → (h d)
+    "bkv": lambda c: heads_bias(c.n_kv_heads, c.d_head),
+    "t": lambda c: Tensor.t,  # Conv1D (in, out) → nn.Linear (out, in)
+    "c_attn.q": _split(0, lambda c: heads_in(c.n_heads, c.d_head)),
+    "c_attn.k": _split(1, lambda c: heads_in(c.n_kv_heads, c.d_head)),
+    "c_attn.v": _split(2, lambda c: heads_in(c.n_kv_heads, c.d_head)),
+    "c_attn.bq": _split(0, lambda c: heads_bias(c.n_heads, c.d_head)),
+    "c_attn.bk": _split(1, lambda c: heads_bias(c.n_kv_heads, c.d_head)),
+    "c_attn.bv": _split(2, lambda c: heads_bias(c.n_kv_heads, c.d_head)),
+    "c_proj.o": _conv1d(lambda c: heads_out(c.n_heads, c.d_head)),
+}
+
+# --------------------------------------------------------------------------------------------
+# decoders: the Llama layout and its relatives
+
+_ROPE_BASE = ("rope_parameters.rope_theta", "rope_theta")
+_LLAMA_FIELDS = {
+    "n_layers": ("num_hidden_layers",),
+    "n_heads": ("num_attention_heads",),
+    "n_kv_heads": ("num_key_value_heads", "num_attention_heads"),
+    "d_model": ("hidden_size",),
+    "d_head": ("head_dim",),
+    "d_ff": ("intermediate_size",),
+    "vocab_size": ("vocab_size",),
+    "max_positions": ("max_position_embeddings",),
+    "norm_eps": ("rms_norm_eps",),
+    "act": ("hidden_act",),
+    "rope_base": _ROPE_BASE,
+    "tie_embeddings": ("tie_word_embeddings",),
+    "bos_id": ("bos_token_id",),
+    "eos_id": ("eos_token_id",),
+    "attn_bias": ("attention_bias",),
+    "out_bias": ("attention_bias",),
+    "mlp_bias": ("mlp_bias",),
+}
+_LLAMA_DEFAULTS = {"rope_base": 10000.0, "tie_embeddings": True, "attn_bias": False,
+                   "out_bias": False, "mlp_bias": False}  # fmt: skip
+_ROPE_SCALING = (
+    "rope_parameters.rope_type (rope scaling: linear, dynamic, yarn, llama3, ...)",
+    lambda cfg: (
+        (_get(cfg, ("rope_parameters.rope_type",)) or "default") != "default"
+        or bool(cfg.get("rope_scaling"))
+    ),
+)
+
+a, m = "layers.{}.self_attn.", "layers.{}.mlp."
+_LLAMA_WEIGHTS = (
+    W("embed.weight", "embed_tokens.weight"),
+    W("norm.weight", "norm.weight"),
+    W("lm_head.weight", "lm_head.weight", when="untied"),
+    W("blocks.{}.norm1.weight", "layers.{}.input_layernorm.weight"),
+    W("blocks.{}.norm2.weight", "layers.{}.post_attention_layernorm.weight"),
+    W("blocks.{}.attn.W_Q", a + "q_proj.weight", "q"),
+    W("blocks.{}.attn.W_K", a + "k_proj.weight", "kv"),
+    W("blocks.{}.attn.W_V", a + "v_proj.weight", "kv"),
+    W("blocks.{}.attn.W_O", a + "o_proj.weight", "o"),
+    W("blocks.{}.attn.b_Q", a + "q_proj.bias", "bq", when="attn_bias"),
+    W("blocks.{}.attn.b_K", a + "k_proj.bias", "bkv", when="attn_bias"),
+    W("blocks.{}.attn.b_V", a + "v_proj.bias", "bkv", when="attn_bias"),
+    W("blocks.{}.attn.b_O", a + "o_proj.bias", when="out_bias"),
+    W("blocks.{}.attn.q_norm.weight", a + "q_norm.weight", when="qk_norm"),
+    W("blocks.{}.attn.k_norm.weight", a + "k_norm.weight", when="qk_norm"),
+    W("blocks.{}.mlp.gate.weight", m + "gate_proj.weight"),
+    W("blocks.{}.mlp.up.weight", m + "up_proj.weight"),
+    W("blocks.{}.mlp.down.weight", m + "down_proj.weight"),
+    W("blocks.{}.mlp.gate.bias", m + "gate_proj.bias", when="mlp_bias"),
+    W("blocks.{}.mlp.up.bias", m + "up_proj.bias", when="mlp_bias"),
+    W("blocks.{}.mlp.down.bias", m + "down_proj.bias", when="mlp_bias"),
+)
+_DECODER_IGNORE = ("layers.*.self_attn.rotary_emb.inv_freq", "rotary_emb.inv_freq")
+
+
+def _llama_like(model_type: str, **kw: Any) -> Family:
+    fields = {**_LLAMA_FIELDS, **kw.pop("fields", {})}
+    return Family(
+        model_type, "decoder", fields, _LLAMA_WEIGHTS, defaults=_LLAMA_DEFAULTS,
+        prefix="model.", ignore=_DECODER_IGNORE,
+        unsupported=(_ROPE_SCALING, *kw.pop("unsupported", ())), **kw,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# GPT-2: Conv1D weights (in, out), one fused c_attn, learned positions, LayerNorm with biases
+
+g = "h.{}."
+_GPT2 = Family(
+    "gpt2",
+    "decoder",
+    {
+        "n_layers": ("n_layer",),
+        "n_heads": ("n_head",),
+        "d_model": ("n_embd",),
+        "d_ff": ("n_inner",),
+        "vocab_size": ("vocab_size",),
+        "max_positions": ("n_positions",),
+        "norm_eps": ("layer_norm_epsilon",),
+        "act": ("activation_function",),
+        "tie_embeddings": ("tie_word_embeddings",),
+        "bos_id": ("bos_token_id",),
+        "eos_id": ("eos_token_id",),
+    },
+    (
+        W("embed.weight", "wte.weight"),
+        W("embed_positions.weight", "wpe.weight"),
+        W("lm_head.weight", "lm_head.weight", when="untied"),
+        W("norm.weight", "ln_f.weight"),
+        W("norm.bias", "ln_f.bias"),
+        W("blocks.{}.norm1.weight", g + "ln_1.weight"),
+        W("blocks.{}.norm1.bias", g + "ln_1.bias"),
+        W("blocks.{}.norm2.weight", g + "ln_2.weight"),
+        W("blocks.{}.norm2.bias", g + "ln_2.bias"),
+        W("blocks.{}.attn.W_Q", g + "attn.c_attn.weight", "c_attn.q"),
+        W("blocks.{}.attn.W_K", g + "attn.c_attn.weight", "c_attn.k"),
+        W("blocks.{}.attn.W_V", g + "attn.c_attn.weight", "c_attn.v"),
+        W("blocks.{}.attn.b_Q", g + "attn.c_attn.bias", "c_attn.bq"),
+        W("blocks.{}.attn.b_K", g + "attn.c_attn.bias", "c_attn.bk"),
+        W("blocks.{}.attn.b_V", g + "attn.c_attn.bias", "c_attn.bv"),
+        W("blocks.{}.attn.W_O", g + "attn.c_proj.weight", "c_proj.o"),
+        W("blocks.{}.attn.b_O", g + "attn.c_proj.bias"),
+        W("blocks.{}.mlp.up.weight", g + "mlp.c_fc.weight", "t"),
+        W("blocks.{}.mlp.up.bias", g + "mlp.c_fc.bias"),
+        W("blocks.{}.mlp.down.weight", g + "mlp.c_proj.weight", "t"),
+        W("blocks.{}.mlp.down.bias", g + "mlp.c_proj.bias"),
+    ),
+    fixed={
+        "norm": "layer",
+        "positions": "learned",
+        "gated": False,
+        "attn_bias": True,
+        "out_bias": True,
+        "mlp_bias": True,
+    },
+    defaults={"tie_embeddings": True, "norm_eps": 1e-5},
+    prefix="transformer.",
+    classes=("GPT2",),
+    ignore=("h.*.attn.bias", "h.*.attn.masked_bias"),  # causal-mask buffers of old checkpoints
+    unsupported=(
+        (
+            "scale_attn_by_inverse_layer_idx",
+            lambda cfg: bool(cfg.get("scale_attn_by_inverse_layer_idx")),
+        ),
+        ("scale_attn_weights=false", lambda cfg: cfg.get("scale_attn_weights") is False),
+        ("add_cross_attention (cross-attention)", lambda cfg: bool(cfg.get("add_cross_attention"))),
+    ),
+)
+
+# --------------------------------------------------------------------------------------------
+# encoders
+
+_BERT_FIELDS = {
+    "n_layers": ("num_hidden_layers",),
+    "n_heads": ("num_attention_heads",),
+    "d_model": ("hidden_size",),
+    "d_mlp": ("intermediate_size",),
+    "vocab_size": ("vocab_size",),
+    "max_positions": ("max_position_embeddings",),
+    "type_vocab_size": ("type_vocab_size",),
+    "layer_norm_eps": ("layer_norm_eps",),
+    "act": ("hidden_act",),
+    "pad_id": ("pad_token_id",),
+}
+b, blk = "encoder.layer.{}.", "blocks.{}."
+_BERT_WEIGHTS = (
+    W("embed_tokens.weight", "embeddings.word_embeddings.weight"),
+    W("embed_positions.weight", "embeddings.position_embeddings.weight"),
+    W("embed_types.weight", "embeddings.token_type_embeddings.weight", when="type_vocab_size"),
+    W("embed_norm.weight", "embeddings.LayerNorm.weight"),
+    W("embed_norm.bias", "embeddings.LayerNorm.bias"),
+    W(blk + "attn.W_Q", b + "attention.self.query.weight", "q"),
+    W(blk + "attn.W_K", b + "attention.self.key.weight", "q"),
+    W(blk + "attn.W_V", b + "attention.self.value.weight", "q"),
+    W(blk + "attn.b_Q", b + "attention.self.query.bias", "bq"),
+    W(blk + "attn.b_K", b + "attention.self.key.bias", "bq"),
+    W(blk + "attn.b_V", b + "attention.self.value.bias", "bq"),
+    W(blk + "attn.W_O", b + "attention.output.dense.weight", "o"),
+    W(blk + "attn.b_O", b + "attention.output.dense.bias"),
+    W(blk + "norm1.weight", b + "attention.output.LayerNorm.weight"),
+    W(blk + "norm1.bias", b + "attention.output.LayerNorm.bias"),
+    W(blk + "mlp.up.weight", b + "intermediate.dense.weight"),
+    W(blk + "mlp.up.bias", b + "intermediate.dense.bias"),
+    W(blk + "mlp.down.weight", b + "output.dense.weight"),
+    W(blk + "mlp.down.bias", b + "output.dense.bias"),
+    W(blk + "norm2.weight", b + "output.LayerNorm.weight"),
+    W(blk + "norm2.bias", b + "output.LayerNorm.bias"),
+)
+# a buffer of arange; the unused [CLS] pooler; masked-LM / classification heads
+_ENCODER_IGNORE = ("embeddings.position_ids", "embeddings.token_type_ids", "pooler.*", "cls.*",
+                   "lm_head.*", "classifier.*", "qa_outputs.*", "vocab_*")  # fmt: skip
+_ABSOLUTE = (
+    "position_embedding_type other than 'absolute'",
+    lambda cfg: cfg.get("position_embedding_type", "absolute") != "absolute",
+)
+_CROSS = (
+    "is_decoder / add_cross_attention",
+    lambda cfg: bool(cfg.get("is_decoder") or cfg.get("add_cross_attention")),
+)
+
+t, d = "transformer.layer.{}.", "blocks.{}."
+_DISTILBERT = Family(
+    "distilbert",
+    "encoder",
+    {
+        "n_layers": ("n_layers",),
+        "n_heads": ("n_heads",),
+        "d_model": ("dim",),
+        "d_mlp": ("hidden_dim",),
+        "vocab_size": ("vocab_size",),
+        "max_positions": ("max_position_embeddings",),
+        "act": ("activation",),
+        "pad_id": ("pad_token_id",),
+    },
+    (
+        W("embed_tokens.weight", "embeddings.word_embeddings.weight"),
+        W("embed_positions.weight", "embeddings.position_embeddings.weight"),
+        W("embed_norm.weight", "embeddings.LayerNorm.weight"),
+        W("embed_norm.bias", "embeddings.LayerNorm.bias"),
+        W(d + "attn.W_Q", t + "attention.q_lin.weight", "q"),
+        W(d + "attn.W_K", t + "attention.k_lin.weight", "q"),
+        W(d + "attn.W_V", t + "attention.v_lin.weight", "q"),
+        W(d + "attn.b_Q", t + "attention.q_lin.bias", "bq"),
+        W(d + "attn.b_K", t + "attention.k_lin.bias", "bq"),
+        W(d + "attn.b_V", t + "attention.v_lin.bias", "bq"),
+        W(d + "attn.W_O", t + "attention.out_lin.weight", "o"),
+        W(d + "attn.b_O", t + "attention.out_lin.bias"),
+        W(d + "norm1.weight", t + "sa_layer_norm.weight"),
+        W(d + "norm1.bias", t + "sa_layer_norm.bias"),
+        W(d + "mlp.up.weight", t + "ffn.lin1.weight"),
+        W(d + "mlp.up.bias", t + "ffn.lin1.bias"),
+        W(d + "mlp.down.weight", t + "ffn.lin2.weight"),
+        W(d + "mlp.down.bias", t + "ffn.lin2.bias"),
+        W(d + "norm2.weight", t + "output_layer_norm.weight"),
+        W(d + "norm2.bias", t + "output_layer_norm.bias"),
+    ),
+    fixed={"type_vocab_size": 0, "layer_norm_eps": 1e-12},  # DistilBERT's eps is hard-coded
+    defaults={"pad_id": 0},
+    prefix="distilbert.",
+    ignore=_ENCODER_IGNORE,
+    classes=("DistilBert",),
+)
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        _llama_like("llama", classes=("Llama",)),
+        _llama_like("mistral", window="all", fields={"window": ("sliding_window",)},
+                    classes=("Mistral",)),
+        _llama_like("qwen2", classes=("Qwen2",), fixed={"attn_bias": True, "out_bias": False}, window="layer_types",
+                    fields={"window": ("sliding_window",)}),
+        _llama_like("qwen3", classes=("Qwen3",), fixed={"qk_norm": True}, window="layer_types",
+                    fields={"window": ("sliding_window",)}),
+        _GPT2,
+        Family("bert", "encoder", _BERT_FIELDS, _BERT_WEIGHTS, prefix="bert.", classes=("Bert",),
+               defaults={"type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_id": 0},
+               ignore=_ENCODER_IGNORE, unsupported=(_ABSOLUTE, _CROSS)),
+        # RoBERTa numbers positions from pad_id + 1 (its position table has pad_id + 1 more rows)
+        Family("roberta", "encoder", _BERT_FIELDS, _BERT_WEIGHTS, prefix="roberta.",
+               defaults={"type_vocab_size": 1, "layer_norm_eps": 1e-5, "pad_id": 1},
+               ignore=_ENCODER_IGNORE, unsupported=(_ABSOLUTE, _CROSS), classes=("Roberta",),
+               derive=lambda f: {"position_offset": f["pad_id"] + 1,
+                                 "max_positions": f["max_positions"] - f["pad_id"] - 1}),
+        _DISTILBERT,
+    )
+}  # fmt: skip
+
+ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+        "gelu_fast": "gelu_tanh", "silu": "silu", "swish": "silu", "relu": "relu"}  # fmt: skip
+
+
+def _get(cfg: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
+    """The value of the first of `keys` present (dotted keys reach into nested dicts)."""
+    for key in keys:
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None:
+            return node
+    return None
+
+
+def read_fields(family: Family, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """config.json → the generic config's fields (unconverted: see `hf.build_config`)."""
+    for what, present in family.unsupported:
+        if present(cfg):
+            raise ValueError(
+                f"{where}: {family.model_type} with {what} is not supported by qkv's generic "
+                f"{family.kind}; only the plain architecture is"
+            )
+    out = dict(family.defaults)
+    out.update({k: v for k, keys in family.fields.items() if (v := _get(cfg, keys)) is not None})
+    out.update(family.fixed)
+    return out

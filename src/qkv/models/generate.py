@@ -1,0 +1,215 @@
+"""Text generation shared by every decoder: prompt → ids (chat templates included), greedy or
+sampled next tokens with a KV cache, and text streaming that never splits a UTF-8 character.
+
+A decoder gets it by inheriting `Generation` and providing `config` (n_layers, max_positions,
+eos_id, name), `tokenizer`, `chat_template`, `hidden(ids, cache=...)` (final-norm states
+(b i m)) and `unembed(h)` (… m → … v).
+
+Letters: b batch, i position, m model dim, v vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..nn import KVCache
+from .gguf import render_chat
+from .tokenizer import Tokenizer
+
+
+class Generation:
+    """`generate` (text in, text out, optionally streamed) and `generate_ids` (ids in, ids out)
+    for a decoder; see the module docstring for what the host class provides."""
+
+    def encode_prompt(
+        self, prompt: str | Sequence[dict[str, str]], *, chat: bool = False
+    ) -> list[int]:
+        """Prompt → token ids. `chat=True` (or a list of {"role", "content"} messages) renders the
+        GGUF's chat template with the assistant turn opened, as transformers' apply_chat_template."""
+        tok = self._tokenizer()
+        if not isinstance(prompt, str):
+            if not chat:
+                raise TypeError(
+                    f"prompt must be a str (or a list of messages with chat=True), got {type(prompt).__name__}"
+                )
+            messages = list(prompt)
+            if not messages or not all(
+                isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages
+            ):
+                raise ValueError(
+                    'messages must be a non-empty list of {"role": ..., "content": ...} dicts'
+                )
+        else:
+            if not prompt:
+                raise ValueError("empty prompt: pass at least one character to continue")
+            messages = [{"role": "user", "content": prompt}]
+        if chat:
+            if not self.chat_template:
+                raise ValueError(
+                    f"{self.config.name} has no chat template; call generate with chat=False"
+                )
+            prompt = render_chat(self.chat_template, messages, add_generation_prompt=True)
+        return tok.backend.encode(prompt, add_special_tokens=True).ids
+
+    def generate_ids(
+        self,
+        ids: Sequence[int],
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop_ids: Sequence[int] | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[int]:
+        """An iterator over up to `max_new_tokens` new token ids after `ids` (a stop id is yielded,
+        then it ends). Arguments are checked at the call; tokens are computed as it is consumed.
+
+        temperature 0 → greedy (argmax); otherwise sample softmax(logits / temperature) over the
+        `top_k` most likely tokens (all if None) with a generator seeded by `seed`. `use_cache`
+        keeps a KV cache (one token per step); False recomputes the whole sequence each step (the
+        slow oracle: same tokens). Generation also stops when the context is full.
+        """
+        c = self.config
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("no prompt tokens: generation needs at least one")
+        _check_sampling(max_new_tokens, temperature, top_k)
+        stop = set((c.eos_id,) if stop_ids is None and c.eos_id is not None else (stop_ids or ()))
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        steps = min(max_new_tokens, c.max_positions - len(ids) + 1)
+        if steps <= 0:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens, beyond {c.name}'s context of {c.max_positions}"
+            )
+        return self._decode(ids, steps, temperature, top_k, gen, stop, use_cache)
+
+    @torch.inference_mode()  # as a decorator: active only while the generator runs, not between yields
+    def _decode(
+        self,
+        ids: list[int],
+        steps: int,
+        temperature: float,
+        top_k: int | None,
+        gen: torch.Generator | None,
+        stop: set[int],
+        use_cache: bool,
+    ) -> Iterator[int]:
+        c = self.config
+        device = next(self.parameters()).device
+        cache = KVCache(c.n_layers) if use_cache else None
+        seq = torch.tensor([ids], dtype=torch.long, device=device)  # (1 i)
+        for step in range(steps):
+            if cache is None:
+                h = self.hidden(seq)[:, -1]  # (1 m)
+            else:
+                h = self.hidden(seq if step == 0 else seq[:, -1:], cache=cache)[:, -1]
+                if step == 0:
+                    cache.reserve(min(c.max_positions, len(ids) + steps))
+            nxt = _pick(self.unembed(h)[0], temperature, top_k, gen)
+            yield nxt
+            if nxt in stop or step == steps - 1:
+                return
+            seq = torch.cat((seq, torch.tensor([[nxt]], dtype=torch.long, device=device)), 1)
+
+    def generate(
+        self,
+        prompt: str | Sequence[dict[str, str]],
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        chat: bool = False,
+        seed: int | None = None,
+        stream: Callable[[str], Any] | bool | None = None,
+        truncate: bool = False,
+    ) -> str | Iterator[str]:
+        """Continue `prompt` (or answer it, `chat=True`) with up to `max_new_tokens` tokens.
+
+        Returns the new text; with `stream=callback`, also calls `callback(piece)` as each piece
+        is decoded; with `stream=True`, returns an iterator of pieces instead. Stops at the EOS
+        token (`<|im_end|>` for SmolLM2), which is not part of the text.
+
+        Raises ValueError for an empty prompt and for a prompt that leaves no room for
+        `max_new_tokens` within the context (`truncate=True` keeps its last tokens instead).
+        """
+        c = self.config
+        _check_sampling(max_new_tokens, temperature, top_k)
+        ids = self.encode_prompt(prompt, chat=chat)
+        room = c.max_positions - max_new_tokens
+        if len(ids) > room:
+            if not truncate:
+                raise ValueError(
+                    f"prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
+                    f"{c.name}'s context of {c.max_positions} tokens. Shorten it, lower "
+                    f"max_new_tokens, or pass truncate=True (keeps the last {max(room, 1)} prompt tokens)"
+                )
+            ids = ids[-max(room, 1) :]
+        pieces = self._pieces(
+            self.generate_ids(ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+        )
+        if stream is True:
+            return pieces
+        if stream is not None and not callable(stream):
+            raise TypeError(f"stream must be a callable, True or None, got {type(stream).__name__}")
+        out = []
+        for piece in pieces:
+            out.append(piece)
+            if stream is not None:
+                stream(piece)
+        return "".join(out)
+
+    def _pieces(self, new_ids: Iterator[int]) -> Iterator[str]:
+        """Token ids → text pieces, held back while a UTF-8 character is split across tokens."""
+        tok, stop = self._tokenizer(), self.config.eos_id
+        pending: list[int] = []
+        for i in new_ids:
+            if i == stop:
+                break
+            pending.append(i)
+            text = tok.decode(pending)
+            if text and not text.endswith("\ufffd"):
+                yield text
+                pending = []
+        if pending and (text := tok.decode(pending)):
+            yield text
+
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(
+                "this model has no tokenizer; pass token ids to model(...) / generate_ids"
+            )
+        return self.tokenizer
+
+
+def _check_sampling(max_new_tokens: object, temperature: object, top_k: object) -> None:
+    if (
+        not isinstance(max_new_tokens, int)
+        or isinstance(max_new_tokens, bool)
+        or max_new_tokens <= 0
+    ):
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not isinstance(temperature, int | float) or temperature < 0:
+        raise ValueError(f"temperature must be a number ≥ 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+
+
+def _pick(
+    logits: Tensor, temperature: float, top_k: int | None, gen: torch.Generator | None
+) -> int:
+    """Next token from logits (v): argmax at temperature 0, else a (top-k) sample."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1).cpu()  # the seeded generator is a CPU one, on any device
+    return int(torch.multinomial(probs, 1, generator=gen))

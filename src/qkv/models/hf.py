@@ -1,0 +1,200 @@
+"""A local Hugging Face checkpoint directory → a qkv model, for every family in `families.py`.
+
+    folder/config.json                       architecture: `model_type` (else `architectures`)
+    folder/model.safetensors                 or model.safetensors.index.json + its shards
+    folder/tokenizer.json                    optional: without it, pass token ids
+    folder/tokenizer_config.json             optional: its `chat_template` (or chat_template.jinja)
+
+The family's description is read into the generic `DecoderConfig` / `EncoderConfig`, the model
+is built on the meta device (no memory, no init), and `convert` fills every tensor through the
+family's weight map with shape, dtype and NaN/inf checks and a strict missing/unexpected report:
+any error leaves nothing half-loaded. Weights are float32 whatever the file's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..nn import MLP, MultiHeadAttention
+from .convert import Rule, convert, read_safetensors
+from .decoder import Decoder, DecoderConfig
+from .encoder import Encoder, EncoderConfig
+from .families import ACTS, FAMILIES, RESHAPES, Family, read_fields
+from .tokenizer import Tokenizer
+
+CONFIG, WEIGHTS, INDEX, TOKENIZER = (
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} at {path}")
+    try:
+        out = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(out, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(out).__name__}")
+    return out
+
+
+def family_of(cfg: dict[str, Any], where: str) -> Family:
+    """The family `config.json` names by `model_type`, else by its `architectures` classes."""
+    mt = cfg.get("model_type")
+    if mt is None:
+        for arch in cfg.get("architectures") or ():
+            mt = next((f.model_type for f in FAMILIES.values()
+                       if any(str(arch).startswith(c) for c in f.classes)), None)  # fmt: skip
+            if mt is not None:
+                break
+    if mt not in FAMILIES:
+        got = (
+            f"model_type={mt!r}"
+            if mt is not None
+            else f"architectures={cfg.get('architectures')!r}"
+        )
+        raise ValueError(
+            f"{where}: {got} is not supported; qkv reads these model_types: {sorted(FAMILIES)}"
+        )
+    return FAMILIES[mt]
+
+
+def build_config(family: Family, cfg: dict[str, Any], *, name: str, where: str):
+    """config.json → a validated DecoderConfig or EncoderConfig."""
+    f = read_fields(family, cfg, where)
+    act = f.get("act", "gelu")
+    if act not in ACTS:
+        raise ValueError(f"{where}: activation {act!r} is not supported; qkv knows {sorted(ACTS)}")
+    f["act"] = ACTS[act]
+    f["n_kv_heads"] = f.get("n_kv_heads") or f["n_heads"]
+    if f.get("d_head") is None:
+        if f["d_model"] % f["n_heads"]:
+            raise ValueError(f"{where}: hidden size {f['d_model']} is not a multiple of "
+                             f"{f['n_heads']} heads and config.json gives no head_dim")  # fmt: skip
+        f["d_head"] = f["d_model"] // f["n_heads"]
+    if family.derive is not None:
+        f.update(family.derive(f))
+    if family.kind == "encoder":
+        kind = EncoderConfig
+    else:
+        kind = DecoderConfig
+        f["d_ff"] = f.get("d_ff") or 4 * f["d_model"]  # GPT-2's n_inner=None
+        if isinstance(f.get("eos_id"), list):  # several end tokens: the first stops generation
+            f["eos_id"] = f["eos_id"][0] if f["eos_id"] else None
+        if isinstance(f.get("bos_id"), list):
+            f["bos_id"] = f["bos_id"][0] if f["bos_id"] else None
+        f["windows"] = _windows(family, cfg, f)
+    known = {x.name for x in dataclasses.fields(kind)}
+    try:
+        return kind(name=name, **{k: v for k, v in f.items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
+def _windows(family: Family, cfg: dict[str, Any], f: dict[str, Any]) -> tuple | None:
+    """Per-layer sliding window (keys seen) or None: Mistral's on every layer; Qwen's where
+    `layer_types` says sliding_attention (older configs: use_sliding_window from
+    max_window_layers on)."""
+    w, n = f.get("window"), f["n_layers"]
+    if family.window == "none" or w is None:
+        return None
+    if family.window == "all":
+        return (int(w),) * n
+    types = cfg.get("layer_types")
+    if types is None:
+        if not cfg.get("use_sliding_window"):
+            return None
+        start = cfg.get("max_window_layers", 0)
+        types = ["sliding_attention" if i >= start else "full_attention" for i in range(n)]
+    if len(types) != n:
+        raise ValueError(f"config.json: layer_types has {len(types)} entries for {n} layers")
+    out = tuple(int(w) if t == "sliding_attention" else None for t in types)
+    return None if all(x is None for x in out) else out
+
+
+def read_weights(d: Path) -> dict[str, Tensor]:
+    """Every tensor of `model.safetensors`, or of the shards `model.safetensors.index.json`
+    lists; ValueError for a shard that lacks a tensor its index promises."""
+    if (d / WEIGHTS).is_file():
+        return read_safetensors(d / WEIGHTS)
+    if not (d / INDEX).is_file():
+        found = sorted(p.name for p in d.iterdir())[:20]
+        raise FileNotFoundError(f"{d} has no {WEIGHTS} nor {INDEX}; it holds {found}")
+    weight_map = read_json(d / INDEX).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{d / INDEX} has no weight_map")
+    out: dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        part = read_safetensors(d / shard)
+        if dup := sorted(set(part) & set(out)):
+            raise ValueError(f"{d / shard} repeats tensors of another shard: {dup[:5]}")
+        out.update(part)
+    if absent := sorted(k for k, f in weight_map.items() if k not in out):
+        raise ValueError(f"{d / INDEX} lists {len(absent)} tensors no shard holds: {absent[:5]}")
+    return out
+
+
+def rules(family: Family, config: Any) -> list[Rule]:
+    """The family's weight map for this config: conditional tensors kept where they exist."""
+    flags = {"untied": not getattr(config, "tie_embeddings", True)}
+    out = []
+    for w in family.weights:
+        if w.when is not None and not (
+            flags[w.when] if w.when in flags else getattr(config, w.when)
+        ):
+            continue
+        out.append(Rule(w.dst, w.src, None if w.reshape is None else RESHAPES[w.reshape](config)))
+    return out
+
+
+def load_dir(
+    path: str | Path, *, name: str | None = None, need_tokenizer: bool = False
+) -> nn.Module:
+    """A Hugging Face checkpoint directory → an eval-mode float32 `Decoder` or `Encoder` (with
+    `load_report`, and the tokenizer when tokenizer.json is there)."""
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {d}")
+    name = name or d.resolve().name
+    cfg = read_json(d / CONFIG)
+    family = family_of(cfg, str(d / CONFIG))
+    config = build_config(family, cfg, name=name, where=str(d / CONFIG))
+    tokenizer = None
+    if (d / TOKENIZER).is_file():
+        tokenizer = Tokenizer.from_file(d / TOKENIZER, max_length=config.max_positions,
+                                        pad_id=cfg.get("pad_token_id"), name=name)  # fmt: skip
+    elif need_tokenizer:
+        raise FileNotFoundError(f"{d} has no {TOKENIZER}")
+    state = {k.removeprefix(family.prefix): v for k, v in read_weights(d).items()}
+    with torch.device("meta"):  # no memory, no random init: every tensor is assigned below
+        if family.kind == "encoder":
+            model = Encoder(config, tokenizer)
+        else:
+            model = Decoder(config, tokenizer, _chat_template(d))
+    model.load_report = convert(
+        state, rules(family, config), model, n_layers=config.n_layers, ignore=family.ignore,
+        source=str(d), assign=True,
+    )  # fmt: skip
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention | MLP):
+            m.pack_()  # fused W_Q|W_K|W_V (and gate|up): one matmul, no copy per forward
+    return model.eval()
+
+
+def _chat_template(d: Path) -> str | None:
+    if (d / "chat_template.jinja").is_file():
+        return (d / "chat_template.jinja").read_text(encoding="utf-8")
+    if (d / "tokenizer_config.json").is_file():
+        t = read_json(d / "tokenizer_config.json").get("chat_template")
+        return t if isinstance(t, str) else None
+    return None
