@@ -5,7 +5,8 @@ const page = fs.readFileSync(process.argv[2], 'utf8');
 const data = page.match(/<script type="application\/json" id="qkv-data">([\s\S]*?)<\/script>/)[1];
 const js = page.match(/<script>([\s\S]*?)<\/script>/)[1];
 function el(tag) {
-  const e = {tag, children: [], style: {}, dataset: {}, _html: '', textContent: '', className: '', value: '',
+  const e = {tag, children: [], style: {}, dataset: {}, _html: '', _text: '', className: '', value: '',
+    set textContent(v){ this._text = v; if (v === '') this.children = []; }, get textContent(){ return this._text; },
     classList: {s: new Set(), add(c){this.s.add(c);}, remove(c){this.s.delete(c);}},
     appendChild(c){this.children.push(c); return c;},
     querySelector(){ return {remove(){}}; },
@@ -32,3 +33,16 @@ ids['layer'].onchange({target: {value: String(JSON.parse(data).layers.slice(-1)[
 ids['qty'].onchange({target: {value: 'rollout'}});
 text.children.filter(c => c.onclick)[1].onclick();
 console.log('ok', text.children.length, ids['keys'].innerHTML.length, ids['grid'].innerHTML.length);
+// with a third argument "tables": print each head's key table (and each propagation's) as JSON
+if (process.argv[3] === 'tables') {
+  const D = JSON.parse(data), out = {heads: {}, prop: {}};
+  out.text = ids['text'].children.map(c => c.text !== undefined ? ['', c.text] : [c.className, c.textContent]);
+  ids['qty'].onchange({target: {value: 'weight'}});
+  for (const h of D.heads) {
+    ids['layer'].onchange({target: {value: String(h[0])}});
+    ids['head'].onchange({target: {value: String(h[1])}});
+    out.heads[`${h[0]}.${h[1]}`] = ids['keys'].innerHTML;
+  }
+  for (const k in D.prop) { ids['qty'].onchange({target: {value: k}}); out.prop[k] = ids['keys'].innerHTML; }
+  console.log(JSON.stringify(out));
+}

@@ -213,3 +213,61 @@ def test_the_sink_note_states_this_run_s_numbers(tiny_bidir):
     )
     both = [h for h in heads if h.top_weight == j and not h.disagrees]
     assert ("Not everywhere" in note) == bool(both)
+
+
+def _tables(r, path: Path) -> dict:
+    """The page's key tables per head, per propagation, and the text it drew (node + DOM stub)."""
+    r.to_html(path)
+    out = subprocess.run(
+        ["node", str(Path(__file__).with_name("dom_stub.js")), str(path), "tables"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def _key_indices(table: str) -> list[int]:
+    """The idx column of a key table: '<tr><td>rank</td><td class=l>key</td><td>idx</td>'."""
+    return [int(j) for j in re.findall(r"<tr><td>\d+</td><td class=l>[^<]*</td><td>(\d+)</td>", table)]
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node.js runs the page's script")
+def test_html_key_table_shows_every_kept_key(tiny_bidir, tmp_path):
+    """With top=1 a head keeps its top key by weight, its top key by contribution, the sinks and
+    the next key: the page lists every one of them (it listed the top `top` by weight only)."""
+    r = explain(SENTENCE, "it", model=tiny_bidir, top=1)
+    tables = _tables(r, tmp_path / "r.html")["heads"]
+    hidden_before = 0
+    for lay in r.layers:
+        for h in lay.heads:
+            shown = _key_indices(tables[f"{lay.layer}.{h.head}"])
+            assert shown == h.index.tolist()  # every kept key, ranked by weight
+            assert h.top_contribution in shown
+            hidden_before += h.top_contribution not in h.index[:1]
+    assert hidden_before > 0  # the old page (top 1 by weight) would have hidden some
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node.js runs the page's script")
+def test_html_propagations_are_not_labelled_weight_or_contribution(tiny_causal, tmp_path):
+    r = explain(SENTENCE, "it", model=tiny_causal, flow=True, rollout=True)
+    prop = _tables(r, tmp_path / "r.html")["prop"]
+    assert set(prop) == {"flow", "rollout"}
+    for name, table in prop.items():
+        header = table.split("</tr>")[0]
+        assert "share" in header and "weight" not in header and "contribution<" not in header
+        values = r.flow.values if name == "flow" else r.rollout.values
+        assert _key_indices(table)[0] == int(values.argmax())
+    page = explain(SENTENCE, "it", model=tiny_causal).to_html()
+    assert 'value="rollout"' in page  # the option exists in the template; the script drops it
+    assert '"prop":{}' in page
+
+
+def test_one_key_head_has_entropy_zero_not_minus_zero(tiny_causal):
+    r = explain(SENTENCE, "The", model=tiny_causal, layer=0, head=0)  # token 0 sees one key
+    h = r.head(0, 0)
+    assert h.n_keys == 1 and 0 <= h.entropy < 1e-6
+    assert "entropy 0.00 nats" in str(r) and "-0.00" not in str(r)
+    from qkv.lens.lookup import entropy
+
+    # an fp32 softmax row of one key may hold 1 + 1 ulp: −w log w is then −1.2e-7, shown "-0.00"
+    assert f"{entropy(np.array([1.0000001]))}" == "0.0"

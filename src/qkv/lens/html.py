@@ -84,9 +84,11 @@ def pack(r: ExplainResult) -> dict:
         "lidx": cat(lidx, "<i4"),
         "lweight": cat(lweight, "<f4"),
         "lcontrib": cat(lcontrib, "<f4"),
-        "rollout": None
-        if r.rollout is None
-        else {"through": r.rollout.through_layer, "values": _b64(r.rollout.values, "<f4")},
+        "prop": {
+            name: {"through": p.through_layer, "values": _b64(p.values, "<f4")}
+            for name, p in (("flow", r.flow), ("rollout", r.rollout))
+            if p is not None
+        },
     }
 
 
@@ -102,6 +104,7 @@ select,button{font:inherit;padding:2px 6px}
 #text span.q{outline:2px solid #d62728;outline-offset:1px}
 #text span.pin{box-shadow:0 0 0 2px #1f77b4}
 #text span.sp{color:#999;font-size:11px}
+#text span.pc{color:#999;font-size:11px;vertical-align:super}
 .row{display:flex;gap:20px;flex-wrap:wrap;margin-top:14px}
 .panel{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px;overflow:auto}
 table{border-collapse:collapse;font-size:13px}td,th{padding:2px 6px;text-align:right}th{color:#555;font-weight:600}
@@ -121,14 +124,17 @@ function bytes(b){const s=atob(b),u=new Uint8Array(s.length);for(let i=0;i<s.len
 const f32=b=>new Float32Array(bytes(b)), i32=b=>new Int32Array(bytes(b));
 const IDX=i32(D.idx),SC=f32(D.score),W=f32(D.weight),C=f32(D.contrib);
 const LIDX=i32(D.lidx),LW=f32(D.lweight),LC=f32(D.lcontrib);
-const RO=D.rollout?f32(D.rollout.values):null;
+const PROP={};for(const k in D.prop)PROP[k]=f32(D.prop[k].values);
+const PROPNAME={flow:'contribution flow',rollout:'attention rollout'};
 const N=D.tokens.length, $=id=>document.getElementById(id);
+const CP=Array.from(D.text), cps=(a,b)=>CP.slice(a,b).join(''); // offsets count code points, as Python's do
 const layers=[...new Set(D.heads.map(h=>h[0]))], headsOf=l=>D.heads.filter(h=>h[0]===l);
 const st={layer:layers[0], head:-1, qty:'weight', pin:D.key};
 const tt=j=>{const s=D.tokens[j][0].trim();return s||D.tokens[j][0];};
-function keys(){ // {j:[score,weight,contrib]} for the selection
+const isProp=()=>st.qty in PROP;
+function keys(){ // {j:[score,weight,contrib]} for the selection; a propagation: {j:[NaN,share,share]}
   const out=new Map();
-  if(st.qty==='rollout'&&RO){for(let j=0;j<N;j++)out.set(j,[NaN,RO[j],RO[j]]);return out;}
+  if(isProp()){const P=PROP[st.qty];for(let j=0;j<N;j++)out.set(j,[NaN,P[j],P[j]]);return out;}
   if(st.head<0){const L=D.layers.find(x=>x[0]===st.layer);for(let r=L[3];r<L[3]+L[4];r++)out.set(LIDX[r],[NaN,LW[r],LC[r]]);return out;}
   const h=D.heads.find(x=>x[0]===st.layer&&x[1]===st.head);for(let r=h[8];r<h[8]+h[9];r++)out.set(IDX[r],[SC[r],W[r],C[r]]);return out;
 }
@@ -138,30 +144,48 @@ function drawText(){
   const K=keys(),col=st.qty==='contribution'?[245,133,24]:[76,120,168];
   let mx=0;K.forEach(v=>{const x=st.qty==='contribution'?v[2]:v[1];if(x>mx)mx=x;});
   const el=$('text');el.textContent='';let pos=0;
-  D.tokens.forEach((t,j)=>{if(t[1]<t[2]&&t[1]>pos){el.appendChild(document.createTextNode(D.text.slice(pos,t[1])));}pos=Math.max(pos,t[2]);
-    const s=document.createElement('span');s.textContent=t[1]===t[2]?t[0]+' ':t[0];
-    if(t[1]===t[2])s.className='sp';
+  D.tokens.forEach((t,j)=>{if(t[1]<t[2]&&t[1]>pos){el.appendChild(document.createTextNode(cps(pos,t[1])));}
+    // the text is shown once: a token shows the characters not yet shown; a later piece of a
+    // character split over several tokens shows a small mark (its label is in the tooltip)
+    const own=t[1]===t[2]?t[0]+' ':cps(Math.max(pos,t[1]),t[2]);pos=Math.max(pos,t[2]);
+    const s=document.createElement('span');s.textContent=own||'⁺';
+    if(t[1]===t[2])s.className='sp';else if(!own)s.className='pc';
     const v=K.get(j);const x=v?(st.qty==='contribution'?v[2]:v[1]):0;
     if(x>0)s.style.background=`rgba(${col},${Math.min(1,x/(mx||1))*0.85})`;
     if(j===D.query)s.classList.add('q');if(j===st.pin)s.classList.add('pin');
-    s.onmousemove=e=>tip(e,`${JSON.stringify(tt(j))} (token ${j})`+(v?`\nscore ${fmt(v[0])}  weight ${fmt(v[1])}  contribution ${fmt(v[2])}`:'\n(not among the kept keys)'));
+    s.onmousemove=e=>tip(e,`${JSON.stringify(tt(j))} (token ${j})`+(!v?'\n(not among the kept keys)':isProp()?`\n${PROPNAME[st.qty]} share ${fmt(v[1])}`:`\nscore ${fmt(v[0])}  weight ${fmt(v[1])}  contribution ${fmt(v[2])}`));
     s.onmouseleave=()=>$('tip').style.display='none';
     s.onclick=()=>{st.pin=j;draw();};el.appendChild(s);});
-  if(pos<D.text.length)el.appendChild(document.createTextNode(D.text.slice(pos)));
+  if(pos<CP.length)el.appendChild(document.createTextNode(cps(pos)));
 }
 function tip(e,s){const t=$('tip');t.textContent=s;t.style.display='block';t.style.left=(e.clientX+12)+'px';t.style.top=(e.clientY+12)+'px';}
+const SHOW_ALL=200; // a head keeping more keys (top=0) shows its top 100 by weight and by contribution
+function shown(K){ // every kept key, ranked by weight; past SHOW_ALL the union of both top-100s
+  const byW=[...K].sort((a,b)=>b[1][1]-a[1][1]);if(byW.length<=SHOW_ALL)return [byW,0];
+  const keep=new Set([...byW.slice(0,100),...[...K].sort((a,b)=>b[1][2]-a[1][2]).slice(0,100)].map(k=>k[0]));
+  const out=byW.filter(k=>keep.has(k[0]));return [out,byW.length-out.length];
+}
+function drawProp(){
+  const P=[...keys().entries()].sort((a,b)=>b[1][1]-a[1][1]).slice(0,20),mx=Math.max(1e-12,...P.map(k=>k[1][1]));
+  let h=`<table><tr><th>#</th><th class=l>token</th><th>idx</th><th class=l>share</th></tr>`;
+  P.forEach(([j,v],r)=>{h+=`<tr><td>${r+1}</td><td class=l>${esc(tt(j))}</td><td>${j}</td><td class=l><span class=bar style="width:${80*v[1]/mx}px"></span>${fmt(v[1])}</td></tr>`;});
+  const top=P.length?P[0][1][1]:0,cav=top>0.9?`<div class=sink>${fmt(top)} on one token: the product has converged there (a sink) and says little about this text.</div>`:'';
+  $('keys').innerHTML=`<b>${PROPNAME[st.qty]} through layer ${D.prop[st.qty].through}</b> (shares sum to 1)`+cav+h+'</table>';
+}
 function drawKeys(){
-  const K=[...keys().entries()].sort((a,b)=>b[1][1]-a[1][1]).slice(0,D.top||40);
+  if(isProp())return drawProp();
+  const all=[...keys().entries()],[K,hidden]=shown(all);
   const mw=Math.max(1e-12,...K.map(k=>k[1][1])),mc=Math.max(1e-12,...K.map(k=>k[1][2]));
-  const byC=[...K].sort((a,b)=>b[1][2]-a[1][2]).map(k=>k[0]);
+  const byC=[...all].sort((a,b)=>b[1][2]-a[1][2]).map(k=>k[0]);
   let h=`<table><tr><th>#</th><th class=l>key</th><th>idx</th><th>score</th><th class=l>weight</th><th class=l>contribution</th><th>rank by content</th></tr>`;
   K.forEach(([j,v],r)=>{const rc=byC.indexOf(j)+1,sink=rc>r+3&&v[1]>0.05;
     h+=`<tr><td>${r+1}</td><td class=l>${esc(tt(j))}</td><td>${j}</td><td>${fmt(v[0])}</td>`+
     `<td class=l><span class=bar style="width:${80*v[1]/mw}px"></span>${fmt(v[1])}</td>`+
     `<td class=l><span class="bar c" style="width:${80*v[2]/mc}px"></span>${fmt(v[2])}</td><td class="${sink?'sink':''}">${rc}${sink?' sink':''}</td></tr>`;});
-  const what=st.qty==='rollout'?'rollout':st.head<0?`layer ${st.layer}, mean over heads`:`layer ${st.layer} head ${st.head}`;
-  let extra='';if(st.head>=0&&st.qty!=='rollout'){const hh=D.heads.find(x=>x[0]===st.layer&&x[1]===st.head);extra=` · entropy ${fmt(hh[3])} nats · ‖output‖ ${fmt(hh[4])} · ${hh[5]} keys visible`;}
-  $('keys').innerHTML=`<b>${what}</b>${extra}`+h+'</table>';
+  const what=st.head<0?`layer ${st.layer}, mean over heads`:`layer ${st.layer} head ${st.head}`;
+  let extra='';if(st.head>=0){const hh=D.heads.find(x=>x[0]===st.layer&&x[1]===st.head);extra=` · entropy ${fmt(Math.abs(hh[3]))} nats · ‖output‖ ${fmt(hh[4])} · ${hh[5]} keys visible`;}
+  const kept=` · ${all.length} keys kept`+(hidden?` (${hidden} more, beyond the top 100 by weight and by contribution, are in the JSON)`:'');
+  $('keys').innerHTML=`<b>${what}</b>${extra}${kept}`+h+'</table>';
 }
 function esc(s){return s.replace(/[&<>"]/g,c=>({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));}
 function drawGrid(){
@@ -179,7 +203,7 @@ function syncControls(){$('layer').value=st.layer;fillHeads();$('head').value=st
 function fillHeads(){const s=$('head');s.innerHTML='<option value=-1>mean of heads</option>'+headsOf(st.layer).map(h=>`<option value=${h[1]}>${h[1]}</option>`).join('');}
 function draw(){drawText();drawKeys();drawGrid();}
 $('layer').innerHTML=layers.map(l=>`<option value=${l}>${l}</option>`).join('');
-if(!RO)$('qty').querySelector('option[value=rollout]').remove();
+for(const k of ['flow','rollout'])if(!(k in PROP))$('qty').querySelector(`option[value=${k}]`).remove();
 $('layer').onchange=e=>{st.layer=+e.target.value;fillHeads();st.head=-1;draw();};
 $('head').onchange=e=>{st.head=+e.target.value;draw();};
 $('qty').onchange=e=>{st.qty=e.target.value;draw();};
@@ -201,7 +225,7 @@ PAGE = """<!DOCTYPE html>
 <label>layer <select id="layer"></select></label>
 <label>head <select id="head"></select></label>
 <label>show <select id="qty"><option value="weight">weight (softmax)</option>
-<option value="contribution">contribution ‖w·v W_O‖</option><option value="rollout">rollout</option></select></label>
+<option value="contribution">contribution ‖w·v W_O‖</option><option value="flow">contribution flow (all layers)</option><option value="rollout">attention rollout (all layers)</option></select></label>
 <span class="sub">Click a token to see which heads send the query to it; click a cell to open that head.</span>
 </div>
 <div id="text"></div>

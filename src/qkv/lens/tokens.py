@@ -8,20 +8,89 @@ has read the whole word (which is what a causal model's query can rely on). Spec
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 
 from .record import Token, token_list
+
+
+@cache
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's `bytes_to_unicode`, inverted):
+    printable Latin-1 bytes stand for themselves, the other 68 are shifted to U+0100.."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte fallback
+
+
+def token_bytes(tok: str) -> bytes | None:
+    """The bytes a token string stands for under byte-level BPE ('ĠðŁ' → b' \xf0\x9f') or
+    byte fallback ('<0xF0>'), or None when it is not such a string."""
+    m = _BYTE_TOKEN.fullmatch(tok)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    table = _byte_alphabet()
+    if not tok or any(c not in table for c in tok):
+        return None
+    return bytes(table[c] for c in tok)
 
 
 def make_tokens(
     text: str, tokens: Sequence[str], offsets: Sequence[tuple[int, int]]
 ) -> list[Token]:
-    out = []
+    """Tokens with their character spans (the tokenizer's offsets) and their exact UTF-8 byte
+    spans, disjoint and in order. A byte-level tokenizer may split one character over several
+    tokens (🎉 = 4 bytes); each such token's bytes are found by matching its string's bytes
+    against the text where the previous token ended, and its `text` is a label that names the
+    part: ' 🎉[1-2/4]' holds a space and bytes 1–2 of the 4 of 🎉, '🎉[3/4]' its third byte.
+    Tokens whose bytes cannot be matched (WordPiece '##s', lower-cased text) take the bytes of
+    their character span, which such tokenizers never split."""
+    data = text.encode("utf-8")
+    cb = [0]  # cb[c]: byte offset of character c
+    for ch in text:
+        cb.append(cb[-1] + len(ch.encode("utf-8")))
+    out, cursor = [], 0
     for idx, (tok, (s, e)) in enumerate(zip(tokens, offsets, strict=True)):
-        out.append(Token(idx, text[s:e] if e > s else tok, int(s), int(e)))
+        s, e = int(s), int(e)
+        if e <= s:  # a special token: its own string, an empty span
+            out.append(Token(idx, tok, s, e, cb[s], cb[s]))
+            continue
+        lo = max(cursor, cb[s]) if cursor < cb[e] else cb[s]
+        piece = token_bytes(tok)
+        if piece and data[lo : lo + len(piece)] == piece:
+            bs, be = lo, lo + len(piece)
+        else:
+            bs, be = lo, cb[e]
+        cursor = be
+        out.append(_token(idx, text, cb, bs, be))
     return out
+
+
+def _token(idx: int, text: str, cb: list[int], bs: int, be: int) -> Token:
+    """The token of bytes [bs, be): its characters and a label with any partial character."""
+    c0 = bisect.bisect_right(cb, bs) - 1  # the character holding byte bs
+    c1 = bisect.bisect_left(cb, be)  # one past the character holding byte be-1
+    label = []
+    for c in range(c0, c1):
+        a, b = max(bs, cb[c]) - cb[c] + 1, min(be, cb[c + 1]) - cb[c]
+        n = cb[c + 1] - cb[c]
+        if a == 1 and b == n:
+            label.append(text[c])
+        else:
+            label.append(f"{text[c]}[{a}/{n}]" if a == b else f"{text[c]}[{a}-{b}/{n}]")
+    return Token(idx, "".join(label), c0, c1, bs, be)
 
 
 def _word_pattern(word: str) -> str:
