@@ -154,3 +154,57 @@ def test_accuracy_matches_explain(which, request, small_data):
                     right[lay.layer, h.head] += ex.candidates[int(np.argmax(w))] == ex.answer
         np.testing.assert_allclose(sc.accuracy, right / sc.n)
         assert [t[:2] for t in sc.best(3)] == [t[:2] for t in sc.best(12)[:3]]
+
+
+def _best_of_random_heads(n_cands: np.ndarray, n_heads: int, sims: int, seed: int) -> np.ndarray:
+    """Monte Carlo oracle: the best accuracy of n_heads heads guessing uniformly at random."""
+    rng = np.random.default_rng(seed)
+    best = np.empty(sims)
+    for s in range(sims):
+        right = rng.random((n_heads, len(n_cands))) < 1 / n_cands  # (heads, sentences)
+        best[s] = right.mean(1).max()
+    return best
+
+
+def test_the_chance_null_matches_a_simulation():
+    """The exact null (a Poisson binomial, best of M independent heads) against random heads
+    drawn by numpy: 134 two-candidate sentences, 72 heads (the issue measured, by simulation,
+    a median best of 60.4% and a 95th percentile of 63.4%)."""
+    from qkv.lens.heads import HeadScores, chance_counts, corrected_p
+
+    n_cands = np.full(134, 2)
+    pmf = chance_counts(n_cands)
+    from math import comb
+
+    np.testing.assert_allclose(pmf, [comb(134, k) / 2**134 for k in range(135)], atol=1e-15)
+    sim = _best_of_random_heads(n_cands, 72, 4000, seed=0)
+    sc = HeadScores("query", 134, np.zeros((6, 12)), np.zeros((6, 12)), np.zeros((6, 12)), 0.5,
+                    chance=pmf)  # fmt: skip
+    for q in (0.5, 0.95):
+        assert abs(sc.chance_best(q) - np.quantile(sim, q)) <= 1 / 134 + 1e-9
+    assert sc.chance_best(0.5) == pytest.approx(0.604, abs=0.008)
+    assert sc.chance_best(0.95) == pytest.approx(0.634, abs=0.008)
+    # the corrected p of a count c is how often the simulated best reaches c
+    for c in (78, 82, 86):
+        assert corrected_p(np.array([c]), pmf, 72)[0] == pytest.approx(
+            np.mean(sim * 134 >= c - 1e-9), abs=0.02
+        )
+    # mixed candidate counts: three-way sentences are harder to guess
+    mixed = chance_counts(np.array([2, 3, 3]))
+    np.testing.assert_allclose(mixed, [1 / 2 * 4 / 9, 1 / 2 * 4 / 9 + 1 / 2 * 4 / 9,
+                                       1 / 2 * 1 / 9 + 1 / 2 * 4 / 9, 1 / 2 * 1 / 9])  # fmt: skip
+
+
+def test_within_chance_heads_are_not_marked(tiny_bidir, small_data):
+    """A random model's heads on 12 sentences: nothing beats the best of 12 random guessers at
+    p < 0.05 unless it is right on (nearly) every sentence; the table shows p and the margin."""
+    s = head_search(tiny_bidir, small_data, progress=False)
+    for sc in s.scores.values():
+        p = sc.p_value
+        assert p.shape == sc.accuracy.shape and np.all((0 <= p) & (p <= 1))
+        assert np.all(sc.beats_chance == (p < 0.05))
+        assert np.all(sc.accuracy[sc.beats_chance] >= sc.chance_best(0.95))
+        assert sc.margin.shape == sc.accuracy.shape and np.all(sc.margin >= 0)
+    out = " ".join(str(s).split())
+    assert "Chance: 12 heads guessing at random on these 12 sentences" in out
+    assert "margin" in out and "corrected for 12 heads" in out
