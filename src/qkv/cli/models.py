@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qkv.models import DEFAULT_MODEL, available
+from qkv.models.families import FAMILIES
 
 
 def describe() -> str:
@@ -18,6 +19,12 @@ def describe() -> str:
             f"    weights: {info.install}",
             "",
         ]
+    lines += [
+        "Or bring your own: --model PATH takes a local Hugging Face folder (config.json +",
+        "*.safetensors [+ tokenizer.json]) of model_type " + ", ".join(sorted(FAMILIES)) + ";",
+        "a bare bundled name is always the bundled model (write ./NAME for a folder of that name).",
+        "",
+    ]
     lines.append('Use one with: qkv explain "TEXT" --token WORD --model NAME')
     lines.append('Continue a text with a decoder: qkv generate "TEXT" [--chat] --model NAME')
     return "\n".join(lines)
