@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._jit import Kernels
+from .._jit import Kernels
 
 
 def eligible(*tensors: Tensor) -> bool:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import fused
-from ._jit import Kernels, wide_vectors_pay
+from .._jit import Kernels, wide_vectors_pay
 
 GROUP = 32  # input features per block, both formats
 # more rows go to F.linear: on one thread BLAS on the dense weights is faster from ~3 rows, on
