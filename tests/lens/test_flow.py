@@ -19,22 +19,14 @@ from qkv.lens import explain
 from qkv.nn import MultiHeadAttention
 
 from .conftest import SENTENCE
-from .test_lookup import oracle
+from .test_lookup import forward_inputs, oracle
 
 
 def residual_norms(model, text: str) -> list[torch.Tensor]:
     """‖x_t‖ (t,) of the input of each module that holds an attention module, in order."""
     mods = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
     blocks = [p for m in mods for p in model.modules() if any(c is m for c in p.children())]
-    out: list[torch.Tensor] = []
-    hooks = [b.register_forward_pre_hook(lambda mod, args: out.append(args[0][0])) for b in blocks]
-    try:
-        with torch.no_grad():
-            model(torch.tensor([model.tokenizer.encode(text).ids]))
-    finally:
-        for h in hooks:
-            h.remove()
-    return [x.double().norm(dim=-1) for x in out]
+    return [x[0].double().norm(dim=-1) for x in forward_inputs(model, text, blocks)]
 
 
 def flow64(model, text: str, i: int) -> np.ndarray:

@@ -33,10 +33,9 @@ def rope64(x: torch.Tensor, base: float) -> torch.Tensor:
     return torch.cat((a * cos - b * sin, a * sin + b * cos), -1)
 
 
-def oracle(model, text: str) -> list[dict]:
-    """Per layer: weights (h i j), scores, contributions (h i j), out norms (h i), layer contribution (i j)."""
-    inputs = []
-    mods = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+def forward_inputs(model, text: str, mods: list) -> list[torch.Tensor]:
+    """The first input (1 i m) of each module of `mods` in one forward of `text` (pre-hooks)."""
+    inputs: list[torch.Tensor] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for m in mods]
     try:
         with torch.no_grad():
@@ -44,6 +43,13 @@ def oracle(model, text: str) -> list[dict]:
     finally:
         for h in hooks:
             h.remove()
+    return inputs
+
+
+def oracle(model, text: str) -> list[dict]:
+    """Per layer: weights (h i j), scores, contributions (h i j), out norms (h i), layer contribution (i j)."""
+    mods = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    inputs = forward_inputs(model, text, mods)
     with torch.no_grad():
         return [_layer64(mod, x) for mod, x in zip(mods, inputs, strict=True)]
 

@@ -89,6 +89,19 @@ def _check_range(what: str, x: int | None, n: int, model: str) -> int | None:
     return index_in(what, x, n, f"{what}s in {model}")
 
 
+def layer_bar(total: int, desc: str, progress: bool) -> tqdm:
+    """A progress bar over layers on stderr, shown only past one second, gone when done."""
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="layer",
+        delay=1.0,
+        disable=not progress,
+        file=sys.stderr,
+        leave=False,
+    )
+
+
 def run_capture(
     model: nn.Module,
     ids: list[int],
@@ -110,15 +123,7 @@ def run_capture(
     wanted = set(layers)
     last = max(wanted)
     kept: dict[int, Any] = {}
-    bar = tqdm(
-        total=last + 1,
-        desc=desc,
-        unit="layer",
-        delay=1.0,
-        disable=not progress,
-        file=sys.stderr,
-        leave=False,
-    )
+    bar = layer_bar(last + 1, desc, progress)
 
     with capture(model, layers=sorted(wanted)) as cap:
 
@@ -309,15 +314,7 @@ def _propagated(
     fn: Callable, recs: list, i: int, n: int, n_tokens: int, last: int, what: str, progress: bool
 ) -> Rollout:
     """`fn(recs, i)` (rollout_row or flow_row) padded to every token, with a progress bar."""
-    bar = tqdm(
-        total=len(recs),
-        desc=what,
-        unit="layer",
-        delay=1.0,
-        disable=not progress,
-        file=sys.stderr,
-        leave=False,
-    )
+    bar = layer_bar(len(recs), what, progress)
     values = np.zeros(n_tokens)
     values[:n] = fn(recs, i, progress=lambda: bar.update(1))
     bar.close()

@@ -349,7 +349,7 @@ def _table(s: HeadSearch, sc: HeadScores, n: int, title: str) -> Table:
         "on the other",
         "margin",
     ):
-        t.add_column(col, justify="right")
+        t.add_column(col, justify="right", min_width=9 if col == "accuracy" else None)
     p = sc.p_value
     for rank, (lay, h, acc) in enumerate(sc.best(n), 1):
         pa = "—" if sc.pair_accuracy is None else f"{sc.pair_accuracy[lay, h]:.0%}"
