@@ -131,6 +131,85 @@ def window_table(repeats: int, flex: bool) -> list[str]:
     return out
 
 
+FIRST_CALL_CHILD = """
+import sys, time, torch, qkv
+n, w = int(sys.argv[1]), int(sys.argv[2])
+g = torch.Generator().manual_seed(0)
+q, k, v = [torch.randn(1, 8, n, 64, generator=g) for _ in range(3)]
+t0 = time.perf_counter()
+qkv.attention(q, k, v, window=(w - 1, 0), backend="fused")
+print(time.perf_counter() - t0)
+"""
+
+
+def fused_table(repeats: int) -> list[str]:
+    """The fused CPU kernel (issue 16) vs compiled flex_attention, forward, compile excluded;
+    then the first call of each with compile (ours: numba from an empty cache, in a fresh
+    process) and forward + backward."""
+    import tempfile
+
+    from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention)
+    out = ["| case | qkv | peer | ratio (peer/qkv) | target met |", "|---|---|---|---|---|"]
+    firsts = []
+    w = 256
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def window(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < w)
+
+    doc = torch.arange(8192) * 8 // 8192  # 8 documents of 1024 tokens
+
+    def same_doc(b, h, q_idx, kv_idx):
+        return doc[q_idx] == doc[kv_idx]
+
+    def prefix(b, h, q_idx, kv_idx):
+        return kv_idx < 2048
+
+    cases = [
+        (f"window {w}", 16384, dict(window=(w - 1, 0)), window),
+        ("document mask, 8 docs, causal", 8192,
+         dict(causal=True, mask_mod=qkv.document_mask(doc)), and_masks(causal, same_doc)),
+        ("prefix-LM, prefix 2048", 8192, dict(mask_mod=qkv.prefix_lm_mask(2048)),
+         lambda b, h, q_idx, kv_idx: prefix(b, h, q_idx, kv_idx) | causal(b, h, q_idx, kv_idx)),
+    ]  # fmt: skip
+    for name, n, kw, mod in cases:
+        q, k, v = inputs(n)
+        t0 = time.perf_counter()
+        bm = create_block_mask(mod, None, None, n, n, device="cpu")
+        compiled(q, k, v, block_mask=bm)
+        flex_first = time.perf_counter() - t0
+        ours, fl = paired(
+            lambda: qkv.attention(q, k, v, **kw, backend="fused"),
+            lambda: compiled(q, k, v, block_mask=bm),
+            repeats,
+        )
+        out.append(row(f"fused {name} N={n} forward vs compiled flex_attention", ours, fl, 1.0))
+        if name.startswith("window"):
+            firsts.append(f"flex_attention first call (compile + block mask + run): {flex_first:.1f} s")
+            with tempfile.TemporaryDirectory() as cache:
+                res = subprocess.run(
+                    [sys.executable, "-c", FIRST_CALL_CHILD, str(n), str(w)],
+                    capture_output=True, text=True, check=True,
+                    env={**__import__("os").environ, "NUMBA_CACHE_DIR": cache},
+                )  # fmt: skip
+            firsts.append(
+                f"qkv fused first call (numba compile from an empty cache + block mask + run): "
+                f"{float(res.stdout.split()[-1]):.1f} s"
+            )
+            qg, kg, vg = inputs(n, requires_grad=True)
+            ours, fl = paired(
+                fwd_bwd(lambda q, k, v: qkv.attention(q, k, v, **kw, backend="fused"), qg, kg, vg),
+                fwd_bwd(lambda q, k, v: compiled(q, k, v, block_mask=bm), qg, kg, vg),
+                3,
+            )
+            out.append(row(f"fused {name} N={n} fwd+bwd vs compiled flex_attention", ours, fl, 1.0))
+    return out + [""] + firsts
+
+
 def weights_table(repeats: int) -> list[str]:
     n = 16384
     q, k, v = inputs(n)
@@ -183,6 +262,7 @@ def main() -> None:
     )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="also write the tables here")
+    ap.add_argument("--only", help="run only this table (memory, speed, window, weights, fused)")
     args = ap.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU float32, B={B} H={H} D={D}\n"
@@ -194,8 +274,9 @@ def main() -> None:
         ("speed", lambda: speed_table(args.repeats)),
         ("window", lambda: window_table(args.repeats, flex=not args.quick)),
         ("weights", lambda: weights_table(args.repeats)),
+        ("fused", (lambda: fused_table(args.repeats)) if not args.quick else None),
     ):
-        if fn is None:
+        if fn is None or (args.only and name != args.only):
             continue
         tables[name] = fn()
         print("\n".join(tables[name]) + "\n", flush=True)

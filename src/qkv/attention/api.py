@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import scoring
+from . import fused_cpu, scoring
 from .reference import Intermediates, reference
 from .sdpa import lse_supported, sdpa, sdpa_lse, unsupported
 from .spec import MaskMod, ScoreMod, Spec, make_spec
 from .tiled import tiled
 
-BACKENDS = ("auto", "reference", "tiled", "sdpa", "triton")  # "triton": explicit opt-in only
+BACKENDS = ("auto", "reference", "tiled", "sdpa", "fused", "triton")  # triton: opt-in only
 
 
 def _triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
@@ -29,6 +29,18 @@ def _triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tens
 
 
 def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> str:
+    """`auto`: see `_choose`; on CPU, `fused` replaces `tiled` for a sliding window, a
+    mask_mod or a score mod it can compute (measured 1.1–3.8× tiled's forward there,
+    benchmarks/RESULTS.md); plain and causal requests keep SDPA / tiled, which are faster."""
+    backend = _choose(q, k, v, spec, return_lse)
+    special = spec.left is not None or spec.mask_mod is not None or spec.has_mods
+    if backend == "tiled" and special and spec.Sq and spec.Sk:
+        if fused_cpu.supported(q, spec) is None:
+            return "fused"
+    return backend
+
+
+def _choose(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> str:
     """`auto`: the fastest backend that computes exactly what was asked.
 
     SDPA (fused C++/CUDA) for plain, causal and tensor-masked attention, and with the LSE where
@@ -104,7 +116,9 @@ def attention(
 
     Backends: "reference" (explicit, O(Sq·Sk) memory, the oracle), "tiled" (online softmax,
     O(N) memory, custom backward, skips masked-out key blocks), "sdpa" (PyTorch's fused kernel,
-    exact requests only), "triton" (FlashAttention-2-style forward kernel for CUDA, tiled
+    exact requests only), "fused" (CPU: one compiled loop per query block for windows,
+    mask_mods, softcap and ALiBi, with a cached block mask, tiled's backward; what it cannot
+    compute exactly runs on tiled), "triton" (FlashAttention-2-style forward kernel for CUDA, tiled
     backward; plain/causal/window/GQA only; opt-in: "auto" never picks it), "auto" (the fastest
     exact one). Equivalent PyTorch::
 
@@ -143,6 +157,9 @@ def attention(
         return (r.out, r.lse) if return_lse else r.out
     if backend == "tiled":
         out, lse = tiled(q, k, v, spec)
+        return (out, lse) if return_lse else out
+    if backend == "fused":
+        out, lse = fused_cpu.fused(q, k, v, spec)
         return (out, lse) if return_lse else out
     if backend == "triton":
         out, lse = _triton_attention(q, k, v, spec)

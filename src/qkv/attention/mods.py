@@ -21,6 +21,20 @@ from torch import Tensor
 
 from .spec import MaskMod, ScoreMod
 
+# Ready mods carry `_qkv_key`, a hashable description of what they compute (a captured tensor
+# by id and `_version`): the block structure of a mask is cached by it (`blockmask.py`). Score
+# mods carry `_qkv_fused`, the parameters the fused CPU kernel evaluates inside its loop
+# (`fused_cpu.py`). A mod without them is still exact everywhere, just not cached or fused.
+
+
+def _tensor_key(t: Tensor) -> tuple:
+    return (id(t), t._version, tuple(t.shape), t.dtype)
+
+
+def _keyed(mods: tuple, name: str) -> tuple | None:
+    keys = tuple(getattr(m, "_qkv_key", None) for m in mods)
+    return None if any(k is None for k in keys) else (name, *keys)
+
 
 def and_masks(*mods: MaskMod) -> MaskMod:
     """Keep (b, h, q, kv) only where every mod keeps it. No mods keeps everything."""
@@ -31,6 +45,7 @@ def and_masks(*mods: MaskMod) -> MaskMod:
             out = out & m(b, h, q_idx, kv_idx)
         return out
 
+    mod._qkv_key = _keyed(mods, "and")
     return mod
 
 
@@ -43,12 +58,16 @@ def or_masks(*mods: MaskMod) -> MaskMod:
             out = out | m(b, h, q_idx, kv_idx)
         return out
 
+    mod._qkv_key = _keyed(mods, "or")
     return mod
 
 
 def causal_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
     """kv_idx ≤ q_idx: the same as `causal=True` (bottom-right aligned)."""
     return kv_idx <= q_idx
+
+
+causal_mask._qkv_key = ("causal",)
 
 
 def sliding_window_mask(left: int, right: int = 0) -> MaskMod:
@@ -60,6 +79,7 @@ def sliding_window_mask(left: int, right: int = 0) -> MaskMod:
     def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return (kv_idx >= q_idx - left) & (kv_idx <= q_idx + right)
 
+    mod._qkv_key = ("window", left, right)
     return mod
 
 
@@ -70,12 +90,21 @@ def key_padding_mask(keep_or_lengths: Tensor) -> MaskMod:
     if t.dtype == torch.bool:
         if t.dim() != 2:
             raise ValueError(f"a key padding keep-mask must be (B, Sk), got shape {tuple(t.shape)}")
-        return lambda b, h, q_idx, kv_idx: t[b, kv_idx]
-    if t.dim() != 1 or t.is_floating_point():
-        raise ValueError(
-            f"key lengths must be an integer tensor (B,), got {t.dtype} {tuple(t.shape)}"
-        )
-    return lambda b, h, q_idx, kv_idx: kv_idx < t[b]
+
+        def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return t[b, kv_idx]
+
+    else:
+        if t.dim() != 1 or t.is_floating_point():
+            raise ValueError(
+                f"key lengths must be an integer tensor (B,), got {t.dtype} {tuple(t.shape)}"
+            )
+
+        def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return kv_idx < t[b]
+
+    mod._qkv_key = ("key_padding", _tensor_key(t))
+    return mod
 
 
 def document_mask(doc_ids: Tensor) -> MaskMod:
@@ -89,6 +118,7 @@ def document_mask(doc_ids: Tensor) -> MaskMod:
         bb = b if ids.shape[0] > 1 else torch.zeros_like(b)
         return ids[bb, q_idx] == ids[bb, kv_idx]
 
+    mod._qkv_key = ("document", _tensor_key(doc_ids))
     return mod
 
 
@@ -100,6 +130,8 @@ def prefix_lm_mask(prefix_len: int | Tensor) -> MaskMod:
         n = prefix_len[b] if isinstance(prefix_len, Tensor) else prefix_len
         return (kv_idx < n) | (kv_idx <= q_idx)
 
+    p = prefix_len
+    mod._qkv_key = ("prefix_lm", _tensor_key(p) if isinstance(p, Tensor) else int(p))
     return mod
 
 
@@ -150,6 +182,7 @@ def alibi(slopes: Tensor | int) -> ScoreMod:
         slope = placed[key][h] if s.dim() == 1 else placed[key][b, h]  # (1|B, Hq, 1, 1)
         return score - slope * (q_idx - kv_idx).abs().to(score.dtype)
 
+    mod._qkv_fused = ("alibi", s)
     return mod
 
 
@@ -157,4 +190,9 @@ def softcap(cap: float) -> ScoreMod:
     """cap·tanh(score/cap) (Gemma 2, Grok). The `softcap=` argument does the same, first."""
     if not cap > 0:
         raise ValueError(f"softcap must be > 0, got {cap}")
-    return lambda score, b, h, q_idx, kv_idx: cap * torch.tanh(score / cap)
+
+    def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return cap * torch.tanh(score / cap)
+
+    mod._qkv_fused = ("softcap", float(cap))
+    return mod

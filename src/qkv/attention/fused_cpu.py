@@ -1,0 +1,331 @@
+"""The fused CPU backend: one compiled loop per (batch, head, query block), FlashAttention-2
+style — score, softcap, ALiBi, mask, online softmax and the value product of each 64×64 tile
+in registers and L1, never a pass over memory per op as in `tiled`.
+
+    for each (b, h, query block i)                     # workers take tasks w, w+W, w+2W, …
+        m, l, acc = −inf, 0, 0
+        for each key block j listed by the block mask   # empty blocks are not listed
+            s = q_i·k_jᵀ (fp32) → softcap → score mod → −inf where a partial block's mask is 0
+            m' = max(m, rowmax s);  p = 2^(s − m');  l = l·2^(m − m') + Σp
+            acc = acc·2^(m − m') + p·v_j
+        out = acc / l, lse = (m + log2 l)·ln 2          # empty row: 0 and −inf
+
+What runs inside the loop: the band (causal / window, bottom-right aligned), any `mask_mod`
+(evaluated once per (query block, key block) into `blockmask.BlockMask`, cached for the ready
+mods, so a model's layers build it once), `softcap=`, and the ready score mods `softcap(c)` and
+`alibi(slopes)`. Anything else — an arbitrary Python `score_mod`, a `mask=` tensor, dropout,
+fp64 — is not dropped: `supported` names it and the call runs on `tiled`.
+
+Numbers: fp16/bf16 q, k, v are widened to fp32 once (exact), scores, softmax, P·V and the
+LSE are fp32, the output is rounded to the input dtype. exp2 is a degree-7 polynomial with
+exponent bits set directly (max relative error ~2e-7 on [−126, 0], 0 below): libm's exp2f
+does not vectorise and cost 20× more per tile. K/V holding NaN/inf: a masked score is
+overwritten with −inf whatever its value, and the value product skips p = 0 terms when V is
+not finite, so a masked NaN never reaches the output.
+
+Backward: exact, through `tiled.backward` (it recomputes each tile from q, k, v and the LSE
+saved here); not fused yet. Why numba: it is already a dependency, compiles silently and
+caches on disk (`qkv._jit`); a C++ extension would need a compiler at install time.
+Threads: each task is computed by one worker in a fixed order, so the result is bitwise the
+same for any thread count.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._jit import Kernels
+from . import blockmask
+from .spec import Spec
+from .tiled import backward, tiled
+
+BQ = 64  # query rows per task
+BK = 64  # keys per block
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+def _build(flags: dict) -> dict[str, tuple]:
+    import numba
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    jit = njit(**flags)
+    inline = njit(inline="always", **flags)
+
+    @intrinsic
+    def as_f32(typingctx, bits):  # the float32 whose bits are the int32 `bits`
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return types.float32(types.int32), codegen
+
+    @inline
+    def exp2(x):
+        """2^x in float32, vectorisable: 2^round(x) from exponent bits × a Taylor polynomial
+        of 2^f on [−½, ½] (degree 7: relative error < 2e-7). 0 below −126 (−inf included),
+        NaN stays NaN."""
+        lo = np.float32(-126.0)
+        xc = min(x, np.float32(126.0)) if x >= lo else lo
+        n = np.floor(xc + np.float32(0.5))
+        f = xc - n
+        p = np.float32(1.5252733804059840e-5)
+        p = p * f + np.float32(1.5403530393381609e-4)
+        p = p * f + np.float32(1.3333558146428443e-3)
+        p = p * f + np.float32(9.6181291076284772e-3)
+        p = p * f + np.float32(5.5504108664821580e-2)
+        p = p * f + np.float32(2.4022650695910071e-1)
+        p = p * f + np.float32(6.9314718055994531e-1)
+        p = p * f + np.float32(1.0)
+        r = p * as_f32(np.int32((np.int32(n) + 127) << 23))
+        return r if x >= lo else (np.float32(0.0) if x < lo else x)
+
+    @jit
+    def forward(
+        q, kt, v, out, lse, ptr, kblk, part, masks, Bm, Hm, delta, Sk,
+        cap1, cap2, slopes, alibi, v_finite, worker, workers,
+    ):  # fmt: skip
+        """q (b h i d) scaled, kt (b hk blk d j) (each key block transposed, contiguous: a
+        plain (d j) transpose puts K's rows Sk·4 bytes apart and thrashes L1), v (b hk j e),
+        out (b h i e), lse (b h i): rows and keys padded to whole blocks. Tasks worker,
+        worker + workers, … of B·Hq·NQ."""
+        B, Hq, Sqp, D = q.shape
+        Hk, Dv = kt.shape[1], v.shape[3]
+        G = Hq // Hk
+        NQ = Sqp // BQ
+        mods = cap1 > 0 or cap2 > 0 or alibi
+        ninf = np.float32(-np.inf)
+        log2e = np.float32(LOG2E)
+        S = np.empty((BQ, BK), np.float32)  # (i j) scores, then p
+        acc = np.empty((BQ, Dv), np.float32)  # (i e)
+        m = np.empty(BQ, np.float32)
+        l = np.empty(BQ, np.float32)
+        pm = np.empty(16, np.float32)
+        for t in range(worker, B * Hq * NQ, workers):
+            qb = t % NQ
+            h = (t // NQ) % Hq
+            b = t // (NQ * Hq)
+            hk = h // G
+            qs = qb * BQ
+            qh, vh = q[b, h], v[b, hk]  # (i d), (j e) views
+            row = ((b if Bm > 1 else 0) * Hm + (h if Hm > 1 else 0)) * NQ + qb
+            slope = slopes[b if slopes.shape[0] > 1 else 0, h]
+            for r in range(BQ):
+                m[r] = ninf
+                l[r] = 0
+                for e in range(Dv):
+                    acc[r, e] = 0
+            for idx in range(ptr[row], ptr[row + 1]):
+                ks = kblk[idx] * BK
+                pi = part[idx]
+                kth = kt[b, hk, kblk[idx]]  # (d j) of this block, contiguous
+                # s = q·kᵀ, 8 rows per loaded key column
+                for r0 in range(0, BQ, 8):
+                    for r in range(r0, r0 + 8):
+                        for c in range(BK):
+                            S[r, c] = 0
+                    for d in range(D):
+                        q0, q1 = qh[qs + r0, d], qh[qs + r0 + 1, d]
+                        q2, q3 = qh[qs + r0 + 2, d], qh[qs + r0 + 3, d]
+                        q4, q5 = qh[qs + r0 + 4, d], qh[qs + r0 + 5, d]
+                        q6, q7 = qh[qs + r0 + 6, d], qh[qs + r0 + 7, d]
+                        for c in range(BK):
+                            kv = kth[d, c]
+                            S[r0, c] += q0 * kv
+                            S[r0 + 1, c] += q1 * kv
+                            S[r0 + 2, c] += q2 * kv
+                            S[r0 + 3, c] += q3 * kv
+                            S[r0 + 4, c] += q4 * kv
+                            S[r0 + 5, c] += q5 * kv
+                            S[r0 + 6, c] += q6 * kv
+                            S[r0 + 7, c] += q7 * kv
+                if mods:  # natural scores: softcap, score mod, then base 2
+                    for r in range(BQ):
+                        qpos = qs + r + delta
+                        for c in range(BK):
+                            s = S[r, c]
+                            if cap1 > 0:
+                                s = cap1 * np.tanh(s / cap1)
+                            if cap2 > 0:
+                                s = cap2 * np.tanh(s / cap2)
+                            if alibi:
+                                s = s - slope * np.float32(abs(qpos - (ks + c)))
+                            S[r, c] = s * log2e
+                if pi >= 0:  # a partial block: its mask, whatever the score (NaN included)
+                    mk = masks[pi]
+                    for r in range(BQ):
+                        for c in range(BK):
+                            if mk[r, c] == 0:
+                                S[r, c] = ninf
+                # online softmax, row by row
+                for r in range(BQ):
+                    for u in range(16):
+                        pm[u] = m[r]
+                    for c0 in range(0, BK, 16):
+                        for u in range(16):
+                            x = S[r, c0 + u]
+                            pm[u] = x if x > pm[u] else pm[u]
+                    mx = pm[0]
+                    for u in range(1, 16):
+                        mx = pm[u] if pm[u] > mx else mx
+                    mu = mx if mx != ninf else np.float32(0.0)  # an empty row so far: p = 0
+                    alpha = exp2(m[r] - mu)
+                    tot = np.float32(0.0)
+                    for c in range(BK):
+                        p = exp2(S[r, c] - mu)
+                        S[r, c] = p
+                        tot += p
+                    l[r] = l[r] * alpha + tot
+                    m[r] = mx
+                    for e in range(Dv):
+                        acc[r, e] *= alpha
+                # acc += p·v, 8 rows per loaded value row
+                if v_finite:
+                    for r0 in range(0, BQ, 8):
+                        for c in range(BK):
+                            p0, p1, p2, p3 = S[r0, c], S[r0 + 1, c], S[r0 + 2, c], S[r0 + 3, c]
+                            p4, p5, p6, p7 = S[r0 + 4, c], S[r0 + 5, c], S[r0 + 6, c], S[r0 + 7, c]
+                            for e in range(Dv):
+                                x = vh[ks + c, e]
+                                acc[r0, e] += p0 * x
+                                acc[r0 + 1, e] += p1 * x
+                                acc[r0 + 2, e] += p2 * x
+                                acc[r0 + 3, e] += p3 * x
+                                acc[r0 + 4, e] += p4 * x
+                                acc[r0 + 5, e] += p5 * x
+                                acc[r0 + 6, e] += p6 * x
+                                acc[r0 + 7, e] += p7 * x
+                else:  # NaN/inf in V: a term with p = 0 (masked) must not add 0·NaN
+                    for r in range(BQ):
+                        for c in range(BK):
+                            p = S[r, c]
+                            if p != 0:
+                                for e in range(Dv):
+                                    acc[r, e] += p * vh[ks + c, e]
+            for r in range(BQ):
+                empty = l[r] == 0
+                inv = np.float32(0.0) if empty else np.float32(1.0) / l[r]
+                for e in range(Dv):
+                    out[b, h, qs + r, e] = acc[r, e] * inv
+                lse[b, h, qs + r] = ninf if empty else (m[r] + np.log2(l[r])) * np.float32(LN2)
+
+    f32, i64, i32 = numba.float32, numba.int64, numba.int32
+    a5, a4, a3 = f32[:, :, :, :, ::1], f32[:, :, :, ::1], f32[:, :, ::1]
+    sig = (
+        a4, a5, a4, a4, a3, i64[::1], i32[::1], i32[::1], numba.uint8[:, :, ::1],
+        i64, i64, i64, i64, f32, f32, f32[:, ::1], numba.boolean, numba.boolean, i64, i64,
+    )  # fmt: skip
+    return {"forward": (forward, sig)}
+
+
+KERNELS = Kernels(_build, wide=False)
+
+
+def _score_mod_params(spec: Spec) -> tuple[float, np.ndarray | None] | None:
+    """(softcap of the score mod or 0, ALiBi slopes (1|B, Hq) or None); None if the score mod
+    is not one the kernel evaluates."""
+    fn = spec.score_mod
+    if fn is None:
+        return 0.0, None
+    tag = getattr(fn, "_qkv_fused", None)
+    if tag is None:
+        return None
+    if tag[0] == "softcap":
+        return float(tag[1]), None
+    s = tag[1]
+    if tuple(s.shape) not in ((spec.Hq,), (spec.B, spec.Hq)):
+        return None  # tiled raises the mod's own error naming the shapes
+    return 0.0, s.detach().reshape(-1, spec.Hq).to(torch.float32).contiguous().numpy()
+
+
+def supported(q: Tensor, spec: Spec) -> str | None:
+    """Why the fused kernel cannot compute this call exactly (None: it can)."""
+    if q.device.type != "cpu":
+        return f"it runs on CPU, got {q.device}"
+    if q.dtype == torch.float64:
+        return "it computes in fp32; fp64 runs on tiled"
+    if spec.mask is not None:
+        return "a mask= tensor (use mask_mod)"
+    if spec.dropout_p > 0:
+        return "dropout"
+    if _score_mod_params(spec) is None:
+        return "a score_mod other than the ready softcap(c) and alibi(slopes)"
+    return None
+
+
+def _pad(x: Tensor, dim: int, n: int) -> Tensor:
+    extra = n - x.shape[dim]
+    if extra == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, extra]
+    return F.pad(x, pad)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
+    """(out (b h i e) fp32, lse (b h i) fp32) from the fused kernel; no autograd."""
+    B, Hq, Sq, Sk, Dv = spec.B, spec.Hq, spec.Sq, spec.Sk, spec.Dv
+    out = torch.zeros(B, Hq, Sq, Dv)
+    lse = torch.full((B, Hq, Sq), float("-inf"))
+    if Sq == 0 or Sk == 0:
+        return out, lse
+    bm = blockmask.block_mask(spec, BQ, BK)
+    params = _score_mod_params(spec)
+    assert params is not None  # checked by `supported`
+    cap2, slopes = params
+    mods = spec.softcap is not None or cap2 > 0 or slopes is not None
+    unit = spec.scale * (1.0 if mods else LOG2E)  # base-2 logits unless mods need natural ones
+    NQ, NK = bm.NQ, bm.NK
+    with torch.no_grad():
+        qp = _pad(q.to(torch.float32) * unit, 2, NQ * BQ).contiguous()
+        kt = _pad(k.to(torch.float32), 2, NK * BK).unflatten(2, (NK, BK))
+        kt = kt.transpose(-1, -2).contiguous()  # (b hk blk d j)
+        vp = _pad(v.to(torch.float32), 2, NK * BK).contiguous()
+        v_finite = bool(torch.isfinite(vp.sum())) or bool(torch.isfinite(vp).all())
+        outp = torch.empty(B, Hq, NQ * BQ, Dv)
+        lsep = torch.empty(B, Hq, NQ * BQ)
+    args = [t.numpy() for t in (qp, kt, vp, outp, lsep)]
+    args += [bm.ptr, bm.kblk, bm.part, bm.masks, bm.Bm, bm.Hm, spec.delta, Sk]
+    args += [np.float32(spec.softcap or 0.0), np.float32(cap2)]
+    args += [slopes if slopes is not None else np.zeros((1, Hq), np.float32), slopes is not None]
+    args += [v_finite]
+    kernel = KERNELS["forward"]
+    tasks = B * Hq * NQ
+    workers = max(1, min(torch.get_num_threads(), tasks))
+    if workers == 1:
+        kernel(*args, 0, 1)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(lambda w: kernel(*args, w, workers), range(workers)))
+    return outp[:, :, :Sq], lsep[:, :, :Sq]
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec: Spec):
+        out, lse = forward(q, k, v, spec)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec = spec
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward(q, k, v, ctx.spec, out, lse, dout, dlse)
+        return dq, dk, dv, None
+
+
+def fused(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
+    """(out (b h i e), lse (b h i)) from the fused kernel, differentiable (the backward is
+    `tiled`'s, exact from the saved LSE). A call it cannot compute exactly (`supported`)
+    runs on `tiled` instead, never with a mod dropped."""
+    if supported(q, spec) is not None:
+        return tiled(q, k, v, spec)
+    return _FusedAttention.apply(q, k, v, spec)
