@@ -22,8 +22,8 @@ def test_core_schema_is_the_issue_s(result):
     doc = json.loads(result.to_json())
     assert doc["schema"] == SCHEMA == "qkv.explain/1"
     assert doc["model"] == "tiny-bidir"
-    assert set(doc["tokens"][0]) == {"index", "text", "start", "end"}
-    assert doc["tokens"][2] == {"index": 2, "text": "dog", "start": 4, "end": 7}
+    assert set(doc["tokens"][0]) == {"index", "text", "start", "end", "bytes"}
+    assert doc["tokens"][2] == {"index": 2, "text": "dog", "start": 4, "end": 7, "bytes": [4, 7]}
     assert (
         doc["tokens"][0]["text"] == "[CLS]" and doc["tokens"][0]["start"] == doc["tokens"][0]["end"]
     )
