@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_explain_prints_and_writes_every_view(loads, tmp_path, capsys):
     )
     r = from_json(paths["json"])
     assert r.query.text == "it" and r.top == 3 and r.key.text == "dog"
-    assert paths["html"].read_text().startswith("<!DOCTYPE html>")
+    assert paths["html"].read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
     assert loads == ["tiny-causal"]
 
@@ -171,7 +172,7 @@ def test_empty_text(loads, capsys):
 
 def test_heads_ranks_heads_on_a_user_file(loads, tmp_path, capsys):
     data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(DATA_PATH.read_text().splitlines()[:4]) + "\n")
+    data.write_text("\n".join(DATA_PATH.read_text(encoding="utf-8").splitlines()[:4]) + "\n")
     assert main(["heads", "--model", "tiny-causal", "--data", str(data), "--top", "3"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # undo the terminal's line wrapping
     assert "4 sentences" in out and "Best heads at the deciding word" in out
@@ -278,3 +279,34 @@ def test_ctrl_c_exits_130_quietly(loads, monkeypatch, capsys, where):
     assert cli.main(["explain", SENTENCE, "--token", "it", "--model", "tiny-causal"]) == 130
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""
+
+
+def test_an_ascii_locale_gets_escapes_and_reads_utf8_arguments():
+    """Under LC_ALL=C with UTF-8 mode and locale coercion off, stdout is ASCII: characters it
+    cannot show come out escaped (exit 0, not a UnicodeEncodeError), and a UTF-8 argument,
+    which Python then holds as lone surrogates, reaches the tokenizer as the text typed."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+
+    def run(*args):
+        res = subprocess.run(
+            [sys.executable, "-m", "qkv", *args], capture_output=True, env=env, timeout=300
+        )
+        return res.returncode, res.stdout.decode("ascii"), res.stderr.decode("ascii")
+
+    rc, out, err = run("models")
+    assert rc == 0 and err == "" and "\\u03b8=1e5" in out  # RoPE θ, escaped
+    argv = ("explain", "Le café était fermé.", "--token", "fermé", "--model", "minilm")
+    rc, out, err = run(*argv)
+    assert rc == 0, err
+    utf8 = subprocess.run(
+        [sys.executable, "-m", "qkv", *argv], capture_output=True, timeout=300,
+        env={**os.environ, "PYTHONUTF8": "1"},
+    ).stdout.decode("utf-8")  # fmt: skip
+    query = re.compile(r"query (\S+) \(token (\d+)\)")
+    escaped = utf8.encode("ascii", "backslashreplace").decode("ascii")
+    assert query.search(out).groups() == query.search(escaped).groups()  # the same token chosen
+    assert "caf\\xe9 \\xe9tait ferm\\xe9." in out

@@ -118,7 +118,7 @@ def test_missing_or_empty_data(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    lines = DATA_PATH.read_text().splitlines()[:12]
+    lines = DATA_PATH.read_text(encoding="utf-8").splitlines()[:12]
     p = tmp_path_factory.mktemp("d") / "pairs.jsonl"
     p.write_text("\n".join(lines) + "\n")
     return p

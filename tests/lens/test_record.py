@@ -41,7 +41,7 @@ def test_core_schema_is_the_issue_s(result):
 def test_round_trip_is_lossless(result, tmp_path):
     path = tmp_path / "r.json"
     s = result.to_json(path)
-    assert path.read_text().strip() == s
+    assert path.read_text(encoding="utf-8").strip() == s
     back = from_json(path)
     assert back.to_json() == s
     assert from_json(s).to_json() == s and from_json(json.loads(s)).to_json() == s

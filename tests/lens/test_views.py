@@ -48,7 +48,7 @@ def _data(page: str) -> dict:
 
 def test_html_is_standalone_and_carries_the_record(result, tmp_path):
     page = result.to_html(tmp_path / "r.html")
-    assert (tmp_path / "r.html").read_text() == page
+    assert (tmp_path / "r.html").read_text(encoding="utf-8") == page
     assert "<script src" not in page and "<link" not in page
     assert not re.search(r"https?://", page)
     data = _data(page)
@@ -102,7 +102,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(result, tmp_path, monkey
     monkeypatch.setattr(lens_io.os, "replace", boom)
     with pytest.raises(ValueError, match="No space left on device"):
         result.to_json(target)
-    assert target.read_text() == "old"
+    assert target.read_text(encoding="utf-8") == "old"
     assert os.listdir(tmp_path) == ["r.json"]
 
 
@@ -149,7 +149,7 @@ def test_html_script_runs(result, tiny_bidir, tmp_path):
         r.to_html(tmp_path / name)
         out = subprocess.run(
             ["node", str(Path(__file__).with_name("dom_stub.js")), str(tmp_path / name)],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True, text=True, encoding="utf-8", timeout=60,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith("ok")
@@ -220,7 +220,7 @@ def _tables(r, path: Path) -> dict:
     r.to_html(path)
     out = subprocess.run(
         ["node", str(Path(__file__).with_name("dom_stub.js")), str(path), "tables"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, encoding="utf-8", timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.splitlines()[-1])

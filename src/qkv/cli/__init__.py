@@ -107,12 +107,34 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _tolerant_streams() -> None:
+    """A terminal whose locale cannot show a character (LC_ALL=C without UTF-8 mode) gets an
+    escape such as \\u03b8 for it, not a UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def _utf8_args(argv: list[str]) -> list[str]:
+    """Arguments as the UTF-8 text they were typed in. Under a non-UTF-8 locale Python keeps
+    the bytes it could not decode as lone surrogates, which no tokenizer takes; those bytes
+    are decoded again as UTF-8 (an argument that is not UTF-8 either is left as it is)."""
+    out = []
+    for a in argv:
+        try:
+            out.append(a.encode(sys.getfilesystemencoding(), "surrogateescape").decode("utf-8"))
+        except UnicodeError:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit codes: 0 done; 2 bad input (one line naming the flag); 130
     interrupted (Ctrl-C); 141 the reader of stdout went away (`| head`); no traceback."""
+    _tolerant_streams()
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_utf8_args(sys.argv[1:] if argv is None else argv))
         try:
             rc = int(args.run(args) or 0)
         except (ValueError, TypeError, FileNotFoundError, IndexError, KeyError) as e:
