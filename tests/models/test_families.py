@@ -215,7 +215,7 @@ def test_greedy_tokens_and_cache(mt, tmp_path):
 def test_sharded_checkpoint_and_architectures_fallback(tmp_path):
     ref = build("qwen3", tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
     del cfg["model_type"]  # the architecture then comes from `architectures`
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     model = qkv.load(tmp_path)
@@ -305,7 +305,7 @@ def folder(tmp_path):
 
 
 def _edit_config(folder, **changes):
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     cfg.update(changes)
     (folder / "config.json").write_text(json.dumps(cfg))
 
@@ -378,7 +378,7 @@ def test_truncated_safetensors(folder):
 
 def test_shard_missing_a_tensor_its_index_lists(tmp_path):
     build("llama", tmp_path, max_shard_size="40KB")
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text(encoding="utf-8"))
     index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = next(
         iter(index["weight_map"].values())
     )
