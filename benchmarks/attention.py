@@ -189,7 +189,9 @@ def fused_table(repeats: int) -> list[str]:
         )
         out.append(row(f"fused {name} N={n} forward vs compiled flex_attention", ours, fl, 1.0))
         if name.startswith("window"):
-            firsts.append(f"flex_attention first call (compile + block mask + run): {flex_first:.1f} s")
+            firsts.append(
+                f"flex_attention first call (compile + block mask + run): {flex_first:.1f} s"
+            )
             with tempfile.TemporaryDirectory() as cache:
                 res = subprocess.run(
                     [sys.executable, "-c", FIRST_CALL_CHILD, str(n), str(w)],
@@ -204,7 +206,7 @@ def fused_table(repeats: int) -> list[str]:
         "forward + backward: not compared, FlexAttention has no CPU backward in this torch "
         "(NotImplementedError: FlexAttention does not support backward on CPU)"
     )
-    return out + [""] + firsts
+    return [*out, "", *firsts]
 
 
 def weights_table(repeats: int) -> list[str]:

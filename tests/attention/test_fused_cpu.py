@@ -46,9 +46,10 @@ def combos(B: int, Sk: int) -> dict[str, dict]:
         "key_padding_lengths": dict(mask_mod=qkv.key_padding_mask(lengths)),
         "key_padding_keep": dict(mask_mod=qkv.key_padding_mask(keep), window=(30, 30)),
         "and_or": dict(
-            mask_mod=qkv.or_masks(qkv.prefix_lm_mask(5), qkv.and_masks(
-                qkv.causal_mask, qkv.document_mask(doc)))
-        ),  # fmt: skip
+            mask_mod=qkv.or_masks(
+                qkv.prefix_lm_mask(5), qkv.and_masks(qkv.causal_mask, qkv.document_mask(doc))
+            )
+        ),
         "alibi_causal": dict(score_mod=qkv.alibi(4), causal=True),
         "alibi_per_batch": dict(score_mod=qkv.alibi(torch.rand(B, 4)), window=(33, 0)),
         "softcap": dict(softcap=2.0, causal=True),
@@ -201,7 +202,9 @@ def test_block_mask_is_cached_and_skips_empty_blocks():
         for idx in range(a.ptr[qb], a.ptr[qb + 1]):
             listed[qb, a.kblk[idx]] = True
             if a.part[idx] >= 0:
-                assert torch.equal(torch.from_numpy(a.masks[a.part[idx]]).bool(), blocks[qb, a.kblk[idx]])
+                assert torch.equal(
+                    torch.from_numpy(a.masks[a.part[idx]]).bool(), blocks[qb, a.kblk[idx]]
+                )
             else:
                 real = torch.arange(qb * 64, qb * 64 + 64) < 1000
                 assert blocks[qb, a.kblk[idx]][real].all()
@@ -212,7 +215,7 @@ def test_block_mask_is_cached_and_skips_empty_blocks():
 
 
 def test_auto_picks_fused_for_windows_and_mods_but_not_plain_or_fp64():
-    q, k, v = make_qkv(1, 2, 2, 200, 200, 16)
+    q, _, _ = make_qkv(1, 2, 2, 200, 200, 16)
     pick = lambda t, **kw: choose_backend(t, t, t, make_spec(t, t, t, **kw), False)  # noqa: E731
     assert pick(q, window=(31, 0)) == "fused"
     assert pick(q, mask_mod=qkv.prefix_lm_mask(40)) == "fused"

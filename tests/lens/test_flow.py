@@ -74,7 +74,11 @@ def recall(tmp_path_factory):
 
     task = RecallTask(n_records=6, n_keys=12, n_values=12, n_queries=3)
     out = tmp_path_factory.mktemp("recall")
-    train(task, TrainConfig(steps=1500, eval_every=50, test_size=1000, progress=False, seed=0), out=out)
+    train(
+        task,
+        TrainConfig(steps=1500, eval_every=50, test_size=1000, progress=False, seed=0),
+        out=out,
+    )
     return qkv.load(out)
 
 

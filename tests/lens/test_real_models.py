@@ -156,7 +156,9 @@ def test_text_beyond_the_context(minilm):
 
 def test_head_search_finds_layer13_head8(smollm2, tmp_path):
     path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join(DATA_PATH.read_text(encoding="utf-8").splitlines()[:16]) + "\n", encoding="utf-8")
+    path.write_text(
+        "\n".join(DATA_PATH.read_text(encoding="utf-8").splitlines()[:16]) + "\n", encoding="utf-8"
+    )
     s = head_search(smollm2, path, progress=False)
     q, w = s.scores["query"], s.scores["word"]
     assert q.n == w.n == 16 and q.n_pairs == 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -46,7 +47,9 @@ def test_smollm2_tokens_partition_the_bytes(smollm2, tmp_path):
     data = TEXT.encode()
     spans = [(t.byte_start, t.byte_end) for t in r.tokens]
     assert spans[0][0] == 0 and spans[-1][1] == len(data)
-    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(spans, spans[1:]))  # disjoint, in order
+    assert all(
+        a[1] == b[0] and a[0] < a[1] for a, b in itertools.pairwise(spans)
+    )  # disjoint, in order
     labels = [t.text for t in r.tokens]
     assert labels[2:5] == [" 🎉[1-2/4]", "🎉[3/4]", "🎉[4/4]"]
     doc = json.loads(r.to_json())
@@ -59,4 +62,6 @@ def test_smollm2_tokens_partition_the_bytes(smollm2, tmp_path):
 
         drawn = _tables(r, tmp_path / "r.html")["text"]
         assert "".join(s for cls, s in drawn if cls != "pc") == TEXT  # the page too
-        assert sum(cls == "pc" for cls, _ in drawn) == sum("[" in x and "[1" not in x for x in labels)
+        assert sum(cls == "pc" for cls, _ in drawn) == sum(
+            "[" in x and "[1" not in x for x in labels
+        )

@@ -228,7 +228,9 @@ def _tables(r, path: Path) -> dict:
 
 def _key_indices(table: str) -> list[int]:
     """The idx column of a key table: '<tr><td>rank</td><td class=l>key</td><td>idx</td>'."""
-    return [int(j) for j in re.findall(r"<tr><td>\d+</td><td class=l>[^<]*</td><td>(\d+)</td>", table)]
+    return [
+        int(j) for j in re.findall(r"<tr><td>\d+</td><td class=l>[^<]*</td><td>(\d+)</td>", table)
+    ]
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node.js runs the page's script")

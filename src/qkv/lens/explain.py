@@ -279,9 +279,13 @@ def explain(
         recs = run_capture(m, enc.ids[:n], layers=wanted, progress=progress, on_layer=reduce)
         ro = fl = None
         if rollout:
-            ro = _propagated(rollout_row, [r for r, _ in recs], i, n, len(tokens), last, "rollout", progress)
+            ro = _propagated(
+                rollout_row, [r for r, _ in recs], i, n, len(tokens), last, "rollout", progress
+            )
         if do_flow:
-            fl = _propagated(flow_row, [f for _, f in recs], i, n, len(tokens), last, "flow", progress)
+            fl = _propagated(
+                flow_row, [f for _, f in recs], i, n, len(tokens), last, "flow", progress
+            )
         del recs
     query = Query(i, tokens[i].text)
     result = ExplainResult(
@@ -335,7 +339,9 @@ def _residual_norms(model: nn.Module, into: dict[int, torch.Tensor], on: bool) -
     for n, mod in enumerate(mods):
         block = parent.get(id(mod))
         if block is None:
-            raise ValueError(f"attention layer {n} has no enclosing block to read its residual from")
+            raise ValueError(
+                f"attention layer {n} has no enclosing block to read its residual from"
+            )
 
         def pre(_: nn.Module, args: tuple, kwargs: dict, n: int = n) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
@@ -391,7 +397,9 @@ def notes(r: ExplainResult) -> list[str]:
     for what, p in (("contribution flow", r.flow), ("rollout", r.rollout)):
         if p is not None:
             j = int(np.argmax(p.values))
-            said = rollout_caveat(p.values, repr(r.tokens[j].text.strip() or r.tokens[j].text), what)
+            said = rollout_caveat(
+                p.values, repr(r.tokens[j].text.strip() or r.tokens[j].text), what
+            )
             if said:
                 out.append(said)
     return out

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import fused
 from .._jit import Kernels, wide_vectors_pay
+from . import fused
 
 GROUP = 32  # input features per block, both formats
 # more rows go to F.linear: on one thread BLAS on the dense weights is faster from ~3 rows, on
