@@ -21,7 +21,7 @@ from .attention import (
     sliding_window_mask,
     softcap,
 )
-from .lens import explain, head_search
+from .lens import compare, explain, head_search
 from .models import available, load
 
 __version__ = "0.1.0"
@@ -36,6 +36,7 @@ __all__ = [
     "attention_weights",
     "available",
     "causal_mask",
+    "compare",
     "document_mask",
     "explain",
     "head_search",

@@ -9,6 +9,7 @@
 q, k and the LSE (never N×N). `head_search` ranks heads on pronoun → antecedent pairs.
 """
 
+from .compare import CompareResult, HeadMove, Mover, compare, compare_records
 from .explain import DEFAULT_TOP, explain
 from .heads import DATA_PATH, Example, HeadScores, HeadSearch, head_search, load_examples
 from .lookup import query_row
@@ -31,18 +32,23 @@ __all__ = [
     "DATA_PATH",
     "DEFAULT_TOP",
     "SCHEMA",
+    "CompareResult",
     "Example",
     "ExplainResult",
     "Head",
+    "HeadMove",
     "HeadScores",
     "HeadSearch",
     "Key",
     "Layer",
     "LayerKey",
     "ModelSummary",
+    "Mover",
     "Query",
     "Rollout",
     "Token",
+    "compare",
+    "compare_records",
     "explain",
     "flow_row",
     "from_json",
