@@ -6,11 +6,13 @@
     r.to_json("it.json"); r.to_html("it.html"); r.to_png("it.png"); print(r)
 
 `explain` runs one forward under `qkv.nn.capture` and recomputes the query's rows exactly from
-q, k and the LSE (never N×N). `head_search` ranks heads on pronoun → antecedent pairs.
+q, k and the LSE (never N×N); `capture_text` keeps one forward for many queries
+(`.explain(token)`, `.rows()`, `export_rows`). `head_search` ranks heads on pronoun → antecedent pairs.
 """
 
 from .compare import CompareResult, HeadMove, Mover, compare, compare_records
 from .explain import DEFAULT_TOP, explain
+from .export import Capture, Rows, TopRows, capture_text, export_rows
 from .heads import DATA_PATH, Example, HeadScores, HeadSearch, head_search, load_examples
 from .lookup import query_row
 from .record import (
@@ -32,6 +34,7 @@ __all__ = [
     "DATA_PATH",
     "DEFAULT_TOP",
     "SCHEMA",
+    "Capture",
     "CompareResult",
     "Example",
     "ExplainResult",
@@ -46,10 +49,14 @@ __all__ = [
     "Mover",
     "Query",
     "Rollout",
+    "Rows",
     "Token",
+    "TopRows",
+    "capture_text",
     "compare",
     "compare_records",
     "explain",
+    "export_rows",
     "flow_row",
     "from_json",
     "head_search",

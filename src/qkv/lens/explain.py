@@ -236,23 +236,8 @@ def explain(
 
     enc, cut = _encode(m.tokenizer, text, info, truncate)
     tokens = make_tokens(text, enc.tokens, enc.offsets)
-    try:
-        qpick = pick_token(tokens, text, token, occurrence, what="token")
-        kpick = (
-            None
-            if key is None
-            else pick_token(tokens, text, key, key_occurrence, "key", "key_occurrence")
-        )
-    except (ValueError, IndexError) as e:
-        if cut:  # say that only the part that fits was searched
-            raise type(e)(f"{e} (only the first {len(tokens)} tokens fit {info.name})") from None
-        raise
+    qpick, kpick = pick_query_key(tokens, text, info, cut, token, occurrence, key, key_occurrence)
     i, j = qpick.index, None if kpick is None else kpick.index
-    if j is not None and info.causal and j > i:
-        raise ValueError(
-            f"key {tokens[j].text.strip()!r} (token {j}) comes after the query {tokens[i].text.strip()!r} (token {i}); "
-            f"{info.name} is causal, so the query cannot see it. Pick a key at or before token {i}."
-        )
 
     n = i + 1 if info.causal else len(tokens)  # a causal query never sees later tokens
     last = info.n_layers - 1 if layer is None else layer
@@ -287,6 +272,57 @@ def explain(
                 flow_row, [f for _, f in recs], i, n, len(tokens), last, "flow", progress
             )
         del recs
+    return make_result(info, text, tokens, layers, top, qpick, kpick, cut, rollout=ro, flow=fl)
+
+
+def pick_query_key(
+    tokens: list,
+    text: str,
+    info: ModelSummary,
+    cut: bool,
+    token: str | int,
+    occurrence: int,
+    key: str | int | None,
+    key_occurrence: int,
+) -> tuple[Any, Any]:
+    """The query's and the key's `Pick` (key None when not asked), read as `explain` reads
+    them; errors say when only the part of a cut text that fits was searched, and a causal
+    model's key must not come after the query."""
+    try:
+        qpick = pick_token(tokens, text, token, occurrence, what="token")
+        kpick = (
+            None
+            if key is None
+            else pick_token(tokens, text, key, key_occurrence, "key", "key_occurrence")
+        )
+    except (ValueError, IndexError) as e:
+        if cut:  # say that only the part that fits was searched
+            raise type(e)(f"{e} (only the first {len(tokens)} tokens fit {info.name})") from None
+        raise
+    i, j = qpick.index, None if kpick is None else kpick.index
+    if j is not None and info.causal and j > i:
+        raise ValueError(
+            f"key {tokens[j].text.strip()!r} (token {j}) comes after the query {tokens[i].text.strip()!r} (token {i}); "
+            f"{info.name} is causal, so the query cannot see it. Pick a key at or before token {i}."
+        )
+    return qpick, kpick
+
+
+def make_result(
+    info: ModelSummary,
+    text: str,
+    tokens: list,
+    layers: list,
+    top: int,
+    qpick: Any,
+    kpick: Any,
+    cut: bool,
+    *,
+    rollout: Rollout | None = None,
+    flow: Rollout | None = None,
+) -> ExplainResult:
+    """The record of one query's `layers`, with its notes (picks, a cut text, `notes`)."""
+    i, j = qpick.index, None if kpick is None else kpick.index
     query = Query(i, tokens[i].text)
     result = ExplainResult(
         model=info,
@@ -296,8 +332,8 @@ def explain(
         layers=layers,
         top=top,
         key=None if j is None else Query(j, tokens[j].text),
-        rollout=ro,
-        flow=fl,
+        rollout=rollout,
+        flow=flow,
     )
     for pick, what, option in ((qpick, "query", "--occurrence N / occurrence=N"),
                                (kpick, "key", "--key-occurrence N / key_occurrence=N")):  # fmt: skip

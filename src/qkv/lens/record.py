@@ -282,6 +282,39 @@ class ExplainResult:
         out.sort(key=lambda t: -t[2].weight)
         return out if n is None else out[:n]
 
+    # ---- arrays ------------------------------------------------------------------------
+    def to_numpy(self, field: str = "weight") -> np.ndarray:
+        """The record's `field` ("weight", "contribution" or "score") as a dense (layers,
+        heads, keys) float64 array over the record's layers and heads, in their order; NaN
+        where the record holds no number (a key cut by `top`, or one the query cannot see).
+        With explain(..., top=0) every visible key is filled."""
+        if field not in ("weight", "contribution", "score"):
+            raise ValueError(f"field must be 'weight', 'contribution' or 'score', got {field!r}")
+        H = max((len(lay.heads) for lay in self.layers), default=0)
+        out = np.full((len(self.layers), H, len(self.tokens)), np.nan)
+        for a, lay in enumerate(self.layers):
+            for b, h in enumerate(lay.heads):
+                out[a, b, h.index] = getattr(h, field)
+        return out
+
+    def to_pandas(self) -> Any:
+        """One row per (layer, head, kept key): layer, head, key, key_text, score, weight,
+        contribution. Needs pandas."""
+        pd = pandas_module("ExplainResult.to_pandas")
+        cols: dict[str, list] = {c: [] for c in ("layer", "head", "key", "key_text", "score",
+                                                 "weight", "contribution")}  # fmt: skip
+        for lay in self.layers:
+            for h in lay.heads:
+                n = len(h.index)
+                cols["layer"] += [lay.layer] * n
+                cols["head"] += [h.head] * n
+                cols["key"] += h.index.tolist()
+                cols["key_text"] += [self.tokens[j].text for j in h.index]
+                cols["score"] += h.score.tolist()
+                cols["weight"] += h.weight.tolist()
+                cols["contribution"] += h.contribution.tolist()
+        return pd.DataFrame(cols)
+
     # ---- serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -323,6 +356,17 @@ class ExplainResult:
         from .terminal import render_text
 
         return render_text(self)
+
+
+def pandas_module(what: str) -> Any:
+    """pandas, or an ImportError that says how to get it (pandas is optional)."""
+    try:
+        import pandas
+    except ImportError:
+        raise ImportError(
+            f"{what} needs pandas, which is not installed: pip install pandas"
+        ) from None
+    return pandas
 
 
 def token_list(tokens: list[Token], limit: int = 80) -> str:

@@ -1,0 +1,337 @@
+"""Whole-sequence lookups from one forward: keep the capture, then exact rows for any queries.
+
+    cap = capture_text("The dog chased the ball because it was excited.", model="smollm2")
+    cap.explain("it"); cap.explain("excited")   # no second forward
+    rows = cap.rows()                            # dense (l h i j) weights and contributions
+    export_rows(cap, "rows.npz")                    # dense when short, top-k per row when long
+
+Letters: l layer, h query head, g kv head, i query position, j key position, k kept key.
+`capture_text` runs the model once under `qkv.nn.capture` and keeps, per layer, q and k (after
+RoPE), v, z, W_O and the LSE: O(L·N·H·d) memory, never N×N. A row is then recomputed exactly
+by `qkv.attention_weights` from q, k and the LSE (O(H·N) per query and layer), and a key's
+contribution is weight_hij · ‖v_gj W_O^h‖, the same numbers `explain` reports.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .explain import (
+    DEFAULT_TOP,
+    _check_range,
+    _encode,
+    layer_bar,
+    make_result,
+    pick_query_key,
+    resolve_model,
+    run_capture,
+    summarize,
+)
+from .io import check_writable, write_atomic
+from .lookup import lookup_layer, rows, value_norms
+from .record import ExplainResult, ModelSummary, Token, pandas_module
+from .tokens import index_in, make_tokens, sink_tokens
+
+EXPORT_SCHEMA = "qkv.export/1"
+DENSE_MAX_TOKENS = 256  # export: dense (l h i j) rows up to this many tokens, top-k rows beyond
+SPARSE_TOP = 32  # keys kept per row in a top-k export
+_CHUNK = 1 << 22  # row entries (h·i·j) computed at once per layer
+
+
+@dataclass(eq=False)
+class Rows:
+    """Exact attention rows: `weight[l, h, i, j]` is the softmax weight of query `queries[i]`
+    on key j in head h of layer `layers[l]` (0 where the query cannot see j), and
+    `contribution[l, h, i, j]` = weight · ‖v_gj W_O^h‖ (float32, (l h i j))."""
+
+    model: ModelSummary
+    tokens: list[Token]
+    layers: np.ndarray  # (l,)
+    queries: np.ndarray  # (i,)
+    weight: np.ndarray  # (l h i j)
+    contribution: np.ndarray  # (l h i j)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.contribution.nbytes
+
+    def to_numpy(self) -> np.ndarray:
+        """The weights, (layers, heads, queries, keys)."""
+        return self.weight
+
+    def to_pandas(self) -> Any:
+        """One row per (layer, head, query, key) the query can see (weight > 0)."""
+        pd = pandas_module("Rows.to_pandas")
+        return pd.DataFrame(_long_form(self))
+
+
+@dataclass(eq=False)
+class TopRows:
+    """The top-k keys of each row by weight: `index[l, h, i, :]` (highest weight first, ties in
+    any order), with their `weight` and `contribution` (float32, (l h i k)). A row that sees
+    fewer than k keys is padded with keys of weight 0."""
+
+    model: ModelSummary
+    tokens: list[Token]
+    layers: np.ndarray  # (l,)
+    queries: np.ndarray  # (i,)
+    index: np.ndarray  # (l h i k) int32
+    weight: np.ndarray  # (l h i k)
+    contribution: np.ndarray  # (l h i k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.nbytes + self.weight.nbytes + self.contribution.nbytes
+
+
+@dataclass(eq=False)
+class Capture:
+    """One forward of `text`, kept: per layer the AttentionRecord of `qkv.nn.capture` (q, k
+    after RoPE, v, z, W_O, LSE; batch item 0). `explain` and `rows` reuse it; the model is not
+    run again."""
+
+    model: nn.Module
+    info: ModelSummary
+    text: str
+    tokens: list[Token]
+    cut: bool
+    records: list[Any]
+
+    def __repr__(self) -> str:
+        return (
+            f"<Capture {self.info.name}: {len(self.tokens)} tokens, {len(self.records)} layers; "
+            ".explain(token), .rows(), .top_rows(k)>"
+        )
+
+    def explain(
+        self,
+        token: str | int,
+        *,
+        occurrence: int = 1,
+        layer: int | None = None,
+        head: int | None = None,
+        top: int = DEFAULT_TOP,
+        key: str | int | None = None,
+        key_occurrence: int = 1,
+    ) -> ExplainResult:
+        """The record `qkv.explain(text, token, ...)` gives (same arguments; no flow or
+        rollout), from the kept capture: no forward pass."""
+        if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+            raise ValueError(f"top must be an int ≥ 0 (0 keeps every key), got {top!r}")
+        layer = _check_range("layer", layer, self.info.n_layers, self.info.name)
+        head = _check_range("head", head, self.info.n_heads, self.info.name)
+        qpick, kpick = pick_query_key(
+            self.tokens, self.text, self.info, self.cut, token, occurrence, key, key_occurrence
+        )
+        i = qpick.index
+        pins = sink_tokens(self.tokens, i) + ([] if kpick is None else [kpick.index])
+        heads = None if head is None else [head]
+        with torch.inference_mode():
+            layers = [
+                lookup_layer(rec, i, top=top, keep=pins, heads=heads)
+                for rec in self.records
+                if layer is None or rec.layer == layer
+            ]
+        return make_result(self.info, self.text, self.tokens, layers, top, qpick, kpick, self.cut)
+
+    def _pick(self, queries: Sequence[int] | None, layers: Sequence[int] | None) -> tuple:
+        n, L = len(self.tokens), self.info.n_layers
+        qs = (
+            range(n)
+            if queries is None
+            else [index_in("query", _int(q), n, "tokens") for q in queries]
+        )
+        ls = (
+            range(L)
+            if layers is None
+            else [index_in("layer", _int(x), L, "layers") for x in layers]
+        )
+        if not len(qs) or not len(ls):
+            raise ValueError("queries and layers must name at least one token and one layer")
+        return np.asarray(qs, dtype=np.int64), np.asarray(ls, dtype=np.int64)
+
+    def _scan(self, queries: Any, layers: Any, progress: bool | None, on_chunk: Any) -> tuple:
+        """Per layer and chunk of queries: on_chunk(l, slice of queries, w (h c j), vn (h j))."""
+        qs, ls = self._pick(queries, layers)
+        progress = sys.stderr.isatty() if progress is None else progress
+        H, n = self.info.n_heads, len(self.tokens)
+        step = max(1, _CHUNK // (H * n))
+        bar = layer_bar(len(ls), "rows", progress)
+        try:
+            with torch.inference_mode():
+                for li, lay in enumerate(ls):
+                    rec = self.records[lay]
+                    G = rec.k.shape[1]
+                    kv = torch.arange(H, device=rec.k.device) // (H // G)
+                    vn = value_norms(rec.v[0][kv], rec.W_O).float()  # (h j): ‖v_gj W_O^h‖
+                    for a in range(0, len(qs), step):
+                        w = rows(rec, qs[a : a + step].tolist()).float()  # (h c j)
+                        on_chunk(li, slice(a, a + step), w, vn)
+                    bar.update(1)
+        finally:
+            bar.close()
+        return qs, ls
+
+    def rows(
+        self,
+        queries: Sequence[int] | None = None,
+        layers: Sequence[int] | None = None,
+        *,
+        progress: bool | None = None,
+    ) -> Rows:
+        """Dense exact rows for `queries` (token indices; default all) in `layers` (default
+        all): memory 2·4·L·H·Q·N bytes, so meant for short texts (see `top_rows`).
+        Equivalent to transformers' `output_attentions=True` rows: `attentions[l][0, :, queries]`."""
+        qs, ls = self._pick(queries, layers)
+        shape = (len(ls), self.info.n_heads, len(qs), len(self.tokens))
+        weight, contrib = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+        def put(li: int, sl: slice, w: torch.Tensor, vn: torch.Tensor) -> None:
+            weight[li, :, sl] = w.cpu().numpy()
+            contrib[li, :, sl] = (w * vn[:, None, :]).cpu().numpy()
+
+        self._scan(qs.tolist(), ls.tolist(), progress, put)
+        return Rows(self.info, self.tokens, ls, qs, weight, contrib)
+
+    def top_rows(
+        self,
+        top: int = SPARSE_TOP,
+        queries: Sequence[int] | None = None,
+        layers: Sequence[int] | None = None,
+        *,
+        progress: bool | None = None,
+    ) -> TopRows:
+        """The `top` keys of every row by weight (see `TopRows`): memory 3·4·L·H·Q·top bytes,
+        computed a chunk of rows at a time, never L·H·N² at once."""
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise ValueError(f"top must be an int ≥ 1 (keys kept per row), got {top!r}")
+        qs, ls = self._pick(queries, layers)
+        k = min(top, len(self.tokens))
+        shape = (len(ls), self.info.n_heads, len(qs), k)
+        index = np.zeros(shape, np.int32)
+        weight, contrib = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+        def put(li: int, sl: slice, w: torch.Tensor, vn: torch.Tensor) -> None:
+            val, idx = w.topk(k, dim=-1)  # (h c k)
+            index[li, :, sl] = idx.cpu().numpy()
+            weight[li, :, sl] = val.cpu().numpy()
+            contrib[li, :, sl] = (val * vn.gather(1, idx.flatten(1)).view_as(val)).cpu().numpy()
+
+        self._scan(qs.tolist(), ls.tolist(), progress, put)
+        return TopRows(self.info, self.tokens, ls, qs, index, weight, contrib)
+
+
+def capture_text(
+    text: str,
+    *,
+    model: Any = "smollm2",
+    truncate: bool = False,
+    progress: bool | None = None,
+) -> Capture:
+    """Run `model` once on `text` and keep every layer's capture (see `Capture`).
+
+    `model`, `truncate` and `progress` are read as `qkv.explain` reads them. Raises ValueError
+    for a text that is empty or longer than the model's context."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("text is empty: pass the text whose lookups you want")
+    m = resolve_model(model)
+    info = summarize(m, model if isinstance(model, str) and not os.path.isdir(model) else None)
+    enc, cut = _encode(m.tokenizer, text, info, truncate)
+    tokens = make_tokens(text, enc.tokens, enc.offsets)
+    progress = sys.stderr.isatty() if progress is None else progress
+    with torch.inference_mode():
+        recs = run_capture(m, enc.ids, layers=list(range(info.n_layers)), progress=progress)
+    return Capture(m, info, text, tokens, cut, recs)
+
+
+def export_rows(
+    cap: Capture, path: str | os.PathLike, *, top: int | None = None, progress: bool | None = None
+) -> tuple[Rows | TopRows, Path]:
+    """Write every row of `cap` to `path` (.npz, or .parquet with pyarrow): dense (l h i j)
+    weights and contributions when `top` is 0, or None and the text has at most
+    DENSE_MAX_TOKENS tokens; else the top-`top` (default SPARSE_TOP) keys of each row.
+
+    The .npz holds `schema`, `model`, `text`, `tokens`, `offsets` (n, 2), `layers`, `queries`
+    and either `weight`, `contribution` (l h i j) or `index`, `weight`, `contribution`
+    (l h i k). The .parquet holds one row per (layer, head, query, key) kept (dense: weight > 0).
+    Returns the rows and the path written."""
+    p = check_export_path(path)
+    if top is None:
+        top = 0 if len(cap.tokens) <= DENSE_MAX_TOKENS else SPARSE_TOP
+    r = cap.rows(progress=progress) if top == 0 else cap.top_rows(top, progress=progress)
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(_pyarrow().table(_long_form(r)), buf)
+    else:
+        arrays = {k: v for k, v in vars(r).items() if isinstance(v, np.ndarray)}
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            schema=EXPORT_SCHEMA,
+            model=cap.info.name,
+            text=cap.text,
+            tokens=np.array([t.text for t in cap.tokens]),
+            offsets=np.array([(t.start, t.end) for t in cap.tokens], dtype=np.int64),
+            **arrays,
+        )
+    return r, write_atomic(p, buf.getbuffer())
+
+
+def check_export_path(path: str | os.PathLike) -> Path:
+    """Raise now, before any work, for a path `export_rows` cannot write: a suffix other than
+    .npz/.parquet (ValueError), .parquet without pyarrow (ImportError), a place that is not
+    writable (see `check_writable`)."""
+    p = Path(path)
+    if p.suffix not in (".npz", ".parquet"):
+        raise ValueError(f"export path must end in .npz or .parquet, got {str(p)!r}")
+    if p.suffix == ".parquet":
+        _pyarrow()
+    return check_writable(p)
+
+
+def _long_form(r: Rows | TopRows) -> dict[str, np.ndarray]:
+    """Columns layer, head, query, key, weight, contribution: one entry per kept (l h i j)."""
+    if isinstance(r, TopRows):
+        lay, hd, qi, _ = np.indices(r.index.shape).reshape(4, -1)
+        key = r.index.reshape(-1).astype(np.int64)
+        w, c = r.weight.reshape(-1), r.contribution.reshape(-1)
+    else:
+        lay, hd, qi, key = np.nonzero(r.weight > 0)
+        w, c = r.weight[lay, hd, qi, key], r.contribution[lay, hd, qi, key]
+    return {
+        "layer": r.layers[lay],
+        "head": hd,
+        "query": r.queries[qi],
+        "key": key,
+        "weight": w,
+        "contribution": c,
+    }
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow
+    except ImportError:
+        raise ImportError(
+            "writing .parquet needs pyarrow, which is not installed: pip install pyarrow "
+            "(or write .npz, which needs nothing)"
+        ) from None
+    return pyarrow
+
+
+def _int(x: Any) -> Any:
+    return int(x) if isinstance(x, np.integer) else x

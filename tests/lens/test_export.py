@@ -1,0 +1,253 @@
+"""Whole-sequence rows from one kept capture: exact against transformers' `output_attentions`
+on a tiny Llama and against a float64 softmax written here; top-k rows against the dense ones;
+re-explaining without a second forward; the export file; errors."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import qkv
+import qkv.lens.export as export_mod
+from qkv.lens import explain
+from qkv.lens.export import capture_text, check_export_path, export_rows
+
+from .conftest import SENTENCE, WordTokenizer
+
+WEIGHT_TOL = 1e-5  # fp32 rows vs an independent fp32 / float64 computation, absolute
+CONTRIB_RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """transformers' LlamaForCausalLM with random weights (GQA 4/2, RoPE), and the same
+    checkpoint loaded by qkv from its safetensors folder, with a word tokenizer."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rope_theta=10000.0, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharpen the rows so that they are not near uniform
+        for lay in hf.model.layers:
+            lay.self_attn.q_proj.weight.mul_(8.0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    hf.save_pretrained(path, safe_serialization=True)
+    ours = qkv.load(str(path))
+    ours.tokenizer = WordTokenizer(128, specials=False, max_length=256)
+    return ours, hf
+
+
+def hf_rows(hf, ids):
+    """transformers' eager rows (l h i j) and ‖v_j W_O^h‖ (l h j) from its own v_proj, o_proj."""
+    values = []
+    hooks = [
+        lay.self_attn.v_proj.register_forward_hook(lambda m, a, out: values.append(out[0]))
+        for lay in hf.model.layers
+    ]
+    try:
+        with torch.no_grad():
+            out = hf(torch.tensor([ids]), output_attentions=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    H, G = hf.config.num_attention_heads, hf.config.num_key_value_heads
+    norms = []
+    for v, lay in zip(values, hf.model.layers, strict=True):
+        d = v.shape[1] // G
+        vh = v.view(-1, G, d).transpose(0, 1).repeat_interleave(H // G, 0).double()  # (h j d)
+        Wo = lay.self_attn.o_proj.weight.detach().T.reshape(H, d, -1).double()  # (h d m)
+        norms.append(torch.einsum("hjd,hdm->hjm", vh, Wo).norm(dim=-1))  # (h j)
+    w = torch.stack([a[0] for a in out.attentions]).double().numpy()  # (l h i j)
+    return w, torch.stack(norms).numpy()
+
+
+def test_rows_equal_transformers_output_attentions(tiny_llama):
+    ours, hf = tiny_llama
+    cap = capture_text(SENTENCE, model=ours, progress=False)
+    r = cap.rows()
+    want_w, vnorm = hf_rows(hf, ours.tokenizer.encode(SENTENCE).ids)
+    assert r.weight.shape == want_w.shape == (2, 4, len(cap.tokens), len(cap.tokens))
+    assert want_w.max() > 0.5  # sharp rows: a wrong row would show
+    np.testing.assert_allclose(r.weight, want_w, atol=WEIGHT_TOL, rtol=0)
+    np.testing.assert_allclose(
+        r.contribution, want_w * vnorm[:, :, None, :], rtol=CONTRIB_RTOL, atol=1e-6
+    )
+    assert r.to_numpy() is r.weight
+
+
+def softmax64(rec):
+    """softmax(q kᵀ/√d) in float64 from the captured q, k (after RoPE), GQA by repeat, masked
+    by hand when causal: (h i j). Shares no code with qkv.attention_weights."""
+    q, k = rec.q[0].double(), rec.k[0].double()  # (h i d), (g j d)
+    k = k.repeat_interleave(q.shape[0] // k.shape[0], 0)  # (h j d)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (h i j)
+    if rec.attn_kwargs.get("causal"):
+        n = s.shape[-1]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1).numpy()
+
+
+@pytest.mark.parametrize("which", ["tiny_causal", "tiny_bidir"])
+def test_rows_equal_a_float64_softmax(which, request):
+    cap = capture_text(SENTENCE, model=request.getfixturevalue(which), progress=False)
+    queries, layers = [0, 4, -1], [2, 0]
+    r = cap.rows(queries, layers)
+    assert r.queries.tolist() == [0, 4, len(cap.tokens) - 1] and r.layers.tolist() == [2, 0]
+    for a, lay in enumerate(layers):
+        want = softmax64(cap.records[lay])[:, r.queries]  # (h i j)
+        np.testing.assert_allclose(r.weight[a], want, atol=WEIGHT_TOL, rtol=0)
+
+
+def test_top_rows_are_the_top_k_of_the_dense_rows(tiny_causal):
+    cap = capture_text(SENTENCE, model=tiny_causal, progress=False)
+    dense, k = cap.rows(), 4
+    t = cap.top_rows(k)
+    assert t.index.shape == (*dense.weight.shape[:3], k)
+    got = np.take_along_axis(dense.weight, t.index.astype(np.int64), -1)
+    np.testing.assert_array_equal(t.weight, got)  # the index points at the weight it holds
+    want = -np.sort(-dense.weight, axis=-1)[..., :k]
+    np.testing.assert_allclose(t.weight, want, atol=1e-7, rtol=0)  # and those are the top k
+    got_c = np.take_along_axis(dense.contribution, t.index.astype(np.int64), -1)
+    np.testing.assert_allclose(t.contribution, got_c, rtol=1e-6, atol=1e-8)
+    assert (t.weight[..., 0, 1:] == 0).all()  # query 0 of a causal model sees one key only
+
+
+def test_the_top_k_check_can_fail(tiny_causal):
+    cap = capture_text(SENTENCE, model=tiny_causal, progress=False)
+    t, dense = cap.top_rows(3), cap.rows()
+    wrong = -np.sort(-dense.weight, axis=-1)[..., 1:4]  # off by one rank
+    assert not np.allclose(t.weight, wrong, atol=1e-7)
+
+
+@pytest.mark.parametrize("which", ["tiny_causal", "tiny_bidir"])
+def test_explain_from_the_capture_runs_no_forward_and_equals_a_fresh_explain(which, request):
+    model = request.getfixturevalue(which)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        cap = capture_text(SENTENCE, model=model, progress=False)
+        assert len(calls) == 1
+        got = [cap.explain(t, top=3, key="dog") for t in ("it", "excited", "ball")]
+        cap.rows()
+        cap.top_rows(2)
+        assert len(calls) == 1  # no second forward
+        fresh = [explain(SENTENCE, t, model=model, top=3, key="dog") for t in ("it", "excited")]
+        assert len(calls) == 3  # the counter does count forwards
+    finally:
+        hook.remove()
+    for a, b in zip(got, fresh, strict=False):
+        assert a.query == b.query and a.key == b.key and a.notes == b.notes
+        assert len(a.layers) == len(b.layers) == model.config.n_layers
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            assert (la.top_weight, la.top_contribution) == (lb.top_weight, lb.top_contribution)
+            for ha, hb in zip(la.heads, lb.heads, strict=True):
+                np.testing.assert_array_equal(ha.index, hb.index)
+                assert (ha.n_keys, ha.top_weight) == (hb.n_keys, hb.top_weight)
+        for field in ("weight", "contribution", "score"):
+            np.testing.assert_allclose(
+                a.to_numpy(field), b.to_numpy(field), rtol=1e-5, atol=1e-6, equal_nan=True
+            )
+    assert got[0].query.index != got[1].query.index  # two different tokens were explained
+
+
+def test_explain_from_the_capture_takes_layer_and_head(tiny_causal):
+    cap = capture_text(SENTENCE, model=tiny_causal, progress=False)
+    r = cap.explain("it", layer=-1, head=1)
+    assert [lay.layer for lay in r.layers] == [2] and [h.head for h in r.layers[0].heads] == [1]
+    with pytest.raises(IndexError, match="layer"):
+        cap.explain("it", layer=3)
+    with pytest.raises(ValueError, match="is not in the text"):
+        cap.explain("cat")
+
+
+def test_to_numpy_is_nan_where_the_record_holds_no_number(tiny_bidir):
+    r = explain(SENTENCE, "it", model=tiny_bidir, top=2)
+    w = r.to_numpy()
+    assert w.shape == (3, 4, len(r.tokens))
+    h = r.layers[1].heads[2]
+    np.testing.assert_array_equal(w[1, 2, h.index], h.weight)
+    assert np.isnan(w[1, 2]).sum() == len(r.tokens) - len(h.index) > 0
+    full = explain(SENTENCE, "it", model=tiny_bidir, top=0).to_numpy()
+    assert not np.isnan(full).any()
+    np.testing.assert_allclose(full.sum(-1), 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="field must be"):
+        r.to_numpy("weights")
+
+
+def test_to_pandas_without_pandas_says_how_to_install_it(tiny_causal, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas now raises ImportError
+    r = explain(SENTENCE, "it", model=tiny_causal, top=2)
+    with pytest.raises(ImportError, match="pip install pandas"):
+        r.to_pandas()
+    with pytest.raises(ImportError, match="pip install pandas"):
+        capture_text(SENTENCE, model=tiny_causal, progress=False).rows([0]).to_pandas()
+
+
+def test_to_pandas_holds_the_kept_keys(tiny_causal):
+    pytest.importorskip("pandas", reason="to_pandas needs pandas (optional)")
+    r = explain(SENTENCE, "it", model=tiny_causal, top=2)
+    df = r.to_pandas()
+    assert len(df) == sum(len(h.index) for lay in r.layers for h in lay.heads)
+    h = r.layers[0].heads[0]
+    sub = df[(df.layer == 0) & (df.head == 0)]
+    np.testing.assert_array_equal(sub.weight.to_numpy(), h.weight)
+
+
+def test_export_writes_dense_rows_for_a_short_text(tiny_causal, tmp_path):
+    cap = capture_text(SENTENCE, model=tiny_causal, progress=False)
+    rows, path = export_rows(cap, tmp_path / "rows.npz")
+    z = np.load(path)
+    assert str(z["schema"]) == "qkv.export/1" and str(z["text"]) == SENTENCE
+    assert z["tokens"].tolist() == [t.text for t in cap.tokens]
+    assert "index" not in z.files
+    np.testing.assert_array_equal(z["weight"], cap.rows().weight)
+    np.testing.assert_array_equal(z["contribution"], rows.contribution)
+    assert z["weight"].shape == (3, 4, len(cap.tokens), len(cap.tokens))
+
+
+def test_export_writes_top_k_rows_above_the_threshold(tiny_causal, tmp_path, monkeypatch):
+    cap = capture_text(SENTENCE, model=tiny_causal, progress=False)
+    monkeypatch.setattr(export_mod, "DENSE_MAX_TOKENS", len(cap.tokens) - 1)
+    monkeypatch.setattr(export_mod, "SPARSE_TOP", 3)
+    _, path = export_rows(cap, tmp_path / "rows.npz")
+    z = np.load(path)
+    assert z["index"].shape == (3, 4, len(cap.tokens), 3)
+    t = cap.top_rows(3)
+    np.testing.assert_array_equal(z["index"], t.index)
+    np.testing.assert_array_equal(z["weight"], t.weight)
+    _, path = export_rows(cap, tmp_path / "dense.npz", top=0)  # 0: dense, whatever the length
+    assert np.load(path)["weight"].shape[-1] == len(cap.tokens)
+
+
+def test_export_path_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"\.npz or \.parquet"):
+        check_export_path(tmp_path / "rows.csv")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_export_path(tmp_path / "no" / "rows.npz")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    with pytest.raises(ImportError, match="pip install pyarrow"):
+        check_export_path(tmp_path / "rows.parquet")
+
+
+def test_bad_queries_layers_and_text(tiny_causal):
+    cap = capture_text(SENTENCE, model=tiny_causal, progress=False)
+    n = len(cap.tokens)
+    with pytest.raises(IndexError, match=str(n)):
+        cap.rows([n])
+    with pytest.raises(IndexError, match="layer"):
+        cap.rows(layers=[5])
+    with pytest.raises(ValueError, match="at least one"):
+        cap.rows([])
+    with pytest.raises(ValueError, match="top must be"):
+        cap.top_rows(0)
+    with pytest.raises(ValueError, match="empty"):
+        capture_text("  ", model=tiny_causal)
+    with pytest.raises(TypeError, match="str"):
+        capture_text(b"bytes", model=tiny_causal)
