@@ -40,6 +40,29 @@ FAMILIES = {
     "mistral": dict(_DEC, sliding_window=5),
     "qwen2": dict(_DEC, num_key_value_heads=3),  # q/k/v biases, no o bias
     "qwen3": dict(_DEC, head_dim=14),  # QK-norm, head_dim ≠ d_model / n_heads
+    # partial rotary (4 of 10 features), parallel residual, fused per-head interleaved qkv
+    "gpt_neox": dict(
+        _DEC, num_key_value_heads=None, rotary_pct=0.4, bos_token_id=0, eos_token_id=2
+    ),
+    # fused qkv_proj and gate_up_proj; partial rotary (6 of 10); a window on every layer
+    "phi3": dict(
+        _DEC,
+        partial_rotary_factor=0.6,
+        sliding_window=5,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+    # learned positions from 2, ReLU, LayerNorm after each sublayer (OPT-350m), no final norm
+    "opt": dict(
+        hidden_size=60,
+        num_attention_heads=5,
+        ffn_dim=37,
+        num_hidden_layers=2,
+        vocab_size=V,
+        max_position_embeddings=64,
+        do_layer_norm_before=False,
+    ),
     "gpt2": dict(
         n_embd=60, n_head=5, n_layer=2, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0
     ),
@@ -78,9 +101,11 @@ def randomise_(model: torch.nn.Module) -> None:
                 p.add_(1.0)
 
 
-def build(model_type: str, folder, **save_kw):
-    """A random `model_type` checkpoint saved in `folder`; returns the transformers model."""
-    cfg = transformers.AutoConfig.for_model(model_type, **FAMILIES[model_type])
+def build(model_type: str, folder, *, changes: dict | None = None, **save_kw):
+    """A random `model_type` checkpoint (FAMILIES' config, updated by `changes`) saved in
+    `folder`; returns the transformers model."""
+    kw = {k: v for k, v in {**FAMILIES[model_type], **(changes or {})}.items() if v is not None}
+    cfg = transformers.AutoConfig.for_model(model_type, **kw)
     auto = transformers.AutoModel if model_type in ENCODERS else transformers.AutoModelForCausalLM
     torch.manual_seed(0)
     m = auto.from_config(cfg, attn_implementation="eager").eval()
@@ -99,9 +124,10 @@ def out(model, ids):
 def float64_oracle_(ref, model) -> None:
     """transformers computes RoPE's angles and RMSNorm in float32 whatever the model's dtype
     (`.float()`, autocast off): ~1e-6 off float64. The float64 oracle gets them in float64, as
-    qkv computes them (same formulas: half-split cos/sin of position · base^(−2p/d);
-    w · h / √(mean h² + eps))."""
-    d, base = model.config.d_head, getattr(model.config, "rope_base", 1e4)
+    qkv computes them (same formulas: half-split cos/sin of position · base^(−2p/r), r the
+    rotated features; w · h / √(mean h² + eps))."""
+    c = model.config
+    d, base = getattr(c, "rope_dim", None) or c.d_head, getattr(c, "rope_base", 1e4)
     inv = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
 
     def forward(x, position_ids):
@@ -259,6 +285,50 @@ def test_ignoring_the_sliding_window_breaks_parity(tmp_path):
     assert model.blocks[0].attn.window == (4, 0)
     for block in model.blocks:
         block.attn.window = None
+    assert _parity_error(model, ref) > 100 * REL_TOL[torch.float32]
+
+
+def test_ignoring_the_partial_rotary_breaks_parity(tmp_path):
+    ref = build("gpt_neox", tmp_path)
+    model = qkv.load(tmp_path)
+    rope = model.blocks[0].attn.rope
+    assert rope.rotary_dim == 4 and _parity_error(model, ref) <= REL_TOL[torch.float32]
+    rope.rotary_dim, rope._pairs = rope.d_head, None  # rotate every feature
+    rope._tables.clear()
+    assert _parity_error(model, ref) > 100 * REL_TOL[torch.float32]
+
+
+def test_a_sequential_residual_breaks_parallel_parity(tmp_path):
+    ref = build("gpt_neox", tmp_path)
+    model = qkv.load(tmp_path)
+    for block in model.blocks:
+        assert isinstance(block, qkv.nn.ParallelBlock)
+        block.__class__ = qkv.nn.PreNormBlock  # mlp reads x + attn, not x
+    assert _parity_error(model, ref) > 100 * REL_TOL[torch.float32]
+
+
+def test_sequential_gpt_neox_matches(tmp_path):
+    ref = build("gpt_neox", tmp_path, changes={"use_parallel_residual": False})
+    model = qkv.load(tmp_path)
+    assert isinstance(model.blocks[0], qkv.nn.PreNormBlock)
+    assert _parity_error(model, ref) <= REL_TOL[torch.float32]
+
+
+def test_pre_norm_opt_matches_and_the_position_offset_matters(tmp_path):
+    ref = build("opt", tmp_path, changes={"do_layer_norm_before": True})
+    model = qkv.load(tmp_path)
+    assert isinstance(model.blocks[0], qkv.nn.PreNormBlock) and model.config.final_norm
+    assert _parity_error(model, ref) <= REL_TOL[torch.float32]
+    object.__setattr__(model.config, "position_offset", 0)  # positions from 0, as GPT-2's
+    assert _parity_error(model, ref) > 100 * REL_TOL[torch.float32]
+
+
+def test_splitting_phi3_qkv_in_the_wrong_order_breaks_parity(tmp_path):
+    ref = build("phi3", tmp_path)
+    model = qkv.load(tmp_path)
+    assert _parity_error(model, ref) <= REL_TOL[torch.float32]
+    for block in model.blocks:  # gate and up swapped: the halves of gate_up_proj
+        block.mlp.gate, block.mlp.up = block.mlp.up, block.mlp.gate
     assert _parity_error(model, ref) > 100 * REL_TOL[torch.float32]
 
 

@@ -1,9 +1,12 @@
 """One decoder for every causal family (Llama, Mistral, Qwen2, Qwen3, GPT-2, ...), built from
 `qkv.nn` blocks; a family is a `DecoderConfig` (read from its checkpoint by `models/hf.py`).
 
-    ids (b i) → embed (+ learned positions) → n_layers × pre-norm block → norm → logits (b i v)
-    block: h = x + attn(norm1(x));  out = h + mlp(norm2(h))
-    attn:  causal GQA, RoPE or none, optional q/k/v(/o) biases, QK-norm, sliding window
+    ids (b i) → embed (+ learned positions) → n_layers × block → norm → logits (b i v)
+    block: pre       h = x + attn(norm1(x));  out = h + mlp(norm2(h))
+           parallel  out = x + attn(norm1(x)) + mlp(norm2(x))
+           post      h = norm1(x + attn(x));  out = norm2(h + mlp(h))
+    attn:  causal GQA, RoPE (whole or partial) or none, optional q/k/v(/o) biases, QK-norm,
+           sliding window
     mlp:   down(act(gate(x)) · up(x)) (gated) or down(act(up(x)))
 
 Letters: b batch, i query position, j key position, m model dim, v vocabulary.
@@ -23,6 +26,8 @@ from ..nn import (
     MLP,
     KVCache,
     MultiHeadAttention,
+    ParallelBlock,
+    PostNormBlock,
     PreNormBlock,
     RMSNorm,
     RotaryEmbedding,
@@ -34,6 +39,7 @@ from .tokenizer import Tokenizer, ids_shape
 
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "learned")
+BLOCKS = {"pre": PreNormBlock, "parallel": ParallelBlock, "post": PostNormBlock}
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,11 @@ class DecoderConfig:
     `windows` holds one entry per layer: None (global attention) or W, the number of keys a
     query sees (itself and the W−1 before it; Mistral's `sliding_window`). `qk_norm` puts an
     RMSNorm(d_head) on each head's q and k before RoPE (Qwen3). `attn_bias` biases q, k, v;
-    `out_bias` the output projection (Qwen2: q, k, v only)."""
+    `out_bias` the output projection (Qwen2: q, k, v only). `rope_dim` rotates only the first
+    rope_dim features of each head (None: all; GPT-NeoX, Phi-3). `block` is the residual
+    arrangement (see the module docstring: "parallel" GPT-NeoX, "post" OPT-350m); `final_norm`
+    False leaves the last hidden state unnormalised (OPT's post-norm). `position_offset`: token
+    i reads learned position embedding i + offset (OPT: 2)."""
 
     name: str
     n_layers: int
@@ -60,6 +70,10 @@ class DecoderConfig:
     gated: bool = True
     positions: str = "rope"
     rope_base: float = 10000.0
+    rope_dim: int | None = None
+    block: str = "pre"
+    final_norm: bool = True
+    position_offset: int = 0
     attn_bias: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
@@ -89,6 +103,16 @@ class DecoderConfig:
             raise ValueError(
                 f"{own}: RoPE needs an even d_head and rope_base > 1, got {self.d_head}, {self.rope_base}"
             )
+        if self.rope_dim is not None and not (
+            0 < self.rope_dim <= self.d_head and self.rope_dim % 2 == 0
+        ):
+            raise ValueError(
+                f"{own}: rope_dim must be an even int in (0, d_head={self.d_head}], got {self.rope_dim}"
+            )
+        if self.block not in BLOCKS:
+            raise ValueError(f"{own}: block must be one of {sorted(BLOCKS)}, got {self.block!r}")
+        if self.position_offset < 0:
+            raise ValueError(f"{own}: position_offset must be ≥ 0, got {self.position_offset}")
         if not self.norm_eps > 0:
             raise ValueError(f"{own}: norm_eps must be > 0, got {self.norm_eps}")
         if self.windows is not None and (
@@ -128,17 +152,20 @@ class Decoder(Generation, nn.Module):
         self.tokenizer, self.chat_template = tokenizer, chat_template
         rope = None
         if c.positions == "rope":
-            rope = RotaryEmbedding(c.d_head, base=c.rope_base, interleaved=False)
+            rope = RotaryEmbedding(
+                c.d_head, base=c.rope_base, interleaved=False, rotary_dim=c.rope_dim
+            )
         # left uninitialised (`_weight`): every weight comes from the checkpoint
         self.embed = nn.Embedding(
             c.vocab_size, c.d_model, _weight=torch.empty(c.vocab_size, c.d_model)
         )
         self.embed_positions = None
         if c.positions == "learned":
-            self.embed_positions = nn.Embedding(c.max_positions, c.d_model)
+            self.embed_positions = nn.Embedding(c.max_positions + c.position_offset, c.d_model)
         windows = c.windows or (None,) * c.n_layers
+        block = BLOCKS[c.block]
         self.blocks = nn.ModuleList(
-            PreNormBlock(
+            block(
                 MultiHeadAttention(
                     c.d_model, c.n_heads, c.n_kv_heads, c.d_head, bias=c.attn_bias, rope=rope,
                     causal=True, out_bias=c.out_bias, window=None if w is None else (w - 1, 0),
@@ -151,7 +178,7 @@ class Decoder(Generation, nn.Module):
             )
             for w in windows
         )  # fmt: skip
-        self.norm = self._norm(c)
+        self.norm = self._norm(c) if c.final_norm else nn.Identity()
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
 
     @staticmethod
@@ -192,7 +219,8 @@ class Decoder(Generation, nn.Module):
         _, S, past = self._check(ids, attention_mask, cache)
         x = self.embed(ids)  # (b i m)
         if self.embed_positions is not None:
-            x = x + self.embed_positions(torch.arange(past, past + S, device=ids.device))
+            start = past + self.config.position_offset
+            x = x + self.embed_positions(torch.arange(start, start + S, device=ids.device))
         padded = attention_mask is not None and not bool(attention_mask.all())
         packable = self.embed_positions is None and cache is None and not capturing()
         if padded and packable and one_run_per_row(attention_mask):

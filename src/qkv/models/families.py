@@ -66,6 +66,45 @@ def _split(part: int, reshape: Callable[[Any], Reshape]) -> Callable[[Any], Resh
     return make
 
 
+def _per_head(part: int, reshape: Callable[[Any], Reshape]) -> Callable[[Any], Reshape]:
+    """GPT-NeoX's fused query_key_value, (h·3·d, m) or its (h·3·d,) bias, interleaved per head
+    (head h's q, k, v are rows h·3d + [0, d), [d, 2d), [2d, 3d)): the `part` of every head,
+    as the (h·d, …) tensor of a separate projection, then `reshape`."""
+
+    def make(c: Any) -> Reshape:
+        inner, H, D = reshape(c), c.n_heads, c.d_head
+
+        def fn(w: Tensor) -> Tensor:
+            if w.shape[0] != 3 * H * D:
+                return w  # convert's shape check names the tensor
+            return inner(w.unflatten(0, (H, 3, D))[:, part].flatten(0, 1))
+
+        return fn
+
+    return make
+
+
+def _rows(part: int, sizes: Callable[[Any], tuple[int, ...]], reshape: Callable[[Any], Reshape]):
+    """A fused projection stacked by rows (Phi-3's qkv_proj (h·d + 2·k·d, m), gate_up_proj
+    (2f, m)): block `part` of the row blocks `sizes(config)`, then `reshape`."""
+
+    def make(c: Any) -> Reshape:
+        inner, n = reshape(c), sizes(c)
+
+        def fn(w: Tensor) -> Tensor:
+            if w.shape[0] != sum(n):
+                return w
+            return inner(w.split(n, 0)[part])
+
+        return fn
+
+    return make
+
+
+def _qkv_rows(c: Any) -> tuple[int, int, int]:
+    return c.n_heads * c.d_head, c.n_kv_heads * c.d_head, c.n_kv_heads * c.d_head
+
+
 def _conv1d(reshape: Callable[[Any], Reshape]) -> Callable[[Any], Reshape]:
     """A Conv1D weight (in, out) is an nn.Linear weight transposed."""
 
@@ -90,27 +129,42 @@ RESHAPES: dict[str, Callable[[Any], Reshape]] = {
     "c_attn.bk": _split(1, lambda c: heads_bias(c.n_kv_heads, c.d_head)),
     "c_attn.bv": _split(2, lambda c: heads_bias(c.n_kv_heads, c.d_head)),
     "c_proj.o": _conv1d(lambda c: heads_out(c.n_heads, c.d_head)),
+    "neox.q": _per_head(0, lambda c: heads_in(c.n_heads, c.d_head)),
+    "neox.k": _per_head(1, lambda c: heads_in(c.n_heads, c.d_head)),
+    "neox.v": _per_head(2, lambda c: heads_in(c.n_heads, c.d_head)),
+    "neox.bq": _per_head(0, lambda c: heads_bias(c.n_heads, c.d_head)),
+    "neox.bk": _per_head(1, lambda c: heads_bias(c.n_heads, c.d_head)),
+    "neox.bv": _per_head(2, lambda c: heads_bias(c.n_heads, c.d_head)),
+    "qkv_proj.q": _rows(0, _qkv_rows, lambda c: heads_in(c.n_heads, c.d_head)),
+    "qkv_proj.k": _rows(1, _qkv_rows, lambda c: heads_in(c.n_kv_heads, c.d_head)),
+    "qkv_proj.v": _rows(2, _qkv_rows, lambda c: heads_in(c.n_kv_heads, c.d_head)),
+    "gate_up.gate": _rows(0, lambda c: (c.d_ff, c.d_ff), lambda c: lambda w: w),
+    "gate_up.up": _rows(1, lambda c: (c.d_ff, c.d_ff), lambda c: lambda w: w),
 }
 
 # --------------------------------------------------------------------------------------------
 # decoders: the Llama layout and its relatives
 
 _ROPE_BASE = ("rope_parameters.rope_theta", "rope_theta")
-_LLAMA_FIELDS = {
+# the names most decoders' configs share
+_CORE_FIELDS = {
     "n_layers": ("num_hidden_layers",),
     "n_heads": ("num_attention_heads",),
-    "n_kv_heads": ("num_key_value_heads", "num_attention_heads"),
     "d_model": ("hidden_size",),
-    "d_head": ("head_dim",),
-    "d_ff": ("intermediate_size",),
     "vocab_size": ("vocab_size",),
     "max_positions": ("max_position_embeddings",),
-    "norm_eps": ("rms_norm_eps",),
-    "act": ("hidden_act",),
-    "rope_base": _ROPE_BASE,
     "tie_embeddings": ("tie_word_embeddings",),
     "bos_id": ("bos_token_id",),
     "eos_id": ("eos_token_id",),
+}
+_LLAMA_FIELDS = {
+    **_CORE_FIELDS,
+    "n_kv_heads": ("num_key_value_heads", "num_attention_heads"),
+    "d_head": ("head_dim",),
+    "d_ff": ("intermediate_size",),
+    "norm_eps": ("rms_norm_eps",),
+    "act": ("hidden_act",),
+    "rope_base": _ROPE_BASE,
     "attn_bias": ("attention_bias",),
     "out_bias": ("attention_bias",),
     "mlp_bias": ("mlp_bias",),
@@ -160,6 +214,137 @@ def _llama_like(model_type: str, **kw: Any) -> Family:
         unsupported=(_ROPE_SCALING, *kw.pop("unsupported", ())), **kw,
     )  # fmt: skip
 
+
+def _rope_dim(f: dict[str, Any]) -> dict[str, Any]:
+    """Partial rotary: the first int(d_head · fraction) features of each head rotate."""
+    frac = f.get("rope_fraction", 1.0)
+    return {} if frac == 1.0 else {"rope_dim": int(f["d_head"] * frac)}
+
+
+# Phi-3: the Llama layout with fused qkv_proj and gate_up_proj, a window on every layer
+_PHI3 = Family(
+    "phi3", "decoder",
+    {**_LLAMA_FIELDS, "window": ("sliding_window",),
+     "rope_fraction": ("rope_parameters.partial_rotary_factor", "partial_rotary_factor")},
+    (
+        *(w for w in _LLAMA_WEIGHTS if w.when is None or w.when == "untied"
+          if not w.dst.startswith(("blocks.{}.attn.W_", "blocks.{}.mlp."))),
+        W("blocks.{}.attn.W_Q", _A + "qkv_proj.weight", "qkv_proj.q"),
+        W("blocks.{}.attn.W_K", _A + "qkv_proj.weight", "qkv_proj.k"),
+        W("blocks.{}.attn.W_V", _A + "qkv_proj.weight", "qkv_proj.v"),
+        W("blocks.{}.attn.W_O", _A + "o_proj.weight", "o"),
+        W("blocks.{}.mlp.gate.weight", _M + "gate_up_proj.weight", "gate_up.gate"),
+        W("blocks.{}.mlp.up.weight", _M + "gate_up_proj.weight", "gate_up.up"),
+        W("blocks.{}.mlp.down.weight", _M + "down_proj.weight"),
+    ),
+    fixed={"attn_bias": False, "out_bias": False, "mlp_bias": False},
+    defaults={**_LLAMA_DEFAULTS, "tie_embeddings": False}, prefix="model.",
+    ignore=_DECODER_IGNORE, unsupported=(_ROPE_SCALING,), window="all", classes=("Phi3",),
+    derive=_rope_dim,
+)  # fmt: skip
+
+# GPT-NeoX (Pythia): fused query_key_value interleaved per head, partial rotary, LayerNorm,
+# parallel residual (`use_parallel_residual`), biases everywhere, an untied `embed_out`
+_X = "layers.{}."
+_GPT_NEOX = Family(
+    "gpt_neox", "decoder",
+    {
+        **_CORE_FIELDS,
+        "d_ff": ("intermediate_size",),
+        "norm_eps": ("layer_norm_eps",),
+        "act": ("hidden_act",),
+        "rope_base": ("rope_parameters.rope_theta", "rotary_emb_base", "rope_theta"),
+        "rope_fraction": ("rope_parameters.partial_rotary_factor", "rotary_pct"),
+        "parallel": ("use_parallel_residual",),
+        "attn_bias": ("attention_bias",),
+        "out_bias": ("attention_bias",),
+    },
+    (
+        W("embed.weight", "embed_in.weight"),
+        W("lm_head.weight", "embed_out.weight", when="untied"),
+        W("norm.weight", "final_layer_norm.weight"),
+        W("norm.bias", "final_layer_norm.bias"),
+        W("blocks.{}.norm1.weight", _X + "input_layernorm.weight"),
+        W("blocks.{}.norm1.bias", _X + "input_layernorm.bias"),
+        W("blocks.{}.norm2.weight", _X + "post_attention_layernorm.weight"),
+        W("blocks.{}.norm2.bias", _X + "post_attention_layernorm.bias"),
+        W("blocks.{}.attn.W_Q", _X + "attention.query_key_value.weight", "neox.q"),
+        W("blocks.{}.attn.W_K", _X + "attention.query_key_value.weight", "neox.k"),
+        W("blocks.{}.attn.W_V", _X + "attention.query_key_value.weight", "neox.v"),
+        W("blocks.{}.attn.b_Q", _X + "attention.query_key_value.bias", "neox.bq", when="attn_bias"),
+        W("blocks.{}.attn.b_K", _X + "attention.query_key_value.bias", "neox.bk", when="attn_bias"),
+        W("blocks.{}.attn.b_V", _X + "attention.query_key_value.bias", "neox.bv", when="attn_bias"),
+        W("blocks.{}.attn.W_O", _X + "attention.dense.weight", "o"),
+        W("blocks.{}.attn.b_O", _X + "attention.dense.bias", when="out_bias"),
+        W("blocks.{}.mlp.up.weight", _X + "mlp.dense_h_to_4h.weight"),
+        W("blocks.{}.mlp.up.bias", _X + "mlp.dense_h_to_4h.bias"),
+        W("blocks.{}.mlp.down.weight", _X + "mlp.dense_4h_to_h.weight"),
+        W("blocks.{}.mlp.down.bias", _X + "mlp.dense_4h_to_h.bias"),
+    ),
+    fixed={"norm": "layer", "gated": False, "mlp_bias": True},
+    defaults={"rope_base": 10000.0, "rope_fraction": 0.25, "parallel": True, "norm_eps": 1e-5,
+              "tie_embeddings": False, "attn_bias": True, "out_bias": True},
+    prefix="gpt_neox.", classes=("GPTNeoX",), unsupported=(_ROPE_SCALING,),
+    # causal-mask and rotary buffers of old checkpoints
+    ignore=("layers.*.attention.bias", "layers.*.attention.masked_bias",
+            "layers.*.attention.rotary_emb.inv_freq"),
+    derive=lambda f: {**_rope_dim(f), "block": "parallel" if f["parallel"] else "pre"},
+)  # fmt: skip
+
+# OPT: learned positions numbered from 2, ReLU, LayerNorm before (or, OPT-350m, after) each
+# sublayer; post-norm models have no final norm
+_O = "layers.{}."
+_OPT = Family(
+    "opt", "decoder",
+    {
+        **_CORE_FIELDS,
+        "d_ff": ("ffn_dim",),
+        "act": ("activation_function",),
+        "pre_norm": ("do_layer_norm_before",),
+        "remove_final_norm": ("_remove_final_layer_norm",),
+        "attn_bias": ("enable_bias",),
+        "out_bias": ("enable_bias",),
+        "mlp_bias": ("enable_bias",),
+    },
+    (
+        W("embed.weight", "embed_tokens.weight"),
+        W("embed_positions.weight", "embed_positions.weight"),
+        W("lm_head.weight", "lm_head.weight", when="untied"),
+        W("norm.weight", "final_layer_norm.weight", when="final_norm"),
+        W("norm.bias", "final_layer_norm.bias", when="final_norm"),
+        W("blocks.{}.norm1.weight", _O + "self_attn_layer_norm.weight"),
+        W("blocks.{}.norm1.bias", _O + "self_attn_layer_norm.bias"),
+        W("blocks.{}.norm2.weight", _O + "final_layer_norm.weight"),
+        W("blocks.{}.norm2.bias", _O + "final_layer_norm.bias"),
+        W("blocks.{}.attn.W_Q", _O + "self_attn.q_proj.weight", "q"),
+        W("blocks.{}.attn.W_K", _O + "self_attn.k_proj.weight", "q"),
+        W("blocks.{}.attn.W_V", _O + "self_attn.v_proj.weight", "q"),
+        W("blocks.{}.attn.W_O", _O + "self_attn.out_proj.weight", "o"),
+        W("blocks.{}.attn.b_Q", _O + "self_attn.q_proj.bias", "bq", when="attn_bias"),
+        W("blocks.{}.attn.b_K", _O + "self_attn.k_proj.bias", "bq", when="attn_bias"),
+        W("blocks.{}.attn.b_V", _O + "self_attn.v_proj.bias", "bq", when="attn_bias"),
+        W("blocks.{}.attn.b_O", _O + "self_attn.out_proj.bias", when="out_bias"),
+        W("blocks.{}.mlp.up.weight", _O + "fc1.weight"),
+        W("blocks.{}.mlp.up.bias", _O + "fc1.bias", when="mlp_bias"),
+        W("blocks.{}.mlp.down.weight", _O + "fc2.weight"),
+        W("blocks.{}.mlp.down.bias", _O + "fc2.bias", when="mlp_bias"),
+    ),
+    fixed={"norm": "layer", "positions": "learned", "gated": False, "position_offset": 2,
+           "norm_eps": 1e-5},
+    defaults={"pre_norm": True, "remove_final_norm": False, "tie_embeddings": True,
+              "attn_bias": True, "out_bias": True, "mlp_bias": True, "act": "relu"},
+    prefix="model.decoder.", classes=("OPT",),
+    unsupported=(
+        ("word_embed_proj_dim ≠ hidden_size (project_in/project_out)",
+         lambda cfg: cfg.get("word_embed_proj_dim", cfg.get("hidden_size"))
+         != cfg.get("hidden_size")),
+        ("layer_norm_elementwise_affine=false",
+         lambda cfg: cfg.get("layer_norm_elementwise_affine") is False),
+    ),
+    # the table has max_positions + 2 rows: positions are numbered from 2
+    derive=lambda f: {"block": "pre" if f["pre_norm"] else "post",
+                      "final_norm": bool(f["pre_norm"] and not f["remove_final_norm"])},
+)  # fmt: skip
 
 # --------------------------------------------------------------------------------------------
 # GPT-2: Conv1D weights (in, out), one fused c_attn, learned positions, LayerNorm with biases
@@ -330,6 +515,9 @@ FAMILIES: dict[str, Family] = {
                     fields={"window": ("sliding_window",)}),
         _llama_like("qwen3", classes=("Qwen3",), fixed={"qk_norm": True}, window="layer_types",
                     fields={"window": ("sliding_window",)}),
+        _PHI3,
+        _GPT_NEOX,
+        _OPT,
         _GPT2,
         Family("bert", "encoder", _BERT_FIELDS, _BERT_WEIGHTS, prefix="bert.", classes=("Bert",),
                defaults={"type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_id": 0},

@@ -10,7 +10,7 @@ fused.rms_norm(x, w, eps)                                  # one-pass CPU kernel
 
 from . import fused, quant
 from .attention import MultiHeadAttention
-from .blocks import ACTIVATIONS, MLP, PostNormBlock, PreNormBlock, RMSNorm
+from .blocks import ACTIVATIONS, MLP, ParallelBlock, PostNormBlock, PreNormBlock, RMSNorm
 from .cache import KVCache, LayerCache
 from .capture import AttentionRecord, Capture, capture
 from .rope import RotaryEmbedding
@@ -23,6 +23,7 @@ __all__ = [
     "KVCache",
     "LayerCache",
     "MultiHeadAttention",
+    "ParallelBlock",
     "PostNormBlock",
     "PreNormBlock",
     "RMSNorm",

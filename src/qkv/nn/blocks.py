@@ -1,5 +1,6 @@
 """Transformer building blocks around MultiHeadAttention: RMSNorm, the MLP (plain or gated),
-and the two residual arrangements (pre-norm as in Llama/GPT-2, post-norm as in BERT).
+and the three residual arrangements (pre-norm as in Llama/GPT-2, post-norm as in BERT,
+parallel as in GPT-NeoX/GPT-J).
 
 Letters: b batch, i position, m model dim, f MLP hidden dim.
 """
@@ -224,3 +225,19 @@ class PostNormBlock(_Block):
     ) -> Tensor:
         h = self.norm1(_residual(self.attn(x, mask=mask, cache=cache, segments=segments), x))
         return self.norm2(_residual(self.mlp(h), h))
+
+
+class ParallelBlock(_Block):
+    """`out = x + attn(norm1(x)) + mlp(norm2(x))`: both sublayers read the block's input
+    (GPT-NeoX's `use_parallel_residual`, GPT-J)."""
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+        segments: Sequence[int] | None = None,
+    ) -> Tensor:
+        a = self.attn(self.norm1(x), mask=mask, cache=cache, segments=segments)
+        return _residual(_residual(self.mlp(self.norm2(x)), a), x)

@@ -20,12 +20,22 @@ class RotaryEmbedding(nn.Module):
         interleaved=False (half-split, HF Llama / GPT-NeoX): pair p is (x[p], x[p + d/2])
         interleaved=True  (GPT-J / Meta Llama):               pair p is (x[2p], x[2p + 1])
 
+    `rotary_dim` r (even, ≤ d; default d) rotates only the first r features of each head, as
+    above with r in place of d (θ_p = base^(−2p/r), p < r/2), and passes x[r:] through
+    (partial rotary: GPT-NeoX's `rotary_pct`, Phi-3's `partial_rotary_factor`).
     Equivalent complex code (pair p as a + ib): `(a + ib) · exp(i · pos · θ_p)`.
     Angles are computed in float64 and cached per (device, dtype); the result has x's dtype.
     No parameters: the module has no state_dict entries.
     """
 
-    def __init__(self, d_head: int, base: float = 10000.0, interleaved: bool = False) -> None:
+    def __init__(
+        self,
+        d_head: int,
+        base: float = 10000.0,
+        interleaved: bool = False,
+        *,
+        rotary_dim: int | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(d_head, int) or isinstance(d_head, bool) or d_head <= 0 or d_head % 2:
             raise ValueError(
@@ -33,23 +43,30 @@ class RotaryEmbedding(nn.Module):
             )
         if not isinstance(base, int | float) or not base > 1:
             raise ValueError(f"base must be a number > 1, got {base!r}")
-        self.d_head = d_head
+        r = d_head if rotary_dim is None else rotary_dim
+        if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= d_head or r % 2:
+            raise ValueError(
+                f"rotary_dim must be a positive even int ≤ d_head={d_head}, got {rotary_dim!r}"
+            )
+        self.d_head, self.rotary_dim = d_head, r
         self.base = float(base)
         self.interleaved = bool(interleaved)
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
         self._pairs: tuple[Tensor, Tensor] | None = None  # float32 CPU cos, sin (n, d/2)
 
     def extra_repr(self) -> str:
-        return f"d_head={self.d_head}, base={self.base}, interleaved={self.interleaved}"
+        partial = "" if self.rotary_dim == self.d_head else f", rotary_dim={self.rotary_dim}"
+        return f"d_head={self.d_head}, base={self.base}, interleaved={self.interleaved}{partial}"
 
     def inv_freq(self) -> Tensor:
-        """θ_p = base^(−2p/d) for p in [0, d/2), float64 on the CPU."""
-        p = torch.arange(0, self.d_head, 2, dtype=torch.float64)
-        return self.base ** (-p / self.d_head)
+        """θ_p = base^(−2p/r) for p in [0, r/2) (r = rotary_dim), float64 on the CPU."""
+        p = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64)
+        return self.base ** (-p / self.rotary_dim)
 
     def tables(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos_w, sin_w of shape (≥n, d) for positions 0.. on `device` in `dtype` (grown on
-        demand): each pair's cos on both its features, and its sin signed −sin on the first."""
+        demand): each pair's cos on both its features, and its sin signed −sin on the first;
+        features past rotary_dim get cos 1, sin 0 (they pass through)."""
         key = (device, dtype)
         got = self._tables.get(key)
         if got is None or got[0].shape[0] < n:
@@ -61,6 +78,9 @@ class RotaryEmbedding(nn.Module):
                 sin_w = torch.stack((-sin, sin), -1).flatten(-2)
             else:  # features (p, p + d/2) form pair p
                 cos_w, sin_w = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+            rest = self.d_head - self.rotary_dim
+            cos_w = torch.cat((cos_w, cos_w.new_ones(size, rest)), -1)
+            sin_w = torch.cat((sin_w, sin_w.new_zeros(size, rest)), -1)
             got = (cos_w.to(device, dtype), sin_w.to(device, dtype))
             self._tables[key] = got
         return got
@@ -77,7 +97,8 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(
                 f"qkv must have shape (B, S, {n_q}+2·{n_k}, d_head={self.d_head}), got {tuple(qkv.shape)}"
             )
-        if fused.eligible(qkv) and isinstance(start, int) and start >= 0:
+        whole = self.rotary_dim == self.d_head  # the fused pass rotates every feature
+        if whole and fused.eligible(qkv) and isinstance(start, int) and start >= 0:
             cos, sin = self._pair_tables(start + S)
             return fused.rope_qkv(qkv, cos, sin, start, n_q, n_k, self.interleaved)
         qk, v = qkv.transpose(1, 2).split((n_q + n_k, n_k), dim=1)
@@ -143,11 +164,15 @@ class RotaryEmbedding(nn.Module):
     def _rotate(self, x: Tensor, cos_w: Tensor, sin_w: Tensor, cdt: torch.dtype) -> Tensor:
         """x·cos_w + swap(x)·sin_w, where swap exchanges the two features of each pair: for
         pair (a, b) that is (a·cos − b·sin, b·cos + a·sin), the same products and sums as the
-        complex form, in four ops (plus two casts for half-precision x)."""
+        complex form, in four ops (plus two casts for half-precision x). Features past
+        rotary_dim meet cos 1 and sin 0: they pass through whatever swap puts beside them."""
         xc = x if x.dtype == cdt else x.to(cdt)
+        r = self.rotary_dim
         if self.interleaved:
             swapped = xc.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (b a) per pair
-        else:
-            swapped = xc.roll(self.d_head // 2, dims=-1)  # (x[d/2:], x[:d/2])
+        elif r == self.d_head:
+            swapped = xc.roll(r // 2, dims=-1)  # (x[d/2:], x[:d/2])
+        else:  # (x[r/2:r], x[:r/2], x[r:])
+            swapped = torch.cat((xc[..., :r].roll(r // 2, dims=-1), xc[..., r:]), -1)
         out = xc * cos_w + swapped * sin_w
         return out if out.dtype == x.dtype else out.to(x.dtype)
