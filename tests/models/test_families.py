@@ -44,6 +44,15 @@ FAMILIES = {
     "gpt_neox": dict(
         _DEC, num_key_value_heads=None, rotary_pct=0.4, bos_token_id=0, eos_token_id=2
     ),
+    # RMSNorm (1 + w), embeddings × √d, GeGLU with tanh GELU; head_dim ≠ d_model / n_heads
+    "gemma": dict(
+        _DEC,
+        head_dim=14,
+        hidden_act="gelu_pytorch_tanh",
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=1,
+    ),
     # fused qkv_proj and gate_up_proj; partial rotary (6 of 10); a window on every layer
     "phi3": dict(
         _DEC,
@@ -142,6 +151,12 @@ def float64_oracle_(ref, model) -> None:
             mod.forward = lambda h, m=mod: (
                 m.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
             )
+        if type(mod).__name__.startswith("Gemma") and type(mod).__name__.endswith("RMSNorm"):
+            mod.forward = lambda h, m=mod: (  # also float32, and its gain is 1 + w
+                (1 + m.weight) * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.eps))
+            )
+        if hasattr(mod, "embed_scale"):  # √d as a float32 buffer: float32's rounding of √d
+            mod.embed_scale = torch.tensor(model.config.d_model**0.5, dtype=torch.float64)
 
 
 def rel(got, ref) -> float:
@@ -230,6 +245,8 @@ def test_greedy_tokens_and_cache(mt, tmp_path):
     ref = build(mt, tmp_path)
     model = qkv.load(tmp_path)
     prompt = ids_for(5, 7)
+    # no end token: greedy picks stay unsuppressed (Gemma's generation_config keeps eos 1)
+    ref.generation_config.eos_token_id = None
     with torch.no_grad():
         want = ref.generate(prompt, max_new_tokens=N_GREEDY, min_new_tokens=N_GREEDY,
                             do_sample=False, pad_token_id=0)[0, 7:].tolist()  # fmt: skip
@@ -319,7 +336,7 @@ def test_pre_norm_opt_matches_and_the_position_offset_matters(tmp_path):
     model = qkv.load(tmp_path)
     assert isinstance(model.blocks[0], qkv.nn.PreNormBlock) and model.config.final_norm
     assert _parity_error(model, ref) <= REL_TOL[torch.float32]
-    object.__setattr__(model.config, "position_offset", 0)  # positions from 0, as GPT-2's
+    model.position_offset = 0  # positions from 0, as GPT-2's
     assert _parity_error(model, ref) > 100 * REL_TOL[torch.float32]
 
 
@@ -329,6 +346,17 @@ def test_splitting_phi3_qkv_in_the_wrong_order_breaks_parity(tmp_path):
     assert _parity_error(model, ref) <= REL_TOL[torch.float32]
     for block in model.blocks:  # gate and up swapped: the halves of gate_up_proj
         block.mlp.gate, block.mlp.up = block.mlp.up, block.mlp.gate
+    assert _parity_error(model, ref) > 100 * REL_TOL[torch.float32]
+
+
+def test_a_plain_rms_gain_breaks_gemma_parity(tmp_path):
+    ref = build("gemma", tmp_path)
+    model = qkv.load(tmp_path)
+    assert _parity_error(model, ref) <= REL_TOL[torch.float32]
+    for m in model.modules():
+        if isinstance(m, qkv.nn.RMSNorm):
+            assert m.offset == 1.0
+            m.offset = 0.0  # scale by w, as Llama, not by 1 + w
     assert _parity_error(model, ref) > 100 * REL_TOL[torch.float32]
 
 

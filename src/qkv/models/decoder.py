@@ -53,7 +53,8 @@ class DecoderConfig:
     rope_dim features of each head (None: all; GPT-NeoX, Phi-3). `block` is the residual
     arrangement (see the module docstring: "parallel" GPT-NeoX, "post" OPT-350m); `final_norm`
     False leaves the last hidden state unnormalised (OPT's post-norm). `position_offset`: token
-    i reads learned position embedding i + offset (OPT: 2)."""
+    i reads learned position embedding i + offset (OPT: 2). `norm_offset` 1 makes every RMSNorm
+    scale by 1 + weight, and `embed_scale` multiplies the token embeddings (Gemma: √d_model)."""
 
     name: str
     n_layers: int
@@ -74,6 +75,8 @@ class DecoderConfig:
     block: str = "pre"
     final_norm: bool = True
     position_offset: int = 0
+    norm_offset: float = 0.0
+    embed_scale: float = 1.0
     attn_bias: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
@@ -159,6 +162,8 @@ class Decoder(Generation, nn.Module):
         self.embed = nn.Embedding(
             c.vocab_size, c.d_model, _weight=torch.empty(c.vocab_size, c.d_model)
         )
+        # read per call (a subclass may swap `config` for its own, as models.llama does)
+        self.embed_scale, self.position_offset = c.embed_scale, c.position_offset
         self.embed_positions = None
         if c.positions == "learned":
             self.embed_positions = nn.Embedding(c.max_positions + c.position_offset, c.d_model)
@@ -169,8 +174,8 @@ class Decoder(Generation, nn.Module):
                 MultiHeadAttention(
                     c.d_model, c.n_heads, c.n_kv_heads, c.d_head, bias=c.attn_bias, rope=rope,
                     causal=True, out_bias=c.out_bias, window=None if w is None else (w - 1, 0),
-                    q_norm=RMSNorm(c.d_head, c.norm_eps) if c.qk_norm else None,
-                    k_norm=RMSNorm(c.d_head, c.norm_eps) if c.qk_norm else None,
+                    q_norm=RMSNorm(c.d_head, c.norm_eps, offset=c.norm_offset) if c.qk_norm else None,
+                    k_norm=RMSNorm(c.d_head, c.norm_eps, offset=c.norm_offset) if c.qk_norm else None,
                 ),
                 MLP(c.d_model, c.d_ff, act=c.act, gated=c.gated, bias=c.mlp_bias),
                 self._norm(c),
@@ -184,7 +189,7 @@ class Decoder(Generation, nn.Module):
     @staticmethod
     def _norm(c: DecoderConfig) -> nn.Module:
         return (
-            RMSNorm(c.d_model, c.norm_eps)
+            RMSNorm(c.d_model, c.norm_eps, offset=c.norm_offset)
             if c.norm == "rms"
             else nn.LayerNorm(c.d_model, c.norm_eps)
         )
@@ -218,8 +223,10 @@ class Decoder(Generation, nn.Module):
         the masked batch, as do learned absolute positions."""
         _, S, past = self._check(ids, attention_mask, cache)
         x = self.embed(ids)  # (b i m)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
         if self.embed_positions is not None:
-            start = past + self.config.position_offset
+            start = past + self.position_offset
             x = x + self.embed_positions(torch.arange(start, start + S, device=ids.device))
         padded = attention_mask is not None and not bool(attention_mask.all())
         packable = self.embed_positions is None and cache is None and not capturing()

@@ -515,6 +515,9 @@ FAMILIES: dict[str, Family] = {
                     fields={"window": ("sliding_window",)}),
         _llama_like("qwen3", classes=("Qwen3",), fixed={"qk_norm": True}, window="layer_types",
                     fields={"window": ("sliding_window",)}),
+        # Gemma: RMSNorm scaling by 1 + w, embeddings × √d_model, GeGLU (tanh GELU gate)
+        _llama_like("gemma", classes=("GemmaFor",), fixed={"norm_offset": 1.0},
+                    derive=lambda f: {"embed_scale": f["d_model"] ** 0.5}),
         _PHI3,
         _GPT_NEOX,
         _OPT,

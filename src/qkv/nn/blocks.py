@@ -33,26 +33,31 @@ _INPLACE: dict[str, Callable[[Tensor], Tensor]] = {  # the same functions, overw
 
 
 class RMSNorm(nn.Module):
-    """`x / sqrt(mean(x², -1) + eps) * weight`, normalised in float32 (as HF Llama), x (… m).
-    Float32 CPU inference takes one fused pass (`nn.fused.rms_norm`, its sum of squares in
-    float64)."""
+    """`x / sqrt(mean(x², -1) + eps) * (offset + weight)`, normalised in float32 (as HF Llama),
+    x (… m); `offset` is 0 (Llama) or 1 (Gemma stores its gain as w − 1). Float32 CPU inference
+    takes one fused pass (`nn.fused.rms_norm`, its sum of squares in float64)."""
 
-    def __init__(self, d_model: int, eps: float = 1e-6, *, device=None, dtype=None) -> None:
+    def __init__(
+        self, d_model: int, eps: float = 1e-6, *, offset: float = 0.0, device=None, dtype=None
+    ) -> None:
         super().__init__()
-        self.eps = float(eps)
+        self.eps, self.offset = float(eps), float(offset)
         self.weight = nn.Parameter(torch.ones(d_model, device=device, dtype=dtype))
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (
+            f", offset={self.offset}" if self.offset else ""
+        )
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() and fused.eligible(x, self.weight):
-            return fused.rms_norm(x, self.weight, self.eps)  # one pass (sum of squares in f64)
-        if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op
+        w = self.weight + self.offset if self.offset else self.weight
+        if x.dim() and fused.eligible(x, w):
+            return fused.rms_norm(x, w, self.eps)  # one pass (sum of squares in f64)
+        if x.dtype == w.dtype and x.dtype in (torch.float32, torch.float64):
+            return F.rms_norm(x, w.shape, w, self.eps)  # one fused op
         h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return w * h.to(x.dtype)
 
 
 class MLP(nn.Module):
