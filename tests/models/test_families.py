@@ -53,6 +53,19 @@ FAMILIES = {
         bos_token_id=0,
         eos_token_id=1,
     ),
+    # pre/post norms, scores × 12^−½ capped at 3·tanh(s/3), logits at 5·tanh(l/5), layer 0
+    # sliding (window 5) and layer 1 global, head_dim 14 ≠ 60/6
+    "gemma2": dict(
+        _DEC,
+        head_dim=14,
+        query_pre_attn_scalar=12,
+        attn_logit_softcapping=3.0,
+        final_logit_softcapping=5.0,
+        sliding_window=5,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
     # fused qkv_proj and gate_up_proj; partial rotary (6 of 10); a window on every layer
     "phi3": dict(
         _DEC,
@@ -358,6 +371,26 @@ def test_a_plain_rms_gain_breaks_gemma_parity(tmp_path):
             assert m.offset == 1.0
             m.offset = 0.0  # scale by w, as Llama, not by 1 + w
     assert _parity_error(model, ref) > 100 * REL_TOL[torch.float32]
+
+
+def test_gemma2_layers_and_what_breaks_its_parity(tmp_path):
+    ref = build("gemma2", tmp_path)
+    model = qkv.load(tmp_path)
+    assert [b.attn.window for b in model.blocks] == [(4, 0), None]
+    assert _parity_error(model, ref) <= REL_TOL[torch.float32]
+    breaks = {
+        "no attention softcap": (lambda b: setattr(b.attn, "softcap", None)),
+        "1/√d_head scale": (lambda b: setattr(b.attn, "scale", None)),
+        "no window": (lambda b: setattr(b.attn, "window", None)),
+        "no post-norms": (lambda b: setattr(b, "__class__", qkv.nn.PreNormBlock)),
+    }
+    for what, edit in breaks.items():
+        broken = qkv.load(tmp_path)
+        for block in broken.blocks:
+            edit(block)
+        assert _parity_error(broken, ref) > 100 * REL_TOL[torch.float32], what
+    model.logit_softcap = None
+    assert _parity_error(model, ref) > 100 * REL_TOL[torch.float32], "no logit softcap"
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
     block: pre       h = x + attn(norm1(x));  out = h + mlp(norm2(h))
            parallel  out = x + attn(norm1(x)) + mlp(norm2(x))
            post      h = norm1(x + attn(x));  out = norm2(h + mlp(h))
+           sandwich  h = x + post1(attn(norm1(x)));  out = h + post2(mlp(norm2(h)))
     attn:  causal GQA, RoPE (whole or partial) or none, optional q/k/v(/o) biases, QK-norm,
            sliding window
     mlp:   down(act(gate(x)) · up(x)) (gated) or down(act(up(x)))
@@ -31,6 +32,7 @@ from ..nn import (
     PreNormBlock,
     RMSNorm,
     RotaryEmbedding,
+    SandwichBlock,
 )
 from ..nn.capture import active as capturing
 from ..nn.varlen import one_run_per_row, run_blocks, unpadded
@@ -39,7 +41,9 @@ from .tokenizer import Tokenizer, ids_shape
 
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "learned")
-BLOCKS = {"pre": PreNormBlock, "parallel": ParallelBlock, "post": PostNormBlock}
+BLOCKS = {"pre": PreNormBlock, "parallel": ParallelBlock, "post": PostNormBlock,
+          "sandwich": SandwichBlock}  # fmt: skip
+_NORMS_PER_BLOCK = {"sandwich": 4}
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,9 @@ class DecoderConfig:
     arrangement (see the module docstring: "parallel" GPT-NeoX, "post" OPT-350m); `final_norm`
     False leaves the last hidden state unnormalised (OPT's post-norm). `position_offset`: token
     i reads learned position embedding i + offset (OPT: 2). `norm_offset` 1 makes every RMSNorm
-    scale by 1 + weight, and `embed_scale` multiplies the token embeddings (Gemma: √d_model)."""
+    scale by 1 + weight, and `embed_scale` multiplies the token embeddings (Gemma: √d_model).
+    `attn_scale` replaces 1/√d_head in the scores (Gemma 2); `attn_softcap` c caps every score
+    at c·tanh(s/c) and `logit_softcap` every logit likewise (Gemma 2)."""
 
     name: str
     n_layers: int
@@ -77,6 +83,9 @@ class DecoderConfig:
     position_offset: int = 0
     norm_offset: float = 0.0
     embed_scale: float = 1.0
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    logit_softcap: float | None = None
     attn_bias: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
@@ -114,6 +123,10 @@ class DecoderConfig:
             )
         if self.block not in BLOCKS:
             raise ValueError(f"{own}: block must be one of {sorted(BLOCKS)}, got {self.block!r}")
+        for f in ("attn_scale", "attn_softcap", "logit_softcap"):
+            v = getattr(self, f)
+            if v is not None and not v > 0:
+                raise ValueError(f"{own}: {f} must be None or > 0, got {v}")
         if self.position_offset < 0:
             raise ValueError(f"{own}: position_offset must be ≥ 0, got {self.position_offset}")
         if not self.norm_eps > 0:
@@ -164,6 +177,7 @@ class Decoder(Generation, nn.Module):
         )
         # read per call (a subclass may swap `config` for its own, as models.llama does)
         self.embed_scale, self.position_offset = c.embed_scale, c.position_offset
+        self.logit_softcap = c.logit_softcap
         self.embed_positions = None
         if c.positions == "learned":
             self.embed_positions = nn.Embedding(c.max_positions + c.position_offset, c.d_model)
@@ -174,12 +188,12 @@ class Decoder(Generation, nn.Module):
                 MultiHeadAttention(
                     c.d_model, c.n_heads, c.n_kv_heads, c.d_head, bias=c.attn_bias, rope=rope,
                     causal=True, out_bias=c.out_bias, window=None if w is None else (w - 1, 0),
+                    scale=c.attn_scale, softcap=c.attn_softcap,
                     q_norm=RMSNorm(c.d_head, c.norm_eps, offset=c.norm_offset) if c.qk_norm else None,
                     k_norm=RMSNorm(c.d_head, c.norm_eps, offset=c.norm_offset) if c.qk_norm else None,
                 ),
                 MLP(c.d_model, c.d_ff, act=c.act, gated=c.gated, bias=c.mlp_bias),
-                self._norm(c),
-                self._norm(c),
+                *(self._norm(c) for _ in range(_NORMS_PER_BLOCK.get(c.block, 2))),
             )
             for w in windows
         )  # fmt: skip
@@ -198,9 +212,12 @@ class Decoder(Generation, nn.Module):
         return f"name={self.config.name!r}, tie_embeddings={self.config.tie_embeddings}"
 
     def unembed(self, h: Tensor) -> Tensor:
-        """Final hidden states (… m) → logits (… v)."""
+        """Final hidden states (… m) → logits (… v), capped at c·tanh(logit/c) if
+        `logit_softcap` is c."""
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return h @ w.t()
+        logits = h @ w.t()
+        c = self.logit_softcap
+        return logits if c is None else c * torch.tanh(logits / c)
 
     def hidden(
         self, ids: Tensor, *, attention_mask: Tensor | None = None, cache: KVCache | None = None

@@ -209,10 +209,46 @@ _DECODER_IGNORE = ("layers.*.self_attn.rotary_emb.inv_freq", "rotary_emb.inv_fre
 def _llama_like(model_type: str, **kw: Any) -> Family:
     fields = {**_LLAMA_FIELDS, **kw.pop("fields", {})}
     return Family(
-        model_type, "decoder", fields, _LLAMA_WEIGHTS, defaults=_LLAMA_DEFAULTS,
+        model_type, "decoder", fields, kw.pop("weights", _LLAMA_WEIGHTS), defaults=_LLAMA_DEFAULTS,
         prefix="model.", ignore=_DECODER_IGNORE,
         unsupported=(_ROPE_SCALING, *kw.pop("unsupported", ())), **kw,
     )  # fmt: skip
+
+
+# Gemma 2: the Llama names, but its post_attention_layernorm follows attention (a post-norm)
+_GEMMA2_WEIGHTS = (
+    *(w for w in _LLAMA_WEIGHTS if w.dst != "blocks.{}.norm2.weight"),
+    W("blocks.{}.norm2.weight", "layers.{}.pre_feedforward_layernorm.weight"),
+    W("blocks.{}.post1.weight", "layers.{}.post_attention_layernorm.weight"),
+    W("blocks.{}.post2.weight", "layers.{}.post_feedforward_layernorm.weight"),
+)
+
+
+def _gemma2_scales(f: dict[str, Any]) -> dict[str, Any]:
+    """Embeddings × √d_model; scores × query_pre_attn_scalar^−½ (not d_head^−½)."""
+    return {
+        "embed_scale": f["d_model"] ** 0.5,
+        "attn_scale": f.get("query_pre_attn_scalar", f["d_head"]) ** -0.5,
+    }
+
+
+# Gemma 2: Gemma plus pre- and post-norms around each sublayer, scores scaled by
+# query_pre_attn_scalar^−½ and soft-capped, logits soft-capped, windows from layer_types
+_GEMMA2 = _llama_like(
+    "gemma2", classes=("Gemma2For",), weights=_GEMMA2_WEIGHTS, window="layer_types",
+    fixed={"norm_offset": 1.0, "block": "sandwich"},
+    fields={
+        "act": ("hidden_activation", "hidden_act"),
+        "window": ("sliding_window",),
+        "attn_softcap": ("attn_logit_softcapping",),
+        "logit_softcap": ("final_logit_softcapping",),
+        "query_pre_attn_scalar": ("query_pre_attn_scalar",),
+    },
+    unsupported=(
+        ("use_bidirectional_attention", lambda cfg: bool(cfg.get("use_bidirectional_attention"))),
+    ),
+    derive=_gemma2_scales,
+)  # fmt: skip
 
 
 def _rope_dim(f: dict[str, Any]) -> dict[str, Any]:
@@ -518,6 +554,7 @@ FAMILIES: dict[str, Family] = {
         # Gemma: RMSNorm scaling by 1 + w, embeddings × √d_model, GeGLU (tanh GELU gate)
         _llama_like("gemma", classes=("GemmaFor",), fixed={"norm_offset": 1.0},
                     derive=lambda f: {"embed_scale": f["d_model"] ** 0.5}),
+        _GEMMA2,
         _PHI3,
         _GPT_NEOX,
         _OPT,

@@ -10,7 +10,15 @@ fused.rms_norm(x, w, eps)                                  # one-pass CPU kernel
 
 from . import fused, quant
 from .attention import MultiHeadAttention
-from .blocks import ACTIVATIONS, MLP, ParallelBlock, PostNormBlock, PreNormBlock, RMSNorm
+from .blocks import (
+    ACTIVATIONS,
+    MLP,
+    ParallelBlock,
+    PostNormBlock,
+    PreNormBlock,
+    RMSNorm,
+    SandwichBlock,
+)
 from .cache import KVCache, LayerCache
 from .capture import AttentionRecord, Capture, capture
 from .rope import RotaryEmbedding
@@ -28,6 +36,7 @@ __all__ = [
     "PreNormBlock",
     "RMSNorm",
     "RotaryEmbedding",
+    "SandwichBlock",
     "capture",
     "fused",
     "quant",

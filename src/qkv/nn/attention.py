@@ -35,13 +35,16 @@ class MultiHeadAttention(nn.Module):
     dim d, e.g. RMSNorm(d)) normalise each head's q and k before RoPE (QK-norm, Qwen3).
     `window` = (left, right) limits each query to keys within that band of its diagonal, as
     `qkv.attention`'s `window` ((W−1, 0) with `causal`: the last W keys, Mistral's sliding window).
+    `scale` replaces 1/√d (Gemma 2: query_pre_attn_scalar^−½); `softcap` c caps each score at
+    c·tanh(s/c) before the masks, as `qkv.attention`'s `softcap` (Gemma 2).
 
     forward(x (b i m), *, mask=None, cache=None) → (b i m). Equivalent code::
 
         q = einsum("bim,hmd->bhid", x, W_Q) + b_Q[:, None]      # likewise k, v with W_K, W_V
         q, k = q_norm(q), k_norm(k)                              # if given (QK-norm)
         q, k = rope(q, pos), rope(k, pos)                        # pos = cache.length + arange(i)
-        z = qkv.attention(q, k, v, causal=causal, window=window, mask=mask)  # kv head = h // (h/k)
+        z = qkv.attention(q, k, v, causal=causal, window=window, mask=mask,
+                          scale=scale, softcap=softcap)                # kv head = h // (h/k)
         out = einsum("bhid,hdm->bim", z, W_O) + b_O
 
     `mask` is bool keep (True = attend) broadcastable to (b, h, i, j), e.g. key padding
@@ -65,6 +68,7 @@ class MultiHeadAttention(nn.Module):
         scale: float | None = None,
         out_bias: bool | None = None,
         window: tuple[int | None, int | None] | None = None,
+        softcap: float | None = None,
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
         device: torch.device | str | None = None,
@@ -101,6 +105,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(
                 f"window must be None or a (left, right) pair of ints ≥ 0 or None, got {window!r}"
             )
+        if softcap is not None and not (isinstance(softcap, int | float) and softcap > 0):
+            raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
         if (q_norm is None) != (k_norm is None):
             raise ValueError("q_norm and k_norm come together (QK-norm): pass both or neither")
         self.d_model, self.n_heads, self.n_kv_heads, self.d_head = (
@@ -111,6 +117,7 @@ class MultiHeadAttention(nn.Module):
         )
         self.causal = causal
         self.window = window
+        self.softcap = None if softcap is None else float(softcap)
         self.q_norm, self.k_norm = q_norm, k_norm
         self.scale = 1.0 / math.sqrt(d_head) if scale is None else float(scale)
         self.rope = rope
@@ -157,6 +164,7 @@ class MultiHeadAttention(nn.Module):
             + ("" if self.b_O is None or self.b_Q is not None else ", out_bias=True")
             + ("" if self.b_Q is None or self.b_O is not None else ", out_bias=False")
             + ("" if self.window is None else f", window={self.window}")
+            + ("" if self.softcap is None else f", softcap={self.softcap}")
         )
 
     def fused_qkv(self) -> tuple[Tensor, Tensor | None]:
@@ -286,6 +294,8 @@ class MultiHeadAttention(nn.Module):
         kw = {"causal": self.causal, "mask": mask, "scale": self.scale}
         if self.window is not None:
             kw["window"] = self.window
+        if self.softcap is not None:
+            kw["softcap"] = self.softcap
         if recording:
             z, lse = attention(q, k, v, **kw, return_lse=True)
         else:
@@ -347,7 +357,8 @@ class MultiHeadAttention(nn.Module):
                 q, k, v = seg.transpose(1, 2).split((H, K, K), dim=1)
             else:
                 q, k, v = self.rope.rotate_qkv(seg, 0, H, K)
-            z = attention(q, k, v, causal=self.causal, window=self.window, scale=self.scale)
+            z = attention(q, k, v, causal=self.causal, window=self.window, scale=self.scale,
+                          softcap=self.softcap)  # fmt: skip
             parts.append(z.transpose(1, 2))  # (1 i h d)
             start += n
         zf = torch.cat(parts, 1).reshape(1, -1, H * D)  # (1 n (h d))

@@ -1,6 +1,6 @@
 """Transformer building blocks around MultiHeadAttention: RMSNorm, the MLP (plain or gated),
-and the three residual arrangements (pre-norm as in Llama/GPT-2, post-norm as in BERT,
-parallel as in GPT-NeoX/GPT-J).
+and the residual arrangements (pre-norm as in Llama/GPT-2, post-norm as in BERT, parallel as
+in GPT-NeoX/GPT-J, sandwich as in Gemma 2/3).
 
 Letters: b batch, i position, m model dim, f MLP hidden dim.
 """
@@ -246,3 +246,32 @@ class ParallelBlock(_Block):
     ) -> Tensor:
         a = self.attn(self.norm1(x), mask=mask, cache=cache, segments=segments)
         return _residual(_residual(self.mlp(self.norm2(x)), a), x)
+
+
+class SandwichBlock(_Block):
+    """`h = x + post1(attn(norm1(x))); out = h + post2(mlp(norm2(h)))`: each sublayer's output
+    is normalised too before it joins the residual (Gemma 2/3's pre- and post-norms)."""
+
+    def __init__(
+        self,
+        attn: MultiHeadAttention,
+        mlp: nn.Module,
+        norm1: nn.Module,
+        norm2: nn.Module,
+        post1: nn.Module,
+        post2: nn.Module,
+    ) -> None:
+        super().__init__(attn, mlp, norm1, norm2)
+        self.post1, self.post2 = post1, post2
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+        segments: Sequence[int] | None = None,
+    ) -> Tensor:
+        a = self.attn(self.norm1(x), mask=mask, cache=cache, segments=segments)
+        h = _residual(self.post1(a), x)
+        return _residual(self.post2(self.mlp(self.norm2(h))), h)
