@@ -191,12 +191,11 @@ def test_to_pandas_without_pandas_says_how_to_install_it(tiny_causal, monkeypatc
 
 
 def test_to_pandas_holds_the_kept_keys(tiny_causal):
-    pytest.importorskip("pandas", reason="to_pandas needs pandas (optional)")
     r = explain(SENTENCE, "it", model=tiny_causal, top=2)
     df = r.to_pandas()
     assert len(df) == sum(len(h.index) for lay in r.layers for h in lay.heads)
     h = r.layers[0].heads[0]
-    sub = df[(df.layer == 0) & (df.head == 0)]
+    sub = df[(df["layer"] == 0) & (df["head"] == 0)]  # df.head is the method
     np.testing.assert_array_equal(sub.weight.to_numpy(), h.weight)
 
 
@@ -251,3 +250,39 @@ def test_bad_queries_layers_and_text(tiny_causal):
         capture_text("  ", model=tiny_causal)
     with pytest.raises(TypeError, match="str"):
         capture_text(b"bytes", model=tiny_causal)
+
+
+@pytest.mark.parametrize("top", [0, 3])
+def test_parquet_holds_the_same_rows_as_the_arrays(tiny_causal, tmp_path, top):
+    """The .parquet long form: one row per kept (layer, head, query, key), equal to the dense
+    rows where the weight is > 0 (top=0) or to the top-k rows (top=3)."""
+    import pyarrow.parquet as pq
+
+    cap = capture_text(SENTENCE, model=tiny_causal, progress=False)
+    rows, path = export_rows(cap, tmp_path / "rows.parquet", top=top)
+    t = pq.read_table(path).to_pydict()
+    got = {
+        (l, h, i, j): (w, c)
+        for l, h, i, j, w, c in zip(
+            t["layer"], t["head"], t["query"], t["key"], t["weight"], t["contribution"],
+            strict=True,
+        )
+    }  # fmt: skip
+    want = {}
+    dense = cap.rows()
+    for li, l in enumerate(dense.layers):
+        for h in range(dense.weight.shape[1]):
+            for qi, i in enumerate(dense.queries):
+                keys = (
+                    np.nonzero(dense.weight[li, h, qi] > 0)[0]
+                    if top == 0
+                    else rows.index[li, h, qi]
+                )
+                for j in keys:
+                    want[(int(l), h, int(i), int(j))] = (
+                        dense.weight[li, h, qi, j],
+                        dense.contribution[li, h, qi, j],
+                    )
+    assert got.keys() == want.keys()
+    for key, (w, c) in want.items():
+        assert got[key] == pytest.approx((w, c), rel=1e-6, abs=1e-7), key
