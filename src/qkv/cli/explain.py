@@ -9,7 +9,8 @@ import argparse
 import sys
 
 from qkv.cli import stdout_console, text_or_file
-from qkv.lens import DEFAULT_TOP, explain
+from qkv.lens import DEFAULT_TOP, explain, neuron
+from qkv.lens.explain import resolve_model
 from qkv.lens.io import check_writable
 from qkv.models import DEFAULT_MODEL
 
@@ -20,13 +21,20 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("choose the query with --token WORD or --index I (exactly one)")
     if args.key is not None and args.key_index is not None:
         raise ValueError("choose the key with --key WORD or --key-index J (not both)")
+    if args.neuron and (args.layer is None or args.head is None or
+                        (args.key is None and args.key_index is None)):  # fmt: skip
+        raise ValueError(
+            "--neuron shows one head's q·k for one key: give --layer L, --head H and --key WORD "
+            "(or --key-index J) with it"
+        )
     for path in (args.json, args.html, args.png):  # fail before the model runs
         if path is not None and path != "-":
             check_writable(path)
+    model = resolve_model(args.model) if args.neuron else args.model  # loaded once for both
     result = explain(
         text,
         args.token if args.token is not None else args.index,
-        model=args.model,
+        model=model,
         occurrence=args.occurrence,
         layer=args.layer,
         head=args.head,
@@ -37,6 +45,15 @@ def run(args: argparse.Namespace) -> int:
         rollout=args.rollout,
         truncate=args.truncate,
     )
+    if args.neuron:
+        result.neuron = neuron(
+            text,
+            result.query.index,
+            result.key.index,
+            layer=args.layer,
+            head=args.head,
+            model=model,
+        )
     if args.json == "-":
         sys.stdout.write(result.to_json(indent=1) + "\n")
     else:
@@ -128,6 +145,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument(
         "--no-rollout", dest="rollout", action="store_false", help="no rollout (the default)"
+    )
+    p.add_argument(
+        "--neuron",
+        action="store_true",
+        help="the Q·K neuron view of --layer/--head for --key: q, k (after RoPE), q⊙k and the "
+        "dims that drive the score",
     )
     p.add_argument("--json", metavar="PATH|-", help="write the qkv.explain/1 record (- for stdout)")
     p.add_argument("--html", metavar="PATH", help="write a standalone HTML view")

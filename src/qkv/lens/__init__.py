@@ -15,6 +15,7 @@ from .explain import DEFAULT_TOP, explain
 from .export import Capture, Rows, TopRows, capture_text, export_rows
 from .heads import DATA_PATH, Example, HeadScores, HeadSearch, head_search, load_examples
 from .lookup import query_row
+from .neuron import NeuronView, neuron
 from .record import (
     SCHEMA,
     ExplainResult,
@@ -47,6 +48,7 @@ __all__ = [
     "LayerKey",
     "ModelSummary",
     "Mover",
+    "NeuronView",
     "Query",
     "Rollout",
     "Rows",
@@ -61,6 +63,7 @@ __all__ = [
     "from_json",
     "head_search",
     "load_examples",
+    "neuron",
     "query_row",
     "rollout_row",
 ]

@@ -14,11 +14,14 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .io import write_atomic
+
+if TYPE_CHECKING:
+    from .neuron import NeuronView
 
 SCHEMA = "qkv.explain/1"
 
@@ -207,6 +210,7 @@ class ExplainResult:
     rollout: Rollout | None = None  # classic rollout, only when asked for
     notes: list[str] = field(default_factory=list)
     flow: Rollout | None = None  # the contribution flow
+    neuron: NeuronView | None = None  # the Q·K neuron view of one head and key, when asked for
 
     def __repr__(self) -> str:
         n_heads = sum(len(lay.heads) for lay in self.layers)
@@ -463,7 +467,7 @@ def to_dict(r: ExplainResult) -> dict:
         "rollout": _propagation(r.rollout),
         "flow": _propagation(r.flow),
         "notes": list(r.notes),
-    }
+    } | ({} if r.neuron is None else {"neuron": r.neuron.to_dict()})
 
 
 class _Reader:
@@ -655,4 +659,14 @@ def from_json(source: str | os.PathLike | dict) -> ExplainResult:
         rollout=propagation("rollout"),
         notes=notes,
         flow=propagation("flow"),
+        neuron=_neuron(doc.get("neuron")),
     )
+
+
+def _neuron(d: Any) -> NeuronView | None:
+    """The optional "neuron" member (see `qkv.lens.neuron`)."""
+    if d is None:
+        return None
+    from .neuron import NeuronView
+
+    return NeuronView.from_dict(d)

@@ -258,6 +258,59 @@ def key_table(r: ExplainResult, n: int = 10) -> Table:
     return t
 
 
+def neuron_lines(r: ExplainResult) -> str:
+    """The identity under the neuron table, with both numbers: Σ q_d k_d · scale = score, and
+    the score the record holds for that head and key (when it kept it)."""
+    v = r.neuron
+    assert v is not None
+    s = f"Σ_d q_d·k_d = {v.dot:.6g};  × scale {v.scale:.6g} = score {v.score:.6g}"
+    held = None
+    for lay in r.layers:
+        for h in lay.heads:
+            if lay.layer == v.layer and h.head == v.head:
+                held = h.key(v.key.index)
+    if held is not None:
+        s += f"  (the record's score for this key: {held.score:.6g})"
+    rope = (
+        f"q and k after RoPE ({v.rope_dims} of {len(v.q)} dims rotated)"
+        if v.rope_dims
+        else "no RoPE: q and k as projected"
+    )
+    return s + "\n" + rope
+
+
+def neuron_table(r: ExplainResult, n: int = 10) -> Table:
+    """The Q·K neuron view: the `n` dims with the largest |q_d k_d|, with q_d, k_d, their
+    product (a bar of |product| and its sign) and the running share of Σ q_d k_d."""
+    v = r.neuron
+    assert v is not None
+    t = Table(
+        title=f"Q·K neuron view · layer {v.layer} head {v.head} (kv head {v.kv_head}): "
+        f"{label(r, v.query.index)!r} · {label(r, v.key.index)!r}, top {min(n, len(v.q))} of "
+        f"{len(v.q)} dims by |q_d·k_d|",
+        title_justify="left",
+        caption=neuron_lines(r),
+        caption_justify="left",
+    )
+    for col in ("dim", "q_d", "k_d", "q_d·k_d", "running share"):
+        t.add_column(col, justify="left" if col == "q_d·k_d" else "right", no_wrap=True)
+    prod, dims, share = v.product, v.top(n), v.share(n)
+    full = float(abs(prod).max()) if len(prod) else 1.0
+    for d, sh in zip(dims, share, strict=True):
+        p = prod[d]
+        t.add_row(
+            str(int(d)),
+            f"{v.q[d]:+.3f}",
+            f"{v.k[d]:+.3f}",
+            f"{'+' if p >= 0 else '−'}{bar(abs(p), full)} {p:+.3f}",
+            f"{sh:.0%}",
+        )
+    rest = len(prod) - len(dims)
+    if rest > 0:
+        t.add_row(f"{rest} more", "", "", f"{'':{BAR + 1}} {prod[v.top()[n:]].sum():+.3f}", "100%")
+    return t
+
+
 def propagation_table(r: ExplainResult, what: str = "flow", n: int = 8) -> Table:
     """The record's contribution flow (`what="flow"`) or classic rollout, top `n` tokens, with
     the caveat when one token holds more than 90%."""
@@ -327,6 +380,8 @@ def render(r: ExplainResult, console: Console | None = None, *, n: int = 10) -> 
         c.print(propagation_table(r, "flow"))
     if r.rollout is not None:
         c.print(propagation_table(r, "rollout"))
+    if r.neuron is not None:
+        c.print(neuron_table(r, n))
 
 
 def render_text(r: ExplainResult, width: int = 120, **kwargs: Any) -> str:
