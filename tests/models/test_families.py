@@ -66,6 +66,20 @@ FAMILIES = {
         bos_token_id=0,
         eos_token_id=0,
     ),
+    # Gemma 2's layout plus QK-norm (1 + w); six layers, five sliding (window 5, RoPE base 10)
+    # to one global (base 1000); scores × 12^−½, head_dim 14 ≠ 60/6; no softcaps (as Gemma 3)
+    "gemma3_text": dict(
+        _DEC,
+        num_hidden_layers=6,
+        head_dim=14,
+        query_pre_attn_scalar=12,
+        sliding_window=5,
+        rope_theta=1000.0,
+        rope_local_base_freq=10.0,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
     # fused qkv_proj and gate_up_proj; partial rotary (6 of 10); a window on every layer
     "phi3": dict(
         _DEC,
@@ -149,17 +163,21 @@ def float64_oracle_(ref, model) -> None:
     qkv computes them (same formulas: half-split cos/sin of position · base^(−2p/r), r the
     rotated features; w · h / √(mean h² + eps))."""
     c = model.config
-    d, base = getattr(c, "rope_dim", None) or c.d_head, getattr(c, "rope_base", 1e4)
-    inv = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
+    d, rope_base = getattr(c, "rope_dim", None) or c.d_head, getattr(c, "rope_base", 1e4)
 
-    def forward(x, position_ids):
+    def rotary(x, position_ids, base=rope_base):
+        inv = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
         ang = position_ids[..., None].double() * inv  # (b i d/2)
         emb = torch.cat((ang, ang), -1)  # (b i d)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
     for mod in ref.modules():
         if hasattr(mod, "inv_freq"):
-            mod.forward = forward
+            mod.forward = rotary
+        if hasattr(mod, "layer_types") and hasattr(mod, "rope_type"):  # a base per layer type
+            mod.forward = lambda x, position_ids, layer_type, m=mod: rotary(
+                x, position_ids, m.config.rope_parameters[layer_type]["rope_theta"]
+            )
         if hasattr(mod, "variance_epsilon"):  # RMSNorm, also computed in float32
             mod.forward = lambda h, m=mod: (
                 m.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.variance_epsilon))
@@ -240,7 +258,7 @@ def test_lens_rows_match_output_attentions(pair):
         att = ref(ids, output_attentions=True).attentions  # per layer (b h i j)
     query = 6  # "it"
     r = qkv.explain(text, query, model=model, top=0, rollout=False, progress=False)
-    assert len(r.layers) == 2
+    assert len(r.layers) == model.config.n_layers
     for layer in r.layers:
         for h in layer.heads:
             want = att[layer.layer][0, h.head, query].double().numpy()
@@ -391,6 +409,54 @@ def test_gemma2_layers_and_what_breaks_its_parity(tmp_path):
         assert _parity_error(broken, ref) > 100 * REL_TOL[torch.float32], what
     model.logit_softcap = None
     assert _parity_error(model, ref) > 100 * REL_TOL[torch.float32], "no logit softcap"
+
+
+def test_gemma3_layers_and_what_breaks_its_parity(tmp_path):
+    ref = build("gemma3_text", tmp_path)
+    model = qkv.load(tmp_path)
+    assert [b.attn.window for b in model.blocks] == [(4, 0)] * 5 + [None]
+    assert [b.attn.rope.base for b in model.blocks] == [10.0] * 5 + [1000.0]
+    assert model.blocks[0].attn.rope is model.blocks[4].attn.rope  # shared per base
+    assert _parity_error(model, ref) <= REL_TOL[torch.float32]
+    breaks = {  # `glob`: the broken model's own global-layer RoPE, bound below
+        "no QK-norm": (lambda b: setattr(b.attn, "q_norm", None) or setattr(b.attn, "k_norm", None)),
+        "the global base on local layers": (lambda b: setattr(b.attn, "rope", glob)),
+        "no window": (lambda b: setattr(b.attn, "window", None)),
+    }  # fmt: skip
+    for what, edit in breaks.items():
+        broken = qkv.load(tmp_path)
+        glob = broken.blocks[5].attn.rope
+        for block in broken.blocks:
+            edit(block)
+        assert _parity_error(broken, ref) > 100 * REL_TOL[torch.float32], what
+
+
+def test_gemma3_older_config_fields(tmp_path):
+    """Configs from before rope_parameters / layer_types: rope_theta, rope_local_base_freq and
+    sliding_window_pattern give the same model."""
+    ref = build("gemma3_text", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    for key in ("rope_parameters", "layer_types", "_sliding_window_pattern"):
+        del cfg[key]
+    cfg.update(rope_theta=1000.0, rope_local_base_freq=10.0, sliding_window_pattern=3)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = qkv.load(tmp_path)
+    assert [b.attn.rope.base for b in model.blocks] == [10.0, 10.0, 1000.0] * 2
+    assert [b.attn.window for b in model.blocks] == [(4, 0), (4, 0), None] * 2
+    del cfg["sliding_window_pattern"]  # Gemma 3's default: every sixth layer global
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = qkv.load(tmp_path)
+    assert [b.attn.window for b in model.blocks] == [(4, 0)] * 5 + [None]
+    assert _parity_error(model, ref) <= REL_TOL[torch.float32]
+
+
+def test_gemma3_rope_scaling_is_named(tmp_path):
+    build("gemma3_text", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    cfg["rope_parameters"]["full_attention"].update(rope_type="linear", factor=8.0)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"gemma3_text with rope_parameters.*not supported"):
+        qkv.load(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@
            parallel  out = x + attn(norm1(x)) + mlp(norm2(x))
            post      h = norm1(x + attn(x));  out = norm2(h + mlp(h))
            sandwich  h = x + post1(attn(norm1(x)));  out = h + post2(mlp(norm2(h)))
-    attn:  causal GQA, RoPE (whole or partial) or none, optional q/k/v(/o) biases, QK-norm,
-           sliding window
+    attn:  causal GQA, RoPE (whole or partial, its base per layer) or none, optional q/k/v(/o)
+           biases, QK-norm, sliding window
     mlp:   down(act(gate(x)) · up(x)) (gated) or down(act(up(x)))
 
 Letters: b batch, i query position, j key position, m model dim, v vocabulary.
@@ -60,7 +60,9 @@ class DecoderConfig:
     i reads learned position embedding i + offset (OPT: 2). `norm_offset` 1 makes every RMSNorm
     scale by 1 + weight, and `embed_scale` multiplies the token embeddings (Gemma: √d_model).
     `attn_scale` replaces 1/√d_head in the scores (Gemma 2); `attn_softcap` c caps every score
-    at c·tanh(s/c) and `logit_softcap` every logit likewise (Gemma 2)."""
+    at c·tanh(s/c) and `logit_softcap` every logit likewise (Gemma 2). `rope_bases` holds one
+    RoPE base per layer (None: `rope_base` on every layer; Gemma 3: 10⁴ on its sliding layers,
+    10⁶ on its global ones)."""
 
     name: str
     n_layers: int
@@ -78,6 +80,7 @@ class DecoderConfig:
     positions: str = "rope"
     rope_base: float = 10000.0
     rope_dim: int | None = None
+    rope_bases: tuple[float, ...] | None = None
     block: str = "pre"
     final_norm: bool = True
     position_offset: int = 0
@@ -114,6 +117,14 @@ class DecoderConfig:
         if self.positions == "rope" and (self.d_head % 2 or not self.rope_base > 1):
             raise ValueError(
                 f"{own}: RoPE needs an even d_head and rope_base > 1, got {self.d_head}, {self.rope_base}"
+            )
+        if self.rope_bases is not None and (
+            len(self.rope_bases) != self.n_layers
+            or any(not isinstance(b, int | float) or not b > 1 for b in self.rope_bases)
+        ):
+            raise ValueError(
+                f"{own}: rope_bases must hold one number > 1 per layer ({self.n_layers}), "
+                f"got {self.rope_bases!r}"
             )
         if self.rope_dim is not None and not (
             0 < self.rope_dim <= self.d_head and self.rope_dim % 2 == 0
@@ -166,11 +177,14 @@ class Decoder(Generation, nn.Module):
         super().__init__()
         c = self.config = config
         self.tokenizer, self.chat_template = tokenizer, chat_template
-        rope = None
-        if c.positions == "rope":
-            rope = RotaryEmbedding(
-                c.d_head, base=c.rope_base, interleaved=False, rotary_dim=c.rope_dim
-            )
+        # one RotaryEmbedding per distinct base, shared by the layers that use it
+        bases = c.rope_bases or (c.rope_base,) * c.n_layers
+        ropes: dict[float, RotaryEmbedding | None] = {
+            b: RotaryEmbedding(c.d_head, base=b, interleaved=False, rotary_dim=c.rope_dim)
+            if c.positions == "rope"
+            else None
+            for b in dict.fromkeys(bases)
+        }
         # left uninitialised (`_weight`): every weight comes from the checkpoint
         self.embed = nn.Embedding(
             c.vocab_size, c.d_model, _weight=torch.empty(c.vocab_size, c.d_model)
@@ -186,7 +200,7 @@ class Decoder(Generation, nn.Module):
         self.blocks = nn.ModuleList(
             block(
                 MultiHeadAttention(
-                    c.d_model, c.n_heads, c.n_kv_heads, c.d_head, bias=c.attn_bias, rope=rope,
+                    c.d_model, c.n_heads, c.n_kv_heads, c.d_head, bias=c.attn_bias, rope=ropes[b],
                     causal=True, out_bias=c.out_bias, window=None if w is None else (w - 1, 0),
                     scale=c.attn_scale, softcap=c.attn_softcap,
                     q_norm=RMSNorm(c.d_head, c.norm_eps, offset=c.norm_offset) if c.qk_norm else None,
@@ -195,7 +209,7 @@ class Decoder(Generation, nn.Module):
                 MLP(c.d_model, c.d_ff, act=c.act, gated=c.gated, bias=c.mlp_bias),
                 *(self._norm(c) for _ in range(_NORMS_PER_BLOCK.get(c.block, 2))),
             )
-            for w in windows
+            for w, b in zip(windows, bases, strict=True)
         )  # fmt: skip
         self.norm = self._norm(c) if c.final_norm else nn.Identity()
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)

@@ -45,6 +45,7 @@ class Family:
     ignore: tuple[str, ...] = ()
     unsupported: tuple[tuple[str, Callable[[Any], bool]], ...] = ()
     window: str = "none"  # "all": `sliding_window` on every layer; "layer_types": per layer
+    # (`layer_types`, else every `window_pattern`-th layer global, else Qwen's max_window_layers)
     classes: tuple[str, ...] = ()  # `architectures` names (prefixes) when model_type is absent
     derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # fields from fields
 
@@ -209,7 +210,8 @@ _DECODER_IGNORE = ("layers.*.self_attn.rotary_emb.inv_freq", "rotary_emb.inv_fre
 def _llama_like(model_type: str, **kw: Any) -> Family:
     fields = {**_LLAMA_FIELDS, **kw.pop("fields", {})}
     return Family(
-        model_type, "decoder", fields, kw.pop("weights", _LLAMA_WEIGHTS), defaults=_LLAMA_DEFAULTS,
+        model_type, "decoder", fields, kw.pop("weights", _LLAMA_WEIGHTS),
+        defaults={**_LLAMA_DEFAULTS, **kw.pop("defaults", {})},
         prefix="model.", ignore=_DECODER_IGNORE,
         unsupported=(_ROPE_SCALING, *kw.pop("unsupported", ())), **kw,
     )  # fmt: skip
@@ -234,20 +236,44 @@ def _gemma2_scales(f: dict[str, Any]) -> dict[str, Any]:
 
 # Gemma 2: Gemma plus pre- and post-norms around each sublayer, scores scaled by
 # query_pre_attn_scalar^−½ and soft-capped, logits soft-capped, windows from layer_types
+_GEMMA2_FIELDS = {
+    "act": ("hidden_activation", "hidden_act"),
+    "window": ("sliding_window",),
+    "window_pattern": ("sliding_window_pattern",),
+    "attn_softcap": ("attn_logit_softcapping",),
+    "logit_softcap": ("final_logit_softcapping",),
+    "query_pre_attn_scalar": ("query_pre_attn_scalar",),
+}
+_BIDIRECTIONAL = (
+    "use_bidirectional_attention",
+    lambda cfg: bool(cfg.get("use_bidirectional_attention")),
+)
 _GEMMA2 = _llama_like(
     "gemma2", classes=("Gemma2For",), weights=_GEMMA2_WEIGHTS, window="layer_types",
-    fixed={"norm_offset": 1.0, "block": "sandwich"},
+    fixed={"norm_offset": 1.0, "block": "sandwich"}, fields=_GEMMA2_FIELDS,
+    unsupported=(_BIDIRECTIONAL,), derive=_gemma2_scales,
+    defaults={"window_pattern": 2},  # configs without layer_types: every 2nd layer global
+)  # fmt: skip
+
+# Gemma 3: Gemma 2 plus QK-norm (RMSNorm 1 + w on each head's q and k), RoPE base 10⁴ on the
+# sliding layers and 10⁶ on the global ones, five sliding layers to one global; rope_parameters
+# holds one entry per layer type (older configs: rope_theta and rope_local_base_freq)
+_GEMMA3 = _llama_like(
+    "gemma3_text", classes=("Gemma3ForCausalLM", "Gemma3TextModel"), weights=_GEMMA2_WEIGHTS,
+    window="layer_types", fixed={"norm_offset": 1.0, "block": "sandwich", "qk_norm": True},
     fields={
-        "act": ("hidden_activation", "hidden_act"),
-        "window": ("sliding_window",),
-        "attn_softcap": ("attn_logit_softcapping",),
-        "logit_softcap": ("final_logit_softcapping",),
-        "query_pre_attn_scalar": ("query_pre_attn_scalar",),
+        **_GEMMA2_FIELDS,
+        "rope_base": ("rope_parameters.full_attention.rope_theta", *_ROPE_BASE),
+        "local_rope_base": ("rope_parameters.sliding_attention.rope_theta",
+                            "rope_local_base_freq"),
     },
     unsupported=(
-        ("use_bidirectional_attention", lambda cfg: bool(cfg.get("use_bidirectional_attention"))),
+        _BIDIRECTIONAL,
+        ("rope_parameters.<layer type>.rope_type (rope scaling: linear, yarn, ...)",
+         lambda cfg: any((_get(cfg, (f"rope_parameters.{t}.rope_type",)) or "default")
+                         != "default" for t in ("full_attention", "sliding_attention"))),
     ),
-    derive=_gemma2_scales,
+    derive=_gemma2_scales, defaults={"rope_base": 1e6, "local_rope_base": 1e4, "window_pattern": 6},
 )  # fmt: skip
 
 
@@ -555,6 +581,7 @@ FAMILIES: dict[str, Family] = {
         _llama_like("gemma", classes=("GemmaFor",), fixed={"norm_offset": 1.0},
                     derive=lambda f: {"embed_scale": f["d_model"] ** 0.5}),
         _GEMMA2,
+        _GEMMA3,
         _PHI3,
         _GPT_NEOX,
         _OPT,

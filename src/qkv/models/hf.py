@@ -94,6 +94,7 @@ def build_config(family: Family, cfg: dict[str, Any], *, name: str, where: str):
         if isinstance(f.get("bos_id"), list):
             f["bos_id"] = f["bos_id"][0] if f["bos_id"] else None
         f["windows"] = _windows(family, cfg, f)
+        f["rope_bases"] = _rope_bases(family, cfg, f)
     known = {x.name for x in dataclasses.fields(kind)}
     try:
         return kind(name=name, **{k: v for k, v in f.items() if k in known})
@@ -101,16 +102,13 @@ def build_config(family: Family, cfg: dict[str, Any], *, name: str, where: str):
         raise ValueError(f"{where}: {e}") from e
 
 
-def _windows(family: Family, cfg: dict[str, Any], f: dict[str, Any]) -> tuple | None:
-    """Per-layer sliding window (keys seen) or None: Mistral's on every layer; Qwen's where
-    `layer_types` says sliding_attention (older configs: use_sliding_window from
-    max_window_layers on)."""
-    w, n = f.get("window"), f["n_layers"]
-    if family.window == "none" or w is None:
-        return None
-    if family.window == "all":
-        return (int(w),) * n
-    types = cfg.get("layer_types")
+def _layer_types(cfg: dict[str, Any], f: dict[str, Any]) -> list[str] | None:
+    """Per layer "sliding_attention" or "full_attention": `layer_types`; else every
+    `window_pattern`-th layer global (Gemma's sliding_window_pattern); else Qwen's
+    use_sliding_window from max_window_layers on; else None."""
+    n, types, p = f["n_layers"], cfg.get("layer_types"), f.get("window_pattern")
+    if types is None and p:
+        types = ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(n)]
     if types is None:
         if not cfg.get("use_sliding_window"):
             return None
@@ -118,8 +116,33 @@ def _windows(family: Family, cfg: dict[str, Any], f: dict[str, Any]) -> tuple | 
         types = ["sliding_attention" if i >= start else "full_attention" for i in range(n)]
     if len(types) != n:
         raise ValueError(f"config.json: layer_types has {len(types)} entries for {n} layers")
+    return list(types)
+
+
+def _windows(family: Family, cfg: dict[str, Any], f: dict[str, Any]) -> tuple | None:
+    """Per-layer sliding window (keys seen) or None: Mistral's on every layer; elsewhere on
+    the layers `_layer_types` calls sliding_attention."""
+    w, n = f.get("window"), f["n_layers"]
+    if family.window == "none" or w is None:
+        return None
+    if family.window == "all":
+        return (int(w),) * n
+    types = _layer_types(cfg, f)
+    if types is None:
+        return None
     out = tuple(int(w) if t == "sliding_attention" else None for t in types)
     return None if all(x is None for x in out) else out
+
+
+def _rope_bases(family: Family, cfg: dict[str, Any], f: dict[str, Any]) -> tuple | None:
+    """Per-layer RoPE base where the family reads a `local_rope_base` (Gemma 3): that base on
+    the sliding_attention layers, `rope_base` on the others; None: `rope_base` everywhere."""
+    local = f.get("local_rope_base")
+    types = None if local is None or family.window != "layer_types" else _layer_types(cfg, f)
+    if types is None:
+        return None
+    g = float(f["rope_base"])
+    return tuple(float(local) if t == "sliding_attention" else g for t in types)
 
 
 def read_weights(d: Path) -> dict[str, Tensor]:
