@@ -291,10 +291,11 @@ def test_an_ascii_locale_gets_escapes_and_reads_utf8_arguments():
 
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
 
+    def utf8_argv(args):  # bytes, as a UTF-8 terminal passes them, whatever this process's locale
+        return [os.fsencode(sys.executable), b"-m", b"qkv", *(a.encode("utf-8") for a in args)]
+
     def run(*args):
-        res = subprocess.run(
-            [sys.executable, "-m", "qkv", *args], capture_output=True, env=env, timeout=300
-        )
+        res = subprocess.run(utf8_argv(args), capture_output=True, env=env, timeout=300)
         return res.returncode, res.stdout.decode("ascii"), res.stderr.decode("ascii")
 
     rc, out, err = run("models")
@@ -303,7 +304,7 @@ def test_an_ascii_locale_gets_escapes_and_reads_utf8_arguments():
     rc, out, err = run(*argv)
     assert rc == 0, err
     utf8 = subprocess.run(
-        [sys.executable, "-m", "qkv", *argv], capture_output=True, timeout=300,
+        utf8_argv(argv), capture_output=True, timeout=300,
         env={**os.environ, "PYTHONUTF8": "1"},
     ).stdout.decode("utf-8")  # fmt: skip
     query = re.compile(r"query (\S+) \(token (\d+)\)")
