@@ -5,24 +5,27 @@ softmax, and the output is the weighted blend of the values. Layers (imports flo
 attention → nn → models → lens → cli/web.
 """
 
-from .attention import (
-    Intermediates,
-    alibi,
-    alibi_slopes,
-    and_masks,
-    attention,
-    attention_weights,
-    causal_mask,
-    document_mask,
-    key_padding_mask,
-    or_masks,
-    prefix_lm_mask,
-    reference_attention,
-    sliding_window_mask,
-    softcap,
-)
-from .lens import compare, explain, head_search
-from .models import available, load
+from ._startup import quiet_interrupts_while_the_cli_starts
+
+with quiet_interrupts_while_the_cli_starts():
+    from .attention import (
+        Intermediates,
+        alibi,
+        alibi_slopes,
+        and_masks,
+        attention,
+        attention_weights,
+        causal_mask,
+        document_mask,
+        key_padding_mask,
+        or_masks,
+        prefix_lm_mask,
+        reference_attention,
+        sliding_window_mask,
+        softcap,
+    )
+    from .lens import compare, explain, head_search
+    from .models import available, load
 
 __version__ = "0.1.0"
 

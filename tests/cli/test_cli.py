@@ -311,3 +311,25 @@ def test_an_ascii_locale_gets_escapes_and_reads_utf8_arguments():
     escaped = utf8.encode("ascii", "backslashreplace").decode("ascii")
     assert query.search(out).groups() == query.search(escaped).groups()  # the same token chosen
     assert "caf\\xe9 \\xe9tait ferm\\xe9." in out
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.6, 1.2])
+def test_ctrl_c_during_start_up_exits_130_quietly(delay):
+    """SIGINT while the command still imports torch, loads the model or runs: exit 130, no
+    traceback. `import qkv` in a program keeps Python's KeyboardInterrupt."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def interrupted(argv):
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        return p.wait(timeout=120), p.stderr.read().decode()
+
+    long_text = " ".join([SENTENCE] * 40)  # seconds of work after start-up on any machine
+    rc, err = interrupted([sys.executable, "-m", "qkv", "explain", long_text, "--token", "it"])
+    assert rc == 130 and "Traceback" not in err, err[-2000:]
+    rc, err = interrupted([sys.executable, "-c", "import qkv, time; time.sleep(60)"])
+    assert rc != 0 and "KeyboardInterrupt" in err, err[-2000:]
