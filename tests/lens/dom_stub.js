@@ -46,3 +46,5 @@ if (process.argv[3] === 'tables') {
   for (const k in D.prop) { ids['qty'].onchange({target: {value: k}}); out.prop[k] = ids['keys'].innerHTML; }
   console.log(JSON.stringify(out));
 }
+// with a third argument "neuron": print the neuron section's HTML as JSON
+if (process.argv[3] === 'neuron') console.log(JSON.stringify({display: ids['neuron'].style.display || '', html: ids['neuron'].innerHTML}));

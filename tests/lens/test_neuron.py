@@ -4,7 +4,12 @@ bad layer/head/key are errors in the CLI's words."""
 
 from __future__ import annotations
 
+import copy
 import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +196,87 @@ def test_llama_q_and_k_match_transformers_projections_and_rotary(tmp_path):
         np.testing.assert_allclose(v.q, q[0, head, i].double().numpy(), atol=tol)
         np.testing.assert_allclose(v.k, k[0, g, j].double().numpy(), atol=tol * 10)
         assert v.score == pytest.approx((q[0, head, i] @ k[0, g, j]).item() / np.sqrt(d), rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def with_neuron(tiny_causal):
+    r = explain(SENTENCE, "excited", model=tiny_causal, key="dog", top=3)  # every head
+    r.neuron = neuron(SENTENCE, "excited", "dog", layer=2, head=3, model=tiny_causal)
+    return r
+
+
+def by_size(v: NeuronView) -> tuple[list[int], list[float]]:
+    """The dims by |q_d k_d| (largest first, ties by dim) and every q_d k_d, in plain Python."""
+    p = [a * b for a, b in zip(v.q.tolist(), v.k.tolist(), strict=True)]
+    return sorted(range(len(p)), key=lambda d: (-abs(p[d]), d)), p
+
+
+def neuron_section(r, path) -> dict:
+    r.to_html(path)
+    stub = Path(__file__).with_name("dom_stub.js")
+    out = subprocess.run(
+        ["node", str(stub), str(path), "neuron"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def span(html: str, name: str) -> float:
+    return float(re.search(rf"<span id={name}>([^<]+)</span>", html).group(1))
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node.js runs the page's script")
+def test_html_neuron_section_shows_the_identity_and_the_bars(with_neuron, tmp_path):
+    r, v = with_neuron, with_neuron.neuron
+    held = r.head(2, 3).key(1).score  # the record's own score: computed without the neuron view
+    s = neuron_section(r, tmp_path / "n.html")
+    html = s["html"]
+    assert s["display"] != "none" and "Q·K neuron view · layer 2 head 3 (kv head 1)" in html
+    assert span(html, "nrec") == pytest.approx(held, rel=1e-5)
+    assert span(html, "nscore") == pytest.approx(held, rel=1e-5)
+    assert span(html, "ndot") * span(html, "nscale") == pytest.approx(held, rel=1e-5)
+    assert span(html, "nscale") == pytest.approx(1 / np.sqrt(8), rel=1e-5)
+    bars = re.findall(r'<rect class="nbar" data-d="(\d+)" data-p="([^"]+)"', html)
+    order, p = by_size(v)
+    assert [int(d) for d, _ in bars] == order  # d = 8 ≤ 16: every dim, largest |q_d k_d| first
+    np.testing.assert_allclose([float(x) for _, x in bars], [p[d] for d in order], rtol=1e-12)
+    assert sum(p) * v.scale == pytest.approx(held, rel=1e-5)
+    assert "http" not in html and "src=" not in html  # drawn inline, nothing fetched
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node.js runs the page's script")
+def test_html_neuron_section_can_fail_and_hides_without_a_view(with_neuron, tmp_path):
+    r = copy.copy(with_neuron)
+    r.neuron = copy.copy(with_neuron.neuron)
+    r.neuron.scale *= 2  # a wrong scale: the page's score no longer equals the record's
+    html = neuron_section(r, tmp_path / "bad.html")["html"]
+    assert span(html, "nscore") != pytest.approx(span(html, "nrec"), rel=1e-3)
+    r.neuron = None
+    assert neuron_section(r, tmp_path / "none.html") == {"display": "none", "html": ""}
+
+
+def test_png_bars_are_the_views_products(with_neuron, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from qkv.lens.png import draw_neuron
+
+    v = with_neuron.neuron
+    order, p = by_size(v)
+    fig, ax = plt.subplots()
+    bars = draw_neuron(ax, v, 5)
+    np.testing.assert_allclose([b.get_width() for b in bars], [p[d] for d in order[:5]], rtol=1e-12)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == [f"d {d}  q {v.q[d]:+.3f}  k {v.k[d]:+.3f}" for d in order[:5]]
+    assert f"= score {with_neuron.head(2, 3).key(1).score:.6g}" in ax.get_title()
+    plt.close(fig)
+    with_view, without = tmp_path / "n.png", tmp_path / "plain.png"
+    with_neuron.to_png(with_view)
+    r = copy.copy(with_neuron)
+    r.neuron = None
+    r.to_png(without)
+    a, b = plt.imread(with_view), plt.imread(without)
+    assert a.shape[0] > b.shape[0] + 200 and a.shape[1] >= b.shape[1]  # the bars stacked below
+    np.testing.assert_array_equal(a[: b.shape[0], : b.shape[1]], b)  # the head's figure unchanged

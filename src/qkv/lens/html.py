@@ -89,6 +89,47 @@ def pack(r: ExplainResult) -> dict:
             for name, p in (("flow", r.flow), ("rollout", r.rollout))
             if p is not None
         },
+        "neuron": _neuron(r),
+    }
+
+
+NEURON_DIMS = 16  # dimensions drawn in the neuron view's bar chart
+
+
+def recorded_score(r: ExplainResult) -> float | None:
+    """The record's own score for the neuron view's (layer, head, key), when the record keeps it."""
+    v = r.neuron
+    try:
+        k = r.head(v.layer, v.head).key(v.key.index)
+    except (IndexError, ValueError):
+        return None
+    return None if k is None or not np.isfinite(k.score) else k.score
+
+
+def _neuron(r: ExplainResult) -> dict | None:
+    """The neuron view in the page's form: every number computed here, the page only draws."""
+    v = r.neuron
+    if v is None:
+        return None
+    top = v.top(NEURON_DIMS)
+    p = v.product
+    return {
+        "layer": v.layer,
+        "head": v.head,
+        "kv_head": v.kv_head,
+        "query": [v.query.index, v.query.text],
+        "key": [v.key.index, v.key.text],
+        "d": len(v.q),
+        "rope_dims": v.rope_dims,
+        "dot": v.dot,
+        "scale": v.scale,
+        "score": v.score,
+        "recorded": recorded_score(r),
+        "dims": [int(d) for d in top],
+        "q": [float(v.q[d]) for d in top],
+        "k": [float(v.k[d]) for d in top],
+        "product": [float(p[d]) for d in top],
+        "share": [float(x) for x in v.share(NEURON_DIMS)],
     }
 
 
@@ -115,6 +156,8 @@ td.l,th.l{text-align:left}
 #grid td{width:18px;height:16px;padding:0;border:1px solid #fff;cursor:pointer}
 #grid td.sel{outline:2px solid #d62728}
 #grid th{font-weight:400;font-size:11px}
+#neuron{margin-top:14px}#neuron svg text{font-size:11px;font-family:ui-monospace,monospace}
+.ident{font-family:ui-monospace,monospace;margin:4px 0 8px}
 #tip{position:fixed;pointer-events:none;background:#222;color:#fff;font-size:12px;padding:4px 7px;border-radius:4px;display:none;white-space:pre}
 """
 
@@ -199,6 +242,23 @@ function drawGrid(){
   $('grid').innerHTML=h+'</table>';
   $('grid').querySelectorAll('td[data-l]').forEach(td=>td.onclick=()=>{st.layer=+td.dataset.l;st.head=+td.dataset.h;syncControls();draw();});
 }
+function drawNeuron(){ // the record's neuron view: its numbers as given, drawn as signed bars
+  const V=D.neuron,el=$('neuron');if(!V){el.style.display='none';return;}
+  const f6=x=>x===null?'—':x.toPrecision(6),row=18,lw=250,bw=160,mid=lw+bw;
+  const mx=Math.max(1e-12,...V.product.map(Math.abs));
+  let svg=`<svg width="${mid+bw+70}" height="${row*V.dims.length+24}">`+
+    `<line x1="${mid}" y1="0" x2="${mid}" y2="${row*V.dims.length+4}" stroke="#888"/>`;
+  V.dims.forEach((d,r)=>{const p=V.product[r],w=bw*Math.abs(p)/mx,y=r*row+2;
+    svg+=`<text x="0" y="${y+12}">d ${d}  q ${V.q[r].toFixed(3)}  k ${V.k[r].toFixed(3)}</text>`+
+      `<rect class="nbar" data-d="${d}" data-p="${p}" x="${p<0?mid-w:mid}" y="${y}" width="${w}" height="${row-5}" fill="${p<0?'#4c78a8':'#e45756'}"/>`+
+      `<text x="${p<0?mid+4:mid-4}" y="${y+12}" text-anchor="${p<0?'start':'end'}">${p.toFixed(3)}</text>`;});
+  svg+=`<text x="${mid}" y="${row*V.dims.length+20}" text-anchor="middle">q_d·k_d (red +, blue −); running share of Σ after ${V.dims.length} dims: ${f6(V.share[V.share.length-1])}</text></svg>`;
+  const rope=V.rope_dims?`after RoPE (${V.rope_dims} of ${V.d} dims rotated)`:'no RoPE';
+  el.innerHTML=`<b>Q·K neuron view · layer ${V.layer} head ${V.head} (kv head ${V.kv_head}) · ${esc(JSON.stringify(V.query[1].trim()||V.query[1]))} (token ${V.query[0]}) · ${esc(JSON.stringify(V.key[1].trim()||V.key[1]))} (token ${V.key[0]})</b> · d = ${V.d}, q and k ${rope}`+
+    `<div class=ident>Σ<sub>d</sub> q<sub>d</sub>·k<sub>d</sub> = <span id=ndot>${f6(V.dot)}</span> × scale <span id=nscale>${f6(V.scale)}</span> = score <span id=nscore>${f6(V.score)}</span>`+
+    ` <span class=sub>(the record's score for this key: <span id=nrec>${f6(V.recorded)}</span>)</span></div>`+
+    `<div class=sub>top ${V.dims.length} of ${V.d} dimensions by |q_d·k_d|</div>`+svg;
+}
 function syncControls(){$('layer').value=st.layer;fillHeads();$('head').value=st.head;}
 function fillHeads(){const s=$('head');s.innerHTML='<option value=-1>mean of heads</option>'+headsOf(st.layer).map(h=>`<option value=${h[1]}>${h[1]}</option>`).join('');}
 function draw(){drawText();drawKeys();drawGrid();}
@@ -209,7 +269,7 @@ $('head').onchange=e=>{st.head=+e.target.value;draw();};
 $('qty').onchange=e=>{st.qty=e.target.value;draw();};
 if(D.heads.length===1){st.head=D.heads[0][1];}
 if(st.pin===null&&D.heads.length){st.pin=D.heads[0][7];}
-syncControls();draw();
+syncControls();draw();drawNeuron();
 """
 
 PAGE = """<!DOCTYPE html>
@@ -230,6 +290,7 @@ PAGE = """<!DOCTYPE html>
 </div>
 <div id="text"></div>
 <div class="row"><div class="panel" id="keys"></div><div class="panel" id="grid"></div></div>
+<div class="panel" id="neuron"></div>
 <div id="tip"></div>
 </main>
 <script type="application/json" id="qkv-data">{data}</script>

@@ -3,7 +3,9 @@
 One head: its kept keys as two bar charts, weight beside contribution. Several layers: two
 heatmaps (layers × keys) of the head-mean weight and the layer-level contribution, each row
 scaled to its maximum, so sinks (weight without content) show as columns bright on the left
-and dark on the right; with a chosen key, a third panel: its weight by layer × head.
+and dark on the right; with a chosen key, a third panel: its weight by layer × head. With a
+neuron view (`--neuron`), a second figure is stacked below: the signed q_d·k_d of its top
+dimensions, with q_d and k_d beside each bar and Σ q_d k_d · scale = score in the title.
 """
 
 from __future__ import annotations
@@ -11,13 +13,67 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .io import check_writable, write_atomic
 from .record import ExplainResult
 
+if TYPE_CHECKING:
+    from .neuron import NeuronView
+
 MAX_COLUMNS = 48
+NEURON_DIMS = 16  # dimensions drawn in the neuron figure
+
+
+def draw_neuron(ax: Any, v: NeuronView, n: int = NEURON_DIMS) -> Any:
+    """The signed bars q_d·k_d of the top `n` dims of `v` by |q_d k_d|, largest on top, each
+    labelled with d, q_d and k_d; returns matplotlib's BarContainer (bar r = dim v.top(n)[r])."""
+    top = v.top(n)
+    p = v.product[top]
+    y = np.arange(len(top))
+    bars = ax.barh(y, p, color=np.where(p < 0, "#4c78a8", "#e45756"))
+    ax.axvline(0, color="#888", lw=0.8)
+    labels = [f"d {d}  q {v.q[d]:+.3f}  k {v.k[d]:+.3f}" for d in top]
+    ax.set_yticks(y, labels, fontsize=8, family="monospace")
+    ax.invert_yaxis()
+    for r, x in enumerate(p):
+        ax.annotate(f"{x:+.3f}", (x, r), xytext=(3 if x >= 0 else -3, 0), textcoords="offset points",
+                    ha="left" if x >= 0 else "right", va="center", fontsize=7)  # fmt: skip
+    lo, hi = min(0.0, p.min()), max(0.0, p.max())
+    pad = 0.18 * (hi - lo or 1.0)
+    ax.set_xlim(lo - (pad if lo < 0 else 0), hi + pad)
+    share = v.share(n)[-1]
+    ax.set_xlabel(
+        f"q_d·k_d (red +, blue −) · the top {len(top)} of {len(v.q)} dims hold {share:.3g} of Σ"
+    )
+    rope = f"after RoPE ({v.rope_dims} of {len(v.q)} dims rotated)" if v.rope_dims else "no RoPE"
+    qt, kt = v.query.text.strip() or v.query.text, v.key.text.strip() or v.key.text
+    ax.set_title(
+        f"Q·K neuron view · layer {v.layer} head {v.head} (kv {v.kv_head}) · {qt!r}@{v.query.index}"
+        f" · {kt!r}@{v.key.index} · q, k {rope}\n"
+        f"Σ q_d·k_d = {v.dot:.6g} × scale {v.scale:.6g} = score {v.score:.6g}",
+        fontsize=9,
+    )
+    return bars
+
+
+def _pixels(fig: Any, dpi: int) -> np.ndarray:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    buf.seek(0)
+    return plt.imread(buf, format="png")  # (rows, cols, 4) floats in 0..1
+
+
+def _stack(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`a` above `b`, the narrower padded with white on the right."""
+    w = max(a.shape[1], b.shape[1])
+    pad = [np.pad(x, ((0, 0), (0, w - x.shape[1]), (0, 0)), constant_values=1.0) for x in (a, b)]
+    return np.concatenate(pad, 0)
 
 
 def _label(r: ExplainResult, j: int) -> str:
@@ -97,6 +153,13 @@ def to_png(r: ExplainResult, path: str | os.PathLike, dpi: int = 110) -> Path:
         fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
+    if r.neuron is None:
+        fig.savefig(buf, format="png", dpi=dpi)
+        plt.close(fig)
+        return write_atomic(path, buf.getvalue())
+    n = min(NEURON_DIMS, len(r.neuron.q))
+    nfig, ax = plt.subplots(figsize=(10, 1.6 + 0.3 * n))
+    draw_neuron(ax, r.neuron, n)
+    nfig.tight_layout()
+    plt.imsave(buf, _stack(_pixels(fig, dpi), _pixels(nfig, dpi)), format="png", dpi=dpi)
     return write_atomic(path, buf.getvalue())
