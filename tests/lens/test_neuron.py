@@ -18,6 +18,7 @@ import torch
 import qkv.models
 from qkv.cli import main
 from qkv.lens import NeuronView, explain, from_json, neuron
+from qkv.lens.export import capture_text
 
 from .conftest import SENTENCE, TinyModel
 
@@ -280,3 +281,25 @@ def test_png_bars_are_the_views_products(with_neuron, tmp_path):
     a, b = plt.imread(with_view), plt.imread(without)
     assert a.shape[0] > b.shape[0] + 200 and a.shape[1] >= b.shape[1]  # the bars stacked below
     np.testing.assert_array_equal(a[: b.shape[0], : b.shape[1]], b)  # the head's figure unchanged
+
+
+@pytest.mark.parametrize("fixture", ["tiny_causal", "tiny_bidir"])
+def test_capture_neuron_equals_the_one_shot_view(request, fixture):
+    model = request.getfixturevalue(fixture)
+    cap = capture_text(SENTENCE, model=model, progress=False)
+    for layer, head, key in ((0, 0, "dog"), (1, 3, "ball"), (-1, -2, 1)):
+        got = cap.neuron("excited", key, layer=layer, head=head)
+        want = neuron(SENTENCE, "excited", key, layer=layer, head=head, model=model)
+        assert (got.layer, got.head, got.kv_head, got.rope_dims, got.scale) == (
+            want.layer, want.head, want.kv_head, want.rope_dims, want.scale
+        )  # fmt: skip
+        assert (got.query, got.key) == (want.query, want.key)
+        np.testing.assert_allclose(got.q, want.q, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.k, want.k, rtol=1e-5, atol=1e-6)
+        held = cap.explain("excited", key=key).head(layer, head).key(want.key.index).score
+        assert got.score == pytest.approx(held, rel=1e-5, abs=1e-6)
+    assert got.layer == 2 and got.head == 2 and got.key.index == 1
+    with pytest.raises(IndexError, match=r"head 4 out of range"):
+        cap.neuron("it", "dog", layer=0, head=4)
+    with pytest.raises(ValueError, match="needs a key"):
+        cap.neuron("it", None, layer=0, head=0)

@@ -2,6 +2,7 @@
 
     cap = capture_text("The dog chased the ball because it was excited.", model="smollm2")
     cap.explain("it"); cap.explain("excited")   # no second forward
+    cap.neuron("excited", "dog", layer=13, head=8)  # the Q·K neuron view, no second forward
     rows = cap.rows()                            # dense (l h i j) weights and contributions
     export_rows(cap, "rows.npz")                    # dense when short, top-k per row when long
 
@@ -39,7 +40,8 @@ from .explain import (
 )
 from .io import check_writable, write_atomic
 from .lookup import lookup_layer, rows, value_norms
-from .record import ExplainResult, ModelSummary, Token, pandas_module
+from .neuron import NeuronView, neuron_from_record, rope_dims
+from .record import ExplainResult, ModelSummary, Query, Token, pandas_module
 from .tokens import index_in, make_tokens, sink_tokens
 
 EXPORT_SCHEMA = "qkv.export/1"
@@ -110,7 +112,7 @@ class Capture:
     def __repr__(self) -> str:
         return (
             f"<Capture {self.info.name}: {len(self.tokens)} tokens, {len(self.records)} layers; "
-            ".explain(token), .rows(), .top_rows(k)>"
+            ".explain(token), .neuron(token, key, layer=, head=), .rows(), .top_rows(k)>"
         )
 
     def explain(
@@ -143,6 +145,33 @@ class Capture:
                 if layer is None or rec.layer == layer
             ]
         return make_result(self.info, self.text, self.tokens, layers, top, qpick, kpick, self.cut)
+
+    def neuron(
+        self,
+        token: str | int,
+        key: str | int,
+        *,
+        layer: int,
+        head: int,
+        occurrence: int = 1,
+        key_occurrence: int = 1,
+    ) -> NeuronView:
+        """The view `qkv.lens.neuron(text, token, key, layer=, head=)` gives (same arguments),
+        from the kept capture's q (b h i d) and k (b g j d): no forward pass."""
+        if key is None:
+            raise ValueError("the neuron view needs a key: pass key= (a word or a token index)")
+        if layer is None or head is None:
+            raise ValueError("the neuron view needs one layer and one head: pass layer= and head=")
+        layer = _check_range("layer", layer, self.info.n_layers, self.info.name)
+        head = _check_range("head", head, self.info.n_heads, self.info.name)
+        qp, kp = pick_query_key(
+            self.tokens, self.text, self.info, self.cut, token, occurrence, key, key_occurrence
+        )
+        i, j = qp.index, kp.index
+        q, k = Query(i, self.tokens[i].text), Query(j, self.tokens[j].text)
+        rec = self.records[layer]
+        with torch.inference_mode():
+            return neuron_from_record(rec, i, j, head, q, k, rope_dims(self.model, layer))
 
     def _pick(self, queries: Sequence[int] | None, layers: Sequence[int] | None) -> tuple:
         n, L = len(self.tokens), self.info.n_layers
