@@ -28,7 +28,7 @@ if (!ids['keys'].innerHTML.includes('<table>')) throw new Error('no key table');
 if (!ids['grid'].innerHTML.includes('<table>')) throw new Error('no grid');
 // exercise the controls
 ids['qty'].onchange({target: {value: 'contribution'}});
-ids['head'].onchange({target: {value: '0'}});
+ids['head'].onchange({target: {value: String(JSON.parse(data).heads[0][1])}});  // a head the record holds
 ids['layer'].onchange({target: {value: String(JSON.parse(data).layers.slice(-1)[0][0])}});
 ids['qty'].onchange({target: {value: 'rollout'}});
 text.children.filter(c => c.onclick)[1].onclick();

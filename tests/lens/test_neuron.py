@@ -246,7 +246,7 @@ def test_html_neuron_section_shows_the_identity_and_the_bars(with_neuron, tmp_pa
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node.js runs the page's script")
-def test_html_neuron_section_can_fail_and_hides_without_a_view(with_neuron, tmp_path):
+def test_html_neuron_section_can_fail_and_hides_without_a_view(with_neuron, tiny_causal, tmp_path):
     r = copy.copy(with_neuron)
     r.neuron = copy.copy(with_neuron.neuron)
     r.neuron.scale *= 2  # a wrong scale: the page's score no longer equals the record's
@@ -254,6 +254,10 @@ def test_html_neuron_section_can_fail_and_hides_without_a_view(with_neuron, tmp_
     assert span(html, "nscore") != pytest.approx(span(html, "nrec"), rel=1e-3)
     r.neuron = None
     assert neuron_section(r, tmp_path / "none.html") == {"display": "none", "html": ""}
+    one = explain(SENTENCE, "excited", model=tiny_causal, layer=2, head=3, key="dog")
+    one.neuron = with_neuron.neuron  # a one-head record, as `--layer 2 --head 3 --neuron` writes
+    html = neuron_section(one, tmp_path / "one.html")["html"]
+    assert span(html, "nrec") == pytest.approx(one.head(2, 3).key(1).score, rel=1e-5)
 
 
 def test_png_bars_are_the_views_products(with_neuron, tmp_path):
