@@ -286,3 +286,29 @@ def test_parquet_holds_the_same_rows_as_the_arrays(tiny_causal, tmp_path, top):
     assert got.keys() == want.keys()
     for key, (w, c) in want.items():
         assert got[key] == pytest.approx((w, c), rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.parametrize("which", ["tiny_causal", "tiny_bidir"])
+def test_the_batched_rows_equal_attention_weights_rows(which, request):
+    """rows() takes the one-matmul-per-layer path for a plain record (causal or not, GQA): its
+    rows equal `qkv.attention_weights`' (lookup.rows) for any query list, and a record with a
+    window goes the general way."""
+    from qkv.lens.lookup import rows as lookup_rows
+
+    cap = capture_text(SENTENCE, model=request.getfixturevalue(which), progress=False)
+    idx = [len(cap.tokens) - 1, 0, 3, 2]
+    for rec in cap.records:
+        plain = export_mod._plain(rec)
+        assert plain is not None and plain[1] == (which == "tiny_causal")
+        got = export_mod._plain_rows(rec, idx, *plain)
+        want = lookup_rows(rec, idx).float()
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6, rtol=0)
+        if plain[1]:
+            assert (got[:, 2, 4:] == 0).all() and (got[:, 1, 1:] == 0).all()  # queries 3, 0
+    rec = cap.records[0]
+    saved = rec.attn_kwargs
+    try:
+        rec.attn_kwargs = {**saved, "window": (2, 0)}
+        assert export_mod._plain(rec) is None
+    finally:
+        rec.attn_kwargs = saved

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from .explain import (
     summarize,
 )
 from .io import check_writable, write_atomic
-from .lookup import lookup_layer, rows, value_norms
+from .lookup import lookup_layer, rows, value_norms, weight_kwargs
 from .neuron import NeuronView, neuron_from_record, rope_dims
 from .record import ExplainResult, ModelSummary, Query, Token, pandas_module
 from .tokens import index_in, make_tokens, sink_tokens
@@ -203,9 +204,11 @@ class Capture:
                     G = rec.k.shape[1]
                     kv = torch.arange(H, device=rec.k.device) // (H // G)
                     vn = value_norms(rec.v[0][kv], rec.W_O).float()  # (h j): ‖v_gj W_O^h‖
+                    plain = _plain(rec)
                     for a in range(0, len(qs), step):
-                        w = rows(rec, qs[a : a + step].tolist()).float()  # (h c j)
-                        on_chunk(li, slice(a, a + step), w, vn)
+                        idx = qs[a : a + step].tolist()
+                        w = _plain_rows(rec, idx, *plain) if plain else rows(rec, idx).float()
+                        on_chunk(li, slice(a, a + step), w, vn)  # w (h c j)
                     bar.update(1)
         finally:
             bar.close()
@@ -223,11 +226,12 @@ class Capture:
         Equivalent to transformers' `output_attentions=True` rows: `attentions[l][0, :, queries]`."""
         qs, ls = self._pick(queries, layers)
         shape = (len(ls), self.info.n_heads, len(qs), len(self.tokens))
-        weight, contrib = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        weight, contrib = np.empty(shape, np.float32), np.empty(shape, np.float32)
 
         def put(li: int, sl: slice, w: torch.Tensor, vn: torch.Tensor) -> None:
-            weight[li, :, sl] = w.cpu().numpy()
-            contrib[li, :, sl] = (w * vn[:, None, :]).cpu().numpy()
+            w = w.cpu()  # written straight into the arrays, no intermediate copies
+            torch.from_numpy(weight[li, :, sl]).copy_(w)
+            torch.mul(w, vn.cpu()[:, None, :], out=torch.from_numpy(contrib[li, :, sl]))
 
         self._scan(qs.tolist(), ls.tolist(), progress, put)
         return Rows(self.info, self.tokens, ls, qs, weight, contrib)
@@ -305,19 +309,17 @@ def export_rows(
 
         buf = io.BytesIO()
         pq.write_table(_pyarrow().table(_long_form(r)), buf)
-    else:
-        arrays = {k: v for k, v in vars(r).items() if isinstance(v, np.ndarray)}
-        buf = io.BytesIO()
-        np.savez(
-            buf,
-            schema=EXPORT_SCHEMA,
-            model=cap.info.name,
-            text=cap.text,
-            tokens=np.array([t.text for t in cap.tokens]),
-            offsets=np.array([(t.start, t.end) for t in cap.tokens], dtype=np.int64),
-            **arrays,
-        )
-    return r, write_atomic(p, buf.getbuffer())
+        return r, write_atomic(p, buf.getbuffer())
+    arrays = {k: v for k, v in vars(r).items() if isinstance(v, np.ndarray)}
+    meta = {
+        "schema": EXPORT_SCHEMA,
+        "model": cap.info.name,
+        "text": cap.text,
+        "tokens": np.array([t.text for t in cap.tokens]),
+        "offsets": np.array([(t.start, t.end) for t in cap.tokens], dtype=np.int64),
+    }
+    # uncompressed, straight into the atomic temp file: no in-memory copy of the rows
+    return r, _savez_atomic(p, {**meta, **arrays})
 
 
 def check_export_path(path: str | os.PathLike) -> Path:
@@ -360,6 +362,67 @@ def _pyarrow() -> Any:
             "(or write .npz, which needs nothing)"
         ) from None
     return pyarrow
+
+
+def _savez_atomic(path: Path, arrays: dict[str, Any]) -> Path:
+    """`np.savez` (uncompressed) straight into a temp file beside `path`, fsynced, then
+    `os.replace`d onto it, as `write_atomic` does but with no in-memory copy of the .npz; on any
+    failure nothing is left."""
+    p = check_writable(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    except OSError as e:
+        raise ValueError(f"cannot write {str(p)!r}: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise ValueError(f"cannot write {str(p)!r}: {e.strerror or e}") from e
+        raise
+    return p
+
+
+def _plain(rec: Any) -> tuple | None:
+    """(scale, causal) when the record's rows are plain: fp32 q and k with only finite values, a
+    fp32 LSE, at most a causal mask and a scale (no window, mask, mods or softcap); else None."""
+    kw = weight_kwargs(rec)
+    lse = getattr(rec, "lse", None)
+    if set(kw) - {"causal", "scale", "mask", "window", "score_mod", "mask_mod", "softcap"}:
+        return None
+    if any(kw.get(x) is not None for x in ("mask", "window", "score_mod", "mask_mod", "softcap")):
+        return None
+    if lse is None or any(t.dtype != torch.float32 for t in (rec.q, rec.k, lse)):
+        return None
+    H, G = rec.q.shape[1], rec.k.shape[1]
+    if G == 0 or H % G or not bool(torch.isfinite(rec.k[:1]).all()):
+        return None
+    scale = kw.get("scale")
+    return (rec.q.shape[-1] ** -0.5 if scale is None else float(scale)), bool(kw.get("causal"))
+
+
+def _plain_rows(rec: Any, idx: list[int], scale: float, causal: bool) -> torch.Tensor:
+    """exp(scale·q_i·k_jᵀ − lse_i) for query rows `idx` (h c j), 0 where a causal query cannot see
+    j: the rows `attention_weights` gives for a plain record, as one batched matmul per layer
+    (the g query heads of a kv head as rows of one product, no expanded k)."""
+    H, G, Sq, Sk = rec.q.shape[1], rec.k.shape[1], rec.q.shape[2], rec.k.shape[2]
+    dev = rec.q.device
+    t = torch.as_tensor(idx, device=dev)
+    q = rec.q[0][:, t] * scale  # (h c d), scale folded into q as attention_weights does
+    qg = q.unflatten(0, (G, H // G)).flatten(1, 2)  # (g (r c) d)
+    s = torch.bmm(qg, rec.k[0].transpose(-1, -2)).view(H, len(idx), Sk)  # (h c j)
+    lse = rec.lse[0][:, t].unsqueeze(-1)  # (h c 1)
+    s.sub_(torch.where(torch.isneginf(lse), torch.inf, lse)).exp_()  # an empty row is all 0
+    if causal:
+        j = torch.arange(Sk, device=dev)
+        s.masked_fill_(j > (t + (Sk - Sq)).unsqueeze(-1), 0.0)
+    return s
 
 
 def _int(x: Any) -> Any:
