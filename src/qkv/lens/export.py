@@ -19,6 +19,7 @@ import io
 import os
 import sys
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,8 +191,11 @@ class Capture:
             raise ValueError("queries and layers must name at least one token and one layer")
         return np.asarray(qs, dtype=np.int64), np.asarray(ls, dtype=np.int64)
 
-    def _scan(self, queries: Any, layers: Any, progress: bool | None, on_chunk: Any) -> tuple:
-        """Per layer and chunk of queries: on_chunk(l, slice of queries, w (h c j), vn (h j))."""
+    def _scan(
+        self, queries: Any, layers: Any, progress: bool | None, on_chunk: Any, dest: Any = None
+    ) -> tuple:
+        """Per layer and chunk of queries: on_chunk(l, slice of queries, w (h c j), vn (h j)).
+        `dest(l, slice)`, when given, is a CPU tensor (h c j) the plain path may write w into."""
         qs, ls = self._pick(queries, layers)
         progress = sys.stderr.isatty() if progress is None else progress
         H, n = self.info.n_heads, len(self.tokens)
@@ -207,7 +211,11 @@ class Capture:
                     plain = _plain(rec)
                     for a in range(0, len(qs), step):
                         idx = qs[a : a + step].tolist()
-                        w = _plain_rows(rec, idx, *plain) if plain else rows(rec, idx).float()
+                        if plain:
+                            out = None if dest is None else dest(li, slice(a, a + step))
+                            w = _plain_rows(rec, idx, *plain, out=out)
+                        else:
+                            w = rows(rec, idx).float()
                         on_chunk(li, slice(a, a + step), w, vn)  # w (h c j)
                     bar.update(1)
         finally:
@@ -229,11 +237,15 @@ class Capture:
         weight, contrib = np.empty(shape, np.float32), np.empty(shape, np.float32)
 
         def put(li: int, sl: slice, w: torch.Tensor, vn: torch.Tensor) -> None:
-            w = w.cpu()  # written straight into the arrays, no intermediate copies
-            torch.from_numpy(weight[li, :, sl]).copy_(w)
+            w, to = w.cpu(), torch.from_numpy(weight[li, :, sl])
+            if w.data_ptr() != to.data_ptr():  # else the rows were computed in place
+                to.copy_(w)
             torch.mul(w, vn.cpu()[:, None, :], out=torch.from_numpy(contrib[li, :, sl]))
 
-        self._scan(qs.tolist(), ls.tolist(), progress, put)
+        def dest(li: int, sl: slice) -> torch.Tensor:
+            return torch.from_numpy(weight[li, :, sl])
+
+        self._scan(qs.tolist(), ls.tolist(), progress, put, dest)
         return Rows(self.info, self.tokens, ls, qs, weight, contrib)
 
     def top_rows(
@@ -375,7 +387,7 @@ def _savez_atomic(path: Path, arrays: dict[str, Any]) -> Path:
         raise ValueError(f"cannot write {str(p)!r}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            _savez(f, arrays)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -387,6 +399,25 @@ def _savez_atomic(path: Path, arrays: dict[str, Any]) -> Path:
             raise ValueError(f"cannot write {str(p)!r}: {e.strerror or e}") from e
         raise
     return p
+
+
+def _savez(f: Any, arrays: dict[str, Any]) -> None:
+    """What `np.savez(f, **arrays)` writes (an uncompressed zip of .npy members, `np.load`
+    reads it the same), but a large C-contiguous array's bytes go to the file as one memoryview,
+    without the chunked copies numpy's writer makes."""
+    from numpy.lib import format as npy
+
+    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, val in arrays.items():
+            a = np.asanyarray(val)
+            with zf.open(name + ".npy", "w", force_zip64=True) as m:
+                if a.dtype.hasobject or not a.flags.c_contiguous or a.nbytes < 1 << 20:
+                    npy.write_array(m, a, allow_pickle=False)
+                    continue
+                npy.write_array_header_1_0(m, npy.header_data_from_array_1_0(a))
+                flat = memoryview(a.reshape(-1).view(np.uint8))
+                for at in range(0, len(flat), 1 << 26):
+                    m.write(flat[at : at + (1 << 26)])
 
 
 def _plain(rec: Any) -> tuple | None:
@@ -407,16 +438,30 @@ def _plain(rec: Any) -> tuple | None:
     return (rec.q.shape[-1] ** -0.5 if scale is None else float(scale)), bool(kw.get("causal"))
 
 
-def _plain_rows(rec: Any, idx: list[int], scale: float, causal: bool) -> torch.Tensor:
+def _plain_rows(
+    rec: Any, idx: list[int], scale: float, causal: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """exp(scale·q_i·k_jᵀ − lse_i) for query rows `idx` (h c j), 0 where a causal query cannot see
     j: the rows `attention_weights` gives for a plain record, as one batched matmul per layer
-    (the g query heads of a kv head as rows of one product, no expanded k)."""
+    (the g query heads of a kv head as rows of one product, no expanded k); computed in `out`
+    (h c j) when it is a contiguous fp32 tensor on q's device."""
     H, G, Sq, Sk = rec.q.shape[1], rec.k.shape[1], rec.q.shape[2], rec.k.shape[2]
     dev = rec.q.device
     t = torch.as_tensor(idx, device=dev)
     q = rec.q[0][:, t] * scale  # (h c d), scale folded into q as attention_weights does
     qg = q.unflatten(0, (G, H // G)).flatten(1, 2)  # (g (r c) d)
-    s = torch.bmm(qg, rec.k[0].transpose(-1, -2)).view(H, len(idx), Sk)  # (h c j)
+    kt = rec.k[0].transpose(-1, -2)
+    shape = (H, len(idx), Sk)
+    if (
+        out is not None
+        and out.is_contiguous()
+        and tuple(out.shape) == shape
+        and out.dtype == torch.float32
+        and out.device == dev
+    ):
+        s = torch.bmm(qg, kt, out=out.view(G, -1, Sk)).view(shape)  # (h c j)
+    else:
+        s = torch.bmm(qg, kt).view(shape)
     lse = rec.lse[0][:, t].unsqueeze(-1)  # (h c 1)
     s.sub_(torch.where(torch.isneginf(lse), torch.inf, lse)).exp_()  # an empty row is all 0
     if causal:
