@@ -15,10 +15,8 @@ contribution is weight_hij · ‖v_gj W_O^h‖, the same numbers `explain` repor
 
 from __future__ import annotations
 
-import io
 import os
 import sys
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -319,9 +317,8 @@ def export_rows(
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        buf = io.BytesIO()
-        pq.write_table(_pyarrow().table(_long_form(r)), buf)
-        return r, write_atomic(p, buf.getbuffer())
+        table = _pyarrow().table(_long_form(r))
+        return r, write_atomic(p, lambda f: pq.write_table(table, f))
     arrays = {k: v for k, v in vars(r).items() if isinstance(v, np.ndarray)}
     meta = {
         "schema": EXPORT_SCHEMA,
@@ -331,7 +328,7 @@ def export_rows(
         "offsets": np.array([(t.start, t.end) for t in cap.tokens], dtype=np.int64),
     }
     # uncompressed, straight into the atomic temp file: no in-memory copy of the rows
-    return r, _savez_atomic(p, {**meta, **arrays})
+    return r, write_atomic(p, lambda f: _savez(f, {**meta, **arrays}))
 
 
 def check_export_path(path: str | os.PathLike) -> Path:
@@ -374,31 +371,6 @@ def _pyarrow() -> Any:
             "(or write .npz, which needs nothing)"
         ) from None
     return pyarrow
-
-
-def _savez_atomic(path: Path, arrays: dict[str, Any]) -> Path:
-    """`np.savez` (uncompressed) straight into a temp file beside `path`, fsynced, then
-    `os.replace`d onto it, as `write_atomic` does but with no in-memory copy of the .npz; on any
-    failure nothing is left."""
-    p = check_writable(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
-    except OSError as e:
-        raise ValueError(f"cannot write {str(p)!r}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _savez(f, arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise ValueError(f"cannot write {str(p)!r}: {e.strerror or e}") from e
-        raise
-    return p
 
 
 def _savez(f: Any, arrays: dict[str, Any]) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -29,17 +31,23 @@ def check_writable(path: str | os.PathLike) -> Path:
     return p
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write `data` to `path` via a temp file + `os.replace`; on any failure nothing is left."""
+def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[BinaryIO], None]) -> Path:
+    """Write `data` to `path` via a temp file + `os.replace`; on any failure nothing is left.
+    `data` may be a writer `f -> None` that streams into the open temp file (no in-memory copy
+    of a large payload)."""
     p = check_writable(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     try:  # the directory may change between the check and the write
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
     except OSError as e:
         raise ValueError(f"cannot write {str(p)!r}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
