@@ -8,6 +8,7 @@ Sizes are awkward on purpose: d_model 60, 6 query heads over 2 or 3 kv heads, d_
 14 ≠ 60/6 for qwen3, vocabulary 97, and sequences longer than mistral's window of 5.
 """
 
+import dataclasses
 import json
 import os
 
@@ -367,7 +368,7 @@ def test_pre_norm_opt_matches_and_the_position_offset_matters(tmp_path):
     model = qkv.load(tmp_path)
     assert isinstance(model.blocks[0], qkv.nn.PreNormBlock) and model.config.final_norm
     assert _parity_error(model, ref) <= REL_TOL[torch.float32]
-    model.position_offset = 0  # positions from 0, as GPT-2's
+    model.config = dataclasses.replace(model.config, position_offset=0)  # from 0, as GPT-2's
     assert _parity_error(model, ref) > 100 * REL_TOL[torch.float32]
 
 
@@ -407,7 +408,7 @@ def test_gemma2_layers_and_what_breaks_its_parity(tmp_path):
         for block in broken.blocks:
             edit(block)
         assert _parity_error(broken, ref) > 100 * REL_TOL[torch.float32], what
-    model.logit_softcap = None
+    model.config = dataclasses.replace(model.config, logit_softcap=None)
     assert _parity_error(model, ref) > 100 * REL_TOL[torch.float32], "no logit softcap"
 
 

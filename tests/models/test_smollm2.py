@@ -105,7 +105,7 @@ def test_config_from_metadata(model):
     got = (c.n_layers, c.n_heads, c.n_kv_heads, c.d_model, c.d_head, c.d_ff, c.vocab_size)
     assert got == (30, 9, 3, 576, 64, 1536, 49152)
     assert (c.max_positions, c.rope_base, c.tie_embeddings, c.causal) == (8192, 1e5, True, True)
-    assert c.rms_eps == pytest.approx(1e-5)
+    assert c.norm_eps == pytest.approx(1e-5) and c.norm == "rms"
     assert c.eos_id == model.tokenizer.token_to_id("<|im_end|>")
 
 

@@ -189,9 +189,6 @@ class Decoder(Generation, nn.Module):
         self.embed = nn.Embedding(
             c.vocab_size, c.d_model, _weight=torch.empty(c.vocab_size, c.d_model)
         )
-        # read per call (a subclass may swap `config` for its own, as models.llama does)
-        self.embed_scale, self.position_offset = c.embed_scale, c.position_offset
-        self.logit_softcap = c.logit_softcap
         self.embed_positions = None
         if c.positions == "learned":
             self.embed_positions = nn.Embedding(c.max_positions + c.position_offset, c.d_model)
@@ -230,7 +227,7 @@ class Decoder(Generation, nn.Module):
         `logit_softcap` is c."""
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits = h @ w.t()
-        c = self.logit_softcap
+        c = self.config.logit_softcap
         return logits if c is None else c * torch.tanh(logits / c)
 
     def hidden(
@@ -254,10 +251,11 @@ class Decoder(Generation, nn.Module):
         the masked batch, as do learned absolute positions."""
         _, S, past = self._check(ids, attention_mask, cache)
         x = self.embed(ids)  # (b i m)
-        if self.embed_scale != 1.0:
-            x = x * self.embed_scale
+        c = self.config
+        if c.embed_scale != 1.0:
+            x = x * c.embed_scale
         if self.embed_positions is not None:
-            start = past + self.position_offset
+            start = past + c.position_offset
             x = x + self.embed_positions(torch.arange(start, start + S, device=ids.device))
         padded = attention_mask is not None and not bool(attention_mask.all())
         packable = self.embed_positions is None and cache is None and not capturing()

