@@ -40,7 +40,9 @@ def test_export_writes_dense_rows_and_states_the_memory(loads, tiny, tmp_path, c
     n = len(z["tokens"])
     assert f"3 layers × 4 heads × {n} queries, dense rows" in said
     mib = 2 * 3 * 4 * n * n * 4 / 2**20
-    assert re.search(rf"{mib:.1f} MiB in memory, [\d.]+ MiB on disk", said)
+    assert re.search(
+        rf"{mib:.1f} MiB of rows, streamed to disk a layer at a time, [\d.]+ MiB on disk", said
+    )
     want = capture_text(SENTENCE, model=tiny, progress=False).rows()
     np.testing.assert_array_equal(z["weight"], want.weight)
     assert loads == ["tiny-causal"]

@@ -312,3 +312,44 @@ def test_the_batched_rows_equal_attention_weights_rows(which, request):
         assert export_mod._plain(rec) is None
     finally:
         rec.attn_kwargs = saved
+
+
+@pytest.mark.parametrize("chunk", [None, 1], ids=["a layer at once", "a query at a time"])
+def test_streamed_export_equals_transformers_output_attentions(
+    tiny_llama, tmp_path, monkeypatch, chunk
+):
+    """The dense .npz is written a layer at a time (two buffers, a writer thread): the file's
+    rows equal transformers' eager rows, also when each layer is computed in chunks of
+    queries, and the returned rows are read-only maps of that very file."""
+    ours, hf = tiny_llama
+    if chunk is not None:
+        monkeypatch.setattr(export_mod, "_CHUNK", chunk)
+    cap = capture_text(SENTENCE, model=ours, progress=False)
+    rows, path = export_rows(cap, tmp_path / "rows.npz", top=0)
+    want_w, vnorm = hf_rows(hf, ours.tokenizer.encode(SENTENCE).ids)
+    z = np.load(path)
+    for got in (z, {"weight": rows.weight, "contribution": rows.contribution}):
+        np.testing.assert_allclose(got["weight"], want_w, atol=WEIGHT_TOL, rtol=0)
+        np.testing.assert_allclose(
+            got["contribution"], want_w * vnorm[:, :, None, :], rtol=CONTRIB_RTOL, atol=1e-6
+        )
+    assert isinstance(rows.weight, np.memmap) and not rows.weight.flags.writeable
+    assert z["layers"].tolist() == [0, 1] and z["queries"].tolist() == list(range(len(cap.tokens)))
+
+
+def test_a_failed_streamed_export_leaves_nothing(tiny_causal, tmp_path, monkeypatch):
+    """An error in the writer thread reaches the caller, and neither the file nor a temp file
+    is left (an earlier file at that path is kept)."""
+    from qkv.lens import npz
+
+    cap = capture_text(SENTENCE, model=tiny_causal, progress=False)
+    (tmp_path / "rows.npz").write_bytes(b"earlier")
+
+    def broken(self, key, buf):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(npz.NpzWriter, "write", broken)
+    with pytest.raises(ValueError, match="No space left"):
+        export_rows(cap, tmp_path / "rows.npz", top=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.npz"]
+    assert (tmp_path / "rows.npz").read_bytes() == b"earlier"

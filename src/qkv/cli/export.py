@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 from qkv.cli import text_or_file
 from qkv.lens.export import (
     DENSE_MAX_TOKENS,
@@ -40,9 +42,14 @@ def run(args: argparse.Namespace) -> int:
         what = f"top {rows.index.shape[-1]} keys per row (index, weight, contribution)"
     else:
         what = f"dense rows ({len(cap.tokens)} keys; weight, contribution float32)"
+    held = (
+        f"{_mib(rows.nbytes)} of rows, streamed to disk a layer at a time"
+        if isinstance(rows.weight, np.memmap)
+        else f"{_mib(rows.nbytes)} in memory"
+    )
     print(
         f"wrote {path}: {L} layers × {H} heads × {Q} queries, {what}: "
-        f"{_mib(rows.nbytes)} in memory, {_mib(path.stat().st_size)} on disk"
+        f"{held}, {_mib(path.stat().st_size)} on disk"
     )
     return 0
 

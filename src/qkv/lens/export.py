@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import os
 import sys
-import zipfile
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from .explain import (
 from .io import check_writable, write_atomic
 from .lookup import lookup_layer, rows, value_norms, weight_kwargs
 from .neuron import NeuronView, neuron_from_record, rope_dims
+from .npz import NpzWriter
 from .record import ExplainResult, ModelSummary, Query, Token, pandas_module
 from .tokens import index_in, make_tokens, sink_tokens
 
@@ -235,16 +236,57 @@ class Capture:
         weight, contrib = np.empty(shape, np.float32), np.empty(shape, np.float32)
 
         def put(li: int, sl: slice, w: torch.Tensor, vn: torch.Tensor) -> None:
-            w, to = w.cpu(), torch.from_numpy(weight[li, :, sl])
-            if w.data_ptr() != to.data_ptr():  # else the rows were computed in place
-                to.copy_(w)
-            torch.mul(w, vn.cpu()[:, None, :], out=torch.from_numpy(contrib[li, :, sl]))
+            _fill(torch.from_numpy(weight[li, :, sl]), torch.from_numpy(contrib[li, :, sl]), w, vn)
 
         def dest(li: int, sl: slice) -> torch.Tensor:
             return torch.from_numpy(weight[li, :, sl])
 
         self._scan(qs.tolist(), ls.tolist(), progress, put, dest)
         return Rows(self.info, self.tokens, ls, qs, weight, contrib)
+
+    def _stream_rows(self, f: Any, meta: dict[str, Any], progress: bool | None) -> dict[str, int]:
+        """Write meta + the dense rows of every query and layer to the open file `f` as an
+        .npz, a layer at a time: two reusable (h i j) buffer pairs, one filled while the other
+        is written by a writer thread, so the L·H·N² rows are never held. Returns where the
+        `weight` and `contribution` arrays start in the file."""
+        qs, ls = self._pick(None, None)
+        H, Q, N = self.info.n_heads, len(qs), len(self.tokens)
+        shape = (len(ls), H, Q, N)
+        out = NpzWriter(f.fileno(), {**meta, "layers": ls, "queries": qs,
+                                     "weight": (shape, np.float32),
+                                     "contribution": (shape, np.float32)})  # fmt: skip
+        bufs = [(torch.empty(H, Q, N), torch.empty(H, Q, N)) for _ in range(2)]
+        busy: list[Future | None] = [None, None]
+
+        def flush(w: torch.Tensor, c: torch.Tensor) -> None:
+            out.write("weight", w.numpy())
+            out.write("contribution", c.numpy())
+
+        def slot(li: int) -> tuple[torch.Tensor, torch.Tensor]:
+            job = busy[li % 2]
+            if job is not None:  # the writer is done with this pair before it is refilled
+                job.result()
+                busy[li % 2] = None
+            return bufs[li % 2]
+
+        with ThreadPoolExecutor(1, thread_name_prefix="qkv-export") as pool:
+            try:
+
+                def put(li: int, sl: slice, w: torch.Tensor, vn: torch.Tensor) -> None:
+                    bw, bc = slot(li)
+                    _fill(bw[:, sl], bc[:, sl], w, vn)
+                    if sl.stop >= Q:  # the layer is complete: hand it to the writer, in order
+                        busy[li % 2] = pool.submit(flush, bw, bc)
+
+                self._scan(
+                    qs.tolist(), ls.tolist(), progress, put, lambda li, sl: slot(li)[0][:, sl]
+                )
+            finally:
+                for job in busy:  # a writer error surfaces here; nothing is written after
+                    if job is not None:
+                        job.result()
+        out.close()
+        return {k: out.data_offset(k) for k in ("weight", "contribution")}
 
     def top_rows(
         self,
@@ -313,13 +355,6 @@ def export_rows(
     p = check_export_path(path)
     if top is None:
         top = 0 if len(cap.tokens) <= DENSE_MAX_TOKENS else SPARSE_TOP
-    r = cap.rows(progress=progress) if top == 0 else cap.top_rows(top, progress=progress)
-    if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = _pyarrow().table(_long_form(r))
-        return r, write_atomic(p, lambda f: pq.write_table(table, f))
-    arrays = {k: v for k, v in vars(r).items() if isinstance(v, np.ndarray)}
     meta = {
         "schema": EXPORT_SCHEMA,
         "model": cap.info.name,
@@ -327,8 +362,26 @@ def export_rows(
         "tokens": np.array([t.text for t in cap.tokens]),
         "offsets": np.array([(t.start, t.end) for t in cap.tokens], dtype=np.int64),
     }
-    # uncompressed, straight into the atomic temp file: no in-memory copy of the rows
-    return r, write_atomic(p, lambda f: _savez(f, {**meta, **arrays}))
+    if p.suffix == ".npz" and top == 0:  # streamed a layer at a time; read back as memmaps
+        at: dict[str, int] = {}
+        write_atomic(p, lambda f: at.update(cap._stream_rows(f, meta, progress)))
+        qs, ls = cap._pick(None, None)
+        shape = (len(ls), cap.info.n_heads, len(qs), len(cap.tokens))
+        weight, contrib = (np.memmap(p, np.float32, "r", offset=at[k], shape=shape)
+                           for k in ("weight", "contribution"))  # fmt: skip
+        return Rows(cap.info, cap.tokens, ls, qs, weight, contrib), p
+    r = cap.rows(progress=progress) if top == 0 else cap.top_rows(top, progress=progress)
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = _pyarrow().table(_long_form(r))
+        return r, write_atomic(p, lambda f: pq.write_table(table, f))
+    arrays = {k: v for k, v in vars(r).items() if isinstance(v, np.ndarray)}
+
+    def savez(f: Any) -> None:  # uncompressed, straight into the atomic temp file
+        NpzWriter(f.fileno(), {**meta, **arrays}).close()
+
+    return r, write_atomic(p, savez)
 
 
 def check_export_path(path: str | os.PathLike) -> Path:
@@ -371,25 +424,6 @@ def _pyarrow() -> Any:
             "(or write .npz, which needs nothing)"
         ) from None
     return pyarrow
-
-
-def _savez(f: Any, arrays: dict[str, Any]) -> None:
-    """What `np.savez(f, **arrays)` writes (an uncompressed zip of .npy members, `np.load`
-    reads it the same), but a large C-contiguous array's bytes go to the file as one memoryview,
-    without the chunked copies numpy's writer makes."""
-    from numpy.lib import format as npy
-
-    with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, val in arrays.items():
-            a = np.asanyarray(val)
-            with zf.open(name + ".npy", "w", force_zip64=True) as m:
-                if a.dtype.hasobject or not a.flags.c_contiguous or a.nbytes < 1 << 20:
-                    npy.write_array(m, a, allow_pickle=False)
-                    continue
-                npy.write_array_header_1_0(m, npy.header_data_from_array_1_0(a))
-                flat = memoryview(a.reshape(-1).view(np.uint8))
-                for at in range(0, len(flat), 1 << 26):
-                    m.write(flat[at : at + (1 << 26)])
 
 
 def _plain(rec: Any) -> tuple | None:
@@ -440,6 +474,14 @@ def _plain_rows(
         j = torch.arange(Sk, device=dev)
         s.masked_fill_(j > (t + (Sk - Sq)).unsqueeze(-1), 0.0)
     return s
+
+
+def _fill(weight: torch.Tensor, contrib: torch.Tensor, w: torch.Tensor, vn: torch.Tensor) -> None:
+    """weight ← w, contrib ← w · vn (all (h c j); vn (h j)); w may already be `weight`."""
+    w = w.cpu()
+    if w.data_ptr() != weight.data_ptr():  # else the rows were computed in place
+        weight.copy_(w)
+    torch.mul(w, vn.cpu()[:, None, :], out=contrib)
 
 
 def _int(x: Any) -> Any:
