@@ -6,6 +6,7 @@ import argparse
 
 from qkv.models import DEFAULT_MODEL, available
 from qkv.models.families import FAMILIES
+from qkv.models.gguf_families import GGUF_FAMILIES
 
 
 def describe() -> str:
@@ -17,11 +18,13 @@ def describe() -> str:
             f"    {info.architecture}",
             f"    {info.summary}",
             f"    weights: {info.install}",
+            f"    license: {info.license}",
             "",
         ]
     lines += [
         "Or bring your own: --model PATH takes a local Hugging Face folder (config.json +",
-        "*.safetensors [+ tokenizer.json]) of model_type " + ", ".join(sorted(FAMILIES)) + ";",
+        "*.safetensors [+ tokenizer.json]) of model_type " + ", ".join(sorted(FAMILIES)) + ",",
+        "or a .gguf file of general.architecture " + ", ".join(sorted(GGUF_FAMILIES)) + ";",
         "a bare bundled name is always the bundled model (write ./NAME for a folder of that name).",
         "",
     ]

@@ -349,8 +349,9 @@ def _check_qk(w: Tensor, n_heads: int) -> None:
 # tokenizer
 
 
-def build_tokenizer(metadata: dict[str, Any]):
-    """The `tokenizers.Tokenizer` a GGUF's metadata describes (byte-level BPE, `gpt2` model).
+def build_tokenizer(metadata: dict[str, Any], *, merges_by: str = "score"):
+    """The `tokenizers.Tokenizer` a GGUF's metadata describes: byte-level BPE (`gpt2` model,
+    below) or SentencePiece BPE (`llama` model, see `sentencepiece_bpe`; `merges_by` as there).
 
     Vocabulary from `tokenizer.ggml.tokens` (already spelled in GPT-2's byte alphabet, `Ġ` = space),
     merges from `tokenizer.ggml.merges` (rank = order), control tokens (`token_type` 3, e.g.
@@ -361,9 +362,12 @@ def build_tokenizer(metadata: dict[str, Any]):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     kind = metadata.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return sentencepiece_bpe(metadata, merges_by=merges_by)
     if kind != "gpt2":
         raise ValueError(
-            f"tokenizer.ggml.model is {kind!r}; only byte-level BPE ('gpt2') GGUF tokenizers are supported"
+            f"tokenizer.ggml.model is {kind!r}; qkv reads byte-level BPE ('gpt2') and "
+            "SentencePiece BPE ('llama') GGUF tokenizers"
         )
     tokens: list[str] = metadata.get("tokenizer.ggml.tokens") or []
     merges: list[str] = metadata.get("tokenizer.ggml.merges") or []
@@ -415,6 +419,85 @@ def build_tokenizer(metadata: dict[str, Any]):
         )
     # No offset trimming: a token's span includes its leading space, so text[start:end] is exactly
     # the token's decoded text (the lens maps tokens back to text with it).
+    return tok
+
+
+TOKEN_TYPE_BYTE = 6
+
+
+def sentencepiece_bpe(metadata: dict[str, Any], *, merges_by: str = "score"):
+    """The SentencePiece BPE tokenizer (`tokenizer.ggml.model` "llama") a GGUF describes, as a
+    `tokenizers.Tokenizer`: spaces become "▁" (no prefix space unless `add_space_prefix`),
+    pieces merge by BPE, a character no piece covers falls back to its UTF-8 byte tokens
+    `<0xNN>`; control tokens (type 3: `<bos>`, `<start_of_turn>`) are special tokens matched
+    whole, user-defined ones (4) plain added tokens, and `<bos>` is prepended when
+    `add_bos_token` says so.
+
+    A GGUF lists no merges: they are rebuilt from the vocabulary. Every split of a piece into two
+    pieces of the vocabulary is a merge ranked by the piece's score (`merges_by="score"`, what
+    SentencePiece's BPE ranks by) or by its position in the file (`"file"`: Gemma, whose scores
+    do not follow its merge order), a longer left part first. llama.cpp spells a piece of several
+    spaces with real spaces; it is respelled with "▁" (how the merges and the text see it).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    if merges_by not in ("score", "file"):
+        raise ValueError(f"merges_by must be 'score' or 'file', got {merges_by!r}")
+    tokens: list[str] = metadata.get("tokenizer.ggml.tokens") or []
+    if not tokens:
+        raise ValueError("GGUF metadata lacks tokenizer.ggml.tokens")
+    types: list[int] = metadata.get("tokenizer.ggml.token_type") or [TOKEN_TYPE_NORMAL] * len(
+        tokens
+    )
+    scores: list[float] = metadata.get("tokenizer.ggml.scores") or []
+    if len(types) != len(tokens) or (merges_by == "score" and len(scores) != len(tokens)):
+        raise ValueError(
+            f"tokenizer.ggml.token_type / scores have {len(types)} / {len(scores)} entries for "
+            f"{len(tokens)} tokens"
+        )
+    tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError("tokenizer.ggml.tokens repeats a token")
+    rank = (lambda i: i) if merges_by == "file" else (lambda i: -scores[i])
+    ranked = []  # (rank of the piece, −len(left), left, right)
+    for i, piece in enumerate(tokens):
+        for cut in range(len(piece) - 1, 0, -1):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((rank(i), i, -cut, left, right))
+    ranked.sort(key=lambda r: r[:3])
+    unk = metadata.get("tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=[(r[3], r[4]) for r in ranked],
+            unk_token=None if unk is None else tokens[unk],
+            fuse_unk=True,
+            byte_fallback=TOKEN_TYPE_BYTE in types,
+        )
+    )
+    spaces = normalizers.Replace(" ", "▁")
+    tok.normalizer = (
+        normalizers.Sequence([normalizers.Prepend("▁"), spaces])
+        if metadata.get("tokenizer.ggml.add_space_prefix")
+        else spaces
+    )
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    control = [t for t, ty in zip(tokens, types, strict=True) if ty == TOKEN_TYPE_CONTROL]
+    user = [t for t, ty in zip(tokens, types, strict=True) if ty == TOKEN_TYPE_USER_DEFINED]
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+    if user:
+        tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+    bos = metadata.get("tokenizer.ggml.bos_token_id")
+    if metadata.get("tokenizer.ggml.add_bos_token", True) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos]} $A",
+            pair=f"{tokens[bos]} $A $B",
+            special_tokens=[(tokens[bos], bos)],
+        )
     return tok
 
 

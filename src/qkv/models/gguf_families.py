@@ -1,0 +1,213 @@
+"""GGUF architectures as declarative descriptions, one `GGUFFamily` per `general.architecture`.
+
+The GGUF counterpart of `families.py`: how llama.cpp's metadata (`<arch>.block_count`,
+`<arch>.attention.head_count`, ...) reads into the generic `DecoderConfig`, and how its tensor
+names (`blk.{}.attn_q.weight`, ...) map onto the generic `Decoder`. The architecture comes from
+the file's `general.architecture`, never from its name. What differs between families is data:
+
+* `fields`: our field ← the first present metadata key (relative to `<arch>.`);
+* `fixed` / `defaults`: values the architecture implies, or assumes when a key is absent
+  (llama.cpp hard-codes some, e.g. Gemma 3's five local layers to one global, its local RoPE
+  base 10⁴);
+* `weights`: `W(dst, src, reshape, when)` with `{}` for the layer (reshapes in `RESHAPES`);
+* `qk_permuted`: llama.cpp reordered attn_q/attn_k rows for its interleaved RoPE (Llama), so the
+  loader undoes it (`gguf.unpermute_qk`); Gemma keeps Hugging Face's half-split rows;
+* norms: llama.cpp stores Gemma's RMSNorm gain as 1 + w (its converter adds the 1), so a Gemma
+  GGUF runs with `norm_offset` 0, where the Hugging Face checkpoint needs 1.
+
+Letters: h query heads, k kv heads, d head dim, m model dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from . import gguf
+from .convert import Reshape, Rule, heads_in, heads_out
+from .decoder import DecoderConfig
+from .families import W
+
+
+@dataclass(frozen=True)
+class GGUFFamily:
+    architecture: str  # general.architecture
+    hf_model_type: str  # the transformers family with the same computation (for messages/docs)
+    fields: Mapping[str, tuple[str, ...]]
+    weights: tuple[W, ...]
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    qk_permuted: bool = False
+    merges_by: str = "score"  # a SentencePiece vocabulary's merge order (`gguf.sentencepiece_bpe`)
+    derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+
+def _unpermuted(n_heads: Callable[[Any], int]) -> Callable[[Any], Reshape]:
+    """llama.cpp's interleaved-pair attn_q/attn_k (h·d, m) → per-head W (h m d), half-split.
+    `gguf.unpermute_qk` is looked up at call time (a test swaps it for the identity)."""
+
+    def make(c: Any) -> Reshape:
+        H, to_heads = n_heads(c), heads_in(n_heads(c), c.d_head)
+
+        def fn(w: Tensor) -> Tensor:
+            if w.dim() != 2 or w.shape[0] != H * c.d_head:
+                return w  # convert's shape check names the tensor
+            return to_heads(gguf.unpermute_qk(w, H))
+
+        return fn
+
+    return make
+
+
+RESHAPES: dict[str, Callable[[Any], Reshape]] = {
+    "q": lambda c: heads_in(c.n_heads, c.d_head),  # (h·d, m) → (h m d)
+    "kv": lambda c: heads_in(c.n_kv_heads, c.d_head),  # (k·d, m) → (k m d)
+    "o": lambda c: heads_out(c.n_heads, c.d_head),  # (m, h·d) → (h d m)
+    "permuted.q": _unpermuted(lambda c: c.n_heads),
+    "permuted.k": _unpermuted(lambda c: c.n_kv_heads),
+}
+
+_B = "blk.{}."
+_LLAMA_WEIGHTS = (
+    W("embed.weight", "token_embd.weight"),
+    W("norm.weight", "output_norm.weight"),
+    W("lm_head.weight", "output.weight", when="untied"),
+    W("blocks.{}.norm1.weight", _B + "attn_norm.weight"),
+    W("blocks.{}.attn.W_Q", _B + "attn_q.weight", "q"),
+    W("blocks.{}.attn.W_K", _B + "attn_k.weight", "kv"),
+    W("blocks.{}.attn.W_V", _B + "attn_v.weight", "kv"),
+    W("blocks.{}.attn.W_O", _B + "attn_output.weight", "o"),
+    W("blocks.{}.norm2.weight", _B + "ffn_norm.weight"),
+    W("blocks.{}.mlp.gate.weight", _B + "ffn_gate.weight"),
+    W("blocks.{}.mlp.up.weight", _B + "ffn_up.weight"),
+    W("blocks.{}.mlp.down.weight", _B + "ffn_down.weight"),
+)
+_CORE_FIELDS = {
+    "n_layers": ("block_count",),
+    "n_heads": ("attention.head_count",),
+    "n_kv_heads": ("attention.head_count_kv", "attention.head_count"),
+    "d_model": ("embedding_length",),
+    "d_head": ("attention.key_length", "rope.dimension_count"),
+    "d_ff": ("feed_forward_length",),
+    "max_positions": ("context_length",),
+    "norm_eps": ("attention.layer_norm_rms_epsilon",),
+    "rope_base": ("rope.freq_base",),
+    "vocab_size": ("vocab_size",),
+}
+_REQUIRED = ("n_layers", "n_heads", "d_model", "d_ff", "max_positions", "norm_eps")
+
+_LLAMA = GGUFFamily(
+    "llama", "llama", _CORE_FIELDS,
+    (
+        *(w for w in _LLAMA_WEIGHTS if w.dst not in ("blocks.{}.attn.W_Q", "blocks.{}.attn.W_K")),
+        W("blocks.{}.attn.W_Q", _B + "attn_q.weight", "permuted.q"),
+        W("blocks.{}.attn.W_K", _B + "attn_k.weight", "permuted.k"),
+    ),
+    fixed={"norm": "rms", "act": "silu", "gated": True},
+    defaults={"rope_base": 10000.0}, qk_permuted=True,
+)  # fmt: skip
+
+
+def _gemma3(f: dict[str, Any]) -> dict[str, Any]:
+    """Embeddings × √d_model; scores × d_head^−½ (llama.cpp's rule for every size but 27B, whose
+    `query_pre_attn_scalar` is d_model/h: a file may say `attention.scale`); the local layers'
+    window and RoPE base."""
+    out = {"embed_scale": f["d_model"] ** 0.5}
+    out["attn_scale"] = f.get("attn_scale") or f["d_head"] ** -0.5
+    n, p, w = f["n_layers"], f.get("window_pattern"), f.get("window")
+    if isinstance(p, list):  # one bool per layer (True = sliding), newer llama.cpp files
+        local = [bool(x) for x in p]
+    else:
+        local = [(i + 1) % int(p) != 0 for i in range(n)]
+    if len(local) != n:
+        raise ValueError(
+            f"attention.sliding_window_pattern has {len(local)} entries for {n} layers"
+        )
+    if w is not None:
+        out["windows"] = tuple(int(w) if s else None for s in local)
+    g, lo = float(f["rope_base"]), float(f["local_rope_base"])
+    out["rope_bases"] = tuple(lo if s else g for s in local)
+    return out
+
+
+# Gemma 3 (text): Gemma 2's sandwich norms plus QK-norm; norms stored as 1 + w (offset 0 here);
+# Q/K rows as Hugging Face's (no permutation); five sliding-window layers to one global
+_GEMMA3 = GGUFFamily(
+    "gemma3", "gemma3_text",
+    {**_CORE_FIELDS, "window": ("attention.sliding_window",),
+     "window_pattern": ("attention.sliding_window_pattern",),
+     "local_rope_base": ("rope.freq_base_swa",), "attn_scale": ("attention.scale",),
+     "logit_softcap": ("final_logit_softcapping",),
+     "attn_softcap": ("attn_logit_softcapping",)},
+    (
+        *_LLAMA_WEIGHTS,
+        W("blocks.{}.post1.weight", _B + "post_attention_norm.weight"),
+        W("blocks.{}.post2.weight", _B + "post_ffw_norm.weight"),
+        W("blocks.{}.attn.q_norm.weight", _B + "attn_q_norm.weight"),
+        W("blocks.{}.attn.k_norm.weight", _B + "attn_k_norm.weight"),
+    ),
+    fixed={"norm": "rms", "act": "gelu_tanh", "gated": True, "block": "sandwich",
+           "qk_norm": True, "norm_offset": 0.0},
+    defaults={"rope_base": 1e6, "local_rope_base": 1e4, "window_pattern": 6},
+    merges_by="file", derive=_gemma3,
+)  # fmt: skip
+
+GGUF_FAMILIES: dict[str, GGUFFamily] = {f.architecture: f for f in (_LLAMA, _GEMMA3)}
+
+
+def family_of(contents: gguf.GGUFContents) -> GGUFFamily:
+    """The family `general.architecture` names; ValueError listing the supported ones."""
+    arch = contents.architecture
+    if arch not in GGUF_FAMILIES:
+        raise ValueError(
+            f"{contents.path}: general.architecture is {arch!r}; qkv reads these GGUF "
+            f"architectures: {sorted(GGUF_FAMILIES)} (and any Hugging Face folder of "
+            "the families `qkv models` lists)"
+        )
+    return GGUF_FAMILIES[arch]
+
+
+def config_from_gguf(contents: gguf.GGUFContents, *, name: str | None = None) -> DecoderConfig:
+    """The generic decoder's description of a GGUF, from its `<arch>.*` metadata through its
+    family (validated by `DecoderConfig`); ValueError for a foreign file or a missing key."""
+    family = family_of(contents)
+    md, arch = contents.metadata, family.architecture
+    f: dict[str, Any] = dict(family.defaults)
+    for ours, keys in family.fields.items():
+        v = next((md[f"{arch}.{k}"] for k in keys if md.get(f"{arch}.{k}") is not None), None)
+        if v is not None:
+            f[ours] = v
+    for ours in _REQUIRED:
+        if ours not in f:
+            keys = " or ".join(f"'{arch}.{k}'" for k in family.fields[ours])
+            raise ValueError(f"{contents.path}: metadata key {keys} is missing")
+    f.update(family.fixed)
+    f.setdefault("n_kv_heads", f["n_heads"])
+    f.setdefault("d_head", f["d_model"] // f["n_heads"])
+    f.setdefault("vocab_size", len(md.get("tokenizer.ggml.tokens") or ()))
+    f["tie_embeddings"] = "output.weight" not in contents.tensors
+    f["bos_id"] = md.get("tokenizer.ggml.bos_token_id")
+    f["eos_id"] = md.get("tokenizer.ggml.eos_token_id")
+    if family.derive is not None:
+        f.update(family.derive(f))
+    known = {x.name for x in DecoderConfig.__dataclass_fields__.values()}
+    try:
+        return DecoderConfig(
+            name=name or str(md.get("general.name", arch)),
+            **{k: v for k, v in f.items() if k in known and k != "name"},
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{contents.path}: {e}") from e
+
+
+def rules(family: GGUFFamily, config: DecoderConfig) -> list[Rule]:
+    """The family's key map GGUF → model for this config (`{}` = layer index)."""
+    out = []
+    for w in family.weights:
+        if w.when == "untied" and config.tie_embeddings:
+            continue
+        out.append(Rule(w.dst, w.src, None if w.reshape is None else RESHAPES[w.reshape](config)))
+    return out
