@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	# node runs the HTML view's script in the tests (Debian's nodejs, when missing)
 	command -v node >/dev/null || { apt-get update -q && apt-get install -y -q nodejs; } \
 		|| { echo "install Node.js (apt-get install nodejs): the tests run the HTML page's script with it"; exit 1; }
+	# chromium runs the explorer's browser test (Debian's, driven by Playwright: no browser download)
+	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; } \
+		|| { echo "install Chromium (apt-get install chromium): the tests drive the explorer in it"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel lies on local disk; a bare "torch" would pull CUDA.

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 # one module per subcommand group; each defines register(subparsers)
-COMMANDS = ("compare", "demo", "explain", "export", "generate", "heads", "models", "train")
+COMMANDS = ("compare", "demo", "explain", "export", "generate", "heads", "models", "serve", "train")
 
 
 def text_or_file(text: str | None, file: str | None, what: str = "text") -> str:
