@@ -149,3 +149,35 @@ def test_records_of_different_models_or_cut_rows(tiny_causal, tiny_bidir):
         compare_records(a, cut)
     with pytest.raises(TypeError, match="text_a must be a str"):
         compare(None, SENTENCE, "it", model=tiny_causal)
+
+
+TEXT_LONGER = "the dog ran and chased the ball because it was excited"  # two words inserted
+
+
+@pytest.mark.parametrize("mt", ["llama", "bert"])
+def test_keys_after_an_insertion_stay_matched(hf_pair, mt):
+    """Two words inserted in B shift every later key by 2: the keys are matched by aligning
+    the token sequences (written out here by hand), and each pair's movement equals the
+    difference of transformers' rows at the two positions."""
+    ref, model = hf_pair[mt]
+    r = compare(TEXT, TEXT_LONGER, "it", model=model, progress=False)
+    want_pairs = [(0, 0), (1, 1)] + [(i, i + 2) for i in range(2, 9)]  # the dog | chased…excited
+    assert list(zip(r.matched, r.matched_b, strict=True)) == want_pairs
+    assert (r.query_a.index, r.query_b.index) == (6, 8) and r.asked is None
+    assert any("'ran'@2, 'and'@3" in n for n in r.notes)
+    assert any("7 matched keys stand at other positions in B" in n for n in r.notes)
+    atts = []
+    for text in (TEXT, TEXT_LONGER):
+        with torch.no_grad():
+            ids = torch.tensor([model.tokenizer.encode(text).ids])
+            atts.append(ref(ids, output_attentions=True).attentions)
+    worst = 0.0
+    for m in r.heads:
+        wa = atts[0][m.layer][0, m.head, 6].double().numpy()
+        wb = atts[1][m.layer][0, m.head, 8].double().numpy()
+        assert (m.index_b - m.index >= 0).all()
+        worst = max(worst, float(np.abs(m.delta_weight - (wb[m.index_b] - wa[m.index])).max()))
+        assert m.unmatched_b == pytest.approx(wb[[2, 3]].sum(), abs=1e-5)  # 'ran', 'and'
+    assert worst <= 2 * LENS_TOL
+    best = r.movers(1)[0]
+    assert (best.key_b - best.key) in (0, 2)

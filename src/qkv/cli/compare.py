@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "compare",
         help="how one token's lookups moved between two texts, per layer and head",
         description="Explain the query token in both texts with the same model and show, for keys "
-        "matched by position and token, how each head's weights and contributions moved (B − A).",
+        "matched by aligning the two token sequences, how each head's weights and contributions moved (B − A).",
     )
     p.add_argument("text_a", metavar="TEXT_A", help="the first text")
     p.add_argument("text_b", metavar="TEXT_B", help="the second text")

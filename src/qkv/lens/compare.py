@@ -1,9 +1,11 @@
 """`compare(text_a, text_b, token=...)`: how one token's lookups moved between two texts.
 
 Both texts are explained (`qkv.lens.explain`, every key kept) by the same model. Keys are
-matched between the texts by position and token: key j is matched when token j of both texts
-is the same token. For every layer and head the record holds, per matched key, the weight and
-the contribution in each text; the movement is b − a.
+matched between the texts by aligning their token sequences (`align_tokens`: the longest
+matching runs of identical tokens, difflib's), so a word inserted or removed in one text
+shifts the positions of the keys after it without unmatching them. For every layer and head
+the record holds, per matched key pair, the weight and the contribution in each text; the
+movement is b − a.
 
 A causal model's query at position i sees only tokens 0..i. When the two texts are the same up
 to and including the query, its lookups cannot differ; `compare` measures that they do not and
@@ -12,6 +14,7 @@ compares at the first token where the texts differ instead (the seed's "excited"
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -30,13 +33,15 @@ SCHEMA = "qkv.compare/1"
 class HeadMove:
     """Query's lookup through one head in text a and text b, over the matched keys.
 
-    `index` (k,) are the matched key positions the query sees in either text; `weight_a`,
-    `weight_b`, `contribution_a`, `contribution_b` (k,) their values (0 where a causal query
-    cannot see the key). `unmatched_a`/`unmatched_b`: the weight on keys with no match."""
+    `index` (k,) are the matched keys' positions in text a and `index_b` (k,) the same keys'
+    positions in text b, for the pairs the query sees in either text; `weight_a`, `weight_b`,
+    `contribution_a`, `contribution_b` (k,) their values (0 where a causal query cannot see
+    the key). `unmatched_a`/`unmatched_b`: the weight on keys with no match."""
 
     layer: int
     head: int
     index: np.ndarray
+    index_b: np.ndarray
     weight_a: np.ndarray
     weight_b: np.ndarray
     contribution_a: np.ndarray
@@ -63,11 +68,13 @@ class HeadMove:
 
 @dataclass(frozen=True)
 class Mover:
-    """One (layer, head, key) row of the movers table."""
+    """One (layer, head, key) row of the movers table: the key at position `key` in text a
+    and `key_b` in text b."""
 
     layer: int
     head: int
     key: int
+    key_b: int
     weight_a: float
     weight_b: float
     contribution_a: float
@@ -94,7 +101,8 @@ class CompareResult:
     tokens_b: list[Token]
     query_a: Query
     query_b: Query
-    matched: list[int]  # key positions where both texts hold the same token
+    matched: list[int]  # positions in text a of the keys matched in text b (see align_tokens)
+    matched_b: list[int]  # their positions in text b
     heads: list[HeadMove]
     asked: Query | None = None  # the asked-for query, when a causal model moved the comparison
     asked_max_delta: float | None = None  # measured max |Δweight| of the asked-for query
@@ -125,6 +133,7 @@ class CompareResult:
                 h.layer,
                 h.head,
                 int(j),
+                int(h.index_b[r]),
                 *(
                     float(x[r])
                     for x in (h.weight_a, h.weight_b, h.contribution_a, h.contribution_b)
@@ -150,11 +159,13 @@ class CompareResult:
             if self.asked is None
             else {**self.asked.__dict__, "max_delta_weight": self.asked_max_delta},
             "matched": list(self.matched),
+            "matched_b": list(self.matched_b),
             "heads": [
                 {
                     "layer": h.layer,
                     "head": h.head,
                     "index": h.index.tolist(),
+                    "index_b": h.index_b.tolist(),
                     "weight": [h.weight_a.tolist(), h.weight_b.tolist()],
                     "contribution": [h.contribution_a.tolist(), h.contribution_b.tolist()],
                     "unmatched_weight": [h.unmatched_a, h.unmatched_b],
@@ -187,7 +198,8 @@ class CompareResult:
         for col in ("layer", "head", "key", "weight A→B", "Δweight", "contrib A→B", "Δcontrib"):
             t.add_column(col, justify="left" if col == "key" else "right")
         for m in self.movers(n):
-            t.add_row(str(m.layer), str(m.head), f"{self.tokens_a[m.key].text.strip()!r}@{m.key}",
+            at = f"{m.key}" if m.key == m.key_b else f"{m.key}→{m.key_b}"
+            t.add_row(str(m.layer), str(m.head), f"{self.tokens_a[m.key].text.strip()!r}@{at}",
                       f"{m.weight_a:.2f}→{m.weight_b:.2f}", f"{m.delta_weight:+.2f}",
                       f"{m.contribution_a:.2f}→{m.contribution_b:.2f}",
                       f"{m.delta_contribution:+.2f}")  # fmt: skip
@@ -215,12 +227,20 @@ def _row(h: Head, n: int, what: str) -> np.ndarray:
     return out
 
 
+def align_tokens(a: list[Token], b: list[Token]) -> list[tuple[int, int]]:
+    """Pairs (i, j), increasing in both, of tokens a[i] and b[j] with the same text: the
+    longest matching runs of the two token sequences (difflib.SequenceMatcher, no junk
+    heuristic). "The dog ran" vs "The big dog ran" → (0, 0), (1, 2), (2, 3)."""
+    sm = difflib.SequenceMatcher(None, [t.text for t in a], [t.text for t in b], autojunk=False)
+    return [(m.a + k, m.b + k) for m in sm.get_matching_blocks() for k in range(m.size)]
+
+
 def compare_records(a: ExplainResult, b: ExplainResult) -> CompareResult:
     """The movement between two records of the same model (made with top=0), per layer and
-    head, over the keys matched by position and token. Equivalent naive code, per head::
+    head, over the keys matched by `align_tokens`. Equivalent naive code, per head::
 
-        matched = [j for j in range(min(len(ta), len(tb))) if ta[j].text == tb[j].text]
-        delta_weight = row_b[matched] - row_a[matched]    # rows from output_attentions
+        pairs = align_tokens(ta, tb)                       # [(i, j), ...]
+        delta_weight = [row_b[j] - row_a[i] for i, j in pairs]   # rows from output_attentions
     """
     if a.model != b.model:
         raise ValueError(
@@ -228,7 +248,7 @@ def compare_records(a: ExplainResult, b: ExplainResult) -> CompareResult:
             "compare two records of the same model"
         )
     na, nb = len(a.tokens), len(b.tokens)
-    same = [j for j in range(min(na, nb)) if a.tokens[j].text == b.tokens[j].text]
+    pairs = align_tokens(a.tokens, b.tokens)
     heads_b = {(lay.layer, h.head): h for lay in b.layers for h in lay.heads}
     if set(heads_b) != {(lay.layer, h.head) for lay in a.layers for h in lay.heads}:
         raise ValueError("the two records hold different layers or heads; explain both alike")
@@ -238,12 +258,14 @@ def compare_records(a: ExplainResult, b: ExplainResult) -> CompareResult:
             hb = heads_b[(lay.layer, ha.head)]
             wa, wb = _row(ha, na, "weight"), _row(hb, nb, "weight")
             ca, cb = _row(ha, na, "contribution"), _row(hb, nb, "contribution")
-            idx = np.array([j for j in same if j < ha.n_keys or j < hb.n_keys], dtype=np.int64)
-            moves.append(HeadMove(lay.layer, ha.head, idx, wa[idx], wb[idx], ca[idx], cb[idx],
-                                  float(wa.sum() - wa[idx].sum()),
-                                  float(wb.sum() - wb[idx].sum())))  # fmt: skip
-    return CompareResult(a.model, a.text, b.text, a.tokens, b.tokens, a.query, b.query, same,
-                         moves)  # fmt: skip
+            seen = [(i, j) for i, j in pairs if i < ha.n_keys or j < hb.n_keys]
+            ia, ib = (np.array(x, dtype=np.int64).reshape(-1) for x in zip(*seen, strict=True)) \
+                if seen else (np.zeros(0, np.int64), np.zeros(0, np.int64))  # fmt: skip
+            moves.append(HeadMove(lay.layer, ha.head, ia, ib, wa[ia], wb[ib], ca[ia], cb[ib],
+                                  float(wa.sum() - wa[ia].sum()),
+                                  float(wb.sum() - wb[ib].sum())))  # fmt: skip
+    return CompareResult(a.model, a.text, b.text, a.tokens, b.tokens, a.query, b.query,
+                         [i for i, _ in pairs], [j for _, j in pairs], moves)  # fmt: skip
 
 
 def compare(
@@ -258,7 +280,7 @@ def compare(
     progress: bool | None = None,
 ) -> CompareResult:
     """How `token`'s lookups moved from `text_a` to `text_b`: per layer and head, each matched
-    key's weight and contribution in both texts (keys matched by position and token).
+    key's weight and contribution in both texts (keys matched by `align_tokens`).
 
     Args:
         text_a, text_b: the two texts; `token` must occur in both.
@@ -270,7 +292,7 @@ def compare(
     `asked_max_delta`, then the comparison moves to the first token where the texts differ
     (at the same position in both), named in the notes.
 
-    Equivalent naive code (transformers): `out_b.attentions[l][0, h, i_b, matched] -
+    Equivalent naive code (transformers): `out_b.attentions[l][0, h, i_b, matched_b] -
     out_a.attentions[l][0, h, i_a, matched]`.
 
     Raises ValueError for an empty text, a token missing from either text (naming which),
@@ -299,13 +321,12 @@ def compare(
     a, b = run(text_a, "text_a", token), run(text_b, "text_b", token)
     result = compare_records(a, b)
     i = a.query.index
-    prefix = i == b.query.index and all(
-        j in result.matched for j in range(i + 1)
-    )  # same tokens 0..i in both texts
+    same = {j for j, jb in zip(result.matched, result.matched_b, strict=True) if j == jb}
+    prefix = i == b.query.index and all(j in same for j in range(i + 1))  # tokens 0..i alike
     if a.model.causal and prefix:
         delta = max((h.moved for h in result.heads), default=0.0)
         d = next((j for j in range(i + 1, min(len(a.tokens), len(b.tokens)))
-                  if j not in result.matched), None)  # fmt: skip
+                  if a.tokens[j].text != b.tokens[j].text), None)  # fmt: skip
         q = a.query.text.strip()
         if d is None:
             shorter = "text_a" if len(a.tokens) < len(b.tokens) else "text_b"
@@ -324,14 +345,16 @@ def compare(
             f"over {len(result.heads)} heads. Compared instead at the first token that differs: "
             f"{wa!r} (A) vs {wb!r} (B), token {d}."
         )
-    unmatched = sorted(set(range(min(len(a.tokens), len(b.tokens)))) - set(result.matched))
-    if unmatched:
-        shown = ", ".join(f"{j} ({a.tokens[j].text.strip()!r}/{b.tokens[j].text.strip()!r})"
-                          for j in unmatched[:6])  # fmt: skip
-        result.notes.append(f"Keys not matched (their token differs): {shown}.")
-    if len(a.tokens) != len(b.tokens):
+    for which, toks, got in (("A", a.tokens, result.matched), ("B", b.tokens, result.matched_b)):
+        left = sorted(set(range(len(toks))) - set(got))
+        if left:
+            shown = ", ".join(f"{toks[j].text.strip()!r}@{j}" for j in left[:6])
+            more = f" and {len(left) - 6} more" if len(left) > 6 else ""
+            result.notes.append(f"Keys of {which} with no match in the other text: {shown}{more}.")
+    moved = sum(i != j for i, j in zip(result.matched, result.matched_b, strict=True))
+    if moved:
         result.notes.append(
-            f"A has {len(a.tokens)} tokens and B {len(b.tokens)}; tokens past the shorter "
-            "text are not matched."
+            f"{moved} matched keys stand at other positions in B (tokens inserted or removed "
+            "before them); they are matched by aligning the two token sequences."
         )
     return result
