@@ -120,9 +120,18 @@ def capture_bytes(cap: Capture) -> int:
 class Explorer:
     """The server's state (see the module docstring). `models`: bundled names or paths."""
 
-    def __init__(self, models: Sequence[str | os.PathLike], limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        models: Sequence[str | os.PathLike],
+        limits: Limits | None = None,
+        *,
+        loaded: dict[str, Any] | None = None,
+    ) -> None:
+        """`loaded`: models already loaded, by their name here (not loaded again)."""
         self.limits = limits or Limits()
         self.slots = {n: _Slot(n, s) for n, s in model_names(models).items()}
+        for name, m in (loaded or {}).items():
+            self.check_model(name).model = m
         self.pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="qkv-web")
         self._lock = threading.Lock()
         self._pending = 0
