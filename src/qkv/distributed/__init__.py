@@ -10,6 +10,7 @@ adds no communication layer of its own: gloo on CPU, NCCL on GPU.
 """
 
 from .layout import LAYOUTS, Layout, gather_sequence, make_layout, shard_sequence
+from .model import shard, unshard
 from .ring import ring_attention
 
 __all__ = [
@@ -18,5 +19,7 @@ __all__ = [
     "gather_sequence",
     "make_layout",
     "ring_attention",
+    "shard",
     "shard_sequence",
+    "unshard",
 ]

@@ -280,6 +280,15 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+_SHOW = {
+    "dtype": lambda x: _DTYPES[int(x)],
+    "causal": lambda x: bool(x),
+    "left": lambda x: None if x < 0 else int(x),
+    "right": lambda x: None if x < 0 else int(x),
+    "softcap": lambda x: None if math.isnan(x) else x,
+}
+
+
 def _agree(q: Tensor, k: Tensor, v: Tensor, group, settings: list[float]) -> list[int]:
     """All-gather each rank's shard length with its shapes, dtype and settings; raise the
     same ValueError on every rank if any of them differ. Returns the lengths."""
@@ -303,7 +312,7 @@ def _agree(q: Tensor, k: Tensor, v: Tensor, group, settings: list[float]) -> lis
     for r, row in enumerate(rows):
         for name, a, b in zip(names, rows[0][1:], row[1:], strict=True):
             if not (a == b or (math.isnan(a) and math.isnan(b))):
-                show = (lambda x: _DTYPES[int(x)]) if name == "dtype" else (lambda x: x)
+                show = _SHOW.get(name, lambda x: int(x) if x.is_integer() else x)
                 raise ValueError(
                     f"ring_attention: every rank must pass the same {name}; rank 0 has "
                     f"{show(a)} but rank {r} has {show(b)}"

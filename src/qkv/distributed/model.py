@@ -1,0 +1,132 @@
+"""`shard(model, group)`: run a whole model with its sequence sharded across ranks.
+
+Everything per token (embeddings, norms, MLPs, the q/k/v/o projections, the unembedding)
+runs on the rank's own tokens; every `MultiHeadAttention` attends over the whole sequence by
+`ring_attention`, with RoPE at global positions. Each rank passes its shard of the ids
+(`shard_sequence(ids, rank, world, layout, dim=1)`) and gets its shard of the logits.
+
+The swap is a class swap on each attention module (as `torch.nn.utils.parametrize` does):
+parameters, state_dict keys and hooks stay where they are; `unshard(model)` restores them.
+
+Letters: b batch, i position (this rank's shard), m model dim, h query head, k kv head,
+d head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..nn import MultiHeadAttention
+from ..nn.capture import _ACTIVE
+from ..nn.quant import linear
+from .layout import LAYOUTS, Layout, make_layout
+from .ring import ring_attention
+
+_CLASSES: dict[type, type] = {}
+
+
+class _Sharded:
+    """Mixin put in front of a MultiHeadAttention subclass by `shard`."""
+
+    _seq_group: dist.ProcessGroup | None
+    _seq_layout: str
+
+    def forward(self, x: Tensor, *, mask=None, cache=None, segments=None) -> Tensor:
+        """x (b i m): this rank's tokens → (b i m), attention over every rank's tokens."""
+        if mask is not None or cache is not None or segments is not None:
+            raise ValueError(
+                "a sharded model takes no attention_mask, cache or segments (ring attention "
+                "covers one unpadded sequence per batch row); call unshard(model) for those"
+            )
+        if _ACTIVE.get():
+            raise ValueError(
+                "capture() records whole sequences on one process; a sharded model cannot be "
+                "captured — unshard(model) first"
+            )
+        self._check(x, mask, cache)
+        B, S, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.d_head
+        group = self._seq_group
+        lay = _layout(self._seq_layout, S, group)
+        rank = dist.get_rank(group)
+        qkv = self._project(x)  # (b i (h+2k) d)
+        runs = lay.segments[rank]
+        if self.rope is None:
+            q, k, v = qkv.transpose(1, 2).split((H, K, K), dim=1)  # (b h i d), (b k i d) ×2
+        elif len(runs) == 1:  # one run: RoPE at positions start … start+S−1
+            q, k, v = self.rope.rotate_qkv(qkv, runs[0][0], H, K)
+        else:  # zigzag: RoPE at this rank's global positions
+            qk, v = qkv.transpose(1, 2).split((H + K, K), dim=1)
+            q, k = self.rope(qk, lay.positions(rank, x.device)).split((H, K), dim=1)
+        kw = {"causal": self.causal, "scale": self.scale, "window": self.window}
+        z = ring_attention(q, k, v, group=group, layout=lay, softcap=self.softcap, **kw)
+        zf = z.transpose(1, 2).reshape(B, S, H * D)  # (b i (h d))
+        w_o = self.W_O.reshape(H * D, self.d_model).t()  # (m (h d))
+        return linear(zf, w_o, self.b_O, self.mirrors.get("out"))
+
+
+def _layout(kind: str, S: int, group) -> Layout:
+    """The layout of this forward: every rank's length (one small all_gather)."""
+    world = dist.get_world_size(group)
+    n = torch.tensor([S], dtype=torch.long)
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    return make_layout(kind, [int(s) for s in sizes])
+
+
+def _sharded_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type("Sharded" + cls.__name__, (_Sharded, cls), {"_unsharded": cls})
+    return _CLASSES[cls]
+
+
+def shard(
+    model: nn.Module, group: dist.ProcessGroup | None = None, layout: str = "contiguous"
+) -> nn.Module:
+    """Make every `MultiHeadAttention` in `model` attend over the sequence sharded across
+    `group` (default: the whole world), in `layout` ("contiguous" or "zigzag", as
+    `ring_attention`). Returns the model, changed in place; `unshard` undoes it.
+
+    Call the model on this rank's shard of the ids (`shard_sequence(ids, rank, world, layout,
+    dim=1)`); it returns this rank's rows of what the unsharded model returns on the whole
+    ids, e.g. logits (b i v). Every rank must call it (each attention layer is a collective).
+    No attention_mask, KV cache or capture while sharded. A model with learned absolute
+    position embeddings (an nn.Embedding named like "pos") is refused: it would read local
+    positions; RoPE models and position-free ones shard.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "shard needs torch.distributed: call dist.init_process_group (torchrun sets "
+            "MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE) before shard(model)"
+        )
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and "pos" in name.rsplit(".", 1)[-1]:
+            raise ValueError(
+                f"{name} looks like learned absolute position embeddings, which would read "
+                "each rank's local positions; shard supports RoPE and position-free models"
+            )
+    found = 0
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention):
+            if not isinstance(m, _Sharded):
+                m.__class__ = _sharded_class(type(m))
+            m._seq_group, m._seq_layout = group, layout
+            found += 1
+    if not found:
+        raise ValueError(f"{type(model).__name__} holds no qkv.nn.MultiHeadAttention to shard")
+    return model
+
+
+def unshard(model: nn.Module) -> nn.Module:
+    """Undo `shard`: every attention module back to its own class. Returns the model."""
+    for m in model.modules():
+        if isinstance(m, _Sharded):
+            m.__class__ = m._unsharded
+            del m._seq_group, m._seq_layout
+    return model

@@ -1,0 +1,124 @@
+"""ring_attention against plain float64 softmax on the gathered tensors, at world sizes 1–4
+(one 4-process gloo launch on 127.0.0.1; see workers.py for the cases and the oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qkv.distributed.layout import make_layout
+from qkv.distributed.ring import band_pair
+
+from . import spawn
+from .workers import CASES, FP32, GROUPS
+
+# fp64: absolute; fp32: at most 2× the plain fp32 formula's own error vs float64, plus this
+ATOL = {"float64": 1e-12, "float32": 3e-7}
+QUANTITIES = ("out", "lse", "dq", "dk", "dv")
+
+
+@pytest.fixture(scope="module")
+def report():
+    results, _ = spawn.run("tests.distributed.workers:ring_cases", 4, timeout=240)
+    return spawn.ok(results)
+
+
+KEYS = [f"w{w}/{n}/{dt}" for w in GROUPS for n in CASES
+        for dt in (("float64", "float32") if n in FP32 else ("float64",))]  # fmt: skip
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_ring_equals_gathered_oracle(report, key):
+    w = int(key[1])
+    dtype = key.rsplit("/", 1)[1]
+    ranks = [r for r in GROUPS[w]]
+    for r in ranks:
+        res = report[r][key]
+        assert res["lse_dtype"] == ("torch.float64" if dtype == "float64" else "torch.float32")
+        for q in QUANTITIES:
+            budget = ATOL[dtype] + (2 * res["plain"][q] if dtype != "float64" else 0.0)
+            assert res[q] <= budget, f"rank {r} {key} {q}: {res[q]:.3g} > {budget:.3g}"
+
+
+def test_the_check_can_fail(report):
+    """A wrong layout (zigzag shards declared contiguous) is caught by the same comparison."""
+    assert max(report[r]["mislabeled"] for r in range(4)) > 0.1
+
+
+def test_every_rank_raises_the_same_clear_error(report):
+    for r in range(4):
+        e = report[r]["errors"]
+        assert "every rank must pass the same Hq" in e["heads"] and "rank 3 has 2" in e["heads"]
+        assert "zigzag layout of N=37 tokens over 4 ranks holds [9, 9, 9, 10]" in e["zigzag"]
+        assert "got [10, 9, 9, 9]" in e["zigzag"]
+        assert "same causal" in e["causal"]
+        assert e["after"] == [1, 2, 5, 8]
+    assert len({report[r]["errors"]["heads"] for r in range(4)}) == 1
+
+
+def _brute(qa, nq, kc, nk, L, R):
+    i = torch.arange(qa, qa + nq)[:, None]
+    j = torch.arange(kc, kc + nk)[None, :]
+    keep = torch.ones(nq, nk, dtype=torch.bool)
+    if L is not None:
+        keep &= j >= i - L
+    if R is not None:
+        keep &= j <= i + R
+    return keep
+
+
+def _from_pair(qa, nq, kc, nk, got):
+    """The keep matrix a trimmed pair's qkv.attention call applies, mapped back to the runs."""
+    keep = torch.zeros(nq, nk, dtype=torch.bool)
+    if got is None:
+        return keep
+    q0, n_q, k0, n_k, left, right = got
+    assert n_q > 0 and n_k > 0 and (left is None or left >= 0) and (right is None or right >= 0)
+    d = n_k - n_q  # qkv.attention's bottom-right alignment: row i at i + d
+    i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
+    sub = torch.ones(n_q, n_k, dtype=torch.bool)
+    if left is not None:
+        sub &= j >= i + d - left
+    if right is not None:
+        sub &= j <= i + d + right
+    keep[q0 - qa : q0 - qa + n_q, k0 - kc : k0 - kc + n_k] = sub
+    return keep
+
+
+def test_band_pair_keeps_exactly_the_global_band():
+    """Every (query run, key run, band) of small sizes: the trimmed call keeps what the
+    global band keeps, and trims nothing the band connects."""
+    sides = (None, 0, 1, 3, 7)
+    n = 0
+    for qa, nq, kc, nk in [(0, 5, 0, 5), (8, 4, 0, 3), (0, 3, 8, 4), (5, 6, 2, 9), (10, 1, 3, 12),
+                           (3, 9, 10, 2), (0, 7, 7, 7)]:  # fmt: skip
+        for L in sides:
+            for R in sides:
+                want = _brute(qa, nq, kc, nk, L, R)
+                got = _from_pair(qa, nq, kc, nk, band_pair(qa, nq, kc, nk, L, R))
+                assert torch.equal(got, want), (qa, nq, kc, nk, L, R)
+                n += 1
+    assert n == 175
+
+
+def test_band_pair_check_can_fail():
+    """Reading the trimmed window on the wrong diagonal (δ = 0) breaks a case the test meets."""
+    q0, n_q, k0, n_k, left, right = band_pair(5, 6, 2, 9, 3, 1)
+    assert n_k - n_q != 0
+    i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
+    wrong = (j >= i - left) & (j <= i + right)
+    want = _brute(q0, n_q, k0, n_k, 3, 1)
+    assert not torch.equal(wrong, want)
+
+
+def test_make_layout_zigzag_and_errors():
+    lay = make_layout("zigzag", (5, 5, 6))
+    # zigzag of N=16 over 3 ranks: 6 chunks 3,3,3,3,2,2 → rank r holds chunks r and 5−r
+    assert make_layout("zigzag", (5, 5, 6)).segments == (
+        ((0, 3), (14, 2)), ((3, 3), (12, 2)), ((6, 3), (9, 3)))  # fmt: skip
+    assert lay.positions(2).tolist() == [6, 7, 8, 9, 10, 11]
+    assert make_layout("contiguous", (4, 0, 2)).runs(2) == ((0, 4, 2),)
+    with pytest.raises(ValueError, match=r"holds \[5, 5, 6\] tokens per rank.*got \[6, 5, 5\]"):
+        make_layout("zigzag", (6, 5, 5))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        make_layout("striped", (1, 1))
