@@ -106,9 +106,10 @@ def test_long_text_stays_responsive(server, browser, shots, smollm2):
     unit = "The dog chased the ball because it was excited. "
     per = len(smollm2.tokenizer.encode(unit).ids)
     text = unit * (4096 // per)
-    words = text.split()
+    words = unit.split()
+    k = 0
     while len(smollm2.tokenizer.encode(text).ids) < 4096:
-        text += words[len(text) % len(words)] + " "
+        text, k = text + words[k % len(words)] + " ", k + 1
     n = len(smollm2.tokenizer.encode(text).ids)
     assert 4096 <= n <= 4100, n
     page, seen = open_page(browser, server)

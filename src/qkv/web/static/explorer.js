@@ -51,12 +51,13 @@ async function run() {
   const poll = setInterval(async () => {
     try {
       const p = await api('/api/progress?client=' + st.client, undefined, ctl.signal);
-      if (p.of && seq === st.seq) { prog.value = p.done / p.of; $('status').textContent = `layer ${p.done} of ${p.of}`; }
+      if (p.of && st.busy === ctl) { prog.value = p.done / p.of; $('status').textContent = `layer ${p.done} of ${p.of}`; }
     } catch (e) { /* the run ended or was replaced */ }
   }, 250);
   try {
     const cap = await api('/api/run', { model: $('model').value, text: $('text').value, client: st.client }, ctl.signal);
     if (seq !== st.seq) return;
+    st.busy = null; clearInterval(poll); prog.hidden = true; // progress is over: the run is back
     st.cap = cap; st.grid = null; st.gridFor = ''; st.cmp = null;
     st.layer = Math.min(st.layer, cap.layers - 1); st.head = Math.min(st.head, cap.heads - 1);
     fillLayerHead();
@@ -68,7 +69,7 @@ async function run() {
     if ($('cmp-on').checked) await compare();
   } catch (e) {
     if (e.name !== 'AbortError' && e.status !== 409 && seq === st.seq) { showError(e.message); $('status').textContent = ''; }
-  } finally { clearInterval(poll); if (seq === st.seq) { prog.hidden = true; st.busy = null; } }
+  } finally { clearInterval(poll); if (seq === st.seq) { prog.hidden = true; if (st.busy === ctl) st.busy = null; } }
 }
 
 function fillLayerHead() {

@@ -1,0 +1,226 @@
+"""The explorer's HTTP API against the real app on uvicorn (httpx over 127.0.0.1).
+
+Oracles: the lens' one-shot `qkv.explain` / `qkv.compare` (a fresh forward of their own, not the
+server's kept capture), a float64 softmax row and q·k written here from the model's own
+projections, and DESIGN.md's measured 0.72 / 0.74."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from qkv.lens import compare, explain, from_json
+
+from .conftest import SENTENCE, SENTENCE_B
+
+pytestmark = pytest.mark.slow
+EXACT = 1e-6  # float32 rows from the kept capture vs the one-shot record's (same math, new forward)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def seed(http):
+    r = http.post("/api/run", json={"model": "smollm2", "text": SENTENCE, "client": "seed"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_run_returns_the_tokens_and_shape(seed):
+    assert [t[0] for t in seed["tokens"]] == ["The", " dog", " chased", " the", " ball", " because",
+                                              " it", " was", " excited", "."]  # fmt: skip
+    assert (seed["layers"], seed["heads"], seed["causal"], seed["context"]) == (30, 9, True, 8192)
+    for text, start, end in seed["tokens"]:
+        assert SENTENCE[start:end] == text
+
+
+def test_lookup_is_the_lens_record(http, seed, smollm2):
+    r = http.post(
+        "/api/lookup", json={"id": seed["id"], "query": 8, "layer": 13, "head": 8, "top": 0}
+    )
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    got = from_json({k: v for k, v in doc.items() if k not in ("neuron_dims", "server_ms")})
+    ref = explain(SENTENCE, "excited", model=smollm2, layer=13, head=8, top=0, progress=False)
+    h, w = got.head(13, 8), ref.head(13, 8)
+    assert h.index.tolist() == w.index.tolist()
+    for col in ("score", "weight", "contribution"):
+        np.testing.assert_allclose(getattr(h, col), getattr(w, col), rtol=EXACT, atol=EXACT)
+    assert round(h.key(1).weight, 2) == 0.72  # "dog", DESIGN.md
+    assert doc["neuron"]["key"]["index"] == 1  # default key: the head's top weight
+
+
+def test_lookup_rows_match_a_float64_softmax(http, seed, smollm2):
+    """weight_j = softmax_j(q·k_j/√d) for query 'excited' in layer 13 head 8, from the kept q and k
+    of the neuron views of every key (each view is one q, k pair), softmax written here."""
+    scores = []
+    for j in range(9):
+        d = http.post("/api/lookup", json={"id": seed["id"], "query": 8, "layer": 13, "head": 8,
+                                           "key": j, "top": 0}).json()  # fmt: skip
+        q, k = np.array(d["neuron"]["q"]), np.array(d["neuron"]["k"])
+        assert d["neuron_dims"]["score"] == pytest.approx(
+            float(q @ k) * d["neuron"]["scale"], rel=1e-12
+        )
+        scores.append(float(q @ k) / np.sqrt(len(q)))
+        top = np.argsort(-np.abs(q * k), kind="stable")[:16]
+        assert d["neuron_dims"]["dims"] == top.tolist()
+    s = np.array(scores)
+    p = np.exp(s - s.max())
+    p /= p.sum()
+    rec = from_json({k: v for k, v in d.items() if k not in ("neuron_dims", "server_ms")})
+    h = rec.head(13, 8)
+    np.testing.assert_allclose(h.weight, p[h.index], atol=1e-5)
+
+
+def test_grid_is_every_heads_weight_and_entropy(http, seed, smollm2):
+    r = http.post("/api/grid", json={"id": seed["id"], "query": 8, "key": 4})
+    assert r.status_code == 200, r.text
+    g = r.json()
+    ref = explain(SENTENCE, "excited", model=smollm2, top=0, progress=False)
+    for lay in ref.layers:
+        for h in lay.heads:
+            assert g["weight"][lay.layer][h.head] == pytest.approx(h.key(4).weight, abs=EXACT)
+            assert g["entropy"][lay.layer][h.head] == pytest.approx(h.entropy, abs=1e-5)
+    assert np.shape(g["weight"]) == (30, 9)
+
+
+def test_compare_is_the_lens_compare(http, smollm2):
+    r = http.post(
+        "/api/compare", json={"model": "smollm2", "a": SENTENCE, "b": SENTENCE_B, "query": 8}
+    )
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    ref = compare(SENTENCE, SENTENCE_B, 8, model=smollm2, progress=False)
+    got = next(h for h in doc["heads"] if (h["layer"], h["head"]) == (13, 8))
+    want = ref.head(13, 8)
+    assert got["index"] == want.index.tolist()
+    np.testing.assert_allclose(got["weight"][1], want.weight_b, atol=EXACT)
+    assert round(got["weight"][1][got["index"].index(4)], 2) == 0.74  # "ball", DESIGN.md
+    assert doc["moved"][13][8] == pytest.approx(want.moved, abs=EXACT)
+    assert max(max(r) for r in doc["moved"]) == pytest.approx(
+        max(h.moved for h in ref.heads), abs=EXACT
+    )
+
+
+def test_clicks_do_not_rerun_the_model(http, smollm2):
+    """One forward per text: a run calls the model once; lookups, grids and exports after it
+    call it zero times."""
+    calls = []
+    hook = smollm2.register_forward_pre_hook(lambda *_: calls.append(1))  # a run stops early
+    try:
+        cid = http.post("/api/run", json={"model": "smollm2", "text": SENTENCE}).json()["id"]
+        assert len(calls) == 1
+        for q, layer, head in ((8, 13, 8), (6, 0, 0), (2, 29, 3), (9, 5, 5)):
+            assert (
+                http.post(
+                    "/api/lookup", json={"id": cid, "query": q, "layer": layer, "head": head}
+                ).status_code
+                == 200
+            )
+            assert http.post("/api/grid", json={"id": cid, "query": q, "key": 0}).status_code == 200
+        assert (
+            http.post(
+                "/api/export",
+                json={"id": cid, "query": 8, "layer": 13, "head": 8, "format": "json"},
+            ).status_code
+            == 200
+        )
+        assert len(calls) == 1
+    finally:
+        hook.remove()
+
+
+def test_export_json_and_png(http, seed):
+    base = {"id": seed["id"], "query": 8, "layer": 13, "head": 8, "key": 4}
+    r = http.post("/api/export", json={**base, "format": "json"})
+    assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
+    rec = from_json(r.text)
+    assert rec.neuron is not None and rec.neuron.key.index == 4
+    assert rec.head(13, 8).key(4).weight == pytest.approx(0.0225, abs=5e-4)
+    p = http.post("/api/export", json={**base, "format": "png"})
+    assert p.status_code == 200 and p.headers["content-type"] == "image/png"
+    assert p.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+BAD = [
+    ("/api/run", {"model": "gemma3", "text": "hi"}, 400, "model must be one of ['smollm2']"),
+    ("/api/run", {"model": "../../../etc/passwd", "text": "hi"}, 400, "fixed when the server started"),
+    ("/api/run", {"model": "smollm2", "text": ""}, 400, "text is empty"),
+    ("/api/run", {"model": "smollm2", "text": 7}, 400, "text must be a string, got int"),
+    ("/api/run", {"model": "smollm2", "text": "dog " * 9000}, 400, "takes at most 8192"),
+    ("/api/run", {"model": "smollm2", "text": "x" * 100_001}, 400, "at most 100000"),
+    ("/api/run", [1, 2], 400, "must be a JSON object, got list"),
+    ("/api/lookup", {"id": "nope", "query": 0, "layer": 0, "head": 0}, 404, "no kept run"),
+    ("/api/lookup", {"id": "SEED", "query": 10, "layer": 0, "head": 0}, 400, "query must be an integer in [0, 10)"),
+    ("/api/lookup", {"id": "SEED", "query": 8, "layer": 30, "head": 0}, 400, "layer must be an integer in [0, 30)"),
+    ("/api/lookup", {"id": "SEED", "query": 8, "layer": 0, "head": -1}, 400, "head must be an integer in [0, 9)"),
+    ("/api/lookup", {"id": "SEED", "query": 8, "layer": 0, "head": True}, 400, "got True"),
+    ("/api/lookup", {"id": "SEED", "query": 3, "layer": 0, "head": 0, "key": 8}, 400, "comes after the query"),
+    ("/api/lookup", {"id": "SEED", "query": 3, "layer": 0}, 400, "head is missing"),
+    ("/api/grid", {"id": "SEED", "query": 3}, 400, "key is missing"),
+    ("/api/compare", {"model": "smollm2", "a": SENTENCE, "b": SENTENCE, "query": 8}, 400, "identical"),
+    ("/api/compare", {"model": "smollm2", "a": SENTENCE, "b": SENTENCE_B, "query": "it"}, 400, "query must be a token position"),
+    ("/api/export", {"id": "SEED", "query": 8, "layer": 0, "head": 0, "format": "exe"}, 400, "format must be 'json' or 'png'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "says"), BAD, ids=[f"{p}-{s}" for p, b, s, s in BAD]
+)
+def test_bad_requests_get_a_json_4xx(http, seed, path, body, status, says):
+    if isinstance(body, dict) and body.get("id") == "SEED":
+        body = {**body, "id": seed["id"]}
+    r = http.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert says in r.json()["error"]
+
+
+def test_body_size_type_and_method_are_bounded(http, server):
+    limit = server.explorer.limits.max_body_kib << 10
+    r = http.post(
+        "/api/run", content=b" " * (limit + 1), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413 and "at most" in r.json()["error"]
+    r = http.post(
+        "/api/run", content=b'{"model": "smollm2"', headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    r = http.post(
+        "/api/run",
+        content=json.dumps({"model": "smollm2", "text": "hi"}),
+        headers={"content-type": "text/plain"},
+    )
+    assert r.status_code == 415
+    assert http.get("/api/run").status_code == 405
+    assert http.get("/api/nothing").json()["error"].startswith("no such page")
+    assert http.get("/api/models").status_code == 200  # still answers
+
+
+def test_page_and_assets_come_from_the_package(http):
+    page = http.get("/")
+    assert (
+        page.status_code == 200 and "default-src 'none'" in page.headers["content-security-policy"]
+    )
+    for name in ("explorer.js", "explorer.css"):
+        assert f"/static/{name}" in page.text
+        assert http.get(f"/static/{name}").status_code == 200
+    for text in (
+        page.text,
+        http.get("/static/explorer.js").text,
+        http.get("/static/explorer.css").text,
+    ):
+        assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")
+        assert "https://" not in text and "//cdn" not in text
+
+
+def test_host_header_must_be_loopback(http):
+    r = http.get("/api/models", headers={"host": "attacker.example:8000"})
+    assert r.status_code == 400 and "not served" in r.json()["error"]
+    assert http.get("/api/models", headers={"host": "localhost"}).status_code == 200
