@@ -30,7 +30,10 @@ def rss_mib() -> float:
 
 def texts(n: int) -> list[str]:
     animals = ["dog", "cat", "fox", "owl", "cow", "bee", "elk", "yak", "ant", "bat"]
-    return [f"The {animals[k % 10]} number {k} chased the ball because it was excited." for k in range(n)]
+    return [
+        f"The {animals[k % 10]} number {k} chased the ball because it was excited."
+        for k in range(n)
+    ]
 
 
 async def burst(url: str, reqs: list[tuple[str, dict]]) -> list[httpx.Response]:
@@ -50,23 +53,37 @@ def test_fifty_concurrent_requests(server, smollm2):
         alone = {a: c.post("/api/lookup", json={"id": cid, "query": a[0], "layer": a[1], "head": a[2], "top": 0}).json() for a in asks}  # fmt: skip
     before = rss_mib()
     runs = texts(BURST - len(asks))
-    reqs = [("/api/lookup", {"id": cid, "query": q, "layer": layer, "head": head, "top": 0}) for q, layer, head in asks]
-    reqs += [("/api/run", {"model": "smollm2", "text": t, "client": f"page-{k}"}) for k, t in enumerate(runs)]
+    reqs = [
+        ("/api/lookup", {"id": cid, "query": q, "layer": layer, "head": head, "top": 0})
+        for q, layer, head in asks
+    ]
+    reqs += [
+        ("/api/run", {"model": "smollm2", "text": t, "client": f"page-{k}"})
+        for k, t in enumerate(runs)
+    ]
     got = asyncio.run(burst(url, reqs))
     after = rss_mib()
     assert len(got) == BURST
-    assert [r.status_code for r in got] == [200] * BURST, [r.text for r in got if r.status_code != 200]
+    assert [r.status_code for r in got] == [200] * BURST, [
+        r.text for r in got if r.status_code != 200
+    ]
     for (q, layer, head), r in zip(asks, got[: len(asks)], strict=True):
         d, want = r.json(), alone[(q, layer, head)]
-        assert (d["query"]["index"], d["layers"][0]["layer"], d["layers"][0]["heads"][0]["head"]) == (q, layer, head)
+        assert (
+            d["query"]["index"],
+            d["layers"][0]["layer"],
+            d["layers"][0]["heads"][0]["head"],
+        ) == (q, layer, head)
         for col in ("index", "weight", "contribution"):
             a = [k[col] for k in d["layers"][0]["heads"][0]["keys"]]
             b = [k[col] for k in want["layers"][0]["heads"][0]["keys"]]
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    for text, r in zip(runs, got[len(asks):], strict=True):
+    for text, r in zip(runs, got[len(asks) :], strict=True):
         d = r.json()
         assert d["text"] == text
-        assert [(t[1], t[2]) for t in d["tokens"]] == [tuple(o) for o in smollm2.tokenizer.encode(text).offsets]
+        assert [(t[1], t[2]) for t in d["tokens"]] == [
+            tuple(o) for o in smollm2.tokenizer.encode(text).offsets
+        ]
         assert "".join(t[0] for t in d["tokens"]) == text
     assert server.explorer.kept <= server.explorer.limits.max_captures
     assert server.explorer.pending == 0
@@ -81,7 +98,15 @@ def test_a_full_queue_is_refused_with_429(smollm2):
     srv = Server(ex, port=0).start()
     try:
         long = "The dog chased the ball because it was excited. " * 40
-        got = asyncio.run(burst(srv.url, [("/api/run", {"model": "smollm2", "text": long, "client": f"p{k}"}) for k in range(6)]))
+        got = asyncio.run(
+            burst(
+                srv.url,
+                [
+                    ("/api/run", {"model": "smollm2", "text": long, "client": f"p{k}"})
+                    for k in range(6)
+                ],
+            )
+        )
         codes = sorted(r.status_code for r in got)
         assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
         busy = next(r for r in got if r.status_code == 429).json()["error"]
@@ -97,13 +122,17 @@ def test_a_newer_run_from_the_same_page_cancels_the_older(server):
 
     async def two() -> tuple[httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=BOUND_S) as c:
-            first = asyncio.create_task(c.post("/api/run", json={"model": "smollm2", "text": long, "client": "same"}))
+            first = asyncio.create_task(
+                c.post("/api/run", json={"model": "smollm2", "text": long, "client": "same"})
+            )
             while True:  # until the older run has started its forward
                 p = (await c.get("/api/progress", params={"client": "same"})).json()
-                if p["state"] == "running" and p["done"] >= 1 or first.done():
+                if (p["state"] == "running" and p["done"] >= 1) or first.done():
                     break
                 await asyncio.sleep(0.02)
-            second = await c.post("/api/run", json={"model": "smollm2", "text": SENTENCE, "client": "same"})
+            second = await c.post(
+                "/api/run", json={"model": "smollm2", "text": SENTENCE, "client": "same"}
+            )
             return await first, second
 
     first, second = asyncio.run(two())
