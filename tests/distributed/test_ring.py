@@ -12,7 +12,8 @@ from qkv.distributed.ring import band_pair
 from . import spawn
 from .workers import CASES, FP32, GROUPS
 
-# fp64: absolute; fp32: at most 2× the plain fp32 formula's own error vs float64, plus this
+# fp64: absolute; fp32: at most 2× the plain fp32 formula's own error vs float64 (over the
+# whole gathered tensor), plus this
 ATOL = {"float64": 1e-12, "float32": 3e-7}
 QUANTITIES = ("out", "lse", "dq", "dk", "dv")
 
