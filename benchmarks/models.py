@@ -1,6 +1,6 @@
 """Real-model benchmarks: qkv vs transformers on the same weights, ratios from one run.
 
-    python benchmarks/models.py --model minilm|smollm2|all [--runs N]
+    python benchmarks/models.py --model minilm|smollm2|gemma3|all [--runs N]
 
 Speed: both implementations are loaded in one process and run alternately (same machine
 state), median of `--runs` timed runs after one warm-up, under torch.inference_mode().
@@ -418,15 +418,140 @@ def bench_smollm2(args) -> str:
     return table(rows)
 
 
+# ---------------------------------------------------------------- gemma3
+
+G3_PREFILL, G3_PROMPT, G3_DECODE = 2048, 32, 32
+
+
+def gemma3_ids(n: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(6250, 262000, (1, n), generator=g)  # past the control/unused tokens
+    ids[0, 0] = 2  # <bos>
+    return ids
+
+
+def load_gemma3_qkv(cache: bool = True):
+    from qkv.models import gemma3
+
+    return gemma3.load_gemma3(cache_dir=None if cache else False)
+
+
+def load_gemma3_hf(tokenizer: bool = False, attn: str = "sdpa"):
+    """Gemma3ForCausalLM from the same GGUF, transformers' own GGUF reader (sdpa)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qkv.models import gemma3
+
+    path = gemma3.gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation=attn
+    ).eval()
+    if tokenizer:
+        model.tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model
+
+
+def gemma3_prefill(impl: str, model, ids):
+    """Forward of the whole prompt → the last position's logits (1, 262144): what generation
+    needs (all 2048 × 262144 logits would be 2 GiB on each side)."""
+    if impl == "qkv":
+        return lambda: model.unembed(model.hidden(ids)[:, -1])
+    return lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+
+
+def gemma3_decode(impl: str, model, ids, n: int):
+    if impl == "qkv":
+        return lambda: list(model.generate_ids(ids[0].tolist(), n, stop_ids=()))
+    mask = ids.new_ones(ids.shape)
+    return lambda: model.generate(
+        ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        eos_token_id=None, pad_token_id=0,
+    )[0, ids.shape[1] :].tolist()  # fmt: skip
+
+
+def gemma3_worker(impl: str, args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    import qkv.models.gemma3  # noqa: F401
+
+    ids = gemma3_ids(G3_PREFILL)
+    t = time.perf_counter()
+    if impl == "hf":
+        model = load_gemma3_hf(tokenizer=True)
+    else:
+        model = load_gemma3_qkv(cache=impl == "qkv")
+    load_s = time.perf_counter() - t
+    kind = "hf" if impl == "hf" else "qkv"
+    with torch.inference_mode():
+        gemma3_prefill(kind, model, ids[:, :8])()  # touch weights, init kernels
+        before = rss_now()
+        gemma3_prefill(kind, model, ids)()
+    peak = rss_peak()
+    anon, file = rss_split()
+    return {"load_s": load_s, "peak_rss": peak, "fwd_extra": peak - before, "anon": anon,
+            "file": file}  # fmt: skip
+
+
+def bench_gemma3(args) -> str:
+    import torch
+
+    extra = ["--threads", str(args.threads)] if args.threads else []
+    load_gemma3_qkv()  # make sure the on-disk cache exists before timing a cached load
+    w = {impl: run_worker(f"gemma3-{impl}", extra) for impl in ("qkv", "qkv-nocache", "hf")}
+    ours, theirs = load_gemma3_qkv(), load_gemma3_hf()
+    rows = [
+        ["gemma3 (Gemma 3 270M, Q4_K_M → fp32)", "qkv", "transformers (sdpa)", "ratio (speed-up)"]
+    ]
+    ids = gemma3_ids(G3_PREFILL)
+    f_ours, f_hf = gemma3_prefill("qkv", ours, ids), gemma3_prefill("hf", theirs, ids)
+    with torch.inference_mode():
+        a, b = f_ours(), f_hf()
+        err = float((a - b).abs().max() / b.abs().max())
+        p = alternate(f_ours, f_hf, args.runs)
+    rows.append([f"prefill {G3_PREFILL} tokens → last logits, median s", f"{p.a:.2f}",
+                 f"{p.b:.2f}", p.speedup()])  # fmt: skip
+    rows.append([f"  max |Δ logit| / max |logit| vs transformers: {err:.1e}", "", "", ""])
+    prompt = gemma3_ids(G3_PROMPT)
+    d_ours = gemma3_decode("qkv", ours, prompt, G3_DECODE)
+    d_hf = gemma3_decode("hf", theirs, prompt, G3_DECODE)
+    same = d_ours() == d_hf()
+    p = alternate(d_ours, d_hf, args.runs)
+    rows.append([f"greedy decode {G3_PROMPT}+{G3_DECODE} tokens, KV cache, tokens/s",
+                 f"{G3_DECODE / p.a:.1f}", f"{G3_DECODE / p.b:.1f}", p.speedup()])  # fmt: skip
+    rows.append([f"  same {G3_DECODE} tokens as transformers.generate: {same}", "", "", ""])
+    q, n, h = w["qkv"], w["qkv-nocache"], w["hf"]
+    for label, x in (("disk cache", q), ("from the GGUF", n)):
+        rows.append([f"load model+tokenizer s, fresh process (qkv: {label})", f"{x['load_s']:.2f}",
+                     f"{h['load_s']:.2f}", f"{h['load_s'] / x['load_s']:.2f}×"])  # fmt: skip
+    rows.append([f"peak RSS of process (load + {G3_PREFILL} prefill)", mib(q["peak_rss"]),
+                 mib(h["peak_rss"]), f"{q['peak_rss'] / h['peak_rss']:.2f}× theirs"])  # fmt: skip
+    rows.append(["  resident after: anon / file-backed", f"{mib(q['anon'])} / {mib(q['file'])}",
+                 f"{mib(h['anon'])} / {mib(h['file'])}", ""])  # fmt: skip
+    rows.append([f"{G3_PREFILL} prefill's extra peak RSS", mib(q["fwd_extra"]),
+                 mib(h["fwd_extra"]), ""])  # fmt: skip
+    return table(rows)
+
+
 # ---------------------------------------------------------------- registry
 
-BENCHES: dict[str, Callable] = {"minilm": bench_minilm, "smollm2": bench_smollm2}
+BENCHES: dict[str, Callable] = {
+    "minilm": bench_minilm,
+    "smollm2": bench_smollm2,
+    "gemma3": bench_gemma3,
+}
 WORKERS: dict[str, Callable] = {
     "minilm-qkv": lambda a: minilm_worker("qkv", a),
     "minilm-hf": lambda a: minilm_worker("hf", a),
     "smollm2-qkv": lambda a: smollm2_worker("qkv", a),
     "smollm2-qkv-nocache": lambda a: smollm2_worker("qkv-nocache", a),
     "smollm2-hf": lambda a: smollm2_worker("hf", a),
+    "gemma3-qkv": lambda a: gemma3_worker("qkv", a),
+    "gemma3-qkv-nocache": lambda a: gemma3_worker("qkv-nocache", a),
+    "gemma3-hf": lambda a: gemma3_worker("hf", a),
 }
 
 
