@@ -1,0 +1,57 @@
+"""`shard(model)`: a decoder run with its sequence sharded over 2 gloo ranks equals the same
+decoder run whole on one process (logits and summed parameter gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qkv.distributed import shard
+from qkv.models.tiny import TinyConfig, TinyTransformer
+
+from . import spawn
+
+TOL = {"float64": 1e-12, "float32": 1e-5}  # max |error| / max |value|
+
+
+@pytest.fixture(scope="module")
+def report():
+    results, _ = spawn.run("tests.distributed.model_workers:sharded_decoder", 2, timeout=180)
+    return spawn.ok(results)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_sharded_decoder_equals_the_whole_model(report, layout, dtype):
+    for r, rep in enumerate(report):
+        got = rep[f"{layout}/{dtype}"]
+        for what in ("logits", "grads", "unsharded"):
+            assert got[what] <= TOL[dtype], f"rank {r} {layout} {dtype} {what}: {got[what]:.3g}"
+
+
+def test_the_check_can_fail(report):
+    assert max(rep["mislabeled/float64"] for rep in report) > 1e-3
+
+
+@pytest.mark.slow
+def test_sharded_smollm2_equals_the_whole_model():
+    results, _ = spawn.run("tests.distributed.model_workers:smollm2_sharded", 2, timeout=400,
+                           pg_timeout=300)  # fmt: skip
+    for r, got in enumerate(spawn.ok(results)):
+        assert got["n"] > 60
+        assert got["logits"] <= 1e-4, (
+            f"rank {r}: {got['logits']:.3g} (logits up to {got['scale']:.1f})"
+        )
+
+
+def test_shard_refuses_what_it_cannot_shard():
+    learned = TinyTransformer(TinyConfig(vocab=("a", "b"), max_positions=8, positions="learned"))
+    with pytest.raises((ValueError, RuntimeError)) as e:
+        shard(learned)
+    assert "init_process_group" in str(e.value) or "position" in str(e.value)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        shard("model")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        shard(nn.Linear(2, 2), layout="striped")
+    assert torch.distributed.is_initialized() is False
