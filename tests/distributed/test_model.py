@@ -4,7 +4,6 @@ decoder run whole on one process (logits and summed parameter gradients)."""
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
 
 from qkv.distributed import shard
@@ -47,11 +46,15 @@ def test_sharded_smollm2_equals_the_whole_model():
 
 def test_shard_refuses_what_it_cannot_shard():
     learned = TinyTransformer(TinyConfig(vocab=("a", "b"), max_positions=8, positions="learned"))
-    with pytest.raises((ValueError, RuntimeError)) as e:
+    with pytest.raises(ValueError, match="pos looks like learned absolute position embeddings"):
         shard(learned)
-    assert "init_process_group" in str(e.value) or "position" in str(e.value)
-    with pytest.raises(TypeError, match="torch.nn.Module"):
+    rope = TinyTransformer(TinyConfig(vocab=("a", "b"), max_positions=8, positions="rope"))
+    with pytest.raises(RuntimeError, match=r"call dist\.init_process_group"):
+        shard(rope)  # this test process has no process group
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         shard("model")
     with pytest.raises(ValueError, match="layout must be one of"):
-        shard(nn.Linear(2, 2), layout="striped")
-    assert torch.distributed.is_initialized() is False
+        shard(rope, layout="striped")
+    with pytest.raises(ValueError, match=r"holds no qkv\.nn\.MultiHeadAttention"):
+        shard(nn.Linear(2, 2))
+    assert type(rope.blocks[0].attn).__name__ == "MultiHeadAttention"  # nothing half-swapped

@@ -100,26 +100,24 @@ def shard(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if not dist.is_initialized():
-        raise RuntimeError(
-            "shard needs torch.distributed: call dist.init_process_group (torchrun sets "
-            "MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE) before shard(model)"
-        )
     for name, m in model.named_modules():
         if isinstance(m, nn.Embedding) and "pos" in name.rsplit(".", 1)[-1]:
             raise ValueError(
                 f"{name} looks like learned absolute position embeddings, which would read "
                 "each rank's local positions; shard supports RoPE and position-free models"
             )
-    found = 0
+    if not any(isinstance(m, MultiHeadAttention) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} holds no qkv.nn.MultiHeadAttention to shard")
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "shard needs torch.distributed: call dist.init_process_group (torchrun sets "
+            "MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE) before shard(model)"
+        )
     for m in model.modules():
         if isinstance(m, MultiHeadAttention):
             if not isinstance(m, _Sharded):
                 m.__class__ = _sharded_class(type(m))
             m._seq_group, m._seq_layout = group, layout
-            found += 1
-    if not found:
-        raise ValueError(f"{type(model).__name__} holds no qkv.nn.MultiHeadAttention to shard")
     return model
 
 
