@@ -224,3 +224,16 @@ def test_host_header_must_be_loopback(http):
     r = http.get("/api/models", headers={"host": "attacker.example:8000"})
     assert r.status_code == 400 and "not served" in r.json()["error"]
     assert http.get("/api/models", headers={"host": "localhost"}).status_code == 200
+
+
+def test_a_failure_inside_is_a_500_and_the_server_goes_on(http, seed, monkeypatch):
+    from qkv.web import payload
+
+    def broken(*_):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(payload, "grid", broken)
+    r = http.post("/api/grid", json={"id": seed["id"], "query": 8, "key": 1})
+    assert r.status_code == 500 and r.json()["error"] == "internal error: RuntimeError: kaboom"
+    monkeypatch.undo()
+    assert http.post("/api/grid", json={"id": seed["id"], "query": 8, "key": 1}).status_code == 200

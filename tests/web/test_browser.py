@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from qkv.lens import compare, explain
+from qkv.lens import compare, explain, from_json
 
 from .conftest import SENTENCE, SENTENCE_B
 
@@ -72,6 +72,13 @@ def test_seed_scenario(server, browser, shots, smollm2):
     assert round(dog, 2) == 0.72  # DESIGN.md's measured value
     grid = page.locator("#grid td.cell[data-l='13'][data-h='8']")
     assert "sel" in grid.get_attribute("class")
+    with page.expect_download() as dl:  # export: the record shown, as the lens writes it
+        page.click("#exp-json")
+    rec = from_json(open(dl.value.path(), encoding="utf-8").read())
+    assert (rec.query.index, rec.head(13, 8).key(1).weight) == (8, pytest.approx(dog, abs=DISPLAY))
+    with page.expect_download() as dl:
+        page.click("#exp-png")
+    assert open(dl.value.path(), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
     page.fill("#text-b", SENTENCE_B)
     page.click("#cmp-run")
@@ -114,7 +121,13 @@ def test_long_text_stays_responsive(server, browser, shots, smollm2):
     assert 4096 <= n <= 4100, n
     page, seen = open_page(browser, server)
     t0 = time.perf_counter()
-    run_text(page, text, timeout=300_000)
+    page.fill("#text", text)
+    page.click("#run")
+    # progress shows while the forward runs ("layer k of 30")
+    page.wait_for_function("/layer \\d+ of 30/.test(document.querySelector('#status').textContent)"
+                           " && !document.querySelector('#prog').hidden", timeout=300_000)  # fmt: skip
+    page.wait_for_function("document.querySelector('#prog').hidden && "
+                           "document.querySelector('#lookup h2') !== null", timeout=300_000)  # fmt: skip
     first = time.perf_counter() - t0
     chips = page.evaluate("document.querySelectorAll('#tokens .chip').length")
     nodes = page.evaluate("document.getElementsByTagName('*').length")

@@ -91,6 +91,7 @@ function drawPager() {
     el('button', { id: 'next', onclick: () => go(st.page + 1) }, '›'), el('span', {}, 'go to'), jump);
 }
 function drawTokens() {
+  untip(); // the chip under the mouse is about to be replaced: its tooltip would go stale
   drawPager();
   const W = new Map();
   if (st.rec) for (const k of st.rec.layers[0].heads[0].keys) W.set(k.index, k.weight);
@@ -168,6 +169,7 @@ function drawLookup() {
 
 function drawGrid() {
   const g = st.grid, by = $('gridby').value;
+  untip();
   if (!g) { $('grid').replaceChildren(); return; }
   const M = g[by], mx = by === 'entropy' ? Math.max(1e-12, ...M.flat()) : 1;
   const head = el('tr', {}, el('th', {}, 'L\\H'), ...M[0].map((_, h) => el('th', {}, h)));
