@@ -142,41 +142,105 @@ def test_public_api_default_blocks():
     assert isinstance(qkv.attention(q, k, v, backend="triton"), torch.Tensor)
 
 
-GRAD_CASES = {
-    "causal-gqa": (17, 40, 16, {"causal": True}),
-    "window-mqa": (40, 40, 16, {"window": (5, 3)}),
-    "causal-empty-top": (40, 17, 16, {"causal": True}),
+GRAD_CASES = {  # (Hq, Hk, Sq, Sk, D, kwargs): awkward sizes, block edges ±1, empty rows
+    "dense-gqa": (4, 2, 17, 33, 16, {}),
+    "causal-gqa": (4, 2, 17, 40, 16, {"causal": True}),
+    "causal-square-edge": (2, 2, 33, 33, 16, {"causal": True}),
+    "causal-empty-top": (4, 2, 40, 17, 16, {"causal": True}),
+    "causal-decode-1x47": (4, 1, 1, 47, 16, {"causal": True}),
+    "window-mqa": (4, 1, 40, 40, 16, {"window": (5, 3)}),
+    "window-left-d40": (2, 1, 31, 49, 40, {"window": (7, None)}),
+    "window-right-d59": (2, 2, 49, 31, 59, {"window": (None, 2)}),
+    "window-empty-rows": (2, 2, 40, 17, 16, {"window": (0, 0)}),
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def grads(fn, q, k, v, do, dl):
+    """dq, dk, dv of Σ out·do + Σ lse·dl (an empty row's −inf LSE has no gradient)."""
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out, lse = fn(*xs)
+    lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    loss = 0.0
+    if do is not None:
+        loss = loss + (out * do.to(out)).sum()
+    if dl is not None:
+        loss = loss + (lse * dl.to(lse)).sum()
+    loss.backward()
+    return [torch.zeros_like(x).cpu() if x.grad is None else x.grad.cpu() for x in xs]
+
+
+def _ref(**kw):
+    def fn(*x):
+        r = naive(*x, **kw)
+        return r.out, r.lse
+
+    return fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", list(GRAD_CASES))
-def test_gradients_through_tiled_backward(case, dtype):
-    """Loss on out and on the LSE: dq, dk, dv against the float64 oracle's autograd."""
-    Sq, Sk, D, kw = GRAD_CASES[case]
-    Hq, Hk = (4, 1) if "mqa" in case else (4, 2)
+def test_gradients_vs_oracle(case, dtype):
+    """The Triton backward (dK/dV and dQ passes): loss on out and on the LSE, dq, dk, dv
+    against the float64 oracle's autograd, within 2× the same-dtype PyTorch error (+ tol)."""
+    Hq, Hk, Sq, Sk, D, kw = GRAD_CASES[case]
     q, k, v = qkv_on(2, Hq, Hk, Sq, Sk, D, dtype=dtype, requires_grad=True)
     g = torch.Generator().manual_seed(1)
     do = torch.randn(2, Hq, Sq, D, generator=g, dtype=torch.float64)
     dl = torch.randn(2, Hq, Sq, generator=g, dtype=torch.float64)
-
-    def grads(fn, *xs):
-        xs = [x.detach().clone().requires_grad_() for x in xs]
-        out, lse = fn(*xs)
-        lse = torch.where(torch.isfinite(lse), lse, 0.0)  # an empty row's −inf has no gradient
-        ((out * do.to(out)).sum() + (lse * dl.to(lse)).sum()).backward()
-        return [x.grad.cpu() for x in xs]
-
-    def ref(*x):
-        r = naive(*x, **kw)
-        return r.out, r.lse
-
-    truth = grads(ref, q.cpu().double(), k.cpu().double(), v.cpu().double())
-    plain = grads(ref, q.cpu(), k.cpu(), v.cpu())
-    got = grads(lambda *x: run(*x, **kw), q, k, v)
+    truth = grads(_ref(**kw), q.cpu().double(), k.cpu().double(), v.cpu().double(), do, dl)
+    plain = grads(_ref(**kw), q.cpu(), k.cpu(), v.cpu(), do, dl)
+    got = grads(lambda *x: run(*x, **kw), q, k, v, do, dl)
     for name, a, p, t in zip("qkv", got, plain, truth, strict=True):
         assert a.dtype == dtype
         assert_within_budget(a, p, t, dtype, factor=GRAD_FACTOR, what=f"d{name}")
+
+
+@pytest.mark.parametrize("which", ["out", "lse"])
+def test_gradients_of_out_alone_and_of_lse_alone(which):
+    """dLSE enters dS as −dLSE·P (Δ − dLSE): each term alone against the oracle."""
+    q, k, v = qkv_on(1, 4, 2, 33, 40, 16, requires_grad=True)
+    g = torch.Generator().manual_seed(2)
+    do = torch.randn(1, 4, 33, 16, generator=g, dtype=torch.float64) if which == "out" else None
+    dl = torch.randn(1, 4, 33, generator=g, dtype=torch.float64) if which == "lse" else None
+    kw = {"causal": True}
+    truth = grads(_ref(**kw), q.cpu().double(), k.cpu().double(), v.cpu().double(), do, dl)
+    plain = grads(_ref(**kw), q.cpu(), k.cpu(), v.cpu(), do, dl)
+    got = grads(lambda *x: run(*x, **kw), q, k, v, do, dl)
+    for name, a, p, t in zip("qkv", got, plain, truth, strict=True):
+        assert_within_budget(a, p, t, torch.float32, factor=GRAD_FACTOR, what=f"d{name}")
+    if which == "lse":  # ∂LSE/∂v = 0
+        assert (got[2] == 0).all()
+
+
+def test_the_backward_is_triton_unless_k_or_v_holds_nan(monkeypatch):
+    """Finite K/V: the tiled backward is never called. NaN/inf in keys and values that no row
+    keeps: the tiled backward takes over, every gradient is finite and equals the float64
+    reference's on K/V with those entries zeroed (they never leak, forward or backward)."""
+    from qkv.attention import tiled
+
+    calls = []
+    real = tiled.backward
+    monkeypatch.setattr(tiled, "backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = {"window": (3, 0)}  # 10 queries at positions 30..39 keep keys 27..39 only
+    q, k, v = qkv_on(1, 2, 1, 10, 40, 16, requires_grad=True)
+    out, _ = run(q, k, v, **kw)
+    out.sum().backward()
+    assert calls == []
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[:, :, 5, 2] = float("nan")
+    v2[:, :, 12, 0] = float("inf")
+    xs = [t.detach().clone().requires_grad_() for t in (q, k2, v2)]
+    out, _ = run(*xs, **kw)
+    out.sum().backward()
+    assert calls == [1]
+    ref = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    with torch.no_grad():
+        ref[1][:, :, 5] = 0.0
+        ref[2][:, :, 12] = 0.0
+    naive(*ref, **kw).out.sum().backward()
+    for x, r in zip(xs, ref, strict=True):
+        assert torch.isfinite(x.grad).all()
+        assert err(x.grad.cpu(), r.grad) < 1e-5
 
 
 def _brute_blocks(spec, qs, qe, n):
@@ -314,3 +378,29 @@ def test_missing_triton_says_how_to_install(monkeypatch):
     q, k, v = make_qkv(1, 2, 2, 7, 9, 16)
     with pytest.raises(ImportError, match="pip install triton"):
         qkv.attention(q, k, v, backend="triton")
+
+
+# ---- the peers' cases (tests/attention/test_peers.py, re-typed from flash-attn) on triton ----
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [16, 64])
+@pytest.mark.parametrize("seqlen", [1, 2, 17])
+def test_peer_flash_bwd_overflow(seqlen, d, causal):
+    from . import test_peers
+
+    test_peers.test_flash_bwd_overflow(seqlen, d, causal, "triton")
+
+
+@pytest.mark.parametrize("case", ["sk1", "sk1-causal", "causal-sq>sk", "window-0-mqa"])
+def test_peer_single_key_rows_bf16(case):
+    from . import test_peers
+
+    test_peers.test_single_key_rows_bf16(case, "triton")
+
+
+@pytest.mark.parametrize("d", [40, 59, 111])
+def test_peer_awkward_head_dims_bf16(d):
+    from . import test_peers
+
+    test_peers.test_awkward_head_dims_bf16(d, True, "triton")

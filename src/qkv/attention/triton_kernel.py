@@ -19,8 +19,8 @@ FlashAttention does); LSE fp32 natural log (under the interpreter, whose
 Head dims D = Dv ≤ 256, padded to a power of two ≥ 16 inside. fp32 dots use IEEE precision
 (no TF32), as the error budget demands.
 
-The backward is the tiled backend's (`tiled.backward`): it recomputes each tile from q, k, v
-and the saved LSE, so gradients work everywhere this forward does.
+The backward is `triton_backward` (FlashAttention-2's dK/dV and dQ passes from the saved
+LSE, fp32 scores and dP); a banded call with NaN/inf in K or V takes `tiled.backward`.
 
 Importing this module imports Triton and decides, once, whether kernels run compiled (CUDA)
 or in Triton's CPU interpreter (`TRITON_INTERPRET=1` set before the import): under the
@@ -266,18 +266,32 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS,
         tl.store(VISITS + (pid_bh * n_blocks + pid_m) * 2 + 1, n_inner)
 
 
+def needs_clean(spec: Spec, k: Tensor, v: Tensor) -> bool:
+    """Whether a banded call's K or V holds NaN/inf (one host sync, banded calls only): then
+    the forward runs its cleaning variant and the backward is `tiled.backward`."""
+    return spec.banded and not scoring.all_finite(k, v)
+
+
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, spec: Spec, config: Config = Config(), count: bool = False
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: Spec,
+    config: Config = Config(),
+    count: bool = False,
+    clean: bool | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(out (b h i e) in q's dtype, lse (b h i) fp32, visits) — no autograd; see `triton`.
 
     `visits` (b·h, n_query_blocks, 2) int32 counts the [masked, interior] key blocks each
-    program visited when `count`, else None."""
+    program visited when `count`, else None. `clean`: `needs_clean`'s answer, if known.
+    `out_dtype` (default q's): fp32 keeps O unrounded for the backward's Δ = rowsum(dO∘O)."""
     for name, n in (("block_m", config.block_m), ("block_n", config.block_n)):
         if n < 16 or n & (n - 1):
             raise ValueError(f"{name} must be a power of two ≥ 16, got {n}")
     s = spec
-    out = torch.zeros(s.B, s.Hq, s.Sq, s.Dv, dtype=q.dtype, device=q.device)
+    out = torch.zeros(s.B, s.Hq, s.Sq, s.Dv, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.full((s.B, s.Hq, s.Sq), float("-inf"), dtype=torch.float32, device=q.device)
     n_blocks = triton.cdiv(s.Sq, config.block_m)
     visits = None
@@ -285,7 +299,7 @@ def forward(
         visits = torch.zeros(s.B * s.Hq, n_blocks, 2, dtype=torch.int32, device=q.device)
     if s.Sq == 0 or s.Sk == 0 or s.B * s.Hq == 0:
         return out, lse, visits
-    clean = s.banded and not scoring.all_finite(k, v)  # one host sync, banded calls only
+    clean = needs_clean(s, k, v) if clean is None else clean
     block_d = max(16, triton.next_power_of_2(s.D))
     grid = (n_blocks, s.B * s.Hq)
     _forward_kernel[grid](
@@ -309,16 +323,26 @@ INTERPRETED = not isinstance(_forward_kernel, triton.runtime.JITFunction)
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec: Spec, config: Config):
-        out, lse, _ = forward(q, k, v, spec, config)
+        ctx.clean = needs_clean(spec, k, v) if spec.Sq and spec.Sk else False
+        # O in fp32 for the backward: Δ = rowsum(dO∘O) from a half-rounded O puts dQ 10× past
+        # flash-attn's bwd-overflow criterion (fp16, 2 keys); the tiled backend keeps it too
+        wide = torch.float32 if ctx.needs_input_grad[:3] != (False,) * 3 else None
+        out, lse, _ = forward(q, k, v, spec, config, clean=ctx.clean, out_dtype=wide)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec = spec
-        return out, lse
+        ctx.spec, ctx.config = spec, config
+        return out.to(q.dtype), lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = tiled.backward(q, k, v, ctx.spec, out, lse, dout, dlse)
+        if ctx.clean:  # NaN/inf in K or V: the tiled backward keeps masked ones out
+            dq, dk, dv = tiled.backward(q, k, v, ctx.spec, out, lse, dout, dlse)
+        else:
+            from .triton_backward import backward
+
+            dq, dk, dv = backward(q, k, v, ctx.spec, out, lse, dout, dlse, ctx.config,
+                                  interpreted=INTERPRETED)  # fmt: skip
         return dq, dk, dv, None, None
 
 
@@ -326,7 +350,7 @@ def triton_attention(
     q: Tensor, k: Tensor, v: Tensor, spec: Spec, config: Config | None = None
 ) -> tuple[Tensor, Tensor]:
     """(out (b h i e), lse (b h i) fp32) by the Triton forward; differentiable in q, k, v
-    through the tiled backward. Raises ValueError naming another backend for what it lacks."""
+    through the Triton backward (`triton_backward`). Raises ValueError naming another backend for what it lacks."""
     why = unsupported(q, spec)
     if why is not None:
         raise ValueError(f"backend='triton': {why}")

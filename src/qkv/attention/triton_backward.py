@@ -1,0 +1,226 @@
+"""The triton backend's backward: FlashAttention-2's two passes, recomputing P from the saved LSE.
+
+With `Δ_i = Σ_e dO_ie·O_ie − dLSE_i` (b h i), fp32, computed once by PyTorch:
+
+    P_ij  = exp(scale·q_i·k_j − LSE_i)        kept (i, j) only; an empty row (LSE −inf) is 0
+    dP_ij = dO_i · v_j                         fp32, never rounded to the input dtype
+    dS_ij = P_ij · (dP_ij − Δ_i)               (the −dLSE term: ∂LSE_i/∂s_ij = P_ij)
+    dV_j  = Σ_i P_ij dO_i     dK_j = scale · Σ_i dS_ij q_i     dQ_i = scale · Σ_j dS_ij k_j
+
+Pass 1, grid (key blocks, b·Hk): one program owns a key block of one kv head and loops over the
+query heads of its GQA group and the query blocks whose band reaches it (`_query_range`), so
+dK/dV sum over the group with no atomics. Pass 2, grid (query blocks, b·Hq): dQ over the key
+blocks `_block_range` gives the forward. Scores and dP are fp32 `tl.dot` accumulations (IEEE for
+fp32 inputs); P and dS are rounded to the input dtype before their products, as FlashAttention
+does. Δ comes from the forward's O kept in fp32 (`_TritonAttention` saves it): from the
+half-rounded O, dQ lands 10× past flash-attn's own bwd-overflow criterion. Under Triton's CPU interpreter bf16 operands are widened to fp32 first (its `tl.dot`
+mistakes bf16 for integers).
+
+The masking is the forward's: bottom-right alignment δ = Sk − Sq, window (left, right)
+inclusive on that diagonal, the sequence tails. A banded call whose K or V holds NaN/inf takes
+`tiled.backward` instead (the forward knows, without a second check).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .spec import Spec
+from .triton_kernel import LOG2E, Config, _block_range
+
+_SUM = tl.standard._sum_combine  # builtins only, as in triton_kernel (the interpreter needs them)
+
+
+@triton.jit
+def _query_range(ks, ke, Sq, delta, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query rows [start, stop) whose band holds any key in [ks, ke): i + δ − left ≤ j and
+    j ≤ i + δ + right for some j there, i.e. i ≥ ks − δ − right and i ≤ ke − 1 − δ + left."""
+    start = 0
+    stop = Sq
+    if HAS_RIGHT:
+        start = tl.minimum(Sq, tl.maximum(0, ks - delta - right))
+    if HAS_LEFT:
+        stop = tl.minimum(Sq, ke - delta + left)
+    stop = tl.maximum(start, stop)
+    return start, stop
+
+
+@triton.jit
+def _probs(q, kt, lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
+           HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """P (i j) fp32 for a tile: exp2(scale·log2e·q·k − lse·log2e) where kept, else 0."""
+    s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+    pos = offs_m[:, None] + delta
+    keep = (offs_m[:, None] < Sq) & (offs_n[None, :] < Sk)
+    if HAS_LEFT:
+        keep = keep & (offs_n[None, :] >= pos - left)
+    if HAS_RIGHT:
+        keep = keep & (offs_n[None, :] <= pos + right)
+    return tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DLT, DK, DV,
+                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                 sdb, sdh, sdm, sdd, skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
+                 Hq, Hk, GS, Sq, Sk, D, left, right, qk_scale, sm_scale,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+                 DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):  # fmt: skip
+    """Grid (cdiv(Sk, BLOCK_N), B·Hk). DK, DV (b g j d) fp32; LSE, DLT (b h i) fp32 contiguous."""
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // Hk
+    g = pid_bg % Hk
+    delta = Sk - Sq
+    ks = pid_n * BLOCK_N
+    ke = tl.minimum(ks + BLOCK_N, Sk)
+    offs_n = ks + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < Sk
+    d_ok = offs_d < D
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + g * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)  # (j d)  # fmt: skip
+    v = tl.load(V + b * svb + g * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)  # (j e)  # fmt: skip
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    kt = tl.trans(k)  # (d j)
+    vt = tl.trans(v)  # (e j)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
+    start, stop = _query_range(ks, ke, Sq, delta, left, right, HAS_LEFT, HAS_RIGHT)
+    for r in range(0, GS):  # the query heads of this kv head's group
+        h = g * GS + r
+        for blk in range(start // BLOCK_M, (stop + BLOCK_M - 1) // BLOCK_M):
+            offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < Sq
+            qm = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                        mask=qm, other=0.0)  # (i d)  # fmt: skip
+            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+                         mask=qm, other=0.0)  # (i e)  # fmt: skip
+            row = (b * Hq + h) * Sq + offs_m
+            lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))
+            dlt = tl.load(DLT + row, mask=m_ok, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            if DOT_F32:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            p = _probs(q, kt, lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
+                       HAS_LEFT, HAS_RIGHT, DOT_PREC)  # (i j)  # fmt: skip
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)  # (j e)
+            dp = tl.dot(do, vt, input_precision=DOT_PREC)  # (i j) fp32
+            ds = p * (dp - dlt[:, None])
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PREC)  # (j d)
+    tl.store(DK + b * skgb + g * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
+             dk * sm_scale, mask=kv_mask)  # fmt: skip
+    tl.store(DV + b * svgb + g * svgh + offs_n[:, None] * svgn + offs_d[None, :] * svgd,
+             dv, mask=kv_mask)  # fmt: skip
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE, DLT, DQ,
+               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+               sdb, sdh, sdm, sdd, sgb, sgh, sgm, sgd,
+               Hq, GS, Sq, Sk, D, left, right, qk_scale, sm_scale,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+               DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr):  # fmt: skip
+    """Grid (cdiv(Sq, BLOCK_M), B·Hq). DQ (b h i d) fp32."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GS
+    delta = Sk - Sq
+    qs = pid_m * BLOCK_M
+    qe = tl.minimum(qs + BLOCK_M, Sq)
+    offs_m = qs + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Sq
+    d_ok = offs_d < D
+    qm = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=qm, other=0.0)  # (i d)  # fmt: skip
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+                 mask=qm, other=0.0)  # (i e)  # fmt: skip
+    row = pid_bh * Sq + offs_m
+    lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))
+    dlt = tl.load(DLT + row, mask=m_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    if DOT_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    lo, _lo, _hi, hi = _block_range(qs, qe, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT,
+                                      BLOCK_N)  # fmt: skip
+    for blk in range(lo, hi):
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n < Sk)[:, None] & d_ok[None, :]
+        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                    mask=kv_mask, other=0.0)  # (j d)  # fmt: skip
+        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=kv_mask, other=0.0)  # (j e)  # fmt: skip
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        p = _probs(q, tl.trans(k), lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
+                   HAS_LEFT, HAS_RIGHT, DOT_PREC)  # (i j)  # fmt: skip
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (i j) fp32
+        ds = p * (dp - dlt[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)  # (i d)
+    tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_d[None, :] * sgd,
+             dq * sm_scale, mask=qm)  # fmt: skip
+
+
+def backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: Spec,
+    out: Tensor,
+    lse: Tensor,
+    dout: Tensor | None,
+    dlse: Tensor | None,
+    config: Config | None = None,
+    interpreted: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) in the inputs' dtypes for the triton forward's (out, lse); see the module
+    docstring. No host sync: Δ is one PyTorch reduction, the rest two kernel launches."""
+    s, config = spec, config or Config()
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    if s.Sq == 0 or s.Sk == 0 or s.B * s.Hq == 0 or (dout is None and dlse is None):
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    dlt = (dout.float() * out.float()).sum(-1)  # (b h i) Δ = rowsum(dO ∘ O)
+    if dlse is not None:
+        dlt = dlt - dlse.float()
+    dlt, lse = dlt.contiguous(), lse.contiguous()
+    block_d = max(16, triton.next_power_of_2(s.D))
+    common = dict(
+        HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_F32=interpreted and q.dtype == torch.bfloat16,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    band = (s.left or 0, s.right or 0, s.scale * LOG2E, s.scale)
+    _dkdv_kernel[(triton.cdiv(s.Sk, config.block_n), s.B * s.Hk)](
+        q, k, v, dout, lse, dlt, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        s.Hq, s.Hk, s.G, s.Sq, s.Sk, s.D, *band, **common,
+    )  # fmt: skip
+    _dq_kernel[(triton.cdiv(s.Sq, config.block_m), s.B * s.Hq)](
+        q, k, v, dout, lse, dlt, dq,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        s.Hq, s.G, s.Sq, s.Sk, s.D, *band, **common,
+    )  # fmt: skip
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
