@@ -5,6 +5,8 @@ cancelling the older, and the LRU of kept captures."""
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import numpy as np
@@ -26,6 +28,13 @@ def rss_mib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def in_thread(coro: Any) -> Any:
+    """asyncio.run(coro) in a fresh thread: the session's Playwright (sync API) keeps an event
+    loop in this one."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def texts(n: int) -> list[str]:
@@ -61,7 +70,7 @@ def test_fifty_concurrent_requests(server, smollm2):
         ("/api/run", {"model": "smollm2", "text": t, "client": f"page-{k}"})
         for k, t in enumerate(runs)
     ]
-    got = asyncio.run(burst(url, reqs))
+    got = in_thread(burst(url, reqs))
     after = rss_mib()
     assert len(got) == BURST
     assert [r.status_code for r in got] == [200] * BURST, [
@@ -98,7 +107,7 @@ def test_a_full_queue_is_refused_with_429(smollm2):
     srv = Server(ex, port=0).start()
     try:
         long = "The dog chased the ball because it was excited. " * 40
-        got = asyncio.run(
+        got = in_thread(
             burst(
                 srv.url,
                 [
@@ -135,7 +144,7 @@ def test_a_newer_run_from_the_same_page_cancels_the_older(server):
             )
             return await first, second
 
-    first, second = asyncio.run(two())
+    first, second = in_thread(two())
     assert first.status_code == 409 and "superseded" in first.json()["error"]
     assert second.status_code == 200 and second.json()["text"] == SENTENCE
     p = httpx.get(server.url + "api/progress", params={"client": "same"}).json()

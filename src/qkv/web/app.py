@@ -234,19 +234,18 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
         return Response(png, media_type="image/png", headers=disp)
 
     routes = [
-        Route("/", page),
-        Route("/static/{name}", asset),
-        Route("/api/models", models),
-        Route("/api/run", run, methods=["POST"]),
-        Route("/api/progress", progress),
-        Route("/api/lookup", lookup, methods=["POST"]),
-        Route("/api/grid", grid, methods=["POST"]),
-        Route("/api/compare", compare, methods=["POST"]),
-        Route("/api/export", export, methods=["POST"]),
+        Route("/", guarded(page)),
+        Route("/static/{name}", guarded(asset)),
+        Route("/api/models", guarded(models)),
+        Route("/api/run", guarded(run), methods=["POST"]),
+        Route("/api/progress", guarded(progress)),
+        Route("/api/lookup", guarded(lookup), methods=["POST"]),
+        Route("/api/grid", guarded(grid), methods=["POST"]),
+        Route("/api/compare", guarded(compare), methods=["POST"]),
+        Route("/api/export", guarded(export), methods=["POST"]),
     ]
     hosts = allowed_hosts if allowed_hosts is not None else LOOPBACK
-    handlers: dict = {cls: _error for cls, _ in STATUS}
-    handlers |= {Exception: _error, 404: _not_found, 405: _not_allowed}
+    handlers: dict = {404: _not_found, 405: _not_allowed}
     app = Starlette(
         routes=routes,
         middleware=[Middleware(HostCheck, allowed=hosts)],
@@ -283,6 +282,19 @@ STATUS: list[tuple[type, int]] = [
     (TypeError, 400),
     (IndexError, 400),
 ]
+
+
+def guarded(handler: Any) -> Any:
+    """`handler` with every exception answered as JSON here (`_error`), so none reaches the
+    server: an unexpected one is a 500 on a connection that stays open."""
+
+    async def run(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as e:
+            return await _error(request, e)
+
+    return run
 
 
 async def _error(request: Request, exc: Exception) -> JSONResponse:
