@@ -30,7 +30,7 @@ def smollm2():
 @pytest.fixture(scope="session")
 def server(smollm2):
     """The explorer over smollm2, served by uvicorn in a thread on 127.0.0.1:<free port>."""
-    ex = Explorer(["smollm2"], Limits(max_queue=64), loaded={"smollm2": smollm2})
+    ex = Explorer(["smollm2"], Limits(), loaded={"smollm2": smollm2})  # the defaults
     srv = Server(ex, port=0).start()
     yield srv
     srv.stop()

@@ -167,3 +167,34 @@ def test_kept_captures_are_an_lru(smollm2):
         small.capture(a)
     ex.close()
     small.close()
+
+
+def test_a_click_is_answered_while_a_long_run_holds_the_forward_pool(smollm2):
+    """One forward worker, busy with a long text: a lookup on a kept capture is answered before
+    that run ends (clicks have a pool of their own)."""
+    ex = Explorer(["smollm2"], Limits(workers=1), loaded={"smollm2": smollm2})
+    srv = Server(ex, port=0).start()
+    long = "The dog chased the ball because it was excited. " * 300
+
+    async def go() -> tuple[int, bool, int]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=BOUND_S) as c:
+            cid = (await c.post("/api/run", json={"model": "smollm2", "text": SENTENCE})).json()[
+                "id"
+            ]
+            run = asyncio.create_task(
+                c.post("/api/run", json={"model": "smollm2", "text": long, "client": "busy"})
+            )
+            while (await c.get("/api/progress", params={"client": "busy"})).json()[
+                "state"
+            ] != "running":
+                await asyncio.sleep(0.02)
+            look = await c.post("/api/lookup", json={"id": cid, "query": 8, "layer": 13, "head": 8})
+            ended_first = run.done()
+            return look.status_code, ended_first, (await run).status_code
+
+    try:
+        status, ended_first, run_status = in_thread(go())
+    finally:
+        srv.stop()
+    assert status == 200 and run_status == 200
+    assert not ended_first, "the click waited for the long run"

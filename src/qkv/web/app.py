@@ -159,7 +159,7 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
         text = string(doc, "text", lim.max_chars)
         client = client_id(doc)
         job = explorer.start_job(client or "anon-" + secrets.token_hex(8))
-        cid, cap = await explorer.call(explorer.run, model, text, job)
+        cid, cap = await explorer.call(explorer.run, model, text, job, forward=True)
         return answer(payload.summary(cap, cid), t0)
 
     async def progress(request: Request) -> Response:
@@ -217,7 +217,7 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
             out["model"] = {**out["model"], "name": model}
             return out
 
-        return answer(await explorer.call(explorer.with_model, model, work), t0)
+        return answer(await explorer.call(explorer.with_model, model, work, forward=True), t0)
 
     async def export(request: Request) -> Response:
         doc = await read_json(request, body_limit)

@@ -5,7 +5,8 @@
 * `run` is one forward of a text (`qkv.lens.capture_text`), kept in an LRU of captures under an
   opaque id, bounded in count and in bytes. Forwards of one model run one at a time (a lock per
   model: `qkv.nn.capture` hooks the model's modules); lookups on kept captures run beside them.
-* Model work runs in a bounded `ThreadPoolExecutor`, never on the event loop; at most
+* Model work runs in bounded `ThreadPoolExecutor`s, never on the event loop: forwards in one,
+  clicks (rows from a kept capture) in another, so a long run never holds up a click; at most
   `max_queue` jobs wait or run at once, the next one is refused (`Busy`, HTTP 429).
 * A newer run from the same page (`client`) supersedes the older one: a queued run never
   starts, a running one stops at its next layer (`Superseded`, HTTP 409). `progress(client)`
@@ -50,8 +51,8 @@ class UnknownModel(ValueError):
 class Limits:
     """The explorer's bounds; every one is validated, the CLI's defaults come from here."""
 
-    workers: int = 2  # threads doing model work
-    max_queue: int = 32  # model jobs waiting or running at once; the next gets 429
+    workers: int = 2  # threads running forwards (runs, compare), and as many for clicks
+    max_queue: int = 64  # jobs waiting or running at once; the next gets 429
     max_captures: int = 8  # kept forwards (LRU)
     max_capture_mib: int = 4096  # their tensors' bytes, all together (LRU beyond)
     max_body_kib: int = 1024  # a request body
@@ -132,7 +133,9 @@ class Explorer:
         self.slots = {n: _Slot(n, s) for n, s in model_names(models).items()}
         for name, m in (loaded or {}).items():
             self.check_model(name).model = m
-        self.pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="qkv-web")
+        # forwards and clicks in pools of their own: a long run never holds up a click
+        self.pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="qkv-forward")
+        self.clicks = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="qkv-click")
         self._lock = threading.Lock()
         self._pending = 0
         self._captures: OrderedDict[str, tuple[str, Capture, int]] = OrderedDict()
@@ -176,8 +179,9 @@ class Explorer:
         return out
 
     # ---- the pool -------------------------------------------------------------------------
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)` in the worker pool; Busy when `max_queue` jobs already wait or run."""
+    async def call(self, fn: Callable[..., Any], *args: Any, forward: bool = False) -> Any:
+        """`fn(*args)` in a worker (the forward pool when `forward`, else the click pool); Busy
+        when `max_queue` jobs already wait or run, in both pools together."""
         with self._lock:
             if self._pending >= self.limits.max_queue:
                 raise Busy(
@@ -186,7 +190,8 @@ class Explorer:
                 )
             self._pending += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+            pool = self.pool if forward else self.clicks
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
         finally:
             with self._lock:
                 self._pending -= 1
@@ -283,4 +288,5 @@ class Explorer:
         return len(self._captures)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.pool, self.clicks):
+            pool.shutdown(wait=False, cancel_futures=True)
