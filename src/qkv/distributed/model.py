@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..nn import MultiHeadAttention
-from ..nn.capture import _ACTIVE
+from ..nn.capture import _ACTIVE, AttentionRecord
 from ..nn.quant import linear
 from .layout import LAYOUTS, Layout, make_layout
 from .ring import ring_attention
@@ -40,11 +40,6 @@ class _Sharded:
                 "a sharded model takes no attention_mask, cache or segments (ring attention "
                 "covers one unpadded sequence per batch row); call unshard(model) for those"
             )
-        if _ACTIVE.get():
-            raise ValueError(
-                "capture() records whole sequences on one process; a sharded model cannot be "
-                "captured — unshard(model) first"
-            )
         self._check(x, mask, cache)
         B, S, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.d_head
@@ -60,11 +55,24 @@ class _Sharded:
         else:  # zigzag: RoPE at this rank's global positions
             qk, v = qkv.transpose(1, 2).split((H + K, K), dim=1)
             q, k = self.rope(qk, lay.positions(rank, x.device)).split((H, K), dim=1)
-        kw = {"causal": self.causal, "scale": self.scale, "window": self.window}
-        z = ring_attention(q, k, v, group=group, layout=lay, softcap=self.softcap, **kw)
+        kw = {"causal": self.causal, "scale": self.scale, "window": self.window,
+              "softcap": self.softcap}  # fmt: skip
+        caps = _ACTIVE.get()
+        recording = [(c, i) for c in caps if (i := c.wants(self)) is not None] if caps else []
+        z, lse = ring_attention(q, k, v, group=group, layout=lay, **kw, return_lse=True)
         zf = z.transpose(1, 2).reshape(B, S, H * D)  # (b i (h d))
         w_o = self.W_O.reshape(H * D, self.d_model).t()  # (m (h d))
-        return linear(zf, w_o, self.b_O, self.mirrors.get("out"))
+        out = linear(zf, w_o, self.b_O, self.mirrors.get("out"))
+        for cap, i in recording:  # this rank's shard; positions in attn_kwargs["sequence"]
+            t = (lambda a: a.detach()) if cap.detach else (lambda a: a)
+            cap.layers.append(
+                AttentionRecord(
+                    layer=i, q=t(q), k=t(k), v=t(v), z=t(z), W_O=t(self.W_O), lse=t(lse),
+                    attn_kwargs={**kw, "sequence": (group, lay, rank)},
+                    b_O=None if self.b_O is None else t(self.b_O),
+                )
+            )  # fmt: skip
+        return out
 
 
 def _layout(kind: str, S: int, group) -> Layout:
@@ -92,7 +100,9 @@ def shard(
     Call the model on this rank's shard of the ids (`shard_sequence(ids, rank, world, layout,
     dim=1)`); it returns this rank's rows of what the unsharded model returns on the whole
     ids, e.g. logits (b i v). Every rank must call it (each attention layer is a collective).
-    No attention_mask, KV cache or capture while sharded. A model with learned absolute
+    No attention_mask or KV cache while sharded. Under `qkv.nn.capture` each rank records its
+    shard (q, k, v, z, lse of its own positions), with `attn_kwargs["sequence"]` = (group,
+    layout, rank) saying which global positions those are (`qkv.lens.distributed` reads them). A model with learned absolute
     position embeddings (an nn.Embedding named like "pos") is refused: it would read local
     positions; RoPE models and position-free ones shard.
     """

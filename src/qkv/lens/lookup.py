@@ -248,8 +248,22 @@ def lookup_layer(
     `heads` restricts the per-head lists only: the layer's numbers are over every head."""
     ltop = max(top, LAYER_KEYS) if top else 0
     r = query_row(rec, i, top=ltop, keep=keep)
+    return layer_from_row(r, int(rec.layer), rec.k.shape[1], top=top, keep=keep, heads=heads)
+
+
+def layer_from_row(
+    r: Row,
+    layer: int,
+    G: int,
+    *,
+    top: int,
+    keep: int | Sequence[int] | None = None,
+    heads: list[int] | None = None,
+) -> Layer:
+    """`lookup_layer`'s record from a query's `Row` (G kv heads), however the row was computed
+    (`query_row` on one process; `qkv.lens.distributed` from rows gathered across ranks)."""
+    ltop = max(top, LAYER_KEYS) if top else 0
     H = r.weight.shape[0]
-    G = rec.k.shape[1]
     out = []
     for h in range(H) if heads is None else heads:
         vis = np.nonzero(r.visible[h])[0]
@@ -273,7 +287,7 @@ def lookup_layer(
     anyvis = np.nonzero(r.visible.any(0))[0]
     lidx = select(r.layer_weight, r.layer_contribution, anyvis, ltop, keep)
     return Layer(
-        layer=int(rec.layer),
+        layer=layer,
         heads=out,
         top_weight=int(anyvis[np.argmax(r.layer_weight[anyvis])]),
         top_contribution=int(anyvis[np.nanargmax(r.layer_contribution[anyvis])]),

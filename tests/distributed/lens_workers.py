@@ -1,0 +1,55 @@
+"""Ranks' side of the lens-across-ranks test: `explain_sharded` on 2 ranks against the
+single-process `explain` of the same text and model (the record as JSON, field by field)."""
+
+from __future__ import annotations
+
+import math
+
+from qkv.lens import explain
+from qkv.lens.distributed import explain_sharded
+
+TEXT = ("The dog chased the ball because it was excited . The cat watched the dog and the ball "
+        "from the wall , and then it slept because it was tired .")  # fmt: skip
+
+
+def diff(a, b, path="", out=None) -> tuple[float, list[str]]:
+    """(max |number difference|, structural mismatches) between two JSON values."""
+    out = out if out is not None else [0.0, []]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            out[1].append(f"{path}: keys {sorted(a)} != {sorted(b)}")
+        for k in a.keys() & b.keys():
+            diff(a[k], b[k], f"{path}.{k}", out)
+    elif isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            out[1].append(f"{path}: length {len(a)} != {len(b)}")
+        for n, (x, y) in enumerate(zip(a, b, strict=False)):
+            diff(x, y, f"{path}[{n}]", out)
+    elif isinstance(a, float) or isinstance(b, float):
+        if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+            if not (math.isnan(a) and math.isnan(b)):
+                out[0] = max(out[0], abs(a - b) / max(1.0, abs(b)))
+        else:
+            out[1].append(f"{path}: {a!r} != {b!r}")
+    elif a != b:
+        out[1].append(f"{path}: {a!r} != {b!r}")
+    return out[0], out[1]
+
+
+def lens_across_ranks(rank: int, world: int) -> dict:
+    from tests.lens.conftest import TinyModel  # the lens tests' random RoPE/GQA decoder
+
+    model = TinyModel(causal=True, n_layers=3, seed=3)
+    report = {}
+    for layout in ("contiguous", "zigzag"):
+        for token, top in (("slept", 3), ("tired", 0), ("excited", 10)):
+            want = explain(TEXT, token, model=model, top=top, progress=False).to_dict()
+            got = explain_sharded(TEXT, token, model=model, top=top, layout=layout,
+                                  progress=False).to_dict()  # fmt: skip
+            d, bad = diff(got, want)
+            report[f"{layout}/{token}/{top}"] = {"diff": d, "mismatch": bad[:5]}
+    # the comparison can fail: another query's record differs
+    other = explain(TEXT, "it", occurrence=-1, model=model, top=3, progress=False).to_dict()
+    got = explain_sharded(TEXT, "slept", model=model, top=3, progress=False).to_dict()
+    report["other"] = len(diff(got, other)[1])
+    return report

@@ -1,0 +1,29 @@
+"""The lens across ranks: `explain_sharded` over 2 gloo ranks gives the record a single-process
+`explain` gives on the same text (a random RoPE/GQA decoder; see lens_workers.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from . import spawn
+
+TOL = 1e-5  # numbers: |sharded − single| / max(1, |single|); indices and texts: equal
+
+
+@pytest.fixture(scope="module")
+def report():
+    results, _ = spawn.run("tests.distributed.lens_workers:lens_across_ranks", 2, timeout=180)
+    return spawn.ok(results)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize(("token", "top"), [("slept", 3), ("tired", 0), ("excited", 10)])
+def test_sharded_record_equals_single_process(report, layout, token, top):
+    for r, rep in enumerate(report):
+        got = rep[f"{layout}/{token}/{top}"]
+        assert got["mismatch"] == [], f"rank {r}: {got['mismatch']}"
+        assert got["diff"] <= TOL, f"rank {r}: {got['diff']:.3g}"
+
+
+def test_the_check_can_fail(report):
+    assert all(rep["other"] > 0 for rep in report)
