@@ -6,6 +6,7 @@ one counts from the end (-1 = the last); outside -n..n-1 is an error naming both
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from qkv.cli import stdout_console, text_or_file
@@ -30,6 +31,13 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.json, args.html, args.png):  # fail before the model runs
         if path is not None and path != "-":
             check_writable(path)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: shard the text
+        if args.flow or args.rollout or args.neuron:
+            raise ValueError("--flow, --rollout and --neuron run on one process: drop torchrun")
+        result = _explain_sharded(text, args)
+        if result is None:  # not rank 0: rank 0 prints and writes
+            return 0
+        return _output(result, args)
     model = resolve_model(args.model) if args.neuron else args.model  # loaded once for both
     result = explain(
         text,
@@ -54,6 +62,30 @@ def run(args: argparse.Namespace) -> int:
             head=args.head,
             model=model,
         )
+    return _output(result, args)
+
+
+def _explain_sharded(text: str, args: argparse.Namespace):
+    """`explain_sharded` over torchrun's ranks (gloo; MASTER_ADDR, RANK, WORLD_SIZE from the
+    environment): the record on rank 0, None on the others."""
+    import torch.distributed as dist
+
+    from qkv.lens.distributed import explain_sharded
+
+    dist.init_process_group("gloo")
+    try:
+        result = explain_sharded(
+            text, args.token if args.token is not None else args.index, model=args.model,
+            occurrence=args.occurrence, layer=args.layer, head=args.head, top=args.top,
+            key=args.key if args.key is not None else args.key_index,
+            key_occurrence=args.key_occurrence, truncate=args.truncate,
+        )  # fmt: skip
+        return result if dist.get_rank() == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def _output(result, args: argparse.Namespace) -> int:
     if args.json == "-":
         sys.stdout.write(result.to_json(indent=1) + "\n")
     else:

@@ -249,8 +249,8 @@ def ring_backward(q, k, v, out, lse, dout, dlse, plan: Plan) -> tuple[Tensor, Te
             dkv[0][:, :, cols] += g[1]
             dkv[1][:, :, cols] += g[2]
         if pending is not None:  # dK/dV of block src from the ranks it visited before
-            got = pending.wait()
-            dkv = [got[0] + dkv[0], got[1] + dkv[1]]
+            got = pending.wait()  # buffers of our own: add in place, no third copy
+            dkv = [got[0].add_(dkv[0]), got[1].add_(dkv[1])]
         if t + 1 < n:
             buf = _blocks_like(plan, plan.src(t + 1), shapes, cdt, k.device)
             pending = _Exchange(plan, dkv, buf, 1, f"backward step {t + 1}: receiving dK/dV")
