@@ -1,7 +1,7 @@
 """`torchrun --nproc-per-node W -m qkv.distributed`: ring attention on this machine's ranks,
 checked against one process's `qkv.attention` on the gathered tensors.
 
-    torchrun --nproc-per-node 4 -m qkv.distributed --n 4096 --layout zigzag
+    torchrun --nproc-per-node 4 -m qkv.distributed --tokens 4096 --layout zigzag
 
 Random q, k, v (B=1, 4 query heads, 2 kv heads, d=64, fp32) of N tokens, the same on every
 rank; each rank runs `ring_attention` on its shard, gathers the result and prints its time and
@@ -43,20 +43,20 @@ def _attention(n: int, layout: str, causal: bool, device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qkv.distributed", description=__doc__)
-    ap.add_argument("--n", type=int, default=4096, help="tokens in the whole sequence")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens in the whole sequence")
     ap.add_argument("--layout", choices=LAYOUTS, default="zigzag")
     ap.add_argument("--no-causal", dest="causal", action="store_false")
     ap.add_argument("--nccl", action="store_true", help="NCCL on one GPU per rank")
     a = ap.parse_args(argv)
-    if a.n < 1:
-        ap.error(f"--n must be ≥ 1, got {a.n}")
+    if a.tokens < 1:
+        ap.error(f"--tokens must be ≥ 1, got {a.tokens}")
     dist.init_process_group("nccl" if a.nccl else "gloo")
     device = torch.device("cpu")
     if a.nccl:
         device = torch.device("cuda", dist.get_rank() % torch.cuda.device_count())
         torch.cuda.set_device(device)
     try:
-        _attention(a.n, a.layout, a.causal, device)
+        _attention(a.tokens, a.layout, a.causal, device)
     finally:
         dist.destroy_process_group()
     return 0
