@@ -168,6 +168,7 @@ BAD = [
     ("/api/compare", {"model": "smollm2", "a": SENTENCE, "b": SENTENCE, "query": 8}, 400, "identical"),
     ("/api/compare", {"model": "smollm2", "a": SENTENCE, "b": SENTENCE_B, "query": "it"}, 400, "query must be a token position"),
     ("/api/export", {"id": "SEED", "query": 8, "layer": 0, "head": 0, "format": "exe"}, 400, "format must be 'json' or 'png'"),
+    ("/api/compare", {"model": "smollm2", "a": "dog " * 1100, "b": "cat " * 1100, "query": 8}, 400, "compare takes at most 1024"),
 ]  # fmt: skip
 
 
@@ -200,6 +201,8 @@ def test_body_size_type_and_method_are_bounded(http, server):
     assert r.status_code == 415
     assert http.get("/api/run").status_code == 405
     assert http.get("/api/nothing").json()["error"].startswith("no such page")
+    r = http.get("/api/progress")
+    assert r.status_code == 400 and "pass ?client=ID" in r.json()["error"]
     assert http.get("/api/models").status_code == 200  # still answers
 
 
@@ -237,3 +240,41 @@ def test_a_failure_inside_is_a_500_and_the_server_goes_on(http, seed, monkeypatc
     assert r.status_code == 500 and r.json()["error"] == "internal error: RuntimeError: kaboom"
     monkeypatch.undo()
     assert http.post("/api/grid", json={"id": seed["id"], "query": 8, "key": 1}).status_code == 200
+
+
+def test_a_second_model_bidirectional(smollm2):
+    """The picker's models are the server's: minilm beside smollm2, by name; its record is the
+    lens' one-shot one, and DESIGN.md's numbers hold (layer 3 head 7 from 'it': dog 0.20 / ball
+    0.08 after 'excited', 0.08 / 0.23 after 'round')."""
+    import qkv
+    from qkv.web import Explorer, Server
+
+    minilm = qkv.load("minilm")
+    srv = Server(
+        Explorer(["smollm2", "minilm"], loaded={"smollm2": smollm2, "minilm": minilm}), port=0
+    ).start()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            assert [m["name"] for m in c.get("/api/models").json()["models"]] == [
+                "smollm2",
+                "minilm",
+            ]
+            got = {}
+            for text in (SENTENCE, SENTENCE_B):
+                run = c.post("/api/run", json={"model": "minilm", "text": text}).json()
+                assert run["causal"] is False and run["tokens"][0][0] == "[CLS]"
+                it = next(i for i, t in enumerate(run["tokens"]) if t[0] == "it")
+                d = c.post(
+                    "/api/lookup",
+                    json={"id": run["id"], "query": it, "layer": 3, "head": 7, "top": 0},
+                ).json()
+                rec = from_json(
+                    {k: v for k, v in d.items() if k not in ("neuron_dims", "server_ms")}
+                )
+                ref = explain(text, "it", model=minilm, layer=3, head=7, top=0, progress=False)
+                np.testing.assert_allclose(rec.head(3, 7).weight, ref.head(3, 7).weight, atol=EXACT)
+                dog, ball = (rec.head(3, 7).key(rec.token_index(w)).weight for w in ("dog", "ball"))
+                got[text] = (round(dog, 2), round(ball, 2))
+            assert got == {SENTENCE: (0.20, 0.08), SENTENCE_B: (0.08, 0.23)}
+    finally:
+        srv.stop()
