@@ -474,7 +474,10 @@ def test_tiny_gguf_loads_and_bad_shape_names_tensor(tmp_path):
 
 
 def test_foreign_architecture_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"architecture is .gpt2.; qkv reads these GGUF architectures: \[.gemma3., .llama.\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"architecture is .gpt2.; qkv reads these GGUF architectures: \[.gemma3., .llama.\]",
+    ):
         llama.load_gguf(tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2"), cache_dir=False)
 
 
@@ -565,3 +568,22 @@ def test_context_limit_is_named_for_real_length(model):
     text = "hi " * 8200
     with pytest.raises(ValueError, match="context of 8192 tokens"):
         model.generate(text, 8)
+
+
+def test_fused_block_mirrors_are_made_on_first_decode(tmp_path):
+    """A prefill (several rows: dense weights) never makes the fused Q|K|V and gate|up blocks, so
+    a process that only prefills keeps them on disk; the first one-row step makes them, and they
+    equal the dense fused parameters."""
+    from qkv.nn import quant
+
+    m = llama.load_gguf(tiny_gguf(tmp_path / "q.gguf", quantised=True), cache_dir=False)
+    fused = [b.attn.mirrors["qkv"] for b in m.blocks] + [b.mlp.mirrors["gate_up"] for b in m.blocks]
+    made = lambda: [isinstance(x._blocks, quant.BlockWeight) for x in fused]  # noqa: E731
+    with torch.inference_mode():
+        m(torch.tensor([[1, 2, 3, 1]]))
+        assert made() == [False] * len(fused)
+        m(torch.tensor([[1]]))
+    assert made() == [True] * len(fused)
+    for b in m.blocks:
+        assert torch.equal(b.attn.mirrors["qkv"].blocks.dequantize(), b.attn.fused_qkv()[0])
+        assert torch.equal(b.mlp.mirrors["gate_up"].blocks.dequantize(), b.mlp.fused_gate_up()[0])

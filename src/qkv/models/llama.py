@@ -17,6 +17,7 @@ Letters: b batch, i query position, j key position, m model dim, v vocabulary, h
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -136,8 +137,10 @@ GGUF_LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"
 def attach_blocks(model: Llama, blocks: dict[str, BlockWeight], *, qk_permuted: bool = True) -> int:
     """Give the model's linear maps `Mirror`s of the GGUF's own blocks (`qkv.nn.quant`), which
     the one-token decode step multiplies by on CPU: 0.75 bytes a weight streamed instead of 4.
-    Rows follow the parameters' layout (Q/K unpermuted if `qk_permuted`, Q|K|V fused, gate|up fused when the MLP
-    is packed). A matrix stored unquantised gets none. Returns the number of mirrors attached."""
+    Rows follow the parameters' layout (Q/K unpermuted if `qk_permuted`, Q|K|V fused, gate|up
+    fused when the MLP is packed); the fused ones are made on first use (a process that never
+    decodes never reads them). A matrix stored unquantised gets none. Returns the number of
+    mirrors attached."""
     c = model.config
     q_rows = torch.arange(c.n_heads * c.d_head)
     k_rows = torch.arange(c.n_kv_heads * c.d_head)
@@ -146,7 +149,7 @@ def attach_blocks(model: Llama, blocks: dict[str, BlockWeight], *, qk_permuted: 
         k_rows = unpermute_qk(k_rows[:, None], c.n_kv_heads)[:, 0]
     n = 0
 
-    def attach(where: dict[str, Mirror], name: str, b: BlockWeight | None, *owners: Tensor):
+    def attach(where: dict[str, Mirror], name: str, b: BlockWeight | Callable | None, *owners):
         nonlocal n
         if b is not None:
             where[name] = Mirror(b, *owners)
@@ -157,13 +160,13 @@ def attach_blocks(model: Llama, blocks: dict[str, BlockWeight], *, qk_permuted: 
         get = {key: blocks.get(f"blk.{i}.{key}.weight") for key in GGUF_LINEAR}.get
         q, k, v = get("attn_q"), get("attn_k"), get("attn_v")
         if q is not None and k is not None and v is not None and q.kind == k.kind == v.kind:
-            qkv = BlockWeight.cat([q.rows(q_rows), k.rows(k_rows), v])
+            qkv = lambda q=q, k=k, v=v: BlockWeight.cat([q.rows(q_rows), k.rows(k_rows), v])  # noqa: E731
             attach(attn.mirrors, "qkv", qkv, attn.W_Q, attn.W_K, attn.W_V)
         attach(attn.mirrors, "out", get("attn_output"), attn.W_O)
         gate, up = get("ffn_gate"), get("ffn_up")
         if mlp.fused_gate_up() is not None and gate is not None and up is not None:
             if gate.kind == up.kind:  # packed (see MLP.pack_): one matmul for both halves
-                gate_up = BlockWeight.cat([gate, up])
+                gate_up = lambda gate=gate, up=up: BlockWeight.cat([gate, up])  # noqa: E731
                 attach(mlp.mirrors, "gate_up", gate_up, mlp.gate.weight, mlp.up.weight)
         else:
             attach(mlp.mirrors, "gate", gate, mlp.gate.weight)

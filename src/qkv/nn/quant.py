@@ -27,7 +27,7 @@ Letters: r row (token), n output feature, c block of 32 input features, t positi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
@@ -157,18 +157,30 @@ class BlockWeight:
 class Mirror:
     """Blocks that equal the weight `owners` make up, valid while every owner keeps its storage
     and its autograd version (no in-place edit since). Owners are the parameters themselves
-    (W_Q, W_K, W_V for a fused Q|K|V matrix)."""
+    (W_Q, W_K, W_V for a fused Q|K|V matrix).
 
-    def __init__(self, blocks: BlockWeight, *owners: Tensor) -> None:
+    `blocks` may be a function that makes them (a row gather, a concatenation): it runs on the
+    first use, so a process that never decodes (prefill, the lens) never reads or copies the
+    blocks — they stay on disk behind the cache's memory map instead of in its resident set."""
+
+    def __init__(self, blocks: BlockWeight | Callable[[], BlockWeight], *owners: Tensor) -> None:
         if not owners:
             raise ValueError("a Mirror needs the parameter(s) its blocks equal")
-        self.blocks, self.owners = blocks, owners
+        self._blocks, self.owners = blocks, owners
         self._key = _key(owners)
+
+    @property
+    def blocks(self) -> BlockWeight:
+        if not isinstance(self._blocks, BlockWeight):
+            self._blocks = self._blocks()
+        return self._blocks
 
     def valid(self) -> bool:
         return self._key is not None and _key(self.owners) == self._key
 
     def __repr__(self) -> str:
+        if not isinstance(self._blocks, BlockWeight):
+            return f"Mirror(not yet made, valid={self.valid()})"
         n, k = self.blocks.shape
         return f"Mirror({self.blocks.kind}, ({n}, {k}), valid={self.valid()})"
 
