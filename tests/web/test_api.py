@@ -102,6 +102,9 @@ def test_compare_is_the_lens_compare(http, smollm2):
     want = ref.head(13, 8)
     assert got["index"] == want.index.tolist()
     np.testing.assert_allclose(got["weight"][1], want.weight_b, atol=EXACT)
+    np.testing.assert_allclose(
+        got["delta_weight"], np.subtract(got["weight"][1], got["weight"][0]), atol=1e-12
+    )
     assert round(got["weight"][1][got["index"].index(4)], 2) == 0.74  # "ball", DESIGN.md
     assert doc["moved"][13][8] == pytest.approx(want.moved, abs=EXACT)
     assert max(max(r) for r in doc["moved"]) == pytest.approx(

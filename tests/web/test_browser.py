@@ -90,6 +90,8 @@ def test_seed_scenario(server, browser, shots, smollm2):
     want = float(hm.weight_b[list(hm.index).index(4)])
     assert ball == pytest.approx(want, abs=0.005)
     assert round(ball, 2) == 0.74
+    dw = page.locator("#cmpkeys tr[data-key='ball'] td.dw").inner_text()
+    assert float(dw) == pytest.approx(want - float(hm.weight_a[list(hm.index).index(4)]), abs=0.005)
     assert seen["errors"] == [], seen["errors"]
     assert seen["elsewhere"] == [], f"the page fetched from elsewhere: {seen['elsewhere']}"
     page.close()

@@ -96,9 +96,13 @@ def grid(cap: Capture, query: int, key: int) -> dict:
 
 def compare(model: Any, text_a: str, text_b: str, query: int) -> tuple[CompareResult, dict]:
     """`qkv.compare(text_a, text_b, query)` (query: a token position) and its page form: the
-    `qkv.compare/1` document plus "moved" (layers × heads) max |Δweight| over matched keys."""
+    `qkv.compare/1` document, each head with its "delta_weight" and "delta_contribution" (b − a,
+    HeadMove's), plus "moved" (layers × heads) max |Δweight| over matched keys."""
     r = lens_compare(text_a, text_b, query, model=model, progress=False)
     doc = r.to_dict()
+    for d, h in zip(doc["heads"], r.heads, strict=True):
+        d["delta_weight"] = h.delta_weight.tolist()
+        d["delta_contribution"] = h.delta_contribution.tolist()
     L = max(h.layer for h in r.heads) + 1
     H = max(h.head for h in r.heads) + 1
     moved = [[0.0] * H for _ in range(L)]

@@ -251,11 +251,11 @@ function drawCompare() {
       return s;
     }));
   };
-  const order = hm.index.map((j, r) => r).sort((a, b) => Math.abs(hm.weight[1][b] - hm.weight[0][b]) - Math.abs(hm.weight[1][a] - hm.weight[0][a]));
+  const D = hm.delta_weight, order = hm.index.map((j, r) => r).sort((a, b) => Math.abs(D[b]) - Math.abs(D[a]));
   const rows = order.slice(0, 30).map(r => el('tr', { 'data-key': txt(tokA, hm.index[r]) },
     el('td', { class: 'l' }, txt(tokA, hm.index[r])), el('td', {}, hm.index[r]),
     el('td', { class: 'wa' }, fmt2(hm.weight[0][r])), el('td', { class: 'wb' }, fmt2(hm.weight[1][r])),
-    el('td', {}, (hm.weight[1][r] - hm.weight[0][r] >= 0 ? '+' : '') + fmt2(hm.weight[1][r] - hm.weight[0][r])),
+    el('td', { class: 'dw' }, (D[r] >= 0 ? '+' : '') + fmt2(D[r])),
     el('td', {}, fmt2(hm.contribution[0][r])), el('td', {}, fmt2(hm.contribution[1][r]))));
   const mx = Math.max(1e-12, ...c.moved.flat());
   const grid = el('table', { id: 'cmpgrid' }, el('tr', {}, el('th', {}, 'L\\H'), ...c.moved[0].map((_, h) => el('th', {}, h))),
