@@ -198,3 +198,18 @@ def test_a_click_is_answered_while_a_long_run_holds_the_forward_pool(smollm2):
         srv.stop()
     assert status == 200 and run_status == 200
     assert not ended_first, "the click waited for the long run"
+
+
+def test_concurrent_png_exports_are_whole(server):
+    """Six PNG exports at once (matplotlib in worker threads): each a whole PNG of its own head."""
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        cid = c.post("/api/run", json={"model": "smollm2", "text": SENTENCE}).json()["id"]
+    reqs = [
+        ("/api/export", {"id": cid, "query": 8, "layer": k, "head": k, "format": "png"})
+        for k in range(6)
+    ]
+    got = in_thread(burst(server.url, reqs))
+    for k, r in enumerate(got):
+        assert r.status_code == 200, r.text
+        assert f"L{k}H{k}.png" in r.headers["content-disposition"]
+        assert r.content[:8] == b"\x89PNG\r\n\x1a\n" and r.content[-8:] == b"IEND\xaeB`\x82"

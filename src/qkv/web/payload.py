@@ -16,6 +16,7 @@ The page only lays these numbers out. Letters: l layer, h query head, j key posi
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from qkv.lens.lookup import entropy, rows
 if TYPE_CHECKING:
     from qkv.lens import Capture, CompareResult, ExplainResult, NeuronView
 
+_PYPLOT = threading.Lock()
 NEURON_DIMS = 16  # dimensions listed in the neuron view (by |q_d·k_d|, as the static page)
 
 
@@ -113,8 +115,9 @@ def compare(model: Any, text_a: str, text_b: str, query: int) -> tuple[CompareRe
 
 
 def png_bytes(r: ExplainResult) -> bytes:
-    """The lens' PNG of `r` (`ExplainResult.to_png`), written in a private temporary folder."""
-    with tempfile.TemporaryDirectory(prefix="qkv-web-") as d:
+    """The lens' PNG of `r` (`ExplainResult.to_png`), written in a private temporary folder.
+    One at a time: pyplot's figure registry is global, and clicks run in several threads."""
+    with _PYPLOT, tempfile.TemporaryDirectory(prefix="qkv-web-") as d:
         p = Path(d) / "record.png"
         r.to_png(p)
         return p.read_bytes()
