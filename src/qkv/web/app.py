@@ -50,6 +50,7 @@ CSP = (
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 LOOPBACK = ["127.0.0.1", "localhost", "::1", "[::1]"]
+TOP_KEYS = 20  # a lookup's default: the top 20 keys by weight ∪ by contribution (0 = every key)
 
 
 class BadRequest(Exception):
@@ -176,7 +177,7 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
         layer = integer(doc, "layer", info.n_layers, what=f" (a layer of {info.name})")
         head = integer(doc, "head", info.n_heads, what=f" (a head of {info.name})")
         key = integer(doc, "key", n, default=None, what=f" (a token of the {n})")
-        top = doc.get("top", 20)
+        top = doc.get("top", TOP_KEYS)
         if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 1 << 20:
             raise BadRequest(
                 f"top must be an integer in [0, {1 << 20}] (0 = every key), got {top!r}"
