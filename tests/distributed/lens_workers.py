@@ -53,3 +53,36 @@ def lens_across_ranks(rank: int, world: int) -> dict:
     got = explain_sharded(TEXT, "slept", model=model, top=3, progress=False).to_dict()
     report["other"] = len(diff(got, other)[1])
     return report
+
+
+def by_key(rec: dict) -> tuple[dict, list[str]]:
+    """{(layer, head, key index): (score, weight, contribution)} of a record, and its per-head
+    key sets (to compare as sets: near-tied keys may swap places under float rounding)."""
+    vals, sets = {}, []
+    for lay in rec["layers"]:
+        for h in lay["heads"]:
+            idx = sorted(k["index"] for k in h["keys"])
+            sets.append(f"{lay['layer']}/{h['head']}:{idx}")
+            for k in h["keys"]:
+                vals[(lay["layer"], h["head"], k["index"])] = (k["score"], k["weight"],
+                                                               k["contribution"])  # fmt: skip
+    return vals, sets
+
+
+def smollm2_lens(rank: int, world: int) -> dict:
+    """smollm2 on a 290-token text, 2 ranks vs one process, every key of every head (top=0)."""
+    import qkv
+
+    model = qkv.load("smollm2")
+    text = ("The dog chased the ball across the garden until the sun went down. " * 20
+            + "The dog chased the ball because it was excited.")  # fmt: skip
+    want = explain(text, "excited", model=model, top=0, progress=False).to_dict()
+    got = explain_sharded(text, "excited", model=model, top=0, layout="zigzag",
+                          progress=False).to_dict()  # fmt: skip
+    (gv, gs), (wv, ws) = by_key(got), by_key(want)
+    worst = [0.0, 0.0, 0.0]
+    for key, w in wv.items():
+        g = gv.get(key, (math.inf,) * 3)
+        worst = [max(a, abs(x - y)) for a, x, y in zip(worst, g, w, strict=True)]
+    return {"same_sets": gs == ws, "n_keys": len(wv), "worst": worst,
+            "tokens": len(want["tokens"])}  # fmt: skip
