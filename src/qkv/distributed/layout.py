@@ -98,6 +98,21 @@ def make_layout(kind: str, lengths: tuple[int, ...] | list[int]) -> Layout:
     return Layout(kind, tuple(segs))
 
 
+def collective_device(group: dist.ProcessGroup | None, like: torch.device) -> torch.device:
+    """Where a collective's small tensors go: NCCL needs them on the GPU (`like`), gloo takes
+    the CPU."""
+    return like if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def all_lengths(n: int, group: dist.ProcessGroup | None, like: torch.device) -> list[int]:
+    """Every rank's `n`, in rank order (one small all_gather)."""
+    dev = collective_device(group, like)
+    mine = torch.tensor([n], dtype=torch.long, device=dev)
+    got = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(got, mine, group=group)
+    return [int(g) for g in got]
+
+
 def _check_rank(rank: int, world: int) -> None:
     for name, v in (("world", world), ("rank", rank)):
         if not isinstance(v, int) or isinstance(v, bool):
@@ -130,10 +145,7 @@ def gather_sequence(
     and gets the whole sequence. O(N) memory per rank — for checks and small tensors."""
     world = dist.get_world_size(group)
     dim = dim % x.dim()
-    n = torch.tensor([x.shape[dim]], dtype=torch.long)
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    lengths = [int(s) for s in sizes]
+    lengths = all_lengths(x.shape[dim], group, x.device)
     lay = layout if isinstance(layout, Layout) else make_layout(layout, lengths)
     if list(lay.lengths) != lengths or lay.world != world:
         raise ValueError(

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..nn import MultiHeadAttention
 from ..nn.capture import _ACTIVE, AttentionRecord
 from ..nn.quant import linear
-from .layout import LAYOUTS, Layout, make_layout
+from .layout import LAYOUTS, Layout, all_lengths, make_layout
 from .ring import ring_attention
 
 _CLASSES: dict[type, type] = {}
@@ -44,7 +44,7 @@ class _Sharded:
         B, S, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.d_head
         group = self._seq_group
-        lay = _layout(self._seq_layout, S, group)
+        lay = _layout(self._seq_layout, S, group, x.device)
         rank = dist.get_rank(group)
         qkv = self._project(x)  # (b i (h+2k) d)
         runs = lay.segments[rank]
@@ -75,13 +75,9 @@ class _Sharded:
         return out
 
 
-def _layout(kind: str, S: int, group) -> Layout:
+def _layout(kind: str, S: int, group, device: torch.device) -> Layout:
     """The layout of this forward: every rank's length (one small all_gather)."""
-    world = dist.get_world_size(group)
-    n = torch.tensor([S], dtype=torch.long)
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    return make_layout(kind, [int(s) for s in sizes])
+    return make_layout(kind, all_lengths(S, group, device))
 
 
 def _sharded_class(cls: type) -> type:

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..attention import attention
 from ..attention.spec import MaskMod, ScoreMod, _window, check_qkv, make_spec
 from ..attention.tiled import backward as tiled_backward
-from .layout import LAYOUTS, Layout, make_layout
+from .layout import LAYOUTS, Layout, collective_device, make_layout
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -294,8 +294,7 @@ def _agree(q: Tensor, k: Tensor, v: Tensor, group, settings: list[float]) -> lis
     same ValueError on every rank if any of them differ. Returns the lengths."""
     B, Hq, S, D = q.shape
     mine = [S, B, Hq, k.shape[1], D, v.shape[3], _DTYPES.index(q.dtype), *settings]
-    dev = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    t = torch.tensor(mine, dtype=torch.float64, device=dev)
+    t = torch.tensor(mine, dtype=torch.float64, device=collective_device(group, q.device))
     world = dist.get_world_size(group)
     got = [torch.empty_like(t) for _ in range(world)]
     try:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from qkv.attention import attention_weights
 from qkv.distributed import shard, shard_sequence, unshard
+from qkv.distributed.layout import collective_device
 
 from .explain import (
     DEFAULT_TOP,
@@ -119,18 +120,22 @@ def _layer(rec: Any, i: int, n: int, *, top: int, keep: list[int], heads: list[i
     f64 = torch.float64
     # the query's q, z and LSE, from the rank that holds position i
     owner = next(r for r in range(lay.world) for _, s, c in lay.runs(r) if s <= i < s + c)
-    buf = torch.empty(H * (D + E + 1), dtype=f64)
+    dev = collective_device(group, q.device)
+    buf = torch.empty(H * (D + E + 1), dtype=f64, device=dev)
     if rank == owner:
         li = next(loc + i - s for loc, s, c in lay.runs(rank) if s <= i < s + c)
-        buf = torch.cat((q[:, li].reshape(-1), z[:, li].reshape(-1), rec.lse[0, :, li])).to(f64)
+        buf = torch.cat((q[:, li].reshape(-1), z[:, li].reshape(-1), rec.lse[0, :, li])).to(
+            dev, f64
+        )
     src = owner if group is None else dist.get_global_rank(group, owner)
     dist.broadcast(buf, src, group=group)
+    buf = buf.to(q.device)
     qi = buf[: H * D].view(H, D).to(q.dtype)
     zi = buf[H * D : H * (D + E)].view(H, E)
     lse_i = buf[H * (D + E) :].to(rec.lse.dtype)
     # this rank's keys, at their global positions
-    kpos = lay.positions(rank)
-    keep_j = torch.ones(len(kpos), dtype=torch.bool)
+    kpos = lay.positions(rank, q.device)
+    keep_j = torch.ones(len(kpos), dtype=torch.bool, device=q.device)
     if kw.get("causal"):
         keep_j &= kpos <= i
     left, right = kw.get("window") or (None, None)
@@ -139,7 +144,7 @@ def _layer(rec: Any, i: int, n: int, *, top: int, keep: list[int], heads: list[i
     if right is not None:
         keep_j &= kpos <= i + right
     scale = float(kw["scale"]) if kw.get("scale") is not None else 1.0 / math.sqrt(D)
-    kv = torch.arange(H) // (H // G)  # (h,) kv head of each query head
+    kv = torch.arange(H, device=q.device) // (H // G)  # (h,) kv head of each query head
     w = attention_weights(
         qi[None, :, None], k[None], lse_i[None, :, None], rows=[0], mask=keep_j.view(1, 1, 1, -1),
         scale=scale, softcap=kw.get("softcap"),
@@ -153,14 +158,14 @@ def _layer(rec: Any, i: int, n: int, *, top: int, keep: list[int], heads: list[i
     lc = torch.where(keep_j, lc, torch.full_like(lc, math.nan))
     vis = keep_j.expand(H, -1).to(f64)
     local = torch.cat((s, w, contrib, vis, lc[None]))  # (4h+1, j)
-    full = _gather_rows(local, lay, group, n)  # (4h+1, n) in global order
+    full = _gather_rows(local.to(dev), lay, group, n).cpu()  # (4h+1, n) in global order
     w_all = full[H : 2 * H].numpy()
     row = Row(
         score=full[:H].numpy(),
         weight=w_all,
         contribution=full[2 * H : 3 * H].numpy(),
         visible=full[3 * H : 4 * H].numpy() > 0,
-        output_norm=torch.einsum("he,hem->hm", zi, W_O.to(f64)).norm(dim=-1).numpy(),
+        output_norm=torch.einsum("he,hem->hm", zi, W_O.to(f64)).norm(dim=-1).cpu().numpy(),
         layer_weight=w_all.mean(0),
         layer_contribution=full[4 * H].numpy(),
     )
@@ -171,11 +176,11 @@ def _gather_rows(local: torch.Tensor, lay: Any, group: Any, n: int) -> torch.Ten
     """Every rank's (c, j_r) columns → (c, n), columns at their global positions."""
     world = lay.world
     top = max(lay.lengths)
-    pad = torch.zeros(local.shape[0], top, dtype=local.dtype)
+    pad = torch.zeros(local.shape[0], top, dtype=local.dtype, device=local.device)
     pad[:, : local.shape[1]] = local
     parts = [torch.empty_like(pad) for _ in range(world)]
     dist.all_gather(parts, pad, group=group)
-    out = torch.empty(local.shape[0], n, dtype=local.dtype)
+    out = torch.empty(local.shape[0], n, dtype=local.dtype, device=local.device)
     for r in range(world):
         for loc, s, c in lay.runs(r):
             out[:, s : s + c] = parts[r][:, loc : loc + c]
