@@ -10,11 +10,11 @@ from qkv.distributed.layout import make_layout
 from qkv.distributed.ring import band_pair
 
 from . import spawn
-from .workers import CASES, FP32, GROUPS
+from .workers import CASES, GROUPS, dtypes
 
-# fp64: absolute; fp32: at most 2× the plain fp32 formula's own error vs float64 (over the
+# fp64: absolute; fp32/bf16/fp16: at most 2× the plain same-dtype formula's own error vs float64 (over the
 # whole gathered tensor), plus this
-ATOL = {"float64": 1e-12, "float32": 3e-7}
+ATOL = {"float64": 1e-12, "float32": 3e-7, "bfloat16": 1e-3, "float16": 1e-4}
 QUANTITIES = ("out", "lse", "dq", "dk", "dv")
 
 
@@ -24,8 +24,7 @@ def report():
     return spawn.ok(results)
 
 
-KEYS = [f"w{w}/{n}/{dt}" for w in GROUPS for n in CASES
-        for dt in (("float64", "float32") if n in FP32 else ("float64",))]  # fmt: skip
+KEYS = [f"w{w}/{n}/{str(dt)[6:]}" for w in GROUPS for n in CASES for dt in dtypes(n)]
 
 
 @pytest.mark.parametrize("key", KEYS)

@@ -34,6 +34,12 @@ CASES = {  # name: N, (Hq, Hk), D, Dv, layout, ring kwargs, extra mask / score
     "alibi_global": (31, (2, 2), 8, 8, "zigzag", {"causal": True}, "alibi"),
 }  # fmt: skip
 FP32 = ("full_gqa", "causal_zigzag", "window_across", "softcap_scale", "empty_row")
+HALF = ("causal_zigzag", "window_across")  # also in bf16 and fp16 (K/V travel in half)
+
+
+def dtypes(name: str) -> tuple[torch.dtype, ...]:
+    return ((torch.float64,) + ((torch.float32,) if name in FP32 else ())
+            + ((torch.bfloat16, torch.float16) if name in HALF else ()))  # fmt: skip
 
 
 def oracle(q, k, v, causal=False, window=None, softcap=None, scale=None, extra=None):
@@ -139,7 +145,7 @@ def ring_cases(rank: int, world: int) -> dict:
             continue
         local = ranks.index(rank)
         for name in CASES:
-            for dt in (torch.float64, torch.float32) if name in FP32 else (torch.float64,):
+            for dt in dtypes(name):
                 key = f"w{w}/{name}/{str(dt)[6:]}"
                 report[key] = _run_case(name, dt, local, w, groups[w])
     dist.barrier()
