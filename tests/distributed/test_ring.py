@@ -12,8 +12,8 @@ from qkv.distributed.ring import band_pair
 from . import spawn
 from .workers import CASES, GROUPS, dtypes
 
-# fp64: absolute; fp32/bf16/fp16: at most 2× the plain same-dtype formula's own error vs float64 (over the
-# whole gathered tensor), plus this
+# fp64: absolute; fp32/bf16/fp16: at most 2× the plain same-dtype formula's own error vs
+# float64 (over the whole gathered tensor), plus this
 ATOL = {"float64": 1e-12, "float32": 3e-7, "bfloat16": 1e-3, "float16": 1e-4}
 QUANTITIES = ("out", "lse", "dq", "dk", "dv")
 
