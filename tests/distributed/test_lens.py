@@ -11,9 +11,8 @@ TOL = 1e-5  # numbers: |sharded − single| / max(1, |single|); indices and text
 
 
 @pytest.fixture(scope="module")
-def report():
-    results, _ = spawn.run("tests.distributed.lens_workers:lens_across_ranks", 2, timeout=180)
-    return spawn.ok(results)
+def report(two_rank_report):
+    return [r["lens"] for r in two_rank_report]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])

@@ -15,9 +15,8 @@ TOL = {"float64": 1e-12, "float32": 1e-5}  # max |error| / max |value|
 
 
 @pytest.fixture(scope="module")
-def report():
-    results, _ = spawn.run("tests.distributed.model_workers:sharded_decoder", 2, timeout=180)
-    return spawn.ok(results)
+def report(two_rank_report):
+    return [r["model"] for r in two_rank_report]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])

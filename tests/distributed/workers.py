@@ -209,7 +209,7 @@ def fault_raise(rank: int, world: int, when: str) -> dict:
 def fault_hang(rank: int, world: int) -> dict:
     """Rank 1 never calls ring_attention (sleeps past the group timeout, then leaves)."""
     if rank == 1:
-        time.sleep(6)
+        time.sleep(4)
         return {"slept": True}
     q = torch.randn(1, 2, 16, 8)
     t0 = time.monotonic()
