@@ -54,10 +54,14 @@ class Layout:
         return sum(self.lengths)
 
     def runs(self, rank: int) -> tuple[tuple[int, int, int], ...]:
-        """(local start, global start, length) of each non-empty run of rank's shard."""
-        out, local = [], 0
+        """(local start, global start, length) of each non-empty run of rank's shard; segments
+        that continue each other merge (zigzag's middle rank, or one rank, holds one run)."""
+        out: list[tuple[int, int, int]] = []
+        local = 0
         for start, n in self.segments[rank]:
-            if n:
+            if n and out and out[-1][1] + out[-1][2] == start:
+                out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
+            elif n:
                 out.append((local, start, n))
             local += n
         return tuple(out)

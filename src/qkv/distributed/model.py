@@ -47,11 +47,11 @@ class _Sharded:
         lay = _layout(self._seq_layout, S, group, x.device)
         rank = dist.get_rank(group)
         qkv = self._project(x)  # (b i (h+2k) d)
-        runs = lay.segments[rank]
+        runs = lay.runs(rank)
         if self.rope is None:
             q, k, v = qkv.transpose(1, 2).split((H, K, K), dim=1)  # (b h i d), (b k i d) ×2
         elif len(runs) == 1:  # one run: RoPE at positions start … start+S−1
-            q, k, v = self.rope.rotate_qkv(qkv, runs[0][0], H, K)
+            q, k, v = self.rope.rotate_qkv(qkv, runs[0][1], H, K)
         else:  # zigzag: RoPE at this rank's global positions
             qk, v = qkv.transpose(1, 2).split((H + K, K), dim=1)
             q, k = self.rope(qk, lay.positions(rank, x.device)).split((H, K), dim=1)
