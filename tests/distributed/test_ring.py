@@ -122,3 +122,30 @@ def test_make_layout_zigzag_and_errors():
         make_layout("zigzag", (6, 5, 5))
     with pytest.raises(ValueError, match="layout must be one of"):
         make_layout("striped", (1, 1))
+
+
+def _kept(p, L, R) -> int:
+    """Scores the global band keeps inside one planned pair (brute force)."""
+    return int(_brute(p.qg, p.nq, p.kg, p.nk, L, R).sum())
+
+
+def test_plan_skips_empty_steps_and_balances_zigzag():
+    from qkv.distributed.ring import make_plan
+
+    def plans(kind, lengths, L, R):
+        lay = make_layout(kind, lengths)
+        return [make_plan(None, r, len(lengths), lay, L, R, 1.0, None, None, None)
+                for r in range(len(lengths))]  # fmt: skip
+
+    # contiguous causal: rank 0 needs no later block, the last rank needs every one
+    ps = plans("contiguous", (8, 8, 8, 8), None, 0)
+    assert [len(s) for s in ps[0].steps] == [1, 0, 0, 0]
+    assert [len(s) for s in ps[3].steps] == [1, 1, 1, 1]
+    # a window narrower than a shard: the ring stops after one hop
+    assert all(len(p.steps) == 2 for p in plans("contiguous", (16,) * 4, 2, 0))
+    # zigzag causal: every rank scores the same number of keys at every step
+    ps = plans("zigzag", (16,) * 4, None, 0)
+    per_step = [[sum(_kept(p, None, 0) for p in plan.steps[t]) for plan in ps] for t in range(4)]
+    assert per_step == [[136] * 4, [128] * 4, [128] * 4, [128] * 4]
+    total = sum(map(sum, per_step))
+    assert total == 64 * 65 // 2  # together: exactly the causal triangle of N = 64
