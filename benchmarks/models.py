@@ -4,12 +4,14 @@
 
 Speed: both implementations are loaded in one process and run alternately (same machine
 state), median of `--runs` timed runs after one warm-up, under torch.inference_mode().
-Memory and load time: one fresh subprocess per implementation (`--worker`), which loads the
-model, runs the same forward once and reports
+Memory and load time: one fresh subprocess per implementation (`--worker`), which imports
+only what that implementation needs (torch and qkv; transformers' modeling code, which pulls
+triton and scipy, only on the transformers side), loads the model, runs the same forward once
+and reports
     load_s      wall time of loading model + tokenizer (imports excluded; qkv.load returns
                 both, so the transformers side loads BertModel and AutoTokenizer)
-    peak_rss    the process's peak resident set (VmHWM): imports (both workers import
-                torch, qkv and transformers, so the baseline is the same) + weights + forward
+    peak_rss    the process's peak resident set (VmHWM): each side's own imports + weights +
+                forward, what a process using that library holds
     first_s     load_s plus the first 1×8-token forward (what lazy weight loading defers)
     anon, file  resident set after the forward, anonymous vs file-backed (mmap'd weights)
     fwd_extra   peak_rss after the forward minus the resident set just before it, after a
@@ -164,11 +166,13 @@ def minilm_forward(impl: str, model, ids, keep):
 
 
 def minilm_worker(impl: str, args) -> dict:
-    # both sides import their model code before the clock starts: load_s is the load itself
+    # each side imports its own model code before the clock starts: load_s is the load itself
     import torch
-    from transformers import AutoTokenizer, BertModel  # noqa: F401
 
     import qkv.models.bert  # noqa: F401
+
+    if impl == "hf":
+        from transformers import AutoTokenizer, BertModel  # noqa: F401
 
     torch.manual_seed(0)
     ids, keep = minilm_inputs(args.padded)
@@ -296,9 +300,11 @@ def smollm2_decode(impl: str, model, ids, n: int):
 
 def smollm2_worker(impl: str, args) -> dict:
     import torch
-    from transformers import LlamaForCausalLM  # noqa: F401
 
     import qkv.models.llama  # noqa: F401
+
+    if impl == "hf":
+        from transformers import LlamaForCausalLM  # noqa: F401
 
     ids = smollm2_ids(SMOL_PREFILL)
     t = time.perf_counter()
@@ -474,9 +480,11 @@ def gemma3_decode(impl: str, model, ids, n: int):
 
 def gemma3_worker(impl: str, args) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM  # noqa: F401
 
     import qkv.models.gemma3  # noqa: F401
+
+    if impl == "hf":
+        from transformers import AutoModelForCausalLM  # noqa: F401
 
     ids = gemma3_ids(G3_PREFILL)
     t = time.perf_counter()

@@ -587,3 +587,17 @@ def test_fused_block_mirrors_are_made_on_first_decode(tmp_path):
     for b in m.blocks:
         assert torch.equal(b.attn.mirrors["qkv"].blocks.dequantize(), b.attn.fused_qkv()[0])
         assert torch.equal(b.mlp.mirrors["gate_up"].blocks.dequantize(), b.mlp.fused_gate_up()[0])
+
+
+def test_page_out_never_loses_data(tmp_path):
+    """page_out drops pages from the resident set only: a memory-mapped tensor reads back from
+    its file and an anonymous one stays, both equal to their copies made before."""
+    from safetensors.torch import load_file, save_file
+
+    anon = torch.randn(3000, 700)  # several pages
+    save_file({"t": anon}, str(tmp_path / "t.safetensors"))
+    mapped = load_file(str(tmp_path / "t.safetensors"))["t"]
+    before = (anon.clone(), mapped.clone())
+    advised = qgguf.page_out([anon, mapped])  # 0 where madvise is unavailable
+    assert advised % os.sysconf("SC_PAGE_SIZE") == 0 and advised <= 2 * anon.numel() * 4
+    assert torch.equal(anon, before[0]) and torch.equal(mapped, before[1])

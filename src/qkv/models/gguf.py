@@ -309,6 +309,38 @@ def _drop_superseded(entry: Path, path: Path) -> None:
             shutil.rmtree(other, ignore_errors=True)
 
 
+_MADV_PAGEOUT = 21  # Linux ≥ 5.4: reclaim these pages now (file pages are re-read on access)
+
+
+def page_out(tensors) -> int:
+    """Ask the kernel to drop the resident pages of `tensors` that a model no longer reads (the
+    cached Q, K, V a load copied into its fused Q|K|V matrix). Only whole pages inside each
+    tensor are advised. MADV_PAGEOUT never loses data: a clean page of the memory-mapped cache
+    is read back from the file if touched again, and anonymous memory without swap simply stays.
+    Returns the bytes advised (0 where the call is unavailable: not Linux, an old kernel)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        page = os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    done = 0
+    for t in tensors:
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        lo, hi = -(-start // page) * page, end // page * page  # whole pages inside the tensor
+        if (
+            hi > lo
+            and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_PAGEOUT) == 0
+        ):
+            done += hi - lo
+    return done
+
+
 # ---------------------------------------------------------------------------------------------
 # llama.cpp's Q/K row permutation
 
