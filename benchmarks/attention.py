@@ -202,9 +202,19 @@ def fused_table(repeats: int) -> list[str]:
                 f"qkv fused first call (numba compile from an empty cache + block mask + run): "
                 f"{float(res.stdout.split()[-1]):.1f} s"
             )
+    # forward + backward: FlexAttention has no CPU backward, so the peer is our own tiled path
+    q, k, v = (t.requires_grad_() for t in inputs(16384))
+    kw = dict(window=(w - 1, 0))
+
+    def step(backend):
+        qkv.attention(q, k, v, **kw, backend=backend).sum().backward()
+        q.grad = k.grad = v.grad = None
+
+    ours, tl = paired(lambda: step("fused"), lambda: step("tiled"), repeats)
+    out.append(row(f"fused window {w} N=16384 forward + backward vs qkv tiled", ours, tl, 1.0))
     firsts.append(
-        "forward + backward: not compared, FlexAttention has no CPU backward in this torch "
-        "(NotImplementedError: FlexAttention does not support backward on CPU)"
+        "forward + backward vs flex: not compared, FlexAttention has no CPU backward in this "
+        "torch (NotImplementedError: FlexAttention does not support backward on CPU)"
     )
     return [*out, "", *firsts]
 
@@ -237,18 +247,19 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_count
 
 def memory_table(n: int) -> list[str]:
     out = ["| case | peak RSS | time | target met |", "|---|---|---|---|"]
-    res = subprocess.run(
-        [sys.executable, "-c", MEMORY_CHILD, str(n), "tiled"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    mib, secs = map(float, res.stdout.split())
-    ok = "yes" if mib <= 2048 else "NO (target ≤ 2 GB)"
-    gib_scores = 8 * n * n * 4 / 2**30
-    out.append(
-        f"| tiled causal fwd+bwd N={n} (score matrix alone: {gib_scores:.0f} GiB) | {mib:.0f} MiB | {secs:.0f} s | {ok} |"
-    )
+    for backend in ("tiled", "fused"):
+        res = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD, str(n), backend],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        mib, secs = map(float, res.stdout.split())
+        ok = "yes" if mib <= 2048 else "NO (target ≤ 2 GB)"
+        gib_scores = 8 * n * n * 4 / 2**30
+        out.append(
+            f"| {backend} causal fwd+bwd N={n} (score matrix alone: {gib_scores:.0f} GiB) | {mib:.0f} MiB | {secs:.0f} s | {ok} |"
+        )
     return out
 
 

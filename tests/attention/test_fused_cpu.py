@@ -85,20 +85,96 @@ def _check(name, Sq, Sk, dtype, Hk):
     assert not out.isnan().any()
 
 
-@pytest.mark.parametrize("name", ["window_causal", "document_causal", "alibi_causal", "softcap"])
-def test_gradients_within_budget(name):
-    Sq, Sk = 129, 130
+def _grads(fn, q, k, v, do, dl):
+    """dq, dk, dv of Σ out·do + Σ lse·dl (an empty row's −inf LSE has no gradient)."""
+    xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*xs)
+    lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    ((out * do.to(out)).sum() + (lse * dl.to(lse)).sum()).backward()
+    return [torch.zeros_like(x) if x.grad is None else x.grad for x in xs]
+
+
+def _check_grads(name, Sq, Sk, dtype, Hk, D=40, Dv=24):
+    """The fused backward (dQ pass and dK/dV pass) against float64 autograd through the
+    oracle, loss on out and on the LSE, within the tiled tests' budget."""
     kw = combos(2, Sk)[name]
-    q, k, v = make_qkv(2, 4, 2, Sq, Sk, 40, dtype=torch.float32, requires_grad=True)
-    out = qkv.attention(q, k, v, **kw, backend="fused")
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), g)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    truth = torch.autograd.grad(naive(q64, k64, v64, **kw).out, (q64, k64, v64), g.double())
-    qp, kp, vp = (t.detach().requires_grad_() for t in (q, k, v))
-    plain = torch.autograd.grad(naive(qp, kp, vp, **kw).out, (qp, kp, vp), g)
-    for what, a, p, t in zip("qkv", grads, plain, truth, strict=True):
-        assert_within_budget(a, p, t, torch.float32, GRAD_FACTOR, what=f"d{what}")
+    q, k, v = make_qkv(2, 4, Hk, Sq, Sk, D, Dv=Dv, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    do = torch.randn(2, 4, Sq, Dv, generator=g, dtype=torch.float64)
+    dl = torch.randn(2, 4, Sq, generator=g, dtype=torch.float64)
+
+    def ref(*x):
+        r = naive(*x, **kw)
+        return r.out, r.lse
+
+    def ours(*x):
+        return qkv.attention(*x, **kw, backend="fused", return_lse=True)
+
+    truth = _grads(ref, q.double(), k.double(), v.double(), do, dl)
+    plain = _grads(ref, q, k, v, do, dl)
+    got = _grads(ours, q, k, v, do, dl)
+    for what, a, p, t in zip("qkv", got, plain, truth, strict=True):
+        assert a.dtype == dtype and not a.isnan().any()
+        assert_within_budget(a, p, t, dtype, GRAD_FACTOR, what=f"d{what}")
+
+
+@pytest.mark.parametrize("Sq,Sk", [(64, 64), (129, 128), (1, 239), (113, 203), (203, 113)])
+@pytest.mark.parametrize("name", list(combos(2, 64)))
+def test_gradients_within_budget_fp32(name, Sq, Sk):
+    _check_grads(name, Sq, Sk, torch.float32, Hk=2)
+
+
+@pytest.mark.parametrize("name", ["window_causal", "document_causal", "alibi_per_batch",
+                                  "softcap_mod_and_arg", "key_padding_keep"])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradients_within_budget_half(name, dtype):
+    _check_grads(name, 129, 200, dtype, Hk=1, D=64, Dv=64)  # MQA
+
+
+def test_the_backward_is_fused_unless_k_or_v_holds_nan(monkeypatch):
+    """Finite K/V: the tiled backward is never called. NaN/inf in keys and values no row
+    keeps: tiled takes over, and every gradient is finite and equals the float64 reference's
+    with those entries zeroed."""
+
+    calls = []
+    real = fused_cpu.backward
+    monkeypatch.setattr(fused_cpu, "backward", lambda *a: calls.append(1) or real(*a))
+    kw = {"window": (3, 0)}  # 40 queries at positions 60..99 keep keys 57..99 only
+    q, k, v = make_qkv(1, 2, 1, 40, 100, 16, requires_grad=True)
+    qkv.attention(q, k, v, **kw, backend="fused").sum().backward()
+    assert calls == []
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[:, :, 5, 2] = float("nan")
+    v2[:, :, 12, 0] = float("inf")
+    xs = [t.detach().clone().requires_grad_() for t in (q, k2, v2)]
+    qkv.attention(*xs, **kw, backend="fused").sum().backward()
+    assert calls == [1]
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    with torch.no_grad():
+        ref[1][:, :, 5] = 0.0
+        ref[2][:, :, 12] = 0.0
+    naive(*ref, **kw).out.sum().backward()
+    for x, r in zip(xs, ref, strict=True):
+        assert torch.isfinite(x.grad).all()
+        assert err(x.grad, r.grad) < 1e-5
+
+
+def test_backward_thread_count_does_not_change_the_result():
+    kw = dict(mask_mod=qkv.document_mask(torch.arange(300) * 4 // 300), causal=True)
+    q, k, v = make_qkv(2, 4, 2, 300, 300, 32, requires_grad=True)
+    saved = torch.get_num_threads()
+    got = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            xs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            qkv.attention(*xs, **kw, backend="fused").square().sum().backward()
+            got.append([x.grad for x in xs])
+    finally:
+        torch.set_num_threads(saved)
+    for other in got[1:]:
+        for a, b in zip(got[0], other, strict=True):
+            assert torch.equal(a, b)  # each task by one worker in a fixed order: bitwise
 
 
 def test_empty_rows_are_zero_with_lse_minus_inf():

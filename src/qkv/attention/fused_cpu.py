@@ -28,8 +28,9 @@ sgemm each (`np.dot` inside numba calls scipy's OpenBLAS): measured 1.9× the ha
 loops at 1 thread and 1.7× at 2 (window 256; the loops reached ~1/3 of the FMA peak, LLVM kept
 the score rows in memory). Everything between them stays in the compiled loop.
 
-Backward: exact, through `tiled.backward` (it recomputes each tile from q, k, v and the LSE
-saved here); not fused yet. Why numba: it is already a dependency, compiles silently and
+Backward: `fused_cpu_backward` (FlashAttention-2's dQ and dK/dV passes over the same block
+mask, sgemm tiles, from the fp32 O and the LSE saved here); K or V holding NaN/inf takes
+`tiled.backward`. Why numba: it is already a dependency, compiles silently and
 caches on disk (`qkv._jit`); a C++ extension would need a compiler at install time.
 Threads: each task is computed by one worker in a fixed order, so the result is bitwise the
 same for any thread count.
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._jit import Kernels
-from . import blockmask
+from . import blockmask, scoring
 from .spec import Spec
 from .tiled import backward, tiled
 
@@ -56,14 +57,12 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
 
-def _build(flags: dict) -> dict[str, tuple]:
-    import numba
+def make_exp2(flags: dict):
+    """The kernels' exp2: 2^x in float32, vectorisable (compiled inline where it is called)."""
+    import numpy as np
     from llvmlite import ir
     from numba import njit, types
     from numba.extending import intrinsic
-
-    jit = njit(**flags)
-    inline = njit(inline="always", **flags)
 
     @intrinsic
     def as_f32(typingctx, bits):  # the float32 whose bits are the int32 `bits`
@@ -72,7 +71,7 @@ def _build(flags: dict) -> dict[str, tuple]:
 
         return types.float32(types.int32), codegen
 
-    @inline
+    @njit(inline="always", **flags)
     def exp2(x):
         """2^x in float32, vectorisable: 2^round(x) from exponent bits × a Taylor polynomial
         of 2^f on [−½, ½] (degree 7: relative error < 2e-7). 0 below −126 (−inf included),
@@ -91,6 +90,16 @@ def _build(flags: dict) -> dict[str, tuple]:
         p = p * f + np.float32(1.0)
         r = p * as_f32(np.int32((np.int32(n) + 127) << 23))
         return r if x >= lo else (np.float32(0.0) if x < lo else x)
+
+    return exp2
+
+
+def _build(flags: dict) -> dict[str, tuple]:
+    import numba
+    from numba import njit
+
+    jit = njit(**flags)
+    exp2 = make_exp2(flags)
 
     @jit
     def forward(
@@ -288,19 +297,25 @@ class _FusedAttention(torch.autograd.Function):
         out, lse = forward(q, k, v, spec)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec = spec
+        ctx.finite = any(ctx.needs_input_grad[:3]) and scoring.all_finite(k, v)
         return out.to(q.dtype), lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward(q, k, v, ctx.spec, out, lse, dout, dlse)
+        if ctx.finite:
+            from .fused_cpu_backward import backward as fused_backward
+
+            dq, dk, dv = fused_backward(q, k, v, ctx.spec, out, lse, dout, dlse)
+        else:  # NaN/inf in K or V: tiled keeps the masked ones out of every product
+            dq, dk, dv = backward(q, k, v, ctx.spec, out, lse, dout, dlse)
         return dq, dk, dv, None
 
 
 def fused(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
-    """(out (b h i e), lse (b h i)) from the fused kernel, differentiable (the backward is
-    `tiled`'s, exact from the saved LSE). A call it cannot compute exactly (`supported`)
+    """(out (b h i e), lse (b h i)) from the fused kernel, differentiable (the fused backward,
+    exact from the saved LSE). A call it cannot compute exactly (`supported`)
     runs on `tiled` instead, never with a mod dropped."""
     if supported(q, spec) is not None:
         return tiled(q, k, v, spec)
