@@ -312,3 +312,23 @@ def test_compiling_from_an_empty_cache_prints_nothing(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout == "" and res.stderr == "", (res.stdout + res.stderr)[-3000:]
     assert any(tmp_path.rglob("*.nbi")), "the kernel was not cached"
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(causal=True), dict(window=(255, 0)), dict(window=(None, 3)), dict()], ids=str
+)
+def test_block_mask_builds_in_bounded_steps(kw):
+    """The build evaluates at most ~CHUNK mask elements a step, measured at each step's own
+    rows: a causal band widens down the rows, and sizing every step by the first block's span
+    had evaluated the whole 16384 × 16384 causal mask at once (1.1 GB peak RSS)."""
+    n, BQ, BK = 16384, 64, 64
+    x = torch.empty(1, 1, n, 1)
+    spec = make_spec(x, x, x, **kw)
+    steps = blockmask.chunks(spec, BQ, BK)
+    assert [qb for qb, _ in steps] == [sum(m for _, m in steps[:i]) for i in range(len(steps))]
+    assert sum(m for _, m in steps) == n // BQ  # consecutive, covering every query block
+    for qb, m in steps:  # keys the band reaches for rows lo..hi, written out (δ = 0 here)
+        lo, hi = qb * BQ, (qb + m) * BQ - 1
+        start = 0 if spec.left is None else max(0, lo - spec.left)
+        stop = n if spec.right is None else min(n, hi + spec.right + 1)
+        assert m == 1 or m * BQ * (stop - start) <= blockmask.CHUNK, (qb, m, start, stop)

@@ -109,6 +109,28 @@ def _eval(spec: Spec, b: Tensor, h: Tensor, qi: Tensor, kj: Tensor) -> Tensor:
     return m
 
 
+def chunks(spec: Spec, BQ: int, BK: int, rows: int = 1) -> list[tuple[int, int]]:
+    """(first query block, number of query blocks) per build step: consecutive, covering all
+    query blocks, each evaluating at most ~CHUNK mask elements (`rows` mask rows × its query
+    rows × the keys its band reaches, block-aligned) unless one query block alone needs more.
+    A band that widens down the rows (causal) is measured at each step's own rows."""
+    NQ = -(-spec.Sq // BQ)
+    out, qb = [], 0
+
+    def size(n: int) -> int:
+        lo, hi = qb * BQ, min(spec.Sq, (qb + n) * BQ)
+        start, stop = scoring.band_range(spec, lo, hi - 1)
+        return rows * (hi - lo) * (max(0, stop - start) + 2 * BK)
+
+    while qb < NQ:
+        n = NQ - qb
+        while n > 1 and size(n) > CHUNK:
+            n = max(1, min(n // 2, n * CHUNK // size(n)))
+        out.append((qb, n))
+        qb += n
+    return out
+
+
 def build(spec: Spec, BQ: int, BK: int) -> BlockMask:
     """Evaluate band & mask_mod over the keys the band can reach, a few query blocks at a time,
     and classify every (query block, key block): O(Sq · reachable keys) mask evaluations."""
@@ -120,17 +142,11 @@ def build(spec: Spec, BQ: int, BK: int) -> BlockMask:
     n_part = 0
     b = torch.arange(spec.B).view(-1, 1, 1, 1)
     h = torch.arange(spec.Hq).view(1, -1, 1, 1)
-    qb = 0
-    while qb < NQ:
-        # how many query blocks per step: ~CHUNK mask elements
+    for qb, nqb in chunks(spec, BQ, BK, Bm * Hm):
         lo = qb * BQ
-        start, stop = scoring.band_range(spec, lo, min(spec.Sq, lo + BQ) - 1)
-        span = max(BK, stop - start + BK)
-        nqb = max(1, min(NQ - qb, CHUNK // (Bm * Hm * BQ * span)))
         rows_end = min(spec.Sq, (qb + nqb) * BQ)
         start, stop = scoring.band_range(spec, lo, rows_end - 1)
         if stop <= start:
-            qb += nqb
             continue
         kb0, kb1 = start // BK, -(-stop // BK)
         i = torch.arange(lo, (qb + nqb) * BQ)  # padded rows
@@ -164,7 +180,6 @@ def build(spec: Spec, BQ: int, BK: int) -> BlockMask:
             ids = np.arange(n_part, n_part + len(where[0]), dtype=np.int32)
             pidx[:, :, qb : qb + nqb, kb0:kb1][where] = ids
             n_part += len(where[0])
-        qb += nqb
     listed = state > 0
     counts = listed.reshape(Bm * Hm * NQ, NK).sum(-1)
     ptr = np.zeros(Bm * Hm * NQ + 1, np.int64)
