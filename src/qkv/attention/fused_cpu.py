@@ -38,6 +38,7 @@ same for any thread count.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -286,9 +287,29 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor
     if workers == 1:
         kernel(*args, 0, 1)
     else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with _one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(lambda w: kernel(*args, w, workers), range(workers)))
     return outp[:, :, :Sq], lsep[:, :, :Sq]
+
+
+_BLAS: list = []  # [threadpoolctl.ThreadpoolController or None], made on first use
+
+
+def _one_blas_thread():
+    """OpenBLAS (the kernel's np.dot tiles) held to one thread while our workers run: its own
+    threads on top of ours oversubscribe the cores, and on a busy machine a (4 heads, 2048, 256)
+    window-512 call took 11–16 s instead of 0.1 s (OPENBLAS_NUM_THREADS=1: 0.09–0.14 s).
+    Without threadpoolctl installed, nothing changes."""
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS.append(ThreadpoolController())
+        except ImportError:
+            _BLAS.append(None)
+    return (
+        contextlib.nullcontext() if _BLAS[0] is None else _BLAS[0].limit(limits=1, user_api="blas")
+    )
 
 
 class _FusedAttention(torch.autograd.Function):
