@@ -332,3 +332,33 @@ def test_block_mask_builds_in_bounded_steps(kw):
         start = 0 if spec.left is None else max(0, lo - spec.left)
         stop = n if spec.right is None else min(n, hi + spec.right + 1)
         assert m == 1 or m * BQ * (stop - start) <= blockmask.CHUNK, (qb, m, start, stop)
+
+
+def test_workers_hold_blas_to_one_thread():
+    """The kernels' np.dot tiles call scipy's OpenBLAS from our worker threads: its own threads
+    on top of ours oversubscribed the cores (a window-512 call took 11–16 s instead of 0.1 s on
+    a busy machine), so `run_tasks` holds every BLAS to one thread while the workers run."""
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    np.dot(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32))  # BLAS loaded
+    seen = []
+
+    def kernel(worker, workers):
+        seen.append(
+            (
+                worker,
+                workers,
+                {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"},
+            )
+        )
+
+    saved = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fused_cpu.run_tasks(kernel, [], tasks=5)
+    finally:
+        torch.set_num_threads(saved)
+    assert sorted((w, n) for w, n, _ in seen) == [(0, 1), (0, 2), (1, 2)]
+    assert all(threads == {1} for _, _, threads in seen), seen

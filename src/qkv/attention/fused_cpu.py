@@ -281,15 +281,20 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor
     args += [np.float32(spec.softcap or 0.0), np.float32(cap2)]
     args += [slopes if slopes is not None else np.zeros((1, Hq), np.float32), slopes is not None]
     args += [v_finite]
-    kernel = KERNELS["forward"]
-    tasks = B * Hq * NQ
-    workers = max(1, min(torch.get_num_threads(), tasks))
-    if workers == 1:
-        kernel(*args, 0, 1)
-    else:
-        with _one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(lambda w: kernel(*args, w, workers), range(workers)))
+    run_tasks(KERNELS["forward"], args, B * Hq * NQ)
     return outp[:, :, :Sq], lsep[:, :, :Sq]
+
+
+def run_tasks(kernel, args: list, tasks: int) -> None:
+    """`kernel(*args, worker, workers)` on min(torch threads, tasks) threads (numba releases
+    the GIL; worker w takes tasks w, w + workers, …), with OpenBLAS held to one thread."""
+    workers = max(1, min(torch.get_num_threads(), tasks))
+    with _one_blas_thread():
+        if workers == 1:
+            kernel(*args, 0, 1)
+            return
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(lambda w: kernel(*args, w, workers), range(workers)))
 
 
 _BLAS: list = []  # [threadpoolctl.ThreadpoolController or None], made on first use
@@ -299,7 +304,7 @@ def _one_blas_thread():
     """OpenBLAS (the kernel's np.dot tiles) held to one thread while our workers run: its own
     threads on top of ours oversubscribe the cores, and on a busy machine a (4 heads, 2048, 256)
     window-512 call took 11–16 s instead of 0.1 s (OPENBLAS_NUM_THREADS=1: 0.09–0.14 s).
-    Without threadpoolctl installed, nothing changes."""
+    threadpoolctl is a dependency; were it missing, nothing would change."""
     if not _BLAS:
         try:
             from threadpoolctl import ThreadpoolController

@@ -21,8 +21,6 @@ one), as do requests the forward kernel does not compute.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,7 +28,7 @@ from torch import Tensor
 
 from .._jit import Kernels
 from . import blockmask
-from .fused_cpu import BK, BQ, LOG2E, _pad, _score_mod_params, make_exp2
+from .fused_cpu import BK, BQ, LOG2E, _pad, _score_mod_params, make_exp2, run_tasks
 from .spec import Spec
 
 
@@ -221,16 +219,7 @@ def backward(
                            tptr, tqblk, tpart, *tail], B * Hk * NK),
     ]  # fmt: skip
     for kernel, args, tasks in jobs:
-        _run(kernel, args, max(1, min(torch.get_num_threads(), tasks)))
+        run_tasks(kernel, args, tasks)
     dq = dq[:, :, :Sq] * spec.scale
     dk = dk[:, :, :Sk] * (spec.scale / unit)
     return dq.to(q.dtype), dk.to(k.dtype), dv[:, :, :Sk].to(v.dtype)
-
-
-def _run(kernel, args: list, workers: int) -> None:
-    """Tasks worker, worker + workers, … on each of `workers` threads (numba releases the GIL)."""
-    if workers == 1:
-        kernel(*args, 0, 1)
-        return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(lambda w: kernel(*args, w, workers), range(workers)))
