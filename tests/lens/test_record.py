@@ -97,3 +97,31 @@ def test_not_json_and_missing_files(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="must be an object"):
         from_json(tmp_path / "list.json")
+
+
+def test_the_record_says_which_layers_are_local(tmp_path):
+    """A model whose layers 0 and 2 attend through a window of 3 keys (layer 1 globally): the
+    record's model summary lists each layer's window, the terminal says which are local, and
+    the rows themselves agree — a local layer's query sees exactly 3 keys, the global one all."""
+    from qkv.lens.terminal import render_text
+
+    from .conftest import TinyModel
+
+    m = TinyModel(causal=True, seed=3)
+    for i in (0, 2):
+        m.blocks[i].attn.window = (2, 0)
+    try:
+        r = explain(SENTENCE, "excited", model=m, top=0)
+    finally:
+        for i in (0, 2):
+            m.blocks[i].attn.window = None
+    assert r.model.windows == ((2, 0), None, (2, 0))
+    seen = {lay.layer: {len(h.index) for h in lay.heads} for lay in r.layers}
+    assert seen == {0: {3}, 1: {r.query.index + 1}, 2: {3}}  # the engine's own rows
+    assert "local layers (window 3: each query sees its last 3 keys): 2 of 3; global: 1" in (
+        render_text(r, width=200)
+    )
+    back = from_json(r.to_json())
+    assert back.model.windows == r.model.windows
+    plain = explain(SENTENCE, "excited", model=m, top=0)
+    assert plain.model.windows is None and "local layers" not in render_text(plain, width=200)

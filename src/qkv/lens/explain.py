@@ -78,6 +78,15 @@ def summarize(model: nn.Module, name: str | None = None) -> ModelSummary:
         d_head=int(a.d_head),
         causal=bool(getattr(cfg, "causal", a.causal)),
         max_positions=int(maxpos),
+        windows=_windows(mods),
+    )
+
+
+def _windows(mods: list) -> tuple | None:
+    """Each attention module's (left, right) window (None: global), or None if none has one."""
+    ws = tuple(getattr(m, "window", None) for m in mods)
+    return (
+        None if all(w is None for w in ws) else tuple(None if w is None else tuple(w) for w in ws)
     )
 
 

@@ -180,6 +180,9 @@ class ModelSummary:
     d_head: int
     causal: bool
     max_positions: int
+    # per layer, the (left, right) window its attention applies, None where it is global; None
+    # when no layer has one
+    windows: tuple[tuple[int | None, int | None] | None, ...] | None = None
 
 
 @dataclass(eq=False)
@@ -414,6 +417,9 @@ def to_dict(r: ExplainResult) -> dict:
             "d_head": m.d_head,
             "causal": m.causal,
             "max_positions": m.max_positions,
+            "windows": None
+            if m.windows is None
+            else [None if w is None else list(w) for w in m.windows],
         },
         "text": r.text,
         "tokens": [
@@ -554,6 +560,7 @@ def from_json(source: str | os.PathLike | dict) -> ExplainResult:
         d_head=rd.integer(cfg, "d_head", "model_config", 1),
         causal=bool(rd.get(cfg, "causal", "model_config")),
         max_positions=rd.integer(cfg, "max_positions", "model_config", 1),
+        windows=_windows(cfg.get("windows"), rd),
     )
     text = rd.string(doc, "text", "")
     tokens = []
@@ -670,3 +677,18 @@ def _neuron(d: Any) -> NeuronView | None:
     from .neuron import NeuronView
 
     return NeuronView.from_dict(d)
+
+
+def _windows(ws: Any, rd: Any) -> tuple | None:
+    """model_config.windows: absent or null, or one null / [left, right] per layer."""
+    if ws is None:
+        return None
+    ok = isinstance(ws, list) and all(
+        w is None
+        or (isinstance(w, list) and len(w) == 2
+            and all(x is None or (isinstance(x, int) and x >= 0) for x in w))
+        for w in ws
+    )  # fmt: skip
+    if not ok:
+        raise rd.fail("model_config.windows", "must be null or one null / [left, right] per layer")
+    return tuple(None if w is None else (w[0], w[1]) for w in ws)

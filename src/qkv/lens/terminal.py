@@ -363,6 +363,8 @@ def render(r: ExplainResult, console: Console | None = None, *, n: int = 10) -> 
         f"{tok(r, r.query.index)}[/] (token {r.query.index})"
     )
     c.print(marked_text(r))
+    if m.windows is not None:
+        c.print(Text("• " + window_line(m), style="dim"))
     for note in r.notes:
         c.print(Text("• " + note, style="dim"))
     heads = [(lay.layer, h) for lay in r.layers for h in lay.heads]
@@ -389,3 +391,17 @@ def render_text(r: ExplainResult, width: int = 120, **kwargs: Any) -> str:
     buf = io.StringIO()
     render(r, Console(file=buf, width=width, color_system=None, force_terminal=False), **kwargs)
     return buf.getvalue()
+
+
+def window_line(m: Any) -> str:
+    """Which layers attend through a sliding window and which globally, e.g. "local layers
+    (window 512: each query sees its last 512 keys): 15 of 18; global: 5, 11, 17"."""
+    local = [(i, w) for i, w in enumerate(m.windows) if w is not None]
+    glob = [i for i, w in enumerate(m.windows) if w is None]
+    kinds = sorted({w for _, w in local}, key=str)
+    if len(kinds) == 1 and m.causal and kinds[0][1] in (0, None) and kinds[0][0] is not None:
+        what = f"window {kinds[0][0] + 1}: each query sees its last {kinds[0][0] + 1} keys"
+    else:
+        what = "windows " + ", ".join(f"(left {w[0]}, right {w[1]})" for w in kinds)
+    shown = ", ".join(map(str, glob)) if glob else "none"
+    return f"local layers ({what}): {len(local)} of {len(m.windows)}; global: {shown}"
