@@ -1,6 +1,7 @@
 """Whole-sequence export vs one plain forward (issue 13: exporting all rows of a 512-token text
 takes ≤ 2× one forward). smollm2, the prose-like text of benchmarks/lens.py, interleaved
-repeats in one process, medians.
+repeats in one process, medians. "dense"/"top-k": `capture_text` then `export_rows`;
+"qkv export": `export_text` (dense, rows written from the forward's layer hooks).
 
     .venv/bin/python benchmarks/lens_export.py --n 512 --repeat 3
 """
@@ -28,13 +29,13 @@ def main() -> None:
 
     threads()
     import qkv
-    from qkv.lens.export import capture_text, export_rows
+    from qkv.lens.export import capture_text, export_rows, export_text
 
     m = qkv.load("smollm2")
     text = text_of(m.tokenizer, a.n)
     ids = torch.tensor([m.tokenizer.encode(text).ids])
     assert ids.shape[1] == a.n, ids.shape
-    times: dict[str, list[float]] = {"forward": [], "dense": [], "top-k": []}
+    times: dict[str, list[float]] = {"forward": [], "dense": [], "top-k": [], "qkv export": []}
     size: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as d, torch.inference_mode():
         m(ids)  # warm-up
@@ -49,6 +50,12 @@ def main() -> None:
                 times[what].append(time.perf_counter() - t)
                 size[what] = rows.nbytes / 2**20
                 del cap, rows
+            # what `qkv export` runs: dense rows written from the forward's layer hooks
+            t = time.perf_counter()
+            rows, _ = export_text(text, os.path.join(d, "cli.npz"), model=m, top=0, progress=False)
+            times["qkv export"].append(time.perf_counter() - t)
+            size["qkv export"] = rows.nbytes / 2**20
+            del rows
     f = statistics.median(times["forward"])
     print(f"smollm2, {a.n} tokens, torch threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip

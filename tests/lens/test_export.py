@@ -353,3 +353,37 @@ def test_a_failed_streamed_export_leaves_nothing(tiny_causal, tmp_path, monkeypa
         export_rows(cap, tmp_path / "rows.npz", top=0)
     assert [p.name for p in tmp_path.iterdir()] == ["rows.npz"]
     assert (tmp_path / "rows.npz").read_bytes() == b"earlier"
+
+
+@pytest.mark.parametrize("top", [0, 3])
+def test_export_text_writes_while_the_model_runs_the_same_file(tiny_llama, tmp_path, top):
+    """export_text = export_rows(capture_text(...)): the same arrays (dense: computed in the
+    forward's layer hooks, no capture kept; top-k: captured first), and the dense rows equal
+    transformers' output_attentions."""
+    from qkv.lens.export import export_text
+
+    ours, hf = tiny_llama
+    rows, path = export_text(SENTENCE, tmp_path / "a.npz", model=ours, top=top, progress=False)
+    cap = capture_text(SENTENCE, model=ours, progress=False)
+    _, want_path = export_rows(cap, tmp_path / "b.npz", top=top)
+    got, want = np.load(path), np.load(want_path)
+    assert got.files == want.files
+    for name in want.files:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    if top == 0:
+        want_w, _ = hf_rows(hf, ours.tokenizer.encode(SENTENCE).ids)
+        np.testing.assert_allclose(rows.weight, want_w, atol=WEIGHT_TOL, rtol=0)
+        assert isinstance(rows.weight, np.memmap)
+
+
+def test_a_failed_export_text_leaves_nothing(tiny_causal, tmp_path, monkeypatch):
+    """A model that fails mid-forward: the error is the model's, no file and no temp file."""
+    from qkv.lens.export import export_text
+
+    def boom(*a, **k):
+        raise RuntimeError("layer 1 exploded")
+
+    monkeypatch.setattr(tiny_causal.blocks[1], "forward", boom)
+    with pytest.raises(RuntimeError, match="layer 1 exploded"):
+        export_text(SENTENCE, tmp_path / "rows.npz", model=tiny_causal, top=0, progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -15,9 +15,8 @@ from qkv.lens.export import (
     DENSE_MAX_TOKENS,
     SPARSE_TOP,
     TopRows,
-    capture_text,
     check_export_path,
-    export_rows,
+    export_text,
 )
 from qkv.models import DEFAULT_MODEL
 
@@ -35,13 +34,14 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError(str(e).replace("writing .parquet", "--out FILE.parquet")) from None
     progress = sys.stderr.isatty()
-    cap = capture_text(text, model=args.model, truncate=args.truncate, progress=progress)
-    rows, path = export_rows(cap, args.out, top=args.top, progress=progress)
-    L, H, Q = len(rows.layers), cap.info.n_heads, len(rows.queries)
+    rows, path = export_text(
+        text, args.out, model=args.model, top=args.top, truncate=args.truncate, progress=progress
+    )
+    L, H, Q = len(rows.layers), rows.model.n_heads, len(rows.queries)
     if isinstance(rows, TopRows):
         what = f"top {rows.index.shape[-1]} keys per row (index, weight, contribution)"
     else:
-        what = f"dense rows ({len(cap.tokens)} keys; weight, contribution float32)"
+        what = f"dense rows ({len(rows.tokens)} keys; weight, contribution float32)"
     held = (
         f"{_mib(rows.nbytes)} of rows, streamed to disk a layer at a time"
         if isinstance(rows.weight, np.memmap)

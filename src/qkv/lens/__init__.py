@@ -7,12 +7,12 @@
 
 `explain` runs one forward under `qkv.nn.capture` and recomputes the query's rows exactly from
 q, k and the LSE (never N×N); `capture_text` keeps one forward for many queries
-(`.explain(token)`, `.rows()`, `export_rows`). `head_search` ranks heads on pronoun → antecedent pairs.
+(`.explain(token)`, `.rows()`, `export_rows`; `export_text` writes while the model runs). `head_search` ranks heads on pronoun → antecedent pairs.
 """
 
 from .compare import CompareResult, HeadMove, Mover, compare, compare_records
 from .explain import DEFAULT_TOP, explain
-from .export import Capture, Rows, TopRows, capture_text, export_rows
+from .export import Capture, Rows, TopRows, capture_text, export_rows, export_text
 from .heads import DATA_PATH, Example, HeadScores, HeadSearch, head_search, load_examples
 from .lookup import query_row
 from .neuron import NeuronView, neuron
@@ -59,6 +59,7 @@ __all__ = [
     "compare_records",
     "explain",
     "export_rows",
+    "export_text",
     "flow_row",
     "from_json",
     "head_search",

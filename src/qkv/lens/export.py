@@ -203,19 +203,7 @@ class Capture:
         try:
             with torch.inference_mode():
                 for li, lay in enumerate(ls):
-                    rec = self.records[lay]
-                    G = rec.k.shape[1]
-                    kv = torch.arange(H, device=rec.k.device) // (H // G)
-                    vn = value_norms(rec.v[0][kv], rec.W_O).float()  # (h j): ‖v_gj W_O^h‖
-                    plain = _plain(rec)
-                    for a in range(0, len(qs), step):
-                        idx = qs[a : a + step].tolist()
-                        if plain:
-                            out = None if dest is None else dest(li, slice(a, a + step))
-                            w = _plain_rows(rec, idx, *plain, out=out)
-                        else:
-                            w = rows(rec, idx).float()
-                        on_chunk(li, slice(a, a + step), w, vn)  # w (h c j)
+                    _layer_rows(self.records[lay], li, qs, H, step, on_chunk, dest)
                     bar.update(1)
         finally:
             bar.close()
@@ -246,47 +234,23 @@ class Capture:
 
     def _stream_rows(self, f: Any, meta: dict[str, Any], progress: bool | None) -> dict[str, int]:
         """Write meta + the dense rows of every query and layer to the open file `f` as an
-        .npz, a layer at a time: two reusable (h i j) buffer pairs, one filled while the other
-        is written by a writer thread, so the L·H·N² rows are never held. Returns where the
-        `weight` and `contribution` arrays start in the file."""
+        .npz, a layer at a time (see `_DenseStream`). Returns where the `weight` and
+        `contribution` arrays start in the file."""
         qs, ls = self._pick(None, None)
-        H, Q, N = self.info.n_heads, len(qs), len(self.tokens)
-        shape = (len(ls), H, Q, N)
-        out = NpzWriter(f.fileno(), {**meta, "layers": ls, "queries": qs,
-                                     "weight": (shape, np.float32),
-                                     "contribution": (shape, np.float32)})  # fmt: skip
-        bufs = [(torch.empty(H, Q, N), torch.empty(H, Q, N)) for _ in range(2)]
-        busy: list[Future | None] = [None, None]
-
-        def flush(w: torch.Tensor, c: torch.Tensor) -> None:
-            out.write("weight", w.numpy())
-            out.write("contribution", c.numpy())
-
-        def slot(li: int) -> tuple[torch.Tensor, torch.Tensor]:
-            job = busy[li % 2]
-            if job is not None:  # the writer is done with this pair before it is refilled
-                job.result()
-                busy[li % 2] = None
-            return bufs[li % 2]
-
-        with ThreadPoolExecutor(1, thread_name_prefix="qkv-export") as pool:
-            try:
-
-                def put(li: int, sl: slice, w: torch.Tensor, vn: torch.Tensor) -> None:
-                    bw, bc = slot(li)
-                    _fill(bw[:, sl], bc[:, sl], w, vn)
-                    if sl.stop >= Q:  # the layer is complete: hand it to the writer, in order
-                        busy[li % 2] = pool.submit(flush, bw, bc)
-
-                self._scan(
-                    qs.tolist(), ls.tolist(), progress, put, lambda li, sl: slot(li)[0][:, sl]
-                )
-            finally:
-                for job in busy:  # a writer error surfaces here; nothing is written after
-                    if job is not None:
-                        job.result()
-        out.close()
-        return {k: out.data_offset(k) for k in ("weight", "contribution")}
+        progress = sys.stderr.isatty() if progress is None else progress
+        bar = layer_bar(len(ls), "rows", progress)
+        stream = _DenseStream(f, meta, ls, qs, self.info.n_heads, len(self.tokens))
+        try:
+            with torch.inference_mode():
+                for li, lay in enumerate(ls):
+                    stream.layer(li, self.records[lay])
+                    bar.update(1)
+        except BaseException:
+            stream.abort()
+            raise
+        finally:
+            bar.close()
+        return stream.close()
 
     def top_rows(
         self,
@@ -355,21 +319,11 @@ def export_rows(
     p = check_export_path(path)
     if top is None:
         top = 0 if len(cap.tokens) <= DENSE_MAX_TOKENS else SPARSE_TOP
-    meta = {
-        "schema": EXPORT_SCHEMA,
-        "model": cap.info.name,
-        "text": cap.text,
-        "tokens": np.array([t.text for t in cap.tokens]),
-        "offsets": np.array([(t.start, t.end) for t in cap.tokens], dtype=np.int64),
-    }
+    meta = _meta(cap.info, cap.text, cap.tokens)
     if p.suffix == ".npz" and top == 0:  # streamed a layer at a time; read back as memmaps
         at: dict[str, int] = {}
         write_atomic(p, lambda f: at.update(cap._stream_rows(f, meta, progress)))
-        qs, ls = cap._pick(None, None)
-        shape = (len(ls), cap.info.n_heads, len(qs), len(cap.tokens))
-        weight, contrib = (np.memmap(p, np.float32, "r", offset=at[k], shape=shape)
-                           for k in ("weight", "contribution"))  # fmt: skip
-        return Rows(cap.info, cap.tokens, ls, qs, weight, contrib), p
+        return _mapped(p, at, cap.info, cap.tokens), p
     r = cap.rows(progress=progress) if top == 0 else cap.top_rows(top, progress=progress)
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -382,6 +336,81 @@ def export_rows(
         NpzWriter(f.fileno(), {**meta, **arrays}).close()
 
     return r, write_atomic(p, savez)
+
+
+def export_text(
+    text: str,
+    path: str | os.PathLike,
+    *,
+    model: Any = "smollm2",
+    top: int | None = None,
+    truncate: bool = False,
+    progress: bool | None = None,
+) -> tuple[Rows | TopRows, Path]:
+    """`export_rows(capture_text(text, ...), path, top=top)` — the same file — in one pass:
+    for a dense .npz (see `export_rows` for when), each layer's rows are computed and written
+    while the model runs the next layer, and no layer's capture is kept, so the file is done
+    about when the forward is. Other exports capture first, then write."""
+    p = check_export_path(path)
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("text is empty: pass the text whose lookups you want")
+    m = resolve_model(model)
+    info = summarize(m, model if isinstance(model, str) and not os.path.isdir(model) else None)
+    enc, cut = _encode(m.tokenizer, text, info, truncate)
+    tokens = make_tokens(text, enc.tokens, enc.offsets)
+    n = len(tokens)
+    if top is None:
+        top = 0 if n <= DENSE_MAX_TOKENS else SPARSE_TOP
+    progress = sys.stderr.isatty() if progress is None else progress
+    L = info.n_layers
+    if p.suffix != ".npz" or top != 0:
+        with torch.inference_mode():
+            recs = run_capture(m, enc.ids, layers=list(range(L)), progress=progress)
+        return export_rows(Capture(m, info, text, tokens, cut, recs), p, top=top,
+                           progress=progress)  # fmt: skip
+    ls, qs = np.arange(L, dtype=np.int64), np.arange(n, dtype=np.int64)
+    at: dict[str, int] = {}
+
+    def write(f: Any) -> None:
+        stream = _DenseStream(f, _meta(info, text, tokens), ls, qs, info.n_heads, n)
+
+        def on_layer(rec: Any) -> None:  # the layer's rows now; its capture is not kept
+            stream.layer(rec.layer, rec)
+
+        try:
+            with torch.inference_mode():
+                run_capture(m, enc.ids, layers=list(range(L)), progress=progress,
+                            on_layer=on_layer)  # fmt: skip
+        except BaseException:
+            stream.abort()
+            raise
+        at.update(stream.close())
+
+    write_atomic(p, write)
+    return _mapped(p, at, info, tokens), p
+
+
+def _meta(info: ModelSummary, text: str, tokens: list[Token]) -> dict[str, Any]:
+    """The .npz members every export holds besides the rows."""
+    return {
+        "schema": EXPORT_SCHEMA,
+        "model": info.name,
+        "text": text,
+        "tokens": np.array([t.text for t in tokens]),
+        "offsets": np.array([(t.start, t.end) for t in tokens], dtype=np.int64),
+    }
+
+
+def _mapped(p: Path, at: dict[str, int], info: ModelSummary, tokens: list[Token]) -> Rows:
+    """The dense rows of every layer and query in the .npz at `p`, as read-only memmaps."""
+    n = len(tokens)
+    ls, qs = np.arange(info.n_layers, dtype=np.int64), np.arange(n, dtype=np.int64)
+    shape = (info.n_layers, info.n_heads, n, n)
+    weight, contrib = (np.memmap(p, np.float32, "r", offset=at[k], shape=shape)
+                       for k in ("weight", "contribution"))  # fmt: skip
+    return Rows(info, tokens, ls, qs, weight, contrib)
 
 
 def check_export_path(path: str | os.PathLike) -> Path:
@@ -424,6 +453,87 @@ def _pyarrow() -> Any:
             "(or write .npz, which needs nothing)"
         ) from None
     return pyarrow
+
+
+def _layer_rows(
+    rec: Any, li: int, qs: np.ndarray, H: int, step: int, on_chunk: Any, dest: Any = None
+) -> None:
+    """One layer's rows for queries `qs`, `step` queries at a time: on_chunk(li, slice of qs,
+    w (h c j), vn (h j)); `dest(li, slice)`, when given, is a CPU tensor (h c j) the plain path
+    may compute w into."""
+    G = rec.k.shape[1]
+    kv = torch.arange(H, device=rec.k.device) // (H // G)
+    vn = value_norms(rec.v[0][kv], rec.W_O).float()  # (h j): ‖v_gj W_O^h‖
+    plain = _plain(rec)
+    for a in range(0, len(qs), step):
+        idx = qs[a : a + step].tolist()
+        if plain:
+            out = None if dest is None else dest(li, slice(a, a + step))
+            w = _plain_rows(rec, idx, *plain, out=out)
+        else:
+            w = rows(rec, idx).float()
+        on_chunk(li, slice(a, a + step), w, vn)  # w (h c j)
+
+
+class _DenseStream:
+    """Dense rows written into an .npz as each layer comes: `layer(li, record)` computes that
+    layer's (h i j) weights and contributions into one of two reusable buffer pairs and hands
+    it to a writer thread (pwrite + CRC) while the next layer is computed — or, in
+    `export_text`, while the model runs the next layer. The L·H·N² rows are never held."""
+
+    def __init__(self, f: Any, meta: dict, layers: np.ndarray, queries: np.ndarray, H: int,
+                 N: int) -> None:  # fmt: skip
+        self.qs, self.H, self.N = queries, H, N
+        shape = (len(layers), H, len(queries), N)
+        self.out = NpzWriter(f.fileno(), {**meta, "layers": layers, "queries": queries,
+                                          "weight": (shape, np.float32),
+                                          "contribution": (shape, np.float32)})  # fmt: skip
+        self.bufs = [(torch.empty(H, len(queries), N), torch.empty(H, len(queries), N))
+                     for _ in range(2)]  # fmt: skip
+        self.busy: list[Future | None] = [None, None]
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="qkv-export")
+
+    def _slot(self, li: int) -> tuple[torch.Tensor, torch.Tensor]:
+        job = self.busy[li % 2]
+        if job is not None:  # the writer is done with this pair before it is refilled
+            job.result()
+            self.busy[li % 2] = None
+        return self.bufs[li % 2]
+
+    def _flush(self, w: torch.Tensor, c: torch.Tensor) -> None:
+        self.out.write("weight", w.numpy())
+        self.out.write("contribution", c.numpy())
+
+    def layer(self, li: int, rec: Any) -> None:
+        Q = len(self.qs)
+
+        def put(li: int, sl: slice, w: torch.Tensor, vn: torch.Tensor) -> None:
+            bw, bc = self._slot(li)
+            _fill(bw[:, sl], bc[:, sl], w, vn)
+            if sl.stop >= Q:  # the layer is complete: hand it to the writer, in order
+                self.busy[li % 2] = self.pool.submit(self._flush, bw, bc)
+
+        step = max(1, _CHUNK // (self.H * self.N))
+        _layer_rows(rec, li, self.qs, self.H, step, put, lambda li, sl: self._slot(li)[0][:, sl])
+
+    def abort(self) -> None:
+        """After an error elsewhere: let the writer finish, keep its error quiet (the caller's
+        is the one to report; the temp file is removed by `write_atomic`)."""
+        for job in self.busy:
+            if job is not None:
+                job.exception()
+        self.pool.shutdown()
+
+    def close(self) -> dict[str, int]:
+        """Wait for the writer (its error surfaces here), finish the file; the data offsets."""
+        try:
+            for job in self.busy:
+                if job is not None:
+                    job.result()
+        finally:
+            self.pool.shutdown()
+        self.out.close()
+        return {k: self.out.data_offset(k) for k in ("weight", "contribution")}
 
 
 def _plain(rec: Any) -> tuple | None:
