@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "qkv"
-LEVEL = {"attention": 1, "nn": 2, "distributed": 2, "models": 3, "lens": 4, "train": 4, "cli": 5, "web": 5}
+LEVEL = {
+    "attention": 1,
+    "nn": 2,
+    "distributed": 2,
+    "models": 3,
+    "lens": 4,
+    "train": 4,
+    "cli": 5,
+    "web": 5,
+}
 
 
 def imported_layers(path: Path) -> set[str]:
