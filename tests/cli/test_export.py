@@ -39,7 +39,7 @@ def test_export_writes_dense_rows_and_states_the_memory(loads, tiny, tmp_path, c
     z = np.load(out)
     n = len(z["tokens"])
     assert f"3 layers × 4 heads × {n} queries, dense rows" in said
-    mib = 2 * 3 * 4 * n * n * 4 / 2**20
+    mib = (3 * 4 * n * n + 3 * 4 * n) * 4 / 2**20  # weight (l h i j) + value_norm (l h j)
     assert re.search(
         rf"{mib:.1f} MiB of rows, streamed to disk a layer at a time, [\d.]+ MiB on disk", said
     )

@@ -203,11 +203,13 @@ def test_export_writes_dense_rows_for_a_short_text(tiny_causal, tmp_path):
     cap = capture_text(SENTENCE, model=tiny_causal, progress=False)
     rows, path = export_rows(cap, tmp_path / "rows.npz")
     z = np.load(path)
-    assert str(z["schema"]) == "qkv.export/1" and str(z["text"]) == SENTENCE
+    assert str(z["schema"]) == "qkv.export/2" and str(z["text"]) == SENTENCE
     assert z["tokens"].tolist() == [t.text for t in cap.tokens]
     assert "index" not in z.files
     np.testing.assert_array_equal(z["weight"], cap.rows().weight)
-    np.testing.assert_array_equal(z["contribution"], rows.contribution)
+    assert "contribution" not in z.files  # dense: weight · value_norm, the factors stored
+    np.testing.assert_array_equal(z["weight"] * z["value_norm"][:, :, None, :], rows.contribution)
+    np.testing.assert_array_equal(rows.contribution, cap.rows().contribution)
     assert z["weight"].shape == (3, 4, len(cap.tokens), len(cap.tokens))
 
 
@@ -328,7 +330,11 @@ def test_streamed_export_equals_transformers_output_attentions(
     rows, path = export_rows(cap, tmp_path / "rows.npz", top=0)
     want_w, vnorm = hf_rows(hf, ours.tokenizer.encode(SENTENCE).ids)
     z = np.load(path)
-    for got in (z, {"weight": rows.weight, "contribution": rows.contribution}):
+    zc = z["weight"] * z["value_norm"][:, :, None, :]
+    for got in (
+        {"weight": z["weight"], "contribution": zc},
+        {"weight": rows.weight, "contribution": rows.contribution},
+    ):
         np.testing.assert_allclose(got["weight"], want_w, atol=WEIGHT_TOL, rtol=0)
         np.testing.assert_allclose(
             got["contribution"], want_w * vnorm[:, :, None, :], rtol=CONTRIB_RTOL, atol=1e-6

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(rows, TopRows):
         what = f"top {rows.index.shape[-1]} keys per row (index, weight, contribution)"
     else:
-        what = f"dense rows ({len(rows.tokens)} keys; weight, contribution float32)"
+        what = f"dense rows ({len(rows.tokens)} keys; weight float32 + value_norm (l h j))"
     held = (
         f"{_mib(rows.nbytes)} of rows, streamed to disk a layer at a time"
         if isinstance(rows.weight, np.memmap)
@@ -60,8 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="every token's exact attention rows from one forward, to .npz or .parquet",
         description="Run the model once and write every query's exact attention rows (all "
         f"layers and heads): dense up to {DENSE_MAX_TOKENS} tokens, the top {SPARSE_TOP} keys "
-        "of each row beyond. The .npz holds tokens, offsets, layers, queries and weight/"
-        "contribution (l h i j), or index/weight/contribution (l h i k).",
+        "of each row beyond. The .npz holds tokens, offsets, layers, queries and either weight "
+        "(l h i j) + value_norm (l h j), contribution = weight · value_norm, or index/weight/"
+        "contribution (l h i k).",
     )
     p.add_argument("text", nargs="?", metavar="TEXT", help="the text (or --file PATH)")
     p.add_argument("--file", metavar="PATH", help="read the text from a UTF-8 file")

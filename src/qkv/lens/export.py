@@ -3,7 +3,7 @@
     cap = capture_text("The dog chased the ball because it was excited.", model="smollm2")
     cap.explain("it"); cap.explain("excited")   # no second forward
     cap.neuron("excited", "dog", layer=13, head=8)  # the Q·K neuron view, no second forward
-    rows = cap.rows()                            # dense (l h i j) weights and contributions
+    rows = cap.rows()                            # dense (l h i j) weights, (l h j) value norms
     export_rows(cap, "rows.npz")                    # dense when short, top-k per row when long
 
 Letters: l layer, h query head, g kv head, i query position, j key position, k kept key.
@@ -45,7 +45,7 @@ from .npz import NpzWriter
 from .record import ExplainResult, ModelSummary, Query, Token, pandas_module
 from .tokens import index_in, make_tokens, sink_tokens
 
-EXPORT_SCHEMA = "qkv.export/1"
+EXPORT_SCHEMA = "qkv.export/2"  # /2: dense files hold value_norm (l h j), not contribution
 DENSE_MAX_TOKENS = 256  # export: dense (l h i j) rows up to this many tokens, top-k rows beyond
 SPARSE_TOP = 32  # keys kept per row in a top-k export
 _CHUNK = 1 << 22  # row entries (h·i·j) computed at once per layer
@@ -55,18 +55,25 @@ _CHUNK = 1 << 22  # row entries (h·i·j) computed at once per layer
 class Rows:
     """Exact attention rows: `weight[l, h, i, j]` is the softmax weight of query `queries[i]`
     on key j in head h of layer `layers[l]` (0 where the query cannot see j), and
-    `contribution[l, h, i, j]` = weight · ‖v_gj W_O^h‖ (float32, (l h i j))."""
+    `value_norm[l, h, j]` = ‖v_gj W_O^h‖, the size of what key j's value carries through head
+    h; key j's contribution to query i is their product (`contribution`; float32)."""
 
     model: ModelSummary
     tokens: list[Token]
     layers: np.ndarray  # (l,)
     queries: np.ndarray  # (i,)
     weight: np.ndarray  # (l h i j)
-    contribution: np.ndarray  # (l h i j)
+    value_norm: np.ndarray  # (l h j)
+
+    @property
+    def contribution(self) -> np.ndarray:
+        """weight · value_norm, (l h i j) float32 — computed on each access (L·H·Q·N floats):
+        the very product `explain` reports, so nothing is lost by storing the factors."""
+        return self.weight * self.value_norm[:, :, None, :]
 
     @property
     def nbytes(self) -> int:
-        return self.weight.nbytes + self.contribution.nbytes
+        return self.weight.nbytes + self.value_norm.nbytes
 
     def to_numpy(self) -> np.ndarray:
         """The weights, (layers, heads, queries, keys)."""
@@ -221,21 +228,23 @@ class Capture:
         Equivalent to transformers' `output_attentions=True` rows: `attentions[l][0, :, queries]`."""
         qs, ls = self._pick(queries, layers)
         shape = (len(ls), self.info.n_heads, len(qs), len(self.tokens))
-        weight, contrib = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        weight = np.empty(shape, np.float32)
+        vnorm = np.empty((len(ls), self.info.n_heads, len(self.tokens)), np.float32)
 
         def put(li: int, sl: slice, w: torch.Tensor, vn: torch.Tensor) -> None:
-            _fill(torch.from_numpy(weight[li, :, sl]), torch.from_numpy(contrib[li, :, sl]), w, vn)
+            _fill(torch.from_numpy(weight[li, :, sl]), w)
+            vnorm[li] = vn.cpu().numpy()
 
         def dest(li: int, sl: slice) -> torch.Tensor:
             return torch.from_numpy(weight[li, :, sl])
 
         self._scan(qs.tolist(), ls.tolist(), progress, put, dest)
-        return Rows(self.info, self.tokens, ls, qs, weight, contrib)
+        return Rows(self.info, self.tokens, ls, qs, weight, vnorm)
 
     def _stream_rows(self, f: Any, meta: dict[str, Any], progress: bool | None) -> dict[str, int]:
         """Write meta + the dense rows of every query and layer to the open file `f` as an
         .npz, a layer at a time (see `_DenseStream`). Returns where the `weight` and
-        `contribution` arrays start in the file."""
+        `value_norm` arrays start in the file."""
         qs, ls = self._pick(None, None)
         progress = sys.stderr.isatty() if progress is None else progress
         bar = layer_bar(len(ls), "rows", progress)
@@ -309,13 +318,14 @@ def export_rows(
     cap: Capture, path: str | os.PathLike, *, top: int | None = None, progress: bool | None = None
 ) -> tuple[Rows | TopRows, Path]:
     """Write every row of `cap` to `path` (.npz, or .parquet with pyarrow): dense (l h i j)
-    weights and contributions when `top` is 0, or None and the text has at most
-    DENSE_MAX_TOKENS tokens; else the top-`top` (default SPARSE_TOP) keys of each row.
+    weights when `top` is 0, or None and the text has at most DENSE_MAX_TOKENS tokens; else the
+    top-`top` (default SPARSE_TOP) keys of each row.
 
-    The .npz holds `schema`, `model`, `text`, `tokens`, `offsets` (n, 2), `layers`, `queries`
-    and either `weight`, `contribution` (l h i j) or `index`, `weight`, `contribution`
-    (l h i k). The .parquet holds one row per (layer, head, query, key) kept (dense: weight > 0).
-    Returns the rows and the path written."""
+    The .npz ("qkv.export/2") holds `schema`, `model`, `text`, `tokens`, `offsets` (n, 2),
+    `layers`, `queries` and either `weight` (l h i j) + `value_norm` (l h j) — contribution =
+    weight · value_norm[:, :, None, :], exactly the product `explain` reports — or `index`,
+    `weight`, `contribution` (l h i k). The .parquet holds one row per (layer, head, query,
+    key) kept (dense: weight > 0), contribution included. Returns the rows and the path."""
     p = check_export_path(path)
     if top is None:
         top = 0 if len(cap.tokens) <= DENSE_MAX_TOKENS else SPARSE_TOP
@@ -407,10 +417,10 @@ def _mapped(p: Path, at: dict[str, int], info: ModelSummary, tokens: list[Token]
     """The dense rows of every layer and query in the .npz at `p`, as read-only memmaps."""
     n = len(tokens)
     ls, qs = np.arange(info.n_layers, dtype=np.int64), np.arange(n, dtype=np.int64)
-    shape = (info.n_layers, info.n_heads, n, n)
-    weight, contrib = (np.memmap(p, np.float32, "r", offset=at[k], shape=shape)
-                       for k in ("weight", "contribution"))  # fmt: skip
-    return Rows(info, tokens, ls, qs, weight, contrib)
+    L, H = info.n_layers, info.n_heads
+    weight = np.memmap(p, np.float32, "r", offset=at["weight"], shape=(L, H, n, n))
+    vnorm = np.memmap(p, np.float32, "r", offset=at["value_norm"], shape=(L, H, n))
+    return Rows(info, tokens, ls, qs, weight, vnorm)
 
 
 def check_export_path(path: str | os.PathLike) -> Path:
@@ -433,7 +443,8 @@ def _long_form(r: Rows | TopRows) -> dict[str, np.ndarray]:
         w, c = r.weight.reshape(-1), r.contribution.reshape(-1)
     else:
         lay, hd, qi, key = np.nonzero(r.weight > 0)
-        w, c = r.weight[lay, hd, qi, key], r.contribution[lay, hd, qi, key]
+        w = r.weight[lay, hd, qi, key]
+        c = w * r.value_norm[lay, hd, key]  # = r.contribution[lay, hd, qi, key]
     return {
         "layer": r.layers[lay],
         "head": hd,
@@ -477,44 +488,43 @@ def _layer_rows(
 
 class _DenseStream:
     """Dense rows written into an .npz as each layer comes: `layer(li, record)` computes that
-    layer's (h i j) weights and contributions into one of two reusable buffer pairs and hands
-    it to a writer thread (pwrite + CRC) while the next layer is computed — or, in
-    `export_text`, while the model runs the next layer. The L·H·N² rows are never held."""
+    layer's (h i j) weights into one of two reusable buffers and hands it, with the layer's
+    value norms (h j), to a writer thread (pwrite + CRC) while the next layer is computed — or,
+    in `export_text`, while the model runs the next layer. The L·H·N² rows are never held."""
 
     def __init__(self, f: Any, meta: dict, layers: np.ndarray, queries: np.ndarray, H: int,
                  N: int) -> None:  # fmt: skip
         self.qs, self.H, self.N = queries, H, N
-        shape = (len(layers), H, len(queries), N)
         self.out = NpzWriter(f.fileno(), {**meta, "layers": layers, "queries": queries,
-                                          "weight": (shape, np.float32),
-                                          "contribution": (shape, np.float32)})  # fmt: skip
-        self.bufs = [(torch.empty(H, len(queries), N), torch.empty(H, len(queries), N))
-                     for _ in range(2)]  # fmt: skip
+                                          "weight": ((len(layers), H, len(queries), N), np.float32),
+                                          "value_norm": ((len(layers), H, N), np.float32)})  # fmt: skip
+        self.bufs = [torch.empty(H, len(queries), N) for _ in range(2)]
         self.busy: list[Future | None] = [None, None]
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="qkv-export")
 
-    def _slot(self, li: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slot(self, li: int) -> torch.Tensor:
         job = self.busy[li % 2]
-        if job is not None:  # the writer is done with this pair before it is refilled
+        if job is not None:  # the writer is done with this buffer before it is refilled
             job.result()
             self.busy[li % 2] = None
         return self.bufs[li % 2]
 
-    def _flush(self, w: torch.Tensor, c: torch.Tensor) -> None:
+    def _flush(self, w: torch.Tensor, vn: np.ndarray) -> None:
         self.out.write("weight", w.numpy())
-        self.out.write("contribution", c.numpy())
+        self.out.write("value_norm", vn)
 
     def layer(self, li: int, rec: Any) -> None:
         Q = len(self.qs)
 
         def put(li: int, sl: slice, w: torch.Tensor, vn: torch.Tensor) -> None:
-            bw, bc = self._slot(li)
-            _fill(bw[:, sl], bc[:, sl], w, vn)
+            bw = self._slot(li)
+            _fill(bw[:, sl], w)
             if sl.stop >= Q:  # the layer is complete: hand it to the writer, in order
-                self.busy[li % 2] = self.pool.submit(self._flush, bw, bc)
+                vn = np.ascontiguousarray(vn.cpu().numpy(), dtype=np.float32)
+                self.busy[li % 2] = self.pool.submit(self._flush, bw, vn)
 
         step = max(1, _CHUNK // (self.H * self.N))
-        _layer_rows(rec, li, self.qs, self.H, step, put, lambda li, sl: self._slot(li)[0][:, sl])
+        _layer_rows(rec, li, self.qs, self.H, step, put, lambda li, sl: self._slot(li)[:, sl])
 
     def abort(self) -> None:
         """After an error elsewhere: let the writer finish, keep its error quiet (the caller's
@@ -533,7 +543,7 @@ class _DenseStream:
         finally:
             self.pool.shutdown()
         self.out.close()
-        return {k: self.out.data_offset(k) for k in ("weight", "contribution")}
+        return {k: self.out.data_offset(k) for k in ("weight", "value_norm")}
 
 
 def _plain(rec: Any) -> tuple | None:
@@ -586,12 +596,11 @@ def _plain_rows(
     return s
 
 
-def _fill(weight: torch.Tensor, contrib: torch.Tensor, w: torch.Tensor, vn: torch.Tensor) -> None:
-    """weight ← w, contrib ← w · vn (all (h c j); vn (h j)); w may already be `weight`."""
+def _fill(weight: torch.Tensor, w: torch.Tensor) -> None:
+    """weight ← w (h c j); w may already be `weight` (computed in place)."""
     w = w.cpu()
-    if w.data_ptr() != weight.data_ptr():  # else the rows were computed in place
+    if w.data_ptr() != weight.data_ptr():
         weight.copy_(w)
-    torch.mul(w, vn.cpu()[:, None, :], out=contrib)
 
 
 def _int(x: Any) -> Any:
