@@ -63,6 +63,42 @@ def _probs(q, kt, lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
 
 
 @triton.jit
+def _query_rows(Q, DO, LSE, DLT, b, h, Hq, Sq, offs_m, offs_d, D, sqb, sqh, sqm, sqd,
+                sdb, sdh, sdm, sdd, DOT_F32: tl.constexpr):  # fmt: skip
+    """One query block's q (i d), dO (i e), LSE in base 2 (+inf where a row keeps no key or
+    lies past Sq, so its P is 0) and Δ (i), for query head h of batch b."""
+    m_ok = offs_m < Sq
+    qm = m_ok[:, None] & (offs_d < D)[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=qm, other=0.0)  # (i d)  # fmt: skip
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+                 mask=qm, other=0.0)  # (i e)  # fmt: skip
+    row = (b * Hq + h) * Sq + offs_m
+    lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))
+    dlt = tl.load(DLT + row, mask=m_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    if DOT_F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    return q, do, lse2, dlt
+
+
+@triton.jit
+def _key_block(K, V, b, g, offs_n, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn, svd,
+               DOT_F32: tl.constexpr):  # fmt: skip
+    """One key block's k (j d) and v (j e) of kv head g of batch b, 0 past Sk."""
+    kv_mask = (offs_n < Sk)[:, None] & (offs_d < D)[None, :]
+    k = tl.load(K + b * skb + g * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)  # (j d)  # fmt: skip
+    v = tl.load(V + b * svb + g * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)  # (j e)  # fmt: skip
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _dkdv_kernel(Q, K, V, DO, LSE, DLT, DK, DV,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sdb, sdh, sdm, sdd, skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
@@ -80,16 +116,9 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DLT, DK, DV,
     ke = tl.minimum(ks + BLOCK_N, Sk)
     offs_n = ks + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < Sk
-    d_ok = offs_d < D
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + g * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=kv_mask, other=0.0)  # (j d)  # fmt: skip
-    v = tl.load(V + b * svb + g * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                mask=kv_mask, other=0.0)  # (j e)  # fmt: skip
-    if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    kv_mask = (offs_n < Sk)[:, None] & (offs_d < D)[None, :]
+    k, v = _key_block(K, V, b, g, offs_n, offs_d, Sk, D, skb, skh, skn, skd,
+                      svb, svh, svn, svd, DOT_F32)  # fmt: skip
     kt = tl.trans(k)  # (d j)
     vt = tl.trans(v)  # (e j)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
@@ -99,19 +128,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DLT, DK, DV,
         h = g * GS + r
         for blk in range(start // BLOCK_M, (stop + BLOCK_M - 1) // BLOCK_M):
             offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < Sq
-            qm = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                        mask=qm, other=0.0)  # (i d)  # fmt: skip
-            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
-                         mask=qm, other=0.0)  # (i e)  # fmt: skip
-            row = (b * Hq + h) * Sq + offs_m
-            lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))
-            dlt = tl.load(DLT + row, mask=m_ok, other=0.0)
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            if DOT_F32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q, do, lse2, dlt = _query_rows(Q, DO, LSE, DLT, b, h, Hq, Sq, offs_m, offs_d, D,
+                                           sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, DOT_F32)  # fmt: skip
             p = _probs(q, kt, lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
                        HAS_LEFT, HAS_RIGHT, DOT_PREC)  # (i j)  # fmt: skip
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)  # (j e)
@@ -143,38 +161,21 @@ def _dq_kernel(Q, K, V, DO, LSE, DLT, DQ,
     qe = tl.minimum(qs + BLOCK_M, Sq)
     offs_m = qs + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Sq
-    d_ok = offs_d < D
-    qm = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=qm, other=0.0)  # (i d)  # fmt: skip
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
-                 mask=qm, other=0.0)  # (i e)  # fmt: skip
-    row = pid_bh * Sq + offs_m
-    lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))
-    dlt = tl.load(DLT + row, mask=m_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    if DOT_F32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q, do, lse2, dlt = _query_rows(Q, DO, LSE, DLT, b, h, Hq, Sq, offs_m, offs_d, D,
+                                   sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, DOT_F32)  # fmt: skip
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     lo, _lo, _hi, hi = _block_range(qs, qe, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT,
                                       BLOCK_N)  # fmt: skip
     for blk in range(lo, hi):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < Sk)[:, None] & d_ok[None, :]
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=kv_mask, other=0.0)  # (j d)  # fmt: skip
-        v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=kv_mask, other=0.0)  # (j e)  # fmt: skip
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _key_block(K, V, b, hk, offs_n, offs_d, Sk, D, skb, skh, skn, skd,
+                          svb, svh, svn, svd, DOT_F32)  # fmt: skip
         p = _probs(q, tl.trans(k), lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
                    HAS_LEFT, HAS_RIGHT, DOT_PREC)  # (i j)  # fmt: skip
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (i j) fp32
         ds = p * (dp - dlt[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)  # (i d)
+    qm = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
     tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_d[None, :] * sgd,
              dq * sm_scale, mask=qm)  # fmt: skip
 
