@@ -67,18 +67,19 @@ def main() -> None:
         t_first.append(time.perf_counter() - t)
         s_first.append((run["server_ms"] + look["server_ms"] + grid["server_ms"]) / 1e3)
 
+        def lookup(q: int) -> dict:  # query q at a random layer and head
+            body = {
+                "id": run["id"],
+                "query": q,
+                "layer": rng.randrange(30),
+                "head": rng.randrange(9),
+            }
+            return c.post("/api/lookup", json=body).json()
+
         for _ in range(a.clicks):  # another token: its lookup and its grid
             q = rng.randrange(n)
             t = time.perf_counter()
-            look = c.post(
-                "/api/lookup",
-                json={
-                    "id": run["id"],
-                    "query": q,
-                    "layer": rng.randrange(30),
-                    "head": rng.randrange(9),
-                },
-            ).json()
+            look = lookup(q)
             grid = c.post(
                 "/api/grid",
                 json={"id": run["id"], "query": q, "key": look["neuron"]["key"]["index"]},
@@ -86,16 +87,7 @@ def main() -> None:
             w_click.append(time.perf_counter() - t)
             s_lookup.append(look["server_ms"])
             s_grid.append(grid["server_ms"])
-            layerhead = c.post(
-                "/api/lookup",
-                json={
-                    "id": run["id"],
-                    "query": q,
-                    "layer": rng.randrange(30),
-                    "head": rng.randrange(9),
-                },
-            ).json()
-            s_layerhead.append(layerhead["server_ms"])  # another layer or head: a lookup only
+            s_layerhead.append(lookup(q)["server_ms"])  # another layer or head: a lookup only
     srv.stop()
     med = statistics.median
     e = med(t_explain)

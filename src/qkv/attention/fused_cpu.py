@@ -254,8 +254,11 @@ def _pad(x: Tensor, dim: int, n: int) -> Tensor:
     return F.pad(x, pad)
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
-    """(out (b h i e) fp32, lse (b h i) fp32) from the fused kernel; no autograd."""
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, spec: Spec, v_finite: bool | None = None
+) -> tuple[Tensor, Tensor]:
+    """(out (b h i e) fp32, lse (b h i) fp32) from the fused kernel; no autograd. `v_finite`:
+    whether V holds no NaN/inf, if the caller knows (else checked here)."""
     B, Hq, Sq, Sk, Dv = spec.B, spec.Hq, spec.Sq, spec.Sk, spec.Dv
     out = torch.zeros(B, Hq, Sq, Dv)
     lse = torch.full((B, Hq, Sq), float("-inf"))
@@ -273,7 +276,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor
         kt = _pad(k.to(torch.float32), 2, NK * BK).unflatten(2, (NK, BK))
         kt = kt.transpose(-1, -2).contiguous()  # (b hk blk d j)
         vp = _pad(v.to(torch.float32), 2, NK * BK).contiguous()
-        v_finite = bool(torch.isfinite(vp.sum())) or bool(torch.isfinite(vp).all())
+        if v_finite is None:
+            v_finite = scoring.all_finite(vp)
         outp = torch.empty(B, Hq, NQ * BQ, Dv)
         lsep = torch.empty(B, Hq, NQ * BQ)
     args = [t.numpy() for t in (qp, kt, vp, outp, lsep)]
@@ -320,10 +324,11 @@ def _one_blas_thread():
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec: Spec):
-        out, lse = forward(q, k, v, spec)
+        v_ok = scoring.all_finite(v)  # one pass over V serves the forward and the backward
+        out, lse = forward(q, k, v, spec, v_finite=v_ok)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec = spec
-        ctx.finite = any(ctx.needs_input_grad[:3]) and scoring.all_finite(k, v)
+        ctx.finite = any(ctx.needs_input_grad[:3]) and v_ok and scoring.all_finite(k)
         return out.to(q.dtype), lse
 
     @staticmethod

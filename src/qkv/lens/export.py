@@ -300,6 +300,13 @@ def capture_text(
 
     `model`, `truncate` and `progress` are read as `qkv.explain` reads them. Raises ValueError
     for a text that is empty or longer than the model's context."""
+    m, info, ids, tokens, cut = _prepare(text, model, truncate)
+    return _capture(m, info, text, ids, tokens, cut, progress)
+
+
+def _prepare(text: str, model: Any, truncate: bool) -> tuple:
+    """(model, ModelSummary, token ids, Tokens, cut) for `text`, checked as `capture_text`
+    documents."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     if not text.strip():
@@ -307,10 +314,17 @@ def capture_text(
     m = resolve_model(model)
     info = summarize(m, model if isinstance(model, str) and not os.path.isdir(model) else None)
     enc, cut = _encode(m.tokenizer, text, info, truncate)
-    tokens = make_tokens(text, enc.tokens, enc.offsets)
+    return m, info, enc.ids, make_tokens(text, enc.tokens, enc.offsets), cut
+
+
+def _capture(
+    m: nn.Module, info: ModelSummary, text: str, ids: list[int], tokens: list[Token], cut: bool,
+    progress: bool | None,
+) -> Capture:  # fmt: skip
+    """One forward of `ids` under capture, every layer kept."""
     progress = sys.stderr.isatty() if progress is None else progress
     with torch.inference_mode():
-        recs = run_capture(m, enc.ids, layers=list(range(info.n_layers)), progress=progress)
+        recs = run_capture(m, ids, layers=list(range(info.n_layers)), progress=progress)
     return Capture(m, info, text, tokens, cut, recs)
 
 
@@ -362,24 +376,15 @@ def export_text(
     while the model runs the next layer, and no layer's capture is kept, so the file is done
     about when the forward is. Other exports capture first, then write."""
     p = check_export_path(path)
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if not text.strip():
-        raise ValueError("text is empty: pass the text whose lookups you want")
-    m = resolve_model(model)
-    info = summarize(m, model if isinstance(model, str) and not os.path.isdir(model) else None)
-    enc, cut = _encode(m.tokenizer, text, info, truncate)
-    tokens = make_tokens(text, enc.tokens, enc.offsets)
+    m, info, ids, tokens, cut = _prepare(text, model, truncate)
     n = len(tokens)
     if top is None:
         top = 0 if n <= DENSE_MAX_TOKENS else SPARSE_TOP
+    if p.suffix != ".npz" or top != 0:
+        cap = _capture(m, info, text, ids, tokens, cut, progress)
+        return export_rows(cap, p, top=top, progress=progress)
     progress = sys.stderr.isatty() if progress is None else progress
     L = info.n_layers
-    if p.suffix != ".npz" or top != 0:
-        with torch.inference_mode():
-            recs = run_capture(m, enc.ids, layers=list(range(L)), progress=progress)
-        return export_rows(Capture(m, info, text, tokens, cut, recs), p, top=top,
-                           progress=progress)  # fmt: skip
     ls, qs = np.arange(L, dtype=np.int64), np.arange(n, dtype=np.int64)
     at: dict[str, int] = {}
 
@@ -391,7 +396,7 @@ def export_text(
 
         try:
             with torch.inference_mode():
-                run_capture(m, enc.ids, layers=list(range(L)), progress=progress,
+                run_capture(m, ids, layers=list(range(L)), progress=progress,
                             on_layer=on_layer)  # fmt: skip
         except BaseException:
             stream.abort()
