@@ -1,9 +1,12 @@
 """Text generation shared by every decoder: prompt → ids (chat templates included), greedy or
 sampled next tokens with a KV cache, and text streaming that never splits a UTF-8 character.
 
-A decoder gets it by inheriting `Generation` and providing `config` (n_layers, max_positions,
-eos_id, name), `tokenizer`, `chat_template`, `hidden(ids, cache=...)` (final-norm states
-(b i m)) and `unembed(h)` (… m → … v).
+A decoder gets it by inheriting `Generation`. The id loop (`generate_ids`: greedy or sampled,
+KV cache, stop ids, context limit) needs `config` (n_layers, max_positions, eos_id, name),
+`hidden(ids, cache=...)` (final-norm states (b i m)) and `unembed(h)` (… m → … v). The text
+layer (`generate`) adds `tokenizer` and `chat_template`, read by `encode_prompt` and `_pieces`;
+a model with another kind of tokenizer overrides those two (`models.tiny`: symbols) and hands
+its pieces to `deliver`.
 
 Letters: b batch, i position, m model dim, v vocabulary.
 """
@@ -151,19 +154,10 @@ class Generation:
                     f"max_new_tokens, or pass truncate=True (keeps the last {max(room, 1)} prompt tokens)"
                 )
             ids = ids[-max(room, 1) :]
-        pieces = self._pieces(
-            self.generate_ids(ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+        new_ids = self.generate_ids(
+            ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed
         )
-        if stream is True:
-            return pieces
-        if stream is not None and not callable(stream):
-            raise TypeError(f"stream must be a callable, True or None, got {type(stream).__name__}")
-        out = []
-        for piece in pieces:
-            out.append(piece)
-            if stream is not None:
-                stream(piece)
-        return "".join(out)
+        return deliver(self._pieces(new_ids), stream)
 
     def _pieces(self, new_ids: Iterator[int]) -> Iterator[str]:
         """Token ids → text pieces, held back while a UTF-8 character is split across tokens."""
@@ -186,6 +180,24 @@ class Generation:
                 "this model has no tokenizer; pass token ids to model(...) / generate_ids"
             )
         return self.tokenizer
+
+
+def deliver(
+    pieces: Iterator[str], stream: Callable[[str], Any] | bool | None
+) -> str | Iterator[str]:
+    """The text layer's way out: `stream=True` → `pieces` itself (an iterator, computed as it
+    is consumed); None → the joined text; a callable → the joined text, after calling
+    `stream(piece)` as each piece is decoded. TypeError for anything else, before any work."""
+    if stream is True:
+        return pieces
+    if stream is not None and not callable(stream):
+        raise TypeError(f"stream must be a callable, True or None, got {type(stream).__name__}")
+    out = []
+    for piece in pieces:
+        out.append(piece)
+        if stream is not None:
+            stream(piece)
+    return "".join(out)
 
 
 def _check_sampling(max_new_tokens: object, temperature: object, top_k: object) -> None:

@@ -13,6 +13,9 @@ experiment behind the seed's claim that they must be three separate jobs:
     "no_v"      V = X: W_V is a fixed identity split (head h reads features h·d .. (h+1)·d − 1);
                 needs n_kv_heads·d_head == d_model
 
+Generation (`generate`, `generate_ids`: greedy or sampled, KV cache, context limit) is the
+loop every decoder shares, `models.generate.Generation`; this model brings its symbol text layer.
+
 A checkpoint is a directory with `config.json` ({"format": "qkv.tiny/1", "config": {...}, ...})
 and `model.safetensors` (tied tensors stored once, under W_Q). Both files are replaced
 atomically, with Ctrl-C held back between the two renames, so an interrupted save leaves the
@@ -29,9 +32,10 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -39,6 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
+from .generate import Generation, deliver
 from .tokenizer import Encoding, ids_shape
 
 FORMAT = "qkv.tiny/1"
@@ -137,6 +142,12 @@ class TinyConfig:
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
+
+    @property
+    def eos_id(self) -> None:
+        """A symbolic vocabulary has no end token: generation runs to `max_new_tokens` or the
+        context (what `Generation` reads)."""
+        return None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -255,9 +266,12 @@ class Block(nn.Module):
         return x
 
 
-class TinyTransformer(nn.Module):
+class TinyTransformer(Generation, nn.Module):
     """The tiny decoder. `model(ids (b i), attention_mask=(b j) bool | None, cache=KVCache | None)
-    → logits (b i v)`; `model.tokenizer` maps the symbolic text to ids and back."""
+    → logits (b i v)`; `model.tokenizer` maps the symbolic text to ids and back. `generate_ids`
+    comes from `Generation`, as for every decoder; `generate` continues symbol text."""
+
+    chat_template = None  # symbols, no chat
 
     def __init__(self, config: TinyConfig) -> None:
         super().__init__()
@@ -282,6 +296,12 @@ class TinyTransformer(nn.Module):
     def forward(
         self, ids: Tensor, *, attention_mask: Tensor | None = None, cache: KVCache | None = None
     ) -> Tensor:
+        return self.unembed(self.hidden(ids, attention_mask=attention_mask, cache=cache))  # (b i v)
+
+    def hidden(
+        self, ids: Tensor, *, attention_mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
+        """The final-LN hidden states (b i m) that `forward` unembeds."""
         cfg = self.config
         B, S = ids_shape(ids)
         start = 0 if cache is None else cache.length
@@ -307,28 +327,50 @@ class TinyTransformer(nn.Module):
             x = x + self.pos(torch.arange(start, start + S, device=ids.device))
         for i, block in enumerate(self.blocks):
             x = block(x, mask=mask, cache=None if cache is None else cache[i])
-        return self.unembed(self.ln_f(x))  # (b i v)
+        return self.ln_f(x)  # (b i m)
 
-    @torch.no_grad()
     def generate(
-        self, prompt: str, max_new_tokens: int = 1, temperature: float = 0.0, **_
-    ) -> Iterator[str]:
-        """Continue `prompt` token by token with the KV cache; yields each new token's text.
-        temperature 0 is greedy."""
-        _positive_int("generate", "max_new_tokens", max_new_tokens)
-        device = self.embed.weight.device
-        ids = torch.tensor([self.tokenizer.encode(prompt).ids], device=device)
-        cache = KVCache(self.config.n_layers)
-        for _ in range(max_new_tokens):
-            if cache.length + ids.shape[1] > self.config.max_positions:
-                return
-            logits = self(ids, cache=cache)[0, -1]  # (v)
-            if temperature > 0:
-                nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1))
-            else:
-                nxt = int(logits.argmax())
-            yield self.config.vocab[nxt]
-            ids = torch.tensor([[nxt]], device=device)
+        self,
+        prompt: str,
+        max_new_tokens: int = 1,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        chat: bool = False,
+        seed: int | None = None,
+        stream: Callable[[str], Any] | bool | None = True,
+        truncate: bool = False,
+    ) -> Iterator[str] | str:
+        """Continue `prompt` (space-separated symbols) with up to `max_new_tokens` tokens, fewer
+        when the context (`max_positions`) fills first. The tokens are `generate_ids`' (greedy at
+        temperature 0, else sampled over `top_k` with `seed`; KV cache).
+
+        Returns an iterator over the pieces of the continuation, "v7", " v3", ... (joined, its
+        text), by default (`stream=True`); `stream=None` returns the joined text, a callable is
+        also called with each piece. `truncate=True` keeps the prompt's last `max_positions`
+        tokens; a longer prompt is otherwise a ValueError, as is `chat=True` (no template).
+        """
+        ids = self.encode_prompt(prompt, chat=chat)
+        if truncate:
+            ids = ids[-self.config.max_positions :]
+        new_ids = self.generate_ids(
+            ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed
+        )
+        return deliver(self._pieces(new_ids), stream)
+
+    def encode_prompt(self, prompt: str, *, chat: bool = False) -> list[int]:
+        """Symbol text → token ids (ValueError naming an unknown symbol, or for chat=True)."""
+        if chat:
+            raise ValueError(
+                f"{self.config.name} is a symbol model without a chat template; call generate "
+                "with chat=False"
+            )
+        return self.tokenizer.encode(prompt).ids
+
+    def _pieces(self, new_ids: Iterator[int]) -> Iterator[str]:
+        """Each new token's symbol, after a space from the one before (none before the first)."""
+        for n, i in enumerate(new_ids):
+            yield ("" if n == 0 else " ") + self.config.vocab[i]
 
 
 def checkpoint_tensors(model: TinyTransformer) -> dict[str, Tensor]:

@@ -1,0 +1,140 @@
+"""Generation shared by every decoder (`models.generate.Generation`), on the trained-model kind
+that has no reference library: the tiny decoder. Oracle: a greedy loop written here, argmax over
+the model's own full uncached forward at every step (no cache, no `Generation` code)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qkv.cli import main
+from qkv.models.tiny import TinyConfig, TinyTransformer, save_checkpoint
+
+VOCAB = ("_", "?", *(f"k{i}" for i in range(7)), *(f"v{i}" for i in range(7)))
+ARCHS = {
+    "learned": {},
+    "rope+mlp+gqa": {"positions": "rope", "d_mlp": 48, "n_heads": 4, "n_kv_heads": 2},
+    "tied_qk+bias": {"projections": "tied_qk", "bias": True, "n_layers": 3},
+}
+
+
+def make(seed: int = 0, max_positions: int = 24, **arch) -> TinyTransformer:
+    torch.manual_seed(seed)
+    config = TinyConfig(vocab=VOCAB, max_positions=max_positions, d_model=40, **arch)
+    return TinyTransformer(config).eval()
+
+
+def greedy_oracle(model: TinyTransformer, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens: each the argmax of a fresh forward over everything so far."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            if len(seq) > model.config.max_positions:
+                break
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+def prompt_ids(n: int, seed: int = 1) -> list[int]:
+    return torch.randint(len(VOCAB), (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_the_oracle_cached_and_uncached(arch):
+    model = make(**ARCHS[arch])
+    prompt = prompt_ids(5)
+    want = greedy_oracle(model, prompt, 12)
+    assert len(want) == 12 and len(set(want)) > 1  # a real continuation, not one repeated token
+    assert list(model.generate_ids(prompt, 12)) == want
+    assert list(model.generate_ids(prompt, 12, use_cache=False)) == want
+
+
+def test_text_layer_yields_the_oracle_symbols():
+    model = make()
+    prompt = prompt_ids(6, seed=2)
+    text = " ".join(VOCAB[i] for i in prompt)
+    want = [VOCAB[i] for i in greedy_oracle(model, prompt, 5)]
+    pieces = list(model.generate(text, 5))
+    assert pieces == [want[0], *(" " + t for t in want[1:])]
+    assert next(iter(model.generate(text))) == want[0]  # default: one token, as an iterator
+    assert model.generate(text, 5, stream=None) == " ".join(want)
+    seen = []
+    assert model.generate(text, 5, stream=seen.append) == "".join(seen) == " ".join(want)
+
+
+def test_generation_stops_when_the_context_is_full():
+    model = make(max_positions=10)
+    prompt = prompt_ids(7)
+    got = list(model.generate_ids(prompt, 50))
+    assert len(got) == 10 - 7 + 1  # the last token is predicted from a full context
+    assert got == greedy_oracle(model, prompt, 50)
+    text = " ".join(VOCAB[i] for i in prompt_ids(12))
+    with pytest.raises(ValueError, match=r"prompt is 12 tokens, beyond tiny's context of 10"):
+        model.generate(text, 3)
+    kept = prompt_ids(12)[-10:]
+    assert (
+        model.generate(text, 3, stream=None, truncate=True)
+        == VOCAB[greedy_oracle(model, kept, 1)[0]]
+    )
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    model = make()
+    prompt = prompt_ids(4)
+    a = list(model.generate_ids(prompt, 15, temperature=1.5, seed=3))
+    assert a == list(model.generate_ids(prompt, 15, temperature=1.5, seed=3))
+    assert a == list(model.generate_ids(prompt, 15, temperature=1.5, seed=3, use_cache=False))
+    assert a != list(model.generate_ids(prompt, 15, temperature=1.5, seed=4))
+    assert a != greedy_oracle(model, prompt, 15)  # temperature > 0 does sample
+    greedy = greedy_oracle(model, prompt, 15)
+    assert list(model.generate_ids(prompt, 15, temperature=1.5, top_k=1, seed=0)) == greedy
+    # top_k=2: every sampled token is one of the two likeliest after the sequence so far
+    seq = list(prompt)
+    for t in model.generate_ids(prompt, 15, temperature=3.0, top_k=2, seed=5):
+        with torch.no_grad():
+            top2 = model(torch.tensor([seq]))[0, -1].topk(2).indices.tolist()
+        assert t in top2
+        seq.append(t)
+
+
+def test_bad_arguments_name_the_fix():
+    model = make()
+    with pytest.raises(ValueError, match="without a chat template"):
+        model.generate("k1 v2", 2, chat=True)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        model.generate("k1 v2", 0)
+    with pytest.raises(ValueError, match="temperature must be a number ≥ 0"):
+        model.generate("k1 v2", 2, temperature=-1.0)
+    with pytest.raises(ValueError, match="unknown token 'x9'"):
+        model.generate("k1 x9", 2)
+    with pytest.raises(TypeError, match="stream must be a callable, True or None"):
+        model.generate("k1 v2", 2, stream="yes")
+
+
+def test_the_oracle_check_can_fail():
+    """A cache that forgets its past (every step sees only the newest token) changes the
+    tokens, and the comparison with the oracle notices."""
+    model = make(**ARCHS["rope+mlp+gqa"])
+    prompt = prompt_ids(5)
+    forgetful = [prompt[-1]]
+    with torch.no_grad():
+        for _ in range(12):
+            forgetful.append(int(model(torch.tensor([forgetful[-1:]]))[0, -1].argmax()))
+    assert forgetful[1:] != greedy_oracle(model, prompt, 12)
+
+
+def test_cli_generates_from_a_tiny_checkpoint(tmp_path, capsys):
+    model = make(max_positions=12)
+    save_checkpoint(model, tmp_path / "ckpt")
+    prompt = prompt_ids(8)
+    text = " ".join(VOCAB[i] for i in prompt)
+    args = ["generate", text, "--model", str(tmp_path / "ckpt")]
+    assert main([*args, "--max-new-tokens", "3"]) == 0
+    want = [VOCAB[i] for i in greedy_oracle(model, prompt, 64)]
+    assert capsys.readouterr().out == " ".join(want[:3]) + "\n"
+    assert main(args) == 0  # --max-new-tokens 64: stops when the 12-token context is full
+    assert capsys.readouterr().out == " ".join(want) + "\n" and len(want) == 12 - 8 + 1
+    assert main([*args, "--temperature", "0.9", "--top-k", "3", "--seed", "1"]) == 0
+    sampled = capsys.readouterr().out
+    assert main([*args, "--temperature", "0.9", "--top-k", "3", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == sampled and sampled.strip().split(" ")[0] in VOCAB
