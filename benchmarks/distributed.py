@@ -10,7 +10,10 @@ gloo processes on 127.0.0.1, zigzag layout, each rank holding N/W tokens. Every 
 one torch thread. Time: per repeat, the slowest rank's wall time between two barriers; the
 median over repeats. Memory: each process's peak RSS (`ru_maxrss`) minus its RSS just before
 its tensors were made (after `import torch` and the process group), i.e. what its shard, the
-attention and the gradients cost, in MiB.
+attention and the gradients cost, in MiB. "tensor MiB": the same without the process's fixed
+costs and the allocator's slack — the bytes of q, k, v, dO plus the most bytes the CPU
+allocator held at once during one more forward + backward, counted from the profiler's
+allocation events (that pass is not timed and runs after the RSS is read).
 
 On a machine with fewer cores than W + other load the ranks share cores: their times are
 honest wall times of that oversubscribed run, not a speed-up (see the printed load averages
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import resource
 import statistics
@@ -43,6 +47,21 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _tensor_peak(fn) -> int:
+    """The most bytes the CPU allocator held at once while fn() ran, above its start."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")  # fmt: skip
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
 def _rank(rank: int, world: int, store: str, outdir: str, args: dict) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
@@ -62,11 +81,8 @@ def _rank(rank: int, world: int, store: str, outdir: str, args: dict) -> None:
         torch.randn(1, h, n_local, D, generator=gen).to(dev).requires_grad_(g)
         for h, g in ((Hq, True), (Hk, True), (Hk, True), (Hq, False))
     )
-    times = []
-    for _ in range(args["repeat"]):
-        if not peer:
-            dist.barrier()
-        t0 = time.perf_counter()
+
+    def step():
         if peer:
             out = attention(q, k, v, causal=True)
         else:
@@ -74,12 +90,21 @@ def _rank(rank: int, world: int, store: str, outdir: str, args: dict) -> None:
         out.backward(go)
         if dev.type == "cuda":
             torch.cuda.synchronize()
+
+    times = []
+    for _ in range(args["repeat"]):
+        if not peer:
+            dist.barrier()
+        t0 = time.perf_counter()
+        step()
         if not peer:
             dist.barrier()
         times.append(time.perf_counter() - t0)
         q.grad = k.grad = v.grad = None
-        del out
     res = {"rank": rank, "tokens": n_local, "times": times, "mem": _peak_mib() - base}
+    if dev.type == "cpu":
+        inputs = sum(t.numel() * t.element_size() for t in (q, k, v, go))
+        res["tensor_mib"] = (inputs + _tensor_peak(step)) / 2**20
     if dev.type == "cuda":
         res["cuda_peak_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
     Path(outdir, f"rank{rank}.json").write_text(json.dumps(res))
@@ -123,16 +148,18 @@ def main() -> None:
         res = launch(world, {**args, "peer": peer})
         wall = [max(r["times"][i] for r in res) for i in range(a.repeat)]
         rows.append((name, res[0]["tokens"], statistics.median(wall), max(r["mem"] for r in res),
+                     max(r.get("tensor_mib", math.nan) for r in res),
                      res[0].get("cuda_peak_mib")))  # fmt: skip
-    t1, m1 = rows[0][2], rows[0][3]
+    t1, m1, a1 = rows[0][2], rows[0][3], rows[0][4]
     print(
         "\n| run | tokens per rank | median s (fwd+bwd) | × one process | peak MiB per rank "
-        "| × one process |"
+        "| × one process | tensor MiB per rank | × one process |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, tok, t, m, cuda in rows:
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, tok, t, m, a, cuda in rows:
         extra = "" if cuda is None else f" (CUDA peak {cuda:.0f} MiB)"
-        print(f"| {name} | {tok} | {t:.2f} | {t / t1:.2f} | {m:.0f}{extra} | {m / m1:.2f} |")
+        print(f"| {name} | {tok} | {t:.2f} | {t / t1:.2f} | {m:.0f}{extra} | {m / m1:.2f} "
+              f"| {a:.1f} | {a / a1:.2f} |")  # fmt: skip
     print(f"\nload average after {os.getloadavg()}")
 
 

@@ -149,3 +149,30 @@ def test_plan_skips_empty_steps_and_balances_zigzag():
     assert per_step == [[136] * 4, [128] * 4, [128] * 4, [128] * 4]
     total = sum(map(sum, per_step))
     assert total == 64 * 65 // 2  # together: exactly the causal triangle of N = 64
+
+
+def _cells(pairs, L, R) -> list[tuple[int, int]]:
+    """Every (query position, key position) the band keeps inside the planned pairs."""
+    out = []
+    for p in pairs:
+        i, j = torch.nonzero(_brute(p.qg, p.nq, p.kg, p.nk, L, R), as_tuple=True)
+        out += list(zip((i + p.qg).tolist(), (j + p.kg).tolist(), strict=True))
+    return out
+
+
+def test_plan_pieces_cover_each_score_once():
+    """Runs cut into pieces of at most 5 positions (each inner call that small): the calls of
+    every step keep exactly the scores whole runs keep, each once."""
+    from qkv.distributed.ring import make_plan
+
+    for kind, lengths in (("zigzag", (16,) * 4), ("contiguous", (13, 3, 9, 4))):
+        lay = make_layout(kind, lengths)
+        for L, R in ((None, 0), (3, 2), (None, None)):
+            for r in range(4):
+                whole = make_plan(None, r, 4, lay, L, R, 1.0, None, None, None)
+                cut = make_plan(None, r, 4, lay, L, R, 1.0, None, None, None, chunk=5)
+                assert len(cut.steps) == len(whole.steps)
+                for a, b in zip(whole.steps, cut.steps, strict=True):
+                    assert all(p.nq <= 5 and p.nk <= 5 for p in b)
+                    got = _cells(b, L, R)
+                    assert len(got) == len(set(got)) and set(got) == set(_cells(a, L, R))

@@ -7,6 +7,7 @@ too, and reports max |ring − oracle| per quantity.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import zlib
@@ -15,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from qkv.distributed import ring_attention
+
+from .memory_workers import calls_of
 
 # One group per world size inside a 4-process launch: [1, 3] makes local rank 0 global rank 1.
 GROUPS = {1: [0], 2: [1, 3], 3: [0, 1, 2], 4: [0, 1, 2, 3]}
@@ -32,8 +35,12 @@ CASES = {  # name: N, (Hq, Hk), D, Dv, layout, ring kwargs, extra mask / score
     "mqa_d40": (23, (6, 1), 40, 40, "contiguous", {"causal": True}, None),
     "empty_row": (31, (2, 1), 8, 8, "contiguous", {"causal": True}, "row7"),
     "alibi_global": (31, (2, 2), 8, 8, "zigzag", {"causal": True}, "alibi"),
+    # split_*: every inner call covers at most 3 positions (runs cut into pieces)
+    "split_causal_zigzag": (37, (4, 2), 16, 8, "zigzag", {"causal": True}, None),
+    "split_window_uneven": (29, (2, 1), 8, 8, "uneven", {"window": (4, 2)}, "row7"),
 }  # fmt: skip
-FP32 = ("full_gqa", "causal_zigzag", "window_across", "softcap_scale", "empty_row")
+FP32 = ("full_gqa", "causal_zigzag", "window_across", "softcap_scale", "empty_row",
+        "split_causal_zigzag")  # fmt: skip
 HALF = ("causal_zigzag", "window_across")  # also in bf16 and fp16 (K/V travel in half)
 
 
@@ -120,9 +127,11 @@ def _run_case(name, dtype, rank, world, group):
     lay = "contiguous" if layout == "uneven" else layout
 
     xs = [mine(t, rank, world, layout).to(dtype).clone().requires_grad_() for t in full]
-    out, lse = ring_attention(*xs, group=group, layout=lay, return_lse=True, **kw, **_mods(extra))
-    torch.autograd.backward([out, lse], [mine(go, rank, world, layout).to(dtype),
-                                         mine(gl, rank, world, layout).to(lse.dtype)])  # fmt: skip
+    grads_r = [mine(go, rank, world, layout).to(dtype), mine(gl, rank, world, layout)]
+    with calls_of(3) if name.startswith("split") else contextlib.nullcontext():
+        out, lse = ring_attention(*xs, group=group, layout=lay, return_lse=True, **kw,
+                                  **_mods(extra))  # fmt: skip
+        torch.autograd.backward([out, lse], [grads_r[0], grads_r[1].to(lse.dtype)])
     got = [out, lse, *(x.grad for x in xs)]
     names = ("out", "lse", "dq", "dk", "dv")
     res = {n: err(g, mine(r, rank, world, layout)) for n, g, r in zip(names, got, ref, strict=True)}

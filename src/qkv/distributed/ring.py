@@ -3,9 +3,10 @@
 Each rank holds q, k, v for its shard of the positions (see `layout.py`). K/V blocks travel
 around the ring (rank r sends to r+1 and receives from r−1, `batch_isend_irecv`, the next
 block in flight while this one is computed); at step t rank r holds the block of rank
-src = r − t. Each (query run, key run) pair is one `qkv.attention` call on the part of the
-runs the band can connect, with its window expressed on that call's own diagonal, so causal,
-window, mask_mod and score_mod see global positions. The partial (out, lse) pairs merge
+src = r − t. Each (query piece, key piece) pair — a shard's runs cut into pieces of at most
+`call_tokens` positions — is one `qkv.attention` call on the part of the pieces the band can
+connect, with its window expressed on that call's own diagonal, so causal, window, mask_mod
+and score_mod see global positions. The partial (out, lse) pairs merge
 exactly:
 
     lse = logaddexp(lse, lse_p);  out = out·exp(lse_old − lse) + out_p·exp(lse_p − lse)
@@ -15,6 +16,17 @@ The backward runs the ring again: every pair's dq, dk, dv come from the global o
 with their block (in fp32, fp64 for fp64) until they return to its owner. A step whose pairs
 the band empties entirely is not computed; when no rank needs a block beyond t hops (a
 sliding window), the ring stops after t steps and the gradients go home directly.
+
+Memory per rank (S tokens held; "a block" = one rank's K+V, "its dK/dV" the same in the
+compute dtype). Besides the caller's q, k, v, dO and the results: the forward holds the block
+in hand and the one arriving; the backward holds at most two blocks and one dK/dV, or one
+block and two dK/dV (the accumulator of the block in hand is the very buffer that travels
+and finally comes home as this rank's dk, dv: it is received, added to in place and sent on,
+and the K/V prefetch for the next step is posted only once the previous dK/dV has arrived, so
+the two kinds of buffer are never both doubled). Nothing of the gathered sequence exists on a
+rank. As each call covers at most `call_tokens` positions, what `qkv.attention` and the tiled
+backward allocate for one call (widened slices, partial out, the call's dq/dk/dv, tiles) is
+bounded by a constant, not by S.
 
 Letters: b batch, h query head, k kv head, i query position, j key position, d head dim,
 e value dim.
@@ -35,6 +47,18 @@ from ..attention.tiled import backward as tiled_backward
 from .layout import LAYOUTS, Layout, collective_device, make_layout
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# One call (a pair's `qkv.attention` or tiled backward) covers at most this many elements of
+# q (b·h·i·d) and at least MIN_CALL_TOKENS positions: its temporaries are then a constant, not
+# O(S). 2^18 fp32 elements = 1 MiB per call-sized tensor; B=1, Hq=2, D=64 → 2048 positions.
+# Module-level so that tests can make calls tiny and exercise the split.
+CALL_ELEMENTS = 1 << 18
+MIN_CALL_TOKENS = 1024
+
+
+def call_tokens(B: int, Hq: int, D: int, Dv: int) -> int:
+    """Positions per query or key run of one call (see CALL_ELEMENTS)."""
+    return max(MIN_CALL_TOKENS, CALL_ELEMENTS // max(1, B * Hq * max(D, Dv)))
 
 
 @dataclass(frozen=True)
@@ -92,14 +116,26 @@ class Plan:
         return (self.rank - t) % self.world
 
 
-def make_plan(group, rank, world, layout, L, R, scale, softcap, mask_mod, score_mod) -> Plan:
+def _pieces(runs, chunk: int | None):
+    """Runs (local start, global start, length) cut into pieces of at most `chunk`."""
+    for local, start, n in runs:
+        step = n if chunk is None else chunk
+        for o in range(0, n, step):
+            yield local + o, start + o, min(step, n - o)
+
+
+def make_plan(
+    group, rank, world, layout, L, R, scale, softcap, mask_mod, score_mod,
+    chunk: int | None = None,
+) -> Plan:  # fmt: skip
     """Pairs for every step; the ring runs as many steps as the farthest block any rank
-    needs (all W for causal or full attention, fewer for a window narrower than a shard)."""
+    needs (all W for causal or full attention, fewer for a window narrower than a shard).
+    `chunk`: cut every run into pieces of at most that many positions (None: whole runs)."""
 
     def pairs(r: int, src: int) -> tuple[Pair, ...]:
         out = []
-        for ql, qg, nq in layout.runs(r):
-            for kl, kg, nk in layout.runs(src):
+        for ql, qg, nq in _pieces(layout.runs(r), chunk):
+            for kl, kg, nk in _pieces(layout.runs(src), chunk):
                 got = band_pair(qg, nq, kg, nk, L, R)
                 if got is not None:
                     q0, n_q, k0, n_k, left, right = got
@@ -139,8 +175,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Exchange:
-    """Tensors in flight between ranks (`batch_isend_irecv`); `wait()` returns those received.
-    A failed or timed-out wait names the ring step and the likely cause."""
+    """Tensors in flight between ranks (`batch_isend_irecv`); `wait()` returns those received
+    and lets go of every tensor of the exchange (gloo's work objects hold the sent ones until
+    they are destroyed), so a sent buffer is freed as soon as the caller drops it. A failed or
+    timed-out wait names the ring step and the likely cause."""
 
     def __init__(self, plan: Plan, send: list[Tensor], recv: list[Tensor], hops: int, what: str):
         self.recv, self.plan, self.what = recv, plan, what
@@ -166,7 +204,8 @@ class _Exchange:
                 w.wait()
         except RuntimeError as e:
             raise _peer_error(self.plan, self.what, e) from e
-        return self.recv
+        got, self.recv, self.works = self.recv, [], []
+        return got
 
 
 def _peer_error(plan: Plan, what: str, e: BaseException) -> RuntimeError:
@@ -182,81 +221,93 @@ def _blocks_like(plan: Plan, src: int, shapes: list[tuple], dtype, device) -> li
     return [torch.empty(*s[:2], n, s[3], dtype=dtype, device=device) for s in shapes]
 
 
+def _pass_on(plan: Plan, t: int, kv: list[Tensor], what: str) -> _Exchange | None:
+    """Post step t+1's K/V: send the block in hand on, receive the block of rank − (t+1)."""
+    if t + 1 >= len(plan.steps):
+        return None
+    buf = _blocks_like(plan, plan.src(t + 1), [x.shape for x in kv], kv[0].dtype, kv[0].device)
+    return _Exchange(plan, kv, buf, 1, f"{what} step {t + 1}: receiving K/V")
+
+
+def _slices(p: Pair, q: Tensor, kv: list[Tensor], cdt: torch.dtype):
+    """(rows, cols, q (b h i d), k (b k j d), v (b k j e)) of one pair, in the compute dtype
+    (a copy of the pair's slice only for fp16/bf16)."""
+    rows, cols = slice(p.ql, p.ql + p.nq), slice(p.kl, p.kl + p.nk)
+    return rows, cols, q[:, :, rows].to(cdt), kv[0][:, :, cols].to(cdt), kv[1][:, :, cols].to(cdt)
+
+
 def ring_forward(q: Tensor, k: Tensor, v: Tensor, plan: Plan) -> tuple[Tensor, Tensor]:
     """(out (b h i e), lse (b h i)) of this rank's queries over the whole sequence, both in the
-    compute dtype (fp32; fp64 for fp64). No autograd."""
+    compute dtype (fp32; fp64 for fp64). No autograd. Holds the block in hand and the next."""
     B, Hq, S, _ = q.shape
     cdt = _compute_dtype(q.dtype)
     out = torch.zeros(B, Hq, S, v.shape[3], dtype=cdt, device=q.device)
     lse = torch.full((B, Hq, S), float("-inf"), dtype=cdt, device=q.device)
-    qw = q.to(cdt)
     kv = [k, v]
-    shapes = [tuple(k.shape), tuple(v.shape)]
     for t, pairs in enumerate(plan.steps):
-        nxt = None
-        if t + 1 < len(plan.steps):
-            buf = _blocks_like(plan, plan.src(t + 1), shapes, k.dtype, k.device)
-            nxt = _Exchange(plan, kv, buf, 1, f"step {t + 1}: receiving K/V")
-        kb, vb = kv[0].to(cdt), kv[1].to(cdt)
+        nxt = _pass_on(plan, t, kv, "forward")
         for p in pairs:
-            rows = slice(p.ql, p.ql + p.nq)
-            o_p, l_p = attention(
-                qw[:, :, rows], kb[:, :, p.kl : p.kl + p.nk], vb[:, :, p.kl : p.kl + p.nk],
-                **_call_kwargs(plan, p), return_lse=True,
-            )  # fmt: skip
+            rows, _, qb, kb, vb = _slices(p, q, kv, cdt)
+            o_p, l_p = attention(qb, kb, vb, **_call_kwargs(plan, p), return_lse=True)
             _merge(out[:, :, rows], lse[:, :, rows], o_p, l_p.to(cdt))
         if nxt is not None:
-            kv = nxt.wait()
+            kv = nxt.wait()  # the block just computed is sent: dropped here
     return out, lse
 
 
 def _merge(out: Tensor, lse: Tensor, o_p: Tensor, l_p: Tensor) -> None:
-    """In place: (out, lse) ← the exact softmax over both key sets. Rows empty in both stay
-    (0, −inf); never NaN."""
+    """In place: (out, lse) ← the exact softmax over both key sets; o_p is scaled in place.
+    Rows empty in both stay (0, −inf); never NaN."""
     new = torch.logaddexp(lse, l_p)
     safe = torch.where(new == float("-inf"), torch.zeros_like(new), new)
     a, b = torch.exp(lse - safe), torch.exp(l_p - safe)
-    out.mul_(a.unsqueeze(-1)).add_(o_p * b.unsqueeze(-1))
+    out.mul_(a.unsqueeze(-1)).add_(o_p.mul_(b.unsqueeze(-1)))
     lse.copy_(new)
 
 
 def ring_backward(q, k, v, out, lse, dout, dlse, plan: Plan) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) in the inputs' dtypes; dK/dV accumulate in the compute dtype as they travel."""
+    """(dq, dk, dv) in the inputs' dtypes; dK/dV accumulate in the compute dtype as they travel.
+
+    At step t the rank holds K/V of block src(t) and `acc`, that block's dK/dV summed over the
+    ranks it visited before. acc travels on at the end of the step (`moving`: ours out, the
+    next block's in); it is awaited just before this step's first gradient is added, and only
+    then is step t+1's K/V posted — so at any time the rank holds two K/V blocks and one acc,
+    or one block and two acc, never both doubled."""
     cdt = _compute_dtype(q.dtype)
-    qw = q.to(cdt)
-    dq = torch.zeros_like(qw)
-    do = torch.zeros_like(out) if dout is None else dout.to(cdt)
+    dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
+    do = torch.zeros_like(out) if dout is None else dout
     kv = [k, v]
     shapes = [tuple(k.shape), tuple(v.shape)]
-    acc, pending = None, None
+    acc = [torch.zeros(s, dtype=cdt, device=k.device) for s in shapes]  # own block, step 0
+    moving, nxt = None, None
     n = len(plan.steps)
     for t, pairs in enumerate(plan.steps):
-        nxt = None
-        if t + 1 < n:
-            buf = _blocks_like(plan, plan.src(t + 1), shapes, k.dtype, k.device)
-            nxt = _Exchange(plan, kv, buf, 1, f"backward step {t + 1}: receiving K/V")
-        kb, vb = kv[0].to(cdt), kv[1].to(cdt)
-        dkv = [torch.zeros_like(kb), torch.zeros_like(vb)]
+        if t == 0:
+            nxt = _pass_on(plan, t, kv, "backward")
         for p in pairs:
-            rows, cols = slice(p.ql, p.ql + p.nq), slice(p.kl, p.kl + p.nk)
-            qb, kbb, vbb = qw[:, :, rows], kb[:, :, cols], vb[:, :, cols]
-            spec = make_spec(qb, kbb, vbb, **_call_kwargs(plan, p))
+            rows, cols, qb, kb, vb = _slices(p, q, kv, cdt)
+            spec = make_spec(qb, kb, vb, **_call_kwargs(plan, p))
             dl = None if dlse is None else dlse[:, :, rows].to(cdt)
             g = tiled_backward(
-                qb, kbb, vbb, spec, out[:, :, rows], lse[:, :, rows], do[:, :, rows], dl
+                qb, kb, vb, spec, out[:, :, rows], lse[:, :, rows], do[:, :, rows].to(cdt), dl
             )
-            dq[:, :, rows] += g[0]
-            dkv[0][:, :, cols] += g[1]
-            dkv[1][:, :, cols] += g[2]
-        if pending is not None:  # dK/dV of block src from the ranks it visited before
-            got = pending.wait()  # buffers of our own: add in place, no third copy
-            dkv = [got[0].add_(dkv[0]), got[1].add_(dkv[1])]
-        if t + 1 < n:
-            buf = _blocks_like(plan, plan.src(t + 1), shapes, cdt, k.device)
-            pending = _Exchange(plan, dkv, buf, 1, f"backward step {t + 1}: receiving dK/dV")
-        acc = dkv
+            del qb, kb, vb
+            if moving is not None:  # this block's dK/dV from the ranks before; ours is sent
+                acc, moving = moving.wait(), None
+                nxt = _pass_on(plan, t, kv, "backward")
+            dq[:, :, rows].add_(g[0])
+            acc[0][:, :, cols].add_(g[1])
+            acc[1][:, :, cols].add_(g[2])
+            del g
+        if moving is not None:  # a step with nothing to compute
+            acc, moving = moving.wait(), None
+            nxt = _pass_on(plan, t, kv, "backward")
         if nxt is not None:
-            kv = nxt.wait()
+            kv, nxt = nxt.wait(), None  # block src(t+1); src(t) was sent on and is dropped
+            buf = _blocks_like(plan, plan.src(t + 1), shapes, cdt, k.device)
+            moving = _Exchange(plan, acc, buf, 1, f"backward step {t + 1}: receiving dK/dV")
+            acc = None
+    del kv  # the last block in hand
     if n > 1:  # the block in hand belongs to rank − (n−1): send its gradients home
         buf = _blocks_like(plan, plan.rank, shapes, cdt, k.device)
         acc = _Exchange(plan, acc, buf, -(n - 1), "backward: receiving this shard's dK/dV").wait()
@@ -354,11 +405,14 @@ def ring_attention(
 
     with the same empty-row rule (a row with no key left: 0, LSE −inf, zero gradients) and
     gradients dq, dk, dv for this rank's shard. Differentiable (a custom autograd Function; the
-    LSE too). Memory per rank: O(S) for q, k, v, out plus two K/V blocks in flight, never the
-    gathered sequence. Every rank must pass the same shapes but S, dtype and settings: a
-    mismatch raises the same ValueError on every rank. A rank that fails before or during the
-    call makes the others raise RuntimeError once the transport notices (at once when its
-    process exits, else after the process group's timeout).
+    LSE too). Memory per rank: O(S), never the gathered sequence: besides the inputs and
+    results, the fp32 out and LSE saved for the backward, and in flight at most two K/V blocks
+    and one dK/dV block, or one and two (see the module docstring); each inner call's
+    temporaries are bounded by a constant (`CALL_ELEMENTS`). Every rank must pass the same
+    shapes but S, dtype and settings: a mismatch raises the same ValueError on every rank. A
+    rank that fails before or during the call makes the others raise RuntimeError once the
+    transport notices (at once when its process exits, else after the process group's
+    timeout).
     """
     check_qkv(q, k, v)
     if q.shape[2] != k.shape[2]:
@@ -386,6 +440,8 @@ def ring_attention(
         lay = layout
     else:
         lay = make_layout(layout, lengths)
-    plan = make_plan(group, rank, world, lay, L, R, spec.scale, spec.softcap, mask_mod, score_mod)
+    chunk = call_tokens(q.shape[0], q.shape[1], q.shape[3], v.shape[3])
+    plan = make_plan(group, rank, world, lay, L, R, spec.scale, spec.softcap, mask_mod, score_mod,
+                     chunk)  # fmt: skip
     out, lse = _RingAttention.apply(q, k, v, plan)
     return (out, lse) if return_lse else out
