@@ -71,7 +71,7 @@ def cases(n: int) -> list[tuple[str, Callable[[], object], Callable[[], object]]
 
     return [
         (f"RoPE + split of the fused QKV, {n} tokens",
-         lambda: rope.rotate_qkv(qkv, 0, HEADS, KV_HEADS), rope_torch),
+         lambda: fused.rope_qkv(qkv, *rope.pair_tables(n), 0, HEADS, KV_HEADS, False), rope_torch),
         (f"RMSNorm, {n} × {D_MODEL}", lambda: fused.rms_norm(x, w_norm, 1e-5),
          lambda: F.rms_norm(x, (D_MODEL,), w_norm, 1e-5)),
         (f"gate and up + SiLU·up, {n} tokens", mlp_fused,

@@ -112,7 +112,8 @@ def test_last_hidden_state_padded_batch(model, hf, hf_tok):
 def test_padded_batch_runs_on_real_tokens_only(model, hf):
     """A padded batch is packed to its real tokens (`_unpadded`): padded rows come back 0, a
     mask with holes and an all-padding row work, and real tokens match transformers given the
-    same mask. Under capture (the lens) the masked batch runs instead, with the same values."""
+    same mask. Under capture the packed batch records each text apart (`segment`), each
+    record equal to capturing that text alone."""
     from qkv.nn import capture
 
     g = torch.Generator().manual_seed(0)
@@ -128,8 +129,17 @@ def test_padded_batch_runs_on_real_tokens_only(model, hf):
             masked = model(ids, attention_mask=keep)
     assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
     assert (got - want)[keep].abs().max() < HIDDEN_TOL
-    assert (masked - got)[keep].abs().max() < HIDDEN_TOL
-    assert cap.layers[0].q.shape[0] == 3  # the lens saw the whole (padded) batch
+    assert torch.equal(masked, got)
+    # the rows with real tokens, each its own record; row 0 (right padding) as when run alone
+    assert [rec.segment for rec in cap.layers if rec.layer == 0] == [0, 1]
+    assert cap.layer(0, segment=1).q.shape[2] == int(keep[1].sum())  # the hole's tokens dropped
+    with torch.no_grad(), capture(model, layers=[0]) as alone:
+        model(ids[0, keep[0]][None])
+    got_rec, want_rec = cap.layer(0, segment=0), alone.layer(0)
+    for name in ("q", "k", "v", "z", "lse"):
+        a, b = getattr(got_rec, name), getattr(want_rec, name)
+        assert a.shape == b.shape, name
+        assert (a - b).abs().max() < HIDDEN_TOL, name
 
 
 def test_embeddings_match_sentence_transformers(model, st):

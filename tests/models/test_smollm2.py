@@ -15,6 +15,7 @@ import qkv
 from qkv.models import gguf as qgguf
 from qkv.models import llama
 from qkv.nn import KVCache, RotaryEmbedding, quant
+from qkv.nn.accelerate import mirrors
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -168,19 +169,9 @@ def test_incremental_logits_equal_one_shot(model):
     assert err < CACHE_TOL, f"max |Δ logit| cached vs one-shot = {err:.2e}"
 
 
-N_MIRRORS = 30 * 4 + 1  # a layer's Q|K|V, W_O, gate|up and down; the unembedding
-
-
-def mirrors(model) -> dict:
-    """Every block mirror of the model → (Mirror, the nn.Linear-layout weight it stands for)."""
-    out = {"unembed": (model.mirrors["unembed"], model.embed.weight)}
-    H, D, m = model.config.n_heads, model.config.d_head, model.config.d_model
-    for i, blk in enumerate(model.blocks):
-        out[f"{i}.qkv"] = (blk.attn.mirrors["qkv"], blk.attn.fused_qkv()[0])
-        out[f"{i}.out"] = (blk.attn.mirrors["out"], blk.attn.W_O.reshape(H * D, m).t())
-        out[f"{i}.gate_up"] = (blk.mlp.mirrors["gate_up"], blk.mlp.fused_gate_up()[0])
-        out[f"{i}.down"] = (blk.mlp.mirrors["down"], blk.mlp.down.weight)
-    return out
+# a layer's Q|K|V, W_O, gate|up, and gate, up (used should the halves be re-laid out), down;
+# the unembedding
+N_MIRRORS = 30 * 6 + 1
 
 
 def test_block_mirrors_equal_the_parameters(model):
@@ -201,7 +192,7 @@ def test_decode_with_blocks_equals_dense(model, monkeypatch):
     monkeypatch.setattr(quant.BlockWeight, "matmul", lambda b, x: calls.append(1) or real(b, x))
     prompt = ids_of(model, GREEDY_PROMPT)[0].tolist()
     fast = list(model.generate_ids(prompt, N_GREEDY, stop_ids=()))
-    per_step = N_MIRRORS  # every matrix once per step
+    per_step = 30 * 4 + 1  # every matrix once per step (gate|up fused, not gate and up)
     assert len(calls) == (N_GREEDY - 1) * per_step + 1  # every step; the prefill's last row
     with quant.dense():
         dense = list(model.generate_ids(prompt, N_GREEDY, stop_ids=()))
@@ -232,7 +223,7 @@ def test_padded_batch_matches_single(model):
 def test_padded_batch_runs_on_real_tokens_only(model, hf):
     """Left padding and an all-padding row: the batch runs packed (`qkv.nn.varlen`); real
     tokens' logits match transformers on the same mask, padded rows are 0, and under capture
-    (the masked batch) the values are the same. A hole keeps the masked batch (packing would
+    the values are the same, each text recorded apart (`segment`) as when run alone. A hole keeps the masked batch (packing would
     move the RoPE positions after it), which matches transformers too."""
     from qkv.nn import capture
 
@@ -244,12 +235,22 @@ def test_padded_batch_runs_on_real_tokens_only(model, hf):
     with torch.no_grad():
         got = model(ids, attention_mask=keep)
         want = hf(input_ids=ids[:2], attention_mask=keep[:2].long()).logits
-        with capture(model, layers=[0]):
+        with capture(model, layers=[0]) as cap:
             masked = model(ids, attention_mask=keep)
+        alone = []
+        for r in range(2):
+            with capture(model, layers=[0]) as one:
+                model(ids[r, keep[r]][None])
+            alone.append(one.layer(0))
     assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
     err = (got[:2] - want)[keep[:2]].abs().max().item()
     assert err < LOGIT_TOL, f"max |Δ logit| = {err:.2e}"
     assert (masked - got)[keep].abs().max().item() < CACHE_TOL
+    for s, want_rec in enumerate(alone):
+        got_rec = cap.layer(0, segment=s)
+        for name in ("q", "k", "z", "lse"):
+            a, b = getattr(got_rec, name), getattr(want_rec, name)
+            assert a.shape == b.shape and (a - b).abs().max() < CACHE_TOL, name
     keep[1, 5] = False  # a hole: the masked batch
     with torch.no_grad():
         got = model(ids[:2], attention_mask=keep[:2])
@@ -528,7 +529,7 @@ def test_tiny_quantised_gguf_decodes_from_its_blocks(tmp_path):
     left = sorted(e.name for e in cache.iterdir())
     assert left == sorted(["q-3-3-v2", qgguf._cache_entry(path, cache).name])
     m = llama.load_gguf(path, cache_dir=tmp_path / "cache")  # from the cache
-    assert len(mirrors(m)) == 2 * 4 + 1
+    assert len(mirrors(m)) == 2 * 6 + 1
     for name, (mir, weight) in mirrors(m).items():
         assert torch.equal(mir.blocks.dequantize(), weight), name
         assert torch.equal(weight, mirrors(first)[name][1]), name
@@ -577,16 +578,17 @@ def test_fused_block_mirrors_are_made_on_first_decode(tmp_path):
     from qkv.nn import quant
 
     m = llama.load_gguf(tiny_gguf(tmp_path / "q.gguf", quantised=True), cache_dir=False)
-    fused = [b.attn.mirrors["qkv"] for b in m.blocks] + [b.mlp.mirrors["gate_up"] for b in m.blocks]
+    found = mirrors(m)
+    fused = [mir for name, (mir, _) in found.items() if name.endswith((".qkv", ".gate_up"))]
+    assert len(fused) == 2 * len(m.blocks)
     made = lambda: [isinstance(x._blocks, quant.BlockWeight) for x in fused]  # noqa: E731
     with torch.inference_mode():
         m(torch.tensor([[1, 2, 3, 1]]))
         assert made() == [False] * len(fused)
         m(torch.tensor([[1]]))
     assert made() == [True] * len(fused)
-    for b in m.blocks:
-        assert torch.equal(b.attn.mirrors["qkv"].blocks.dequantize(), b.attn.fused_qkv()[0])
-        assert torch.equal(b.mlp.mirrors["gate_up"].blocks.dequantize(), b.mlp.fused_gate_up()[0])
+    for name, (mir, weight) in mirrors(m).items():
+        assert torch.equal(mir.blocks.dequantize(), weight), name
 
 
 def test_page_out_never_loses_data(tmp_path):

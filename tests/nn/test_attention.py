@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qkv.nn import MultiHeadAttention, RotaryEmbedding
+from qkv.nn import MultiHeadAttention, RotaryEmbedding, accelerate, capture
 
 F64_TOL = 1e-10
 
@@ -177,7 +177,7 @@ def test_pack_keeps_values_and_needs_no_fused_copy():
     want = mha(x)
     before = {n: p.detach().clone() for n, p in mha.named_parameters()}
     ids = {n: id(p) for n, p in mha.named_parameters()}
-    mha.pack_()
+    accelerate(mha)  # packs W_Q, W_K, W_V into one matrix
     for n, p in mha.named_parameters():
         torch.testing.assert_close(p, before[n])
         assert id(p) == ids[n] and p.requires_grad
@@ -197,7 +197,7 @@ def test_packed_view_follows_in_place_edits_and_relayouts():
     an in-place edit shows at once, and `.double()` (new storage) is computed afresh."""
     torch.manual_seed(10)
     mha = MultiHeadAttention(24, 6, n_kv_heads=2, d_head=4, rope=RotaryEmbedding(4), causal=True)
-    mha.requires_grad_(False).pack_()
+    accelerate(mha.requires_grad_(False))
     x = torch.randn(2, 5, 24)
     mha(x)  # caches the packed view
     with torch.no_grad():
@@ -256,8 +256,36 @@ def test_segments_equal_separate_sequences(rope, causal, kv):
     torch.testing.assert_close(packed.grad.double(), leaf.grad, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_capture_records_each_segment_as_that_sequence_alone(fast):
+    """Under capture, a packed call files one record per sequence (`segment`), holding what
+    capturing that sequence alone records: q, k, v, z and the LSE, compared in float64."""
+    torch.manual_seed(4)
+    lengths = [5, 1, 9]
+    mha = MultiHeadAttention(32, 4, n_kv_heads=2, rope=RotaryEmbedding(8), causal=True)
+    ref = MultiHeadAttention(32, 4, n_kv_heads=2, rope=RotaryEmbedding(8), causal=True).double()
+    ref.load_state_dict(mha.state_dict())
+    if fast:
+        accelerate(mha)
+    xs = [torch.randn(1, n, 32) for n in lengths]
+    with torch.no_grad(), capture(mha) as cap:
+        mha(torch.cat(xs, 1), segments=lengths)
+    assert [r.segment for r in cap.layers] == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"pass segment=0\.\.2"):
+        cap.layer(0)
+    for s, x in enumerate(xs):
+        with torch.no_grad(), capture(ref) as alone:
+            ref(x.double())
+        got, want = cap.layer(0, segment=s), alone.layers[0]
+        for name in ("q", "k", "v", "z", "lse"):
+            a, b = getattr(got, name).double(), getattr(want, name)
+            assert a.shape == b.shape, name
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max(), name
+        assert got.attn_kwargs["causal"] and got.attn_kwargs["mask"] is None
+
+
 def test_segments_bad_input():
-    from qkv.nn import KVCache, capture
+    from qkv.nn import KVCache
 
     mha = MultiHeadAttention(16, 2)
     x = torch.randn(1, 6, 16)
@@ -270,5 +298,3 @@ def test_segments_bad_input():
         mha(x, segments=[6], mask=torch.ones(1, 1, 1, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask or a cache"):
         mha(x, segments=[6], cache=KVCache(1)[0])
-    with capture(mha), pytest.raises(ValueError, match="inside capture"):
-        mha(x, segments=[6])

@@ -1,11 +1,12 @@
-"""The one-pass CPU kernels (nn.fused) and the module paths that take them, against float64
-oracles written independently here, and against the PyTorch paths they replace."""
+"""The one-pass CPU kernels (nn.fused) and the accelerated modules that take them
+(`qkv.nn.accelerate`), against float64 oracles written independently here, and against the
+PyTorch paths they replace."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from qkv.nn import MLP, MultiHeadAttention, RMSNorm, RotaryEmbedding, fused
+from qkv.nn import MLP, MultiHeadAttention, RMSNorm, RotaryEmbedding, accelerate, fused
 
 from .test_rope import complex_rope
 
@@ -16,16 +17,24 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def fused_rope(rope: RotaryEmbedding, qkv: torch.Tensor, start: int, H: int, K: int):
+    cos, sin = rope.pair_tables(start + qkv.shape[1])
+    return fused.rope_qkv(qkv, cos, sin, start, H, K, rope.interleaved)
+
+
+@pytest.mark.parametrize("path", ["pytorch", "fused"])
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("B,S,H,K,start", [(1, 37, 9, 3, 0), (2, 5, 4, 4, 11), (1, 1, 2, 1, 300)])
-def test_rotate_qkv_matches_complex_formula(interleaved, B, S, H, K, start):
+def test_rotate_qkv_matches_complex_formula(path, interleaved, B, S, H, K, start):
     D = 16
     qkv = torch.randn(B, S, H + 2 * K, D, generator=gen(S))
     rope = RotaryEmbedding(D, base=500.0, interleaved=interleaved)
     with torch.no_grad():
-        q, k, v = rope.rotate_qkv(qkv, start, H, K)
+        rotate = rope.rotate_qkv if path == "pytorch" else lambda *a: fused_rope(rope, *a)
+        q, k, v = rotate(qkv, start, H, K)
     assert q.shape == (B, H, S, D) and k.shape == v.shape == (B, K, S, D)
-    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    if path == "fused":
+        assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
     heads = qkv.transpose(1, 2).double()  # (b t i d)
     pos = torch.arange(start, start + S)
     want = complex_rope(heads[:, : H + K], pos, 500.0, interleaved)
@@ -35,11 +44,10 @@ def test_rotate_qkv_matches_complex_formula(interleaved, B, S, H, K, start):
 
 
 def test_rotate_qkv_keeps_autograd_path():
-    """With a gradient to record, rotate_qkv is the PyTorch code: same values, gradients flow."""
+    """The fused kernel and rotate_qkv (the PyTorch code, gradients flow) agree."""
     qkv = torch.randn(1, 6, 5, 8, generator=gen(1))
     rope = RotaryEmbedding(8)
-    with torch.no_grad():
-        fast = rope.rotate_qkv(qkv, 3, 3, 1)
+    fast = fused_rope(rope, qkv, 3, 3, 1)
     leaf = qkv.clone().requires_grad_()
     slow = rope.rotate_qkv(leaf, 3, 3, 1)
     for a, b in zip(fast, slow, strict=True):
@@ -58,18 +66,19 @@ def test_rotate_qkv_rejects_bad_shapes():
 
 
 def test_attention_module_fast_path_equals_autograd_path():
-    """MultiHeadAttention with RoPE: the no-grad forward (fused split) agrees with the grad
-    forward (PyTorch rope) and with the module in float64."""
+    """Accelerated MultiHeadAttention with RoPE: the no-grad forward (packed weights, fused
+    split) agrees with the grad forward (PyTorch rope) and with the module in float64."""
     torch.manual_seed(0)
     attn = MultiHeadAttention(32, 4, n_kv_heads=2, rope=RotaryEmbedding(8), causal=True)
+    ref = MultiHeadAttention(32, 4, n_kv_heads=2, rope=RotaryEmbedding(8), causal=True).double()
+    ref.load_state_dict(attn.state_dict())
+    accelerate(attn)
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         fast = attn(x)
     slow = attn(x)  # parameters require grad: the PyTorch rope
     assert slow.requires_grad
     torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=1e-5)
-    ref = MultiHeadAttention(32, 4, n_kv_heads=2, rope=RotaryEmbedding(8), causal=True).double()
-    ref.load_state_dict(attn.state_dict())
     with torch.no_grad():  # float64: the PyTorch rope (tested against the complex formula)
         want = ref(x.double())
     assert (fast.double() - want).abs().max() <= 1e-5 * want.abs().max()
@@ -104,7 +113,7 @@ def test_rms_norm_special_values_as_pytorch():
 
 
 def test_rms_norm_module_paths_agree_and_train():
-    norm = RMSNorm(16, eps=1e-5)
+    norm = accelerate(RMSNorm(16, eps=1e-5))
     with torch.no_grad():
         norm.weight.copy_(torch.randn(16, generator=gen(5)))
     x = torch.randn(3, 4, 16, generator=gen(6))
@@ -131,7 +140,7 @@ def test_packed_gated_mlp_equals_float64(bias):
         return lin("down", F.silu(lin("gate", x.double())) * lin("up", x.double()))
 
     before = mlp.gate.weight.clone()
-    mlp.pack_()
+    accelerate(mlp)
     assert torch.equal(mlp.gate.weight, before) and mlp.gate.weight.requires_grad
     w, b = mlp.fused_gate_up()
     assert w.shape == (80, 24) and (b is None) == (not bias)
@@ -158,7 +167,7 @@ def test_packed_mlp_trains_like_unpacked():
     a = MLP(12, 20, act="silu", gated=True)
     b = MLP(12, 20, act="silu", gated=True)
     b.load_state_dict(a.state_dict())
-    b.pack_()
+    accelerate(b)
     x = torch.randn(4, 12)
     a(x).square().sum().backward()
     b(x).square().sum().backward()
@@ -167,7 +176,7 @@ def test_packed_mlp_trains_like_unpacked():
 
 
 def test_plain_mlp_pack_is_a_no_op():
-    mlp = MLP(8, 16, act="gelu")
+    mlp = accelerate(MLP(8, 16, act="gelu"))
     assert mlp.pack_() is mlp and mlp.fused_gate_up() is None
 
 
@@ -228,27 +237,27 @@ def test_torch_compile_traces_the_pytorch_code():
     """Under torch.compile (fullgraph) the kernels step aside: the traced graph holds the
     PyTorch ops, and its result equals eager's fused path."""
     torch.manual_seed(11)
-    norm, mlp = RMSNorm(16), MLP(16, 24, act="silu", gated=True, bias=False).pack_()
-    rope = RotaryEmbedding(4)
-    x, qkv = torch.randn(2, 5, 16), torch.randn(2, 5, 8, 4)
+    norm, mlp = accelerate(RMSNorm(16)), accelerate(MLP(16, 24, act="silu", gated=True, bias=False))
+    attn = accelerate(MultiHeadAttention(16, 4, 2, d_head=4, rope=RotaryEmbedding(4)))
+    x = torch.randn(2, 5, 16)
 
-    def step(x, qkv):
-        return mlp(norm(x)), *rope.rotate_qkv(qkv, 3, 4, 2)
+    def step(x):
+        return mlp(norm(x)), attn(x)
 
     with torch.no_grad():
         compiled = torch.compile(step, backend="eager", fullgraph=True)
-        for a, b in zip(compiled(x, qkv), step(x, qkv), strict=True):
+        for a, b in zip(compiled(x), step(x), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def test_fused_gate_up_follows_the_layout():
     """fused_gate_up's answer is reused while the weights keep their layout, and recomputed
     when it changes (packed, replaced, moved back to separate storages)."""
-    mlp = MLP(8, 12, act="silu", gated=True, bias=False)
-    assert mlp.fused_gate_up() is None
-    mlp.pack_()
+    mlp = accelerate(MLP(8, 12, act="silu", gated=True, bias=False))  # packs
     first = mlp.fused_gate_up()
     assert first is not None and mlp.fused_gate_up()[0] is first[0]  # reused
     torch.testing.assert_close(first[0], torch.cat((mlp.gate.weight, mlp.up.weight)))
     mlp.up.weight.data = mlp.up.weight.detach().clone()  # no longer the second half
     assert mlp.fused_gate_up() is None
+    mlp.pack_()  # laid out afresh: one matrix again
+    torch.testing.assert_close(mlp.fused_gate_up()[0], torch.cat((mlp.gate.weight, mlp.up.weight)))

@@ -19,8 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..nn import MultiHeadAttention
-from ..nn.capture import _ACTIVE, AttentionRecord
-from ..nn.quant import linear
+from ..nn.capture import record, recorders
 from .layout import LAYOUTS, Layout, all_lengths, make_layout
 from .ring import ring_attention
 
@@ -48,30 +47,17 @@ class _Sharded:
         rank = dist.get_rank(group)
         qkv = self._project(x)  # (b i (h+2k) d)
         runs = lay.runs(rank)
-        if self.rope is None:
-            q, k, v = qkv.transpose(1, 2).split((H, K, K), dim=1)  # (b h i d), (b k i d) ×2
-        elif len(runs) == 1:  # one run: RoPE at positions start … start+S−1
-            q, k, v = self.rope.rotate_qkv(qkv, runs[0][1], H, K)
+        if self.rope is None or len(runs) <= 1:  # one run: RoPE at positions start … start+S−1
+            q, k, v = self._rotate(qkv, runs[0][1] if runs else 0)  # (b h i d), (b k i d) ×2
         else:  # zigzag: RoPE at this rank's global positions
             qk, v = qkv.transpose(1, 2).split((H + K, K), dim=1)
             q, k = self.rope(qk, lay.positions(rank, x.device)).split((H, K), dim=1)
         kw = {"causal": self.causal, "scale": self.scale, "window": self.window,
               "softcap": self.softcap}  # fmt: skip
-        caps = _ACTIVE.get()
-        recording = [(c, i) for c in caps if (i := c.wants(self)) is not None] if caps else []
         z, lse = ring_attention(q, k, v, group=group, layout=lay, **kw, return_lse=True)
-        zf = z.transpose(1, 2).reshape(B, S, H * D)  # (b i (h d))
-        w_o = self.W_O.reshape(H * D, self.d_model).t()  # (m (h d))
-        out = linear(zf, w_o, self.b_O, self.mirrors.get("out"))
-        for cap, i in recording:  # this rank's shard; positions in attn_kwargs["sequence"]
-            t = (lambda a: a.detach()) if cap.detach else (lambda a: a)
-            cap.layers.append(
-                AttentionRecord(
-                    layer=i, q=t(q), k=t(k), v=t(v), z=t(z), W_O=t(self.W_O), lse=t(lse),
-                    attn_kwargs={**kw, "sequence": (group, lay, rank)},
-                    b_O=None if self.b_O is None else t(self.b_O),
-                )
-            )  # fmt: skip
+        out = self._out(z.transpose(1, 2).reshape(B, S, H * D))  # (b i m)
+        if recording := recorders(self):  # this rank's shard; positions in "sequence"
+            record(recording, self, q, k, v, z, lse, {**kw, "sequence": (group, lay, rank)})
         return out
 
 

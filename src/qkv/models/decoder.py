@@ -25,6 +25,7 @@ from .._validate import positive_ints
 from ..nn import (
     ACTIVATIONS,
     MLP,
+    Embedding,
     KVCache,
     MultiHeadAttention,
     ParallelBlock,
@@ -34,7 +35,6 @@ from ..nn import (
     RotaryEmbedding,
     SandwichBlock,
 )
-from ..nn.capture import active as capturing
 from ..nn.varlen import one_run_per_row, run_blocks, unpadded
 from .generate import Generation
 from .tokenizer import Tokenizer, ids_shape
@@ -186,7 +186,7 @@ class Decoder(Generation, nn.Module):
             for b in dict.fromkeys(bases)
         }
         # left uninitialised (`_weight`): every weight comes from the checkpoint
-        self.embed = nn.Embedding(
+        self.embed = Embedding(
             c.vocab_size, c.d_model, _weight=torch.empty(c.vocab_size, c.d_model)
         )
         self.embed_positions = None
@@ -225,8 +225,7 @@ class Decoder(Generation, nn.Module):
     def unembed(self, h: Tensor) -> Tensor:
         """Final hidden states (… m) → logits (… v), capped at c·tanh(logit/c) if
         `logit_softcap` is c."""
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = h @ w.t()
+        logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
         c = self.config.logit_softcap
         return logits if c is None else c * torch.tanh(logits / c)
 
@@ -244,9 +243,9 @@ class Decoder(Generation, nn.Module):
     def _run(
         self, ids: Tensor, attention_mask: Tensor | None, cache: KVCache | None, head: Callable
     ) -> Tensor:
-        """Embed, the blocks, then `head`. A left- or right-padded batch without a cache (and
-        outside `capture()`) of a RoPE model runs on its real tokens only (`qkv.nn.varlen`):
-        its padded rows are 0. RoPE positions then restart per text, which attention cannot
+        """Embed, the blocks, then `head`. A left- or right-padded batch without a cache of a
+        RoPE model runs on its real tokens only (`qkv.nn.varlen`): its padded rows are 0, and
+        `capture` records each text apart (`AttentionRecord.segment`). RoPE positions then restart per text, which attention cannot
         see (it depends only on offsets); a mask with holes would change offsets, so it keeps
         the masked batch, as do learned absolute positions."""
         _, S, past = self._check(ids, attention_mask, cache)
@@ -258,7 +257,7 @@ class Decoder(Generation, nn.Module):
             start = past + c.position_offset
             x = x + self.embed_positions(torch.arange(start, start + S, device=ids.device))
         padded = attention_mask is not None and not bool(attention_mask.all())
-        packable = self.embed_positions is None and cache is None and not capturing()
+        packable = self.embed_positions is None and cache is None
         if padded and packable and one_run_per_row(attention_mask):
             run = lambda h, segments: head(run_blocks(self.blocks, h, segments))  # noqa: E731
             return unpadded(x, attention_mask, run)

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from .._validate import positive_ints
 from ..nn import ACTIVATIONS, MLP, MultiHeadAttention, PostNormBlock
-from ..nn.capture import active as capturing
 from ..nn.varlen import run_blocks, unpadded
 from .tokenizer import Tokenizer, ids_shape
 
@@ -187,10 +186,6 @@ class Encoder(nn.Module):
         if keep is None or bool(keep.all()):
             for blk in self.blocks:
                 x = blk(x)
-            return x
-        if capturing():  # the lens records (b h i d) tensors: keep the padded batch
-            for blk in self.blocks:
-                x = blk(x, mask=keep[:, None, None, :])  # (b 1 1 j)
             return x
         return unpadded(x, keep, partial(run_blocks, self.blocks))  # real tokens; pads 0
 

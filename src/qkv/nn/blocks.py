@@ -13,10 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import fused
 from .attention import MultiHeadAttention
 from .cache import LayerCache
-from .quant import Mirror, linear
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,  # erf form (BERT)
@@ -24,18 +22,11 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,  # Llama's SwiGLU gate
     "relu": F.relu,
 }
-_INPLACE: dict[str, Callable[[Tensor], Tensor]] = {  # the same functions, overwriting x
-    "gelu": lambda x: torch.ops.aten.gelu_(x),
-    "gelu_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
-    "silu": lambda x: F.silu(x, inplace=True),
-    "relu": lambda x: F.relu(x, inplace=True),
-}
 
 
 class RMSNorm(nn.Module):
     """`x / sqrt(mean(x², -1) + eps) * (offset + weight)`, normalised in float32 (as HF Llama),
-    x (… m); `offset` is 0 (Llama) or 1 (Gemma stores its gain as w − 1). Float32 CPU inference
-    takes one fused pass (`nn.fused.rms_norm`, its sum of squares in float64)."""
+    x (… m); `offset` is 0 (Llama) or 1 (Gemma stores its gain as w − 1)."""
 
     def __init__(
         self, d_model: int, eps: float = 1e-6, *, offset: float = 0.0, device=None, dtype=None
@@ -49,10 +40,12 @@ class RMSNorm(nn.Module):
             f", offset={self.offset}" if self.offset else ""
         )
 
+    def gain(self) -> Tensor:
+        """(offset + weight) (m,), what x's normalised features are multiplied by."""
+        return self.weight + self.offset if self.offset else self.weight
+
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight + self.offset if self.offset else self.weight
-        if x.dim() and fused.eligible(x, w):
-            return fused.rms_norm(x, w, self.eps)  # one pass (sum of squares in f64)
+        w = self.gain()
         if x.dtype == w.dtype and x.dtype in (torch.float32, torch.float64):
             return F.rms_norm(x, w.shape, w, self.eps)  # one fused op
         h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -99,86 +92,22 @@ class MLP(nn.Module):
         self.up = nn.Linear(d_model, d_hidden, bias=bias, **fk)
         self.gate = nn.Linear(d_model, d_hidden, bias=bias, **fk) if gated else None
         self.down = nn.Linear(d_hidden, d_model, bias=bias, **fk)
-        # "up", "gate", "down", or "gate_up" once packed: the checkpoint's blocks (nn.quant)
-        self.mirrors: dict[str, Mirror] = {}
-        self._gate_up: tuple | None = None  # (layout key, fused_gate_up's answer)
 
     def extra_repr(self) -> str:
         return f"act={self.act_name}, gated={self.gate is not None}"
 
-    def _linear(self, name: str, x: Tensor) -> Tensor:
-        layer = getattr(self, name)
-        return linear(x, layer.weight, layer.bias, self.mirrors.get(name))
-
-    @torch.no_grad()
-    def pack_(self) -> MLP:
-        """Gated: lay gate and up (weights and biases) out in place as the two halves of one
-        (2f, m) matrix, so inference computes both in one matmul (see `fused_gate_up`). Values,
-        Parameter objects and requires_grad are unchanged; the weights become views sharing one
-        storage. Plain MLPs are left as they are. Loaders call it once. Returns self."""
-        if self.gate is None or self.fused_gate_up() is not None:
-            return self  # nothing to fuse, or already one storage (e.g. from the GGUF cache)
-        f = self.gate.weight.shape[0]
-        w = torch.cat((self.gate.weight, self.up.weight), 0)  # (2f m)
-        self.gate.weight.data, self.up.weight.data = w[:f], w[f:]
-        if self.gate.bias is not None:
-            b = torch.cat((self.gate.bias, self.up.bias), 0)
-            self.gate.bias.data, self.up.bias.data = b[:f], b[f:]
-        return self
-
-    def fused_gate_up(self) -> tuple[Tensor, Tensor | None] | None:
-        """The (2f, m) weight (and (2f,) bias) gate and up are the halves of, if `pack_` laid
-        them out so and they still are; else None (also while torch.compile traces: the check
-        reads storage addresses)."""
-        if self.gate is None or torch.compiler.is_compiling():
-            return None
-        g, u = self.gate, self.up
-        halves = [(g.weight, u.weight)] + ([(g.bias, u.bias)] if g.bias is not None else [])
-        # a decode step asks once per layer: reuse the answer while the layout is unchanged
-        key = tuple((t.data_ptr(), t.shape, t.stride()) for pair in halves for t in pair)
-        key += (torch.is_inference_mode_enabled(),)  # an inference view is no use outside it
-        if self._gate_up is not None and self._gate_up[0] == key:
-            return self._gate_up[1]
-        joined = self._join(halves)
-        self._gate_up = (key, joined)
-        return joined
-
-    @staticmethod
-    def _join(halves: list) -> tuple[Tensor, Tensor | None] | None:
-        joined = []
-        for a, b in halves:
-            if a.shape != b.shape or not (a.is_contiguous() and b.is_contiguous()):
-                return None
-            if b.data_ptr() != a.data_ptr() + a.numel() * a.element_size():
-                return None
-            if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-                return None
-            joined.append(a.detach().as_strided((2 * a.shape[0], *a.shape[1:]), (*a.stride(),)))
-        return joined[0], (joined[1] if len(joined) > 1 else None)
-
     def forward(self, x: Tensor) -> Tensor:
-        layers = (self.up, self.down) if self.gate is None else (self.gate, self.up, self.down)
-        params = [x] + [p for layer in layers for p in (layer.weight, layer.bias)]
-        grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
         if self.gate is None:
-            h = self._linear("up", x)
-            return self._linear("down", self.act(h) if grad else self._act_(h))
-        if grad:
-            return self._linear("down", self.act(self._linear("gate", x)) * self._linear("up", x))
-        fused = self.fused_gate_up()
-        if fused is not None:  # one (… 2f) matmul; gate and up are its two halves
-            g, u = linear(x, *fused, self.mirrors.get("gate_up")).chunk(2, dim=-1)
-        else:
-            g, u = self._linear("gate", x), self._linear("up", x)
-        return self._linear("down", self._act_(g).mul_(u))  # no graph to keep: in place
+            return self.down(self.act(self.up(x)))
+        return self.down(self.act(self.gate(x)) * self.up(x))
 
-    def _act_(self, h: Tensor) -> Tensor:
-        """act(h), in place for the built-in activations (h is a fresh tensor no graph needs):
-        one large allocation fewer per layer, each a round of fresh pages to fault in."""
-        inplace = (
-            _INPLACE.get(self.act_name) if self.act is ACTIVATIONS.get(self.act_name) else None
-        )
-        return inplace(h) if inplace is not None else self.act(h)
+
+class Embedding(nn.Embedding):
+    """nn.Embedding (ids (…) → rows of weight (… m)) that can also run backwards:
+    `attend(h)` = h @ weightᵀ, h (… m) → (… v), the tied unembedding (flax's `Embed.attend`)."""
+
+    def attend(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.weight)
 
 
 def _residual(branch: Tensor, x: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 
@@ -24,6 +25,11 @@ class AttentionRecord:
     `attn_kwargs` (causal, mask, scale) are what `qkv.attention_weights(q, k, lse, **attn_kwargs)`
     needs to give the exact softmax rows. Head h's contribution to the output is `z[:, h] @ W_O[h]`;
     the module output is the sum over heads plus b_O.
+
+    `segment` is None for an ordinary call. A packed call (MultiHeadAttention's `segments`,
+    which the models use to run a padded batch on its real tokens) records one record per
+    text: `segment` s is the text's index among the packed ones, and q, k, v, z, lse hold that
+    text alone, b = 1 and i = j = its real tokens (positions from 0, as it attended).
     """
 
     layer: int
@@ -35,6 +41,7 @@ class AttentionRecord:
     attn_kwargs: dict[str, Any]
     lse: Tensor | None = None
     b_O: Tensor | None = None
+    segment: int | None = None
 
 
 @dataclass
@@ -54,14 +61,55 @@ class Capture:
             return None
         return i
 
-    def layer(self, i: int) -> AttentionRecord:
-        """The last record of layer i."""
+    def layer(self, i: int, segment: int | None = None) -> AttentionRecord:
+        """The last record of layer i; of text `segment` when the layer ran packed texts."""
         for rec in reversed(self.layers):
-            if rec.layer == i:
+            if rec.layer != i:
+                continue
+            if rec.segment is not None and segment is None:
+                raise ValueError(
+                    f"layer {i} ran a packed batch and recorded each text apart: pass "
+                    f"segment=0..{rec.segment} (the text's index among those with real tokens)"
+                )
+            if rec.segment == segment:
                 return rec
         raise KeyError(
-            f"layer {i} was not recorded; recorded layers: {sorted({r.layer for r in self.layers})}"
+            f"layer {i}{'' if segment is None else f' segment {segment}'} was not recorded; "
+            f"recorded layers: {sorted({r.layer for r in self.layers})}"
         )
+
+
+def recorders(module: nn.Module) -> list[tuple[Capture, int]]:
+    """The captures in force that want `module`'s calls, with the layer index each files them
+    under; empty (one ContextVar.get) when none is active, and inside torch.compile's tracing
+    (a compiled graph records nothing: capture in eager mode)."""
+    if torch.compiler.is_compiling():
+        return []
+    caps = _ACTIVE.get()
+    return [(c, i) for c in caps if (i := c.wants(module)) is not None] if caps else []
+
+
+def record(
+    recording: list[tuple[Capture, int]],
+    module: nn.Module,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    z: Tensor,
+    lse: Tensor,
+    attn_kwargs: dict[str, Any],
+    segment: int | None = None,
+) -> None:
+    """Append one AttentionRecord of this call of `module` (its W_O, b_O) to each capture."""
+    for cap, i in recording:
+        t = (lambda a: a.detach()) if cap.detach else (lambda a: a)
+        b_O = getattr(module, "b_O", None)
+        cap.layers.append(
+            AttentionRecord(
+                layer=i, q=t(q), k=t(k), v=t(v), z=t(z), W_O=t(module.W_O), lse=t(lse),
+                attn_kwargs=attn_kwargs, b_O=None if b_O is None else t(b_O), segment=segment,
+            )
+        )  # fmt: skip
 
 
 _ACTIVE: ContextVar[tuple[Capture, ...]] = ContextVar("qkv_capture", default=())

@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import fused
-
 
 class RotaryEmbedding(nn.Module):
     """`rope(x, positions)`: x (b h i d), positions (i,) or (b, i) long → (b h i d).
@@ -90,23 +88,19 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Split a fused projection qkv (b i n_q+2·n_k d) into q (b n_q i d), k and v
         (b n_k i d), q and k rotated at positions start … start+i−1: the same values as
-        `q, k = self(qk, start).split(...)` on the transposed heads. Float32 CPU inputs without
-        autograd take one fused pass (`nn.fused.rope_qkv`) and get contiguous results."""
-        _, S, T, D = qkv.shape
+        `q, k = self(qk, start).split(...)` on the transposed heads; v is a view."""
+        T, D = qkv.shape[2:]
         if T != n_q + 2 * n_k or D != self.d_head:
             raise ValueError(
                 f"qkv must have shape (B, S, {n_q}+2·{n_k}, d_head={self.d_head}), got {tuple(qkv.shape)}"
             )
-        whole = self.rotary_dim == self.d_head  # the fused pass rotates every feature
-        if whole and fused.eligible(qkv) and isinstance(start, int) and start >= 0:
-            cos, sin = self._pair_tables(start + S)
-            return fused.rope_qkv(qkv, cos, sin, start, n_q, n_k, self.interleaved)
         qk, v = qkv.transpose(1, 2).split((n_q + n_k, n_k), dim=1)
         q, k = self(qk, start).split((n_q, n_k), dim=1)
         return q, k, v
 
-    def _pair_tables(self, n: int) -> tuple[Tensor, Tensor]:
-        """float32 CPU cos and sin per (position, pair): (≥n, d/2), contiguous."""
+    def pair_tables(self, n: int) -> tuple[Tensor, Tensor]:
+        """float32 CPU cos and sin per (position, pair): (≥n, d/2), contiguous, as
+        `nn.fused.rope_qkv` takes them (for rotary_dim = d_head)."""
         if self._pairs is None or self._pairs[0].shape[0] < n:
             cos_w, sin_w = self.tables(n, torch.device("cpu"), torch.float32)
             P = self.d_head // 2
