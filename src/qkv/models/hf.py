@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..nn import MLP, MultiHeadAttention
+from ..nn import accelerate
 from .convert import Rule, convert, read_safetensors
 from .decoder import Decoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
@@ -211,10 +211,8 @@ def load_dir(
         state, rules(family, config), model, n_layers=config.n_layers, ignore=family.ignore,
         source=str(d), assign=True,
     )  # fmt: skip
-    for m in model.modules():
-        if isinstance(m, MultiHeadAttention | MLP):
-            m.pack_()  # fused W_Q|W_K|W_V (and gate|up): one matmul, no copy per forward
-    return model.eval()
+    # fused W_Q|W_K|W_V (and gate|up): one matmul, no copy per forward
+    return accelerate(model).eval()
 
 
 class _SkipInit(TorchFunctionMode):
