@@ -63,18 +63,25 @@ def load_gguf(
     """A GGUF of a family in `gguf_families` (`general.architecture` llama or gemma3) → `Decoder`
     (eval mode, float32, accelerated) with its tokenizer and chat template.
 
-    `cache_dir` as in `read_gguf` (False: always dequantise from the file). Raises ValueError for a
-    foreign or corrupted file (naming the tensor and the expected shape); nothing half-loaded.
+    `cache_dir` as in `read_gguf` (False: always dequantise from the file and build the
+    tokenizer). Raises ValueError for a foreign or corrupted file (naming the tensor and the
+    expected shape); nothing half-loaded.
     """
-    return from_gguf(read_gguf(path, cache_dir=cache_dir), name=name)
+    return from_gguf(read_gguf(path, cache_dir=cache_dir), name=name, cache_dir=cache_dir)
 
 
-def from_gguf(contents: GGUFContents, *, name: str | None = None) -> Decoder:
-    """Build and fill a `Decoder` from already-read GGUF contents (see `load_gguf`)."""
+def from_gguf(
+    contents: GGUFContents,
+    *,
+    name: str | None = None,
+    cache_dir: str | Path | bool | None = None,
+) -> Decoder:
+    """Build and fill a `Decoder` from already-read GGUF contents (see `load_gguf`); the
+    tokenizer comes from `build_tokenizer`'s cache under `cache_dir` (False: none)."""
     family = family_of(contents)
     config = config_from_gguf(contents, name=name)
     tokenizer = Tokenizer(
-        build_tokenizer(contents.metadata, merges_by=family.merges_by),
+        build_tokenizer(contents.metadata, merges_by=family.merges_by, cache_dir=cache_dir),
         max_length=config.max_positions,
         add_special_tokens=True,
         pad_id=contents.metadata.get("tokenizer.ggml.padding_token_id"),
