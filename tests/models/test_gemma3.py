@@ -16,6 +16,7 @@ folder, 2.6e-15) is in test_families.py.
 """
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -26,6 +27,8 @@ import qkv
 from qkv.models import gemma3 as qgemma3
 from qkv.models import gguf as qgguf
 from qkv.models import gguf_families, llama
+from qkv.nn import KVCache, quant
+from qkv.nn.accelerate import mirrors
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
 gguf = pytest.importorskip("gguf", reason="the gguf package writes the tiny file")
@@ -269,12 +272,18 @@ AWKWARD = [
 
 
 @pytest.fixture(scope="module")
-def real():
+def real_model():
     try:
-        path = qgemma3.gguf_path()
+        qgemma3.gguf_path()
     except FileNotFoundError as e:
         pytest.skip(f"gemma3 weights not installed: {e}")
-    return path, qkv.load("gemma3"), reference(path)
+    return qkv.load("gemma3")
+
+
+@pytest.fixture(scope="module")
+def real(real_model):
+    path = qgemma3.gguf_path()
+    return path, real_model, reference(path)
 
 
 @pytest.mark.slow
@@ -338,3 +347,94 @@ def test_real_tokenizer_matches_transformers(real):
         for tok, (a, b) in zip(ours.tokens, ours.offsets, strict=True):
             if (a, b) != (0, 0) and not tok.startswith("<0x"):
                 assert text[a:b].replace(" ", "▁") == tok, (text, tok)
+
+
+# --------------------------------------------------------------------------------------------
+# the decode step multiplies by the file's Q4_K / Q5_0 / Q6_K / Q8_0 blocks
+
+# per layer Q|K|V, W_O, gate|up, gate, up, down; the tied unembedding
+N_MIRRORS = 18 * 6 + 1
+PER_STEP = 18 * 4 + 1  # block matmuls a decode step makes: gate|up fused, not gate and up
+
+
+@pytest.mark.slow
+def test_real_block_mirrors_equal_the_parameters(real_model):
+    """Every matrix is block-backed (Q5_0/Q8_0 → int8 groups of 32, Q4_K → 4-bit groups of 32,
+    Q6_K → int8 groups of 16), and its blocks dequantised equal the dense weight bit for bit."""
+    found = mirrors(real_model)
+    assert len(found) == N_MIRRORS
+    for name, (mir, weight) in found.items():
+        assert mir.valid(), name
+        assert torch.equal(mir.blocks.dequantize(), weight), name
+    kinds = {name.split(".")[-1]: set() for name in found}
+    for name, (mir, _) in found.items():
+        kinds[name.split(".")[-1]].add(mir.blocks.kind)
+    assert kinds == {"qkv": {"q8_0"}, "gate_up": {"q8_0"}, "gate": {"q8_0"}, "up": {"q8_0"},
+                     "out": {"q4_1"}, "down": {"q4_1", "q8_16"}, "embed": {"q8_0"}}  # fmt: skip
+    step = [item for name, item in found.items() if name.split(".")[-1] not in ("gate", "up")]
+    assert len(step) == PER_STEP
+    per_weight = sum(m.blocks.nbytes for m, _ in step) / sum(w.numel() for _, w in step)
+    assert per_weight < 1.1  # bytes a decode step streams per weight, vs 4 dense
+
+
+@pytest.mark.slow
+def test_real_decode_with_blocks_equals_dense(real_model, monkeypatch):
+    model = real_model
+    calls = []
+    matmul = quant.BlockWeight.matmul
+    monkeypatch.setattr(
+        quant.BlockWeight, "matmul", lambda b, x: calls.append(b.kind) or matmul(b, x)
+    )
+    prompt = model.tokenizer.encode("The capital of France is").ids
+    n = 12
+    fast = list(model.generate_ids(prompt, n, stop_ids=()))
+    assert len(calls) == (n - 1) * PER_STEP + 1  # every matrix, every step; the prefill's head
+    assert set(calls) == {"q4_1", "q8_0", "q8_16"}
+    with quant.dense():
+        dense = list(model.generate_ids(prompt, n, stop_ids=()))
+    assert fast == dense and len(calls) == (n - 1) * PER_STEP + 1
+    with torch.no_grad():  # one decode step's logits, blocks vs dense weights
+        caches = KVCache(model.config.n_layers), KVCache(model.config.n_layers)
+        model(torch.tensor([prompt]), cache=caches[0])
+        with quant.dense():
+            model(torch.tensor([prompt]), cache=caches[1])
+            want = model(torch.tensor([[fast[0]]]), cache=caches[1])
+        got = model(torch.tensor([[fast[0]]]), cache=caches[0])
+    assert rel(got, want) <= REL_TOL
+
+
+def test_k_quant_blocks_survive_the_cache(tmp_path):
+    """Q4_K, Q5_0 and Q6_K tensors come back from the disk cache as the same blocks, each
+    equal to the gguf package's dequantisation; an entry of the previous format is rebuilt."""
+    rng = np.random.default_rng(1)
+    path = tmp_path / "k.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    f16_at = {"Q4_K": (0, 2), "Q6_K": (208,), "Q5_0": (0,)}  # where a block keeps its fp16s
+    kinds = {"a.weight": "Q4_K", "b.weight": "Q6_K", "c.weight": "Q5_0"}
+    for name, kind in kinds.items():  # random blocks (any bytes are valid), finite fp16 scales
+        qtype = gguf.GGMLQuantizationType[kind]
+        per, size = gguf.GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, (3, 512 // per, size), dtype=np.uint8)
+        for at in f16_at[kind]:
+            d = rng.uniform(-1e-2, 1e-2, raw.shape[:2]).astype(np.float16)
+            raw[..., at : at + 2] = d[..., None].view(np.uint8)
+        w.add_tensor(name, raw.reshape(3, -1), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    fresh = qgguf.read_gguf(path, cache_dir=tmp_path / "cache")
+    again = qgguf.read_gguf(path, cache_dir=tmp_path / "cache")
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert entry.name.endswith(f"-v{qgguf.CACHE_FORMAT}") and qgguf.CACHE_FORMAT >= 4
+    assert {n: b.kind for n, b in again.blocks.items()} == {
+        "a.weight": "q4_1", "b.weight": "q8_16", "c.weight": "q8_0"}  # fmt: skip
+    for name, b in again.blocks.items():
+        assert np.array_equal(b.data, fresh.blocks[name].data), name
+        assert torch.equal(b.dequantize(), again.tensors[name]), name
+        assert torch.equal(b.dequantize(), fresh.tensors[name]), name
+    doc = json.loads((entry / "metadata.json").read_text())
+    assert doc["blocks"] == {"a.weight": "q4_1", "b.weight": "q8_16", "c.weight": "q8_0"}
+    doc["format"] = 3  # a reader of this format never reads that one's entry
+    (entry / "metadata.json").write_text(json.dumps(doc))
+    assert qgguf._read_cache(path, entry) is None

@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..nn.quant import BlockWeight
+from ..nn.quant import GROUPS, BlockWeight
 
-CACHE_FORMAT = 3  # bump when the cached layout changes (2: + the raw Q4_1/Q8_0 blocks, 3: joined)
+CACHE_FORMAT = 4  # bump when the cached layout changes (2: + the raw Q4_1/Q8_0 blocks, 3: joined,
+# 4: + Q4_K/Q5_0/Q6_K blocks, each entry naming its layout)
 # tensors the cache stores as one (2n, …) tensor, read back as the halves of one storage: what
 # MLP.pack_ lays out, so a model loaded from the cache multiplies by them without a copy
 _JOINED = (("ffn_gate", "ffn_up"),)
@@ -48,7 +49,8 @@ _DIGIT_SPLIT_PRE = frozenset({"smollm", "starcoder", "refact", "codeshell", "exa
 _GPT2_PRE = frozenset({"gpt-2", "gpt2", "default"})
 SUPPORTED_PRE_TOKENIZERS = tuple(sorted(_DIGIT_SPLIT_PRE | _GPT2_PRE))
 
-BLOCK_TYPES = frozenset({"Q4_1", "Q8_0"})  # kept as blocks too (`GGUFContents.blocks`)
+# kept as blocks too (`GGUFContents.blocks`, `BlockWeight.from_ggml`)
+BLOCK_TYPES = frozenset({"Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"})
 TOKEN_TYPE_NORMAL, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 1, 3, 4
 
 
@@ -60,7 +62,8 @@ class GGUFContents:
     tensors: name → float32 tensor in PyTorch order (a GGUF `[576, 192]` is a (192, 576) matrix).
     types: name → the ggml type it was stored as (`"Q4_1"`, `"Q8_0"`, `"F32"` ...).
     blocks: name → the same weight as its stored blocks (`qkv.nn.quant.BlockWeight`), for every
-        Q4_1/Q8_0 matrix; `dequantize()` of each equals `tensors[name]` exactly.
+        matrix of a type in `BLOCK_TYPES` (Q4_1, Q8_0, Q5_0, Q4_K, Q6_K); `dequantize()` of each
+        equals `tensors[name]` exactly.
     """
 
     path: Path
@@ -199,6 +202,7 @@ def _field_value(field, gguf) -> Any:
 
 
 _BLOCKS = "blocks/"  # cache keys of the block arrays: blocks/<tensor>/{data,scale,minimum}
+# (metadata.json's "blocks": tensor → its BlockWeight layout, "q4_1" | "q8_0" | "q8_16")
 _JOINED_KEY = "joined/"  # cache key of a joined pair: joined/<first tensor>
 
 
@@ -243,13 +247,15 @@ def _read_cache(path: Path, entry: Path) -> GGUFContents | None:
         tensors = {name: halves[name] if name in halves else stored.pop(name) for name in types}
         blocks = {
             name: BlockWeight(
-                types[name].lower(),
+                kind,
                 stored.pop(f"{_BLOCKS}{name}/data").numpy(),
                 stored.pop(f"{_BLOCKS}{name}/scale").numpy(),
-                stored.pop(f"{_BLOCKS}{name}/minimum").numpy() if types[name] == "Q4_1" else None,
+                stored.pop(f"{_BLOCKS}{name}/minimum").numpy() if kind == "q4_1" else None,
             )
-            for name in doc["blocks"]
+            for name, kind in doc["blocks"].items()
         }
+        if any(b.kind not in GROUPS or b.shape != tensors[n].shape for n, b in blocks.items()):
+            return None  # blocks the reader would misread: rebuild
         if stored:  # keys no current reader knows: rebuild rather than guess
             return None
         return GGUFContents(
@@ -281,7 +287,7 @@ def _write_cache(contents: GGUFContents, entry: Path) -> None:
                 "format": CACHE_FORMAT,
                 "source": str(contents.path.resolve()),
                 "types": contents.types,
-                "blocks": sorted(contents.blocks),
+                "blocks": {name: contents.blocks[name].kind for name in sorted(contents.blocks)},
                 "joined": joined,
                 "metadata": contents.metadata,
             }

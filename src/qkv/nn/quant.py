@@ -1,16 +1,28 @@
 """Block-quantised weights as the checkpoint stores them, for the one-token decode step on CPU.
 
-A GGUF keeps most matrices in llama.cpp's blocks of 32 input features. Dequantised to float32
-(what the model's parameters hold, and what `transformers` multiplies by) they take 4 bytes a
-weight; decoding one token is a matrix-vector product per weight, bound by the bytes it streams.
-`BlockWeight` keeps the blocks themselves (0.75 or 1.06 bytes a weight) and multiplies by them
-directly, in float32 arithmetic — the weights are exactly the parameters' values, only the order
-of the sums differs:
+A GGUF keeps most matrices in llama.cpp's blocks of 32 input features (Q4_1, Q5_0, Q8_0) or
+super-blocks of 256 (Q4_K: 8 sub-blocks of 32; Q6_K: 16 of 16). Dequantised to float32 (what the
+model's parameters hold, and what `transformers` multiplies by) they take 4 bytes a weight;
+decoding one token is a matrix-vector product per weight, bound by the bytes it streams.
+`BlockWeight` keeps the blocks in one of three layouts (0.75, 1.125 or 1.25 bytes a weight) and
+multiplies by them directly, in float32 arithmetic — the weights are exactly the parameters'
+values, only the order of the sums differs:
 
-    q4_1   w[n, 32c + t] = scale[c, n] · q[n, 32c + t] + minimum[c, n],   q ∈ 0..15
-    q8_0   w[n, 32c + t] = scale[c, n] · q[n, 32c + t],                   q ∈ −128..127
+    q4_1   w[n, gc + t] = scale[c, n] · q[n, gc + t] + minimum[c, n],   q ∈ 0..15,      g = 32
+    q8_0   w[n, gc + t] = scale[c, n] · q[n, gc + t],                   q ∈ −128..127,  g = 32
+    q8_16  the same as q8_0 with g = 16
 
-    y[r, n] = Σ_c scale[c, n] · Σ_t q[n, 32c + t] · x[r, 32c + t]  +  minimum[c, n] · Σ_t x[r, 32c + t]
+    y[r, n] = Σ_c scale[c, n] · Σ_t q[n, gc + t] · x[r, gc + t]  +  minimum[c, n] · Σ_t x[r, gc + t]
+
+Each ggml type maps onto one layout with the same float32 values, bit for bit (`from_ggml`):
+
+    Q4_1 → q4_1                    (scale, minimum: the block's fp16 d, m)
+    Q4_K → q4_1   scale = d·sc,    minimum = −(dmin·m)   (fp16 × 6-bit: exact in float32; the
+                  one rounding, of scale·q − dmin·m, is the one `gguf` makes)
+    Q8_0 → q8_0                    (scale: fp16 d)
+    Q5_0 → q8_0   q = q5 − 16      (scale: fp16 d)
+    Q6_K → q8_16  q = q6 − 32,     scale = d·sc   (fp16 × int8: exact; scale·q rounds once, as
+                  `gguf`'s (d·sc)·q does)
 
 A `Mirror` ties blocks to the parameters they equal and is used only while those parameters are
 unchanged (same storage, same autograd version counter: any in-place edit, `load_state_dict`, an
@@ -21,7 +33,8 @@ fast path: taken for float32 CPU inputs of at most `MAX_ROWS` rows without autog
 Caveat: writes through `param.data` bypass PyTorch's version counter, so a mirror cannot see them;
 edit parameters in place under `torch.no_grad()` instead (or call `dense()`).
 
-Letters: r row (token), n output feature, c block of 32 input features, t position in a block.
+Letters: r row (token), n output feature, c block of g input features, t position in a block,
+s super-block of 256 input features, j sub-block of a super-block.
 """
 
 from __future__ import annotations
@@ -40,23 +53,32 @@ from torch import Tensor
 from .._jit import Kernels, wide_vectors_pay
 from . import fused
 
-GROUP = 32  # input features per block, both formats
+GROUP = 32  # input features per block of the q4_1 and q8_0 layouts
 # more rows go to F.linear: on one thread BLAS on the dense weights is faster from ~3 rows, on
 # more threads (the kernels use one) from 2 (RESULTS.md)
 MAX_ROWS = 2
-Kind = Literal["q4_1", "q8_0"]
-_GGML_BYTES = {"q4_1": 2 + 2 + GROUP // 2, "q8_0": 2 + GROUP}  # bytes per block in a GGUF
+Kind = Literal["q4_1", "q8_0", "q8_16"]
+GROUPS: dict[str, int] = {"q4_1": GROUP, "q8_0": GROUP, "q8_16": 16}  # g of each layout
+SUPER = 256  # weights per super-block of the K-quants (QK_K)
+# ggml type → (weights, bytes) per block in a GGUF, and the layout it becomes
+_GGML: dict[str, tuple[int, int, Kind]] = {
+    "q4_1": (GROUP, 2 + 2 + GROUP // 2, "q4_1"),  # d, m, 32 nibbles
+    "q8_0": (GROUP, 2 + GROUP, "q8_0"),  # d, 32 int8
+    "q5_0": (GROUP, 2 + 4 + GROUP // 2, "q8_0"),  # d, 32 high bits, 32 nibbles
+    "q4_k": (SUPER, 2 + 2 + 12 + SUPER // 2, "q4_1"),  # d, dmin, 8 × 6-bit (sc, m), nibbles
+    "q6_k": (SUPER, SUPER // 2 + SUPER // 4 + SUPER // 16 + 2, "q8_16"),  # ql, qh, sc, d
+}
 _ENABLED: ContextVar[bool] = ContextVar("qkv_quant_enabled", default=True)
 
 
 @dataclass(frozen=True, eq=False)
 class BlockWeight:
-    """An (n, k) nn.Linear-layout weight kept as blocks of 32 input features.
+    """An (n, k) nn.Linear-layout weight kept as blocks of g input features (`GROUPS[kind]`).
 
     data: (k/32, 16, n) uint8 for q4_1 (byte t of a block holds q[32c + t] in its low nibble and
-    q[32c + 16 + t] in its high one, llama.cpp's order) or (k/32, 32, n) int8 for q8_0;
-    scale, minimum: (k/32, n) float32 (minimum is None for q8_0). Output features run along the
-    last axis, so the kernel's inner loop is contiguous.
+    q[32c + 16 + t] in its high one, llama.cpp's Q4_1 order), (k/g, g, n) int8 for q8_0 (g = 32)
+    and q8_16 (g = 16); scale, minimum: (k/g, n) float32 (minimum is None but for q4_1). Output
+    features run along the last axis, so the kernel's inner loop is contiguous.
     """
 
     kind: Kind
@@ -65,8 +87,13 @@ class BlockWeight:
     minimum: np.ndarray | None
 
     @property
+    def group(self) -> int:
+        """g: input features per block (per scale)."""
+        return GROUPS[self.kind]
+
+    @property
     def shape(self) -> tuple[int, int]:
-        return int(self.data.shape[2]), int(self.data.shape[0]) * GROUP
+        return int(self.data.shape[2]), int(self.data.shape[0]) * self.group
 
     @property
     def nbytes(self) -> int:
@@ -74,30 +101,30 @@ class BlockWeight:
 
     @classmethod
     def from_ggml(cls, kind: str, raw: np.ndarray, shape: tuple[int, int]) -> BlockWeight:
-        """A GGUF tensor's raw bytes (any shape, n·k/32 blocks in row order) → BlockWeight.
+        """A GGUF tensor's raw bytes (any shape, its blocks in row order) → BlockWeight.
 
-        shape is the (n, k) PyTorch shape. ValueError for an unknown kind or a size mismatch."""
+        kind: the ggml type (Q4_1, Q8_0, Q5_0, Q4_K, Q6_K, any case); shape: the (n, k) PyTorch
+        shape. The layout follows the table in the module docstring; `dequantize()` of the result
+        equals `gguf.quants.dequantize(raw, type)` bit for bit. ValueError for an unknown kind or
+        a size mismatch."""
         kind = kind.lower()
-        if kind not in _GGML_BYTES:
-            raise ValueError(
-                f"unsupported block format {kind!r}; expected one of {list(_GGML_BYTES)}"
-            )
+        if kind not in _GGML:
+            raise ValueError(f"unsupported block format {kind!r}; expected one of {list(_GGML)}")
         n, k = shape
-        size = _GGML_BYTES[kind]
-        if k % GROUP or np.asarray(raw).size != n * k // GROUP * size:
+        per, size, layout = _GGML[kind]
+        if k % per or np.asarray(raw).size != n * k // per * size:
             raise ValueError(
-                f"{kind} blocks for a {shape} weight need k % {GROUP} == 0 and "
-                f"{n * k // GROUP * size} bytes, got k={k} and {np.asarray(raw).size} bytes"
+                f"{kind} blocks for a {shape} weight need k % {per} == 0 and "
+                f"{n * k // per * size} bytes, got k={k} and {np.asarray(raw).size} bytes"
             )
-        blocks = np.asarray(raw, dtype=np.uint8).reshape(n, k // GROUP, size)  # (n c bytes)
-        scale = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (n c)
-        if kind == "q4_1":
-            minimum = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-            data = blocks[:, :, 4:]  # (n c 16)
+        blocks = np.asarray(raw, dtype=np.uint8).reshape(n, k // per, size)  # (n c|s bytes)
+        q, scale, minimum = _UNPACK[kind](blocks)  # q (n c g), scale/minimum (n c)
+        if layout == "q4_1":
+            data = q[..., : GROUP // 2] | (q[..., GROUP // 2 :] << 4)  # (n c 16), Q4_1's order
         else:
-            minimum, data = None, blocks[:, :, 2:].view(np.int8)  # (n c 32)
+            data = q.view(np.int8)
         return cls(
-            kind,  # type: ignore[arg-type]
+            layout,
             np.ascontiguousarray(data.transpose(1, 2, 0)),  # (c t n)
             np.ascontiguousarray(scale.T),  # (c n)
             None if minimum is None else np.ascontiguousarray(minimum.T),
@@ -126,7 +153,8 @@ class BlockWeight:
         )
 
     def dequantize(self) -> Tensor:
-        """The (n, k) float32 weight, computed as the `gguf` library does (`scale·q + minimum`)."""
+        """The (n, k) float32 weight, `scale·q (+ minimum)` in float32: what the `gguf` library's
+        dequantisation of the blocks gives, bit for bit."""
         n, k = self.shape
         if self.kind == "q4_1":
             q = np.concatenate((self.data & 15, self.data >> 4), axis=1)  # (c 32 n)
@@ -152,6 +180,64 @@ class BlockWeight:
         else:
             kernel(xs, self.data, self.scale, self.minimum, y)
         return torch.from_numpy(y)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """(… 2) uint8 → (…) float32: the little-endian fp16 the byte pairs hold."""
+    return np.ascontiguousarray(b).view("<f2")[..., 0].astype(np.float32)
+
+
+# ggml's block layouts (llama.cpp ggml-common.h) → q (n c g), scale (n c), minimum (n c) | None,
+# with w[n, gc + t] = scale·q (+ minimum) equal to gguf's dequantisation
+
+
+def _q4_1(blocks: np.ndarray) -> tuple:  # (n c 20): d, m, byte t = q[t] | q[16 + t] << 4
+    qs = blocks[..., 4:]  # (n c 16)
+    q = np.concatenate((qs & 15, qs >> 4), axis=-1)  # (n c 32)
+    return q, _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
+
+
+def _q8_0(blocks: np.ndarray) -> tuple:  # (n c 34): d, 32 int8
+    return blocks[..., 2:].view(np.int8), _f16(blocks[..., 0:2]), None
+
+
+def _q5_0(blocks: np.ndarray) -> tuple:  # (n c 22): d, bit t of 4 bytes = bit 4 of q[t], as Q4_1
+    high = np.unpackbits(blocks[..., 2:6], axis=-1, bitorder="little")  # (n c 32)
+    qs = blocks[..., 6:]  # (n c 16)
+    q = np.concatenate((qs & 15, qs >> 4), axis=-1) | (high << 4)  # (n c 32), 0..31
+    return q.view(np.int8) - np.int8(16), _f16(blocks[..., 0:2]), None
+
+
+def _q4_k(blocks: np.ndarray) -> tuple:  # (n s 144): d, dmin, 12 bytes of (sc, m), 128 of q
+    n, s, _ = blocks.shape
+    d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])  # (n s)
+    b = blocks[..., 4:16]  # 6-bit sc, m of sub-block j (llama.cpp's get_scale_min_k4):
+    lo, mid, hi = b[..., 0:4], b[..., 4:8], b[..., 8:12]  # j < 4: low 6 bits of lo, mid
+    sc = np.concatenate((lo & 63, (hi & 15) | (lo >> 6 << 4)), axis=-1)  # (n s 8)
+    m = np.concatenate((mid & 63, (hi >> 4) | (mid >> 6 << 4)), axis=-1)  # (n s 8)
+    qs = blocks[..., 16:].reshape(n, s, 4, 1, 32)  # 32 bytes: sub-block 2j low, 2j + 1 high
+    q = np.concatenate((qs & 15, qs >> 4), axis=3).reshape(n, s * 8, 32)  # (n c 32)
+    scale = d[..., None] * sc.astype(np.float32)  # (n s 8), exact: 11 × 6 bits
+    minimum = -(dmin[..., None] * m.astype(np.float32))  # exact likewise
+    return q, scale.reshape(n, s * 8), minimum.reshape(n, s * 8)
+
+
+_SHIFT_2 = np.array([0, 2, 4, 6], np.uint8)[:, None]  # (4 1)
+
+
+def _q6_k(blocks: np.ndarray) -> tuple:  # (n s 210): 128 bytes low 4 bits, 64 high 2, 16 sc, d
+    n, s, _ = blocks.shape
+    ql = blocks[..., :128].reshape(n, s, 2, 2, 32)  # (n s half l//32 l%32)
+    qh = blocks[..., 128:192].reshape(n, s, 2, 1, 32)
+    low = np.concatenate((ql & 15, ql >> 4), axis=3)  # (n s 2 4 32): quarter j of each half
+    high = (qh >> _SHIFT_2) & 3  # (n s 2 4 32): bits 2j, 2j + 1
+    q = (low | high << 4).view(np.int8) - np.int8(32)  # −32..31
+    sc = blocks[..., 192:208].view(np.int8).astype(np.float32)  # (n s 16)
+    scale = _f16(blocks[..., 208:210])[..., None] * sc  # exact: 11 × 8 bits
+    return q.reshape(n, s * 16, 16), scale.reshape(n, s * 16), None
+
+
+_UNPACK = {"q4_1": _q4_1, "q8_0": _q8_0, "q5_0": _q5_0, "q4_k": _q4_k, "q6_k": _q6_k}
 
 
 class Mirror:
@@ -290,15 +376,15 @@ def _build(flags: dict) -> dict[str, tuple]:
                     y[r, i] += sc[i] * dot[r, i] + (mn[i] + eight * sc[i]) * sx[r]
 
     @jit
-    def q8_0(x, data, scale, y):  # x (r k), data (c 32 n) i8, scale (c n), y (r n)
+    def q8(x, data, scale, y):  # x (r k), data (c g n) i8, scale (c n), y (r n)
         R = x.shape[0]
-        C, _, N = data.shape
+        C, G, N = data.shape
         dot = np.empty((R, N), np.float32)
         y[:] = 0
         for c in range(C):
-            o = c * GROUP
+            o = c * G
             dot[:] = 0
-            for t in range(GROUP):
+            for t in range(G):
                 row = data[c, t]
                 for r in range(R):
                     xt, d = x[r, o + t], dot[r]
@@ -312,7 +398,8 @@ def _build(flags: dict) -> dict[str, tuple]:
     f32_2d = numba.float32[:, ::1]
     return {
         "q4_1": (q4_1, (f32_2d, numba.uint8[:, :, ::1], f32_2d, f32_2d, f32_2d)),
-        "q8_0": (q8_0, (f32_2d, numba.int8[:, :, ::1], f32_2d, f32_2d)),
+        "q8_0": (q8, (f32_2d, numba.int8[:, :, ::1], f32_2d, f32_2d)),
+        "q8_16": (q8, (f32_2d, numba.int8[:, :, ::1], f32_2d, f32_2d)),  # (the same kernel)
     }
 
 
