@@ -8,8 +8,8 @@ Weights come dequantised from the GGUF (`models/gguf.py`, cached on disk after t
 are converted by the family's declarative key map. llama.cpp stores a Llama's W_Q/W_K rows in
 interleaved-pair order for its RoPE; the family's reshape puts them back in Hugging Face's
 half-split order (`unpermute_qk`), so the model runs `RotaryEmbedding(interleaved=False)` and
-every q/k feature matches transformers'. Matrices stored as Q4_1/Q8_0 blocks are also kept as
-those blocks, which the one-token decode step multiplies by on CPU (`gguf_blocks`).
+every q/k feature matches transformers'. Matrices stored as Q4_1/Q8_0/Q5_0/Q4_K/Q6_K blocks are
+also kept as those blocks, which the one-token decode step multiplies by on CPU (`gguf_blocks`).
 
 Letters: b batch, i query position, j key position, m model dim, v vocabulary, h head, d head dim.
 """
@@ -123,7 +123,7 @@ def gguf_blocks(
     model: Decoder, blocks: dict[str, BlockWeight], *, qk_permuted: bool = True
 ) -> dict[str, BlockWeight | Callable[[], BlockWeight]]:
     """The GGUF's quantised blocks by the name of the parameter each equals (what
-    `qkv.nn.accelerate` takes): 0.75 bytes a weight streamed by the one-token decode step
+    `qkv.nn.accelerate` takes): 0.75–1.25 bytes a weight streamed by the one-token decode step
     instead of 4. Q and K rows are unpermuted like the parameters when `qk_permuted`, on first
     use (a process that never decodes never reads them). A matrix stored unquantised has none."""
     c = model.config
