@@ -122,8 +122,7 @@ class FastMultiHeadAttention(MultiHeadAttention):
         return q.detach().as_strided(((H + 2 * K) * D, m), (m, 1), base)
 
     def _mirrored(self) -> dict[str, tuple[Mirror, Tensor]]:
-        w_o = self.W_O.reshape(self.n_heads * self.d_head, self.d_model).t()
-        dense = {"qkv": lambda: self.fused_qkv()[0], "out": lambda: w_o}
+        dense = {"qkv": lambda: self.fused_qkv()[0], "out": self.out_weight}
         return {k: (m, dense[k]()) for k, m in self._mirrors.items()}
 
     def _qkv(self, x: Tensor) -> Tensor:
@@ -137,8 +136,7 @@ class FastMultiHeadAttention(MultiHeadAttention):
         return fused.rope_qkv(qkv, cos, sin, start, self.n_heads, self.n_kv_heads, rope.interleaved)
 
     def _out(self, zf: Tensor) -> Tensor:
-        w_o = self.W_O.reshape(self.n_heads * self.d_head, self.d_model).t()  # (m (h d))
-        return linear(zf, w_o, self.b_O, self._mirrors.get("out"))
+        return linear(zf, self.out_weight(), self.b_O, self._mirrors.get("out"))
 
 
 _INPLACE: dict[str, Callable[[Tensor], Tensor]] = {  # ACTIVATIONS' functions, overwriting x

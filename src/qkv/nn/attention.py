@@ -282,8 +282,11 @@ class MultiHeadAttention(nn.Module):
 
     def _out(self, zf: Tensor) -> Tensor:
         """The heads' outputs side by side, zf (b i (h d)) → (b i m): W_O and b_O."""
-        w_o = self.W_O.reshape(self.n_heads * self.d_head, self.d_model).t()  # (m (h d))
-        return F.linear(zf, w_o, self.b_O)
+        return F.linear(zf, self.out_weight(), self.b_O)
+
+    def out_weight(self) -> Tensor:
+        """W_O (h d m) as one nn.Linear-layout weight (m, (h d)), a view."""
+        return self.W_O.reshape(self.n_heads * self.d_head, self.d_model).t()
 
     def _forward_segments(
         self, x: Tensor, segments: Sequence[int], mask: object, cache: object
