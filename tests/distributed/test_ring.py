@@ -176,3 +176,15 @@ def test_plan_pieces_cover_each_score_once():
                     assert all(p.nq <= 5 and p.nk <= 5 for p in b)
                     got = _cells(b, L, R)
                     assert len(got) == len(set(got)) and set(got) == set(_cells(a, L, R))
+
+
+def test_call_size_bounds_memory_on_cpu_and_stays_large_on_gpus():
+    """One call's q slice: ≤ 2^18 elements on CPU (≥ 1024 positions), ≤ 2^26 off the CPU, where
+    small calls would be launch-bound."""
+    from qkv.distributed.ring import call_tokens
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert call_tokens(1, 2, 64, 64, cpu) == 2048  # 2^18 / (2·64)
+    assert call_tokens(1, 32, 128, 128, cpu) == 1024  # the floor
+    assert call_tokens(1, 32, 128, 128, gpu) == 16384  # 2^26 / (32·128)
+    assert call_tokens(4, 64, 256, 128, gpu) == 1024

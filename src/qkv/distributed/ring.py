@@ -50,15 +50,20 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # One call (a pair's `qkv.attention` or tiled backward) covers at most this many elements of
 # q (b·h·i·d) and at least MIN_CALL_TOKENS positions: its temporaries are then a constant, not
-# O(S). 2^18 fp32 elements = 1 MiB per call-sized tensor; B=1, Hq=2, D=64 → 2048 positions.
+# O(S). On CPU 2^18 fp32 elements = 1 MiB per call-sized tensor; B=1, Hq=2, D=64 → 2048
+# positions (measured, RESULTS.md). On a GPU a call that small is launch-bound (a Llama-8B
+# layer would make 1024-position calls), so there the bound is 2^26 elements (256 MiB fp32):
+# whole runs for usual shards, as before the split (not yet measured on a device).
 # Module-level so that tests can make calls tiny and exercise the split.
 CALL_ELEMENTS = 1 << 18
+GPU_CALL_ELEMENTS = 1 << 26
 MIN_CALL_TOKENS = 1024
 
 
-def call_tokens(B: int, Hq: int, D: int, Dv: int) -> int:
+def call_tokens(B: int, Hq: int, D: int, Dv: int, device: torch.device) -> int:
     """Positions per query or key run of one call (see CALL_ELEMENTS)."""
-    return max(MIN_CALL_TOKENS, CALL_ELEMENTS // max(1, B * Hq * max(D, Dv)))
+    elements = CALL_ELEMENTS if device.type == "cpu" else GPU_CALL_ELEMENTS
+    return max(MIN_CALL_TOKENS, elements // max(1, B * Hq * max(D, Dv)))
 
 
 @dataclass(frozen=True)
@@ -440,7 +445,7 @@ def ring_attention(
         lay = layout
     else:
         lay = make_layout(layout, lengths)
-    chunk = call_tokens(q.shape[0], q.shape[1], q.shape[3], v.shape[3])
+    chunk = call_tokens(q.shape[0], q.shape[1], q.shape[3], v.shape[3], q.device)
     plan = make_plan(group, rank, world, lay, L, R, spec.scale, spec.softcap, mask_mod, score_mod,
                      chunk)  # fmt: skip
     out, lse = _RingAttention.apply(q, k, v, plan)
