@@ -253,10 +253,10 @@ class FastRMSNorm(RMSNorm):
         return super().forward(x)
 
 
-class FastLinear(nn.Linear):
-    """nn.Linear through `nn.quant.linear`: blocks for the decode step when given, large
-    float32 outputs into pre-mapped pages."""
+class _Mirrored:
+    """A twin of a module with one `weight`, backed by that weight's blocks when given."""
 
+    weight: Tensor
     _mirror: Mirror | None
 
     def _accelerate(self, get: _Get) -> None:
@@ -265,22 +265,18 @@ class FastLinear(nn.Linear):
 
     def _mirrored(self) -> dict[str, tuple[Mirror, Tensor]]:
         return {} if self._mirror is None else {"": (self._mirror, self.weight)}
+
+
+class FastLinear(_Mirrored, nn.Linear):
+    """nn.Linear through `nn.quant.linear`: blocks for the decode step when given, large
+    float32 outputs into pre-mapped pages."""
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias, self._mirror)
 
 
-class FastEmbedding(Embedding):
+class FastEmbedding(_Mirrored, Embedding):
     """Embedding whose `attend` (the tied unembedding) goes through `nn.quant.linear`."""
-
-    _mirror: Mirror | None
-
-    def _accelerate(self, get: _Get) -> None:
-        b = get("weight")
-        self._mirror = None if b is None else Mirror(b, self.weight)
-
-    def _mirrored(self) -> dict[str, tuple[Mirror, Tensor]]:
-        return {} if self._mirror is None else {"": (self._mirror, self.weight)}
 
     def attend(self, h: Tensor) -> Tensor:
         return linear(h, self.weight, None, self._mirror)
