@@ -157,3 +157,39 @@ def test_long_text_stays_responsive(server, browser, shots, smollm2):
     print(numbers)
     assert seen["errors"] == [], seen["errors"]
     page.close()
+
+
+def words_text(tokenizer, n):
+    """At least `n` tokens of plain sentences (the seed sentence and a second one, repeated)."""
+    unit = SENTENCE + " The cat watched from the window while rain fell. "
+    text = unit * (n // len(tokenizer.encode(unit).ids) + 1)
+    assert len(tokenizer.encode(text).ids) >= n
+    return text
+
+
+def test_ranks_past_top_are_not_made_up(server, browser, smollm2):
+    """A cut list (top 20 by weight ∪ top 20 by contribution) shows a key's rank only where the
+    kept keys determine it; past 20 it shows '>20'. Oracle: the lens' record with every key."""
+    text = words_text(smollm2.tokenizer, 120)
+    page, seen = open_page(browser, server)
+    run_text(page, text)
+    q = int(page.locator("#tokens .chip.q").get_attribute("data-i"))
+    ref = explain(text, q, model=smollm2, layer=0, head=0, top=0, progress=False).head(0, 0)
+    keys = ref.index.tolist()
+    w = dict(zip(keys, ref.weight, strict=True))
+    c = dict(zip(keys, ref.contribution, strict=True))
+    rows = page.evaluate("Array.from(document.querySelectorAll('#keys tr.pick')).map(r => "
+                         "[+r.dataset.j, r.firstChild.textContent, r.lastChild.textContent])")  # fmt: skip
+    assert 20 < len(rows) < len(ref.index), len(rows)  # a cut list
+    past = 0
+    for j, rw, rc in rows:
+        for shown, col in ((rw, w), (rc.removesuffix(" sink"), c)):
+            true = 1 + sum(x > col[j] for x in col.values())
+            if shown == ">20":
+                assert true > 20, (j, shown, true)
+                past += 1
+            else:
+                assert int(shown) == true, (j, shown, true)
+    assert past > 0
+    assert seen["errors"] == [], seen["errors"]
+    page.close()

@@ -147,17 +147,21 @@ function drawLookup() {
   const byC = [...h.keys].sort((a, b) => b.contribution - a.contribution).map(k => k.index);
   const mw = Math.max(1e-12, ...h.keys.map(k => k.weight)), mc = Math.max(1e-12, ...h.keys.map(k => k.contribution));
   const shown = h.keys.slice(0, 200);
+  // A cut list keeps the top k by weight ∪ the top k by contribution (and the sinks): a rank
+  // among the kept keys is the true rank up to k, past k it is only known to be > k.
+  const cut = h.keys.length < h.n_keys, rank = n => cut && n > r.top ? `>${r.top}` : String(n);
   const rows = shown.map((k, r0) => {
-    const rc = byC.indexOf(k.index) + 1, sink = rc > r0 + 3 && k.weight > 0.05;
+    const rc = byC.indexOf(k.index) + 1, sink = rc > r0 + 3 && k.weight > 0.05; // true rank ≥ rc
     const tr = el('tr', { class: 'pick' + (k.index === key ? ' sel' : ''), 'data-key': tokText(k.index), 'data-j': k.index },
-      el('td', {}, r0 + 1), el('td', { class: 'l' }, tokText(k.index)), el('td', {}, k.index), el('td', { class: 'score' }, fmt(k.score)),
+      el('td', { class: 'rw' }, rank(r0 + 1)), el('td', { class: 'l' }, tokText(k.index)), el('td', {}, k.index), el('td', { class: 'score' }, fmt(k.score)),
       el('td', { class: 'l weight' }, el('span', { class: 'bar', style: `width:${(80 * k.weight / mw).toFixed(1)}px` }), fmt(k.weight)),
       el('td', { class: 'l contribution' }, el('span', { class: 'bar c', style: `width:${(80 * k.contribution / mc).toFixed(1)}px` }), fmt(k.contribution)),
-      el('td', { class: sink ? 'sink' : '' }, rc + (sink ? ' sink' : '')));
+      el('td', { class: 'rc' + (sink ? ' sink' : '') }, rank(rc) + (sink ? ' sink' : '')));
     tr.onclick = () => { st.key = k.index; lookup(); };
     return tr;
   });
-  const kept = h.keys.length < h.n_keys ? `top ${r.top} by weight and by contribution (${h.keys.length} of ${h.n_keys} keys)` : `all ${h.n_keys} keys`;
+  const kept = (cut ? `top ${r.top} by weight and by contribution (${h.keys.length} of ${h.n_keys} keys; a rank past ${r.top} shows as >${r.top})` : `all ${h.n_keys} keys`)
+    + (shown.length < h.keys.length ? `, the ${shown.length} with most weight listed (export JSON for all)` : '');
   $('lookup').replaceChildren(
     el('h2', {}, `${JSON.stringify(tokText(r.query.index))} (token ${r.query.index}) · layer ${st.layer} head ${st.head} (kv head ${h.kv_head})`),
     el('div', { class: 'sub' }, `entropy ${fmt(h.entropy)} nats · ‖output‖ ${fmt(h.output_norm)} · ${kept} · a row whose rank by content is far below its rank by weight is marked sink · click a row to pick that key`),
