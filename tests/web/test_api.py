@@ -172,6 +172,13 @@ BAD = [
     ("/api/compare", {"model": "smollm2", "a": SENTENCE, "b": SENTENCE_B, "query": "it"}, 400, "query must be a token position"),
     ("/api/export", {"id": "SEED", "query": 8, "layer": 0, "head": 0, "format": "exe"}, 400, "format must be 'json' or 'png'"),
     ("/api/compare", {"model": "smollm2", "a": "dog " * 1100, "b": "cat " * 1100, "query": 8}, 400, "compare takes at most 1024"),
+    ("/api/lookup", {"query": 0, "layer": 0, "head": 0}, 400, "id is missing: pass the id that /api/run returned"),
+    ("/api/grid", {"id": 7, "query": 0, "key": 0}, 400, "id must be the string that /api/run returned, got 7"),
+    ("/api/lookup", {"id": "SEED", "query": 8, "layer": 0, "head": 0, "tops": 0}, 400, "unknown field 'tops' for /api/lookup; its fields are id, query, layer, head, key, top"),
+    ("/api/run", {"model": "smollm2", "txt": "hi"}, 400, "unknown field 'txt' for /api/run"),
+    ("/api/compare", {"model": "smollm2", "a": "The dog ran", "b": "The cat", "query": 2}, 400, "query must be a token of both texts, an integer in [0, 2) (a has 3 tokens, b 2), got 2"),
+    ("/api/compare", {"model": "smollm2", "a": "The dog", "b": "The cat", "query": 10**30}, 400, "query must be a token of both texts"),
+    ("/api/compare", {"model": "smollm2", "a": SENTENCE, "b": SENTENCE, "query": 8}, 400, "a and b are identical"),
 ]  # fmt: skip
 
 
@@ -196,6 +203,13 @@ def test_body_size_type_and_method_are_bounded(http, server):
         "/api/run", content=b'{"model": "smollm2"', headers={"content-type": "application/json"}
     )
     assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    for body, says in (
+        (b"[" * 100_000 + b"]" * 100_000, "nests arrays or objects too deep"),  # was a 500
+        (b'{"model": "smollm2", "text": "hi", "client": ' + b"9" * 5000 + b"}", "number too long"),
+    ):
+        r = http.post("/api/run", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and says in r.json()["error"], r.text
+        assert "set_int_max_str_digits" not in r.json()["error"]
     r = http.post(
         "/api/run",
         content=json.dumps({"model": "smollm2", "text": "hi"}),

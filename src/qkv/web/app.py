@@ -51,6 +51,11 @@ CSP = (
 )
 LOOPBACK = ["127.0.0.1", "localhost", "::1", "[::1]"]
 TOP_KEYS = 20  # a lookup's default: the top 20 keys by weight ∪ by contribution (0 = every key)
+# each route's request fields (anything else is refused)
+RUN = ("model", "text", "client")
+LOOKUP = ("id", "query", "layer", "head", "key", "top")
+GRID = ("id", "query", "key")
+COMPARE = ("model", "a", "b", "query")
 
 
 class BadRequest(Exception):
@@ -85,8 +90,23 @@ async def read_json(request: Request, limit: int) -> dict:
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"request body is not JSON ({e})") from None
+    except RecursionError:
+        raise BadRequest("request body nests arrays or objects too deep to read; send one flat JSON object") from None  # fmt: skip
+    except ValueError as e:  # Python's bound on an integer's digits (4300 by default)
+        raise BadRequest(f"request body holds a number too long to read ({str(e).split(';')[0]}); every field takes a small integer or a string") from None  # fmt: skip
     if not isinstance(doc, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def fields(doc: dict, route: str, known: tuple[str, ...]) -> dict:
+    """`doc`, refused when it names a field `route` does not take (a misspelt optional field
+    would otherwise be dropped in silence and its default used)."""
+    unknown = sorted(set(doc) - set(known))
+    if unknown:
+        raise BadRequest(
+            f"unknown field {unknown[0]!r} for {route}; its fields are {', '.join(known)}"
+        )
     return doc
 
 
@@ -111,6 +131,16 @@ def string(doc: dict, name: str, limit: int) -> str:
     if len(x) > limit:
         raise BadRequest(f"{name} is {len(x)} characters; at most {limit} are accepted")
     return x
+
+
+def run_id(doc: dict) -> str:
+    """doc["id"]: the id that /api/run returned (a string)."""
+    cid = doc.get("id")
+    if cid is None:
+        raise BadRequest("id is missing: pass the id that /api/run returned")
+    if not isinstance(cid, str):
+        raise BadRequest(f"id must be the string that /api/run returned, got {cid!r}")
+    return cid
 
 
 def client_id(doc: dict) -> str | None:
@@ -154,7 +184,7 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
 
     async def run(request: Request) -> Response:
         t0 = time.perf_counter()
-        doc = await read_json(request, body_limit)
+        doc = fields(await read_json(request, body_limit), "/api/run", RUN)
         model = doc.get("model")
         explorer.check_model(model)  # refused before any work
         text = string(doc, "text", lim.max_chars)
@@ -171,7 +201,7 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
         return answer(explorer.progress(client), t0)
 
     def head_args(doc: dict) -> tuple:
-        cap = explorer.capture(doc.get("id"))
+        cap = explorer.capture(run_id(doc))
         n, info = len(cap.tokens), cap.info
         i = integer(doc, "query", n, what=f" (a token of the {n})")
         layer = integer(doc, "layer", info.n_layers, what=f" (a layer of {info.name})")
@@ -186,14 +216,14 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
 
     async def lookup(request: Request) -> Response:
         t0 = time.perf_counter()
-        args = head_args(await read_json(request, body_limit))
+        args = head_args(fields(await read_json(request, body_limit), "/api/lookup", LOOKUP))
         _, doc = await explorer.call(payload.lookup, *args)
         return answer(doc, t0)
 
     async def grid(request: Request) -> Response:
         t0 = time.perf_counter()
-        doc = await read_json(request, body_limit)
-        cap = explorer.capture(doc.get("id"))
+        doc = fields(await read_json(request, body_limit), "/api/grid", GRID)
+        cap = explorer.capture(run_id(doc))
         n = len(cap.tokens)
         i = integer(doc, "query", n, what=f" (a token of the {n})")
         j = integer(doc, "key", n, what=f" (a token of the {n})")
@@ -201,19 +231,24 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
 
     async def compare(request: Request) -> Response:
         t0 = time.perf_counter()
-        doc = await read_json(request, body_limit)
+        doc = fields(await read_json(request, body_limit), "/api/compare", COMPARE)
         model = doc.get("model")
         explorer.check_model(model)
         a, b = string(doc, "a", lim.max_chars), string(doc, "b", lim.max_chars)
         q = doc.get("query")
         if isinstance(q, bool) or not isinstance(q, int) or q < 0:
             raise BadRequest(f"query must be a token position (an integer ≥ 0), got {q!r}")
+        if a == b:
+            raise BadRequest("a and b are identical: nothing can move; change one of them")
 
         def work(m: Any) -> dict:
+            n = {}
             for what, t in (("a", a), ("b", b)):
-                n = len(m.tokenizer.encode(t).ids)
-                if n > lim.max_compare_tokens:
-                    raise BadRequest(f"text {what} is {n} tokens; compare takes at most {lim.max_compare_tokens} (it explains every key of every head of both)")  # fmt: skip
+                n[what] = len(m.tokenizer.encode(t).ids)
+                if n[what] > lim.max_compare_tokens:
+                    raise BadRequest(f"text {what} is {n[what]} tokens; compare takes at most {lim.max_compare_tokens} (it explains every key of every head of both)")  # fmt: skip
+            if q >= min(n.values()):
+                raise BadRequest(f"query must be a token of both texts, an integer in [0, {min(n.values())}) (a has {n['a']} tokens, b {n['b']}), got {q}")  # fmt: skip
             _, out = payload.compare(m, a, b, q)
             out["model"] = {**out["model"], "name": model}
             return out
@@ -221,7 +256,7 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
         return answer(await explorer.call(explorer.with_model, model, work, forward=True), t0)
 
     async def export(request: Request) -> Response:
-        doc = await read_json(request, body_limit)
+        doc = fields(await read_json(request, body_limit), "/api/export", (*LOOKUP, "format"))
         fmt = doc.get("format")
         if fmt not in ("json", "png"):
             raise BadRequest(f"format must be 'json' or 'png', got {fmt!r}")
