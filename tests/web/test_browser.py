@@ -162,8 +162,9 @@ def test_long_text_stays_responsive(server, browser, shots, smollm2):
 def words_text(tokenizer, n):
     """At least `n` tokens of plain sentences (the seed sentence and a second one, repeated)."""
     unit = SENTENCE + " The cat watched from the window while rain fell. "
-    text = unit * (n // len(tokenizer.encode(unit).ids) + 1)
-    assert len(tokenizer.encode(text).ids) >= n
+    text = unit
+    while len(tokenizer.encode(text).ids) < n:
+        text += unit
     return text
 
 
@@ -191,5 +192,26 @@ def test_ranks_past_top_are_not_made_up(server, browser, smollm2):
             else:
                 assert int(shown) == true, (j, shown, true)
     assert past > 0
+    assert seen["errors"] == [], seen["errors"]
+    page.close()
+
+
+def test_a_late_answer_to_an_older_click_is_not_drawn(server, browser):
+    """Two clicks on key rows, the first answered last: the page shows the second key (before,
+    an older answer with the same query, layer and head was drawn over the newer one)."""
+    page, seen = open_page(browser, server)
+    run_text(page, SENTENCE)
+    held = []
+    page.route("**/api/lookup", lambda r: held.append(r) if not held else r.continue_())
+    page.click("#keys tr[data-key='it']")
+    page.wait_for_timeout(200)
+    assert len(held) == 1
+    page.click("#keys tr[data-key='The']")
+    page.wait_for_function("document.querySelector('#neuron h2').textContent.endsWith('→ \"The\"')")
+    held[0].continue_()
+    page.wait_for_timeout(1000)  # the older answer arrives now
+    assert page.locator("#neuron h2").inner_text().endswith('→ "The"')
+    assert page.locator("#keyname").inner_text() == '"The" (token 0)'
+    page.unroute("**/api/lookup")
     assert seen["errors"] == [], seen["errors"]
     page.close()

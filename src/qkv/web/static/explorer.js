@@ -8,7 +8,7 @@ const SVGNS = 'http://www.w3.org/2000/svg';
 const st = {
   client: Array.from(crypto.getRandomValues(new Uint8Array(8)), b => b.toString(16).padStart(2, '0')).join(''),
   cap: null, query: null, layer: 0, head: 0, key: null, page: 0,
-  rec: null, grid: null, gridFor: '', cmp: null, busy: null, seq: 0,
+  rec: null, grid: null, gridFor: '', cmp: null, busy: null, seq: 0, lseq: 0,
 };
 
 // ---- small helpers ------------------------------------------------------------------------
@@ -123,9 +123,10 @@ async function selectQuery(i) {
 async function lookup() {
   if (!st.cap) return;
   const body = { id: st.cap.id, query: st.query, layer: st.layer, head: st.head, key: st.key, top: $('all-keys').checked ? 0 : 20 };
+  const seq = ++st.lseq;
   try {
     const rec = await api('/api/lookup', body);
-    if (rec.query.index !== st.query || rec.layers[0].layer !== st.layer || rec.layers[0].heads[0].head !== st.head) return; // a newer click
+    if (seq !== st.lseq) return; // a newer click (another query, head, key or text) was sent since
     st.rec = rec; showError('');
     drawTokens(); drawLookup(); drawHeadView(); drawNeuron(); drawCompare();
     const key = effectiveKey(), want = `${st.cap.id}/${st.query}/${key}`;
@@ -135,7 +136,7 @@ async function lookup() {
       if (st.gridFor === want) { st.grid = g; }
     }
     drawGrid();
-  } catch (e) { await recover(e); }
+  } catch (e) { if (seq === st.lseq) await recover(e); }
 }
 async function recover(e) {
   if (e.status === 404 && st.cap) { showError('the server no longer keeps this run; running the text again…'); return run(); }
