@@ -196,6 +196,34 @@ def test_ranks_past_top_are_not_made_up(server, browser, smollm2):
     page.close()
 
 
+def in_box(page, i):
+    """Whether chip `i` is inside the visible part of the token box (which scrolls)."""
+    return page.evaluate(
+        f"(() => {{ const c = document.querySelector('#tokens .chip[data-i=\"{i}\"]');"
+        " if (!c) return false; const b = document.querySelector('#tokens').getBoundingClientRect(),"
+        " r = c.getBoundingClientRect(); return r.top >= b.top && r.bottom <= b.bottom; })()"
+    )
+
+
+def test_the_chosen_token_is_in_view(server, browser, smollm2):
+    """A page of 300 chips is taller than the token box: the chosen token (the last one after a
+    run, or one picked with 'go to') is scrolled into the box, not left below its fold."""
+    text = words_text(smollm2.tokenizer, 570)
+    page, seen = open_page(browser, server)
+    run_text(page, text)
+    q = int(page.locator("#tokens .chip.q").get_attribute("data-i"))
+    assert q > 560 and page.evaluate("document.querySelectorAll('#tokens .chip').length") > 260
+    assert in_box(page, q), f"token {q}, the query, is out of view in the token box"
+    page.fill("#pager input", "290")
+    page.press("#pager input", "Enter")
+    page.wait_for_function(
+        "(document.querySelector('#lookup h2')||{}).textContent?.includes('(token 290)')"
+    )
+    assert in_box(page, 290), "token 290, picked with 'go to', is out of view in the token box"
+    assert seen["errors"] == [], seen["errors"]
+    page.close()
+
+
 def test_a_late_answer_to_an_older_click_is_not_drawn(server, browser):
     """Two clicks on key rows, the first answered last: the page shows the second key (before,
     an older answer with the same query, layer and head was drawn over the newer one)."""

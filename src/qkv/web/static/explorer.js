@@ -8,7 +8,7 @@ const SVGNS = 'http://www.w3.org/2000/svg';
 const st = {
   client: Array.from(crypto.getRandomValues(new Uint8Array(8)), b => b.toString(16).padStart(2, '0')).join(''),
   cap: null, query: null, layer: 0, head: 0, key: null, page: 0,
-  rec: null, grid: null, gridFor: '', cmp: null, busy: null, seq: 0, lseq: 0,
+  rec: null, grid: null, gridFor: '', cmp: null, busy: null, seq: 0, lseq: 0, reveal: false,
 };
 
 // ---- small helpers ------------------------------------------------------------------------
@@ -83,7 +83,7 @@ function fillLayerHead() {
 function drawPager() {
   const n = st.cap.tokens.length, pages = Math.ceil(n / PAGE), p = $('pager');
   if (pages <= 1) { p.replaceChildren(el('span', {}, `${n} tokens — click one to see what it looked up`)); return; }
-  const go = x => { st.page = Math.max(0, Math.min(pages - 1, x)); drawTokens(); };
+  const go = x => { st.page = Math.max(0, Math.min(pages - 1, x)); $('tokens').scrollTop = 0; drawTokens(); };
   const jump = el('input', { type: 'number', min: 0, max: n - 1, placeholder: 'token #' });
   jump.onchange = () => { const i = +jump.value; if (i >= 0 && i < n) { st.page = Math.floor(i / PAGE); selectQuery(i); } };
   p.replaceChildren(el('button', { id: 'prev', onclick: () => go(st.page - 1) }, '‹'),
@@ -109,14 +109,21 @@ function drawTokens() {
     c.onmouseleave = untip;
     frag.append(c);
   }
-  $('tokens').replaceChildren(frag);
+  const box = $('tokens');
+  box.replaceChildren(frag);
+  const qc = st.reveal && box.querySelector('.chip.q');
+  if (qc) { // the chosen token in view inside the box (a 300-chip page is taller than the box)
+    const b = box.getBoundingClientRect(), c = qc.getBoundingClientRect();
+    if (c.top < b.top || c.bottom > b.bottom) box.scrollTop += c.top - b.top - (b.height - c.height) / 2;
+  }
+  st.reveal = false;
 }
 
 // ---- one query: lookup of the chosen head, the grid over every head --------------------------
 const effectiveKey = () => st.key !== null ? st.key : st.rec ? st.rec.neuron.key.index : null;
 
 async function selectQuery(i) {
-  st.query = i; st.key = null; st.page = Math.floor(i / PAGE);
+  st.query = i; st.key = null; st.page = Math.floor(i / PAGE); st.reveal = true;
   await lookup();
   if ($('cmp-on').checked && st.cmp) await compare();
 }
