@@ -243,3 +243,27 @@ def test_a_late_answer_to_an_older_click_is_not_drawn(server, browser):
     page.unroute("**/api/lookup")
     assert seen["errors"] == [], seen["errors"]
     page.close()
+
+
+def test_compare_colours_each_text_at_its_own_positions(server, browser, smollm2):
+    """B has a word more than A, so a matched key sits one position later in B: B's chips are
+    coloured at the keys' positions in B (`index_b`), not at their positions in A. Oracle: the
+    keys qkv.compare gives weight in each text."""
+    b_text = "The big dog chased the ball because it was round."
+    page, seen = open_page(browser, server)
+    run_text(page, SENTENCE)
+    page.fill("#text-b", b_text)
+    page.click("#cmp-run")
+    page.wait_for_selector("#cmpkeys")
+    q = int(page.locator("#tokens .chip.q").get_attribute("data-i"))
+    ref = compare(SENTENCE, b_text, q, model=smollm2, layer=0, head=0, progress=False).head(0, 0)
+    coloured = page.evaluate(
+        "Array.from(document.querySelectorAll('#compare .cmptext')).map(t => Array.from("
+        "t.querySelectorAll('.chip')).flatMap((c, j) => c.style.background ? [j] : []))"
+    )
+    want_a = sorted(int(j) for j, w in zip(ref.index, ref.weight_a, strict=True) if w > 0)
+    want_b = sorted(int(j) for j, w in zip(ref.index_b, ref.weight_b, strict=True) if w > 0)
+    assert want_a != want_b  # the texts' positions differ, so the check can tell them apart
+    assert coloured == [want_a, want_b]
+    assert seen["errors"] == [], seen["errors"]
+    page.close()

@@ -254,8 +254,8 @@ function drawCompare() {
   box.hidden = false;
   const hm = c.heads.find(x => x.layer === st.layer && x.head === st.head);
   const tokA = c.tokens[0], tokB = c.tokens[1], txt = (toks, j) => toks[j].text.trim() || toks[j].text;
-  const side = (w, toks, label) => {
-    const m = new Map(hm.index.map((j, r) => [j, w[r]])), mx = Math.max(1e-12, ...m.values());
+  const side = (w, toks, label, index) => { // index: the matched keys' positions in this text
+    const m = new Map(index.map((j, r) => [j, w[r]])), mx = Math.max(1e-12, ...m.values());
     return el('div', { class: 'cmptext' }, el('b', {}, label + ' '), ...toks.map((t, j) => {
       const x = m.get(j), s = el('span', { class: 'chip' }, txt(toks, j));
       if (x) s.style.background = `rgba(76,120,168,${(0.85 * x / mx).toFixed(3)})`;
@@ -280,7 +280,7 @@ function drawCompare() {
     }))));
   box.replaceChildren(el('h2', {}, `compare · ${JSON.stringify(txt(tokA, c.query[0].index))} (token ${c.query[0].index}) in A vs ${JSON.stringify(txt(tokB, c.query[1].index))} (token ${c.query[1].index}) in B · layer ${st.layer} head ${st.head}`),
     ...c.notes.map(n => el('div', { class: 'sub' }, '• ' + n)),
-    el('div', { class: 'two' }, side(hm.weight[0], tokA, 'A'), side(hm.weight[1], tokB, 'B')),
+    el('div', { class: 'two' }, side(hm.weight[0], tokA, 'A', hm.index), side(hm.weight[1], tokB, 'B', hm.index_b)),
     el('div', { class: 'two' },
       el('div', {}, el('div', { class: 'sub' }, 'matched keys by |Δweight| (B − A) in this head'),
         el('table', { id: 'cmpkeys' }, el('tr', {}, el('th', { class: 'l' }, 'key'), el('th', {}, 'idx'), el('th', {}, 'weight A'), el('th', {}, 'weight B'), el('th', {}, 'Δweight'), el('th', {}, 'contrib A'), el('th', {}, 'contrib B')), ...rows)),
