@@ -103,6 +103,35 @@ FAMILIES = {
     "gpt2": dict(
         n_embd=60, n_head=5, n_layer=2, vocab_size=V, n_positions=64, bos_token_id=0, eos_token_id=0
     ),
+    # NoPE on every 2nd layer (1 and 3), those layers sliding (window 5)
+    "smollm3": dict(
+        _DEC,
+        num_hidden_layers=4,
+        no_rope_layer_interval=2,
+        use_sliding_window=True,
+        sliding_window=5,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+    # QK-norm over all heads' q (60) and k (20) features, after the q/k biases; norms after
+    # each sublayer only
+    "olmo2": dict(_DEC, attention_bias=True, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+    "granite": dict(
+        _DEC,
+        embedding_multiplier=3.0,
+        residual_multiplier=0.4,
+        attention_multiplier=0.05,
+        logits_scaling=2.5,
+    ),
+    # LayerNorm with bias, plain tanh-GELU MLP, biases, a window on every layer
+    "starcoder2": dict(_DEC, sliding_window=5, bos_token_id=0, eos_token_id=0),
+    # one LayerNorm for attention and MLP in parallel, partial rotary (4 of 10), lm_head bias
+    "phi": dict(_DEC, partial_rotary_factor=0.4),
+    # ALiBi over 6 heads (4 + 2 interleaved slopes), embedding LayerNorm, fused per-head qkv
+    "bloom": dict(
+        hidden_size=60, n_head=6, n_layer=2, vocab_size=V, bos_token_id=0, eos_token_id=0
+    ),
     "bert": dict(_ENC),
     "roberta": dict(_ENC, pad_token_id=1),  # positions start at pad_id + 1
     "distilbert": dict(

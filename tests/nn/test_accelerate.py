@@ -189,3 +189,74 @@ def test_bad_blocks_are_named():
         accelerate(a, {"blocks.0.attn.W_K": b})
     with pytest.raises(TypeError, match=r"torch\.nn\.Module, got str"):
         accelerate("model")
+
+
+def _attention_oracle(m: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor:
+    """float64 attention with ALiBi and QK-norm over whole projections, written out plainly:
+    q, k normalised over all their heads' features, half-split RoPE, scores/√d − slope·(i − j)
+    over keys j ≤ i, softmax, W_O."""
+    p = {n: t.detach().double() for n, t in m.named_parameters()}
+    x = x.double()
+    B, S, _ = x.shape
+    H, K, D = m.n_heads, m.n_kv_heads, m.d_head
+
+    def rms(t, w):  # t (b i f)
+        return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    q = torch.einsum("bim,hmd->bihd", x, p["W_Q"]) + p["b_Q"]
+    k = torch.einsum("bim,kmd->bikd", x, p["W_K"]) + p["b_K"]
+    v = torch.einsum("bim,kmd->bkid", x, p["W_V"]) + p["b_V"][:, None]
+    q = rms(q.flatten(2), p["q_norm.weight"]).view(B, S, H, D).transpose(1, 2)  # (b h i d)
+    k = rms(k.flatten(2), p["k_norm.weight"]).view(B, S, K, D).transpose(1, 2)
+    ang = torch.arange(S, dtype=torch.float64)[:, None] * 1e4 ** (
+        -torch.arange(0, D, 2, dtype=torch.float64) / D
+    )  # (i d/2)
+    cos, sin = ang.cos(), ang.sin()
+
+    def rot(t):
+        a, b = t[..., : D // 2], t[..., D // 2 :]
+        return torch.cat((a * cos - b * sin, b * cos + a * sin), -1)
+
+    q, k = rot(q), rot(k).repeat_interleave(H // K, 1)
+    v = v.repeat_interleave(H // K, 1)
+    slopes = torch.tensor([2.0 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
+    i = torch.arange(S)
+    dist = (i[:, None] - i[None, :]).double()  # (i j)
+    s = q @ k.transpose(-1, -2) / D**0.5 - slopes[:, None, None] * dist
+    s = s.masked_fill(dist < 0, float("-inf"))
+    z = torch.softmax(s, -1) @ v  # (b h i d)
+    return torch.einsum("bhid,hdm->bim", z, p["W_O"]) + p["b_O"]
+
+
+def test_twin_honours_alibi_and_whole_projection_qk_norm():
+    """`score_mod` (ALiBi) and `qk_norm_scope="all"` (OLMo 2) reach the twin's attention: the
+    accelerated module, the formula module and a plain float64 oracle agree, and per-head
+    QK-norm in place of the whole-projection one does not."""
+    from qkv.attention.mods import alibi
+
+    torch.manual_seed(11)
+    H, K, D, M = 4, 2, 16, 64
+
+    def make(scope: str) -> MultiHeadAttention:
+        n = (H * D, K * D) if scope == "all" else (D, D)
+        return MultiHeadAttention(M, H, K, D, causal=True, rope=RotaryEmbedding(D),
+                                  score_mod=alibi(H), q_norm=RMSNorm(n[0]), k_norm=RMSNorm(n[1]),
+                                  qk_norm_scope=scope)  # fmt: skip
+
+    a = make("all")
+    for t in a.parameters():
+        nn.init.normal_(t, std=0.3)
+    formula = make("all").double()
+    formula.load_state_dict(a.state_dict())
+    accelerate(a)
+    assert type(a) is FastMultiHeadAttention
+    x = torch.randn(2, 13, M)
+    want = _attention_oracle(formula, x)
+    with torch.no_grad():
+        assert close(a(x), want)
+        assert close(formula(x.double()), want)
+        # gains 1: the two scopes differ by what the RMS is taken over, nothing else
+        whole, per_head = make("all").double(), make("head").double()
+        state = {k: v for k, v in formula.state_dict().items() if "norm" not in k}
+        whole.load_state_dict(state, strict=False), per_head.load_state_dict(state, strict=False)
+        assert not close(per_head(x.double()), whole(x.double()))

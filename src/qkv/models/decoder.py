@@ -1,13 +1,18 @@
 """One decoder for every causal family (Llama, Mistral, Qwen2, Qwen3, GPT-2, ...), built from
 `qkv.nn` blocks; a family is a `DecoderConfig` (read from its checkpoint by `models/hf.py`).
 
-    ids (b i) → embed (+ learned positions) → n_layers × block → norm → logits (b i v)
-    block: pre       h = x + attn(norm1(x));  out = h + mlp(norm2(h))
-           parallel  out = x + attn(norm1(x)) + mlp(norm2(x))
-           post      h = norm1(x + attn(x));  out = norm2(h + mlp(h))
-           sandwich  h = x + post1(attn(norm1(x)));  out = h + post2(mlp(norm2(h)))
-    attn:  causal GQA, RoPE (whole or partial, its base per layer) or none, optional q/k/v(/o)
-           biases, QK-norm, sliding window
+    ids (b i) → embed (× embed_scale, + learned positions, embed_norm) → n_layers × block
+              → norm → logits (b i v) (+ lm_head bias, × logit_scale, softcap)
+    block: pre          h = x + attn(norm1(x));  out = h + mlp(norm2(h))
+           parallel     out = x + attn(norm1(x)) + mlp(norm2(x))
+           parallel1    out = x + attn(n) + mlp(n),  n = norm1(x)  (one norm)
+           post         h = norm1(x + attn(x));  out = norm2(h + mlp(h))
+           sandwich     h = x + post1(attn(norm1(x)));  out = h + post2(mlp(norm2(h)))
+           output_norm  h = x + norm1(attn(x));  out = h + norm2(mlp(h))
+           (each sublayer's output × residual_scale before it joins the residual)
+    attn:  causal GQA; RoPE (whole or partial, its base per layer, or off on some layers),
+           ALiBi or none; optional q/k/v(/o) biases, QK-norm (per head or over all heads),
+           sliding window
     mlp:   down(act(gate(x)) · up(x)) (gated) or down(act(up(x)))
 
 Letters: b batch, i query position, j key position, m model dim, v vocabulary.
@@ -22,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import positive_ints
+from ..attention import alibi, alibi_slopes
 from ..nn import (
     ACTIVATIONS,
     MLP,
@@ -35,15 +41,18 @@ from ..nn import (
     RotaryEmbedding,
     SandwichBlock,
 )
+from ..nn.blocks import OutputNormBlock
 from ..nn.varlen import one_run_per_row, run_blocks, unpadded
 from .generate import Generation
 from .tokenizer import Tokenizer, ids_shape
 
 NORMS = ("rms", "layer")
-POSITIONS = ("rope", "learned")
-BLOCKS = {"pre": PreNormBlock, "parallel": ParallelBlock, "post": PostNormBlock,
-          "sandwich": SandwichBlock}  # fmt: skip
-_NORMS_PER_BLOCK = {"sandwich": 4}
+POSITIONS = ("rope", "learned", "alibi")
+QK_NORM_SCOPES = ("head", "all")
+BLOCKS = {"pre": PreNormBlock, "parallel": ParallelBlock, "parallel1": ParallelBlock,
+          "post": PostNormBlock, "sandwich": SandwichBlock,
+          "output_norm": OutputNormBlock}  # fmt: skip
+_NORMS_PER_BLOCK = {"sandwich": 4, "parallel1": 1}
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,14 @@ class DecoderConfig:
     `attn_scale` replaces 1/√d_head in the scores (Gemma 2); `attn_softcap` c caps every score
     at c·tanh(s/c) and `logit_softcap` every logit likewise (Gemma 2). `rope_bases` holds one
     RoPE base per layer (None: `rope_base` on every layer; Gemma 3: 10⁴ on its sliding layers,
-    10⁶ on its global ones)."""
+    10⁶ on its global ones), `rope_layers` one bool per layer, False for a layer without
+    positions (NoPE; SmolLM3; None: every layer rotates). `positions="alibi"` biases each
+    score by −slope_h·|i − j| (`qkv.attention.mods.alibi`, BLOOM) instead of rotating.
+    `qk_norm_scope` "all" normalises the whole q and k projections, (h·d) and (k·d) features,
+    not each head (OLMo 2). `residual_scale` multiplies each sublayer's output before the
+    residual sum, `logit_scale` the logits (Granite: residual_multiplier, 1/logits_scaling).
+    `embed_norm` puts a norm on the embeddings (BLOOM's word_embeddings_layernorm);
+    `lm_head_bias` gives the untied unembedding a bias (Phi-2)."""
 
     name: str
     n_layers: int
@@ -81,11 +97,16 @@ class DecoderConfig:
     rope_base: float = 10000.0
     rope_dim: int | None = None
     rope_bases: tuple[float, ...] | None = None
+    rope_layers: tuple[bool, ...] | None = None
     block: str = "pre"
     final_norm: bool = True
     position_offset: int = 0
     norm_offset: float = 0.0
     embed_scale: float = 1.0
+    embed_norm: bool = False
+    residual_scale: float = 1.0
+    logit_scale: float = 1.0
+    lm_head_bias: bool = False
     attn_scale: float | None = None
     attn_softcap: float | None = None
     logit_softcap: float | None = None
@@ -93,6 +114,7 @@ class DecoderConfig:
     out_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    qk_norm_scope: str = "head"
     windows: tuple[int | None, ...] | None = None
     tie_embeddings: bool = True
     bos_id: int | None = None
@@ -132,8 +154,26 @@ class DecoderConfig:
             raise ValueError(
                 f"{own}: rope_dim must be an even int in (0, d_head={self.d_head}], got {self.rope_dim}"
             )
+        if self.rope_layers is not None and (
+            len(self.rope_layers) != self.n_layers
+            or any(not isinstance(r, bool) for r in self.rope_layers)
+        ):
+            raise ValueError(
+                f"{own}: rope_layers must hold one bool per layer ({self.n_layers}), "
+                f"got {self.rope_layers!r}"
+            )
+        if self.qk_norm_scope not in QK_NORM_SCOPES:
+            raise ValueError(
+                f"{own}: qk_norm_scope must be one of {QK_NORM_SCOPES}, got {self.qk_norm_scope!r}"
+            )
+        if self.lm_head_bias and self.tie_embeddings:
+            raise ValueError(f"{own}: lm_head_bias needs an untied lm_head (tie_embeddings=False)")
         if self.block not in BLOCKS:
             raise ValueError(f"{own}: block must be one of {sorted(BLOCKS)}, got {self.block!r}")
+        for f in ("embed_scale", "residual_scale", "logit_scale"):
+            v = getattr(self, f)
+            if not (isinstance(v, int | float) and v > 0):
+                raise ValueError(f"{own}: {f} must be a number > 0, got {v!r}")
         for f in ("attn_scale", "attn_softcap", "logit_softcap"):
             v = getattr(self, f)
             if v is not None and not v > 0:
@@ -192,24 +232,40 @@ class Decoder(Generation, nn.Module):
         self.embed_positions = None
         if c.positions == "learned":
             self.embed_positions = nn.Embedding(c.max_positions + c.position_offset, c.d_model)
+        self.embed_norm = self._norm(c) if c.embed_norm else None
         windows = c.windows or (None,) * c.n_layers
+        rotates = c.rope_layers or (True,) * c.n_layers
+        # ALiBi: one score_mod shared by every layer; its slopes (h,) are values, not weights,
+        # made on the CPU even under a meta-device build (the mod moves them where scores are)
+        score_mod = None
+        if c.positions == "alibi":
+            with torch.device("cpu"):
+                score_mod = alibi(alibi_slopes(c.n_heads))
+        # QK-norm: RMSNorm over each head's d features, or ("all") over the whole projections
+        qn, kn = (c.d_head, c.d_head) if c.qk_norm_scope == "head" else (
+            c.n_heads * c.d_head, c.n_kv_heads * c.d_head)  # fmt: skip
         block = BLOCKS[c.block]
         self.blocks = nn.ModuleList(
             block(
                 MultiHeadAttention(
-                    c.d_model, c.n_heads, c.n_kv_heads, c.d_head, bias=c.attn_bias, rope=ropes[b],
-                    causal=True, out_bias=c.out_bias, window=None if w is None else (w - 1, 0),
-                    scale=c.attn_scale, softcap=c.attn_softcap,
-                    q_norm=RMSNorm(c.d_head, c.norm_eps, offset=c.norm_offset) if c.qk_norm else None,
-                    k_norm=RMSNorm(c.d_head, c.norm_eps, offset=c.norm_offset) if c.qk_norm else None,
+                    c.d_model, c.n_heads, c.n_kv_heads, c.d_head, bias=c.attn_bias,
+                    rope=ropes[b] if r else None, causal=True, out_bias=c.out_bias,
+                    window=None if w is None else (w - 1, 0), scale=c.attn_scale,
+                    softcap=c.attn_softcap, score_mod=score_mod, qk_norm_scope=c.qk_norm_scope,
+                    q_norm=RMSNorm(qn, c.norm_eps, offset=c.norm_offset) if c.qk_norm else None,
+                    k_norm=RMSNorm(kn, c.norm_eps, offset=c.norm_offset) if c.qk_norm else None,
                 ),
                 MLP(c.d_model, c.d_ff, act=c.act, gated=c.gated, bias=c.mlp_bias),
                 *(self._norm(c) for _ in range(_NORMS_PER_BLOCK.get(c.block, 2))),
+                *((None,) if c.block == "parallel1" else ()),  # norm2: mlp reads norm1(x) too
+                residual_scale=c.residual_scale,
             )
-            for w, b in zip(windows, bases, strict=True)
+            for w, b, r in zip(windows, bases, rotates, strict=True)
         )  # fmt: skip
         self.norm = self._norm(c) if c.final_norm else nn.Identity()
-        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = None
+        if not c.tie_embeddings:
+            self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
 
     @staticmethod
     def _norm(c: DecoderConfig) -> nn.Module:
@@ -223,9 +279,11 @@ class Decoder(Generation, nn.Module):
         return f"name={self.config.name!r}, tie_embeddings={self.config.tie_embeddings}"
 
     def unembed(self, h: Tensor) -> Tensor:
-        """Final hidden states (… m) → logits (… v), capped at c·tanh(logit/c) if
-        `logit_softcap` is c."""
+        """Final hidden states (… m) → logits (… v), × `logit_scale`, then capped at
+        c·tanh(logit/c) if `logit_softcap` is c."""
         logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+        if self.config.logit_scale != 1.0:
+            logits = logits * self.config.logit_scale
         c = self.config.logit_softcap
         return logits if c is None else c * torch.tanh(logits / c)
 
@@ -256,6 +314,8 @@ class Decoder(Generation, nn.Module):
         if self.embed_positions is not None:
             start = past + c.position_offset
             x = x + self.embed_positions(torch.arange(start, start + S, device=ids.device))
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         padded = attention_mask is not None and not bool(attention_mask.all())
         packable = self.embed_positions is None and cache is None
         if padded and packable and one_run_per_row(attention_mask):

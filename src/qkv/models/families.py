@@ -1,225 +1,44 @@
-"""Hugging Face architectures as declarative descriptions, one `Family` per `model_type`.
-
-A family says how to read its `config.json` into the generic `DecoderConfig` / `EncoderConfig`
-(`fields`: our field ← the first present HF key, dotted for nested dicts; `fixed`: values the
-architecture implies) and how its checkpoint keys map onto the model (`weights`: `W(dst, src,
-reshape, when)` with `{}` for the layer; `reshape` names a conversion in `RESHAPES`; `when`
-names a bool config field that must hold for the tensor to exist). Keys are matched after the
-family's `prefix` (the base model's name inside a *ForCausalLM / *ForMaskedLM) is stripped.
-`unsupported` lists config settings the generic models do not implement: each is a clear
-error naming the setting, never a silently wrong model.
+"""Hugging Face architectures as declarative descriptions, one `Family` per `model_type`: the
+families here (Llama and its relatives, Gemma, Phi-3, GPT-NeoX, OPT, GPT-2, the BERT encoders),
+those of `families_more.py` (SmolLM3, OLMo 2, Granite, StarCoder2, Phi-2, BLOOM), and `FAMILIES`,
+every one by model_type. What a `Family` says and how it is read: `families_base.py`.
 
 Letters: h query heads, k kv heads, d head dim, m model dim.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor
-
-from .convert import Reshape, heads_bias, heads_in, heads_out
-
-
-@dataclass(frozen=True)
-class W:
-    """Model tensor `dst` ← `RESHAPES[reshape](config)(checkpoint[src])`, if config.`when`."""
-
-    dst: str
-    src: str
-    reshape: str | None = None
-    when: str | None = None
-
-
-@dataclass(frozen=True)
-class Family:
-    model_type: str
-    kind: str  # "decoder" | "encoder"
-    fields: Mapping[str, tuple[str, ...]]
-    weights: tuple[W, ...]
-    fixed: Mapping[str, Any] = field(default_factory=dict)
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    prefix: str = ""
-    ignore: tuple[str, ...] = ()
-    unsupported: tuple[tuple[str, Callable[[Any], bool]], ...] = ()
-    window: str = "none"  # "all": `sliding_window` on every layer; "layer_types": per layer
-    # (`layer_types`, else every `window_pattern`-th layer global, else Qwen's max_window_layers)
-    classes: tuple[str, ...] = ()  # `architectures` names (prefixes) when model_type is absent
-    derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # fields from fields
-
-
-def _split(part: int, reshape: Callable[[Any], Reshape]) -> Callable[[Any], Reshape]:
-    """GPT-2's fused c_attn, (m, 3m) Conv1D (in, out) or its (3m,) bias: third `part` of the
-    output features, then `reshape`."""
-
-    def make(c: Any) -> Reshape:
-        inner = reshape(c)
-
-        def fn(w: Tensor) -> Tensor:
-            if w.shape[-1] != 3 * c.d_model:
-                return w  # convert's shape check names the tensor
-            return inner(w.chunk(3, dim=-1)[part].transpose(0, -1))
-
-        return fn
-
-    return make
-
-
-def _per_head(part: int, reshape: Callable[[Any], Reshape]) -> Callable[[Any], Reshape]:
-    """GPT-NeoX's fused query_key_value, (h·3·d, m) or its (h·3·d,) bias, interleaved per head
-    (head h's q, k, v are rows h·3d + [0, d), [d, 2d), [2d, 3d)): the `part` of every head,
-    as the (h·d, …) tensor of a separate projection, then `reshape`."""
-
-    def make(c: Any) -> Reshape:
-        inner, H, D = reshape(c), c.n_heads, c.d_head
-
-        def fn(w: Tensor) -> Tensor:
-            if w.shape[0] != 3 * H * D:
-                return w  # convert's shape check names the tensor
-            return inner(w.unflatten(0, (H, 3, D))[:, part].flatten(0, 1))
-
-        return fn
-
-    return make
-
-
-def _rows(part: int, sizes: Callable[[Any], tuple[int, ...]], reshape: Callable[[Any], Reshape]):
-    """A fused projection stacked by rows (Phi-3's qkv_proj (h·d + 2·k·d, m), gate_up_proj
-    (2f, m)): block `part` of the row blocks `sizes(config)`, then `reshape`."""
-
-    def make(c: Any) -> Reshape:
-        inner, n = reshape(c), sizes(c)
-
-        def fn(w: Tensor) -> Tensor:
-            if w.shape[0] != sum(n):
-                return w
-            return inner(w.split(n, 0)[part])
-
-        return fn
-
-    return make
-
-
-def _qkv_rows(c: Any) -> tuple[int, int, int]:
-    return c.n_heads * c.d_head, c.n_kv_heads * c.d_head, c.n_kv_heads * c.d_head
-
-
-def _conv1d(reshape: Callable[[Any], Reshape]) -> Callable[[Any], Reshape]:
-    """A Conv1D weight (in, out) is an nn.Linear weight transposed."""
-
-    def make(c: Any) -> Reshape:
-        inner = reshape(c)
-        return lambda w: inner(w.t())
-
-    return make
-
-
-RESHAPES: dict[str, Callable[[Any], Reshape]] = {
-    "q": lambda c: heads_in(c.n_heads, c.d_head),  # (h·d, m) → (h m d)
-    "kv": lambda c: heads_in(c.n_kv_heads, c.d_head),  # (k·d, m) → (k m d)
-    "o": lambda c: heads_out(c.n_heads, c.d_head),  # (m, h·d) → (h d m)
-    "bq": lambda c: heads_bias(c.n_heads, c.d_head),  # (h·d,) → (h d)
-    "bkv": lambda c: heads_bias(c.n_kv_heads, c.d_head),
-    "t": lambda c: Tensor.t,  # Conv1D (in, out) → nn.Linear (out, in)
-    "c_attn.q": _split(0, lambda c: heads_in(c.n_heads, c.d_head)),
-    "c_attn.k": _split(1, lambda c: heads_in(c.n_kv_heads, c.d_head)),
-    "c_attn.v": _split(2, lambda c: heads_in(c.n_kv_heads, c.d_head)),
-    "c_attn.bq": _split(0, lambda c: heads_bias(c.n_heads, c.d_head)),
-    "c_attn.bk": _split(1, lambda c: heads_bias(c.n_kv_heads, c.d_head)),
-    "c_attn.bv": _split(2, lambda c: heads_bias(c.n_kv_heads, c.d_head)),
-    "c_proj.o": _conv1d(lambda c: heads_out(c.n_heads, c.d_head)),
-    "neox.q": _per_head(0, lambda c: heads_in(c.n_heads, c.d_head)),
-    "neox.k": _per_head(1, lambda c: heads_in(c.n_heads, c.d_head)),
-    "neox.v": _per_head(2, lambda c: heads_in(c.n_heads, c.d_head)),
-    "neox.bq": _per_head(0, lambda c: heads_bias(c.n_heads, c.d_head)),
-    "neox.bk": _per_head(1, lambda c: heads_bias(c.n_heads, c.d_head)),
-    "neox.bv": _per_head(2, lambda c: heads_bias(c.n_heads, c.d_head)),
-    "qkv_proj.q": _rows(0, _qkv_rows, lambda c: heads_in(c.n_heads, c.d_head)),
-    "qkv_proj.k": _rows(1, _qkv_rows, lambda c: heads_in(c.n_kv_heads, c.d_head)),
-    "qkv_proj.v": _rows(2, _qkv_rows, lambda c: heads_in(c.n_kv_heads, c.d_head)),
-    "gate_up.gate": _rows(0, lambda c: (c.d_ff, c.d_ff), lambda c: lambda w: w),
-    "gate_up.up": _rows(1, lambda c: (c.d_ff, c.d_ff), lambda c: lambda w: w),
-}
-
-# --------------------------------------------------------------------------------------------
-# decoders: the Llama layout and its relatives
-
-_ROPE_BASE = ("rope_parameters.rope_theta", "rope_theta")
-# the names most decoders' configs share
-_CORE_FIELDS = {
-    "n_layers": ("num_hidden_layers",),
-    "n_heads": ("num_attention_heads",),
-    "d_model": ("hidden_size",),
-    "vocab_size": ("vocab_size",),
-    "max_positions": ("max_position_embeddings",),
-    "tie_embeddings": ("tie_word_embeddings",),
-    "bos_id": ("bos_token_id",),
-    "eos_id": ("eos_token_id",),
-}
-_LLAMA_FIELDS = {
-    **_CORE_FIELDS,
-    "n_kv_heads": ("num_key_value_heads", "num_attention_heads"),
-    "d_head": ("head_dim",),
-    "d_ff": ("intermediate_size",),
-    "norm_eps": ("rms_norm_eps",),
-    "act": ("hidden_act",),
-    "rope_base": _ROPE_BASE,
-    "attn_bias": ("attention_bias",),
-    "out_bias": ("attention_bias",),
-    "mlp_bias": ("mlp_bias",),
-}
-_LLAMA_DEFAULTS = {"rope_base": 10000.0, "tie_embeddings": True, "attn_bias": False,
-                   "out_bias": False, "mlp_bias": False}  # fmt: skip
-_ROPE_SCALING = (
-    "rope_parameters.rope_type (rope scaling: linear, dynamic, yarn, llama3, ...)",
-    lambda cfg: (
-        (_get(cfg, ("rope_parameters.rope_type",)) or "default") != "default"
-        or bool(cfg.get("rope_scaling"))
-    ),
+from .families_base import (
+    ACTS,
+    CORE_FIELDS,
+    DECODER_IGNORE,
+    LAYER_MLP,
+    LLAMA_DEFAULTS,
+    LLAMA_FIELDS,
+    LLAMA_WEIGHTS,
+    RESHAPES,
+    ROPE_BASE,
+    ROPE_SCALING,
+    SELF_ATTN,
+    Family,
+    W,
+    config_get,
+    llama_like,
+    read_fields,
+    rope_dim,
 )
+from .families_more import MORE_FAMILIES
 
-_A, _M = "layers.{}.self_attn.", "layers.{}.mlp."
-_LLAMA_WEIGHTS = (
-    W("embed.weight", "embed_tokens.weight"),
-    W("norm.weight", "norm.weight"),
-    W("lm_head.weight", "lm_head.weight", when="untied"),
-    W("blocks.{}.norm1.weight", "layers.{}.input_layernorm.weight"),
-    W("blocks.{}.norm2.weight", "layers.{}.post_attention_layernorm.weight"),
-    W("blocks.{}.attn.W_Q", _A + "q_proj.weight", "q"),
-    W("blocks.{}.attn.W_K", _A + "k_proj.weight", "kv"),
-    W("blocks.{}.attn.W_V", _A + "v_proj.weight", "kv"),
-    W("blocks.{}.attn.W_O", _A + "o_proj.weight", "o"),
-    W("blocks.{}.attn.b_Q", _A + "q_proj.bias", "bq", when="attn_bias"),
-    W("blocks.{}.attn.b_K", _A + "k_proj.bias", "bkv", when="attn_bias"),
-    W("blocks.{}.attn.b_V", _A + "v_proj.bias", "bkv", when="attn_bias"),
-    W("blocks.{}.attn.b_O", _A + "o_proj.bias", when="out_bias"),
-    W("blocks.{}.attn.q_norm.weight", _A + "q_norm.weight", when="qk_norm"),
-    W("blocks.{}.attn.k_norm.weight", _A + "k_norm.weight", when="qk_norm"),
-    W("blocks.{}.mlp.gate.weight", _M + "gate_proj.weight"),
-    W("blocks.{}.mlp.up.weight", _M + "up_proj.weight"),
-    W("blocks.{}.mlp.down.weight", _M + "down_proj.weight"),
-    W("blocks.{}.mlp.gate.bias", _M + "gate_proj.bias", when="mlp_bias"),
-    W("blocks.{}.mlp.up.bias", _M + "up_proj.bias", when="mlp_bias"),
-    W("blocks.{}.mlp.down.bias", _M + "down_proj.bias", when="mlp_bias"),
-)
-_DECODER_IGNORE = ("layers.*.self_attn.rotary_emb.inv_freq", "rotary_emb.inv_freq")
+__all__ = ["ACTS", "FAMILIES", "RESHAPES", "Family", "W", "read_fields"]
 
-
-def _llama_like(model_type: str, **kw: Any) -> Family:
-    fields = {**_LLAMA_FIELDS, **kw.pop("fields", {})}
-    return Family(
-        model_type, "decoder", fields, kw.pop("weights", _LLAMA_WEIGHTS),
-        defaults={**_LLAMA_DEFAULTS, **kw.pop("defaults", {})},
-        prefix="model.", ignore=_DECODER_IGNORE,
-        unsupported=(_ROPE_SCALING, *kw.pop("unsupported", ())), **kw,
-    )  # fmt: skip
+_A, _M = SELF_ATTN, LAYER_MLP
 
 
 # Gemma 2: the Llama names, but its post_attention_layernorm follows attention (a post-norm)
 _GEMMA2_WEIGHTS = (
-    *(w for w in _LLAMA_WEIGHTS if w.dst != "blocks.{}.norm2.weight"),
+    *(w for w in LLAMA_WEIGHTS if w.dst != "blocks.{}.norm2.weight"),
     W("blocks.{}.norm2.weight", "layers.{}.pre_feedforward_layernorm.weight"),
     W("blocks.{}.post1.weight", "layers.{}.post_attention_layernorm.weight"),
     W("blocks.{}.post2.weight", "layers.{}.post_feedforward_layernorm.weight"),
@@ -248,7 +67,7 @@ _BIDIRECTIONAL = (
     "use_bidirectional_attention",
     lambda cfg: bool(cfg.get("use_bidirectional_attention")),
 )
-_GEMMA2 = _llama_like(
+_GEMMA2 = llama_like(
     "gemma2", classes=("Gemma2For",), weights=_GEMMA2_WEIGHTS, window="layer_types",
     fixed={"norm_offset": 1.0, "block": "sandwich"}, fields=_GEMMA2_FIELDS,
     unsupported=(_BIDIRECTIONAL,), derive=_gemma2_scales,
@@ -258,38 +77,32 @@ _GEMMA2 = _llama_like(
 # Gemma 3: Gemma 2 plus QK-norm (RMSNorm 1 + w on each head's q and k), RoPE base 10⁴ on the
 # sliding layers and 10⁶ on the global ones, five sliding layers to one global; rope_parameters
 # holds one entry per layer type (older configs: rope_theta and rope_local_base_freq)
-_GEMMA3 = _llama_like(
+_GEMMA3 = llama_like(
     "gemma3_text", classes=("Gemma3ForCausalLM", "Gemma3TextModel"), weights=_GEMMA2_WEIGHTS,
     window="layer_types", fixed={"norm_offset": 1.0, "block": "sandwich", "qk_norm": True},
     fields={
         **_GEMMA2_FIELDS,
-        "rope_base": ("rope_parameters.full_attention.rope_theta", *_ROPE_BASE),
+        "rope_base": ("rope_parameters.full_attention.rope_theta", *ROPE_BASE),
         "local_rope_base": ("rope_parameters.sliding_attention.rope_theta",
                             "rope_local_base_freq"),
     },
     unsupported=(
         _BIDIRECTIONAL,
         ("rope_parameters.<layer type>.rope_type (rope scaling: linear, yarn, ...)",
-         lambda cfg: any((_get(cfg, (f"rope_parameters.{t}.rope_type",)) or "default")
+         lambda cfg: any((config_get(cfg, (f"rope_parameters.{t}.rope_type",)) or "default")
                          != "default" for t in ("full_attention", "sliding_attention"))),
     ),
     derive=_gemma2_scales, defaults={"rope_base": 1e6, "local_rope_base": 1e4, "window_pattern": 6},
 )  # fmt: skip
 
 
-def _rope_dim(f: dict[str, Any]) -> dict[str, Any]:
-    """Partial rotary: the first int(d_head · fraction) features of each head rotate."""
-    frac = f.get("rope_fraction", 1.0)
-    return {} if frac == 1.0 else {"rope_dim": int(f["d_head"] * frac)}
-
-
 # Phi-3: the Llama layout with fused qkv_proj and gate_up_proj, a window on every layer
 _PHI3 = Family(
     "phi3", "decoder",
-    {**_LLAMA_FIELDS, "window": ("sliding_window",),
+    {**LLAMA_FIELDS, "window": ("sliding_window",),
      "rope_fraction": ("rope_parameters.partial_rotary_factor", "partial_rotary_factor")},
     (
-        *(w for w in _LLAMA_WEIGHTS if w.when is None or w.when == "untied"
+        *(w for w in LLAMA_WEIGHTS if w.when is None or w.when == "untied"
           if not w.dst.startswith(("blocks.{}.attn.W_", "blocks.{}.mlp."))),
         W("blocks.{}.attn.W_Q", _A + "qkv_proj.weight", "qkv_proj.q"),
         W("blocks.{}.attn.W_K", _A + "qkv_proj.weight", "qkv_proj.k"),
@@ -300,9 +113,9 @@ _PHI3 = Family(
         W("blocks.{}.mlp.down.weight", _M + "down_proj.weight"),
     ),
     fixed={"attn_bias": False, "out_bias": False, "mlp_bias": False},
-    defaults={**_LLAMA_DEFAULTS, "tie_embeddings": False}, prefix="model.",
-    ignore=_DECODER_IGNORE, unsupported=(_ROPE_SCALING,), window="all", classes=("Phi3",),
-    derive=_rope_dim,
+    defaults={**LLAMA_DEFAULTS, "tie_embeddings": False}, prefix="model.",
+    ignore=DECODER_IGNORE, unsupported=(ROPE_SCALING,), window="all", classes=("Phi3",),
+    derive=rope_dim,
 )  # fmt: skip
 
 # GPT-NeoX (Pythia): fused query_key_value interleaved per head, partial rotary, LayerNorm,
@@ -311,7 +124,7 @@ _X = "layers.{}."
 _GPT_NEOX = Family(
     "gpt_neox", "decoder",
     {
-        **_CORE_FIELDS,
+        **CORE_FIELDS,
         "d_ff": ("intermediate_size",),
         "norm_eps": ("layer_norm_eps",),
         "act": ("hidden_act",),
@@ -346,11 +159,11 @@ _GPT_NEOX = Family(
     fixed={"norm": "layer", "gated": False, "mlp_bias": True},
     defaults={"rope_base": 10000.0, "rope_fraction": 0.25, "parallel": True, "norm_eps": 1e-5,
               "tie_embeddings": False, "attn_bias": True, "out_bias": True},
-    prefix="gpt_neox.", classes=("GPTNeoX",), unsupported=(_ROPE_SCALING,),
+    prefix="gpt_neox.", classes=("GPTNeoX",), unsupported=(ROPE_SCALING,),
     # causal-mask and rotary buffers of old checkpoints
     ignore=("layers.*.attention.bias", "layers.*.attention.masked_bias",
             "layers.*.attention.rotary_emb.inv_freq"),
-    derive=lambda f: {**_rope_dim(f), "block": "parallel" if f["parallel"] else "pre"},
+    derive=lambda f: {**rope_dim(f), "block": "parallel" if f["parallel"] else "pre"},
 )  # fmt: skip
 
 # OPT: learned positions numbered from 2, ReLU, LayerNorm before (or, OPT-350m, after) each
@@ -359,7 +172,7 @@ _O = "layers.{}."
 _OPT = Family(
     "opt", "decoder",
     {
-        **_CORE_FIELDS,
+        **CORE_FIELDS,
         "d_ff": ("ffn_dim",),
         "act": ("activation_function",),
         "pre_norm": ("do_layer_norm_before",),
@@ -570,15 +383,15 @@ _DISTILBERT = Family(
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        _llama_like("llama", classes=("Llama",)),
-        _llama_like("mistral", window="all", fields={"window": ("sliding_window",)},
+        llama_like("llama", classes=("Llama",)),
+        llama_like("mistral", window="all", fields={"window": ("sliding_window",)},
                     classes=("Mistral",)),
-        _llama_like("qwen2", classes=("Qwen2",), fixed={"attn_bias": True, "out_bias": False}, window="layer_types",
+        llama_like("qwen2", classes=("Qwen2",), fixed={"attn_bias": True, "out_bias": False}, window="layer_types",
                     fields={"window": ("sliding_window",)}),
-        _llama_like("qwen3", classes=("Qwen3",), fixed={"qk_norm": True}, window="layer_types",
+        llama_like("qwen3", classes=("Qwen3",), fixed={"qk_norm": True}, window="layer_types",
                     fields={"window": ("sliding_window",)}),
         # Gemma: RMSNorm scaling by 1 + w, embeddings × √d_model, GeGLU (tanh GELU gate)
-        _llama_like("gemma", classes=("GemmaFor",), fixed={"norm_offset": 1.0},
+        llama_like("gemma", classes=("GemmaFor",), fixed={"norm_offset": 1.0},
                     derive=lambda f: {"embed_scale": f["d_model"] ** 0.5}),
         _GEMMA2,
         _GEMMA3,
@@ -596,33 +409,6 @@ FAMILIES: dict[str, Family] = {
                derive=lambda f: {"position_offset": f["pad_id"] + 1,
                                  "max_positions": f["max_positions"] - f["pad_id"] - 1}),
         _DISTILBERT,
+        *MORE_FAMILIES,
     )
 }  # fmt: skip
-
-ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-        "gelu_fast": "gelu_tanh", "silu": "silu", "swish": "silu", "relu": "relu"}  # fmt: skip
-
-
-def _get(cfg: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
-    """The value of the first of `keys` present (dotted keys reach into nested dicts)."""
-    for key in keys:
-        node: Any = cfg
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, Mapping) else None
-        if node is not None:
-            return node
-    return None
-
-
-def read_fields(family: Family, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """config.json → the generic config's fields (unconverted: see `hf.build_config`)."""
-    for what, present in family.unsupported:
-        if present(cfg):
-            raise ValueError(
-                f"{where}: {family.model_type} with {what} is not supported by qkv's generic "
-                f"{family.kind}; only the plain architecture is"
-            )
-    out = dict(family.defaults)
-    out.update({k: v for k, keys in family.fields.items() if (v := _get(cfg, keys)) is not None})
-    out.update(family.fixed)
-    return out

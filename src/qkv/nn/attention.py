@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import attention
+from ..attention import ScoreMod, attention
 from .cache import LayerCache
 from .capture import record, recorders
 from .rope import RotaryEmbedding
@@ -32,19 +32,22 @@ class MultiHeadAttention(nn.Module):
     b_K and b_V (k d), and b_O (m) unless `out_bias=False` (Qwen2 biases q, k, v only).
     `n_kv_heads` defaults to `n_heads` (MHA), `d_head` to d_model // n_heads. `rope`, if given,
     rotates q and k at their absolute positions. `q_norm` / `k_norm` (modules over the last
-    dim d, e.g. RMSNorm(d)) normalise each head's q and k before RoPE (QK-norm, Qwen3).
+    dim d, e.g. RMSNorm(d)) normalise each head's q and k before RoPE (QK-norm, Qwen3); with
+    `qk_norm_scope="all"` they take the whole projections instead, q as (b i (h d)) and k as
+    (b i (k d)) (e.g. RMSNorm(h·d), RMSNorm(k·d): OLMo 2).
     `window` = (left, right) limits each query to keys within that band of its diagonal, as
     `qkv.attention`'s `window` ((W−1, 0) with `causal`: the last W keys, Mistral's sliding window).
     `scale` replaces 1/√d (Gemma 2: query_pre_attn_scalar^−½); `softcap` c caps each score at
-    c·tanh(s/c) before the masks, as `qkv.attention`'s `softcap` (Gemma 2).
+    c·tanh(s/c) before the masks, as `qkv.attention`'s `softcap` (Gemma 2). `score_mod` goes to
+    `qkv.attention` as it is (e.g. `qkv.attention.mods.alibi(n_heads)`: BLOOM's ALiBi).
 
     forward(x (b i m), *, mask=None, cache=None) → (b i m). Equivalent code::
 
         q = einsum("bim,hmd->bhid", x, W_Q) + b_Q[:, None]      # likewise k, v with W_K, W_V
         q, k = q_norm(q), k_norm(k)                              # if given (QK-norm)
         q, k = rope(q, pos), rope(k, pos)                        # pos = cache.length + arange(i)
-        z = qkv.attention(q, k, v, causal=causal, window=window, mask=mask,
-                          scale=scale, softcap=softcap)                # kv head = h // (h/k)
+        z = qkv.attention(q, k, v, causal=causal, window=window, mask=mask, scale=scale,
+                          softcap=softcap, score_mod=score_mod)        # kv head = h // (h/k)
         out = einsum("bhid,hdm->bim", z, W_O) + b_O
 
     `mask` is bool keep (True = attend) broadcastable to (b, h, i, j), e.g. key padding
@@ -74,6 +77,8 @@ class MultiHeadAttention(nn.Module):
         softcap: float | None = None,
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
+        qk_norm_scope: str = "head",
+        score_mod: ScoreMod | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -112,6 +117,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
         if (q_norm is None) != (k_norm is None):
             raise ValueError("q_norm and k_norm come together (QK-norm): pass both or neither")
+        if qk_norm_scope not in ("head", "all"):
+            raise ValueError(f"qk_norm_scope must be 'head' or 'all', got {qk_norm_scope!r}")
+        if score_mod is not None and not callable(score_mod):
+            raise TypeError(f"score_mod must be a function or None, got {type(score_mod).__name__}")
         self.d_model, self.n_heads, self.n_kv_heads, self.d_head = (
             d_model,
             n_heads,
@@ -121,7 +130,8 @@ class MultiHeadAttention(nn.Module):
         self.causal = causal
         self.window = window
         self.softcap = None if softcap is None else float(softcap)
-        self.q_norm, self.k_norm = q_norm, k_norm
+        self.q_norm, self.k_norm, self.qk_norm_scope = q_norm, k_norm, qk_norm_scope
+        self.score_mod = score_mod
         self.scale = 1.0 / math.sqrt(d_head) if scale is None else float(scale)
         self.rope = rope
         fk = {"device": device, "dtype": dtype}  # factory kwargs, as torch.nn modules take them
@@ -165,6 +175,8 @@ class MultiHeadAttention(nn.Module):
             + ("" if self.b_Q is None or self.b_O is not None else ", out_bias=False")
             + ("" if self.window is None else f", window={self.window}")
             + ("" if self.softcap is None else f", softcap={self.softcap}")
+            + ("" if self.qk_norm_scope == "head" else f", qk_norm_scope={self.qk_norm_scope!r}")
+            + ("" if self.score_mod is None else ", score_mod=yes")
         )
 
     def fused_qkv(self) -> tuple[Tensor, Tensor | None]:
@@ -256,6 +268,8 @@ class MultiHeadAttention(nn.Module):
             kw["window"] = self.window
         if self.softcap is not None:
             kw["softcap"] = self.softcap
+        if self.score_mod is not None:
+            kw["score_mod"] = self.score_mod
         return kw
 
     def _project(self, x: Tensor) -> Tensor:
@@ -266,7 +280,11 @@ class MultiHeadAttention(nn.Module):
         if self.q_norm is None:
             return qkv
         q, k, v = qkv.split((H, K, K), dim=2)  # (b i h d), (b i k d) ×2
-        return torch.cat((self.q_norm(q), self.k_norm(k), v), dim=2)
+        if self.qk_norm_scope == "all":  # over (h d) and (k d) features
+            q, k = self.q_norm(q.flatten(2)).view_as(q), self.k_norm(k.flatten(2)).view_as(k)
+        else:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return torch.cat((q, k, v), dim=2)
 
     def _qkv(self, x: Tensor) -> Tensor:
         """x (b i m) → (b i (h+2k)·d): the three projections as one matmul."""

@@ -1,6 +1,6 @@
 """Transformer building blocks around MultiHeadAttention: RMSNorm, the MLP (plain or gated),
 and the residual arrangements (pre-norm as in Llama/GPT-2, post-norm as in BERT, parallel as
-in GPT-NeoX/GPT-J, sandwich as in Gemma 2/3).
+in GPT-NeoX/GPT-J/Phi-2, sandwich as in Gemma 2/3, output-norm as in OLMo 2).
 
 Letters: b batch, i position, m model dim, f MLP hidden dim.
 """
@@ -21,6 +21,10 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,  # Llama's SwiGLU gate
     "relu": F.relu,
+    # BLOOM's (Megatron's) tanh GELU: √(2/π) written as 0.79788456, 6e-11 below it
+    "gelu_tanh_bloom": lambda x: (
+        x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+    ),
 }
 
 
@@ -59,7 +63,8 @@ class MLP(nn.Module):
     plain (`gated=False`, BERT/GPT-2): `down(act(up(x)))`
     gated (`gated=True`, Llama SwiGLU):  `down(act(gate(x)) * up(x))`
 
-    `act` is a name in ACTIVATIONS ("gelu", "gelu_tanh", "silu", "relu") or a callable.
+    `act` is a name in ACTIVATIONS ("gelu", "gelu_tanh", "gelu_tanh_bloom", "silu", "relu") or
+    a callable.
     Weights are nn.Linear: up/gate (f, m), down (m, f).
     """
 
@@ -122,13 +127,36 @@ def _residual(branch: Tensor, x: Tensor) -> Tensor:
 
 class _Block(nn.Module):
     """An attention sublayer and an MLP sublayer, each with its norm and residual. `mask`,
-    `cache` and `segments` go to the attention (see MultiHeadAttention.forward)."""
+    `cache` and `segments` go to the attention (see MultiHeadAttention.forward).
+    `residual_scale` s multiplies each sublayer's output before it joins the residual,
+    x + s·attn(…) (Granite's residual_multiplier; 1: plain)."""
+
+    _one_norm = False  # whether norm2=None (both sublayers read norm1's output) is allowed
 
     def __init__(
-        self, attn: MultiHeadAttention, mlp: nn.Module, norm1: nn.Module, norm2: nn.Module
+        self,
+        attn: MultiHeadAttention,
+        mlp: nn.Module,
+        norm1: nn.Module,
+        norm2: nn.Module | None,
+        *,
+        residual_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.attn, self.mlp, self.norm1, self.norm2 = attn, mlp, norm1, norm2
+        if norm2 is None and not self._one_norm:
+            raise ValueError(f"{type(self).__name__} needs norm2; only ParallelBlock shares norm1")
+        if not (isinstance(residual_scale, int | float) and residual_scale > 0):
+            raise ValueError(f"residual_scale must be a number > 0, got {residual_scale!r}")
+        self.residual_scale = float(residual_scale)
+
+    def extra_repr(self) -> str:
+        return "" if self.residual_scale == 1.0 else f"residual_scale={self.residual_scale}"
+
+    def _add(self, branch: Tensor, x: Tensor) -> Tensor:
+        """x + residual_scale · branch."""
+        s = self.residual_scale
+        return _residual(branch if s == 1.0 else branch * s, x)
 
 
 class PreNormBlock(_Block):
@@ -142,8 +170,8 @@ class PreNormBlock(_Block):
         cache: LayerCache | None = None,
         segments: Sequence[int] | None = None,
     ) -> Tensor:
-        h = _residual(self.attn(self.norm1(x), mask=mask, cache=cache, segments=segments), x)
-        return _residual(self.mlp(self.norm2(h)), h)
+        h = self._add(self.attn(self.norm1(x), mask=mask, cache=cache, segments=segments), x)
+        return self._add(self.mlp(self.norm2(h)), h)
 
 
 class PostNormBlock(_Block):
@@ -157,13 +185,16 @@ class PostNormBlock(_Block):
         cache: LayerCache | None = None,
         segments: Sequence[int] | None = None,
     ) -> Tensor:
-        h = self.norm1(_residual(self.attn(x, mask=mask, cache=cache, segments=segments), x))
-        return self.norm2(_residual(self.mlp(h), h))
+        h = self.norm1(self._add(self.attn(x, mask=mask, cache=cache, segments=segments), x))
+        return self.norm2(self._add(self.mlp(h), h))
 
 
 class ParallelBlock(_Block):
     """`out = x + attn(norm1(x)) + mlp(norm2(x))`: both sublayers read the block's input
-    (GPT-NeoX's `use_parallel_residual`, GPT-J)."""
+    (GPT-NeoX's `use_parallel_residual`, GPT-J). With `norm2=None` both read the one
+    `n = norm1(x)`: `out = x + attn(n) + mlp(n)` (Phi-2)."""
+
+    _one_norm = True
 
     def forward(
         self,
@@ -173,8 +204,10 @@ class ParallelBlock(_Block):
         cache: LayerCache | None = None,
         segments: Sequence[int] | None = None,
     ) -> Tensor:
-        a = self.attn(self.norm1(x), mask=mask, cache=cache, segments=segments)
-        return _residual(_residual(self.mlp(self.norm2(x)), a), x)
+        n = self.norm1(x)
+        a = self.attn(n, mask=mask, cache=cache, segments=segments)
+        m = self.mlp(n if self.norm2 is None else self.norm2(x))
+        return self._add(_residual(m, a), x)
 
 
 class SandwichBlock(_Block):
@@ -189,8 +222,10 @@ class SandwichBlock(_Block):
         norm2: nn.Module,
         post1: nn.Module,
         post2: nn.Module,
+        *,
+        residual_scale: float = 1.0,
     ) -> None:
-        super().__init__(attn, mlp, norm1, norm2)
+        super().__init__(attn, mlp, norm1, norm2, residual_scale=residual_scale)
         self.post1, self.post2 = post1, post2
 
     def forward(
@@ -202,5 +237,22 @@ class SandwichBlock(_Block):
         segments: Sequence[int] | None = None,
     ) -> Tensor:
         a = self.attn(self.norm1(x), mask=mask, cache=cache, segments=segments)
-        h = _residual(self.post1(a), x)
-        return _residual(self.post2(self.mlp(self.norm2(h))), h)
+        h = self._add(self.post1(a), x)
+        return self._add(self.post2(self.mlp(self.norm2(h))), h)
+
+
+class OutputNormBlock(_Block):
+    """`h = x + norm1(attn(x)); out = h + norm2(mlp(h))`: each sublayer's output is normalised
+    before it joins the residual, its input is not (OLMo 2's post_attention_layernorm and
+    post_feedforward_layernorm)."""
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        mask: Tensor | None = None,
+        cache: LayerCache | None = None,
+        segments: Sequence[int] | None = None,
+    ) -> Tensor:
+        h = self._add(self.norm1(self.attn(x, mask=mask, cache=cache, segments=segments)), x)
+        return self._add(self.norm2(self.mlp(h)), h)

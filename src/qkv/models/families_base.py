@@ -1,0 +1,257 @@
+"""Hugging Face architectures as declarative descriptions: what a `Family` is, how a config.json
+is read through one (`read_fields`), and the pieces several families share (the fused-weight
+reshapes, the Llama layout). The families themselves: `families.py`, `families_more.py`.
+
+A family says how to read its `config.json` into the generic `DecoderConfig` / `EncoderConfig`
+(`fields`: our field ← the first present HF key, dotted for nested dicts; `fixed`: values the
+architecture implies) and how its checkpoint keys map onto the model (`weights`: `W(dst, src,
+reshape, when)` with `{}` for the layer; `reshape` names a conversion in `RESHAPES`; `when`
+names a bool config field that must hold for the tensor to exist). Keys are matched after the
+family's `prefix` (the base model's name inside a *ForCausalLM / *ForMaskedLM) is stripped.
+`unsupported` lists config settings the generic models do not implement: each is a clear
+error naming the setting, never a silently wrong model.
+
+Letters: h query heads, k kv heads, d head dim, m model dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from .convert import Reshape, heads_bias, heads_in, heads_out
+
+
+@dataclass(frozen=True)
+class W:
+    """Model tensor `dst` ← `RESHAPES[reshape](config)(checkpoint[src])`, if config.`when`."""
+
+    dst: str
+    src: str
+    reshape: str | None = None
+    when: str | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    kind: str  # "decoder" | "encoder"
+    fields: Mapping[str, tuple[str, ...]]
+    weights: tuple[W, ...]
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    prefix: str = ""
+    ignore: tuple[str, ...] = ()
+    unsupported: tuple[tuple[str, Callable[[Any], bool]], ...] = ()
+    window: str = "none"  # "all": `sliding_window` on every layer; "layer_types": per layer
+    # (`layer_types`, else every `window_pattern`-th layer global, else Qwen's max_window_layers)
+    classes: tuple[str, ...] = ()  # `architectures` names (prefixes) when model_type is absent
+    derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # fields from fields
+
+
+def _split(part: int, reshape: Callable[[Any], Reshape]) -> Callable[[Any], Reshape]:
+    """GPT-2's fused c_attn, (m, 3m) Conv1D (in, out) or its (3m,) bias: third `part` of the
+    output features, then `reshape`."""
+
+    def make(c: Any) -> Reshape:
+        inner = reshape(c)
+
+        def fn(w: Tensor) -> Tensor:
+            if w.shape[-1] != 3 * c.d_model:
+                return w  # convert's shape check names the tensor
+            return inner(w.chunk(3, dim=-1)[part].transpose(0, -1))
+
+        return fn
+
+    return make
+
+
+def _per_head(part: int, reshape: Callable[[Any], Reshape]) -> Callable[[Any], Reshape]:
+    """GPT-NeoX's fused query_key_value, (h·3·d, m) or its (h·3·d,) bias, interleaved per head
+    (head h's q, k, v are rows h·3d + [0, d), [d, 2d), [2d, 3d)): the `part` of every head,
+    as the (h·d, …) tensor of a separate projection, then `reshape`."""
+
+    def make(c: Any) -> Reshape:
+        inner, H, D = reshape(c), c.n_heads, c.d_head
+
+        def fn(w: Tensor) -> Tensor:
+            if w.shape[0] != 3 * H * D:
+                return w  # convert's shape check names the tensor
+            return inner(w.unflatten(0, (H, 3, D))[:, part].flatten(0, 1))
+
+        return fn
+
+    return make
+
+
+def _rows(part: int, sizes: Callable[[Any], tuple[int, ...]], reshape: Callable[[Any], Reshape]):
+    """A fused projection stacked by rows (Phi-3's qkv_proj (h·d + 2·k·d, m), gate_up_proj
+    (2f, m)): block `part` of the row blocks `sizes(config)`, then `reshape`."""
+
+    def make(c: Any) -> Reshape:
+        inner, n = reshape(c), sizes(c)
+
+        def fn(w: Tensor) -> Tensor:
+            if w.shape[0] != sum(n):
+                return w
+            return inner(w.split(n, 0)[part])
+
+        return fn
+
+    return make
+
+
+def _qkv_rows(c: Any) -> tuple[int, int, int]:
+    return c.n_heads * c.d_head, c.n_kv_heads * c.d_head, c.n_kv_heads * c.d_head
+
+
+def _conv1d(reshape: Callable[[Any], Reshape]) -> Callable[[Any], Reshape]:
+    """A Conv1D weight (in, out) is an nn.Linear weight transposed."""
+
+    def make(c: Any) -> Reshape:
+        inner = reshape(c)
+        return lambda w: inner(w.t())
+
+    return make
+
+
+RESHAPES: dict[str, Callable[[Any], Reshape]] = {
+    "q": lambda c: heads_in(c.n_heads, c.d_head),  # (h·d, m) → (h m d)
+    "kv": lambda c: heads_in(c.n_kv_heads, c.d_head),  # (k·d, m) → (k m d)
+    "o": lambda c: heads_out(c.n_heads, c.d_head),  # (m, h·d) → (h d m)
+    "bq": lambda c: heads_bias(c.n_heads, c.d_head),  # (h·d,) → (h d)
+    "bkv": lambda c: heads_bias(c.n_kv_heads, c.d_head),
+    "t": lambda c: Tensor.t,  # Conv1D (in, out) → nn.Linear (out, in)
+    "c_attn.q": _split(0, lambda c: heads_in(c.n_heads, c.d_head)),
+    "c_attn.k": _split(1, lambda c: heads_in(c.n_kv_heads, c.d_head)),
+    "c_attn.v": _split(2, lambda c: heads_in(c.n_kv_heads, c.d_head)),
+    "c_attn.bq": _split(0, lambda c: heads_bias(c.n_heads, c.d_head)),
+    "c_attn.bk": _split(1, lambda c: heads_bias(c.n_kv_heads, c.d_head)),
+    "c_attn.bv": _split(2, lambda c: heads_bias(c.n_kv_heads, c.d_head)),
+    "c_proj.o": _conv1d(lambda c: heads_out(c.n_heads, c.d_head)),
+    "neox.q": _per_head(0, lambda c: heads_in(c.n_heads, c.d_head)),
+    "neox.k": _per_head(1, lambda c: heads_in(c.n_heads, c.d_head)),
+    "neox.v": _per_head(2, lambda c: heads_in(c.n_heads, c.d_head)),
+    "neox.bq": _per_head(0, lambda c: heads_bias(c.n_heads, c.d_head)),
+    "neox.bk": _per_head(1, lambda c: heads_bias(c.n_heads, c.d_head)),
+    "neox.bv": _per_head(2, lambda c: heads_bias(c.n_heads, c.d_head)),
+    "qkv_proj.q": _rows(0, _qkv_rows, lambda c: heads_in(c.n_heads, c.d_head)),
+    "qkv_proj.k": _rows(1, _qkv_rows, lambda c: heads_in(c.n_kv_heads, c.d_head)),
+    "qkv_proj.v": _rows(2, _qkv_rows, lambda c: heads_in(c.n_kv_heads, c.d_head)),
+    "gate_up.gate": _rows(0, lambda c: (c.d_ff, c.d_ff), lambda c: lambda w: w),
+    "gate_up.up": _rows(1, lambda c: (c.d_ff, c.d_ff), lambda c: lambda w: w),
+}
+
+# --------------------------------------------------------------------------------------------
+# decoders: the Llama layout and its relatives
+
+ROPE_BASE = ("rope_parameters.rope_theta", "rope_theta")
+# the names most decoders' configs share
+CORE_FIELDS = {
+    "n_layers": ("num_hidden_layers",),
+    "n_heads": ("num_attention_heads",),
+    "d_model": ("hidden_size",),
+    "vocab_size": ("vocab_size",),
+    "max_positions": ("max_position_embeddings",),
+    "tie_embeddings": ("tie_word_embeddings",),
+    "bos_id": ("bos_token_id",),
+    "eos_id": ("eos_token_id",),
+}
+LLAMA_FIELDS = {
+    **CORE_FIELDS,
+    "n_kv_heads": ("num_key_value_heads", "num_attention_heads"),
+    "d_head": ("head_dim",),
+    "d_ff": ("intermediate_size",),
+    "norm_eps": ("rms_norm_eps",),
+    "act": ("hidden_act",),
+    "rope_base": ROPE_BASE,
+    "attn_bias": ("attention_bias",),
+    "out_bias": ("attention_bias",),
+    "mlp_bias": ("mlp_bias",),
+}
+LLAMA_DEFAULTS = {"rope_base": 10000.0, "tie_embeddings": True, "attn_bias": False,
+                   "out_bias": False, "mlp_bias": False}  # fmt: skip
+ROPE_SCALING = (
+    "rope_parameters.rope_type (rope scaling: linear, dynamic, yarn, llama3, ...)",
+    lambda cfg: (
+        (config_get(cfg, ("rope_parameters.rope_type",)) or "default") != "default"
+        or bool(cfg.get("rope_scaling"))
+    ),
+)
+
+SELF_ATTN, LAYER_MLP = "layers.{}.self_attn.", "layers.{}.mlp."
+LLAMA_WEIGHTS = (
+    W("embed.weight", "embed_tokens.weight"),
+    W("norm.weight", "norm.weight"),
+    W("lm_head.weight", "lm_head.weight", when="untied"),
+    W("blocks.{}.norm1.weight", "layers.{}.input_layernorm.weight"),
+    W("blocks.{}.norm2.weight", "layers.{}.post_attention_layernorm.weight"),
+    W("blocks.{}.attn.W_Q", SELF_ATTN + "q_proj.weight", "q"),
+    W("blocks.{}.attn.W_K", SELF_ATTN + "k_proj.weight", "kv"),
+    W("blocks.{}.attn.W_V", SELF_ATTN + "v_proj.weight", "kv"),
+    W("blocks.{}.attn.W_O", SELF_ATTN + "o_proj.weight", "o"),
+    W("blocks.{}.attn.b_Q", SELF_ATTN + "q_proj.bias", "bq", when="attn_bias"),
+    W("blocks.{}.attn.b_K", SELF_ATTN + "k_proj.bias", "bkv", when="attn_bias"),
+    W("blocks.{}.attn.b_V", SELF_ATTN + "v_proj.bias", "bkv", when="attn_bias"),
+    W("blocks.{}.attn.b_O", SELF_ATTN + "o_proj.bias", when="out_bias"),
+    W("blocks.{}.attn.q_norm.weight", SELF_ATTN + "q_norm.weight", when="qk_norm"),
+    W("blocks.{}.attn.k_norm.weight", SELF_ATTN + "k_norm.weight", when="qk_norm"),
+    W("blocks.{}.mlp.gate.weight", LAYER_MLP + "gate_proj.weight"),
+    W("blocks.{}.mlp.up.weight", LAYER_MLP + "up_proj.weight"),
+    W("blocks.{}.mlp.down.weight", LAYER_MLP + "down_proj.weight"),
+    W("blocks.{}.mlp.gate.bias", LAYER_MLP + "gate_proj.bias", when="mlp_bias"),
+    W("blocks.{}.mlp.up.bias", LAYER_MLP + "up_proj.bias", when="mlp_bias"),
+    W("blocks.{}.mlp.down.bias", LAYER_MLP + "down_proj.bias", when="mlp_bias"),
+)
+DECODER_IGNORE = ("layers.*.self_attn.rotary_emb.inv_freq", "rotary_emb.inv_freq")
+
+
+def llama_like(model_type: str, **kw: Any) -> Family:
+    fields = {**LLAMA_FIELDS, **kw.pop("fields", {})}
+    return Family(
+        model_type, "decoder", fields, kw.pop("weights", LLAMA_WEIGHTS),
+        defaults={**LLAMA_DEFAULTS, **kw.pop("defaults", {})},
+        prefix="model.", ignore=DECODER_IGNORE,
+        unsupported=(ROPE_SCALING, *kw.pop("unsupported", ())), **kw,
+    )  # fmt: skip
+
+
+def rope_dim(f: dict[str, Any]) -> dict[str, Any]:
+    """Partial rotary: the first int(d_head · fraction) features of each head rotate."""
+    frac = f.get("rope_fraction", 1.0)
+    return {} if frac == 1.0 else {"rope_dim": int(f["d_head"] * frac)}
+
+
+ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+        "gelu_fast": "gelu_tanh", "silu": "silu", "swish": "silu", "relu": "relu",
+        "bloom_gelu": "gelu_tanh_bloom"}  # fmt: skip
+
+
+def config_get(cfg: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
+    """The value of the first of `keys` present (dotted keys reach into nested dicts)."""
+    for key in keys:
+        node: Any = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None:
+            return node
+    return None
+
+
+def read_fields(family: Family, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """config.json → the generic config's fields (unconverted: see `hf.build_config`)."""
+    for what, present in family.unsupported:
+        if present(cfg):
+            raise ValueError(
+                f"{where}: {family.model_type} with {what} is not supported by qkv's generic "
+                f"{family.kind}; only the plain architecture is"
+            )
+    out = dict(family.defaults)
+    out.update(
+        {k: v for k, keys in family.fields.items() if (v := config_get(cfg, keys)) is not None}
+    )
+    out.update(family.fixed)
+    return out
