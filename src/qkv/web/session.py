@@ -241,6 +241,9 @@ class Explorer:
             except Superseded:
                 job.state = "cancelled"
                 raise
+            except ValueError as e:  # a text over the context: the explorer never cuts one
+                job.state = "failed"
+                raise ValueError(str(e).replace(" or pass truncate=True", "")) from None
             except BaseException:
                 job.state = "failed"
                 raise
