@@ -267,3 +267,31 @@ def test_compare_colours_each_text_at_its_own_positions(server, browser, smollm2
     assert coloured == [want_a, want_b]
     assert seen["errors"] == [], seen["errors"]
     page.close()
+
+
+def test_a_late_compare_of_an_older_token_is_not_drawn(server, browser):
+    """Compare on, two tokens clicked, the first one's compare answered last: the panel shows
+    the second token's compare (before, the older answer was drawn over it)."""
+    page, seen = open_page(browser, server)
+    run_text(page, SENTENCE)
+    page.click("#cmp-run")
+    page.wait_for_selector("#cmpkeys")
+    held = []
+    page.route("**/api/compare", lambda r: held.append(r) if not held else r.continue_())
+    page.locator("#tokens .chip", has_text=re.compile(r"^excited$")).click()
+    page.wait_for_function("document.querySelector('#lookup h2').textContent.includes('(token 8)')")
+    page.wait_for_timeout(200)
+    assert len(held) == 1
+    with page.expect_response("**/api/compare") as newer:
+        page.locator("#tokens .chip", has_text=re.compile(r"^\.$")).click()
+    assert newer.value.json()["query"][0]["index"] == 9
+    page.wait_for_timeout(300)
+    assert "(token 9) in A" in page.locator("#compare h2").inner_text()
+    with page.expect_response("**/api/compare") as answer:
+        held[0].continue_()  # the older answer arrives now
+    assert answer.value.json()["query"][0]["index"] == 8
+    page.wait_for_timeout(300)
+    assert "(token 9) in A" in page.locator("#compare h2").inner_text()
+    page.unroute("**/api/compare")
+    assert seen["errors"] == [], seen["errors"]
+    page.close()

@@ -8,7 +8,7 @@ const SVGNS = 'http://www.w3.org/2000/svg';
 const st = {
   client: Array.from(crypto.getRandomValues(new Uint8Array(8)), b => b.toString(16).padStart(2, '0')).join(''),
   cap: null, query: null, layer: 0, head: 0, key: null, page: 0,
-  rec: null, grid: null, gridFor: '', cmp: null, busy: null, seq: 0, lseq: 0, reveal: false,
+  rec: null, grid: null, gridFor: '', cmp: null, busy: null, seq: 0, lseq: 0, cseq: 0, reveal: false,
 };
 
 // ---- small helpers ------------------------------------------------------------------------
@@ -58,7 +58,7 @@ async function run() {
     const cap = await api('/api/run', { model: $('model').value, text: $('text').value, client: st.client }, ctl.signal);
     if (seq !== st.seq) return;
     st.busy = null; clearInterval(poll); prog.hidden = true; // progress is over: the run is back
-    st.cap = cap; st.grid = null; st.gridFor = ''; st.cmp = null;
+    st.cap = cap; st.grid = null; st.gridFor = ''; st.cmp = null; st.cseq++; // drop a compare of the old text
     st.layer = Math.min(st.layer, cap.layers - 1); st.head = Math.min(st.head, cap.heads - 1);
     fillLayerHead();
     let q = cap.tokens.length - 1; // the last token that is not a special one
@@ -242,11 +242,13 @@ function drawNeuron() { // the record's Q·K neuron view, numbers as sent
 async function compare() {
   if (!st.cap) return;
   showError(''); $('status').textContent = 'comparing…';
+  const seq = ++st.cseq;
   try {
     const doc = await api('/api/compare', { model: st.cap.model, a: st.cap.text, b: $('text-b').value, query: st.query });
+    if (seq !== st.cseq) return; // a newer compare (another token, text or run) was sent since
     st.cmp = doc; $('compare').hidden = false; drawCompare();
     $('status').textContent = `compared in ${doc.server_ms.toFixed(0)} ms`;
-  } catch (e) { showError(e.message); $('status').textContent = ''; }
+  } catch (e) { if (seq === st.cseq) { showError(e.message); $('status').textContent = ''; } }
 }
 function drawCompare() {
   const c = st.cmp, box = $('compare');
