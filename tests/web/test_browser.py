@@ -295,3 +295,23 @@ def test_a_late_compare_of_an_older_token_is_not_drawn(server, browser):
     page.unroute("**/api/compare")
     assert seen["errors"] == [], seen["errors"]
     page.close()
+
+
+def test_a_narrow_window_keeps_the_text_box_wide(server, browser):
+    """800 px wide: the text box keeps its width when the run's status line appears (it shrank
+    to a ~110 px sliver beside a status grown to its full width), and the compare grid marks
+    the open head as the layers × heads grid does."""
+    page = browser.new_page(viewport={"width": 800, "height": 900}, bypass_csp=True)
+    page.goto(server.url)
+    page.wait_for_selector("#model option", state="attached")
+    before = page.locator("#text").bounding_box()["width"]
+    run_text(page, SENTENCE)
+    after = page.locator("#text").bounding_box()["width"]
+    assert after >= 400 and after == before, (before, after)
+    page.click("#cmp-run")
+    page.wait_for_selector("#cmpgrid td.cell.sel")
+    outline = "getComputedStyle(document.querySelector('#{} td.cell.sel')).outlineStyle"
+    assert (
+        page.evaluate(outline.format("cmpgrid")) == page.evaluate(outline.format("grid")) != "none"
+    )
+    page.close()
