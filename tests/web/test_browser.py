@@ -315,3 +315,19 @@ def test_a_narrow_window_keeps_the_text_box_wide(server, browser):
         page.evaluate(outline.format("cmpgrid")) == page.evaluate(outline.format("grid")) != "none"
     )
     page.close()
+
+
+def test_no_empty_boxes_before_a_run(server, browser):
+    """Before the first run the page shows its inputs, not five empty bordered boxes."""
+    page, seen = open_page(browser, server)
+    empty = page.evaluate(
+        "Array.from(document.querySelectorAll('.panel, #tokens')).filter(e => "
+        "e.childNodes.length === 0 && e.getBoundingClientRect().height > 0).map(e => e.id)"
+    )
+    assert empty == []
+    run_text(page, SENTENCE)
+    page.wait_for_selector("#grid table")  # the grid comes after the lookup
+    for box in ("#tokens", "#lookup", "#grid", "#headview", "#neuron"):
+        assert page.locator(box).is_visible(), box
+    assert seen["errors"] == [], seen["errors"]
+    page.close()
