@@ -14,9 +14,9 @@ Why Starlette: a small, well-kept ASGI toolkit (routing, requests, responses, Te
 one dependency (anyio), served by uvicorn; qkv validates its few request fields explicitly, so
 FastAPI's pydantic layer would add weight without adding checks.
 
-Every request is validated (JSON object, body ≤ `max_body_kib`, types and index ranges, text ≤
-`max_chars` characters and ≤ the model's context in tokens); a bad one gets a 4xx with
-{"error": message}. No request names a file: models are named from the set fixed at start-up,
+Every request is validated (JSON object, body ≤ `max_body_kib`, only the route's fields, types
+and index ranges, text ≤ `max_chars` characters and ≤ the model's context in tokens); a bad one
+gets a 4xx with {"error": message}. No request names a file: models are named from the set fixed at start-up,
 assets come from a dict read when the app is made. Model work runs in the Explorer's worker
 pool (see `qkv.web.session`). Each JSON answer carries "server_ms", the time spent serving it.
 """
