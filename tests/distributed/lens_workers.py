@@ -48,6 +48,19 @@ def lens_across_ranks(rank: int, world: int) -> dict:
                                   progress=False).to_dict()  # fmt: skip
             d, bad = diff(got, want)
             report[f"{layout}/{token}/{top}"] = {"diff": d, "mismatch": bad[:5]}
+    # ALiBi (a score_mod of positions) instead of RoPE: the rows see global positions
+    from qkv.attention import alibi, alibi_slopes
+
+    model = TinyModel(causal=True, n_layers=2, seed=4)
+    for b in model.blocks:
+        b.attn.rope, b.attn.score_mod = None, alibi(alibi_slopes(b.attn.n_heads))
+    for layout in ("contiguous", "zigzag"):
+        want = explain(TEXT, "slept", model=model, top=0, progress=False).to_dict()
+        got = explain_sharded(TEXT, "slept", model=model, top=0, layout=layout,
+                              progress=False).to_dict()  # fmt: skip
+        d, bad = diff(got, want)
+        report[f"alibi:{layout}/slept/0"] = {"diff": d, "mismatch": bad[:5]}
+    model = TinyModel(causal=True, n_layers=3, seed=3)
     # the comparison can fail: another query's record differs
     other = explain(TEXT, "it", occurrence=-1, model=model, top=3, progress=False).to_dict()
     got = explain_sharded(TEXT, "slept", model=model, top=3, progress=False).to_dict()

@@ -3,6 +3,8 @@ same model run whole on one process (logits, and parameter gradients summed over
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.distributed as dist
 
@@ -17,13 +19,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return err(a, b) / max(float(b.detach().abs().max()), 1e-30)
 
 
-def tiny_decoder(dtype: torch.dtype) -> Decoder:
-    """Two layers covering what attention sees of positions: RoPE (partial), GQA, QK-norm, a
-    sliding window of 5 on layer 0, an attention softcap."""
+POSITIONS = {  # what attention sees of positions, by the decoder's kind of positions
+    # RoPE (partial), GQA, QK-norm, a sliding window of 5 on layer 0, an attention softcap
+    "rope": {"rope_dim": 6, "qk_norm": True, "windows": (5, None), "attn_softcap": 20.0},
+    # ALiBi (BLOOM): a score_mod of the global query and key positions
+    "alibi": {"positions": "alibi"},
+}
+
+
+def tiny_decoder(dtype: torch.dtype, positions: str = "rope") -> Decoder:
+    """Two layers, GQA, with `POSITIONS[positions]`."""
     c = DecoderConfig(
         name="tiny", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, d_head=8, d_ff=48,
-        vocab_size=50, max_positions=64, rope_dim=6, qk_norm=True, windows=(5, None),
-        attn_softcap=20.0,
+        vocab_size=50, max_positions=64, **POSITIONS[positions],
     )  # fmt: skip
     torch.manual_seed(0)
     model = Decoder(c)
@@ -35,11 +43,12 @@ def tiny_decoder(dtype: torch.dtype) -> Decoder:
 
 def sharded_decoder(rank: int, world: int) -> dict:
     """Relative errors of logits and parameter gradients, contiguous (uneven: N = 23) and
-    zigzag, fp64 and fp32."""
+    zigzag, fp64 and fp32, RoPE and ALiBi (keys "alibi:…")."""
     out = {}
     ids = torch.randint(0, 50, (2, 23), generator=torch.Generator().manual_seed(1))
-    for dtype in (torch.float64, torch.float32):
-        model = tiny_decoder(dtype)
+    for positions, dtype in itertools.product(POSITIONS, (torch.float64, torch.float32)):
+        pre = "" if positions == "rope" else f"{positions}:"
+        model = tiny_decoder(dtype, positions)
         want = model(ids)  # the whole sequence, one process, unsharded
         gen = torch.Generator().manual_seed(2)
         go = torch.randn(want.shape, generator=gen, dtype=torch.float64).to(dtype)
@@ -49,7 +58,7 @@ def sharded_decoder(rank: int, world: int) -> dict:
             model.zero_grad()
             shard(model, layout=layout)
             got = model(mine(ids, rank, world, layout, dim=1))
-            key = f"{layout}/{str(dtype)[6:]}"
+            key = f"{pre}{layout}/{str(dtype)[6:]}"
             out[key] = {"logits": rel(got, mine(want, rank, world, layout, dim=1))}
             got.backward(mine(go, rank, world, layout, dim=1))
             g = 0.0
@@ -63,7 +72,9 @@ def sharded_decoder(rank: int, world: int) -> dict:
         # mask at the wrong positions
         shard(model, layout="contiguous")
         got = model(mine(ids, rank, world, "zigzag", dim=1))
-        out[f"mislabeled/{str(dtype)[6:]}"] = rel(got, mine(want, rank, world, "zigzag", dim=1))
+        out[f"{pre}mislabeled/{str(dtype)[6:]}"] = rel(
+            got, mine(want, rank, world, "zigzag", dim=1)
+        )
         unshard(model)
     return out
 

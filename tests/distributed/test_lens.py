@@ -24,6 +24,16 @@ def test_sharded_record_equals_single_process(report, layout, token, top):
         assert got["diff"] <= TOL, f"rank {r}: {got['diff']:.3g}"
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_sharded_record_with_alibi_equals_single_process(report, layout):
+    """ALiBi is a score_mod of the query's and key's positions: the sharded rows must apply it
+    at global positions (before, they left it out: every weight was off)."""
+    for r, rep in enumerate(report):
+        got = rep[f"alibi:{layout}/slept/0"]
+        assert got["mismatch"] == [], f"rank {r}: {got['mismatch']}"
+        assert got["diff"] <= TOL, f"rank {r}: {got['diff']:.3g}"
+
+
 def test_the_check_can_fail(report):
     assert all(rep["other"] > 0 for rep in report)
 

@@ -19,17 +19,21 @@ def report(two_rank_report):
     return [r["model"] for r in two_rank_report]
 
 
+@pytest.mark.parametrize("positions", ["", "alibi:"])  # RoPE, or ALiBi (a score_mod)
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_sharded_decoder_equals_the_whole_model(report, layout, dtype):
+def test_sharded_decoder_equals_the_whole_model(report, positions, layout, dtype):
     for r, rep in enumerate(report):
-        got = rep[f"{layout}/{dtype}"]
+        got = rep[f"{positions}{layout}/{dtype}"]
         for what in ("logits", "grads", "unsharded"):
-            assert got[what] <= TOL[dtype], f"rank {r} {layout} {dtype} {what}: {got[what]:.3g}"
+            assert got[what] <= TOL[dtype], (
+                f"rank {r} {positions}{layout} {dtype} {what}: {got[what]:.3g}"
+            )
 
 
-def test_the_check_can_fail(report):
-    assert max(rep["mislabeled/float64"] for rep in report) > 1e-3
+@pytest.mark.parametrize("positions", ["", "alibi:"])
+def test_the_check_can_fail(report, positions):
+    assert max(rep[f"{positions}mislabeled/float64"] for rep in report) > 1e-3
 
 
 @pytest.mark.slow

@@ -110,11 +110,20 @@ def explain_sharded(
     return make_result(info, text, tokens, layers, top, qpick, kpick, cut)
 
 
+# the attention arguments `_layer` reproduces (a record holding others is refused, not misread)
+_ROW_KWARGS = ("causal", "scale", "window", "softcap", "score_mod", "sequence")
+
+
 def _layer(rec: Any, i: int, n: int, *, top: int, keep: list[int], heads: list[int] | None):
     """One layer's `Layer` for query i: the query broadcast, rows against every rank's keys,
     gathered (every rank gets the whole row)."""
     group, lay, rank = rec.attn_kwargs["sequence"]
     kw = rec.attn_kwargs
+    if extra := sorted(n for n, a in kw.items() if a is not None and n not in _ROW_KWARGS):
+        raise ValueError(
+            f"the sharded lens cannot compute rows of attention with {extra} yet; run the lens "
+            "on one process"
+        )
     q, k, v, z, W_O = rec.q[0], rec.k[0], rec.v[0], rec.z[0], rec.W_O  # (h i d) (g j d) (g j e)
     H, G, D, E = q.shape[0], k.shape[0], q.shape[-1], v.shape[-1]
     f64 = torch.float64
@@ -145,9 +154,12 @@ def _layer(rec: Any, i: int, n: int, *, top: int, keep: list[int], heads: list[i
         keep_j &= kpos <= i + right
     scale = float(kw["scale"]) if kw.get("scale") is not None else 1.0 / math.sqrt(D)
     kv = torch.arange(H, device=q.device) // (H // G)  # (h,) kv head of each query head
+    mod = kw.get("score_mod")
+    if mod is not None:  # (ALiBi) at global positions: the one row is query i, key j kpos[j]
+        mod = lambda s, b, h, qj, kj, f=mod: f(s, b, h, torch.full_like(qj, i), kpos[kj])  # noqa: E731
     w = attention_weights(
         qi[None, :, None], k[None], lse_i[None, :, None], rows=[0], mask=keep_j.view(1, 1, 1, -1),
-        scale=scale, softcap=kw.get("softcap"),
+        scale=scale, softcap=kw.get("softcap"), score_mod=mod,
     )[0, :, 0].to(f64)  # (h j), exp(logit − global LSE)  # fmt: skip
     s = (torch.einsum("hd,hjd->hj", qi, k[kv]) * scale).to(f64)  # (h j)
     vh = v[kv]  # (h j e)
