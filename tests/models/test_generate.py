@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qkv.cli import main
+from qkv.models import generate
 from qkv.models.tiny import TinyConfig, TinyTransformer, save_checkpoint
 
 VOCAB = ("_", "?", *(f"k{i}" for i in range(7)), *(f"v{i}" for i in range(7)))
@@ -138,3 +139,41 @@ def test_cli_generates_from_a_tiny_checkpoint(tmp_path, capsys):
     sampled = capsys.readouterr().out
     assert main([*args, "--temperature", "0.9", "--top-k", "3", "--seed", "1"]) == 0
     assert capsys.readouterr().out == sampled and sampled.strip().split(" ")[0] in VOCAB
+
+
+def test_cached_steps_run_on_one_thread_and_the_callers_count_is_kept(monkeypatch):
+    """After the prompt, each cached one-token step runs with PyTorch on one thread
+    (`one_thread`); the prompt's step and the consumer between tokens see the caller's count,
+    restored also when two generators interleave and when one is closed early."""
+    model = make()
+    seen: list[int] = []
+    hidden = model.hidden
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return hidden(*args, **kwargs)
+
+    model.hidden = spy
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a, b = model.generate_ids(prompt_ids(5), 6), model.generate_ids(prompt_ids(4), 6)
+        between = []
+        for _ in range(3):
+            next(a)
+            next(b)
+            between.append(torch.get_num_threads())
+        a.close()
+        between.append(torch.get_num_threads())
+        list(b)
+        assert between == [2, 2, 2, 2] and torch.get_num_threads() == 2
+        assert seen[:2] == [2, 2] and seen[2:] == [1] * 7, seen  # two prompts, then 3 + 4 steps
+        seen.clear()
+        list(model.generate_ids(prompt_ids(5), 3, use_cache=False))  # whole sequences: all threads
+        assert seen == [2, 2, 2]
+        seen.clear()
+        monkeypatch.setattr(generate, "STEP_THREADS", None)  # the opt-out keeps the caller's
+        list(model.generate_ids(prompt_ids(5), 3))
+        assert seen == [2, 2, 2]
+    finally:
+        torch.set_num_threads(before)

@@ -13,6 +13,8 @@ Letters: b batch, i position, m model dim, v vocabulary.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -109,13 +111,15 @@ class Generation:
         cache = KVCache(c.n_layers) if use_cache else None
         seq = torch.tensor([ids], dtype=torch.long, device=device)  # (1 i)
         for step in range(steps):
-            if cache is None:
-                h = self.hidden(seq)[:, -1]  # (1 m)
-            else:
-                h = self.hidden(seq if step == 0 else seq[:, -1:], cache=cache)[:, -1]
-                if step == 0:
-                    cache.reserve(min(c.max_positions, len(ids) + steps))
-            nxt = _pick(self.unembed(h)[0], temperature, top_k, gen)
+            one_row = cache is not None and step > 0 and device.type == "cpu"
+            with one_thread() if one_row and STEP_THREADS == 1 else contextlib.nullcontext():
+                if cache is None:
+                    h = self.hidden(seq)[:, -1]  # (1 m)
+                else:
+                    h = self.hidden(seq if step == 0 else seq[:, -1:], cache=cache)[:, -1]
+                    if step == 0:
+                        cache.reserve(min(c.max_positions, len(ids) + steps))
+                nxt = _pick(self.unembed(h)[0], temperature, top_k, gen)
             yield nxt
             if nxt in stop or step == steps - 1:
                 return
@@ -180,6 +184,39 @@ class Generation:
                 "this model has no tokenizer; pass token ids to model(...) / generate_ids"
             )
         return self.tokenizer
+
+
+# PyTorch threads of a cached one-token decode step on CPU: 1 (see `one_thread`), or None to
+# keep the caller's count. One thread measured no slower with short contexts and far steadier
+# when another process holds a core; with a 2048-token context two idle cores were faster
+# (benchmarks/RESULTS.md, "Decode steps on one thread").
+STEP_THREADS: int | None = 1
+_ONE = threading.Lock()
+_one_users: list[int] = []  # the thread count to restore, while any decode step runs
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """PyTorch's CPU ops on one thread inside the block; the count is restored when the last
+    block still open (in any Python thread) ends.
+
+    A one-token decode step on CPU is ~100 small kernels of one row each: on more threads each
+    pays a fork/join that costs more than it saves, and where another process keeps a core busy,
+    every join waits for a descheduled thread (benchmarks/RESULTS.md: smollm2 decode). PyTorch's
+    thread count is process-wide: other Python threads' CPU ops also run on one thread meanwhile."""
+    with _ONE:
+        if not _one_users:
+            _one_users.append(torch.get_num_threads())
+            torch.set_num_threads(1)
+        else:
+            _one_users.append(_one_users[0])
+    try:
+        yield
+    finally:
+        with _ONE:
+            before = _one_users.pop()
+            if not _one_users and before != 1:
+                torch.set_num_threads(before)
 
 
 def deliver(
