@@ -17,6 +17,7 @@ import pytest
 
 from qkv.lens import explain
 from qkv.lens import io as lens_io
+from qkv.lens.terminal import marked_text
 
 from .conftest import SENTENCE
 
@@ -273,3 +274,16 @@ def test_one_key_head_has_entropy_zero_not_minus_zero(tiny_causal):
 
     # an fp32 softmax row of one key may hold 1 + 1 ulp: −w log w is then −1.2e-7, shown "-0.00"
     assert f"{entropy(np.array([1.0000001]))}" == "0.0"
+
+
+def test_the_echo_window_always_holds_the_query_and_counts_what_it_cut(tiny_causal):
+    """A word longer than the snapping reach (here 5,000 characters) before the query: the
+    window still ends after the query, and the part of the word cut away is not counted as
+    a word left out."""
+    text = "x" + "a" * 5000 + " it"
+    r = explain(text, "it", model=tiny_causal, layer=0, head=0, top=1)
+    echo = str(marked_text(r))
+    assert echo.rstrip().endswith("it") and "words after" not in echo
+    assert "1 words" not in echo and "characters before" in echo
+    one = str(marked_text(explain("y " + "b" * 700 + " it", "it", model=tiny_causal, layer=0)))
+    assert one.rstrip().endswith("it")

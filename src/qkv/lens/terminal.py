@@ -49,11 +49,13 @@ def marked_text(r: ExplainResult, limit: int = ECHO_CHARS) -> Text:
     lo, hi = 0, len(r.text)
     if hi > limit:
         centre = q.start if not q.special else (0 if q.index == 0 else hi)
-        lo = _snap(r.text, max(0, min(centre - limit // 2, hi - limit)), -1)
-        hi = _snap(r.text, min(lo + limit, hi), 1)
+        start = max(0, min(centre - limit // 2, hi - limit))
+        lo, hi = _snap(r.text, start, -1), _snap(r.text, min(start + limit, hi), 1)
+        if not q.special:  # snapping stops inside a long word: the query stays in the window
+            lo, hi = min(lo, q.start), max(hi, q.end)
     out = Text()
     if lo > 0:
-        out.append(f"[… {len(r.text[:lo].split())} words before] ", style="dim")
+        out.append(f"[… {_left_out(r.text, 0, lo)} before] ", style="dim")
     pos = lo
     for t in r.tokens:
         if t.special:
@@ -77,8 +79,19 @@ def marked_text(r: ExplainResult, limit: int = ECHO_CHARS) -> Text:
     if pos < hi:
         out.append(r.text[pos:hi])
     if hi < len(r.text):
-        out.append(f" [{len(r.text[hi:].split())} words after …]", style="dim")
+        out.append(f" [{_left_out(r.text, hi, len(r.text))} after …]", style="dim")
     return out
+
+
+def _left_out(text: str, a: int, b: int) -> str:
+    """What the echo leaves out, text[a:b], in words ("152 words"); when the cut falls inside
+    a word, in characters ("4,364 characters"), since that word is partly shown."""
+    cut = b if a == 0 else a  # where the left-out part meets the shown one
+    if 0 < cut < len(text) and not text[cut - 1].isspace() and not text[cut].isspace():
+        n = b - a
+        return f"{n:,} character{'s' if n != 1 else ''}"
+    n = len(text[a:b].split())
+    return f"{n:,} word{'s' if n != 1 else ''}"
 
 
 def label(r: ExplainResult, j: int) -> str:
