@@ -287,3 +287,20 @@ def test_the_echo_window_always_holds_the_query_and_counts_what_it_cut(tiny_caus
     assert "1 words" not in echo and "characters before" in echo
     one = str(marked_text(explain("y " + "b" * 700 + " it", "it", model=tiny_causal, layer=0)))
     assert one.rstrip().endswith("it")
+
+
+def test_a_narrow_terminal_never_cuts_or_wraps_a_number(tiny_causal):
+    """At 80 columns the head table keeps every score, weight and contribution whole (rich cut
+    '0.0345' to '0.03…' or wrapped it under its bar); the wordy columns give way instead."""
+    from qkv.lens.terminal import render_text
+
+    r = explain(SENTENCE, "excited", model=tiny_causal, layer=0, head=0, top=0)
+    h = r.layers[0].heads[0]
+    h.contribution = h.contribution * 0 + np.float32(0.0345)  # the widest .3g form
+    h.contribution[0] = 9.38
+    s = render_text(r, width=80)
+    rows = [line for line in s.splitlines() if line.startswith("│") and line.strip("│ ")]
+    assert "…" not in s
+    for j, sc, w, c in zip(h.index, h.score, h.weight, h.contribution, strict=True):
+        row = next(line for line in rows if line.split("│")[3].strip() == str(int(j)))
+        assert f"{sc:.2f}" in row and f"{w:.3f}" in row and f"{c:.3g}" in row, row

@@ -107,19 +107,22 @@ def _rank_contribution(h: Head) -> list[int]:
     return ranks
 
 
-def head_table(r: ExplainResult, layer: int, h: Head) -> Table:
+def head_table(r: ExplainResult, layer: int, h: Head, whole: bool = True) -> Table:
+    """One head's kept keys. `whole`: the number columns never wrap, so no number is cut (the
+    key and rank columns give way); a console too narrow for that passes False (they wrap)."""
     t = Table(
         title=f"layer {layer} head {h.head} (kv head {h.kv_head}) — entropy {h.entropy:.2f} nats, "
         f"‖output‖ {h.output_norm:.3g}, {h.n_keys} keys visible",
         title_justify="left",
     )
+    num = {"no_wrap": whole}
     for col, kw in (
-        ("#", {"justify": "right"}),
+        ("#", {"justify": "right", **num}),
         ("key", {}),
-        ("idx", {"justify": "right"}),
-        ("score", {"justify": "right"}),
-        ("weight", {}),
-        ("contribution", {}),
+        ("idx", {"justify": "right", **num}),
+        ("score", {"justify": "right", **num}),
+        ("weight", num),
+        ("contribution", num),
         ("rank by content", {"justify": "right"}),
     ):
         t.add_column(col, **kw)
@@ -383,7 +386,11 @@ def render(r: ExplainResult, console: Console | None = None, *, n: int = 10) -> 
     heads = [(lay.layer, h) for lay in r.layers for h in lay.heads]
     if len(heads) <= 3:
         for layer, h in heads:
-            c.print(head_table(r, layer, h))
+            t = head_table(r, layer, h)
+            if c.measure(t, options=c.options.update_width(10**4)).minimum > c.width:
+                # too narrow for whole numbers beside a word of each key: let the numbers wrap
+                t = head_table(r, layer, h, whole=False)
+            c.print(t)
     elif len(r.layers) == 1:
         c.print(heads_table(r))
     else:
