@@ -165,6 +165,20 @@ def test_unwritable_output_fails_before_running_and_writes_nothing(loads, tmp_pa
     assert loads == [] and os.listdir(tmp_path) == []
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_the_system_refuses_fails_before_running_and_names_its_flag(
+    loads, tmp_path, capsys
+):
+    """/proc passes the permission bits but refuses new files: nothing runs, nothing is written
+    (not even the other, writable output), and the error names the flag."""
+    ok = tmp_path / "ok.json"
+    argv = ["explain", SENTENCE, "--token", "it", "--model", "tiny-causal", "--json", str(ok)]
+    assert main([*argv, "--png", "/proc/qkv-x.png"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "error: --png: cannot write '/proc/qkv-x.png'" in out.err
+    assert loads == [] and os.listdir(tmp_path) == []
+
+
 def test_empty_text(loads, capsys):
     assert main(["explain", "", "--token", "it", "--model", "tiny-causal"]) == 2
     assert "text is empty" in capsys.readouterr().err

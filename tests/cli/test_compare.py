@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -59,9 +60,15 @@ def test_compare_prints_the_rule_and_the_movers_and_writes_json(loads, tmp_path,
         ([SENTENCE, SENTENCE, "--token", "it"], "TEXT_A and TEXT_B are identical"),
         ([SENTENCE, SENTENCE_B, "--token", "it", "--layer", "7"], "layer 7"),
         ([SENTENCE, SENTENCE_B, "--token", "it", "--top", "0"], "--top must be"),
+        (
+            [SENTENCE, SENTENCE_B, "--token", "it", "--json", "/proc/qkv-x.json"],
+            "error: --json: cannot write",
+        ),
     ],
 )
 def test_bad_input_names_the_cli_words(loads, capsys, argv, message):
+    if "/proc" in " ".join(argv) and not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc")
     assert main(["compare", *argv, "--model", "tiny"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("qkv compare: error: ") and len(err.strip().splitlines()) == 1

@@ -304,3 +304,11 @@ def test_a_narrow_terminal_never_cuts_or_wraps_a_number(tiny_causal):
     for j, sc, w, c in zip(h.index, h.score, h.weight, h.contribution, strict=True):
         row = next(line for line in rows if line.split("│")[3].strip() == str(int(j)))
         assert f"{sc:.2f}" in row and f"{w:.3f}" in row and f"{c:.3g}" in row, row
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_directory_that_refuses_new_files_fails_the_early_check():
+    """/proc passes the permission bits (for root) but refuses new files: the check made before
+    any work must say so, not the write after it."""
+    with pytest.raises(ValueError, match=r"cannot write '/proc/qkv-probe\.json'"):
+        lens_io.check_writable("/proc/qkv-probe.json")

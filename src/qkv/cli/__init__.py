@@ -30,6 +30,19 @@ def text_or_file(text: str | None, file: str | None, what: str = "text") -> str:
     return p.read_text(encoding="utf-8")
 
 
+def check_output(flag: str, path: str, check: Any = None) -> None:
+    """Fail now, before the model runs, if `path` (given with `flag`) cannot be written: the
+    error names the flag. `check` defaults to `qkv.lens.io.check_writable`."""
+    if check is None:
+        from qkv.lens.io import check_writable as check
+    try:
+        check(path)
+    except (ValueError, FileNotFoundError) as e:
+        if not str(e).startswith(("cannot write", "output path")):  # names its flag already
+            raise
+        raise type(e)(f"{flag}: {e}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qkv", description="Attention as a soft lookup.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

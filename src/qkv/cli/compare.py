@@ -7,9 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qkv.cli import stdout_console
+from qkv.cli import check_output, stdout_console
 from qkv.lens import compare
-from qkv.lens.io import check_writable
 from qkv.models import DEFAULT_MODEL
 
 
@@ -19,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ValueError(f"--top must be ≥ 1, got {args.top}")
     if args.json is not None and args.json != "-":
-        check_writable(args.json)  # fail before the model runs
+        check_output("--json", args.json)  # fail before the model runs
     result = compare(
         args.text_a,
         args.text_b,

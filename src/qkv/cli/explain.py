@@ -9,10 +9,9 @@ import argparse
 import os
 import sys
 
-from qkv.cli import stdout_console, text_or_file
+from qkv.cli import check_output, stdout_console, text_or_file
 from qkv.lens import DEFAULT_TOP, explain, neuron
 from qkv.lens.explain import resolve_model
-from qkv.lens.io import check_writable
 from qkv.models import DEFAULT_MODEL
 
 
@@ -28,9 +27,9 @@ def run(args: argparse.Namespace) -> int:
             "--neuron shows one head's q·k for one key: give --layer L, --head H and --key WORD "
             "(or --key-index J) with it"
         )
-    for path in (args.json, args.html, args.png):  # fail before the model runs
+    for flag, path in (("--json", args.json), ("--html", args.html), ("--png", args.png)):
         if path is not None and path != "-":
-            check_writable(path)
+            check_output(flag, path)  # fail before the model runs
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: shard the text
         if args.flow or args.rollout or args.neuron:
             raise ValueError("--flow, --rollout and --neuron run on one process: drop torchrun")

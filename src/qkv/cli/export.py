@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from qkv.cli import text_or_file
+from qkv.cli import check_output, text_or_file
 from qkv.lens.export import (
     DENSE_MAX_TOKENS,
     SPARSE_TOP,
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top is not None and args.top < 0:
         raise ValueError(f"--top must be ≥ 0 (0 = dense rows), got {args.top}")
     try:
-        check_export_path(args.out)  # fail before the model runs
+        check_output("--out", args.out, check_export_path)  # fail before the model runs
     except ImportError as e:
         raise ValueError(str(e).replace("writing .parquet", "--out FILE.parquet")) from None
     progress = sys.stderr.isatty()

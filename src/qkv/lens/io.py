@@ -28,6 +28,12 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise ValueError(f"cannot write {str(p)!r}: directory {str(parent)!r} is not writable")
     if p.exists() and not os.access(p, os.W_OK, effective_ids=True):
         raise ValueError(f"cannot write {str(p)!r}: the file exists and is read-only")
+    try:  # the bits can say yes where the file system says no (/proc, a read-only mount)
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=parent)
+    except OSError as e:
+        raise ValueError(f"cannot write {str(p)!r}: {e.strerror or e}") from e
+    os.close(fd)
+    os.unlink(probe)
     return p
 
 
