@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .explain import explain, resolve_model
+from .explain import _check_range, explain, resolve_model, summarize
 from .io import write_atomic
 from .record import ExplainResult, Head, ModelSummary, Query, Token
 
@@ -307,6 +307,9 @@ def compare(
         raise ValueError("text_a and text_b are identical: nothing can move; change one of them")
     m = resolve_model(model)
     name = model if isinstance(model, str) and not os.path.isdir(model) else None
+    info = summarize(m, name)  # the ranges are the model's, not either text's: checked once
+    _check_range("layer", layer, info.n_layers, info.name)
+    _check_range("head", head, info.n_heads, info.name)
 
     def run(text: str, which: str, tok: str | int) -> ExplainResult:
         try:
