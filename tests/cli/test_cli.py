@@ -179,6 +179,18 @@ def test_an_output_the_system_refuses_fails_before_running_and_names_its_flag(
     assert loads == [] and os.listdir(tmp_path) == []
 
 
+def test_a_file_that_is_not_utf8_names_the_flag_and_the_byte(loads, tmp_path, capsys):
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("The café was closed.".encode("latin-1"))
+    assert main(["explain", "--file", str(f), "--token", "was", "--model", "tiny-causal"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qkv explain: error: --file {str(f)!r} is not UTF-8 text")
+    assert "byte 0xe9 at offset 7" in err and len(err.strip().splitlines()) == 1
+    assert main(["explain", "--file", str(tmp_path / "none.txt"), "--index", "0"]) == 2
+    assert "error: --file: no text file at" in capsys.readouterr().err
+    assert loads == []
+
+
 def test_empty_text(loads, capsys):
     assert main(["explain", "", "--token", "it", "--model", "tiny-causal"]) == 2
     assert "text is empty" in capsys.readouterr().err

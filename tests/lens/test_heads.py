@@ -114,6 +114,11 @@ def test_missing_or_empty_data(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="holds no examples"):
         load_examples(tmp_path / "empty.jsonl")
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(
+        ValueError, match=r"latin1\.jsonl: not UTF-8 text \(byte 0xe9 at offset 13\)"
+    ):
+        load_examples(tmp_path / "latin1.jsonl")
 
 
 @pytest.fixture(scope="module")

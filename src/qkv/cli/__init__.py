@@ -26,8 +26,14 @@ def text_or_file(text: str | None, file: str | None, what: str = "text") -> str:
         return text
     p = Path(file)
     if not p.is_file():
-        raise FileNotFoundError(f"no {what} file at {file!r}")
-    return p.read_text(encoding="utf-8")
+        raise FileNotFoundError(f"--file: no {what} file at {file!r}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"--file {file!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+            f"{e.start}); save it as UTF-8"
+        ) from None
 
 
 def check_output(flag: str, path: str, check: Any = None) -> None:

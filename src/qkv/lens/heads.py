@@ -99,8 +99,14 @@ def load_examples(path: str | os.PathLike | None = None) -> list[Example]:
     p = Path(path) if path is not None else DATA_PATH
     if not p.is_file():
         raise FileNotFoundError(f"no data file at {str(p)!r}")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        ) from None
     out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
