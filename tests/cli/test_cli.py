@@ -238,6 +238,15 @@ def test_cli_message_rewrites_python_names():
     )
 
 
+def test_cli_message_turns_a_switch_set_false_into_leaving_out_its_flag():
+    """`chat=False` is not `--chat False` (no such value exists): the flag is left out."""
+    from qkv.cli import _flags, build_parser, cli_message
+
+    flags = _flags(build_parser())
+    said = cli_message("gemma3 has no chat template; call generate with chat=False", flags, {})
+    assert said == "gemma3 has no chat template; call generate without --chat"
+
+
 def test_head_minus_one_is_the_last_head_in_every_layer(loads, capsys):
     argv = ["explain", SENTENCE, "--token", "it", "--model", "tiny-causal", "--head", "-1"]
     assert main(argv) == 0

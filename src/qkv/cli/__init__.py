@@ -92,6 +92,12 @@ def cli_message(message: str, flags: dict[str, tuple[str, bool]], names: dict[st
     for phrase, f in sorted(names.items(), key=lambda t: -len(t[0])):
         if " " in phrase:
             message = re.sub(rf"(?<![\w-]){re.escape(phrase)}\b", f, message)
+
+    def switch_off(m: re.Match) -> str:  # "with chat=False": there is no "--chat False"
+        f = flag(m.group(1))
+        return m.group(0) if f is None or table[m.group(1)][1] else f"without {f}"
+
+    message = re.sub(r"\bwith ([a-z_]\w*)=False\b", switch_off, message)
     value = r"=([^\s,;)]*[^\s,;).])"  # name=value (a sentence's full stop is not the value's)
     message = re.sub(rf"\b[A-Z]\w*(?:\.|: )([a-z_]\w*)\b(?:{value})?", kwarg, message)
     message = re.sub(rf"(?<![\w.-])([a-z_]\w*){value}", kwarg, message)
