@@ -312,3 +312,43 @@ def test_a_directory_that_refuses_new_files_fails_the_early_check():
     any work must say so, not the write after it."""
     with pytest.raises(ValueError, match=r"cannot write '/proc/qkv-probe\.json'"):
         lens_io.check_writable("/proc/qkv-probe.json")
+
+
+def test_png_of_one_head_in_every_layer_draws_that_head(deep, tmp_path, monkeypatch):
+    """explain(head=H) without a layer: the heatmaps are head H's rows, as the terminal's
+    per-layer table is (they were the mean over every head, whatever H), each with a scale."""
+    import matplotlib.axes
+    import matplotlib.figure
+
+    drawn, titles, bars = [], [], []
+    imshow, set_title, colorbar = (
+        matplotlib.axes.Axes.imshow,
+        matplotlib.axes.Axes.set_title,
+        matplotlib.figure.Figure.colorbar,
+    )
+
+    def spy_imshow(self, M, *a, **k):
+        drawn.append(np.array(M))
+        return imshow(self, M, *a, **k)
+
+    def spy_title(self, s, *a, **k):
+        titles.append(s)
+        return set_title(self, s, *a, **k)
+
+    def spy_colorbar(self, im, *a, **k):
+        bars.append(k.get("label", ""))
+        return colorbar(self, im, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", spy_imshow)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", spy_title)
+    monkeypatch.setattr(matplotlib.figure.Figure, "colorbar", spy_colorbar)
+    r = explain(SENTENCE, "it", model=deep, head=2, top=0)
+    r.to_png(tmp_path / "h.png")
+    assert len(drawn) == 2 and all("head 2" in t for t in titles[:2]), titles
+    for M, what in zip(drawn, ("weight", "contribution"), strict=True):
+        for row, lay in zip(M, r.layers, strict=True):
+            h = lay.heads[0]
+            want = np.zeros(M.shape[1])
+            want[h.index] = getattr(h, what)
+            np.testing.assert_allclose(row, want / want.max(), rtol=1e-5, atol=1e-7)
+    assert len(bars) == 2 and all("max" in b for b in bars)

@@ -105,19 +105,22 @@ def to_png(r: ExplainResult, path: str | os.PathLike, dpi: int = 110) -> Path:
         axes[0].invert_yaxis()
         fig.suptitle(f"{title} — layer {layer} head {h.head}")
     else:
+        # one head per layer, the same one (explain(head=H)): draw that head, as the terminal's
+        # per-layer table does; otherwise each layer's own numbers over every head
+        one = {h.head for lay in r.layers for h in lay.heads}
+        per_head = all(len(lay.heads) == 1 for lay in r.layers) and len(one) == 1
+        rows = [lay.heads[0] if per_head else lay for lay in r.layers]
         cols: dict[int, float] = {}
-        for lay in r.layers:
-            for j, w in zip(lay.index, lay.weight, strict=True):
+        for x in rows:
+            for j, w in zip(x.index, x.weight, strict=True):
                 cols[int(j)] = max(cols.get(int(j), 0.0), float(w))
         best = sorted(cols, key=lambda j: -cols[j])[:MAX_COLUMNS]
-        keep = sorted(
-            set(best) | {lay.top_contribution for lay in r.layers if lay.top_contribution in cols}
-        )
+        keep = sorted(set(best) | {x.top_contribution for x in rows if x.top_contribution in cols})
         pos = {j: c for c, j in enumerate(keep)}
         W = np.zeros((len(r.layers), len(keep)))
         C = np.zeros_like(W)
-        for row, lay in enumerate(r.layers):
-            for j, w, c in zip(lay.index, lay.weight, lay.contribution, strict=True):
+        for row, x in enumerate(rows):
+            for j, w, c in zip(x.index, x.weight, x.contribution, strict=True):
                 if int(j) in pos:
                     W[row, pos[int(j)]], C[row, pos[int(j)]] = w, c
         C = C / np.maximum(C.max(1, keepdims=True), 1e-12)
@@ -129,12 +132,21 @@ def to_png(r: ExplainResult, path: str | os.PathLike, dpi: int = 110) -> Path:
         )
         axes = axes[0]
         labels = [_label(r, j) for j in keep]
+        names = (
+            (f"head {min(one)}: weight", f"head {min(one)}: contribution ‖w·v W_O‖")
+            if per_head
+            else ("mean weight over heads", "content carried ‖Σ_h w·v W_O‖")
+        )
         for ax, M, name, cmap in (
-            (axes[0], W, "mean weight over heads", "Blues"),
-            (axes[1], C, "content carried ‖Σ_h w·v W_O‖", "Oranges"),
+            (axes[0], W, names[0], "Blues"),
+            (axes[1], C, names[1], "Oranges"),
         ):
-            ax.imshow(M, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            im = ax.imshow(M, aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
             ax.set_title(f"{name}\n(each layer scaled to its max)", fontsize=9)
+            if len(r.layers) >= 4:  # a scale beside a strip of one to three rows is noise
+                fig.colorbar(
+                    im, ax=ax, fraction=0.05, pad=0.02, aspect=40, label="÷ the layer's max"
+                )
             ax.set_xticks(range(len(keep)), labels, rotation=90, fontsize=7)
             ax.set_yticks(range(len(r.layers)), [str(lay.layer) for lay in r.layers], fontsize=7)
             ax.set_ylabel("layer")
@@ -148,8 +160,10 @@ def to_png(r: ExplainResult, path: str | os.PathLike, dpi: int = 110) -> Path:
             )
             axes[2].set_title(f"weight on {r.key.text.strip()!r} by layer × head", fontsize=9)
             axes[2].set_xlabel("head")
+            axes[2].set_xticks(range(r.model.n_heads), [str(h) for h in range(r.model.n_heads)],
+                               fontsize=7)  # fmt: skip
             axes[2].set_yticks(range(len(L)), [str(x) for x in L], fontsize=7)
-            fig.colorbar(im, ax=axes[2])
+            fig.colorbar(im, ax=axes[2], label="weight")
         fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
