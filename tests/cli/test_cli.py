@@ -300,6 +300,37 @@ def test_rich_output_into_a_closed_pipe_exits_141(loads, monkeypatch, capsys):
     assert cli.main(["explain", SENTENCE, "--token", "it", "--model", "tiny-causal"]) == 141
 
 
+def test_files_are_written_even_when_stdout_is_closed(loads, monkeypatch, tmp_path, capsys):
+    """`qkv explain ... --png r.png | head -1`: the reader leaving early does not cost the file."""
+    from qkv import cli
+
+    class Closed:
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def isatty(self):
+            return False
+
+        def fileno(self):
+            raise OSError("no file descriptor")
+
+    monkeypatch.setattr("sys.stdout", Closed())
+    argv = ["explain", SENTENCE, "--token", "it", "--model", "tiny-causal"]
+    paths = [tmp_path / "r.json", tmp_path / "r.html", tmp_path / "r.png"]
+    argv += [
+        a for f, p in zip(("--json", "--html", "--png"), paths, strict=True) for a in (f, str(p))
+    ]
+    assert cli.main(argv) == 141
+    assert all(p.is_file() for p in paths) and sorted(os.listdir(tmp_path)) == [
+        "r.html",
+        "r.json",
+        "r.png",
+    ]
+
+
 @pytest.mark.parametrize("where", ["start-up", "model load"])
 def test_ctrl_c_exits_130_quietly(loads, monkeypatch, capsys, where):
     from qkv import cli

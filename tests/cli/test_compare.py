@@ -74,3 +74,24 @@ def test_bad_input_names_the_cli_words(loads, capsys, argv, message):
     err = capsys.readouterr().err
     assert err.startswith("qkv compare: error: ") and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
+
+
+def test_the_json_is_written_even_when_stdout_is_closed(loads, monkeypatch, tmp_path):
+    class Closed:
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def isatty(self):
+            return False
+
+        def fileno(self):
+            raise OSError("no file descriptor")
+
+    monkeypatch.setattr("sys.stdout", Closed())
+    path = tmp_path / "c.json"
+    argv = ["compare", SENTENCE, SENTENCE_B, "--token", "it", "--model", "tiny"]
+    assert main([*argv, "--json", str(path)]) == 141
+    assert json.loads(path.read_text(encoding="utf-8"))["schema"] == "qkv.compare/1"

@@ -31,10 +31,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json == "-":
         sys.stdout.write(result.to_json(indent=1) + "\n")
         return 0
-    result.render(stdout_console(), n=args.top)
-    if args.json is not None:
+    if args.json is not None:  # first: a reader of stdout that leaves early does not cost it
         result.to_json(args.json, indent=1)
-        print(f"wrote {args.json}", file=sys.stderr)
+    try:
+        result.render(stdout_console(), n=args.top)
+    finally:
+        if args.json is not None:
+            print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 

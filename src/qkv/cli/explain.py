@@ -85,10 +85,7 @@ def _explain_sharded(text: str, args: argparse.Namespace):
 
 
 def _output(result, args: argparse.Namespace) -> int:
-    if args.json == "-":
-        sys.stdout.write(result.to_json(indent=1) + "\n")
-    else:
-        result.render(stdout_console())
+    # the files first: a reader of stdout that leaves early (`| head`) does not cost them
     written = []
     if args.json not in (None, "-"):
         result.to_json(args.json, indent=1)
@@ -99,8 +96,14 @@ def _output(result, args: argparse.Namespace) -> int:
     if args.png is not None:
         result.to_png(args.png)
         written.append(args.png)
-    for w in written:
-        print(f"wrote {w}", file=sys.stderr)
+    try:
+        if args.json == "-":
+            sys.stdout.write(result.to_json(indent=1) + "\n")
+        else:
+            result.render(stdout_console())
+    finally:
+        for w in written:
+            print(f"wrote {w}", file=sys.stderr)
     return 0
 
 
