@@ -22,6 +22,7 @@ global.document = {
 };
 global.atob = s => Buffer.from(s, 'base64').toString('binary');
 eval(js);
+const firstGrid = ids['grid'].innerHTML;  // as the page opens, before the clicks below
 const text = ids['text'];
 if (text.children.length < 3) throw new Error('no tokens drawn');
 if (!ids['keys'].innerHTML.includes('<table>')) throw new Error('no key table');
@@ -48,3 +49,5 @@ if (process.argv[3] === 'tables') {
 }
 // with a third argument "neuron": print the neuron section's HTML as JSON
 if (process.argv[3] === 'neuron') console.log(JSON.stringify({display: ids['neuron'].style.display || '', html: ids['neuron'].innerHTML}));
+// with a third argument "grid": print the grid as the page first drew it, as JSON
+if (process.argv[3] === 'grid') console.log(JSON.stringify({grid: firstGrid}));

@@ -352,3 +352,29 @@ def test_png_of_one_head_in_every_layer_draws_that_head(deep, tmp_path, monkeypa
             want[h.index] = getattr(h, what)
             np.testing.assert_allclose(row, want / want.max(), rtol=1e-5, atol=1e-7)
     assert len(bars) == 2 and all("max" in b for b in bars)
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node.js runs the page's script")
+def test_html_grid_opens_on_a_key_the_heads_kept(tiny_causal, tmp_path):
+    """The grid (weight on one key by layer × head) opens on the key with the most weight over
+    the kept rows, the first token and the query aside: on a long text the first head's top
+    content key is kept in few other heads, and the grid was nearly all "not kept"."""
+    words = [f"w{k % 37}" for k in range(300)]
+    r = explain(" ".join([*words, "needle"]), "needle", model=tiny_causal, top=1)
+    r.to_html(tmp_path / "g.html")
+    out = subprocess.run(
+        ["node", str(Path(__file__).with_name("dom_stub.js")), str(tmp_path / "g.html"), "grid"],
+        capture_output=True, text=True, encoding="utf-8", timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    grid = json.loads(out.stdout.splitlines()[-1])["grid"]
+    total: dict[int, float] = {}
+    for lay in r.layers:
+        for h in lay.heads:
+            for j, w in zip(h.index, h.weight, strict=True):
+                if int(j) not in (0, r.query.index):
+                    total[int(j)] = total.get(int(j), 0.0) + float(w)
+    best = max(total, key=total.get)
+    assert f"→ &quot;{r.tokens[best].text}&quot; by layer" in grid
+    kept = sum(1 for lay in r.layers for h in lay.heads if h.key(best) is not None)
+    assert grid.count("not kept") == len(r.layers) * r.model.n_heads - kept

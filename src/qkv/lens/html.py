@@ -268,7 +268,11 @@ $('layer').onchange=e=>{st.layer=+e.target.value;fillHeads();st.head=-1;draw();}
 $('head').onchange=e=>{st.head=+e.target.value;draw();};
 $('qty').onchange=e=>{st.qty=e.target.value;draw();};
 if(D.heads.length===1){st.head=D.heads[0][1];}
-if(st.pin===null&&D.heads.length){st.pin=D.heads[0][7];}
+if(st.pin===null&&D.heads.length){ // the grid opens on the key with the most weight over the
+  // kept rows, the first token, special tokens and the query aside (else the first head's top)
+  const tot=new Float64Array(N);for(let r=0;r<IDX.length;r++)tot[IDX[r]]+=W[r];
+  let best=-1;for(let j=1;j<N;j++)if(j!==D.query&&D.tokens[j][1]<D.tokens[j][2]&&(best<0||tot[j]>tot[best]))best=j;
+  st.pin=best>=0&&tot[best]>0?best:D.heads[0][7];}
 syncControls();draw();drawNeuron();
 """
 
