@@ -247,6 +247,37 @@ def test_cli_message_turns_a_switch_set_false_into_leaving_out_its_flag():
     assert said == "gemma3 has no chat template; call generate without --chat"
 
 
+def test_every_command_says_what_it_does_and_every_option_its_default():
+    """`qkv CMD --help` opens with a description; an option with a default says it, and so do
+    the options whose absence means something (--top-k: every token; --eval-every: 100)."""
+    import argparse
+
+    from qkv.cli import build_parser
+
+    unset_but_meaningful = {"--top-k", "--seed", "--eval-every", "--time-limit", "--seq-len"}
+    missing = []
+
+    def walk(p: argparse.ArgumentParser, name: str) -> None:
+        if not p.description:
+            missing.append(f"{name}: no description")
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for n, sp in a.choices.items():
+                    walk(sp, f"{name} {n}")
+            elif a.option_strings and a.dest != "help":
+                says = "default" in (a.help or "")
+                if a.default not in (None, False) and not says:
+                    missing.append(f"{name} {a.option_strings[-1]}: default {a.default!r} unsaid")
+                if a.option_strings[-1] in unset_but_meaningful and not says:
+                    missing.append(f"{name} {a.option_strings[-1]}: what unset means is unsaid")
+
+    for name, p in next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices.items():
+        walk(p, f"qkv {name}")
+    assert missing == []
+
+
 def test_head_minus_one_is_the_last_head_in_every_layer(loads, capsys):
     argv = ["explain", SENTENCE, "--token", "it", "--model", "tiny-causal", "--head", "-1"]
     assert main(argv) == 0

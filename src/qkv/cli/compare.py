@@ -53,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token", help="the query: a word of both texts (always a word, even '1')")
     p.add_argument("--index", type=int, help="the query by position instead (-1 = the last)")
     p.add_argument("--occurrence", type=int, default=1,
-                   help="which occurrence of a repeated --token word (from 1; -1 = the last)")  # fmt: skip
+                   help="which occurrence of a repeated --token word (from 1, the default; -1 = the "
+                   "last)")  # fmt: skip
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model name or checkpoint directory (default {DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--layer", type=int, help="only this layer (0-based; -1 = the last)")

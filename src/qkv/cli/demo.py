@@ -32,5 +32,11 @@ def run_worked_example() -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the soft lookup on a tiny worked example")
+    p = sub.add_parser(
+        "demo",
+        help="the soft lookup on a tiny worked example",
+        description="Three tokens with hand-made 2-d queries, keys and values: the query of 'it' "
+        "scored against every key (q·k/√d), the softmax weights, and the output Σ weight·v, every "
+        "number printed. No model is loaded.",
+    )
     p.set_defaults(run=lambda args: print(run_worked_example()))

@@ -119,7 +119,7 @@ def _add_token_choice(
         f"--{occurrence}",
         type=int,
         default=1,
-        help=f"which occurrence of a repeated --{word} word (from 1; -1 = the last)",
+        help=f"which occurrence of a repeated --{word} word (from 1, the default; -1 = the last)",
     )
 
 

@@ -52,8 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
     )
-    p.add_argument("--top-k", type=int, help="sample only among the k likeliest tokens")
-    p.add_argument("--seed", type=int, help="seed for sampling (reproducible output)")
+    p.add_argument("--top-k", type=int,
+                   help="sample only among the k likeliest tokens (default: among all)")  # fmt: skip
+    p.add_argument("--seed", type=int,
+                   help="seed for sampling (reproducible output; default: a fresh one each run)")  # fmt: skip
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the model's chat template"
     )

@@ -34,5 +34,10 @@ def describe() -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the bundled models")
+    p = sub.add_parser(
+        "models",
+        help="list the bundled models",
+        description="The bundled models (architecture, weights package, license) and the "
+        "checkpoint families --model PATH accepts.",
+    )
     p.set_defaults(run=lambda args: print(describe()))

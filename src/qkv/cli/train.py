@@ -50,6 +50,7 @@ TRAIN_FLAGS = (
 PYTHON_NAMES = {f: "--" + k.replace("_", "-") for k, f in {**TASK_FLAGS, **ARCH_FLAGS}.items()}
 _TC = TrainConfig()
 _AC = {f.name: f.default for f in dataclasses.fields(TinyConfig)}
+EXPERIMENT_EVAL_EVERY = 50  # the projections experiment evaluates twice as often as a training run
 
 
 def _task_from(args: argparse.Namespace, name: str, defaults: dict | None = None):
@@ -99,7 +100,11 @@ def _add_task_flags(
     g.add_argument(
         "--seq-len",
         type=int,
-        help="recall/induction: sequence length (recall: filler '_' pads the records)",
+        help="recall/induction: sequence length (recall: filler '_' pads the records; default: "
+        "recall just long enough for the records and queries, induction 16)"
+        if not recall_only
+        else "sequence length (filler '_' pads the records; default: just long enough for the "
+        "records and queries)",
     )
     if recall_only:
         p.set_defaults(symbols=None, length=None)
@@ -129,12 +134,19 @@ def _add_arch_flags(p: argparse.ArgumentParser, with_projections: bool = True) -
         )
 
 
-def _add_train_flags(p: argparse.ArgumentParser, steps: int, early_stop: bool = True) -> None:
+def _add_train_flags(
+    p: argparse.ArgumentParser,
+    steps: int,
+    early_stop: bool = True,
+    eval_every: int = _TC.eval_every,
+) -> None:
     g = p.add_argument_group("training (defaults from qkv.train.TrainConfig)")
     g.add_argument("--steps", type=int, help=f"optimiser steps, at most (default {steps})")
     g.add_argument("--batch-size", type=int, help=f"sequences per step (default {_TC.batch_size})")
     g.add_argument("--lr", type=float, help=f"AdamW peak learning rate (default {_TC.lr})")
-    g.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
+    g.add_argument(
+        "--eval-every", type=int, help=f"steps between held-out evaluations (default {eval_every})"
+    )
     g.add_argument("--threads", type=int, help=f"torch CPU threads (default {_TC.threads})")
     if early_stop:
         g.add_argument("--seed", type=int, help=f"seed for init and data (default {_TC.seed})")
@@ -143,7 +155,9 @@ def _add_train_flags(p: argparse.ArgumentParser, steps: int, early_stop: bool = 
             type=float,
             help=f"stop once held-out validation accuracy reaches this (default {_TC.target}; 0 = never)",
         )
-        g.add_argument("--time-limit", type=float, help="stop after this many seconds")
+        g.add_argument(
+            "--time-limit", type=float, help="stop after this many seconds (default: no limit)"
+        )
         g.add_argument(
             "--checkpoint-every",
             type=int,
@@ -196,7 +210,7 @@ def run_experiment(args: argparse.Namespace) -> int:
     for path in (png, js):  # fail before minutes of training
         if not path.parent.is_dir():
             raise FileNotFoundError(f"cannot write {path}: directory {path.parent} does not exist")
-    base = _train_config(args, eval_every=args.eval_every or 50)
+    base = _train_config(args, eval_every=args.eval_every or EXPERIMENT_EVAL_EVERY)
     steps = args.steps or DEFAULT_STEPS
     print(
         f"projections: {len(variants)} variants × {len(seeds)} seeds × {steps} steps on {task.name} "
@@ -248,7 +262,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_train, python_names=PYTHON_NAMES)
 
     e = sub.add_parser(
-        "experiment", help="experiments on learned attention (projections: why W_Q, W_K, W_V?)"
+        "experiment",
+        help="experiments on learned attention (projections: why W_Q, W_K, W_V?)",
+        description="Experiments on learned attention. projections: why three projections? "
+        "(qkv experiment projections --help; docs/experiment-projections.md)",
     )
     esub = e.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     x = esub.add_parser(
@@ -279,5 +296,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _add_task_flags(x, DEFAULT_TASK, recall_only=True)
     _add_arch_flags(x, with_projections=False)
-    _add_train_flags(x, DEFAULT_STEPS, early_stop=False)
+    _add_train_flags(x, DEFAULT_STEPS, early_stop=False, eval_every=EXPERIMENT_EVAL_EVERY)
     x.set_defaults(run=run_experiment, projections=None, python_names=PYTHON_NAMES)
