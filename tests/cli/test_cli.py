@@ -278,6 +278,23 @@ def test_every_command_says_what_it_does_and_every_option_its_default():
     assert missing == []
 
 
+def test_demo_prints_every_number_it_uses(capsys):
+    """Each printed score is q·k/√d from printed numbers (the query vector was not shown), the
+    weights are their softmax, and the output is Σ weight·v."""
+    import math
+
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    vec = r"\(([-\d.]+), ([-\d.]+)\)"
+    q = tuple(map(float, re.search(rf"q of 'it' = {vec}", out).groups()))
+    rows = re.findall(rf"^  (\w+) +{vec} +([-\d.]+) +([\d.]+) +{vec}$", out, re.M)
+    assert [r[0] for r in rows] == ["dog", "ball", "it"]
+    scores = [(q[0] * float(r[1]) + q[1] * float(r[2])) / math.sqrt(2) for r in rows]
+    assert [f"{x:.3f}" for x in scores] == [r[3] for r in rows]
+    z = [math.exp(x) for x in scores]
+    assert [f"{x / sum(z):.3f}" for x in z] == [r[4] for r in rows]
+
+
 def test_head_minus_one_is_the_last_head_in_every_layer(loads, capsys):
     argv = ["explain", SENTENCE, "--token", "it", "--model", "tiny-causal", "--head", "-1"]
     assert main(argv) == 0

@@ -20,6 +20,7 @@ def run_worked_example() -> str:
     r = reference_attention(q, k, v)
     i = TOKENS.index("it")
     lines = ["Attention as a soft lookup — the query of 'it' against every key (d = 2):", ""]
+    lines += [f"  q of 'it' = ({', '.join(f'{x:.1f}' for x in Q[i])})", ""]
     lines.append(f"  {'key':<6}{'k':>14}{'q·k/√d':>10}{'weight':>9}{'v':>14}")
     for j, tok in enumerate(TOKENS):
         kj = ", ".join(f"{x:.1f}" for x in K[j])
