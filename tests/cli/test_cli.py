@@ -188,6 +188,10 @@ def test_a_file_that_is_not_utf8_names_the_flag_and_the_byte(loads, tmp_path, ca
     assert "byte 0xe9 at offset 7" in err and len(err.strip().splitlines()) == 1
     assert main(["explain", "--file", str(tmp_path / "none.txt"), "--index", "0"]) == 2
     assert "error: --file: no text file at" in capsys.readouterr().err
+    (tmp_path / "zeros.bin").write_bytes(b"PK\x03\x04" + bytes(300))  # valid UTF-8, yet binary
+    assert main(["explain", "--file", str(tmp_path / "zeros.bin"), "--index", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --file" in err and "is binary (a NUL byte at offset 4)" in err
     assert loads == []
 
 

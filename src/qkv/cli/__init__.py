@@ -28,12 +28,16 @@ def text_or_file(text: str | None, file: str | None, what: str = "text") -> str:
     if not p.is_file():
         raise FileNotFoundError(f"--file: no {what} file at {file!r}")
     try:
-        return p.read_text(encoding="utf-8")
+        out = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(
             f"--file {file!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
             f"{e.start}); save it as UTF-8"
         ) from None
+    if "\x00" in out:  # valid UTF-8, but no text holds NUL: an archive, an image, a binary
+        raise ValueError(f"--file {file!r} is binary (a NUL byte at offset "
+                         f"{len(out[: out.index(chr(0))].encode())}); pass a text file")  # fmt: skip
+    return out
 
 
 def check_output(flag: str, path: str, check: Any = None) -> None:
