@@ -213,3 +213,27 @@ def test_within_chance_heads_are_not_marked(tiny_bidir, small_data):
     out = " ".join(str(s).split())
     assert "Chance: 12 heads guessing at random on these 12 sentences" in out
     assert "margin" in out and "corrected for 12 heads" in out
+
+
+def test_the_heads_table_fits_80_columns_and_its_caption_matches_its_numbers(
+    tiny_bidir, small_data
+):
+    """At 80 columns (a terminal's usual width, and rich's when stdout is not one) every row
+    keeps its last column and right border (the table was 82 wide and cropped). The caption
+    gave margin as the gap between two weights ('0.020 vs 0.015 has margin 0.005'), which the
+    table's own answer/other columns contradict: margin is a per-sentence gap, averaged."""
+    import io
+
+    from rich.console import Console
+
+    from qkv.lens.heads import render
+
+    s = head_search(tiny_bidir, small_data, progress=False)
+    buf = io.StringIO()
+    render(s, Console(file=buf, width=80, color_system=None, force_terminal=False), n=3)
+    lines = buf.getvalue().splitlines()
+    rows = [line for line in lines if line.startswith(("│", "┃", "┏", "└"))]
+    assert rows and all(len(line) <= 80 and line[-1] in "│┃┓┘" for line in rows), rows
+    assert all(line.count("│") == 10 for line in rows if line.startswith("│"))
+    text = " ".join(buf.getvalue().split())
+    assert "0.005" not in text and "margin: in each sentence" in text

@@ -340,19 +340,22 @@ def _table(s: HeadSearch, sc: HeadScores, n: int, title: str) -> Table:
         title=title,
         title_justify="left",
         caption="p: the chance that the best of all the model's heads, each guessing at random, "
-        "does at least as well. margin: the mean weight gap between the head's first and second "
-        "candidate (a head choosing by 0.020 vs 0.015 has margin 0.005).",
+        "does at least as well. margin: in each sentence, the weight on the head's chosen "
+        "candidate minus that on the runner-up, averaged over the sentences (not 'weight on "
+        "answer' minus 'on the other', which average over right and wrong choices alike).",
         caption_justify="left",
     )
+    # headers broken by hand: left to rich, the wrapped headers were measured back wider than
+    # the widths it gave them, and the table overflowed 80 columns (its last column cropped)
     for col in (
         "rank",
         "layer",
         "head",
         "accuracy",
         "p",
-        "pairs both right",
-        "weight on answer",
-        "on the other",
+        "pairs\nboth\nright",
+        "weight\non\nanswer",
+        "on the\nother",
         "margin",
     ):
         t.add_column(col, justify="right", min_width=9 if col == "accuracy" else None)
