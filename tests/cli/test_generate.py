@@ -62,7 +62,8 @@ def test_reads_the_prompt_from_a_file(smollm2, loads, tmp_path, capsys):
     [
         (["hi", "--model", "minilm"], "'minilm' is not a decoder"),
         (["hi", "--model", "smolm2"], "did you mean 'smollm2'"),
-        ([""], "empty prompt"),
+        ([""], "prompt is empty"),
+        (["   "], "prompt is only whitespace"),
         ([], "either as an argument or with --file"),
         (["hi", "--file", "x.txt"], "either as an argument or with --file"),
         (["--file", "/nonexistent/p.txt"], "no prompt file"),

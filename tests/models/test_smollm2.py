@@ -547,8 +547,10 @@ def test_tiny_quantised_gguf_decodes_from_its_blocks(tmp_path):
 
 
 def test_bad_prompts(model, monkeypatch):
-    with pytest.raises(ValueError, match="empty prompt"):
+    with pytest.raises(ValueError, match="prompt is empty"):
         model.generate("")
+    with pytest.raises(ValueError, match="prompt is only whitespace"):
+        model.generate(" \n\t ")
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate("hi", 0)
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 49152\)"):

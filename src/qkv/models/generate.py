@@ -49,8 +49,11 @@ class Generation:
                     'messages must be a non-empty list of {"role": ..., "content": ...} dicts'
                 )
         else:
-            if not prompt:
-                raise ValueError("empty prompt: pass at least one character to continue")
+            if not prompt.strip():
+                raise ValueError(
+                    f"prompt is {'empty' if not prompt else 'only whitespace'}: pass some text "
+                    "to continue"
+                )
             messages = [{"role": "user", "content": prompt}]
         if chat:
             if not self.chat_template:

@@ -95,11 +95,14 @@ def load(name_or_path: str | Path):
                 f"unknown model {name_or_path!r}: choose one of {sorted(MODELS)}{hint} "
                 "(or give the path of a checkpoint folder)"
             )
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: no such file or folder (a model is a bundled name, one of "
+            f"{sorted(MODELS)}, a checkpoint folder or a .gguf file)"
+        )
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(
-                f"{path} is a file; qkv.load takes a checkpoint folder (config.json + "
+                f"{path} is a file, not a checkpoint: give a checkpoint folder (config.json + "
                 "*.safetensors) or a .gguf file"
             )
         return importlib.import_module("qkv.models.llama").load_gguf(path)
