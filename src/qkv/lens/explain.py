@@ -79,6 +79,7 @@ def summarize(model: nn.Module, name: str | None = None) -> ModelSummary:
         causal=bool(getattr(cfg, "causal", a.causal)),
         max_positions=int(maxpos),
         windows=_windows(mods),
+        score_steps=_score_steps(mods),
     )
 
 
@@ -87,6 +88,31 @@ def _windows(mods: list) -> tuple | None:
     ws = tuple(getattr(m, "window", None) for m in mods)
     return (
         None if all(w is None for w in ws) else tuple(None if w is None else tuple(w) for w in ws)
+    )
+
+
+def _score_steps(mods: list) -> str | None:
+    """What each attention module does to a score q·k × scale before the softmax besides
+    masking (a softcap, a score_mod), in words, grouped by layer; None if no layer does any."""
+    per = []
+    for m in mods:
+        steps = []
+        if (c := getattr(m, "softcap", None)) is not None:
+            steps.append(f"the softcap s → {c:g}·tanh(s/{c:g})")
+        if (f := getattr(m, "score_mod", None)) is not None:
+            name = getattr(f, "__qualname__", type(f).__name__).split(".<locals>")[0]
+            steps.append(
+                f"the score_mod {name}" + (" (−slope·|i − j| per head)" if name == "alibi" else "")
+            )
+        per.append(", then ".join(steps) or None)
+    said = list(dict.fromkeys(p for p in per if p))
+    if not said:
+        return None
+    if len(said) == 1 and all(per):
+        return f"{said[0]} on every layer"
+    return "; ".join(
+        f"{p} on layer{'s' * (per.count(p) > 1)} {', '.join(str(i) for i, x in enumerate(per) if x == p)}"
+        for p in said
     )
 
 
@@ -435,6 +461,12 @@ def notes(r: ExplainResult) -> list[str]:
         out.append(
             f"{r.model.name} is causal: {q!r} (token {i}) sees only tokens 0..{i}; what follows "
             f"({later[:60]!r}{'…' if len(later) > 60 else ''}) cannot change its lookups."
+        )
+    if r.model.score_steps:
+        out.append(
+            f"The score column is q·k × the attention's scale; before the softmax "
+            f"{r.model.name} applies {r.model.score_steps}, so the weights are the softmax of the "
+            "modified scores, not of the scores shown."
         )
     sink = sink_note(r)
     if sink:

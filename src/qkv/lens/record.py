@@ -183,6 +183,9 @@ class ModelSummary:
     # per layer, the (left, right) window its attention applies, None where it is global; None
     # when no layer has one
     windows: tuple[tuple[int | None, int | None] | None, ...] | None = None
+    # what the attention does to a score (q·k × scale) before the softmax besides masking, in
+    # words ("the score_mod alibi on every layer"); None when the logits are the scores
+    score_steps: str | None = None
 
 
 @dataclass(eq=False)
@@ -420,6 +423,7 @@ def to_dict(r: ExplainResult) -> dict:
             "windows": None
             if m.windows is None
             else [None if w is None else list(w) for w in m.windows],
+            "score_steps": m.score_steps,
         },
         "text": r.text,
         "tokens": [
@@ -561,6 +565,7 @@ def from_json(source: str | os.PathLike | dict) -> ExplainResult:
         causal=bool(rd.get(cfg, "causal", "model_config")),
         max_positions=rd.integer(cfg, "max_positions", "model_config", 1),
         windows=_windows(cfg.get("windows"), rd),
+        score_steps=_optional_string(cfg, "score_steps", rd),
     )
     text = rd.string(doc, "text", "")
     tokens = []
@@ -677,6 +682,14 @@ def _neuron(d: Any) -> NeuronView | None:
     from .neuron import NeuronView
 
     return NeuronView.from_dict(d)
+
+
+def _optional_string(cfg: dict, key: str, rd: Any) -> str | None:
+    """model_config[key]: absent or null, or a string."""
+    v = cfg.get(key)
+    if v is not None and not isinstance(v, str):
+        raise rd.fail(f"model_config.{key}", f"must be null or a string, got {type(v).__name__}")
+    return v
 
 
 def _windows(ws: Any, rd: Any) -> tuple | None:
