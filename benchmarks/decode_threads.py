@@ -4,7 +4,9 @@ process, alternating (`qkv.models.generate.STEP_THREADS` = 1 vs None), with the 
     python benchmarks/decode_threads.py --model smollm2 --threads 2 --prompt 7 2048 --rounds 6
 
 Prints one table row per prompt length: medians over the rounds of each mode, their ratio, and
-the load average before and after (a busy machine is what one thread is for: say so).
+the load average before and after (a busy machine is what one thread is for: say so). `--peer`
+(smollm2) adds a row against `transformers.generate` on the same threads: whole calls of 32 + 64
+greedy tokens, prefill included, alternating, the same tokens.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import qkv
 from qkv.models import generate
 
-TEXT = "The history of the city begins with a small village by the river. " * 600
+TEXT = "The history of the city begins with a small village by the river. " * 250
 
 
 def rate(model, prompt: list[int], new: int) -> tuple[float, list[int]]:
@@ -38,6 +42,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, nargs="+", default=[7, 2048], help="prompt tokens")
     p.add_argument("--new", type=int, default=32, help="tokens decoded after the prompt")
     p.add_argument("--rounds", type=int, default=6, help="runs of each mode, alternating")
+    p.add_argument("--peer", action="store_true", help="also time transformers (smollm2)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = qkv.load(args.model)
@@ -67,6 +72,27 @@ def main() -> None:
         runs = " / ".join(" ".join(f"{x:.1f}" for x in rates[m]) for m in ("one", "all"))
         print(f"| {n} | {one:.1f} | {all_:.1f} | {one / all_:.2f}× | {runs} | "
               f"{load0:.1f} → {os.getloadavg()[0]:.1f} |", flush=True)  # fmt: skip
+    if args.peer:
+        peer(model, args)
+
+
+def peer(model, args) -> None:
+    """qkv (one-thread steps) vs transformers.generate, 32 + 64 greedy tokens, whole calls."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import models as bench  # benchmarks/models.py: the same loaders and calls as its tables
+
+    ids = bench.smollm2_ids(bench.SMOL_PROMPT)
+    ours = bench.smollm2_decode("qkv", model, ids, bench.SMOL_DECODE)
+    theirs = bench.smollm2_decode("hf", bench.load_smollm2_hf(), ids, bench.SMOL_DECODE)
+    with torch.inference_mode():
+        same = ours() == theirs()
+        load0 = os.getloadavg()[0]
+        r = bench.alternate(ours, theirs, args.rounds)
+    n = bench.SMOL_DECODE
+    print(f"\n| greedy {bench.SMOL_PROMPT}+{n} tokens, {args.threads} threads, tok/s (median) | qkv | "
+          f"transformers | ratio | load before → after |\n|---|---|---|---|---|\n"
+          f"| same tokens: {same} | {n / r.a:.1f} | {n / r.b:.1f} | {r.speedup()} | "
+          f"{load0:.1f} → {os.getloadavg()[0]:.1f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
