@@ -114,6 +114,11 @@ def attention(
     A row with no key left returns 0 with LSE −inf and zero gradients, never NaN. NaN/inf in a
     masked-out key or value never reaches the output.
 
+    Gradients flow to q, k, v on every backend (and to a float `mask` on "reference"/"sdpa").
+    Second derivatives (`create_graph=True`: gradient penalties, Hessian-vector products)
+    recompute the forward through the reference, O(Sq·Sk) memory, and are refused with
+    dropout on "tiled"/"fused". Under `torch.func` transforms "auto" runs the reference.
+
     Backends: "reference" (explicit, O(Sq·Sk) memory, the oracle), "tiled" (online softmax,
     O(N) memory, custom backward, skips masked-out key blocks), "sdpa" (PyTorch's fused kernel,
     exact requests only), "fused" (CPU: one compiled loop per query block for windows,
@@ -143,7 +148,15 @@ def attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     auto = backend == "auto"
-    if auto:
+    if torch._C._are_functorch_transforms_active():  # torch.func.grad/vmap/jacrev/…
+        if auto:
+            backend = "reference"
+        elif backend in ("tiled", "fused", "triton"):
+            raise ValueError(
+                f"backend={backend!r} has a custom autograd backward that torch.func transforms "
+                "(grad, vmap, jacrev, …) cannot trace; use backend='auto' or 'reference' there"
+            )
+    elif auto:
         backend = choose_backend(q, k, v, spec, return_lse)
     if backend == "sdpa" and return_lse:
         try:

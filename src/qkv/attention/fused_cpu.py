@@ -49,6 +49,7 @@ from torch import Tensor
 
 from .._jit import Kernels
 from . import blockmask, scoring
+from .reference import double_backward_vjp
 from .spec import Spec
 from .tiled import backward, tiled
 
@@ -332,9 +333,13 @@ class _FusedAttention(torch.autograd.Function):
         return out.to(q.dtype), lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that differentiates again
+            grads = double_backward_vjp(
+                q, k, v, ctx.spec, dout, dlse, ctx.needs_input_grad[:3], "fused"
+            )
+            return *grads, None
         if ctx.finite:
             from .fused_cpu_backward import backward as fused_backward
 

@@ -75,3 +75,42 @@ def reference(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Intermediates:
         wd = w * (u >= spec.dropout_p) / (1.0 - spec.dropout_p)
     out = blend(wd, vv).to(v.dtype)
     return Intermediates(scores=s, logits=logits, weights=w, lse=lse, out=out)
+
+
+def double_backward_vjp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: Spec,
+    dout: Tensor,
+    dlse: Tensor | None,
+    needs: tuple[bool, bool, bool],
+    backend: str,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dq, dk, dv) as a differentiable graph, for a fused backend's backward when autograd
+    asks for one (`create_graph=True`: gradient penalties, Hessian-vector products, MAML).
+
+    The fused backwards compute exact first derivatives without a graph; for second ones the
+    forward is recomputed here by the reference, whose autograd graph gives the same first
+    derivatives and differentiates again. Costs the reference's O(Sq·Sk) memory, only then.
+    Dropout masks are drawn per tile by the fused backends and cannot be redrawn here.
+    """
+    if spec.dropout_p > 0:
+        raise ValueError(
+            f"backend={backend!r} cannot differentiate twice (create_graph=True) through "
+            f"dropout_p={spec.dropout_p}: its dropout masks are drawn per tile; use "
+            "backend='reference' for second derivatives with dropout"
+        )
+    wrt = [t for t, n in zip((q, k, v), needs, strict=True) if n]
+    with torch.enable_grad():
+        r = reference(q, k, v, spec)
+        outs, grads = [r.out], [dout]
+        if dlse is not None:
+            outs.append(r.lse)
+            grads.append(dlse)
+        got = iter(torch.autograd.grad(outs, wrt, grads, create_graph=True, allow_unused=True))
+    res = []
+    for t, n in zip((q, k, v), needs, strict=True):
+        g = next(got) if n else None
+        res.append(torch.zeros_like(t) if n and g is None else g)
+    return res[0], res[1], res[2]

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import scoring
+from .reference import double_backward_vjp
 from .spec import Spec
 
 BLOCK_Q = 256
@@ -465,9 +466,13 @@ class _TiledAttention(torch.autograd.Function):
         return out_c.to(q.dtype), lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that differentiates again
+            grads = double_backward_vjp(
+                q, k, v, ctx.spec, dout, dlse, ctx.needs_input_grad[:3], "tiled"
+            )
+            return *grads, None, None, None
         dq, dk, dv = backward(q, k, v, ctx.spec, out, lse, dout, dlse, ctx.seed, ctx.blocks)
         return dq, dk, dv, None, None, None
 

@@ -38,6 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import scoring, tiled
+from .reference import double_backward_vjp
 from .spec import Spec
 
 LOG2E = math.log2(math.e)
@@ -333,9 +334,13 @@ class _TritonAttention(torch.autograd.Function):
         return out.to(q.dtype), lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that differentiates again
+            grads = double_backward_vjp(
+                q, k, v, ctx.spec, dout, dlse, ctx.needs_input_grad[:3], "triton"
+            )
+            return *grads, None, None
         if ctx.clean:  # NaN/inf in K or V: the tiled backward keeps masked ones out
             dq, dk, dv = tiled.backward(q, k, v, ctx.spec, out, lse, dout, dlse)
         else:

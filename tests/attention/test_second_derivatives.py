@@ -1,0 +1,92 @@
+"""Second derivatives (create_graph=True): gradient penalties, Hessian-vector products, MAML.
+
+The fused backends' backwards compute first derivatives without an autograd graph; when one is
+asked for they recompute through the reference. Checked against the float64 `naive` oracle of
+conftest, differentiated twice by autograd (it shares no code with qkv.attention).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkv
+
+from .conftest import err, make_qkv, naive
+
+CASES = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window": {"window": (3, 1)},
+    "softcap+alibi": {"softcap": 2.0, "score_mod": qkv.alibi(4)},
+    "mask_mod": {"mask_mod": qkv.sliding_window_mask(4)},
+}
+
+
+def _hvp(run, xs, us, with_lse):
+    """u·∇(‖∇L‖²)-style check: g = ∇L (with graph), then ∇(Σ g·u) for L = Σ out² (+ Σ lse)."""
+    out, lse = run(*xs)
+    loss = out.pow(2).sum() + (lse.masked_fill(lse.isinf(), 0).sum() if with_lse else 0)
+    gs = torch.autograd.grad(loss, xs, create_graph=True)
+    inner = sum((g * u).sum() for g, u in zip(gs, us, strict=True))
+    return gs, torch.autograd.grad(inner, xs, materialize_grads=True)
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", ["tiled", "fused", "reference", "auto"])
+def test_second_derivatives_match_float64_oracle(backend, case, with_lse):
+    kw = CASES[case]
+    q, k, v = make_qkv(2, 4, 2, 7, 9, 8, Dv=5, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(1)
+    us = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (q, k, v)]
+
+    def ours(q, k, v):
+        return qkv.attention(q, k, v, **kw, return_lse=True, backend=backend)
+
+    def oracle(q, k, v):
+        r = naive(q, k, v, **kw)
+        return r.out, r.lse
+
+    g1, h1 = _hvp(ours, [q, k, v], us, with_lse)
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    g0, h0 = _hvp(oracle, ref, us, with_lse)
+    for name, a, b in zip("qkv", g1, g0, strict=True):
+        assert err(a, b) < 1e-10, f"d{name}: {err(a, b):.3g}"
+    for name, a, b in zip("qkv", h1, h0, strict=True):
+        assert b.abs().max() > 0 and err(a, b) < 1e-10, f"Hv wrt {name}: {err(a, b):.3g}"
+
+
+@pytest.mark.parametrize("backend", ["tiled", "fused"])
+def test_gradgradcheck(backend):
+    q, k, v = make_qkv(1, 2, 1, 3, 5, 4, Dv=3, dtype=torch.float64, requires_grad=True)
+    fn = lambda q, k, v: qkv.attention(q, k, v, causal=True, softcap=3.0, backend=backend)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (q, k, v))
+
+
+def test_first_derivatives_keep_the_graph_free_backward():
+    q, k, v = make_qkv(1, 2, 1, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    gs = torch.autograd.grad(qkv.attention(q, k, v, backend="tiled").sum(), (q, k, v))
+    assert all(g.grad_fn is None and not g.requires_grad for g in gs)
+
+
+def test_second_derivatives_through_tiled_dropout_are_refused_by_name():
+    q, k, v = make_qkv(1, 2, 1, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    out = qkv.attention(q, k, v, dropout_p=0.1, generator=torch.Generator(), backend="tiled")
+    with pytest.raises(ValueError, match=r"dropout_p=0\.1.*backend='reference'"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+
+
+def test_torch_func_transforms_run_auto_on_the_reference_and_refuse_custom_backwards():
+    q, k, v = make_qkv(1, 2, 1, 3, 5, 4, dtype=torch.float64)
+    kw = {"window": (1, 0), "softcap": 2.0}  # auto would pick tiled/fused outside torch.func
+
+    def loss(q):
+        return qkv.attention(q, k, v, **kw).pow(2).sum()
+
+    qq = q.clone().requires_grad_()
+    naive(qq, k, v, **kw).out.pow(2).sum().backward()
+    assert err(torch.func.grad(loss)(q), qq.grad) < 1e-12
+    for backend in ("tiled", "fused"):
+        with pytest.raises(ValueError, match=f"backend='{backend}'.*torch.func"):
+            torch.func.grad(lambda q: qkv.attention(q, k, v, backend=backend).sum())(q)  # noqa: B023
