@@ -331,3 +331,28 @@ def test_no_empty_boxes_before_a_run(server, browser):
         assert page.locator(box).is_visible(), box
     assert seen["errors"] == [], seen["errors"]
     page.close()
+
+
+def test_the_old_results_fade_while_a_new_text_runs(server, browser):
+    """While a new text runs, the previous text's token chips and panels are faded and do not
+    take clicks (they are not the new text's); the new results come back at full strength."""
+    page, seen = open_page(browser, server)
+    run_text(page, SENTENCE)
+    opacity = "getComputedStyle(document.querySelector('#lookup')).opacity"
+    assert page.evaluate(opacity) == "1"
+    held = []
+    page.route("**/api/run", lambda r: held.append(r))
+    page.fill("#text", SENTENCE_B)
+    page.click("#run")
+    page.wait_for_function(f"{opacity} < 0.5")  # held: the old text's results, faded
+    assert (
+        page.evaluate("getComputedStyle(document.querySelector('#tokens')).pointerEvents") == "none"
+    )
+    held[0].continue_()
+    page.unroute("**/api/run")
+    page.wait_for_function(f"document.querySelector('#prog').hidden && {opacity} === '1'")
+    assert (
+        page.evaluate("getComputedStyle(document.querySelector('#tokens')).pointerEvents") == "auto"
+    )
+    assert seen["errors"] == [], seen["errors"]
+    page.close()

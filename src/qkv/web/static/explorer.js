@@ -47,6 +47,7 @@ async function run() {
   const ctl = new AbortController(); st.busy = ctl;
   const seq = ++st.seq;
   showError(''); $('status').textContent = 'running…';
+  document.body.classList.add('running'); // the shown results are the old text's until it is back
   const prog = $('prog'); prog.hidden = false; prog.value = 0;
   const poll = setInterval(async () => {
     try {
@@ -58,6 +59,7 @@ async function run() {
     const cap = await api('/api/run', { model: $('model').value, text: $('text').value, client: st.client }, ctl.signal);
     if (seq !== st.seq) return;
     st.busy = null; clearInterval(poll); prog.hidden = true; // progress is over: the run is back
+    document.body.classList.remove('running');
     st.cap = cap; st.grid = null; st.gridFor = ''; st.cmp = null; st.cseq++; // drop a compare of the old text
     st.layer = Math.min(st.layer, cap.layers - 1); st.head = Math.min(st.head, cap.heads - 1);
     fillLayerHead();
@@ -69,7 +71,10 @@ async function run() {
     if ($('cmp-on').checked) await compare();
   } catch (e) {
     if (e.name !== 'AbortError' && e.status !== 409 && seq === st.seq) { showError(e.message); $('status').textContent = ''; }
-  } finally { clearInterval(poll); if (seq === st.seq) { prog.hidden = true; if (st.busy === ctl) st.busy = null; } }
+  } finally {
+    clearInterval(poll);
+    if (seq === st.seq) { prog.hidden = true; document.body.classList.remove('running'); if (st.busy === ctl) st.busy = null; }
+  }
 }
 
 function fillLayerHead() {
