@@ -233,3 +233,26 @@ def test_auto_falls_back_to_tiled_when_the_fused_lse_kernel_is_missing(monkeypat
     assert (lse.double() - want.lse).abs().max() < 1e-5
     with pytest.raises(RuntimeError, match="No available kernel"):  # an explicit choice is kept
         qkv.attention(q, k, v, causal=True, return_lse=True, backend="sdpa")
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", ["auto", "tiled", "reference"])
+def test_nan_in_a_query_makes_its_row_nan_as_plain_math_does(backend, dtype, causal, return_lse):
+    # PyTorch's CPU SDPA kernels return 0 for such a row (torch 2.13): `auto` must not hide it
+    q, k, v = make_qkv(2, 4, 2, 6, 6, 16, dtype=dtype)
+    q[1, 2, 3, 5] = float("nan")
+    got = qkv.attention(q, k, v, causal=causal, return_lse=return_lse, backend=backend)
+    out, lse = got if return_lse else (got, None)
+    truth = oracle(q, k, v, causal=causal)
+    assert torch.isnan(truth.out[1, 2, 3]).all()  # the oracle: plain float64 math
+    assert torch.isnan(out[1, 2, 3]).all()
+    bad = torch.zeros(out.shape[:3], dtype=torch.bool)
+    bad[1, 2, 3] = True
+    assert not torch.isnan(out[~bad]).any()
+    assert_within_budget(
+        out[~bad], same_dtype(q, k, v, causal=causal).out[~bad], truth.out[~bad], dtype
+    )
+    if lse is not None:
+        assert torch.isnan(lse[1, 2, 3]) and err(lse[~bad], truth.lse[~bad]) < 1e-5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -33,11 +35,22 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool
     mask_mod or a score mod it can compute (measured 1.1–3.8× tiled's forward there,
     benchmarks/RESULTS.md); plain and causal requests keep SDPA / tiled, which are faster."""
     backend = _choose(q, k, v, spec, return_lse)
+    if backend == "sdpa" and q.device.type == "cpu" and not _sum_finite(q):
+        backend = "tiled"
     special = spec.left is not None or spec.mask_mod is not None or spec.has_mods
     if backend == "tiled" and special and spec.Sq and spec.Sk:
         if fused_cpu.supported(q, spec) is None:
             return "fused"
     return backend
+
+
+def _sum_finite(q: Tensor) -> bool:
+    """Whether q holds no NaN/inf (a finite sum proves it; ~2 µs for a decode step's q).
+    PyTorch's CPU SDPA kernels return 0, not NaN, for a query row holding NaN (torch 2.13;
+    its math kernel and every other backend here give NaN), so `auto` keeps such a call off
+    them; an overflowing sum sends a finite q to tiled too, which is exact anyway."""
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return math.isfinite(q.sum(dtype=wide).item())
 
 
 def _choose(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> str:
@@ -106,6 +119,10 @@ def attention(
         1 1 1 1 0
         1 1 1 1 1
 
+    This is flash-attn's (≥ 2.1) causal and SDPA's `attn_mask=causal_lower_right(Sq, Sk)`
+    (`torch.nn.attention.bias`), not SDPA's `is_causal=True`, which is top-left aligned (keeps
+    j ≤ i) and differs whenever Sq ≠ Sk. With Sq > Sk the first Sq − Sk rows keep no key.
+
     `window=(left, right)` keeps i+δ−left ≤ j ≤ i+δ+right (inclusive; None = unbounded);
     `(W−1, 0)` attends exactly the W most recent keys. `mask` is bool (True = keep) or a float
     additive bias, broadcastable to (B, Hq, Sq, Sk). `mask_mod`/`score_mod` are FlexAttention-style
@@ -121,10 +138,11 @@ def attention(
 
     Backends: "reference" (explicit, O(Sq·Sk) memory, the oracle), "tiled" (online softmax,
     O(N) memory, custom backward, skips masked-out key blocks), "sdpa" (PyTorch's fused kernel,
-    exact requests only), "fused" (CPU: one compiled loop per query block for windows,
-    mask_mods, softcap and ALiBi, with a cached block mask, tiled's backward; what it cannot
-    compute exactly runs on tiled), "triton" (FlashAttention-2-style forward kernel for CUDA, tiled
-    backward; plain/causal/window/GQA only; opt-in: "auto" never picks it), "auto" (the fastest
+    exact requests only; its CPU kernels return 0, not NaN, for a query row holding NaN: "auto"
+    checks), "fused" (CPU: one compiled loop per query block for windows, mask_mods, softcap and
+    ALiBi, with a cached block mask, tiled's backward; what it cannot compute exactly runs on
+    tiled), "triton" (FlashAttention-2-style forward kernel for CUDA, tiled backward;
+    plain/causal/window/GQA only; opt-in: "auto" never picks it), "auto" (the fastest
     exact one). Equivalent PyTorch::
 
         s = (q @ k.repeat_interleave(Hq // Hk, 1).transpose(-1, -2)) * scale
