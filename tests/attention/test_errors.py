@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import qkv
 
-from .conftest import make_qkv
+from .conftest import err, make_qkv, oracle
 
 
 def _qkv():
@@ -126,3 +128,23 @@ def test_flex_style_chained_indexing_is_explained(B):
     with pytest.raises((IndexError, RuntimeError, ValueError)) as e:
         qkv.attention(q, k, v, mask_mod=lambda b, h, q_idx, kv_idx: bias[b][q_idx - 2] > 0)
     assert "mask_mod" in str(e.value) and "bias[b, q_idx]" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("cap", [float("inf"), 1e300], ids=str)
+def test_a_softcap_that_overflows_is_refused_not_nan(cap):
+    # cap·tanh(s/cap) is inf·0 = NaN for every score once cap is inf in the compute dtype
+    q, k, v = _qkv()
+    for backend in ("auto", "reference", "tiled", "fused"):
+        with pytest.raises(
+            ValueError, match=f"softcap must be a finite number > 0.*{re.escape(repr(cap))}"
+        ):
+            qkv.attention(q, k, v, softcap=cap, backend=backend)
+    if cap == float("inf"):
+        with pytest.raises(ValueError, match="softcap must be a finite number > 0, got inf"):
+            qkv.softcap(cap)
+
+
+def test_a_softcap_beyond_float32_is_fine_in_float64():
+    q, k, v = (t.double() for t in _qkv())
+    got = qkv.attention(q, k, v, softcap=1e300)
+    assert err(got, oracle(q, k, v, softcap=1e300).out) < 1e-12

@@ -153,6 +153,13 @@ def test_bad_input():
         mha(torch.randn(1, 3, 64), cache=object())
     with pytest.raises(ValueError, match="broadcast"):
         mha(torch.randn(1, 3, 64), mask=torch.ones(1, 1, 1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"x is on meta but the weights are on cpu"):
+        mha(torch.randn(1, 3, 64, device="meta"))
+    with pytest.raises(ValueError, match=r"window .*got \(True, 0\)"):
+        MultiHeadAttention(64, 4, window=(True, 0))
+    for cap in (float("inf"), float("nan")):  # inf gave NaN outputs; nan was refused already
+        with pytest.raises(ValueError, match="softcap must be None or a finite number > 0"):
+            MultiHeadAttention(64, 4, softcap=cap)
 
 
 def test_nan_in_padded_positions_never_leaks():

@@ -188,8 +188,8 @@ def alibi(slopes: Tensor | int) -> ScoreMod:
 
 def softcap(cap: float) -> ScoreMod:
     """cap·tanh(score/cap) (Gemma 2, Grok). The `softcap=` argument does the same, first."""
-    if not cap > 0:
-        raise ValueError(f"softcap must be > 0, got {cap}")
+    if not isinstance(cap, int | float) or not 0 < cap < math.inf:
+        raise ValueError(f"softcap must be a finite number > 0, got {cap!r}")
 
     def mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return cap * torch.tanh(score / cap)

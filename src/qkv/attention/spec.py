@@ -193,8 +193,14 @@ def make_spec(
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     if not isinstance(scale, int | float) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
-    if softcap is not None and (not isinstance(softcap, int | float) or not softcap > 0):
-        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    if softcap is not None:
+        # c·tanh(s/c) is inf·0 = NaN for every score once c overflows the compute dtype
+        top = torch.finfo(torch.float64 if q.dtype == torch.float64 else torch.float32).max
+        if not isinstance(softcap, int | float) or not 0 < softcap <= top:
+            raise ValueError(
+                f"softcap must be a finite number > 0 (at most {top:.3g} for {q.dtype}) or None "
+                f"for no cap, got {softcap!r}"
+            )
     if not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     for name, fn in (("mask_mod", mask_mod), ("score_mod", score_mod)):

@@ -108,13 +108,18 @@ class MultiHeadAttention(nn.Module):
         if window is not None and (
             not isinstance(window, tuple)
             or len(window) != 2
-            or any(w is not None and (not isinstance(w, int) or w < 0) for w in window)
+            or any(
+                w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 0)
+                for w in window
+            )
         ):
             raise ValueError(
                 f"window must be None or a (left, right) pair of ints ≥ 0 or None, got {window!r}"
             )
-        if softcap is not None and not (isinstance(softcap, int | float) and softcap > 0):
-            raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
+        if softcap is not None and not (
+            isinstance(softcap, int | float) and 0 < softcap < math.inf
+        ):
+            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
         if (q_norm is None) != (k_norm is None):
             raise ValueError("q_norm and k_norm come together (QK-norm): pass both or neither")
         if qk_norm_scope not in ("head", "all"):
@@ -224,6 +229,11 @@ class MultiHeadAttention(nn.Module):
         if x.dtype != self.W_Q.dtype:
             raise TypeError(
                 f"x is {x.dtype} but the weights are {self.W_Q.dtype}; cast one to the other"
+            )
+        if x.device != self.W_Q.device:
+            raise ValueError(
+                f"x is on {x.device} but the weights are on {self.W_Q.device}; move one to the "
+                f"other (x.to({str(self.W_Q.device)!r}) or module.to({str(x.device)!r}))"
             )
         if cache is not None and not isinstance(cache, LayerCache):
             raise TypeError(
