@@ -9,7 +9,7 @@ import qkv
 from qkv.attention.spec import make_spec
 from qkv.attention.tiled import tiled
 
-from .conftest import assert_within_budget, err, make_qkv, oracle, same_dtype
+from .conftest import assert_within_budget, err, make_qkv, naive, oracle, same_dtype
 
 BACKENDS = ["reference", "tiled", "auto"]
 
@@ -86,6 +86,47 @@ def test_empty_sequences(backend, size):
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
     out.sum().backward()
     assert torch.all(q.grad == 0) and torch.all(k.grad == 0) and torch.all(v.grad == 0)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "fused", "sdpa"])
+@pytest.mark.parametrize("dims", ["B=0", "Hq=0", "D=0", "Dv=0"])
+def test_zero_sized_batch_heads_and_head_dims(backend, dims):
+    # tiled raised "cannot reshape tensor of 0 elements" (B, Hq), a bmm size error (D=0's
+    # backward) or a broadcast error (Dv); with D=0 every score is 0: uniform weights
+    size = {"B": 2, "Hq": 4, "Hk": 2, "D": 8, "Dv": 6}
+    name, _ = dims.split("=")
+    size[name] = 0
+    if name == "Hq":
+        size["Hk"] = 1
+    q, k, v = make_qkv(size["B"], size["Hq"], size["Hk"], 5, 7, size["D"], Dv=size["Dv"],
+                       dtype=torch.float64, requires_grad=True)  # fmt: skip
+    kw = {"causal": True, "scale": 0.5}  # the oracle's default 1/√D fails at D=0
+    out = qkv.attention(q, k, v, **kw, backend=backend)
+    truth = oracle(q, k, v, **kw)
+    assert out.shape == truth.out.shape and err(out, truth.out) < 1e-12
+    if backend != "sdpa":  # its LSE: Sq == Sk only
+        with torch.no_grad():
+            _, lse = qkv.attention(q, k, v, **kw, return_lse=True, backend=backend)
+        assert err(lse, truth.lse) < 1e-12
+    out.sum().backward()
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    naive(*ref, **kw).out.sum().backward()
+    for t, r in zip((q, k, v), ref, strict=True):
+        assert err(t.grad, r.grad) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_lse_with_a_value_dim_unlike_the_key_dim(backend):
+    # PyTorch's CPU flash kernel needs D == Dv: sdpa raised its RuntimeError ("Q/K/V should
+    # have the same head size"), auto tried it and fell back
+    q, k, v = make_qkv(1, 4, 2, 6, 6, 16, Dv=8, dtype=torch.float64)
+    truth = oracle(q, k, v, causal=True)
+    if backend == "sdpa":
+        with pytest.raises(ValueError, match=r"D=16, Dv=8"):
+            qkv.attention(q, k, v, causal=True, return_lse=True, backend=backend)
+        return
+    out, lse = qkv.attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    assert err(out, truth.out) < 1e-12 and err(lse, truth.lse) < 1e-12
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

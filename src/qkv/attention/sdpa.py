@@ -64,7 +64,7 @@ def lse_supported(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
     """Whether one of PyTorch's fused kernels can return (out, lse) for this request exactly.
 
     They compute plain or causal (Sq == Sk) attention without masks, mods or dropout: on CPU the
-    flash kernel (any float dtype); on CUDA the flash kernel (fp16/bf16) or the memory-efficient
+    flash kernel (any float dtype, D == Dv); on CUDA the flash kernel (fp16/bf16) or the memory-efficient
     one (fp32), for head dims D == Dv, a multiple of 8, ≤ 256. Their LSE has no gradient path,
     so they serve only calls that need no gradient (the lens' capture).
     """
@@ -83,8 +83,10 @@ def lse_supported(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
     )
     if not exact:
         return False
-    if q.device.type == "cpu":
-        return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    if q.device.type == "cpu":  # its flash kernel: "Q/K/V should have the same head size"
+        return spec.D == spec.Dv and hasattr(
+            torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"
+        )
     return (
         q.device.type == "cuda"
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -100,8 +102,9 @@ def sdpa_lse(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tenso
     if not lse_supported(q, k, v, spec):
         raise ValueError(
             "backend='sdpa' returns the LSE only without gradients, for plain or causal (Sq == Sk) "
-            "attention, on CPU or (D == Dv, a multiple of 8, ≤ 256) on CUDA; use backend='tiled' "
-            "or 'auto'"
+            "attention with Sq, Sk > 0, on CPU (D == Dv) or on CUDA (D == Dv, a multiple of 8, "
+            f"≤ 256); got Sq={spec.Sq}, Sk={spec.Sk}, D={spec.D}, Dv={spec.Dv}; use "
+            "backend='tiled' or 'auto'"
         )
     if spec.G > 1:
         k, v = k.repeat_interleave(spec.G, dim=1), v.repeat_interleave(spec.G, dim=1)

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import scoring
-from .reference import double_backward_vjp
+from .reference import double_backward_vjp, reference
 from .spec import Spec
 
 BLOCK_Q = 256
@@ -535,6 +535,9 @@ def tiled(
             "the tiled backend does not differentiate through a float mask; "
             "pass mask.detach(), or backend='reference' or 'sdpa' to learn the bias"
         )
+    if 0 in (spec.B, spec.Hq, spec.D, spec.Dv):  # no rows to tile, or scores/outputs of width
+        r = reference(q, k, v, spec)  # 0 (the tiles' layout needs both): the reference's graph
+        return r.out, r.lse
     blocks = (block_q or fq, block_k or fk)
     blocks_bwd = (block_q or bq, block_k or bk)
     if min(blocks) < 1:
