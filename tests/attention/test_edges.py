@@ -297,3 +297,40 @@ def test_nan_in_a_query_makes_its_row_nan_as_plain_math_does(backend, dtype, cau
     )
     if lse is not None:
         assert torch.isnan(lse[1, 2, 3]) and err(lse[~bad], truth.lse[~bad]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"return_lse": True}, {"softcap": 2.0}, {"window": (2, 0)}, {"causal": True}, {}],
+    ids=lambda kw: "-".join(kw) or "plain",
+)
+def test_auto_learns_a_float_bias_whatever_else_is_asked(kw):
+    # auto sent these to tiled, which refuses a bias that requires grad
+    q, k, v = make_qkv(2, 4, 2, 6, 9, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, 4, 6, 9, dtype=torch.float64, requires_grad=True)
+    got = qkv.attention(q, k, v, mask=bias, **kw)
+    out = got[0] if kw.get("return_lse") else got
+    out.pow(2).sum().backward()
+    opts = {n: x for n, x in kw.items() if n != "return_lse"}
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
+    want = naive(*ref[:3], mask=ref[3], **opts).out
+    want.pow(2).sum().backward()
+    assert err(out, want) < 1e-12
+    for t, r in zip((q, k, v, bias), ref, strict=True):
+        assert err(t.grad, r.grad) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"causal": True}, {"window": (2, 0)}, {"softcap": 2.0}, {"return_lse": True}],
+    ids=lambda kw: "-".join(kw) or "plain",
+)
+def test_meta_tensors_give_shapes_on_auto(kw):
+    # every backend but sdpa raised "Tensor.item() cannot be called on meta tensors"
+    q, k, v = (t.to("meta") for t in make_qkv(2, 4, 2, 6, 9, 8, Dv=5))
+    got = qkv.attention(q, k, v, **kw)
+    out, lse = got if kw.get("return_lse") else (got, None)
+    assert out.is_meta and out.shape == (2, 4, 6, 5) and out.dtype == torch.float32
+    assert lse is None or (lse.is_meta and lse.shape == (2, 4, 6))
+    with pytest.raises(ValueError, match=r"backend='tiled' .*meta"):
+        qkv.attention(q, k, v, **kw, backend="tiled")

@@ -68,6 +68,13 @@ def _choose(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> st
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     half = q.dtype in (torch.float16, torch.bfloat16)
+    if q.device.type == "meta":  # shapes only: the backends that never read a value
+        return "sdpa" if unsupported(spec) is None and not return_lse else "reference"
+    if spec.bias is not None and spec.bias.requires_grad and torch.is_grad_enabled():
+        # a learned bias: SDPA and the reference differentiate it, tiled and fused do not
+        sdpa_ok = not return_lse and unsupported(spec) is None and spec.dropout_p == 0
+        sdpa_ok = sdpa_ok and not (half and q.device.type == "cpu") and scoring.all_finite(k, v)
+        return "sdpa" if sdpa_ok else "reference"
     if half and q.device.type == "cpu" and (needs_grad or return_lse):
         return "tiled"
     if return_lse and lse_supported(q, k, v, spec):
@@ -166,6 +173,11 @@ def attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     auto = backend == "auto"
+    if q.device.type == "meta" and backend in ("tiled", "fused", "triton"):
+        raise ValueError(
+            f"backend={backend!r} reads values as it runs, which meta tensors do not have; "
+            "use backend='auto' (or 'sdpa', 'reference') for shapes on the meta device"
+        )
     if torch._C._are_functorch_transforms_active():  # torch.func.grad/vmap/jacrev/…
         if auto:
             backend = "reference"

@@ -260,8 +260,9 @@ def empty_rows_to_inf(lse: Tensor) -> Tensor:
 
 def all_finite(*xs: Tensor) -> bool:
     """True if no tensor in xs holds NaN/inf, in one reduction pass each and one host sync in
-    all (a finite total proves it; a total that overflows is checked element-wise instead)."""
-    xs = tuple(x for x in xs if x.numel())
+    all (a finite total proves it; a total that overflows is checked element-wise instead).
+    Meta tensors (shapes without values) count as finite."""
+    xs = tuple(x for x in xs if x.numel() and not x.is_meta)  # meta tensors hold no values
     if not xs:
         return True
     total = xs[0].sum(dtype=torch.float32 if xs[0].dtype != torch.float64 else None)

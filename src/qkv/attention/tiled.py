@@ -533,7 +533,7 @@ def tiled(
     if spec.mask is not None and spec.mask.requires_grad:
         raise ValueError(
             "the tiled backend does not differentiate through a float mask; "
-            "pass mask.detach(), or backend='reference' or 'sdpa' to learn the bias"
+            "pass mask.detach(), or backend='auto', 'reference' or 'sdpa' to learn the bias"
         )
     if 0 in (spec.B, spec.Hq, spec.D, spec.Dv):  # no rows to tile, or scores/outputs of width
         r = reference(q, k, v, spec)  # 0 (the tiles' layout needs both): the reference's graph
