@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,3 +149,20 @@ def test_a_softcap_beyond_float32_is_fine_in_float64():
     q, k, v = (t.double() for t in _qkv())
     got = qkv.attention(q, k, v, softcap=1e300)
     assert err(got, oracle(q, k, v, softcap=1e300).out) < 1e-12
+
+
+def test_reference_out_of_memory_names_the_matrix_and_the_way_out():
+    # was the allocator's "[enforce fail at alloc_cpu.cpp:127] ... can't allocate memory"
+    q = torch.zeros(1, 8, 200_000, 8).expand(1024, 8, 200_000, 8)  # no memory of its own
+    with pytest.raises(MemoryError, match=r"\(1024, 8, 200000, 200000\).*backend='tiled'"):
+        qkv.attention(q, q, q, backend="reference")
+    with pytest.raises(MemoryError, match=r"GiB per matrix"):
+        qkv.reference_attention(q, q, q)
+
+
+@pytest.mark.parametrize("scale", [np.float32(0.5), torch.tensor(0.5)], ids=["numpy", "tensor"])
+def test_a_scale_that_is_not_a_python_number_says_so(scale):
+    # the message said "must be a finite number" of a finite 0.5
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"Python float .*pass float\(scale\)"):
+        qkv.attention(q, k, v, scale=scale)

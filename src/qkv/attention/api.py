@@ -196,7 +196,7 @@ def attention(
                 raise
             backend = "tiled"
     if backend == "reference":
-        r = reference(q, k, v, spec)
+        r = _reference(q, k, v, spec)
         return (r.out, r.lse) if return_lse else r.out
     if backend == "tiled":
         out, lse = tiled(q, k, v, spec)
@@ -210,10 +210,26 @@ def attention(
     return sdpa(q, k, v, spec)
 
 
+def _reference(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Intermediates:
+    """The reference backend, with an allocation failure restated in the caller's terms."""
+    try:
+        return reference(q, k, v, spec)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+            raise
+        each = spec.B * spec.Hq * spec.Sq * spec.Sk * (8 if q.dtype == torch.float64 else 4)
+        raise MemoryError(
+            f"backend='reference' materialises (B, Hq, Sq, Sk) = "
+            f"{(spec.B, spec.Hq, spec.Sq, spec.Sk)} scores, {each / 2**30:.3g} GiB per "
+            "matrix (scores, logits, weights, …) and the allocation failed; use "
+            "backend='tiled' or 'auto' (O(N) memory)"
+        ) from e
+
+
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Intermediates:
     """The reference backend with every intermediate (scores, logits, weights, lse, out).
     Takes the keyword arguments of `attention` (but `return_lse`/`backend`). O(Sq·Sk) memory."""
-    return reference(q, k, v, make_spec(q, k, v, **kwargs))
+    return _reference(q, k, v, make_spec(q, k, v, **kwargs))
 
 
 def _rows(rows: object, Sq: int, device: torch.device) -> Tensor:

@@ -192,7 +192,14 @@ def make_spec(
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     if not isinstance(scale, int | float) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+        raise ValueError(
+            f"scale must be a finite Python float (or None for 1/√D), got {scale!r}"
+            + (
+                " (pass float(scale))"
+                if isinstance(scale, Tensor) or hasattr(scale, "item")
+                else ""
+            )
+        )
     if softcap is not None:
         # c·tanh(s/c) is inf·0 = NaN for every score once c overflows the compute dtype
         top = torch.finfo(torch.float64 if q.dtype == torch.float64 else torch.float32).max
