@@ -39,7 +39,7 @@ class MultiHeadAttention(nn.Module):
     `qkv.attention`'s `window` ((W−1, 0) with `causal`: the last W keys, Mistral's sliding window).
     `scale` replaces 1/√d (Gemma 2: query_pre_attn_scalar^−½); `softcap` c caps each score at
     c·tanh(s/c) before the masks, as `qkv.attention`'s `softcap` (Gemma 2). `score_mod` goes to
-    `qkv.attention` as it is (e.g. `qkv.attention.mods.alibi(n_heads)`: BLOOM's ALiBi).
+    `qkv.attention` as it is (e.g. `qkv.alibi(n_heads)`: BLOOM's ALiBi).
 
     forward(x (b i m), *, mask=None, cache=None) → (b i m). Equivalent code::
 
@@ -50,12 +50,13 @@ class MultiHeadAttention(nn.Module):
                           softcap=softcap, score_mod=score_mod)        # kv head = h // (h/k)
         out = einsum("bhid,hdm->bim", z, W_O) + b_O
 
-    `mask` is bool keep (True = attend) broadcastable to (b, h, i, j), e.g. key padding
-    (b, 1, 1, j); with a cache j counts the cached tokens too. `causal` is bottom-right aligned,
-    so decoding with a cache needs no mask. With `cache` (a `LayerCache`), the new k/v are
-    appended and attention runs over all cached positions. With `segments` (lengths), x is
-    (1, n, m) holding that many whole sequences back to back (padding removed): each attends
-    only within itself, positions restarting at 0 (FlashAttention's variable-length mode).
+    `mask` is bool keep (True = attend) or a float additive bias, broadcastable to (b, h, i, j),
+    e.g. key padding (b, 1, 1, j); with a cache j counts the cached tokens too. `causal` is
+    bottom-right aligned, so decoding with a cache needs no mask. With `cache` (a `LayerCache`),
+    the new k/v are appended and attention runs over all cached positions. With `segments`
+    (lengths), x is (1, n, m) holding that many whole sequences back to back (padding removed):
+    each attends only within itself, positions restarting at 0 (FlashAttention's
+    variable-length mode).
 
     The module is the formula in PyTorch ops on any device and dtype; `qkv.nn.accelerate`
     swaps in its float32-CPU-inference twin (same parameters) where that pays.
@@ -241,7 +242,8 @@ class MultiHeadAttention(nn.Module):
             )
         if mask is not None and not isinstance(mask, Tensor):
             raise TypeError(
-                f"mask must be a bool tensor (True = keep) or None, got {type(mask).__name__}"
+                f"mask must be a bool (True = keep) or float (additive bias) tensor or None, "
+                f"got {type(mask).__name__}"
             )
 
     def forward(
