@@ -47,7 +47,15 @@ _JOINED = (("ffn_gate", "ffn_up"),)
 # that is the Hugging Face tokenizer.json SmolLM2 was trained with (Digits(individual) + ByteLevel).
 _DIGIT_SPLIT_PRE = frozenset({"smollm", "starcoder", "refact", "codeshell", "exaone", "minerva"})
 _GPT2_PRE = frozenset({"gpt-2", "gpt2", "default"})
-SUPPORTED_PRE_TOKENIZERS = tuple(sorted(_DIGIT_SPLIT_PRE | _GPT2_PRE))
+# Qwen2/2.5/3 ("qwen2"; DeepSeek-R1's Qwen distills): GPT-4-like contractions and letters, each
+# digit alone, then byte-level BPE on the pieces (Qwen2Tokenizer's PRETOKENIZE_REGEX, llama.cpp's
+# LLAMA_VOCAB_PRE_TYPE_QWEN2)
+_QWEN2_PRE = frozenset({"qwen2", "deepseek-r1-qwen"})
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SUPPORTED_PRE_TOKENIZERS = tuple(sorted(_DIGIT_SPLIT_PRE | _GPT2_PRE | _QWEN2_PRE))
 
 # kept as blocks too (`GGUFContents.blocks`, `BlockWeight.from_ggml`)
 BLOCK_TYPES = frozenset({"Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"})
@@ -476,7 +484,15 @@ def make_tokenizer(metadata: dict[str, Any], *, merges_by: str = "score"):
     tokens. The pre-tokenizer follows `tokenizer.ggml.pre` (see `SUPPORTED_PRE_TOKENIZERS`).
     No BOS/EOS is added unless `tokenizer.ggml.add_bos_token` says so.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
 
     kind = metadata.get("tokenizer.ggml.model")
     if kind == "llama":
@@ -515,6 +531,13 @@ def make_tokenizer(metadata: dict[str, Any], *, merges_by: str = "score"):
         )
     elif pre in _GPT2_PRE:
         tok.pre_tokenizer = byte_level
+    elif pre in _QWEN2_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     else:
         raise ValueError(
             f"tokenizer.ggml.pre is {pre!r}; supported pre-tokenizers: {list(SUPPORTED_PRE_TOKENIZERS)}"

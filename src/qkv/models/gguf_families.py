@@ -9,9 +9,13 @@ the file's `general.architecture`, never from its name. What differs between fam
 * `fixed` / `defaults`: values the architecture implies, or assumes when a key is absent
   (llama.cpp hard-codes some, e.g. Gemma 3's five local layers to one global, its local RoPE
   base 10⁴);
-* `weights`: `W(dst, src, reshape, when)` with `{}` for the layer (reshapes in `RESHAPES`);
+* `weights`: `W(dst, src, reshape, when)` with `{}` for the layer (reshapes in `RESHAPES`;
+  `when` names a bool config field, "untied" an untied unembedding);
 * `qk_permuted`: llama.cpp reordered attn_q/attn_k rows for its interleaved RoPE (Llama), so the
-  loader undoes it (`gguf.unpermute_qk`); Gemma keeps Hugging Face's half-split rows;
+  loader undoes it (`gguf.unpermute_qk`); the NeoX-RoPE families (Qwen 2/3, Phi-3, Gemma) keep
+  Hugging Face's half-split rows;
+* `unsupported`: what the generic decoder does not implement (RoPE scaling, Phi-3's LongRoPE
+  factors), each a clear error naming it, never a silently different model;
 * norms: llama.cpp stores Gemma's RMSNorm gain as 1 + w (its converter adds the 1), so a Gemma
   GGUF runs with `norm_offset` 0, where the Hugging Face checkpoint needs 1.
 
@@ -30,6 +34,7 @@ from . import gguf
 from .convert import Reshape, Rule, heads_in, heads_out
 from .decoder import DecoderConfig
 from .families import W
+from .families_base import RESHAPES as HF_RESHAPES
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,8 @@ class GGUFFamily:
     qk_permuted: bool = False
     merges_by: str = "score"  # a SentencePiece vocabulary's merge order (`gguf.sentencepiece_bpe`)
     derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # (what, test): a file for which test(contents) holds is refused, naming `what`
+    unsupported: tuple[tuple[str, Callable[[gguf.GGUFContents], bool]], ...] = ()
 
 
 def _unpermuted(n_heads: Callable[[Any], int]) -> Callable[[Any], Reshape]:
@@ -68,6 +75,14 @@ RESHAPES: dict[str, Callable[[Any], Reshape]] = {
     "o": lambda c: heads_out(c.n_heads, c.d_head),  # (m, h·d) → (h d m)
     "permuted.q": _unpermuted(lambda c: c.n_heads),
     "permuted.k": _unpermuted(lambda c: c.n_kv_heads),
+    "bq": HF_RESHAPES["bq"],  # (h·d,) → (h d)
+    "bkv": HF_RESHAPES["bkv"],  # (k·d,) → (k d)
+    # Phi-3's fused attn_qkv (h·d + 2·k·d, m), rows Q | K | V, and ffn_up (2f, m), rows gate | up
+    "qkv.q": HF_RESHAPES["qkv_proj.q"],
+    "qkv.k": HF_RESHAPES["qkv_proj.k"],
+    "qkv.v": HF_RESHAPES["qkv_proj.v"],
+    "gate_up.gate": HF_RESHAPES["gate_up.gate"],
+    "gate_up.up": HF_RESHAPES["gate_up.up"],
 }
 
 _B = "blk.{}."
@@ -99,6 +114,16 @@ _CORE_FIELDS = {
 }
 _REQUIRED = ("n_layers", "n_heads", "d_model", "d_ff", "max_positions", "norm_eps")
 
+
+def _rope_scaling(c: gguf.GGUFContents) -> bool:
+    kind = c.metadata.get(f"{c.architecture}.rope.scaling.type")
+    return kind not in (None, "none") or "rope_freqs.weight" in c.tensors
+
+
+# RoPE scaling (linear, YaRN; Llama 3.1's per-dimension rope_freqs): positions rotate otherwise
+_ROPE_SCALING = ("RoPE scaling (<arch>.rope.scaling.type, or a rope_freqs.weight tensor)",
+                 _rope_scaling)  # fmt: skip
+
 _LLAMA = GGUFFamily(
     "llama", "llama", _CORE_FIELDS,
     (
@@ -107,8 +132,82 @@ _LLAMA = GGUFFamily(
         W("blocks.{}.attn.W_K", _B + "attn_k.weight", "permuted.k"),
     ),
     fixed={"norm": "rms", "act": "silu", "gated": True},
-    defaults={"rope_base": 10000.0}, qk_permuted=True,
+    defaults={"rope_base": 10000.0}, qk_permuted=True, unsupported=(_ROPE_SCALING,),
 )  # fmt: skip
+
+# Qwen2 / Qwen2.5: Llama with q, k, v biases (none on the output); llama.cpp runs it with NeoX
+# RoPE, so its converter leaves the Q/K rows as Hugging Face's (no permutation)
+_QWEN2 = GGUFFamily(
+    "qwen2", "qwen2", _CORE_FIELDS,
+    (
+        *_LLAMA_WEIGHTS,
+        W("blocks.{}.attn.b_Q", _B + "attn_q.bias", "bq"),
+        W("blocks.{}.attn.b_K", _B + "attn_k.bias", "bkv"),
+        W("blocks.{}.attn.b_V", _B + "attn_v.bias", "bkv"),
+    ),
+    fixed={"norm": "rms", "act": "silu", "gated": True, "attn_bias": True},
+    defaults={"rope_base": 10000.0}, unsupported=(_ROPE_SCALING,),
+)  # fmt: skip
+
+# Qwen3: Llama without biases, plus an RMSNorm (d) on each head's q and k before RoPE; head dim
+# from attention.key_length (128, not d_model/h); Q/K rows not permuted (NeoX RoPE)
+_QWEN3 = GGUFFamily(
+    "qwen3", "qwen3",
+    {**_CORE_FIELDS, "d_head": ("attention.key_length",)},
+    (
+        *_LLAMA_WEIGHTS,
+        W("blocks.{}.attn.q_norm.weight", _B + "attn_q_norm.weight"),
+        W("blocks.{}.attn.k_norm.weight", _B + "attn_k_norm.weight"),
+    ),
+    fixed={"norm": "rms", "act": "silu", "gated": True, "qk_norm": True},
+    defaults={"rope_base": 10000.0}, unsupported=(_ROPE_SCALING,),  # llama.cpp's default base
+)  # fmt: skip
+
+
+def _phi3(f: dict[str, Any]) -> dict[str, Any]:
+    """rope.dimension_count is the rotated part of each head (partial_rotary_factor · d_head)."""
+    r = f.get("rope_dim")
+    return {"rope_dim": None if r is None or r == f["d_head"] else int(r)}
+
+
+def _longrope(c: gguf.GGUFContents) -> bool:
+    return any(n in c.tensors for n in ("rope_factors_long.weight", "rope_factors_short.weight"))
+
+
+# Phi-3: attn_qkv holds W_Q | W_K | W_V by rows and ffn_up holds gate | up, as in Hugging Face's
+# qkv_proj / gate_up_proj; NeoX RoPE (no permutation), possibly on part of the head.
+# phi3.attention.sliding_window is not applied: llama.cpp disables Phi-3's SWA (its PR 13676) and
+# transformers' GGUF reader does not read it, so neither does this family
+_PHI3 = GGUFFamily(
+    "phi3", "phi3",
+    {**_CORE_FIELDS, "d_head": ("attention.key_length",), "rope_dim": ("rope.dimension_count",)},
+    (
+        *(w for w in _LLAMA_WEIGHTS if w.src.split(".")[-2] not in (
+            "attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")),
+        W("blocks.{}.attn.W_Q", _B + "attn_qkv.weight", "qkv.q"),
+        W("blocks.{}.attn.W_K", _B + "attn_qkv.weight", "qkv.k"),
+        W("blocks.{}.attn.W_V", _B + "attn_qkv.weight", "qkv.v"),
+        W("blocks.{}.mlp.gate.weight", _B + "ffn_up.weight", "gate_up.gate"),
+        W("blocks.{}.mlp.up.weight", _B + "ffn_up.weight", "gate_up.up"),
+    ),
+    fixed={"norm": "rms", "act": "silu", "gated": True},
+    defaults={"rope_base": 10000.0}, derive=_phi3,
+    unsupported=(_ROPE_SCALING, ("LongRoPE (rope_factors_long / rope_factors_short tensors: "
+                                 "Phi-3 128k, Phi-3.5)", _longrope)),
+)  # fmt: skip
+
+
+def _gemma2(f: dict[str, Any]) -> dict[str, Any]:
+    """Embeddings × √d_model; scores × d_head^−½, but × (d_model/h)^−½ for the 46-layer 27B
+    (llama.cpp's rule, Hugging Face's query_pre_attn_scalar); a window on the even layers
+    (llama.cpp's pattern 2: layer i slides when i mod 2 = 0, as transformers' layer_types)."""
+    n = f["n_layers"]
+    d = f["d_model"] // f["n_heads"] if n == 46 else f["d_head"]
+    return {
+        "embed_scale": f["d_model"] ** 0.5,
+        "attn_scale": d**-0.5,
+        "windows": tuple(int(f["window"]) if i % 2 == 0 else None for i in range(n)),
+    }
 
 
 def _gemma3(f: dict[str, Any]) -> dict[str, Any]:
@@ -152,10 +251,31 @@ _GEMMA3 = GGUFFamily(
     fixed={"norm": "rms", "act": "gelu_tanh", "gated": True, "block": "sandwich",
            "qk_norm": True, "norm_offset": 0.0},
     defaults={"rope_base": 1e6, "local_rope_base": 1e4, "window_pattern": 6},
-    merges_by="file", derive=_gemma3,
+    merges_by="file", derive=_gemma3, unsupported=(_ROPE_SCALING,),  # 4B+: linear × 8
 )  # fmt: skip
 
-GGUF_FAMILIES: dict[str, GGUFFamily] = {f.architecture: f for f in (_LLAMA, _GEMMA3)}
+# Gemma 2: sandwich norms (stored 1 + w: offset 0), GELU-tanh, scores capped at 50·tanh(s/50)
+# and logits at 30·tanh(l/30) (llama.cpp's defaults when the file omits them), a 4096-key window
+# on every other layer; no QK-norm; Q/K rows not permuted
+_GEMMA2 = GGUFFamily(
+    "gemma2", "gemma2",
+    {**_CORE_FIELDS, "window": ("attention.sliding_window",),
+     "logit_softcap": ("final_logit_softcapping",),
+     "attn_softcap": ("attn_logit_softcapping",)},
+    (
+        *_LLAMA_WEIGHTS,
+        W("blocks.{}.post1.weight", _B + "post_attention_norm.weight"),
+        W("blocks.{}.post2.weight", _B + "post_ffw_norm.weight"),
+    ),
+    fixed={"norm": "rms", "act": "gelu_tanh", "gated": True, "block": "sandwich",
+           "norm_offset": 0.0},
+    defaults={"rope_base": 10000.0, "window": 4096, "attn_softcap": 50.0, "logit_softcap": 30.0},
+    merges_by="file", derive=_gemma2, unsupported=(_ROPE_SCALING,),
+)  # fmt: skip
+
+GGUF_FAMILIES: dict[str, GGUFFamily] = {
+    f.architecture: f for f in (_LLAMA, _QWEN2, _QWEN3, _PHI3, _GEMMA2, _GEMMA3)
+}
 
 
 def family_of(contents: gguf.GGUFContents) -> GGUFFamily:
@@ -175,6 +295,11 @@ def config_from_gguf(contents: gguf.GGUFContents, *, name: str | None = None) ->
     family (validated by `DecoderConfig`); ValueError for a foreign file or a missing key."""
     family = family_of(contents)
     md, arch = contents.metadata, family.architecture
+    for what, found in family.unsupported:
+        if found(contents):
+            raise ValueError(
+                f"{contents.path}: this {arch} GGUF uses {what}, which qkv does not implement"
+            )
     f: dict[str, Any] = dict(family.defaults)
     for ours, keys in family.fields.items():
         v = next((md[f"{arch}.{k}"] for k in keys if md.get(f"{arch}.{k}") is not None), None)
@@ -208,6 +333,8 @@ def rules(family: GGUFFamily, config: DecoderConfig) -> list[Rule]:
     out = []
     for w in family.weights:
         if w.when == "untied" and config.tie_embeddings:
+            continue
+        if w.when not in (None, "untied") and not getattr(config, w.when):
             continue
         out.append(Rule(w.dst, w.src, None if w.reshape is None else RESHAPES[w.reshape](config)))
     return out
