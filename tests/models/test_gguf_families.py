@@ -390,17 +390,25 @@ def test_the_check_can_fail(f32, monkeypatch, arch, change):
     assert err > 100 * REL_TOL, err
 
 
-def test_phi3_quantised_ffn_up_loads(tmp_path):
-    """Every Phi-3 matrix Q8_0, its fused ffn_up included (what a real Phi-3 GGUF holds)."""
+def test_phi3_quantised_fused_matrices_decode_from_their_blocks(tmp_path):
+    """Every Phi-3 matrix Q8_0, its fused attn_qkv and gate|up ffn_up included (what a real
+    Phi-3 GGUF holds): the one-row step multiplies by their blocks, split by rows, and equals
+    transformers one token at a time."""
+    from qkv.nn.accelerate import mirrors
+
     a = ARCHS["phi3"]
     path = tiny_gguf(tmp_path / "q.gguf", a, quant="Q8_0")
-    try:
-        model = load(path)
-    except ValueError as e:  # llama.gguf_blocks maps ffn_up's (2f, m) blocks onto up (f, m)
-        pytest.xfail(f"a quantised Phi-3 ffn_up is refused: {e}")
+    model = load(path)
+    backed = mirrors(model)
+    assert {"blocks.0.attn.qkv", "blocks.0.mlp.gate_up"} <= set(backed), sorted(backed)
     ids = ids_for(a, 1, N_IDS)
     with torch.no_grad():
-        assert rel(model(ids), reference(path)(ids).logits) <= REL_TOL
+        want = reference(path)(ids).logits
+        assert rel(model(ids), want) <= REL_TOL  # the prefill: dense weights
+        cache = KVCache(model.config.n_layers)
+        steps = torch.cat([model(ids[:, j : j + 1], cache=cache) for j in range(ids.shape[1])], 1)
+    assert rel(steps, want) <= REL_TOL  # one row at a time: the blocks
+    assert all(m.valid() for m, _ in backed.values())  # the blocks were usable, not retired
 
 
 # --------------------------------------------------------------------------------------------

@@ -477,7 +477,7 @@ def test_tiny_gguf_loads_and_bad_shape_names_tensor(tmp_path):
 def test_foreign_architecture_is_refused(tmp_path):
     with pytest.raises(
         ValueError,
-        match=r"architecture is .gpt2.; qkv reads these GGUF architectures: \[.gemma3., .llama.\]",
+        match=r"architecture is .gpt2.; qkv reads these GGUF architectures: \[.gemma2., .gemma3., .llama., .phi3., .qwen2., .qwen3.\]",
     ):
         llama.load_gguf(tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2"), cache_dir=False)
 

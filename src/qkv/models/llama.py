@@ -60,7 +60,8 @@ def package_file(module: str, filename: str, package: str) -> Path:
 def load_gguf(
     path: str | Path, *, name: str | None = None, cache_dir: str | Path | bool | None = None
 ) -> Decoder:
-    """A GGUF of a family in `gguf_families` (`general.architecture` llama or gemma3) → `Decoder`
+    """A GGUF of a family in `gguf_families` (`general.architecture` llama, qwen2, qwen3, phi3,
+    gemma2 or gemma3) → `Decoder`
     (eval mode, float32, accelerated) with its tokenizer and chat template.
 
     `cache_dir` as in `read_gguf` (False: always dequantise from the file and build the
@@ -125,20 +126,29 @@ def gguf_blocks(
     """The GGUF's quantised blocks by the name of the parameter each equals (what
     `qkv.nn.accelerate` takes): 0.75–1.25 bytes a weight streamed by the one-token decode step
     instead of 4. Q and K rows are unpermuted like the parameters when `qk_permuted`, on first
-    use (a process that never decodes never reads them). A matrix stored unquantised has none."""
+    use (a process that never decodes never reads them). Phi-3's fused attn_qkv and gate|up
+    ffn_up are split by rows, on first use too. A matrix stored unquantised has none."""
     c = model.config
     q_rows = torch.arange(c.n_heads * c.d_head)
     k_rows = torch.arange(c.n_kv_heads * c.d_head)
     if qk_permuted:
         q_rows = unpermute_qk(q_rows[:, None], c.n_heads)[:, 0]
         k_rows = unpermute_qk(k_rows[:, None], c.n_kv_heads)[:, 0]
+    hd, kd, f = c.n_heads * c.d_head, c.n_kv_heads * c.d_head, c.d_ff
     out: dict[str, BlockWeight | Callable[[], BlockWeight]] = {}
     for i in range(c.n_layers):
         got = {key: blocks.get(f"blk.{i}.{key}.weight") for key in GGUF_LINEAR}
         q, k, v = got.pop("attn_q"), got.pop("attn_k"), got.pop("attn_v")
-        if q is not None and k is not None and v is not None and q.kind == k.kind == v.kind:
+        if (qkv := blocks.get(f"blk.{i}.attn_qkv.weight")) is not None:  # Phi-3: Q | K | V rows
+            got |= {"attn_q": lambda b=qkv: b.rows(q_rows), "attn_k": lambda b=qkv: b.rows(hd + k_rows),
+                    "attn_v": lambda b=qkv: b.rows(torch.arange(hd + kd, hd + 2 * kd))}  # fmt: skip
+        elif q is not None and k is not None and v is not None and q.kind == k.kind == v.kind:
             got |= {"attn_q": lambda q=q: q.rows(q_rows), "attn_k": lambda k=k: k.rows(k_rows),
                     "attn_v": v}  # fmt: skip
+        up = got["ffn_up"]
+        if up is not None and got["ffn_gate"] is None and up.shape[0] == 2 * f:  # Phi-3: gate | up
+            got |= {"ffn_gate": lambda b=up: b.rows(torch.arange(f)),
+                    "ffn_up": lambda b=up: b.rows(torch.arange(f, 2 * f))}  # fmt: skip
         out |= {f"blocks.{i}.{GGUF_LINEAR[key]}": b for key, b in got.items() if b is not None}
     head = "embed.weight" if model.lm_head is None else "lm_head.weight"
     if (

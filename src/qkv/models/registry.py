@@ -76,7 +76,8 @@ def load(name_or_path: str | Path):
       architecture, never the folder's name) + model.safetensors or a sharded index
       (+ tokenizer.json: without it, pass token ids; text raises a clear error);
     * a folder written by `qkv train` (config.json with `"format": "qkv.tiny/1"`);
-    * a `.gguf` file whose `general.architecture` `gguf_families` describes (llama, gemma3).
+    * a `.gguf` file whose `general.architecture` `gguf_families` describes (llama, qwen2,
+      qwen3, phi3, gemma2, gemma3).
     """
     if isinstance(name_or_path, str) and name_or_path in MODELS:
         info = MODELS[name_or_path]
