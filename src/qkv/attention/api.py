@@ -35,7 +35,8 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool
     mask_mod or a score mod it can compute (measured 1.1–3.8× tiled's forward there,
     benchmarks/RESULTS.md); plain and causal requests keep SDPA / tiled, which are faster."""
     backend = _choose(q, k, v, spec, return_lse)
-    if backend == "sdpa" and q.device.type == "cpu" and not _sum_finite(q):
+    compiling = torch.compiler.is_compiling()  # a traced graph cannot branch on q's values
+    if backend == "sdpa" and q.device.type == "cpu" and not compiling and not _sum_finite(q):
         backend = "tiled"
     special = spec.left is not None or spec.mask_mod is not None or spec.has_mods
     if backend == "tiled" and special and spec.Sq and spec.Sk:
@@ -48,7 +49,8 @@ def _sum_finite(q: Tensor) -> bool:
     """Whether q holds no NaN/inf (a finite sum proves it; ~2 µs for a decode step's q).
     PyTorch's CPU SDPA kernels return 0, not NaN, for a query row holding NaN (torch 2.13;
     its math kernel and every other backend here give NaN), so `auto` keeps such a call off
-    them; an overflowing sum sends a finite q to tiled too, which is exact anyway."""
+    them; an overflowing sum sends a finite q to tiled too, which is exact anyway. Not under
+    torch.compile, whose graph keeps SDPA."""
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
     return math.isfinite(q.sum(dtype=wide).item())
 
@@ -173,7 +175,7 @@ def attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     auto = backend == "auto"
-    if q.device.type == "meta" and backend in ("tiled", "fused", "triton"):
+    if q.device.type == "meta" and backend in ("tiled", "fused"):  # triton: CUDA only
         raise ValueError(
             f"backend={backend!r} reads values as it runs, which meta tensors do not have; "
             "use backend='auto' (or 'sdpa', 'reference') for shapes on the meta device"
