@@ -52,6 +52,8 @@ def test_every_rank_raises_the_same_clear_error(report):
         assert "zigzag layout of N=37 tokens over 4 ranks holds [9, 9, 9, 10]" in e["zigzag"]
         assert "got [10, 9, 9, 9]" in e["zigzag"]
         assert "same causal" in e["causal"]
+        # was silent: the gradient came back detached, so a penalty on it had no gradient
+        assert "first derivatives only" in e["second"] and "create_graph=True" in e["second"]
         assert e["after"] == [1, 2, 5, 8]
     assert len({report[r]["errors"]["heads"] for r in range(4)}) == 1
 

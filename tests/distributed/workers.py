@@ -191,6 +191,11 @@ def _agreed_errors(rank: int, world: int) -> dict:
         ring_attention(x, x, x, causal=rank == 0)
     except ValueError as e:
         out["causal"] = str(e)
+    q = torch.randn(1, 2, 5, 8, requires_grad=True)  # a gradient penalty needs create_graph
+    try:
+        torch.autograd.grad(ring_attention(q, q, q, causal=True).sum(), q, create_graph=True)
+    except RuntimeError as e:
+        out["second"] = str(e)
     q = torch.randn(1, 2, 5, 8)  # the group still works after those errors
     out["after"] = tuple(ring_attention(q, q, q, causal=True).shape)
     return out

@@ -329,8 +329,13 @@ class _RingAttention(torch.autograd.Function):
         return out.to(q.dtype), lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
+        if torch.is_grad_enabled():  # create_graph=True: every rank stops here, before the ring
+            raise RuntimeError(
+                "ring_attention has first derivatives only: its backward cannot be "
+                "differentiated again (create_graph=True: gradient penalties, Hessian-vector "
+                "products); gather the sequence and use qkv.attention for those"
+            )
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_backward(q, k, v, out, lse, dout, dlse, ctx.plan)
         return dq, dk, dv, None

@@ -73,7 +73,7 @@ class DecoderConfig:
     RoPE base per layer (None: `rope_base` on every layer; Gemma 3: 10⁴ on its sliding layers,
     10⁶ on its global ones), `rope_layers` one bool per layer, False for a layer without
     positions (NoPE; SmolLM3; None: every layer rotates). `positions="alibi"` biases each
-    score by −slope_h·|i − j| (`qkv.attention.mods.alibi`, BLOOM) instead of rotating.
+    score by −slope_h·|i − j| (`qkv.alibi`, BLOOM) instead of rotating.
     `qk_norm_scope` "all" normalises the whole q and k projections, (h·d) and (k·d) features,
     not each head (OLMo 2). `residual_scale` multiplies each sublayer's output before the
     residual sum, `logit_scale` the logits (Granite: residual_multiplier, 1/logits_scaling).
