@@ -481,11 +481,14 @@ def test_gemma3_older_config_fields(tmp_path):
 
 
 def test_gemma3_rope_scaling_is_named(tmp_path):
+    """linear and llama3 load (tests/models/test_rope_scaling.py); yarn is named."""
     build("gemma3_text", tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
-    cfg["rope_parameters"]["full_attention"].update(rope_type="linear", factor=8.0)
+    cfg["rope_parameters"]["full_attention"].update(rope_type="yarn", factor=8.0)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"gemma3_text with rope_parameters.*not supported"):
+    with pytest.raises(
+        ValueError, match=r"rope scaling rope_parameters.full_attention.rope_type='yarn' is not"
+    ):
         qkv.load(tmp_path)
 
 

@@ -38,6 +38,7 @@ from ..nn import (
     PostNormBlock,
     PreNormBlock,
     RMSNorm,
+    RopeScaling,
     RotaryEmbedding,
     SandwichBlock,
 )
@@ -72,7 +73,10 @@ class DecoderConfig:
     at c·tanh(s/c) and `logit_softcap` every logit likewise (Gemma 2). `rope_bases` holds one
     RoPE base per layer (None: `rope_base` on every layer; Gemma 3: 10⁴ on its sliding layers,
     10⁶ on its global ones), `rope_layers` one bool per layer, False for a layer without
-    positions (NoPE; SmolLM3; None: every layer rotates). `positions="alibi"` biases each
+    positions (NoPE; SmolLM3; None: every layer rotates). `rope_scaling` (a
+    `qkv.nn.RopeScaling`: linear, Llama 3's rule, llama.cpp's per-pair factors) slows RoPE's
+    frequencies on every layer, `rope_scalings` holds one RopeScaling or None per layer in its
+    place (Gemma 3: linear on the global layers only). `positions="alibi"` biases each
     score by −slope_h·|i − j| (`qkv.alibi`, BLOOM) instead of rotating.
     `qk_norm_scope` "all" normalises the whole q and k projections, (h·d) and (k·d) features,
     not each head (OLMo 2). `residual_scale` multiplies each sublayer's output before the
@@ -98,6 +102,8 @@ class DecoderConfig:
     rope_dim: int | None = None
     rope_bases: tuple[float, ...] | None = None
     rope_layers: tuple[bool, ...] | None = None
+    rope_scaling: RopeScaling | None = None
+    rope_scalings: tuple[RopeScaling | None, ...] | None = None
     block: str = "pre"
     final_norm: bool = True
     position_offset: int = 0
@@ -162,6 +168,26 @@ class DecoderConfig:
                 f"{own}: rope_layers must hold one bool per layer ({self.n_layers}), "
                 f"got {self.rope_layers!r}"
             )
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(
+                f"{own}: rope_scaling must be a qkv.nn.RopeScaling or None, "
+                f"got {type(self.rope_scaling).__name__}"
+            )
+        if self.rope_scalings is not None and (
+            len(self.rope_scalings) != self.n_layers
+            or any(s is not None and not isinstance(s, RopeScaling) for s in self.rope_scalings)
+        ):
+            raise ValueError(
+                f"{own}: rope_scalings must hold one qkv.nn.RopeScaling or None per layer "
+                f"({self.n_layers}), got {self.rope_scalings!r}"
+            )
+        pairs = (self.rope_dim or self.d_head) // 2
+        for s in (self.rope_scaling, *(self.rope_scalings or ())):
+            if s is not None and s.factors is not None and len(s.factors) != pairs:
+                raise ValueError(
+                    f"{own}: rope scaling has {len(s.factors)} freq_factors for the {pairs} "
+                    f"rotated pairs of each head (rope_dim or d_head={self.d_head}, halved)"
+                )
         if self.qk_norm_scope not in QK_NORM_SCOPES:
             raise ValueError(
                 f"{own}: qk_norm_scope must be one of {QK_NORM_SCOPES}, got {self.qk_norm_scope!r}"
@@ -217,13 +243,16 @@ class Decoder(Generation, nn.Module):
         super().__init__()
         c = self.config = config
         self.tokenizer, self.chat_template = tokenizer, chat_template
-        # one RotaryEmbedding per distinct base, shared by the layers that use it
+        # one RotaryEmbedding per distinct (base, scaling), shared by the layers that use it
         bases = c.rope_bases or (c.rope_base,) * c.n_layers
-        ropes: dict[float, RotaryEmbedding | None] = {
-            b: RotaryEmbedding(c.d_head, base=b, interleaved=False, rotary_dim=c.rope_dim)
+        scalings = c.rope_scalings or (c.rope_scaling,) * c.n_layers
+        ropes: dict[tuple, RotaryEmbedding | None] = {
+            (b, s): RotaryEmbedding(
+                c.d_head, base=b, interleaved=False, rotary_dim=c.rope_dim, scaling=s
+            )
             if c.positions == "rope"
             else None
-            for b in dict.fromkeys(bases)
+            for b, s in dict.fromkeys(zip(bases, scalings, strict=True))
         }
         # left uninitialised (`_weight`): every weight comes from the checkpoint
         self.embed = Embedding(
@@ -249,7 +278,7 @@ class Decoder(Generation, nn.Module):
             block(
                 MultiHeadAttention(
                     c.d_model, c.n_heads, c.n_kv_heads, c.d_head, bias=c.attn_bias,
-                    rope=ropes[b] if r else None, causal=True, out_bias=c.out_bias,
+                    rope=ropes[b, s] if r else None, causal=True, out_bias=c.out_bias,
                     window=None if w is None else (w - 1, 0), scale=c.attn_scale,
                     softcap=c.attn_softcap, score_mod=score_mod, qk_norm_scope=c.qk_norm_scope,
                     q_norm=RMSNorm(qn, c.norm_eps, offset=c.norm_offset) if c.qk_norm else None,
@@ -260,7 +289,7 @@ class Decoder(Generation, nn.Module):
                 *((None,) if c.block == "parallel1" else ()),  # norm2: mlp reads norm1(x) too
                 residual_scale=c.residual_scale,
             )
-            for w, b, r in zip(windows, bases, rotates, strict=True)
+            for w, b, s, r in zip(windows, bases, scalings, rotates, strict=True)
         )  # fmt: skip
         self.norm = self._norm(c) if c.final_norm else nn.Identity()
         self.lm_head = None

@@ -20,11 +20,9 @@ from .families_base import (
     LLAMA_WEIGHTS,
     RESHAPES,
     ROPE_BASE,
-    ROPE_SCALING,
     SELF_ATTN,
     Family,
     W,
-    config_get,
     llama_like,
     read_fields,
     rope_dim,
@@ -86,12 +84,7 @@ _GEMMA3 = llama_like(
         "local_rope_base": ("rope_parameters.sliding_attention.rope_theta",
                             "rope_local_base_freq"),
     },
-    unsupported=(
-        _BIDIRECTIONAL,
-        ("rope_parameters.<layer type>.rope_type (rope scaling: linear, yarn, ...)",
-         lambda cfg: any((config_get(cfg, (f"rope_parameters.{t}.rope_type",)) or "default")
-                         != "default" for t in ("full_attention", "sliding_attention"))),
-    ),
+    unsupported=(_BIDIRECTIONAL,), rope_by_layer_type=True,
     derive=_gemma2_scales, defaults={"rope_base": 1e6, "local_rope_base": 1e4, "window_pattern": 6},
 )  # fmt: skip
 
@@ -114,7 +107,7 @@ _PHI3 = Family(
     ),
     fixed={"attn_bias": False, "out_bias": False, "mlp_bias": False},
     defaults={**LLAMA_DEFAULTS, "tie_embeddings": False}, prefix="model.",
-    ignore=DECODER_IGNORE, unsupported=(ROPE_SCALING,), window="all", classes=("Phi3",),
+    ignore=DECODER_IGNORE, window="all", classes=("Phi3",),
     derive=rope_dim,
 )  # fmt: skip
 
@@ -159,7 +152,7 @@ _GPT_NEOX = Family(
     fixed={"norm": "layer", "gated": False, "mlp_bias": True},
     defaults={"rope_base": 10000.0, "rope_fraction": 0.25, "parallel": True, "norm_eps": 1e-5,
               "tie_embeddings": False, "attn_bias": True, "out_bias": True},
-    prefix="gpt_neox.", classes=("GPTNeoX",), unsupported=(ROPE_SCALING,),
+    prefix="gpt_neox.", classes=("GPTNeoX",),
     # causal-mask and rotary buffers of old checkpoints
     ignore=("layers.*.attention.bias", "layers.*.attention.masked_bias",
             "layers.*.attention.rotary_emb.inv_freq"),

@@ -8,6 +8,8 @@ architecture implies) and how its checkpoint keys map onto the model (`weights`:
 reshape, when)` with `{}` for the layer; `reshape` names a conversion in `RESHAPES`; `when`
 names a bool config field that must hold for the tensor to exist). Keys are matched after the
 family's `prefix` (the base model's name inside a *ForCausalLM / *ForMaskedLM) is stripped.
+RoPE scaling (`rope_parameters` / `rope_scaling` with rope_type "linear" or "llama3") is read
+for every RoPE decoder by `rope_scaling_from`; any other rope_type is a clear error.
 `unsupported` lists config settings the generic models do not implement: each is a clear
 error naming the setting, never a silently wrong model.
 
@@ -22,6 +24,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..nn import RopeScaling
 from .convert import Reshape, heads_bias, heads_in, heads_out
 
 
@@ -50,6 +53,9 @@ class Family:
     # (`layer_types`, else every `window_pattern`-th layer global, else Qwen's max_window_layers)
     classes: tuple[str, ...] = ()  # `architectures` names (prefixes) when model_type is absent
     derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # fields from fields
+    # RoPE parameters per layer type (`rope_parameters.<layer type>`; an old config's
+    # `rope_scaling` is the full_attention layers'): Gemma 3
+    rope_by_layer_type: bool = False
 
 
 def _split(part: int, reshape: Callable[[Any], Reshape]) -> Callable[[Any], Reshape]:
@@ -174,13 +180,37 @@ LLAMA_FIELDS = {
 }
 LLAMA_DEFAULTS = {"rope_base": 10000.0, "tie_embeddings": True, "attn_bias": False,
                    "out_bias": False, "mlp_bias": False}  # fmt: skip
-ROPE_SCALING = (
-    "rope_parameters.rope_type (rope scaling: linear, dynamic, yarn, llama3, ...)",
-    lambda cfg: (
-        (config_get(cfg, ("rope_parameters.rope_type",)) or "default") != "default"
-        or bool(cfg.get("rope_scaling"))
-    ),
-)
+SCALED_ROPE_TYPES = ("linear", "llama3")  # what `rope_scaling_from` reads; the rest is refused
+
+
+def rope_scaling_from(params: Any, where: str, key: str) -> RopeScaling | None:
+    """One rope_parameters / rope_scaling dict (`key` names it in messages) → a RopeScaling, or
+    None for rope_type "default" (or no dict). transformers' names: `rope_type` (older configs:
+    `type`), `factor`; llama3 also `low_freq_factor`, `high_freq_factor`,
+    `original_max_position_embeddings`. Any other rope_type (yarn, dynamic, longrope, ...) is a
+    ValueError naming it."""
+    if not params:
+        return None
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{where}: {key} must be a dict, got {params!r}")
+    kind = params.get("rope_type", params.get("type")) or "default"
+    if kind == "default":
+        return None
+    if kind not in SCALED_ROPE_TYPES:
+        raise ValueError(
+            f"{where}: rope scaling {key}.rope_type={kind!r} is not supported; qkv implements "
+            f"rope_type {' and '.join(map(repr, SCALED_ROPE_TYPES))} (and 'default')"
+        )
+    names = ("factor",) if kind == "linear" else (
+        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")  # fmt: skip
+    missing = [n for n in names if params.get(n) is None]
+    if missing:
+        raise ValueError(f"{where}: {key} with rope_type {kind!r} lacks {missing}")
+    try:
+        return RopeScaling(kind, *(params[n] for n in names))
+    except ValueError as e:
+        raise ValueError(f"{where}: {key}: {e}") from e
+
 
 SELF_ATTN, LAYER_MLP = "layers.{}.self_attn.", "layers.{}.mlp."
 LLAMA_WEIGHTS = (
@@ -215,7 +245,7 @@ def llama_like(model_type: str, **kw: Any) -> Family:
         model_type, "decoder", fields, kw.pop("weights", LLAMA_WEIGHTS),
         defaults={**LLAMA_DEFAULTS, **kw.pop("defaults", {})},
         prefix="model.", ignore=DECODER_IGNORE,
-        unsupported=(ROPE_SCALING, *kw.pop("unsupported", ())), **kw,
+        unsupported=kw.pop("unsupported", ()), **kw,
     )  # fmt: skip
 
 

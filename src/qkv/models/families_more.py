@@ -19,7 +19,6 @@ from .families_base import (
     LAYER_MLP,
     LLAMA_WEIGHTS,
     ROPE_BASE,
-    ROPE_SCALING,
     SELF_ATTN,
     Family,
     W,
@@ -123,7 +122,7 @@ _STARCODER2 = Family(
     fixed={"norm": "layer", "gated": False},
     defaults={"rope_base": 10000.0, "tie_embeddings": True, "norm_eps": 1e-5,
               "act": "gelu_pytorch_tanh", "attn_bias": True, "out_bias": True, "mlp_bias": True},
-    prefix="model.", ignore=DECODER_IGNORE, unsupported=(ROPE_SCALING,), window="all",
+    prefix="model.", ignore=DECODER_IGNORE, window="all",
     classes=("Starcoder2",),
 )  # fmt: skip
 
@@ -168,7 +167,6 @@ _PHI = Family(
               "norm_eps": 1e-5, "act": "gelu_new"},
     prefix="model.", ignore=DECODER_IGNORE, classes=("Phi",),
     unsupported=(
-        ROPE_SCALING,
         ("qk_layernorm", lambda cfg: bool(cfg.get("qk_layernorm"))),
         ("tie_word_embeddings=true (its lm_head has a bias of its own)",
          lambda cfg: bool(cfg.get("tie_word_embeddings"))),

@@ -14,6 +14,8 @@ the file's `general.architecture`, never from its name. What differs between fam
 * `qk_permuted`: llama.cpp reordered attn_q/attn_k rows for its interleaved RoPE (Llama), so the
   loader undoes it (`gguf.unpermute_qk`); the NeoX-RoPE families (Qwen 2/3, Phi-3, Gemma) keep
   Hugging Face's half-split rows;
+* `rope_scaling`: the family reads llama.cpp's linear RoPE scaling and `rope_freqs.weight` factors
+  (Llama 3.1's rule) into `DecoderConfig.rope_scaling`; elsewhere they are refused;
 * `unsupported`: what the generic decoder does not implement (RoPE scaling, Phi-3's LongRoPE
   factors), each a clear error naming it, never a silently different model;
 * norms: llama.cpp stores Gemma's RMSNorm gain as 1 + w (its converter adds the 1), so a Gemma
@@ -30,6 +32,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..nn import RopeScaling
 from . import gguf
 from .convert import Reshape, Rule, heads_in, heads_out
 from .decoder import DecoderConfig
@@ -48,6 +51,10 @@ class GGUFFamily:
     qk_permuted: bool = False
     merges_by: str = "score"  # a SentencePiece vocabulary's merge order (`gguf.sentencepiece_bpe`)
     derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # reads RoPE scaling (`_rope_scaling_of`: rope.scaling.type linear, rope_freqs.weight);
+    # False: any RoPE scaling is refused (`_ROPE_SCALING` in `unsupported`)
+    rope_scaling: bool = False
+    ignore: tuple[str, ...] = ()  # tensors read into the config, not weights
     # (what, test): a file for which test(contents) holds is refused, naming `what`
     unsupported: tuple[tuple[str, Callable[[gguf.GGUFContents], bool]], ...] = ()
 
@@ -124,6 +131,34 @@ def _rope_scaling(c: gguf.GGUFContents) -> bool:
 _ROPE_SCALING = ("RoPE scaling (<arch>.rope.scaling.type, or a rope_freqs.weight tensor)",
                  _rope_scaling)  # fmt: skip
 
+
+def _rope_scaling_of(c: gguf.GGUFContents) -> RopeScaling | None:
+    """llama.cpp's RoPE scaling as a RopeScaling: pair p turns by pos · θ_p / (rope_freqs[p] ·
+    factor), `rope_freqs.weight` (d/2,) the per-pair divisors llama.cpp's converter stores for
+    Llama 3.1's rule ("freq_factors" in ggml_rope_ext), `factor` the rope.scaling.factor of
+    rope.scaling.type linear (freq_scale = 1/factor). Other types (yarn, ...) are refused."""
+    arch = c.architecture
+    kind = c.metadata.get(f"{arch}.rope.scaling.type") or "none"
+    if kind not in ("none", "linear"):
+        raise ValueError(
+            f"{c.path}: this {arch} GGUF uses RoPE scaling {arch}.rope.scaling.type={kind!r}, "
+            "which qkv does not implement; it reads 'linear' and a rope_freqs.weight tensor"
+        )
+    factor = 1.0
+    if kind == "linear":
+        factor = c.metadata.get(f"{arch}.rope.scaling.factor")
+        if factor is None:
+            raise ValueError(f"{c.path}: rope.scaling.type is linear but "
+                             f"'{arch}.rope.scaling.factor' is missing")  # fmt: skip
+    freqs = c.tensors.get("rope_freqs.weight")
+    try:
+        if freqs is not None:
+            return RopeScaling.freq_factors([float(x) * float(factor) for x in freqs.flatten()])
+        return None if kind == "none" else RopeScaling.linear(float(factor))
+    except ValueError as e:
+        raise ValueError(f"{c.path}: {e}") from e
+
+
 _LLAMA = GGUFFamily(
     "llama", "llama", _CORE_FIELDS,
     (
@@ -132,7 +167,8 @@ _LLAMA = GGUFFamily(
         W("blocks.{}.attn.W_K", _B + "attn_k.weight", "permuted.k"),
     ),
     fixed={"norm": "rms", "act": "silu", "gated": True},
-    defaults={"rope_base": 10000.0}, qk_permuted=True, unsupported=(_ROPE_SCALING,),
+    defaults={"rope_base": 10000.0}, qk_permuted=True, rope_scaling=True,
+    ignore=("rope_freqs.weight",),
 )  # fmt: skip
 
 # Qwen2 / Qwen2.5: Llama with q, k, v biases (none on the output); llama.cpp runs it with NeoX
@@ -316,6 +352,8 @@ def config_from_gguf(contents: gguf.GGUFContents, *, name: str | None = None) ->
     f["tie_embeddings"] = "output.weight" not in contents.tensors
     f["bos_id"] = md.get("tokenizer.ggml.bos_token_id")
     f["eos_id"] = md.get("tokenizer.ggml.eos_token_id")
+    if family.rope_scaling:
+        f["rope_scaling"] = _rope_scaling_of(contents)
     if family.derive is not None:
         f.update(family.derive(f))
     known = {x.name for x in DecoderConfig.__dataclass_fields__.values()}

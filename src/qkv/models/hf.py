@@ -29,6 +29,7 @@ from .convert import Rule, convert, read_safetensors
 from .decoder import Decoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .families import ACTS, FAMILIES, RESHAPES, Family, read_fields
+from .families_base import rope_scaling_from
 from .tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, INDEX, TOKENIZER = (
@@ -98,6 +99,8 @@ def build_config(family: Family, cfg: dict[str, Any], *, name: str, where: str):
             f["bos_id"] = f["bos_id"][0] if f["bos_id"] else None
         f["windows"] = _windows(family, cfg, f)
         f["rope_bases"] = _rope_bases(family, cfg, f)
+        if f.get("positions", "rope") == "rope":
+            f["rope_scaling"], f["rope_scalings"] = _rope_scalings(family, cfg, f, where)
     known = {x.name for x in dataclasses.fields(kind)}
     try:
         return kind(name=name, **{k: v for k, v in f.items() if k in known})
@@ -146,6 +149,28 @@ def _rope_bases(family: Family, cfg: dict[str, Any], f: dict[str, Any]) -> tuple
         return None
     g = float(f["rope_base"])
     return tuple(float(local) if t == "sliding_attention" else g for t in types)
+
+
+def _rope_scalings(family: Family, cfg: dict[str, Any], f: dict[str, Any], where: str):
+    """(rope_scaling, rope_scalings): RoPE scaling on every layer, or one per layer. Read from
+    `rope_parameters`, updated by an older config's `rope_scaling` as transformers does; for a
+    family with RoPE parameters per layer type (Gemma 3), `rope_parameters.<layer type>` on
+    each layer of that type, the old `rope_scaling` on the full_attention layers only."""
+    params, legacy = cfg.get("rope_parameters") or {}, cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(legacy, dict):
+        raise ValueError(f"{where}: rope_parameters and rope_scaling must be dicts")
+    key = "rope_scaling" if legacy else "rope_parameters"
+    if not family.rope_by_layer_type:
+        return rope_scaling_from({**params, **legacy}, where, key), None
+    types = _layer_types(cfg, f) or ["full_attention"] * f["n_layers"]
+    by_type = {}
+    for t in dict.fromkeys(types):
+        mine = {**(params.get(t) or {}), **(legacy if t == "full_attention" else {})}
+        by_type[t] = rope_scaling_from(mine, where, f"rope_parameters.{t}")
+    per_layer = tuple(by_type[t] for t in types)
+    if len(set(per_layer)) == 1:
+        return per_layer[0], None
+    return None, per_layer
 
 
 def read_weights(d: Path) -> dict[str, Tensor]:

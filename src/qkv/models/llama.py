@@ -102,6 +102,7 @@ def from_gguf(
         rules(family, config),
         model,
         n_layers=config.n_layers,
+        ignore=family.ignore,
         source=str(contents.path),
         assign=True,  # the dequantised tensors become the parameters (per-head views, no copy)
     )

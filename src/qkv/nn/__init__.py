@@ -22,7 +22,7 @@ from .blocks import (
 )
 from .cache import KVCache, LayerCache
 from .capture import AttentionRecord, Capture, capture
-from .rope import RotaryEmbedding
+from .rope import RopeScaling, RotaryEmbedding
 
 __all__ = [
     "ACTIVATIONS",
@@ -37,6 +37,7 @@ __all__ = [
     "PostNormBlock",
     "PreNormBlock",
     "RMSNorm",
+    "RopeScaling",
     "RotaryEmbedding",
     "SandwichBlock",
     "accelerate",

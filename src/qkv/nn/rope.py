@@ -6,8 +6,125 @@ Letters: b batch, h head, i position, d head dim.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
+
+ROPE_TYPES = ("linear", "llama3", "freq_factors")
+
+
+def _positive(name: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"RopeScaling: {name} must be a finite number > 0, got {v!r}")
+    return float(v)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Slower RoPE frequencies for a longer context: pair p turns by `positions · θ_p / s_p`
+    instead of `positions · θ_p` (θ_p = base^(−2p/r)), with the divisor s_p by `rope_type`:
+
+        "linear"        s_p = factor (the same as dividing every position by factor; transformers'
+                        rope_type "linear", llama.cpp's rope.scaling.type linear)
+        "llama3"        Meta's Llama 3.1 rule (transformers' `_compute_llama3_parameters`), with
+                        λ_p = 2π/θ_p the wavelength, L = original_max_positions:
+                            λ_p < L / high_freq_factor  →  s_p = 1        (short waves kept)
+                            λ_p > L / low_freq_factor   →  s_p = factor   (long waves slowed)
+                            otherwise                   →  θ_p / s_p = (1 − t)·θ_p/factor + t·θ_p,
+                                                           t = (L/λ_p − low_freq_factor)
+                                                               / (high_freq_factor − low_freq_factor)
+        "freq_factors"  s_p = factors[p], one per pair (llama.cpp's rope_freqs.weight tensor)
+
+    cos and sin are not rescaled (transformers' attention_factor is 1 for linear and llama3).
+    Build one with `RopeScaling.linear(8.0)`, `RopeScaling.llama3(...)` or
+    `RopeScaling.freq_factors(...)`; values are validated here, the number of factors by the
+    `RotaryEmbedding` that takes it."""
+
+    rope_type: str
+    factor: float = 1.0
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_positions: int | None = None
+    factors: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"RopeScaling: rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}"
+            )
+        object.__setattr__(self, "factor", _positive("factor", self.factor))
+        llama3 = (self.low_freq_factor, self.high_freq_factor, self.original_max_positions)
+        if self.rope_type == "llama3":
+            lo = _positive("low_freq_factor", self.low_freq_factor)
+            hi = _positive("high_freq_factor", self.high_freq_factor)
+            n = self.original_max_positions
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                raise ValueError(
+                    f"RopeScaling: original_max_positions must be a positive int, got {n!r}"
+                )
+            if not lo < hi:
+                raise ValueError(
+                    f"RopeScaling: low_freq_factor={lo} must be < high_freq_factor={hi}"
+                )
+            object.__setattr__(self, "low_freq_factor", lo)
+            object.__setattr__(self, "high_freq_factor", hi)
+        elif any(x is not None for x in llama3):
+            raise ValueError(
+                f"RopeScaling: low_freq_factor, high_freq_factor and original_max_positions "
+                f"belong to rope_type 'llama3', not {self.rope_type!r}"
+            )
+        if self.rope_type == "freq_factors":
+            fs = self.factors
+            if fs is None or not len(fs) or self.factor != 1.0:
+                raise ValueError(
+                    "RopeScaling: rope_type 'freq_factors' takes factors (one per pair) and no "
+                    f"factor, got factors={fs!r}, factor={self.factor}"
+                )
+            object.__setattr__(
+                self, "factors", tuple(_positive(f"factors[{i}]", f) for i, f in enumerate(fs))
+            )
+        elif self.factors is not None:
+            raise ValueError(
+                f"RopeScaling: factors belong to rope_type 'freq_factors', not {self.rope_type!r}"
+            )
+
+    @classmethod
+    def linear(cls, factor: float) -> RopeScaling:
+        return cls("linear", factor)
+
+    @classmethod
+    def llama3(
+        cls,
+        factor: float,
+        low_freq_factor: float,
+        high_freq_factor: float,
+        original_max_positions: int,
+    ) -> RopeScaling:
+        return cls("llama3", factor, low_freq_factor, high_freq_factor, original_max_positions)
+
+    @classmethod
+    def freq_factors(cls, factors) -> RopeScaling:
+        return cls("freq_factors", factors=tuple(float(f) for f in factors))
+
+    def apply(self, inv_freq: Tensor) -> Tensor:
+        """θ_p → θ_p / s_p for inv_freq (r/2,) float64, as the class docstring says."""
+        if self.rope_type == "linear":
+            return inv_freq / self.factor
+        if self.rope_type == "freq_factors":
+            if len(self.factors) != inv_freq.shape[0]:
+                raise ValueError(
+                    f"RopeScaling: freq_factors has {len(self.factors)} factors for "
+                    f"{inv_freq.shape[0]} rotated pairs (rotary_dim / 2)"
+                )
+            return inv_freq / torch.tensor(self.factors, dtype=inv_freq.dtype)
+        L, lo, hi = self.original_max_positions, self.low_freq_factor, self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        t = (L / wavelen - lo) / (hi - lo)
+        mid = (1 - t) * inv_freq / self.factor + t * inv_freq
+        out = torch.where(wavelen > L / lo, inv_freq / self.factor, inv_freq)
+        return torch.where((wavelen >= L / hi) & (wavelen <= L / lo), mid, out)
 
 
 class RotaryEmbedding(nn.Module):
@@ -22,6 +139,9 @@ class RotaryEmbedding(nn.Module):
     above with r in place of d (θ_p = base^(−2p/r), p < r/2), and passes x[r:] through
     (partial rotary: GPT-NeoX's `rotary_pct`, Phi-3's `partial_rotary_factor`).
     Equivalent complex code (pair p as a + ib): `(a + ib) · exp(i · pos · θ_p)`.
+    `scaling` (a `RopeScaling`; None: none) replaces θ_p by θ_p / s_p, its per-pair divisor
+    (linear, Llama 3's rule, or llama.cpp's rope_freqs factors, one per rotated pair): every
+    table below, the fused CPU path's and the KV cache's positions read these frequencies.
     Angles are computed in float64 and cached per (device, dtype); the result has x's dtype.
     No parameters: the module has no state_dict entries.
     """
@@ -33,6 +153,7 @@ class RotaryEmbedding(nn.Module):
         interleaved: bool = False,
         *,
         rotary_dim: int | None = None,
+        scaling: RopeScaling | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(d_head, int) or isinstance(d_head, bool) or d_head <= 0 or d_head % 2:
@@ -46,7 +167,16 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(
                 f"rotary_dim must be a positive even int ≤ d_head={d_head}, got {rotary_dim!r}"
             )
-        self.d_head, self.rotary_dim = d_head, r
+        if scaling is not None and not isinstance(scaling, RopeScaling):
+            raise TypeError(
+                f"scaling must be a qkv.nn.RopeScaling or None, got {type(scaling).__name__}"
+            )
+        if scaling is not None and scaling.factors is not None and len(scaling.factors) != r // 2:
+            raise ValueError(
+                f"scaling has {len(scaling.factors)} freq_factors; rotary_dim={r} rotates "
+                f"{r // 2} pairs, one factor each"
+            )
+        self.d_head, self.rotary_dim, self.scaling = d_head, r, scaling
         self.base = float(base)
         self.interleaved = bool(interleaved)
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
@@ -54,12 +184,18 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         partial = "" if self.rotary_dim == self.d_head else f", rotary_dim={self.rotary_dim}"
-        return f"d_head={self.d_head}, base={self.base}, interleaved={self.interleaved}{partial}"
+        scaled = "" if self.scaling is None else f", scaling={self.scaling.rope_type}"
+        return (
+            f"d_head={self.d_head}, base={self.base}, interleaved={self.interleaved}"
+            f"{partial}{scaled}"
+        )
 
     def inv_freq(self) -> Tensor:
-        """θ_p = base^(−2p/r) for p in [0, r/2) (r = rotary_dim), float64 on the CPU."""
+        """θ_p = base^(−2p/r) for p in [0, r/2) (r = rotary_dim), divided by `scaling`'s s_p
+        if given; float64 on the CPU."""
         p = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64)
-        return self.base ** (-p / self.rotary_dim)
+        theta = self.base ** (-p / self.rotary_dim)
+        return theta if self.scaling is None else self.scaling.apply(theta)
 
     def tables(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos_w, sin_w of shape (≥n, d) for positions 0.. on `device` in `dtype` (grown on

@@ -1,0 +1,383 @@
+"""RoPE scaling against transformers: tiny random Llama checkpoints with rope_type "llama3" and
+"linear", and Gemma 3 with "linear" on its global layers (as transformers applies it), built
+offline and compared in float32 and float64 on positions past `original_max_position_embeddings`
+(logits, 10 greedy tokens with and without the KV cache); a tiny llama GGUF carrying llama.cpp's
+per-pair `rope_freqs.weight` (computed here by llama.cpp's converter rule) against the
+transformers model it was written from. Then: without the scaling the logits move far past the
+tolerance, and yarn / dynamic / longrope stay a clear error.
+
+Sizes as tests/models/test_families.py: d_head 10, base 500, so the wavelengths 6.3, 21.7, 75,
+260, 900 fall in all three branches of the Llama 3 rule with L = 32 (kept < 8, smoothed 8 … 32,
+divided > 32); sequences of 48 tokens reach position 47 > 32.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import qkv
+from tests.models.test_families import FAMILIES, REL_TOL, float64_oracle_, randomise_, rel
+
+transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
+
+N_GREEDY = 10
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}  # fmt: skip
+LINEAR = {"rope_type": "linear", "factor": 8.0}
+CASES = {
+    "llama-llama3": ("llama", LLAMA3),
+    "llama-linear": ("llama", LINEAR),
+    "qwen2-llama3": ("qwen2", LLAMA3),  # another family reading the same rope parameters
+    "gemma3_text-linear": ("gemma3_text", LINEAR),  # on the full_attention layers only
+}
+
+
+def build(model_type: str, rope_scaling: dict, folder):
+    cfg = transformers.AutoConfig.for_model(
+        model_type, **FAMILIES[model_type], rope_scaling=dict(rope_scaling)
+    )
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    randomise_(m)
+    m.save_pretrained(folder)
+    m.generation_config.eos_token_id = None  # greedy picks stay unsuppressed
+    return m
+
+
+def plain_inv_freq(d: int, base: float, params: dict | None) -> torch.Tensor:
+    """θ_p = base^(−2p/d), scaled as transformers' linear / llama3 functions say; float64."""
+    theta = [base ** (-2.0 * p / d) for p in range(d // 2)]
+    kind = (params or {}).get("rope_type", "default")
+    if kind == "linear":
+        theta = [t / params["factor"] for t in theta]
+    elif kind == "llama3":
+        f, lo, hi = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        L = params["original_max_position_embeddings"]
+        out = []
+        for t in theta:
+            wl = 2 * math.pi / t
+            if wl < L / hi:
+                out.append(t)
+            elif wl > L / lo:
+                out.append(t / f)
+            else:
+                s = (L / wl - lo) / (hi - lo)
+                out.append((1 - s) * t / f + s * t)
+        theta = out
+    else:
+        assert kind == "default", kind
+    return torch.tensor(theta, dtype=torch.float64)
+
+
+def float64_scaled_oracle_(ref, model) -> None:
+    """test_families' float64 oracle (RMSNorm, embed_scale in float64), with RoPE's angles from
+    `plain_inv_freq` of each layer type's rope parameters."""
+    float64_oracle_(ref, model)
+    d = model.config.d_head
+
+    def rotary(x, position_ids, params):
+        ang = position_ids[..., None].double() * plain_inv_freq(d, params["rope_theta"], params)
+        emb = torch.cat((ang, ang), -1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    rp = ref.config.rope_parameters
+    for mod in ref.modules():
+        if hasattr(mod, "layer_types") and hasattr(mod, "rope_type"):  # Gemma 3
+            mod.forward = lambda x, position_ids, layer_type: rotary(
+                x, position_ids, rp[layer_type]
+            )
+        elif hasattr(mod, "inv_freq"):
+            mod.forward = lambda x, position_ids: rotary(x, position_ids, rp)
+
+
+def ids_for(seed: int, n: int = 48) -> torch.Tensor:
+    return torch.randint(2, FAMILIES["llama"]["vocab_size"], (1, n),
+                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request, tmp_path_factory):
+    model_type, scaling = CASES[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    ref = build(model_type, scaling, folder)
+    return request.param, ref, qkv.load(folder)
+
+
+def test_config_reads_the_scaling(pair):
+    name, ref, model = pair
+    c = model.config
+    if name.startswith("gemma3"):
+        # transformers scales the full_attention layers only (its rope_parameters per type)
+        assert ref.config.rope_parameters["sliding_attention"]["rope_type"] == "default"
+        assert ref.config.rope_parameters["full_attention"]["rope_type"] == "linear"
+        kinds = [None if s is None else s.rope_type for s in c.rope_scalings]
+        assert kinds == [None if t == "sliding_attention" else "linear"
+                         for t in ref.config.layer_types]  # fmt: skip
+        assert None in kinds and "linear" in kinds
+    else:
+        assert c.rope_scaling.rope_type == CASES[name][1]["rope_type"] and c.rope_scalings is None
+    assert all(b.attn.rope.scaling is s for b, s in
+               zip(model.blocks, c.rope_scalings or [c.rope_scaling] * c.n_layers, strict=True))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logits_match_transformers(pair, dtype, monkeypatch):
+    name, ref, model = pair
+    ids = torch.cat([ids_for(0), ids_for(1)])
+    ref, model = ref.to(dtype), model.to(dtype)
+    if dtype == torch.float64:
+        float64_scaled_oracle_(ref, model)
+        softmax = torch.nn.functional.softmax
+
+        def softmax64(x, dim=None, _stacklevel=3, dtype=None):
+            return softmax(x, dim=dim, dtype=x.dtype if x.dtype == torch.float64 else dtype)
+
+        monkeypatch.setattr(torch.nn.functional, "softmax", softmax64)
+    try:
+        with torch.no_grad():
+            err = rel(model(ids), ref(ids).logits)
+    finally:
+        ref.float(), model.float()
+        for mod in ref.modules():
+            mod.__dict__.pop("forward", None)
+    assert err <= REL_TOL[dtype], f"{name} {dtype}: relative error {err:.2e}"
+
+
+def test_greedy_tokens_with_and_without_cache(pair):
+    """A 30-token prompt and 10 greedy tokens: positions 30 … 39 cross L = 32."""
+    _, ref, model = pair
+    prompt = ids_for(5, 30)
+    with torch.no_grad():
+        want = ref.generate(prompt, max_new_tokens=N_GREEDY, min_new_tokens=N_GREEDY,
+                            do_sample=False, pad_token_id=0)[0, 30:].tolist()  # fmt: skip
+    cached = list(model.generate_ids(prompt[0].tolist(), N_GREEDY, stop_ids=()))
+    uncached = list(model.generate_ids(prompt[0].tolist(), N_GREEDY, stop_ids=(), use_cache=False))
+    assert cached == uncached == want
+
+
+def test_without_the_scaling_parity_breaks(pair):
+    name, ref, model = pair
+    ids = ids_for(9)
+    with torch.no_grad():
+        assert rel(model(ids), ref(ids).logits) <= REL_TOL[torch.float32]
+        for b in model.blocks:
+            b.attn.rope.scaling, b.attn.rope._tables, b.attn.rope._pairs = None, {}, None
+        try:
+            err = rel(model(ids), ref(ids).logits)
+        finally:  # the fixture's model is shared: rebuild the scaled tables
+            c = model.config
+            for b, s in zip(model.blocks, c.rope_scalings or [c.rope_scaling] * c.n_layers,
+                            strict=True):  # fmt: skip
+                b.attn.rope.scaling, b.attn.rope._tables, b.attn.rope._pairs = s, {}, None
+    assert err > 100 * REL_TOL[torch.float32], f"{name}: {err:.2e}"
+
+
+# --------------------------------------------------------------------------------------------
+# config.json forms and refusals
+
+
+def _folder(tmp_path, **edit):
+    build("llama", LLAMA3, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    for k, v in edit.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+def test_old_config_rope_scaling_with_type_is_read(tmp_path):
+    """Llama 3.1's config.json: `rope_scaling` beside `rope_theta`; Llama 2 era: `type`."""
+    folder = _folder(tmp_path, rope_parameters=None, rope_theta=500.0,
+                     rope_scaling={"type": "linear", "factor": 2.0})  # fmt: skip
+    s = qkv.load(folder).config.rope_scaling
+    assert (s.rope_type, s.factor) == ("linear", 2.0)
+    folder = _folder(tmp_path, rope_parameters=None, rope_theta=500.0, rope_scaling=LLAMA3)
+    s = qkv.load(folder).config.rope_scaling
+    assert (s.rope_type, s.original_max_positions, s.high_freq_factor) == ("llama3", 32, 4.0)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "longrope", "short_factor": [1.0] * 5, "long_factor": [2.0] * 5},
+    ],
+)
+def test_other_rope_types_are_a_clear_error(tmp_path, params):
+    folder = _folder(tmp_path, rope_parameters={**params, "rope_theta": 500.0})
+    kind = params["rope_type"]
+    with pytest.raises(
+        ValueError,
+        match=rf"config.json: rope scaling rope_parameters.rope_type='{kind}' is not supported; "
+        r"qkv implements rope_type 'linear' and 'llama3'",
+    ):
+        qkv.load(folder)
+
+
+def test_gemma3_yarn_on_a_layer_type_is_named(tmp_path):
+    build("gemma3_text", LINEAR, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    cfg["rope_parameters"]["full_attention"].update(rope_type="yarn", factor=8.0)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"rope_parameters.full_attention.rope_type='yarn'"):
+        qkv.load(tmp_path)
+
+
+def test_missing_llama3_parameter_is_named(tmp_path):
+    params = {k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}
+    folder = _folder(tmp_path, rope_parameters={**params, "rope_theta": 500.0})
+    with pytest.raises(ValueError, match=r"rope_type 'llama3' lacks \['low_freq_factor'\]"):
+        qkv.load(folder)
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF: llama.cpp's rope_freqs.weight and rope.scaling.type linear
+
+
+def llama_cpp_rope_freqs(d: int, base: float, p: dict) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py writes for rope_type llama3: one divisor per pair,
+    1 (short waves), factor (long), 1 / ((1 − s)/factor + s) in between; float32."""
+    f, lo, hi = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    L = p["original_max_position_embeddings"]
+    out = []
+    for i in range(0, d, 2):
+        wl = 2 * math.pi / base ** (-i / d)
+        if wl < L / hi:
+            out.append(1.0)
+        elif wl > L / lo:
+            out.append(f)
+        else:
+            s = (L / wl - lo) / (hi - lo)
+            out.append(1 / ((1 - s) / f + s))
+    return np.array(out, dtype=np.float32)
+
+
+def write_llama_gguf(path, ref, *, rope_freqs=None, kv=None):
+    """The transformers Llama `ref` as llama.cpp writes it: q/k rows permuted for its
+    interleaved RoPE, a byte vocabulary (the tokenizer is not what is tested here)."""
+    gguf = pytest.importorskip("gguf", reason="the gguf package writes the tiny files")
+    from qkv.models.gguf import permute_qk
+
+    c = ref.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, val in {"block_count": c.num_hidden_layers, "context_length": 64,
+                     "embedding_length": c.hidden_size, "feed_forward_length": c.intermediate_size,
+                     "attention.head_count": c.num_attention_heads,
+                     "attention.head_count_kv": c.num_key_value_heads}.items():  # fmt: skip
+        w.add_uint32(f"llama.{key}", val)
+    w.add_float32("llama.rope.freq_base", c.rope_parameters["rope_theta"])
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    for key, val in (kv or {}).items():
+        (w.add_string if isinstance(val, str) else w.add_float32)(f"llama.{key}", val)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    tokens = [chr(0x21 + i) for i in range(c.vocab_size - 1)] + ["AB"]  # "!", '"', ...
+    w.add_token_list(tokens)
+    w.add_token_types([1] * c.vocab_size)
+    w.add_token_merges(["A B"])
+    w.add_eos_token_id(0)
+    sd = {k: v.detach().float() for k, v in ref.state_dict().items()}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+    }
+    if not c.tie_word_embeddings:
+        names["lm_head.weight"] = "output.weight"
+    for i in range(c.num_hidden_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        names |= {
+            f"model.layers.{i}.input_layernorm.weight": f"blk.{i}.attn_norm.weight",
+            f"model.layers.{i}.post_attention_layernorm.weight": f"blk.{i}.ffn_norm.weight",
+            a + "q_proj.weight": f"blk.{i}.attn_q.weight", a + "k_proj.weight": f"blk.{i}.attn_k.weight",
+            a + "v_proj.weight": f"blk.{i}.attn_v.weight", a + "o_proj.weight": f"blk.{i}.attn_output.weight",
+            m + "gate_proj.weight": f"blk.{i}.ffn_gate.weight", m + "up_proj.weight": f"blk.{i}.ffn_up.weight",
+            m + "down_proj.weight": f"blk.{i}.ffn_down.weight",
+        }  # fmt: skip
+    for src, dst in names.items():
+        t = sd[src]
+        if dst.endswith("attn_q.weight"):
+            t = permute_qk(t, c.num_attention_heads)
+        elif dst.endswith("attn_k.weight"):
+            t = permute_qk(t, c.num_key_value_heads)
+        w.add_tensor(dst, t.numpy())
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# a Llama without biases (llama.cpp's llama architecture has none)
+GGUF_LLAMA = {**FAMILIES["llama"], "attention_bias": False, "mlp_bias": False}
+
+
+def _hf_llama(scaling, folder):
+    cfg = transformers.AutoConfig.for_model("llama", **GGUF_LLAMA, rope_scaling=dict(scaling))
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    randomise_(m)
+    m.generation_config.eos_token_id = None
+    return m
+
+
+@pytest.mark.parametrize("kind", ["rope_freqs", "linear"])
+def test_gguf_scaling_matches_transformers(tmp_path, kind, monkeypatch):
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path / "cache"))
+    if kind == "rope_freqs":
+        ref = _hf_llama(LLAMA3, tmp_path)
+        freqs = llama_cpp_rope_freqs(10, GGUF_LLAMA["rope_theta"], LLAMA3)
+        assert freqs[0] == 1.0 and 1 < freqs[1] < 8 and (freqs[2:] == 8).all()
+        path = write_llama_gguf(tmp_path / "x.gguf", ref, rope_freqs=freqs)
+    else:
+        ref = _hf_llama(LINEAR, tmp_path)
+        kv = {"rope.scaling.type": "linear", "rope.scaling.factor": 8.0}
+        path = write_llama_gguf(tmp_path / "x.gguf", ref, kv=kv)
+    model = qkv.load(str(path))
+    assert model.config.rope_scaling is not None
+    assert "rope_freqs.weight" in model.load_report.ignored or kind == "linear"
+    ids = torch.cat([ids_for(0), ids_for(1)])
+    with torch.no_grad():
+        want = ref(ids).logits
+        assert rel(model(ids), want) <= REL_TOL[torch.float32]
+        prompt = ids_for(5, 30)
+        greedy = ref.generate(prompt, max_new_tokens=N_GREEDY, min_new_tokens=N_GREEDY,
+                              do_sample=False, pad_token_id=0)[0, 30:].tolist()  # fmt: skip
+    cached = list(model.generate_ids(prompt[0].tolist(), N_GREEDY, stop_ids=()))
+    uncached = list(model.generate_ids(prompt[0].tolist(), N_GREEDY, stop_ids=(), use_cache=False))
+    assert cached == uncached == greedy
+    # the check can fail: the same file read without its scaling
+    for b in model.blocks:
+        b.attn.rope.scaling, b.attn.rope._tables, b.attn.rope._pairs = None, {}, None
+    with torch.no_grad():
+        assert rel(model(ids), want) > 100 * REL_TOL[torch.float32]
+
+
+def test_gguf_yarn_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path / "cache"))
+    ref = _hf_llama(LINEAR, tmp_path)
+    kv = {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0}
+    path = write_llama_gguf(tmp_path / "x.gguf", ref, kv=kv)
+    with pytest.raises(
+        ValueError, match=r"llama GGUF uses RoPE scaling llama.rope.scaling.type='yarn'.*"
+        r"does not implement; it reads 'linear' and a rope_freqs.weight tensor",
+    ):  # fmt: skip
+        qkv.load(str(path))
+
+
+def test_gguf_rope_freqs_of_the_wrong_length_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path / "cache"))
+    ref = _hf_llama(LLAMA3, tmp_path)
+    path = write_llama_gguf(tmp_path / "x.gguf", ref, rope_freqs=np.ones(4, dtype=np.float32))
+    with pytest.raises(
+        ValueError, match=r"x.gguf: DecoderConfig: rope scaling has 4 freq_factors for the 5 "
+    ):
+        qkv.load(str(path))

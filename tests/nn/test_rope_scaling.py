@@ -1,0 +1,131 @@
+"""RotaryEmbedding's `scaling` (qkv.nn.RopeScaling) against float64 formulas written here: the
+complex rotation by pos · θ_p / s_p with the divisors s_p of linear scaling, Meta's Llama 3.1
+rule (as its reference code states it, pair by pair) and per-pair factors; and the Llama 3 rule
+against transformers' own `_compute_llama3_parameters`."""
+
+import math
+
+import pytest
+import torch
+
+from qkv.nn import RopeScaling, RotaryEmbedding
+
+
+def llama3_divisors(d: int, base: float, factor, lo, hi, L) -> list[float]:
+    """s_p of Meta's rule, one pair at a time (θ_p / s_p as the new frequency)."""
+    out = []
+    for p in range(d // 2):
+        theta = base ** (-2.0 * p / d)
+        wavelen = 2 * math.pi / theta
+        if wavelen < L / hi:
+            out.append(1.0)
+        elif wavelen > L / lo:
+            out.append(float(factor))
+        else:
+            t = (L / wavelen - lo) / (hi - lo)
+            out.append(theta / ((1 - t) * theta / factor + t * theta))
+    return out
+
+
+def scaled_rope(x: torch.Tensor, pos: torch.Tensor, base: float, divisors) -> torch.Tensor:
+    """Half-split pair p as a + ib, times exp(i · pos · base^(−2p/d) / s_p); float64."""
+    d = x.shape[-1]
+    theta = torch.tensor(
+        [base ** (-2.0 * p / d) / divisors[p] for p in range(d // 2)], dtype=torch.float64
+    )
+    rot = torch.polar(
+        torch.ones(len(pos), d // 2, dtype=torch.float64), pos.double()[:, None] * theta
+    )
+    c = torch.complex(x[..., : d // 2].double(), x[..., d // 2 :].double()) * rot
+    return torch.cat((c.real, c.imag), dim=-1)
+
+
+# base 500, d 10: wavelengths 6.3, 21.7, 75, 260, 900; L = 32, low 1, high 4: pair 0 kept
+# (< 8), pair 1 smoothed (8 … 32), pairs 2-4 divided by the factor (> 32): all three branches
+D, BASE = 10, 500.0
+CASES = {
+    "linear": (RopeScaling.linear(8.0), [8.0] * 5),
+    "llama3": (RopeScaling.llama3(8.0, 1.0, 4.0, 32), llama3_divisors(D, BASE, 8.0, 1.0, 4.0, 32)),
+    "freq_factors": (RopeScaling.freq_factors([1.0, 2.5, 4.0, 8.0, 8.0]), [1, 2.5, 4, 8, 8]),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_scaled_rotation_matches_the_formula(name, dtype):
+    scaling, divisors = CASES[name]
+    if name == "llama3":  # the three branches are all exercised
+        assert divisors[0] == 1.0 and 1.0 < divisors[1] < 8.0 and divisors[2:] == [8.0] * 3
+    x = torch.randn(2, 3, 50, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pos = torch.arange(20, 70)  # past L = 32
+    rope = RotaryEmbedding(D, base=BASE, scaling=scaling)
+    want = scaled_rope(x, pos, BASE, divisors)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for got in (rope(x.to(dtype), pos), rope(x.to(dtype), 20)):  # gathered, and the slice path
+        assert (got.double() - want).abs().max() <= tol * want.abs().max()
+    # the fused CPU path's per-pair tables carry the same angles
+    cos, sin = rope.pair_tables(70)
+    ang = pos.double()[:, None] * torch.tensor(
+        [BASE ** (-2.0 * p / D) / divisors[p] for p in range(D // 2)], dtype=torch.float64
+    )
+    assert (cos[20:70].double() - ang.cos()).abs().max() <= 1e-6
+    assert (sin[20:70].double() - ang.sin()).abs().max() <= 1e-6
+    # the check can fail: unscaled angles are far off
+    plain = RotaryEmbedding(D, base=BASE)(x, pos)
+    assert (plain - want).abs().max() > 0.1 * want.abs().max()
+
+
+def test_llama3_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                  original_max_position_embeddings=8192)  # fmt: skip
+    cfg = transformers.AutoConfig.for_model(
+        "llama", hidden_size=4096, num_attention_heads=32, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", **params},
+    )  # fmt: skip
+    want, attention_factor = ROPE_INIT_FUNCTIONS["llama3"](cfg)
+    assert attention_factor == 1.0
+    rope = RotaryEmbedding(128, base=500000.0, scaling=RopeScaling.llama3(8.0, 1.0, 4.0, 8192))
+    got = rope.inv_freq()
+    # transformers computes in float32
+    assert ((got - want.double()).abs() / want.double()).max() <= 1e-6
+    assert ((got - RotaryEmbedding(128, base=500000.0).inv_freq()).abs() / got).max() > 1
+
+
+def test_linear_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = transformers.AutoConfig.for_model(
+        "llama", hidden_size=64, num_attention_heads=2, rope_theta=1e4,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+    )  # fmt: skip
+    want, attention_factor = ROPE_INIT_FUNCTIONS["linear"](cfg)
+    got = RotaryEmbedding(32, scaling=RopeScaling.linear(4.0)).inv_freq()
+    assert attention_factor == 1.0
+    assert ((got - want.double()).abs() / want.double()).max() <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: RopeScaling("yarn", 4.0), r"rope_type must be one of .*'linear', 'llama3'.*'yarn'"),
+        (lambda: RopeScaling.linear(0.0), r"factor must be a finite number > 0, got 0.0"),
+        (lambda: RopeScaling.linear(float("nan")), r"factor must be a finite number > 0"),
+        (lambda: RopeScaling.llama3(8.0, 4.0, 1.0, 8192),
+         r"low_freq_factor=4.0 must be < high_freq_factor=1.0"),
+        (lambda: RopeScaling.llama3(8.0, 1.0, 4.0, 0), r"original_max_positions must be a positive int"),
+        (lambda: RopeScaling("linear", 2.0, low_freq_factor=1.0), r"belong to rope_type 'llama3'"),
+        (lambda: RopeScaling.freq_factors([1.0, -2.0]), r"factors\[1\] must be a finite number > 0"),
+        (lambda: RopeScaling.freq_factors([]), r"takes factors"),
+        (lambda: RotaryEmbedding(10, scaling=RopeScaling.freq_factors([1.0, 2.0])),
+         r"scaling has 2 freq_factors; rotary_dim=10 rotates 5 pairs"),
+        (lambda: RotaryEmbedding(10, scaling={"rope_type": "linear"}),
+         r"scaling must be a qkv.nn.RopeScaling or None, got dict"),
+    ],
+)  # fmt: skip
+def test_bad_scaling_is_named(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
