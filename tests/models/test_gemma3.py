@@ -49,9 +49,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def tiny_gemma3(path, *, rope_base=1000.0, kv_heads=K):
+def tiny_gemma3(path, *, rope_base=1000.0, kv_heads=K, kv=None):
     """A random Gemma 3 GGUF as llama.cpp writes one (norms stored as 1 + w, Q/K not permuted);
-    `kv_heads`: what the metadata claims (the tensors always hold K)."""
+    `kv_heads`: what the metadata claims (the tensors always hold K); `kv`: extra `gemma3.`
+    keys (name → str or float)."""
     w = gguf.GGUFWriter(str(path), "gemma3")
     for key, val in {
         "block_count": L, "context_length": 64, "embedding_length": M, "feed_forward_length": F,
@@ -61,6 +62,8 @@ def tiny_gemma3(path, *, rope_base=1000.0, kv_heads=K):
         w.add_uint32(f"gemma3.{key}", val)
     w.add_float32("gemma3.rope.freq_base", rope_base)
     w.add_float32("gemma3.attention.layer_norm_rms_epsilon", 1e-6)
+    for key, val in (kv or {}).items():
+        (w.add_string if isinstance(val, str) else w.add_float32)(f"gemma3.{key}", val)
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(TOKENS)

@@ -11,6 +11,7 @@ Sizes as tests/models/test_families.py: d_head 10, base 500, so the wavelengths 
 divided > 32); sequences of 48 tokens reach position 47 > 32.
 """
 
+import copy
 import json
 import math
 
@@ -381,3 +382,37 @@ def test_gguf_rope_freqs_of_the_wrong_length_is_named(tmp_path, monkeypatch):
         ValueError, match=r"x.gguf: DecoderConfig: rope scaling has 4 freq_factors for the 5 "
     ):
         qkv.load(str(path))
+
+
+def test_gemma3_gguf_linear_scales_the_global_layers(tmp_path, monkeypatch):
+    """Gemma 3 4B+ as llama.cpp writes it: rope.scaling.type linear, factor 8, which llama.cpp
+    applies to the global layers only. transformers' GGUF loader does not read the key, so the
+    oracle is its model with rope_parameters.full_attention made linear × 8 (transformers' own
+    Gemma 3 rule), the file's weights loaded into it."""
+    from tests.models.test_gemma3 import ids_for as gemma_ids
+    from tests.models.test_gemma3 import reference, tiny_gemma3
+
+    kv = {"rope.scaling.type": "linear", "rope.scaling.factor": 8.0}
+    path = tiny_gemma3(tmp_path / "g.gguf", kv=kv)
+    plain = reference(path)
+    assert plain.config.rope_parameters["full_attention"]["rope_type"] == "default"
+    cfg = copy.deepcopy(plain.config)
+    cfg.rope_parameters["full_attention"].update(rope_type="linear", factor=8.0)
+    ref = type(plain)(cfg).eval()
+    ref.load_state_dict(plain.state_dict())
+    ref.generation_config.eos_token_id = None
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path / "cache"))
+    model = qkv.load(str(path))
+    kinds = [None if s is None else (s.rope_type, s.factor) for s in model.config.rope_scalings]
+    assert kinds == [None] * 5 + [("linear", 8.0), None]  # layer 5 is the global one
+    ids = gemma_ids(3, 40)
+    with torch.no_grad():
+        want = ref(ids).logits
+        assert rel(model(ids), want) <= REL_TOL[torch.float32]
+        assert rel(model(ids), plain(ids).logits) > 100 * REL_TOL[torch.float32]
+        greedy = ref.generate(ids[:, :30], max_new_tokens=N_GREEDY, min_new_tokens=N_GREEDY,
+                              do_sample=False, pad_token_id=0)[0, 30:].tolist()  # fmt: skip
+    prompt = ids[0, :30].tolist()
+    cached = list(model.generate_ids(prompt, N_GREEDY, stop_ids=()))
+    uncached = list(model.generate_ids(prompt, N_GREEDY, stop_ids=(), use_cache=False))
+    assert cached == uncached == greedy

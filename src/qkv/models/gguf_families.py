@@ -14,8 +14,9 @@ the file's `general.architecture`, never from its name. What differs between fam
 * `qk_permuted`: llama.cpp reordered attn_q/attn_k rows for its interleaved RoPE (Llama), so the
   loader undoes it (`gguf.unpermute_qk`); the NeoX-RoPE families (Qwen 2/3, Phi-3, Gemma) keep
   Hugging Face's half-split rows;
-* `rope_scaling`: the family reads llama.cpp's linear RoPE scaling and `rope_freqs.weight` factors
-  (Llama 3.1's rule) into `DecoderConfig.rope_scaling`; elsewhere they are refused;
+* `rope_scaling`: the family reads llama.cpp's linear RoPE scaling and (Llama) `rope_freqs.weight`
+  factors (Llama 3.1's rule) into `DecoderConfig.rope_scaling` (Gemma 3: `rope_scalings`, on its
+  global layers, as llama.cpp); elsewhere they are refused;
 * `unsupported`: what the generic decoder does not implement (RoPE scaling, Phi-3's LongRoPE
   factors), each a clear error naming it, never a silently different model;
 * norms: llama.cpp stores Gemma's RMSNorm gain as 1 + w (its converter adds the 1), so a Gemma
@@ -130,6 +131,9 @@ def _rope_scaling(c: gguf.GGUFContents) -> bool:
 # RoPE scaling (linear, YaRN; Llama 3.1's per-dimension rope_freqs): positions rotate otherwise
 _ROPE_SCALING = ("RoPE scaling (<arch>.rope.scaling.type, or a rope_freqs.weight tensor)",
                  _rope_scaling)  # fmt: skip
+
+_ROPE_FREQS = ("a rope_freqs.weight tensor (per-pair RoPE factors)",
+               lambda c: "rope_freqs.weight" in c.tensors)  # fmt: skip
 
 
 def _rope_scaling_of(c: gguf.GGUFContents) -> RopeScaling | None:
@@ -249,7 +253,8 @@ def _gemma2(f: dict[str, Any]) -> dict[str, Any]:
 def _gemma3(f: dict[str, Any]) -> dict[str, Any]:
     """Embeddings × √d_model; scores × d_head^−½ (llama.cpp's rule for every size but 27B, whose
     `query_pre_attn_scalar` is d_model/h: a file may say `attention.scale`); the local layers'
-    window and RoPE base."""
+    window and RoPE base; RoPE scaling (4B+: linear × 8) on the global layers only, as
+    llama.cpp (its rope_freq_scale_train_swa is 1)."""
     out = {"embed_scale": f["d_model"] ** 0.5}
     out["attn_scale"] = f.get("attn_scale") or f["d_head"] ** -0.5
     n, p, w = f["n_layers"], f.get("window_pattern"), f.get("window")
@@ -265,6 +270,9 @@ def _gemma3(f: dict[str, Any]) -> dict[str, Any]:
         out["windows"] = tuple(int(w) if s else None for s in local)
     g, lo = float(f["rope_base"]), float(f["local_rope_base"])
     out["rope_bases"] = tuple(lo if s else g for s in local)
+    if f.get("rope_scaling") is not None:  # llama.cpp: freq_scale on the global layers only
+        out["rope_scaling"] = None
+        out["rope_scalings"] = tuple(None if s else f["rope_scaling"] for s in local)
     return out
 
 
@@ -287,7 +295,8 @@ _GEMMA3 = GGUFFamily(
     fixed={"norm": "rms", "act": "gelu_tanh", "gated": True, "block": "sandwich",
            "qk_norm": True, "norm_offset": 0.0},
     defaults={"rope_base": 1e6, "local_rope_base": 1e4, "window_pattern": 6},
-    merges_by="file", derive=_gemma3, unsupported=(_ROPE_SCALING,),  # 4B+: linear × 8
+    merges_by="file", derive=_gemma3, rope_scaling=True,  # 4B+: linear × 8, global layers
+    unsupported=(_ROPE_FREQS,),
 )  # fmt: skip
 
 # Gemma 2: sandwich norms (stored 1 + w: offset 0), GELU-tanh, scores capped at 50·tanh(s/50)
