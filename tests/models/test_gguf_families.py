@@ -524,3 +524,40 @@ def test_sentencepiece_tokenizers_match_transformers(tmp_path, arch, space_prefi
     theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     for text in ["the dog", "the  cat a dog", " the cat", "<bos>the cat", "a dog  "]:
         assert model.tokenizer.encode(text).ids == theirs(text).input_ids, text
+
+
+LLAMA3_TEXTS = [*QWEN_TEXTS, "1234567 and 12", "call 555-0123 now", "x=10000;y=99"]
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "llama3"])
+def test_llama3_pre_tokenizer_matches_transformers(tmp_path, pre):
+    """Llama 3.x files (tokenizer.ggml.pre "llama-bpe"): digits go in runs of up to three before
+    BPE ("12345" → "123" + "45"), unlike Qwen2's one by one and GPT-2's whole number. Oracle: transformers' GGUF
+    tokenizer of the same file (arch llama), which uses Meta's Llama 3 split pattern."""
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, val in {"block_count": 1, "context_length": 32, "embedding_length": 8,
+                     "feed_forward_length": 16, "attention.head_count": 2,
+                     "attention.head_count_kv": 1}.items():  # fmt: skip
+        w.add_uint32(f"llama.{key}", val)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    tokens = [*BPE_TOKENS, "34"]
+    w.add_token_list(tokens)
+    w.add_token_merges([*BPE_MERGES, "3 4"])
+    w.add_token_types([1] * (len(tokens) - 4) + [3] * 3 + [1])
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = qgguf.make_tokenizer(qgguf.read_gguf(path, cache_dir=False).metadata)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in LLAMA3_TEXTS:
+        want = theirs(text, add_special_tokens=False).input_ids
+        assert ours.encode(text, add_special_tokens=False).ids == want, text
+    pieces = [tokens[i] for i in ours.encode("12345", add_special_tokens=False).ids]
+    assert pieces == ["12", "3", "4", "5"]  # "123" + "45": the merge "3 4" cannot cross runs

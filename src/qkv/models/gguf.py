@@ -50,12 +50,19 @@ _GPT2_PRE = frozenset({"gpt-2", "gpt2", "default"})
 # Qwen2/2.5/3 ("qwen2"; DeepSeek-R1's Qwen distills): GPT-4-like contractions and letters, each
 # digit alone, then byte-level BPE on the pieces (Qwen2Tokenizer's PRETOKENIZE_REGEX, llama.cpp's
 # LLAMA_VOCAB_PRE_TYPE_QWEN2)
-_QWEN2_PRE = frozenset({"qwen2", "deepseek-r1-qwen"})
 _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-SUPPORTED_PRE_TOKENIZERS = tuple(sorted(_DIGIT_SPLIT_PRE | _GPT2_PRE | _QWEN2_PRE))
+# Llama 3.x ("llama-bpe"; llama.cpp's LLAMA_VOCAB_PRE_TYPE_LLAMA3): Qwen2's regex with digits in
+# runs of up to three (Meta's tokenizer.json pattern), then byte-level BPE on the pieces
+_LLAMA3_SPLIT = _QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+# pre-tokenizer name → its split regex (then byte-level BPE without GPT-2's own regex)
+_REGEX_PRE = {
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
+    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3"), _LLAMA3_SPLIT),
+}
+SUPPORTED_PRE_TOKENIZERS = tuple(sorted(_DIGIT_SPLIT_PRE | _GPT2_PRE | set(_REGEX_PRE)))
 
 # kept as blocks too (`GGUFContents.blocks`, `BlockWeight.from_ggml`)
 BLOCK_TYPES = frozenset({"Q4_1", "Q8_0", "Q5_0", "Q4_K", "Q6_K"})
@@ -531,10 +538,10 @@ def make_tokenizer(metadata: dict[str, Any], *, merges_by: str = "score"):
         )
     elif pre in _GPT2_PRE:
         tok.pre_tokenizer = byte_level
-    elif pre in _QWEN2_PRE:
+    elif pre in _REGEX_PRE:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+                pre_tokenizers.Split(Regex(_REGEX_PRE[pre]), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
