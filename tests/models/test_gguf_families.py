@@ -561,3 +561,27 @@ def test_llama3_pre_tokenizer_matches_transformers(tmp_path, pre):
         assert ours.encode(text, add_special_tokens=False).ids == want, text
     pieces = [tokens[i] for i in ours.encode("12345", add_special_tokens=False).ids]
     assert pieces == ["12", "3", "4", "5"]  # "123" + "45": the merge "3 4" cannot cross runs
+
+
+CHAT_TEMPLATES = [
+    # loop controls, as Qwen3's and other templates use them
+    "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+    "<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
+    # tojson keeps non-ASCII text as it is
+    "{% for m in messages %}{{ m.content | tojson }}\n{% endfor %}",
+    # Llama 3.x: the system prompt's date from strftime_now when the renderer defines it
+    "{% if strftime_now is defined %}{% set d = strftime_now('%Y') %}{% else %}{% set d = 'never' %}"
+    "{% endif %}{{ d | length }}{% for m in messages %}|{{ m['content'] | trim }}{% endfor %}",
+]
+
+
+@pytest.mark.parametrize("template", CHAT_TEMPLATES)
+def test_chat_templates_render_as_transformers(template):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = [{"role": "system", "content": "Be brief. ü"},
+                {"role": "user", "content": " Où est 🙂? "}, {"role": "user", "content": "x"}]  # fmt: skip
+    (want,), _ = render_jinja_template(
+        conversations=[messages], chat_template=template, add_generation_prompt=True
+    )
+    assert qgguf.render_chat(template, messages, add_generation_prompt=True) == want

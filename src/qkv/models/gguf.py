@@ -652,14 +652,27 @@ def render_chat(
     template: str, messages: list[dict[str, str]], *, add_generation_prompt: bool = True
 ) -> str:
     """Render a GGUF's `tokenizer.chat_template` (Jinja) for `messages` ([{"role", "content"}]),
-    in a sandbox, as transformers' `apply_chat_template(tokenize=False)` does."""
+    in a sandbox, as transformers' `apply_chat_template(tokenize=False)` does: with its loop
+    controls (`{% break %}`), `tojson` keeping non-ASCII text, `raise_exception` and
+    `strftime_now` (Llama 3's templates date their system prompt with it)."""
+    import datetime
+    import json
+
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str):
         raise ValueError(f"chat template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)  # fmt: skip
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     return env.from_string(template).render(
         messages=messages, add_generation_prompt=add_generation_prompt
     )
