@@ -135,12 +135,14 @@ def test_gradients_within_budget_half(name, dtype):
 def test_the_backward_is_fused_unless_k_or_v_holds_nan(monkeypatch):
     """Finite K/V: the tiled backward is never called. NaN/inf in keys and values no row
     keeps: tiled takes over, and every gradient is finite and equals the float64 reference's
-    with those entries zeroed."""
+    with those entries zeroed. (Keys before every row's window never reach a backend at all,
+    so here a mask_mod leaves out keys 5 and 12 that the window alone would keep.)"""
 
     calls = []
     real = fused_cpu.backward
     monkeypatch.setattr(fused_cpu, "backward", lambda *a: calls.append(1) or real(*a))
-    kw = {"window": (3, 0)}  # 40 queries at positions 60..99 keep keys 57..99 only
+    # 40 queries at positions 60..99, window 60: keys 0..99; the mask_mod drops keys 0..19
+    kw = {"window": (60, 0), "mask_mod": lambda b, h, q_idx, kv_idx: kv_idx >= 20}
     q, k, v = make_qkv(1, 2, 1, 40, 100, 16, requires_grad=True)
     qkv.attention(q, k, v, **kw, backend="fused").sum().backward()
     assert calls == []
