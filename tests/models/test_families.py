@@ -241,6 +241,17 @@ def ids_for(seed: int = 0, n: int = 24) -> torch.Tensor:
 # parity
 
 
+def keep_float64_softmax(monkeypatch) -> None:
+    """transformers' eager decoders take the softmax in float32 (`dtype=torch.float32`): a
+    float64 oracle keeps float64 there instead."""
+    softmax = torch.nn.functional.softmax
+
+    def softmax64(x, dim=None, _stacklevel=3, dtype=None):
+        return softmax(x, dim=dim, dtype=x.dtype if x.dtype == torch.float64 else dtype)
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", softmax64)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_outputs_match_transformers(pair, dtype, monkeypatch):
     mt, ref, model, _ = pair
@@ -249,13 +260,7 @@ def test_outputs_match_transformers(pair, dtype, monkeypatch):
     ref, model = ref.to(dtype), model.to(dtype)
     if dtype == torch.float64:
         float64_oracle_(ref, model)
-        # transformers' eager decoders take the softmax in float32 (`dtype=torch.float32`)
-        softmax = torch.nn.functional.softmax
-
-        def softmax64(x, dim=None, _stacklevel=3, dtype=None):
-            return softmax(x, dim=dim, dtype=x.dtype if x.dtype == torch.float64 else dtype)
-
-        monkeypatch.setattr(torch.nn.functional, "softmax", softmax64)
+        keep_float64_softmax(monkeypatch)
     try:
         with torch.no_grad():
             err = rel(out(model, ids), out(ref, ids))

@@ -20,7 +20,14 @@ import pytest
 import torch
 
 import qkv
-from tests.models.test_families import FAMILIES, REL_TOL, float64_oracle_, randomise_, rel
+from tests.models.test_families import (
+    FAMILIES,
+    REL_TOL,
+    float64_oracle_,
+    keep_float64_softmax,
+    randomise_,
+    rel,
+)
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
 
@@ -131,12 +138,7 @@ def test_logits_match_transformers(pair, dtype, monkeypatch):
     ref, model = ref.to(dtype), model.to(dtype)
     if dtype == torch.float64:
         float64_scaled_oracle_(ref, model)
-        softmax = torch.nn.functional.softmax
-
-        def softmax64(x, dim=None, _stacklevel=3, dtype=None):
-            return softmax(x, dim=dim, dtype=x.dtype if x.dtype == torch.float64 else dtype)
-
-        monkeypatch.setattr(torch.nn.functional, "softmax", softmax64)
+        keep_float64_softmax(monkeypatch)
     try:
         with torch.no_grad():
             err = rel(model(ids), ref(ids).logits)
