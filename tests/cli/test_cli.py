@@ -16,6 +16,8 @@ from qkv.models.families import FAMILIES
 from qkv.models.gguf_families import GGUF_FAMILIES
 from tests.lens.conftest import SENTENCE, TinyModel
 
+from .pipes import close_stdout
+
 
 @pytest.fixture(scope="module")
 def tiny_models():
@@ -340,43 +342,17 @@ def test_a_closed_pipe_exits_141_without_a_traceback():
 
 def test_rich_output_into_a_closed_pipe_exits_141(loads, monkeypatch, capsys):
     """rich's own handler would exit 1; the CLI's console hands the broken pipe to main."""
+    close_stdout(monkeypatch)
     from qkv import cli
 
-    class Closed:
-        def write(self, s):
-            raise BrokenPipeError(32, "Broken pipe")
-
-        def flush(self):
-            raise BrokenPipeError(32, "Broken pipe")
-
-        def isatty(self):
-            return False
-
-        def fileno(self):
-            raise OSError("no file descriptor")
-
-    monkeypatch.setattr("sys.stdout", Closed())
     assert cli.main(["explain", SENTENCE, "--token", "it", "--model", "tiny-causal"]) == 141
 
 
 def test_files_are_written_even_when_stdout_is_closed(loads, monkeypatch, tmp_path, capsys):
     """`qkv explain ... --png r.png | head -1`: the reader leaving early does not cost the file."""
+    close_stdout(monkeypatch)
     from qkv import cli
 
-    class Closed:
-        def write(self, s):
-            raise BrokenPipeError(32, "Broken pipe")
-
-        def flush(self):
-            raise BrokenPipeError(32, "Broken pipe")
-
-        def isatty(self):
-            return False
-
-        def fileno(self):
-            raise OSError("no file descriptor")
-
-    monkeypatch.setattr("sys.stdout", Closed())
     argv = ["explain", SENTENCE, "--token", "it", "--model", "tiny-causal"]
     paths = [tmp_path / "r.json", tmp_path / "r.html", tmp_path / "r.png"]
     argv += [

@@ -12,6 +12,8 @@ import qkv.models
 from qkv.cli import main
 from tests.lens.conftest import SENTENCE, SENTENCE_B, TinyModel
 
+from .pipes import close_stdout
+
 
 @pytest.fixture
 def loads(monkeypatch):
@@ -77,20 +79,7 @@ def test_bad_input_names_the_cli_words(loads, capsys, argv, message):
 
 
 def test_the_json_is_written_even_when_stdout_is_closed(loads, monkeypatch, tmp_path):
-    class Closed:
-        def write(self, s):
-            raise BrokenPipeError(32, "Broken pipe")
-
-        def flush(self):
-            raise BrokenPipeError(32, "Broken pipe")
-
-        def isatty(self):
-            return False
-
-        def fileno(self):
-            raise OSError("no file descriptor")
-
-    monkeypatch.setattr("sys.stdout", Closed())
+    close_stdout(monkeypatch)
     path = tmp_path / "c.json"
     argv = ["compare", SENTENCE, SENTENCE_B, "--token", "it", "--model", "tiny"]
     assert main([*argv, "--json", str(path)]) == 141
