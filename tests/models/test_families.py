@@ -241,6 +241,17 @@ def ids_for(seed: int = 0, n: int = 24) -> torch.Tensor:
 # parity
 
 
+def greedy_three_ways(ref, model, prompt: torch.Tensor, n: int) -> tuple[list, list, list]:
+    """n greedy tokens after `prompt` (1, i): transformers' `generate` (the oracle), ours with
+    the KV cache, ours without it (whole sequences each step)."""
+    with torch.no_grad():
+        want = ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                            pad_token_id=0)[0, prompt.shape[1] :].tolist()  # fmt: skip
+    ids = prompt[0].tolist()
+    cached = list(model.generate_ids(ids, n, stop_ids=()))
+    return want, cached, list(model.generate_ids(ids, n, stop_ids=(), use_cache=False))
+
+
 def keep_float64_softmax(monkeypatch) -> None:
     """transformers' eager decoders take the softmax in float32 (`dtype=torch.float32`): a
     float64 oracle keeps float64 there instead."""
@@ -313,11 +324,7 @@ def test_greedy_tokens_and_cache(mt, tmp_path):
     prompt = ids_for(5, 7)
     # no end token: greedy picks stay unsuppressed (Gemma's generation_config keeps eos 1)
     ref.generation_config.eos_token_id = None
-    with torch.no_grad():
-        want = ref.generate(prompt, max_new_tokens=N_GREEDY, min_new_tokens=N_GREEDY,
-                            do_sample=False, pad_token_id=0)[0, 7:].tolist()  # fmt: skip
-    cached = list(model.generate_ids(prompt[0].tolist(), N_GREEDY, stop_ids=()))
-    uncached = list(model.generate_ids(prompt[0].tolist(), N_GREEDY, stop_ids=(), use_cache=False))
+    want, cached, uncached = greedy_three_ways(ref, model, prompt, N_GREEDY)
     assert cached == uncached == want
 
 

@@ -29,6 +29,7 @@ from qkv.models import gguf as qgguf
 from qkv.models import gguf_families, llama
 from qkv.nn import KVCache, quant
 from qkv.nn.accelerate import mirrors
+from tests.models.test_families import greedy_three_ways
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
 gguf = pytest.importorskip("gguf", reason="the gguf package writes the tiny file")
@@ -147,11 +148,7 @@ def test_tiny_logits_match_transformers_gguf(tiny):
 def test_tiny_greedy_tokens_and_cache(tiny):
     _, model, ref = tiny
     prompt = ids_for(2, 6)
-    with torch.no_grad():
-        want = ref.generate(prompt, max_new_tokens=N_GREEDY, min_new_tokens=N_GREEDY,
-                            do_sample=False, pad_token_id=0)[0, 6:].tolist()  # fmt: skip
-    cached = list(model.generate_ids(prompt[0].tolist(), N_GREEDY, stop_ids=()))
-    uncached = list(model.generate_ids(prompt[0].tolist(), N_GREEDY, stop_ids=(), use_cache=False))
+    want, cached, uncached = greedy_three_ways(ref, model, prompt, N_GREEDY)
     assert cached == uncached == want
 
 

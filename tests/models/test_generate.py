@@ -143,7 +143,7 @@ def test_cli_generates_from_a_tiny_checkpoint(tmp_path, capsys):
 
 def test_cached_steps_run_on_one_thread_and_the_callers_count_is_kept(monkeypatch):
     """After the prompt, each cached one-token step runs with PyTorch on one thread
-    (`one_thread`); the prompt's step and the consumer between tokens see the caller's count,
+    (`step_threads`); the prompt's step and the consumer between tokens see the caller's count,
     restored also when two generators interleave and when one is closed early."""
     model = make()
     seen: list[int] = []

@@ -28,6 +28,7 @@ import qkv
 from qkv.models import gguf as qgguf
 from qkv.models import gguf_families, llama
 from qkv.nn import KVCache
+from tests.models.test_families import greedy_three_ways
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
 gguf = pytest.importorskip("gguf", reason="the gguf package writes the tiny files")
@@ -278,11 +279,7 @@ def test_logits_match_transformers_gguf(tiny):
 def test_greedy_tokens_with_and_without_cache(tiny):
     a, _, model, ref = tiny
     prompt = ids_for(a, 2, 6)
-    with torch.no_grad():
-        want = ref.generate(prompt, max_new_tokens=N_GREEDY, min_new_tokens=N_GREEDY,
-                            do_sample=False, pad_token_id=0)[0, 6:].tolist()  # fmt: skip
-    cached = list(model.generate_ids(prompt[0].tolist(), N_GREEDY, stop_ids=()))
-    uncached = list(model.generate_ids(prompt[0].tolist(), N_GREEDY, stop_ids=(), use_cache=False))
+    want, cached, uncached = greedy_three_ways(ref, model, prompt, N_GREEDY)
     assert len(want) == N_GREEDY
     assert cached == uncached == want
 

@@ -24,6 +24,7 @@ from tests.models.test_families import (
     FAMILIES,
     REL_TOL,
     float64_oracle_,
+    greedy_three_ways,
     keep_float64_softmax,
     randomise_,
     rel,
@@ -153,11 +154,7 @@ def test_greedy_tokens_with_and_without_cache(pair):
     """A 30-token prompt and 10 greedy tokens: positions 30 … 39 cross L = 32."""
     _, ref, model = pair
     prompt = ids_for(5, 30)
-    with torch.no_grad():
-        want = ref.generate(prompt, max_new_tokens=N_GREEDY, min_new_tokens=N_GREEDY,
-                            do_sample=False, pad_token_id=0)[0, 30:].tolist()  # fmt: skip
-    cached = list(model.generate_ids(prompt[0].tolist(), N_GREEDY, stop_ids=()))
-    uncached = list(model.generate_ids(prompt[0].tolist(), N_GREEDY, stop_ids=(), use_cache=False))
+    want, cached, uncached = greedy_three_ways(ref, model, prompt, N_GREEDY)
     assert cached == uncached == want
 
 
@@ -351,11 +348,7 @@ def test_gguf_scaling_matches_transformers(tmp_path, kind, monkeypatch):
     with torch.no_grad():
         want = ref(ids).logits
         assert rel(model(ids), want) <= REL_TOL[torch.float32]
-        prompt = ids_for(5, 30)
-        greedy = ref.generate(prompt, max_new_tokens=N_GREEDY, min_new_tokens=N_GREEDY,
-                              do_sample=False, pad_token_id=0)[0, 30:].tolist()  # fmt: skip
-    cached = list(model.generate_ids(prompt[0].tolist(), N_GREEDY, stop_ids=()))
-    uncached = list(model.generate_ids(prompt[0].tolist(), N_GREEDY, stop_ids=(), use_cache=False))
+    greedy, cached, uncached = greedy_three_ways(ref, model, ids_for(5, 30), N_GREEDY)
     assert cached == uncached == greedy
     # the check can fail: the same file read without its scaling
     for b in model.blocks:
@@ -412,9 +405,5 @@ def test_gemma3_gguf_linear_scales_the_global_layers(tmp_path, monkeypatch):
         want = ref(ids).logits
         assert rel(model(ids), want) <= REL_TOL[torch.float32]
         assert rel(model(ids), plain(ids).logits) > 100 * REL_TOL[torch.float32]
-        greedy = ref.generate(ids[:, :30], max_new_tokens=N_GREEDY, min_new_tokens=N_GREEDY,
-                              do_sample=False, pad_token_id=0)[0, 30:].tolist()  # fmt: skip
-    prompt = ids[0, :30].tolist()
-    cached = list(model.generate_ids(prompt, N_GREEDY, stop_ids=()))
-    uncached = list(model.generate_ids(prompt, N_GREEDY, stop_ids=(), use_cache=False))
+    greedy, cached, uncached = greedy_three_ways(ref, model, ids[:, :30], N_GREEDY)
     assert cached == uncached == greedy

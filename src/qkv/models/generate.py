@@ -115,7 +115,7 @@ class Generation:
         seq = torch.tensor([ids], dtype=torch.long, device=device)  # (1 i)
         for step in range(steps):
             one_row = cache is not None and step > 0 and device.type == "cpu"
-            with one_thread() if one_row and STEP_THREADS == 1 else contextlib.nullcontext():
+            with step_threads(STEP_THREADS) if one_row else contextlib.nullcontext():
                 if cache is None:
                     h = self.hidden(seq)[:, -1]  # (1 m)
                 else:
@@ -189,37 +189,41 @@ class Generation:
         return self.tokenizer
 
 
-# PyTorch threads of a cached one-token decode step on CPU: 1 (see `one_thread`), or None to
+# PyTorch threads of a cached one-token decode step on CPU (see `step_threads`), or None to
 # keep the caller's count. One thread measured no slower with short contexts and far steadier
-# when another process holds a core; with a 2048-token context two idle cores were faster
+# when another process holds a core; with a 2048-token context two idle cores were ~4 % faster
 # (benchmarks/RESULTS.md, "Decode steps on one thread").
 STEP_THREADS: int | None = 1
-_ONE = threading.Lock()
-_one_users: list[int] = []  # the thread count to restore, while any decode step runs
+_LOCK = threading.Lock()
+_open, _saved = 0, 1  # blocks open in any Python thread, and the count to restore after them
 
 
 @contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """PyTorch's CPU ops on one thread inside the block; the count is restored when the last
-    block still open (in any Python thread) ends.
+def step_threads(n: int | None) -> Iterator[None]:
+    """PyTorch's CPU ops on `n` threads inside the block (None: unchanged); the caller's count
+    is restored when the last block still open (in any Python thread) ends.
 
     A one-token decode step on CPU is ~100 small kernels of one row each: on more threads each
     pays a fork/join that costs more than it saves, and where another process keeps a core busy,
     every join waits for a descheduled thread (benchmarks/RESULTS.md: smollm2 decode). PyTorch's
-    thread count is process-wide: other Python threads' CPU ops also run on one thread meanwhile."""
-    with _ONE:
-        if not _one_users:
-            _one_users.append(torch.get_num_threads())
-            torch.set_num_threads(1)
-        else:
-            _one_users.append(_one_users[0])
+    thread count is process-wide: other Python threads' CPU ops also run on `n` meanwhile."""
+    global _open, _saved
+    if n is None:
+        yield
+        return
+    with _LOCK:
+        if _open == 0:
+            _saved = torch.get_num_threads()
+            if _saved != n:
+                torch.set_num_threads(n)
+        _open += 1
     try:
         yield
     finally:
-        with _ONE:
-            before = _one_users.pop()
-            if not _one_users and before != 1:
-                torch.set_num_threads(before)
+        with _LOCK:
+            _open -= 1
+            if _open == 0 and torch.get_num_threads() != _saved:
+                torch.set_num_threads(_saved)
 
 
 def deliver(
