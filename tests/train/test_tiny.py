@@ -273,15 +273,15 @@ def test_unwritable_checkpoint_path(tmp_path):
 def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     old = make(seed=0)
     save_checkpoint(old, tmp_path)
-    real = tiny.save_file
+    real = tiny.save_safetensors
 
     def half_then_ctrl_c(tensors, path, metadata=None):
-        real(tensors, path, metadata=metadata)
+        real(tensors, path, metadata)
         with open(path, "r+b") as f:
             f.truncate(100)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tiny, "save_file", half_then_ctrl_c)
+    monkeypatch.setattr(tiny, "save_safetensors", half_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(make(seed=1, n_layers=3), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]

@@ -157,8 +157,16 @@ def _utf8_args(argv: list[str]) -> list[str]:
     return out
 
 
+def os_message(e: OSError) -> str:
+    """One line for an OSError: its reason and the file it names ("No space left on device:
+    /cache/x"), without errno's "[Errno 28]" prefix."""
+    reason = e.strerror or str(e)
+    return f"{reason}: {e.filename}" if e.filename else reason
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Exit codes: 0 done; 2 bad input (one line naming the flag); 130
+    """Run one command. Exit codes: 0 done; 1 the system refused (a full disk, a read-only
+    folder: one line naming the file); 2 bad input (one line naming the flag); 130
     interrupted (Ctrl-C); 141 the reader of stdout went away (`| head`); no traceback."""
     _tolerant_streams()
     try:
@@ -172,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qkv {args.command}: error: {cli_message(str(msg), _flags(parser), names)}",
                   file=sys.stderr)  # fmt: skip
             return 2
+        except BrokenPipeError:
+            raise
+        except OSError as e:  # the system refused: a full disk, a read-only folder...
+            print(f"qkv {args.command}: error: {os_message(e)}", file=sys.stderr)
+            return 1
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return rc
     except KeyboardInterrupt:

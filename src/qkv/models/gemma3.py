@@ -14,6 +14,7 @@ data/GEMMA_TERMS.html with data/NOTICE.md).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -56,9 +57,19 @@ def gguf_path(cache_dir: str | Path | None = None) -> Path:
     if now is not None and now == _read_stamp(stamp):
         return target  # checked before and unchanged since: skip 0.2 s of hashing
     try:
-        path = Path(pkg.assemble(target))  # checks the sha256 of an existing file too
-    except FileExistsError:  # an existing file with another checksum: a damaged earlier copy
-        path = Path(pkg.assemble(target, overwrite=True))
+        try:
+            path = Path(pkg.assemble(target))  # checks the sha256 of an existing file too
+        except FileExistsError:  # an existing file with another checksum: a damaged earlier copy
+            path = Path(pkg.assemble(target, overwrite=True))
+    except OSError as e:  # a full disk or a read-only cache: leave no partial file behind
+        with contextlib.suppress(OSError):
+            target.unlink()
+        size = sum(p.stat().st_size for p in chunks) / 2**20
+        raise OSError(
+            e.errno,
+            f"cannot assemble {pkg.MODEL_NAME} ({size:.0f} MiB) in {target.parent}: "
+            f"{e.strerror or e}; free space there or set QKV_CACHE_DIR to a writable directory",
+        ) from e
     _write_stamp(stamp, _stamp_of(path, pkg.EXPECTED_SHA256))
     return path
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..nn.quant import GROUPS, BlockWeight
+from .files import save_safetensors
 
 CACHE_FORMAT = 4  # bump when the cached layout changes (2: + the raw Q4_1/Q8_0 blocks, 3: joined,
 # 4: + Q4_K/Q5_0/Q6_K blocks, each entry naming its layout)
@@ -282,8 +283,6 @@ def _read_cache(path: Path, entry: Path) -> GGUFContents | None:
 
 def _write_cache(contents: GGUFContents, entry: Path) -> None:
     try:
-        from safetensors.torch import save_file
-
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".tmp-"))
         try:
@@ -297,7 +296,7 @@ def _write_cache(contents: GGUFContents, entry: Path) -> None:
                 stored[f"{_BLOCKS}{name}/scale"] = torch.from_numpy(b.scale)
                 if b.minimum is not None:
                     stored[f"{_BLOCKS}{name}/minimum"] = torch.from_numpy(b.minimum)
-            save_file(stored, str(tmp / "tensors.safetensors"))
+            save_safetensors(stored, tmp / "tensors.safetensors")
             doc = {
                 "format": CACHE_FORMAT,
                 "source": str(contents.path.resolve()),

@@ -39,10 +39,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..nn import KVCache, MultiHeadAttention, RotaryEmbedding
+from .files import save_safetensors
 from .generate import Generation, deliver
 from .tokenizer import Encoding, ids_shape
 
@@ -450,7 +451,7 @@ def save_checkpoint(model: TinyTransformer, path: str | Path, *, extra: dict | N
         for k, v in checkpoint_tensors(model).items()
     }
     meta = {"format": FORMAT, **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-    tmp_w = _write_temp(path / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata=meta))
+    tmp_w = _write_temp(path / WEIGHTS_FILE, lambda p: save_safetensors(tensors, p, meta))
     try:
         tmp_c = _write_temp(
             path / CONFIG_FILE,
