@@ -1,10 +1,11 @@
-"""RoPE scaling against transformers: tiny random Llama checkpoints with rope_type "llama3" and
-"linear", and Gemma 3 with "linear" on its global layers (as transformers applies it), built
+"""RoPE scaling against transformers: tiny random Llama checkpoints with rope_type "llama3",
+"linear" and "yarn" (also Qwen3, and GPT-NeoX's partial rotary with DeepSeek's mscale pair),
+and Gemma 3 with "linear" on its global layers (as transformers applies it), built
 offline and compared in float32 and float64 on positions past `original_max_position_embeddings`
 (logits, 10 greedy tokens with and without the KV cache); a tiny llama GGUF carrying llama.cpp's
 per-pair `rope_freqs.weight` (computed here by llama.cpp's converter rule) against the
 transformers model it was written from. Then: without the scaling the logits move far past the
-tolerance, and yarn / dynamic / longrope stay a clear error.
+tolerance, and dynamic / longrope stay a clear error.
 
 Sizes as tests/models/test_families.py: d_head 10, base 500, so the wavelengths 6.3, 21.7, 75,
 260, 900 fall in all three branches of the Llama 3 rule with L = 32 (kept < 8, smoothed 8 … 32,
@@ -36,7 +37,12 @@ N_GREEDY = 10
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 32}  # fmt: skip
 LINEAR = {"rope_type": "linear", "factor": 8.0}
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+YARN_MSCALE = {**YARN, "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 8.0, "beta_slow": 2.0}
 CASES = {
+    "llama-yarn": ("llama", YARN),  # pairs kept, ramped and divided; cos/sin × 1.139
+    "qwen3-yarn": ("qwen3", YARN),  # head_dim 14, QK-norm before the rotation
+    "gpt_neox-yarn": ("gpt_neox", YARN_MSCALE),  # 4 of 10 features rotate (× 1.065), 6 pass
     "llama-llama3": ("llama", LLAMA3),
     "llama-linear": ("llama", LINEAR),
     "qwen2-llama3": ("qwen2", LLAMA3),  # another family reading the same rope parameters
@@ -56,11 +62,37 @@ def build(model_type: str, rope_scaling: dict, folder):
     return m
 
 
+def yarn_oracle(d: int, base: float, p: dict) -> tuple[list[float], float]:
+    """YaRN as its paper states it: the pairs from the last one turning ≥ beta_fast times over
+    L (rounded down) to the first turning ≤ beta_slow times (rounded up) ramp from θ_p to
+    θ_p / factor; cos/sin × 0.1·ln(factor) + 1, or DeepSeek's ratio with mscale, mscale_all_dim."""
+    f, L = p["factor"], p["original_max_position_embeddings"]
+    fast, slow = p.get("beta_fast", 32.0), p.get("beta_slow", 1.0)
+
+    def pair_turning(n):  # solve L · base^(−2p/d) / 2π = n for p
+        return d * math.log(L / (2 * math.pi * n)) / (2 * math.log(base))
+
+    lo, hi = max(math.floor(pair_turning(fast)), 0), min(math.ceil(pair_turning(slow)), d - 1)
+    theta = []
+    for i in range(d // 2):
+        ramp = min(max((i - lo) / (hi - lo), 0.0), 1.0)
+        t = base ** (-2.0 * i / d)
+        theta.append(ramp * t / f + (1 - ramp) * t)
+    if "mscale" in p:
+        m = (0.1 * p["mscale"] * math.log(f) + 1) / (0.1 * p["mscale_all_dim"] * math.log(f) + 1)
+    else:
+        m = 0.1 * math.log(f) + 1
+    return theta, m
+
+
 def plain_inv_freq(d: int, base: float, params: dict | None) -> torch.Tensor:
-    """θ_p = base^(−2p/d), scaled as transformers' linear / llama3 functions say; float64."""
+    """θ_p = base^(−2p/d), scaled as transformers' linear / llama3 / yarn functions say;
+    float64 (YaRN's cos/sin factor: `yarn_oracle`)."""
     theta = [base ** (-2.0 * p / d) for p in range(d // 2)]
     kind = (params or {}).get("rope_type", "default")
-    if kind == "linear":
+    if kind == "yarn":
+        theta = yarn_oracle(d, base, params)[0]
+    elif kind == "linear":
         theta = [t / params["factor"] for t in theta]
     elif kind == "llama3":
         f, lo, hi = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
@@ -85,12 +117,17 @@ def float64_scaled_oracle_(ref, model) -> None:
     """test_families' float64 oracle (RMSNorm, embed_scale in float64), with RoPE's angles from
     `plain_inv_freq` of each layer type's rope parameters."""
     float64_oracle_(ref, model)
-    d = model.config.d_head
+    d = model.blocks[0].attn.rope.rotary_dim
 
     def rotary(x, position_ids, params):
         ang = position_ids[..., None].double() * plain_inv_freq(d, params["rope_theta"], params)
         emb = torch.cat((ang, ang), -1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        m = (
+            yarn_oracle(d, params["rope_theta"], params)[1]
+            if params.get("rope_type") == "yarn"
+            else 1
+        )
+        return (m * emb.cos()).to(x.dtype), (m * emb.sin()).to(x.dtype)
 
     rp = ref.config.rope_parameters
     for mod in ref.modules():
@@ -202,10 +239,34 @@ def test_old_config_rope_scaling_with_type_is_read(tmp_path):
     assert (s.rope_type, s.original_max_positions, s.high_freq_factor) == ("llama3", 32, 4.0)
 
 
+def test_yarn_config_forms_read_as_transformers_reads_them(tmp_path):
+    """Qwen2.5's long-context form (`rope_scaling` with `type` yarn); a top-level
+    `original_max_position_embeddings` winning over the dict's (transformers' Phi-3 rule); an
+    llama3/yarn dict without one taking max_position_embeddings; beta 0 meaning the default.
+    Each against the frequencies and attention factor transformers computes for that config."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    forms = [
+        dict(rope_parameters=None, rope_theta=500.0, rope_scaling={"type": "yarn", "factor": 4.0,
+             "original_max_position_embeddings": 16}),
+        dict(original_max_position_embeddings=16, rope_parameters={**YARN, "rope_theta": 500.0}),
+        dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 500.0,
+                              "beta_fast": 0, "attention_factor": 0.9}),
+    ]  # fmt: skip
+    for edit in forms:
+        folder = _folder(tmp_path, **edit)
+        model = qkv.load(folder)
+        cfg = transformers.AutoConfig.from_pretrained(folder)
+        want, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg)
+        rope = model.blocks[0].attn.rope
+        assert rope.scaling.rope_type == "yarn", edit
+        assert rope.scaling.attention_factor == pytest.approx(attention_factor, rel=1e-12), edit
+        assert ((rope.inv_freq() - want.double()).abs() / want.double()).max() <= 1e-6, edit
+
+
 @pytest.mark.parametrize(
     "params",
     [
-        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
         {"rope_type": "dynamic", "factor": 2.0},
         {"rope_type": "longrope", "short_factor": [1.0] * 5, "long_factor": [2.0] * 5},
     ],
@@ -216,17 +277,17 @@ def test_other_rope_types_are_a_clear_error(tmp_path, params):
     with pytest.raises(
         ValueError,
         match=rf"config.json: rope scaling rope_parameters.rope_type='{kind}' is not supported; "
-        r"qkv implements rope_type 'linear' and 'llama3'",
+        r"qkv implements rope_type 'linear', 'llama3', 'yarn' \(and 'default'\)",
     ):
         qkv.load(folder)
 
 
-def test_gemma3_yarn_on_a_layer_type_is_named(tmp_path):
+def test_gemma3_dynamic_on_a_layer_type_is_named(tmp_path):
     build("gemma3_text", LINEAR, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
-    cfg["rope_parameters"]["full_attention"].update(rope_type="yarn", factor=8.0)
+    cfg["rope_parameters"]["full_attention"].update(rope_type="dynamic", factor=8.0)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"rope_parameters.full_attention.rope_type='yarn'"):
+    with pytest.raises(ValueError, match=r"rope_parameters.full_attention.rope_type='dynamic'"):
         qkv.load(tmp_path)
 
 

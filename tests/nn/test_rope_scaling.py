@@ -1,7 +1,9 @@
 """RotaryEmbedding's `scaling` (qkv.nn.RopeScaling) against float64 formulas written here: the
 complex rotation by pos · θ_p / s_p with the divisors s_p of linear scaling, Meta's Llama 3.1
-rule (as its reference code states it, pair by pair) and per-pair factors; and the Llama 3 rule
-against transformers' own `_compute_llama3_parameters`."""
+rule (as its reference code states it, pair by pair), YaRN (as the paper states it: ramp over
+the pairs that turn between beta_slow and beta_fast times in L, cos/sin times the attention
+factor) and per-pair factors; and the Llama 3 and YaRN rules against transformers' own
+`_compute_llama3_parameters` / `_compute_yarn_parameters`."""
 
 import math
 
@@ -27,14 +29,31 @@ def llama3_divisors(d: int, base: float, factor, lo, hi, L) -> list[float]:
     return out
 
 
-def scaled_rope(x: torch.Tensor, pos: torch.Tensor, base: float, divisors) -> torch.Tensor:
-    """Half-split pair p as a + ib, times exp(i · pos · base^(−2p/d) / s_p); float64."""
+def yarn_divisors(d: int, base: float, factor, L, fast=32.0, slow=1.0) -> list[float]:
+    """s_p of YaRN (truncated range): pair p turns L·θ_p/2π times over L positions; the pairs
+    from the last one turning ≥ fast times (rounded down) to the first turning ≤ slow times
+    (rounded up) ramp from kept to divided by factor."""
+
+    def pair_turning(n):  # solve L · base^(−2p/d) / 2π = n for p
+        return d * math.log(L / (2 * math.pi * n)) / (2 * math.log(base))
+
+    lo, hi = max(math.floor(pair_turning(fast)), 0), min(math.ceil(pair_turning(slow)), d - 1)
+    out = []
+    for p in range(d // 2):
+        ramp = min(max((p - lo) / (hi - lo), 0.0), 1.0)
+        theta = base ** (-2.0 * p / d)
+        out.append(theta / (ramp * theta / factor + (1 - ramp) * theta))
+    return out
+
+
+def scaled_rope(x: torch.Tensor, pos: torch.Tensor, base: float, divisors, m=1.0) -> torch.Tensor:
+    """Half-split pair p as a + ib, times m · exp(i · pos · base^(−2p/d) / s_p); float64."""
     d = x.shape[-1]
     theta = torch.tensor(
         [base ** (-2.0 * p / d) / divisors[p] for p in range(d // 2)], dtype=torch.float64
     )
     rot = torch.polar(
-        torch.ones(len(pos), d // 2, dtype=torch.float64), pos.double()[:, None] * theta
+        torch.full((len(pos), d // 2), float(m), dtype=torch.float64), pos.double()[:, None] * theta
     )
     c = torch.complex(x[..., : d // 2].double(), x[..., d // 2 :].double()) * rot
     return torch.cat((c.real, c.imag), dim=-1)
@@ -47,7 +66,10 @@ CASES = {
     "linear": (RopeScaling.linear(8.0), [8.0] * 5),
     "llama3": (RopeScaling.llama3(8.0, 1.0, 4.0, 32), llama3_divisors(D, BASE, 8.0, 1.0, 4.0, 32)),
     "freq_factors": (RopeScaling.freq_factors([1.0, 2.5, 4.0, 8.0, 8.0]), [1, 2.5, 4, 8, 8]),
+    # pairs 0-4 turn 5.1, 1.5, 0.43, 0.12, 0.04 times over L = 32: lo 0, hi 2
+    "yarn": (RopeScaling.yarn(4.0, 32), yarn_divisors(D, BASE, 4.0, 32)),
 }
+M = {"yarn": 0.1 * math.log(4.0) + 1}  # YaRN's cos/sin multiplier; 1 for the others
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -56,10 +78,13 @@ def test_scaled_rotation_matches_the_formula(name, dtype):
     scaling, divisors = CASES[name]
     if name == "llama3":  # the three branches are all exercised
         assert divisors[0] == 1.0 and 1.0 < divisors[1] < 8.0 and divisors[2:] == [8.0] * 3
+    if name == "yarn":  # kept, ramped, divided
+        assert divisors[0] == 1.0 and 1.0 < divisors[1] < 4.0 and divisors[2:] == [4.0] * 3
     x = torch.randn(2, 3, 50, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     pos = torch.arange(20, 70)  # past L = 32
     rope = RotaryEmbedding(D, base=BASE, scaling=scaling)
-    want = scaled_rope(x, pos, BASE, divisors)
+    m = M.get(name, 1.0)
+    want = scaled_rope(x, pos, BASE, divisors, m)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     for got in (rope(x.to(dtype), pos), rope(x.to(dtype), 20)):  # gathered, and the slice path
         assert (got.double() - want).abs().max() <= tol * want.abs().max()
@@ -68,8 +93,8 @@ def test_scaled_rotation_matches_the_formula(name, dtype):
     ang = pos.double()[:, None] * torch.tensor(
         [BASE ** (-2.0 * p / D) / divisors[p] for p in range(D // 2)], dtype=torch.float64
     )
-    assert (cos[20:70].double() - ang.cos()).abs().max() <= 1e-6
-    assert (sin[20:70].double() - ang.sin()).abs().max() <= 1e-6
+    assert (cos[20:70].double() - m * ang.cos()).abs().max() <= 1e-6
+    assert (sin[20:70].double() - m * ang.sin()).abs().max() <= 1e-6
     # the check can fail: unscaled angles are far off
     plain = RotaryEmbedding(D, base=BASE)(x, pos)
     assert (plain - want).abs().max() > 0.1 * want.abs().max()
@@ -109,15 +134,52 @@ def test_linear_matches_transformers():
 
 
 @pytest.mark.parametrize(
+    ("head_dim", "base", "factor", "L", "partial"),
+    [(128, 1e6, 4.0, 32768, 1.0), (10, 500.0, 4.0, 32, 1.0), (64, 1e4, 32.0, 4096, 0.5)],
+)
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"beta_fast": 8, "beta_slow": 2}, {"truncate": False},
+     {"mscale": 1.0, "mscale_all_dim": 0.5}, {"attention_factor": 0.8}],
+    ids=["defaults", "betas", "untruncated", "mscale", "attention_factor"],
+)  # fmt: skip
+def test_yarn_matches_transformers(head_dim, base, factor, L, partial, extra):
+    """Qwen2.5-style (d 128, θ 1e6, × 4 from 32k), DeepSeek's mscale pair, partial rotary."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = transformers.AutoConfig.for_model(
+        "qwen2", hidden_size=4 * head_dim, num_attention_heads=4, rope_theta=base,
+        max_position_embeddings=int(L * factor), partial_rotary_factor=partial,
+        rope_scaling={"rope_type": "yarn", "factor": factor,
+                      "original_max_position_embeddings": L, **extra},
+    )  # fmt: skip
+    want, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg)
+    scaling = RopeScaling.yarn(factor, L, **extra)
+    rope = RotaryEmbedding(head_dim, base=base, rotary_dim=int(head_dim * partial), scaling=scaling)
+    got = rope.inv_freq()
+    assert ((got - want.double()).abs() / want.double()).max() <= 1e-6  # transformers: float32
+    assert scaling.attention_factor == pytest.approx(attention_factor, rel=1e-12)
+    # the check can fail: linear scaling by the same factor is another rule
+    linear = RotaryEmbedding(head_dim, base=base, rotary_dim=int(head_dim * partial),
+                             scaling=RopeScaling.linear(factor)).inv_freq()  # fmt: skip
+    assert ((linear - want.double()).abs() / want.double()).max() > 0.5
+
+
+@pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: RopeScaling("yarn", 4.0), r"rope_type must be one of .*'linear', 'llama3'.*'yarn'"),
+        (lambda: RopeScaling("dynamic", 4.0), r"rope_type must be one of .*'llama3', 'yarn'.*got 'dynamic'"),
+        (lambda: RopeScaling("yarn", 4.0), r"original_max_positions must be a positive int, got None"),
+        (lambda: RopeScaling.yarn(4.0, 32, beta_fast=-1), r"beta_fast must be a finite number > 0"),
+        (lambda: RopeScaling.yarn(4.0, 32, attention_factor=0.0), r"attention_factor must be a finite number > 0"),
+        (lambda: RopeScaling("linear", 2.0, beta_fast=4.0), r"beta_fast belongs to rope_type 'yarn', not 'linear'"),
         (lambda: RopeScaling.linear(0.0), r"factor must be a finite number > 0, got 0.0"),
         (lambda: RopeScaling.linear(float("nan")), r"factor must be a finite number > 0"),
         (lambda: RopeScaling.llama3(8.0, 4.0, 1.0, 8192),
          r"low_freq_factor=4.0 must be < high_freq_factor=1.0"),
         (lambda: RopeScaling.llama3(8.0, 1.0, 4.0, 0), r"original_max_positions must be a positive int"),
-        (lambda: RopeScaling("linear", 2.0, low_freq_factor=1.0), r"belong to rope_type 'llama3'"),
+        (lambda: RopeScaling("linear", 2.0, low_freq_factor=1.0), r"belongs to rope_type 'llama3'"),
         (lambda: RopeScaling.freq_factors([1.0, -2.0]), r"factors\[1\] must be a finite number > 0"),
         (lambda: RopeScaling.freq_factors([]), r"takes factors"),
         (lambda: RotaryEmbedding(10, scaling=RopeScaling.freq_factors([1.0, 2.0])),

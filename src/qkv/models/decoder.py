@@ -74,7 +74,7 @@ class DecoderConfig:
     RoPE base per layer (None: `rope_base` on every layer; Gemma 3: 10⁴ on its sliding layers,
     10⁶ on its global ones), `rope_layers` one bool per layer, False for a layer without
     positions (NoPE; SmolLM3; None: every layer rotates). `rope_scaling` (a
-    `qkv.nn.RopeScaling`: linear, Llama 3's rule, llama.cpp's per-pair factors) slows RoPE's
+    `qkv.nn.RopeScaling`: linear, Llama 3's rule, YaRN, llama.cpp's per-pair factors) slows RoPE's
     frequencies on every layer, `rope_scalings` holds one RopeScaling or None per layer in its
     place (Gemma 3: linear on the global layers only). `positions="alibi"` biases each
     score by −slope_h·|i − j| (`qkv.alibi`, BLOOM) instead of rotating.

@@ -8,8 +8,8 @@ architecture implies) and how its checkpoint keys map onto the model (`weights`:
 reshape, when)` with `{}` for the layer; `reshape` names a conversion in `RESHAPES`; `when`
 names a bool config field that must hold for the tensor to exist). Keys are matched after the
 family's `prefix` (the base model's name inside a *ForCausalLM / *ForMaskedLM) is stripped.
-RoPE scaling (`rope_parameters` / `rope_scaling` with rope_type "linear" or "llama3") is read
-for every RoPE decoder by `rope_scaling_from`; any other rope_type is a clear error.
+RoPE scaling (`rope_parameters` / `rope_scaling` with rope_type "linear", "llama3" or "yarn") is
+read for every RoPE decoder by `rope_scaling_from`; any other rope_type is a clear error.
 `unsupported` lists config settings the generic models do not implement: each is a clear
 error naming the setting, never a silently wrong model.
 
@@ -180,15 +180,26 @@ LLAMA_FIELDS = {
 }
 LLAMA_DEFAULTS = {"rope_base": 10000.0, "tie_embeddings": True, "attn_bias": False,
                    "out_bias": False, "mlp_bias": False}  # fmt: skip
-SCALED_ROPE_TYPES = ("linear", "llama3")  # what `rope_scaling_from` reads; the rest is refused
+SCALED_ROPE_TYPES = (
+    "linear",
+    "llama3",
+    "yarn",
+)  # what `rope_scaling_from` reads; the rest is refused
+_YARN_OPTIONAL = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim",
+                  "truncate")  # fmt: skip
 
 
-def rope_scaling_from(params: Any, where: str, key: str) -> RopeScaling | None:
+def rope_scaling_from(
+    params: Any, where: str, key: str, *, original_max: Any = None, max_positions: Any = None
+) -> RopeScaling | None:
     """One rope_parameters / rope_scaling dict (`key` names it in messages) → a RopeScaling, or
     None for rope_type "default" (or no dict). transformers' names: `rope_type` (older configs:
-    `type`), `factor`; llama3 also `low_freq_factor`, `high_freq_factor`,
-    `original_max_position_embeddings`. Any other rope_type (yarn, dynamic, longrope, ...) is a
-    ValueError naming it."""
+    `type`), `factor`; llama3 also `low_freq_factor`, `high_freq_factor`; llama3 and yarn
+    `original_max_position_embeddings`, which transformers takes from `original_max` (a
+    config's top-level key: it wins, as for Phi-3), else the dict, else `max_positions`;
+    yarn's factor None is max_positions / original; its `beta_fast`, `beta_slow` (0 or None:
+    32 and 1), `attention_factor`, `mscale`, `mscale_all_dim` and `truncate` are optional. Any
+    other rope_type (dynamic, longrope, ...) is a ValueError naming it."""
     if not params:
         return None
     if not isinstance(params, Mapping):
@@ -199,16 +210,33 @@ def rope_scaling_from(params: Any, where: str, key: str) -> RopeScaling | None:
     if kind not in SCALED_ROPE_TYPES:
         raise ValueError(
             f"{where}: rope scaling {key}.rope_type={kind!r} is not supported; qkv implements "
-            f"rope_type {' and '.join(map(repr, SCALED_ROPE_TYPES))} (and 'default')"
+            f"rope_type {', '.join(map(repr, SCALED_ROPE_TYPES))} (and 'default')"
         )
-    names = ("factor",) if kind == "linear" else (
-        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")  # fmt: skip
+    params = dict(params)
+    if kind != "linear":
+        L = original_max or params.get("original_max_position_embeddings") or max_positions
+        params["original_max_position_embeddings"] = L
+    if (
+        kind == "yarn"
+        and params.get("factor") is None
+        and params.get("original_max_position_embeddings")
+    ):
+        if max_positions:
+            params["factor"] = max_positions / params["original_max_position_embeddings"]
+    names = {"linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings"),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                        "original_max_position_embeddings")}[kind]  # fmt: skip
     missing = [n for n in names if params.get(n) is None]
     if missing:
         raise ValueError(f"{where}: {key} with rope_type {kind!r} lacks {missing}")
     try:
-        return RopeScaling(kind, *(params[n] for n in names))
-    except ValueError as e:
+        if kind != "yarn":
+            return RopeScaling(kind, *(params[n] for n in names))
+        opt = {n: params[n] for n in _YARN_OPTIONAL if params.get(n) is not None}
+        opt["beta_fast"] = opt.get("beta_fast") or 32.0  # transformers: `or 32`, `or 1`
+        opt["beta_slow"] = opt.get("beta_slow") or 1.0
+        return RopeScaling.yarn(*(params[n] for n in names), **opt)
+    except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {key}: {e}") from e
 
 

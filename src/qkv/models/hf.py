@@ -160,13 +160,15 @@ def _rope_scalings(family: Family, cfg: dict[str, Any], f: dict[str, Any], where
     if not isinstance(params, dict) or not isinstance(legacy, dict):
         raise ValueError(f"{where}: rope_parameters and rope_scaling must be dicts")
     key = "rope_scaling" if legacy else "rope_parameters"
+    n_max = cfg.get("max_position_embeddings")
     if not family.rope_by_layer_type:
-        return rope_scaling_from({**params, **legacy}, where, key), None
+        return rope_scaling_from({**params, **legacy}, where, key, max_positions=n_max,
+                                 original_max=cfg.get("original_max_position_embeddings")), None  # fmt: skip
     types = _layer_types(cfg, f) or ["full_attention"] * f["n_layers"]
     by_type = {}
     for t in dict.fromkeys(types):
         mine = {**(params.get(t) or {}), **(legacy if t == "full_attention" else {})}
-        by_type[t] = rope_scaling_from(mine, where, f"rope_parameters.{t}")
+        by_type[t] = rope_scaling_from(mine, where, f"rope_parameters.{t}", max_positions=n_max)
     per_layer = tuple(by_type[t] for t in types)
     if len(set(per_layer)) == 1:
         return per_layer[0], None

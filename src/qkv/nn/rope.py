@@ -12,13 +12,34 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-ROPE_TYPES = ("linear", "llama3", "freq_factors")
+ROPE_TYPES = ("linear", "llama3", "yarn", "freq_factors")
 
 
 def _positive(name: str, v: object) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
         raise ValueError(f"RopeScaling: {name} must be a finite number > 0, got {v!r}")
     return float(v)
+
+
+def _positive_int(name: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"RopeScaling: {name} must be a positive int, got {v!r}")
+    return v
+
+
+def yarn_attention_factor(
+    factor: float, mscale: float | None = None, mscale_all_dim: float | None = None
+) -> float:
+    """YaRN's default cos/sin multiplier: m(factor) = 0.1·ln(factor) + 1 (1 for factor ≤ 1), or
+    m(factor, mscale) / m(factor, mscale_all_dim) with m(s, a) = 0.1·a·ln(s) + 1 when both are
+    given and non-zero (DeepSeek's form), as transformers' `_compute_yarn_parameters` states."""
+
+    def m(s: float, a: float = 1.0) -> float:
+        return 1.0 if s <= 1 else 0.1 * a * math.log(s) + 1.0
+
+    if mscale and mscale_all_dim:
+        return m(factor, mscale) / m(factor, mscale_all_dim)
+    return m(factor)
 
 
 @dataclass(frozen=True)
@@ -35,12 +56,22 @@ class RopeScaling:
                             otherwise                   →  θ_p / s_p = (1 − t)·θ_p/factor + t·θ_p,
                                                            t = (L/λ_p − low_freq_factor)
                                                                / (high_freq_factor − low_freq_factor)
+        "yarn"          YaRN (Peng et al. 2023; transformers' `_compute_yarn_parameters`): with
+                        c(n) = r·ln(L / (2π·n)) / (2·ln base) the pair index that turns n times
+                        over L = original_max_positions,
+                            lo = max(⌊c(beta_fast)⌋, 0),  hi = min(⌈c(beta_slow)⌉, r − 1)
+                            (no ⌊⌋ ⌈⌉ when truncate=False; hi += 0.001 when lo == hi),
+                            ramp_p = clamp((p − lo) / (hi − lo), 0, 1),
+                            θ_p / s_p = ramp_p · θ_p/factor + (1 − ramp_p) · θ_p
+                        (fast pairs kept, slow ones divided by factor), and cos, sin of the
+                        rotated pairs multiplied by `attention_factor` (so every q·k by its
+                        square); None → `yarn_attention_factor(factor, mscale, mscale_all_dim)`
         "freq_factors"  s_p = factors[p], one per pair (llama.cpp's rope_freqs.weight tensor)
 
-    cos and sin are not rescaled (transformers' attention_factor is 1 for linear and llama3).
-    Build one with `RopeScaling.linear(8.0)`, `RopeScaling.llama3(...)` or
-    `RopeScaling.freq_factors(...)`; values are validated here, the number of factors by the
-    `RotaryEmbedding` that takes it."""
+    cos and sin are not rescaled but by YaRN (transformers' attention_factor is 1 for linear and
+    llama3). Build one with `RopeScaling.linear(8.0)`, `RopeScaling.llama3(...)`,
+    `RopeScaling.yarn(...)` or `RopeScaling.freq_factors(...)`; values are validated here, the
+    number of factors by the `RotaryEmbedding` that takes it."""
 
     rope_type: str
     factor: float = 1.0
@@ -48,33 +79,42 @@ class RopeScaling:
     high_freq_factor: float | None = None
     original_max_positions: int | None = None
     factors: tuple[float, ...] | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    attention_factor: float | None = None
+    truncate: bool | None = None
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(
                 f"RopeScaling: rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}"
             )
-        object.__setattr__(self, "factor", _positive("factor", self.factor))
-        llama3 = (self.low_freq_factor, self.high_freq_factor, self.original_max_positions)
+        set_ = object.__setattr__
+        set_(self, "factor", _positive("factor", self.factor))
+        self._check_owned()
+        if self.rope_type in ("llama3", "yarn"):
+            n = _positive_int("original_max_positions", self.original_max_positions)
+            set_(self, "original_max_positions", n)
         if self.rope_type == "llama3":
             lo = _positive("low_freq_factor", self.low_freq_factor)
             hi = _positive("high_freq_factor", self.high_freq_factor)
-            n = self.original_max_positions
-            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-                raise ValueError(
-                    f"RopeScaling: original_max_positions must be a positive int, got {n!r}"
-                )
             if not lo < hi:
                 raise ValueError(
                     f"RopeScaling: low_freq_factor={lo} must be < high_freq_factor={hi}"
                 )
-            object.__setattr__(self, "low_freq_factor", lo)
-            object.__setattr__(self, "high_freq_factor", hi)
-        elif any(x is not None for x in llama3):
-            raise ValueError(
-                f"RopeScaling: low_freq_factor, high_freq_factor and original_max_positions "
-                f"belong to rope_type 'llama3', not {self.rope_type!r}"
-            )
+            set_(self, "low_freq_factor", lo)
+            set_(self, "high_freq_factor", hi)
+        if self.rope_type == "yarn":
+            fast = _positive("beta_fast", 32.0 if self.beta_fast is None else self.beta_fast)
+            slow = _positive("beta_slow", 1.0 if self.beta_slow is None else self.beta_slow)
+            if self.truncate is not None and not isinstance(self.truncate, bool):
+                raise ValueError(f"RopeScaling: truncate must be a bool, got {self.truncate!r}")
+            a = self.attention_factor
+            a = yarn_attention_factor(self.factor) if a is None else a
+            set_(self, "beta_fast", fast)
+            set_(self, "beta_slow", slow)
+            set_(self, "attention_factor", _positive("attention_factor", a))
+            set_(self, "truncate", True if self.truncate is None else self.truncate)
         if self.rope_type == "freq_factors":
             fs = self.factors
             if fs is None or not len(fs) or self.factor != 1.0:
@@ -82,13 +122,23 @@ class RopeScaling:
                     "RopeScaling: rope_type 'freq_factors' takes factors (one per pair) and no "
                     f"factor, got factors={fs!r}, factor={self.factor}"
                 )
-            object.__setattr__(
-                self, "factors", tuple(_positive(f"factors[{i}]", f) for i, f in enumerate(fs))
-            )
-        elif self.factors is not None:
-            raise ValueError(
-                f"RopeScaling: factors belong to rope_type 'freq_factors', not {self.rope_type!r}"
-            )
+            set_(self, "factors", tuple(_positive(f"factors[{i}]", f) for i, f in enumerate(fs)))
+
+    def _check_owned(self) -> None:
+        """Each optional field belongs to the rope_types named here; setting it on another is
+        an error (a misspelt constructor call, not a silent no-op)."""
+        owners = {
+            "low_freq_factor": ("llama3",), "high_freq_factor": ("llama3",),
+            "original_max_positions": ("llama3", "yarn"), "factors": ("freq_factors",),
+            "beta_fast": ("yarn",), "beta_slow": ("yarn",), "attention_factor": ("yarn",),
+            "truncate": ("yarn",),
+        }  # fmt: skip
+        for name, kinds in owners.items():
+            if getattr(self, name) is not None and self.rope_type not in kinds:
+                raise ValueError(
+                    f"RopeScaling: {name} belongs to rope_type "
+                    f"{' or '.join(map(repr, kinds))}, not {self.rope_type!r}"
+                )
 
     @classmethod
     def linear(cls, factor: float) -> RopeScaling:
@@ -105,11 +155,40 @@ class RopeScaling:
         return cls("llama3", factor, low_freq_factor, high_freq_factor, original_max_positions)
 
     @classmethod
+    def yarn(
+        cls,
+        factor: float,
+        original_max_positions: int,
+        *,
+        beta_fast: float = 32.0,
+        beta_slow: float = 1.0,
+        attention_factor: float | None = None,
+        mscale: float | None = None,
+        mscale_all_dim: float | None = None,
+        truncate: bool = True,
+    ) -> RopeScaling:
+        """YaRN; attention_factor None → `yarn_attention_factor(factor, mscale, mscale_all_dim)`."""
+        if attention_factor is None:
+            attention_factor = yarn_attention_factor(
+                _positive("factor", factor), mscale, mscale_all_dim
+            )
+        return cls("yarn", factor, original_max_positions=original_max_positions,
+                   beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention_factor,
+                   truncate=truncate)  # fmt: skip
+
+    @classmethod
     def freq_factors(cls, factors) -> RopeScaling:
         return cls("freq_factors", factors=tuple(float(f) for f in factors))
 
-    def apply(self, inv_freq: Tensor) -> Tensor:
-        """θ_p → θ_p / s_p for inv_freq (r/2,) float64, as the class docstring says."""
+    @property
+    def cos_sin_scale(self) -> float:
+        """What cos and sin of the rotated pairs are multiplied by: YaRN's attention_factor, 1
+        for the other types."""
+        return self.attention_factor if self.rope_type == "yarn" else 1.0
+
+    def apply(self, inv_freq: Tensor, base: float) -> Tensor:
+        """θ_p → θ_p / s_p for inv_freq (r/2,) float64 = base^(−2p/r), as the class docstring
+        says (`base` is read by YaRN's correction range only)."""
         if self.rope_type == "linear":
             return inv_freq / self.factor
         if self.rope_type == "freq_factors":
@@ -119,12 +198,30 @@ class RopeScaling:
                     f"{inv_freq.shape[0]} rotated pairs (rotary_dim / 2)"
                 )
             return inv_freq / torch.tensor(self.factors, dtype=inv_freq.dtype)
+        if self.rope_type == "yarn":
+            return self._yarn(inv_freq, base)
         L, lo, hi = self.original_max_positions, self.low_freq_factor, self.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
         t = (L / wavelen - lo) / (hi - lo)
         mid = (1 - t) * inv_freq / self.factor + t * inv_freq
         out = torch.where(wavelen > L / lo, inv_freq / self.factor, inv_freq)
         return torch.where((wavelen >= L / hi) & (wavelen <= L / lo), mid, out)
+
+    def _yarn(self, inv_freq: Tensor, base: float) -> Tensor:
+        r, L = 2 * inv_freq.shape[0], self.original_max_positions
+
+        def turns_at(n: float) -> float:  # the pair index that turns n times over L
+            return r * math.log(L / (n * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = turns_at(self.beta_fast), turns_at(self.beta_slow)
+        if self.truncate:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, r - 1)
+        if lo == hi:
+            hi += 0.001
+        p = torch.arange(inv_freq.shape[0], dtype=inv_freq.dtype)
+        ramp = ((p - lo) / (hi - lo)).clamp(0, 1)
+        return ramp * inv_freq / self.factor + (1 - ramp) * inv_freq
 
 
 class RotaryEmbedding(nn.Module):
@@ -140,8 +237,9 @@ class RotaryEmbedding(nn.Module):
     (partial rotary: GPT-NeoX's `rotary_pct`, Phi-3's `partial_rotary_factor`).
     Equivalent complex code (pair p as a + ib): `(a + ib) · exp(i · pos · θ_p)`.
     `scaling` (a `RopeScaling`; None: none) replaces θ_p by θ_p / s_p, its per-pair divisor
-    (linear, Llama 3's rule, or llama.cpp's rope_freqs factors, one per rotated pair): every
-    table below, the fused CPU path's and the KV cache's positions read these frequencies.
+    (linear, Llama 3's rule, YaRN, or llama.cpp's rope_freqs factors, one per rotated pair),
+    and YaRN multiplies the rotated pairs by its attention_factor (x[r:] passes unscaled):
+    every table below, the fused CPU path's and the KV cache's positions read these.
     Angles are computed in float64 and cached per (device, dtype); the result has x's dtype.
     No parameters: the module has no state_dict entries.
     """
@@ -195,7 +293,7 @@ class RotaryEmbedding(nn.Module):
         if given; float64 on the CPU."""
         p = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64)
         theta = self.base ** (-p / self.rotary_dim)
-        return theta if self.scaling is None else self.scaling.apply(theta)
+        return theta if self.scaling is None else self.scaling.apply(theta, self.base)
 
     def tables(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos_w, sin_w of shape (≥n, d) for positions 0.. on `device` in `dtype` (grown on
@@ -207,6 +305,8 @@ class RotaryEmbedding(nn.Module):
             size = max(256, 1 << (max(n, 1) - 1).bit_length())
             ang = torch.arange(size, dtype=torch.float64)[:, None] * self.inv_freq()[None, :]
             cos, sin = ang.cos(), ang.sin()
+            if self.scaling is not None and self.scaling.cos_sin_scale != 1.0:  # YaRN
+                cos, sin = cos * self.scaling.cos_sin_scale, sin * self.scaling.cos_sin_scale
             if self.interleaved:  # features (2p, 2p+1) form pair p
                 cos_w = torch.stack((cos, cos), -1).flatten(-2)
                 sin_w = torch.stack((-sin, sin), -1).flatten(-2)
