@@ -181,3 +181,19 @@ def test_keys_after_an_insertion_stay_matched(hf_pair, mt):
     assert worst <= 2 * LENS_TOL
     best = r.movers(1)[0]
     assert (best.key_b - best.key) in (0, 2)
+
+
+def test_a_change_that_rounds_to_zero_prints_without_a_minus(tiny_causal):
+    """Δ −0.001 is printed +0.00: "-0.00" would show a decrease the table cannot resolve."""
+    import dataclasses
+
+    r = compare(SENTENCE, SENTENCE_B, "it", model=tiny_causal)
+    h = r.heads[0]
+    tiny = dataclasses.replace(
+        h, weight_b=h.weight_a - 1e-3, contribution_b=h.contribution_a - 1e-3
+    )
+    r.heads = [tiny] + [dataclasses.replace(x, weight_b=x.weight_a, contribution_b=x.contribution_a)
+                        for x in r.heads[1:]]  # fmt: skip
+    text = str(r)
+    assert "+0.00" in text and "-0.00" not in text
+    assert r.movers(1)[0].delta_weight == pytest.approx(-1e-3)  # the value itself is kept

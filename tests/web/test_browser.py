@@ -92,6 +92,13 @@ def test_seed_scenario(server, browser, shots, smollm2):
     assert round(ball, 2) == 0.74
     dw = page.locator("#cmpkeys tr[data-key='ball'] td.dw").inner_text()
     assert float(dw) == pytest.approx(want - float(hm.weight_a[list(hm.index).index(4)]), abs=0.005)
+    shown = page.locator("#cmpkeys td.dw").all_inner_texts()
+    assert "-0.00" not in shown  # a change that rounds away is not shown as a decrease
+    if any(abs(d) < 0.004 for d in hm.delta_weight):  # clear of the rounding edge
+        assert "+0.00" in shown
+    # the page's two-decimal format itself (this sentence pair may have no tiny decrease)
+    assert page.evaluate("[-0.001, -0.0049, -0.005, 0.0049, -0.01].map(fmt2)") == [
+        "0.00", "0.00", "-0.01", "0.00", "-0.01"]  # fmt: skip
     assert seen["errors"] == [], seen["errors"]
     assert seen["elsewhere"] == [], f"the page fetched from elsewhere: {seen['elsewhere']}"
     page.close()

@@ -200,9 +200,9 @@ class CompareResult:
         for m in self.movers(n):
             at = f"{m.key}" if m.key == m.key_b else f"{m.key}→{m.key_b}"
             t.add_row(str(m.layer), str(m.head), f"{self.tokens_a[m.key].text.strip()!r}@{at}",
-                      f"{m.weight_a:.2f}→{m.weight_b:.2f}", f"{m.delta_weight:+.2f}",
+                      f"{m.weight_a:.2f}→{m.weight_b:.2f}", f"{m.delta_weight:+z.2f}",
                       f"{m.contribution_a:.2f}→{m.contribution_b:.2f}",
-                      f"{m.delta_contribution:+.2f}")  # fmt: skip
+                      f"{m.delta_contribution:+z.2f}")  # fmt: skip
         console.print(t)
 
     def __str__(self) -> str:

@@ -27,7 +27,8 @@ function svg(tag, attrs, text) {
   return e;
 }
 const fmt = x => x === null || x === undefined || Number.isNaN(x) ? '—' : Math.abs(x) >= 100 ? x.toFixed(0) : x.toFixed(3);
-const fmt2 = x => x === null || x === undefined ? '—' : x.toFixed(2);
+// a value that rounds to zero prints 0.00, never −0.00 (a decrease that is not there)
+const fmt2 = x => x === null || x === undefined ? '—' : (Math.abs(x) < 0.005 ? 0 : x).toFixed(2);
 const tokText = j => { const t = st.cap.tokens[j][0]; return t.trim() || t; };
 function showError(msg) { const e = $('error'); e.hidden = !msg; e.textContent = msg || ''; }
 function tip(ev, s) { const t = $('tip'); t.textContent = s; t.style.display = 'block'; t.style.left = (ev.clientX + 12) + 'px'; t.style.top = (ev.clientY + 12) + 'px'; }
@@ -274,7 +275,7 @@ function drawCompare() {
   const rows = order.slice(0, 30).map(r => el('tr', { 'data-key': txt(tokA, hm.index[r]) },
     el('td', { class: 'l' }, txt(tokA, hm.index[r])), el('td', {}, hm.index[r]),
     el('td', { class: 'wa' }, fmt2(hm.weight[0][r])), el('td', { class: 'wb' }, fmt2(hm.weight[1][r])),
-    el('td', { class: 'dw' }, (D[r] >= 0 ? '+' : '') + fmt2(D[r])),
+    el('td', { class: 'dw' }, (D[r] >= 0 || fmt2(D[r]) === '0.00' ? '+' : '') + fmt2(D[r])),
     el('td', {}, fmt2(hm.contribution[0][r])), el('td', {}, fmt2(hm.contribution[1][r]))));
   const mx = Math.max(1e-12, ...c.moved.flat());
   const grid = el('table', { id: 'cmpgrid' }, el('tr', {}, el('th', {}, 'L\\H'), ...c.moved[0].map((_, h) => el('th', {}, h))),
