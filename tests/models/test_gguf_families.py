@@ -163,7 +163,8 @@ def tiny_gguf(
         w.add_eos_token_id(1)
         w.add_unk_token_id(3)
         w.add_pad_token_id(0)
-        w.add_add_space_prefix(space_prefix)
+        if space_prefix is not None:  # None: an older file without the key
+            w.add_add_space_prefix(space_prefix)
     else:
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("qwen2")
@@ -510,10 +511,14 @@ def test_qwen2_pre_tokenizer_matches_transformers(tmp_path):
     assert len(digits) == 5  # each digit alone, though "12" is a merge
 
 
-@pytest.mark.parametrize(("arch", "space_prefix"), [("gemma2", False), ("phi3", True)])
+@pytest.mark.parametrize(
+    ("arch", "space_prefix"), [("gemma2", False), ("phi3", True), ("phi3", None)]
+)
 def test_sentencepiece_tokenizers_match_transformers(tmp_path, arch, space_prefix):
     """Gemma 2 (merges in file order, no prefix space, as its converter writes) and Phi-3 (a
-    prefix space: transformers' Phi-3 GGUF tokenizer always prepends one). Texts the tiny
+    prefix space: transformers' Phi-3 GGUF tokenizer always prepends one), also from a file
+    without tokenizer.ggml.add_space_prefix (older converters; llama.cpp then prepends, its
+    default for a SentencePiece vocabulary). Texts the tiny
     vocabulary covers: on a character it lacks, transformers' Phi-3 tokenizer drops it where
     llama.cpp and qkv write <unk> (a real Phi-3 vocabulary has byte fallback instead)."""
     path = tiny_gguf(tmp_path / "t.gguf", ARCHS[arch], space_prefix=space_prefix)

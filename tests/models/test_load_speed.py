@@ -28,6 +28,7 @@ SPM = {
     "tokenizer.ggml.bos_token_id": 2,
     "tokenizer.ggml.unknown_token_id": 1,
     "tokenizer.ggml.add_bos_token": True,
+    "tokenizer.ggml.add_space_prefix": False,
 }  # fmt: skip
 TEXTS = ["abc abcab", "  cab\n é", "<bos>ab"]
 

@@ -403,7 +403,8 @@ def _check_qk(w: Tensor, n_heads: int) -> None:
 # tokenizer
 
 
-TOKENIZER_CACHE_FORMAT = 1  # bump when what make_tokenizer makes of the same metadata changes
+TOKENIZER_CACHE_FORMAT = 2  # bump when what make_tokenizer makes of the same metadata changes
+# (2: an SPM file without add_space_prefix gets the prefix space)
 
 
 def build_tokenizer(
@@ -573,7 +574,9 @@ TOKEN_TYPE_BYTE = 6
 
 def sentencepiece_bpe(metadata: dict[str, Any], *, merges_by: str = "score"):
     """The SentencePiece BPE tokenizer (`tokenizer.ggml.model` "llama") a GGUF describes, as a
-    `tokenizers.Tokenizer`: spaces become "▁" (no prefix space unless `add_space_prefix`),
+    `tokenizers.Tokenizer`: spaces become "▁", and one "▁" is prepended unless
+    `tokenizer.ggml.add_space_prefix` is false (absent: prepended, llama.cpp's SPM default, as
+    older Llama 2 / Mistral files expect),
     pieces merge by BPE, a character no piece covers falls back to its UTF-8 byte tokens
     `<0xNN>`; control tokens (type 3: `<bos>`, `<start_of_turn>`) are special tokens matched
     whole, user-defined ones (4) plain added tokens, and `<bos>` is prepended when
@@ -626,7 +629,7 @@ def sentencepiece_bpe(metadata: dict[str, Any], *, merges_by: str = "score"):
     spaces = normalizers.Replace(" ", "▁")
     tok.normalizer = (
         normalizers.Sequence([normalizers.Prepend("▁"), spaces])
-        if metadata.get("tokenizer.ggml.add_space_prefix")
+        if metadata.get("tokenizer.ggml.add_space_prefix", True)  # llama.cpp's SPM default
         else spaces
     )
     tok.decoder = decoders.Sequence(
