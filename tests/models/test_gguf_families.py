@@ -7,7 +7,8 @@ all four run NeoX RoPE in llama.cpp), twice: float32, and with every matrix Q8_0
 logits agree within REL_TOL of the logits' scale and 10 greedy tokens agree, with and without the
 KV cache. Then the checks that prove the comparison can fail, one per peculiarity (q/k biases,
 QK-norm, the fused Q|K|V and gate|up split, softcaps, window, the stored 1 + w norms, no Q/K
-permutation), the files qkv refuses (RoPE scaling, LongRoPE), and the Qwen2 pre-tokenizer.
+permutation), the files qkv refuses (RoPE scaling in Phi-3 and Gemma 2, LongRoPE; Qwen's
+linear and YaRN scaling are tested in test_gguf_rope_scaling.py), and the Qwen2 pre-tokenizer.
 
 What transformers reads, and the sizes chosen for it: Qwen3's head_dim is always 128 and
 Gemma 2's query_pre_attn_scalar always 256 (neither is read from the file), hence those head
@@ -151,6 +152,8 @@ def tiny_gguf(
     for key, val in (kv or {}).items():
         if isinstance(val, str):
             w.add_string(f"{arch}.{key}", val)
+        elif isinstance(val, int) and not isinstance(val, bool):  # llama.cpp's counts: uint32
+            w.add_uint32(f"{arch}.{key}", val)
         else:
             w.add_float32(f"{arch}.{key}", val)
     if a.spm:
@@ -461,9 +464,13 @@ def test_phi3_partial_rope_matches_phi3_for_causal_lm(tmp_path):
 @pytest.mark.parametrize(
     ("arch", "extra", "message"),
     [
-        ("qwen2", {"kv": {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0}},
-         r"this qwen2 GGUF uses RoPE scaling .*which qkv does not implement"),
-        ("qwen3", {"extra_tensors": {"rope_freqs.weight": np.ones(64)}}, r"RoPE scaling"),
+        ("qwen2", {"kv": {"rope.scaling.type": "longrope", "rope.scaling.factor": 4.0}},
+         r"this qwen2 GGUF uses RoPE scaling qwen2.rope.scaling.type='longrope', which qkv does "
+         r"not implement for qwen2; it reads 'linear' and 'yarn'"),
+        ("qwen3", {"extra_tensors": {"rope_freqs.weight": np.ones(64)}},
+         r"this qwen3 GGUF uses a rope_freqs.weight tensor"),
+        ("phi3", {"kv": {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0}},
+         r"this phi3 GGUF uses RoPE scaling \(<arch>.rope.scaling.type"),
         ("phi3", {"extra_tensors": {"rope_factors_long.weight": np.ones(8),
                                     "rope_factors_short.weight": np.ones(8)}},
          r"this phi3 GGUF uses LongRoPE \(rope_factors_long"),

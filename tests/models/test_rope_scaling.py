@@ -299,7 +299,8 @@ def test_missing_llama3_parameter_is_named(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# GGUF: llama.cpp's rope_freqs.weight and rope.scaling.type linear
+# GGUF: llama.cpp's rope_freqs.weight and rope.scaling.type linear (YaRN, and Qwen's scaling:
+# test_gguf_rope_scaling.py)
 
 
 def llama_cpp_rope_freqs(d: int, base: float, p: dict) -> np.ndarray:
@@ -335,8 +336,11 @@ def write_llama_gguf(path, ref, *, rope_freqs=None, kv=None):
         w.add_uint32(f"llama.{key}", val)
     w.add_float32("llama.rope.freq_base", c.rope_parameters["rope_theta"])
     w.add_float32("llama.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
-    for key, val in (kv or {}).items():
-        (w.add_string if isinstance(val, str) else w.add_float32)(f"llama.{key}", val)
+    for key, val in (kv or {}).items():  # a str, an int (uint32, as llama.cpp's counts) or float32
+        add = w.add_string if isinstance(val, str) else w.add_float32
+        (w.add_uint32 if isinstance(val, int) and not isinstance(val, bool) else add)(
+            f"llama.{key}", val
+        )
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     tokens = [chr(0x21 + i) for i in range(c.vocab_size - 1)] + ["AB"]  # "!", '"', ...
@@ -418,14 +422,14 @@ def test_gguf_scaling_matches_transformers(tmp_path, kind, monkeypatch):
         assert rel(model(ids), want) > 100 * REL_TOL[torch.float32]
 
 
-def test_gguf_yarn_is_a_clear_error(tmp_path, monkeypatch):
+def test_gguf_other_scaling_type_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path / "cache"))
     ref = _hf_llama(LINEAR, tmp_path)
-    kv = {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0}
+    kv = {"rope.scaling.type": "longrope", "rope.scaling.factor": 4.0}
     path = write_llama_gguf(tmp_path / "x.gguf", ref, kv=kv)
     with pytest.raises(
-        ValueError, match=r"llama GGUF uses RoPE scaling llama.rope.scaling.type='yarn'.*"
-        r"does not implement; it reads 'linear' and a rope_freqs.weight tensor",
+        ValueError, match=r"llama GGUF uses RoPE scaling llama.rope.scaling.type='longrope', "
+        r"which qkv does not implement for llama; it reads 'linear' and 'yarn'",
     ):  # fmt: skip
         qkv.load(str(path))
 

@@ -14,9 +14,11 @@ the file's `general.architecture`, never from its name. What differs between fam
 * `qk_permuted`: llama.cpp reordered attn_q/attn_k rows for its interleaved RoPE (Llama), so the
   loader undoes it (`gguf.unpermute_qk`); the NeoX-RoPE families (Qwen 2/3, Phi-3, Gemma) keep
   Hugging Face's half-split rows;
-* `rope_scaling`: the family reads llama.cpp's linear RoPE scaling and (Llama) `rope_freqs.weight`
-  factors (Llama 3.1's rule) into `DecoderConfig.rope_scaling` (Gemma 3: `rope_scalings`, on its
-  global layers, as llama.cpp); elsewhere they are refused;
+* `rope_scaling`: the `rope.scaling.type` values the family reads (`_rope_scaling_of`): linear
+  (Llama, Qwen 2/3, Gemma 3), YaRN (Llama, Qwen 2/3: Qwen2.5 / Qwen3 long-context files), plus
+  Llama's `rope_freqs.weight` factors (Llama 3.1's rule), into `DecoderConfig.rope_scaling`
+  (Gemma 3: `rope_scalings`, on its global layers, as llama.cpp); other types are refused by
+  name, and a family reading none refuses any scaling (`_ROPE_SCALING` in `unsupported`);
 * `unsupported`: what the generic decoder does not implement (RoPE scaling, Phi-3's LongRoPE
   factors), each a clear error naming it, never a silently different model;
 * norms: llama.cpp stores Gemma's RMSNorm gain as 1 + w (its converter adds the 1), so a Gemma
@@ -27,6 +29,7 @@ Letters: h query heads, k kv heads, d head dim, m model dim.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +37,7 @@ from typing import Any
 from torch import Tensor
 
 from ..nn import RopeScaling
+from ..nn.rope import yarn_attention_factor
 from . import gguf
 from .convert import Reshape, Rule, heads_in, heads_out
 from .decoder import DecoderConfig
@@ -52,9 +56,10 @@ class GGUFFamily:
     qk_permuted: bool = False
     merges_by: str = "score"  # a SentencePiece vocabulary's merge order (`gguf.sentencepiece_bpe`)
     derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-    # reads RoPE scaling (`_rope_scaling_of`: rope.scaling.type linear, rope_freqs.weight);
-    # False: any RoPE scaling is refused (`_ROPE_SCALING` in `unsupported`)
-    rope_scaling: bool = False
+    # the rope.scaling.type values read (`_rope_scaling_of`: "linear", "yarn"; a rope_freqs.weight
+    # tensor too unless `unsupported` refuses it); (): any RoPE scaling is refused (put
+    # `_ROPE_SCALING` in `unsupported`)
+    rope_scaling: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()  # tensors read into the config, not weights
     # (what, test): a file for which test(contents) holds is refused, naming `what`
     unsupported: tuple[tuple[str, Callable[[gguf.GGUFContents], bool]], ...] = ()
@@ -136,31 +141,108 @@ _ROPE_FREQS = ("a rope_freqs.weight tensor (per-pair RoPE factors)",
                lambda c: "rope_freqs.weight" in c.tensors)  # fmt: skip
 
 
-def _rope_scaling_of(c: gguf.GGUFContents) -> RopeScaling | None:
-    """llama.cpp's RoPE scaling as a RopeScaling: pair p turns by pos · θ_p / (rope_freqs[p] ·
-    factor), `rope_freqs.weight` (d/2,) the per-pair divisors llama.cpp's converter stores for
-    Llama 3.1's rule ("freq_factors" in ggml_rope_ext), `factor` the rope.scaling.factor of
-    rope.scaling.type linear (freq_scale = 1/factor). Other types (yarn, ...) are refused."""
-    arch = c.architecture
-    kind = c.metadata.get(f"{arch}.rope.scaling.type") or "none"
-    if kind not in ("none", "linear"):
-        raise ValueError(
-            f"{c.path}: this {arch} GGUF uses RoPE scaling {arch}.rope.scaling.type={kind!r}, "
-            "which qkv does not implement; it reads 'linear' and a rope_freqs.weight tensor"
-        )
-    factor = 1.0
-    if kind == "linear":
-        factor = c.metadata.get(f"{arch}.rope.scaling.factor")
-        if factor is None:
-            raise ValueError(f"{c.path}: rope.scaling.type is linear but "
-                             f"'{arch}.rope.scaling.factor' is missing")  # fmt: skip
+def _rope_scaling_of(
+    c: gguf.GGUFContents, kinds: tuple[str, ...], f: Mapping[str, Any]
+) -> RopeScaling | None:
+    """llama.cpp's RoPE scaling as a RopeScaling (`kinds`: the rope.scaling.type values this
+    family reads; `f`: its fields so far, for rope_base, d_head / rope_dim and max_positions):
+
+    * linear: pair p turns by pos · θ_p / factor (freq_scale = 1/factor), factor =
+      `rope.scaling.factor`; with a `rope_freqs.weight` tensor (d/2,), the per-pair divisors
+      llama.cpp's converter stores for Llama 3.1's rule ("freq_factors" in ggml_rope_ext),
+      pos · θ_p / (rope_freqs[p] · factor) (no type: factor 1).
+    * yarn: ggml's rope_yarn with ext_factor 1, which is transformers' YaRN
+      (`RopeScaling.yarn`): with r the rotated dims, L = `rope.scaling.original_context_length`
+      (default: `context_length`) and c(n) = r·ln(L / (2π·n)) / (2·ln base),
+          lo = max(0, ⌊c(beta_fast)⌋), hi = min(r − 1, ⌈c(beta_slow)⌉),
+          ramp_p = 1 − clamp((p − lo) / max(0.001, hi − lo), 0, 1),
+          θ_p ← (θ_p / factor)·(1 − ramp_p) + θ_p·ramp_p,
+      cos and sin × attn_factor · (0.1·ln(factor) + 1) (× attn_factor alone for factor ≤ 1, as
+      llama.cpp since its PR 17945 and transformers' get_mscale); beta_fast / beta_slow from
+      `rope.scaling.yarn_beta_fast` / `yarn_beta_slow` (default 32 / 1; llama.cpp reads these
+      two for some architectures only, and uses 32 / 1 for llama and qwen: a file that sets
+      them gets the values it states, as the transformers model it was converted from),
+      attn_factor from `rope.scaling.attn_factor` (default 1).
+
+    Refused by name, never read differently: another type; a missing factor; YaRN with a
+    rope_freqs tensor; `yarn_ext_factor` ≠ 1 (a partial ramp), `yarn_log_multiplier` ≠ 0
+    (DeepSeek's mscale pair), `yarn_attn_factor` (transformers' attention_factor, which
+    llama.cpp's YaRN does not apply); `attn_factor` ≠ 1 without YaRN; an empty correction range
+    (hi < lo, only for tiny L or huge beta, where transformers' ramp and llama.cpp's differ)."""
+    arch, md = c.architecture, c.metadata
+    key = f"{arch}.rope.scaling."
+    kind = md.get(key + "type") or "none"
     freqs = c.tensors.get("rope_freqs.weight")
+
+    uses = f"{c.path}: this {arch} GGUF uses"
+    if kind not in ("none", *kinds):
+        reads = " and ".join(repr(k) for k in kinds)
+        raise ValueError(f"{uses} RoPE scaling {key}type={kind!r}, which qkv does not implement "
+                         f"for {arch}; it reads {reads}")  # fmt: skip
+    attn = md.get(key + "attn_factor")
+    if attn is not None and kind != "yarn" and float(attn) != 1.0:
+        raise ValueError(f"{uses} {key}attn_factor={attn!r} with {key}type={kind!r} (cos and sin "
+                         "scaled without YaRN), which qkv does not implement")  # fmt: skip
+    factor = 1.0
+    if kind != "none":
+        factor = md.get(key + "factor")
+        if factor is None:
+            raise ValueError(f"{c.path}: {key}type is {kind} but '{key}factor' is missing")
     try:
+        if kind == "yarn":
+            return _yarn_of(c, f, float(factor), 1.0 if attn is None else float(attn))
         if freqs is not None:
             return RopeScaling.freq_factors([float(x) * float(factor) for x in freqs.flatten()])
         return None if kind == "none" else RopeScaling.linear(float(factor))
     except ValueError as e:
         raise ValueError(f"{c.path}: {e}") from e
+
+
+def _yarn_of(c: gguf.GGUFContents, f: Mapping[str, Any], factor: float, attn: float) -> RopeScaling:
+    """`_rope_scaling_of`'s yarn branch (its docstring states the rule and the refusals)."""
+    md, key = c.metadata, f"{c.architecture}.rope.scaling."
+    if "rope_freqs.weight" in c.tensors:
+        raise ValueError(f"{key}type yarn with a rope_freqs.weight tensor (per-pair factors "
+                         "under the YaRN ramp) is not implemented")  # fmt: skip
+    for name, ok, why in (
+        ("yarn_ext_factor", lambda v: float(v) == 1.0,
+         "qkv implements YaRN's full ramp only (1, llama.cpp's default for yarn)"),
+        ("yarn_log_multiplier", lambda v: float(v) == 0.0,
+         "DeepSeek's mscale pair is not implemented for GGUF files (0: none)"),
+        ("yarn_attn_factor", lambda v: False,
+         "transformers' attention_factor: transformers scales cos and sin by it in place of "
+         "0.1·ln(factor) + 1, llama.cpp's YaRN ignores it; qkv reads neither way"),
+    ):  # fmt: skip
+        v = md.get(key + name)
+        if v is not None and not ok(v):
+            raise ValueError(f"'{key}{name}' is {v!r}: {why}")
+    L = md.get(key + "original_context_length", f["max_positions"])
+    if isinstance(L, float) and L.is_integer():
+        L = int(L)
+    if isinstance(L, bool) or not isinstance(L, int) or L <= 0:
+        raise ValueError(f"'{key}original_context_length' (or context_length) must be a "
+                         f"positive int, got {L!r}")  # fmt: skip
+    s = RopeScaling.yarn(factor, L, beta_fast=md.get(key + "yarn_beta_fast", 32.0),
+                         beta_slow=md.get(key + "yarn_beta_slow", 1.0),
+                         attention_factor=attn * yarn_attention_factor(factor))  # fmt: skip
+    r, base = int(f.get("rope_dim") or f["d_head"]), float(f["rope_base"])
+    lo, hi = _yarn_corr_dims(r, L, base, s.beta_fast, s.beta_slow)
+    if hi < lo:
+        raise ValueError(
+            f"YaRN's correction range is empty: lo={lo} > hi={hi} for {r} rotated dims, "
+            f"base {base}, original_context_length {L}, beta_fast {s.beta_fast}, beta_slow "
+            f"{s.beta_slow}; llama.cpp and transformers ramp such a range differently"
+        )
+    return s
+
+
+def _yarn_corr_dims(r: int, L: int, base: float, fast: float, slow: float) -> tuple[int, int]:
+    """ggml_rope_yarn_corr_dims: the pairs turning beta_fast and beta_slow times over L."""
+
+    def c(n: float) -> float:
+        return r * math.log(L / (n * 2 * math.pi)) / (2 * math.log(base))
+
+    return max(0, math.floor(c(fast))), min(r - 1, math.ceil(c(slow)))
 
 
 _LLAMA = GGUFFamily(
@@ -171,12 +253,13 @@ _LLAMA = GGUFFamily(
         W("blocks.{}.attn.W_K", _B + "attn_k.weight", "permuted.k"),
     ),
     fixed={"norm": "rms", "act": "silu", "gated": True},
-    defaults={"rope_base": 10000.0}, qk_permuted=True, rope_scaling=True,
+    defaults={"rope_base": 10000.0}, qk_permuted=True, rope_scaling=("linear", "yarn"),
     ignore=("rope_freqs.weight",),
 )  # fmt: skip
 
 # Qwen2 / Qwen2.5: Llama with q, k, v biases (none on the output); llama.cpp runs it with NeoX
-# RoPE, so its converter leaves the Q/K rows as Hugging Face's (no permutation)
+# RoPE, so its converter leaves the Q/K rows as Hugging Face's (no permutation). RoPE scaling
+# linear or YaRN (Qwen2.5's long-context files: rope.scaling.type yarn, factor 4, 32768 original)
 _QWEN2 = GGUFFamily(
     "qwen2", "qwen2", _CORE_FIELDS,
     (
@@ -186,11 +269,12 @@ _QWEN2 = GGUFFamily(
         W("blocks.{}.attn.b_V", _B + "attn_v.bias", "bkv"),
     ),
     fixed={"norm": "rms", "act": "silu", "gated": True, "attn_bias": True},
-    defaults={"rope_base": 10000.0}, unsupported=(_ROPE_SCALING,),
+    defaults={"rope_base": 10000.0}, rope_scaling=("linear", "yarn"), unsupported=(_ROPE_FREQS,),
 )  # fmt: skip
 
 # Qwen3: Llama without biases, plus an RMSNorm (d) on each head's q and k before RoPE; head dim
-# from attention.key_length (128, not d_model/h); Q/K rows not permuted (NeoX RoPE)
+# from attention.key_length (128, not d_model/h); Q/K rows not permuted (NeoX RoPE); RoPE
+# scaling linear or YaRN (Qwen3's 128k files) as Qwen2
 _QWEN3 = GGUFFamily(
     "qwen3", "qwen3",
     {**_CORE_FIELDS, "d_head": ("attention.key_length",)},
@@ -200,7 +284,8 @@ _QWEN3 = GGUFFamily(
         W("blocks.{}.attn.k_norm.weight", _B + "attn_k_norm.weight"),
     ),
     fixed={"norm": "rms", "act": "silu", "gated": True, "qk_norm": True},
-    defaults={"rope_base": 10000.0}, unsupported=(_ROPE_SCALING,),  # llama.cpp's default base
+    defaults={"rope_base": 10000.0},  # llama.cpp's default base
+    rope_scaling=("linear", "yarn"), unsupported=(_ROPE_FREQS,),
 )  # fmt: skip
 
 
@@ -295,7 +380,7 @@ _GEMMA3 = GGUFFamily(
     fixed={"norm": "rms", "act": "gelu_tanh", "gated": True, "block": "sandwich",
            "qk_norm": True, "norm_offset": 0.0},
     defaults={"rope_base": 1e6, "local_rope_base": 1e4, "window_pattern": 6},
-    merges_by="file", derive=_gemma3, rope_scaling=True,  # 4B+: linear × 8, global layers
+    merges_by="file", derive=_gemma3, rope_scaling=("linear",),  # 4B+: × 8, global layers
     unsupported=(_ROPE_FREQS,),
 )  # fmt: skip
 
@@ -362,7 +447,7 @@ def config_from_gguf(contents: gguf.GGUFContents, *, name: str | None = None) ->
     f["bos_id"] = md.get("tokenizer.ggml.bos_token_id")
     f["eos_id"] = md.get("tokenizer.ggml.eos_token_id")
     if family.rope_scaling:
-        f["rope_scaling"] = _rope_scaling_of(contents)
+        f["rope_scaling"] = _rope_scaling_of(contents, family.rope_scaling, f)
     if family.derive is not None:
         f.update(family.derive(f))
     known = {x.name for x in DecoderConfig.__dataclass_fields__.values()}
