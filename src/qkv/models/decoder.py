@@ -13,7 +13,8 @@
     attn:  causal GQA; RoPE (whole or partial, its base per layer, or off on some layers),
            ALiBi or none; optional q/k/v(/o) biases, QK-norm (per head or over all heads),
            sliding window
-    mlp:   down(act(gate(x)) · up(x)) (gated) or down(act(up(x)))
+    mlp:   down(act(gate(x)) · up(x)) (gated) or down(act(up(x))); or, on the layers
+           `moe_layers` marks, a sparse mixture of gated experts (`qkv.nn.SparseMoE`)
 
 Letters: b batch, i query position, j key position, m model dim, v vocabulary.
 """
@@ -33,6 +34,7 @@ from ..nn import (
     MLP,
     Embedding,
     KVCache,
+    MoEConfig,
     MultiHeadAttention,
     ParallelBlock,
     PostNormBlock,
@@ -41,6 +43,7 @@ from ..nn import (
     RopeScaling,
     RotaryEmbedding,
     SandwichBlock,
+    SparseMoE,
 )
 from ..nn.blocks import OutputNormBlock
 from ..nn.varlen import one_run_per_row, run_blocks, unpadded
@@ -82,7 +85,10 @@ class DecoderConfig:
     not each head (OLMo 2). `residual_scale` multiplies each sublayer's output before the
     residual sum, `logit_scale` the logits (Granite: residual_multiplier, 1/logits_scaling).
     `embed_norm` puts a norm on the embeddings (BLOOM's word_embeddings_layernorm);
-    `lm_head_bias` gives the untied unembedding a bias (Phi-2)."""
+    `lm_head_bias` gives the untied unembedding a bias (Phi-2). `moe` (a `qkv.nn.MoEConfig`)
+    makes the MLP of each layer `moe_layers` marks True (None: every layer) a
+    `qkv.nn.SparseMoE` of gated experts (Mixtral, Qwen3-MoE); the other layers keep the dense
+    d_ff MLP."""
 
     name: str
     n_layers: int
@@ -123,6 +129,8 @@ class DecoderConfig:
     qk_norm_scope: str = "head"
     windows: tuple[int | None, ...] | None = None
     tie_embeddings: bool = True
+    moe: MoEConfig | None = None
+    moe_layers: tuple[bool, ...] | None = None
     bos_id: int | None = None
     eos_id: int | None = None
     causal: bool = True
@@ -218,10 +226,40 @@ class DecoderConfig:
             )
         if not self.causal:
             raise ValueError(f"{own}: a decoder is causal; causal must be True")
+        self._check_moe(own)
         for f in ("bos_id", "eos_id"):
             v = getattr(self, f)
             if v is not None and not 0 <= v < self.vocab_size:
                 raise ValueError(f"{own}.{f}={v} is outside the vocabulary [0, {self.vocab_size})")
+
+    def _check_moe(self, own: str) -> None:
+        if self.moe is None:
+            if self.moe_layers is not None:
+                raise ValueError(f"{own}: moe_layers needs moe (a qkv.nn.MoEConfig), got None")
+            return
+        if not isinstance(self.moe, MoEConfig):
+            raise ValueError(
+                f"{own}: moe must be a qkv.nn.MoEConfig or None, got {type(self.moe).__name__}"
+            )
+        if not self.gated or self.mlp_bias:
+            raise ValueError(
+                f"{own}: moe experts are gated MLPs without biases; got gated={self.gated}, "
+                f"mlp_bias={self.mlp_bias}"
+            )
+        if self.moe_layers is not None and (
+            len(self.moe_layers) != self.n_layers
+            or any(not isinstance(f, bool) for f in self.moe_layers)
+        ):
+            raise ValueError(
+                f"{own}: moe_layers must hold one bool per layer ({self.n_layers}), "
+                f"got {self.moe_layers!r}"
+            )
+
+    def sparse_layers(self) -> tuple[bool, ...]:
+        """One bool per layer: True where the MLP is a SparseMoE."""
+        if self.moe is None:
+            return (False,) * self.n_layers
+        return self.moe_layers or (True,) * self.n_layers
 
 
 class Decoder(Generation, nn.Module):
@@ -284,12 +322,14 @@ class Decoder(Generation, nn.Module):
                     q_norm=RMSNorm(qn, c.norm_eps, offset=c.norm_offset) if c.qk_norm else None,
                     k_norm=RMSNorm(kn, c.norm_eps, offset=c.norm_offset) if c.qk_norm else None,
                 ),
-                MLP(c.d_model, c.d_ff, act=c.act, gated=c.gated, bias=c.mlp_bias),
+                SparseMoE.from_config(c.d_model, c.moe, c.act) if sparse
+                else MLP(c.d_model, c.d_ff, act=c.act, gated=c.gated, bias=c.mlp_bias),
                 *(self._norm(c) for _ in range(_NORMS_PER_BLOCK.get(c.block, 2))),
                 *((None,) if c.block == "parallel1" else ()),  # norm2: mlp reads norm1(x) too
                 residual_scale=c.residual_scale,
             )
-            for w, b, s, r in zip(windows, bases, scalings, rotates, strict=True)
+            for w, b, s, r, sparse in zip(windows, bases, scalings, rotates, c.sparse_layers(),
+                                          strict=True)
         )  # fmt: skip
         self.norm = self._norm(c) if c.final_norm else nn.Identity()
         self.lm_head = None

@@ -2,6 +2,7 @@
 families here (Llama and its relatives, Gemma, Phi-3, GPT-NeoX, OPT, GPT-2, the BERT encoders),
 those of `families_more.py` (SmolLM3, OLMo 2, Granite, StarCoder2, Phi-2, BLOOM), and `FAMILIES`,
 every one by model_type. What a `Family` says and how it is read: `families_base.py`.
+Mixture-of-experts decoders (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE): `families_moe.py`.
 
 Letters: h query heads, k kv heads, d head dim, m model dim.
 """
@@ -27,6 +28,7 @@ from .families_base import (
     read_fields,
     rope_dim,
 )
+from .families_moe import MOE_FAMILIES
 from .families_more import MORE_FAMILIES
 
 __all__ = ["ACTS", "FAMILIES", "RESHAPES", "Family", "W", "read_fields"]
@@ -403,5 +405,6 @@ FAMILIES: dict[str, Family] = {
                                  "max_positions": f["max_positions"] - f["pad_id"] - 1}),
         _DISTILBERT,
         *MORE_FAMILIES,
+        *MOE_FAMILIES,
     )
 }  # fmt: skip

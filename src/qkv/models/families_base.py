@@ -1,13 +1,16 @@
 """Hugging Face architectures as declarative descriptions: what a `Family` is, how a config.json
 is read through one (`read_fields`), and the pieces several families share (the fused-weight
-reshapes, the Llama layout). The families themselves: `families.py`, `families_more.py`.
+reshapes, the Llama layout). The families themselves: `families.py`, `families_more.py`,
+`families_moe.py`.
 
 A family says how to read its `config.json` into the generic `DecoderConfig` / `EncoderConfig`
 (`fields`: our field ← the first present HF key, dotted for nested dicts; `fixed`: values the
 architecture implies) and how its checkpoint keys map onto the model (`weights`: `W(dst, src,
 reshape, when)` with `{}` for the layer; `reshape` names a conversion in `RESHAPES`; `when`
-names a bool config field that must hold for the tensor to exist). Keys are matched after the
-family's `prefix` (the base model's name inside a *ForCausalLM / *ForMaskedLM) is stripped.
+names a bool config field that must hold for the tensor to exist; `layers` "moe" or "dense"
+keeps a `{}` rule to the layers whose MLP is, or is not, a SparseMoE, `{e}` then standing for
+each expert). Keys are matched after the family's `prefix` (the base model's name inside a
+*ForCausalLM / *ForMaskedLM) is stripped.
 RoPE scaling (`rope_parameters` / `rope_scaling` with rope_type "linear", "llama3" or "yarn") is
 read for every RoPE decoder by `rope_scaling_from`; any other rope_type is a clear error.
 `unsupported` lists config settings the generic models do not implement: each is a clear
@@ -30,12 +33,15 @@ from .convert import Reshape, heads_bias, heads_in, heads_out
 
 @dataclass(frozen=True)
 class W:
-    """Model tensor `dst` ← `RESHAPES[reshape](config)(checkpoint[src])`, if config.`when`."""
+    """Model tensor `dst` ← `RESHAPES[reshape](config)(checkpoint[src])`, if config.`when`;
+    with `layers` ("moe" / "dense"), on the layers whose MLP is (is not) sparse only, `{e}` in
+    dst and src standing for each expert."""
 
     dst: str
     src: str
     reshape: str | None = None
     when: str | None = None
+    layers: str | None = None
 
 
 @dataclass(frozen=True)

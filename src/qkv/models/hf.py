@@ -206,7 +206,15 @@ def rules(family: Family, config: Any) -> list[Rule]:
             flags[w.when] if w.when in flags else getattr(config, w.when)
         ):
             continue
-        out.append(Rule(w.dst, w.src, None if w.reshape is None else RESHAPES[w.reshape](config)))
+        fn = None if w.reshape is None else RESHAPES[w.reshape](config)
+        if w.layers is None:
+            out.append(Rule(w.dst, w.src, fn))
+            continue
+        # MoE families: the layer index written out, and `{e}` for each expert
+        for i, sparse in enumerate(config.sparse_layers()):
+            if sparse == (w.layers == "moe"):
+                experts = range(config.moe.n_experts) if "{e}" in w.src else (0,)
+                out += [Rule(w.dst.format(i, e=e), w.src.format(i, e=e), fn) for e in experts]
     return out
 
 

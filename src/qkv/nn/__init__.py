@@ -5,6 +5,7 @@ attn = MultiHeadAttention(576, 9, n_kv_heads=3, rope=rope, causal=True)
 cache = KVCache(n_layers)                                  # attn(x, cache=cache[layer])
 with capture(model) as cap: model(ids)                     # cap.layers: AttentionRecord
 accelerate(model, blocks)                                  # float32 CPU inference twins
+moe = SparseMoE(m, f, n_experts=8, top_k=2)                # a sparse MLP: top 2 of 8 experts per token
 """
 
 from . import fused, quant
@@ -22,6 +23,7 @@ from .blocks import (
 )
 from .cache import KVCache, LayerCache
 from .capture import AttentionRecord, Capture, capture
+from .moe import MoEConfig, SparseMoE, route
 from .rope import RopeScaling, RotaryEmbedding
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "Embedding",
     "KVCache",
     "LayerCache",
+    "MoEConfig",
     "MultiHeadAttention",
     "ParallelBlock",
     "PostNormBlock",
@@ -40,8 +43,10 @@ __all__ = [
     "RopeScaling",
     "RotaryEmbedding",
     "SandwichBlock",
+    "SparseMoE",
     "accelerate",
     "capture",
     "fused",
     "quant",
+    "route",
 ]

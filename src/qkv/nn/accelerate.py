@@ -13,6 +13,9 @@ formula for everything else (autograd, GPU, other dtypes):
     nn.Linear          → FastLinear              large outputs into pre-mapped pages
     Embedding          → FastEmbedding           `attend` (the tied unembedding) likewise
 
+A `SparseMoE` has no twin of its own: its experts are MLPs and its router an nn.Linear, each
+swapped as above (the routing itself is unchanged).
+
 With `blocks`, the checkpoint's own quantised blocks (`nn.quant.BlockWeight`) back the matrices
 they equal, for the one-token decode step (`nn.quant.linear`); keys are parameter names of
 `model.state_dict()` (W_Q, W_K, W_V, W_O included: their blocks are in nn.Linear layout,

@@ -1,0 +1,327 @@
+"""The mixture-of-experts families (`families_moe.py`) against transformers itself, as
+tests/models/test_families.py does for the dense ones: a tiny random checkpoint per model_type
+(AutoConfig.for_model → from_config → save_pretrained), loaded with `qkv.load(folder)`, logits
+in float32 and float64, 20 greedy tokens with and without the KV cache, lens rows vs
+output_attentions; then routing done another way breaks parity, the layer layouts of Qwen's
+decoder_sparse_step / mlp_only_layers, and bad configs named.
+
+Tiny and awkward: d_model 60, 6 query heads over 2 or 3 kv heads, 4 experts of width 37 or 23,
+top 2, a shared expert of 29 (qwen2_moe). Weights of size 0.3 (`randomise_`) spread the router's
+logits over a few units, so no two experts' probabilities come within rounding of each other
+(`assert_routing_is_clear` checks it on the very inputs compared: a near tie would let float32
+rounding pick another expert, a flaky test rather than a wrong model).
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qkv
+from qkv.models.decoder import DecoderConfig
+from qkv.nn import MLP, MoEConfig, SparseMoE
+from tests.models.test_families import (
+    LENS_TOL,
+    N_GREEDY,
+    REL_TOL,
+    V,
+    float64_oracle_,
+    greedy_three_ways,
+    ids_for,
+    keep_float64_softmax,
+    randomise_,
+    rel,
+    word_tokenizer,
+)
+
+transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
+
+TOL = REL_TOL[torch.float32]
+_DEC = dict(hidden_size=60, num_attention_heads=6, num_key_value_heads=2, intermediate_size=37,
+            num_hidden_layers=2, vocab_size=V, max_position_embeddings=64, pad_token_id=0,
+            bos_token_id=0, eos_token_id=0)  # fmt: skip
+_EXPERTS = dict(num_experts_per_tok=2, moe_intermediate_size=23)
+MOE = {
+    # Mistral attention with a window of 5 on every layer; weights renormalised (always)
+    "mixtral": dict(_DEC, num_local_experts=4, num_experts_per_tok=2, sliding_window=5),
+    # QK-norm per head, head_dim 14 ≠ 60/6; renormalised; layer 1 dense (mlp_only_layers)
+    "qwen3_moe": dict(_DEC, **_EXPERTS, num_experts=4, head_dim=14, norm_topk_prob=True,
+                      mlp_only_layers=[1]),
+    # q/k/v biases over 3 kv heads; a sigmoid-gated shared expert; weights not renormalised
+    "qwen2_moe": dict(_DEC, **_EXPERTS, num_experts=4, num_key_value_heads=3,
+                      shared_expert_intermediate_size=29),
+    # QK-norm over all heads' q (60) and k (20) features after their biases; not renormalised
+    "olmoe": dict(_DEC, num_experts=4, num_experts_per_tok=2, attention_bias=True),
+}  # fmt: skip
+
+
+def build(model_type: str, folder, *, changes: dict | None = None):
+    """A random `model_type` checkpoint (MOE's config updated by `changes`) saved in `folder`;
+    returns the transformers model (eager attention and experts: its reference loops)."""
+    kw = {**MOE[model_type], **(changes or {})}
+    cfg = transformers.AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    randomise_(m)
+    m.save_pretrained(folder)
+    return m
+
+
+@pytest.fixture(scope="module", params=list(MOE))
+def pair(request, tmp_path_factory):
+    """(model_type, transformers model, qkv model, folder) for each MoE family."""
+    folder = tmp_path_factory.mktemp(request.param)
+    ref = build(request.param, folder)
+    word_tokenizer().save(str(folder / "tokenizer.json"))
+    return request.param, ref, qkv.load(folder), folder
+
+
+def assert_routing_is_clear(model, ids, margin: float = 1e-4) -> None:
+    """Every token's k-th and (k+1)-th router probabilities differ by more than `margin` (far
+    above float32 rounding), on every sparse layer of `model` for `ids`."""
+    gaps = []
+
+    def hook(mod, args, logits):
+        p = torch.softmax(logits.double(), -1).sort(-1, descending=True).values  # (n e)
+        k = mod_k[mod]
+        gaps.append(float((p[:, k - 1] - p[:, k]).min()) if k < p.shape[-1] else 1.0)
+
+    mod_k = {b.mlp.router: b.mlp.top_k for b in model.blocks if isinstance(b.mlp, SparseMoE)}
+    handles = [r.register_forward_hook(hook) for r in mod_k]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    assert gaps and min(gaps) > margin, f"a near tie in routing: gap {min(gaps):.1e}"
+
+
+def _mixtral_router64(mod):
+    """transformers' Mixtral router takes `logits.float()` before its softmax whatever the
+    model's dtype; the float64 oracle routes in float64: softmax, top k, renormalise."""
+
+    def forward(h):
+        logits = F.linear(h.reshape(-1, mod.hidden_dim), mod.weight)  # (n e)
+        w, idx = torch.topk(torch.softmax(logits, -1), mod.top_k, -1)
+        return logits, w / w.sum(-1, keepdim=True), idx
+
+    return forward
+
+
+# --------------------------------------------------------------------------------------------
+# parity
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logits_match_transformers(pair, dtype, monkeypatch):
+    mt, ref, model, _ = pair
+    assert any(isinstance(b.mlp, SparseMoE) for b in model.blocks)
+    ids = torch.cat([ids_for(0), ids_for(1)])  # a batch of two
+    assert_routing_is_clear(model, ids)
+    ref, model = ref.to(dtype), model.to(dtype)
+    if dtype == torch.float64:
+        float64_oracle_(ref, model)
+        keep_float64_softmax(monkeypatch)  # transformers' attention and Qwen/OLMoE routers
+        for mod in ref.modules():
+            if type(mod).__name__ == "MixtralTopKRouter":
+                mod.forward = _mixtral_router64(mod)
+    try:
+        with torch.no_grad():
+            err = rel(model(ids), ref(ids).logits)
+    finally:
+        ref.float(), model.float()
+        for mod in ref.modules():
+            mod.__dict__.pop("forward", None)
+    assert err <= REL_TOL[dtype], f"{mt} {dtype}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("mt", list(MOE))
+def test_greedy_tokens_and_cache(mt, tmp_path):
+    ref = build(mt, tmp_path)
+    model = qkv.load(tmp_path)
+    prompt = ids_for(5, 7)
+    ref.generation_config.eos_token_id = None  # no end token: 20 unsuppressed greedy picks
+    want, cached, uncached = greedy_three_ways(ref, model, prompt, N_GREEDY)
+    assert cached == uncached == want
+
+
+def test_padded_batch_matches_transformers(pair):
+    """Right padding (run on the real tokens only, `qkv.nn.varlen`): each token is routed on
+    its own, so the real tokens' logits equal transformers' with its attention mask."""
+    _, ref, model, _ = pair
+    ids = torch.cat([ids_for(2, 20), ids_for(3, 20)])
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[1, 13:] = False
+    with torch.no_grad():
+        got = model(ids, attention_mask=keep)
+        want = ref(ids, attention_mask=keep.long()).logits
+    assert rel(got[keep], want[keep]) <= TOL
+
+
+def test_lens_rows_match_output_attentions(pair):
+    mt, ref, model, _ = pair
+    text = "the dog chased the ball because it was excited and then ran far"
+    ids = torch.tensor([model.tokenizer.encode(text).ids])
+    with torch.no_grad():
+        att = ref(ids, output_attentions=True).attentions  # per layer (b h i j)
+    query = 6  # "it"
+    r = qkv.explain(text, query, model=model, top=0, rollout=False, progress=False)
+    assert len(r.layers) == model.config.n_layers
+    for layer in r.layers:
+        for h in layer.heads:
+            want = att[layer.layer][0, h.head, query].double().numpy()
+            got = dict(zip(h.index.tolist(), h.weight.tolist(), strict=True))
+            assert set(got) == {j for j in range(len(want)) if want[j] > 0}, (mt, layer.layer)
+            assert max(abs(got[j] - want[j]) for j in got) <= LENS_TOL
+
+
+# --------------------------------------------------------------------------------------------
+# the checks can fail: routing done another way moves the logits far past the tolerance
+
+
+def _error(model, ref) -> float:
+    ids = ids_for(9)
+    with torch.no_grad():
+        return rel(model(ids), ref(ids).logits)
+
+
+def _sparse(model):
+    return [b.mlp for b in model.blocks if isinstance(b.mlp, SparseMoE)]
+
+
+def _swap_gate_and_up(moe) -> None:
+    for e in moe.experts:
+        e.gate, e.up = e.up, e.gate
+
+
+def test_routing_done_otherwise_breaks_parity(tmp_path):
+    ref = build("mixtral", tmp_path)
+    model = qkv.load(tmp_path)
+    assert [b.attn.window for b in model.blocks] == [(4, 0), (4, 0)]
+    assert [(m.top_k, m.normalise) for m in _sparse(model)] == [(2, True)] * 2
+    assert _error(model, ref) <= TOL
+    breaks = {
+        "top-(k-1)": lambda m: setattr(m, "top_k", 1),
+        "no renormalisation": lambda m: setattr(m, "normalise", False),
+        "experts in reverse order": lambda m: setattr(
+            m, "experts", type(m.experts)(m.experts[::-1])
+        ),
+        "w1 and w3 swapped": _swap_gate_and_up,
+    }
+    for what, edit in breaks.items():
+        broken = qkv.load(tmp_path)
+        for moe in _sparse(broken):
+            edit(moe)
+        assert _error(broken, ref) > 100 * TOL, what
+
+
+def test_qwen_norm_topk_prob_and_shared_expert_matter(tmp_path):
+    ref = build("qwen2_moe", tmp_path)
+    model = qkv.load(tmp_path)
+    assert [m.normalise for m in _sparse(model)] == [False, False]
+    assert _error(model, ref) <= TOL
+    for what, edit in {
+        "renormalised": lambda m: setattr(m, "normalise", True),
+        "no shared expert": lambda m: setattr(m, "shared", None),
+    }.items():
+        broken = qkv.load(tmp_path)
+        for moe in _sparse(broken):
+            edit(moe)
+        assert _error(broken, ref) > 100 * TOL, what
+
+
+@pytest.mark.parametrize(
+    ("changes", "sparse"),
+    [
+        ({"decoder_sparse_step": 2, "mlp_only_layers": []}, [False, True, False, True]),
+        ({"decoder_sparse_step": 1, "mlp_only_layers": [0, 2]}, [False, True, False, True]),
+        ({"decoder_sparse_step": 3, "mlp_only_layers": [2]}, [False, False, False, False]),
+        ({"decoder_sparse_step": 1, "mlp_only_layers": []}, [True, True, True, True]),
+    ],
+)
+def test_qwen3_moe_dense_and_sparse_layers(tmp_path, changes, sparse):
+    ref = build("qwen3_moe", tmp_path, changes={"num_hidden_layers": 4, **changes})
+    model = qkv.load(tmp_path)
+    got = [isinstance(b.mlp, SparseMoE) for b in model.blocks]
+    assert got == sparse
+    assert all(isinstance(b.mlp, MLP) for b, s in zip(model.blocks, sparse, strict=True) if not s)
+    assert model.config.moe is None if not any(sparse) else model.config.moe.d_expert == 23
+    assert _error(model, ref) <= TOL
+
+
+def test_qwen3_moe_sliding_window_only_with_use_sliding_window(tmp_path):
+    ref = build("qwen3_moe", tmp_path, changes={"use_sliding_window": True, "sliding_window": 5})
+    model = qkv.load(tmp_path)
+    assert [b.attn.window for b in model.blocks] == [(4, 0), (4, 0)]
+    assert _error(model, ref) <= TOL
+    _edit_config(tmp_path, use_sliding_window=False)  # transformers then drops the window
+    assert [b.attn.window for b in qkv.load(tmp_path).blocks] == [None, None]
+
+
+# --------------------------------------------------------------------------------------------
+# bad configs and checkpoints: one clear error naming the key
+
+
+def _edit_config(folder, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("mt", "changes", "match"),
+    [
+        ("mixtral", {"num_experts_per_tok": 5},
+         r"num_experts_per_tok=5 exceeds num_local_experts=4"),
+        ("mixtral", {"num_local_experts": 0}, r"num_local_experts must be an int ≥ 1, got 0"),
+        ("qwen3_moe", {"decoder_sparse_step": 0}, r"decoder_sparse_step must be an int ≥ 1"),
+        ("qwen3_moe", {"mlp_only_layers": "1"}, r"mlp_only_layers must be a list of layer"),
+        ("qwen3_moe", {"num_experts_per_tok": 0}, r"num_experts_per_tok must be an int ≥ 1"),
+        ("qwen2_moe", {"use_sliding_window": True, "layer_types": None},
+         r"qwen2_moe with use_sliding_window without layer_types is not supported"),
+        ("olmoe", {"clip_qkv": 8.0}, r"olmoe with clip_qkv \(q, k, v clamped\) is not supported"),
+    ],
+)  # fmt: skip
+def test_bad_config_is_named(tmp_path, mt, changes, match):
+    build(mt, tmp_path)
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(ValueError, match=match):
+        qkv.load(tmp_path)
+
+
+def test_fused_expert_tensors_are_reported(tmp_path):
+    """transformers 5's in-memory layout (experts.gate_up_proj (e, 2f, m)) is not what
+    save_pretrained writes; a file holding it is a strict missing / unexpected report."""
+    from safetensors.torch import load_file, save_file
+
+    build("mixtral", tmp_path)
+    w = load_file(tmp_path / "model.safetensors")
+    p = "model.layers.0.block_sparse_moe.experts."
+    w[p + "gate_up_proj"] = torch.cat(
+        [torch.stack([w.pop(f"{p}{e}.{n}.weight") for e in range(4)]) for n in ("w1", "w3")], 1
+    )
+    save_file(w, tmp_path / "model.safetensors")
+    with pytest.raises(
+        ValueError, match=r"missing \(8\).*experts\.0\.w1(.|\n)*unexpected \(1\).*gate_up_proj"
+    ):
+        qkv.load(tmp_path)
+
+
+def test_decoder_config_checks_its_moe_fields():
+    base = dict(name="t", n_layers=2, n_heads=2, n_kv_heads=1, d_model=8, d_head=4, d_ff=6,
+                vocab_size=11, max_positions=16)  # fmt: skip
+    moe = MoEConfig(4, 2, 5)
+    assert DecoderConfig(**base, moe=moe).sparse_layers() == (True, True)
+    assert DecoderConfig(**base).sparse_layers() == (False, False)
+    with pytest.raises(ValueError, match=r"moe_layers needs moe"):
+        DecoderConfig(**base, moe_layers=(True, False))
+    with pytest.raises(ValueError, match=r"moe_layers must hold one bool per layer \(2\)"):
+        DecoderConfig(**base, moe=moe, moe_layers=(True,))
+    with pytest.raises(ValueError, match=r"moe experts are gated MLPs without biases"):
+        DecoderConfig(**base, moe=moe, gated=False)
+    with pytest.raises(ValueError, match=r"moe must be a qkv.nn.MoEConfig"):
+        DecoderConfig(**base, moe={"n_experts": 4})
