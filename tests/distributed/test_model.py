@@ -8,6 +8,7 @@ from torch import nn
 
 from qkv.distributed import shard
 from qkv.models.tiny import TinyConfig, TinyTransformer
+from qkv.nn import RopeScaling
 
 from . import spawn
 
@@ -60,4 +61,11 @@ def test_shard_refuses_what_it_cannot_shard():
         shard(rope, layout="striped")
     with pytest.raises(ValueError, match=r"holds no qkv\.nn\.MultiHeadAttention"):
         shard(nn.Linear(2, 2))
+    long = TinyTransformer(TinyConfig(vocab=("a", "b"), max_positions=8, positions="rope"))
+    for b in long.blocks:  # LongRoPE picks its factors by the whole sequence's length
+        n = b.attn.rope.rotary_dim // 2
+        b.attn.rope.scaling = RopeScaling.longrope([1.0] * n, [2.0] * n, 4)
+    with pytest.raises(ValueError, match=r"rope uses LongRoPE.*run this model unsharded"):
+        shard(long)
     assert type(rope.blocks[0].attn).__name__ == "MultiHeadAttention"  # nothing half-swapped
+    assert type(long.blocks[0].attn).__name__ == "MultiHeadAttention"

@@ -5,7 +5,8 @@ offline and compared in float32 and float64 on positions past `original_max_posi
 (logits, 10 greedy tokens with and without the KV cache); a tiny llama GGUF carrying llama.cpp's
 per-pair `rope_freqs.weight` (computed here by llama.cpp's converter rule) against the
 transformers model it was written from. Then: without the scaling the logits move far past the
-tolerance, and dynamic / longrope stay a clear error.
+tolerance, and dynamic stays a clear error. LongRoPE (Phi-3 128k) at the end: its factors
+follow each call's last position, and a cached decode re-rotates every key once past L.
 
 Sizes as tests/models/test_families.py: d_head 10, base 500, so the wavelengths 6.3, 21.7, 75,
 260, 900 fall in all three branches of the Llama 3 rule with L = 32 (kept < 8, smoothed 8 … 32,
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 import qkv
+from qkv.nn import RopeScaling
 from tests.models.test_families import (
     FAMILIES,
     REL_TOL,
@@ -268,7 +270,7 @@ def test_yarn_config_forms_read_as_transformers_reads_them(tmp_path):
     "params",
     [
         {"rope_type": "dynamic", "factor": 2.0},
-        {"rope_type": "longrope", "short_factor": [1.0] * 5, "long_factor": [2.0] * 5},
+        {"rope_type": "su", "short_factor": [1.0] * 5, "long_factor": [2.0] * 5},
     ],
 )
 def test_other_rope_types_are_a_clear_error(tmp_path, params):
@@ -277,7 +279,7 @@ def test_other_rope_types_are_a_clear_error(tmp_path, params):
     with pytest.raises(
         ValueError,
         match=rf"config.json: rope scaling rope_parameters.rope_type='{kind}' is not supported; "
-        r"qkv implements rope_type 'linear', 'llama3', 'yarn' \(and 'default'\)",
+        r"qkv implements rope_type 'linear', 'llama3', 'yarn', 'longrope' \(and 'default'\)",
     ):
         qkv.load(folder)
 
@@ -472,3 +474,126 @@ def test_gemma3_gguf_linear_scales_the_global_layers(tmp_path, monkeypatch):
         assert rel(model(ids), plain(ids).logits) > 100 * REL_TOL[torch.float32]
     greedy, cached, uncached = greedy_three_ways(ref, model, ids[:, :30], N_GREEDY)
     assert cached == uncached == greedy
+
+
+# --------------------------------------------------------------------------------------------
+# LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini): the factors follow each call's last position
+
+LONGROPE = {
+    "rope_type": "longrope",
+    "short_factor": [1.0, 1.5, 2.5],
+    "long_factor": [1.0, 4.0, 9.0],
+}
+L_ORIG = 32  # original_max_position_embeddings; max_position_embeddings 128: factor 4
+
+
+@pytest.fixture(scope="module")
+def phi3_longrope(tmp_path_factory):
+    """Phi-3 with rotary_dim 6 (3 pairs), no window, LongRoPE from L = 32 to 128 positions."""
+    folder = tmp_path_factory.mktemp("phi3-longrope")
+    cfg = transformers.AutoConfig.for_model(
+        "phi3", **{**FAMILIES["phi3"], "sliding_window": None, "max_position_embeddings": 128},
+        original_max_position_embeddings=L_ORIG, rope_scaling=dict(LONGROPE),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    randomise_(ref)
+    ref.save_pretrained(folder)
+    ref.generation_config.eos_token_id = None
+    return ref, qkv.load(folder)
+
+
+def longrope_oracle_(ref, model) -> None:
+    """test_families' float64 oracle with RoPE's angles in float64: short factors for a call
+    whose positions end before L, long ones past it, cos/sin × √(1 + ln 4 / ln 32)."""
+    float64_oracle_(ref, model)
+    r, base = model.blocks[0].attn.rope.rotary_dim, ref.config.rope_parameters["rope_theta"]
+    m = math.sqrt(1 + math.log(128 / L_ORIG) / math.log(L_ORIG))
+
+    def rotary(x, position_ids):
+        long = int(position_ids.max()) + 1 > L_ORIG
+        fs = LONGROPE["long_factor" if long else "short_factor"]
+        theta = torch.tensor([base ** (-2.0 * p / r) / fs[p] for p in range(r // 2)],
+                             dtype=torch.float64)  # fmt: skip
+        ang = position_ids[..., None].double() * theta
+        emb = torch.cat((ang, ang), -1)
+        return (m * emb.cos()).to(x.dtype), (m * emb.sin()).to(x.dtype)
+
+    for mod in ref.modules():
+        if hasattr(mod, "inv_freq"):
+            mod.forward = rotary
+
+
+def test_longrope_config_is_read(phi3_longrope):
+    _, model = phi3_longrope
+    s = model.config.rope_scaling
+    assert (s.rope_type, s.original_max_positions) == ("longrope", L_ORIG)
+    assert (s.short_factors, s.long_factors) == (tuple(LONGROPE["short_factor"]),
+                                                 tuple(LONGROPE["long_factor"]))  # fmt: skip
+    assert s.attention_factor == pytest.approx(math.sqrt(1 + math.log(4) / math.log(32)))
+
+
+@pytest.mark.parametrize("n", [30, 48])  # within L (short factors), past it (long ones)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_longrope_logits_match_transformers(phi3_longrope, n, dtype, monkeypatch):
+    ref, model = phi3_longrope
+    ids = torch.cat([ids_for(0, n), ids_for(1, n)])
+    ref, model = ref.to(dtype), model.to(dtype)
+    if dtype == torch.float64:
+        longrope_oracle_(ref, model)
+        keep_float64_softmax(monkeypatch)
+    try:
+        with torch.no_grad():
+            err = rel(model(ids), ref(ids).logits)
+    finally:
+        ref.float(), model.float()
+        for mod in ref.modules():
+            mod.__dict__.pop("forward", None)
+    assert err <= REL_TOL[dtype], f"n={n} {dtype}: relative error {err:.2e}"
+
+
+def test_longrope_greedy_across_the_switch_cached_and_uncached(phi3_longrope):
+    """A 28-token prompt and 10 tokens, positions 28 … 37 crossing L = 32. At the first step
+    past L every key turns to the long factors: ours re-runs the whole sequence there, as
+    transformers' Phi-3 drops its cache there; without the cache every step re-rotates all."""
+    ref, model = phi3_longrope
+    prompt = ids_for(5, 28)
+    want, cached, uncached = greedy_three_ways(ref, model, prompt, N_GREEDY)
+    assert cached == uncached == want
+    with torch.no_grad():
+        want_uncached = ref.generate(prompt, max_new_tokens=N_GREEDY, min_new_tokens=N_GREEDY,
+                                     do_sample=False, use_cache=False,
+                                     pad_token_id=0)[0, prompt.shape[1]:].tolist()  # fmt: skip
+    assert uncached == want_uncached
+    # the check can fail: keeping the prompt's short-rotated keys past L changes the tokens
+    from qkv.models import generate as qgenerate
+
+    real = qgenerate.longrope_switch
+    try:
+        qgenerate.longrope_switch = lambda m: None
+        stale = list(model.generate_ids(prompt[0].tolist(), N_GREEDY, stop_ids=()))
+    finally:
+        qgenerate.longrope_switch = real
+    assert stale != want
+
+
+def test_longrope_choice_per_call_matters(phi3_longrope):
+    """The check can fail: always short, or always long, moves the logits far off."""
+    ref, model = phi3_longrope
+    rope_scaling = model.config.rope_scaling
+    for n, forced in [(48, "short_factors"), (30, "long_factors")]:
+        ids = ids_for(2, n)
+        with torch.no_grad():
+            want = ref(ids).logits
+            assert rel(model(ids), want) <= REL_TOL[torch.float32]
+            fs = getattr(rope_scaling, forced)
+            wrong = RopeScaling.longrope(fs, fs, L_ORIG, factor=4.0)
+            try:
+                for b in model.blocks:
+                    b.attn.rope.scaling, b.attn.rope._tables, b.attn.rope._pairs = wrong, {}, None
+                err = rel(model(ids), want)
+            finally:
+                for b in model.blocks:
+                    b.attn.rope.scaling, b.attn.rope._tables = rope_scaling, {}
+                    b.attn.rope._pairs = None
+        assert err > 100 * REL_TOL[torch.float32], (n, forced, err)

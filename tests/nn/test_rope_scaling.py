@@ -191,3 +191,66 @@ def test_yarn_matches_transformers(head_dim, base, factor, L, partial, extra):
 def test_bad_scaling_is_named(make, message):
     with pytest.raises((ValueError, TypeError), match=message):
         make()
+
+
+SHORT = [1.0, 1.2, 1.5, 2.0, 3.0]
+LONG = [1.0, 2.0, 4.0, 8.0, 16.0]
+
+
+def test_longrope_picks_its_factors_by_the_calls_last_position():
+    """A call ending at position ≤ L − 1 turns pair p by pos·θ_p/short[p]; one reaching L or
+    past turns all its positions (earlier ones too) by long[p]; cos/sin × √(1 + ln 4 / ln 32)."""
+    L = 32
+    scaling = RopeScaling.longrope(SHORT, LONG, L, factor=4.0)
+    m = math.sqrt(1 + math.log(4.0) / math.log(L))
+    assert scaling.attention_factor == pytest.approx(m, rel=1e-15)
+    rope = RotaryEmbedding(D, base=BASE, scaling=scaling)
+    x = torch.randn(1, 2, 8, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for start, divisors in [(L - 8, SHORT), (L - 7, LONG), (0, SHORT), (100, LONG)]:
+        pos = torch.arange(start, start + 8)
+        want = scaled_rope(x, pos, BASE, divisors, m)
+        for got in (rope(x, start), rope(x, pos)):
+            assert (got - want).abs().max() <= 1e-12 * want.abs().max(), (start, divisors)
+        cos, sin = rope.pair_tables(start + 8)  # the fused CPU path's tables: the same choice
+        ang = pos.double()[:, None] * torch.tensor(
+            [BASE ** (-2.0 * p / D) / divisors[p] for p in range(D // 2)], dtype=torch.float64
+        )
+        assert (cos[start : start + 8].double() - m * ang.cos()).abs().max() <= 1e-6
+    # the check can fail: the other factors rotate position 24 differently
+    assert (rope(x, 24) - scaled_rope(x, torch.arange(24, 32), BASE, LONG, m)).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("seq_len", [None, 32, 33, 200])
+def test_longrope_matches_transformers(seq_len):
+    """transformers' `_compute_longrope_parameters` (short for seq_len ≤ L, long past it) and
+    its attention factor with factor = max_position_embeddings / original (Phi-3's form)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = transformers.AutoConfig.for_model(
+        "phi3", hidden_size=40, num_attention_heads=2, rope_theta=BASE,
+        max_position_embeddings=128, original_max_position_embeddings=32, partial_rotary_factor=0.5,
+        rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG},
+    )  # fmt: skip
+    want, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](cfg, seq_len=seq_len)
+    scaling = RopeScaling.longrope(SHORT, LONG, 32, factor=128 / 32)
+    rope = RotaryEmbedding(20, base=BASE, rotary_dim=D, scaling=scaling)
+    got = rope.inv_freq(long=scaling.is_long(seq_len or 0))
+    assert ((got - want.double()).abs() / want.double()).max() <= 1e-6
+    assert scaling.attention_factor == pytest.approx(attention_factor, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: RopeScaling.longrope([1.0, 2.0], [1.0], 32), r"short_factors has 2 entries, long_factors 1"),
+        (lambda: RopeScaling.longrope([], [], 32), r"takes short_factors, got \(\)"),
+        (lambda: RopeScaling.longrope([1.0], [0.0], 32), r"long_factors\[0\] must be a finite number > 0"),
+        (lambda: RopeScaling.longrope([1.0], [1.0], 0), r"original_max_positions must be a positive int"),
+        (lambda: RotaryEmbedding(10, scaling=RopeScaling.longrope([1.0] * 4, [1.0] * 4, 32)),
+         r"scaling has 4 short_factors; rotary_dim=10 rotates 5 pairs"),
+    ],
+)  # fmt: skip
+def test_bad_longrope_is_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..nn import MultiHeadAttention
+from ..nn import MultiHeadAttention, RotaryEmbedding
 from ..nn.capture import record, recorders
 from .layout import LAYOUTS, Layout, all_lengths, make_layout
 from .ring import ring_attention
@@ -100,6 +100,16 @@ def shard(
             )
     if not any(isinstance(m, MultiHeadAttention) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} holds no qkv.nn.MultiHeadAttention to shard")
+    for name, m in model.named_modules():
+        if (
+            isinstance(m, RotaryEmbedding)
+            and m.scaling is not None
+            and m.scaling.rope_type == "longrope"
+        ):
+            raise ValueError(
+                f"{name} uses LongRoPE, whose factors follow the whole sequence's length, which "
+                "no rank sees; shard supports the other RoPE scalings (run this model unsharded)"
+            )
     if not dist.is_initialized():
         raise RuntimeError(
             "shard needs torch.distributed: call dist.init_process_group (torchrun sets "

@@ -186,13 +186,16 @@ LLAMA_FIELDS = {
 }
 LLAMA_DEFAULTS = {"rope_base": 10000.0, "tie_embeddings": True, "attn_bias": False,
                    "out_bias": False, "mlp_bias": False}  # fmt: skip
-SCALED_ROPE_TYPES = (
-    "linear",
-    "llama3",
-    "yarn",
-)  # what `rope_scaling_from` reads; the rest is refused
+# what `rope_scaling_from` reads; the rest is refused
+SCALED_ROPE_TYPES = ("linear", "llama3", "yarn", "longrope")
 _YARN_OPTIONAL = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim",
                   "truncate")  # fmt: skip
+_NEEDS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
+}
 
 
 def rope_scaling_from(
@@ -200,12 +203,14 @@ def rope_scaling_from(
 ) -> RopeScaling | None:
     """One rope_parameters / rope_scaling dict (`key` names it in messages) → a RopeScaling, or
     None for rope_type "default" (or no dict). transformers' names: `rope_type` (older configs:
-    `type`), `factor`; llama3 also `low_freq_factor`, `high_freq_factor`; llama3 and yarn
-    `original_max_position_embeddings`, which transformers takes from `original_max` (a
-    config's top-level key: it wins, as for Phi-3), else the dict, else `max_positions`;
-    yarn's factor None is max_positions / original; its `beta_fast`, `beta_slow` (0 or None:
-    32 and 1), `attention_factor`, `mscale`, `mscale_all_dim` and `truncate` are optional. Any
-    other rope_type (dynamic, longrope, ...) is a ValueError naming it."""
+    `type`), `factor`; llama3 also `low_freq_factor`, `high_freq_factor`; llama3, yarn and
+    longrope `original_max_position_embeddings`, which transformers takes from `original_max`
+    (a config's top-level key: it wins, as for Phi-3), else the dict, else `max_positions`.
+    yarn's and longrope's factor None is max_positions / original; yarn's `beta_fast`,
+    `beta_slow` (0 or None: 32 and 1), `attention_factor`, `mscale`, `mscale_all_dim` and
+    `truncate` are optional; longrope takes `short_factor` and `long_factor` (one per rotated
+    pair) and an optional `attention_factor`. Any other rope_type (dynamic, ...) is a
+    ValueError naming it."""
     if not params:
         return None
     if not isinstance(params, Mapping):
@@ -222,26 +227,25 @@ def rope_scaling_from(
     if kind != "linear":
         L = original_max or params.get("original_max_position_embeddings") or max_positions
         params["original_max_position_embeddings"] = L
-    if (
-        kind == "yarn"
-        and params.get("factor") is None
-        and params.get("original_max_position_embeddings")
-    ):
-        if max_positions:
-            params["factor"] = max_positions / params["original_max_position_embeddings"]
-    names = {"linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings"),
-             "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                        "original_max_position_embeddings")}[kind]  # fmt: skip
+        if kind in ("yarn", "longrope") and params.get("factor") is None and L and max_positions:
+            params["factor"] = max_positions / L
+    names = _NEEDS[kind]
     missing = [n for n in names if params.get(n) is None]
     if missing:
         raise ValueError(f"{where}: {key} with rope_type {kind!r} lacks {missing}")
     try:
-        if kind != "yarn":
-            return RopeScaling(kind, *(params[n] for n in names))
-        opt = {n: params[n] for n in _YARN_OPTIONAL if params.get(n) is not None}
-        opt["beta_fast"] = opt.get("beta_fast") or 32.0  # transformers: `or 32`, `or 1`
-        opt["beta_slow"] = opt.get("beta_slow") or 1.0
-        return RopeScaling.yarn(*(params[n] for n in names), **opt)
+        if kind == "yarn":
+            opt = {n: params[n] for n in _YARN_OPTIONAL if params.get(n) is not None}
+            opt["beta_fast"] = opt.get("beta_fast") or 32.0  # transformers: `or 32`, `or 1`
+            opt["beta_slow"] = opt.get("beta_slow") or 1.0
+            return RopeScaling.yarn(*(params[n] for n in names), **opt)
+        if kind == "longrope":
+            return RopeScaling.longrope(
+                *(params[n] for n in names),
+                factor=params.get("factor") or 1.0,
+                attention_factor=params.get("attention_factor"),
+            )
+        return RopeScaling(kind, *(params[n] for n in names))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {key}: {e}") from e
 

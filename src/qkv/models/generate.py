@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..nn import KVCache
+from ..nn import KVCache, RotaryEmbedding
 from .gguf import render_chat
 from .tokenizer import Tokenizer
 
@@ -112,16 +112,22 @@ class Generation:
         c = self.config
         device = next(self.parameters()).device
         cache = KVCache(c.n_layers) if use_cache else None
+        switch = longrope_switch(self) if use_cache else None
         seq = torch.tensor([ids], dtype=torch.long, device=device)  # (1 i)
         for step in range(steps):
-            one_row = cache is not None and step > 0 and device.type == "cpu"
+            # the whole sequence again: the prompt, and the first step past LongRoPE's L, whose
+            # long factors re-rotate every key (transformers' Phi-3 drops its cache there too)
+            whole = step == 0 or seq.shape[1] == switch
+            one_row = cache is not None and not whole and device.type == "cpu"
             with step_threads(STEP_THREADS) if one_row else contextlib.nullcontext():
                 if cache is None:
                     h = self.hidden(seq)[:, -1]  # (1 m)
+                elif whole:
+                    cache = KVCache(c.n_layers)
+                    h = self.hidden(seq, cache=cache)[:, -1]
+                    cache.reserve(min(c.max_positions, len(ids) + steps))
                 else:
-                    h = self.hidden(seq if step == 0 else seq[:, -1:], cache=cache)[:, -1]
-                    if step == 0:
-                        cache.reserve(min(c.max_positions, len(ids) + steps))
+                    h = self.hidden(seq[:, -1:], cache=cache)[:, -1]
                 nxt = _pick(self.unembed(h)[0], temperature, top_k, gen)
             yield nxt
             if nxt in stop or step == steps - 1:
@@ -196,6 +202,21 @@ class Generation:
 STEP_THREADS: int | None = 1
 _LOCK = threading.Lock()
 _open, _saved = 0, 1  # blocks open in any Python thread, and the count to restore after them
+
+
+def longrope_switch(model: nn.Module) -> int | None:
+    """The sequence length L + 1 at which a model with LongRoPE (any `RotaryEmbedding` whose
+    scaling is "longrope", L its original_max_positions) turns to its long factors, or None.
+    Keys cached by shorter calls were rotated by the short ones: a cached decode re-runs the
+    whole sequence there, once."""
+    for m in model.modules():
+        if (
+            isinstance(m, RotaryEmbedding)
+            and m.scaling is not None
+            and m.scaling.rope_type == "longrope"
+        ):
+            return m.scaling.original_max_positions + 1
+    return None
 
 
 @contextlib.contextmanager

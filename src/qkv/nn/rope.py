@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-ROPE_TYPES = ("linear", "llama3", "yarn", "freq_factors")
+ROPE_TYPES = ("linear", "llama3", "yarn", "longrope", "freq_factors")
 
 
 def _positive(name: str, v: object) -> float:
@@ -42,6 +42,14 @@ def yarn_attention_factor(
     return m(factor)
 
 
+def longrope_attention_factor(factor: float, original_max_positions: int) -> float:
+    """LongRoPE's default cos/sin multiplier: √(1 + ln(factor) / ln(original_max_positions)),
+    1 for factor ≤ 1 (transformers' `_compute_longrope_parameters`)."""
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(original_max_positions))
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Slower RoPE frequencies for a longer context: pair p turns by `positions · θ_p / s_p`
@@ -66,12 +74,19 @@ class RopeScaling:
                         (fast pairs kept, slow ones divided by factor), and cos, sin of the
                         rotated pairs multiplied by `attention_factor` (so every q·k by its
                         square); None → `yarn_attention_factor(factor, mscale, mscale_all_dim)`
+        "longrope"      LongRoPE (Phi-3 128k, Phi-3.5, Phi-4-mini; transformers'
+                        `_compute_longrope_parameters`): s_p = long_factors[p] for a call whose
+                        last position is ≥ L = original_max_positions, short_factors[p] otherwise
+                        (the whole call either way: transformers' seq_len = max(position_ids) + 1
+                        > L; keys cached by earlier calls keep their rotation), and cos, sin of the
+                        rotated pairs × attention_factor, None → √(1 + ln(factor) / ln L) (1 for
+                        factor ≤ 1), factor = the model's context / L
         "freq_factors"  s_p = factors[p], one per pair (llama.cpp's rope_freqs.weight tensor)
 
-    cos and sin are not rescaled but by YaRN (transformers' attention_factor is 1 for linear and
+    cos and sin are not rescaled but by YaRN and LongRoPE (transformers' attention_factor is 1 for linear and
     llama3). Build one with `RopeScaling.linear(8.0)`, `RopeScaling.llama3(...)`,
-    `RopeScaling.yarn(...)` or `RopeScaling.freq_factors(...)`; values are validated here, the
-    number of factors by the `RotaryEmbedding` that takes it."""
+    `RopeScaling.yarn(...)`, `RopeScaling.longrope(...)` or `RopeScaling.freq_factors(...)`;
+    values are validated here, the number of factors by the `RotaryEmbedding` that takes it."""
 
     rope_type: str
     factor: float = 1.0
@@ -83,6 +98,8 @@ class RopeScaling:
     beta_slow: float | None = None
     attention_factor: float | None = None
     truncate: bool | None = None
+    short_factors: tuple[float, ...] | None = None
+    long_factors: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
@@ -92,7 +109,7 @@ class RopeScaling:
         set_ = object.__setattr__
         set_(self, "factor", _positive("factor", self.factor))
         self._check_owned()
-        if self.rope_type in ("llama3", "yarn"):
+        if self.rope_type in ("llama3", "yarn", "longrope"):
             n = _positive_int("original_max_positions", self.original_max_positions)
             set_(self, "original_max_positions", n)
         if self.rope_type == "llama3":
@@ -115,6 +132,27 @@ class RopeScaling:
             set_(self, "beta_slow", slow)
             set_(self, "attention_factor", _positive("attention_factor", a))
             set_(self, "truncate", True if self.truncate is None else self.truncate)
+        if self.rope_type == "longrope":
+            pairs = []
+            for name in ("short_factors", "long_factors"):
+                fs = getattr(self, name)
+                if fs is None or not len(fs):
+                    raise ValueError(f"RopeScaling: rope_type 'longrope' takes {name}, got {fs!r}")
+                pairs.append(tuple(_positive(f"{name}[{i}]", f) for i, f in enumerate(fs)))
+            if len(pairs[0]) != len(pairs[1]):
+                raise ValueError(
+                    f"RopeScaling: short_factors has {len(pairs[0])} entries, long_factors "
+                    f"{len(pairs[1])}; both hold one per rotated pair"
+                )
+            set_(self, "short_factors", pairs[0])
+            set_(self, "long_factors", pairs[1])
+            a = self.attention_factor
+            a = (
+                longrope_attention_factor(self.factor, self.original_max_positions)
+                if a is None
+                else a
+            )
+            set_(self, "attention_factor", _positive("attention_factor", a))
         if self.rope_type == "freq_factors":
             fs = self.factors
             if fs is None or not len(fs) or self.factor != 1.0:
@@ -129,9 +167,10 @@ class RopeScaling:
         an error (a misspelt constructor call, not a silent no-op)."""
         owners = {
             "low_freq_factor": ("llama3",), "high_freq_factor": ("llama3",),
-            "original_max_positions": ("llama3", "yarn"), "factors": ("freq_factors",),
-            "beta_fast": ("yarn",), "beta_slow": ("yarn",), "attention_factor": ("yarn",),
-            "truncate": ("yarn",),
+            "original_max_positions": ("llama3", "yarn", "longrope"),
+            "factors": ("freq_factors",), "beta_fast": ("yarn",), "beta_slow": ("yarn",),
+            "attention_factor": ("yarn", "longrope"), "truncate": ("yarn",),
+            "short_factors": ("longrope",), "long_factors": ("longrope",),
         }  # fmt: skip
         for name, kinds in owners.items():
             if getattr(self, name) is not None and self.rope_type not in kinds:
@@ -177,18 +216,48 @@ class RopeScaling:
                    truncate=truncate)  # fmt: skip
 
     @classmethod
+    def longrope(
+        cls,
+        short_factors,
+        long_factors,
+        original_max_positions: int,
+        *,
+        factor: float = 1.0,
+        attention_factor: float | None = None,
+    ) -> RopeScaling:
+        """LongRoPE; `factor` (the model's context / original_max_positions) sets the default
+        attention_factor, `longrope_attention_factor(factor, original_max_positions)`."""
+        return cls("longrope", factor, original_max_positions=original_max_positions,
+                   attention_factor=attention_factor,
+                   short_factors=tuple(float(f) for f in short_factors),
+                   long_factors=tuple(float(f) for f in long_factors))  # fmt: skip
+
+    @classmethod
     def freq_factors(cls, factors) -> RopeScaling:
         return cls("freq_factors", factors=tuple(float(f) for f in factors))
 
     @property
     def cos_sin_scale(self) -> float:
-        """What cos and sin of the rotated pairs are multiplied by: YaRN's attention_factor, 1
-        for the other types."""
-        return self.attention_factor if self.rope_type == "yarn" else 1.0
+        """What cos and sin of the rotated pairs are multiplied by: YaRN's and LongRoPE's
+        attention_factor, 1 for the other types."""
+        return self.attention_factor if self.rope_type in ("yarn", "longrope") else 1.0
 
-    def apply(self, inv_freq: Tensor, base: float) -> Tensor:
+    def is_long(self, n: int) -> bool:
+        """Whether a call whose positions end before n (its last is n − 1) takes LongRoPE's
+        long factors: n > original_max_positions; False for every other type."""
+        return self.rope_type == "longrope" and n > self.original_max_positions
+
+    def apply(self, inv_freq: Tensor, base: float, long: bool = False) -> Tensor:
         """θ_p → θ_p / s_p for inv_freq (r/2,) float64 = base^(−2p/r), as the class docstring
-        says (`base` is read by YaRN's correction range only)."""
+        says (`base` is read by YaRN's correction range only, `long` by LongRoPE only)."""
+        if self.rope_type == "longrope":
+            fs = self.long_factors if long else self.short_factors
+            if len(fs) != inv_freq.shape[0]:
+                raise ValueError(
+                    f"RopeScaling: longrope has {len(fs)} factors for {inv_freq.shape[0]} "
+                    "rotated pairs (rotary_dim / 2)"
+                )
+            return inv_freq / torch.tensor(fs, dtype=inv_freq.dtype)
         if self.rope_type == "linear":
             return inv_freq / self.factor
         if self.rope_type == "freq_factors":
@@ -269,16 +338,21 @@ class RotaryEmbedding(nn.Module):
             raise TypeError(
                 f"scaling must be a qkv.nn.RopeScaling or None, got {type(scaling).__name__}"
             )
-        if scaling is not None and scaling.factors is not None and len(scaling.factors) != r // 2:
-            raise ValueError(
-                f"scaling has {len(scaling.factors)} freq_factors; rotary_dim={r} rotates "
-                f"{r // 2} pairs, one factor each"
-            )
+        for name in ("factors", "short_factors", "long_factors"):
+            fs = None if scaling is None else getattr(scaling, name)
+            if fs is not None and len(fs) != r // 2:
+                what = "freq_factors" if name == "factors" else name
+                raise ValueError(
+                    f"scaling has {len(fs)} {what}; rotary_dim={r} rotates "
+                    f"{r // 2} pairs, one factor each"
+                )
         self.d_head, self.rotary_dim, self.scaling = d_head, r, scaling
         self.base = float(base)
         self.interleaved = bool(interleaved)
-        self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
-        self._pairs: tuple[Tensor, Tensor] | None = None  # float32 CPU cos, sin (n, d/2)
+        # per (device, dtype, LongRoPE's long factors)
+        self._tables: dict[tuple[torch.device, torch.dtype, bool], tuple[Tensor, Tensor]] = {}
+        # float32 CPU cos, sin (n, d/2), and whether they are LongRoPE's long ones
+        self._pairs: tuple[Tensor, Tensor, bool] | None = None
 
     def extra_repr(self) -> str:
         partial = "" if self.rotary_dim == self.d_head else f", rotary_dim={self.rotary_dim}"
@@ -288,24 +362,26 @@ class RotaryEmbedding(nn.Module):
             f"{partial}{scaled}"
         )
 
-    def inv_freq(self) -> Tensor:
+    def inv_freq(self, long: bool = False) -> Tensor:
         """θ_p = base^(−2p/r) for p in [0, r/2) (r = rotary_dim), divided by `scaling`'s s_p
-        if given; float64 on the CPU."""
+        if given (`long`: LongRoPE's long factors); float64 on the CPU."""
         p = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64)
         theta = self.base ** (-p / self.rotary_dim)
-        return theta if self.scaling is None else self.scaling.apply(theta, self.base)
+        return theta if self.scaling is None else self.scaling.apply(theta, self.base, long)
 
     def tables(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos_w, sin_w of shape (≥n, d) for positions 0.. on `device` in `dtype` (grown on
-        demand): each pair's cos on both its features, and its sin signed −sin on the first;
+        demand), for a call whose positions end before n (LongRoPE picks its factors by n):
+        each pair's cos on both its features, and its sin signed −sin on the first;
         features past rotary_dim get cos 1, sin 0 (they pass through)."""
-        key = (device, dtype)
+        long = self.scaling is not None and self.scaling.is_long(n)
+        key = (device, dtype, long)
         got = self._tables.get(key)
         if got is None or got[0].shape[0] < n:
             size = max(256, 1 << (max(n, 1) - 1).bit_length())
-            ang = torch.arange(size, dtype=torch.float64)[:, None] * self.inv_freq()[None, :]
+            ang = torch.arange(size, dtype=torch.float64)[:, None] * self.inv_freq(long)[None, :]
             cos, sin = ang.cos(), ang.sin()
-            if self.scaling is not None and self.scaling.cos_sin_scale != 1.0:  # YaRN
+            if self.scaling is not None and self.scaling.cos_sin_scale != 1.0:  # YaRN, LongRoPE
                 cos, sin = cos * self.scaling.cos_sin_scale, sin * self.scaling.cos_sin_scale
             if self.interleaved:  # features (2p, 2p+1) form pair p
                 cos_w = torch.stack((cos, cos), -1).flatten(-2)
@@ -336,16 +412,18 @@ class RotaryEmbedding(nn.Module):
 
     def pair_tables(self, n: int) -> tuple[Tensor, Tensor]:
         """float32 CPU cos and sin per (position, pair): (≥n, d/2), contiguous, as
-        `nn.fused.rope_qkv` takes them (for rotary_dim = d_head)."""
-        if self._pairs is None or self._pairs[0].shape[0] < n:
+        `nn.fused.rope_qkv` takes them (for rotary_dim = d_head), for a call whose positions
+        end before n (as `tables`)."""
+        long = self.scaling is not None and self.scaling.is_long(n)
+        if self._pairs is None or self._pairs[0].shape[0] < n or self._pairs[2] != long:
             cos_w, sin_w = self.tables(n, torch.device("cpu"), torch.float32)
             P = self.d_head // 2
             if self.interleaved:  # pair p is (2p, 2p+1); sin_w holds (−sin, sin) per pair
                 cos, sin = cos_w[:, 0::2], sin_w[:, 1::2]
             else:  # pair p is (p, p + d/2); sin_w holds (−sin | sin)
                 cos, sin = cos_w[:, :P], sin_w[:, P:]
-            self._pairs = (cos.contiguous(), sin.contiguous())
-        return self._pairs
+            self._pairs = (cos.contiguous(), sin.contiguous(), long)
+        return self._pairs[:2]
 
     def forward(self, x: Tensor, positions: Tensor | int) -> Tensor:
         """Rotate x (b h i d) by its positions: a tensor (i,) or (b, i), or an int `start` for
