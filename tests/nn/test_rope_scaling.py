@@ -216,6 +216,7 @@ def test_longrope_picks_its_factors_by_the_calls_last_position():
             [BASE ** (-2.0 * p / D) / divisors[p] for p in range(D // 2)], dtype=torch.float64
         )
         assert (cos[start : start + 8].double() - m * ang.cos()).abs().max() <= 1e-6
+        assert (sin[start : start + 8].double() - m * ang.sin()).abs().max() <= 1e-6
     # the check can fail: the other factors rotate position 24 differently
     assert (rope(x, 24) - scaled_rope(x, torch.arange(24, 32), BASE, LONG, m)).abs().max() > 0.1
 
