@@ -1,7 +1,8 @@
 """Hugging Face architectures as declarative descriptions, one `Family` per `model_type`: the
 families here (Llama and its relatives, Gemma, Phi-3, GPT-NeoX, OPT, GPT-2, the BERT encoders),
-those of `families_more.py` (SmolLM3, OLMo 2, Granite, StarCoder2, Phi-2, BLOOM), and `FAMILIES`,
-every one by model_type. What a `Family` says and how it is read: `families_base.py`.
+those of `families_more.py` (SmolLM3, OLMo 2, Granite, StarCoder2, Phi-2, BLOOM) and
+`families_dense.py` (GPT-J, StableLM, Cohere), and `FAMILIES`, every one by model_type. What
+a `Family` says and how it is read: `families_base.py`.
 
 Letters: h query heads, k kv heads, d head dim, m model dim.
 """
@@ -27,6 +28,7 @@ from .families_base import (
     read_fields,
     rope_dim,
 )
+from .families_dense import DENSE_FAMILIES
 from .families_more import MORE_FAMILIES
 
 __all__ = ["ACTS", "FAMILIES", "RESHAPES", "Family", "W", "read_fields"]
@@ -403,5 +405,6 @@ FAMILIES: dict[str, Family] = {
                                  "max_positions": f["max_positions"] - f["pad_id"] - 1}),
         _DISTILBERT,
         *MORE_FAMILIES,
+        *DENSE_FAMILIES,
     )
 }  # fmt: skip

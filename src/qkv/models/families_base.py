@@ -1,13 +1,16 @@
 """Hugging Face architectures as declarative descriptions: what a `Family` is, how a config.json
 is read through one (`read_fields`), and the pieces several families share (the fused-weight
-reshapes, the Llama layout). The families themselves: `families.py`, `families_more.py`.
+reshapes, the Llama layout). The families themselves: `families.py`, `families_more.py`,
+`families_dense.py`.
 
 A family says how to read its `config.json` into the generic `DecoderConfig` / `EncoderConfig`
 (`fields`: our field ← the first present HF key, dotted for nested dicts; `fixed`: values the
 architecture implies) and how its checkpoint keys map onto the model (`weights`: `W(dst, src,
 reshape, when)` with `{}` for the layer; `reshape` names a conversion in `RESHAPES`; `when`
-names a bool config field that must hold for the tensor to exist). Keys are matched after the
-family's `prefix` (the base model's name inside a *ForCausalLM / *ForMaskedLM) is stripped.
+names a bool config field that must hold for the tensor to exist, or "untied" (an lm_head of
+its own) or "norm2" (a block with a second norm)). Keys are matched after the family's
+`prefix` (the base model's name inside a *ForCausalLM / *ForMaskedLM) is stripped, and after
+`stacked` joined numbered per-head tensors into one.
 RoPE scaling (`rope_parameters` / `rope_scaling` with rope_type "linear", "llama3" or "yarn") is
 read for every RoPE decoder by `rope_scaling_from`; any other rope_type is a clear error.
 `unsupported` lists config settings the generic models do not implement: each is a clear
@@ -18,10 +21,12 @@ Letters: h query heads, k kv heads, d head dim, m model dim.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..nn import RopeScaling
@@ -56,6 +61,35 @@ class Family:
     # RoPE parameters per layer type (`rope_parameters.<layer type>`; an old config's
     # `rope_scaling` is the full_attention layers'): Gemma 3
     rope_by_layer_type: bool = False
+    # (src, dst): checkpoint tensors numbered 0..n−1 at the `*` of src, stacked into one (n, …)
+    # tensor named dst before conversion (`stack_numbered`; StableLM's per-head norms)
+    stacked: tuple[tuple[str, str], ...] = ()
+
+
+def stack_numbered(
+    state: dict[str, Tensor], stacked: tuple[tuple[str, str], ...]
+) -> dict[str, Tensor]:
+    """`state` with each run of tensors matching a `Family.stacked` src (`{}`: the layer, `*`:
+    an index) replaced by one tensor, the run stacked in index order along a new first dim,
+    under dst (its `{}` the same layer): `layers.0.q_layernorm.norms.{0..5}.weight` (d,) →
+    `layers.0.q_layernorm.weight` (6, d). A run whose indices are not exactly 0..n−1 stays as
+    it is (convert then names its tensors as unexpected, and dst as missing)."""
+    if not stacked:
+        return state
+    out = dict(state)
+    for src, dst in stacked:
+        pattern = re.compile(
+            re.escape(src).replace(r"\{\}", r"(?P<layer>\d+)").replace(r"\*", r"(?P<i>\d+)")
+        )
+        runs: dict[str, dict[int, str]] = {}
+        for key in state:
+            if m := pattern.fullmatch(key):
+                runs.setdefault(m["layer"], {})[int(m["i"])] = key
+        for layer, run in runs.items():
+            if sorted(run) != list(range(len(run))):
+                continue
+            out[dst.format(layer)] = torch.stack([out.pop(run[i]) for i in range(len(run))])
+    return out
 
 
 def _split(part: int, reshape: Callable[[Any], Reshape]) -> Callable[[Any], Reshape]:

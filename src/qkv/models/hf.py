@@ -29,7 +29,7 @@ from .convert import Rule, convert, read_safetensors
 from .decoder import Decoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .families import ACTS, FAMILIES, RESHAPES, Family, read_fields
-from .families_base import rope_scaling_from
+from .families_base import rope_scaling_from, stack_numbered
 from .tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, INDEX, TOKENIZER = (
@@ -199,7 +199,8 @@ def read_weights(d: Path) -> dict[str, Tensor]:
 
 def rules(family: Family, config: Any) -> list[Rule]:
     """The family's weight map for this config: conditional tensors kept where they exist."""
-    flags = {"untied": not getattr(config, "tie_embeddings", True)}
+    flags = {"untied": not getattr(config, "tie_embeddings", True),
+             "norm2": getattr(config, "block", None) != "parallel1"}  # fmt: skip
     out = []
     for w in family.weights:
         if w.when is not None and not (
@@ -229,6 +230,7 @@ def load_dir(
     elif need_tokenizer:
         raise FileNotFoundError(f"{d} has no {TOKENIZER}")
     state = {k.removeprefix(family.prefix): v for k, v in read_weights(d).items()}
+    state = stack_numbered(state, family.stacked)
     with empty_modules():  # no memory, no random init: every tensor is assigned below
         if family.kind == "encoder":
             model = Encoder(config, tokenizer)
