@@ -1,4 +1,4 @@
-"""The families of `families_dense.py` (GPT-J, StableLM, Cohere) against transformers itself,
+"""The families of `families_dense.py` (GPT-J, StableLM, Cohere, Falcon) against transformers,
 as tests/models/test_families.py does for the others: a tiny random checkpoint per family
 (AutoConfig.for_model → from_config → save_pretrained), loaded with `qkv.load(folder)`, compared
 in float32 and float64, through the lens (rows vs `output_attentions=True`), on a right-padded
@@ -7,7 +7,8 @@ switched off or done another way, breaks parity; other config spellings give the
 what a family cannot honour is a named error.
 
 Sizes as test_families': d_model 60, 6 query heads (over 2 kv heads where the family has GQA),
-d_head 10, d_ff 37, vocabulary 97; partial rotary on 4 of 10 features.
+d_head 10, d_ff 37, vocabulary 97; partial rotary on 4 of 10 features; Falcon in its three
+query_key_value layouts (2 kv heads, multi-query, one kv head per query head).
 """
 
 import json
@@ -38,6 +39,9 @@ TOL = REL_TOL[torch.float32]
 _DEC = dict(hidden_size=60, num_attention_heads=6, num_key_value_heads=2, intermediate_size=37,
             num_hidden_layers=2, vocab_size=V, max_position_embeddings=64, bos_token_id=0,
             eos_token_id=0)  # fmt: skip
+_FALCON = dict(hidden_size=60, num_attention_heads=6, num_hidden_layers=2, ffn_hidden_size=37,
+               vocab_size=V, max_position_embeddings=64, rope_theta=100.0, bos_token_id=0,
+               eos_token_id=0)  # fmt: skip
 DENSE = {
     # interleaved RoPE on 4 of 10 features, one LayerNorm for attention and MLP in parallel,
     # no attention biases, gelu_new MLP with biases, lm_head bias
@@ -68,6 +72,15 @@ DENSE = {
         tie_word_embeddings=False,
         pad_token_id=0,
     ),
+    # new_decoder_architecture: query_key_value grouped per kv head (2 kv heads of 3 query
+    # heads each), two LayerNorms (ln_attn, ln_mlp) in parallel, biases, half-split RoPE
+    "falcon": dict(_FALCON, new_decoder_architecture=True, num_kv_heads=2, bias=True),
+    # multi-query (one kv head), one LayerNorm feeding attention and MLP in parallel
+    "falcon_mq": dict(_FALCON, multi_query=True),
+    # one kv head per query head, sequential residual, biases, untied head
+    "falcon_seq": dict(
+        _FALCON, multi_query=False, parallel_attn=False, bias=True, tie_word_embeddings=False
+    ),
 }
 
 
@@ -84,7 +97,12 @@ def build(name: str, folder, *, changes: dict | None = None):
     return m
 
 
-@pytest.fixture(scope="module", params=list(DENSE))
+# the parity matrix below: each family once, plus multi-query Falcon (one kv head, in the
+# cache too); the other variants' parity is checked where their peculiarity is
+PARITY = ("gptj", "stablelm", "cohere", "falcon", "falcon_mq")
+
+
+@pytest.fixture(scope="module", params=PARITY)
 def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     ref = build(request.param, folder)
@@ -155,7 +173,7 @@ def _cohere_rotate64(q, k, cos, sin, unsqueeze_dim=1):
 
 def dense_float64_oracle_(name: str, ref, model, monkeypatch) -> None:
     c = model.config
-    if name.startswith("stablelm"):  # half-split partial RoPE: test_families' oracle fits
+    if name.startswith(("stablelm", "falcon")):  # half-split RoPE: test_families' oracle fits
         float64_oracle_(ref, model)
         return
     r = c.rope_dim or c.d_head
@@ -383,6 +401,62 @@ def test_cohere_tied_without_qk_norm_matches(tmp_path):
     assert _error(model, ref) <= TOL
 
 
+def test_falcon_grouped_query_key_value_and_two_norms_matter(tmp_path):
+    from safetensors.torch import load_file
+
+    from qkv.models.families import RESHAPES
+
+    ref = build("falcon", tmp_path)
+    model = qkv.load(tmp_path)
+    blk = model.blocks[0]
+    assert isinstance(blk, ParallelBlock) and blk.norm2 is not None
+    assert (blk.attn.n_heads, blk.attn.n_kv_heads) == (6, 2) and blk.attn.b_Q is not None
+    assert _error(model, ref) <= TOL
+    weights = load_file(tmp_path / "model.safetensors")
+
+    def split_as_rows(m):  # q | k | v stacked by rows (Phi-3's qkv_proj), not per kv head
+        with torch.no_grad():
+            for i, b in enumerate(m.blocks):
+                w = weights[f"transformer.h.{i}.self_attention.query_key_value.weight"]
+                for p, part in (("W_Q", "q"), ("W_K", "k"), ("W_V", "v")):
+                    getattr(b.attn, p).copy_(RESHAPES[f"qkv_proj.{part}"](m.config)(w))
+
+    _breaks(tmp_path, ref, {
+        "q|k|v by rows": split_as_rows,
+        "one LayerNorm for both": _each_block(lambda b: setattr(b, "norm2", None)),
+        "sequential residual": _each_block(lambda b: setattr(b, "__class__", PreNormBlock)),
+    })  # fmt: skip
+
+
+def test_falcon_multi_query_and_sequential_layouts(tmp_path):
+    ref = build("falcon_mq", tmp_path / "mq")
+    model = qkv.load(tmp_path / "mq")
+    blk = model.blocks[0]
+    assert isinstance(blk, ParallelBlock) and blk.norm2 is None and blk.attn.n_kv_heads == 1
+    assert blk.attn.b_Q is None and model.lm_head is None
+    assert _error(model, ref) <= TOL
+    _breaks(tmp_path / "mq", ref, {"sequential residual": _each_block(_sequential)})
+    ref = build("falcon_seq", tmp_path / "seq")
+    model = qkv.load(tmp_path / "seq")
+    blk = model.blocks[0]
+    assert isinstance(blk, PreNormBlock) and blk.attn.n_kv_heads == 6
+    assert blk.attn.b_O is not None and model.lm_head is not None
+    assert _error(model, ref) <= TOL
+    _breaks(tmp_path / "seq", ref, {
+        "parallel residual": _each_block(lambda b: setattr(b, "__class__", ParallelBlock)),
+    })  # fmt: skip
+
+
+def test_falcon_older_config_without_num_ln_has_two_norms(tmp_path):
+    """A new_decoder_architecture config without num_ln_in_parallel_attn: two LayerNorms, as
+    transformers sets it."""
+    ref = build("falcon", tmp_path)
+    _edit_config(tmp_path, drop=("num_ln_in_parallel_attn",))
+    model = qkv.load(tmp_path)
+    assert model.config.block == "parallel"
+    assert _error(model, ref) <= TOL
+
+
 # --------------------------------------------------------------------------------------------
 # what cannot be honoured is named
 
@@ -390,9 +464,27 @@ def test_cohere_tied_without_qk_norm_matches(tmp_path):
 @pytest.mark.parametrize(
     "change, named",
     [
+        ({"alibi": True}, r"falcon with alibi=true is not supported"),
+        ({"parallel_attn": False}, r"falcon with new_decoder_architecture and parallel_attn"),
+    ],
+)
+def test_falcon_config_errors_are_named(tmp_path, change, named):
+    build("falcon", tmp_path)
+    _edit_config(tmp_path, **change)
+    with pytest.raises(ValueError, match=named):
+        qkv.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
         ({"rotary_dim": None}, r"gptj with rotary_dim=null is not supported"),
         ({"tie_word_embeddings": True}, r"gptj with tie_word_embeddings=true"),
-        ({"rotary_dim": 12}, r"rope_dim must be an even int in \(0, d_head=10\], got 12"),
+        (
+            {"rotary_dim": 12},
+            r"rotary_dim must be an even int in \(0, 10\] \(n_embd / n_head\), got 12",
+        ),
+        ({"rotary_dim": 3}, r"rotary_dim must be an even int in \(0, 10\].*got 3"),
     ],
 )
 def test_gptj_config_errors_are_named(tmp_path, change, named):

@@ -1,8 +1,8 @@
 """Hugging Face architectures as declarative descriptions, one `Family` per `model_type`: the
 families here (Llama and its relatives, Gemma, Phi-3, GPT-NeoX, OPT, GPT-2, the BERT encoders),
 those of `families_more.py` (SmolLM3, OLMo 2, Granite, StarCoder2, Phi-2, BLOOM) and
-`families_dense.py` (GPT-J, StableLM, Cohere), and `FAMILIES`, every one by model_type. What
-a `Family` says and how it is read: `families_base.py`.
+`families_dense.py` (GPT-J, StableLM, Cohere, Falcon), and `FAMILIES`, every one by
+model_type. What a `Family` says and how it is read: `families_base.py`.
 
 Letters: h query heads, k kv heads, d head dim, m model dim.
 """

@@ -7,10 +7,10 @@ A family says how to read its `config.json` into the generic `DecoderConfig` / `
 (`fields`: our field ← the first present HF key, dotted for nested dicts; `fixed`: values the
 architecture implies) and how its checkpoint keys map onto the model (`weights`: `W(dst, src,
 reshape, when)` with `{}` for the layer; `reshape` names a conversion in `RESHAPES`; `when`
-names a bool config field that must hold for the tensor to exist, or "untied" (an lm_head of
-its own) or "norm2" (a block with a second norm)). Keys are matched after the family's
-`prefix` (the base model's name inside a *ForCausalLM / *ForMaskedLM) is stripped, and after
-`stacked` joined numbered per-head tensors into one.
+names a bool config field that must hold for the tensor to exist, "untied" (an lm_head of
+its own), or "field=value" / "field!=value" (a config field's value, e.g. "block=pre"). Keys
+are matched after the family's `prefix` (the base model's name inside a *ForCausalLM /
+*ForMaskedLM) is stripped, and after `stacked` joined numbered per-head tensors into one.
 RoPE scaling (`rope_parameters` / `rope_scaling` with rope_type "linear", "llama3" or "yarn") is
 read for every RoPE decoder by `rope_scaling_from`; any other rope_type is a clear error.
 `unsupported` lists config settings the generic models do not implement: each is a clear
@@ -127,6 +127,29 @@ def _per_head(part: int, reshape: Callable[[Any], Reshape]) -> Callable[[Any], R
     return make
 
 
+def _grouped(part: int, reshape: Callable[[Any], Reshape]) -> Callable[[Any], Reshape]:
+    """Falcon's fused query_key_value, ((h + 2k)·d, m) or its bias, grouped per kv head: the
+    rows of kv head j are its g = h/k query heads, then its k, then its v, each d rows
+    (((k, g+2, d), …)); multi-query (k = 1) and one kv head per query head (k = h: q, k, v per
+    head, as GPT-NeoX) are its two ends. `part` 0: the q heads in order (h·d, …), 1: the k
+    heads, 2: the v heads ((k·d, …)), then `reshape`."""
+
+    def make(c: Any) -> Reshape:
+        inner, H, K, D = reshape(c), c.n_heads, c.n_kv_heads, c.d_head
+        G = H // K
+
+        def fn(w: Tensor) -> Tensor:
+            if w.shape[0] != (H + 2 * K) * D:
+                return w  # convert's shape check names the tensor
+            grouped = w.unflatten(0, (K, G + 2, D))
+            rows = grouped[:, :G] if part == 0 else grouped[:, G + part - 1 : G + part]
+            return inner(rows.flatten(0, 2))
+
+        return fn
+
+    return make
+
+
 def _rows(part: int, sizes: Callable[[Any], tuple[int, ...]], reshape: Callable[[Any], Reshape]):
     """A fused projection stacked by rows (Phi-3's qkv_proj (h·d + 2·k·d, m), gate_up_proj
     (2f, m)): block `part` of the row blocks `sizes(config)`, then `reshape`."""
@@ -178,6 +201,12 @@ RESHAPES: dict[str, Callable[[Any], Reshape]] = {
     "neox.bq": _per_head(0, lambda c: heads_bias(c.n_heads, c.d_head)),
     "neox.bk": _per_head(1, lambda c: heads_bias(c.n_heads, c.d_head)),
     "neox.bv": _per_head(2, lambda c: heads_bias(c.n_heads, c.d_head)),
+    "falcon.q": _grouped(0, lambda c: heads_in(c.n_heads, c.d_head)),
+    "falcon.k": _grouped(1, lambda c: heads_in(c.n_kv_heads, c.d_head)),
+    "falcon.v": _grouped(2, lambda c: heads_in(c.n_kv_heads, c.d_head)),
+    "falcon.bq": _grouped(0, lambda c: heads_bias(c.n_heads, c.d_head)),
+    "falcon.bk": _grouped(1, lambda c: heads_bias(c.n_kv_heads, c.d_head)),
+    "falcon.bv": _grouped(2, lambda c: heads_bias(c.n_kv_heads, c.d_head)),
     "qkv_proj.q": _rows(0, _qkv_rows, lambda c: heads_in(c.n_heads, c.d_head)),
     "qkv_proj.k": _rows(1, _qkv_rows, lambda c: heads_in(c.n_kv_heads, c.d_head)),
     "qkv_proj.v": _rows(2, _qkv_rows, lambda c: heads_in(c.n_kv_heads, c.d_head)),

@@ -2,8 +2,10 @@
 declarative `Family` (see `families_base.py`): GPT-J (one LayerNorm feeding attention and MLP
 side by side, interleaved RoPE on the first `rotary_dim` features), StableLM 2 (partial
 half-split RoPE, LayerNorm with bias, optional q/k/v biases, per-head LayerNorm QK-norm and
-parallel residual) and Cohere / Command-R (bias-free LayerNorm, parallel block, interleaved
-RoPE, logits × logit_scale, optional per-head LayerNorm QK-norm).
+parallel residual), Cohere / Command-R (bias-free LayerNorm, parallel block, interleaved
+RoPE, logits × logit_scale, optional per-head LayerNorm QK-norm) and Falcon with RoPE (fused
+query_key_value grouped per kv head: multi-query, GQA or one kv head per query head; parallel
+or sequential blocks).
 
 Defaults are transformers' own (`configuration_<name>.py`) for configs that omit a key.
 
@@ -12,9 +14,13 @@ Letters: h query heads, k kv heads, d head dim, m model dim.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .families_base import (
+    CORE_FIELDS,
     LAYER_MLP,
     LLAMA_WEIGHTS,
+    ROPE_BASE,
     SELF_ATTN,
     Family,
     W,
@@ -24,6 +30,17 @@ from .families_base import (
 
 _A, _M = SELF_ATTN, LAYER_MLP
 _NO_QK_NORM = ("blocks.{}.attn.q_norm.weight", "blocks.{}.attn.k_norm.weight")
+
+
+def _gptj_rotary(f: dict[str, Any]) -> dict[str, Any]:
+    """rotary_dim: an even number of features ≤ each head's (n_embd / n_head)."""
+    r, d = f["rope_dim"], f["d_head"]
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= d or r % 2:
+        raise ValueError(
+            f"config.json: rotary_dim must be an even int in (0, {d}] (n_embd / n_head), got {r!r}"
+        )
+    return {}
+
 
 # GPT-J: q/k/v/out projections without biases, interleaved RoPE (pairs (2p, 2p+1), base 10⁴)
 # on the first rotary_dim features of each head, one LayerNorm (ln_1) whose output feeds
@@ -76,6 +93,7 @@ _GPTJ = Family(
         ("tie_word_embeddings=true (its lm_head has a bias of its own)",
          lambda cfg: bool(cfg.get("tie_word_embeddings"))),
     ),
+    derive=_gptj_rotary,
 )  # fmt: skip
 
 # StableLM (2): the Llama names with LayerNorm (weight and bias), partial half-split RoPE
@@ -98,8 +116,8 @@ _STABLELM = llama_like(
         *(w for w in LLAMA_WEIGHTS if w.dst not in ("blocks.{}.norm2.weight", *_NO_QK_NORM)),
         W("norm.bias", "norm.bias"),
         W("blocks.{}.norm1.bias", "layers.{}.input_layernorm.bias"),
-        W("blocks.{}.norm2.weight", "layers.{}.post_attention_layernorm.weight", when="norm2"),
-        W("blocks.{}.norm2.bias", "layers.{}.post_attention_layernorm.bias", when="norm2"),
+        W("blocks.{}.norm2.weight", "layers.{}.post_attention_layernorm.weight", when="block=pre"),
+        W("blocks.{}.norm2.bias", "layers.{}.post_attention_layernorm.bias", when="block=pre"),
         W("blocks.{}.attn.q_norm.weight", _A + "q_layernorm.weight", when="qk_norm"),
         W("blocks.{}.attn.k_norm.weight", _A + "k_layernorm.weight", when="qk_norm"),
     ),
@@ -132,4 +150,94 @@ _COHERE = llama_like(
               "tie_embeddings": True, "act": "silu"},
 )  # fmt: skip
 
-DENSE_FAMILIES: tuple[Family, ...] = (_GPTJ, _STABLELM, _COHERE)
+
+def _falcon_layout(f: dict[str, Any]) -> dict[str, Any]:
+    """kv heads and block from Falcon's three layouts: new_decoder_architecture (num_kv_heads
+    groups; two LayerNorms, ln_attn and ln_mlp, in parallel, or one with
+    num_ln_in_parallel_attn=1), multi_query (one kv head), or one kv head per query head; the
+    older two parallel from one LayerNorm (parallel_attn) or sequential."""
+    new, H = f["new_arch"], f["n_heads"]
+    kv = (f.get("falcon_kv") or H) if new else (1 if f["multi_query"] else H)
+    if not f["parallel"]:
+        block = "pre"
+    else:
+        block = "parallel" if new and f.get("n_ln", 2) == 2 else "parallel1"
+    bias = bool(f["bias"])
+    return {"n_kv_heads": kv, "block": block, "attn_bias": bias, "out_bias": bias,
+            "mlp_bias": bias}  # fmt: skip
+
+
+# Falcon (RoPE): fused query_key_value grouped per kv head (multi-query, GQA with
+# new_decoder_architecture, or one kv head per query head), half-split RoPE on every feature,
+# LayerNorm with bias, attention and MLP in parallel (two LayerNorms ln_attn / ln_mlp with
+# new_decoder_architecture, else one) or sequential, a plain GELU MLP, biases all or none
+_F = "h.{}."
+_FALCON = Family(
+    "falcon", "decoder",
+    {
+        **CORE_FIELDS,
+        "n_layers": ("num_hidden_layers", "n_layer"),
+        "n_heads": ("num_attention_heads", "n_head"),
+        "d_model": ("hidden_size", "n_embed"),
+        "d_ff": ("ffn_hidden_size",),
+        "norm_eps": ("layer_norm_epsilon",),
+        "act": ("activation",),
+        "rope_base": ROPE_BASE,
+        "new_arch": ("new_decoder_architecture",),
+        "multi_query": ("multi_query",),
+        "parallel": ("parallel_attn",),
+        "falcon_kv": ("num_kv_heads",),
+        "n_ln": ("num_ln_in_parallel_attn",),
+        "bias": ("bias",),
+    },
+    (
+        W("embed.weight", "word_embeddings.weight"),
+        W("norm.weight", "ln_f.weight"),
+        W("norm.bias", "ln_f.bias"),
+        W("lm_head.weight", "lm_head.weight", when="untied"),
+        W("blocks.{}.norm1.weight", _F + "ln_attn.weight", when="block=parallel"),
+        W("blocks.{}.norm1.bias", _F + "ln_attn.bias", when="block=parallel"),
+        W("blocks.{}.norm2.weight", _F + "ln_mlp.weight", when="block=parallel"),
+        W("blocks.{}.norm2.bias", _F + "ln_mlp.bias", when="block=parallel"),
+        W("blocks.{}.norm1.weight", _F + "input_layernorm.weight", when="block!=parallel"),
+        W("blocks.{}.norm1.bias", _F + "input_layernorm.bias", when="block!=parallel"),
+        W("blocks.{}.norm2.weight", _F + "post_attention_layernorm.weight", when="block=pre"),
+        W("blocks.{}.norm2.bias", _F + "post_attention_layernorm.bias", when="block=pre"),
+        W("blocks.{}.attn.W_Q", _F + "self_attention.query_key_value.weight", "falcon.q"),
+        W("blocks.{}.attn.W_K", _F + "self_attention.query_key_value.weight", "falcon.k"),
+        W("blocks.{}.attn.W_V", _F + "self_attention.query_key_value.weight", "falcon.v"),
+        W("blocks.{}.attn.b_Q", _F + "self_attention.query_key_value.bias", "falcon.bq",
+          when="attn_bias"),
+        W("blocks.{}.attn.b_K", _F + "self_attention.query_key_value.bias", "falcon.bk",
+          when="attn_bias"),
+        W("blocks.{}.attn.b_V", _F + "self_attention.query_key_value.bias", "falcon.bv",
+          when="attn_bias"),
+        W("blocks.{}.attn.W_O", _F + "self_attention.dense.weight", "o"),
+        W("blocks.{}.attn.b_O", _F + "self_attention.dense.bias", when="out_bias"),
+        W("blocks.{}.mlp.up.weight", _F + "mlp.dense_h_to_4h.weight"),
+        W("blocks.{}.mlp.up.bias", _F + "mlp.dense_h_to_4h.bias", when="mlp_bias"),
+        W("blocks.{}.mlp.down.weight", _F + "mlp.dense_4h_to_h.weight"),
+        W("blocks.{}.mlp.down.bias", _F + "mlp.dense_4h_to_h.bias", when="mlp_bias"),
+    ),
+    fixed={"norm": "layer", "gated": False},
+    defaults={"new_arch": False, "multi_query": True, "parallel": True, "bias": False,
+              "act": "gelu", "norm_eps": 1e-5, "rope_base": 10000.0, "tie_embeddings": True,
+              "max_positions": 2048},
+    prefix="transformer.", classes=("Falcon",),
+    unsupported=(
+        # transformers' eager attention adds the ALiBi bias twice (in the scores and again in
+        # the mask), its SDPA path once, each rounded to bfloat16: no one model to match
+        ("alibi=true", lambda cfg: bool(cfg.get("alibi"))),
+        # transformers builds no norm that such a block's forward reads: no model to match
+        ("new_decoder_architecture and parallel_attn=false",
+         lambda cfg: bool(cfg.get("new_decoder_architecture"))
+         and cfg.get("parallel_attn") is False),
+        ("num_ln_in_parallel_attn=2 without new_decoder_architecture",
+         lambda cfg: not cfg.get("new_decoder_architecture")
+         and cfg.get("parallel_attn", True) is not False
+         and cfg.get("num_ln_in_parallel_attn") == 2),
+    ),
+    derive=_falcon_layout,
+)  # fmt: skip
+
+DENSE_FAMILIES: tuple[Family, ...] = (_GPTJ, _STABLELM, _COHERE, _FALCON)

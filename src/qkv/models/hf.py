@@ -199,16 +199,22 @@ def read_weights(d: Path) -> dict[str, Tensor]:
 
 def rules(family: Family, config: Any) -> list[Rule]:
     """The family's weight map for this config: conditional tensors kept where they exist."""
-    flags = {"untied": not getattr(config, "tie_embeddings", True),
-             "norm2": getattr(config, "block", None) != "parallel1"}  # fmt: skip
+    flags = {"untied": not getattr(config, "tie_embeddings", True)}
     out = []
     for w in family.weights:
-        if w.when is not None and not (
-            flags[w.when] if w.when in flags else getattr(config, w.when)
-        ):
+        if w.when is not None and not _holds(w.when, config, flags):
             continue
         out.append(Rule(w.dst, w.src, None if w.reshape is None else RESHAPES[w.reshape](config)))
     return out
+
+
+def _holds(when: str, config: Any, flags: dict[str, bool]) -> bool:
+    """A `W.when`: "field=value" / "field!=value" (the config field's str compared), a flag,
+    or a bool config field."""
+    if "=" in when:
+        field, value = when.split("=", 1)
+        return (str(getattr(config, field.rstrip("!"))) == value) != field.endswith("!")
+    return flags[when] if when in flags else bool(getattr(config, when))
 
 
 def load_dir(
