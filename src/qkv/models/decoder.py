@@ -10,8 +10,9 @@
            sandwich     h = x + post1(attn(norm1(x)));  out = h + post2(mlp(norm2(h)))
            output_norm  h = x + norm1(attn(x));  out = h + norm2(mlp(h))
            (each sublayer's output × residual_scale before it joins the residual)
-    attn:  causal GQA; RoPE (whole or partial, its base per layer, or off on some layers),
-           ALiBi or none; optional q/k/v(/o) biases, QK-norm (per head or over all heads),
+    attn:  causal GQA; RoPE (whole or partial, half-split or interleaved pairs, its base per
+           layer, or off on some layers), ALiBi or none; optional q/k/v(/o) biases, QK-norm
+           (RMSNorm or LayerNorm; per head, with each head's own gain, or over all heads),
            sliding window
     mlp:   down(act(gate(x)) · up(x)) (gated) or down(act(up(x))); or, on the layers
            `moe_layers` marks, a sparse mixture of gated experts (`qkv.nn.SparseMoE`)
@@ -37,6 +38,7 @@ from ..nn import (
     MoEConfig,
     MultiHeadAttention,
     ParallelBlock,
+    PerHeadNorm,
     PostNormBlock,
     PreNormBlock,
     RMSNorm,
@@ -52,7 +54,7 @@ from .tokenizer import Tokenizer, ids_shape
 
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "learned", "alibi")
-QK_NORM_SCOPES = ("head", "all")
+QK_NORM_SCOPES = ("head", "all", "per_head")
 BLOCKS = {"pre": PreNormBlock, "parallel": ParallelBlock, "parallel1": ParallelBlock,
           "post": PostNormBlock, "sandwich": SandwichBlock,
           "output_norm": OutputNormBlock}  # fmt: skip
@@ -85,7 +87,16 @@ class DecoderConfig:
     not each head (OLMo 2). `residual_scale` multiplies each sublayer's output before the
     residual sum, `logit_scale` the logits (Granite: residual_multiplier, 1/logits_scaling).
     `embed_norm` puts a norm on the embeddings (BLOOM's word_embeddings_layernorm);
-    `lm_head_bias` gives the untied unembedding a bias (Phi-2). `moe` (a `qkv.nn.MoEConfig`)
+    `lm_head_bias` gives the untied unembedding a bias (Phi-2).
+    `rope_interleaved` rotates pairs (x[2p], x[2p+1]) of the rotated features instead of
+    (x[p], x[p + r/2]) (GPT-J, Cohere; `qkv.nn.RotaryEmbedding`'s `interleaved`).
+    `norm_bias` False drops the bias of every LayerNorm (`norm="layer"` only: Cohere's
+    LayerNorm is (x − mean)/√(var + eps) · w, no + b).
+    `qk_norm_kind` is the QK-norm's formula: "rms" (RMSNorm, its gain offset by `norm_offset`)
+    or "layer" (LayerNorm without bias, mean subtracted; Cohere, StableLM). `qk_norm_scope`
+    "per_head" normalises each head's d features as "head" does, but each head has its own
+    gain, weights (h d) and (k d) (`qkv.nn.PerHeadNorm`; Cohere, StableLM), where "head"
+    shares one gain (d) among the heads. `moe` (a `qkv.nn.MoEConfig`)
     makes the MLP of each layer `moe_layers` marks True (None: every layer) a
     `qkv.nn.SparseMoE` of gated experts (Mixtral, Qwen3-MoE); the other layers keep the dense
     d_ff MLP."""
@@ -127,6 +138,9 @@ class DecoderConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     qk_norm_scope: str = "head"
+    qk_norm_kind: str = "rms"
+    rope_interleaved: bool = False
+    norm_bias: bool = True
     windows: tuple[int | None, ...] | None = None
     tie_embeddings: bool = True
     moe: MoEConfig | None = None
@@ -199,6 +213,18 @@ class DecoderConfig:
         if self.qk_norm_scope not in QK_NORM_SCOPES:
             raise ValueError(
                 f"{own}: qk_norm_scope must be one of {QK_NORM_SCOPES}, got {self.qk_norm_scope!r}"
+            )
+        if self.qk_norm_kind not in NORMS:
+            raise ValueError(
+                f"{own}: qk_norm_kind must be one of {NORMS}, got {self.qk_norm_kind!r}"
+            )
+        for f in ("rope_interleaved", "norm_bias"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{own}: {f} must be a bool, got {getattr(self, f)!r}")
+        if not self.norm_bias and self.norm != "layer":
+            raise ValueError(
+                f"{own}: norm_bias=False drops LayerNorm's bias; it needs norm='layer', "
+                f"got norm={self.norm!r} (RMSNorm has no bias)"
             )
         if self.lm_head_bias and self.tie_embeddings:
             raise ValueError(f"{own}: lm_head_bias needs an untied lm_head (tie_embeddings=False)")
@@ -286,7 +312,11 @@ class Decoder(Generation, nn.Module):
         scalings = c.rope_scalings or (c.rope_scaling,) * c.n_layers
         ropes: dict[tuple, RotaryEmbedding | None] = {
             (b, s): RotaryEmbedding(
-                c.d_head, base=b, interleaved=False, rotary_dim=c.rope_dim, scaling=s
+                c.d_head,
+                base=b,
+                interleaved=c.rope_interleaved,
+                rotary_dim=c.rope_dim,
+                scaling=s,
             )
             if c.positions == "rope"
             else None
@@ -308,9 +338,6 @@ class Decoder(Generation, nn.Module):
         if c.positions == "alibi":
             with torch.device("cpu"):
                 score_mod = alibi(alibi_slopes(c.n_heads))
-        # QK-norm: RMSNorm over each head's d features, or ("all") over the whole projections
-        qn, kn = (c.d_head, c.d_head) if c.qk_norm_scope == "head" else (
-            c.n_heads * c.d_head, c.n_kv_heads * c.d_head)  # fmt: skip
         block = BLOCKS[c.block]
         self.blocks = nn.ModuleList(
             block(
@@ -318,9 +345,9 @@ class Decoder(Generation, nn.Module):
                     c.d_model, c.n_heads, c.n_kv_heads, c.d_head, bias=c.attn_bias,
                     rope=ropes[b, s] if r else None, causal=True, out_bias=c.out_bias,
                     window=None if w is None else (w - 1, 0), scale=c.attn_scale,
-                    softcap=c.attn_softcap, score_mod=score_mod, qk_norm_scope=c.qk_norm_scope,
-                    q_norm=RMSNorm(qn, c.norm_eps, offset=c.norm_offset) if c.qk_norm else None,
-                    k_norm=RMSNorm(kn, c.norm_eps, offset=c.norm_offset) if c.qk_norm else None,
+                    softcap=c.attn_softcap, score_mod=score_mod,
+                    qk_norm_scope="all" if c.qk_norm_scope == "all" else "head",
+                    q_norm=self._qk_norm(c, c.n_heads), k_norm=self._qk_norm(c, c.n_kv_heads),
                 ),
                 SparseMoE.from_config(c.d_model, c.moe, c.act) if sparse
                 else MLP(c.d_model, c.d_ff, act=c.act, gated=c.gated, bias=c.mlp_bias),
@@ -341,8 +368,22 @@ class Decoder(Generation, nn.Module):
         return (
             RMSNorm(c.d_model, c.norm_eps, offset=c.norm_offset)
             if c.norm == "rms"
-            else nn.LayerNorm(c.d_model, c.norm_eps)
+            else nn.LayerNorm(c.d_model, c.norm_eps, bias=c.norm_bias)
         )
+
+    @staticmethod
+    def _qk_norm(c: DecoderConfig, heads: int) -> nn.Module | None:
+        """QK-norm of q (heads = h) or k (heads = k): over each head's d features with one
+        gain ("head") or each head's own ("per_head"), or over all (heads·d) ("all")."""
+        if not c.qk_norm:
+            return None
+        rms = c.qk_norm_kind == "rms"
+        if c.qk_norm_scope == "per_head":
+            return PerHeadNorm(heads, c.d_head, c.norm_eps, center=not rms,
+                               offset=c.norm_offset if rms else 0.0)  # fmt: skip
+        n = c.d_head if c.qk_norm_scope == "head" else heads * c.d_head
+        return RMSNorm(n, c.norm_eps, offset=c.norm_offset) if rms else nn.LayerNorm(
+            n, c.norm_eps, bias=False)  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"name={self.config.name!r}, tie_embeddings={self.config.tie_embeddings}"

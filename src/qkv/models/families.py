@@ -1,7 +1,8 @@
 """Hugging Face architectures as declarative descriptions, one `Family` per `model_type`: the
 families here (Llama and its relatives, Gemma, Phi-3, GPT-NeoX, OPT, GPT-2, the BERT encoders),
-those of `families_more.py` (SmolLM3, OLMo 2, Granite, StarCoder2, Phi-2, BLOOM), and `FAMILIES`,
-every one by model_type. What a `Family` says and how it is read: `families_base.py`.
+those of `families_more.py` (SmolLM3, OLMo 2, Granite, StarCoder2, Phi-2, BLOOM) and
+`families_dense.py` (GPT-J, StableLM, Cohere, Falcon), and `FAMILIES`, every one by
+model_type. What a `Family` says and how it is read: `families_base.py`.
 Mixture-of-experts decoders (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE): `families_moe.py`.
 
 Letters: h query heads, k kv heads, d head dim, m model dim.
@@ -28,6 +29,7 @@ from .families_base import (
     read_fields,
     rope_dim,
 )
+from .families_dense import DENSE_FAMILIES
 from .families_moe import MOE_FAMILIES
 from .families_more import MORE_FAMILIES
 
@@ -406,5 +408,6 @@ FAMILIES: dict[str, Family] = {
         _DISTILBERT,
         *MORE_FAMILIES,
         *MOE_FAMILIES,
+        *DENSE_FAMILIES,
     )
 }  # fmt: skip

@@ -1,16 +1,18 @@
 """Hugging Face architectures as declarative descriptions: what a `Family` is, how a config.json
 is read through one (`read_fields`), and the pieces several families share (the fused-weight
 reshapes, the Llama layout). The families themselves: `families.py`, `families_more.py`,
-`families_moe.py`.
+`families_dense.py`, `families_moe.py`.
 
 A family says how to read its `config.json` into the generic `DecoderConfig` / `EncoderConfig`
 (`fields`: our field ← the first present HF key, dotted for nested dicts; `fixed`: values the
 architecture implies) and how its checkpoint keys map onto the model (`weights`: `W(dst, src,
 reshape, when)` with `{}` for the layer; `reshape` names a conversion in `RESHAPES`; `when`
-names a bool config field that must hold for the tensor to exist; `layers` "moe" or "dense"
-keeps a `{}` rule to the layers whose MLP is, or is not, a SparseMoE, `{e}` then standing for
-each expert). Keys are matched after the family's `prefix` (the base model's name inside a
-*ForCausalLM / *ForMaskedLM) is stripped.
+names a bool config field that must hold for the tensor to exist, "untied" (an lm_head of
+its own), or "field=value" / "field!=value" (a config field's value, e.g. "block=pre");
+`layers` "moe" or "dense" keeps a `{}` rule to the layers whose MLP is, or is not, a
+SparseMoE, `{e}` then standing for each expert. Keys are matched after the family's
+`prefix` (the base model's name inside a *ForCausalLM / *ForMaskedLM) is stripped, and
+after `stacked` joined numbered per-head tensors into one.
 RoPE scaling (`rope_parameters` / `rope_scaling` with rope_type "linear", "llama3" or "yarn") is
 read for every RoPE decoder by `rope_scaling_from`; any other rope_type is a clear error.
 `unsupported` lists config settings the generic models do not implement: each is a clear
@@ -21,10 +23,12 @@ Letters: h query heads, k kv heads, d head dim, m model dim.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..nn import RopeScaling
@@ -62,6 +66,35 @@ class Family:
     # RoPE parameters per layer type (`rope_parameters.<layer type>`; an old config's
     # `rope_scaling` is the full_attention layers'): Gemma 3
     rope_by_layer_type: bool = False
+    # (src, dst): checkpoint tensors numbered 0..n−1 at the `*` of src, stacked into one (n, …)
+    # tensor named dst before conversion (`stack_numbered`; StableLM's per-head norms)
+    stacked: tuple[tuple[str, str], ...] = ()
+
+
+def stack_numbered(
+    state: dict[str, Tensor], stacked: tuple[tuple[str, str], ...]
+) -> dict[str, Tensor]:
+    """`state` with each run of tensors matching a `Family.stacked` src (`{}`: the layer, `*`:
+    an index) replaced by one tensor, the run stacked in index order along a new first dim,
+    under dst (its `{}` the same layer): `layers.0.q_layernorm.norms.{0..5}.weight` (d,) →
+    `layers.0.q_layernorm.weight` (6, d). A run whose indices are not exactly 0..n−1 stays as
+    it is (convert then names its tensors as unexpected, and dst as missing)."""
+    if not stacked:
+        return state
+    out = dict(state)
+    for src, dst in stacked:
+        pattern = re.compile(
+            re.escape(src).replace(r"\{\}", r"(?P<layer>\d+)").replace(r"\*", r"(?P<i>\d+)")
+        )
+        runs: dict[str, dict[int, str]] = {}
+        for key in state:
+            if m := pattern.fullmatch(key):
+                runs.setdefault(m["layer"], {})[int(m["i"])] = key
+        for layer, run in runs.items():
+            if sorted(run) != list(range(len(run))):
+                continue
+            out[dst.format(layer)] = torch.stack([out.pop(run[i]) for i in range(len(run))])
+    return out
 
 
 def _split(part: int, reshape: Callable[[Any], Reshape]) -> Callable[[Any], Reshape]:
@@ -93,6 +126,29 @@ def _per_head(part: int, reshape: Callable[[Any], Reshape]) -> Callable[[Any], R
             if w.shape[0] != 3 * H * D:
                 return w  # convert's shape check names the tensor
             return inner(w.unflatten(0, (H, 3, D))[:, part].flatten(0, 1))
+
+        return fn
+
+    return make
+
+
+def _grouped(part: int, reshape: Callable[[Any], Reshape]) -> Callable[[Any], Reshape]:
+    """Falcon's fused query_key_value, ((h + 2k)·d, m) or its bias, grouped per kv head: the
+    rows of kv head j are its g = h/k query heads, then its k, then its v, each d rows
+    (((k, g+2, d), …)); multi-query (k = 1) and one kv head per query head (k = h: q, k, v per
+    head, as GPT-NeoX) are its two ends. `part` 0: the q heads in order (h·d, …), 1: the k
+    heads, 2: the v heads ((k·d, …)), then `reshape`."""
+
+    def make(c: Any) -> Reshape:
+        inner, H, K, D = reshape(c), c.n_heads, c.n_kv_heads, c.d_head
+        G = H // K
+
+        def fn(w: Tensor) -> Tensor:
+            if w.shape[0] != (H + 2 * K) * D:
+                return w  # convert's shape check names the tensor
+            grouped = w.unflatten(0, (K, G + 2, D))
+            rows = grouped[:, :G] if part == 0 else grouped[:, G + part - 1 : G + part]
+            return inner(rows.flatten(0, 2))
 
         return fn
 
@@ -150,6 +206,12 @@ RESHAPES: dict[str, Callable[[Any], Reshape]] = {
     "neox.bq": _per_head(0, lambda c: heads_bias(c.n_heads, c.d_head)),
     "neox.bk": _per_head(1, lambda c: heads_bias(c.n_heads, c.d_head)),
     "neox.bv": _per_head(2, lambda c: heads_bias(c.n_heads, c.d_head)),
+    "falcon.q": _grouped(0, lambda c: heads_in(c.n_heads, c.d_head)),
+    "falcon.k": _grouped(1, lambda c: heads_in(c.n_kv_heads, c.d_head)),
+    "falcon.v": _grouped(2, lambda c: heads_in(c.n_kv_heads, c.d_head)),
+    "falcon.bq": _grouped(0, lambda c: heads_bias(c.n_heads, c.d_head)),
+    "falcon.bk": _grouped(1, lambda c: heads_bias(c.n_kv_heads, c.d_head)),
+    "falcon.bv": _grouped(2, lambda c: heads_bias(c.n_kv_heads, c.d_head)),
     "qkv_proj.q": _rows(0, _qkv_rows, lambda c: heads_in(c.n_heads, c.d_head)),
     "qkv_proj.k": _rows(1, _qkv_rows, lambda c: heads_in(c.n_kv_heads, c.d_head)),
     "qkv_proj.v": _rows(2, _qkv_rows, lambda c: heads_in(c.n_kv_heads, c.d_head)),

@@ -29,7 +29,7 @@ from .convert import Rule, convert, read_safetensors
 from .decoder import Decoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .families import ACTS, FAMILIES, RESHAPES, Family, read_fields
-from .families_base import rope_scaling_from
+from .families_base import rope_scaling_from, stack_numbered
 from .tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, INDEX, TOKENIZER = (
@@ -202,9 +202,7 @@ def rules(family: Family, config: Any) -> list[Rule]:
     flags = {"untied": not getattr(config, "tie_embeddings", True)}
     out = []
     for w in family.weights:
-        if w.when is not None and not (
-            flags[w.when] if w.when in flags else getattr(config, w.when)
-        ):
+        if w.when is not None and not _holds(w.when, config, flags):
             continue
         fn = None if w.reshape is None else RESHAPES[w.reshape](config)
         if w.layers is None:
@@ -216,6 +214,15 @@ def rules(family: Family, config: Any) -> list[Rule]:
                 experts = range(config.moe.n_experts) if "{e}" in w.src else (0,)
                 out += [Rule(w.dst.format(i, e=e), w.src.format(i, e=e), fn) for e in experts]
     return out
+
+
+def _holds(when: str, config: Any, flags: dict[str, bool]) -> bool:
+    """A `W.when`: "field=value" / "field!=value" (the config field's str compared), a flag,
+    or a bool config field."""
+    if "=" in when:
+        field, value = when.split("=", 1)
+        return (str(getattr(config, field.rstrip("!"))) == value) != field.endswith("!")
+    return flags[when] if when in flags else bool(getattr(config, when))
 
 
 def load_dir(
@@ -237,6 +244,7 @@ def load_dir(
     elif need_tokenizer:
         raise FileNotFoundError(f"{d} has no {TOKENIZER}")
     state = {k.removeprefix(family.prefix): v for k, v in read_weights(d).items()}
+    state = stack_numbered(state, family.stacked)
     with empty_modules():  # no memory, no random init: every tensor is assigned below
         if family.kind == "encoder":
             model = Encoder(config, tokenizer)

@@ -57,6 +57,57 @@ class RMSNorm(nn.Module):
         return w * h.to(x.dtype)
 
 
+class PerHeadNorm(nn.Module):
+    """Each head's features normalised on their own, with each head's own gain: x (… h d) →
+    (… h d), over the last dim d,
+
+        center=True  (LayerNorm, no bias):  (x − mean(x)) / √(var(x) + eps) · weight[h]
+        center=False (RMSNorm):             x / √(mean(x²) + eps) · (offset + weight[h])
+
+    with weight (h d) (var is the biased one, as LayerNorm's). Half-precision x is normalised in
+    float32. The QK-norm of Cohere (`q_norm.weight` (h, d)) and StableLM (one
+    LayerNorm(d, bias=False) per head). Equivalent code::
+
+        torch.stack([F.layer_norm(x[..., h, :], (d,), weight[h], None, eps)
+                     for h in range(n_heads)], -2)                       # center=True
+    """
+
+    def __init__(
+        self,
+        n_heads: int,
+        d_head: int,
+        eps: float = 1e-5,
+        *,
+        center: bool = True,
+        offset: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.eps, self.center, self.offset = float(eps), bool(center), float(offset)
+        self.weight = nn.Parameter(torch.ones(n_heads, d_head, device=device, dtype=dtype))
+
+    def extra_repr(self) -> str:
+        n, d = self.weight.shape
+        return f"n_heads={n}, d_head={d}, eps={self.eps}, center={self.center}" + (
+            f", offset={self.offset}" if self.offset else ""
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2:] != self.weight.shape:
+            raise ValueError(
+                f"PerHeadNorm expects x of shape (..., {self.weight.shape[0]}, "
+                f"{self.weight.shape[1]}) (heads, d_head), got {tuple(x.shape)}"
+            )
+        h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if self.center:
+            h = F.layer_norm(h, h.shape[-1:], None, None, self.eps)
+        else:
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight + self.offset if self.offset else self.weight
+        return (h * w.to(h.dtype)).to(x.dtype)
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward, x (b i m) → (b i m).
 
