@@ -266,22 +266,29 @@ def keep_float64_softmax(monkeypatch) -> None:
     monkeypatch.setattr(torch.nn.functional, "softmax", softmax64)
 
 
+def output_error(ref, model, ids, dtype, monkeypatch, oracle_=float64_oracle_) -> float:
+    """`rel` of our outputs (logits, or an encoder's last hidden state) against transformers' on
+    ids, both models in dtype; in float64 after `oracle_(ref, model)` (it patches ref's modules'
+    `forward`) and with a float64 softmax. Both go back to float32, unpatched, afterwards."""
+    ref, model = ref.to(dtype), model.to(dtype)
+    if dtype == torch.float64:
+        oracle_(ref, model)
+        keep_float64_softmax(monkeypatch)
+    try:
+        with torch.no_grad():
+            return rel(out(model, ids), out(ref, ids))
+    finally:
+        ref.float(), model.float()
+        for mod in ref.modules():
+            mod.__dict__.pop("forward", None)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_outputs_match_transformers(pair, dtype, monkeypatch):
     mt, ref, model, _ = pair
     assert type(model).__name__ == ("Encoder" if mt in ENCODERS else "Decoder")
     ids = torch.cat([ids_for(0), ids_for(1)])  # a batch of two
-    ref, model = ref.to(dtype), model.to(dtype)
-    if dtype == torch.float64:
-        float64_oracle_(ref, model)
-        keep_float64_softmax(monkeypatch)
-    try:
-        with torch.no_grad():
-            err = rel(out(model, ids), out(ref, ids))
-    finally:
-        ref.float(), model.float()
-        for mod in ref.modules():
-            mod.__dict__.pop("forward", None)
+    err = output_error(ref, model, ids, dtype, monkeypatch)
     assert err <= REL_TOL[dtype], f"{mt} {dtype}: relative error {err:.2e}"
 
 

@@ -11,6 +11,7 @@ d_head 10, d_ff 37, vocabulary 97; partial rotary on 4 of 10 features; Falcon in
 query_key_value layouts (2 kv heads, multi-query, one kv head per query head).
 """
 
+import functools
 import json
 
 import pytest
@@ -27,11 +28,12 @@ from tests.models.test_families import (
     float64_oracle_,
     greedy_three_ways,
     ids_for,
-    keep_float64_softmax,
+    output_error,
     randomise_,
     rel,
     word_tokenizer,
 )
+from tests.models.test_families_more import _breaks, _error
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
 
@@ -107,20 +109,6 @@ def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     ref = build(request.param, folder)
     return request.param, ref, qkv.load(folder)
-
-
-def _error(model, ref, seed: int = 9) -> float:
-    ids = ids_for(seed)
-    with torch.no_grad():
-        return rel(model(ids), ref(ids).logits)
-
-
-def _breaks(folder, ref, edits: dict) -> None:
-    """Each edit, applied to a fresh load, moves the logits by far more than the tolerance."""
-    for what, edit in edits.items():
-        broken = qkv.load(folder)
-        edit(broken)
-        assert _error(broken, ref) > 100 * TOL, what
 
 
 def _each_block(fn):
@@ -213,17 +201,8 @@ def dense_float64_oracle_(name: str, ref, model, monkeypatch) -> None:
 def test_logits_match_transformers(pair, dtype, monkeypatch):
     name, ref, model = pair
     ids = torch.cat([ids_for(0), ids_for(1)])  # a batch of two
-    ref, model = ref.to(dtype), model.to(dtype)
-    if dtype == torch.float64:
-        dense_float64_oracle_(name, ref, model, monkeypatch)
-        keep_float64_softmax(monkeypatch)
-    try:
-        with torch.no_grad():
-            err = rel(model(ids), ref(ids).logits)
-    finally:
-        ref.float(), model.float()
-        for mod in ref.modules():
-            mod.__dict__.pop("forward", None)
+    oracle_ = functools.partial(dense_float64_oracle_, name, monkeypatch=monkeypatch)
+    err = output_error(ref, model, ids, dtype, monkeypatch, oracle_)
     assert err <= REL_TOL[dtype], f"{name} {dtype}: relative error {err:.2e}"
 
 

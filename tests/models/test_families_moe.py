@@ -29,7 +29,7 @@ from tests.models.test_families import (
     float64_oracle_,
     greedy_three_ways,
     ids_for,
-    keep_float64_softmax,
+    output_error,
     randomise_,
     rel,
     word_tokenizer,
@@ -122,20 +122,14 @@ def test_logits_match_transformers(pair, dtype, monkeypatch):
     assert any(isinstance(b.mlp, SparseMoE) for b in model.blocks)
     ids = torch.cat([ids_for(0), ids_for(1)])  # a batch of two
     assert_routing_is_clear(model, ids)
-    ref, model = ref.to(dtype), model.to(dtype)
-    if dtype == torch.float64:
+
+    def oracle_(ref, model):  # the float64 softmax also serves the Qwen/OLMoE routers
         float64_oracle_(ref, model)
-        keep_float64_softmax(monkeypatch)  # transformers' attention and Qwen/OLMoE routers
         for mod in ref.modules():
             if type(mod).__name__ == "MixtralTopKRouter":
                 mod.forward = _mixtral_router64(mod)
-    try:
-        with torch.no_grad():
-            err = rel(model(ids), ref(ids).logits)
-    finally:
-        ref.float(), model.float()
-        for mod in ref.modules():
-            mod.__dict__.pop("forward", None)
+
+    err = output_error(ref, model, ids, dtype, monkeypatch, oracle_)
     assert err <= REL_TOL[dtype], f"{mt} {dtype}: relative error {err:.2e}"
 
 

@@ -28,7 +28,7 @@ from tests.models.test_families import (
     REL_TOL,
     float64_oracle_,
     greedy_three_ways,
-    keep_float64_softmax,
+    output_error,
     randomise_,
     rel,
 )
@@ -175,17 +175,7 @@ def test_config_reads_the_scaling(pair):
 def test_logits_match_transformers(pair, dtype, monkeypatch):
     name, ref, model = pair
     ids = torch.cat([ids_for(0), ids_for(1)])
-    ref, model = ref.to(dtype), model.to(dtype)
-    if dtype == torch.float64:
-        float64_scaled_oracle_(ref, model)
-        keep_float64_softmax(monkeypatch)
-    try:
-        with torch.no_grad():
-            err = rel(model(ids), ref(ids).logits)
-    finally:
-        ref.float(), model.float()
-        for mod in ref.modules():
-            mod.__dict__.pop("forward", None)
+    err = output_error(ref, model, ids, dtype, monkeypatch, float64_scaled_oracle_)
     assert err <= REL_TOL[dtype], f"{name} {dtype}: relative error {err:.2e}"
 
 
@@ -538,17 +528,7 @@ def test_longrope_config_is_read(phi3_longrope):
 def test_longrope_logits_match_transformers(phi3_longrope, n, dtype, monkeypatch):
     ref, model = phi3_longrope
     ids = torch.cat([ids_for(0, n), ids_for(1, n)])
-    ref, model = ref.to(dtype), model.to(dtype)
-    if dtype == torch.float64:
-        longrope_oracle_(ref, model)
-        keep_float64_softmax(monkeypatch)
-    try:
-        with torch.no_grad():
-            err = rel(model(ids), ref(ids).logits)
-    finally:
-        ref.float(), model.float()
-        for mod in ref.modules():
-            mod.__dict__.pop("forward", None)
+    err = output_error(ref, model, ids, dtype, monkeypatch, longrope_oracle_)
     assert err <= REL_TOL[dtype], f"n={n} {dtype}: relative error {err:.2e}"
 
 
