@@ -292,24 +292,24 @@ def test_outputs_match_transformers(pair, dtype, monkeypatch):
     assert err <= REL_TOL[dtype], f"{mt} {dtype}: relative error {err:.2e}"
 
 
-def test_padded_batch_matches_transformers(pair):
-    """Right padding: the real tokens' outputs equal transformers' with its attention mask."""
-    mt, ref, model, _ = pair
+def padded_error(ref, model) -> float:
+    """`rel` of our outputs on a right-padded batch of two (20 and 13 real tokens) against
+    transformers' with its attention mask, over the real tokens."""
     ids = torch.cat([ids_for(2, 20), ids_for(3, 20)])
     keep = torch.ones_like(ids, dtype=torch.bool)
     keep[1, 13:] = False
     with torch.no_grad():
         got = model(ids, attention_mask=keep)
         want = ref(ids, attention_mask=keep.long())
-    want = want.logits if mt in DECODERS else want.last_hidden_state
-    assert rel(got[keep], want[keep]) <= REL_TOL[torch.float32]
+    want = want.logits if hasattr(want, "logits") else want.last_hidden_state
+    return rel(got[keep], want[keep])
 
 
-def test_lens_rows_match_output_attentions(pair):
-    mt, ref, model, _ = pair
+def assert_lens_rows_match(ref, model, label) -> None:
+    """The lens' rows of "it" in a sentence (every key, every layer and head) equal
+    transformers' `output_attentions` rows within LENS_TOL, on the same keys."""
     text = "the dog chased the ball because it was excited and then ran far"
-    enc = model.tokenizer.encode(text)
-    ids = torch.tensor([enc.ids])
+    ids = torch.tensor([model.tokenizer.encode(text).ids])
     with torch.no_grad():
         att = ref(ids, output_attentions=True).attentions  # per layer (b h i j)
     query = 6  # "it"
@@ -319,12 +319,20 @@ def test_lens_rows_match_output_attentions(pair):
         for h in layer.heads:
             want = att[layer.layer][0, h.head, query].double().numpy()
             got = dict(zip(h.index.tolist(), h.weight.tolist(), strict=True))
-            assert set(got) == {j for j in range(len(want)) if want[j] > 0}, (
-                mt,
-                layer.layer,
-                h.head,
-            )
-            assert max(abs(got[j] - want[j]) for j in got) <= LENS_TOL
+            where = (label, layer.layer, h.head)
+            assert set(got) == {j for j in range(len(want)) if want[j] > 0}, where
+            assert max(abs(got[j] - want[j]) for j in got) <= LENS_TOL, where
+
+
+def test_padded_batch_matches_transformers(pair):
+    """Right padding: the real tokens' outputs equal transformers' with its attention mask."""
+    _, ref, model, _ = pair
+    assert padded_error(ref, model) <= REL_TOL[torch.float32]
+
+
+def test_lens_rows_match_output_attentions(pair):
+    mt, ref, model, _ = pair
+    assert_lens_rows_match(ref, model, mt)
 
 
 @pytest.mark.parametrize("mt", DECODERS)

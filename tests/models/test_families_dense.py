@@ -21,14 +21,15 @@ import torch.nn.functional as F
 import qkv
 from qkv.nn import ParallelBlock, PerHeadNorm, PreNormBlock
 from tests.models.test_families import (
-    LENS_TOL,
     N_GREEDY,
     REL_TOL,
     V,
+    assert_lens_rows_match,
     float64_oracle_,
     greedy_three_ways,
     ids_for,
     output_error,
+    padded_error,
     randomise_,
     rel,
     word_tokenizer,
@@ -208,31 +209,13 @@ def test_logits_match_transformers(pair, dtype, monkeypatch):
 
 def test_padded_batch_matches_transformers(pair):
     """Right padding: the real tokens' logits equal transformers' with its attention mask."""
-    _, ref, model = pair
-    ids = torch.cat([ids_for(2, 20), ids_for(3, 20)])
-    keep = torch.ones_like(ids, dtype=torch.bool)
-    keep[1, 13:] = False
-    with torch.no_grad():
-        got = model(ids, attention_mask=keep)
-        want = ref(ids, attention_mask=keep.long()).logits
-    assert rel(got[keep], want[keep]) <= TOL
+    ref, model = pair[1], pair[2]
+    assert padded_error(ref, model) <= TOL
 
 
 def test_lens_rows_match_output_attentions(pair):
     name, ref, model = pair
-    text = "the dog chased the ball because it was excited and then ran far"
-    ids = torch.tensor([model.tokenizer.encode(text).ids])
-    with torch.no_grad():
-        att = ref(ids, output_attentions=True).attentions  # per layer (b h i j)
-    query = 6  # "it"
-    r = qkv.explain(text, query, model=model, top=0, rollout=False, progress=False)
-    assert len(r.layers) == model.config.n_layers
-    for layer in r.layers:
-        for h in layer.heads:
-            want = att[layer.layer][0, h.head, query].double().numpy()
-            got = dict(zip(h.index.tolist(), h.weight.tolist(), strict=True))
-            assert set(got) == {j for j in range(len(want)) if want[j] > 0}, (name, layer, h)
-            assert max(abs(got[j] - want[j]) for j in got) <= LENS_TOL
+    assert_lens_rows_match(ref, model, name)
 
 
 def test_greedy_tokens_with_and_without_the_cache(pair):
