@@ -32,6 +32,7 @@ from tests.models.test_families import (
     randomise_,
     rel,
 )
+from tests.nn.test_rope_scaling import yarn_divisors
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
 
@@ -65,21 +66,11 @@ def build(model_type: str, rope_scaling: dict, folder):
 
 
 def yarn_oracle(d: int, base: float, p: dict) -> tuple[list[float], float]:
-    """YaRN as its paper states it: the pairs from the last one turning ≥ beta_fast times over
-    L (rounded down) to the first turning ≤ beta_slow times (rounded up) ramp from θ_p to
-    θ_p / factor; cos/sin × 0.1·ln(factor) + 1, or DeepSeek's ratio with mscale, mscale_all_dim."""
+    """YaRN's frequencies θ_p / s_p (tests/nn's `yarn_divisors`, the paper's ramp) and its
+    cos/sin factor 0.1·ln(factor) + 1, or DeepSeek's ratio with mscale, mscale_all_dim."""
     f, L = p["factor"], p["original_max_position_embeddings"]
-    fast, slow = p.get("beta_fast", 32.0), p.get("beta_slow", 1.0)
-
-    def pair_turning(n):  # solve L · base^(−2p/d) / 2π = n for p
-        return d * math.log(L / (2 * math.pi * n)) / (2 * math.log(base))
-
-    lo, hi = max(math.floor(pair_turning(fast)), 0), min(math.ceil(pair_turning(slow)), d - 1)
-    theta = []
-    for i in range(d // 2):
-        ramp = min(max((i - lo) / (hi - lo), 0.0), 1.0)
-        t = base ** (-2.0 * i / d)
-        theta.append(ramp * t / f + (1 - ramp) * t)
+    s = yarn_divisors(d, base, f, L, p.get("beta_fast", 32.0), p.get("beta_slow", 1.0))
+    theta = [base ** (-2.0 * i / d) / s[i] for i in range(d // 2)]
     if "mscale" in p:
         m = (0.1 * p["mscale"] * math.log(f) + 1) / (0.1 * p["mscale_all_dim"] * math.log(f) + 1)
     else:
