@@ -266,8 +266,9 @@ def _edit_config(folder, **changes) -> None:
 def test_bad_config_is_named(tmp_path, mt, changes, match):
     build(mt, tmp_path)
     _edit_config(tmp_path, **changes)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as info:
         qkv.load(tmp_path)
+    assert str(info.value).startswith(str(tmp_path / "config.json"))  # which file, in full
 
 
 def test_fused_expert_tensors_are_reported(tmp_path):

@@ -87,7 +87,13 @@ def build_config(family: Family, cfg: dict[str, Any], *, name: str, where: str):
                              f"{f['n_heads']} heads and config.json gives no head_dim")  # fmt: skip
         f["d_head"] = f["d_model"] // f["n_heads"]
     if family.derive is not None:
-        f.update(family.derive(f))
+        try:
+            f.update(family.derive(f))
+        except ValueError as e:  # derive names "config.json: key"; say which config.json
+            msg = str(e)
+            if not msg.startswith("config.json"):
+                raise
+            raise ValueError(where + msg.removeprefix("config.json")) from e
     if family.kind == "encoder":
         kind = EncoderConfig
     else:
