@@ -1,6 +1,6 @@
 """RoPE scaling read from GGUF files: llama.cpp's YaRN (rope.scaling.type yarn: Qwen2.5 / Qwen3
-long-context files) for llama, qwen2 and qwen3, and linear for qwen2 and qwen3 (llama's linear
-and rope_freqs are in test_rope_scaling.py).
+long-context files) for llama, qwen2 and qwen3, linear for qwen2 and qwen3 (llama's linear
+and rope_freqs are in test_rope_scaling.py), and Phi-3's LongRoPE factor tensors (at the end).
 
 First the formula: llama.cpp's rope_yarn (ggml's CPU kernel, with its correction dims), written
 here in float64, equals `RopeScaling.yarn(factor, n_ctx_orig, beta_fast, beta_slow,
@@ -305,3 +305,107 @@ def test_llama_yarn_with_rope_freqs_is_refused(tmp_path):
                             rope_freqs=np.full(5, 2.0, dtype=np.float32))  # fmt: skip
     with pytest.raises(ValueError, match=r"llama.rope.scaling.type yarn with a rope_freqs.weight"):
         gguf_families.config_from_gguf(qgguf.read_gguf(path, cache_dir=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Phi-3's LongRoPE: rope_factors_short / rope_factors_long tensors, as llama.cpp's converter
+# writes them (with rope.scaling.attn_factor and original_context_length, no scaling type)
+
+SHORT = np.array([1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5], dtype=np.float32)  # 8 pairs: d 16
+LONG = np.array([1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0], dtype=np.float32)
+M_LONGROPE = math.sqrt(1 + math.log(64 / L_ORIG) / math.log(L_ORIG))  # context_length 64
+
+
+def phi3_longrope_gguf(path, **changes):
+    """A tiny Phi-3 GGUF with LongRoPE; `changes`: metadata keys (rope.…) to set, or keys and
+    tensors to leave out (None)."""
+    kv = {"rope.scaling.attn_factor": M_LONGROPE, "rope.scaling.original_context_length": L_ORIG}
+    tensors = {"rope_factors_short.weight": SHORT, "rope_factors_long.weight": LONG}
+    for k, v in changes.items():
+        where = kv if k.startswith("rope.") else tensors
+        if v is None:
+            del where[k]
+        else:
+            where[k] = v
+    return tiny_gguf(path, ARCHS["phi3"], kv=kv, extra_tensors=tensors)
+
+
+@pytest.fixture(scope="module")
+def phi3_longrope(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phi3-longrope")
+    path = phi3_longrope_gguf(folder / "x.gguf")
+    plain = reference(path)
+    cfg = copy.deepcopy(plain.config)
+    cfg.original_max_position_embeddings = L_ORIG  # Phi-3's top-level key wins in transformers
+    cfg.rope_parameters = {
+        "rope_type": "longrope", "short_factor": SHORT.tolist(), "long_factor": LONG.tolist(),
+        "original_max_position_embeddings": L_ORIG,
+        "rope_theta": plain.config.rope_parameters["rope_theta"],
+    }  # fmt: skip
+    ref = type(plain)(cfg).eval()
+    ref.load_state_dict(plain.state_dict(), strict=True)
+    ref.generation_config.eos_token_id = None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QKV_CACHE_DIR", str(folder / "cache"))
+        model = qkv.load(str(path))
+    return ref, model
+
+
+def test_phi3_longrope_is_read_as_transformers_computes_it(phi3_longrope):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    ref, model = phi3_longrope
+    s = model.config.rope_scaling
+    assert (s.rope_type, s.original_max_positions) == ("longrope", L_ORIG)
+    _, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](ref.config)
+    assert s.attention_factor == pytest.approx(attention_factor, rel=1e-6)  # a float32 key
+    assert "rope_factors_long.weight" in model.load_report.ignored
+
+
+@pytest.mark.parametrize("n", [12, 40])  # within L = 16 (short factors), past it (long)
+def test_phi3_longrope_logits_match_transformers(phi3_longrope, n):
+    ref, model = phi3_longrope
+    x = torch.cat([arch_ids(ARCHS["phi3"], 0, n), arch_ids(ARCHS["phi3"], 1, n)])
+    with torch.no_grad():
+        assert rel(model(x), ref(x).logits) <= REL_TOL
+
+
+def test_phi3_longrope_greedy_across_l(phi3_longrope):
+    """A 10-token prompt, 10 tokens: the step to position 16 turns every key to the long set
+    (transformers' Phi-3 drops its cache there; qkv re-runs the sequence once)."""
+    ref, model = phi3_longrope
+    want, cached, uncached = greedy_three_ways(ref, model, arch_ids(ARCHS["phi3"], 5, 10), N_GREEDY)
+    assert cached == uncached == want
+
+
+def test_phi3_without_longrope_parity_breaks(phi3_longrope):
+    ref, model = phi3_longrope
+    x = arch_ids(ARCHS["phi3"], 9, 40)
+    s = model.config.rope_scaling
+    with torch.no_grad():
+        want = ref(x).logits
+        try:
+            for b in model.blocks:
+                b.attn.rope.scaling, b.attn.rope._tables, b.attn.rope._pairs = None, {}, None
+            err = rel(model(x), want)
+        finally:
+            for b in model.blocks:
+                b.attn.rope.scaling, b.attn.rope._tables, b.attn.rope._pairs = s, {}, None
+    assert err > 100 * REL_TOL
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"rope_factors_long.weight": None}, r"LongRoPE needs both rope_factors_short.weight "
+         r"and rope_factors_long.weight; \['rope_factors_long.weight'\] is missing"),
+        ({"rope.scaling.original_context_length": None},
+         r"LongRoPE needs 'phi3.rope.scaling.original_context_length' \(a positive int\), got None"),
+        ({"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0},
+         r"phi3.rope.scaling.type='yarn' with LongRoPE factor tensors is not implemented"),
+    ],
+)  # fmt: skip
+def test_phi3_longrope_errors_are_named(tmp_path, changes, message):
+    path = phi3_longrope_gguf(tmp_path / "x.gguf", **changes)
+    with pytest.raises(ValueError, match=message):
+        qkv.load(str(path))

@@ -16,11 +16,13 @@ the file's `general.architecture`, never from its name. What differs between fam
   Hugging Face's half-split rows;
 * `rope_scaling`: the `rope.scaling.type` values the family reads (`_rope_scaling_of`): linear
   (Llama, Qwen 2/3, Gemma 3), YaRN (Llama, Qwen 2/3: Qwen2.5 / Qwen3 long-context files), plus
-  Llama's `rope_freqs.weight` factors (Llama 3.1's rule), into `DecoderConfig.rope_scaling`
+  Llama's `rope_freqs.weight` factors (Llama 3.1's rule), and "longrope" (Phi-3 128k, Phi-3.5,
+  Phi-4-mini: its `rope_factors_long` / `rope_factors_short` tensors), into
+  `DecoderConfig.rope_scaling`
   (Gemma 3: `rope_scalings`, on its global layers, as llama.cpp); other types are refused by
   name, and a family reading none refuses any scaling (`_ROPE_SCALING` in `unsupported`);
-* `unsupported`: what the generic decoder does not implement (RoPE scaling, Phi-3's LongRoPE
-  factors), each a clear error naming it, never a silently different model;
+* `unsupported`: what the generic decoder does not implement (RoPE scaling in some families),
+  each a clear error naming it, never a silently different model;
 * norms: llama.cpp stores Gemma's RMSNorm gain as 1 + w (its converter adds the 1), so a Gemma
   GGUF runs with `norm_offset` 0, where the Hugging Face checkpoint needs 1.
 
@@ -37,7 +39,7 @@ from typing import Any
 from torch import Tensor
 
 from ..nn import RopeScaling
-from ..nn.rope import yarn_attention_factor
+from ..nn.rope import longrope_attention_factor, yarn_attention_factor
 from . import gguf
 from .convert import Reshape, Rule, heads_in, heads_out
 from .decoder import DecoderConfig
@@ -173,6 +175,13 @@ def _rope_scaling_of(
     key = f"{arch}.rope.scaling."
     kind = md.get(key + "type") or "none"
     freqs = c.tensors.get("rope_freqs.weight")
+    if "longrope" in kinds and (
+        kind == "longrope" or any(n in c.tensors for n in _LONGROPE_TENSORS)
+    ):
+        try:
+            return _longrope_of(c, f, kind)
+        except ValueError as e:
+            raise ValueError(f"{c.path}: {e}") from e
 
     uses = f"{c.path}: this {arch} GGUF uses"
     if kind not in ("none", *kinds):
@@ -236,6 +245,42 @@ def _yarn_of(c: gguf.GGUFContents, f: Mapping[str, Any], factor: float, attn: fl
     return s
 
 
+_LONGROPE_TENSORS = ("rope_factors_short.weight", "rope_factors_long.weight")
+
+
+def _longrope_of(c: gguf.GGUFContents, f: Mapping[str, Any], kind: str) -> RopeScaling:
+    """Phi-3's LongRoPE as llama.cpp's converter writes it: the per-pair divisors in the
+    `rope_factors_short` / `rope_factors_long` tensors (r/2 each), L =
+    `rope.scaling.original_context_length` (required), cos/sin × `rope.scaling.attn_factor`
+    (absent: √(1 + ln(context_length / L) / ln L), what the converter stores). Which set a call
+    uses is `RopeScaling.longrope`'s rule, transformers' (its last position past L: long);
+    llama.cpp picks once by the context size it was started with (n_ctx > L: long), which for
+    a sequence past L is the same choice; for a shorter one, llama.cpp started with a context
+    past L uses the long set where transformers and qkv use the short one."""
+    md, key = c.metadata, f"{c.architecture}.rope.scaling."
+    if kind not in ("none", "longrope"):
+        raise ValueError(f"{key}type={kind!r} with LongRoPE factor tensors is not implemented")
+    missing = [n for n in _LONGROPE_TENSORS if n not in c.tensors]
+    if missing:
+        raise ValueError(
+            f"LongRoPE needs both {' and '.join(_LONGROPE_TENSORS)}; {missing} is missing"
+        )
+    L = md.get(key + "original_context_length")
+    if isinstance(L, float) and L.is_integer():
+        L = int(L)
+    if isinstance(L, bool) or not isinstance(L, int) or L <= 0:
+        raise ValueError(
+            f"LongRoPE needs '{key}original_context_length' (a positive int), got {L!r}"
+        )
+    factor = f["max_positions"] / L
+    attn = md.get(key + "attn_factor")
+    short, long = (c.tensors[n].flatten().tolist() for n in _LONGROPE_TENSORS)
+    return RopeScaling.longrope(
+        short, long, L, factor=factor,
+        attention_factor=longrope_attention_factor(factor, L) if attn is None else float(attn),
+    )  # fmt: skip
+
+
 def _yarn_corr_dims(r: int, L: int, base: float, fast: float, slow: float) -> tuple[int, int]:
     """ggml_rope_yarn_corr_dims: the pairs turning beta_fast and beta_slow times over L."""
 
@@ -295,10 +340,6 @@ def _phi3(f: dict[str, Any]) -> dict[str, Any]:
     return {"rope_dim": None if r is None or r == f["d_head"] else int(r)}
 
 
-def _longrope(c: gguf.GGUFContents) -> bool:
-    return any(n in c.tensors for n in ("rope_factors_long.weight", "rope_factors_short.weight"))
-
-
 # Phi-3: attn_qkv holds W_Q | W_K | W_V by rows and ffn_up holds gate | up, as in Hugging Face's
 # qkv_proj / gate_up_proj; NeoX RoPE (no permutation), possibly on part of the head.
 # phi3.attention.sliding_window is not applied: llama.cpp disables Phi-3's SWA (its PR 13676) and
@@ -316,9 +357,8 @@ _PHI3 = GGUFFamily(
         W("blocks.{}.mlp.up.weight", _B + "ffn_up.weight", "gate_up.up"),
     ),
     fixed={"norm": "rms", "act": "silu", "gated": True},
-    defaults={"rope_base": 10000.0}, derive=_phi3,
-    unsupported=(_ROPE_SCALING, ("LongRoPE (rope_factors_long / rope_factors_short tensors: "
-                                 "Phi-3 128k, Phi-3.5)", _longrope)),
+    defaults={"rope_base": 10000.0}, derive=_phi3, rope_scaling=("longrope",),
+    unsupported=(_ROPE_FREQS,), ignore=_LONGROPE_TENSORS,
 )  # fmt: skip
 
 
