@@ -255,6 +255,20 @@ def test_original_context_length_defaults_to_context_length(tmp_path):
     assert s.attention_factor == pytest.approx(1 + 0.1 * math.log(4.0))
 
 
+def test_yarn_context_is_original_times_factor(tmp_path):
+    """A Qwen2.5 file keeps context_length at the original 64 (llama.cpp is run with -c 256 to
+    use YaRN): qkv's limit is 64 · 4; a file without scaling keeps 64."""
+    kv = {**YARN_KV, "rope.scaling.original_context_length": 64}
+    path = tiny_gguf(tmp_path / "x.gguf", ARCHS["qwen2"], kv=kv)
+    assert (
+        gguf_families.config_from_gguf(qgguf.read_gguf(path, cache_dir=False)).max_positions == 256
+    )
+    path = tiny_gguf(tmp_path / "y.gguf", ARCHS["qwen2"])
+    assert (
+        gguf_families.config_from_gguf(qgguf.read_gguf(path, cache_dir=False)).max_positions == 64
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # refusals
 

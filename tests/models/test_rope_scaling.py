@@ -568,3 +568,23 @@ def test_longrope_choice_per_call_matters(phi3_longrope):
                     b.attn.rope.scaling, b.attn.rope._tables = rope_scaling, {}
                     b.attn.rope._pairs = None
         assert err > 100 * REL_TOL[torch.float32], (n, forced, err)
+
+
+def test_yarn_extends_the_context_to_original_times_factor(tmp_path):
+    """Qwen2.5's long-context recipe adds YaRN (× 4 from 32) to a config whose
+    max_position_embeddings stays at its original length: qkv takes 4 · 32 = 128 positions
+    (transformers sets no limit), and 100 tokens match transformers; without YaRN the limit
+    stays max_position_embeddings."""
+    params = {**YARN, "rope_theta": 500.0}
+    folder = _folder(tmp_path, rope_parameters=params, max_position_embeddings=32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    model = qkv.load(folder)
+    assert model.config.max_positions == 128
+    ids = ids_for(3, 100)
+    with torch.no_grad():
+        assert rel(model(ids), ref.eval()(ids).logits) <= REL_TOL[torch.float32]
+    with pytest.raises(ValueError, match=r"129 positions .* exceed .* context of 128 tokens"):
+        model(ids_for(3, 129))
+    plain = qkv.load(_folder(tmp_path, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+                             max_position_embeddings=32))  # fmt: skip
+    assert plain.config.max_positions == 32

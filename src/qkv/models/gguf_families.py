@@ -487,7 +487,9 @@ def config_from_gguf(contents: gguf.GGUFContents, *, name: str | None = None) ->
     f["bos_id"] = md.get("tokenizer.ggml.bos_token_id")
     f["eos_id"] = md.get("tokenizer.ggml.eos_token_id")
     if family.rope_scaling:
-        f["rope_scaling"] = _rope_scaling_of(contents, family.rope_scaling, f)
+        f["rope_scaling"] = s = _rope_scaling_of(contents, family.rope_scaling, f)
+        if s is not None and s.rope_type == "yarn":  # context_length is the original one
+            f["max_positions"] = s.context(f["max_positions"])
     if family.derive is not None:
         f.update(family.derive(f))
     known = {x.name for x in DecoderConfig.__dataclass_fields__.values()}

@@ -107,6 +107,9 @@ def build_config(family: Family, cfg: dict[str, Any], *, name: str, where: str):
         f["rope_bases"] = _rope_bases(family, cfg, f)
         if f.get("positions", "rope") == "rope":
             f["rope_scaling"], f["rope_scalings"] = _rope_scalings(family, cfg, f, where)
+            scalings = [f["rope_scaling"], *(f["rope_scalings"] or ())]
+            n = f["max_positions"]  # the context the scaling is for: transformers has no limit
+            f["max_positions"] = max([n, *(s.context(n) for s in scalings if s is not None)])
     known = {x.name for x in dataclasses.fields(kind)}
     try:
         return kind(name=name, **{k: v for k, v in f.items() if k in known})

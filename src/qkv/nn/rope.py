@@ -242,6 +242,16 @@ class RopeScaling:
         attention_factor, 1 for the other types."""
         return self.attention_factor if self.rope_type in ("yarn", "longrope") else 1.0
 
+    def context(self, max_positions: int) -> int:
+        """The longest sequence a model whose config says `max_positions` is scaled for: YaRN
+        → max(max_positions, original_max_positions · factor), since Qwen2.5's and Qwen3's
+        configs (and llama.cpp's context_length) keep the original length; every other type:
+        max_positions (their configs state the extended length: Llama 3.1's 131072, Gemma 3's,
+        Phi-3's)."""
+        if self.rope_type == "yarn":
+            return max(max_positions, int(self.original_max_positions * self.factor))
+        return max_positions
+
     def is_long(self, n: int) -> bool:
         """Whether a call whose positions end before n (its last is n − 1) takes LongRoPE's
         long factors: n > original_max_positions; False for every other type."""
