@@ -58,10 +58,14 @@ _QWEN2_SPLIT = (
 # Llama 3.x ("llama-bpe"; llama.cpp's LLAMA_VOCAB_PRE_TYPE_LLAMA3): Qwen2's regex with digits in
 # runs of up to three (Meta's tokenizer.json pattern), then byte-level BPE on the pieces
 _LLAMA3_SPLIT = _QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+# BLOOM ("bloom"; llama.cpp's LLAMA_VOCAB_PRE_TYPE_BLOOM): an optional space, then a run of
+# anything but whitespace, ( ) | and . , ! ? … 。 ， 、 । ۔ ، (BLOOM's tokenizer.json Split)
+_BLOOM_SPLIT = r" ?[^(\s|.,!?…。，、।۔،)]+"
 # pre-tokenizer name → its split regex (then byte-level BPE without GPT-2's own regex)
 _REGEX_PRE = {
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
     **dict.fromkeys(("llama-bpe", "llama3", "llama-v3"), _LLAMA3_SPLIT),
+    "bloom": _BLOOM_SPLIT,
 }
 SUPPORTED_PRE_TOKENIZERS = tuple(sorted(_DIGIT_SPLIT_PRE | _GPT2_PRE | set(_REGEX_PRE)))
 

@@ -443,8 +443,11 @@ _GEMMA2 = GGUFFamily(
     merges_by="file", derive=_gemma2, unsupported=(_ROPE_SCALING,),
 )  # fmt: skip
 
+from .gguf_families_more import MORE_GGUF_FAMILIES  # noqa: E402 (it builds on the above)
+
 GGUF_FAMILIES: dict[str, GGUFFamily] = {
-    f.architecture: f for f in (_LLAMA, _QWEN2, _QWEN3, _PHI3, _GEMMA2, _GEMMA3)
+    f.architecture: f
+    for f in (_LLAMA, _QWEN2, _QWEN3, _PHI3, _GEMMA2, _GEMMA3, *MORE_GGUF_FAMILIES)
 }
 
 

@@ -60,9 +60,10 @@ def package_file(module: str, filename: str, package: str) -> Path:
 def load_gguf(
     path: str | Path, *, name: str | None = None, cache_dir: str | Path | bool | None = None
 ) -> Decoder:
-    """A GGUF of a family in `gguf_families` (`general.architecture` llama, qwen2, qwen3, phi3,
-    gemma2 or gemma3) → `Decoder`
-    (eval mode, float32, accelerated) with its tokenizer and chat template.
+    """A GGUF of a family in `gguf_families` (`general.architecture` one of
+    `gguf_families.GGUF_FAMILIES`: llama, qwen2, qwen3, phi3, gemma2, gemma3, gpt2, starcoder2,
+    bloom, ...) → `Decoder` (eval mode, float32, accelerated) with its tokenizer and chat
+    template.
 
     `cache_dir` as in `read_gguf` (False: always dequantise from the file and build the
     tokenizer). Raises ValueError for a foreign or corrupted file (naming the tensor and the

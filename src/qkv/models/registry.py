@@ -77,7 +77,7 @@ def load(name_or_path: str | Path):
       (+ tokenizer.json: without it, pass token ids; text raises a clear error);
     * a folder written by `qkv train` (config.json with `"format": "qkv.tiny/1"`);
     * a `.gguf` file whose `general.architecture` `gguf_families` describes (llama, qwen2,
-      qwen3, phi3, gemma2, gemma3).
+      qwen3, phi3, gemma2, gemma3, gpt2, starcoder2, bloom, ...: `GGUF_FAMILIES`).
     """
     if isinstance(name_or_path, str) and name_or_path in MODELS:
         info = MODELS[name_or_path]
