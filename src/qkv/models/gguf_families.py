@@ -43,6 +43,7 @@ from .convert import Reshape, Rule, heads_in, heads_out
 from .decoder import DecoderConfig
 from .families import W
 from .families_base import RESHAPES as HF_RESHAPES
+from .hf import _holds
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class GGUFFamily:
     ignore: tuple[str, ...] = ()  # tensors read into the config, not weights
     # (what, test): a file for which test(contents) holds is refused, naming `what`
     unsupported: tuple[tuple[str, Callable[[gguf.GGUFContents], bool]], ...] = ()
+    # fields read from the tensors a file holds, where llama.cpp decides by them (StableLM:
+    # attn_q.bias ⇒ q/k/v biases, an ffn_norm ⇒ a sequential block); applied after `fixed`
+    from_tensors: Callable[[gguf.GGUFContents], dict[str, Any]] | None = None
 
 
 def _unpermuted(n_heads: Callable[[Any], int]) -> Callable[[Any], Reshape]:
@@ -403,8 +407,11 @@ _GEMMA2 = GGUFFamily(
     merges_by="file", derive=_gemma2, unsupported=(_ROPE_SCALING,),
 )  # fmt: skip
 
+from .gguf_families_extra import EXTRA_GGUF_FAMILIES  # noqa: E402  (it builds on the above)
+
 GGUF_FAMILIES: dict[str, GGUFFamily] = {
-    f.architecture: f for f in (_LLAMA, _QWEN2, _QWEN3, _PHI3, _GEMMA2, _GEMMA3)
+    f.architecture: f
+    for f in (_LLAMA, _QWEN2, _QWEN3, _PHI3, _GEMMA2, _GEMMA3, *EXTRA_GGUF_FAMILIES)
 }
 
 
@@ -440,6 +447,8 @@ def config_from_gguf(contents: gguf.GGUFContents, *, name: str | None = None) ->
             keys = " or ".join(f"'{arch}.{k}'" for k in family.fields[ours])
             raise ValueError(f"{contents.path}: metadata key {keys} is missing")
     f.update(family.fixed)
+    if family.from_tensors is not None:
+        f.update(family.from_tensors(contents))
     f.setdefault("n_kv_heads", f["n_heads"])
     f.setdefault("d_head", f["d_model"] // f["n_heads"])
     f.setdefault("vocab_size", len(md.get("tokenizer.ggml.tokens") or ()))
@@ -461,12 +470,11 @@ def config_from_gguf(contents: gguf.GGUFContents, *, name: str | None = None) ->
 
 
 def rules(family: GGUFFamily, config: DecoderConfig) -> list[Rule]:
-    """The family's key map GGUF → model for this config (`{}` = layer index)."""
+    """The family's key map GGUF → model for this config (`{}` = layer index; `when` as a
+    Hugging Face family's: a bool field, "untied", or "field=value" / "field!=value")."""
     out = []
     for w in family.weights:
-        if w.when == "untied" and config.tie_embeddings:
-            continue
-        if w.when not in (None, "untied") and not getattr(config, w.when):
+        if w.when is not None and not _holds(w.when, config, {"untied": not config.tie_embeddings}):
             continue
         out.append(Rule(w.dst, w.src, None if w.reshape is None else RESHAPES[w.reshape](config)))
     return out
