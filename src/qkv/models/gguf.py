@@ -61,11 +61,21 @@ _LLAMA3_SPLIT = _QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
 # BLOOM ("bloom"; llama.cpp's LLAMA_VOCAB_PRE_TYPE_BLOOM): an optional space, then a run of
 # anything but whitespace, ( ) | and . , ! ? … 。 ， 、 । ۔ ، (BLOOM's tokenizer.json Split)
 _BLOOM_SPLIT = r" ?[^(\s|.,!?…。，、।۔،)]+"
-# pre-tokenizer name → its split regex (then byte-level BPE without GPT-2's own regex)
-_REGEX_PRE = {
+# Falcon ("falcon"; llama.cpp's LLAMA_VOCAB_PRE_TYPE_FALCON, as Falcon's tokenizer.json): runs of
+# punctuation apart, then GPT-2's regex, then digits in threes, each splitting the last's pieces
+_FALCON_SPLITS = (
+    r"[\p{P}\$\+<=>\^~\|`]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+    r"[0-9][0-9][0-9]",
+)
+# pre-tokenizer name → its split regex, or regexes applied in turn (then byte-level BPE without
+# GPT-2's own regex). StableLM 2 ("stablelm2"): Qwen2's, as llama.cpp
+_REGEX_PRE: dict[str, str | tuple[str, ...]] = {
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
     **dict.fromkeys(("llama-bpe", "llama3", "llama-v3"), _LLAMA3_SPLIT),
     "bloom": _BLOOM_SPLIT,
+    "stablelm2": _QWEN2_SPLIT,
+    "falcon": _FALCON_SPLITS,
 }
 SUPPORTED_PRE_TOKENIZERS = tuple(sorted(_DIGIT_SPLIT_PRE | _GPT2_PRE | set(_REGEX_PRE)))
 
@@ -543,12 +553,14 @@ def make_tokenizer(metadata: dict[str, Any], *, merges_by: str = "score"):
     elif pre in _GPT2_PRE:
         tok.pre_tokenizer = byte_level
     elif pre in _REGEX_PRE:
+        splits = _REGEX_PRE[pre]
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(_REGEX_PRE[pre]), behavior="isolated"),
+                *(pre_tokenizers.Split(Regex(r), behavior="isolated")
+                  for r in ((splits,) if isinstance(splits, str) else splits)),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
-        )
+        )  # fmt: skip
     else:
         raise ValueError(
             f"tokenizer.ggml.pre is {pre!r}; supported pre-tokenizers: {list(SUPPORTED_PRE_TOKENIZERS)}"

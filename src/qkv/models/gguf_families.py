@@ -9,7 +9,8 @@ the file's `general.architecture`, never from its name. What differs between fam
 * `fixed` / `defaults`: values the architecture implies, or assumes when a key is absent
   (llama.cpp hard-codes some, e.g. Gemma 3's five local layers to one global, its local RoPE
   base 10⁴);
-* `weights`: `W(dst, src, reshape, when)` with `{}` for the layer (reshapes in `RESHAPES`;
+* `weights`: `W(dst, src, reshape, when)` with `{}` for the layer (reshapes in
+  `gguf_families_base.RESHAPES`, beside `GGUFFamily` and the shared Llama layout;
   `when` names a bool config field, "untied" an untied unembedding);
 * `qk_permuted`: llama.cpp reordered attn_q/attn_k rows for its interleaved RoPE (Llama), so the
   loader undoes it (`gguf.unpermute_qk`); the NeoX-RoPE families (Qwen 2/3, Phi-3, Gemma) keep
@@ -18,13 +19,16 @@ the file's `general.architecture`, never from its name. What differs between fam
   (Llama, Qwen 2/3, Gemma 3), YaRN (Llama, Qwen 2/3: Qwen2.5 / Qwen3 long-context files), plus
   Llama's `rope_freqs.weight` factors (Llama 3.1's rule), and "longrope" (Phi-3 128k, Phi-3.5,
   Phi-4-mini: its `rope_factors_long` / `rope_factors_short` tensors), into
-  `DecoderConfig.rope_scaling`
-  (Gemma 3: `rope_scalings`, on its global layers, as llama.cpp); other types are refused by
-  name, and a family reading none refuses any scaling (`_ROPE_SCALING` in `unsupported`);
+  `DecoderConfig.rope_scaling` (Gemma 3: `rope_scalings`, on its global layers, as
+  llama.cpp); other types are refused by
+  name, and a family reading none refuses any scaling (`ROPE_SCALING` in `unsupported`);
 * `unsupported`: what the generic decoder does not implement (RoPE scaling in some families),
   each a clear error naming it, never a silently different model;
 * norms: llama.cpp stores Gemma's RMSNorm gain as 1 + w (its converter adds the 1), so a Gemma
   GGUF runs with `norm_offset` 0, where the Hugging Face checkpoint needs 1.
+
+The families here: llama, qwen2, qwen3, phi3, gemma2, gemma3; `gguf_families_more.py`: gpt2,
+starcoder2, bloom; `gguf_families_extra.py`: stablelm, falcon (7B); `GGUF_FAMILIES` lists all.
 
 Letters: h query heads, k kv heads, d head dim, m model dim.
 """
@@ -32,115 +36,28 @@ Letters: h query heads, k kv heads, d head dim, m model dim.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
-
-from torch import Tensor
 
 from ..nn import RopeScaling
 from ..nn.rope import longrope_attention_factor, yarn_attention_factor
 from . import gguf
-from .convert import Reshape, Rule, heads_in, heads_out
+from .convert import Rule
 from .decoder import DecoderConfig
 from .families import W
-from .families_base import RESHAPES as HF_RESHAPES
-
-
-@dataclass(frozen=True)
-class GGUFFamily:
-    architecture: str  # general.architecture
-    hf_model_type: str  # the transformers family with the same computation (for messages/docs)
-    fields: Mapping[str, tuple[str, ...]]
-    weights: tuple[W, ...]
-    fixed: Mapping[str, Any] = field(default_factory=dict)
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    qk_permuted: bool = False
-    merges_by: str = "score"  # a SentencePiece vocabulary's merge order (`gguf.sentencepiece_bpe`)
-    derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-    # the rope.scaling.type values read (`_rope_scaling_of`: "linear", "yarn"; a rope_freqs.weight
-    # tensor too unless `unsupported` refuses it); (): any RoPE scaling is refused (put
-    # `_ROPE_SCALING` in `unsupported`)
-    rope_scaling: tuple[str, ...] = ()
-    ignore: tuple[str, ...] = ()  # tensors read into the config, not weights
-    # (what, test): a file for which test(contents) holds is refused, naming `what`
-    unsupported: tuple[tuple[str, Callable[[gguf.GGUFContents], bool]], ...] = ()
-
-
-def _unpermuted(n_heads: Callable[[Any], int]) -> Callable[[Any], Reshape]:
-    """llama.cpp's interleaved-pair attn_q/attn_k (h·d, m) → per-head W (h m d), half-split.
-    `gguf.unpermute_qk` is looked up at call time (a test swaps it for the identity)."""
-
-    def make(c: Any) -> Reshape:
-        H, to_heads = n_heads(c), heads_in(n_heads(c), c.d_head)
-
-        def fn(w: Tensor) -> Tensor:
-            if w.dim() != 2 or w.shape[0] != H * c.d_head:
-                return w  # convert's shape check names the tensor
-            return to_heads(gguf.unpermute_qk(w, H))
-
-        return fn
-
-    return make
-
-
-RESHAPES: dict[str, Callable[[Any], Reshape]] = {
-    "q": lambda c: heads_in(c.n_heads, c.d_head),  # (h·d, m) → (h m d)
-    "kv": lambda c: heads_in(c.n_kv_heads, c.d_head),  # (k·d, m) → (k m d)
-    "o": lambda c: heads_out(c.n_heads, c.d_head),  # (m, h·d) → (h d m)
-    "permuted.q": _unpermuted(lambda c: c.n_heads),
-    "permuted.k": _unpermuted(lambda c: c.n_kv_heads),
-    "bq": HF_RESHAPES["bq"],  # (h·d,) → (h d)
-    "bkv": HF_RESHAPES["bkv"],  # (k·d,) → (k d)
-    # Phi-3's fused attn_qkv (h·d + 2·k·d, m), rows Q | K | V, and ffn_up (2f, m), rows gate | up
-    "qkv.q": HF_RESHAPES["qkv_proj.q"],
-    "qkv.k": HF_RESHAPES["qkv_proj.k"],
-    "qkv.v": HF_RESHAPES["qkv_proj.v"],
-    "gate_up.gate": HF_RESHAPES["gate_up.gate"],
-    "gate_up.up": HF_RESHAPES["gate_up.up"],
-}
-
-_B = "blk.{}."
-_LLAMA_WEIGHTS = (
-    W("embed.weight", "token_embd.weight"),
-    W("norm.weight", "output_norm.weight"),
-    W("lm_head.weight", "output.weight", when="untied"),
-    W("blocks.{}.norm1.weight", _B + "attn_norm.weight"),
-    W("blocks.{}.attn.W_Q", _B + "attn_q.weight", "q"),
-    W("blocks.{}.attn.W_K", _B + "attn_k.weight", "kv"),
-    W("blocks.{}.attn.W_V", _B + "attn_v.weight", "kv"),
-    W("blocks.{}.attn.W_O", _B + "attn_output.weight", "o"),
-    W("blocks.{}.norm2.weight", _B + "ffn_norm.weight"),
-    W("blocks.{}.mlp.gate.weight", _B + "ffn_gate.weight"),
-    W("blocks.{}.mlp.up.weight", _B + "ffn_up.weight"),
-    W("blocks.{}.mlp.down.weight", _B + "ffn_down.weight"),
+from .gguf_families_base import (
+    CORE_FIELDS,
+    LLAMA_WEIGHTS,
+    REQUIRED,
+    RESHAPES,
+    ROPE_FREQS,
+    ROPE_SCALING,
+    B,
+    GGUFFamily,
 )
-_CORE_FIELDS = {
-    "n_layers": ("block_count",),
-    "n_heads": ("attention.head_count",),
-    "n_kv_heads": ("attention.head_count_kv", "attention.head_count"),
-    "d_model": ("embedding_length",),
-    "d_head": ("attention.key_length", "rope.dimension_count"),
-    "d_ff": ("feed_forward_length",),
-    "max_positions": ("context_length",),
-    "norm_eps": ("attention.layer_norm_rms_epsilon",),
-    "rope_base": ("rope.freq_base",),
-    "vocab_size": ("vocab_size",),
-}
-_REQUIRED = ("n_layers", "n_heads", "d_model", "d_ff", "max_positions", "norm_eps")
-
-
-def _rope_scaling(c: gguf.GGUFContents) -> bool:
-    kind = c.metadata.get(f"{c.architecture}.rope.scaling.type")
-    return kind not in (None, "none") or "rope_freqs.weight" in c.tensors
-
-
-# RoPE scaling (linear, YaRN; Llama 3.1's per-dimension rope_freqs): positions rotate otherwise
-_ROPE_SCALING = ("RoPE scaling (<arch>.rope.scaling.type, or a rope_freqs.weight tensor)",
-                 _rope_scaling)  # fmt: skip
-
-_ROPE_FREQS = ("a rope_freqs.weight tensor (per-pair RoPE factors)",
-               lambda c: "rope_freqs.weight" in c.tensors)  # fmt: skip
+from .gguf_families_extra import EXTRA_GGUF_FAMILIES
+from .gguf_families_more import MORE_GGUF_FAMILIES
+from .hf import _holds
 
 
 def _rope_scaling_of(
@@ -291,11 +208,11 @@ def _yarn_corr_dims(r: int, L: int, base: float, fast: float, slow: float) -> tu
 
 
 _LLAMA = GGUFFamily(
-    "llama", "llama", _CORE_FIELDS,
+    "llama", "llama", CORE_FIELDS,
     (
-        *(w for w in _LLAMA_WEIGHTS if w.dst not in ("blocks.{}.attn.W_Q", "blocks.{}.attn.W_K")),
-        W("blocks.{}.attn.W_Q", _B + "attn_q.weight", "permuted.q"),
-        W("blocks.{}.attn.W_K", _B + "attn_k.weight", "permuted.k"),
+        *(w for w in LLAMA_WEIGHTS if w.dst not in ("blocks.{}.attn.W_Q", "blocks.{}.attn.W_K")),
+        W("blocks.{}.attn.W_Q", B + "attn_q.weight", "permuted.q"),
+        W("blocks.{}.attn.W_K", B + "attn_k.weight", "permuted.k"),
     ),
     fixed={"norm": "rms", "act": "silu", "gated": True},
     defaults={"rope_base": 10000.0}, qk_permuted=True, rope_scaling=("linear", "yarn"),
@@ -306,15 +223,15 @@ _LLAMA = GGUFFamily(
 # RoPE, so its converter leaves the Q/K rows as Hugging Face's (no permutation). RoPE scaling
 # linear or YaRN (Qwen2.5's long-context files: rope.scaling.type yarn, factor 4, 32768 original)
 _QWEN2 = GGUFFamily(
-    "qwen2", "qwen2", _CORE_FIELDS,
+    "qwen2", "qwen2", CORE_FIELDS,
     (
-        *_LLAMA_WEIGHTS,
-        W("blocks.{}.attn.b_Q", _B + "attn_q.bias", "bq"),
-        W("blocks.{}.attn.b_K", _B + "attn_k.bias", "bkv"),
-        W("blocks.{}.attn.b_V", _B + "attn_v.bias", "bkv"),
+        *LLAMA_WEIGHTS,
+        W("blocks.{}.attn.b_Q", B + "attn_q.bias", "bq"),
+        W("blocks.{}.attn.b_K", B + "attn_k.bias", "bkv"),
+        W("blocks.{}.attn.b_V", B + "attn_v.bias", "bkv"),
     ),
     fixed={"norm": "rms", "act": "silu", "gated": True, "attn_bias": True},
-    defaults={"rope_base": 10000.0}, rope_scaling=("linear", "yarn"), unsupported=(_ROPE_FREQS,),
+    defaults={"rope_base": 10000.0}, rope_scaling=("linear", "yarn"), unsupported=(ROPE_FREQS,),
 )  # fmt: skip
 
 # Qwen3: Llama without biases, plus an RMSNorm (d) on each head's q and k before RoPE; head dim
@@ -322,15 +239,15 @@ _QWEN2 = GGUFFamily(
 # scaling linear or YaRN (Qwen3's 128k files) as Qwen2
 _QWEN3 = GGUFFamily(
     "qwen3", "qwen3",
-    {**_CORE_FIELDS, "d_head": ("attention.key_length",)},
+    {**CORE_FIELDS, "d_head": ("attention.key_length",)},
     (
-        *_LLAMA_WEIGHTS,
-        W("blocks.{}.attn.q_norm.weight", _B + "attn_q_norm.weight"),
-        W("blocks.{}.attn.k_norm.weight", _B + "attn_k_norm.weight"),
+        *LLAMA_WEIGHTS,
+        W("blocks.{}.attn.q_norm.weight", B + "attn_q_norm.weight"),
+        W("blocks.{}.attn.k_norm.weight", B + "attn_k_norm.weight"),
     ),
     fixed={"norm": "rms", "act": "silu", "gated": True, "qk_norm": True},
     defaults={"rope_base": 10000.0},  # llama.cpp's default base
-    rope_scaling=("linear", "yarn"), unsupported=(_ROPE_FREQS,),
+    rope_scaling=("linear", "yarn"), unsupported=(ROPE_FREQS,),
 )  # fmt: skip
 
 
@@ -346,19 +263,19 @@ def _phi3(f: dict[str, Any]) -> dict[str, Any]:
 # transformers' GGUF reader does not read it, so neither does this family
 _PHI3 = GGUFFamily(
     "phi3", "phi3",
-    {**_CORE_FIELDS, "d_head": ("attention.key_length",), "rope_dim": ("rope.dimension_count",)},
+    {**CORE_FIELDS, "d_head": ("attention.key_length",), "rope_dim": ("rope.dimension_count",)},
     (
-        *(w for w in _LLAMA_WEIGHTS if w.src.split(".")[-2] not in (
+        *(w for w in LLAMA_WEIGHTS if w.src.split(".")[-2] not in (
             "attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up")),
-        W("blocks.{}.attn.W_Q", _B + "attn_qkv.weight", "qkv.q"),
-        W("blocks.{}.attn.W_K", _B + "attn_qkv.weight", "qkv.k"),
-        W("blocks.{}.attn.W_V", _B + "attn_qkv.weight", "qkv.v"),
-        W("blocks.{}.mlp.gate.weight", _B + "ffn_up.weight", "gate_up.gate"),
-        W("blocks.{}.mlp.up.weight", _B + "ffn_up.weight", "gate_up.up"),
+        W("blocks.{}.attn.W_Q", B + "attn_qkv.weight", "qkv.q"),
+        W("blocks.{}.attn.W_K", B + "attn_qkv.weight", "qkv.k"),
+        W("blocks.{}.attn.W_V", B + "attn_qkv.weight", "qkv.v"),
+        W("blocks.{}.mlp.gate.weight", B + "ffn_up.weight", "gate_up.gate"),
+        W("blocks.{}.mlp.up.weight", B + "ffn_up.weight", "gate_up.up"),
     ),
     fixed={"norm": "rms", "act": "silu", "gated": True},
     defaults={"rope_base": 10000.0}, derive=_phi3, rope_scaling=("longrope",),
-    unsupported=(_ROPE_FREQS,), ignore=_LONGROPE_TENSORS,
+    unsupported=(ROPE_FREQS,), ignore=_LONGROPE_TENSORS,
 )  # fmt: skip
 
 
@@ -405,23 +322,23 @@ def _gemma3(f: dict[str, Any]) -> dict[str, Any]:
 # Q/K rows as Hugging Face's (no permutation); five sliding-window layers to one global
 _GEMMA3 = GGUFFamily(
     "gemma3", "gemma3_text",
-    {**_CORE_FIELDS, "window": ("attention.sliding_window",),
+    {**CORE_FIELDS, "window": ("attention.sliding_window",),
      "window_pattern": ("attention.sliding_window_pattern",),
      "local_rope_base": ("rope.freq_base_swa",), "attn_scale": ("attention.scale",),
      "logit_softcap": ("final_logit_softcapping",),
      "attn_softcap": ("attn_logit_softcapping",)},
     (
-        *_LLAMA_WEIGHTS,
-        W("blocks.{}.post1.weight", _B + "post_attention_norm.weight"),
-        W("blocks.{}.post2.weight", _B + "post_ffw_norm.weight"),
-        W("blocks.{}.attn.q_norm.weight", _B + "attn_q_norm.weight"),
-        W("blocks.{}.attn.k_norm.weight", _B + "attn_k_norm.weight"),
+        *LLAMA_WEIGHTS,
+        W("blocks.{}.post1.weight", B + "post_attention_norm.weight"),
+        W("blocks.{}.post2.weight", B + "post_ffw_norm.weight"),
+        W("blocks.{}.attn.q_norm.weight", B + "attn_q_norm.weight"),
+        W("blocks.{}.attn.k_norm.weight", B + "attn_k_norm.weight"),
     ),
     fixed={"norm": "rms", "act": "gelu_tanh", "gated": True, "block": "sandwich",
            "qk_norm": True, "norm_offset": 0.0},
     defaults={"rope_base": 1e6, "local_rope_base": 1e4, "window_pattern": 6},
     merges_by="file", derive=_gemma3, rope_scaling=("linear",),  # 4B+: × 8, global layers
-    unsupported=(_ROPE_FREQS,),
+    unsupported=(ROPE_FREQS,),
 )  # fmt: skip
 
 # Gemma 2: sandwich norms (stored 1 + w: offset 0), GELU-tanh, scores capped at 50·tanh(s/50)
@@ -429,25 +346,32 @@ _GEMMA3 = GGUFFamily(
 # on every other layer; no QK-norm; Q/K rows not permuted
 _GEMMA2 = GGUFFamily(
     "gemma2", "gemma2",
-    {**_CORE_FIELDS, "window": ("attention.sliding_window",),
+    {**CORE_FIELDS, "window": ("attention.sliding_window",),
      "logit_softcap": ("final_logit_softcapping",),
      "attn_softcap": ("attn_logit_softcapping",)},
     (
-        *_LLAMA_WEIGHTS,
-        W("blocks.{}.post1.weight", _B + "post_attention_norm.weight"),
-        W("blocks.{}.post2.weight", _B + "post_ffw_norm.weight"),
+        *LLAMA_WEIGHTS,
+        W("blocks.{}.post1.weight", B + "post_attention_norm.weight"),
+        W("blocks.{}.post2.weight", B + "post_ffw_norm.weight"),
     ),
     fixed={"norm": "rms", "act": "gelu_tanh", "gated": True, "block": "sandwich",
            "norm_offset": 0.0},
     defaults={"rope_base": 10000.0, "window": 4096, "attn_softcap": 50.0, "logit_softcap": 30.0},
-    merges_by="file", derive=_gemma2, unsupported=(_ROPE_SCALING,),
+    merges_by="file", derive=_gemma2, unsupported=(ROPE_SCALING,),
 )  # fmt: skip
-
-from .gguf_families_more import MORE_GGUF_FAMILIES  # noqa: E402 (it builds on the above)
 
 GGUF_FAMILIES: dict[str, GGUFFamily] = {
     f.architecture: f
-    for f in (_LLAMA, _QWEN2, _QWEN3, _PHI3, _GEMMA2, _GEMMA3, *MORE_GGUF_FAMILIES)
+    for f in (
+        _LLAMA,
+        _QWEN2,
+        _QWEN3,
+        _PHI3,
+        _GEMMA2,
+        _GEMMA3,
+        *MORE_GGUF_FAMILIES,
+        *EXTRA_GGUF_FAMILIES,
+    )
 }
 
 
@@ -478,11 +402,13 @@ def config_from_gguf(contents: gguf.GGUFContents, *, name: str | None = None) ->
         v = next((md[f"{arch}.{k}"] for k in keys if md.get(f"{arch}.{k}") is not None), None)
         if v is not None:
             f[ours] = v
-    for ours in _REQUIRED:
+    for ours in REQUIRED:
         if ours not in f:
             keys = " or ".join(f"'{arch}.{k}'" for k in family.fields[ours])
             raise ValueError(f"{contents.path}: metadata key {keys} is missing")
     f.update(family.fixed)
+    if family.from_tensors is not None:
+        f.update(family.from_tensors(contents))
     f.setdefault("n_kv_heads", f["n_heads"])
     f.setdefault("d_head", f["d_model"] // f["n_heads"])
     f.setdefault("vocab_size", len(md.get("tokenizer.ggml.tokens") or ()))
@@ -506,12 +432,11 @@ def config_from_gguf(contents: gguf.GGUFContents, *, name: str | None = None) ->
 
 
 def rules(family: GGUFFamily, config: DecoderConfig) -> list[Rule]:
-    """The family's key map GGUF → model for this config (`{}` = layer index)."""
+    """The family's key map GGUF → model for this config (`{}` = layer index; `when` as a
+    Hugging Face family's: a bool field, "untied", or "field=value" / "field!=value")."""
     out = []
     for w in family.weights:
-        if w.when == "untied" and config.tie_embeddings:
-            continue
-        if w.when not in (None, "untied") and not getattr(config, w.when):
+        if w.when is not None and not _holds(w.when, config, {"untied": not config.tie_embeddings}):
             continue
         out.append(Rule(w.dst, w.src, None if w.reshape is None else RESHAPES[w.reshape](config)))
     return out

@@ -17,50 +17,17 @@ converter (`convert_hf_to_gguf.py`) writes them:
 Every one reads `<arch>.attention.layer_norm_epsilon` (LayerNorm, not RMSNorm) and its
 `feed_forward_length` (4·m for GPT-2 and BLOOM, as the converter writes it).
 
-This module builds on `gguf_families` (its `GGUFFamily`, `W`, `RESHAPES`) and is imported by
-it when its registry is built: import `gguf_families` (or `llama`), not this module alone.
+Built on `gguf_families_base` (`GGUFFamily`, `W`, the reshapes, among them the fused-bias split
+`qkv.bq/bk/bv`); `gguf_families` lists these families in its registry.
 
 Letters: h query heads, k kv heads, d head dim, m model dim.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from .gguf_families_base import CORE_FIELDS, ROPE_SCALING, B, GGUFFamily, W
 
-from torch import Tensor
-
-from .convert import Reshape, heads_bias
-from .gguf_families import _B, _CORE_FIELDS, _ROPE_SCALING, RESHAPES, GGUFFamily, W
-
-
-def _qkv_bias(part: int, n_heads: Callable[[Any], int]) -> Callable[[Any], Reshape]:
-    """Rows Q | K | V of a fused (h·d + 2·k·d,) bias: block `part`, as (heads d)."""
-
-    def make(c: Any) -> Reshape:
-        sizes = (c.n_heads * c.d_head, c.n_kv_heads * c.d_head, c.n_kv_heads * c.d_head)
-        inner = heads_bias(n_heads(c), c.d_head)
-
-        def fn(b: Tensor) -> Tensor:
-            if b.shape[0] != sum(sizes):
-                return b  # convert's shape check names the tensor
-            return inner(b.split(sizes, 0)[part])
-
-        return fn
-
-    return make
-
-
-_FUSED_BIAS = {
-    "qkv.bq": _qkv_bias(0, lambda c: c.n_heads),  # (h·d + 2·k·d,) → (h d)
-    "qkv.bk": _qkv_bias(1, lambda c: c.n_kv_heads),  # → (k d)
-    "qkv.bv": _qkv_bias(2, lambda c: c.n_kv_heads),  # → (k d)
-}
-# `rules` looks reshapes up in gguf_families.RESHAPES: these join it (new names only)
-assert not set(_FUSED_BIAS) & set(RESHAPES), sorted(set(_FUSED_BIAS) & set(RESHAPES))
-RESHAPES.update(_FUSED_BIAS)
-
-_LN_FIELDS = {**_CORE_FIELDS, "norm_eps": ("attention.layer_norm_epsilon",)}
+_LN_FIELDS = {**CORE_FIELDS, "norm_eps": ("attention.layer_norm_epsilon",)}
 
 # LayerNorm gains and biases, output.weight (the converter's copy of the embeddings)
 _LN_WEIGHTS = (
@@ -68,25 +35,25 @@ _LN_WEIGHTS = (
     W("norm.weight", "output_norm.weight"),
     W("norm.bias", "output_norm.bias"),
     W("lm_head.weight", "output.weight", when="untied"),
-    W("blocks.{}.norm1.weight", _B + "attn_norm.weight"),
-    W("blocks.{}.norm1.bias", _B + "attn_norm.bias"),
-    W("blocks.{}.norm2.weight", _B + "ffn_norm.weight"),
-    W("blocks.{}.norm2.bias", _B + "ffn_norm.bias"),
-    W("blocks.{}.attn.W_O", _B + "attn_output.weight", "o"),
-    W("blocks.{}.attn.b_O", _B + "attn_output.bias"),
-    W("blocks.{}.mlp.up.weight", _B + "ffn_up.weight"),
-    W("blocks.{}.mlp.up.bias", _B + "ffn_up.bias"),
-    W("blocks.{}.mlp.down.weight", _B + "ffn_down.weight"),
-    W("blocks.{}.mlp.down.bias", _B + "ffn_down.bias"),
+    W("blocks.{}.norm1.weight", B + "attn_norm.weight"),
+    W("blocks.{}.norm1.bias", B + "attn_norm.bias"),
+    W("blocks.{}.norm2.weight", B + "ffn_norm.weight"),
+    W("blocks.{}.norm2.bias", B + "ffn_norm.bias"),
+    W("blocks.{}.attn.W_O", B + "attn_output.weight", "o"),
+    W("blocks.{}.attn.b_O", B + "attn_output.bias"),
+    W("blocks.{}.mlp.up.weight", B + "ffn_up.weight"),
+    W("blocks.{}.mlp.up.bias", B + "ffn_up.bias"),
+    W("blocks.{}.mlp.down.weight", B + "ffn_down.weight"),
+    W("blocks.{}.mlp.down.bias", B + "ffn_down.bias"),
 )
 # one attn_qkv (h·d + 2·k·d, m) and its bias, rows Q | K | V (GPT-2; BLOOM after the converter)
 _FUSED_QKV = (
-    W("blocks.{}.attn.W_Q", _B + "attn_qkv.weight", "qkv.q"),
-    W("blocks.{}.attn.W_K", _B + "attn_qkv.weight", "qkv.k"),
-    W("blocks.{}.attn.W_V", _B + "attn_qkv.weight", "qkv.v"),
-    W("blocks.{}.attn.b_Q", _B + "attn_qkv.bias", "qkv.bq"),
-    W("blocks.{}.attn.b_K", _B + "attn_qkv.bias", "qkv.bk"),
-    W("blocks.{}.attn.b_V", _B + "attn_qkv.bias", "qkv.bv"),
+    W("blocks.{}.attn.W_Q", B + "attn_qkv.weight", "qkv.q"),
+    W("blocks.{}.attn.W_K", B + "attn_qkv.weight", "qkv.k"),
+    W("blocks.{}.attn.W_V", B + "attn_qkv.weight", "qkv.v"),
+    W("blocks.{}.attn.b_Q", B + "attn_qkv.bias", "qkv.bq"),
+    W("blocks.{}.attn.b_K", B + "attn_qkv.bias", "qkv.bk"),
+    W("blocks.{}.attn.b_V", B + "attn_qkv.bias", "qkv.bv"),
 )
 _PLAIN_MLP = {"norm": "layer", "gated": False, "attn_bias": True, "out_bias": True,
               "mlp_bias": True}  # fmt: skip
@@ -96,7 +63,7 @@ _GPT2 = GGUFFamily(
     "gpt2", "gpt2", _LN_FIELDS,
     (*_LN_WEIGHTS, *_FUSED_QKV, W("embed_positions.weight", "position_embd.weight")),
     fixed={**_PLAIN_MLP, "positions": "learned", "act": "gelu_tanh"},
-    unsupported=(_ROPE_SCALING,),
+    unsupported=(ROPE_SCALING,),
 )  # fmt: skip
 
 # StarCoder2: separate attn_q/k/v with biases, GQA, NeoX RoPE, GELU-tanh (gelu_pytorch_tanh)
@@ -104,16 +71,16 @@ _STARCODER2 = GGUFFamily(
     "starcoder2", "starcoder2", _LN_FIELDS,
     (
         *_LN_WEIGHTS,
-        W("blocks.{}.attn.W_Q", _B + "attn_q.weight", "q"),
-        W("blocks.{}.attn.W_K", _B + "attn_k.weight", "kv"),
-        W("blocks.{}.attn.W_V", _B + "attn_v.weight", "kv"),
-        W("blocks.{}.attn.b_Q", _B + "attn_q.bias", "bq"),
-        W("blocks.{}.attn.b_K", _B + "attn_k.bias", "bkv"),
-        W("blocks.{}.attn.b_V", _B + "attn_v.bias", "bkv"),
+        W("blocks.{}.attn.W_Q", B + "attn_q.weight", "q"),
+        W("blocks.{}.attn.W_K", B + "attn_k.weight", "kv"),
+        W("blocks.{}.attn.W_V", B + "attn_v.weight", "kv"),
+        W("blocks.{}.attn.b_Q", B + "attn_q.bias", "bq"),
+        W("blocks.{}.attn.b_K", B + "attn_k.bias", "bkv"),
+        W("blocks.{}.attn.b_V", B + "attn_v.bias", "bkv"),
     ),
     fixed={**_PLAIN_MLP, "positions": "rope", "act": "gelu_tanh"},
     defaults={"rope_base": 10000.0},  # llama.cpp's default base
-    unsupported=(_ROPE_SCALING,),
+    unsupported=(ROPE_SCALING,),
 )  # fmt: skip
 
 # BLOOM: ALiBi, a LayerNorm on the embeddings, BLOOM's GELU, fused Q | K | V (see above)
