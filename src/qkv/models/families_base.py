@@ -47,6 +47,17 @@ class W:
     when: str | None = None
     layers: str | None = None
 
+    def kept(self, config: Any, flags: Mapping[str, bool]) -> bool:
+        """Whether this tensor exists for `config`: no `when`; a flag of `flags` ("untied");
+        "field=value" / "field!=value" (the config field's str compared); a bool field."""
+        when = self.when
+        if when is None:
+            return True
+        if "=" in when:
+            name, value = when.split("=", 1)
+            return (str(getattr(config, name.rstrip("!"))) == value) != name.endswith("!")
+        return flags[when] if when in flags else bool(getattr(config, when))
+
 
 @dataclass(frozen=True)
 class Family:

@@ -57,7 +57,6 @@ from .gguf_families_base import (
 )
 from .gguf_families_extra import EXTRA_GGUF_FAMILIES
 from .gguf_families_more import MORE_GGUF_FAMILIES
-from .hf import _holds
 
 
 def _rope_scaling_of(
@@ -434,9 +433,9 @@ def config_from_gguf(contents: gguf.GGUFContents, *, name: str | None = None) ->
 def rules(family: GGUFFamily, config: DecoderConfig) -> list[Rule]:
     """The family's key map GGUF → model for this config (`{}` = layer index; `when` as a
     Hugging Face family's: a bool field, "untied", or "field=value" / "field!=value")."""
-    out = []
+    out, flags = [], {"untied": not config.tie_embeddings}
     for w in family.weights:
-        if w.when is not None and not _holds(w.when, config, {"untied": not config.tie_embeddings}):
+        if not w.kept(config, flags):
             continue
         out.append(Rule(w.dst, w.src, None if w.reshape is None else RESHAPES[w.reshape](config)))
     return out

@@ -211,7 +211,7 @@ def rules(family: Family, config: Any) -> list[Rule]:
     flags = {"untied": not getattr(config, "tie_embeddings", True)}
     out = []
     for w in family.weights:
-        if w.when is not None and not _holds(w.when, config, flags):
+        if not w.kept(config, flags):
             continue
         fn = None if w.reshape is None else RESHAPES[w.reshape](config)
         if w.layers is None:
@@ -223,15 +223,6 @@ def rules(family: Family, config: Any) -> list[Rule]:
                 experts = range(config.moe.n_experts) if "{e}" in w.src else (0,)
                 out += [Rule(w.dst.format(i, e=e), w.src.format(i, e=e), fn) for e in experts]
     return out
-
-
-def _holds(when: str, config: Any, flags: dict[str, bool]) -> bool:
-    """A `W.when`: "field=value" / "field!=value" (the config field's str compared), a flag,
-    or a bool config field."""
-    if "=" in when:
-        field, value = when.split("=", 1)
-        return (str(getattr(config, field.rstrip("!"))) == value) != field.endswith("!")
-    return flags[when] if when in flags else bool(getattr(config, when))
 
 
 def load_dir(
