@@ -54,6 +54,7 @@ from .gguf_families_base import (
     ROPE_SCALING,
     B,
     GGUFFamily,
+    partial_rope,
 )
 from .gguf_families_extra import EXTRA_GGUF_FAMILIES
 from .gguf_families_more import MORE_GGUF_FAMILIES
@@ -250,12 +251,6 @@ _QWEN3 = GGUFFamily(
 )  # fmt: skip
 
 
-def _phi3(f: dict[str, Any]) -> dict[str, Any]:
-    """rope.dimension_count is the rotated part of each head (partial_rotary_factor · d_head)."""
-    r = f.get("rope_dim")
-    return {"rope_dim": None if r is None or r == f["d_head"] else int(r)}
-
-
 # Phi-3: attn_qkv holds W_Q | W_K | W_V by rows and ffn_up holds gate | up, as in Hugging Face's
 # qkv_proj / gate_up_proj; NeoX RoPE (no permutation), possibly on part of the head.
 # phi3.attention.sliding_window is not applied: llama.cpp disables Phi-3's SWA (its PR 13676) and
@@ -273,7 +268,7 @@ _PHI3 = GGUFFamily(
         W("blocks.{}.mlp.up.weight", B + "ffn_up.weight", "gate_up.up"),
     ),
     fixed={"norm": "rms", "act": "silu", "gated": True},
-    defaults={"rope_base": 10000.0}, derive=_phi3, rope_scaling=("longrope",),
+    defaults={"rope_base": 10000.0}, derive=partial_rope, rope_scaling=("longrope",),
     unsupported=(ROPE_FREQS,), ignore=_LONGROPE_TENSORS,
 )  # fmt: skip
 

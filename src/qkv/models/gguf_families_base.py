@@ -138,3 +138,10 @@ ROPE_SCALING = ("RoPE scaling (<arch>.rope.scaling.type, or a rope_freqs.weight 
 
 ROPE_FREQS = ("a rope_freqs.weight tensor (per-pair RoPE factors)",
                lambda c: "rope_freqs.weight" in c.tensors)  # fmt: skip
+
+
+def partial_rope(f: dict[str, Any]) -> dict[str, Any]:
+    """A `derive`: rope.dimension_count is the rotated part of each head (partial_rotary_factor
+    · d_head; Phi-3, StableLM), None when it is the whole head."""
+    r = f.get("rope_dim")
+    return {"rope_dim": None if r is None or r == f["d_head"] else int(r)}

@@ -39,13 +39,14 @@ from typing import Any
 
 from . import gguf
 from .families import W
-from .gguf_families_base import CORE_FIELDS, LLAMA_WEIGHTS, ROPE_SCALING, B, GGUFFamily
-
-
-def _rope_dim(f: dict[str, Any]) -> dict[str, Any]:
-    """rope.dimension_count: the rotated features of each head (None: all of them)."""
-    r = f.get("rope_dim")
-    return {"rope_dim": None if r is None or r == f["d_head"] else int(r)}
+from .gguf_families_base import (
+    CORE_FIELDS,
+    LLAMA_WEIGHTS,
+    ROPE_SCALING,
+    B,
+    GGUFFamily,
+    partial_rope,
+)
 
 
 def _stablelm_tensors(c: gguf.GGUFContents) -> dict[str, Any]:
@@ -77,7 +78,7 @@ _STABLELM = GGUFFamily(
     ),
     fixed={"norm": "layer", "act": "silu", "gated": True, "out_bias": False, "mlp_bias": False},
     defaults={"rope_base": 10000.0},  # llama.cpp's; the converter writes no rope.freq_base
-    derive=_rope_dim, from_tensors=_stablelm_tensors,
+    derive=partial_rope, from_tensors=_stablelm_tensors,
     unsupported=(
         ROPE_SCALING,
         ("per-head QK LayerNorm (blk.N.attn_q_norm.weight / attn_k_norm.weight: StableLM 2 "
