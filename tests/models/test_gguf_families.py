@@ -111,6 +111,39 @@ def shapes(a: Arch) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def add_tensor(w, name: str, t: np.ndarray, quant: str | None = None) -> None:
+    """Write `t` as float32, or as `quant` blocks (e.g. "Q8_0") when it is a matrix."""
+    t = t.astype(np.float32)
+    if quant is None or t.ndim == 1:
+        w.add_tensor(name, t)
+    else:
+        qtype = gguf.GGMLQuantizationType[quant]
+        w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+
+
+def finish(w) -> None:
+    """Write the header, the metadata and the tensors, and close the file."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def assert_logits_match(model, ref, ids) -> None:
+    """Our logits on `ids` against the transformers model's, within REL_TOL."""
+    with torch.no_grad():
+        ours, theirs = model(ids), ref(ids).logits
+    assert ours.shape == theirs.shape
+    assert rel(ours, theirs) <= REL_TOL, rel(ours, theirs)
+
+
+def assert_greedy_match(ref, model, prompt, n: int) -> None:
+    """n greedy tokens: transformers' generate, ours with and without the KV cache, equal."""
+    want, cached, uncached = greedy_three_ways(ref, model, prompt, n)
+    assert len(want) == n
+    assert cached == uncached == want
+
+
 def tiny_gguf(
     path,
     a: Arch,
@@ -192,15 +225,8 @@ def tiny_gguf(
             w.add_tensor(name, (g * (1 + 0.3 * rng.standard_normal(shape))).astype(np.float32))
         else:
             m = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
-            if quant is None or name.split(".")[-2] in keep:
-                w.add_tensor(name, m)
-            else:
-                qtype = gguf.GGMLQuantizationType[quant]
-                w.add_tensor(name, gguf.quants.quantize(m, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            add_tensor(w, name, m, None if name.split(".")[-2] in keep else quant)
+    finish(w)
     return path
 
 
@@ -273,19 +299,12 @@ def test_config_reads_the_metadata(tiny):
 
 def test_logits_match_transformers_gguf(tiny):
     a, _, model, ref = tiny
-    ids = ids_for(a, 1, N_IDS)
-    with torch.no_grad():
-        ours, theirs = model(ids), ref(ids).logits
-    assert ours.shape == theirs.shape
-    assert rel(ours, theirs) <= REL_TOL, rel(ours, theirs)
+    assert_logits_match(model, ref, ids_for(a, 1, N_IDS))
 
 
 def test_greedy_tokens_with_and_without_cache(tiny):
     a, _, model, ref = tiny
-    prompt = ids_for(a, 2, 6)
-    want, cached, uncached = greedy_three_ways(ref, model, prompt, N_GREEDY)
-    assert len(want) == N_GREEDY
-    assert cached == uncached == want
+    assert_greedy_match(ref, model, ids_for(a, 2, 6), N_GREEDY)
 
 
 def test_incremental_logits_match_transformers(tiny):

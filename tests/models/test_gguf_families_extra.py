@@ -33,7 +33,6 @@ import qkv
 from qkv.models import gguf as qgguf
 from qkv.models import gguf_families, llama
 from qkv.models.families import W
-from tests.models.test_families import greedy_three_ways
 from tests.models.test_gguf_families import (
     BPE_MERGES,
     BPE_TOKENS,
@@ -42,7 +41,12 @@ from tests.models.test_gguf_families import (
     REL_TOL,
     Arch,
     _byte_alphabet,
+    add_tensor,
+    assert_greedy_match,
+    assert_logits_match,
+    finish,
     ids_for,
+    load,
     reference,
     rel,
 )
@@ -149,20 +153,9 @@ def tiny_gguf(path, k: Kind, *, quant=None, seed=0, kv=None, drop=(), extra_tens
         if name in drop:
             continue
         m = m.astype(np.float32)
-        if quant is None or m.ndim == 1:
-            w.add_tensor(name, m)
-        else:
-            qtype = gguf.GGMLQuantizationType[quant]
-            w.add_tensor(name, gguf.quants.quantize(m, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        add_tensor(w, name, m, quant)
+    finish(w)
     return path
-
-
-def load(path):
-    return llama.load_gguf(path, cache_dir=False)
 
 
 VARIANTS = [(name, q) for name in KINDS for q in (None, "Q8_0")]
@@ -204,18 +197,12 @@ def test_config_reads_the_file(tiny):
 
 def test_logits_match_transformers_gguf(tiny):
     k, _, model, ref = tiny
-    ids = ids_for(k.arch, 1, N_IDS)
-    with torch.no_grad():
-        ours, theirs = model(ids), ref(ids).logits
-    assert ours.shape == theirs.shape
-    assert rel(ours, theirs) <= REL_TOL, rel(ours, theirs)
+    assert_logits_match(model, ref, ids_for(k.arch, 1, N_IDS))
 
 
 def test_greedy_tokens_with_and_without_cache(tiny):
     k, _, model, ref = tiny
-    want, cached, uncached = greedy_three_ways(ref, model, ids_for(k.arch, 2, 6), N_GREEDY)
-    assert len(want) == N_GREEDY
-    assert cached == uncached == want
+    assert_greedy_match(ref, model, ids_for(k.arch, 2, 6), N_GREEDY)
 
 
 def test_one_token_steps_match_transformers(tiny):

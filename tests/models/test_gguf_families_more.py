@@ -32,7 +32,6 @@ import qkv
 from qkv.models import gguf as qgguf
 from qkv.models import llama
 from qkv.nn import KVCache
-from tests.models.test_families import greedy_three_ways
 from tests.models.test_gguf_families import (
     BPE_MERGES,
     BPE_SPECIAL,
@@ -42,7 +41,12 @@ from tests.models.test_gguf_families import (
     REL_TOL,
     Arch,
     _permute_as_llama,
+    add_tensor,
+    assert_greedy_match,
+    assert_logits_match,
+    finish,
     ids_for,
+    load,
     reference,
     rel,
 )
@@ -127,20 +131,9 @@ def tiny_gguf(path, a: Arch, *, quant=None, seed=0, drop=(), rope_base=10000.0):
     for name, t in tensors.items():
         if name in drop:
             continue
-        if quant is None or t.ndim == 1:
-            w.add_tensor(name, t)
-        else:
-            qtype = gguf.GGMLQuantizationType[quant]
-            w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        add_tensor(w, name, t, quant)
+    finish(w)
     return path
-
-
-def load(path):
-    return llama.load_gguf(path, cache_dir=False)
 
 
 VARIANTS = [(name, q) for name in ARCHS for q in (None, "Q8_0")]
@@ -181,19 +174,12 @@ def test_config_reads_the_metadata(tiny):
 
 def test_logits_match_transformers_gguf(tiny):
     a, _, model, ref = tiny
-    ids = ids_for(a, 1, N_IDS)
-    with torch.no_grad():
-        ours, theirs = model(ids), ref(ids).logits
-    assert ours.shape == theirs.shape
-    assert rel(ours, theirs) <= REL_TOL, rel(ours, theirs)
+    assert_logits_match(model, ref, ids_for(a, 1, N_IDS))
 
 
 def test_greedy_tokens_with_and_without_cache(tiny):
     a, _, model, ref = tiny
-    prompt = ids_for(a, 2, 6)
-    want, cached, uncached = greedy_three_ways(ref, model, prompt, N_GREEDY)
-    assert len(want) == N_GREEDY
-    assert cached == uncached == want
+    assert_greedy_match(ref, model, ids_for(a, 2, 6), N_GREEDY)
 
 
 def test_incremental_logits_match_transformers(tiny):
