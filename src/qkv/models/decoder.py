@@ -11,7 +11,8 @@
            output_norm  h = x + norm1(attn(x));  out = h + norm2(mlp(h))
            (each sublayer's output × residual_scale before it joins the residual)
     attn:  causal GQA; RoPE (whole or partial, half-split or interleaved pairs, its base per
-           layer, or off on some layers), ALiBi or none; optional q/k/v(/o) biases, QK-norm
+           layer, or off on some layers), ALiBi or none; optional q/k/v(/o) biases, a clamp
+           of q, k, v (clip_qkv), QK-norm
            (RMSNorm or LayerNorm; per head, with each head's own gain, or over all heads),
            sliding window
     mlp:   down(act(gate(x)) · up(x)) (gated) or down(act(up(x))); or, on the layers
@@ -91,7 +92,12 @@ class DecoderConfig:
     `rope_interleaved` rotates pairs (x[2p], x[2p+1]) of the rotated features instead of
     (x[p], x[p + r/2]) (GPT-J, Cohere; `qkv.nn.RotaryEmbedding`'s `interleaved`).
     `norm_bias` False drops the bias of every LayerNorm (`norm="layer"` only: Cohere's
-    LayerNorm is (x − mean)/√(var + eps) · w, no + b).
+    LayerNorm is (x − mean)/√(var + eps) · w, no + b). `norm_affine` False drops weight and
+    bias both (`norm="layer"` only: OLMo's LayerNorm is (x − mean)/√(var + eps), nothing
+    learned, on every LayerNorm the decoder builds: block, final, embed_norm). `clip_qkv` c
+    clamps every q, k and v feature to [−c, c] after the projections (and their biases),
+    before QK-norm and RoPE (OLMo's clip_qkv; `qkv.nn.MultiHeadAttention`'s `clip`); None:
+    no clamp.
     `qk_norm_kind` is the QK-norm's formula: "rms" (RMSNorm, its gain offset by `norm_offset`)
     or "layer" (LayerNorm without bias, mean subtracted; Cohere, StableLM). `qk_norm_scope`
     "per_head" normalises each head's d features as "head" does, but each head has its own
@@ -141,6 +147,8 @@ class DecoderConfig:
     qk_norm_kind: str = "rms"
     rope_interleaved: bool = False
     norm_bias: bool = True
+    norm_affine: bool = True
+    clip_qkv: float | None = None
     windows: tuple[int | None, ...] | None = None
     tie_embeddings: bool = True
     moe: MoEConfig | None = None
@@ -218,13 +226,26 @@ class DecoderConfig:
             raise ValueError(
                 f"{own}: qk_norm_kind must be one of {NORMS}, got {self.qk_norm_kind!r}"
             )
-        for f in ("rope_interleaved", "norm_bias"):
+        for f in ("rope_interleaved", "norm_bias", "norm_affine"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{own}: {f} must be a bool, got {getattr(self, f)!r}")
         if not self.norm_bias and self.norm != "layer":
             raise ValueError(
                 f"{own}: norm_bias=False drops LayerNorm's bias; it needs norm='layer', "
                 f"got norm={self.norm!r} (RMSNorm has no bias)"
+            )
+        if not self.norm_affine and self.norm != "layer":
+            raise ValueError(
+                f"{own}: norm_affine=False (LayerNorm without weight or bias) needs "
+                f"norm='layer', got norm={self.norm!r}"
+            )
+        if self.clip_qkv is not None and not (
+            isinstance(self.clip_qkv, int | float)
+            and not isinstance(self.clip_qkv, bool)
+            and 0 < self.clip_qkv < float("inf")
+        ):
+            raise ValueError(
+                f"{own}: clip_qkv must be None or a finite number > 0, got {self.clip_qkv!r}"
             )
         if self.lm_head_bias and self.tie_embeddings:
             raise ValueError(f"{own}: lm_head_bias needs an untied lm_head (tie_embeddings=False)")
@@ -345,7 +366,7 @@ class Decoder(Generation, nn.Module):
                     c.d_model, c.n_heads, c.n_kv_heads, c.d_head, bias=c.attn_bias,
                     rope=ropes[b, s] if r else None, causal=True, out_bias=c.out_bias,
                     window=None if w is None else (w - 1, 0), scale=c.attn_scale,
-                    softcap=c.attn_softcap, score_mod=score_mod,
+                    softcap=c.attn_softcap, score_mod=score_mod, clip=c.clip_qkv,
                     qk_norm_scope="all" if c.qk_norm_scope == "all" else "head",
                     q_norm=self._qk_norm(c, c.n_heads), k_norm=self._qk_norm(c, c.n_kv_heads),
                 ),
@@ -368,7 +389,9 @@ class Decoder(Generation, nn.Module):
         return (
             RMSNorm(c.d_model, c.norm_eps, offset=c.norm_offset)
             if c.norm == "rms"
-            else nn.LayerNorm(c.d_model, c.norm_eps, bias=c.norm_bias)
+            else nn.LayerNorm(
+                c.d_model, c.norm_eps, elementwise_affine=c.norm_affine, bias=c.norm_bias
+            )
         )
 
     @staticmethod

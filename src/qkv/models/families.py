@@ -4,6 +4,7 @@ those of `families_more.py` (SmolLM3, OLMo 2, Granite, StarCoder2, Phi-2, BLOOM)
 `families_dense.py` (GPT-J, StableLM, Cohere, Falcon), and `FAMILIES`, every one by
 model_type. What a `Family` says and how it is read: `families_base.py`.
 Mixture-of-experts decoders (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE): `families_moe.py`.
+Cohere 2, GraniteMoE, OLMo 1 and Arcee: `families_extra.py`.
 
 Letters: h query heads, k kv heads, d head dim, m model dim.
 """
@@ -30,6 +31,7 @@ from .families_base import (
     rope_dim,
 )
 from .families_dense import DENSE_FAMILIES
+from .families_extra import EXTRA_FAMILIES
 from .families_moe import MOE_FAMILIES
 from .families_more import MORE_FAMILIES
 
@@ -380,6 +382,9 @@ _DISTILBERT = Family(
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
+        # first: a config without model_type is matched by the first family whose `classes`
+        # prefix its architecture, and Cohere2For… starts with "Cohere" too
+        *EXTRA_FAMILIES,
         llama_like("llama", classes=("Llama",)),
         llama_like("mistral", window="all", fields={"window": ("sliding_window",)},
                     classes=("Mistral",)),

@@ -80,6 +80,9 @@ class Family:
     # (src, dst): checkpoint tensors numbered 0..n−1 at the `*` of src, stacked into one (n, …)
     # tensor named dst before conversion (`stack_numbered`; StableLM's per-head norms)
     stacked: tuple[tuple[str, str], ...] = ()
+    # (src, dst): a checkpoint tensor (n, …) at src split along its first dim into n tensors
+    # named dst, `*` the index, before conversion (`unstack`; GraniteMoE's experts in one)
+    unstacked: tuple[tuple[str, str], ...] = ()
 
 
 def stack_numbered(
@@ -105,6 +108,26 @@ def stack_numbered(
             if sorted(run) != list(range(len(run))):
                 continue
             out[dst.format(layer)] = torch.stack([out.pop(run[i]) for i in range(len(run))])
+    return out
+
+
+def unstack(state: dict[str, Tensor], unstacked: tuple[tuple[str, str], ...]) -> dict[str, Tensor]:
+    """`state` with each tensor matching a `Family.unstacked` src (`{}`: the layer) replaced by
+    its slices along the first dim, under dst (`{}` the same layer, `*` the slice's index):
+    `layers.0.block_sparse_moe.input_linear.weight` (e, 2f, m) →
+    `layers.0.block_sparse_moe.experts.{0..e−1}.input_linear.weight` (2f, m) each. The
+    inverse of `stack_numbered`; a tensor that is not at least 1-D stays as it is (convert
+    then names it as unexpected)."""
+    if not unstacked:
+        return state
+    out = dict(state)
+    for src, dst in unstacked:
+        pattern = re.compile(re.escape(src).replace(r"\{\}", r"(?P<layer>\d+)"))
+        for key in state:
+            if (m := pattern.fullmatch(key)) and state[key].dim() >= 1:
+                whole = out.pop(key)
+                for i, part in enumerate(whole.unbind(0)):
+                    out[dst.format(m["layer"]).replace("*", str(i))] = part
     return out
 
 
@@ -368,7 +391,7 @@ def rope_dim(f: dict[str, Any]) -> dict[str, Any]:
 
 ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
         "gelu_fast": "gelu_tanh", "silu": "silu", "swish": "silu", "relu": "relu",
-        "bloom_gelu": "gelu_tanh_bloom"}  # fmt: skip
+        "bloom_gelu": "gelu_tanh_bloom", "relu2": "relu2"}  # fmt: skip
 
 
 def config_get(cfg: Mapping[str, Any], keys: tuple[str, ...]) -> Any:

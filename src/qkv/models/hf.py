@@ -29,7 +29,7 @@ from .convert import Rule, convert, read_safetensors
 from .decoder import Decoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .families import ACTS, FAMILIES, RESHAPES, Family, read_fields
-from .families_base import rope_scaling_from, stack_numbered
+from .families_base import rope_scaling_from, stack_numbered, unstack
 from .tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, INDEX, TOKENIZER = (
@@ -244,7 +244,7 @@ def load_dir(
     elif need_tokenizer:
         raise FileNotFoundError(f"{d} has no {TOKENIZER}")
     state = {k.removeprefix(family.prefix): v for k, v in read_weights(d).items()}
-    state = stack_numbered(state, family.stacked)
+    state = unstack(stack_numbered(state, family.stacked), family.unstacked)
     with empty_modules():  # no memory, no random init: every tensor is assigned below
         if family.kind == "encoder":
             model = Encoder(config, tokenizer)

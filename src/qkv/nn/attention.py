@@ -39,11 +39,14 @@ class MultiHeadAttention(nn.Module):
     `qkv.attention`'s `window` ((W−1, 0) with `causal`: the last W keys, Mistral's sliding window).
     `scale` replaces 1/√d (Gemma 2: query_pre_attn_scalar^−½); `softcap` c caps each score at
     c·tanh(s/c) before the masks, as `qkv.attention`'s `softcap` (Gemma 2). `score_mod` goes to
-    `qkv.attention` as it is (e.g. `qkv.alibi(n_heads)`: BLOOM's ALiBi).
+    `qkv.attention` as it is (e.g. `qkv.alibi(n_heads)`: BLOOM's ALiBi). `clip` c clamps every
+    q, k and v feature to [−c, c] after the projections and their biases, before QK-norm and
+    RoPE (OLMo's `clip_qkv`).
 
     forward(x (b i m), *, mask=None, cache=None) → (b i m). Equivalent code::
 
         q = einsum("bim,hmd->bhid", x, W_Q) + b_Q[:, None]      # likewise k, v with W_K, W_V
+        q, k, v = q.clamp(-clip, clip), k.clamp(…), v.clamp(…)   # if clip
         q, k = q_norm(q), k_norm(k)                              # if given (QK-norm)
         q, k = rope(q, pos), rope(k, pos)                        # pos = cache.length + arange(i)
         z = qkv.attention(q, k, v, causal=causal, window=window, mask=mask, scale=scale,
@@ -80,6 +83,7 @@ class MultiHeadAttention(nn.Module):
         k_norm: nn.Module | None = None,
         qk_norm_scope: str = "head",
         score_mod: ScoreMod | None = None,
+        clip: float | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -125,6 +129,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("q_norm and k_norm come together (QK-norm): pass both or neither")
         if qk_norm_scope not in ("head", "all"):
             raise ValueError(f"qk_norm_scope must be 'head' or 'all', got {qk_norm_scope!r}")
+        if clip is not None and not (
+            isinstance(clip, int | float) and not isinstance(clip, bool) and 0 < clip < math.inf
+        ):
+            raise ValueError(f"clip must be None or a finite number > 0, got {clip!r}")
         if score_mod is not None and not callable(score_mod):
             raise TypeError(f"score_mod must be a function or None, got {type(score_mod).__name__}")
         self.d_model, self.n_heads, self.n_kv_heads, self.d_head = (
@@ -138,6 +146,7 @@ class MultiHeadAttention(nn.Module):
         self.softcap = None if softcap is None else float(softcap)
         self.q_norm, self.k_norm, self.qk_norm_scope = q_norm, k_norm, qk_norm_scope
         self.score_mod = score_mod
+        self.clip = None if clip is None else float(clip)
         self.scale = 1.0 / math.sqrt(d_head) if scale is None else float(scale)
         self.rope = rope
         fk = {"device": device, "dtype": dtype}  # factory kwargs, as torch.nn modules take them
@@ -181,6 +190,7 @@ class MultiHeadAttention(nn.Module):
             + ("" if self.b_Q is None or self.b_O is not None else ", out_bias=False")
             + ("" if self.window is None else f", window={self.window}")
             + ("" if self.softcap is None else f", softcap={self.softcap}")
+            + ("" if self.clip is None else f", clip={self.clip}")
             + ("" if self.qk_norm_scope == "head" else f", qk_norm_scope={self.qk_norm_scope!r}")
             + ("" if self.score_mod is None else ", score_mod=yes")
         )
@@ -285,10 +295,13 @@ class MultiHeadAttention(nn.Module):
         return kw
 
     def _project(self, x: Tensor) -> Tensor:
-        """x (b i m) → q|k|v per head (b i (h+2k) d), q and k normalised if QK-norm is on."""
+        """x (b i m) → q|k|v per head (b i (h+2k) d), clamped to ±clip if `clip`, q and k
+        normalised if QK-norm is on."""
         B, S, _ = x.shape
         H, K = self.n_heads, self.n_kv_heads
         qkv = self._qkv(x).view(B, S, H + 2 * K, self.d_head)
+        if self.clip is not None:
+            qkv = qkv.clamp(-self.clip, self.clip)
         if self.q_norm is None:
             return qkv
         q, k, v = qkv.split((H, K, K), dim=2)  # (b i h d), (b i k d) ×2

@@ -21,6 +21,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,  # Llama's SwiGLU gate
     "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),  # squared ReLU (Primer; Arcee, Nemotron)
     # BLOOM's (Megatron's) tanh GELU: √(2/π) written as 0.79788456, 6e-11 below it
     "gelu_tanh_bloom": lambda x: (
         x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
@@ -114,8 +115,8 @@ class MLP(nn.Module):
     plain (`gated=False`, BERT/GPT-2): `down(act(up(x)))`
     gated (`gated=True`, Llama SwiGLU):  `down(act(gate(x)) * up(x))`
 
-    `act` is a name in ACTIVATIONS ("gelu", "gelu_tanh", "gelu_tanh_bloom", "silu", "relu") or
-    a callable.
+    `act` is a name in ACTIVATIONS ("gelu", "gelu_tanh", "gelu_tanh_bloom", "silu", "relu",
+    "relu2": relu(x)²) or a callable.
     Weights are nn.Linear: up/gate (f, m), down (m, f).
     """
 
