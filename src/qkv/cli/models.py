@@ -20,10 +20,17 @@ def describe() -> str:
                 said, 79, initial_indent="    ", subsequent_indent="      ", break_on_hyphens=False
             )
         lines += [f"    weights: {info.install}", ""]  # one line: a command to copy whole
+    text_only = sorted(mt for mt, f in FAMILIES.items() if f.wrapper is not None)
     own = (
         "Or bring your own: --model PATH takes a local Hugging Face folder (config.json + "
-        "*.safetensors [+ tokenizer.json]) of model_type " + ", ".join(sorted(FAMILIES)) + ", "
-        "or a .gguf file of general.architecture " + ", ".join(sorted(GGUF_FAMILIES)) + "; "
+        "*.safetensors [+ tokenizer.json]) of model_type "
+        + ", ".join(sorted(FAMILIES))
+        + " ("
+        + " and ".join(text_only)
+        + ": the text model of the multimodal checkpoint; qkv reads "
+        "no images), or a .gguf file of general.architecture "
+        + ", ".join(sorted(GGUF_FAMILIES))
+        + "; "
         "a bare bundled name is always the bundled model (write ./NAME for a folder of that name)."
     )
     lines += [*textwrap.wrap(own, 79, break_on_hyphens=False), ""]

@@ -1,7 +1,8 @@
 """Hugging Face architectures as declarative descriptions, one `Family` per `model_type`: the
 families here (Llama and its relatives, Gemma, Phi-3, GPT-NeoX, OPT, GPT-2, the BERT encoders),
 those of `families_more.py` (SmolLM3, OLMo 2, Granite, StarCoder2, Phi-2, BLOOM) and
-`families_dense.py` (GPT-J, StableLM, Cohere, Falcon), and `FAMILIES`, every one by
+`families_dense.py` (GPT-J, StableLM, Cohere, Falcon), the language model of multimodal
+checkpoints (Gemma 3 4B+, Mistral Small 3.1: `families_multimodal.py`), and `FAMILIES`, every one by
 model_type. What a `Family` says and how it is read: `families_base.py`.
 Mixture-of-experts decoders (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE): `families_moe.py`.
 Cohere 2, GraniteMoE, OLMo 1 and Arcee: `families_extra.py`.
@@ -34,6 +35,7 @@ from .families_dense import DENSE_FAMILIES
 from .families_extra import EXTRA_FAMILIES
 from .families_moe import MOE_FAMILIES
 from .families_more import MORE_FAMILIES
+from .families_multimodal import multimodal_families
 
 __all__ = ["ACTS", "FAMILIES", "RESHAPES", "Family", "W", "read_fields"]
 
@@ -379,6 +381,10 @@ _DISTILBERT = Family(
     classes=("DistilBert",),
 )
 
+# "MistralFor"/"MistralModel", not "Mistral": Mistral3ForConditionalGeneration is `mistral3`
+_MISTRAL = llama_like("mistral", window="all", fields={"window": ("sliding_window",)},
+                      classes=("MistralFor", "MistralModel"))  # fmt: skip
+
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
@@ -386,8 +392,7 @@ FAMILIES: dict[str, Family] = {
         # prefix its architecture, and Cohere2For… starts with "Cohere" too
         *EXTRA_FAMILIES,
         llama_like("llama", classes=("Llama",)),
-        llama_like("mistral", window="all", fields={"window": ("sliding_window",)},
-                    classes=("Mistral",)),
+        _MISTRAL,
         llama_like("qwen2", classes=("Qwen2",), fixed={"attn_bias": True, "out_bias": False}, window="layer_types",
                     fields={"window": ("sliding_window",)}),
         llama_like("qwen3", classes=("Qwen3",), fixed={"qk_norm": True}, window="layer_types",
@@ -414,5 +419,6 @@ FAMILIES: dict[str, Family] = {
         *MORE_FAMILIES,
         *MOE_FAMILIES,
         *DENSE_FAMILIES,
+        *multimodal_families(_GEMMA3, _MISTRAL),  # gemma3, mistral3: their language model
     )
 }  # fmt: skip

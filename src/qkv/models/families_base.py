@@ -83,6 +83,56 @@ class Family:
     # (src, dst): a checkpoint tensor (n, …) at src split along its first dim into n tensors
     # named dst, `*` the index, before conversion (`unstack`; GraniteMoE's experts in one)
     unstacked: tuple[tuple[str, str], ...] = ()
+    # a multimodal checkpoint's language model (`families_multimodal.py`): how its config.json
+    # and tensor names wrap this family's
+    wrapper: Wrapper | None = None
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    """The language model inside a multimodal checkpoint (Gemma3ForConditionalGeneration,
+    Mistral3ForConditionalGeneration): its settings are config.json's `text_config`, over
+    `text_defaults` (the text config class's defaults, which transformers fills in for keys a
+    sparse text_config leaves out), with `top_level` keys taken from config.json's top level as
+    transformers takes them (value: the wrapper class's default, None for none; a top-level null
+    or absent key leaves the text_config's). Its tensors are named after one of `prefixes`
+    (transformers ≥ 4.52 in memory: `model.language_model.*` and `lm_head.*`; the files
+    save_pretrained writes and the Hub holds: `language_model.model.*`, `language_model.lm_head.*`).
+    The vision tower and projector are read by no rule: `ignore` lists them."""
+
+    text_model_type: str  # text_config's model_type, and its default when absent
+    text_defaults: Mapping[str, Any]
+    top_level: Mapping[str, Any]
+    prefixes: tuple[str, ...] = (
+        "model.language_model.",
+        "language_model.model.",
+        "language_model.",
+    )
+    ignore: tuple[str, ...] = (
+        "vision_tower.*", "multi_modal_projector.*",
+        "model.vision_tower.*", "model.multi_modal_projector.*",
+    )  # fmt: skip
+
+    def config(self, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """The text model's config.json, as transformers resolves it from the wrapper's."""
+        text = cfg.get("text_config")
+        if not isinstance(text, Mapping):
+            raise ValueError(
+                f"{where}: model_type={cfg.get('model_type')!r} keeps its language model's "
+                f"settings in text_config, but text_config is {text!r}; expected a dict"
+            )
+        mt = text.get("model_type", self.text_model_type)
+        if mt != self.text_model_type:
+            raise ValueError(
+                f"{where}: text_config.model_type={mt!r} is not supported inside "
+                f"model_type={cfg.get('model_type')!r}; qkv reads {self.text_model_type!r} there"
+            )
+        out = {**self.text_defaults, **text}
+        for key, default in self.top_level.items():
+            value = cfg.get(key, default)
+            if value is not None:
+                out[key] = value
+        return out
 
 
 def stack_numbered(

@@ -206,6 +206,21 @@ def read_weights(d: Path) -> dict[str, Tensor]:
     return out
 
 
+def strip_prefixes(
+    state: dict[str, Tensor], prefixes: tuple[str, ...], source: str
+) -> dict[str, Tensor]:
+    """`state` with each key's first matching prefix of `prefixes` removed (the base model's
+    name inside a *ForCausalLM); ValueError when two keys then share a name."""
+    out: dict[str, Tensor] = {}
+    for key, t in state.items():
+        short = next((key.removeprefix(p) for p in prefixes if p and key.startswith(p)), key)
+        if short in out:
+            raise ValueError(f"{source}: two tensors are both {short!r} once {prefixes} are "
+                             f"stripped (one is {key!r}); the file mixes two layouts")  # fmt: skip
+        out[short] = t
+    return out
+
+
 def rules(family: Family, config: Any) -> list[Rule]:
     """The family's weight map for this config: conditional tensors kept where they exist."""
     flags = {"untied": not getattr(config, "tie_embeddings", True)}
@@ -233,9 +248,14 @@ def load_dir(
     d = Path(path).expanduser()
     if not d.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {d}")
-    name = name or d.resolve().name
     cfg = read_json(d / CONFIG)
     family = family_of(cfg, str(d / CONFIG))
+    prefixes = (family.prefix,)
+    if family.wrapper is not None:  # a multimodal checkpoint: its language model only
+        cfg = family.wrapper.config(cfg, str(d / CONFIG))
+        prefixes = family.wrapper.prefixes
+        name = name or f"{d.resolve().name} (text model)"
+    name = name or d.resolve().name
     config = build_config(family, cfg, name=name, where=str(d / CONFIG))
     tokenizer = None
     if (d / TOKENIZER).is_file():
@@ -243,8 +263,11 @@ def load_dir(
                                         pad_id=cfg.get("pad_token_id"), name=name)  # fmt: skip
     elif need_tokenizer:
         raise FileNotFoundError(f"{d} has no {TOKENIZER}")
-    state = {k.removeprefix(family.prefix): v for k, v in read_weights(d).items()}
-    state = unstack(stack_numbered(state, family.stacked), family.unstacked)
+    state = stack_numbered(strip_prefixes(read_weights(d), prefixes, str(d)), family.stacked)
+    state = unstack(state, family.unstacked)
+    if family.wrapper is not None and config.tie_embeddings and "lm_head.weight" in state:
+        # transformers ties lm_head to the embedding only where the file holds no other one
+        config = dataclasses.replace(config, tie_embeddings=False)
     with empty_modules():  # no memory, no random init: every tensor is assigned below
         if family.kind == "encoder":
             model = Encoder(config, tokenizer)
