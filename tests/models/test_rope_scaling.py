@@ -588,3 +588,26 @@ def test_yarn_extends_the_context_to_original_times_factor(tmp_path):
     plain = qkv.load(_folder(tmp_path, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
                              max_position_embeddings=32))  # fmt: skip
     assert plain.config.max_positions == 32
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"rope_type": "yarn", "factor": "4", "original_max_position_embeddings": 32},
+         r"rope_parameters: RopeScaling: factor must be a finite number > 0, got '4'"),
+        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0},
+         r"original_max_positions must be a positive int, got 0"),
+        ({"rope_type": "yarn", "factor": 4.0, "truncate": "yes",
+          "original_max_position_embeddings": 32}, r"truncate must be a bool, got 'yes'"),
+        ({"rope_type": "longrope", "short_factor": ["a"] * 5, "long_factor": [1.0] * 5,
+          "original_max_position_embeddings": 32}, r"short_factors\[0\] must be a finite number"),
+        ({"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 3,
+          "original_max_position_embeddings": 32},
+         r"DecoderConfig: rope scaling has 3 short_factors for the 5 rotated pairs"),
+    ],
+)  # fmt: skip
+def test_malformed_scaling_is_named_with_its_file(tmp_path, params, message):
+    folder = _folder(tmp_path, rope_parameters={**params, "rope_theta": 500.0})
+    with pytest.raises(ValueError, match=message) as info:
+        qkv.load(folder)
+    assert str(info.value).startswith(str(folder / "config.json"))

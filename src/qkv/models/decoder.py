@@ -213,11 +213,14 @@ class DecoderConfig:
             )
         pairs = (self.rope_dim or self.d_head) // 2
         for s in (self.rope_scaling, *(self.rope_scalings or ())):
-            if s is not None and s.factors is not None and len(s.factors) != pairs:
-                raise ValueError(
-                    f"{own}: rope scaling has {len(s.factors)} freq_factors for the {pairs} "
-                    f"rotated pairs of each head (rope_dim or d_head={self.d_head}, halved)"
-                )
+            for name in ("factors", "short_factors", "long_factors"):
+                fs = None if s is None else getattr(s, name)
+                if fs is not None and len(fs) != pairs:
+                    what = "freq_factors" if name == "factors" else name
+                    raise ValueError(
+                        f"{own}: rope scaling has {len(fs)} {what} for the {pairs} rotated "
+                        f"pairs of each head (rope_dim or d_head={self.d_head}, halved)"
+                    )
         if self.qk_norm_scope not in QK_NORM_SCOPES:
             raise ValueError(
                 f"{own}: qk_norm_scope must be one of {QK_NORM_SCOPES}, got {self.qk_norm_scope!r}"

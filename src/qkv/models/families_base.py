@@ -371,7 +371,8 @@ def rope_scaling_from(
         )
     params = dict(params)
     if kind != "linear":
-        L = original_max or params.get("original_max_position_embeddings") or max_positions
+        given = (original_max, params.get("original_max_position_embeddings"), max_positions)
+        L = next((n for n in given if n is not None), None)
         params["original_max_position_embeddings"] = L
         if kind in ("yarn", "longrope") and params.get("factor") is None and L and max_positions:
             params["factor"] = max_positions / L

@@ -7,6 +7,7 @@ Letters: b batch, h head, i position, d head dim.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ ROPE_TYPES = ("linear", "llama3", "yarn", "longrope", "freq_factors")
 
 
 def _positive(name: str, v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
         raise ValueError(f"RopeScaling: {name} must be a finite number > 0, got {v!r}")
     return float(v)
 
@@ -229,12 +230,11 @@ class RopeScaling:
         attention_factor, `longrope_attention_factor(factor, original_max_positions)`."""
         return cls("longrope", factor, original_max_positions=original_max_positions,
                    attention_factor=attention_factor,
-                   short_factors=tuple(float(f) for f in short_factors),
-                   long_factors=tuple(float(f) for f in long_factors))  # fmt: skip
+                   short_factors=tuple(short_factors), long_factors=tuple(long_factors))  # fmt: skip
 
     @classmethod
     def freq_factors(cls, factors) -> RopeScaling:
-        return cls("freq_factors", factors=tuple(float(f) for f in factors))
+        return cls("freq_factors", factors=tuple(factors))
 
     @property
     def cos_sin_scale(self) -> float:
