@@ -57,6 +57,7 @@ from .gguf_families_base import (
     partial_rope,
 )
 from .gguf_families_extra import EXTRA_GGUF_FAMILIES
+from .gguf_families_misc import MISC_GGUF_FAMILIES
 from .gguf_families_more import MORE_GGUF_FAMILIES
 
 
@@ -365,6 +366,7 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
         _GEMMA3,
         *MORE_GGUF_FAMILIES,
         *EXTRA_GGUF_FAMILIES,
+        *MISC_GGUF_FAMILIES,
     )
 }
 
