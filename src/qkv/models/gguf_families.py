@@ -28,7 +28,8 @@ the file's `general.architecture`, never from its name. What differs between fam
   GGUF runs with `norm_offset` 0, where the Hugging Face checkpoint needs 1.
 
 The families here: llama, qwen2, qwen3, phi3, gemma2, gemma3; `gguf_families_more.py`: gpt2,
-starcoder2, bloom; `gguf_families_extra.py`: stablelm, falcon (7B); `GGUF_FAMILIES` lists all.
+starcoder2, bloom; `gguf_families_extra.py`: stablelm, falcon (7B); `gguf_families_misc.py`:
+gemma, olmo2, cohere2; `GGUF_FAMILIES` lists all.
 
 Letters: h query heads, k kv heads, d head dim, m model dim.
 """
