@@ -346,6 +346,24 @@ def test_greedy_tokens_and_cache(mt, tmp_path):
     assert cached == uncached == want
 
 
+def test_a_config_without_model_type_is_read_by_its_architectures_class():
+    """Every family's head class, as transformers names it (its auto mappings: causal LM,
+    masked LM, image-text-to-text), leads back to that family: the longest class prefix wins
+    ("Qwen2MoeForCausalLM" is qwen2_moe's, not qwen2's)."""
+    from transformers.models.auto import modeling_auto as auto
+
+    from qkv.models.hf import family_of
+
+    heads = (auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+             auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)  # fmt: skip
+    checked = 0
+    for mt in qkv.models.families.FAMILIES:
+        for cls in {m[mt] for m in heads if mt in m}:
+            assert family_of({"architectures": [cls]}, "config.json").model_type == mt, cls
+            checked += 1
+    assert checked >= len(qkv.models.families.FAMILIES)
+
+
 def test_sharded_checkpoint_and_architectures_fallback(tmp_path):
     ref = build("qwen3", tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()

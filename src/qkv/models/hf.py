@@ -53,13 +53,16 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def family_of(cfg: dict[str, Any], where: str) -> Family:
-    """The family `config.json` names by `model_type`, else by its `architectures` classes."""
+    """The family `config.json` names by `model_type`, else by its `architectures` classes: the
+    family with the longest class prefix of the first class any family knows
+    ("Qwen2MoeForCausalLM" is qwen2_moe's, though it starts with qwen2's "Qwen2")."""
     mt = cfg.get("model_type")
     if mt is None:
         for arch in cfg.get("architectures") or ():
-            mt = next((f.model_type for f in FAMILIES.values()
-                       if any(str(arch).startswith(c) for c in f.classes)), None)  # fmt: skip
-            if mt is not None:
+            known = [(len(c), f.model_type) for f in FAMILIES.values() for c in f.classes
+                     if str(arch).startswith(c)]  # fmt: skip
+            if known:
+                mt = max(known)[1]
                 break
     if mt not in FAMILIES:
         got = (
