@@ -129,6 +129,8 @@ def test_explain_reads_a_file(loads, tmp_path, capsys):
     ("argv", "message"),
     [
         (["--token", "cat"], "'cat' is not in the text. Its tokens are: 0:'The' 1:'dog'"),
+        (["--token", "cat"], "Pass one of these words, or its position (--index)."),
+        (["--token", "it", "--key", "cat"], "or its position (--key-index)."),
         (
             ["--token", "it", "--layer", "9"],
             "--layer 9 out of range: there are 3 layers in tiny-causal; valid 0..2, or -3..-1",

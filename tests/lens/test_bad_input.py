@@ -19,6 +19,7 @@ def test_absent_token_lists_the_tokens(tiny_causal):
     with pytest.raises(ValueError, match="'cat' is not in the text") as e:
         explain(SENTENCE, "cat", model=tiny_causal)
     assert "0:'The' 1:'dog' 2:'chased'" in str(e.value)
+    assert str(e.value).endswith("Pass one of these words, or its position (token index).")
 
 
 def test_token_inside_a_word_is_not_a_match(tiny_causal):

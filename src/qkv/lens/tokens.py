@@ -223,7 +223,7 @@ def pick_token(
     if not occ:
         raise ValueError(
             f"{what} {token!r} is not in the text. Its tokens are: {token_list(list(tokens))}. "
-            "Pass one of these words, or an index."
+            f"Pass one of these words, or its position ({what} index)."
         )
     if not -len(occ) <= occurrence <= len(occ):
         raise ValueError(
