@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import qkv
 from qkv.nn import ParallelBlock, PerHeadNorm, PreNormBlock
+from tests.models.test_families import _DEC as DECODER
 from tests.models.test_families import (
     N_GREEDY,
     REL_TOL,
@@ -39,9 +40,7 @@ from tests.models.test_families_more import _breaks, _error
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
 
 TOL = REL_TOL[torch.float32]
-_DEC = dict(hidden_size=60, num_attention_heads=6, num_key_value_heads=2, intermediate_size=37,
-            num_hidden_layers=2, vocab_size=V, max_position_embeddings=64, bos_token_id=0,
-            eos_token_id=0)  # fmt: skip
+_DEC = dict(DECODER, bos_token_id=0, eos_token_id=0)  # test_families' tiny decoder
 _FALCON = dict(hidden_size=60, num_attention_heads=6, num_hidden_layers=2, ffn_hidden_size=37,
                vocab_size=V, max_position_embeddings=64, rope_theta=100.0, bos_token_id=0,
                eos_token_id=0)  # fmt: skip

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 import qkv
 from qkv.models.decoder import DecoderConfig
 from qkv.nn import ParallelBlock, SparseMoE
+from tests.models.test_families import _DEC as DECODER
 from tests.models.test_families import (
     N_GREEDY,
     REL_TOL,
-    V,
     assert_lens_rows_match,
     float64_oracle_,
     greedy_three_ways,
@@ -44,9 +44,7 @@ from tests.models.test_families_more import _breaks, _edit_config, _error
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
 
 TOL = REL_TOL[torch.float32]
-_DEC = dict(hidden_size=60, num_attention_heads=6, num_key_value_heads=2, intermediate_size=37,
-            num_hidden_layers=2, vocab_size=V, max_position_embeddings=64, pad_token_id=0,
-            bos_token_id=0, eos_token_id=0)  # fmt: skip
+_DEC = dict(DECODER, pad_token_id=0, bos_token_id=0, eos_token_id=0)  # test_families' tiny decoder
 _SLIDING, _FULL = "sliding_attention", "full_attention"
 EXTRA = {
     # bias-free LayerNorm, parallel block, interleaved RoPE (base 100) on the sliding layers

@@ -111,6 +111,13 @@ def shapes(a: Arch) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def load_cached(path, folder):
+    """qkv.load(path) with its disk cache in folder/cache, kept out of ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QKV_CACHE_DIR", str(folder / "cache"))
+        return qkv.load(str(path))
+
+
 def add_tensor(w, name: str, t: np.ndarray, quant: str | None = None) -> None:
     """Write `t` as float32, or as `quant` blocks (e.g. "Q8_0") when it is a matrix."""
     t = t.astype(np.float32)
@@ -263,9 +270,7 @@ def tiny(request, tmp_path_factory):
     a = ARCHS[name]
     folder = tmp_path_factory.mktemp(f"{name}-{quant}")
     path = tiny_gguf(folder / "tiny.gguf", a, quant=quant, keep=KEEP.get(name, ()))
-    with pytest.MonkeyPatch.context() as mp:  # qkv.load's disk cache, kept out of ~/.cache
-        mp.setenv("QKV_CACHE_DIR", str(folder / "cache"))
-        model = qkv.load(str(path))
+    model = load_cached(path, folder)
     return a, path, model, reference(path)
 
 
@@ -399,15 +404,21 @@ CHANGES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("arch", "change"), CHANGES)
-def test_the_check_can_fail(f32, monkeypatch, arch, change):
-    a, path, ref = f32[arch]
+def assert_breaks_parity(a: Arch, path, ref, make_broken) -> None:
+    """The file matches `ref` (the premise), and the model `make_broken()` then reads from it
+    (one peculiarity undone; it may patch the loader) is > 100× off."""
     ids = ids_for(a, 1, N_IDS)
     with torch.no_grad():
         want = ref(ids).logits
-        assert rel(load(path)(ids), want) <= REL_TOL  # the premise
-        err = rel(broken(path, monkeypatch, change)(ids), want)
+        assert rel(load(path)(ids), want) <= REL_TOL  # the premise, before any patch
+        err = rel(make_broken()(ids), want)
     assert err > 100 * REL_TOL, err
+
+
+@pytest.mark.parametrize(("arch", "change"), CHANGES)
+def test_the_check_can_fail(f32, monkeypatch, arch, change):
+    a, path, ref = f32[arch]
+    assert_breaks_parity(a, path, ref, lambda: broken(path, monkeypatch, change))
 
 
 def test_phi3_quantised_fused_matrices_decode_from_their_blocks(tmp_path):

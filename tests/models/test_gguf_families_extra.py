@@ -47,6 +47,7 @@ from tests.models.test_gguf_families import (
     finish,
     ids_for,
     load,
+    load_cached,
     reference,
     rel,
 )
@@ -167,9 +168,7 @@ def tiny(request, tmp_path_factory):
     k = KINDS[name]
     folder = tmp_path_factory.mktemp(f"{name}-{quant}")
     path = tiny_gguf(folder / "tiny.gguf", k, quant=quant)
-    with pytest.MonkeyPatch.context() as mp:  # qkv.load's disk cache, kept out of ~/.cache
-        mp.setenv("QKV_CACHE_DIR", str(folder / "cache"))
-        model = qkv.load(str(path))
+    model = load_cached(path, folder)
     return k, path, model, reference(path)
 
 

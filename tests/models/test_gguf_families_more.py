@@ -28,7 +28,6 @@ import numpy as np
 import pytest
 import torch
 
-import qkv
 from qkv.models import gguf as qgguf
 from qkv.models import llama
 from qkv.nn import KVCache
@@ -42,11 +41,13 @@ from tests.models.test_gguf_families import (
     Arch,
     _permute_as_llama,
     add_tensor,
+    assert_breaks_parity,
     assert_greedy_match,
     assert_logits_match,
     finish,
     ids_for,
     load,
+    load_cached,
     reference,
     rel,
 )
@@ -145,9 +146,7 @@ def tiny(request, tmp_path_factory):
     a = ARCHS[name]
     folder = tmp_path_factory.mktemp(f"{name}-{quant}")
     path = tiny_gguf(folder / "tiny.gguf", a, quant=quant)
-    with pytest.MonkeyPatch.context() as mp:  # qkv.load's disk cache, kept out of ~/.cache
-        mp.setenv("QKV_CACHE_DIR", str(folder / "cache"))
-        model = qkv.load(str(path))
+    model = load_cached(path, folder)
     return a, path, model, reference(path)
 
 
@@ -301,12 +300,7 @@ CHANGES = [
 @pytest.mark.parametrize(("arch", "change"), CHANGES)
 def test_the_check_can_fail(f32, monkeypatch, arch, change):
     a, path, ref = f32[arch]
-    ids = ids_for(a, 1, N_IDS)
-    with torch.no_grad():
-        want = ref(ids).logits
-        assert rel(load(path)(ids), want) <= REL_TOL  # the premise
-        err = rel(broken(path, monkeypatch, change)(ids), want)
-    assert err > 100 * REL_TOL, err
+    assert_breaks_parity(a, path, ref, lambda: broken(path, monkeypatch, change))
 
 
 # --------------------------------------------------------------------------------------------

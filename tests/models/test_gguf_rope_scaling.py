@@ -24,12 +24,11 @@ import numpy as np
 import pytest
 import torch
 
-import qkv
 from qkv.models import gguf as qgguf
 from qkv.models import gguf_families
 from qkv.nn import RopeScaling, RotaryEmbedding
 from tests.models.test_families import greedy_three_ways, rel
-from tests.models.test_gguf_families import ARCHS, reference, tiny_gguf
+from tests.models.test_gguf_families import ARCHS, load_cached, reference, tiny_gguf
 from tests.models.test_gguf_families import ids_for as arch_ids
 from tests.models.test_rope_scaling import _hf_llama, ids_for, write_llama_gguf
 
@@ -193,9 +192,7 @@ def case(request, tmp_path_factory):
         def ids(seed, n):
             return arch_ids(ARCHS[arch], seed, n)
 
-    with pytest.MonkeyPatch.context() as mp:  # qkv.load's disk cache, kept out of ~/.cache
-        mp.setenv("QKV_CACHE_DIR", str(folder / "cache"))
-        model = qkv.load(str(path))
+    model = load_cached(path, folder)
     return request.param, ref, model, ids
 
 
@@ -359,9 +356,7 @@ def phi3_longrope(tmp_path_factory):
     ref = type(plain)(cfg).eval()
     ref.load_state_dict(plain.state_dict(), strict=True)
     ref.generation_config.eos_token_id = None
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QKV_CACHE_DIR", str(folder / "cache"))
-        model = qkv.load(str(path))
+    model = load_cached(path, folder)
     return ref, model
 
 

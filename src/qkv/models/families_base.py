@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..nn import RopeScaling
-from .convert import Reshape, heads_bias, heads_in, heads_out
+from .convert import Reshape, Rule, heads_bias, heads_in, heads_out
 
 
 @dataclass(frozen=True)
@@ -470,3 +470,41 @@ def read_fields(family: Family, cfg: Mapping[str, Any], where: str) -> dict[str,
     )
     out.update(family.fixed)
     return out
+
+
+def weight_rules(
+    weights: tuple[W, ...], config: Any, reshapes: Mapping[str, Callable[[Any], Reshape]]
+) -> list[Rule]:
+    """A family's weight map (Hugging Face or GGUF) for this config: `W.kept` tensors only
+    ("untied": an lm_head of its own), reshapes looked up in `reshapes`; `layers` "moe" /
+    "dense" written out on the sparse / dense layers, `{e}` for each expert, the src's slice e
+    where the src has no `{e}` (experts stacked in one (e, ...) tensor: llama.cpp's ffn_*_exps)."""
+    out, flags = [], {"untied": not getattr(config, "tie_embeddings", True)}
+    for w in weights:
+        if not w.kept(config, flags):
+            continue
+        fn = None if w.reshape is None else reshapes[w.reshape](config)
+        if w.layers is None:
+            out.append(Rule(w.dst, w.src, fn))
+            continue
+        for i, sparse in enumerate(config.sparse_layers()):
+            if sparse != (w.layers == "moe"):
+                continue
+            if "{e}" not in w.dst:
+                out.append(Rule(w.dst.format(i), w.src.format(i), fn))
+                continue
+            n = config.moe.n_experts
+            out += [Rule(w.dst.format(i, e=e), w.src.format(i, e=e),
+                         fn if "{e}" in w.src else _expert(e, n, fn)) for e in range(n)]  # fmt: skip
+    return out
+
+
+def _expert(e: int, n: int, then: Reshape | None) -> Reshape:
+    """Expert e's slice of an (n, ...) tensor (llama.cpp's ffn_*_exps), then `then`."""
+
+    def fn(t: Tensor) -> Tensor:
+        if t.dim() < 2 or t.shape[0] != n:
+            return t  # convert's shape check names the tensor
+        return t[e] if then is None else then(t[e])
+
+    return fn

@@ -41,14 +41,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor
-
 from ..nn import RopeScaling
 from ..nn.rope import longrope_attention_factor, yarn_attention_factor
 from . import gguf
-from .convert import Reshape, Rule
+from .convert import Rule
 from .decoder import DecoderConfig
 from .families import W
+from .families_base import weight_rules
 from .gguf_families_base import (
     CORE_FIELDS,
     LLAMA_WEIGHTS,
@@ -434,37 +433,6 @@ def config_from_gguf(contents: gguf.GGUFContents, *, name: str | None = None) ->
 
 
 def rules(family: GGUFFamily, config: DecoderConfig) -> list[Rule]:
-    """The family's key map GGUF → model for this config (`{}` = layer index; `when` as a
-    Hugging Face family's: a bool field, "untied", or "field=value" / "field!=value"; `layers`
-    "moe" / "dense": on the sparse / dense layers only, `{e}` for each expert, the src's slice
-    e when the src has no `{e}`: llama.cpp's experts stacked in one (e, ...) tensor)."""
-    out, flags = [], {"untied": not config.tie_embeddings}
-    for w in family.weights:
-        if not w.kept(config, flags):
-            continue
-        fn = None if w.reshape is None else RESHAPES[w.reshape](config)
-        if w.layers is None:
-            out.append(Rule(w.dst, w.src, fn))
-            continue
-        # MoE families: the sparse (or dense) layers written out; `{e}` for each expert, whose
-        # slice of a tensor stacked by expert (e, ...) it is where the src has no `{e}`
-        for i, sparse in enumerate(config.sparse_layers()):
-            if sparse == (w.layers == "moe"):
-                if "{e}" not in w.dst:
-                    out.append(Rule(w.dst.format(i), w.src.format(i), fn))
-                    continue
-                n = config.moe.n_experts
-                out += [Rule(w.dst.format(i, e=e), w.src.format(i, e=e),
-                             fn if "{e}" in w.src else _expert(e, n, fn)) for e in range(n)]  # fmt: skip
-    return out
-
-
-def _expert(e: int, n: int, then: Reshape | None) -> Reshape:
-    """Expert e's slice of an (n, ...) tensor (llama.cpp's ffn_*_exps), then `then`."""
-
-    def fn(t: Tensor) -> Tensor:
-        if t.dim() < 2 or t.shape[0] != n:
-            return t  # convert's shape check names the tensor
-        return t[e] if then is None else then(t[e])
-
-    return fn
+    """The family's key map GGUF → model for this config (`families_base.weight_rules`: `{}`
+    the layer index, `when` as a Hugging Face family's, `layers` / `{e}` for MoE experts)."""
+    return weight_rules(family.weights, config, RESHAPES)

@@ -29,7 +29,7 @@ from .convert import Rule, convert, read_safetensors
 from .decoder import Decoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .families import ACTS, FAMILIES, RESHAPES, Family, read_fields
-from .families_base import rope_scaling_from, stack_numbered, unstack
+from .families_base import rope_scaling_from, stack_numbered, unstack, weight_rules
 from .tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, INDEX, TOKENIZER = (
@@ -225,22 +225,8 @@ def strip_prefixes(
 
 
 def rules(family: Family, config: Any) -> list[Rule]:
-    """The family's weight map for this config: conditional tensors kept where they exist."""
-    flags = {"untied": not getattr(config, "tie_embeddings", True)}
-    out = []
-    for w in family.weights:
-        if not w.kept(config, flags):
-            continue
-        fn = None if w.reshape is None else RESHAPES[w.reshape](config)
-        if w.layers is None:
-            out.append(Rule(w.dst, w.src, fn))
-            continue
-        # MoE families: the layer index written out, and `{e}` for each expert
-        for i, sparse in enumerate(config.sparse_layers()):
-            if sparse == (w.layers == "moe"):
-                experts = range(config.moe.n_experts) if "{e}" in w.src else (0,)
-                out += [Rule(w.dst.format(i, e=e), w.src.format(i, e=e), fn) for e in experts]
-    return out
+    """The family's weight map for this config (`families_base.weight_rules`)."""
+    return weight_rules(family.weights, config, RESHAPES)
 
 
 def load_dir(
