@@ -40,11 +40,12 @@ class Naive(NamedTuple):
 
 
 def naive(q, k, v, *, causal=False, window=None, mask=None, mask_mod=None, score_mod=None,
-          scale=None, softcap=None):  # fmt: skip
+          scale=None, softcap=None, sinks=None):  # fmt: skip
     """Attention as plain PyTorch code in the inputs' dtype: `q @ kᵀ` is a matmul in that dtype
     (so fp16/bf16 scores are rounded to it), then fp32 for softcap, score_mod, masks and the
     softmax (as FlexAttention's eager path), weights rounded to the dtype before `@ v`.
     Bottom-right aligned (query i at position i + Sk − Sq); an empty row gives 0 and LSE −inf.
+    `sinks` (Hq,): one more logit per row of head h, exp(σ_h) added to the row's total.
     Differentiable by autograd, so its gradients are the plain same-dtype ones as well."""
     B, Hq, Sq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
@@ -75,8 +76,13 @@ def naive(q, k, v, *, causal=False, window=None, mask=None, mask_mod=None, score
         keep &= mask_mod(b4, h4, i.view(1, 1, Sq, 1), j.view(1, 1, 1, Sk))
     s = s.masked_fill(~keep, float("-inf"))
     m = s.detach().amax(-1, keepdim=True)
+    if sinks is not None:
+        sig = sinks.to(wide).view(1, -1, 1, 1)
+        m = torch.maximum(m, sig.detach())
     e = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0))  # (b h i j), all 0 in an empty row
     total = e.sum(-1, keepdim=True)
+    if sinks is not None:
+        total = total + torch.exp(sig - torch.where(torch.isfinite(m), m, 0.0))
     empty = total == 0
     w = e / torch.where(empty, 1.0, total)
     lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, total)))

@@ -335,13 +335,15 @@ def test_nan_in_masked_keys_and_values_does_not_leak(where):
         ({"score_mod": lambda s, b, h, i, j: s}, "score_mod"),
         ({"softcap": 5.0}, "softcap"),
         ({"dropout_p": 0.1}, "dropout"),
+        ({"sinks": torch.zeros(2)}, "sinks"),
     ],
-    ids=["mask", "mask_mod", "score_mod", "softcap", "dropout"],
+    ids=["mask", "mask_mod", "score_mod", "softcap", "dropout", "sinks"],
 )
 def test_unsupported_requests_raise(kw, needle):
     q, k, v = qkv_on(1, 2, 2, 7, 9, 16)
-    if "mask" in kw:
-        kw = {**kw, "mask": kw["mask"].to(DEVICE)}
+    for name in ("mask", "sinks"):
+        if name in kw:
+            kw = {**kw, name: kw[name].to(DEVICE)}
     with pytest.raises(ValueError, match=needle) as e:
         qkv.attention(q, k, v, backend="triton", **kw)
     assert "backend='tiled'" in str(e.value)

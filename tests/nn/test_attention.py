@@ -61,6 +61,12 @@ def explicit(x, mha, mask, causal, pos=None):
     if mask is not None:
         keep = keep & mask
     s = s.masked_fill(~keep, float("-inf"))
+    if mha.sinks is not None:  # the sink as one more column, dropped after the softmax
+        col = mha.sinks.view(1, -1, 1, 1).expand(*s.shape[:3], 1)
+        w = torch.cat([s, col], -1).softmax(-1)[..., :-1]
+        z = torch.einsum("bhij,bhjd->bhid", w, v)
+        out = torch.einsum("bhid,hdm->bim", z, mha.W_O)
+        return out if mha.b_O is None else out + mha.b_O
     z = torch.einsum("bhij,bhjd->bhid", s.softmax(-1), v)
     out = torch.einsum("bhid,hdm->bim", z, mha.W_O)
     return out if mha.b_O is None else out + mha.b_O
@@ -305,3 +311,43 @@ def test_segments_bad_input():
         mha(x, segments=[6], mask=torch.ones(1, 1, 1, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask or a cache"):
         mha(x, segments=[6], cache=KVCache(1)[0])
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_sinks_match_explicit_with_cache_and_capture(fast):
+    """sinks=True (gpt-oss): the float64 explicit formula with the sink as a dropped softmax
+    column, in one call and decoded token by token with a cache (float32 within 1e-5 when
+    `accelerate`d); the captured record replays weights that sum to 1 − the sink's share."""
+    from qkv import attention_weights
+    from qkv.nn import KVCache
+
+    torch.manual_seed(4)
+    rope = RotaryEmbedding(8)
+    mha = MultiHeadAttention(32, 4, n_kv_heads=2, d_head=8, rope=rope, causal=True, sinks=True)
+    assert mha.sinks.shape == (4,) and "sinks=True" in repr(mha)
+    with torch.no_grad():
+        mha.sinks.copy_(torch.tensor([2.0, -1.0, 0.5, 4.0]))
+    x = torch.randn(2, 7, 32)
+    want = explicit(x.double(), mha.double(), None, True, torch.arange(7))
+    tol = 1e-10
+    if fast:
+        mha = accelerate(mha.float())
+        tol = 1e-5
+    else:
+        x = x.double()
+    with torch.no_grad(), capture(mha) as cap:
+        got = mha(x.to(mha.W_Q.dtype))
+    assert (got.double() - want).abs().max() < tol
+    cache = KVCache(1)
+    with torch.no_grad():
+        steps = [mha(x[:, t : t + 1].to(mha.W_Q.dtype), cache=cache[0]) for t in range(7)]
+    assert (torch.cat(steps, 1).double() - want).abs().max() < tol
+    rec = cap.layers[0]
+    w = attention_weights(rec.q, rec.k, rec.lse, **rec.attn_kwargs).double()
+    sink = torch.exp(mha.sinks.detach().double().view(1, -1, 1) - rec.lse.double())
+    assert (w.sum(-1) + sink - 1).abs().max() < tol
+
+
+def test_sinks_must_be_a_bool():
+    with pytest.raises(TypeError, match="sinks must be a bool"):
+        MultiHeadAttention(8, 2, sinks=1)

@@ -39,6 +39,7 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool
     if backend == "sdpa" and q.device.type == "cpu" and not compiling and not _sum_finite(q):
         backend = "tiled"
     special = spec.left is not None or spec.mask_mod is not None or spec.has_mods
+    special = special or spec.sinks is not None
     if backend == "tiled" and special and spec.Sq and spec.Sk:
         if fused_cpu.supported(q, spec) is None:
             return "fused"
@@ -120,6 +121,7 @@ def attention(
     softcap: float | None = None,
     dropout_p: float = 0.0,
     generator: torch.Generator | None = None,
+    sinks: Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -154,6 +156,13 @@ def attention(
     A row with no key left returns 0 with LSE −inf and zero gradients, never NaN. NaN/inf in a
     masked-out key or value never reaches the output.
 
+    `sinks` (Hq,): learned attention sinks (gpt-oss; StreamingLLM's sink as a parameter). Each
+    row of head h gets one more softmax logit σ_h with no value behind it, so its weights sum
+    to 1 − exp(σ_h − lse) and a head can attend to "nothing":
+    `w = softmax([ℓ, σ_h])[:-1]`, `lse = log(Σ_j exp ℓ_j + exp σ_h)` (an empty row: out 0, LSE
+    σ_h). Differentiable (∂L/∂σ_h = −Σ_{b,i} exp(σ_h − lse)·(rowsum(dO∘O) − dlse)); on
+    "tiled", "fused" and "reference" ("auto" picks one of them).
+
     Gradients flow to q, k, v on every backend (and to a float `mask` on "reference"/"sdpa").
     Second derivatives (`create_graph=True`: gradient penalties, Hessian-vector products)
     recompute the forward through the reference, O(Sq·Sk) memory, and are refused with
@@ -185,6 +194,7 @@ def attention(
         softcap=softcap,
         dropout_p=dropout_p,
         generator=generator,
+        sinks=sinks,
     )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -193,8 +203,9 @@ def attention(
         if mask is not None and mask.dim() > 0 and mask.shape[-1] == spec.Sk:
             mask = mask[..., s0:]
         spec = make_spec(
-            q, k, v, causal=causal, window=window, mask=mask, scale=spec.scale, softcap=softcap
-        )
+            q, k, v, causal=causal, window=window, mask=mask, scale=spec.scale, softcap=softcap,
+            sinks=sinks,
+        )  # fmt: skip
     auto = backend == "auto"
     if q.device.type == "meta" and backend in ("tiled", "fused"):  # triton: CUDA only
         raise ValueError(
@@ -283,6 +294,7 @@ def attention_weights(
     score_mod: ScoreMod | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Exact softmax rows for the chosen queries, (B, Hq, len(rows), Sk), without the full matrix.
 
@@ -290,11 +302,12 @@ def attention_weights(
     `attention` used (pre-dropout), in O(len(rows)·Sk) memory. Pass the `lse` that
     `attention(..., return_lse=True)` returned, or None to compute it for these rows alone
     (also exact, same cost). Masks and mods must be those of the attention call. An empty row
-    is all 0. Equivalent: `reference_attention(q, k, v, ...).weights[:, :, rows]`.
+    is all 0. With `sinks`, a row sums to 1 − exp(σ_h − lse), the sink's share. Equivalent:
+    `reference_attention(q, k, v, ...).weights[:, :, rows]`.
     """
     spec = make_spec(
         q, k, k, causal=causal, window=window, mask=mask, mask_mod=mask_mod,
-        score_mod=score_mod, scale=scale, softcap=softcap,
+        score_mod=score_mod, scale=scale, softcap=softcap, sinks=sinks,
     )  # fmt: skip
     idx = _rows(rows, spec.Sq, q.device)
     cdt = scoring.compute_dtype(q.dtype)
@@ -308,6 +321,8 @@ def attention_weights(
     if lse is None:
         m = scoring.safe_max(logits.amax(-1, keepdim=True))
         lse_r = m + torch.log(torch.exp(logits - m).sum(-1, keepdim=True))
+        if spec.sinks is not None:
+            lse_r = torch.logaddexp(lse_r, scoring.sink_logits(spec.sinks, lse_r).unsqueeze(-1))
     else:
         want = (spec.B, spec.Hq, spec.Sq)
         if not isinstance(lse, Tensor) or tuple(lse.shape) != want:

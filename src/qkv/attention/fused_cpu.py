@@ -51,7 +51,7 @@ from .._jit import Kernels
 from . import blockmask, scoring
 from .reference import double_backward_vjp
 from .spec import Spec
-from .tiled import backward, tiled
+from .tiled import backward, sink_grad, tiled
 
 BQ = 64  # query rows per task
 BK = 64  # keys per block
@@ -324,9 +324,11 @@ def _one_blas_thread():
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec: Spec):
+    def forward(ctx, q, k, v, sinks, spec: Spec):
         v_ok = scoring.all_finite(v)  # one pass over V serves the forward and the backward
         out, lse = forward(q, k, v, spec, v_finite=v_ok)
+        if sinks is not None:
+            out, lse = scoring.add_sinks(out, lse, sinks)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec = spec
         ctx.finite = any(ctx.needs_input_grad[:3]) and v_ok and scoring.all_finite(k)
@@ -337,7 +339,7 @@ class _FusedAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a backward that differentiates again
             grads = double_backward_vjp(
-                q, k, v, ctx.spec, dout, dlse, ctx.needs_input_grad[:3], "fused"
+                q, k, v, ctx.spec, dout, dlse, ctx.needs_input_grad[:4], "fused"
             )
             return *grads, None
         if ctx.finite:
@@ -346,7 +348,7 @@ class _FusedAttention(torch.autograd.Function):
             dq, dk, dv = fused_backward(q, k, v, ctx.spec, out, lse, dout, dlse)
         else:  # NaN/inf in K or V: tiled keeps the masked ones out of every product
             dq, dk, dv = backward(q, k, v, ctx.spec, out, lse, dout, dlse)
-        return dq, dk, dv, None
+        return dq, dk, dv, sink_grad(ctx, out, lse, dout, dlse), None
 
 
 def fused(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
@@ -355,4 +357,4 @@ def fused(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
     runs on `tiled` instead, never with a mod dropped."""
     if supported(q, spec) is not None:
         return tiled(q, k, v, spec)
-    return _FusedAttention.apply(q, k, v, spec)
+    return _FusedAttention.apply(q, k, v, spec.sinks, spec)

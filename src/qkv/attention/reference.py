@@ -2,7 +2,8 @@
 
     s = scale · q @ kᵀ          (b h i j)   scores
     ℓ = masks(score_mod(softcap(s)))        logits, −inf where dropped
-    w = softmax(ℓ)               (b h i j)   weights (fp32, or fp64 for fp64 input)
+    w = softmax(ℓ)               (b h i j)   weights (fp32, or fp64 for fp64 input); with
+                                            sinks σ (h), softmax([ℓ, σ_h]) without its last column
     o = dropout(w) @ v           (b h i e)
 
 Everything runs in the compute dtype, fp32 (fp64 for fp64 input): fp16/bf16 inputs are widened
@@ -35,11 +36,19 @@ class Intermediates:
     out: Tensor  # (b h i e) in the input dtype
 
 
-def softmax_lse(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax over the last axis that returns 0 (not NaN) for an all −inf row, and its LSE."""
-    m = scoring.safe_max(logits.amax(-1))
+def softmax_lse(logits: Tensor, sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Softmax over the last axis that returns 0 (not NaN) for an all −inf row, and its LSE.
+    `sinks` (h,): one more logit per row of head h with no value behind it (its weight is
+    1 − Σ w), written out as an extra term of the sum."""
+    m = logits.amax(-1)
+    if sinks is not None:
+        sig = scoring.sink_logits(sinks, m).expand_as(m)
+        m = torch.maximum(m, sig)
+    m = scoring.safe_max(m)
     e = torch.exp(logits - m.unsqueeze(-1))
     total = e.sum(-1)
+    if sinks is not None:
+        total = total + torch.exp(sig - m)
     w = e / torch.where(total == 0, torch.ones_like(total), total).unsqueeze(-1)
     return w, m + torch.log(total)
 
@@ -67,8 +76,10 @@ def reference(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Intermediates:
     if spec.Sk == 0:
         w = logits
         lse = torch.full(logits.shape[:-1], float("-inf"), dtype=cdt, device=q.device)
+        if spec.sinks is not None:  # the sink is the row's only logit
+            lse = scoring.sink_logits(spec.sinks, lse).expand(lse.shape)
     else:
-        w, lse = softmax_lse(logits)
+        w, lse = softmax_lse(logits, spec.sinks)
     wd = w
     if spec.dropout_p > 0:
         u = torch.rand(w.shape, generator=spec.generator, dtype=cdt, device=w.device)
@@ -84,11 +95,12 @@ def double_backward_vjp(
     spec: Spec,
     dout: Tensor,
     dlse: Tensor | None,
-    needs: tuple[bool, bool, bool],
+    needs: tuple[bool, ...],
     backend: str,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(dq, dk, dv) as a differentiable graph, for a fused backend's backward when autograd
-    asks for one (`create_graph=True`: gradient penalties, Hessian-vector products, MAML).
+) -> tuple[Tensor | None, ...]:
+    """(dq, dk, dv), and d sinks when `needs` has a fourth flag, as a differentiable graph,
+    for a fused backend's backward when autograd asks for one (`create_graph=True`: gradient
+    penalties, Hessian-vector products, MAML).
 
     The fused backwards compute exact first derivatives without a graph; for second ones the
     forward is recomputed here by the reference, whose autograd graph gives the same first
@@ -101,7 +113,8 @@ def double_backward_vjp(
             f"dropout_p={spec.dropout_p}: its dropout masks are drawn per tile; use "
             "backend='reference' for second derivatives with dropout"
         )
-    wrt = [t for t, n in zip((q, k, v), needs, strict=True) if n]
+    inputs = (q, k, v, spec.sinks)[: len(needs)]
+    wrt = [t for t, n in zip(inputs, needs, strict=True) if n]
     with torch.enable_grad():
         r = reference(q, k, v, spec)
         outs, grads = [r.out], [dout]
@@ -110,7 +123,7 @@ def double_backward_vjp(
             grads.append(dlse)
         got = iter(torch.autograd.grad(outs, wrt, grads, create_graph=True, allow_unused=True))
     res = []
-    for t, n in zip((q, k, v), needs, strict=True):
+    for t, n in zip(inputs, needs, strict=True):
         g = next(got) if n else None
         res.append(torch.zeros_like(t) if n and g is None else g)
-    return res[0], res[1], res[2]
+    return tuple(res)

@@ -282,3 +282,38 @@ def bad_keys(k: Tensor, G: int) -> Tensor | None:
 def finite(x: Tensor) -> Tensor:
     """x with NaN/inf replaced by 0 (for matmuls whose masked terms must stay exactly 0)."""
     return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def sink_logits(sinks: Tensor, like: Tensor) -> Tensor:
+    """(Hq,) sink logits as (1 h 1) in `like`'s dtype (the compute dtype), for (b h i) rows."""
+    return sinks.to(like.dtype).view(1, -1, 1)
+
+
+def add_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold per-head sink logits into a finished attention (out (b h i e), lse (b h i), both
+    in the compute dtype). A sink σ_h is one more logit in every softmax row of head h, with
+    no value behind it:
+
+        lse' = log(exp(lse) + exp(σ))            out' = out · exp(lse − lse')
+
+    exact, since out = Σ_j exp(ℓ_j − lse)·v_j and the sink adds only to the denominator. An
+    empty row (lse −inf) gives out' 0 and lse' σ; a sink of −inf changes nothing."""
+    sig = sink_logits(sinks, lse)
+    lse2 = torch.logaddexp(lse, sig)
+    kept = torch.where(lse2 == NEG_INF, torch.zeros_like(lse), torch.exp(lse - lse2))
+    return out * kept.unsqueeze(-1), lse2
+
+
+def sink_grad(out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None, sinks: Tensor) -> Tensor:
+    """∂L/∂σ (Hq,) in sinks' dtype, from the finished out' and lse' (`add_sinks`):
+
+        ∂L/∂σ_h = Σ_{b,i} p_σ(b,h,i) · (dlse − rowsum(dO ∘ O'))     p_σ = exp(σ_h − lse')
+
+    (the sink's softmax weight times the usual Δ = rowsum(dO∘O) − dlse, negated)."""
+    cdt = lse.dtype
+    delta = (dout.to(cdt) * out.to(cdt)).sum(-1)  # (b h i)
+    if dlse is not None:
+        delta = delta - dlse.to(cdt)
+    p = torch.exp(sink_logits(sinks, lse) - lse)  # (b h i); lse' = −inf only if σ = −inf
+    p = torch.where(lse == NEG_INF, torch.zeros_like(p), p)
+    return (-(p * delta)).sum((0, 2)).to(sinks.dtype)

@@ -20,6 +20,8 @@ def unsupported(spec: Spec) -> str | None:
         return "softcap"
     if spec.score_mod is not None:
         return "score_mod"
+    if spec.sinks is not None:
+        return "sinks (SDPA has no sink term)"
     if spec.dropout_p > 0 and spec.generator is not None:
         return "dropout with a generator (SDPA draws from the global RNG)"
     return None

@@ -39,6 +39,7 @@ class Spec:
     softcap: float | None
     dropout_p: float
     generator: torch.Generator | None
+    sinks: Tensor | None = None  # (Hq,) learned sink logits: an extra softmax term per head
 
     @property
     def G(self) -> int:  # query heads per kv head
@@ -159,6 +160,28 @@ def _mask(mask: Tensor | None, q: Tensor, B: int, Hq: int, Sq: int, Sk: int) -> 
     )
 
 
+def _sinks(sinks: Tensor | None, q: Tensor) -> Tensor | None:
+    """Validate `sinks`: one logit per query head, (Hq,), floating, on q's device."""
+    if sinks is None:
+        return None
+    Hq = q.shape[1]
+    if not isinstance(sinks, Tensor):
+        raise TypeError(
+            f"sinks must be a float tensor of shape (Hq,) = ({Hq},), got {type(sinks).__name__}"
+        )
+    if not sinks.is_floating_point():
+        raise TypeError(f"sinks must be a floating tensor, got {sinks.dtype}")
+    if tuple(sinks.shape) != (Hq,):
+        raise ValueError(
+            f"sinks must have shape (Hq,) = ({Hq},), one logit per query head, got {_shape(sinks)}"
+        )
+    if sinks.device != q.device:
+        raise ValueError(
+            f"sinks is on {sinks.device} but q is on {q.device}; move it with sinks.to(q.device)"
+        )
+    return sinks
+
+
 def make_spec(
     q: Tensor,
     k: Tensor,
@@ -173,6 +196,7 @@ def make_spec(
     softcap: float | None = None,
     dropout_p: float = 0.0,
     generator: torch.Generator | None = None,
+    sinks: Tensor | None = None,
 ) -> Spec:
     """Validate everything and fold `causal` into the (left, right) band."""
     check_qkv(q, k, v)
@@ -232,4 +256,5 @@ def make_spec(
         softcap=None if softcap is None else float(softcap),
         dropout_p=float(dropout_p),
         generator=generator,
+        sinks=_sinks(sinks, q),
     )

@@ -453,14 +453,19 @@ def _backward(t: _Tiles, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | 
 
 class _TiledAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec: Spec, blocks: tuple[int, int], blocks_bwd: tuple[int, int]):
+    def forward(
+        ctx, q, k, v, sinks, spec: Spec, blocks: tuple[int, int], blocks_bwd: tuple[int, int]
+    ):
         """`blocks_bwd` may differ from `blocks` only without dropout (whose masks are drawn
-        per tile, so forward and backward must tile alike)."""
+        per tile, so forward and backward must tile alike). `sinks` is `spec.sinks`, passed
+        again so autograd sees it."""
         seed = 0
         if spec.dropout_p > 0:
             seed = int(torch.randint(0, 2**62, (1,), generator=spec.generator))
         t = _Tiles(q, k, v, spec, seed, *blocks)
         out_c, lse = _forward_banded(t) if banded_ok(t) else _forward(t)
+        if sinks is not None:
+            out_c, lse = scoring.add_sinks(out_c, lse, sinks)
         ctx.save_for_backward(q, k, v, out_c, lse)
         ctx.spec, ctx.seed, ctx.blocks = spec, seed, blocks_bwd
         return out_c.to(q.dtype), lse
@@ -470,11 +475,19 @@ class _TiledAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a backward that differentiates again
             grads = double_backward_vjp(
-                q, k, v, ctx.spec, dout, dlse, ctx.needs_input_grad[:3], "tiled"
+                q, k, v, ctx.spec, dout, dlse, ctx.needs_input_grad[:4], "tiled"
             )
             return *grads, None, None, None
         dq, dk, dv = backward(q, k, v, ctx.spec, out, lse, dout, dlse, ctx.seed, ctx.blocks)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, sink_grad(ctx, out, lse, dout, dlse), None, None, None
+
+
+def sink_grad(ctx, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None) -> Tensor | None:
+    """∂L/∂sinks for an autograd Function whose 4th input is `spec.sinks` and that saved the
+    finished fp32 out and LSE (see `scoring.sink_grad`); None when no gradient is asked."""
+    if not ctx.needs_input_grad[3]:
+        return None
+    return scoring.sink_grad(out, lse, dout, dlse, ctx.spec.sinks)
 
 
 def backward(
@@ -542,4 +555,4 @@ def tiled(
     blocks_bwd = (block_q or bq, block_k or bk)
     if min(blocks) < 1:
         raise ValueError(f"block sizes must be ≥ 1, got block_q={blocks[0]}, block_k={blocks[1]}")
-    return _TiledAttention.apply(q, k, v, spec, blocks, blocks_bwd)
+    return _TiledAttention.apply(q, k, v, spec.sinks, spec, blocks, blocks_bwd)

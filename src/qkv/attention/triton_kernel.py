@@ -70,6 +70,8 @@ def unsupported(q: Tensor, spec: Spec) -> str | None:
         return "score_mod/softcap are not supported; use backend='tiled'"
     if spec.dropout_p > 0:
         return "dropout is not supported; use backend='tiled' or 'sdpa'"
+    if spec.sinks is not None:
+        return "sinks are not supported; use backend='tiled' or 'auto'"
     if spec.D != spec.Dv:
         return f"needs D == Dv, got D={spec.D}, Dv={spec.Dv}; use backend='tiled'"
     if not 1 <= spec.D <= MAX_D:

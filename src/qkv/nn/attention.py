@@ -41,7 +41,9 @@ class MultiHeadAttention(nn.Module):
     c·tanh(s/c) before the masks, as `qkv.attention`'s `softcap` (Gemma 2). `score_mod` goes to
     `qkv.attention` as it is (e.g. `qkv.alibi(n_heads)`: BLOOM's ALiBi). `clip` c clamps every
     q, k and v feature to [−c, c] after the projections and their biases, before QK-norm and
-    RoPE (OLMo's `clip_qkv`).
+    RoPE (OLMo's `clip_qkv`). `sinks=True` adds a learned sink logit per query head, the
+    parameter `sinks` (h), initialised to 0: one more softmax term with no value, so a head can
+    put weight on nothing (gpt-oss; `qkv.attention`'s `sinks`).
 
     forward(x (b i m), *, mask=None, cache=None) → (b i m). Equivalent code::
 
@@ -50,7 +52,8 @@ class MultiHeadAttention(nn.Module):
         q, k = q_norm(q), k_norm(k)                              # if given (QK-norm)
         q, k = rope(q, pos), rope(k, pos)                        # pos = cache.length + arange(i)
         z = qkv.attention(q, k, v, causal=causal, window=window, mask=mask, scale=scale,
-                          softcap=softcap, score_mod=score_mod)        # kv head = h // (h/k)
+                          softcap=softcap, score_mod=score_mod,
+                          sinks=sinks)                                 # kv head = h // (h/k)
         out = einsum("bhid,hdm->bim", z, W_O) + b_O
 
     `mask` is bool keep (True = attend) or a float additive bias, broadcastable to (b, h, i, j),
@@ -84,6 +87,7 @@ class MultiHeadAttention(nn.Module):
         qk_norm_scope: str = "head",
         score_mod: ScoreMod | None = None,
         clip: float | None = None,
+        sinks: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -133,6 +137,8 @@ class MultiHeadAttention(nn.Module):
             isinstance(clip, int | float) and not isinstance(clip, bool) and 0 < clip < math.inf
         ):
             raise ValueError(f"clip must be None or a finite number > 0, got {clip!r}")
+        if not isinstance(sinks, bool):
+            raise TypeError(f"sinks must be a bool (a learned sink logit per head), got {sinks!r}")
         if score_mod is not None and not callable(score_mod):
             raise TypeError(f"score_mod must be a function or None, got {type(score_mod).__name__}")
         self.d_model, self.n_heads, self.n_kv_heads, self.d_head = (
@@ -166,6 +172,10 @@ class MultiHeadAttention(nn.Module):
             self.b_O = nn.Parameter(torch.zeros(d_model, **fk))
         else:
             self.register_parameter("b_O", None)
+        if sinks:
+            self.sinks = nn.Parameter(torch.zeros(n_heads, **fk))
+        else:
+            self.register_parameter("sinks", None)
         self._fused: tuple | None = None  # (params, versions, w, b), see fused_qkv
         self.reset_parameters()
 
@@ -178,7 +188,7 @@ class MultiHeadAttention(nn.Module):
             (self.W_O, self.n_heads * self.d_head),
         ):
             nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
-        for b in (self.b_Q, self.b_K, self.b_V, self.b_O):
+        for b in (self.b_Q, self.b_K, self.b_V, self.b_O, self.sinks):
             if b is not None:
                 nn.init.zeros_(b)
 
@@ -193,6 +203,7 @@ class MultiHeadAttention(nn.Module):
             + ("" if self.clip is None else f", clip={self.clip}")
             + ("" if self.qk_norm_scope == "head" else f", qk_norm_scope={self.qk_norm_scope!r}")
             + ("" if self.score_mod is None else ", score_mod=yes")
+            + ("" if self.sinks is None else ", sinks=True")
         )
 
     def fused_qkv(self) -> tuple[Tensor, Tensor | None]:
@@ -292,6 +303,8 @@ class MultiHeadAttention(nn.Module):
             kw["softcap"] = self.softcap
         if self.score_mod is not None:
             kw["score_mod"] = self.score_mod
+        if self.sinks is not None:
+            kw["sinks"] = self.sinks
         return kw
 
     def _project(self, x: Tensor) -> Tensor:
