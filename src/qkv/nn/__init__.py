@@ -24,14 +24,16 @@ from .blocks import (
 )
 from .cache import KVCache, LayerCache
 from .capture import AttentionRecord, Capture, capture
-from .moe import MoEConfig, SparseMoE, route
+from .moe import GLUMLP, ClampedSwiGLU, MoEConfig, SparseMoE, route
 from .rope import RopeScaling, RotaryEmbedding
 
 __all__ = [
     "ACTIVATIONS",
+    "GLUMLP",
     "MLP",
     "AttentionRecord",
     "Capture",
+    "ClampedSwiGLU",
     "Embedding",
     "KVCache",
     "LayerCache",

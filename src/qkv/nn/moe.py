@@ -1,10 +1,12 @@
-"""Sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE, Qwen2-MoE): a linear router scores E
-gated MLPs for each token, the token goes through the top k of them, and their outputs are
-blended by the router's probabilities. Every token is routed on its own (no capacity limit,
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE, Qwen2-MoE, gpt-oss): a linear router
+scores E gated MLPs for each token, the token goes through the top k of them, and their outputs
+are blended by the router's weights. Every token is routed on its own (no capacity limit,
 nothing dropped), so the layer is position-wise like the dense MLP it replaces.
 
     moe = SparseMoE(4096, 14336, n_experts=8, top_k=2)                # Mixtral 8x7B's layer
     y = moe(x)                                                        # x (b i m) → (b i m)
+    oss = SparseMoE(2880, 2880, n_experts=32, top_k=4, order="topk_softmax", router_bias=True,
+                    expert_bias=True, glu=ClampedSwiGLU(alpha=1.702, limit=7.0))  # gpt-oss-20b
 
 Letters: b batch, i position, m model dim, f expert hidden dim, n tokens (b·i), e experts,
 k experts chosen per token.
@@ -12,6 +14,7 @@ k experts chosen per token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,19 +23,73 @@ from torch import Tensor, nn
 
 from .blocks import MLP
 
+ORDERS = ("softmax_topk", "topk_softmax")
+
+
+def _real(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's gated unit, (gate, up) (… f) each → (… f):
+
+        g = gate.clamp(max=limit)                      no clamp when limit is None
+        u = up.clamp(-limit, limit)
+        return g · sigmoid(alpha · g) · (u + up_offset)
+
+    gpt-oss: alpha 1.702 (`swiglu_alpha`), limit 7.0 (`swiglu_limit`), up_offset 1. With
+    alpha=1, limit=None, up_offset=0 it is Llama's SwiGLU, silu(gate) · up.
+    """
+
+    alpha: float = 1.702
+    limit: float | None = 7.0
+    up_offset: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not _real(self.alpha) or self.alpha <= 0:
+            raise ValueError(
+                f"ClampedSwiGLU: alpha must be a finite number > 0, got {self.alpha!r}"
+            )
+        if self.limit is not None and (not _real(self.limit) or self.limit <= 0):
+            raise ValueError(
+                f"ClampedSwiGLU: limit must be a finite number > 0 or None (no clamp), "
+                f"got {self.limit!r}"
+            )
+        if not _real(self.up_offset):
+            raise ValueError(
+                f"ClampedSwiGLU: up_offset must be a finite number, got {self.up_offset!r}"
+            )
+
+    def __call__(self, gate: Tensor, up: Tensor) -> Tensor:
+        if self.limit is not None:
+            gate = gate.clamp(max=self.limit)
+            up = up.clamp(-self.limit, self.limit)
+        return gate * torch.sigmoid(gate * self.alpha) * (up + self.up_offset)
+
 
 @dataclass(frozen=True)
 class MoEConfig:
     """A sparse MLP's shape: `n_experts` gated MLPs of hidden width `d_expert`, `top_k` of them
     per token, their weights renormalised to sum to 1 (`normalise`: Mixtral always; Qwen's
     `norm_topk_prob`) or left as the softmax gave them; `d_shared` > 0 adds a shared expert of
-    that width, gated by sigmoid(linear(x)), that every token goes through (Qwen2-MoE)."""
+    that width, gated by sigmoid(linear(x)), that every token goes through (Qwen2-MoE).
+
+    gpt-oss's layer: `order="topk_softmax"` (the softmax over the k chosen logits, see `route`;
+    its weights sum to 1, so `normalise` must stay True), `router_bias` (the router an
+    nn.Linear with bias), `expert_bias` (gate, up and down with biases) and `glu` (a
+    `ClampedSwiGLU` where the experts' gate and up meet; None: act(gate) · up).
+    """
 
     n_experts: int
     top_k: int
     d_expert: int
     normalise: bool = True
     d_shared: int = 0
+    order: str = "softmax_topk"
+    router_bias: bool = False
+    expert_bias: bool = False
+    glu: ClampedSwiGLU | None = None
 
     def __post_init__(self) -> None:
         for f in ("n_experts", "top_k", "d_expert"):
@@ -44,18 +101,38 @@ class MoEConfig:
                 f"MoEConfig: top_k={self.top_k} exceeds n_experts={self.n_experts}; a token "
                 "can use each expert once"
             )
-        if not isinstance(self.normalise, bool):
-            raise ValueError(f"MoEConfig: normalise must be a bool, got {self.normalise!r}")
+        for f in ("normalise", "router_bias", "expert_bias"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"MoEConfig: {f} must be a bool, got {getattr(self, f)!r}")
         if (
             isinstance(self.d_shared, bool)
             or not isinstance(self.d_shared, int)
             or self.d_shared < 0
         ):
             raise ValueError(f"MoEConfig: d_shared must be an int ≥ 0, got {self.d_shared!r}")
+        _check_order(self.order, self.normalise, "MoEConfig: ")
+        if self.glu is not None and not isinstance(self.glu, ClampedSwiGLU):
+            raise ValueError(
+                f"MoEConfig: glu must be a ClampedSwiGLU or None, got {type(self.glu).__name__}"
+            )
 
 
-def route(logits: Tensor, top_k: int, normalise: bool = True) -> tuple[Tensor, Tensor]:
-    """Router logits (n e) → (weights (n k), experts (n k) int64), best first:
+def _check_order(order: object, normalise: object, owner: str) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"{owner}order must be one of {ORDERS}, got {order!r}")
+    if order == "topk_softmax" and normalise is not True:
+        raise ValueError(
+            f"{owner}order='topk_softmax' takes a softmax over the k chosen logits, whose "
+            f"weights always sum to 1; normalise must be True, got {normalise!r}"
+        )
+
+
+def route(
+    logits: Tensor, top_k: int, normalise: bool = True, order: str = "softmax_topk"
+) -> tuple[Tensor, Tensor]:
+    """Router logits (n e) → (weights (n k), experts (n k) int64), best first.
+
+    order="softmax_topk" (Mixtral, Qwen, OLMoE):
 
         p = softmax(logits, -1)                       float32 (float64 for float64 logits)
         weights, experts = torch.topk(p, top_k, -1)   ties as torch.topk resolves them
@@ -64,12 +141,25 @@ def route(logits: Tensor, top_k: int, normalise: bool = True) -> tuple[Tensor, T
     The top k of the probabilities, not of the logits: the same order, and the same choice
     between near-equal experts as transformers' routers, which take the top k after the
     softmax. Weights stay float32 for float16/bfloat16 logits (Mixtral multiplies by them so).
+
+    order="topk_softmax" (gpt-oss, GraniteMoE; needs normalise=True):
+
+        top, experts = torch.topk(logits, top_k, -1)  on the logits as given
+        weights = softmax(top, -1)                    in the logits' dtype (as gpt-oss)
+
+    Both give exp(l_e) / Σ_chosen exp(l_j) for the same experts, so they differ only by
+    rounding: in the weights' last bits, and in which of two experts whose logits differ
+    by less than the softmax can resolve is chosen (the softmax may round them to one value).
     """
     if logits.dim() != 2 or not 1 <= top_k <= logits.shape[-1]:
         raise ValueError(
             f"route takes logits (n, e) and 1 ≤ top_k ≤ e, got shape {tuple(logits.shape)} "
             f"and top_k={top_k}"
         )
+    _check_order(order, normalise, "route: ")
+    if order == "topk_softmax":
+        top, experts = torch.topk(logits, top_k, dim=-1)  # (n k)
+        return torch.softmax(top, dim=-1), experts
     wide = logits.dtype if logits.dtype == torch.float64 else torch.float32
     p = torch.softmax(logits.to(wide), dim=-1)  # (n e)
     weights, experts = torch.topk(p, top_k, dim=-1)  # (n k)
@@ -78,13 +168,47 @@ def route(logits: Tensor, top_k: int, normalise: bool = True) -> tuple[Tensor, T
     return weights, experts
 
 
+class GLUMLP(MLP):
+    """A gated MLP whose gate and up meet in `glu`, x (… m) → (… m):
+
+        down(glu(gate(x), up(x)))                     e.g. glu = ClampedSwiGLU() (gpt-oss)
+
+    An `MLP` (gate, up nn.Linear (f, m), down (m, f), with (f,), (f,), (m,) biases when
+    `bias`) whose `act` is unused: `glu` takes both halves. `accelerate` leaves it as it is
+    (its Linears get their twins).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        glu: Callable[[Tensor, Tensor], Tensor],
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if not callable(glu):
+            raise TypeError(f"glu must be a callable (gate, up) → hidden, got {type(glu).__name__}")
+        super().__init__(d_model, d_hidden, gated=True, bias=bias, device=device, dtype=dtype)
+        self.glu, self.act, self.act_name = glu, None, "glu"
+
+    def extra_repr(self) -> str:
+        return f"glu={self.glu!r}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.glu(self.gate(x), self.up(x)))
+
+
 class SparseMoE(nn.Module):
     """Sparse mixture of `n_experts` gated MLPs, x (b i m) → (b i m):
 
         h = x viewed as (n m)                          n = b·i tokens
-        logits = router(h)                             (n e), router an nn.Linear (e, m), no bias
-        w, idx = route(logits, top_k, normalise)       (n k) each; see `route`
-        y[t] = Σ_j w[t, j] · experts[idx[t, j]](h[t])  experts[e](h) = down(act(gate(h)) · up(h))
+        logits = router(h)                             (n e), router an nn.Linear (e, m), bias (e,)
+                                                       only with router_bias
+        w, idx = route(logits, top_k, normalise, order)  (n k) each; see `route`
+        y[t] = Σ_j w[t, j] · experts[idx[t, j]](h[t])  experts[e](h) = down(act(gate(h)) · up(h)),
+                                                       or down(glu(gate(h), up(h))) with glu
         y += sigmoid(shared_gate(h)) · shared(h)       only with a shared expert (d_shared > 0)
 
     Equivalent PyTorch (the naive code it equals, one token at a time):
@@ -94,9 +218,12 @@ class SparseMoE(nn.Module):
 
     Each expert runs once, on the tokens routed to it; y sums the experts in index order from
     zero (as transformers' `index_add_`), so float32 results match it to rounding. The product
-    w · expert(h) is taken in w's dtype (float32 for half inputs) and cast back to x's.
-    Weights, as a person inspects them: router.weight (e, m); experts[e] a `qkv.nn.MLP`
-    (gate, up (f, m), down (m, f)); shared an MLP and shared_gate (1, m) when present.
+    w · expert(h) is taken in w's dtype (float32 for half inputs under softmax_topk, the
+    input's under topk_softmax) and cast back to x's.
+    Weights, as a person inspects them: router.weight (e, m) (and router.bias (e,));
+    experts[e] a `qkv.nn.MLP` (gate, up (f, m), down (m, f)), a `GLUMLP` with `glu`, with
+    gate.bias, up.bias (f,) and down.bias (m,) under expert_bias; shared an MLP and
+    shared_gate (1, m) when present. With `glu`, `act` must be "silu" (the glu has its own).
     """
 
     def __init__(
@@ -109,17 +236,32 @@ class SparseMoE(nn.Module):
         act: str | Callable[[Tensor], Tensor] = "silu",
         normalise: bool = True,
         d_shared: int = 0,
+        order: str = "softmax_topk",
+        router_bias: bool = False,
+        expert_bias: bool = False,
+        glu: ClampedSwiGLU | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        spec = MoEConfig(n_experts, top_k, d_expert, normalise, d_shared)  # validates
+        spec = MoEConfig(
+            n_experts, top_k, d_expert, normalise, d_shared, order, router_bias, expert_bias, glu
+        )  # validates
+        if glu is not None and act != "silu":
+            raise ValueError(
+                f"SparseMoE: glu={glu!r} applies its own activation to the gate; act must be "
+                f"'silu' (the default) with it, got {act!r}"
+            )
         fk = {"device": device, "dtype": dtype}
-        self.top_k, self.normalise = spec.top_k, spec.normalise
-        self.router = nn.Linear(d_model, n_experts, bias=False, **fk)
-        self.experts = nn.ModuleList(
-            MLP(d_model, d_expert, act=act, gated=True, bias=False, **fk) for _ in range(n_experts)
-        )
+        self.top_k, self.normalise, self.order = spec.top_k, spec.normalise, spec.order
+        self.router = nn.Linear(d_model, n_experts, bias=router_bias, **fk)
+
+        def expert() -> MLP:
+            if glu is not None:
+                return GLUMLP(d_model, d_expert, glu, bias=expert_bias, **fk)
+            return MLP(d_model, d_expert, act=act, gated=True, bias=expert_bias, **fk)
+
+        self.experts = nn.ModuleList(expert() for _ in range(n_experts))
         self.shared = self.shared_gate = None
         if d_shared:
             self.shared = MLP(d_model, d_shared, act=act, gated=True, bias=False, **fk)
@@ -128,14 +270,17 @@ class SparseMoE(nn.Module):
     @classmethod
     def from_config(cls, d_model: int, spec: MoEConfig, act: str = "silu") -> SparseMoE:
         return cls(d_model, spec.d_expert, spec.n_experts, spec.top_k, act=act,
-                   normalise=spec.normalise, d_shared=spec.d_shared)  # fmt: skip
+                   normalise=spec.normalise, d_shared=spec.d_shared, order=spec.order,
+                   router_bias=spec.router_bias, expert_bias=spec.expert_bias,
+                   glu=spec.glu)  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"top_k={self.top_k}, normalise={self.normalise}"
+        base = f"top_k={self.top_k}, normalise={self.normalise}"
+        return base if self.order == "softmax_topk" else f"{base}, order={self.order}"
 
     def forward(self, x: Tensor) -> Tensor:
         h = x.reshape(-1, x.shape[-1])  # (n m)
-        w, idx = route(self.router(h), self.top_k, self.normalise)  # (n k), (n k)
+        w, idx = route(self.router(h), self.top_k, self.normalise, self.order)  # (n k), (n k)
         y = torch.zeros_like(h)  # (n m)
         used = torch.bincount(idx.flatten(), minlength=len(self.experts))  # (e,) tokens each
         for e in used.nonzero().flatten().tolist():
