@@ -8,6 +8,7 @@ m model dim. For query row i and head h (kv head g = h // (Hq // Hk)):
     contribution_hj = ‖weight_hj · v_gj W_O^h‖            (Kobayashi et al. 2020: what key j carried)
     output_norm_h   = ‖z_hi W_O^h‖ = ‖Σ_j weight_hj v_gj W_O^h‖
     entropy_h       = −Σ_j weight_hj log weight_hj        (nats)
+    sink_h          = 1 − Σ_j weight_hj = exp(σ_h − lse)   (learned sinks σ only, gpt-oss)
 
 and for the whole layer: mean_h weight_hj, and ‖Σ_h weight_hj v_gj W_O^h‖ (the layer-level norm).
 Cost per layer: O(H·Sk·d) for the row plus O(H·Sk·d²) for the value norms (a d×d Gram matrix per
@@ -55,11 +56,12 @@ class Row:
     output_norm: np.ndarray  # (h,)
     layer_weight: np.ndarray  # (j,) mean over heads
     layer_contribution: np.ndarray  # (j,), NaN where not needed (see layer_contributions)
+    sink: np.ndarray | None = None  # (h,) a learned sink's weight, 1 − Σ_j weight (None: 0)
 
 
 def weight_kwargs(rec: AttentionRecordLike) -> dict[str, Any]:
     """The keyword arguments of `attention_weights` among the record's `attn_kwargs`."""
-    allowed = ("causal", "window", "mask", "mask_mod", "score_mod", "scale", "softcap")
+    allowed = ("causal", "window", "mask", "mask_mod", "score_mod", "scale", "softcap", "sinks")
     kw = {k: v for k, v in (rec.attn_kwargs or {}).items() if k in allowed}
     if isinstance(kw.get("mask"), Tensor) and kw["mask"].dim() == 4:
         kw["mask"] = kw["mask"][:1]  # batch item 0, like q[:1]
@@ -79,10 +81,11 @@ def visible_keys(rec: AttentionRecordLike, i: int) -> Tensor:
 
     Computed as the support of the softmax of an all-zero query (uniform over kept keys), with
     float biases reduced to where they are finite; score mods and softcaps change values, not
-    which keys are kept, so they are dropped here."""
+    which keys are kept, so they are dropped here (and so are learned sinks)."""
     kw = weight_kwargs(rec)
     kw.pop("score_mod", None)
     kw.pop("softcap", None)
+    kw.pop("sinks", None)  # a sink takes weight from every kept key, never all of it
     H, Sq, Sk = rec.q.shape[1], rec.q.shape[2], rec.k.shape[2]
     if kw.get("mask") is None and kw.get("mask_mod") is None and kw.get("window") is None:
         j = torch.arange(Sk, device=rec.k.device)
@@ -177,6 +180,7 @@ def query_row(
     contrib = (w * vnorm).cpu().numpy()  # (h j)
     out = torch.einsum("he,hem->hm", z[:, i].to(f64), W_O.to(f64)).norm(dim=-1)  # (h,)
     lw = w.mean(0).cpu().numpy()
+    sink = sink_share(rec, i)
 
     cand = np.nonzero(vis.any(0))[0]
     pins = _pins(keep, vis.any(0))
@@ -191,7 +195,22 @@ def query_row(
         output_norm=out.cpu().numpy(),
         layer_weight=lw,
         layer_contribution=lc,
+        sink=sink,
     )
+
+
+def sink_share(rec: AttentionRecordLike, i: int) -> np.ndarray | None:
+    """(h,) float64: the weight query row i of batch item 0 gives each head's learned sink
+    (`sinks=`, gpt-oss), exp(σ_h − lse_hi), which its keys' weights leave to 1; None without
+    sinks. From the captured LSE when the record has one, else the row's LSE is computed."""
+    sinks = (rec.attn_kwargs or {}).get("sinks")
+    if sinks is None:
+        return None
+    lse = getattr(rec, "lse", None)
+    if lse is None:
+        w = rows(rec, [i])[:, 0].double()  # (h j)
+        return (1.0 - w.sum(-1)).clamp_min(0).cpu().numpy()
+    return torch.exp(sinks.detach().double() - lse[0, :, i].double()).cpu().numpy()
 
 
 def _pins(keep: int | Sequence[int] | None, visible: np.ndarray) -> np.ndarray:
@@ -282,6 +301,7 @@ def layer_from_row(
                 score=r.score[h][idx],
                 weight=r.weight[h][idx],
                 contribution=r.contribution[h][idx],
+                sink=0.0 if r.sink is None else float(r.sink[h]),
             )
         )
     anyvis = np.nonzero(r.visible.any(0))[0]

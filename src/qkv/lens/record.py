@@ -102,6 +102,7 @@ class Head:
     score: np.ndarray  # (k,) float64
     weight: np.ndarray  # (k,) float64
     contribution: np.ndarray  # (k,) float64
+    sink: float = 0.0  # weight on a learned sink (gpt-oss): the keys' weights sum to 1 − sink
 
     def __post_init__(self) -> None:
         self.index = _arr(self.index, np.int64)
@@ -457,6 +458,7 @@ def to_dict(r: ExplainResult) -> dict:
                         "n_keys": h.n_keys,
                         "top_weight": h.top_weight,
                         "top_contribution": h.top_contribution,
+                        **({"sink": _f(h.sink)} if h.sink else {}),
                         "keys": [
                             {
                                 "index": int(j),
@@ -625,6 +627,7 @@ def from_json(source: str | os.PathLike | dict) -> ExplainResult:
                     score=cols[1],
                     weight=cols[2],
                     contribution=cols[3],
+                    sink=rd.num(h, "sink", hp) if "sink" in h else 0.0,
                 )
             )
         lcols: tuple[list, list, list] = ([], [], [])

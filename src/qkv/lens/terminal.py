@@ -112,7 +112,8 @@ def head_table(r: ExplainResult, layer: int, h: Head, whole: bool = True) -> Tab
     key and rank columns give way); a console too narrow for that passes False (they wrap)."""
     t = Table(
         title=f"layer {layer} head {h.head} (kv head {h.kv_head}) — entropy {h.entropy:.2f} nats, "
-        f"‖output‖ {h.output_norm:.3g}, {h.n_keys} keys visible",
+        f"‖output‖ {h.output_norm:.3g}, {h.n_keys} keys visible"
+        + (f"; the learned sink takes {h.sink:.3g} of the weight" if h.sink else ""),
         title_justify="left",
     )
     num = {"no_wrap": whole}

@@ -105,7 +105,8 @@ class DecoderConfig:
     shares one gain (d) among the heads. `moe` (a `qkv.nn.MoEConfig`)
     makes the MLP of each layer `moe_layers` marks True (None: every layer) a
     `qkv.nn.SparseMoE` of gated experts (Mixtral, Qwen3-MoE); the other layers keep the dense
-    d_ff MLP."""
+    d_ff MLP. `attn_sinks` gives every attention layer a learned sink logit per query head
+    (`qkv.nn.MultiHeadAttention`'s `sinks`; gpt-oss)."""
 
     name: str
     n_layers: int
@@ -149,6 +150,7 @@ class DecoderConfig:
     norm_bias: bool = True
     norm_affine: bool = True
     clip_qkv: float | None = None
+    attn_sinks: bool = False
     windows: tuple[int | None, ...] | None = None
     tie_embeddings: bool = True
     moe: MoEConfig | None = None
@@ -229,7 +231,7 @@ class DecoderConfig:
             raise ValueError(
                 f"{own}: qk_norm_kind must be one of {NORMS}, got {self.qk_norm_kind!r}"
             )
-        for f in ("rope_interleaved", "norm_bias", "norm_affine"):
+        for f in ("rope_interleaved", "norm_bias", "norm_affine", "attn_sinks"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{own}: {f} must be a bool, got {getattr(self, f)!r}")
         if not self.norm_bias and self.norm != "layer":
@@ -372,6 +374,7 @@ class Decoder(Generation, nn.Module):
                     softcap=c.attn_softcap, score_mod=score_mod, clip=c.clip_qkv,
                     qk_norm_scope="all" if c.qk_norm_scope == "all" else "head",
                     q_norm=self._qk_norm(c, c.n_heads), k_norm=self._qk_norm(c, c.n_kv_heads),
+                    sinks=c.attn_sinks,
                 ),
                 SparseMoE.from_config(c.d_model, c.moe, c.act) if sparse
                 else MLP(c.d_model, c.d_ff, act=c.act, gated=c.gated, bias=c.mlp_bias),

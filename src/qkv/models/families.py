@@ -33,6 +33,7 @@ from .families_base import (
 )
 from .families_dense import DENSE_FAMILIES
 from .families_extra import EXTRA_FAMILIES
+from .families_gptoss import GPT_OSS_FAMILIES
 from .families_moe import MOE_FAMILIES
 from .families_more import MORE_FAMILIES
 from .families_multimodal import multimodal_families
@@ -391,6 +392,7 @@ FAMILIES: dict[str, Family] = {
         # first: a config without model_type is matched by the first family whose `classes`
         # prefix its architecture, and Cohere2For… starts with "Cohere" too
         *EXTRA_FAMILIES,
+        *GPT_OSS_FAMILIES,
         llama_like("llama", classes=("Llama",)),
         _MISTRAL,
         llama_like("qwen2", classes=("Qwen2",), fixed={"attn_bias": True, "out_bias": False}, window="layer_types",

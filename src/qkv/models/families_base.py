@@ -301,6 +301,11 @@ RESHAPES: dict[str, Callable[[Any], Reshape]] = {
     "qkv_proj.v": _rows(2, _qkv_rows, lambda c: heads_in(c.n_kv_heads, c.d_head)),
     "gate_up.gate": _rows(0, lambda c: (c.d_ff, c.d_ff), lambda c: lambda w: w),
     "gate_up.up": _rows(1, lambda c: (c.d_ff, c.d_ff), lambda c: lambda w: w),
+    # gpt-oss's fused expert, x @ W with W (m, 2f): gate the even columns, up the odd ones
+    "oai.gate": lambda c: lambda w: w[..., ::2].t().contiguous(),  # (m, 2f) → (f, m)
+    "oai.up": lambda c: lambda w: w[..., 1::2].t().contiguous(),
+    "oai.bgate": lambda c: lambda b: b[::2].contiguous(),  # (2f,) → (f,)
+    "oai.bup": lambda c: lambda b: b[1::2].contiguous(),
 }
 
 # --------------------------------------------------------------------------------------------

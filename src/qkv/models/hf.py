@@ -30,6 +30,7 @@ from .decoder import Decoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .families import ACTS, FAMILIES, RESHAPES, Family, read_fields
 from .families_base import rope_scaling_from, stack_numbered, unstack, weight_rules
+from .mxfp4 import Dequantized
 from .tokenizer import Tokenizer
 
 CONFIG, WEIGHTS, INDEX, TOKENIZER = (
@@ -252,7 +253,12 @@ def load_dir(
                                         pad_id=cfg.get("pad_token_id"), name=name)  # fmt: skip
     elif need_tokenizer:
         raise FileNotFoundError(f"{d} has no {TOKENIZER}")
-    state = stack_numbered(strip_prefixes(read_weights(d), prefixes, str(d)), family.stacked)
+    state = strip_prefixes(read_weights(d), prefixes, str(d))
+    try:  # MXFP4 pairs (gpt-oss's experts, X_blocks + X_scales) → X, as transformers holds it
+        state = dict(Dequantized(state, torch.float32))
+    except ValueError as e:
+        raise ValueError(f"{d}: {e}") from e
+    state = stack_numbered(state, family.stacked)
     state = unstack(state, family.unstacked)
     if family.wrapper is not None and config.tie_embeddings and "lm_head.weight" in state:
         # transformers ties lm_head to the embedding only where the file holds no other one

@@ -178,7 +178,7 @@ function drawLookup() {
     + (shown.length < h.keys.length ? `, the ${shown.length} with most weight listed (export JSON for all)` : '');
   $('lookup').replaceChildren(
     el('h2', {}, `${JSON.stringify(tokText(r.query.index))} (token ${r.query.index}) · layer ${st.layer} head ${st.head} (kv head ${h.kv_head})`),
-    el('div', { class: 'sub' }, `entropy ${fmt(h.entropy)} nats · ‖output‖ ${fmt(h.output_norm)} · ${kept} · a row whose rank by content is far below its rank by weight is marked sink · click a row to pick that key`),
+    el('div', { class: 'sub' }, `entropy ${fmt(h.entropy)} nats · ‖output‖ ${fmt(h.output_norm)} · ${h.sink ? `the learned sink takes ${fmt(h.sink)} of the weight · ` : ''}${kept} · a row whose rank by content is far below its rank by weight is marked sink · click a row to pick that key`),
     el('table', { id: 'keys' }, el('tr', {}, el('th', {}, '#'), el('th', { class: 'l' }, 'key'), el('th', {}, 'idx'), el('th', {}, 'score'),
       el('th', { class: 'l' }, 'weight'), el('th', { class: 'l' }, 'contribution'), el('th', {}, 'rank by content')), ...rows),
     ...r.notes.map(n => el('div', { class: 'sub' }, '• ' + n)));
