@@ -11,9 +11,11 @@ RoPE (base 500), the float64 oracle's; YaRN, gpt-oss's default, is checked in fl
 swiglu_limit is 1.5 here (7.0 in gpt-oss), so the clamp acts on many features.
 """
 
+import io
 import json
 
 import pytest
+import rich.console
 import torch
 
 import qkv
@@ -123,6 +125,13 @@ def test_lens_rows_match_output_attentions(pair):
         for h in layer.heads:
             assert 0.0 < h.sink < 1.0
             assert abs(h.weight.sum() + h.sink - 1.0) < 1e-5, (layer.layer, h.head)
+    back = qkv.lens.ExplainResult.from_json(r.to_json())  # "sink" written and read back
+    assert [h.sink for lay in back.layers for h in lay.heads] == [
+        h.sink for lay in r.layers for h in lay.heads
+    ]
+    console = rich.console.Console(width=120, record=True, file=io.StringIO())
+    r.render(console)
+    assert "has learned attention sinks" in console.export_text()  # a note with every view
 
 
 def test_greedy_tokens_with_and_without_the_cache(pair):

@@ -471,6 +471,9 @@ def notes(r: ExplainResult) -> list[str]:
     sink = sink_note(r)
     if sink:
         out.append(sink)
+    learned = learned_sink_note(r)
+    if learned:
+        out.append(learned)
     for what, p in (("contribution flow", r.flow), ("rollout", r.rollout)):
         if p is not None:
             j = int(np.argmax(p.values))
@@ -484,6 +487,21 @@ def notes(r: ExplainResult) -> list[str]:
 
 def _n(k: int, thing: str) -> str:
     return f"{k} {thing}{'' if k == 1 else 's'}"
+
+
+def learned_sink_note(r: ExplainResult) -> str | None:
+    """For a model with learned attention sinks (gpt-oss): what a sink is, and how much weight
+    this query's heads gave theirs (a head's keys then sum to 1 − that)."""
+    shares = [(h.sink, lay.layer, h.head) for lay in r.layers for h in lay.heads if h.sink]
+    if not shares:
+        return None
+    top, layer, head = max(shares)
+    return (
+        f"{r.model.name} has learned attention sinks: each head has one more softmax logit with "
+        "no value behind it, so it can put weight on no key at all, and its keys' weights sum to "
+        f"1 − the sink's share. Here the sinks take {min(shares)[0]:.3g} to {top:.3g} of the "
+        f"weight (most: layer {layer} head {head}; mean {np.mean([s[0] for s in shares]):.3g})."
+    )
 
 
 def sink_note(r: ExplainResult) -> str | None:
