@@ -225,3 +225,34 @@ def test_sdpa_without_a_sink_term_says_so():
     q, k, v = make_qkv(1, 4, 2, 3, 3, 8)
     with pytest.raises(ValueError, match=r"backend='sdpa' cannot compute sinks"):
         qkv.attention(q, k, v, sinks=torch.zeros(4), backend="sdpa")
+
+
+@pytest.mark.parametrize("sq", [1, 40])
+def test_inference_takes_sdpa_and_folds_the_sinks_in(sq):
+    """No gradient, fp32, plain/causal: `auto` runs SDPA (its LSE) and adds the sinks after;
+    within 2e-5 of the float64 truth, a decode step (Sq = 1) and a causal prefill alike."""
+    from qkv.attention import choose_backend
+    from qkv.attention.spec import make_spec
+
+    q, k, v = make_qkv(1, 4, 2, sq, 40, 16)
+    sk = sinks_for(4, torch.float32)
+    assert choose_backend(q, k, v, make_spec(q, k, v, causal=True, sinks=sk), True) == "sdpa"
+    with torch.no_grad():
+        out, lse = qkv.attention(q, k, v, causal=True, sinks=sk, return_lse=True)
+    truth = oracle(q, k, v, causal=True, sinks=sk)
+    assert err(out, truth.out) < 2e-5 and err(lse, truth.lse) < 2e-5
+    q.requires_grad_()
+    assert choose_backend(q, k, v, make_spec(q, k, v, causal=True, sinks=sk), False) != "sdpa"
+
+
+def test_inference_with_nonfinite_keys_stays_off_sdpa():
+    """NaN in the last key: only the last causal row keeps it (NaN there, as the engine's
+    rule says); the others equal the truth with that key dropped — SDPA would leak it."""
+    q, k, v = make_qkv(1, 2, 2, 16, 16, 8)
+    k[0, :, 15, 3] = float("nan")
+    sk = sinks_for(2, torch.float32)
+    with torch.no_grad():
+        out = qkv.attention(q, k, v, causal=True, sinks=sk)
+    truth = oracle(q[:, :, :15], k[:, :, :15], v[:, :, :15], causal=True, sinks=sk)
+    assert torch.isnan(out[:, :, 15]).all()
+    assert err(out[:, :, :15], truth.out) < 2e-5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -94,6 +95,10 @@ def _choose(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> st
         return "sdpa" if sdpa_ok else "reference"
     if half and q.device.type == "cpu" and (needs_grad or return_lse):
         return "tiled"
+    if spec.sinks is not None:  # SDPA has no sink term, but its LSE lets one be folded in
+        bare = dataclasses.replace(spec, sinks=None)
+        ok = not half and lse_supported(q, k, v, bare) and scoring.all_finite(k, v)
+        return "sdpa" if ok else "tiled"
     if return_lse and lse_supported(q, k, v, spec):
         return "sdpa" if not spec.masked or scoring.all_finite(k, v) else "tiled"
     if spec.Sq == 0 or spec.Sk == 0 or return_lse or unsupported(spec) is not None:
@@ -161,7 +166,9 @@ def attention(
     to 1 − exp(σ_h − lse) and a head can attend to "nothing":
     `w = softmax([ℓ, σ_h])[:-1]`, `lse = log(Σ_j exp ℓ_j + exp σ_h)` (an empty row: out 0, LSE
     σ_h). Differentiable (∂L/∂σ_h = −Σ_{b,i} exp(σ_h − lse)·(rowsum(dO∘O) − dlse)); on
-    "tiled", "fused" and "reference" ("auto" picks one of them).
+    "tiled", "fused" and "reference"; "auto" also runs inference (no gradient, fp32/fp64,
+    plain or causal) on SDPA, folding the sinks into its out and LSE (a decode step: ~0.6 ms
+    vs ~4 ms on tiled at 4096 keys, 8 heads). backend="sdpa" and "triton" refuse sinks.
 
     Gradients flow to q, k, v on every backend (and to a float `mask` on "reference"/"sdpa").
     Second derivatives (`create_graph=True`: gradient penalties, Hessian-vector products)
@@ -222,6 +229,9 @@ def attention(
             )
     elif auto:
         backend = choose_backend(q, k, v, spec, return_lse)
+    if backend == "sdpa" and auto and spec.sinks is not None:  # see _choose
+        out, lse = _sdpa_sinks(q, k, v, spec)
+        return (out, lse) if return_lse else out
     if backend == "sdpa" and return_lse:
         try:
             return sdpa_lse(q, k, v, spec)
@@ -242,6 +252,15 @@ def attention(
         out, lse = _triton_attention(q, k, v, spec)
         return (out, lse) if return_lse else out
     return sdpa(q, k, v, spec)
+
+
+def _sdpa_sinks(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
+    """Sinks on SDPA, for `auto` (no gradient, fp32/fp64, plain or causal): the fused kernel's
+    out and LSE, then `scoring.add_sinks` in the LSE's fp32 (fp64). A decode step of a model
+    with sinks (Sq = 1 over 4096 keys, 8 heads) takes ~0.6 ms this way, ~4 ms on tiled."""
+    out, lse = sdpa_lse(q, k, v, dataclasses.replace(spec, sinks=None))
+    out, lse = scoring.add_sinks(out.to(lse.dtype), lse, spec.sinks)
+    return out.to(q.dtype), lse
 
 
 def _reference(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Intermediates:
