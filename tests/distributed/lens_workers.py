@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from qkv.lens import explain
 from qkv.lens.distributed import explain_sharded
 
@@ -60,6 +62,20 @@ def lens_across_ranks(rank: int, world: int) -> dict:
                               progress=False).to_dict()  # fmt: skip
         d, bad = diff(got, want)
         report[f"alibi:{layout}/slept/0"] = {"diff": d, "mismatch": bad[:5]}
+    # learned attention sinks (gpt-oss): the rows leave each head's sink its share
+    model = TinyModel(causal=True, n_layers=2, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for b in model.blocks:
+            b.attn.sinks = torch.nn.Parameter(1.0 + torch.randn(b.attn.n_heads, generator=gen))
+    for layout in ("contiguous", "zigzag"):
+        want = explain(TEXT, "slept", model=model, top=0, progress=False).to_dict()
+        got = explain_sharded(TEXT, "slept", model=model, top=0, layout=layout,
+                              progress=False).to_dict()  # fmt: skip
+        d, bad = diff(got, want)
+        sinks = [h.get("sink", 0.0) for lay in got["layers"] for h in lay["heads"]]
+        report[f"sinks:{layout}/slept/0"] = {"diff": d, "mismatch": bad[:5],
+                                             "sinks": min(sinks)}  # fmt: skip
     model = TinyModel(causal=True, n_layers=3, seed=3)
     # the comparison can fail: another query's record differs
     other = explain(TEXT, "it", occurrence=-1, model=model, top=3, progress=False).to_dict()

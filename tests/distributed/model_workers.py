@@ -24,6 +24,8 @@ POSITIONS = {  # what attention sees of positions, by the decoder's kind of posi
     "rope": {"rope_dim": 6, "qk_norm": True, "windows": (5, None), "attn_softcap": 20.0},
     # ALiBi (BLOOM): a score_mod of the global query and key positions
     "alibi": {"positions": "alibi"},
+    # learned attention sinks (gpt-oss), a window on layer 0: folded in after the ring's merge
+    "sinks": {"attn_sinks": True, "windows": (5, None)},
 }
 
 
@@ -43,7 +45,7 @@ def tiny_decoder(dtype: torch.dtype, positions: str = "rope") -> Decoder:
 
 def sharded_decoder(rank: int, world: int) -> dict:
     """Relative errors of logits and parameter gradients, contiguous (uneven: N = 23) and
-    zigzag, fp64 and fp32, RoPE and ALiBi (keys "alibi:…")."""
+    zigzag, fp64 and fp32, RoPE, ALiBi (keys "alibi:…") and learned sinks ("sinks:…")."""
     out = {}
     ids = torch.randint(0, 50, (2, 23), generator=torch.Generator().manual_seed(1))
     for positions, dtype in itertools.product(POSITIONS, (torch.float64, torch.float32)):

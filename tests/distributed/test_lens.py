@@ -34,6 +34,17 @@ def test_sharded_record_with_alibi_equals_single_process(report, layout):
         assert got["diff"] <= TOL, f"rank {r}: {got['diff']:.3g}"
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_sharded_record_with_sinks_equals_single_process(report, layout):
+    """Learned sinks: the ring's LSE includes them, so its rows sum to 1 − each head's sink,
+    and the record's "sink" of every head equals one process's."""
+    for r, rep in enumerate(report):
+        got = rep[f"sinks:{layout}/slept/0"]
+        assert got["mismatch"] == [], f"rank {r}: {got['mismatch']}"
+        assert got["diff"] <= TOL, f"rank {r}: {got['diff']:.3g}"
+        assert got["sinks"] > 0, "every head has a sink share"
+
+
 def test_the_check_can_fail(report):
     assert all(rep["other"] > 0 for rep in report)
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from qkv.distributed import shard
 from qkv.models.tiny import TinyConfig, TinyTransformer
-from qkv.nn import MultiHeadAttention, RopeScaling
+from qkv.nn import RopeScaling
 
 from . import spawn
 
@@ -20,7 +20,7 @@ def report(two_rank_report):
     return [r["model"] for r in two_rank_report]
 
 
-@pytest.mark.parametrize("positions", ["", "alibi:"])  # RoPE, or ALiBi (a score_mod)
+@pytest.mark.parametrize("positions", ["", "alibi:", "sinks:"])  # RoPE, ALiBi, learned sinks
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_sharded_decoder_equals_the_whole_model(report, positions, layout, dtype):
@@ -32,7 +32,7 @@ def test_sharded_decoder_equals_the_whole_model(report, positions, layout, dtype
             )
 
 
-@pytest.mark.parametrize("positions", ["", "alibi:"])
+@pytest.mark.parametrize("positions", ["", "alibi:", "sinks:"])
 def test_the_check_can_fail(report, positions):
     assert max(rep[f"{positions}mislabeled/float64"] for rep in report) > 1e-3
 
@@ -67,8 +67,5 @@ def test_shard_refuses_what_it_cannot_shard():
         b.attn.rope.scaling = RopeScaling.longrope([1.0] * n, [2.0] * n, 4)
     with pytest.raises(ValueError, match=r"rope uses LongRoPE.*run this model unsharded"):
         shard(long)
-    sinks = nn.Sequential(MultiHeadAttention(8, 2, causal=True, sinks=True))
-    with pytest.raises(ValueError, match=r"0 has learned attention sinks.*run the model unsharded"):
-        shard(sinks)
     assert type(rope.blocks[0].attn).__name__ == "MultiHeadAttention"  # nothing half-swapped
     assert type(long.blocks[0].attn).__name__ == "MultiHeadAttention"

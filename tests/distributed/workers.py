@@ -38,9 +38,13 @@ CASES = {  # name: N, (Hq, Hk), D, Dv, layout, ring kwargs, extra mask / score
     # split_*: every inner call covers at most 3 positions (runs cut into pieces)
     "split_causal_zigzag": (37, (4, 2), 16, 8, "zigzag", {"causal": True}, None),
     "split_window_uneven": (29, (2, 1), 8, 8, "uneven", {"window": (4, 2)}, "row7"),
+    # learned sinks (gpt-oss): folded in after the merge; with an empty row (out 0, LSE σ)
+    "sinks_zigzag": (37, (4, 2), 16, 8, "zigzag", {"causal": True}, "sinks"),
+    "sinks_window_empty_row": (31, (2, 1), 8, 8, "contiguous", {"causal": True, "window": (4, 0)},
+                               "sinks+row7"),
 }  # fmt: skip
 FP32 = ("full_gqa", "causal_zigzag", "window_across", "softcap_scale", "empty_row",
-        "split_causal_zigzag")  # fmt: skip
+        "split_causal_zigzag", "sinks_zigzag")  # fmt: skip
 HALF = ("causal_zigzag", "window_across")  # also in bf16 and fp16 (K/V travel in half)
 
 
@@ -49,9 +53,9 @@ def dtypes(name: str) -> tuple[torch.dtype, ...]:
             + ((torch.bfloat16, torch.float16) if name in HALF else ()))  # fmt: skip
 
 
-def oracle(q, k, v, causal=False, window=None, softcap=None, scale=None, extra=None):
+def oracle(q, k, v, causal=False, window=None, softcap=None, scale=None, extra=None, sinks=None):
     """Plain softmax attention on whole sequences (any float dtype, differentiable).
-    Empty rows: out 0, lse −inf."""
+    Empty rows: out 0, lse −inf. `sinks` (h,): exp(σ_h) added to each row's total."""
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     N = q.shape[2]
@@ -69,13 +73,17 @@ def oracle(q, k, v, causal=False, window=None, softcap=None, scale=None, extra=N
             keep &= j >= i - window[0]
         if window[1] is not None:
             keep &= j <= i + window[1]
-    if extra == "row7":
+    if extra and "row7" in extra:
         keep &= i != 7
     s = s.masked_fill(~keep, float("-inf"))
     m = s.amax(-1, keepdim=True)
+    if sinks is not None:
+        m = torch.maximum(m, sinks.detach().view(1, -1, 1, 1))
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
     p = torch.exp(s - m)
     l = p.sum(-1, keepdim=True)
+    if sinks is not None:
+        l = l + torch.exp(sinks.view(1, -1, 1, 1) - m)
     out = (p @ v) / torch.where(l == 0, torch.ones_like(l), l)
     lse = torch.where(l == 0, float("-inf"), m + torch.log(torch.where(l == 0, 1.0, l)))
     return out, lse.squeeze(-1)
@@ -93,7 +101,7 @@ def mine(x, rank, world, layout, dim=2):
 
 
 def _mods(extra):
-    if extra == "row7":
+    if extra and "row7" in extra:
         return {"mask_mod": lambda b, h, qi, kj: qi != 7}
     if extra == "alibi":
         return {"score_mod": lambda s, b, h, qi, kj: s - 0.25 * (qi - kj).abs()}
@@ -116,6 +124,9 @@ def _run_case(name, dtype, rank, world, group):
             for H, d in ((Hq, D), (Hk, D), (Hk, Dv))]  # fmt: skip
     go = torch.randn(B, Hq, N, Dv, generator=gen, dtype=torch.float64)
     gl = torch.randn(B, Hq, N, generator=gen, dtype=torch.float64)
+    has_sinks = bool(extra) and "sinks" in extra
+    if has_sinks:  # around the rows' LSE, so the sink holds a real share
+        full.append(1.5 + torch.randn(Hq, generator=gen, dtype=torch.float64))
 
     def grads(dt, fn):
         xs = [t.to(dt).clone().requires_grad_() for t in full]
@@ -123,21 +134,32 @@ def _run_case(name, dtype, rank, world, group):
         torch.autograd.backward([out, lse], [go.to(dt), gl.to(lse.dtype)])
         return [out, lse, *(x.grad for x in xs)]
 
-    ref = grads(torch.float64, lambda q, k, v: oracle(q, k, v, extra=extra, **kw))
+    def whole(q, k, v, sinks=None):
+        return oracle(q, k, v, extra=extra, sinks=sinks, **kw)
+
+    ref = grads(torch.float64, whole)
     lay = "contiguous" if layout == "uneven" else layout
 
-    xs = [mine(t, rank, world, layout).to(dtype).clone().requires_grad_() for t in full]
+    xs = [mine(t, rank, world, layout).to(dtype).clone().requires_grad_() for t in full[:3]]
+    if has_sinks:  # the same (Hq,) sinks on every rank
+        xs.append(full[3].to(dtype).clone().requires_grad_())
     grads_r = [mine(go, rank, world, layout).to(dtype), mine(gl, rank, world, layout)]
     with calls_of(3) if name.startswith("split") else contextlib.nullcontext():
-        out, lse = ring_attention(*xs, group=group, layout=lay, return_lse=True, **kw,
-                                  **_mods(extra))  # fmt: skip
+        out, lse = ring_attention(*xs[:3], group=group, layout=lay, return_lse=True, **kw,
+                                  sinks=xs[3] if has_sinks else None, **_mods(extra))  # fmt: skip
         torch.autograd.backward([out, lse], [grads_r[0], grads_r[1].to(lse.dtype)])
-    got = [out, lse, *(x.grad for x in xs)]
+    got = [out, lse, *(x.grad for x in xs[:3])]
     names = ("out", "lse", "dq", "dk", "dv")
-    res = {n: err(g, mine(r, rank, world, layout)) for n, g, r in zip(names, got, ref, strict=True)}
+    res = {n: err(g, mine(r, rank, world, layout))
+           for n, g, r in zip(names, got, ref[:5], strict=True)}  # fmt: skip
+    if has_sinks:  # each rank holds its rows' share of dsinks: their sum is the whole
+        total = xs[3].grad.clone()
+        dist.all_reduce(total, group=group)
+        res["dsinks"] = err(total, ref[5])
     res["lse_dtype"] = str(lse.dtype)
     if dtype != torch.float64:  # the plain formula in this dtype, whole tensors: the budget
-        plain = grads(dtype, lambda q, k, v: oracle(q, k, v, extra=extra, **kw))
+        plain = grads(dtype, whole)
+        names += ("dsinks",) if has_sinks else ()
         res["plain"] = {n: err(p, r) for n, p, r in zip(names, plain, ref, strict=True)}
     return res
 

@@ -101,12 +101,6 @@ def shard(
     if not any(isinstance(m, MultiHeadAttention) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} holds no qkv.nn.MultiHeadAttention to shard")
     for name, m in model.named_modules():
-        if isinstance(m, MultiHeadAttention) and m.sinks is not None:
-            raise ValueError(
-                f"{name} has learned attention sinks (gpt-oss), which ring attention does not "
-                "take yet; run the model unsharded"
-            )
-    for name, m in model.named_modules():
         if (
             isinstance(m, RotaryEmbedding)
             and m.scaling is not None

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..attention import attention
+from ..attention import attention, scoring
 from ..attention.spec import MaskMod, ScoreMod, _window, check_qkv, make_spec
 from ..attention.tiled import backward as tiled_backward
 from .layout import LAYOUTS, Layout, collective_device, make_layout
@@ -321,9 +321,11 @@ def ring_backward(q, k, v, out, lse, dout, dlse, plan: Plan) -> tuple[Tensor, Te
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: Plan):
+    def forward(ctx, q, k, v, sinks, plan: Plan):
         out, lse = ring_forward(q, k, v, plan)
-        ctx.save_for_backward(q, k, v, out, lse)
+        if sinks is not None:  # folded into the merged fp32 out and LSE, as tiled does
+            out, lse = scoring.add_sinks(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.plan = plan
         ctx.set_materialize_grads(False)
         return out.to(q.dtype), lse
@@ -336,9 +338,13 @@ class _RingAttention(torch.autograd.Function):
                 "differentiated again (create_graph=True: gradient penalties, Hessian-vector "
                 "products); gather the sequence and use qkv.attention for those"
             )
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         dq, dk, dv = ring_backward(q, k, v, out, lse, dout, dlse, ctx.plan)
-        return dq, dk, dv, None
+        dsinks = None
+        if ctx.needs_input_grad[3]:  # this shard's rows' share; ranks' shares add up
+            do = torch.zeros_like(out) if dout is None else dout
+            dsinks = scoring.sink_grad(out, lse, do, dlse, sinks)
+        return dq, dk, dv, dsinks, None
 
 
 _SHOW = {
@@ -347,6 +353,7 @@ _SHOW = {
     "left": lambda x: None if x < 0 else int(x),
     "right": lambda x: None if x < 0 else int(x),
     "softcap": lambda x: None if math.isnan(x) else x,
+    "sinks (their sum)": lambda x: None if math.isnan(x) else x,
 }
 
 
@@ -368,7 +375,8 @@ def _agree(q: Tensor, k: Tensor, v: Tensor, group, settings: list[float]) -> lis
             "error is the cause; the wait is bounded by init_process_group(timeout=...)"
         ) from e
     rows = [[float(x) for x in g.tolist()] for g in got]
-    names = ("B", "Hq", "Hk", "D", "Dv", "dtype", "causal", "left", "right", "scale", "softcap")
+    names = ("B", "Hq", "Hk", "D", "Dv", "dtype", "causal", "left", "right", "scale", "softcap",
+             "sinks (their sum)")  # fmt: skip
     for r, row in enumerate(rows):
         for name, a, b in zip(names, rows[0][1:], row[1:], strict=True):
             if not (a == b or (math.isnan(a) and math.isnan(b))):
@@ -393,6 +401,7 @@ def ring_attention(
     score_mod: ScoreMod | None = None,
     softcap: float | None = None,
     scale: float | None = None,
+    sinks: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention of a sequence sharded over the ranks of `group`; a collective (every
@@ -414,7 +423,10 @@ def ring_attention(
                             softcap=..., scale=...)[:, :, positions of this rank]
 
     with the same empty-row rule (a row with no key left: 0, LSE −inf, zero gradients) and
-    gradients dq, dk, dv for this rank's shard. Differentiable (a custom autograd Function; the
+    gradients dq, dk, dv for this rank's shard. `sinks` (Hq,), the same on every rank: learned
+    attention sinks as in `qkv.attention`, folded into each row once its partial results are
+    merged; their gradient on a rank is its rows' share (sum it over the ranks, as for any
+    replicated parameter). Differentiable (a custom autograd Function; the
     LSE too). Memory per rank: O(S), never the gathered sequence: besides the inputs and
     results, the fp32 out and LSE saved for the backward, and in flight at most two K/V blocks
     and one dK/dV block, or one and two (see the module docstring); each inner call's
@@ -434,12 +446,13 @@ def ring_attention(
         raise ValueError(f"layout must be one of {LAYOUTS} or a Layout, got {layout!r}")
     # validate window, scale, softcap and the mods as qkv.attention does (same messages)
     spec = make_spec(q, k, v, causal=causal, window=window, mask_mod=mask_mod,
-                     score_mod=score_mod, softcap=softcap, scale=scale)  # fmt: skip
+                     score_mod=score_mod, softcap=softcap, scale=scale, sinks=sinks)  # fmt: skip
     L, R = _window(window)
     if causal:
         R = 0 if R is None else min(R, 0)
     settings = [float(causal), -1.0 if L is None else L, -1.0 if R is None else R, spec.scale,
-                math.nan if softcap is None else float(softcap)]  # fmt: skip
+                math.nan if softcap is None else float(softcap),
+                math.nan if sinks is None else float(sinks.detach().double().sum())]  # fmt: skip
     lengths = _agree(q, k, v, group, settings)
     world, rank = len(lengths), dist.get_rank(group)
     if isinstance(layout, Layout):
@@ -453,5 +466,5 @@ def ring_attention(
     chunk = call_tokens(q.shape[0], q.shape[1], q.shape[3], v.shape[3], q.device)
     plan = make_plan(group, rank, world, lay, L, R, spec.scale, spec.softcap, mask_mod, score_mod,
                      chunk)  # fmt: skip
-    out, lse = _RingAttention.apply(q, k, v, plan)
+    out, lse = _RingAttention.apply(q, k, v, spec.sinks, plan)
     return (out, lse) if return_lse else out

@@ -41,7 +41,7 @@ from .explain import (
     run_capture,
     summarize,
 )
-from .lookup import Row, layer_from_row, value_norms
+from .lookup import Row, layer_from_row, sink_weights, value_norms
 from .record import ExplainResult
 from .tokens import make_tokens, sink_tokens
 
@@ -111,7 +111,7 @@ def explain_sharded(
 
 
 # the attention arguments `_layer` reproduces (a record holding others is refused, not misread)
-_ROW_KWARGS = ("causal", "scale", "window", "softcap", "score_mod", "sequence")
+_ROW_KWARGS = ("causal", "scale", "window", "softcap", "score_mod", "sinks", "sequence")
 
 
 def _layer(rec: Any, i: int, n: int, *, top: int, keep: list[int], heads: list[int] | None):
@@ -180,6 +180,7 @@ def _layer(rec: Any, i: int, n: int, *, top: int, keep: list[int], heads: list[i
         output_norm=torch.einsum("he,hem->hm", zi, W_O.to(f64)).norm(dim=-1).cpu().numpy(),
         layer_weight=w_all.mean(0),
         layer_contribution=full[4 * H].numpy(),
+        sink=None if (sk := kw.get("sinks")) is None else sink_weights(sk, lse_i),  # ring LSE
     )
     return layer_from_row(row, int(rec.layer), G, top=top, keep=keep, heads=heads)
 

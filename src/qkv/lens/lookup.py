@@ -210,7 +210,12 @@ def sink_share(rec: AttentionRecordLike, i: int) -> np.ndarray | None:
     if lse is None:
         w = rows(rec, [i])[:, 0].double()  # (h j)
         return (1.0 - w.sum(-1)).clamp_min(0).cpu().numpy()
-    return torch.exp(sinks.detach().double() - lse[0, :, i].double()).cpu().numpy()
+    return sink_weights(sinks, lse[0, :, i])
+
+
+def sink_weights(sinks: Tensor, lse_row: Tensor) -> np.ndarray:
+    """(h,) float64 exp(σ_h − lse_h): each head's sink weight in a row whose LSE includes it."""
+    return torch.exp(sinks.detach().double() - lse_row.double()).cpu().numpy()
 
 
 def _pins(keep: int | Sequence[int] | None, visible: np.ndarray) -> np.ndarray:
