@@ -166,9 +166,9 @@ def attention(
     to 1 − exp(σ_h − lse) and a head can attend to "nothing":
     `w = softmax([ℓ, σ_h])[:-1]`, `lse = log(Σ_j exp ℓ_j + exp σ_h)` (an empty row: out 0, LSE
     σ_h). Differentiable (∂L/∂σ_h = −Σ_{b,i} exp(σ_h − lse)·(rowsum(dO∘O) − dlse)); on
-    "tiled", "fused" and "reference"; "auto" also runs inference (no gradient, fp32/fp64,
-    plain or causal) on SDPA, folding the sinks into its out and LSE (a decode step: ~0.6 ms
-    vs ~4 ms on tiled at 4096 keys, 8 heads). backend="sdpa" and "triton" refuse sinks.
+    "tiled", "fused", "triton" and "reference"; "auto" also runs inference (no gradient,
+    fp32/fp64, plain or causal) on SDPA, folding the sinks into its out and LSE (a decode step:
+    ~0.6 ms vs ~4 ms on tiled at 4096 keys, 8 heads). backend="sdpa" refuses sinks.
 
     Gradients flow to q, k, v on every backend (and to a float `mask` on "reference"/"sdpa").
     Second derivatives (`create_graph=True`: gradient penalties, Hessian-vector products)
@@ -180,8 +180,8 @@ def attention(
     exact requests only; its CPU kernels return 0, not NaN, for a query row holding NaN: "auto"
     checks), "fused" (CPU: one compiled loop per query block for windows, mask_mods, softcap and
     ALiBi, with a cached block mask, tiled's backward; what it cannot compute exactly runs on
-    tiled), "triton" (FlashAttention-2-style forward kernel for CUDA, tiled backward;
-    plain/causal/window/GQA only; opt-in: "auto" never picks it), "auto" (the fastest
+    tiled), "triton" (FlashAttention-2-style forward and backward kernels for CUDA;
+    plain/causal/window/GQA and sinks only; opt-in: "auto" never picks it), "auto" (the fastest
     exact one). Equivalent PyTorch::
 
         s = (q @ k.repeat_interleave(Hq // Hk, 1).transpose(-1, -2)) * scale

@@ -70,8 +70,6 @@ def unsupported(q: Tensor, spec: Spec) -> str | None:
         return "score_mod/softcap are not supported; use backend='tiled'"
     if spec.dropout_p > 0:
         return "dropout is not supported; use backend='tiled' or 'sdpa'"
-    if spec.sinks is not None:
-        return "sinks are not supported; use backend='tiled' or 'auto'"
     if spec.D != spec.Dv:
         return f"needs D == Dv, got D={spec.D}, Dv={spec.Dv}; use backend='tiled'"
     if not 1 <= spec.D <= MAX_D:
@@ -198,14 +196,17 @@ def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, of
 
 
 @triton.jit
-def _forward_kernel(Q, K, V, O, LSE, VISITS,
+def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
                     Hq, G, Sq, Sk, D, left, right, qk_scale,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CLEAN: tl.constexpr,
-                    COUNT: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
-                    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+                    COUNT: tl.constexpr, HAS_SINKS: tl.constexpr, EVEN_D: tl.constexpr,
+                    DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """Grid (cdiv(Sq, BLOCK_M), B·Hq). O (b h i e) in q's dtype, LSE (b h i) fp32 contiguous;
-    VISITS (B·Hq, n_blocks, 2) int32 [masked, interior] key blocks visited, when COUNT."""
+    VISITS (B·Hq, n_blocks, 2) int32 [masked, interior] key blocks visited, when COUNT;
+    SINKS (Hq,) fp32 natural-log sink logits when HAS_SINKS: the online softmax starts from
+    the sink (m = σ·log2 e, l = 1) instead of from nothing (m = −inf, l = 0)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -228,6 +229,10 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS,
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    if HAS_SINKS:  # one more logit, σ, with no value: m = σ (base 2), l = 1 (0 if σ = −inf)
+        sink = tl.load(SINKS + h) * 1.4426950408889634  # log2(e)
+        m_i = tl.full([BLOCK_M], 0.0, tl.float32) + sink
+        l_i = l_i + tl.where(sink == float("-inf"), 0.0, 1.0)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     hit = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     n_masked = pid_m * 0  # i32 loop counters (debug: blocks visited)
@@ -250,7 +255,7 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS,
         True, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, BLOCK_N,
     )  # fmt: skip
 
-    empty = l_i == 0.0  # no key kept: out 0, LSE −inf
+    empty = l_i == 0.0  # no key kept (and no sink): out 0, LSE −inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if CLEAN:
         out = tl.where(hit > 0, float("nan"), out)
@@ -305,12 +310,13 @@ def forward(
     clean = needs_clean(s, k, v) if clean is None else clean
     block_d = max(16, triton.next_power_of_2(s.D))
     grid = (n_blocks, s.B * s.Hq)
+    sinks = None if s.sinks is None else s.sinks.detach().to(torch.float32).contiguous()
     _forward_kernel[grid](
-        q, k, v, out, lse, visits if count else lse,
+        q, k, v, out, lse, visits if count else lse, lse if sinks is None else sinks,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         s.Hq, s.G, s.Sq, s.Sk, s.D, s.left or 0, s.right or 0, s.scale * LOG2E,
         HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None, CLEAN=clean,
-        COUNT=count, EVEN_D=block_d == s.D,
+        COUNT=count, HAS_SINKS=sinks is not None, EVEN_D=block_d == s.D,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
@@ -325,11 +331,12 @@ INTERPRETED = not isinstance(_forward_kernel, triton.runtime.JITFunction)
 
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec: Spec, config: Config):
+    def forward(ctx, q, k, v, sinks, spec: Spec, config: Config):
+        """`sinks` is `spec.sinks`, passed again so autograd sees it."""
         ctx.clean = needs_clean(spec, k, v) if spec.Sq and spec.Sk else False
         # O in fp32 for the backward: Δ = rowsum(dO∘O) from a half-rounded O puts dQ 10× past
         # flash-attn's bwd-overflow criterion (fp16, 2 keys); the tiled backend keeps it too
-        wide = torch.float32 if ctx.needs_input_grad[:3] != (False,) * 3 else None
+        wide = torch.float32 if any(ctx.needs_input_grad[:4]) else None
         out, lse, _ = forward(q, k, v, spec, config, clean=ctx.clean, out_dtype=wide)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec, ctx.config = spec, config
@@ -340,7 +347,7 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: a backward that differentiates again
             grads = double_backward_vjp(
-                q, k, v, ctx.spec, dout, dlse, ctx.needs_input_grad[:3], "triton"
+                q, k, v, ctx.spec, dout, dlse, ctx.needs_input_grad[:4], "triton"
             )
             return *grads, None, None
         if ctx.clean:  # NaN/inf in K or V: the tiled backward keeps masked ones out
@@ -350,7 +357,7 @@ class _TritonAttention(torch.autograd.Function):
 
             dq, dk, dv = backward(q, k, v, ctx.spec, out, lse, dout, dlse, ctx.config,
                                   interpreted=INTERPRETED)  # fmt: skip
-        return dq, dk, dv, None, None
+        return dq, dk, dv, tiled.sink_grad(ctx, out, lse, dout, dlse), None, None
 
 
 def triton_attention(
@@ -361,4 +368,4 @@ def triton_attention(
     why = unsupported(q, spec)
     if why is not None:
         raise ValueError(f"backend='triton': {why}")
-    return _TritonAttention.apply(q, k, v, spec, config or Config())
+    return _TritonAttention.apply(q, k, v, spec.sinks, spec, config or Config())
