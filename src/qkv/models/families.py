@@ -6,7 +6,8 @@ checkpoints (Gemma 3 4B+, Mistral Small 3.1: `families_multimodal.py`), and `FAM
 model_type. What a `Family` says and how it is read: `families_base.py`.
 Mixture-of-experts decoders (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE): `families_moe.py`.
 Cohere 2, GraniteMoE, OLMo 1 and Arcee: `families_extra.py`.
-GLM-4-0414, Seed-OSS and ERNIE 4.5 (dense): `families_dense3.py`.
+Ministral, OLMo 3 and EXAONE 4: `families_dense2.py`. GLM-4-0414, Seed-OSS and ERNIE 4.5 (dense):
+`families_dense3.py`. gpt-oss: `families_gptoss.py`.
 
 Letters: h query heads, k kv heads, d head dim, m model dim.
 """
@@ -33,6 +34,7 @@ from .families_base import (
     rope_dim,
 )
 from .families_dense import DENSE_FAMILIES
+from .families_dense2 import DENSE2_FAMILIES
 from .families_dense3 import DENSE3_FAMILIES
 from .families_extra import EXTRA_FAMILIES
 from .families_gptoss import GPT_OSS_FAMILIES
@@ -423,6 +425,7 @@ FAMILIES: dict[str, Family] = {
         *MORE_FAMILIES,
         *MOE_FAMILIES,
         *DENSE_FAMILIES,
+        *DENSE2_FAMILIES,
         *DENSE3_FAMILIES,
         *multimodal_families(_GEMMA3, _MISTRAL),  # gemma3, mistral3: their language model
     )
