@@ -496,11 +496,16 @@ def learned_sink_note(r: ExplainResult) -> str | None:
     if not shares:
         return None
     top, layer, head = max(shares)
+    what = (
+        f"Here the sink of layer {layer} head {head} takes {top:.3g} of the weight."
+        if len(shares) == 1
+        else f"Here the sinks take {min(shares)[0]:.3g} to {top:.3g} of the weight (most: "
+        f"layer {layer} head {head}; mean {np.mean([s[0] for s in shares]):.3g})."
+    )
     return (
         f"{r.model.name} has learned attention sinks: each head has one more softmax logit with "
         "no value behind it, so it can put weight on no key at all, and its keys' weights sum to "
-        f"1 − the sink's share. Here the sinks take {min(shares)[0]:.3g} to {top:.3g} of the "
-        f"weight (most: layer {layer} head {head}; mean {np.mean([s[0] for s in shares]):.3g})."
+        f"1 − the sink's share. {what}"
     )
 
 
