@@ -13,6 +13,7 @@ swiglu_limit is 1.5 here (7.0 in gpt-oss), so the clamp acts on many features.
 
 import io
 import json
+import shutil
 
 import pytest
 import rich.console
@@ -132,6 +133,20 @@ def test_lens_rows_match_output_attentions(pair):
     console = rich.console.Console(width=120, record=True, file=io.StringIO())
     r.render(console)
     assert "has learned attention sinks" in console.export_text()  # a note with every view
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node.js runs the page's script")
+def test_html_page_states_each_head_s_sink(pair, tmp_path):
+    """The standalone page (`--html`): each head's key table says what its sink took."""
+    from tests.lens.test_views import _tables
+
+    _, model, _ = pair
+    r = qkv.explain("the dog chased the ball because it", 6, model=model, top=0,
+                    rollout=False, progress=False)  # fmt: skip
+    tables = _tables(r, tmp_path / "r.html")["heads"]
+    for lay in r.layers:
+        for h in lay.heads:
+            assert "the learned sink takes" in tables[f"{lay.layer}.{h.head}"], (lay.layer, h.head)
 
 
 def test_greedy_tokens_with_and_without_the_cache(pair):

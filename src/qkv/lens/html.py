@@ -46,6 +46,7 @@ def pack(r: ExplainResult) -> dict:
                     h.top_contribution,
                     off,
                     len(h.index),
+                    h.sink,  # a learned sink's weight (gpt-oss), else 0
                 ]
             )
             s = np.where(np.isfinite(h.score), h.score, np.nan)
@@ -226,7 +227,7 @@ function drawKeys(){
     `<td class=l><span class=bar style="width:${80*v[1]/mw}px"></span>${fmt(v[1])}</td>`+
     `<td class=l><span class="bar c" style="width:${80*v[2]/mc}px"></span>${fmt(v[2])}</td><td class="${sink?'sink':''}">${rc}${sink?' sink':''}</td></tr>`;});
   const what=st.head<0?`layer ${st.layer}, mean over heads`:`layer ${st.layer} head ${st.head}`;
-  let extra='';if(st.head>=0){const hh=D.heads.find(x=>x[0]===st.layer&&x[1]===st.head);extra=` · entropy ${fmt(Math.abs(hh[3]))} nats · ‖output‖ ${fmt(hh[4])} · ${hh[5]} keys visible`;}
+  let extra='';if(st.head>=0){const hh=D.heads.find(x=>x[0]===st.layer&&x[1]===st.head);extra=` · entropy ${fmt(Math.abs(hh[3]))} nats · ‖output‖ ${fmt(hh[4])} · ${hh[5]} keys visible`+(hh[10]?` · the learned sink takes ${fmt(hh[10])} of the weight`:'');}
   const kept=` · ${all.length} keys kept`+(hidden?` (${hidden} more, beyond the top 100 by weight and by contribution, are in the JSON)`:'');
   $('keys').innerHTML=`<b>${what}</b>${extra}${kept}`+h+'</table>';
 }
