@@ -327,12 +327,9 @@ _RP = {"rope_type": "default", "rope_theta": 100.0}
         ("helium", (), {"num_key_value_heads": None},
          r"helium with num_key_value_heads=null is not supported"),
         ("hunyuan_v1_dense", ("head_dim",), {}, r"hunyuan_v1_dense with no head_dim"),
-        ("hunyuan_v1_dense", (), {"rope_parameters": {"rope_type": "dynamic", "alpha": 1000.0,
+        ("hunyuan_v1_dense", (), {"rope_parameters": {"rope_type": "dynamic", "alpha": -2.0,
                                                       "factor": 1.0, "rope_theta": 100.0}},
-         r"hunyuan_v1_dense with NTK-alpha RoPE \(rope_scaling type 'dynamic' with an alpha"),
-        ("hunyuan_v1_dense", ("rope_parameters",),
-         {"rope_theta": 100.0, "rope_scaling": {"type": "dynamic", "alpha": 1000.0}},
-         r"NTK-alpha RoPE"),
+         r"rope_scaling.alpha must be a number > 0, got -2.0"),
         ("hunyuan_v1_dense", (), {"rope_parameters": {**_RP, "rope_type": "dynamic",
                                                       "factor": 2.0}},
          r"rope_type='dynamic' is not supported"),
@@ -425,3 +422,30 @@ def test_the_new_options_are_validated():
     with pytest.raises(ValueError, match=r"norm_offset=1\.0 offsets the norms' gain"):
         DecoderConfig(**base, norm="layer", norm_affine=False, norm_offset=1.0)
     DecoderConfig(**base, qk_norm=True, qk_norm_scope="per_head", qk_norm_after_rope=True)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_parameters": {"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
+                             "rope_theta": 100.0}},
+        {"rope_theta": 100.0, "rope_scaling": {"type": "dynamic", "alpha": 1000.0, "factor": 1.0}},
+    ],
+    ids=["rope_parameters", "legacy rope_scaling"],
+)  # fmt: skip
+def test_hunyuan_ntk_alpha_rope_is_a_fixed_base(tmp_path, rope):
+    """The released Hunyuan checkpoints' RoPE: "dynamic" with an alpha, which transformers reads
+    as base θ·alpha^(d/(d−2)) at every length. transformers reads the edited config.json itself
+    (the oracle); ours equals it within float32's tolerance, and plain θ for the base breaks it."""
+    build("hunyuan_v1_dense", tmp_path)
+    _edit_config(tmp_path, drop=("rope_parameters",) if "rope_scaling" in rope else (), **rope)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    model = qkv.load(tmp_path)
+    d = model.config.d_head
+    assert model.config.rope_scaling is None
+    assert model.config.rope_base == pytest.approx(100.0 * 1000.0 ** (d / (d - 2)), rel=1e-12)
+    assert _error(model, ref.eval()) <= TOL
+    plain = qkv.load(tmp_path)
+    for b in plain.blocks:
+        b.attn.rope = RotaryEmbedding(d, base=100.0)
+    assert _error(plain, ref) > 100 * TOL

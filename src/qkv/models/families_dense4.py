@@ -16,8 +16,8 @@ Defaults are transformers' own (`configuration_<name>.py`) for configs that omit
 them Helium's head_dim 128 and num_key_value_heads 20 (not hidden_size / heads and heads).
 Where transformers cannot build a model from a config (Nemotron without num_key_value_heads,
 Hunyuan without head_dim, Helium with heads · head_dim ≠ hidden_size or a null head_dim /
-num_key_value_heads) that setting is a named error, as is Hunyuan's NTK-alpha RoPE
-(rope_scaling type "dynamic" with an alpha), which qkv does not implement.
+num_key_value_heads) that setting is a named error. Hunyuan's NTK-alpha RoPE (rope_scaling
+type "dynamic" with an alpha, in the released checkpoints) is a fixed base θ·alpha^(d/(d−2)).
 
 Letters: h query heads, k kv heads, d head dim, m model dim, f MLP hidden dim.
 """
@@ -108,14 +108,16 @@ _HELIUM = llama_like(
 
 
 # Hunyuan: q and k rotate, then each head is RMS-normalised (query_layernorm, key_layernorm);
-# transformers' attention reads config.head_dim as it is (None: a TypeError)
-def _ntk_alpha(cfg: dict[str, Any]) -> bool:
-    return any(
-        isinstance(p := cfg.get(key), dict)
-        and p.get("rope_type", p.get("type")) == "dynamic"
-        and bool(p.get("alpha"))
-        for key in ("rope_parameters", "rope_scaling")
-    )
+# transformers' attention reads config.head_dim as it is (None: a TypeError). The released
+# checkpoints' RoPE is NTK-alpha: rope_scaling {"type": "dynamic", "alpha": a}, which
+# transformers reads as a fixed base θ·a^(d/(d−2)) (`compute_ntk_alpha_rope_parameters`)
+def _hunyuan(f: dict[str, Any]) -> dict[str, Any]:
+    if f.get("rope_kind") != "dynamic" or not f.get("alpha"):
+        return {}
+    alpha, d = f["alpha"], f["d_head"]
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
+        raise ValueError(f"config.json: rope_scaling.alpha must be a number > 0, got {alpha!r}")
+    return {"rope_base": float(f["rope_base"]) * float(alpha) ** (d / (d - 2))}
 
 
 _HUNYUAN = llama_like(
@@ -125,15 +127,17 @@ _HUNYUAN = llama_like(
         W("blocks.{}.attn.q_norm.weight", _A + "query_layernorm.weight"),
         W("blocks.{}.attn.k_norm.weight", _A + "key_layernorm.weight"),
     ),
+    fields={"alpha": ("rope_scaling.alpha", "rope_parameters.alpha"),
+            "rope_kind": ("rope_scaling.type", "rope_scaling.rope_type",
+                          "rope_parameters.rope_type", "rope_parameters.type")},
     fixed={"qk_norm": True, "qk_norm_scope": "head", "qk_norm_after_rope": True,
            "mlp_bias": False},
     defaults={"norm_eps": 1e-5, "tie_embeddings": False, "act": "silu", "max_positions": 2048,
               "bos_id": 1, "eos_id": 2},
     unsupported=(
         _absent_or_null("head_dim", "transformers cannot build the model; give head_dim"),
-        ("NTK-alpha RoPE (rope_scaling type 'dynamic' with an alpha: the RoPE base × "
-         "alpha^(d/(d−2)))", _ntk_alpha),
     ),
+    rope_alpha=True, derive=_hunyuan,
 )  # fmt: skip
 
 DENSE4_FAMILIES: tuple[Family, ...] = (_NEMOTRON, _HELIUM, _HUNYUAN)
