@@ -52,6 +52,7 @@ class _Sharded:
         else:  # zigzag: RoPE at this rank's global positions
             qk, v = qkv.transpose(1, 2).split((H + K, K), dim=1)
             q, k = self.rope(qk, lay.positions(rank, x.device)).split((H, K), dim=1)
+        q, k, v = self._normed(q, k, v)  # QK-norm after RoPE, if the module has it (Hunyuan)
         # what the unsharded module passes qkv.attention (score_mod too: ALiBi), but no mask
         kw = {n: a for n, a in self._attn_kwargs(None).items() if n != "mask"}
         z, lse = ring_attention(q, k, v, group=group, layout=lay, **kw, return_lse=True)

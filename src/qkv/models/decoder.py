@@ -13,7 +13,8 @@
     attn:  causal GQA; RoPE (whole or partial, half-split or interleaved pairs, its base per
            layer, or off on some layers), ALiBi or none; optional q/k/v(/o) biases, a clamp
            of q, k, v (clip_qkv), QK-norm
-           (RMSNorm or LayerNorm; per head, with each head's own gain, or over all heads),
+           (RMSNorm or LayerNorm; per head, with each head's own gain, or over all heads;
+           before RoPE, or after it on each head),
            sliding window
     mlp:   down(act(gate(x)) · up(x)) (gated) or down(act(up(x))); or, on the layers
            `moe_layers` marks, a sparse mixture of gated experts (`qkv.nn.SparseMoE`)
@@ -48,7 +49,7 @@ from ..nn import (
     SandwichBlock,
     SparseMoE,
 )
-from ..nn.blocks import OutputNormBlock
+from ..nn.blocks import LayerNorm, OutputNormBlock
 from ..nn.varlen import one_run_per_row, run_blocks, unpadded
 from .generate import Generation
 from .tokenizer import Tokenizer, ids_shape
@@ -73,8 +74,9 @@ class DecoderConfig:
     rope_dim features of each head (None: all; GPT-NeoX, Phi-3). `block` is the residual
     arrangement (see the module docstring: "parallel" GPT-NeoX, "post" OPT-350m); `final_norm`
     False leaves the last hidden state unnormalised (OPT's post-norm). `position_offset`: token
-    i reads learned position embedding i + offset (OPT: 2). `norm_offset` 1 makes every RMSNorm
-    scale by 1 + weight, and `embed_scale` multiplies the token embeddings (Gemma: √d_model).
+    i reads learned position embedding i + offset (OPT: 2). `norm_offset` 1 makes every norm
+    (RMSNorm or LayerNorm: block, final, embedding and QK-norms) scale by 1 + weight (Gemma's
+    RMSNorm, Nemotron's LayerNorm1P), and `embed_scale` multiplies the token embeddings (Gemma: √d_model).
     `attn_scale` replaces 1/√d_head in the scores (Gemma 2); `attn_softcap` c caps every score
     at c·tanh(s/c) and `logit_softcap` every logit likewise (Gemma 2). `rope_bases` holds one
     RoPE base per layer (None: `rope_base` on every layer; Gemma 3: 10⁴ on its sliding layers,
@@ -102,7 +104,8 @@ class DecoderConfig:
     or "layer" (LayerNorm without bias, mean subtracted; Cohere, StableLM). `qk_norm_scope`
     "per_head" normalises each head's d features as "head" does, but each head has its own
     gain, weights (h d) and (k d) (`qkv.nn.PerHeadNorm`; Cohere, StableLM), where "head"
-    shares one gain (d) among the heads. `moe` (a `qkv.nn.MoEConfig`)
+    shares one gain (d) among the heads. `qk_norm_after_rope` applies the QK-norm to each head's
+    q and k after RoPE, not before (Hunyuan; "head" or "per_head" scope). `moe` (a `qkv.nn.MoEConfig`)
     makes the MLP of each layer `moe_layers` marks True (None: every layer) a
     `qkv.nn.SparseMoE` of gated experts (Mixtral, Qwen3-MoE); the other layers keep the dense
     d_ff MLP. `attn_sinks` gives every attention layer a learned sink logit per query head
@@ -146,6 +149,7 @@ class DecoderConfig:
     qk_norm: bool = False
     qk_norm_scope: str = "head"
     qk_norm_kind: str = "rms"
+    qk_norm_after_rope: bool = False
     rope_interleaved: bool = False
     norm_bias: bool = True
     norm_affine: bool = True
@@ -231,7 +235,8 @@ class DecoderConfig:
             raise ValueError(
                 f"{own}: qk_norm_kind must be one of {NORMS}, got {self.qk_norm_kind!r}"
             )
-        for f in ("rope_interleaved", "norm_bias", "norm_affine", "attn_sinks"):
+        for f in ("rope_interleaved", "norm_bias", "norm_affine", "attn_sinks",
+                  "qk_norm_after_rope"):  # fmt: skip
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{own}: {f} must be a bool, got {getattr(self, f)!r}")
         if not self.norm_bias and self.norm != "layer":
@@ -243,6 +248,17 @@ class DecoderConfig:
             raise ValueError(
                 f"{own}: norm_affine=False (LayerNorm without weight or bias) needs "
                 f"norm='layer', got norm={self.norm!r}"
+            )
+        if self.norm_offset and not self.norm_affine:
+            raise ValueError(
+                f"{own}: norm_offset={self.norm_offset} offsets the norms' gain; it needs "
+                f"norm_affine=True (norm_affine=False has no gain)"
+            )
+        if self.qk_norm_after_rope and (not self.qk_norm or self.qk_norm_scope == "all"):
+            raise ValueError(
+                f"{own}: qk_norm_after_rope normalises each head's rotated q and k; it needs "
+                f"qk_norm=True and qk_norm_scope 'head' or 'per_head', got qk_norm="
+                f"{self.qk_norm}, qk_norm_scope={self.qk_norm_scope!r}"
             )
         if self.clip_qkv is not None and not (
             isinstance(self.clip_qkv, int | float)
@@ -373,6 +389,7 @@ class Decoder(Generation, nn.Module):
                     window=None if w is None else (w - 1, 0), scale=c.attn_scale,
                     softcap=c.attn_softcap, score_mod=score_mod, clip=c.clip_qkv,
                     qk_norm_scope="all" if c.qk_norm_scope == "all" else "head",
+                    qk_norm_after_rope=c.qk_norm_after_rope,
                     q_norm=self._qk_norm(c, c.n_heads), k_norm=self._qk_norm(c, c.n_kv_heads),
                     sinks=c.attn_sinks,
                 ),
@@ -392,13 +409,16 @@ class Decoder(Generation, nn.Module):
 
     @staticmethod
     def _norm(c: DecoderConfig) -> nn.Module:
-        return (
-            RMSNorm(c.d_model, c.norm_eps, offset=c.norm_offset)
-            if c.norm == "rms"
-            else nn.LayerNorm(
-                c.d_model, c.norm_eps, elementwise_affine=c.norm_affine, bias=c.norm_bias
-            )
-        )
+        if c.norm == "rms":
+            return RMSNorm(c.d_model, c.norm_eps, offset=c.norm_offset)
+        return Decoder._layer_norm(c, c.d_model, elementwise_affine=c.norm_affine, bias=c.norm_bias)
+
+    @staticmethod
+    def _layer_norm(c: DecoderConfig, n: int, **kw) -> nn.Module:
+        """nn.LayerNorm(n), or qkv's with the gain offset by `norm_offset` (Nemotron)."""
+        if c.norm_offset:
+            return LayerNorm(n, c.norm_eps, offset=c.norm_offset, **kw)
+        return nn.LayerNorm(n, c.norm_eps, **kw)
 
     @staticmethod
     def _qk_norm(c: DecoderConfig, heads: int) -> nn.Module | None:
@@ -408,11 +428,11 @@ class Decoder(Generation, nn.Module):
             return None
         rms = c.qk_norm_kind == "rms"
         if c.qk_norm_scope == "per_head":
-            return PerHeadNorm(heads, c.d_head, c.norm_eps, center=not rms,
-                               offset=c.norm_offset if rms else 0.0)  # fmt: skip
+            return PerHeadNorm(heads, c.d_head, c.norm_eps, center=not rms, offset=c.norm_offset)
         n = c.d_head if c.qk_norm_scope == "head" else heads * c.d_head
-        return RMSNorm(n, c.norm_eps, offset=c.norm_offset) if rms else nn.LayerNorm(
-            n, c.norm_eps, bias=False)  # fmt: skip
+        if rms:
+            return RMSNorm(n, c.norm_eps, offset=c.norm_offset)
+        return Decoder._layer_norm(c, n, bias=False)
 
     def extra_repr(self) -> str:
         return f"name={self.config.name!r}, tie_embeddings={self.config.tie_embeddings}"

@@ -7,7 +7,8 @@ model_type. What a `Family` says and how it is read: `families_base.py`.
 Mixture-of-experts decoders (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE): `families_moe.py`.
 Cohere 2, GraniteMoE, OLMo 1 and Arcee: `families_extra.py`.
 Ministral, OLMo 3 and EXAONE 4: `families_dense2.py`. GLM-4-0414, Seed-OSS and ERNIE 4.5 (dense):
-`families_dense3.py`. gpt-oss: `families_gptoss.py`.
+`families_dense3.py`. Nemotron, Helium and Hunyuan (dense): `families_dense4.py`. gpt-oss:
+`families_gptoss.py`.
 
 Letters: h query heads, k kv heads, d head dim, m model dim.
 """
@@ -36,6 +37,7 @@ from .families_base import (
 from .families_dense import DENSE_FAMILIES
 from .families_dense2 import DENSE2_FAMILIES
 from .families_dense3 import DENSE3_FAMILIES
+from .families_dense4 import DENSE4_FAMILIES
 from .families_extra import EXTRA_FAMILIES
 from .families_gptoss import GPT_OSS_FAMILIES
 from .families_moe import MOE_FAMILIES
@@ -427,6 +429,7 @@ FAMILIES: dict[str, Family] = {
         *DENSE_FAMILIES,
         *DENSE2_FAMILIES,
         *DENSE3_FAMILIES,
+        *DENSE4_FAMILIES,
         *multimodal_families(_GEMMA3, _MISTRAL),  # gemma3, mistral3: their language model
     )
 }  # fmt: skip

@@ -87,6 +87,22 @@ class Family:
     # a multimodal checkpoint's language model (`families_multimodal.py`): how its config.json
     # and tensor names wrap this family's
     wrapper: Wrapper | None = None
+    # a "dynamic" RoPE scaling with an `alpha` is NTK-alpha (Hunyuan): no length-dependent
+    # scaling but a fixed base, which the family's `derive` computes (`ntk_alpha`)
+    rope_alpha: bool = False
+
+
+def ntk_alpha(cfg: Mapping[str, Any]) -> float | None:
+    """The `alpha` of an NTK-alpha RoPE: `rope_parameters` / `rope_scaling` of type "dynamic"
+    with an alpha (Hunyuan's checkpoints label it so; the base becomes θ·alpha^(d/(d−2)), the
+    same at every length). None: no such setting."""
+    for key in ("rope_scaling", "rope_parameters"):
+        p = cfg.get(key)
+        if isinstance(p, Mapping) and p.get("rope_type", p.get("type")) == "dynamic":
+            alpha = p.get("alpha")
+            if alpha:
+                return alpha
+    return None
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from .convert import Rule, convert, read_safetensors
 from .decoder import Decoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .families import ACTS, FAMILIES, RESHAPES, Family, read_fields
-from .families_base import rope_scaling_from, stack_numbered, unstack, weight_rules
+from .families_base import ntk_alpha, rope_scaling_from, stack_numbered, unstack, weight_rules
 from .mxfp4 import Dequantized
 from .tokenizer import Tokenizer
 
@@ -174,6 +174,8 @@ def _rope_scalings(family: Family, cfg: dict[str, Any], f: dict[str, Any], where
         raise ValueError(f"{where}: rope_parameters and rope_scaling must be dicts")
     key = "rope_scaling" if legacy else "rope_parameters"
     n_max = cfg.get("max_position_embeddings")
+    if family.rope_alpha and ntk_alpha(cfg) is not None:  # a fixed base: the family's derive
+        return None, None
     if not family.rope_by_layer_type:
         return rope_scaling_from({**params, **legacy}, where, key, max_positions=n_max,
                                  original_max=cfg.get("original_max_position_embeddings")), None  # fmt: skip

@@ -34,7 +34,8 @@ class MultiHeadAttention(nn.Module):
     rotates q and k at their absolute positions. `q_norm` / `k_norm` (modules over the last
     dim d, e.g. RMSNorm(d)) normalise each head's q and k before RoPE (QK-norm, Qwen3); with
     `qk_norm_scope="all"` they take the whole projections instead, q as (b i (h d)) and k as
-    (b i (k d)) (e.g. RMSNorm(h·d), RMSNorm(k·d): OLMo 2).
+    (b i (k d)) (e.g. RMSNorm(h·d), RMSNorm(k·d): OLMo 2). `qk_norm_after_rope=True` normalises
+    each head's q and k after RoPE instead (Hunyuan; "head" scope only).
     `window` = (left, right) limits each query to keys within that band of its diagonal, as
     `qkv.attention`'s `window` ((W−1, 0) with `causal`: the last W keys, Mistral's sliding window).
     `scale` replaces 1/√d (Gemma 2: query_pre_attn_scalar^−½); `softcap` c caps each score at
@@ -51,6 +52,7 @@ class MultiHeadAttention(nn.Module):
         q, k, v = q.clamp(-clip, clip), k.clamp(…), v.clamp(…)   # if clip
         q, k = q_norm(q), k_norm(k)                              # if given (QK-norm)
         q, k = rope(q, pos), rope(k, pos)                        # pos = cache.length + arange(i)
+        # (qk_norm_after_rope: the two lines above the other way round)
         z = qkv.attention(q, k, v, causal=causal, window=window, mask=mask, scale=scale,
                           softcap=softcap, score_mod=score_mod,
                           sinks=sinks)                                 # kv head = h // (h/k)
@@ -85,6 +87,7 @@ class MultiHeadAttention(nn.Module):
         q_norm: nn.Module | None = None,
         k_norm: nn.Module | None = None,
         qk_norm_scope: str = "head",
+        qk_norm_after_rope: bool = False,
         score_mod: ScoreMod | None = None,
         clip: float | None = None,
         sinks: bool = False,
@@ -133,6 +136,14 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("q_norm and k_norm come together (QK-norm): pass both or neither")
         if qk_norm_scope not in ("head", "all"):
             raise ValueError(f"qk_norm_scope must be 'head' or 'all', got {qk_norm_scope!r}")
+        if not isinstance(qk_norm_after_rope, bool):
+            raise TypeError(f"qk_norm_after_rope must be a bool, got {qk_norm_after_rope!r}")
+        if qk_norm_after_rope and (q_norm is None or qk_norm_scope != "head"):
+            raise ValueError(
+                "qk_norm_after_rope normalises each head's rotated q and k: it needs q_norm and "
+                f"k_norm with qk_norm_scope='head', got q_norm={type(q_norm).__name__}, "
+                f"qk_norm_scope={qk_norm_scope!r}"
+            )
         if clip is not None and not (
             isinstance(clip, int | float) and not isinstance(clip, bool) and 0 < clip < math.inf
         ):
@@ -151,6 +162,7 @@ class MultiHeadAttention(nn.Module):
         self.window = window
         self.softcap = None if softcap is None else float(softcap)
         self.q_norm, self.k_norm, self.qk_norm_scope = q_norm, k_norm, qk_norm_scope
+        self.qk_norm_after_rope = qk_norm_after_rope
         self.score_mod = score_mod
         self.clip = None if clip is None else float(clip)
         self.scale = 1.0 / math.sqrt(d_head) if scale is None else float(scale)
@@ -202,6 +214,7 @@ class MultiHeadAttention(nn.Module):
             + ("" if self.softcap is None else f", softcap={self.softcap}")
             + ("" if self.clip is None else f", clip={self.clip}")
             + ("" if self.qk_norm_scope == "head" else f", qk_norm_scope={self.qk_norm_scope!r}")
+            + (", qk_norm_after_rope=True" if self.qk_norm_after_rope else "")
             + ("" if self.score_mod is None else ", score_mod=yes")
             + ("" if self.sinks is None else ", sinks=True")
         )
@@ -281,7 +294,7 @@ class MultiHeadAttention(nn.Module):
         B, S, _ = x.shape
         H, D = self.n_heads, self.d_head
         qkv = self._project(x)  # (b i (h+2k) d)
-        q, k, v = self._rotate(qkv, 0 if cache is None else cache.length)
+        q, k, v = self._normed(*self._rotate(qkv, 0 if cache is None else cache.length))
         if cache is not None:
             k, v = cache.append(k, v)  # (b k j d)
         recording = recorders(self)
@@ -309,13 +322,13 @@ class MultiHeadAttention(nn.Module):
 
     def _project(self, x: Tensor) -> Tensor:
         """x (b i m) → q|k|v per head (b i (h+2k) d), clamped to ±clip if `clip`, q and k
-        normalised if QK-norm is on."""
+        normalised if QK-norm is on (before RoPE: not with `qk_norm_after_rope`)."""
         B, S, _ = x.shape
         H, K = self.n_heads, self.n_kv_heads
         qkv = self._qkv(x).view(B, S, H + 2 * K, self.d_head)
         if self.clip is not None:
             qkv = qkv.clamp(-self.clip, self.clip)
-        if self.q_norm is None:
+        if self.q_norm is None or self.qk_norm_after_rope:
             return qkv
         q, k, v = qkv.split((H, K, K), dim=2)  # (b i h d), (b i k d) ×2
         if self.qk_norm_scope == "all":  # over (h d) and (k d) features
@@ -323,6 +336,14 @@ class MultiHeadAttention(nn.Module):
         else:
             q, k = self.q_norm(q), self.k_norm(k)
         return torch.cat((q, k, v), dim=2)
+
+    def _normed(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q (b h i d), k, v (b k i d) after RoPE; q and k normalised per head if
+        `qk_norm_after_rope` (the norms see (b i h d), as before RoPE)."""
+        if not self.qk_norm_after_rope or self.q_norm is None:
+            return q, k, v
+        q = self.q_norm(q.transpose(1, 2)).transpose(1, 2)
+        return q, self.k_norm(k.transpose(1, 2)).transpose(1, 2), v
 
     def _qkv(self, x: Tensor) -> Tensor:
         """x (b i m) → (b i (h+2k)·d): the three projections as one matmul."""
@@ -365,7 +386,7 @@ class MultiHeadAttention(nn.Module):
         kw = self._attn_kwargs(None)
         parts, start = [], 0
         for s, n in enumerate(lengths):
-            q, k, v = self._rotate(qkv[:, start : start + n], 0)
+            q, k, v = self._normed(*self._rotate(qkv[:, start : start + n], 0))
             if recording:
                 z, lse = attention(q, k, v, **kw, return_lse=True)
                 record(recording, self, q, k, v, z, lse, kw, segment=s)

@@ -1,6 +1,7 @@
-"""Transformer building blocks around MultiHeadAttention: RMSNorm, the MLP (plain or gated),
-and the residual arrangements (pre-norm as in Llama/GPT-2, post-norm as in BERT, parallel as
-in GPT-NeoX/GPT-J/Phi-2, sandwich as in Gemma 2/3, output-norm as in OLMo 2).
+"""Transformer building blocks around MultiHeadAttention: RMSNorm, LayerNorm with an offset gain
+(Nemotron), the MLP (plain or gated), and the residual arrangements (pre-norm as in
+Llama/GPT-2, post-norm as in BERT, parallel as in GPT-NeoX/GPT-J/Phi-2, sandwich as in
+Gemma 2/3, output-norm as in OLMo 2).
 
 Letters: b batch, i position, m model dim, f MLP hidden dim.
 """
@@ -56,6 +57,28 @@ class RMSNorm(nn.Module):
         h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return w * h.to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm whose gain is `offset + weight`: `(x − mean(x)) / √(var(x) + eps) ·
+    (offset + weight) + bias` over the last dim, x (… m). Nemotron's LayerNorm1P stores its gain
+    as w − 1 (offset 1); offset 0 is nn.LayerNorm. Equivalent code::
+
+        F.layer_norm(x, (m,), weight + offset, bias, eps)
+    """
+
+    def __init__(self, d_model: int, eps: float = 1e-5, *, offset: float = 0.0, **kw) -> None:
+        super().__init__(d_model, eps, **kw)
+        if offset and self.weight is None:
+            raise ValueError("LayerNorm: an offset gain needs a weight (elementwise_affine=True)")
+        self.offset = float(offset)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", offset={self.offset}" if self.offset else "")
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight + self.offset if self.offset else self.weight
+        return F.layer_norm(x, self.normalized_shape, w, self.bias, self.eps)
 
 
 class PerHeadNorm(nn.Module):
