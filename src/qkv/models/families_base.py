@@ -1,8 +1,9 @@
 """Hugging Face architectures as declarative descriptions: what a `Family` is, how a config.json
 is read through one (`read_fields`), and the pieces several families share (the fused-weight
 reshapes, the Llama layout). The families themselves: `families.py`, `families_more.py`,
-`families_dense.py`, `families_dense2.py`, `families_dense3.py`, `families_moe.py`,
-`families_extra.py`, `families_gptoss.py`, `families_multimodal.py`.
+`families_dense.py`, `families_dense2.py`, `families_dense3.py`, `families_dense4.py`,
+`families_moe.py`, `families_moe2.py`, `families_extra.py`, `families_gptoss.py`,
+`families_multimodal.py`.
 
 A family says how to read its `config.json` into the generic `DecoderConfig` / `EncoderConfig`
 (`fields`: our field ← the first present HF key, dotted for nested dicts; `fixed`: values the

@@ -1,15 +1,17 @@
-"""Sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE, Qwen2-MoE, gpt-oss): a linear router
-scores E gated MLPs for each token, the token goes through the top k of them, and their outputs
-are blended by the router's weights. Every token is routed on its own (no capacity limit,
-nothing dropped), so the layer is position-wise like the dense MLP it replaces.
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE, Qwen2-MoE, gpt-oss, GLM-4.5, dots.llm1):
+a linear router scores E gated MLPs for each token, the token goes through the top k of them,
+and their outputs are blended by the router's weights. Every token is routed on its own (no
+capacity limit, nothing dropped), so the layer is position-wise like the dense MLP it replaces.
 
     moe = SparseMoE(4096, 14336, n_experts=8, top_k=2)                # Mixtral 8x7B's layer
     y = moe(x)                                                        # x (b i m) → (b i m)
     oss = SparseMoE(2880, 2880, n_experts=32, top_k=4, order="topk_softmax", router_bias=True,
                     expert_bias=True, glu=ClampedSwiGLU(alpha=1.702, limit=7.0))  # gpt-oss-20b
+    glm = SparseMoE(4096, 1408, n_experts=128, top_k=8, scoring="sigmoid", score_bias=True,
+                    d_shared=1408, shared_gated=False, scale=1.0)     # GLM-4.5 (DeepSeek-V3's)
 
 Letters: b batch, i position, m model dim, f expert hidden dim, n tokens (b·i), e experts,
-k experts chosen per token.
+k experts chosen per token, g expert groups.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 from .blocks import MLP
 
 ORDERS = ("softmax_topk", "topk_softmax")
+SCORINGS = ("softmax", "sigmoid")
 
 
 def _real(v: object) -> bool:
@@ -79,6 +82,15 @@ class MoEConfig:
     its weights sum to 1, so `normalise` must stay True), `router_bias` (the router an
     nn.Linear with bias), `expert_bias` (gate, up and down with biases) and `glu` (a
     `ClampedSwiGLU` where the experts' gate and up meet; None: act(gate) · up).
+
+    DeepSeek-V3's routing (GLM-4.5, dots.llm1; see `route`): `scoring="sigmoid"` (each
+    expert's score sigmoid(logit), not a softmax; order stays "softmax_topk", the scores come
+    before the top k), `score_bias` (a learned (e,) bias added to
+    the scores for the choice only, `SparseMoE.score_bias`; also with softmax scores: ERNIE 4.5),
+    `n_group` / `topk_group` (the experts in n_group equal groups, a token choosing among those
+    of its topk_group best groups only), `scale` (the chosen weights × routed_scaling_factor,
+    after `normalise`), and `shared_gated=False` (the shared expert added as it is, with no
+    sigmoid gate: DeepSeek's n_shared_experts, one MLP of width n_shared · d_expert).
     """
 
     n_experts: int
@@ -90,6 +102,12 @@ class MoEConfig:
     router_bias: bool = False
     expert_bias: bool = False
     glu: ClampedSwiGLU | None = None
+    scoring: str = "softmax"
+    score_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    scale: float = 1.0
+    shared_gated: bool = True
 
     def __post_init__(self) -> None:
         for f in ("n_experts", "top_k", "d_expert"):
@@ -101,7 +119,7 @@ class MoEConfig:
                 f"MoEConfig: top_k={self.top_k} exceeds n_experts={self.n_experts}; a token "
                 "can use each expert once"
             )
-        for f in ("normalise", "router_bias", "expert_bias"):
+        for f in ("normalise", "router_bias", "expert_bias", "score_bias", "shared_gated"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"MoEConfig: {f} must be a bool, got {getattr(self, f)!r}")
         if (
@@ -111,6 +129,12 @@ class MoEConfig:
         ):
             raise ValueError(f"MoEConfig: d_shared must be an int ≥ 0, got {self.d_shared!r}")
         _check_order(self.order, self.normalise, "MoEConfig: ")
+        _check_groups(self, "MoEConfig: ")
+        if not self.shared_gated and not self.d_shared:
+            raise ValueError(
+                "MoEConfig: shared_gated=False says how a shared expert joins, but there is none "
+                "(d_shared=0); give d_shared > 0 or leave shared_gated True"
+            )
         if self.glu is not None and not isinstance(self.glu, ClampedSwiGLU):
             raise ValueError(
                 f"MoEConfig: glu must be a ClampedSwiGLU or None, got {type(self.glu).__name__}"
@@ -127,8 +151,62 @@ def _check_order(order: object, normalise: object, owner: str) -> None:
         )
 
 
+def _check_groups(spec: object, owner: str) -> None:
+    """score_bias / n_group / topk_group / scale of `spec` (anything with those attributes, and
+    order, n_experts, top_k), checked together."""
+    g, tg, e, k = spec.n_group, spec.topk_group, spec.n_experts, spec.top_k
+    for name, v in (("n_group", g), ("topk_group", tg)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{owner}{name} must be an int ≥ 1, got {v!r}")
+    if e % g:
+        raise ValueError(f"{owner}n_group={g} must divide n_experts={e} into equal groups")
+    if tg > g:
+        raise ValueError(f"{owner}topk_group={tg} exceeds n_group={g}")
+    if g > 1 and e // g < 2:
+        raise ValueError(
+            f"{owner}n_group={g} leaves {e // g} expert per group; a group's score is the sum "
+            "of its 2 best experts' scores, so each group needs ≥ 2"
+        )
+    if g > 1 and k > tg * (e // g):
+        raise ValueError(
+            f"{owner}top_k={k} exceeds the {tg * (e // g)} experts of topk_group={tg} groups of "
+            f"{e // g}"
+        )
+    if not _real(spec.scale) or spec.scale <= 0:
+        raise ValueError(f"{owner}scale must be a finite number > 0, got {spec.scale!r}")
+    if spec.scoring not in SCORINGS:
+        raise ValueError(f"{owner}scoring must be one of {SCORINGS}, got {spec.scoring!r}")
+    if spec.order == "topk_softmax" and (spec.scoring != "softmax" or spec.score_bias or g > 1):
+        raise ValueError(
+            f"{owner}order='topk_softmax' chooses by the logits themselves; scoring='sigmoid', "
+            f"score_bias and n_group > 1 need order 'softmax_topk', got scoring="
+            f"{spec.scoring!r}, score_bias={spec.score_bias!r}, n_group={g}"
+        )
+
+
+@dataclass(frozen=True)
+class _Routing:  # route's arguments, checked as MoEConfig's are
+    order: str
+    scoring: str
+    n_experts: int
+    top_k: int
+    score_bias: bool
+    n_group: int
+    topk_group: int
+    scale: float
+
+
 def route(
-    logits: Tensor, top_k: int, normalise: bool = True, order: str = "softmax_topk"
+    logits: Tensor,
+    top_k: int,
+    normalise: bool = True,
+    order: str = "softmax_topk",
+    *,
+    scoring: str = "softmax",
+    score_bias: Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Router logits (n e) → (weights (n k), experts (n k) int64), best first.
 
@@ -150,6 +228,24 @@ def route(
     Both give exp(l_e) / Σ_chosen exp(l_j) for the same experts, so they differ only by
     rounding: in the weights' last bits, and in which of two experts whose logits differ
     by less than the softmax can resolve is chosen (the softmax may round them to one value).
+
+    scoring="sigmoid", and DeepSeek-V3's choice (`score_bias`, `n_group` > 1; GLM-4.5,
+    dots.llm1; ERNIE 4.5's bias with softmax scores), all under order="softmax_topk", as
+    transformers' Glm4MoeTopkRouter:
+
+        p = sigmoid(logits)                           float32 (float64 for float64 logits);
+                                                      softmax(logits, -1) for scoring="softmax"
+        s = p + score_bias                            the choice's scores; p where None
+        group = s.view(n, g, e/g).topk(2).values.sum(-1)          (n g)   if n_group g > 1
+        s[experts outside the topk_group best groups] = -inf
+        experts = torch.topk(s, top_k, -1).indices    best first by s
+        weights = p.gather(-1, experts)               the unbiased scores
+        weights /= weights.sum(-1, keepdim=True) + ε  if normalise (ε = 1e-20 under sigmoid,
+                                                      0 under softmax)
+        weights *= scale                              routed_scaling_factor
+
+    The bias moves which experts are chosen, never their weights. `score_bias` (e,) is added
+    in p's dtype.
     """
     if logits.dim() != 2 or not 1 <= top_k <= logits.shape[-1]:
         raise ValueError(
@@ -157,14 +253,36 @@ def route(
             f"and top_k={top_k}"
         )
     _check_order(order, normalise, "route: ")
+    e = logits.shape[-1]
+    if score_bias is not None and (not isinstance(score_bias, Tensor) or score_bias.shape != (e,)):
+        raise ValueError(
+            f"route: score_bias must be a tensor of shape ({e},), one per expert, got "
+            f"{tuple(score_bias.shape) if isinstance(score_bias, Tensor) else score_bias!r}"
+        )
+    spec = _Routing(order, scoring, e, top_k, score_bias is not None, n_group, topk_group, scale)
+    _check_groups(spec, "route: ")
     if order == "topk_softmax":
         top, experts = torch.topk(logits, top_k, dim=-1)  # (n k)
         return torch.softmax(top, dim=-1), experts
     wide = logits.dtype if logits.dtype == torch.float64 else torch.float32
-    p = torch.softmax(logits.to(wide), dim=-1)  # (n e)
-    weights, experts = torch.topk(p, top_k, dim=-1)  # (n k)
+    sigmoid = scoring == "sigmoid"
+    p = torch.sigmoid(logits.to(wide)) if sigmoid else torch.softmax(logits.to(wide), dim=-1)
+    if score_bias is None and n_group == 1:
+        weights, experts = torch.topk(p, top_k, dim=-1)  # (n k)
+    else:
+        s = p if score_bias is None else p + score_bias.to(wide)  # (n e) the choice's scores
+        if n_group > 1:
+            grouped = s.view(-1, n_group, e // n_group)  # (n g e/g)
+            best = torch.topk(grouped.topk(2, dim=-1).values.sum(-1), topk_group, dim=-1)
+            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool)  # (n g)
+            keep.scatter_(1, best.indices, True)
+            s = grouped.masked_fill(~keep[..., None], -math.inf).view(-1, e)
+        experts = torch.topk(s, top_k, dim=-1).indices  # (n k)
+        weights = p.gather(1, experts)
     if normalise:
-        weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if sigmoid else 0.0))
+    if scale != 1.0:
+        weights = weights * scale
     return weights, experts
 
 
@@ -206,10 +324,12 @@ class SparseMoE(nn.Module):
         h = x viewed as (n m)                          n = b·i tokens
         logits = router(h)                             (n e), router an nn.Linear (e, m), bias (e,)
                                                        only with router_bias
-        w, idx = route(logits, top_k, normalise, order)  (n k) each; see `route`
+        w, idx = route(logits, top_k, normalise, order, scoring=scoring,
+                       score_bias=score_bias, n_group, topk_group, scale)  (n k) each; `route`
         y[t] = Σ_j w[t, j] · experts[idx[t, j]](h[t])  experts[e](h) = down(act(gate(h)) · up(h)),
                                                        or down(glu(gate(h), up(h))) with glu
-        y += sigmoid(shared_gate(h)) · shared(h)       only with a shared expert (d_shared > 0)
+        y += sigmoid(shared_gate(h)) · shared(h)       only with a shared expert (d_shared > 0);
+                                                       y += shared(h) when not shared_gated
 
     Equivalent PyTorch (the naive code it equals, one token at a time):
 
@@ -223,7 +343,12 @@ class SparseMoE(nn.Module):
     Weights, as a person inspects them: router.weight (e, m) (and router.bias (e,));
     experts[e] a `qkv.nn.MLP` (gate, up (f, m), down (m, f)), a `GLUMLP` with `glu`, with
     gate.bias, up.bias (f,) and down.bias (m,) under expert_bias; shared an MLP and
-    shared_gate (1, m) when present. With `glu`, `act` must be "silu" (the glu has its own).
+    shared_gate (1, m) when present (and gated); score_bias (e,), a buffer, with score_bias
+    (zeros until loaded: DeepSeek-V3's `e_score_correction_bias`, set by load balancing, not
+    by gradients). With `glu`, `act` must be "silu" (the glu has its own).
+    The router's matmul runs in the model's dtype, as Mixtral's; transformers' DeepSeek-style
+    gates keep their weight and bias in float32 even in a bfloat16 model, so there the two
+    differ by bfloat16's rounding of the router.
     """
 
     def __init__(
@@ -240,13 +365,19 @@ class SparseMoE(nn.Module):
         router_bias: bool = False,
         expert_bias: bool = False,
         glu: ClampedSwiGLU | None = None,
+        scoring: str = "softmax",
+        score_bias: bool = False,
+        n_group: int = 1,
+        topk_group: int = 1,
+        scale: float = 1.0,
+        shared_gated: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        spec = MoEConfig(
-            n_experts, top_k, d_expert, normalise, d_shared, order, router_bias, expert_bias, glu
-        )  # validates
+        spec = MoEConfig(n_experts, top_k, d_expert, normalise, d_shared, order, router_bias,
+                         expert_bias, glu, scoring, score_bias, n_group, topk_group, scale,
+                         shared_gated)  # fmt: skip
         if glu is not None and act != "silu":
             raise ValueError(
                 f"SparseMoE: glu={glu!r} applies its own activation to the gate; act must be "
@@ -254,6 +385,8 @@ class SparseMoE(nn.Module):
             )
         fk = {"device": device, "dtype": dtype}
         self.top_k, self.normalise, self.order = spec.top_k, spec.normalise, spec.order
+        self.scoring, self.n_group, self.topk_group = spec.scoring, spec.n_group, spec.topk_group
+        self.scale = spec.scale
         self.router = nn.Linear(d_model, n_experts, bias=router_bias, **fk)
 
         def expert() -> MLP:
@@ -265,22 +398,34 @@ class SparseMoE(nn.Module):
         self.shared = self.shared_gate = None
         if d_shared:
             self.shared = MLP(d_model, d_shared, act=act, gated=True, bias=False, **fk)
-            self.shared_gate = nn.Linear(d_model, 1, bias=False, **fk)
+            if shared_gated:
+                self.shared_gate = nn.Linear(d_model, 1, bias=False, **fk)
+        self.register_buffer("score_bias", torch.zeros(n_experts, **fk) if score_bias else None)
 
     @classmethod
     def from_config(cls, d_model: int, spec: MoEConfig, act: str = "silu") -> SparseMoE:
         return cls(d_model, spec.d_expert, spec.n_experts, spec.top_k, act=act,
                    normalise=spec.normalise, d_shared=spec.d_shared, order=spec.order,
                    router_bias=spec.router_bias, expert_bias=spec.expert_bias,
-                   glu=spec.glu)  # fmt: skip
+                   glu=spec.glu, scoring=spec.scoring, score_bias=spec.score_bias, n_group=spec.n_group,
+                   topk_group=spec.topk_group, scale=spec.scale,
+                   shared_gated=spec.shared_gated)  # fmt: skip
 
     def extra_repr(self) -> str:
-        base = f"top_k={self.top_k}, normalise={self.normalise}"
-        return base if self.order == "softmax_topk" else f"{base}, order={self.order}"
+        out = f"top_k={self.top_k}, normalise={self.normalise}"
+        if self.order != "softmax_topk":
+            out += f", order={self.order}"
+        if self.scoring != "softmax":
+            out += f", scoring={self.scoring}"
+        if self.n_group > 1:
+            out += f", n_group={self.n_group}, topk_group={self.topk_group}"
+        return out if self.scale == 1.0 else f"{out}, scale={self.scale}"
 
     def forward(self, x: Tensor) -> Tensor:
         h = x.reshape(-1, x.shape[-1])  # (n m)
-        w, idx = route(self.router(h), self.top_k, self.normalise, self.order)  # (n k), (n k)
+        w, idx = route(self.router(h), self.top_k, self.normalise, self.order,
+                       scoring=self.scoring, score_bias=self.score_bias, n_group=self.n_group,
+                       topk_group=self.topk_group, scale=self.scale)  # fmt: skip
         y = torch.zeros_like(h)  # (n m)
         used = torch.bincount(idx.flatten(), minlength=len(self.experts))  # (e,) tokens each
         for e in used.nonzero().flatten().tolist():
@@ -288,5 +433,6 @@ class SparseMoE(nn.Module):
             out = self.experts[e](h[tok]) * w[tok, slot, None]  # (t m)
             y.index_add_(0, tok, out.to(y.dtype))
         if self.shared is not None:
-            y = y + torch.sigmoid(self.shared_gate(h)) * self.shared(h)
+            out = self.shared(h)  # (n m)
+            y = y + (out if self.shared_gate is None else torch.sigmoid(self.shared_gate(h)) * out)
         return y.view(x.shape)
