@@ -244,14 +244,16 @@ def test_granitemoe_routing_experts_and_multipliers_matter(tmp_path):
     model = qkv.load(tmp_path)
     c = model.config
     assert (c.embed_scale, c.residual_scale, c.attn_scale, c.logit_scale) == (3.0, 0.4, 0.05, 0.4)
-    assert [(m.top_k, m.normalise, len(m.experts)) for m in _sparse(model)] == [(2, True, 4)] * 2
+    assert [(m.top_k, m.normalise, m.order, len(m.experts)) for m in _sparse(model)] == [
+        (2, True, "topk_softmax", 4)
+    ] * 2
     assert model.blocks[0].mlp.experts[0].up.weight.shape == (37, 60)
     assert_routing_is_clear(model, ids_for(9))
     assert _error(model, ref) <= TOL
     _breaks(tmp_path, ref, {
         "top-(k-1)": _moe_edit(lambda m: setattr(m, "top_k", 1)),
         "softmax over every expert, not renormalised": _moe_edit(
-            lambda m: setattr(m, "normalise", False)),
+            lambda m: setattr(m, "order", "softmax_topk") or setattr(m, "normalise", False)),
         "experts in reverse order": _moe_edit(
             lambda m: setattr(m, "experts", type(m.experts)(m.experts[::-1]))),
         "gate and up rows swapped": _moe_edit(_swap_gate_and_up),

@@ -18,6 +18,7 @@ Letters: e experts, f expert hidden dim, h query heads, k kv heads, d head dim, 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from .families_base import LLAMA_WEIGHTS, Family, W, llama_like
@@ -72,11 +73,12 @@ _COHERE2 = llama_like(
 # weights as a softmax over every expert renormalised over the top k (exp(l_i − l_max) over
 # the same k terms), so `SparseMoE` with normalise=True, up to rounding
 def _granitemoe(f: dict[str, Any]) -> dict[str, Any]:
-    return {
-        **_granite_scales(f),
-        **_moe(f, n_key="num_local_experts", width="d_ff", width_key="intermediate_size",
-               normalise=True, sparse=(True,) * f["n_layers"]),
-    }  # fmt: skip
+    """Granite's scales and a sparse MLP on every layer, routed as GraniteMoE's router does:
+    the top k logits, then their softmax (`order="topk_softmax"`)."""
+    moe = _moe(f, n_key="num_local_experts", width="d_ff", width_key="intermediate_size",
+               normalise=True, sparse=(True,) * f["n_layers"])  # fmt: skip
+    moe["moe"] = dataclasses.replace(moe["moe"], order="topk_softmax")
+    return {**_granite_scales(f), **moe}
 
 
 _G = "layers.{}.block_sparse_moe."
