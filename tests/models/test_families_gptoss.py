@@ -20,6 +20,7 @@ import rich.console
 import torch
 
 import qkv
+from qkv.lens.terminal import render_text
 from qkv.nn import SparseMoE
 from tests.models.test_families import _DEC as DECODER
 from tests.models.test_families import (
@@ -33,7 +34,7 @@ from tests.models.test_families import (
     randomise_,
     word_tokenizer,
 )
-from tests.models.test_families_moe import assert_routing_is_clear
+from tests.models.test_families_moe import assert_lens_experts_match, assert_routing_is_clear
 from tests.models.test_families_more import _breaks, _edit_config, _error
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
@@ -147,6 +148,16 @@ def test_html_page_states_each_head_s_sink(pair, tmp_path):
     for lay in r.layers:
         for h in lay.heads:
             assert "the learned sink takes" in tables[f"{lay.layer}.{h.head}"], (lay.layer, h.head)
+
+
+def test_lens_experts_are_transformers_routing(pair):
+    """The lens' experts of the query token: those transformers' GptOssTopKRouter chose, with
+    its weights; the terminal view lists them."""
+    ref, model, _ = pair
+    text = "the dog chased the ball because it was excited"
+    assert_lens_experts_match(ref, model, text, 6)
+    r = qkv.explain(text, 6, model=model, top=3, rollout=False, progress=False)
+    assert "Experts 'it (6)' was routed to" in render_text(r)
 
 
 def test_greedy_tokens_with_and_without_the_cache(pair):

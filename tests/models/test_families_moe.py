@@ -154,6 +154,45 @@ def test_lens_rows_match_output_attentions(pair):
     assert_lens_rows_match(ref, model, mt)
 
 
+def assert_lens_experts_match(ref, model, text: str, i: int) -> None:
+    """The lens' experts for token i, every sparse layer: the indices and weights transformers'
+    own routers (`*TopKRouter`, returning logits, top-k weights, indices) chose for it, in the
+    same order; weights within 1e-6. Its JSON round trip keeps them."""
+    import re
+
+    ids = torch.tensor([model.tokenizer.encode(text).ids])
+    seen, hooks = {}, []
+    for name, mod in ref.named_modules():
+        if type(mod).__name__.endswith("TopKRouter"):
+            layer = int(re.search(r"layers\.(\d+)\.", name)[1])
+
+            def fn(mod, args, out, layer=layer):
+                seen[layer] = (out[2][i].tolist(), out[1][i].double().numpy())
+
+            hooks.append(mod.register_forward_hook(fn))
+    try:
+        with torch.no_grad():
+            ref(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    r = qkv.explain(text, i, model=model, top=3, rollout=False, progress=False)
+    assert seen and [x.layer for x in r.experts.layers] == sorted(seen)
+    for x in r.experts.layers:
+        want_idx, want_w = seen[x.layer]
+        assert x.experts.tolist() == want_idx, (x.layer, x.experts, want_idx)
+        assert abs(x.weights - want_w).max() < 1e-6, x.layer
+    back = qkv.lens.ExplainResult.from_json(r.to_json())
+    assert back.experts.to_dict() == r.experts.to_dict()
+
+
+def test_lens_experts_are_transformers_routing(pair):
+    _, ref, model, _ = pair
+    text = "the dog chased the ball because it was excited"
+    assert_routing_is_clear(model, torch.tensor([model.tokenizer.encode(text).ids]))
+    assert_lens_experts_match(ref, model, text, 6)
+
+
 # --------------------------------------------------------------------------------------------
 # the checks can fail: routing done another way moves the logits far past the tolerance
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .experts import Routing, routing, sparse_layers
 from .lookup import lookup_layer
 from .record import ExplainResult, ModelSummary, Query, Rollout
 from .rollout import flow_layer, flow_row, rollout_caveat, rollout_row
@@ -145,8 +146,11 @@ def run_capture(
     progress: bool = True,
     desc: str = "forward",
     on_layer: Callable[[Any], Any] | None = None,
+    stop_after: nn.Module | None = None,
 ) -> list:
-    """One forward of `ids` recording the attention `layers`, stopping after the last of them.
+    """One forward of `ids` recording the attention `layers`, stopping after the last of them
+    (after `stop_after`'s forward instead, when given: the last layer's sparse MLP, whose
+    routing the lens reads).
 
     Returns the AttentionRecords ordered by layer. With `on_layer`, each record is handed to it
     as soon as its layer has run, and only what it returns (a record, or None) is kept — so a
@@ -174,12 +178,17 @@ def run_capture(
                     out = rec if on_layer is None else on_layer(rec)
                     if out is not None:
                         kept[index] = out
-                if index == last:
+                if index == last and stop_after is None:
                     raise _Stop
 
             return hook
 
+        def stop(*_: Any) -> None:
+            raise _Stop
+
         hooks = [m.register_forward_hook(after(n)) for n, m in enumerate(mods[: last + 1])]
+        if stop_after is not None:
+            hooks.append(stop_after.register_forward_hook(stop))
         try:
             device = next(model.parameters()).device  # the ids go where the weights are
             model(torch.tensor([ids], dtype=torch.long, device=device))
@@ -295,8 +304,11 @@ def explain(
         rec.v = rec.z = None
         return rec, fl
 
-    with torch.inference_mode(), _residual_norms(m, residual, do_flow):
-        recs = run_capture(m, enc.ids[:n], layers=wanted, progress=progress, on_layer=reduce)
+    chosen = Routing()  # a mixture-of-experts model: the experts token i went to, per layer
+    stop = sparse_layers(m).get(max(wanted))  # run the last layer's sparse MLP too
+    with torch.inference_mode(), _residual_norms(m, residual, do_flow), routing(m, i, chosen):
+        recs = run_capture(m, enc.ids[:n], layers=wanted, progress=progress, on_layer=reduce,
+                           stop_after=stop)  # fmt: skip
         ro = fl = None
         if rollout:
             ro = _propagated(
@@ -307,7 +319,10 @@ def explain(
                 flow_row, [f for _, f in recs], i, n, len(tokens), last, "flow", progress
             )
         del recs
-    return make_result(info, text, tokens, layers, top, qpick, kpick, cut, rollout=ro, flow=fl)
+    if layer is not None:  # as the layers: the one asked for
+        chosen.layers = [x for x in chosen.layers if x.layer == layer]
+    return make_result(info, text, tokens, layers, top, qpick, kpick, cut, rollout=ro, flow=fl,
+                       experts=chosen)  # fmt: skip
 
 
 def pick_query_key(
@@ -355,6 +370,7 @@ def make_result(
     *,
     rollout: Rollout | None = None,
     flow: Rollout | None = None,
+    experts: Routing | None = None,
 ) -> ExplainResult:
     """The record of one query's `layers`, with its notes (picks, a cut text, `notes`)."""
     i, j = qpick.index, None if kpick is None else kpick.index
@@ -369,6 +385,7 @@ def make_result(
         key=None if j is None else Query(j, tokens[j].text),
         rollout=rollout,
         flow=flow,
+        experts=experts if experts is not None and experts.layers else None,
     )
     for pick, what, option in ((qpick, "query", "--occurrence N / occurrence=N"),
                                (kpick, "key", "--key-occurrence N / key_occurrence=N")):  # fmt: skip

@@ -21,6 +21,7 @@ import numpy as np
 from .io import write_atomic
 
 if TYPE_CHECKING:
+    from .experts import Routing
     from .neuron import NeuronView
 
 SCHEMA = "qkv.explain/1"
@@ -218,6 +219,7 @@ class ExplainResult:
     notes: list[str] = field(default_factory=list)
     flow: Rollout | None = None  # the contribution flow
     neuron: NeuronView | None = None  # the Q·K neuron view of one head and key, when asked for
+    experts: Routing | None = None  # a mixture-of-experts model: the query's experts per layer
 
     def __repr__(self) -> str:
         n_heads = sum(len(lay.heads) for lay in self.layers)
@@ -410,76 +412,80 @@ def _propagation(p: Rollout | None) -> dict | None:
 
 def to_dict(r: ExplainResult) -> dict:
     m = r.model
-    return {
-        "schema": SCHEMA,
-        "model": m.name,
-        "model_config": {
-            "n_layers": m.n_layers,
-            "n_heads": m.n_heads,
-            "n_kv_heads": m.n_kv_heads,
-            "d_model": m.d_model,
-            "d_head": m.d_head,
-            "causal": m.causal,
-            "max_positions": m.max_positions,
-            "windows": None
-            if m.windows is None
-            else [None if w is None else list(w) for w in m.windows],
-            "score_steps": m.score_steps,
-        },
-        "text": r.text,
-        "tokens": [
-            {
-                "index": t.index,
-                "text": t.text,
-                "start": t.start,
-                "end": t.end,
-                "bytes": [t.byte_start, t.byte_end],
-            }
-            for t in r.tokens
-        ],
-        "query": {"index": r.query.index, "text": r.query.text},
-        "key": None if r.key is None else {"index": r.key.index, "text": r.key.text},
-        "top": r.top,
-        "layers": [
-            {
-                "layer": lay.layer,
-                "top_weight": lay.top_weight,
-                "top_contribution": lay.top_contribution,
-                "keys": [
-                    {"index": int(j), "weight": _f(w), "contribution": _f(c)}
-                    for j, w, c in zip(lay.index, lay.weight, lay.contribution, strict=True)
-                ],
-                "heads": [
-                    {
-                        "head": h.head,
-                        "kv_head": h.kv_head,
-                        "entropy": _f(h.entropy),
-                        "output_norm": _f(h.output_norm),
-                        "n_keys": h.n_keys,
-                        "top_weight": h.top_weight,
-                        "top_contribution": h.top_contribution,
-                        **({"sink": _f(h.sink)} if h.sink else {}),
-                        "keys": [
-                            {
-                                "index": int(j),
-                                "score": _score(s),
-                                "weight": _f(w),
-                                "contribution": _f(c),
-                            }
-                            for j, s, w, c in zip(
-                                h.index, h.score, h.weight, h.contribution, strict=True
-                            )
-                        ],
-                    }
-                    for h in lay.heads
-                ],
-            }
-            for lay in r.layers
-        ],
-        "rollout": _propagation(r.rollout),
-        "flow": _propagation(r.flow),
-        "notes": list(r.notes),
-    } | ({} if r.neuron is None else {"neuron": r.neuron.to_dict()})
+    return (
+        {
+            "schema": SCHEMA,
+            "model": m.name,
+            "model_config": {
+                "n_layers": m.n_layers,
+                "n_heads": m.n_heads,
+                "n_kv_heads": m.n_kv_heads,
+                "d_model": m.d_model,
+                "d_head": m.d_head,
+                "causal": m.causal,
+                "max_positions": m.max_positions,
+                "windows": None
+                if m.windows is None
+                else [None if w is None else list(w) for w in m.windows],
+                "score_steps": m.score_steps,
+            },
+            "text": r.text,
+            "tokens": [
+                {
+                    "index": t.index,
+                    "text": t.text,
+                    "start": t.start,
+                    "end": t.end,
+                    "bytes": [t.byte_start, t.byte_end],
+                }
+                for t in r.tokens
+            ],
+            "query": {"index": r.query.index, "text": r.query.text},
+            "key": None if r.key is None else {"index": r.key.index, "text": r.key.text},
+            "top": r.top,
+            "layers": [
+                {
+                    "layer": lay.layer,
+                    "top_weight": lay.top_weight,
+                    "top_contribution": lay.top_contribution,
+                    "keys": [
+                        {"index": int(j), "weight": _f(w), "contribution": _f(c)}
+                        for j, w, c in zip(lay.index, lay.weight, lay.contribution, strict=True)
+                    ],
+                    "heads": [
+                        {
+                            "head": h.head,
+                            "kv_head": h.kv_head,
+                            "entropy": _f(h.entropy),
+                            "output_norm": _f(h.output_norm),
+                            "n_keys": h.n_keys,
+                            "top_weight": h.top_weight,
+                            "top_contribution": h.top_contribution,
+                            **({"sink": _f(h.sink)} if h.sink else {}),
+                            "keys": [
+                                {
+                                    "index": int(j),
+                                    "score": _score(s),
+                                    "weight": _f(w),
+                                    "contribution": _f(c),
+                                }
+                                for j, s, w, c in zip(
+                                    h.index, h.score, h.weight, h.contribution, strict=True
+                                )
+                            ],
+                        }
+                        for h in lay.heads
+                    ],
+                }
+                for lay in r.layers
+            ],
+            "rollout": _propagation(r.rollout),
+            "flow": _propagation(r.flow),
+            "notes": list(r.notes),
+        }
+        | ({} if r.neuron is None else {"neuron": r.neuron.to_dict()})
+        | ({} if r.experts is None else {"experts": r.experts.to_dict()})
+    )
 
 
 class _Reader:
@@ -675,7 +681,20 @@ def from_json(source: str | os.PathLike | dict) -> ExplainResult:
         notes=notes,
         flow=propagation("flow"),
         neuron=_neuron(doc.get("neuron")),
+        experts=_experts(doc.get("experts"), model.n_layers),
     )
+
+
+def _experts(d: Any, n_layers: int) -> Routing | None:
+    """The optional "experts" member (see `qkv.lens.experts`), its layers within the model."""
+    if d is None:
+        return None
+    from .experts import Routing
+
+    r = Routing.from_dict(d)
+    if bad := [x.layer for x in r.layers if x.layer >= n_layers]:
+        raise ValueError(f"experts: layer {bad[0]} is outside the model's {n_layers} layers")
+    return r
 
 
 def _neuron(d: Any) -> NeuronView | None:

@@ -370,7 +370,7 @@ def render(r: ExplainResult, console: Console | None = None, *, n: int = 10) -> 
     """Print the record: header, notes, then the tables that fit what the record holds —
     one head: its ranked keys; one layer: every head; all layers: per-layer summary,
     content-routing heads, heads to the chosen key, contribution flow and rollout (when asked
-    for)."""
+    for); a mixture-of-experts model's experts for the query."""
     c = console or Console()
     m = r.model
     kind = "causal decoder" if m.causal else "bidirectional encoder"
@@ -405,6 +405,27 @@ def render(r: ExplainResult, console: Console | None = None, *, n: int = 10) -> 
         c.print(propagation_table(r, "rollout"))
     if r.neuron is not None:
         c.print(neuron_table(r, n))
+    if r.experts is not None:
+        c.print(experts_table(r))
+
+
+def experts_table(r: ExplainResult) -> Table:
+    """A mixture-of-experts model: per sparse layer, the experts the query token went to and
+    their routing weights (the MLP's own lookup: the router scores one key per expert)."""
+    assert r.experts is not None
+    t = Table(
+        title=f"Experts {label(r, r.query.index)!r} was routed to",
+        title_justify="left",
+        caption="each sparse MLP's router scores the token against one key per expert; the "
+        "top k experts process it, their outputs blended by these weights",
+        caption_justify="left",
+    )
+    for col in ("layer", "experts (weight)", "of"):
+        t.add_column(col, justify="left" if col == "experts (weight)" else "right")
+    for x in r.experts.layers:
+        pairs = ", ".join(f"{int(e)} ({w:.3f})" for e, w in zip(x.experts, x.weights, strict=True))
+        t.add_row(str(x.layer), pairs, str(x.n_experts))
+    return t
 
 
 def render_text(r: ExplainResult, width: int = 120, **kwargs: Any) -> str:

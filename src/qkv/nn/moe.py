@@ -421,11 +421,16 @@ class SparseMoE(nn.Module):
             out += f", n_group={self.n_group}, topk_group={self.topk_group}"
         return out if self.scale == 1.0 else f"{out}, scale={self.scale}"
 
+    def choose(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens h (n m) → (weights (n k), experts (n k)): the routing `forward` uses (the lens
+        reads it for one token, `qkv.lens.experts`)."""
+        return route(self.router(h), self.top_k, self.normalise, self.order,
+                     scoring=self.scoring, score_bias=self.score_bias, n_group=self.n_group,
+                     topk_group=self.topk_group, scale=self.scale)  # fmt: skip
+
     def forward(self, x: Tensor) -> Tensor:
         h = x.reshape(-1, x.shape[-1])  # (n m)
-        w, idx = route(self.router(h), self.top_k, self.normalise, self.order,
-                       scoring=self.scoring, score_bias=self.score_bias, n_group=self.n_group,
-                       topk_group=self.topk_group, scale=self.scale)  # fmt: skip
+        w, idx = self.choose(h)  # (n k), (n k)
         y = torch.zeros_like(h)  # (n m)
         used = torch.bincount(idx.flatten(), minlength=len(self.experts))  # (e,) tokens each
         for e in used.nonzero().flatten().tolist():
