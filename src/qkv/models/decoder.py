@@ -15,7 +15,8 @@
            of q, k, v (clip_qkv), QK-norm
            (RMSNorm or LayerNorm; per head, with each head's own gain, or over all heads;
            before RoPE, or after it on each head),
-           sliding window
+           sliding window; or DeepSeek's multi-head latent attention (`mla`: q, k, v made from
+           small latents, RoPE on part of each head, one rotary key shared by the heads)
     mlp:   down(act(gate(x)) · up(x)) (gated) or down(act(up(x))); or, on the layers
            `moe_layers` marks, a sparse mixture of gated experts (`qkv.nn.SparseMoE`)
 
@@ -37,6 +38,8 @@ from ..nn import (
     MLP,
     Embedding,
     KVCache,
+    LatentAttention,
+    MLAConfig,
     MoEConfig,
     MultiHeadAttention,
     ParallelBlock,
@@ -109,7 +112,13 @@ class DecoderConfig:
     makes the MLP of each layer `moe_layers` marks True (None: every layer) a
     `qkv.nn.SparseMoE` of gated experts (Mixtral, Qwen3-MoE); the other layers keep the dense
     d_ff MLP. `attn_sinks` gives every attention layer a learned sink logit per query head
-    (`qkv.nn.MultiHeadAttention`'s `sinks`; gpt-oss)."""
+    (`qkv.nn.MultiHeadAttention`'s `sinks`; gpt-oss). `mla` (a `qkv.nn.MLAConfig`) makes every
+    attention layer DeepSeek's multi-head latent attention (`qkv.nn.LatentAttention`): d_head
+    is then qk_nope_head_dim + qk_rope_head_dim, RoPE (its base, scaling and
+    `rope_interleaved`) turns the last qk_rope_head_dim features of each head, `attn_bias`
+    biases the latent projections, `out_bias` the output; every query head has its own k and v
+    (n_kv_heads = n_heads), and the per-head options of MultiHeadAttention (QK-norm, clip,
+    windows, softcap, sinks, partial rope_dim, ALiBi) are refused with it."""
 
     name: str
     n_layers: int
@@ -159,6 +168,7 @@ class DecoderConfig:
     tie_embeddings: bool = True
     moe: MoEConfig | None = None
     moe_layers: tuple[bool, ...] | None = None
+    mla: MLAConfig | None = None
     bos_id: int | None = None
     eos_id: int | None = None
     causal: bool = True
@@ -178,9 +188,10 @@ class DecoderConfig:
             )
         if self.act not in ACTIVATIONS:
             raise ValueError(f"{own}: act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
-        if self.positions == "rope" and (self.d_head % 2 or not self.rope_base > 1):
+        rotated = self.d_head if self.mla is None else self.mla.qk_rope_head_dim
+        if self.positions == "rope" and (rotated % 2 or not self.rope_base > 1):
             raise ValueError(
-                f"{own}: RoPE needs an even d_head and rope_base > 1, got {self.d_head}, {self.rope_base}"
+                f"{own}: RoPE needs an even d_head and rope_base > 1, got {rotated}, {self.rope_base}"
             )
         if self.rope_bases is not None and (
             len(self.rope_bases) != self.n_layers
@@ -217,7 +228,7 @@ class DecoderConfig:
                 f"{own}: rope_scalings must hold one qkv.nn.RopeScaling or None per layer "
                 f"({self.n_layers}), got {self.rope_scalings!r}"
             )
-        pairs = (self.rope_dim or self.d_head) // 2
+        pairs = (self.rope_dim or rotated) // 2
         for s in (self.rope_scaling, *(self.rope_scalings or ())):
             for name in ("factors", "short_factors", "long_factors"):
                 fs = None if s is None else getattr(s, name)
@@ -295,6 +306,7 @@ class DecoderConfig:
         if not self.causal:
             raise ValueError(f"{own}: a decoder is causal; causal must be True")
         self._check_moe(own)
+        self._check_mla(own)
         for f in ("bos_id", "eos_id"):
             v = getattr(self, f)
             if v is not None and not 0 <= v < self.vocab_size:
@@ -322,6 +334,40 @@ class DecoderConfig:
                 f"{own}: moe_layers must hold one bool per layer ({self.n_layers}), "
                 f"got {self.moe_layers!r}"
             )
+
+    def _check_mla(self, own: str) -> None:
+        if self.mla is None:
+            return
+        if not isinstance(self.mla, MLAConfig):
+            raise ValueError(
+                f"{own}: mla must be a qkv.nn.MLAConfig or None, got {type(self.mla).__name__}"
+            )
+        if self.d_head != self.mla.qk_head_dim or self.n_kv_heads != self.n_heads:
+            raise ValueError(
+                f"{own}: with mla, d_head must be qk_nope_head_dim + qk_rope_head_dim = "
+                f"{self.mla.qk_head_dim} and n_kv_heads = n_heads = {self.n_heads}, got "
+                f"d_head={self.d_head}, n_kv_heads={self.n_kv_heads}"
+            )
+        given = {"positions": self.positions != "rope", "rope_dim": self.rope_dim is not None,
+                 "qk_norm": self.qk_norm, "clip_qkv": self.clip_qkv is not None,
+                 "windows": self.windows is not None, "attn_softcap": self.attn_softcap is not None,
+                 "attn_sinks": self.attn_sinks}  # fmt: skip
+        if bad := [f for f, on in given.items() if on]:
+            raise ValueError(
+                f"{own}: multi-head latent attention (mla) does not take {', '.join(bad)}; "
+                f"got {', '.join(f'{f}={getattr(self, f)!r}' for f in bad)}"
+            )
+
+    @property
+    def mla_q(self) -> str:
+        """How multi-head latent attention makes q, which says which tensors a checkpoint
+        holds: "direct" (W_Q from x), "latent" (through q_down and a norm), "latent_bias"
+        (q_down biased too); "none" without mla."""
+        if self.mla is None:
+            return "none"
+        if self.mla.q_lora_rank is None:
+            return "direct"
+        return "latent_bias" if self.attn_bias else "latent"
 
     def sparse_layers(self) -> tuple[bool, ...]:
         """One bool per layer: True where the MLP is a SparseMoE."""
@@ -354,7 +400,7 @@ class Decoder(Generation, nn.Module):
         scalings = c.rope_scalings or (c.rope_scaling,) * c.n_layers
         ropes: dict[tuple, RotaryEmbedding | None] = {
             (b, s): RotaryEmbedding(
-                c.d_head,
+                c.d_head if c.mla is None else c.mla.qk_rope_head_dim,
                 base=b,
                 interleaved=c.rope_interleaved,
                 rotary_dim=c.rope_dim,
@@ -383,6 +429,9 @@ class Decoder(Generation, nn.Module):
         block = BLOCKS[c.block]
         self.blocks = nn.ModuleList(
             block(
+                LatentAttention(c.d_model, c.n_heads, c.mla, rope=ropes[b, s] if r else None,
+                                bias=c.attn_bias, out_bias=c.out_bias, scale=c.attn_scale)
+                if c.mla is not None else
                 MultiHeadAttention(
                     c.d_model, c.n_heads, c.n_kv_heads, c.d_head, bias=c.attn_bias,
                     rope=ropes[b, s] if r else None, causal=True, out_bias=c.out_bias,

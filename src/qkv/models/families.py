@@ -9,7 +9,8 @@ Cohere 2, GraniteMoE, OLMo 1 and Arcee: `families_extra.py`.
 Ministral, OLMo 3 and EXAONE 4: `families_dense2.py`. GLM-4-0414, Seed-OSS and ERNIE 4.5 (dense):
 `families_dense3.py`. Nemotron, Helium and Hunyuan (dense): `families_dense4.py`. gpt-oss:
 `families_gptoss.py`. GLM-4.5 (glm4_moe) and dots.llm1, with DeepSeek-V3's routing:
-`families_moe2.py`.
+`families_moe2.py`. DeepSeek-V3 / R1 and Kimi K2 (multi-head latent attention):
+`families_deepseek.py`.
 
 Letters: h query heads, k kv heads, d head dim, m model dim.
 """
@@ -35,6 +36,7 @@ from .families_base import (
     read_fields,
     rope_dim,
 )
+from .families_deepseek import DEEPSEEK_FAMILIES, DEEPSEEK_RESHAPES
 from .families_dense import DENSE_FAMILIES
 from .families_dense2 import DENSE2_FAMILIES
 from .families_dense3 import DENSE3_FAMILIES
@@ -47,6 +49,8 @@ from .families_more import MORE_FAMILIES
 from .families_multimodal import multimodal_families
 
 __all__ = ["ACTS", "FAMILIES", "RESHAPES", "Family", "W", "read_fields"]
+
+RESHAPES.update(DEEPSEEK_RESHAPES)  # multi-head latent attention's kv_b_proj and o_proj
 
 _A, _M = SELF_ATTN, LAYER_MLP
 
@@ -429,6 +433,7 @@ FAMILIES: dict[str, Family] = {
         *MORE_FAMILIES,
         *MOE_FAMILIES,
         *MOE2_FAMILIES,
+        *DEEPSEEK_FAMILIES,
         *DENSE_FAMILIES,
         *DENSE2_FAMILIES,
         *DENSE3_FAMILIES,

@@ -6,6 +6,7 @@ cache = KVCache(n_layers)                                  # attn(x, cache=cache
 with capture(model) as cap: model(ids)                     # cap.layers: AttentionRecord
 accelerate(model, blocks)                                  # float32 CPU inference twins
 moe = SparseMoE(m, f, n_experts=8, top_k=2)                # a sparse MLP: top 2 of 8 experts per token
+mla = LatentAttention(m, h, MLAConfig(1536, 512, 128, 64, 128), rope=RotaryEmbedding(64))  # DeepSeek
 """
 
 from . import fused, quant
@@ -24,6 +25,7 @@ from .blocks import (
 )
 from .cache import KVCache, LayerCache
 from .capture import AttentionRecord, Capture, capture
+from .latent import LatentAttention, MLAConfig
 from .moe import GLUMLP, ClampedSwiGLU, MoEConfig, SparseMoE, route
 from .rope import RopeScaling, RotaryEmbedding
 
@@ -36,7 +38,9 @@ __all__ = [
     "ClampedSwiGLU",
     "Embedding",
     "KVCache",
+    "LatentAttention",
     "LayerCache",
+    "MLAConfig",
     "MoEConfig",
     "MultiHeadAttention",
     "ParallelBlock",
