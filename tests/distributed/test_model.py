@@ -8,7 +8,7 @@ from torch import nn
 
 from qkv.distributed import shard
 from qkv.models.tiny import TinyConfig, TinyTransformer
-from qkv.nn import RopeScaling
+from qkv.nn import LatentAttention, MLAConfig, RopeScaling
 
 from . import spawn
 
@@ -67,5 +67,10 @@ def test_shard_refuses_what_it_cannot_shard():
         b.attn.rope.scaling = RopeScaling.longrope([1.0] * n, [2.0] * n, 4)
     with pytest.raises(ValueError, match=r"rope uses LongRoPE.*run this model unsharded"):
         shard(long)
+    mla = nn.Sequential(LatentAttention(16, 2, MLAConfig(None, 8, 4, 4, 4)))
+    with pytest.raises(
+        ValueError, match=r"0 is multi-head latent attention.*run the model unsharded"
+    ):
+        shard(mla)
     assert type(rope.blocks[0].attn).__name__ == "MultiHeadAttention"  # nothing half-swapped
     assert type(long.blocks[0].attn).__name__ == "MultiHeadAttention"

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..nn import MultiHeadAttention, RotaryEmbedding
+from ..nn import LatentAttention, MultiHeadAttention, RotaryEmbedding
 from ..nn.capture import record, recorders
 from .layout import LAYOUTS, Layout, all_lengths, make_layout
 from .ring import ring_attention
@@ -101,6 +101,12 @@ def shard(
             )
     if not any(isinstance(m, MultiHeadAttention) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} holds no qkv.nn.MultiHeadAttention to shard")
+    for name, m in model.named_modules():
+        if isinstance(m, LatentAttention):  # its projections are not MultiHeadAttention's
+            raise ValueError(
+                f"{name} is multi-head latent attention (DeepSeek), which shard does not "
+                "support yet; run the model unsharded"
+            )
     for name, m in model.named_modules():
         if (
             isinstance(m, RotaryEmbedding)
