@@ -369,6 +369,12 @@ class DecoderConfig:
             return "direct"
         return "latent_bias" if self.attn_bias else "latent"
 
+    @property
+    def shared_expert(self) -> bool:
+        """Whether the sparse layers have a shared expert (`moe.d_shared` > 0): a `W.when`
+        for its tensors."""
+        return self.moe is not None and self.moe.d_shared > 0
+
     def sparse_layers(self) -> tuple[bool, ...]:
         """One bool per layer: True where the MLP is a SparseMoE."""
         if self.moe is None:

@@ -10,7 +10,8 @@ Ministral, OLMo 3 and EXAONE 4: `families_dense2.py`. GLM-4-0414, Seed-OSS and E
 `families_dense3.py`. Nemotron, Helium and Hunyuan (dense): `families_dense4.py`. gpt-oss:
 `families_gptoss.py`. GLM-4.5 (glm4_moe) and dots.llm1, with DeepSeek-V3's routing:
 `families_moe2.py`. DeepSeek-V3 / R1 and Kimi K2 (multi-head latent attention):
-`families_deepseek.py`.
+`families_deepseek.py`. ERNIE 4.5 MoE, Hunyuan-A13B (hunyuan_v1_moe) and GraniteMoeShared, each
+with a shared expert: `families_moe3.py`.
 
 Letters: h query heads, k kv heads, d head dim, m model dim.
 """
@@ -45,6 +46,7 @@ from .families_extra import EXTRA_FAMILIES
 from .families_gptoss import GPT_OSS_FAMILIES
 from .families_moe import MOE_FAMILIES
 from .families_moe2 import MOE2_FAMILIES
+from .families_moe3 import MOE3_FAMILIES
 from .families_more import MORE_FAMILIES
 from .families_multimodal import multimodal_families
 
@@ -434,6 +436,7 @@ FAMILIES: dict[str, Family] = {
         *MOE_FAMILIES,
         *MOE2_FAMILIES,
         *DEEPSEEK_FAMILIES,
+        *MOE3_FAMILIES,
         *DENSE_FAMILIES,
         *DENSE2_FAMILIES,
         *DENSE3_FAMILIES,

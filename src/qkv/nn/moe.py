@@ -1,4 +1,5 @@
-"""Sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE, Qwen2-MoE, gpt-oss, GLM-4.5, dots.llm1):
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE, Qwen2-MoE, gpt-oss, GLM-4.5, dots.llm1,
+ERNIE 4.5, Hunyuan-A13B, GraniteMoE):
 a linear router scores E gated MLPs for each token, the token goes through the top k of them,
 and their outputs are blended by the router's weights. Every token is routed on its own (no
 capacity limit, nothing dropped), so the layer is position-wise like the dense MLP it replaces.
@@ -91,6 +92,10 @@ class MoEConfig:
     of its topk_group best groups only), `scale` (the chosen weights × routed_scaling_factor,
     after `normalise`), and `shared_gated=False` (the shared expert added as it is, with no
     sigmoid gate: DeepSeek's n_shared_experts, one MLP of width n_shared · d_expert).
+
+    `norm_min` (ERNIE 4.5's moe_norm_min): `normalise` divides by max(Σ weights, norm_min), not
+    by the sum itself; 0 (the default) leaves the sum as it is. Needs normalise=True and order
+    "softmax_topk" (topk_softmax's weights always sum to 1).
     """
 
     n_experts: int
@@ -108,6 +113,7 @@ class MoEConfig:
     topk_group: int = 1
     scale: float = 1.0
     shared_gated: bool = True
+    norm_min: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("n_experts", "top_k", "d_expert"):
@@ -130,6 +136,7 @@ class MoEConfig:
             raise ValueError(f"MoEConfig: d_shared must be an int ≥ 0, got {self.d_shared!r}")
         _check_order(self.order, self.normalise, "MoEConfig: ")
         _check_groups(self, "MoEConfig: ")
+        _check_norm_min(self.norm_min, self.normalise, self.order, "MoEConfig: ")
         if not self.shared_gated and not self.d_shared:
             raise ValueError(
                 "MoEConfig: shared_gated=False says how a shared expert joins, but there is none "
@@ -148,6 +155,17 @@ def _check_order(order: object, normalise: object, owner: str) -> None:
         raise ValueError(
             f"{owner}order='topk_softmax' takes a softmax over the k chosen logits, whose "
             f"weights always sum to 1; normalise must be True, got {normalise!r}"
+        )
+
+
+def _check_norm_min(norm_min: object, normalise: object, order: object, owner: str) -> None:
+    if not _real(norm_min) or norm_min < 0:
+        raise ValueError(f"{owner}norm_min must be a finite number ≥ 0, got {norm_min!r}")
+    if norm_min and (normalise is not True or order != "softmax_topk"):
+        raise ValueError(
+            f"{owner}norm_min={norm_min!r} bounds the renormalising sum from below; it needs "
+            f"normalise=True and order='softmax_topk', got normalise={normalise!r}, "
+            f"order={order!r}"
         )
 
 
@@ -207,6 +225,7 @@ def route(
     n_group: int = 1,
     topk_group: int = 1,
     scale: float = 1.0,
+    norm_min: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Router logits (n e) → (weights (n k), experts (n k) int64), best first.
 
@@ -241,7 +260,8 @@ def route(
         experts = torch.topk(s, top_k, -1).indices    best first by s
         weights = p.gather(-1, experts)               the unbiased scores
         weights /= weights.sum(-1, keepdim=True) + ε  if normalise (ε = 1e-20 under sigmoid,
-                                                      0 under softmax)
+                                                      0 under softmax); the divisor clamped to
+                                                      ≥ norm_min (ERNIE 4.5) when norm_min > 0
         weights *= scale                              routed_scaling_factor
 
     The bias moves which experts are chosen, never their weights. `score_bias` (e,) is added
@@ -261,6 +281,7 @@ def route(
         )
     spec = _Routing(order, scoring, e, top_k, score_bias is not None, n_group, topk_group, scale)
     _check_groups(spec, "route: ")
+    _check_norm_min(norm_min, normalise, order, "route: ")
     if order == "topk_softmax":
         top, experts = torch.topk(logits, top_k, dim=-1)  # (n k)
         return torch.softmax(top, dim=-1), experts
@@ -280,7 +301,8 @@ def route(
         experts = torch.topk(s, top_k, dim=-1).indices  # (n k)
         weights = p.gather(1, experts)
     if normalise:
-        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if sigmoid else 0.0))
+        total = weights.sum(-1, keepdim=True) + (1e-20 if sigmoid else 0.0)  # (n 1)
+        weights = weights / (total.clamp(min=norm_min) if norm_min else total)
     if scale != 1.0:
         weights = weights * scale
     return weights, experts
@@ -325,7 +347,8 @@ class SparseMoE(nn.Module):
         logits = router(h)                             (n e), router an nn.Linear (e, m), bias (e,)
                                                        only with router_bias
         w, idx = route(logits, top_k, normalise, order, scoring=scoring,
-                       score_bias=score_bias, n_group, topk_group, scale)  (n k) each; `route`
+                       score_bias=score_bias, n_group, topk_group, scale,
+                       norm_min)                       (n k) each; `route`
         y[t] = Σ_j w[t, j] · experts[idx[t, j]](h[t])  experts[e](h) = down(act(gate(h)) · up(h)),
                                                        or down(glu(gate(h), up(h))) with glu
         y += sigmoid(shared_gate(h)) · shared(h)       only with a shared expert (d_shared > 0);
@@ -371,13 +394,14 @@ class SparseMoE(nn.Module):
         topk_group: int = 1,
         scale: float = 1.0,
         shared_gated: bool = True,
+        norm_min: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         spec = MoEConfig(n_experts, top_k, d_expert, normalise, d_shared, order, router_bias,
                          expert_bias, glu, scoring, score_bias, n_group, topk_group, scale,
-                         shared_gated)  # fmt: skip
+                         shared_gated, norm_min)  # fmt: skip
         if glu is not None and act != "silu":
             raise ValueError(
                 f"SparseMoE: glu={glu!r} applies its own activation to the gate; act must be "
@@ -386,7 +410,7 @@ class SparseMoE(nn.Module):
         fk = {"device": device, "dtype": dtype}
         self.top_k, self.normalise, self.order = spec.top_k, spec.normalise, spec.order
         self.scoring, self.n_group, self.topk_group = spec.scoring, spec.n_group, spec.topk_group
-        self.scale = spec.scale
+        self.scale, self.norm_min = spec.scale, spec.norm_min
         self.router = nn.Linear(d_model, n_experts, bias=router_bias, **fk)
 
         def expert() -> MLP:
@@ -409,7 +433,7 @@ class SparseMoE(nn.Module):
                    router_bias=spec.router_bias, expert_bias=spec.expert_bias,
                    glu=spec.glu, scoring=spec.scoring, score_bias=spec.score_bias, n_group=spec.n_group,
                    topk_group=spec.topk_group, scale=spec.scale,
-                   shared_gated=spec.shared_gated)  # fmt: skip
+                   shared_gated=spec.shared_gated, norm_min=spec.norm_min)  # fmt: skip
 
     def extra_repr(self) -> str:
         out = f"top_k={self.top_k}, normalise={self.normalise}"
@@ -419,6 +443,8 @@ class SparseMoE(nn.Module):
             out += f", scoring={self.scoring}"
         if self.n_group > 1:
             out += f", n_group={self.n_group}, topk_group={self.topk_group}"
+        if self.norm_min:
+            out += f", norm_min={self.norm_min}"
         return out if self.scale == 1.0 else f"{out}, scale={self.scale}"
 
     def choose(self, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -426,7 +452,8 @@ class SparseMoE(nn.Module):
         reads it for one token, `qkv.lens.experts`)."""
         return route(self.router(h), self.top_k, self.normalise, self.order,
                      scoring=self.scoring, score_bias=self.score_bias, n_group=self.n_group,
-                     topk_group=self.topk_group, scale=self.scale)  # fmt: skip
+                     topk_group=self.topk_group, scale=self.scale,
+                     norm_min=self.norm_min)  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         h = x.reshape(-1, x.shape[-1])  # (n m)
