@@ -324,6 +324,11 @@ RESHAPES: dict[str, Callable[[Any], Reshape]] = {
     "oai.up": lambda c: lambda w: w[..., 1::2].t().contiguous(),
     "oai.bgate": lambda c: lambda b: b[::2].contiguous(),  # (2f,) → (f,)
     "oai.bup": lambda c: lambda b: b[1::2].contiguous(),
+    # ERNIE 4.5 MoE keeps its score-correction bias as (1, e) (one row: one expert group)
+    "ernie.bias": lambda c: lambda b: b[0] if b.dim() == 2 and b.shape[0] == 1 else b,
+    # a shared expert's fused input_linear (2f, m): the gate's f rows, then the up's (GraniteMoeShared)
+    "shared_gate_up.gate": _rows(0, lambda c: (c.moe.d_shared,) * 2, lambda c: lambda w: w),
+    "shared_gate_up.up": _rows(1, lambda c: (c.moe.d_shared,) * 2, lambda c: lambda w: w),
 }
 
 # --------------------------------------------------------------------------------------------

@@ -39,11 +39,9 @@ from ..nn import MoEConfig
 from .families_base import (
     DECODER_IGNORE,
     LAYER_MLP,
-    RESHAPES,
     SELF_ATTN,
     Family,
     W,
-    _rows,
     llama_like,
 )
 from .families_dense3 import _KV_HEADS, _NULL_SHAPES
@@ -53,13 +51,6 @@ from .families_moe import _DENSE, _NOT_MLP
 
 _M = LAYER_MLP
 _E = _M + "experts.{e}."
-# ERNIE keeps its score-correction bias as (1, e) (one row: one expert group); a shared expert's
-# fused input_linear (2f, m) holds the gate's f rows, then the up's
-RESHAPES.update({
-    "ernie.bias": lambda c: lambda b: b[0] if b.dim() == 2 and b.shape[0] == 1 else b,
-    "shared_gate_up.gate": _rows(0, lambda c: (c.moe.d_shared,) * 2, lambda c: lambda w: w),
-    "shared_gate_up.up": _rows(1, lambda c: (c.moe.d_shared,) * 2, lambda c: lambda w: w),
-})  # fmt: skip
 
 
 def _int(f: dict[str, Any], ours: str, key: str, low: int | None = 1) -> int:
