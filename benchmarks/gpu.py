@@ -7,7 +7,7 @@ Sections: (1) max |ours − SDPA| for the output and dQ/dK/dV, per dtype and cas
 output and LSE of `return_lse=True` (the lens' call) vs float64, with the backend `auto` picks;
 (3) forward time, tiled and auto vs SDPA; (4) causal forward+backward time and peak CUDA
 memory; (5) a sliding window of 256 vs SDPA with the equivalent boolean mask and vs compiled
-flex_attention.
+flex_attention; (6) learned sinks: qkv vs SDPA with a sink key.
 Ratios are peer time / our time (> 1 means we are faster), all measured in the same run.
 
 (Not named cuda.py: a script of that name in benchmarks/ shadows the `cuda` package that
@@ -248,6 +248,48 @@ def window_timing(device: str, dtype, n: int, w: int = 256) -> list[str]:
     return rows
 
 
+def sinks_table(device: str, dtype, n: int) -> list[str]:
+    """Learned sinks (gpt-oss), causal: each way's max |out − float64| and its forward and
+    fwd+bwd time (sinks' gradient included) against SDPA with one extra key whose float bias
+    is the sink (the usual workaround: an (H, N, N+1) mask)."""
+    from sinks import sdpa_sink_key  # benchmarks/sinks.py: the same peer as the CPU table
+
+    rows = [
+        f"| N={n}, causal, learned sinks | max abs Δ out vs float64 | forward | fwd+bwd |",
+        "|---|---|---|---|",
+    ]
+    q, k, v = qkv_tensors(device, dtype, 1, 8, 8, n, grad=True)
+    sk = 1.5 + torch.randn(8, device=device, generator=torch.Generator(device).manual_seed(1))
+    sk = sk.requires_grad_()
+    q64, k64, v64, s64 = (t.detach().double() for t in (q, k, v, sk))
+    truth = sdpa_sink_key(q64, k64, v64, s64)
+    runs = {
+        "qkv auto": lambda: qkv.attention(q, k, v, causal=True, sinks=sk),
+        "qkv tiled": lambda: qkv.attention(q, k, v, causal=True, sinks=sk, backend="tiled"),
+        "SDPA + sink key": lambda: sdpa_sink_key(q, k, v, sk),
+    }
+    if "triton" in kernels() and device == "cuda":
+        runs["qkv triton"] = lambda: qkv.attention(q, k, v, causal=True, sinks=sk, backend="triton")
+    times = {}
+    for name, fn in runs.items():
+        try:
+            with torch.no_grad():
+                err = (fn().double() - truth).abs().max().item()
+                fwd = median_ms(fn, device)
+            bwd = median_ms(lambda fn=fn: torch.autograd.grad(fn().sum(), (q, k, v, sk)), device, 5)
+            times[name] = (fwd, bwd)
+            rows.append(f"| {name} | {err:.1e} | {fwd:.2f} ms | {bwd:.2f} ms |")
+        except Exception as e:  # report, keep measuring the rest
+            rows.append(f"| {name} failed: {type(e).__name__}: {str(e)[:120]} | | | |")
+    peer = times.get("SDPA + sink key")
+    for name, (f, b) in times.items():
+        if peer and name != "SDPA + sink key":
+            rows.append(
+                f"| ratio SDPA + sink key / {name} | | {peer[0] / f:.2f}× | {peer[1] / b:.2f}× |"
+            )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -275,6 +317,8 @@ def main() -> None:
     print("\n".join(backward_timing(dev, dtype, sizes)) + "\n", flush=True)
     print(f"#### sliding window, {dtype}, B=1 H=8 D=64\n", flush=True)
     print("\n".join(window_timing(dev, dtype, 512 if args.quick else 16384)), flush=True)
+    print(f"\n#### learned sinks (gpt-oss), {dtype}, B=1 H=8 D=64\n", flush=True)
+    print("\n".join(sinks_table(dev, dtype, 256 if args.quick else 4096)), flush=True)
 
 
 if __name__ == "__main__":
