@@ -4,7 +4,9 @@ modules in float32 (Glm4MoeTopkRouter, the gate of GLM-4.5 and, verbatim, dots.l
 softmax router with a score bias) with exactly the same experts chosen, against a float64
 oracle written here one token at a time, and the whole SparseMoE against transformers'
 Glm4MoeMoE. Then the checks can fail (the data exercise the bias and the groups), and bad
-settings are named.
+settings are named. DeepSeek-V2's routing (softmax scores, groups ranked by their best
+expert: group_score="max") the same way, against transformers' DeepseekV2TopkRouter and
+DeepseekV2Moe.
 
 Awkward sizes: 16 experts in 4 groups of 4, the 2 best groups, top 5 (more than one group's
 worth); 203 tokens; d_model 60, experts 23 wide.
@@ -222,3 +224,147 @@ def test_route_checks_its_new_arguments():
     p = torch.softmax(logits, -1).topk(2)
     assert torch.equal(idx, p.indices)
     assert torch.allclose(w, p.values / p.values.sum(-1, keepdim=True))
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSeek-V2's routing: softmax scores, groups ranked by their best expert (group_score="max")
+
+
+def _v2_router(method="group_limited_greedy", **changes):
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+
+    kw = dict(n_routed_experts=E, n_group=G, topk_group=TG, num_experts_per_tok=K,
+              routed_scaling_factor=16.0, topk_method=method, hidden_size=M,
+              num_attention_heads=6)  # fmt: skip
+    router = DeepseekV2TopkRouter(transformers.DeepseekV2Config(**{**kw, **changes}))
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=torch.Generator()
+                                        .manual_seed(0)))  # fmt: skip
+    return router
+
+
+def oracle64_v2(logits, top_k, *, n_group, topk_group, scale):
+    """DeepSeek-V2's choice in float64, one token at a time, in plain Python: softmax scores,
+    a group's score its best expert's, the top k of the kept groups' experts, weights × scale
+    (never renormalised)."""
+    ws, ids = [], []
+    for row in logits.double().tolist():
+        z = [math.exp(x - max(row)) for x in row]
+        p = [x / sum(z) for x in z]
+        size = len(p) // n_group
+        group = [max(p[g * size : (g + 1) * size]) for g in range(n_group)]
+        kept = sorted(range(n_group), key=lambda g: -group[g])[:topk_group]
+        chosen = sorted((e for e in range(len(p)) if e // size in kept), key=lambda e: -p[e])
+        ws.append([p[e] * scale for e in chosen[:top_k]])
+        ids.append(chosen[:top_k])
+    return torch.tensor(ws, dtype=torch.float64), torch.tensor(ids)
+
+
+def _ours_v2(router, h, **kw):
+    grouped = router.topk_method == "group_limited_greedy"
+    args = dict(n_group=router.num_group if grouped else 1,
+                topk_group=router.topk_group if grouped else 1,
+                group_score="max" if grouped else "top2", scale=router.routed_scaling_factor)  # fmt: skip
+    return route(F.linear(h, router.weight.to(h.dtype)), router.top_k, False, **{**args, **kw})
+
+
+@pytest.mark.parametrize(
+    ("method", "changes"),
+    [("group_limited_greedy", {}), ("group_limited_greedy", {"topk_group": 3}),
+     ("group_limited_greedy", {"num_experts_per_tok": 1, "routed_scaling_factor": 1.0}),
+     ("group_limited_greedy", {"n_group": 8, "topk_group": 3}), ("greedy", {})],
+)  # fmt: skip
+def test_float32_v2_routing_equals_transformers_router(method, changes):
+    router = _v2_router(method, **changes)
+    h = _h()
+    with torch.no_grad():
+        _, want_w, want_idx = router(h)
+        w, idx = _ours_v2(router, h)
+    want_w, want_idx = _by_expert(want_w, want_idx)
+    w, idx = _by_expert(w, idx)
+    assert torch.equal(idx, want_idx)
+    assert float((w - want_w).abs().max() / want_w.abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize(("n_group", "topk_group"), [(G, TG), (8, 3), (1, 1)])
+def test_float64_v2_routing_equals_a_plain_oracle(n_group, topk_group):
+    router = _v2_router()
+    logits = F.linear(_h(torch.float64), router.weight.detach().double())  # (n e)
+    w, idx = route(logits, K, False, n_group=n_group, topk_group=topk_group, scale=16.0,
+                   group_score="max" if n_group > 1 else "top2")  # fmt: skip
+    want_w, want_idx = oracle64_v2(logits, K, n_group=n_group, topk_group=topk_group, scale=16.0)
+    assert w.dtype == torch.float64
+    assert torch.equal(idx, want_idx)
+    assert float((w - want_w).abs().max() / want_w.abs().max()) <= 1e-12
+
+
+def test_the_data_tell_max_from_top2_group_scores():
+    """Ranking the groups by the sum of their 2 best (DeepSeek-V3's rule) or not limiting the
+    groups chooses other experts here, so the comparisons above (exact expert ids) would see
+    either."""
+    router = _v2_router()
+    h = _h()
+    with torch.no_grad():
+        full = _by_expert(*_ours_v2(router, h))[1]
+        top2 = _by_expert(*_ours_v2(router, h, group_score="top2"))[1]
+        greedy = _by_expert(*_ours_v2(router, h, n_group=1, topk_group=1, group_score="top2"))[1]
+    assert (full != top2).any(-1).sum() >= 3  # 5 of 203 tokens: torch.equal sees them
+    assert (full != greedy).any(-1).float().mean() > 0.3
+
+
+def test_sparse_moe_equals_transformers_deepseek_v2_block():
+    """The whole layer: softmax routing by group maxima, weights × routed_scaling_factor, not
+    renormalised, plus the ungated shared experts."""
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+
+    cfg = transformers.DeepseekV2Config(
+        n_routed_experts=E, n_group=G, topk_group=TG, num_experts_per_tok=K, hidden_size=M,
+        moe_intermediate_size=23, n_shared_experts=2, routed_scaling_factor=16.0,
+        topk_method="group_limited_greedy", num_attention_heads=6,
+    )  # fmt: skip
+    cfg._experts_implementation = "eager"
+    ref = DeepseekV2Moe(cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    moe = SparseMoE(M, 23, E, K, normalise=False, n_group=G, topk_group=TG, group_score="max",
+                    scale=16.0, d_shared=46, shared_gated=False)  # fmt: skip
+    with torch.no_grad():
+        moe.router.weight.copy_(ref.gate.weight)
+        for e, x in enumerate(moe.experts):
+            gate, up = ref.experts.gate_up_proj[e].chunk(2, 0)
+            x.gate.weight.copy_(gate), x.up.weight.copy_(up)
+            x.down.weight.copy_(ref.experts.down_proj[e])
+        for n in ("gate", "up", "down"):
+            getattr(moe.shared, n).weight.copy_(getattr(ref.shared_experts, f"{n}_proj").weight)
+        x = _h().view(7, 29, M)
+        want, got = ref(x), moe(x)
+        assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+        assert "n_group=4, topk_group=2, group_score=max, scale=16.0" in repr(moe)
+        moe.group_score = "top2"  # the group rule matters
+        assert float((moe(x) - want).abs().max() / want.abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"group_score": "sum"}, r"group_score must be one of \('top2', 'max'\), got 'sum'"),
+        ({"group_score": "max"}, r"group_score='max' ranks expert groups, but n_group=1"),
+        ({"group_score": "top2", "n_group": 16}, r"n_group=16 leaves 1 expert per group"),
+    ],
+)  # fmt: skip
+def test_bad_group_scores_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(n_experts=16, top_k=1, d_expert=8, **kw)
+    with pytest.raises(ValueError, match="route: " + match):
+        route(torch.randn(3, 16), 1, **kw)
+
+
+def test_max_group_score_allows_groups_of_one():
+    """With the best expert alone ranking a group, 16 groups of 1 are groups of experts: the
+    choice is the top k among the topk_group best experts."""
+    logits = torch.randn(N, E, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    w, idx = route(logits, 2, False, n_group=E, topk_group=3, group_score="max")
+    p = torch.softmax(logits, -1).topk(2)
+    assert torch.equal(idx, p.indices) and torch.allclose(w, p.values, rtol=0, atol=1e-15)

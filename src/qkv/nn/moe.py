@@ -1,5 +1,5 @@
 """Sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE, Qwen2-MoE, gpt-oss, GLM-4.5, dots.llm1,
-ERNIE 4.5, Hunyuan-A13B, GraniteMoE):
+ERNIE 4.5, Hunyuan-A13B, GraniteMoE, DeepSeek-V2 and V3):
 a linear router scores E gated MLPs for each token, the token goes through the top k of them,
 and their outputs are blended by the router's weights. Every token is routed on its own (no
 capacity limit, nothing dropped), so the layer is position-wise like the dense MLP it replaces.
@@ -28,6 +28,7 @@ from .blocks import MLP
 
 ORDERS = ("softmax_topk", "topk_softmax")
 SCORINGS = ("softmax", "sigmoid")
+GROUP_SCORES = ("top2", "max")
 
 
 def _real(v: object) -> bool:
@@ -96,6 +97,10 @@ class MoEConfig:
     `norm_min` (ERNIE 4.5's moe_norm_min): `normalise` divides by max(Σ weights, norm_min), not
     by the sum itself; 0 (the default) leaves the sum as it is. Needs normalise=True and order
     "softmax_topk" (topk_softmax's weights always sum to 1).
+
+    `group_score` (with n_group > 1): how a group of experts is ranked, "top2" (the default:
+    the sum of its 2 best scores, DeepSeek-V3's noaux_tc) or "max" (its best score alone,
+    DeepSeek-V2's group_limited_greedy).
     """
 
     n_experts: int
@@ -114,6 +119,7 @@ class MoEConfig:
     scale: float = 1.0
     shared_gated: bool = True
     norm_min: float = 0.0
+    group_score: str = "top2"
 
     def __post_init__(self) -> None:
         for f in ("n_experts", "top_k", "d_expert"):
@@ -173,6 +179,10 @@ def _check_groups(spec: object, owner: str) -> None:
     """score_bias / n_group / topk_group / scale of `spec` (anything with those attributes, and
     order, n_experts, top_k), checked together."""
     g, tg, e, k = spec.n_group, spec.topk_group, spec.n_experts, spec.top_k
+    if spec.group_score not in GROUP_SCORES:
+        raise ValueError(
+            f"{owner}group_score must be one of {GROUP_SCORES}, got {spec.group_score!r}"
+        )
     for name, v in (("n_group", g), ("topk_group", tg)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{owner}{name} must be an int ≥ 1, got {v!r}")
@@ -180,7 +190,12 @@ def _check_groups(spec: object, owner: str) -> None:
         raise ValueError(f"{owner}n_group={g} must divide n_experts={e} into equal groups")
     if tg > g:
         raise ValueError(f"{owner}topk_group={tg} exceeds n_group={g}")
-    if g > 1 and e // g < 2:
+    if g == 1 and spec.group_score != "top2":
+        raise ValueError(
+            f"{owner}group_score={spec.group_score!r} ranks expert groups, but n_group=1 makes "
+            "none; give n_group > 1 or leave group_score 'top2'"
+        )
+    if g > 1 and spec.group_score == "top2" and e // g < 2:
         raise ValueError(
             f"{owner}n_group={g} leaves {e // g} expert per group; a group's score is the sum "
             "of its 2 best experts' scores, so each group needs ≥ 2"
@@ -212,6 +227,7 @@ class _Routing:  # route's arguments, checked as MoEConfig's are
     n_group: int
     topk_group: int
     scale: float
+    group_score: str
 
 
 def route(
@@ -226,6 +242,7 @@ def route(
     topk_group: int = 1,
     scale: float = 1.0,
     norm_min: float = 0.0,
+    group_score: str = "top2",
 ) -> tuple[Tensor, Tensor]:
     """Router logits (n e) → (weights (n k), experts (n k) int64), best first.
 
@@ -255,7 +272,8 @@ def route(
         p = sigmoid(logits)                           float32 (float64 for float64 logits);
                                                       softmax(logits, -1) for scoring="softmax"
         s = p + score_bias                            the choice's scores; p where None
-        group = s.view(n, g, e/g).topk(2).values.sum(-1)          (n g)   if n_group g > 1
+        group = s.view(n, g, e/g).topk(2).values.sum(-1)          (n g)   if n_group g > 1;
+                                                      .amax(-1) for group_score="max"
         s[experts outside the topk_group best groups] = -inf
         experts = torch.topk(s, top_k, -1).indices    best first by s
         weights = p.gather(-1, experts)               the unbiased scores
@@ -266,6 +284,11 @@ def route(
 
     The bias moves which experts are chosen, never their weights. `score_bias` (e,) is added
     in p's dtype.
+
+    DeepSeek-V2's group_limited_greedy is scoring="softmax", n_group > 1, group_score="max"
+    (transformers' DeepseekV2TopkRouter sets the other groups' scores to 0 rather than -inf:
+    the same choice, softmax scores being > 0), normalise=False, scale; its "greedy" is
+    n_group=1.
     """
     if logits.dim() != 2 or not 1 <= top_k <= logits.shape[-1]:
         raise ValueError(
@@ -279,7 +302,8 @@ def route(
             f"route: score_bias must be a tensor of shape ({e},), one per expert, got "
             f"{tuple(score_bias.shape) if isinstance(score_bias, Tensor) else score_bias!r}"
         )
-    spec = _Routing(order, scoring, e, top_k, score_bias is not None, n_group, topk_group, scale)
+    spec = _Routing(order, scoring, e, top_k, score_bias is not None, n_group, topk_group, scale,
+                    group_score)  # fmt: skip
     _check_groups(spec, "route: ")
     _check_norm_min(norm_min, normalise, order, "route: ")
     if order == "topk_softmax":
@@ -294,7 +318,11 @@ def route(
         s = p if score_bias is None else p + score_bias.to(wide)  # (n e) the choice's scores
         if n_group > 1:
             grouped = s.view(-1, n_group, e // n_group)  # (n g e/g)
-            best = torch.topk(grouped.topk(2, dim=-1).values.sum(-1), topk_group, dim=-1)
+            if group_score == "max":
+                rank = grouped.amax(-1)  # (n g)
+            else:
+                rank = grouped.topk(2, dim=-1).values.sum(-1)  # (n g)
+            best = torch.topk(rank, topk_group, dim=-1)
             keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool)  # (n g)
             keep.scatter_(1, best.indices, True)
             s = grouped.masked_fill(~keep[..., None], -math.inf).view(-1, e)
@@ -348,7 +376,7 @@ class SparseMoE(nn.Module):
                                                        only with router_bias
         w, idx = route(logits, top_k, normalise, order, scoring=scoring,
                        score_bias=score_bias, n_group, topk_group, scale,
-                       norm_min)                       (n k) each; `route`
+                       norm_min, group_score)          (n k) each; `route`
         y[t] = Σ_j w[t, j] · experts[idx[t, j]](h[t])  experts[e](h) = down(act(gate(h)) · up(h)),
                                                        or down(glu(gate(h), up(h))) with glu
         y += sigmoid(shared_gate(h)) · shared(h)       only with a shared expert (d_shared > 0);
@@ -395,13 +423,14 @@ class SparseMoE(nn.Module):
         scale: float = 1.0,
         shared_gated: bool = True,
         norm_min: float = 0.0,
+        group_score: str = "top2",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         spec = MoEConfig(n_experts, top_k, d_expert, normalise, d_shared, order, router_bias,
                          expert_bias, glu, scoring, score_bias, n_group, topk_group, scale,
-                         shared_gated, norm_min)  # fmt: skip
+                         shared_gated, norm_min, group_score)  # fmt: skip
         if glu is not None and act != "silu":
             raise ValueError(
                 f"SparseMoE: glu={glu!r} applies its own activation to the gate; act must be "
@@ -410,7 +439,7 @@ class SparseMoE(nn.Module):
         fk = {"device": device, "dtype": dtype}
         self.top_k, self.normalise, self.order = spec.top_k, spec.normalise, spec.order
         self.scoring, self.n_group, self.topk_group = spec.scoring, spec.n_group, spec.topk_group
-        self.scale, self.norm_min = spec.scale, spec.norm_min
+        self.scale, self.norm_min, self.group_score = spec.scale, spec.norm_min, spec.group_score
         self.router = nn.Linear(d_model, n_experts, bias=router_bias, **fk)
 
         def expert() -> MLP:
@@ -433,7 +462,8 @@ class SparseMoE(nn.Module):
                    router_bias=spec.router_bias, expert_bias=spec.expert_bias,
                    glu=spec.glu, scoring=spec.scoring, score_bias=spec.score_bias, n_group=spec.n_group,
                    topk_group=spec.topk_group, scale=spec.scale,
-                   shared_gated=spec.shared_gated, norm_min=spec.norm_min)  # fmt: skip
+                   shared_gated=spec.shared_gated, norm_min=spec.norm_min,
+                   group_score=spec.group_score)  # fmt: skip
 
     def extra_repr(self) -> str:
         out = f"top_k={self.top_k}, normalise={self.normalise}"
@@ -443,6 +473,8 @@ class SparseMoE(nn.Module):
             out += f", scoring={self.scoring}"
         if self.n_group > 1:
             out += f", n_group={self.n_group}, topk_group={self.topk_group}"
+            if self.group_score != "top2":
+                out += f", group_score={self.group_score}"
         if self.norm_min:
             out += f", norm_min={self.norm_min}"
         return out if self.scale == 1.0 else f"{out}, scale={self.scale}"
@@ -453,7 +485,7 @@ class SparseMoE(nn.Module):
         return route(self.router(h), self.top_k, self.normalise, self.order,
                      scoring=self.scoring, score_bias=self.score_bias, n_group=self.n_group,
                      topk_group=self.topk_group, scale=self.scale,
-                     norm_min=self.norm_min)  # fmt: skip
+                     norm_min=self.norm_min, group_score=self.group_score)  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         h = x.reshape(-1, x.shape[-1])  # (n m)
