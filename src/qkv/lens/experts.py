@@ -10,7 +10,8 @@ each process the token; their outputs are blended by the routing weights:
 
 `routing(model, i)` records, for query token i, every sparse layer's chosen experts and their
 weights — exactly the `w, idx` the forward used (the same module computes them from the same
-input), in float64 for the record.
+input), in float64 for the record. `every_routing(model, into)` records the same for every
+token of the forward at once (`capture_text` keeps it, `Capture.routing.token(i)`).
 
     r = qkv.explain("The dog chased the ball because it was excited.", "it", model=path)
     r.experts.layers[0].experts, r.experts.layers[0].weights   # layer 0: experts of 'it'
@@ -125,6 +126,65 @@ def routing(model: nn.Module, i: int, into: Routing) -> Iterator[None]:
                     len(moe.experts),
                     idx[0].cpu().numpy(),
                     w[0].to(torch.float64).cpu().numpy(),
+                )
+            )
+
+        return pre
+
+    for layer, moe in sparse_layers(model).items():
+        hooks.append(moe.register_forward_pre_hook(hook(layer)))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@dataclass
+class LayerRoutes:
+    """Layer `layer`'s sparse MLP for every token of one forward: the `experts` (n k) each
+    token went to, best first, and their routing `weights` (n k), of `n_experts` in all."""
+
+    layer: int
+    n_experts: int
+    experts: np.ndarray  # (n k) int64
+    weights: np.ndarray  # (n k) float64
+
+
+@dataclass
+class TokenRouting:
+    """Every token's experts in each sparse layer of one forward (dense layers are absent):
+    what `routing` records for one token, for all of them (2·8·L·n·k bytes)."""
+
+    layers: list[LayerRoutes] = field(default_factory=list)
+
+    def token(self, i: int) -> Routing:
+        """Token i's `Routing`: the record's "experts" member, as `routing(model, i)` gives."""
+        return Routing(
+            [LayerExperts(x.layer, x.n_experts, x.experts[i], x.weights[i]) for x in self.layers]
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.experts.nbytes + x.weights.nbytes for x in self.layers)
+
+
+@contextlib.contextmanager
+def every_routing(model: nn.Module, into: TokenRouting) -> Iterator[None]:
+    """While on, each sparse layer's forward adds to `into` the experts and weights it chose
+    for every token of batch item 0 (`SparseMoE.choose` on its input, as `routing` does for
+    one token). Nothing is recorded for a dense model."""
+    hooks = []
+
+    def hook(layer: int):
+        def pre(moe: SparseMoE, args: tuple) -> None:
+            w, idx = moe.choose(args[0][0])  # (n k), (n k): batch item 0's tokens
+            into.layers.append(
+                LayerRoutes(
+                    layer,
+                    len(moe.experts),
+                    idx.cpu().numpy().astype(np.int64),
+                    w.to(torch.float64).cpu().numpy(),
                 )
             )
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .experts import TokenRouting, every_routing, sparse_layers
 from .explain import (
     DEFAULT_TOP,
     _check_range,
@@ -108,7 +109,8 @@ class TopRows:
 class Capture:
     """One forward of `text`, kept: per layer the AttentionRecord of `qkv.nn.capture` (q, k
     after RoPE, v, z, W_O, LSE; batch item 0). `explain` and `rows` reuse it; the model is not
-    run again."""
+    run again. A mixture-of-experts model's `routing`: every token's experts and weights in
+    each sparse layer (`qkv.lens.experts.every_routing`; None for a dense model)."""
 
     model: nn.Module
     info: ModelSummary
@@ -116,6 +118,7 @@ class Capture:
     tokens: list[Token]
     cut: bool
     records: list[Any]
+    routing: TokenRouting | None = None
 
     def __repr__(self) -> str:
         return (
@@ -152,7 +155,11 @@ class Capture:
                 for rec in self.records
                 if layer is None or rec.layer == layer
             ]
-        return make_result(self.info, self.text, self.tokens, layers, top, qpick, kpick, self.cut)
+        chosen = None if self.routing is None else self.routing.token(i)
+        if chosen is not None and layer is not None:  # as `explain`: the layer asked for
+            chosen.layers = [x for x in chosen.layers if x.layer == layer]
+        return make_result(self.info, self.text, self.tokens, layers, top, qpick, kpick, self.cut,
+                           experts=chosen)  # fmt: skip
 
     def neuron(
         self,
@@ -321,11 +328,15 @@ def _capture(
     m: nn.Module, info: ModelSummary, text: str, ids: list[int], tokens: list[Token], cut: bool,
     progress: bool | None,
 ) -> Capture:  # fmt: skip
-    """One forward of `ids` under capture, every layer kept."""
+    """One forward of `ids` under capture, every layer kept (and, for a mixture-of-experts
+    model, every token's routing, the last layer's sparse MLP run for it)."""
     progress = sys.stderr.isatty() if progress is None else progress
-    with torch.inference_mode():
-        recs = run_capture(m, ids, layers=list(range(info.n_layers)), progress=progress)
-    return Capture(m, info, text, tokens, cut, recs)
+    routing = TokenRouting()
+    stop = sparse_layers(m).get(info.n_layers - 1)
+    with torch.inference_mode(), every_routing(m, routing):
+        recs = run_capture(m, ids, layers=list(range(info.n_layers)), progress=progress,
+                           stop_after=stop)  # fmt: skip
+    return Capture(m, info, text, tokens, cut, recs, routing if routing.layers else None)
 
 
 def export_rows(

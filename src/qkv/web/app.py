@@ -6,6 +6,7 @@
     POST /api/run            {model, text, client?} → one forward, kept: {id, tokens, layers, …}
     GET  /api/progress       ?client=C → {state, done, of} of that page's latest run
     POST /api/lookup         {id, query, layer, head, key?, top?} → one head's qkv.explain/1 record
+                             (a MoE model's: with the query's "experts" in every sparse layer)
     POST /api/grid           {id, query, key} → (layers × heads) weight on key, entropy
     POST /api/compare        {model, a, b, query} → qkv.compare/1 + per-head max |Δweight|
     POST /api/export         {id, query, layer, head, key?, top?, format: json|png} → a download

@@ -3,7 +3,9 @@
 Every number here comes from the lens' public API on a kept `Capture` (one forward per text):
 
 * `lookup`  — `Capture.explain(i, layer=l, head=h)` (the `qkv.explain/1` record of one head) with
-  its Q·K neuron view `Capture.neuron(i, j, layer=l, head=h)` for the chosen key j;
+  its Q·K neuron view `Capture.neuron(i, j, layer=l, head=h)` for the chosen key j, and for a
+  mixture-of-experts model the experts token i went to in every sparse layer (its "experts",
+  as `qkv.explain(text, i)` records them: `SparseMoE.choose` during the run's one forward);
 * `grid`    — per (layer, head) the weight that query i puts on key j and the row's entropy, from
   the exact rows `qkv.lens.lookup.rows` recomputes from the kept q, k and LSE (O(H·N) per layer,
   the same function `explain` uses; no value norms, which the grid does not show);
@@ -55,8 +57,12 @@ def lookup(
     """The record of query `query` through one (layer, head), keys ranked by weight (`top` by
     weight ∪ `top` by contribution, see `qkv.explain`; 0 = every key), with the neuron view of
     `key` (default: the key with most weight in that head). Returns the record and its page
-    form: the `qkv.explain/1` document plus "neuron_dims" (the top dims by |q_d·k_d|)."""
+    form: the `qkv.explain/1` document plus "neuron_dims" (the top dims by |q_d·k_d|). A
+    mixture-of-experts model's record carries the query's experts in every sparse layer (not
+    only `layer`: the page draws them all in a row); a dense model's has no "experts"."""
     r = cap.explain(query, layer=layer, head=head, top=top, key=key)
+    if cap.routing is not None:
+        r.experts = cap.routing.token(query)
     h = r.layers[0].heads[0]
     j = h.top_weight if key is None else r.key.index
     r.neuron = cap.neuron(query, j, layer=layer, head=head)

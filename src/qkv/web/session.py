@@ -108,14 +108,15 @@ def model_names(models: Sequence[str | os.PathLike]) -> dict[str, str]:
 
 
 def capture_bytes(cap: Capture) -> int:
-    """Bytes held by the capture's kept tensors (q, k, v, z, LSE per layer; W_O is the model's)."""
+    """Bytes held by the capture's kept tensors (q, k, v, z, LSE per layer; W_O is the model's)
+    and its routing (a mixture-of-experts model's experts and weights per token)."""
     n = 0
     for rec in cap.records:
         for name in ("q", "k", "v", "z", "lse"):
             t = getattr(rec, name, None)
             if t is not None:
                 n += t.numel() * t.element_size()
-    return n
+    return n + (0 if cap.routing is None else cap.routing.nbytes)
 
 
 class Explorer:

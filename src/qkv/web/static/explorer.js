@@ -15,7 +15,9 @@ const st = {
 function el(tag, attrs, ...kids) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
-    if (k === 'class') e.className = v; else if (k.startsWith('on')) e[k] = v; else e.setAttribute(k, v);
+    if (k === 'class') e.className = v; else if (k.startsWith('on')) e[k] = v;
+    else if (k === 'style') e.style.cssText = v; // the CSP (style-src 'self') refuses a style attribute, not the CSSOM
+    else e.setAttribute(k, v);
   }
   for (const c of kids) if (c !== null && c !== undefined) e.append(c instanceof Node ? c : String(c));
   return e;
@@ -181,8 +183,26 @@ function drawLookup() {
     el('div', { class: 'sub' }, `entropy ${fmt(h.entropy)} nats · ‖output‖ ${fmt(h.output_norm)} · ${h.sink ? `the learned sink takes ${fmt(h.sink)} of the weight · ` : ''}${kept} · a row whose rank by content is far below its rank by weight is marked sink · click a row to pick that key`),
     el('table', { id: 'keys' }, el('tr', {}, el('th', {}, '#'), el('th', { class: 'l' }, 'key'), el('th', {}, 'idx'), el('th', {}, 'score'),
       el('th', { class: 'l' }, 'weight'), el('th', { class: 'l' }, 'contribution'), el('th', {}, 'rank by content')), ...rows),
-    ...r.notes.map(n => el('div', { class: 'sub' }, '• ' + n)));
+    ...experts(r), ...r.notes.map(n => el('div', { class: 'sub' }, '• ' + n)));
   $('keyname').textContent = key === null ? '—' : `${JSON.stringify(tokText(key))} (token ${key})`;
+}
+
+// A mixture-of-experts model: the experts the query went to (the record's "experts", every
+// sparse layer, as the model routed it), the selected layer's in a line, all of them in a row.
+const pairs = x => x.experts.map((e, n) => `${e} (${fmt(x.weights[n])})`).join(', ');
+function experts(r) {
+  if (!r.experts) return []; // a dense model
+  const ls = r.experts.layers, x = ls.find(y => y.layer === st.layer), q = JSON.stringify(tokText(r.query.index));
+  const line = el('div', { id: 'experts-line' }, x ? `experts of ${q} in layer ${st.layer}: ${pairs(x)} of ${x.n_experts}`
+    : `layer ${st.layer} is dense: every token goes through its one MLP`);
+  const cells = ls.map(y => {
+    const td = el('td', { class: 'l' + (y.layer === st.layer ? ' sel' : ''), 'data-l': y.layer }, `L${y.layer}: ${pairs(y)}`);
+    td.onclick = () => { st.layer = y.layer; $('layer').value = y.layer; lookup(); };
+    return td;
+  });
+  return [el('div', { id: 'experts' }, line,
+    el('div', { class: 'sub' }, `its experts (routing weight) in each of the ${ls.length} sparse layers · click one to open that layer`),
+    el('table', { id: 'experts-row' }, el('tr', {}, ...cells)))];
 }
 
 function drawGrid() {
