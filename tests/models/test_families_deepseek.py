@@ -204,6 +204,22 @@ def test_lens_rows_match_output_attentions(pair):
     assert_lens_rows_match(ref, model, variant)
 
 
+def test_lens_experts_say_when_weights_do_not_sum_to_one(pair):
+    """The lens' experts of a token: each sparse layer's weights are what transformers'
+    DeepSeek-V3 MoE block uses, so with routed_scaling_factor 2.5 and renormalised top-k
+    ("latent") they sum to 2.5, and the terminal view says so; the dense first layer has none."""
+    from qkv.lens.terminal import render_text
+
+    variant, _, model, _ = pair
+    r = qkv.explain("the dog chased the ball because it was excited", 6, model=model, top=3,
+                    rollout=False, progress=False)  # fmt: skip
+    sums = [float(x.weights.sum()) for x in r.experts.layers]
+    assert [x.layer for x in r.experts.layers] == [1, 2]  # first_k_dense_replace = 1
+    if variant == "latent":
+        assert all(abs(v - 2.5) < 1e-5 for v in sums)
+        assert "sum to 2.5, not 1" in render_text(r)
+
+
 def test_greedy_tokens_with_and_without_the_cache(pair):
     _, ref, model, _ = pair
     prompt = ids_for(5, 7)

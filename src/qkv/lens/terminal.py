@@ -413,11 +413,20 @@ def experts_table(r: ExplainResult) -> Table:
     """A mixture-of-experts model: per sparse layer, the experts the query token went to and
     their routing weights (the MLP's own lookup: the router scores one key per expert)."""
     assert r.experts is not None
+    sums = [float(x.weights.sum()) for x in r.experts.layers]
+    scaled = any(abs(v - 1.0) > 1e-3 for v in sums)
+    lo, hi = f"{min(sums):.3g}", f"{max(sums):.3g}"
     t = Table(
         title=f"Experts {label(r, r.query.index)!r} was routed to",
         title_justify="left",
         caption="each sparse MLP's router scores the token against one key per expert; the "
-        "top k experts process it, their outputs blended by these weights",
+        "top k experts process it, their outputs blended by these weights"
+        + (
+            f" (here they sum to {lo if lo == hi else f'{lo}–{hi}'}, not 1: the model scales or "
+            "does not renormalise them)"
+            if scaled
+            else ""
+        ),
         caption_justify="left",
     )
     for col in ("layer", "experts (weight)", "of"):
