@@ -212,13 +212,13 @@ def test_a_rope_key_per_head_would_differ():
     (a per-head k_pe) is not the same model."""
 
     def per_head(a):
-        heads = a._heads
+        positioned = a._positioned
 
         def fake(parts, start):
             q_nope, q_pe, k_nope, _, v = parts
-            return heads((q_nope, q_pe, k_nope, q_pe, v), start)
+            return positioned((q_nope, q_pe, k_nope, q_pe, v), start)
 
-        a._heads = fake
+        a._positioned = fake
 
     assert _broken_error(per_head) > 1e3 * TOL
 

@@ -292,20 +292,36 @@ class MultiHeadAttention(nn.Module):
         if segments is not None:
             return self._forward_segments(x, segments, mask, cache)
         B, S, _ = x.shape
-        H, D = self.n_heads, self.d_head
-        qkv = self._project(x)  # (b i (h+2k) d)
-        q, k, v = self._normed(*self._rotate(qkv, 0 if cache is None else cache.length))
+        q, k, v = self._positioned(self._tokens(x), 0 if cache is None else cache.length)
         if cache is not None:
             k, v = cache.append(k, v)  # (b k j d)
+        z = self._attend(q, k, v, self._attn_kwargs(mask))  # (b h i e)
+        return self._out(z.transpose(1, 2).reshape(B, S, -1))  # (b i m)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, kw: dict, segment: int | None = None):
+        """z (b h i e) = qkv.attention(q, k, v, **kw), recorded for an active capture (with
+        its LSE) as the call of this module (of `segment` in a packed batch)."""
         recording = recorders(self)
-        kw = self._attn_kwargs(mask)
         if not recording:
-            z = attention(q, k, v, **kw)  # (b h i d)
-            return self._out(z.transpose(1, 2).reshape(B, S, H * D))  # (b i m)
+            return attention(q, k, v, **kw)
         z, lse = attention(q, k, v, **kw, return_lse=True)
-        out = self._out(z.transpose(1, 2).reshape(B, S, H * D))
-        record(recording, self, q, k, v, z, lse, kw)
-        return out
+        record(recording, self, q, k, v, z, lse, kw, segment=segment)
+        return z
+
+    def _tokens(self, x: Tensor) -> Tensor:
+        """What each token contributes before positions: x (b i m) → q|k|v per head
+        (b i (h+2k) d) (`_project`). A subclass may return any per-token structure that its
+        `_positioned` and `_span` read (LatentAttention: MLA's latents)."""
+        return self._project(x)
+
+    def _positioned(self, tokens: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
+        """`_tokens` of positions start … → q (b h i d), k, v (b k i d): rotated (RoPE) and,
+        with `qk_norm_after_rope`, normalised."""
+        return self._normed(*self._rotate(tokens, start))
+
+    def _span(self, tokens: Tensor, a: int, b: int) -> Tensor:
+        """`_tokens` of the token positions a … b−1."""
+        return tokens[:, a:b]
 
     def _attn_kwargs(self, mask: Tensor | None) -> dict:
         """What `qkv.attention` takes besides q, k, v (and what a record replays)."""
@@ -380,18 +396,11 @@ class MultiHeadAttention(nn.Module):
                 f"(1, n, {self.d_model}); got x {tuple(x.shape)} and segments of sum "
                 f"{sum(lengths)}, smallest {min(lengths, default=None)}"
             )
-        H, D = self.n_heads, self.d_head
-        qkv = self._project(x)  # (1 n (h+2k) d)
-        recording = recorders(self)
+        tokens = self._tokens(x)  # the projections, once over all n tokens
         kw = self._attn_kwargs(None)
         parts, start = [], 0
         for s, n in enumerate(lengths):
-            q, k, v = self._normed(*self._rotate(qkv[:, start : start + n], 0))
-            if recording:
-                z, lse = attention(q, k, v, **kw, return_lse=True)
-                record(recording, self, q, k, v, z, lse, kw, segment=s)
-            else:
-                z = attention(q, k, v, **kw)
-            parts.append(z.transpose(1, 2))  # (1 i h d)
+            q, k, v = self._positioned(self._span(tokens, start, start + n), 0)
+            parts.append(self._attend(q, k, v, kw, segment=s).transpose(1, 2))  # (1 i h e)
             start += n
-        return self._out(torch.cat(parts, 1).reshape(1, -1, H * D))  # (1 n m)
+        return self._out(torch.cat(parts, 1).reshape(1, sum(lengths), -1))  # (1 n m)

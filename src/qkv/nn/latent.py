@@ -25,17 +25,13 @@ n non-rotated (nope) head dim, r rotated head dim, d = n + r the q/k head dim, e
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..attention import attention
 from .attention import MultiHeadAttention, _check_int
 from .blocks import RMSNorm
-from .cache import LayerCache
-from .capture import record, recorders
 from .rope import RotaryEmbedding
 
 
@@ -207,32 +203,7 @@ class LatentAttention(MultiHeadAttention):
         """W_O (h e m) as one nn.Linear-layout weight (m, (h e)), a view."""
         return self.W_O.reshape(self.n_heads * self.d_value, self.d_model).t()
 
-    def forward(
-        self,
-        x: Tensor,
-        *,
-        mask: Tensor | None = None,
-        cache: LayerCache | None = None,
-        segments: Sequence[int] | None = None,
-    ) -> Tensor:
-        self._check(x, mask, cache)
-        if segments is not None:
-            return self._forward_latent_segments(x, segments, mask, cache)
-        B, S, _ = x.shape
-        q, k, v = self._heads(self._latents(x), 0 if cache is None else cache.length)
-        if cache is not None:
-            k, v = cache.append(k, v)  # (b h j d), (b h j e)
-        recording = recorders(self)
-        kw = self._attn_kwargs(mask)
-        if not recording:
-            z = attention(q, k, v, **kw)  # (b h i e)
-            return self._out(z.transpose(1, 2).reshape(B, S, -1))
-        z, lse = attention(q, k, v, **kw, return_lse=True)
-        out = self._out(z.transpose(1, 2).reshape(B, S, -1))
-        record(recording, self, q, k, v, z, lse, kw)
-        return out
-
-    def _latents(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _tokens(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """x (b i m) → q_nope (b h i n), q_pe (b h i r), k_nope (b h i n), k_pe (b 1 i r),
         v (b h i e), nothing rotated yet: everything MLA computes per token."""
         n = self.mla.qk_nope_head_dim
@@ -244,10 +215,10 @@ class LatentAttention(MultiHeadAttention):
         v = torch.einsum("bic,hce->bhie", c_kv, self.W_UV)  # (b h i e)
         return (*q.split((n, q.shape[-1] - n), -1), k_nope, k_pe[:, None], v)
 
-    def _heads(
+    def _positioned(
         self, parts: tuple[Tensor, Tensor, Tensor, Tensor, Tensor], start: int
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The per-token parts (`_latents`) → q (b h i d), k (b h i d), v (b h i e), q_pe and
+        """The per-token parts (`_tokens`) → q (b h i d), k (b h i d), v (b h i e), q_pe and
         the shared k_pe rotated at positions start … start+i−1."""
         q_nope, q_pe, k_nope, k_pe, v = parts
         if self.rope is not None:
@@ -256,31 +227,6 @@ class LatentAttention(MultiHeadAttention):
         k = torch.cat((k_nope, k_pe.expand(-1, k_nope.shape[1], -1, -1)), -1)
         return q, k, v
 
-    def _forward_latent_segments(
-        self, x: Tensor, segments: Sequence[int], mask: object, cache: object
-    ) -> Tensor:
-        """As MultiHeadAttention's `segments`: x (1 n m) holds whole sequences back to back;
-        the projections run once, attention within each sequence, positions from 0 in each."""
-        if mask is not None or cache is not None:
-            raise ValueError("segments cannot be combined with a mask or a cache")
-        lengths = [int(n) for n in segments]
-        if x.shape[0] != 1 or sum(lengths) != x.shape[1] or min(lengths, default=0) <= 0:
-            raise ValueError(
-                f"segments must be positive lengths summing to x's tokens, with x of shape "
-                f"(1, n, {self.d_model}); got x {tuple(x.shape)} and segments of sum "
-                f"{sum(lengths)}, smallest {min(lengths, default=None)}"
-            )
-        parts = self._latents(x)
-        recording = recorders(self)
-        kw = self._attn_kwargs(None)
-        zs, start = [], 0
-        for s, n in enumerate(lengths):
-            q, k, v = self._heads(tuple(p[:, :, start : start + n] for p in parts), 0)
-            if recording:
-                z, lse = attention(q, k, v, **kw, return_lse=True)
-                record(recording, self, q, k, v, z, lse, kw, segment=s)
-            else:
-                z = attention(q, k, v, **kw)
-            zs.append(z.transpose(1, 2))  # (1 i h e)
-            start += n
-        return self._out(torch.cat(zs, 1).reshape(1, sum(lengths), -1))  # (1 n m)
+    def _span(self, parts: tuple[Tensor, ...], a: int, b: int) -> tuple[Tensor, ...]:
+        """The per-token parts of positions a … b−1 (each (b h i …): positions on dim 2)."""
+        return tuple(p[:, :, a:b] for p in parts)
