@@ -33,18 +33,20 @@ from typing import Any
 from ..nn import MoEConfig
 from .families_base import DECODER_IGNORE, LAYER_MLP, Family, W, llama_like
 from .families_dense3 import _glm4_rope
-from .families_moe import _DENSE, _NOT_MLP
+from .families_moe import _DENSE, _NOT_MLP, _sparse
 
 _M = LAYER_MLP
-_E = _M + "experts.{e}."
 _WEIGHTS = (
     *_NOT_MLP,
     *(W(w.dst, w.src, w.reshape, w.when, layers="dense") for w in _DENSE),
-    W("blocks.{}.mlp.router.weight", _M + "gate.weight", layers="moe"),
+    *_sparse(
+        _M + "gate.weight",
+        _M + "experts.",
+        "gate_proj.weight",
+        "up_proj.weight",
+        "down_proj.weight",
+    ),
     W("blocks.{}.mlp.score_bias", _M + "gate.e_score_correction_bias", layers="moe"),
-    W("blocks.{}.mlp.experts.{e}.gate.weight", _E + "gate_proj.weight", layers="moe"),
-    W("blocks.{}.mlp.experts.{e}.up.weight", _E + "up_proj.weight", layers="moe"),
-    W("blocks.{}.mlp.experts.{e}.down.weight", _E + "down_proj.weight", layers="moe"),
     W("blocks.{}.mlp.shared.gate.weight", _M + "shared_experts.gate_proj.weight", layers="moe"),
     W("blocks.{}.mlp.shared.up.weight", _M + "shared_experts.up_proj.weight", layers="moe"),
     W("blocks.{}.mlp.shared.down.weight", _M + "shared_experts.down_proj.weight", layers="moe"),

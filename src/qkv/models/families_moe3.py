@@ -47,10 +47,9 @@ from .families_base import (
 from .families_dense3 import _KV_HEADS, _NULL_SHAPES
 from .families_dense4 import _HUNYUAN, _hunyuan
 from .families_extra import _GRANITEMOE
-from .families_moe import _DENSE, _NOT_MLP
+from .families_moe import _DENSE, _NOT_MLP, _sparse
 
 _M = LAYER_MLP
-_E = _M + "experts.{e}."
 
 
 def _int(f: dict[str, Any], ours: str, key: str, low: int | None = 1) -> int:
@@ -72,10 +71,8 @@ def _moe_config(keys: str, **kw: Any) -> MoEConfig:
 def _expert_weights(router: str, shared: str, **w: Any) -> tuple[W, ...]:
     """Router, per-expert gate/up/down, the shared MLP's gate/up/down, on the sparse layers."""
     return (
-        W("blocks.{}.mlp.router.weight", router, layers="moe"),
-        W("blocks.{}.mlp.experts.{e}.gate.weight", _E + "gate_proj.weight", layers="moe"),
-        W("blocks.{}.mlp.experts.{e}.up.weight", _E + "up_proj.weight", layers="moe"),
-        W("blocks.{}.mlp.experts.{e}.down.weight", _E + "down_proj.weight", layers="moe"),
+        *_sparse(router, _M + "experts.", "gate_proj.weight", "up_proj.weight",
+                 "down_proj.weight"),
         *(W(f"blocks.{{}}.mlp.shared.{p}.weight", f"{shared}{p}_proj.weight", layers="moe", **w)
           for p in ("gate", "up", "down")),
     )  # fmt: skip
