@@ -44,7 +44,14 @@ from tests.models.test_families import (
 )
 from tests.models.test_families_moe2 import _oracle_ as moe_oracle_
 from tests.models.test_families_moe2 import assert_routing_is_clear
-from tests.models.test_families_more import _breaks, _edit_config, _error
+from tests.models.test_families_more import (
+    _breaks,
+    _each_attn,
+    _each_moe,
+    _edit_config,
+    _error,
+    _sparse,
+)
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
 
@@ -152,10 +159,6 @@ def _oracle_(ref, model):
     ref.model.rotary_emb.forward = rotary
 
 
-def _sparse(model):
-    return [b.mlp for b in model.blocks if isinstance(b.mlp, SparseMoE)]
-
-
 # --------------------------------------------------------------------------------------------
 # parity
 
@@ -231,22 +234,6 @@ def test_greedy_tokens_with_and_without_the_cache(pair):
 
 # --------------------------------------------------------------------------------------------
 # each peculiarity matters
-
-
-def _each_moe(fn):
-    def edit(model):
-        for moe in _sparse(model):
-            fn(moe)
-
-    return edit
-
-
-def _each_attn(fn):
-    def edit(model):
-        for b in model.blocks:
-            fn(b.attn)
-
-    return edit
 
 
 def _rope(interleaved=None, scaling=True):

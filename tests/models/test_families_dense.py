@@ -12,7 +12,6 @@ query_key_value layouts (2 kv heads, multi-query, one kv head per query head).
 """
 
 import functools
-import json
 
 import pytest
 import torch
@@ -35,7 +34,7 @@ from tests.models.test_families import (
     rel,
     word_tokenizer,
 )
-from tests.models.test_families_more import _breaks, _error
+from tests.models.test_families_more import _breaks, _each_block, _edit_config, _error
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
 
@@ -109,22 +108,6 @@ def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     ref = build(request.param, folder)
     return request.param, ref, qkv.load(folder)
-
-
-def _each_block(fn):
-    def edit(model):
-        for block in model.blocks:
-            fn(block)
-
-    return edit
-
-
-def _edit_config(folder, drop=(), **changes) -> None:
-    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    for key in drop:
-        del cfg[key]
-    cfg.update(changes)
-    (folder / "config.json").write_text(json.dumps(cfg))
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import qkv
 from qkv.models.decoder import DecoderConfig
-from qkv.nn import ParallelBlock, SparseMoE
+from qkv.nn import ParallelBlock
 from tests.models.test_families import _DEC as DECODER
 from tests.models.test_families import (
     N_GREEDY,
@@ -39,7 +39,14 @@ from tests.models.test_families import (
 )
 from tests.models.test_families_dense import _angles, _cohere_rotate64, _half_split
 from tests.models.test_families_moe import assert_routing_is_clear
-from tests.models.test_families_more import _breaks, _edit_config, _error
+from tests.models.test_families_more import (
+    _breaks,
+    _each_block,
+    _each_moe,
+    _edit_config,
+    _error,
+    _sparse,
+)
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
 
@@ -169,14 +176,6 @@ def test_greedy_tokens_with_and_without_the_cache(pair):
 # each peculiarity matters
 
 
-def _each_block(fn):
-    def edit(model):
-        for block in model.blocks:
-            fn(block)
-
-    return edit
-
-
 def _set_config(**changes):
     return lambda m: setattr(m, "config", dataclasses.replace(m.config, **changes))
 
@@ -222,18 +221,6 @@ def test_cohere2_without_layer_types_reads_the_pattern(tmp_path):
     assert c.rope_layers == (True, True, True, False) and c.windows == (5, 5, 5, None)
 
 
-def _sparse(model):
-    return [b.mlp for b in model.blocks if isinstance(b.mlp, SparseMoE)]
-
-
-def _moe_edit(fn):
-    def edit(m):
-        for moe in _sparse(m):
-            fn(moe)
-
-    return edit
-
-
 def _swap_gate_and_up(moe):
     for e in moe.experts:
         e.gate, e.up = e.up, e.gate
@@ -251,12 +238,12 @@ def test_granitemoe_routing_experts_and_multipliers_matter(tmp_path):
     assert_routing_is_clear(model, ids_for(9))
     assert _error(model, ref) <= TOL
     _breaks(tmp_path, ref, {
-        "top-(k-1)": _moe_edit(lambda m: setattr(m, "top_k", 1)),
-        "softmax over every expert, not renormalised": _moe_edit(
+        "top-(k-1)": _each_moe(lambda m: setattr(m, "top_k", 1)),
+        "softmax over every expert, not renormalised": _each_moe(
             lambda m: setattr(m, "order", "softmax_topk") or setattr(m, "normalise", False)),
-        "experts in reverse order": _moe_edit(
+        "experts in reverse order": _each_moe(
             lambda m: setattr(m, "experts", type(m.experts)(m.experts[::-1]))),
-        "gate and up rows swapped": _moe_edit(_swap_gate_and_up),
+        "gate and up rows swapped": _each_moe(_swap_gate_and_up),
         "no residual_multiplier": _each_block(lambda b: setattr(b, "residual_scale", 1.0)),
         "no embedding_multiplier": _set_config(embed_scale=1.0),
         "no logits_scaling": _set_config(logit_scale=1.0),

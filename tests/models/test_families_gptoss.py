@@ -35,7 +35,7 @@ from tests.models.test_families import (
     word_tokenizer,
 )
 from tests.models.test_families_moe import assert_lens_experts_match, assert_routing_is_clear
-from tests.models.test_families_more import _breaks, _edit_config, _error
+from tests.models.test_families_more import _breaks, _each_block, _each_moe, _edit_config, _error
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
 
@@ -184,18 +184,6 @@ def test_yarn_rope_the_default_matches_in_float32(tmp_path):
 
 # --------------------------------------------------------------------------------------------
 # each peculiarity matters
-
-
-def _each_block(fn):
-    def edit(model):
-        for block in model.blocks:
-            fn(block)
-
-    return edit
-
-
-def _each_moe(fn):
-    return _each_block(lambda b: fn(b.mlp))
 
 
 def _no_clamp(moe):

@@ -42,7 +42,14 @@ from tests.models.test_families_dense import _half_split, _no_qk_norm
 from tests.models.test_families_dense3 import _ernie_rotate64
 from tests.models.test_families_dense4 import _interleave, _norm_before_rope
 from tests.models.test_families_extra import _granite_router64
-from tests.models.test_families_more import _breaks, _edit_config, _error
+from tests.models.test_families_more import (
+    _breaks,
+    _each_block,
+    _each_moe,
+    _edit_config,
+    _error,
+    _sparse,
+)
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
 
@@ -89,10 +96,6 @@ def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     ref = build(request.param, folder)
     return request.param, ref, qkv.load(folder), folder
-
-
-def _sparse(model):
-    return [b.mlp for b in model.blocks if isinstance(b.mlp, SparseMoE)]
 
 
 def assert_routing_is_clear(model, ids, margin: float = 1e-4) -> None:
@@ -233,22 +236,6 @@ def test_greedy_tokens_with_and_without_the_cache(pair):
 
 # --------------------------------------------------------------------------------------------
 # each peculiarity matters
-
-
-def _each_moe(fn):
-    def edit(model):
-        for moe in _sparse(model):
-            fn(moe)
-
-    return edit
-
-
-def _each_block(fn):
-    def edit(model):
-        for b in model.blocks:
-            fn(b)
-
-    return edit
 
 
 def _swap_shared_gate_and_up(moe):

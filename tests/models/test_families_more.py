@@ -13,7 +13,7 @@ import torch
 
 import qkv
 from qkv.attention.mods import alibi
-from qkv.nn import ParallelBlock, PreNormBlock, RMSNorm
+from qkv.nn import ParallelBlock, PreNormBlock, RMSNorm, SparseMoE
 from tests.models.test_families import REL_TOL, build, ids_for, rel
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
@@ -47,6 +47,23 @@ def _each_block(fn):
     def edit(model):
         for block in model.blocks:
             fn(block)
+
+    return edit
+
+
+def _each_attn(fn):
+    return _each_block(lambda b: fn(b.attn))
+
+
+def _sparse(model) -> list:
+    """The model's SparseMoE MLPs, layer by layer (dense layers left out)."""
+    return [b.mlp for b in model.blocks if isinstance(b.mlp, SparseMoE)]
+
+
+def _each_moe(fn):
+    def edit(model):
+        for moe in _sparse(model):
+            fn(moe)
 
     return edit
 
