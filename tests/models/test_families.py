@@ -183,6 +183,24 @@ def build(model_type: str, folder, *, changes: dict | None = None, **save_kw):
     return m
 
 
+def save_random(model_type: str, config: dict, folder, prepare=None):
+    """A random `model_type` decoder checkpoint of `config`, eager attention and experts,
+    weights by `randomise_` and then `prepare(model)` if given, saved in `folder` with the word
+    tokenizer; returns the transformers model (eval)."""
+    cfg = transformers.AutoConfig.for_model(model_type, **config)
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    randomise_(m)
+    if prepare is not None:
+        with torch.no_grad():
+            prepare(m)
+    m.save_pretrained(folder)
+    word_tokenizer().save(str(folder / "tokenizer.json"))
+    return m
+
+
 def out(model, ids):
     o = model(ids)
     if isinstance(o, torch.Tensor):

@@ -39,11 +39,10 @@ from tests.models.test_families import (
     ids_for,
     output_error,
     padded_error,
-    randomise_,
-    word_tokenizer,
+    save_random,
 )
 from tests.models.test_families_moe2 import _oracle_ as moe_oracle_
-from tests.models.test_families_moe2 import assert_routing_is_clear
+from tests.models.test_families_moe2 import _random_score_bias, assert_routing_is_clear
 from tests.models.test_families_more import (
     _breaks,
     _each_attn,
@@ -101,20 +100,7 @@ def build(variant: str, folder, **changes):
     model (eager)."""
     mt = "deepseek_v2" if variant in V2_VARIANTS else "deepseek_v3"
     kw = {**VARIANTS, **V2_VARIANTS}[variant]
-    cfg = transformers.AutoConfig.for_model(mt, **{**kw, **changes})
-    torch.manual_seed(0)
-    m = transformers.AutoModelForCausalLM.from_config(
-        cfg, attn_implementation="eager", experts_implementation="eager"
-    ).eval()
-    randomise_(m)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, b in m.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.3)
-    m.save_pretrained(folder)
-    word_tokenizer().save(str(folder / "tokenizer.json"))
-    return m
+    return save_random(mt, {**kw, **changes}, folder, _random_score_bias)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

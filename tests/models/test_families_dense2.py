@@ -28,9 +28,8 @@ from tests.models.test_families import (
     ids_for,
     output_error,
     padded_error,
-    randomise_,
     rel,
-    word_tokenizer,
+    save_random,
 )
 from tests.models.test_families_extra import _each_block
 from tests.models.test_families_more import _breaks, _edit_config, _error, _PerHead
@@ -59,14 +58,7 @@ DENSE2 = {
 def build(model_type: str, folder, *, changes: dict | None = None):
     """A random `model_type` checkpoint (DENSE2's config updated by `changes`) saved in `folder`
     with a word tokenizer; returns the transformers model (eager attention)."""
-    kw = {**DENSE2[model_type], **(changes or {})}
-    cfg = transformers.AutoConfig.for_model(model_type, **kw)
-    torch.manual_seed(0)
-    m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    randomise_(m)
-    m.save_pretrained(folder)
-    word_tokenizer().save(str(folder / "tokenizer.json"))
-    return m
+    return save_random(model_type, {**DENSE2[model_type], **(changes or {})}, folder)
 
 
 def reread(folder):

@@ -33,8 +33,7 @@ from tests.models.test_families import (
     ids_for,
     output_error,
     padded_error,
-    randomise_,
-    word_tokenizer,
+    save_random,
 )
 from tests.models.test_families_dense import _half_split, _no_qk_norm, _rotate_all
 from tests.models.test_families_dense3 import _zero, _zero_mlp_biases
@@ -59,15 +58,9 @@ def build(model_type: str, folder, *, changes: dict | None = None, config: dict 
     """A random `model_type` checkpoint (DENSE4's config, or `config`, updated by `changes`; a
     None value leaves the key to transformers' default) saved in `folder` with a word
     tokenizer; returns the transformers model (eager attention)."""
-    kw = {**(DENSE4[model_type] if config is None else config), **(changes or {})}
-    cfg = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in kw.items()
-                                                            if v is not None})  # fmt: skip
-    torch.manual_seed(0)
-    m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    randomise_(m)
-    m.save_pretrained(folder)
-    word_tokenizer().save(str(folder / "tokenizer.json"))
-    return m
+    base = DENSE4[model_type] if config is None else config
+    kw = {**base, **(changes or {})}
+    return save_random(model_type, {k: v for k, v in kw.items() if v is not None}, folder)
 
 
 @pytest.fixture(scope="module", params=list(DENSE4))

@@ -33,9 +33,8 @@ from tests.models.test_families import (
     ids_for,
     output_error,
     padded_error,
-    randomise_,
     rel,
-    word_tokenizer,
+    save_random,
 )
 from tests.models.test_families_dense import _angles, _cohere_rotate64, _half_split
 from tests.models.test_families_moe import assert_routing_is_clear
@@ -73,16 +72,7 @@ EXTRA = {
 def build(model_type: str, folder, *, changes: dict | None = None):
     """A random `model_type` checkpoint (EXTRA's config updated by `changes`) saved in `folder`
     with a word tokenizer; returns the transformers model (eager attention and experts)."""
-    kw = {**EXTRA[model_type], **(changes or {})}
-    cfg = transformers.AutoConfig.for_model(model_type, **kw)
-    torch.manual_seed(0)
-    m = transformers.AutoModelForCausalLM.from_config(
-        cfg, attn_implementation="eager", experts_implementation="eager"
-    ).eval()
-    randomise_(m)
-    m.save_pretrained(folder)
-    word_tokenizer().save(str(folder / "tokenizer.json"))
-    return m
+    return save_random(model_type, {**EXTRA[model_type], **(changes or {})}, folder)
 
 
 @pytest.fixture(scope="module", params=list(EXTRA))

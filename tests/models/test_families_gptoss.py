@@ -31,8 +31,7 @@ from tests.models.test_families import (
     ids_for,
     output_error,
     padded_error,
-    randomise_,
-    word_tokenizer,
+    save_random,
 )
 from tests.models.test_families_moe import assert_lens_experts_match, assert_routing_is_clear
 from tests.models.test_families_more import _breaks, _each_block, _each_moe, _edit_config, _error
@@ -51,15 +50,7 @@ CONFIG = dict(DECODER, head_dim=10, num_local_experts=4, num_experts_per_tok=2,
 def build(folder, **changes):
     """A random gpt-oss checkpoint (CONFIG updated by `changes`) saved in `folder` with a word
     tokenizer; returns the transformers model (eager attention and experts)."""
-    cfg = transformers.AutoConfig.for_model("gpt_oss", **{**CONFIG, **changes})
-    torch.manual_seed(0)
-    m = transformers.AutoModelForCausalLM.from_config(
-        cfg, attn_implementation="eager", experts_implementation="eager"
-    ).eval()
-    randomise_(m)
-    m.save_pretrained(folder)
-    word_tokenizer().save(str(folder / "tokenizer.json"))
-    return m
+    return save_random("gpt_oss", {**CONFIG, **changes}, folder)
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,7 @@ from tests.models.test_families import (
     ids_for,
     output_error,
     padded_error,
-    randomise_,
-    word_tokenizer,
+    save_random,
 )
 from tests.models.test_families_more import (
     _breaks,
@@ -66,20 +65,15 @@ MOE2 = {
 def build(model_type: str, folder, **changes):
     """A random `model_type` checkpoint (MOE2's config updated by `changes`) saved in `folder`
     with a word tokenizer; returns the transformers model (eager attention and experts)."""
-    cfg = transformers.AutoConfig.for_model(model_type, **{**MOE2[model_type], **changes})
-    torch.manual_seed(0)
-    m = transformers.AutoModelForCausalLM.from_config(
-        cfg, attn_implementation="eager", experts_implementation="eager"
-    ).eval()
-    randomise_(m)
+    return save_random(model_type, {**MOE2[model_type], **changes}, folder, _random_score_bias)
+
+
+def _random_score_bias(m, scale: float = 0.3) -> None:
+    """The score-correction bias, a buffer or parameter `randomise_` leaves at zero: random."""
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a buffer randomise_ leaves at zero
-        for name, b in m.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.3)
-    m.save_pretrained(folder)
-    word_tokenizer().save(str(folder / "tokenizer.json"))
-    return m
+    for name, b in [*m.named_buffers(), *m.named_parameters()]:
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(torch.randn(b.shape, generator=gen) * scale)
 
 
 @pytest.fixture(scope="module", params=list(MOE2))

@@ -16,6 +16,7 @@ and shared MLP 37 wide. GraniteMoeShared: Granite's multipliers, top 2 of 6 logi
 rounding of the cut.
 """
 
+import functools
 import json
 
 import pytest
@@ -35,13 +36,13 @@ from tests.models.test_families import (
     ids_for,
     output_error,
     padded_error,
-    randomise_,
-    word_tokenizer,
+    save_random,
 )
 from tests.models.test_families_dense import _half_split, _no_qk_norm
 from tests.models.test_families_dense3 import _ernie_rotate64
 from tests.models.test_families_dense4 import _interleave, _norm_before_rope
 from tests.models.test_families_extra import _granite_router64
+from tests.models.test_families_moe2 import _random_score_bias
 from tests.models.test_families_more import (
     _breaks,
     _each_block,
@@ -75,20 +76,9 @@ MOE3 = {
 def build(model_type: str, folder, **changes):
     """A random `model_type` checkpoint (MOE3's config updated by `changes`) saved in `folder`
     with a word tokenizer; returns the transformers model (eager attention and experts)."""
-    cfg = transformers.AutoConfig.for_model(model_type, **{**MOE3[model_type], **changes})
-    torch.manual_seed(0)
-    m = transformers.AutoModelForCausalLM.from_config(
-        cfg, attn_implementation="eager", experts_implementation="eager"
-    ).eval()
-    randomise_(m)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # on the scale of the softmax scores it is added to
-        for name, p in m.named_parameters():
-            if name.endswith("e_score_correction_bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    m.save_pretrained(folder)
-    word_tokenizer().save(str(folder / "tokenizer.json"))
-    return m
+    # the score bias on the scale of the softmax scores it is added to
+    bias = functools.partial(_random_score_bias, scale=0.05)
+    return save_random(model_type, {**MOE3[model_type], **changes}, folder, bias)
 
 
 @pytest.fixture(scope="module", params=list(MOE3))
