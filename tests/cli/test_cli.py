@@ -416,8 +416,32 @@ def test_an_ascii_locale_gets_escapes_and_reads_utf8_arguments():
     assert "caf\\xe9 \\xe9tait ferm\\xe9." in out
 
 
-@pytest.mark.parametrize("delay", [0.2, 0.6, 1.2])
-def test_ctrl_c_during_start_up_exits_130_quietly(delay):
+_EXPLAIN_LONG = ["-m", "qkv", "explain", " ".join([SENTENCE] * 40), "--token", "it"]
+
+
+@pytest.fixture(scope="module")
+def seconds_to_output() -> float:
+    """Seconds from the start of `python -m qkv explain LONG` to its result's first byte, with
+    no signal: the better of two runs, after one that warms the file cache."""
+    import subprocess
+    import sys
+    import time
+
+    def once() -> float:
+        t = time.perf_counter()
+        p = subprocess.Popen([sys.executable, *_EXPLAIN_LONG], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+        assert p.stdout.read(1), "the command printed nothing"
+        took = time.perf_counter() - t
+        p.communicate(timeout=120)
+        return took
+
+    once()
+    return min(once(), once())
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.45, 0.75])
+def test_ctrl_c_during_start_up_exits_130_quietly(fraction, seconds_to_output):
     """SIGINT while the command still imports torch, loads the model or runs: exit 130, no
     traceback. `import qkv` in a program keeps Python's KeyboardInterrupt."""
     import signal
@@ -425,24 +449,26 @@ def test_ctrl_c_during_start_up_exits_130_quietly(delay):
     import sys
     import time
 
-    # the delays count from when Python itself is up (a loaded machine may take a second to
-    # start an interpreter; a SIGINT before that is the OS's business, not ours)
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "pass"], check=True)
-    python_up = time.perf_counter() - t
+    # The interrupt lands at a fraction of the time this machine takes to print the result:
+    # while torch is imported, the model is loaded, the lookup runs. A fixed delay could land
+    # after the work on a fast machine, in the interpreter's own teardown, where Python has
+    # given SIGINT back to the OS and the process dies of the signal itself.
+    delay = fraction * seconds_to_output
 
     def interrupted(argv, wait_for=None):
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if wait_for is not None:
             assert p.stdout.readline().decode().strip() == wait_for
         else:
-            time.sleep(python_up + delay)
+            time.sleep(delay)
         p.send_signal(signal.SIGINT)
         return p.wait(timeout=120), p.stderr.read().decode()
 
-    long_text = " ".join([SENTENCE] * 40)  # seconds of work after start-up on any machine
-    rc, err = interrupted([sys.executable, "-m", "qkv", "explain", long_text, "--token", "it"])
-    assert rc == 130 and "Traceback" not in err, err[-2000:]
+    rc, err = interrupted([sys.executable, *_EXPLAIN_LONG])
+    # a slow moment can still push the work past the interrupt, into that teardown: the
+    # process then dies of SIGINT, silently, which a shell reports as 130 as well
+    assert rc == 130 or (rc == -signal.SIGINT and err == ""), (rc, delay, err[-2000:])
+    assert "Traceback" not in err, err[-2000:]
     # a program that imported qkv keeps Python's KeyboardInterrupt (interrupted once the import
     # is done: a third-party import may swallow a KeyboardInterrupt raised inside it)
     prog = "import qkv, time; print('imported', flush=True); time.sleep(60)"
