@@ -25,9 +25,9 @@ def loads(monkeypatch, smollm2):
     calls = []
     real = qkv.models.load
 
-    def load(name):
+    def load(name, *, dtype=None):
         calls.append(name)
-        return smollm2 if name == "smollm2" else real(name)
+        return smollm2 if name == "smollm2" and dtype is None else real(name, dtype=dtype)
 
     monkeypatch.setattr(qkv.models, "load", load)
     return calls

@@ -40,6 +40,26 @@ def text_or_file(text: str | None, file: str | None, what: str = "text") -> str:
     return out
 
 
+DTYPES = ("float32", "bfloat16", "float16", "float64", "bf16", "fp16", "fp32", "fp64")
+
+
+def add_dtype(p: argparse.ArgumentParser) -> None:
+    """--dtype: the model's parameters (and so its activations) in that dtype."""
+    p.add_argument("--dtype", choices=DTYPES, metavar="DTYPE",
+                   help="the model's weights and activations: float32 (the default), bfloat16 "
+                   "(bf16: half the memory), float16 (fp16) or float64")  # fmt: skip
+
+
+def model_of(args: argparse.Namespace) -> Any:
+    """--model as the library takes it: the name or path, or with --dtype the model loaded in
+    that dtype (`qkv.load(..., dtype=)`)."""
+    if getattr(args, "dtype", None) is None:
+        return args.model
+    from qkv.models import load
+
+    return load(args.model, dtype=args.dtype)
+
+
 def check_output(flag: str, path: str, check: Any = None) -> None:
     """Fail now, before the model runs, if `path` (given with `flag`) cannot be written: the
     error names the flag. `check` defaults to `qkv.lens.io.check_writable`."""

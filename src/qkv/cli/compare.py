@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qkv.cli import check_output, stdout_console
+from qkv.cli import add_dtype, check_output, model_of, stdout_console
 from qkv.lens import compare
 from qkv.models import DEFAULT_MODEL
 
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
         args.text_a,
         args.text_b,
         args.token if args.token is not None else args.index,
-        model=args.model,
+        model=model_of(args),
         occurrence=args.occurrence,
         layer=args.layer,
         head=args.head,
@@ -57,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "last)")  # fmt: skip
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model name or checkpoint directory (default {DEFAULT_MODEL})")  # fmt: skip
+    add_dtype(p)
     p.add_argument("--layer", type=int, help="only this layer (0-based; -1 = the last)")
     p.add_argument("--head", type=int, help="only this head (0-based; -1 = the last)")
     p.add_argument("--top", type=int, default=10, help="movers shown (default 10)")

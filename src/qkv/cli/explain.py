@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from qkv.cli import check_output, stdout_console, text_or_file
+from qkv.cli import add_dtype, check_output, model_of, stdout_console, text_or_file
 from qkv.lens import DEFAULT_TOP, explain, neuron
 from qkv.lens.explain import resolve_model
 from qkv.models import DEFAULT_MODEL
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         if result is None:  # not rank 0: rank 0 prints and writes
             return 0
         return _output(result, args)
-    model = resolve_model(args.model) if args.neuron else args.model  # loaded once for both
+    model = resolve_model(model_of(args)) if args.neuron else model_of(args)  # loaded once
     result = explain(
         text,
         args.token if args.token is not None else args.index,
@@ -74,7 +74,7 @@ def _explain_sharded(text: str, args: argparse.Namespace):
     dist.init_process_group("gloo")
     try:
         result = explain_sharded(
-            text, args.token if args.token is not None else args.index, model=args.model,
+            text, args.token if args.token is not None else args.index, model=model_of(args),
             occurrence=args.occurrence, layer=args.layer, head=args.head, top=args.top,
             key=args.key if args.key is not None else args.key_index,
             key_occurrence=args.key_occurrence, truncate=args.truncate,
@@ -138,6 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_MODEL,
         help=f"model name or checkpoint directory (default {DEFAULT_MODEL})",
     )
+    add_dtype(p)
     p.add_argument("--layer", type=int, help="only this layer (0-based; -1 = the last)")
     p.add_argument(
         "--head",

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from qkv.cli import check_output, text_or_file
+from qkv.cli import add_dtype, check_output, model_of, text_or_file
 from qkv.lens.export import (
     DENSE_MAX_TOKENS,
     SPARSE_TOP,
@@ -35,7 +35,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(str(e).replace("writing .parquet", "--out FILE.parquet")) from None
     progress = sys.stderr.isatty()
     rows, path = export_text(
-        text, args.out, model=args.model, top=args.top, truncate=args.truncate, progress=progress
+        text,
+        args.out,
+        model=model_of(args),
+        top=args.top,
+        truncate=args.truncate,
+        progress=progress,
     )
     L, H, Q = len(rows.layers), rows.model.n_heads, len(rows.queries)
     if isinstance(rows, TopRows):
@@ -70,6 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where to write (.parquet needs pyarrow)")  # fmt: skip
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model name or checkpoint directory (default {DEFAULT_MODEL})")  # fmt: skip
+    add_dtype(p)
     p.add_argument("--top", type=int, default=None,
                    help=f"keys kept per row; 0 = dense (default: dense up to {DENSE_MAX_TOKENS} "
                    f"tokens, else {SPARSE_TOP})")  # fmt: skip

@@ -7,13 +7,13 @@ import argparse
 import sys
 
 import qkv.models
-from qkv.cli import text_or_file
+from qkv.cli import add_dtype, text_or_file
 from qkv.models import DEFAULT_MODEL
 
 
 def run(args: argparse.Namespace) -> int:
     prompt = text_or_file(args.prompt, args.file, "prompt")
-    model = qkv.models.load(args.model)
+    model = qkv.models.load(args.model, dtype=args.dtype)
     if not callable(getattr(model, "generate", None)):
         raise ValueError(
             f"{args.model!r} is not a decoder and cannot generate text; use smollm2 "
@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"a decoder model name (default {DEFAULT_MODEL})"
     )
+    add_dtype(p)
     p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many (default 64)")
     p.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"

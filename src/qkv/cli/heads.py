@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qkv.cli import stdout_console
+from qkv.cli import add_dtype, model_of, stdout_console
 from qkv.lens import head_search
 from qkv.models import DEFAULT_MODEL
 
@@ -12,7 +12,7 @@ from qkv.models import DEFAULT_MODEL
 def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ValueError(f"--top must be ≥ 1, got {args.top}")
-    result = head_search(args.model, args.data)
+    result = head_search(model_of(args), args.data)
     result.render(stdout_console(), n=args.top)
     return 0
 
@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_MODEL,
         help=f"model name or checkpoint directory (default {DEFAULT_MODEL})",
     )
+    add_dtype(p)
     p.add_argument(
         "--data", help="a JSONL file of examples (default: the bundled Winograd-style pairs)"
     )

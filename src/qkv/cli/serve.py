@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from qkv.cli import add_dtype
 from qkv.models import DEFAULT_MODEL
 
 
@@ -14,7 +15,7 @@ def run(args: argparse.Namespace) -> int:
 
     limits = Limits(workers=args.workers, max_queue=args.queue, max_captures=args.keep)
     serve(args.model or [DEFAULT_MODEL], host=args.host, port=args.port,
-          open_browser=args.open, limits=limits)  # fmt: skip
+          open_browser=args.open, limits=limits, dtype=args.dtype)  # fmt: skip
     return 0
 
 
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", action="append", metavar="NAME|PATH",
                    help=f"a model the page may use (repeat for more; default {DEFAULT_MODEL})")  # fmt: skip
+    add_dtype(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")  # fmt: skip
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")

@@ -81,6 +81,7 @@ def summarize(model: nn.Module, name: str | None = None) -> ModelSummary:
         max_positions=int(maxpos),
         windows=_windows(mods),
         score_steps=_score_steps(mods),
+        dtype=str(next(a.parameters()).dtype).removeprefix("torch."),
     )
 
 
@@ -484,6 +485,12 @@ def notes(r: ExplainResult) -> list[str]:
             f"The score column is q·k × the attention's scale; before the softmax "
             f"{r.model.name} applies {r.model.score_steps}, so the weights are the softmax of the "
             "modified scores, not of the scores shown."
+        )
+    if r.model.dtype in ("bfloat16", "float16"):
+        out.append(
+            f"{r.model.name} runs in {r.model.dtype}: its q, k and v are {r.model.dtype} numbers, "
+            "and the weights are what it computed from them (scores and softmax in float32). A "
+            "float32 run of the same checkpoint differs by the rounding of every layer before."
         )
     sink = sink_note(r)
     if sink:

@@ -17,7 +17,7 @@ import secrets
 import numpy as np
 
 from .io import write_atomic
-from .record import ExplainResult
+from .record import ExplainResult, dtype_words
 
 
 def _b64(a: np.ndarray, dtype: str) -> str:
@@ -317,7 +317,8 @@ def page(r: ExplainResult) -> str:
     kept = "all keys" if r.top == 0 else f"top {r.top} keys per head"
     sub = (
         f"{_esc(m.name)} · {'causal' if m.causal else 'bidirectional'} · {m.n_layers} layers × "
-        f"{m.n_heads} heads · {len(r.tokens)} tokens · query {q} (token {r.query.index}) · {kept}"
+        f"{m.n_heads} heads{dtype_words(m, ' · ')} · {len(r.tokens)} tokens · query {q} "
+        f"(token {r.query.index}) · {kept}"
     )
     notes = "".join(f"<li>{_esc(n)}</li>" for n in r.notes)
     return PAGE.format(title=q, css=CSS, query=q, sub=sub, notes=notes, data=data, js=JS)

@@ -188,6 +188,13 @@ class ModelSummary:
     # what the attention does to a score (q·k × scale) before the softmax besides masking, in
     # words ("the score_mod alibi on every layer"); None when the logits are the scores
     score_steps: str | None = None
+    # the dtype of the model's attention weights ("float32", "bfloat16", "float16", "float64")
+    dtype: str = "float32"
+
+
+def dtype_words(m: ModelSummary, sep: str = ", ") -> str:
+    """The model's dtype for a header, after `sep`; nothing for float32 (the default)."""
+    return "" if m.dtype == "float32" else f"{sep}{m.dtype}"
 
 
 @dataclass(eq=False)
@@ -428,6 +435,7 @@ def to_dict(r: ExplainResult) -> dict:
                 if m.windows is None
                 else [None if w is None else list(w) for w in m.windows],
                 "score_steps": m.score_steps,
+                "dtype": m.dtype,
             },
             "text": r.text,
             "tokens": [
@@ -574,6 +582,7 @@ def from_json(source: str | os.PathLike | dict) -> ExplainResult:
         max_positions=rd.integer(cfg, "max_positions", "model_config", 1),
         windows=_windows(cfg.get("windows"), rd),
         score_steps=_optional_string(cfg, "score_steps", rd),
+        dtype=_dtype(cfg, rd),
     )
     text = rd.string(doc, "text", "")
     tokens = []
@@ -711,6 +720,15 @@ def _optional_string(cfg: dict, key: str, rd: Any) -> str | None:
     v = cfg.get(key)
     if v is not None and not isinstance(v, str):
         raise rd.fail(f"model_config.{key}", f"must be null or a string, got {type(v).__name__}")
+    return v
+
+
+def _dtype(cfg: dict, rd: Any) -> str:
+    """model_config.dtype: absent (float32, records written before it existed) or a name."""
+    v = cfg.get("dtype", "float32")
+    if v not in ("float32", "bfloat16", "float16", "float64"):
+        raise rd.fail("model_config.dtype", "must be one of 'float32', 'bfloat16', 'float16', "
+                      f"'float64', got {v!r}")  # fmt: skip
     return v
 
 

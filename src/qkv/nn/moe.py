@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import MLP
@@ -101,6 +102,11 @@ class MoEConfig:
     `group_score` (with n_group > 1): how a group of experts is ranked, "top2" (the default:
     the sum of its 2 best scores, DeepSeek-V3's noaux_tc) or "max" (its best score alone,
     DeepSeek-V2's group_limited_greedy).
+
+    `router_fp32`: the router's matmul runs in float32 for a float16/bfloat16 model, and
+    `qkv.nn.cast` keeps its weight, bias and `score_bias` float32 (transformers' DeepSeek-V2/V3,
+    GLM-4.5, dots.llm1 and ERNIE 4.5 gates, `_keep_in_fp32_modules_strict`). False (Mixtral,
+    Qwen, gpt-oss): the matmul in the model's dtype, the softmax in float32.
     """
 
     n_experts: int
@@ -120,6 +126,7 @@ class MoEConfig:
     shared_gated: bool = True
     norm_min: float = 0.0
     group_score: str = "top2"
+    router_fp32: bool = False
 
     def __post_init__(self) -> None:
         for f in ("n_experts", "top_k", "d_expert"):
@@ -131,7 +138,8 @@ class MoEConfig:
                 f"MoEConfig: top_k={self.top_k} exceeds n_experts={self.n_experts}; a token "
                 "can use each expert once"
             )
-        for f in ("normalise", "router_bias", "expert_bias", "score_bias", "shared_gated"):
+        for f in ("normalise", "router_bias", "expert_bias", "score_bias", "shared_gated",
+                  "router_fp32"):  # fmt: skip
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"MoEConfig: {f} must be a bool, got {getattr(self, f)!r}")
         if (
@@ -397,9 +405,9 @@ class SparseMoE(nn.Module):
     shared_gate (1, m) when present (and gated); score_bias (e,), a buffer, with score_bias
     (zeros until loaded: DeepSeek-V3's `e_score_correction_bias`, set by load balancing, not
     by gradients). With `glu`, `act` must be "silu" (the glu has its own).
-    The router's matmul runs in the model's dtype, as Mixtral's; transformers' DeepSeek-style
-    gates keep their weight and bias in float32 even in a bfloat16 model, so there the two
-    differ by bfloat16's rounding of the router.
+    The router's matmul runs in the model's dtype, as Mixtral's, unless `router_fp32` (see
+    `MoEConfig`): then in float32, from a router (and score_bias) that `qkv.nn.cast` leaves
+    float32 (`keep_float32`).
     """
 
     def __init__(
@@ -424,13 +432,14 @@ class SparseMoE(nn.Module):
         shared_gated: bool = True,
         norm_min: float = 0.0,
         group_score: str = "top2",
+        router_fp32: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         spec = MoEConfig(n_experts, top_k, d_expert, normalise, d_shared, order, router_bias,
                          expert_bias, glu, scoring, score_bias, n_group, topk_group, scale,
-                         shared_gated, norm_min, group_score)  # fmt: skip
+                         shared_gated, norm_min, group_score, router_fp32)  # fmt: skip
         if glu is not None and act != "silu":
             raise ValueError(
                 f"SparseMoE: glu={glu!r} applies its own activation to the gate; act must be "
@@ -454,6 +463,9 @@ class SparseMoE(nn.Module):
             if shared_gated:
                 self.shared_gate = nn.Linear(d_model, 1, bias=False, **fk)
         self.register_buffer("score_bias", torch.zeros(n_experts, **fk) if score_bias else None)
+        self.router_fp32 = spec.router_fp32
+        # what `qkv.nn.cast` leaves float32 when the model goes to another dtype
+        self.keep_float32 = ("router.weight", "router.bias", "score_bias") if router_fp32 else ()
 
     @classmethod
     def from_config(cls, d_model: int, spec: MoEConfig, act: str = "silu") -> SparseMoE:
@@ -463,7 +475,7 @@ class SparseMoE(nn.Module):
                    glu=spec.glu, scoring=spec.scoring, score_bias=spec.score_bias, n_group=spec.n_group,
                    topk_group=spec.topk_group, scale=spec.scale,
                    shared_gated=spec.shared_gated, norm_min=spec.norm_min,
-                   group_score=spec.group_score)  # fmt: skip
+                   group_score=spec.group_score, router_fp32=spec.router_fp32)  # fmt: skip
 
     def extra_repr(self) -> str:
         out = f"top_k={self.top_k}, normalise={self.normalise}"
@@ -477,13 +489,23 @@ class SparseMoE(nn.Module):
                 out += f", group_score={self.group_score}"
         if self.norm_min:
             out += f", norm_min={self.norm_min}"
+        if self.router_fp32:
+            out += ", router_fp32=True"
         return out if self.scale == 1.0 else f"{out}, scale={self.scale}"
 
     def choose(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Tokens h (n m) → (weights (n k), experts (n k)): the routing `forward` uses (the lens
         reads it for one token, `qkv.lens.experts`)."""
-        return route(self.router(h), self.top_k, self.normalise, self.order,
-                     scoring=self.scoring, score_bias=self.score_bias, n_group=self.n_group,
+        if self.router_fp32 and h.dtype in (torch.float16, torch.bfloat16):
+            r, bias = self.router, self.score_bias
+            logits = F.linear(
+                h.float(), r.weight.float(), None if r.bias is None else r.bias.float()
+            )
+            bias = None if bias is None else bias.float()
+        else:
+            logits, bias = self.router(h), self.score_bias
+        return route(logits, self.top_k, self.normalise, self.order,
+                     scoring=self.scoring, score_bias=bias, n_group=self.n_group,
                      topk_group=self.topk_group, scale=self.scale,
                      norm_min=self.norm_min, group_score=self.group_score)  # fmt: skip
 

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 
@@ -106,9 +107,11 @@ def serve(
     open_browser: bool = False,
     limits: Limits | None = None,
     announce: bool = True,
+    dtype: Any = None,
 ) -> None:
-    """Load `models` (the only ones requests may name), bind, print the URL, serve until Ctrl-C."""
-    explorer = Explorer(models, limits)
+    """Load `models` (the only ones requests may name) in `dtype` (None: float32), bind, print
+    the URL, serve until Ctrl-C."""
+    explorer = Explorer(models, limits, dtype=dtype)
     srv = Server(explorer, host=host, port=port)
     if announce:
         names = ", ".join(explorer.slots)

@@ -128,9 +128,12 @@ class Explorer:
         limits: Limits | None = None,
         *,
         loaded: dict[str, Any] | None = None,
+        dtype: Any = None,
     ) -> None:
-        """`loaded`: models already loaded, by their name here (not loaded again)."""
+        """`loaded`: models already loaded, by their name here (not loaded again). `dtype`: the
+        one every model is loaded in (`qkv.load(..., dtype=)`; None: float32)."""
         self.limits = limits or Limits()
+        self.dtype = dtype
         self.slots = {n: _Slot(n, s) for n, s in model_names(models).items()}
         for name, m in (loaded or {}).items():
             self.check_model(name).model = m
@@ -150,7 +153,7 @@ class Explorer:
             if slot.model is None:
                 from qkv.models import load
 
-                slot.model = load(slot.source)
+                slot.model = load(slot.source, dtype=self.dtype)
             return slot.model
 
     def check_model(self, name: Any) -> _Slot:
