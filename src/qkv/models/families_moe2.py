@@ -97,7 +97,8 @@ def _deepseek_moe(f: dict[str, Any]) -> dict[str, Any]:
     try:
         moe = MoEConfig(n, k, d, normalise=normalise, d_shared=shared * d, shared_gated=False,
                         scoring="sigmoid", score_bias=True, n_group=_int(f, "n_group", 1),
-                        topk_group=_int(f, "topk_group", 1), scale=float(scale))  # fmt: skip
+                        topk_group=_int(f, "topk_group", 1), scale=float(scale),
+                        router_fp32=True)  # fmt: skip
     except ValueError as e:  # top_k / n_group / topk_group that do not fit together
         raise ValueError(
             f"config.json: n_routed_experts={n}, num_experts_per_tok={k}, n_group="

@@ -110,7 +110,7 @@ def _ernie4_5_moe(f: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"config.json: moe_norm_min must be a number ≥ 0, got {norm_min!r}")
     moe = _moe_config(f"moe_num_experts={n}, moe_k={k}", n_experts=n, top_k=k, d_expert=d,
                       d_shared=shared * d, shared_gated=not shared, score_bias=True,
-                      norm_min=float(norm_min))  # fmt: skip
+                      norm_min=float(norm_min), router_fp32=True)  # fmt: skip
     return {"moe": moe, "moe_layers": None if all(sparse) else sparse}
 
 
@@ -167,7 +167,7 @@ def _hunyuan_v1_moe(f: dict[str, Any]) -> dict[str, Any]:
     n = _int(f, "n_experts", "num_experts")
     k, d = _one_per_layer(f, "top_k", "moe_topk"), _int(f, "d_ff", "intermediate_size")
     moe = _moe_config(f"num_experts={n}, moe_topk={k}", n_experts=n, top_k=k, d_expert=d,
-                      d_shared=d, shared_gated=False)  # fmt: skip
+                      d_shared=d, shared_gated=False, router_fp32=True)  # fmt: skip
     return {**_hunyuan(f), "moe": moe}
 
 

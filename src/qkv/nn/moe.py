@@ -105,7 +105,7 @@ class MoEConfig:
 
     `router_fp32`: the router's matmul runs in float32 for a float16/bfloat16 model, and
     `qkv.nn.cast` keeps its weight, bias and `score_bias` float32 (transformers' DeepSeek-V2/V3,
-    GLM-4.5, dots.llm1 and ERNIE 4.5 gates, `_keep_in_fp32_modules_strict`). False (Mixtral,
+    GLM-4.5, dots.llm1, ERNIE 4.5 and Hunyuan gates, `_keep_in_fp32_modules_strict`). False (Mixtral,
     Qwen, gpt-oss): the matmul in the model's dtype, the softmax in float32.
     """
 
