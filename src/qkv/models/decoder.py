@@ -499,7 +499,10 @@ class Decoder(Generation, nn.Module):
         if self.config.logit_scale != 1.0:
             logits = logits * self.config.logit_scale
         c = self.config.logit_softcap
-        return logits if c is None else c * torch.tanh(logits / c)
+        if c is None:
+            return logits
+        wide = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+        return (c * torch.tanh(logits.to(wide) / c)).to(logits.dtype)  # half: rounded once
 
     def hidden(
         self, ids: Tensor, *, attention_mask: Tensor | None = None, cache: KVCache | None = None

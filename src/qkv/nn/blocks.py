@@ -54,9 +54,12 @@ class RMSNorm(nn.Module):
         w = self.gain()
         if x.dtype == w.dtype and x.dtype in (torch.float32, torch.float64):
             return F.rms_norm(x, w.shape, w, self.eps)  # one fused op
+        # half precision: normalised and multiplied by the gain in float32, rounded once (as
+        # Gemma's RMSNorm; Llama's rounds h before the gain: a second rounding, never closer)
         h = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return w * h.to(x.dtype)
+        w = self.weight.to(h.dtype)
+        return ((w + self.offset if self.offset else w) * h).to(x.dtype)
 
 
 class LayerNorm(nn.LayerNorm):
