@@ -35,7 +35,8 @@ NEURON_DIMS = 16  # dimensions listed in the neuron view (by |q_d·k_d|, as the 
 
 
 def summary(cap: Capture, capture_id: str) -> dict:
-    """What the page needs to draw a text: its tokens (text, start, end) and the model's shape."""
+    """What the page needs to draw a text: its tokens (text, start, end), the model's shape and
+    dtype ("float32", "bfloat16", …: what `qkv serve --dtype` loaded)."""
     m = cap.info
     return {
         "id": capture_id,
@@ -45,6 +46,7 @@ def summary(cap: Capture, capture_id: str) -> dict:
         "heads": m.n_heads,
         "kv_heads": m.n_kv_heads,
         "context": m.max_positions,
+        "dtype": m.dtype,
         "cut": cap.cut,
         "text": cap.text,
         "tokens": [[t.text, t.start, t.end] for t in cap.tokens],

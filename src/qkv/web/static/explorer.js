@@ -68,7 +68,7 @@ async function run() {
     fillLayerHead();
     let q = cap.tokens.length - 1; // the last token that is not a special one
     while (q > 0 && cap.tokens[q][1] === cap.tokens[q][2]) q--;
-    $('status').textContent = `${cap.tokens.length} tokens · ${cap.model} · ${cap.layers} layers × ${cap.heads} heads · ${cap.server_ms.toFixed(0)} ms`;
+    $('status').textContent = `${cap.tokens.length} tokens · ${cap.model} · ${cap.layers} layers × ${cap.heads} heads${cap.dtype && cap.dtype !== 'float32' ? ' · ' + cap.dtype : ''} · ${cap.server_ms.toFixed(0)} ms`;
     st.page = Math.floor(q / PAGE);
     await selectQuery(q);
     if ($('cmp-on').checked) await compare();
