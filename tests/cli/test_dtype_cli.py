@@ -30,21 +30,17 @@ def bf16():
     return qkv.load("smollm2", dtype="bfloat16")
 
 
-def softmax_rows(
-    model, text: str, i: int, layer: int, n: int | None = None, captured: list | None = None
-) -> np.ndarray:
+def softmax_rows(model, text: str, i: int, layer: int, n: int | None = None) -> np.ndarray:
     """(h, i+1) float64 softmax(q_i·k_j/√d) over the keys a causal query i sees, every head, from
     the q and k of one forward of `model` on the first `n` tokens of `text` (default all; GQA:
     head h reads kv head h // (H/G)). A causal query's row depends only on the tokens up to it,
     but in bf16 a forward of fewer tokens rounds differently (other matmul shapes): `n` is the
     length the command ran (explain and compare run a causal query's prefix, export all).
 
-    `captured`: the layers captured in that forward (default all, as a run over every layer
-    captures them). In bf16 a captured layer rounds differently from a plain one (qkv.attention
-    with and without the LSE differ by a bf16 ulp), so the oracle's forward captures the layers
-    the command did: `--layer 13` captures only layer 13."""
+    The forward here records every layer, whatever the command recorded (`--layer 13`: layer
+    13 only): recording never changes what a forward computes, in bf16 too."""
     ids = model.tokenizer.encode(text).ids[:n]
-    with torch.inference_mode(), capture(model, layers=captured) as cap:
+    with torch.inference_mode(), capture(model) as cap:
         model(torch.tensor([ids]))
     rec = cap.layer(layer)
     q, k = rec.q[0].double().numpy(), rec.k[0].double().numpy()  # (h i d), (g j d)
@@ -142,11 +138,13 @@ def test_compare_bf16_records_the_dtype(bf16, tmp_path, capsys):
     # not move, and compare would move the query there (a note says so)
     argv = ["compare", SENTENCE, SENTENCE_B, "--index", "8", "--layer", "13", "--head", "8"]
     assert main([*argv, "--dtype", "bf16", "--json", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("smollm2 (bfloat16): ") and "runs in bfloat16" in shown
     doc = json.loads(out.read_text(encoding="utf-8"))
     assert doc["model"]["dtype"] == "bfloat16" and doc["model"]["name"] == "smollm2"
     (h,) = doc["heads"]
     for text, wa in ((SENTENCE, h["weight"][0]), (SENTENCE_B, h["weight"][1])):
-        want = softmax_rows(bf16, text, 8, 13, n=9, captured=[13])[8]
+        want = softmax_rows(bf16, text, 8, 13, n=9)[8]
         np.testing.assert_allclose(wa, want[h["index"] if text == SENTENCE else h["index_b"]],
                                    atol=TOL, rtol=0)  # fmt: skip
 
@@ -156,7 +154,7 @@ def test_export_bf16_writes_the_bf16_model_s_rows(bf16, tmp_path, capsys):
     assert main(["export", SENTENCE, "--out", str(out), "--dtype", "bf16"]) == 0
     assert "30 layers × 9 heads × 10 queries, dense rows" in capsys.readouterr().out
     z = np.load(out)
-    assert z["model"] == "smollm2" and z["weight"].dtype == np.float32
+    assert z["model"] == "smollm2" and z["dtype"] == "bfloat16" and z["weight"].dtype == np.float32
     assert z["weight"].shape == (30, 9, 10, 10)
     for layer in (0, 13, 29):
         want = softmax_rows(bf16, SENTENCE, QUERY, layer)  # (h, QUERY+1)

@@ -191,3 +191,48 @@ def test_float32_routers_choose_as_transformers_in_bfloat16(mt, tmp_path):
         want_w, got_w = want_w.gather(1, order_w).double(), got_w.gather(1, order_g).double()
         err = (got_w - want_w).abs().max()
         assert err <= tol * want_w.abs().max(), (mt, i, float(err))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_recording_never_changes_a_half_precision_forward(dtype, tmp_path):
+    """In fp16/bf16 on CPU `qkv.attention` takes SDPA without the LSE and tiled with it, whose
+    outs may differ in the last bit: a recorded forward keeps the unrecorded out. Logits with
+    every layer recorded, one layer recorded and none are bitwise equal, and so are the lens'
+    rows of layer 1 whether it is asked for alone or with every layer."""
+    from qkv.nn import capture
+
+    build("llama", tmp_path)
+    word_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    model = qkv.load(tmp_path, dtype=dtype)
+    ids = torch.cat([ids_for(0), ids_for(1)])
+    with torch.no_grad():
+        plain = model(ids)
+        with capture(model):
+            every = model(ids)
+        with capture(model, layers=[1]):
+            one = model(ids)
+    assert torch.equal(plain, every) and torch.equal(plain, one)
+    text = "the dog chased the ball because it was excited and then ran far"
+    alone, whole = (
+        qkv.explain(text, 6, model=model, layer=layer, top=0, progress=False).layer(1)
+        for layer in (1, None)
+    )
+    for a, b in zip(alone.heads, whole.heads, strict=True):
+        assert a.head == b.head and a.index.tolist() == b.index.tolist()
+        assert a.weight.tolist() == b.weight.tolist(), a.head
+
+
+def test_a_half_precision_record_s_weights_are_the_softmax_of_its_scores(tmp_path):
+    """The score column of a bfloat16 model is q·k × scale summed in float32 from its bfloat16
+    q and k, as the engine sums it (not rounded to bfloat16): softmax(score) equals the weight
+    column within float32's rounding, on every head of every layer."""
+    build("llama", tmp_path)
+    word_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    model = qkv.load(tmp_path, dtype="bf16")
+    text = "the dog chased the ball because it was excited and then ran far"
+    r = qkv.explain(text, 6, model=model, top=0, progress=False)
+    for layer in r.layers:
+        for h in layer.heads:
+            s = torch.tensor(h.score, dtype=torch.float64)
+            err = (torch.softmax(s, 0) - torch.tensor(h.weight)).abs().max()
+            assert err <= 2e-6, (layer.layer, h.head, float(err))

@@ -77,6 +77,11 @@ def test_run_and_lookup_say_bfloat16_and_give_the_bf16_model_s_weights(bf16_serv
     np.testing.assert_allclose(h.weight, p[h.index], atol=1e-5, rtol=0)
 
 
+def test_the_model_list_says_bfloat16(bf16_server, http, seed):
+    (m,) = http.get("/api/models").json()["models"]
+    assert m["name"] == "smollm2" and m["loaded"] and m["dtype"] == "bfloat16"
+
+
 def test_a_float32_server_says_float32(server):
     with httpx.Client(base_url=server.url, timeout=120) as c:
         r = c.post("/api/run", json={"model": "smollm2", "text": "Hello there.", "client": "f32"})

@@ -7,7 +7,14 @@
 Nothing here knows about projections, models or the lens.
 """
 
-from .api import BACKENDS, attention, attention_weights, choose_backend, reference_attention
+from .api import (
+    BACKENDS,
+    attention,
+    attention_weights,
+    auto_backend,
+    choose_backend,
+    reference_attention,
+)
 from .mods import (
     alibi,
     alibi_slopes,
@@ -33,6 +40,7 @@ __all__ = [
     "and_masks",
     "attention",
     "attention_weights",
+    "auto_backend",
     "causal_mask",
     "choose_backend",
     "document_mask",

@@ -188,47 +188,9 @@ def attention(
         s = s.masked_fill(~keep, float("-inf"))
         out = torch.softmax(s.float(), -1).to(v.dtype) @ v.repeat_interleave(Hq // Hk, 1)
     """
-    spec = make_spec(
-        q,
-        k,
-        v,
-        causal=causal,
-        window=window,
-        mask=mask,
-        mask_mod=mask_mod,
-        score_mod=score_mod,
-        scale=scale,
-        softcap=softcap,
-        dropout_p=dropout_p,
-        generator=generator,
-        sinks=sinks,
-    )
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if (s0 := _unseen_keys(spec)) > 0:  # keys before every row's window: never read them
-        k, v = k[:, :, s0:], v[:, :, s0:]
-        if mask is not None and mask.dim() > 0 and mask.shape[-1] == spec.Sk:
-            mask = mask[..., s0:]
-        spec = make_spec(
-            q, k, v, causal=causal, window=window, mask=mask, scale=spec.scale, softcap=softcap,
-            sinks=sinks,
-        )  # fmt: skip
-    auto = backend == "auto"
-    if q.device.type == "meta" and backend in ("tiled", "fused"):  # triton: CUDA only
-        raise ValueError(
-            f"backend={backend!r} reads values as it runs, which meta tensors do not have; "
-            "use backend='auto' (or 'sdpa', 'reference') for shapes on the meta device"
-        )
-    if torch._C._are_functorch_transforms_active():  # torch.func.grad/vmap/jacrev/…
-        if auto:
-            backend = "reference"
-        elif backend in ("tiled", "fused", "triton"):
-            raise ValueError(
-                f"backend={backend!r} has a custom autograd backward that torch.func transforms "
-                "(grad, vmap, jacrev, …) cannot trace; use backend='auto' or 'reference' there"
-            )
-    elif auto:
-        backend = choose_backend(q, k, v, spec, return_lse)
+    kw = dict(causal=causal, window=window, mask=mask, mask_mod=mask_mod, score_mod=score_mod,
+              scale=scale, softcap=softcap, dropout_p=dropout_p, generator=generator, sinks=sinks)  # fmt: skip
+    k, v, spec, backend, auto = _plan(q, k, v, kw, return_lse, backend)
     if backend == "sdpa" and auto and spec.sinks is not None:  # see _choose
         out, lse = _sdpa_sinks(q, k, v, spec)
         return (out, lse) if return_lse else out
@@ -252,6 +214,55 @@ def attention(
         out, lse = _triton_attention(q, k, v, spec)
         return (out, lse) if return_lse else out
     return sdpa(q, k, v, spec)
+
+
+def _plan(
+    q: Tensor, k: Tensor, v: Tensor, kw: dict, return_lse: bool, backend: str
+) -> tuple[Tensor, Tensor, Spec, str, bool]:
+    """`attention`'s request → (k, v, spec, backend, whether it was "auto"): the spec checked,
+    the keys before every row's window dropped, and the backend `auto` stands for resolved."""
+    spec = make_spec(q, k, v, **kw)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if (s0 := _unseen_keys(spec)) > 0:  # keys before every row's window: never read them
+        k, v = k[:, :, s0:], v[:, :, s0:]
+        mask = kw["mask"]
+        if mask is not None and mask.dim() > 0 and mask.shape[-1] == spec.Sk:
+            mask = mask[..., s0:]
+        spec = make_spec(
+            q, k, v, causal=kw["causal"], window=kw["window"], mask=mask, scale=spec.scale,
+            softcap=kw["softcap"], sinks=kw["sinks"],
+        )  # fmt: skip
+    auto = backend == "auto"
+    if q.device.type == "meta" and backend in ("tiled", "fused"):  # triton: CUDA only
+        raise ValueError(
+            f"backend={backend!r} reads values as it runs, which meta tensors do not have; "
+            "use backend='auto' (or 'sdpa', 'reference') for shapes on the meta device"
+        )
+    if torch._C._are_functorch_transforms_active():  # torch.func.grad/vmap/jacrev/…
+        if auto:
+            backend = "reference"
+        elif backend in ("tiled", "fused", "triton"):
+            raise ValueError(
+                f"backend={backend!r} has a custom autograd backward that torch.func transforms "
+                "(grad, vmap, jacrev, …) cannot trace; use backend='auto' or 'reference' there"
+            )
+    elif auto:
+        backend = choose_backend(q, k, v, spec, return_lse)
+    return k, v, spec, backend, auto
+
+
+def auto_backend(q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False, **kwargs) -> str:
+    """The backend `attention(q, k, v, **kwargs, return_lse=return_lse)` runs under "auto":
+    "sdpa", "tiled", "fused" or "reference". Asking for the LSE can change it (fp16/bf16 on
+    CPU: SDPA without, tiled with; a mask SDPA's LSE kernels cannot take), and with the backend
+    the output's last bits: `qkv.nn` recording a call for the lens checks this, so a recorded
+    forward computes what an unrecorded one does."""
+    return _plan(q, k, v, {**_DEFAULTS, **kwargs}, return_lse, "auto")[3]
+
+
+_DEFAULTS = dict(causal=False, window=None, mask=None, mask_mod=None, score_mod=None, scale=None,
+                 softcap=None, dropout_p=0.0, generator=None, sinks=None)  # fmt: skip
 
 
 def _sdpa_sinks(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .explain import _check_range, explain, resolve_model, summarize
+from .explain import _check_range, dtype_note, explain, resolve_model, summarize
 from .io import write_atomic
-from .record import ExplainResult, Head, ModelSummary, Query, Token
+from .record import ExplainResult, Head, ModelSummary, Query, Token, dtype_words
 
 SCHEMA = "qkv.compare/1"
 
@@ -189,7 +189,8 @@ class CompareResult:
 
         console = console or Console()
         qa, qb = (q.text.strip() for q in (self.query_a, self.query_b))
-        console.print(f"{self.model.name}: {qa!r} (token {self.query_a.index}) in A vs "
+        name = self.model.name + (f" ({self.model.dtype})" if dtype_words(self.model) else "")
+        console.print(f"{name}: {qa!r} (token {self.query_a.index}) in A vs "
                       f"{qb!r} (token {self.query_b.index}) in B")  # fmt: skip
         console.print(f"A: {self.text_a}\nB: {self.text_b}")
         for note in self.notes:
@@ -354,6 +355,8 @@ def compare(
             shown = ", ".join(f"{toks[j].text.strip()!r}@{j}" for j in left[:6])
             more = f" and {len(left) - 6} more" if len(left) > 6 else ""
             result.notes.append(f"Keys of {which} with no match in the other text: {shown}{more}.")
+    if (half := dtype_note(result.model)) is not None:
+        result.notes.append(half)
     moved = sum(i != j for i, j in zip(result.matched, result.matched_b, strict=True))
     if moved:
         result.notes.append(

@@ -41,7 +41,7 @@ from .explain import (
     run_capture,
     summarize,
 )
-from .lookup import Row, layer_from_row, sink_weights, value_norms
+from .lookup import Row, layer_from_row, sink_weights, value_norms, widen
 from .record import ExplainResult
 from .tokens import make_tokens, sink_tokens
 
@@ -124,7 +124,8 @@ def _layer(rec: Any, i: int, n: int, *, top: int, keep: list[int], heads: list[i
             f"the sharded lens cannot compute rows of attention with {extra} yet; run the lens "
             "on one process"
         )
-    q, k, v, z, W_O = rec.q[0], rec.k[0], rec.v[0], rec.z[0], rec.W_O  # (h i d) (g j d) (g j e)
+    # (h i d) (g j d) (g j e); float16/bfloat16 in float32, as `lookup.query_row` reads them
+    q, k, v, z, W_O = (widen(t) for t in (rec.q[0], rec.k[0], rec.v[0], rec.z[0], rec.W_O))
     H, G, D, E = q.shape[0], k.shape[0], q.shape[-1], v.shape[-1]
     f64 = torch.float64
     # the query's q, z and LSE, from the rank that holds position i

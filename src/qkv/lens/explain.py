@@ -470,6 +470,17 @@ def _encode(tokenizer: Any, text: str, info: ModelSummary, truncate: bool) -> tu
     return enc, truncate and max((e for _, e in enc.offsets), default=0) < len(text.rstrip())
 
 
+def dtype_note(m: ModelSummary) -> str | None:
+    """What a float16/bfloat16 model's weights are; None for float32/float64."""
+    if m.dtype not in ("bfloat16", "float16"):
+        return None
+    return (
+        f"{m.name} runs in {m.dtype}: its q, k and v are {m.dtype} numbers, and the weights are "
+        "what it computed from them (scores and softmax in float32). A float32 run of the same "
+        "checkpoint differs by the rounding of every layer before."
+    )
+
+
 def notes(r: ExplainResult) -> list[str]:
     """Plain-language remarks shown with every view."""
     out = []
@@ -486,12 +497,8 @@ def notes(r: ExplainResult) -> list[str]:
             f"{r.model.name} applies {r.model.score_steps}, so the weights are the softmax of the "
             "modified scores, not of the scores shown."
         )
-    if r.model.dtype in ("bfloat16", "float16"):
-        out.append(
-            f"{r.model.name} runs in {r.model.dtype}: its q, k and v are {r.model.dtype} numbers, "
-            "and the weights are what it computed from them (scores and softmax in float32). A "
-            "float32 run of the same checkpoint differs by the rounding of every layer before."
-        )
+    if (half := dtype_note(r.model)) is not None:
+        out.append(half)
     sink = sink_note(r)
     if sink:
         out.append(sink)

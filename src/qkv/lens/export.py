@@ -423,6 +423,7 @@ def _meta(info: ModelSummary, text: str, tokens: list[Token]) -> dict[str, Any]:
     return {
         "schema": EXPORT_SCHEMA,
         "model": info.name,
+        "dtype": info.dtype,  # the model's: "bfloat16" rows come from a bfloat16 forward
         "text": text,
         "tokens": np.array([t.text for t in tokens]),
         "offsets": np.array([(t.start, t.end) for t in tokens], dtype=np.int64),

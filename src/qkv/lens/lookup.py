@@ -98,10 +98,16 @@ def visible_keys(rec: AttentionRecordLike, i: int) -> Tensor:
     return attention_weights(q0, rec.k[:1], None, rows=[i], **kw)[0, :, 0] > 0
 
 
+def widen(t: Tensor) -> Tensor:
+    """A float16/bfloat16 tensor in float32 (the lens' arithmetic); others as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def value_norms(vh: Tensor, W_O: Tensor) -> Tensor:
     """‖v_hj W_O^h‖ for vh (h j e), W_O (h e m) → (h j), without the (h j m) product when long:
     through the Gram matrix M_h = W_O^h W_O^hᵀ (e×e, float64), ‖x W‖² = x M xᵀ. The direct
     product costs h·j·e·m, the Gram route h·e²·m + h·j·e²: cheaper once j > e·m/(m − e)."""
+    vh, W_O = widen(vh), widen(W_O)  # float16/bfloat16: norms in float32
     e, m = W_O.shape[-2], W_O.shape[-1]
     if m <= e or vh.shape[1] * (m - e) <= e * m:
         return (vh @ W_O).norm(dim=-1)
@@ -127,6 +133,7 @@ def layer_contributions(
     The full computation costs j·(h·e)·m (a d_model² matmul per key); keys are instead visited
     in decreasing order of the bound Σ_h ‖w_hj v_hj W_O^h‖ (triangle inequality) and the scan
     stops once no unvisited key's bound can reach the k-th largest exact norm."""
+    vh, W_O = widen(vh), widen(W_O)  # float16/bfloat16: the blend in float32
     Wf = W_O.reshape(-1, W_O.shape[-1])  # ((h e) m)
     out = np.full(w.shape[1], np.nan)
 
@@ -163,7 +170,10 @@ def query_row(
 
     The layer-level contribution is exact for the keys a record of `top` keys (0 = all) and
     `keep` needs (see `select`), NaN elsewhere (see `layer_contributions`)."""
-    q, k, v, z, W_O = rec.q[0], rec.k[0], rec.v[0], rec.z[0], rec.W_O  # (h i d) (g j d) (g j e)
+    # a float16/bfloat16 model's tensors in float32: its scores as the engine sums them (fp32),
+    # and value norms and contributions not rounded to 8 or 11 bits on the way
+    q, k, v, z, W_O = (widen(t) for t in (rec.q[0], rec.k[0], rec.v[0], rec.z[0], rec.W_O))
+    # (h i d) (g j d) (g j e) (h i e) (h e m)
     H, G = q.shape[0], k.shape[0]
     if H % G:
         raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({G})")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import ScoreMod, attention
+from ..attention import ScoreMod, attention, auto_backend
 from .cache import LayerCache
 from .capture import record, recorders
 from .rope import RotaryEmbedding
@@ -305,6 +305,11 @@ class MultiHeadAttention(nn.Module):
         if not recording:
             return attention(q, k, v, **kw)
         z, lse = attention(q, k, v, **kw, return_lse=True)
+        if auto_backend(q, k, v, **kw) != auto_backend(q, k, v, **kw, return_lse=True):
+            # the LSE comes from another kernel (fp16/bf16 on CPU: tiled, not SDPA) whose out
+            # may differ in its last bit: keep the out an unrecorded forward computes, so a
+            # lens record never changes what the model computes
+            z = attention(q, k, v, **kw)
         record(recording, self, q, k, v, z, lse, kw, segment=segment)
         return z
 

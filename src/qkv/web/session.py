@@ -178,7 +178,7 @@ class Explorer:
             if slot.model is not None:
                 m = summarize(slot.model, name)
                 d |= {"layers": m.n_layers, "heads": m.n_heads, "causal": m.causal,
-                      "context": m.max_positions}  # fmt: skip
+                      "context": m.max_positions, "dtype": m.dtype}  # fmt: skip
             out.append(d)
         return out
 
