@@ -14,10 +14,11 @@ any error leaves nothing half-loaded. Weights are float32 whatever the file's dt
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from .decoder import Decoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .families import ACTS, FAMILIES, RESHAPES, Family, read_fields
 from .families_base import ntk_alpha, rope_scaling_from, stack_numbered, unstack, weight_rules
+from .gguf import page_out
 from .mxfp4 import Dequantized
 from .tokenizer import Tokenizer
 
@@ -262,7 +264,8 @@ def load_dir(
                                         pad_id=cfg.get("pad_token_id"), name=name)  # fmt: skip
     elif need_tokenizer:
         raise FileNotFoundError(f"{d} has no {TOKENIZER}")
-    state = strip_prefixes(read_weights(d), prefixes, str(d))
+    raw = read_weights(d)  # memory-mapped from the files
+    state = strip_prefixes(raw, prefixes, str(d))
     try:  # MXFP4 pairs (gpt-oss's experts, X_blocks + X_scales) → X, as transformers holds it
         state = dict(Dequantized(state, dtype))
     except ValueError as e:
@@ -283,7 +286,24 @@ def load_dir(
         source=str(d), assign=True,
     )  # fmt: skip
     # fused W_Q|W_K|W_V (and gate|up): one matmul, no copy per forward
-    return accelerate(model).eval()
+    accelerate(model)
+    page_out(unread(raw.values(), model))
+    return model.eval()
+
+
+def unread(tensors: Iterable[Tensor], model: nn.Module) -> list[Tensor]:
+    """The `tensors` no parameter or buffer of `model` starts inside: checkpoint tensors the
+    model copied (cast to another dtype, fused into W_Q|W_K|W_V or gate|up) and reads no more.
+    `gguf.page_out` drops their pages of the memory-mapped file from the resident set, so RSS
+    shows what the model holds (a bfloat16 model read as bfloat16: the file's size, not 1.6×)."""
+    live = sorted(t.data_ptr() for t in model.state_dict(keep_vars=True).values())
+    out = []
+    for t in tensors:
+        start = t.data_ptr()
+        i = bisect.bisect_left(live, start)
+        if i == len(live) or live[i] >= start + t.numel() * t.element_size():
+            out.append(t)
+    return out
 
 
 class _SkipInit(TorchFunctionMode):
