@@ -20,6 +20,7 @@ Letters: h head, d head dim, p rotation pair, m model dim.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -348,6 +349,18 @@ def _drop_superseded(entry: Path, path: Path) -> None:
 _MADV_PAGEOUT = 21  # Linux ≥ 5.4: reclaim these pages now (file pages are re-read on access)
 
 
+@functools.cache
+def _libc():
+    """The C library; glibc's soname first (`find_library` runs `ldconfig -p`, a subprocess)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 def page_out(tensors) -> int:
     """Ask the kernel to drop the resident pages of `tensors` that a model no longer reads (the
     cached Q, K, V a load copied into its fused Q|K|V matrix). Only whole pages inside each
@@ -355,10 +368,9 @@ def page_out(tensors) -> int:
     is read back from the file if touched again, and anonymous memory without swap simply stays.
     Returns the bytes advised (0 where the call is unavailable: not Linux, an old kernel)."""
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = _libc()
         page = os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):
         return 0
