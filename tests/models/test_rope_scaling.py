@@ -5,8 +5,9 @@ offline and compared in float32 and float64 on positions past `original_max_posi
 (logits, 10 greedy tokens with and without the KV cache); a tiny llama GGUF carrying llama.cpp's
 per-pair `rope_freqs.weight` (computed here by llama.cpp's converter rule) against the
 transformers model it was written from. Then: without the scaling the logits move far past the
-tolerance, and dynamic stays a clear error. LongRoPE (Phi-3 128k) at the end: its factors
-follow each call's last position, and a cached decode re-rotates every key once past L.
+tolerance, and another rope_type is a clear error. LongRoPE (Phi-3 128k) and dynamic NTK at the
+end: their frequencies follow each call's last position; a LongRoPE cached decode re-rotates
+every key once past L, a dynamic one rotates each new key by its own step's frequencies.
 
 Sizes as tests/models/test_families.py: d_head 10, base 500, so the wavelengths 6.3, 21.7, 75,
 260, 900 fall in all three branches of the Llama 3 rule with L = 32 (kept < 8, smoothed 8 … 32,
@@ -250,7 +251,7 @@ def test_yarn_config_forms_read_as_transformers_reads_them(tmp_path):
 @pytest.mark.parametrize(
     "params",
     [
-        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "ntk_by_parts", "factor": 2.0},
         {"rope_type": "su", "short_factor": [1.0] * 5, "long_factor": [2.0] * 5},
     ],
 )
@@ -260,17 +261,20 @@ def test_other_rope_types_are_a_clear_error(tmp_path, params):
     with pytest.raises(
         ValueError,
         match=rf"config.json: rope scaling rope_parameters.rope_type='{kind}' is not supported; "
-        r"qkv implements rope_type 'linear', 'llama3', 'yarn', 'longrope' \(and 'default'\)",
+        r"qkv implements rope_type 'linear', 'llama3', 'yarn', 'longrope', 'dynamic' "
+        r"\(and 'default'\)",
     ):
         qkv.load(folder)
 
 
-def test_gemma3_dynamic_on_a_layer_type_is_named(tmp_path):
+def test_gemma3_unknown_scaling_on_a_layer_type_is_named(tmp_path):
     build("gemma3_text", LINEAR, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
-    cfg["rope_parameters"]["full_attention"].update(rope_type="dynamic", factor=8.0)
+    cfg["rope_parameters"]["full_attention"].update(rope_type="ntk_by_parts", factor=8.0)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"rope_parameters.full_attention.rope_type='dynamic'"):
+    with pytest.raises(
+        ValueError, match=r"rope_parameters.full_attention.rope_type='ntk_by_parts'"
+    ):
         qkv.load(tmp_path)
 
 
@@ -611,3 +615,88 @@ def test_malformed_scaling_is_named_with_its_file(tmp_path, params, message):
     with pytest.raises(ValueError, match=message) as info:
         qkv.load(folder)
     assert str(info.value).startswith(str(folder / "config.json"))
+
+
+# --------------------------------------------------------------------------------------------
+# dynamic NTK: the base grows with each call's length past L = max_position_embeddings
+
+DYNAMIC = {"rope_type": "dynamic", "factor": 2.0}
+L_DYN = 32
+
+
+def dynamic_pair(tmp_path, model_type="llama"):
+    """A fresh transformers model (its dynamic RoPE keeps state across calls) and ours, with
+    max_position_embeddings L_DYN."""
+    cfg = transformers.AutoConfig.for_model(
+        model_type, **{**FAMILIES[model_type], "max_position_embeddings": L_DYN},
+        rope_scaling=dict(DYNAMIC),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    randomise_(ref)
+    ref.save_pretrained(tmp_path)
+    ref.generation_config.eos_token_id = None
+    return ref, qkv.load(tmp_path)
+
+
+def dynamic_oracle_(ref, model) -> None:
+    """test_families' float64 oracle, RoPE's angles from the float64 formula
+    (tests/nn's `dynamic_theta`) for the call's own length max(position) + 1."""
+    from tests.nn.test_rope_scaling import dynamic_theta
+
+    float64_oracle_(ref, model)
+    r, base = model.blocks[0].attn.rope.rotary_dim, model.config.rope_base
+
+    def rotary(x, position_ids):
+        n = int(position_ids.max()) + 1
+        theta = torch.tensor(
+            dynamic_theta(r, base, DYNAMIC["factor"], L_DYN, n), dtype=torch.float64
+        )
+        emb = torch.cat((ang := position_ids[..., None].double() * theta, ang), -1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    for mod in ref.modules():
+        if hasattr(mod, "inv_freq"):
+            mod.forward = rotary
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt_neox"])  # gpt_neox: 4 of 10 rotate
+@pytest.mark.parametrize("n", [30, 48])  # within L (plain), past it (a larger base)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dynamic_logits_match_transformers(tmp_path, model_type, n, dtype, monkeypatch):
+    ref, model = dynamic_pair(tmp_path, model_type)
+    s = model.config.rope_scaling
+    assert (s.rope_type, s.factor, s.original_max_positions) == ("dynamic", 2.0, L_DYN)
+    assert model.config.max_positions == 2 * L_DYN  # L · factor, what the scaling is made for
+    ids = torch.cat([ids_for(0, n), ids_for(1, n)])
+    err = output_error(ref, model, ids, dtype, monkeypatch, dynamic_oracle_)
+    assert err <= REL_TOL[dtype], f"{model_type} n={n} {dtype}: relative error {err:.2e}"
+
+
+def test_dynamic_greedy_across_l_cached_and_uncached(tmp_path):
+    """A 28-token prompt and 10 tokens, positions 28 … 37 crossing L = 32: cached, each new key
+    rotates by its own step's frequencies (the earlier keys keep theirs), as transformers'
+    cached generate; uncached, every step re-rotates all, as its use_cache=False."""
+    ref, model = dynamic_pair(tmp_path)
+    prompt = ids_for(5, 28)
+    want, cached, uncached = greedy_three_ways(ref, model, prompt, N_GREEDY)
+    assert cached == want
+    ref2, _ = dynamic_pair(tmp_path)
+    with torch.no_grad():
+        want_uncached = ref2.generate(prompt, max_new_tokens=N_GREEDY, min_new_tokens=N_GREEDY,
+                                      do_sample=False, use_cache=False,
+                                      pad_token_id=0)[0, prompt.shape[1]:].tolist()  # fmt: skip
+    assert uncached == want_uncached
+
+
+def test_without_dynamic_past_l_parity_breaks(tmp_path):
+    """The check can fail: the plain frequencies past L move the logits far off."""
+    ref, model = dynamic_pair(tmp_path)
+    ids = ids_for(2, 60)
+    with torch.no_grad():
+        want = ref(ids).logits
+        assert rel(model(ids), want) <= REL_TOL[torch.float32]
+        for b in model.blocks:
+            b.attn.rope.scaling, b.attn.rope._tables, b.attn.rope._pairs = None, {}, None
+        err = rel(model(ids), want)
+    assert err > 100 * REL_TOL[torch.float32], err

@@ -169,7 +169,8 @@ def test_yarn_matches_transformers(head_dim, base, factor, L, partial, extra):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: RopeScaling("dynamic", 4.0), r"rope_type must be one of .*'llama3', 'yarn'.*got 'dynamic'"),
+        (lambda: RopeScaling("ntk", 4.0), r"rope_type must be one of .*'llama3', 'yarn'.*got 'ntk'"),
+        (lambda: RopeScaling("dynamic", 4.0), r"original_max_positions must be a positive int, got None"),
         (lambda: RopeScaling("yarn", 4.0), r"original_max_positions must be a positive int, got None"),
         (lambda: RopeScaling.yarn(4.0, 32, beta_fast=-1), r"beta_fast must be a finite number > 0"),
         (lambda: RopeScaling.yarn(4.0, 32, attention_factor=0.0), r"attention_factor must be a finite number > 0"),
@@ -221,6 +222,62 @@ def test_longrope_picks_its_factors_by_the_calls_last_position():
     assert (rope(x, 24) - scaled_rope(x, torch.arange(24, 32), BASE, LONG, m)).abs().max() > 0.1
 
 
+def dynamic_theta(r: int, base: float, factor: float, L: int, n: int) -> list[float]:
+    """Dynamic NTK (bloc97 / emozilla): past L, the base becomes
+    base · (factor·n/L − (factor − 1))^(r/(r−2)); at or below L it stays."""
+    if n > L:
+        base = base * (factor * n / L - (factor - 1)) ** (r / (r - 2))
+    return [base ** (-2.0 * p / r) for p in range(r // 2)]
+
+
+@pytest.mark.parametrize("seq_len", [None, 16, 32, 33, 64, 200])
+def test_dynamic_matches_transformers_and_the_formula(seq_len):
+    """transformers' `_compute_dynamic_ntk_parameters` (L = max_position_embeddings, partial
+    rotary: 10 of 20 features) and the formula in float64, for a call ending before seq_len."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the oracle")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = transformers.AutoConfig.for_model(
+        "phi", hidden_size=40, num_attention_heads=2, rope_theta=BASE,
+        max_position_embeddings=32, partial_rotary_factor=0.5,
+        rope_scaling={"rope_type": "dynamic", "factor": 3.0},
+    )  # fmt: skip
+    want, attention_factor = ROPE_INIT_FUNCTIONS["dynamic"](cfg, seq_len=seq_len)
+    scaling = RopeScaling.dynamic(3.0, 32)
+    rope = RotaryEmbedding(20, base=BASE, rotary_dim=D, scaling=scaling)
+    n = seq_len or 0
+    got = rope.inv_freq(scaling.variant(n))
+    assert ((got - want.double()).abs() / want.double()).max() <= 1e-6  # transformers: float32
+    exact = torch.tensor(dynamic_theta(D, BASE, 3.0, 32, n), dtype=torch.float64)
+    assert ((got - exact).abs() / exact).max() <= 1e-12
+    assert attention_factor == 1.0 and scaling.cos_sin_scale == 1.0
+    assert scaling.variant(n) == (n if n > 32 else None)
+
+
+def test_dynamic_rotates_each_call_by_its_own_length_and_keeps_one_table():
+    """A call ending past L rotates every position by the frequencies of its own length (the
+    complex rotation written here); at or below L by the plain ones. Tables of one length at a
+    time are kept (a decode step past L makes a new one)."""
+    scaling = RopeScaling.dynamic(2.0, 16)
+    rope = RotaryEmbedding(8, base=100.0, scaling=scaling)
+    x = torch.randn(1, 1, 24, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for n in (10, 16, 17, 24):
+        got = rope(x[:, :, :n], 0)
+        theta = torch.tensor(dynamic_theta(8, 100.0, 2.0, 16, n), dtype=torch.float64)
+        ang = torch.arange(n, dtype=torch.float64)[:, None] * theta  # (i, pairs)
+        z = torch.complex(x[0, 0, :n, :4], x[0, 0, :n, 4:]) * torch.polar(torch.ones_like(ang), ang)
+        want = torch.cat((z.real, z.imag), -1)
+        assert (got[0, 0] - want).abs().max() <= 1e-12, n
+    dynamic = [k for k in rope._tables if isinstance(k[2], int) and not isinstance(k[2], bool)]
+    assert dynamic == [(torch.device("cpu"), torch.float64, 24)]
+    step = rope(x[:, :, 20:21], 20)  # a decode step at position 20: the frequencies of n = 21
+    theta = torch.tensor(dynamic_theta(8, 100.0, 2.0, 16, 21), dtype=torch.float64)
+    z = torch.complex(x[0, 0, 20, :4], x[0, 0, 20, 4:]) * torch.polar(
+        torch.ones(4, dtype=torch.float64), 20 * theta
+    )
+    assert (step[0, 0, 0] - torch.cat((z.real, z.imag))).abs().max() <= 1e-12
+
+
 @pytest.mark.parametrize("seq_len", [None, 32, 33, 200])
 def test_longrope_matches_transformers(seq_len):
     """transformers' `_compute_longrope_parameters` (short for seq_len ≤ L, long past it) and
@@ -236,7 +293,7 @@ def test_longrope_matches_transformers(seq_len):
     want, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](cfg, seq_len=seq_len)
     scaling = RopeScaling.longrope(SHORT, LONG, 32, factor=128 / 32)
     rope = RotaryEmbedding(20, base=BASE, rotary_dim=D, scaling=scaling)
-    got = rope.inv_freq(long=scaling.is_long(seq_len or 0))
+    got = rope.inv_freq(scaling.variant(seq_len or 0))
     assert ((got - want.double()).abs() / want.double()).max() <= 1e-6
     assert scaling.attention_factor == pytest.approx(attention_factor, rel=1e-12)
 

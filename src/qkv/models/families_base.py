@@ -15,8 +15,9 @@ its own), or "field=value" / "field!=value" (a config field's value, e.g. "block
 SparseMoE, `{e}` then standing for each expert. Keys are matched after the family's
 `prefix` (the base model's name inside a *ForCausalLM / *ForMaskedLM) is stripped, and
 after `stacked` joined numbered per-head tensors into one.
-RoPE scaling (`rope_parameters` / `rope_scaling` with rope_type "linear", "llama3" or "yarn") is
-read for every RoPE decoder by `rope_scaling_from`; any other rope_type is a clear error.
+RoPE scaling (`rope_parameters` / `rope_scaling` with rope_type "linear", "llama3", "yarn",
+"longrope" or "dynamic") is read for every RoPE decoder by `rope_scaling_from`; any other
+rope_type is a clear error.
 `unsupported` lists config settings the generic models do not implement: each is a clear
 error naming the setting, never a silently wrong model.
 
@@ -361,7 +362,7 @@ LLAMA_FIELDS = {
 LLAMA_DEFAULTS = {"rope_base": 10000.0, "tie_embeddings": True, "attn_bias": False,
                    "out_bias": False, "mlp_bias": False}  # fmt: skip
 # what `rope_scaling_from` reads; the rest is refused
-SCALED_ROPE_TYPES = ("linear", "llama3", "yarn", "longrope")
+SCALED_ROPE_TYPES = ("linear", "llama3", "yarn", "longrope", "dynamic")
 _YARN_OPTIONAL = ("beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim",
                   "truncate")  # fmt: skip
 _NEEDS = {
@@ -369,6 +370,7 @@ _NEEDS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
     "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
+    "dynamic": ("factor", "original_max_position_embeddings"),
 }
 
 
@@ -383,8 +385,9 @@ def rope_scaling_from(
     yarn's and longrope's factor None is max_positions / original; yarn's `beta_fast`,
     `beta_slow` (0 or None: 32 and 1), `attention_factor`, `mscale`, `mscale_all_dim` and
     `truncate` are optional; longrope takes `short_factor` and `long_factor` (one per rotated
-    pair) and an optional `attention_factor`. Any other rope_type (dynamic, ...) is a
-    ValueError naming it."""
+    pair) and an optional `attention_factor`; dynamic `factor`, its L being `max_positions`
+    (transformers' `config.max_position_embeddings`). Any other rope_type is a ValueError
+    naming it."""
     if not params:
         return None
     if not isinstance(params, Mapping):
@@ -398,7 +401,9 @@ def rope_scaling_from(
             f"rope_type {', '.join(map(repr, SCALED_ROPE_TYPES))} (and 'default')"
         )
     params = dict(params)
-    if kind != "linear":
+    if kind == "dynamic":  # transformers' L here is max_position_embeddings itself
+        params["original_max_position_embeddings"] = max_positions
+    elif kind != "linear":
         given = (original_max, params.get("original_max_position_embeddings"), max_positions)
         L = next((n for n in given if n is not None), None)
         params["original_max_position_embeddings"] = L
@@ -420,6 +425,8 @@ def rope_scaling_from(
                 factor=params.get("factor") or 1.0,
                 attention_factor=params.get("attention_factor"),
             )
+        if kind == "dynamic":
+            return RopeScaling.dynamic(*(params[n] for n in names))
         return RopeScaling(kind, *(params[n] for n in names))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {key}: {e}") from e

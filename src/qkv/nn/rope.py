@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-ROPE_TYPES = ("linear", "llama3", "yarn", "longrope", "freq_factors")
+ROPE_TYPES = ("linear", "llama3", "yarn", "longrope", "dynamic", "freq_factors")
 
 
 def _positive(name: str, v: object) -> float:
@@ -51,6 +52,11 @@ def longrope_attention_factor(factor: float, original_max_positions: int) -> flo
     return math.sqrt(1 + math.log(factor) / math.log(original_max_positions))
 
 
+def _is_n(variant: Any) -> bool:
+    """Whether a tables key's variant is dynamic NTK's n (an int, not LongRoPE's bool)."""
+    return isinstance(variant, int) and not isinstance(variant, bool)
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Slower RoPE frequencies for a longer context: pair p turns by `positions · θ_p / s_p`
@@ -82,11 +88,19 @@ class RopeScaling:
                         > L; keys cached by earlier calls keep their rotation), and cos, sin of the
                         rotated pairs × attention_factor, None → √(1 + ln(factor) / ln L) (1 for
                         factor ≤ 1), factor = the model's context / L
+        "dynamic"       dynamic NTK (transformers' `_compute_dynamic_ntk_parameters`): for a
+                        call whose last position is n − 1 ≥ L = original_max_positions, every
+                        θ_p from the base θ·(factor·n/L − (factor − 1))^(r/(r−2)) instead of
+                        θ; below L the plain θ_p. The whole call either way, from its own n
+                        (transformers keeps the largest n seen since its last call shorter than
+                        L: the same for one forward and for generation, which only grows n;
+                        keys cached by earlier calls keep their rotation)
         "freq_factors"  s_p = factors[p], one per pair (llama.cpp's rope_freqs.weight tensor)
 
-    cos and sin are not rescaled but by YaRN and LongRoPE (transformers' attention_factor is 1 for linear and
-    llama3). Build one with `RopeScaling.linear(8.0)`, `RopeScaling.llama3(...)`,
-    `RopeScaling.yarn(...)`, `RopeScaling.longrope(...)` or `RopeScaling.freq_factors(...)`;
+    cos and sin are not rescaled but by YaRN and LongRoPE (transformers' attention_factor is 1 for linear,
+    llama3 and dynamic). Build one with `RopeScaling.linear(8.0)`, `RopeScaling.llama3(...)`,
+    `RopeScaling.yarn(...)`, `RopeScaling.longrope(...)`, `RopeScaling.dynamic(...)` or
+    `RopeScaling.freq_factors(...)`;
     values are validated here, the number of factors by the `RotaryEmbedding` that takes it."""
 
     rope_type: str
@@ -110,7 +124,7 @@ class RopeScaling:
         set_ = object.__setattr__
         set_(self, "factor", _positive("factor", self.factor))
         self._check_owned()
-        if self.rope_type in ("llama3", "yarn", "longrope"):
+        if self.rope_type in ("llama3", "yarn", "longrope", "dynamic"):
             n = _positive_int("original_max_positions", self.original_max_positions)
             set_(self, "original_max_positions", n)
         if self.rope_type == "llama3":
@@ -168,7 +182,7 @@ class RopeScaling:
         an error (a misspelt constructor call, not a silent no-op)."""
         owners = {
             "low_freq_factor": ("llama3",), "high_freq_factor": ("llama3",),
-            "original_max_positions": ("llama3", "yarn", "longrope"),
+            "original_max_positions": ("llama3", "yarn", "longrope", "dynamic"),
             "factors": ("freq_factors",), "beta_fast": ("yarn",), "beta_slow": ("yarn",),
             "attention_factor": ("yarn", "longrope"), "truncate": ("yarn",),
             "short_factors": ("longrope",), "long_factors": ("longrope",),
@@ -233,6 +247,11 @@ class RopeScaling:
                    short_factors=tuple(short_factors), long_factors=tuple(long_factors))  # fmt: skip
 
     @classmethod
+    def dynamic(cls, factor: float, original_max_positions: int) -> RopeScaling:
+        """Dynamic NTK; transformers' L is the config's `max_position_embeddings`."""
+        return cls("dynamic", factor, original_max_positions=original_max_positions)
+
+    @classmethod
     def freq_factors(cls, factors) -> RopeScaling:
         return cls("freq_factors", factors=tuple(factors))
 
@@ -248,7 +267,7 @@ class RopeScaling:
         configs (and llama.cpp's context_length) keep the original length; every other type:
         max_positions (their configs state the extended length: Llama 3.1's 131072, Gemma 3's,
         Phi-3's)."""
-        if self.rope_type == "yarn":
+        if self.rope_type in ("yarn", "dynamic"):
             return max(max_positions, int(self.original_max_positions * self.factor))
         return max_positions
 
@@ -257,9 +276,28 @@ class RopeScaling:
         long factors: n > original_max_positions; False for every other type."""
         return self.rope_type == "longrope" and n > self.original_max_positions
 
+    def variant(self, n: int) -> bool | int | None:
+        """What a call whose positions end before n picks: LongRoPE's long factors
+        (`is_long`), dynamic NTK's n once past original_max_positions (None below it), None for
+        every other type. Calls of one variant share their tables."""
+        if self.rope_type == "longrope":
+            return self.is_long(n)
+        if self.rope_type == "dynamic" and n > self.original_max_positions:
+            return n
+        return None
+
+    def dynamic_base(self, base: float, n: int, rotary_dim: int) -> float:
+        """Dynamic NTK's base θ·(factor·n/L − (factor − 1))^(r/(r−2)) for a call ending before
+        n > L = original_max_positions, r = rotary_dim (the base itself for n ≤ L)."""
+        L, f, r = self.original_max_positions, self.factor, rotary_dim
+        return base if n <= L else base * (f * n / L - (f - 1)) ** (r / (r - 2))
+
     def apply(self, inv_freq: Tensor, base: float, long: bool = False) -> Tensor:
         """θ_p → θ_p / s_p for inv_freq (r/2,) float64 = base^(−2p/r), as the class docstring
-        says (`base` is read by YaRN's correction range only, `long` by LongRoPE only)."""
+        says (`base` is read by YaRN's correction range only, `long` by LongRoPE only; dynamic
+        NTK changes the base itself, `dynamic_base`, and leaves θ_p as given)."""
+        if self.rope_type == "dynamic":
+            return inv_freq
         if self.rope_type == "longrope":
             fs = self.long_factors if long else self.short_factors
             if len(fs) != inv_freq.shape[0]:
@@ -359,10 +397,10 @@ class RotaryEmbedding(nn.Module):
         self.d_head, self.rotary_dim, self.scaling = d_head, r, scaling
         self.base = float(base)
         self.interleaved = bool(interleaved)
-        # per (device, dtype, LongRoPE's long factors)
-        self._tables: dict[tuple[torch.device, torch.dtype, bool], tuple[Tensor, Tensor]] = {}
-        # float32 CPU cos, sin (n, d/2), and whether they are LongRoPE's long ones
-        self._pairs: tuple[Tensor, Tensor, bool] | None = None
+        # per (device, dtype, scaling.variant: LongRoPE's long factors, dynamic NTK's n)
+        self._tables: dict[tuple[torch.device, torch.dtype, Any], tuple[Tensor, Tensor]] = {}
+        # float32 CPU cos, sin (n, d/2), and the variant they are of
+        self._pairs: tuple[Tensor, Tensor, Any] | None = None
 
     def extra_repr(self) -> str:
         partial = "" if self.rotary_dim == self.d_head else f", rotary_dim={self.rotary_dim}"
@@ -372,24 +410,31 @@ class RotaryEmbedding(nn.Module):
             f"{partial}{scaled}"
         )
 
-    def inv_freq(self, long: bool = False) -> Tensor:
+    def inv_freq(self, variant: bool | int | None = None) -> Tensor:
         """θ_p = base^(−2p/r) for p in [0, r/2) (r = rotary_dim), divided by `scaling`'s s_p
-        if given (`long`: LongRoPE's long factors); float64 on the CPU."""
+        if given, for `scaling.variant(n)` (LongRoPE: True for its long factors; dynamic NTK: n,
+        whose base it changes); float64 on the CPU."""
         p = torch.arange(0, self.rotary_dim, 2, dtype=torch.float64)
-        theta = self.base ** (-p / self.rotary_dim)
-        return theta if self.scaling is None else self.scaling.apply(theta, self.base, long)
+        if self.scaling is None:
+            return self.base ** (-p / self.rotary_dim)
+        base = self.base
+        if self.scaling.rope_type == "dynamic" and variant is not None:
+            base = self.scaling.dynamic_base(base, int(variant), self.rotary_dim)
+        return self.scaling.apply(base ** (-p / self.rotary_dim), self.base, bool(variant))
 
     def tables(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos_w, sin_w of shape (≥n, d) for positions 0.. on `device` in `dtype` (grown on
         demand), for a call whose positions end before n (LongRoPE picks its factors by n):
         each pair's cos on both its features, and its sin signed −sin on the first;
         features past rotary_dim get cos 1, sin 0 (they pass through)."""
-        long = self.scaling is not None and self.scaling.is_long(n)
-        key = (device, dtype, long)
+        variant = None if self.scaling is None else self.scaling.variant(n)
+        key = (device, dtype, variant)
         got = self._tables.get(key)
         if got is None or got[0].shape[0] < n:
+            if _is_n(variant):  # dynamic NTK: only the latest n's tables are kept
+                self._tables = {k: t for k, t in self._tables.items() if not _is_n(k[2])}
             size = max(256, 1 << (max(n, 1) - 1).bit_length())
-            ang = torch.arange(size, dtype=torch.float64)[:, None] * self.inv_freq(long)[None, :]
+            ang = torch.arange(size, dtype=torch.float64)[:, None] * self.inv_freq(variant)[None, :]
             cos, sin = ang.cos(), ang.sin()
             if self.scaling is not None and self.scaling.cos_sin_scale != 1.0:  # YaRN, LongRoPE
                 cos, sin = cos * self.scaling.cos_sin_scale, sin * self.scaling.cos_sin_scale
@@ -424,15 +469,15 @@ class RotaryEmbedding(nn.Module):
         """float32 CPU cos and sin per (position, pair): (≥n, d/2), contiguous, as
         `nn.fused.rope_qkv` takes them (for rotary_dim = d_head), for a call whose positions
         end before n (as `tables`)."""
-        long = self.scaling is not None and self.scaling.is_long(n)
-        if self._pairs is None or self._pairs[0].shape[0] < n or self._pairs[2] != long:
+        variant = None if self.scaling is None else self.scaling.variant(n)
+        if self._pairs is None or self._pairs[0].shape[0] < n or self._pairs[2] != variant:
             cos_w, sin_w = self.tables(n, torch.device("cpu"), torch.float32)
             P = self.d_head // 2
             if self.interleaved:  # pair p is (2p, 2p+1); sin_w holds (−sin, sin) per pair
                 cos, sin = cos_w[:, 0::2], sin_w[:, 1::2]
             else:  # pair p is (p, p + d/2); sin_w holds (−sin | sin)
                 cos, sin = cos_w[:, :P], sin_w[:, P:]
-            self._pairs = (cos.contiguous(), sin.contiguous(), long)
+            self._pairs = (cos.contiguous(), sin.contiguous(), variant)
         return self._pairs[:2]
 
     def forward(self, x: Tensor, positions: Tensor | int) -> Tensor:
