@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 
 import torch
@@ -258,11 +260,15 @@ def auto_backend(q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False, *
     CPU: SDPA without, tiled with; a mask SDPA's LSE kernels cannot take), and with the backend
     the output's last bits: `qkv.nn` recording a call for the lens checks this, so a recorded
     forward computes what an unrecorded one does."""
-    return _plan(q, k, v, {**_DEFAULTS, **kwargs}, return_lse, "auto")[3]
+    return _plan(q, k, v, {**_request_defaults(), **kwargs}, return_lse, "auto")[3]
 
 
-_DEFAULTS = dict(causal=False, window=None, mask=None, mask_mod=None, score_mod=None, scale=None,
-                 softcap=None, dropout_p=0.0, generator=None, sinks=None)  # fmt: skip
+@functools.cache
+def _request_defaults() -> dict:
+    """`attention`'s keyword defaults that describe the request (not return_lse, backend)."""
+    params = inspect.signature(attention).parameters.values()
+    return {p.name: p.default for p in params
+            if p.kind is p.KEYWORD_ONLY and p.name not in ("return_lse", "backend")}  # fmt: skip
 
 
 def _sdpa_sinks(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
