@@ -547,13 +547,15 @@ def test_gemma3_older_config_fields(tmp_path):
 
 
 def test_gemma3_rope_scaling_is_named(tmp_path):
-    """linear, llama3 and yarn load (tests/models/test_rope_scaling.py); dynamic is named."""
+    """linear, llama3, yarn, longrope and dynamic load (tests/models/test_rope_scaling.py);
+    another rope_type is named."""
     build("gemma3_text", tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
-    cfg["rope_parameters"]["full_attention"].update(rope_type="dynamic", factor=8.0)
+    cfg["rope_parameters"]["full_attention"].update(rope_type="ntk_by_parts", factor=8.0)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
-        ValueError, match=r"rope scaling rope_parameters.full_attention.rope_type='dynamic' is not"
+        ValueError,
+        match=r"rope scaling rope_parameters.full_attention.rope_type='ntk_by_parts' is not",
     ):
         qkv.load(tmp_path)
 
@@ -621,7 +623,9 @@ def test_unknown_model_type_lists_the_supported(folder):
 
 
 def test_unsupported_feature_is_named(folder):
-    _edit_config(folder, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0})
+    _edit_config(
+        folder, rope_parameters={"rope_type": "ntk_by_parts", "rope_theta": 1e4, "factor": 2.0}
+    )
     with pytest.raises(ValueError, match=r"rope scaling.*not supported"):
         qkv.load(folder)
 

@@ -349,8 +349,8 @@ def test_architectures_without_model_type_find_the_family(tmp_path):
          r"deepseek_v3 with quantization_config"),
         ({"qk_rope_head_dim": 5}, (), r"qk_rope_head_dim must be even"),
         ({"kv_lora_rank": 0}, (), r"kv_lora_rank must be a positive int, got 0"),
-        ({"rope_parameters": {**_YARN, "rope_type": "dynamic"}}, (),
-         r"rope_type='dynamic' is not supported"),
+        ({"rope_parameters": {**_YARN, "rope_type": "ntk_by_parts"}}, (),
+         r"rope_type='ntk_by_parts' is not supported"),
         ({"n_group": 3}, (), r"n_group=3 must divide n_experts=8 into equal groups"),
     ],
 )  # fmt: skip

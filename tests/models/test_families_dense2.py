@@ -366,9 +366,9 @@ def test_the_float64_check_can_fail(pair, monkeypatch):
         ("exaone4", {"sliding_window": None}, (),
          r"layer_types marks sliding_attention layers but sliding_window is null"),
         ("olmo3", {"rope_parameters": {_S: {"rope_type": "default", "rope_theta": 100.0},
-                                       _F: {"rope_type": "dynamic", "factor": 2.0,
+                                       _F: {"rope_type": "ntk_by_parts", "factor": 2.0,
                                             "rope_theta": 1000.0}}}, (),
-         r"rope_parameters.full_attention.rope_type='dynamic' is not supported"),
+         r"rope_parameters.full_attention.rope_type='ntk_by_parts' is not supported"),
     ],
 )  # fmt: skip
 def test_bad_config_is_named(tmp_path, mt, changes, drop, match):

@@ -323,9 +323,9 @@ _RP = {"rope_type": "default", "rope_theta": 100.0}
         ("hunyuan_v1_dense", (), {"rope_parameters": {"rope_type": "dynamic", "alpha": -2.0,
                                                       "factor": 1.0, "rope_theta": 100.0}},
          r"rope_scaling.alpha must be a number > 0, got -2.0"),
-        ("hunyuan_v1_dense", (), {"rope_parameters": {**_RP, "rope_type": "dynamic",
+        ("hunyuan_v1_dense", (), {"rope_parameters": {**_RP, "rope_type": "ntk_by_parts",
                                                       "factor": 2.0}},
-         r"rope_type='dynamic' is not supported"),
+         r"rope_type='ntk_by_parts' is not supported"),
     ],
 )  # fmt: skip
 def test_bad_config_is_named(tmp_path, mt, drop, changes, match):
