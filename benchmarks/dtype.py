@@ -9,7 +9,7 @@ A random Llama checkpoint (GQA, untied head; --layers × d=1024, 16 / 4 heads, M
 row runs in a fresh subprocess that imports torch and one of qkv / transformers, loads, and runs
 forward passes of one --n-token text. Memory, both minus the RSS after the imports: the RSS after
 the forwards (what the model holds, every weight read once; file-backed pages included) and the
-peak RSS of the whole run (`ru_maxrss`: the load's copies and the forward's activations). The error
+peak RSS of the whole run (`VmHWM`: the load's copies and the forward's activations). The error
 is max |logits − transformers float64| / max |transformers float64|. Ratios are peer / qkv
 (> 1: qkv uses less memory or time). Times are medians of --repeats forwards after one
 warm-up forward.
@@ -37,8 +37,10 @@ else:
 def rss():  # the resident set now (anonymous and file-backed), MiB
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-def peak():  # the resident set's peak so far, MiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak():  # the resident set's peak so far, MiB: VmHWM, which exec resets (ru_maxrss keeps
+    # the parent's RSS at fork: a child of a parent holding the built model would report it)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
 base = rss()
 dtype, n, repeats = getattr(torch, dtype), int(n), int(repeats)
 t0 = time.perf_counter()
