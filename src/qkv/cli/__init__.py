@@ -202,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except BrokenPipeError:
             raise
-        except OSError as e:  # the system refused: a full disk, a read-only folder...
-            print(f"qkv {args.command}: error: {os_message(e)}", file=sys.stderr)
+        except OSError as e:  # the system refused: a full disk, a read-only folder, no memory
+            names = getattr(args, "python_names", {})
+            msg = cli_message(os_message(e), _flags(parser), names)
+            print(f"qkv {args.command}: error: {msg}", file=sys.stderr)
             return 1
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return rc

@@ -33,6 +33,7 @@ from .encoder import Encoder, EncoderConfig
 from .families import ACTS, FAMILIES, RESHAPES, Family, read_fields
 from .families_base import ntk_alpha, rope_scaling_from, stack_numbered, unstack, weight_rules
 from .gguf import page_out
+from .memory import check_fits
 from .mxfp4 import Dequantized
 from .tokenizer import Tokenizer
 
@@ -281,6 +282,7 @@ def load_dir(
         else:
             model = Decoder(config, tokenizer, _chat_template(d))
         cast(model, dtype)  # on the meta device: `convert` then casts each tensor it loads
+    check_fits(model, str(d))  # before any tensor is converted
     model.load_report = convert(
         state, rules(family, config), model, n_layers=config.n_layers, ignore=family.ignore,
         source=str(d), assign=True,

