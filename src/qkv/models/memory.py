@@ -1,4 +1,4 @@
-"""Refuse, before reading any weight, a model the machine cannot hold.
+"""Refuse, before loading any weight, a model the machine cannot hold.
 
     check_fits(model, source)   # OSError(ENOMEM) naming the size, the memory and the fix
 
