@@ -8,7 +8,7 @@ Hq, Hk, D) fp32. "one process" = `qkv.attention(q, k, v, causal=True)` on the wh
 plus its backward, in a process of its own (the peer). "world W" = `ring_attention` over W
 gloo processes on 127.0.0.1, zigzag layout, each rank holding N/W tokens. Every process runs
 one torch thread. Time: per repeat, the slowest rank's wall time between two barriers; the
-median over repeats. Memory: each process's peak RSS (`ru_maxrss`) minus its RSS just before
+median over repeats. Memory: each process's peak RSS (`VmHWM`) minus its RSS just before
 its tensors were made (after `import torch` and the process group), i.e. what its shard, the
 attention and the gradients cost, in MiB. "tensor MiB": the same without the process's fixed
 costs and the allocator's slack — the bytes of q, k, v, dO plus the most bytes the CPU
@@ -27,7 +27,6 @@ import datetime
 import json
 import math
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -44,7 +43,9 @@ def _rss_mib() -> float:
 
 
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak RSS (VmHWM; ru_maxrss would start from the parent's RSS at fork)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def _tensor_peak(fn) -> int:
