@@ -30,6 +30,10 @@ from safetensors.torch import load_file, save_file
 
 import qkv
 from qkv.nn import MLP, LatentAttention, RotaryEmbedding, SparseMoE
+from tests.models.parity import (  # noqa: F401  (collected here, with this file's `pair`)
+    test_lens_rows_match_output_attentions,
+    test_padded_batch_matches_transformers,
+)
 from tests.models.test_families import (
     N_GREEDY,
     REL_TOL,
@@ -49,7 +53,7 @@ from tests.models.test_families_more import (
     _each_moe,
     _edit_config,
     _error,
-    _sparse,
+    assert_clear_routing,
 )
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
@@ -181,16 +185,6 @@ def test_logits_match_transformers(pair, dtype, monkeypatch):
     assert_routing_is_clear(model, ids)
     err = output_error(ref, model, ids, dtype, monkeypatch, _oracle_)
     assert err <= REL_TOL[dtype], f"{variant} {dtype}: relative error {err:.2e}"
-
-
-def test_padded_batch_matches_transformers(pair):
-    _, ref, model, _ = pair
-    assert padded_error(ref, model) <= TOL
-
-
-def test_lens_rows_match_output_attentions(pair):
-    variant, ref, model, _ = pair
-    assert_lens_rows_match(ref, model, variant)
 
 
 def test_lens_experts_say_when_weights_do_not_sum_to_one(pair):
@@ -390,9 +384,9 @@ def assert_v2_routing_is_clear(model, ids, margin: float = 1e-4) -> None:
     and next group maxima, and the k-th and (k+1)-th kept scores, differ by more than margin
     in log-probability (the softmax keeps the order; a relative gap of 1e-4 in the
     probabilities is far past float32's rounding of them)."""
-    gaps = []
 
-    def hook(moe, logits):
+    def gaps_of(moe, logits):
+        gaps = []
         s, best = _v2_choice64(torch.log_softmax(logits.double(), -1), moe)
         if best is not None and moe.topk_group < moe.n_group:
             top = best.sort(-1, descending=True).values
@@ -400,16 +394,9 @@ def assert_v2_routing_is_clear(model, ids, margin: float = 1e-4) -> None:
         s = s.sort(-1, descending=True).values
         if torch.isfinite(s[:, moe.top_k]).all():
             gaps.append(float((s[:, moe.top_k - 1] - s[:, moe.top_k]).min()))
+        return gaps
 
-    handles = [m.router.register_forward_hook(lambda r, a, o, m=m: hook(m, o))
-               for m in _sparse(model)]  # fmt: skip
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for h in handles:
-            h.remove()
-    assert gaps and min(gaps) > margin, f"a near tie in routing: gap {min(gaps):.1e}"
+    assert_clear_routing(model, ids, gaps_of, margin)
 
 
 def _v2_router64(mod):

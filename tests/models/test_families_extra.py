@@ -23,16 +23,18 @@ import torch.nn.functional as F
 import qkv
 from qkv.models.decoder import DecoderConfig
 from qkv.nn import ParallelBlock
+from tests.models.parity import (  # noqa: F401  (collected here, with this file's `pair`)
+    test_lens_rows_match_output_attentions,
+    test_padded_batch_matches_transformers,
+)
 from tests.models.test_families import _DEC as DECODER
 from tests.models.test_families import (
     N_GREEDY,
     REL_TOL,
-    assert_lens_rows_match,
     float64_oracle_,
     greedy_three_ways,
     ids_for,
     output_error,
-    padded_error,
     rel,
     save_random,
 )
@@ -139,17 +141,6 @@ def test_logits_match_transformers(pair, dtype, monkeypatch):
     oracle_ = functools.partial(extra_float64_oracle_, name, monkeypatch=monkeypatch)
     err = output_error(ref, model, ids, dtype, monkeypatch, oracle_)
     assert err <= REL_TOL[dtype], f"{name} {dtype}: relative error {err:.2e}"
-
-
-def test_padded_batch_matches_transformers(pair):
-    """Right padding: the real tokens' logits equal transformers' with its attention mask."""
-    ref, model = pair[1], pair[2]
-    assert padded_error(ref, model) <= TOL
-
-
-def test_lens_rows_match_output_attentions(pair):
-    name, ref, model = pair
-    assert_lens_rows_match(ref, model, name)
 
 
 def test_greedy_tokens_with_and_without_the_cache(pair):

@@ -21,11 +21,13 @@ import torch.nn.functional as F
 import qkv
 from qkv.models.decoder import DecoderConfig
 from qkv.nn import MLP, MoEConfig, SparseMoE
+from tests.models.parity import (  # noqa: F401  (collected here, with this file's `pair`)
+    test_lens_rows_match_output_attentions,
+)
 from tests.models.test_families import _DEC as DECODER
 from tests.models.test_families import (
     N_GREEDY,
     REL_TOL,
-    assert_lens_rows_match,
     float64_oracle_,
     greedy_three_ways,
     ids_for,
@@ -35,6 +37,7 @@ from tests.models.test_families import (
     rel,
     word_tokenizer,
 )
+from tests.models.test_families_more import assert_clear_routing
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
 
@@ -81,22 +84,13 @@ def pair(request, tmp_path_factory):
 def assert_routing_is_clear(model, ids, margin: float = 1e-4) -> None:
     """Every token's k-th and (k+1)-th router probabilities differ by more than `margin` (far
     above float32 rounding), on every sparse layer of `model` for `ids`."""
-    gaps = []
 
-    def hook(mod, args, logits):
+    def gaps_of(moe, logits):
         p = torch.softmax(logits.double(), -1).sort(-1, descending=True).values  # (n e)
-        k = mod_k[mod]
-        gaps.append(float((p[:, k - 1] - p[:, k]).min()) if k < p.shape[-1] else 1.0)
+        k = moe.top_k
+        return [float((p[:, k - 1] - p[:, k]).min()) if k < p.shape[-1] else 1.0]
 
-    mod_k = {b.mlp.router: b.mlp.top_k for b in model.blocks if isinstance(b.mlp, SparseMoE)}
-    handles = [r.register_forward_hook(hook) for r in mod_k]
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for h in handles:
-            h.remove()
-    assert gaps and min(gaps) > margin, f"a near tie in routing: gap {min(gaps):.1e}"
+    assert_clear_routing(model, ids, gaps_of, margin)
 
 
 def _mixtral_router64(mod):
@@ -147,11 +141,6 @@ def test_padded_batch_matches_transformers(pair):
     its own, so the real tokens' logits equal transformers' with its attention mask."""
     ref, model = pair[1], pair[2]
     assert padded_error(ref, model) <= TOL
-
-
-def test_lens_rows_match_output_attentions(pair):
-    mt, ref, model, _ = pair
-    assert_lens_rows_match(ref, model, mt)
 
 
 def assert_lens_experts_match(ref, model, text: str, i: int) -> None:

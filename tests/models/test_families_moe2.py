@@ -22,16 +22,18 @@ from safetensors.torch import load_file, save_file
 
 import qkv
 from qkv.nn import MLP, SparseMoE
+from tests.models.parity import (  # noqa: F401  (collected here, with this file's `pair`)
+    test_lens_rows_match_output_attentions,
+    test_padded_batch_matches_transformers,
+)
 from tests.models.test_families import _DEC as DECODER
 from tests.models.test_families import (
     N_GREEDY,
     REL_TOL,
-    assert_lens_rows_match,
     float64_oracle_,
     greedy_three_ways,
     ids_for,
     output_error,
-    padded_error,
     save_random,
 )
 from tests.models.test_families_more import (
@@ -40,7 +42,7 @@ from tests.models.test_families_more import (
     _each_moe,
     _edit_config,
     _error,
-    _sparse,
+    assert_clear_routing,
 )
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
@@ -87,9 +89,9 @@ def assert_routing_is_clear(model, ids, margin: float = 1e-4) -> None:
     """On every sparse layer of `model` for `ids`, in float64: the topk_group-th and next
     group scores differ by more than `margin`, and so do the k-th and (k+1)-th biased scores
     among the kept groups' experts (a near tie would let rounding choose another expert)."""
-    gaps = []
 
-    def hook(moe, args, logits):
+    def gaps_of(moe, logits):
+        gaps = []
         s = torch.sigmoid(logits.double()) + moe.score_bias.double()  # (n e)
         g, tg = moe.n_group, moe.topk_group
         if g > 1:
@@ -104,16 +106,9 @@ def assert_routing_is_clear(model, ids, margin: float = 1e-4) -> None:
         k = moe.top_k
         if torch.isfinite(s[:, k]).all():
             gaps.append(float((s[:, k - 1] - s[:, k]).min()))
+        return gaps
 
-    handles = [m.router.register_forward_hook(lambda r, a, o, m=m: hook(m, a, o))
-               for m in _sparse(model)]  # fmt: skip
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for h in handles:
-            h.remove()
-    assert gaps and min(gaps) > margin, f"a near tie in routing: gap {min(gaps):.1e}"
+    assert_clear_routing(model, ids, gaps_of, margin)
 
 
 def _router64(mod):
@@ -174,16 +169,6 @@ def test_logits_match_transformers(pair, dtype, monkeypatch):
     assert_routing_is_clear(model, ids)
     err = output_error(ref, model, ids, dtype, monkeypatch, _oracle_)
     assert err <= REL_TOL[dtype], f"{mt} {dtype}: relative error {err:.2e}"
-
-
-def test_padded_batch_matches_transformers(pair):
-    _, ref, model, _ = pair
-    assert padded_error(ref, model) <= TOL
-
-
-def test_lens_rows_match_output_attentions(pair):
-    mt, ref, model, _ = pair
-    assert_lens_rows_match(ref, model, mt)
 
 
 def test_greedy_tokens_with_and_without_the_cache(pair):

@@ -26,16 +26,18 @@ from safetensors.torch import load_file, save_file
 
 import qkv
 from qkv.nn import MLP, SparseMoE
+from tests.models.parity import (  # noqa: F401  (collected here, with this file's `pair`)
+    test_lens_rows_match_output_attentions,
+    test_padded_batch_matches_transformers,
+)
 from tests.models.test_families import _DEC as DECODER
 from tests.models.test_families import (
     N_GREEDY,
     REL_TOL,
-    assert_lens_rows_match,
     float64_oracle_,
     greedy_three_ways,
     ids_for,
     output_error,
-    padded_error,
     save_random,
 )
 from tests.models.test_families_dense import _half_split, _no_qk_norm
@@ -50,6 +52,7 @@ from tests.models.test_families_more import (
     _edit_config,
     _error,
     _sparse,
+    assert_clear_routing,
 )
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
@@ -92,26 +95,17 @@ def assert_routing_is_clear(model, ids, margin: float = 1e-4) -> None:
     """On every sparse layer of `model` for `ids`, in float64: the k-th and (k+1)-th choice
     scores differ by more than `margin` (softmax + score bias, or the logits themselves under
     topk_softmax); a near tie would let rounding choose another expert."""
-    gaps = []
 
-    def hook(moe, logits):
+    def gaps_of(moe, logits):
         s = logits.double()  # (n e)
         if moe.order == "softmax_topk":
             s = torch.softmax(s, -1)
             if moe.score_bias is not None:
                 s = s + moe.score_bias.double()
         s = s.sort(-1, descending=True).values
-        gaps.append(float((s[:, moe.top_k - 1] - s[:, moe.top_k]).min()))
+        return [float((s[:, moe.top_k - 1] - s[:, moe.top_k]).min())]
 
-    handles = [m.router.register_forward_hook(lambda r, a, o, m=m: hook(m, o))
-               for m in _sparse(model)]  # fmt: skip
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for h in handles:
-            h.remove()
-    assert gaps and min(gaps) > margin, f"a near tie in routing: gap {min(gaps):.1e}"
+    assert_clear_routing(model, ids, gaps_of, margin)
 
 
 def _ernie_router64(mod):
@@ -203,16 +197,6 @@ def test_logits_match_transformers(pair, dtype, monkeypatch):
 
     err = output_error(ref, model, ids, dtype, monkeypatch, oracle_)
     assert err <= REL_TOL[dtype], f"{mt} {dtype}: relative error {err:.2e}"
-
-
-def test_padded_batch_matches_transformers(pair):
-    _, ref, model, _ = pair
-    assert padded_error(ref, model) <= TOL
-
-
-def test_lens_rows_match_output_attentions(pair):
-    mt, ref, model, _ = pair
-    assert_lens_rows_match(ref, model, mt)
 
 
 def test_greedy_tokens_with_and_without_the_cache(pair):

@@ -60,6 +60,23 @@ def _sparse(model) -> list:
     return [b.mlp for b in model.blocks if isinstance(b.mlp, SparseMoE)]
 
 
+def assert_clear_routing(model, ids, gaps_of, margin: float) -> None:
+    """Run `model` on `ids` with each sparse layer's router logits (n e) handed to
+    `gaps_of(moe, logits)`, which returns the gaps it finds between a last choice and the next
+    (in float64); every gap must exceed `margin`, and there must be one: a near tie would let
+    rounding choose another expert."""
+    gaps: list[float] = []
+    handles = [m.router.register_forward_hook(lambda r, a, o, m=m: gaps.extend(gaps_of(m, o)))
+               for m in _sparse(model)]  # fmt: skip
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    assert gaps and min(gaps) > margin, f"a near tie in routing: gap {min(gaps):.1e}"
+
+
 def _each_moe(fn):
     def edit(model):
         for moe in _sparse(model):

@@ -17,12 +17,14 @@ from safetensors.torch import load_file, save_file
 
 import qkv
 from qkv.models import hf as qhf
+from tests.models.parity import (  # noqa: F401  (collected here, with this file's `pair`)
+    test_lens_rows_match_output_attentions,
+)
 
 from .test_families import (
     N_GREEDY,
     REL_TOL,
     V,
-    assert_lens_rows_match,
     greedy_three_ways,
     ids_for,
     output_error,
@@ -117,11 +119,6 @@ def test_greedy_tokens_and_cache(pair):
     ref.generation_config.eos_token_id = None  # no end token: every pick unsuppressed
     want, cached, uncached = greedy_three_ways(ref, model, ids_for(5, 7), N_GREEDY)
     assert cached == uncached == want
-
-
-def test_lens_rows_match_output_attentions(pair):
-    mt, ref, model, _ = pair
-    assert_lens_rows_match(ref, model, mt)
 
 
 def test_the_vision_tensors_are_ignored_and_the_name_says_text_model(pair):

@@ -267,12 +267,6 @@ def load_dir(
         raise FileNotFoundError(f"{d} has no {TOKENIZER}")
     raw = read_weights(d)  # memory-mapped from the files
     state = strip_prefixes(raw, prefixes, str(d))
-    try:  # MXFP4 pairs (gpt-oss's experts, X_blocks + X_scales) → X, as transformers holds it
-        state = dict(Dequantized(state, dtype))
-    except ValueError as e:
-        raise ValueError(f"{d}: {e}") from e
-    state = stack_numbered(state, family.stacked)
-    state = unstack(state, family.unstacked)
     if family.wrapper is not None and config.tie_embeddings and "lm_head.weight" in state:
         # transformers ties lm_head to the embedding only where the file holds no other one
         config = dataclasses.replace(config, tie_embeddings=False)
@@ -282,7 +276,13 @@ def load_dir(
         else:
             model = Decoder(config, tokenizer, _chat_template(d))
         cast(model, dtype)  # on the meta device: `convert` then casts each tensor it loads
-    check_fits(model, str(d))  # before any tensor is converted
+    check_fits(model, str(d))  # before any tensor is dequantised, stacked or converted
+    try:  # MXFP4 pairs (gpt-oss's experts, X_blocks + X_scales) → X, as transformers holds it
+        state = dict(Dequantized(state, dtype))
+    except ValueError as e:
+        raise ValueError(f"{d}: {e}") from e
+    state = stack_numbered(state, family.stacked)
+    state = unstack(state, family.unstacked)
     model.load_report = convert(
         state, rules(family, config), model, n_layers=config.n_layers, ignore=family.ignore,
         source=str(d), assign=True,
