@@ -76,12 +76,61 @@ def lens_across_ranks(rank: int, world: int) -> dict:
         sinks = [h.get("sink", 0.0) for lay in got["layers"] for h in lay["heads"]]
         report[f"sinks:{layout}/slept/0"] = {"diff": d, "mismatch": bad[:5],
                                              "sinks": min(sinks)}  # fmt: skip
+    report.update(half_precision_lens())
     model = TinyModel(causal=True, n_layers=3, seed=3)
     # the comparison can fail: another query's record differs
     other = explain(TEXT, "it", occurrence=-1, model=model, top=3, progress=False).to_dict()
     got = explain_sharded(TEXT, "slept", model=model, top=3, progress=False).to_dict()
     report["other"] = len(diff(got, other)[1])
     return report
+
+
+def half_precision_lens(rank: int = 0, world: int = 1) -> dict:
+    """The bf16 model's record, sharded and single-process, each against the float64 record of
+    the same weights: {layout: {"sharded", "single": max relative error, "mismatch"}}. In bf16
+    the two forwards round differently (the ring merges partial softmaxes), so the sharded one
+    is held to flash-attn's criterion against float64, not to equality with the single one."""
+    from qkv.nn import cast
+    from tests.lens.conftest import TinyModel
+
+    report = {}
+    model64 = cast(TinyModel(causal=True, n_layers=3, seed=3), torch.float64)
+    model16 = cast(TinyModel(causal=True, n_layers=3, seed=3), torch.bfloat16)
+    want = explain(TEXT, "slept", model=model64, top=0, progress=False).to_dict()
+    single = explain(TEXT, "slept", model=model16, top=0, progress=False).to_dict()
+    for layout in ("contiguous", "zigzag"):
+        got = explain_sharded(TEXT, "slept", model=model16, top=0, layout=layout,
+                              progress=False).to_dict()  # fmt: skip
+        d_got, bad = keyed_diff(got, want)
+        d_single, _ = keyed_diff(single, want)
+        report[f"bf16:{layout}"] = {"sharded": d_got, "single": d_single, "mismatch": bad[:5],
+                                    "dtype": got["model_config"].get("dtype"),
+                                    "softmax": softmax_gap(got)}  # fmt: skip
+    return report
+
+
+def softmax_gap(rec: dict) -> float:
+    """max |softmax(scores) − weights| over a record's heads, the softmax in float64 here: the
+    record's own numbers must agree (a score column rounded to bf16 would not, by ~1e-3)."""
+    gap = 0.0
+    for lay in rec["layers"]:
+        for h in lay["heads"]:
+            s = torch.tensor([k["score"] for k in h["keys"]], dtype=torch.float64)
+            w = torch.tensor([k["weight"] for k in h["keys"]], dtype=torch.float64)
+            gap = max(gap, (torch.softmax(s, 0) - w).abs().max().item())
+    return gap
+
+
+def keyed_diff(got: dict, want: dict) -> tuple[float, list[str]]:
+    """(max relative difference of (score, weight, contribution) per (layer, head, key index),
+    mismatches of the key sets and the tokens). Keys compared by index, not rank: rounding
+    reorders near-tied weights."""
+    (g, g_sets), (w, w_sets) = by_key(got), by_key(want)
+    bad = [f"{a} != {b}" for a, b in zip(g_sets, w_sets, strict=True) if a != b]
+    if got["tokens"] != want["tokens"]:
+        bad.append("tokens differ")
+    d = max(abs(x - y) / max(1.0, abs(y)) for k in w for x, y in zip(g[k], w[k], strict=True))
+    return d, bad
 
 
 def by_key(rec: dict) -> tuple[dict, list[str]]:

@@ -45,6 +45,23 @@ def test_sharded_record_with_sinks_equals_single_process(report, layout):
         assert got["sinks"] > 0, "every head has a sink share"
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_sharded_bf16_record_is_as_exact_as_single_process(report, layout):
+    """A bfloat16 model's sharded record, against the float64 record of the same weights, is
+    within flash-attn's criterion (tests/test_flash_attn.py): error ≤ 2 × the single-process
+    bf16 record's own error + 1e-3. Same keys, indices and texts; the record says bfloat16, and
+    its weights are the float64 softmax of its scores within 1e-5 (seen 1.7e-7; 2.3e-3 without `widen`)."""
+    for r, rep in enumerate(report):
+        got = rep[f"bf16:{layout}"]
+        assert got["mismatch"] == [], f"rank {r}: {got['mismatch']}"
+        assert got["dtype"] == "bfloat16"
+        assert 0 < got["single"] < 0.1, f"rank {r}: single-process bf16 error {got['single']}"
+        assert got["sharded"] <= 2 * got["single"] + 1e-3, (
+            f"rank {r}: sharded {got['sharded']:.3g} vs single {got['single']:.3g}"
+        )
+        assert got["softmax"] <= 1e-5, f"rank {r}: softmax(score) vs weight {got['softmax']:.3g}"
+
+
 def test_the_check_can_fail(report):
     assert all(rep["other"] > 0 for rep in report)
 
