@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import qkv
+from qkv.attention import auto_backend
 
 TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # vs SDPA, same dtype
 GRAD_FACTOR = 10  # gradients are sums over Sq rows: allow 10× the output tolerance
@@ -214,8 +215,18 @@ def window_timing(device: str, dtype, n: int, w: int = 256) -> list[str]:
         bwd = lambda: torch.autograd.grad(fn().sum(), (q, k, v))  # noqa: E731
         return fwd, bwd
 
+    def inference():
+        with torch.no_grad():  # `auto` without a gradient: the Triton forward where it runs
+            return qkv.attention(q, k, v, window=(w - 1, 0))
+
     runs = {
-        "qkv tiled (banded)": both(lambda: qkv.attention(q, k, v, window=(w - 1, 0))),
+        "qkv tiled (banded)": both(
+            lambda: qkv.attention(q, k, v, window=(w - 1, 0), backend="tiled")
+        ),
+        f"qkv auto, no grad ({auto_backend(q.detach(), k.detach(), v.detach(), window=(w - 1, 0))})": (
+            inference,
+            None,
+        ),
         "SDPA + bool mask": both(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)),
     }
     if "triton" in kernels():
@@ -236,15 +247,24 @@ def window_timing(device: str, dtype, n: int, w: int = 256) -> list[str]:
     times = {}
     for name, (fwd, bwd) in runs.items():
         try:
+            if bwd is None:  # forward only
+                times[name] = (median_ms(fwd, device), float("nan"), float("nan"))
+                continue
             times[name] = (median_ms(fwd, device), median_ms(bwd, device, 5), peak_mib(bwd, device))
         except Exception as e:
             rows.append(f"| {name} failed: {type(e).__name__}: {str(e)[:120]} | | | |")
+
+    def shown(x: float, fmt: str) -> str:
+        return "—" if x != x else format(x, fmt)  # NaN: not measured (forward only)
+
     for name, (f, b, m) in times.items():
-        rows.append(f"| {name} | {f:.2f} ms | {b:.2f} ms | {m:.0f} MiB |")
+        rows.append(f"| {name} | {f:.2f} ms | {shown(b, '.2f')} ms | {shown(m, '.0f')} MiB |")
     ours = times.get("qkv tiled (banded)")
     for name, (f, b, _) in times.items():
         if ours and name != "qkv tiled (banded)":
-            rows.append(f"| ratio {name} / qkv | {f / ours[0]:.2f}× | {b / ours[1]:.2f}× | |")
+            rows.append(
+                f"| ratio {name} / qkv | {f / ours[0]:.2f}× | {shown(b / ours[1], '.2f')}× | |"
+            )
     return rows
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -16,7 +17,9 @@ from .sdpa import lse_supported, sdpa, sdpa_lse, unsupported
 from .spec import MaskMod, ScoreMod, Spec, make_spec
 from .tiled import tiled
 
-BACKENDS = ("auto", "reference", "tiled", "sdpa", "fused", "triton")  # triton: opt-in only
+BACKENDS = ("auto", "reference", "tiled", "sdpa", "fused", "triton")
+# devices on which `auto` may take the Triton forward (tests add "cpu" under TRITON_INTERPRET)
+TRITON_AUTO_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 def _triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
@@ -36,17 +39,65 @@ def _triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tens
 def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> str:
     """`auto`: see `_choose`; on CPU, `fused` replaces `tiled` for a sliding window, a
     mask_mod or a score mod it can compute (measured 1.1–3.8× tiled's forward there,
-    benchmarks/RESULTS.md); plain and causal requests keep SDPA / tiled, which are faster."""
+    benchmarks/RESULTS.md); plain and causal requests keep SDPA / tiled, which are faster.
+    On CUDA, `triton` replaces `tiled` for what it computes (windows, sinks, an LSE SDPA's
+    kernels cannot return) when no gradient is needed: its forward measured 14× tiled's for a
+    window of 256 at 32k tokens on an H200 (issue 15). With a gradient `tiled` stays until
+    the Triton backward has been timed on a GPU."""
     backend = _choose(q, k, v, spec, return_lse)
     compiling = torch.compiler.is_compiling()  # a traced graph cannot branch on q's values
     if backend == "sdpa" and q.device.type == "cpu" and not compiling and not _sum_finite(q):
         backend = "tiled"
+    if backend != "tiled" or not (spec.Sq and spec.Sk):
+        return backend
     special = spec.left is not None or spec.mask_mod is not None or spec.has_mods
     special = special or spec.sinks is not None
-    if backend == "tiled" and special and spec.Sq and spec.Sk:
-        if fused_cpu.supported(q, spec) is None:
-            return "fused"
+    if special and fused_cpu.supported(q, spec) is None:
+        return "fused"
+    if not compiling and _triton_forward_fits(q, k, v, spec):
+        return "triton"
     return backend
+
+
+_TRITON_BROKEN: list[str] = []  # why this process's Triton could not build the kernel, if so
+
+
+def _triton_build_failed(e: Exception) -> bool:
+    """Whether `e` is Triton failing to compile or fit the kernel on this GPU (its
+    `TritonError`s: CompilationError, OutOfResources, PTXASError). Then `auto` warns once, runs
+    `tiled` (the same numbers within the error budget) and never tries Triton again here."""
+    try:
+        from triton.errors import TritonError
+    except ImportError:  # older Triton: no common base class
+        from triton.compiler.errors import CompilationError as TritonError
+    if not isinstance(e, TritonError):
+        return False
+    if not _TRITON_BROKEN:
+        _TRITON_BROKEN.append(f"{type(e).__name__}: {str(e)[:300]}")
+        warnings.warn(
+            f"qkv.attention: the Triton kernel could not be built on this GPU "
+            f"({_TRITON_BROKEN[0]}); backend='auto' runs 'tiled' instead from now on. "
+            "Pass backend='triton' to see the full error.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return True
+
+
+def _triton_forward_fits(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
+    """Whether `auto` may run this request on the Triton forward: a device in
+    `TRITON_AUTO_DEVICES`, Triton importable, no gradient to take, a request it supports."""
+    if q.device.type not in TRITON_AUTO_DEVICES or _TRITON_BROKEN:
+        return False
+    if torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, spec.sinks) if t is not None
+    ):
+        return False
+    try:
+        from . import triton_kernel
+    except ImportError:  # no Triton (or no working one): tiled computes the same
+        return False
+    return triton_kernel.unsupported(q, spec) is None
 
 
 def _sum_finite(q: Tensor) -> bool:
@@ -183,7 +234,8 @@ def attention(
     checks), "fused" (CPU: one compiled loop per query block for windows, mask_mods, softcap and
     ALiBi, with a cached block mask, tiled's backward; what it cannot compute exactly runs on
     tiled), "triton" (FlashAttention-2-style forward and backward kernels for CUDA;
-    plain/causal/window/GQA and sinks only; opt-in: "auto" never picks it), "auto" (the fastest
+    plain/causal/window/GQA and sinks only; "auto" takes its forward on CUDA for windows,
+    sinks and LSEs that SDPA cannot serve, when no gradient is needed), "auto" (the fastest
     exact one). Equivalent PyTorch::
 
         s = (q @ k.repeat_interleave(Hq // Hk, 1).transpose(-1, -2)) * scale
@@ -203,6 +255,14 @@ def attention(
             if not auto:
                 raise
             backend = "tiled"
+    if backend == "triton":
+        try:
+            out, lse = _triton_attention(q, k, v, spec)
+            return (out, lse) if return_lse else out
+        except Exception as e:  # only Triton's own build errors, and only under auto
+            if not auto or not _triton_build_failed(e):
+                raise
+            backend = "tiled"
     if backend == "reference":
         r = _reference(q, k, v, spec)
         return (r.out, r.lse) if return_lse else r.out
@@ -211,9 +271,6 @@ def attention(
         return (out, lse) if return_lse else out
     if backend == "fused":
         out, lse = fused_cpu.fused(q, k, v, spec)
-        return (out, lse) if return_lse else out
-    if backend == "triton":
-        out, lse = _triton_attention(q, k, v, spec)
         return (out, lse) if return_lse else out
     return sdpa(q, k, v, spec)
 
@@ -256,7 +313,7 @@ def _plan(
 
 def auto_backend(q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False, **kwargs) -> str:
     """The backend `attention(q, k, v, **kwargs, return_lse=return_lse)` runs under "auto":
-    "sdpa", "tiled", "fused" or "reference". Asking for the LSE can change it (fp16/bf16 on
+    "sdpa", "tiled", "fused", "triton" or "reference". Asking for the LSE can change it (fp16/bf16 on
     CPU: SDPA without, tiled with; a mask SDPA's LSE kernels cannot take), and with the backend
     the output's last bits: `qkv.nn` recording a call for the lens checks this, so a recorded
     forward computes what an unrecorded one does."""

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .spec import Spec
-from .triton_kernel import LOG2E, Config, _block_range
+from .triton_kernel import LOG2E, Config, _as_operand, _block_range
 
 _SUM = tl.standard._sum_combine  # builtins only, as in triton_kernel (the interpreter needs them)
 
@@ -132,10 +132,14 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DLT, DK, DV,
                                            sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, DOT_F32)  # fmt: skip
             p = _probs(q, kt, lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
                        HAS_LEFT, HAS_RIGHT, DOT_PREC)  # (i j)  # fmt: skip
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PREC)  # (j e)
+            dv = tl.dot(
+                tl.trans(_as_operand(p, do, DOT_F32)), do, dv, input_precision=DOT_PREC
+            )  # (j e)
             dp = tl.dot(do, vt, input_precision=DOT_PREC)  # (i j) fp32
             ds = p * (dp - dlt[:, None])
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PREC)  # (j d)
+            dk = tl.dot(
+                tl.trans(_as_operand(ds, q, DOT_F32)), q, dk, input_precision=DOT_PREC
+            )  # (j d)
     tl.store(DK + b * skgb + g * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
              dk * sm_scale, mask=kv_mask)  # fmt: skip
     tl.store(DV + b * svgb + g * svgh + offs_n[:, None] * svgn + offs_d[None, :] * svgd,
@@ -174,7 +178,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DLT, DQ,
                    HAS_LEFT, HAS_RIGHT, DOT_PREC)  # (i j)  # fmt: skip
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (i j) fp32
         ds = p * (dp - dlt[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)  # (i d)
+        dq = tl.dot(_as_operand(ds, k, DOT_F32), k, dq, input_precision=DOT_PREC)  # (i d)
     qm = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
     tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_d[None, :] * sgd,
              dq * sm_scale, mask=qm)  # fmt: skip

@@ -1,4 +1,5 @@
-"""The triton backend: a FlashAttention-2-style forward kernel for CUDA, opt-in and unmeasured.
+"""The triton backend: a FlashAttention-2-style forward kernel for CUDA. `auto` takes it on CUDA
+where it would take `tiled` and no gradient is needed (`api.choose_backend`).
 
 One program per (query block, b·h): it loads its Q block (i d) once, visits only the key
 blocks the band (causal/window) can keep, and keeps an online softmax in base 2 (scores ×
@@ -15,7 +16,8 @@ variant that zeroes them and marks NaN exactly where plain math would (a kept ba
 fp16/bf16/fp32 in; scores q·k are accumulated in fp32 by `tl.dot` and never rounded to the
 input dtype, and softmax, `m`, `l` and `acc` stay fp32 (P is rounded to v's dtype before P·V, as
 FlashAttention does); LSE fp32 natural log (under the interpreter, whose
-`tl.dot` mistakes bf16 for integers, bf16 operands are widened to fp32 first: same products).
+`tl.dot` mistakes bf16 for integers, bf16 operands are widened to fp32 first: same products;
+and its fp32 → bf16 cast truncates, so `_round` rounds to nearest even first, as a GPU does).
 Head dims D = Dv ≤ 256, padded to a power of two ≥ 16 inside. fp32 dots use IEEE precision
 (no TF32), as the error budget demands.
 
@@ -129,6 +131,29 @@ def _block_range(qs, qe, Sk, delta, left, right, HAS_LEFT: tl.constexpr, HAS_RIG
 
 
 @triton.jit
+def _round(x, dtype: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """fp32 x → `dtype`, to nearest even. RTNE_BF16 (Triton's CPU interpreter with bf16): its
+    fp32 → bf16 cast truncates, unlike compiled kernels, so the rounding is done here on the
+    bits first (+0x7FFF and the kept bit's parity, low half cleared); the cast is then exact.
+    A negative NaN with all payload bits set would wrap to 0: the kernel makes none."""
+    if RTNE_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _as_operand(x, like, DOT_F32: tl.constexpr):
+    """fp32 x rounded to `like`'s dtype, as a dot operand beside it (FlashAttention rounds P
+    and dS so). Under DOT_F32 (the interpreter's bf16, operands widened to fp32): rounded to
+    bf16 to nearest even and widened back, the products a compiled kernel's bf16 dot forms."""
+    if DOT_F32:
+        return _round(x, tl.bfloat16, True).to(tl.float32)
+    return x.to(like.dtype)
+
+
+@triton.jit
 def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
            blk_lo, blk_hi, Sk, D, delta, left, right, qk_scale,
            MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -185,7 +210,7 @@ def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, of
                 hit = tl.dot(keep.to(tl.float32), bad, hit, input_precision="ieee")
             else:
                 hit = hit + tl.reduce(bad, 0, _SUM)[None, :]
-        p = p.to(v.dtype)  # (i j) rounded like v, as FlashAttention does
+        p = _round(p, v.dtype, DOT_F32)  # (i j) rounded like v, as FlashAttention does
         if DOT_F32:
             p = p.to(tl.float32)
             v = v.to(tl.float32)
@@ -266,7 +291,8 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
         (m_safe + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,  # ln 2
     )
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    out = _round(out, O.dtype.element_ty, DOT_F32 and O.dtype.element_ty == tl.bfloat16)
+    tl.store(o_ptrs, out, mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + pid_bh * Sq + offs_m, lse, mask=m_ok)
     if COUNT:
         n_blocks = tl.num_programs(0)
