@@ -90,3 +90,63 @@ def test_torch_func_transforms_run_auto_on_the_reference_and_refuse_custom_backw
     for backend in ("tiled", "fused"):
         with pytest.raises(ValueError, match=f"backend='{backend}'.*torch.func"):
             torch.func.grad(lambda q: qkv.attention(q, k, v, backend=backend).sum())(q)  # noqa: B023
+
+
+# SDPA's fused kernels (CPU flash, CUDA flash/efficient) have no double backward: "auto" and
+# "sdpa" serve out-only calls (no LSE) through them, so those calls are checked here.
+SDPA_CASES = {
+    "plain": lambda: {},
+    "causal": lambda: {"causal": True},
+    "bool mask": lambda: {
+        "mask": torch.rand(9, 9, generator=torch.Generator().manual_seed(2)) > 0.3
+    },
+    "learned bias": lambda: {"mask": torch.randn(9, 9, dtype=torch.float64, requires_grad=True)},
+}
+
+
+@pytest.mark.parametrize("case", list(SDPA_CASES))
+@pytest.mark.parametrize("backend", ["auto", "sdpa"])
+def test_second_derivatives_through_sdpa_match_float64_oracle(backend, case):
+    """Before: `create_graph=True` through the default backend on a plain, causal or masked call
+    raised PyTorch's "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward
+    is not implemented". A learned bias is differentiated twice too."""
+    kw = SDPA_CASES[case]()
+    q, k, v = make_qkv(2, 4, 2, 9, 9, 8, dtype=torch.float64, requires_grad=True)
+    bias = [kw["mask"]] if case == "learned bias" else []
+    g = torch.Generator().manual_seed(1)
+    xs = [q, k, v, *bias]
+    us = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in xs]
+
+    def ours(q, k, v, *b):
+        out = qkv.attention(q, k, v, **({**kw, "mask": b[0]} if b else kw), backend=backend)
+        return out, torch.zeros(())
+
+    def oracle(q, k, v, *b):
+        return naive(q, k, v, **({**kw, "mask": b[0]} if b else kw)).out, torch.zeros(())
+
+    from qkv.attention import auto_backend
+
+    assert auto_backend(q, k, v, **kw) == "sdpa"  # the path under test
+    g1, h1 = _hvp(ours, xs, us, False)
+    ref = [t.detach().clone().requires_grad_() for t in xs]
+    g0, h0 = _hvp(oracle, ref, us, False)
+    for name, a, b in zip(["q", "k", "v", "bias"], g1, g0, strict=False):
+        assert err(a, b) < 1e-10, f"d{name}: {err(a, b):.3g}"
+    for name, a, b in zip(["q", "k", "v", "bias"], h1, h0, strict=False):
+        assert b.abs().max() > 0 and err(a, b) < 1e-10, f"Hv wrt {name}: {err(a, b):.3g}"
+
+
+def test_sdpa_gradgradcheck_and_a_second_backward_of_the_same_graph():
+    q, k, v = make_qkv(1, 2, 1, 3, 5, 4, Dv=3, dtype=torch.float64, requires_grad=True)
+    fn = lambda q, k, v: qkv.attention(q, k, v, backend="sdpa")  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (q, k, v))
+    out = fn(q, k, v)
+    a = torch.autograd.grad(out.sum(), q, retain_graph=True)[0]
+    assert torch.equal(a, torch.autograd.grad(out.sum(), q)[0])
+
+
+def test_second_derivatives_through_sdpa_dropout_are_refused_by_name():
+    q, k, v = make_qkv(1, 2, 1, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    out = qkv.attention(q, k, v, dropout_p=0.1, backend="sdpa")
+    with pytest.raises(ValueError, match=r"dropout_p=0\.1.*backend='reference'"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)

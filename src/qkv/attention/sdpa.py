@@ -50,16 +50,74 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Tensor:
     mask = None if is_causal or not spec.masked else dense_mask(spec, q.device)
     if mask is not None and mask.is_floating_point():
         mask = mask.to(q.dtype)
-    return F.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=mask,
-        dropout_p=spec.dropout_p,
-        is_causal=is_causal,
-        scale=spec.scale,
-        enable_gqa=spec.G > 1,
-    )
+
+    def call(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=spec.dropout_p,
+            is_causal=is_causal,
+            scale=spec.scale,
+            enable_gqa=spec.G > 1,
+        )
+
+    inputs = (q, k, v) if mask is None or not mask.is_floating_point() else (q, k, v, mask)
+    if (
+        torch.is_grad_enabled()
+        and any(t.requires_grad for t in inputs)
+        and not torch.compiler.is_compiling()
+    ):
+        return _Twice.apply(call, spec.dropout_p, mask, *inputs[:3], *inputs[3:])
+    return call(q, k, v, mask)
+
+
+class _Twice(torch.autograd.Function):
+    """SDPA differentiable twice. PyTorch's fused kernels (CPU flash, CUDA flash/efficient)
+    have no double backward, so `create_graph=True` through them fails. This runs the fused
+    kernel and keeps its graph for plain backwards; a backward that must itself be
+    differentiable (gradient penalties, Hessian-vector products) recomputes the forward on
+    SDPA's math backend, which is composite and differentiates any number of times, the mask
+    included. Not with dropout: its mask cannot be redrawn."""
+
+    @staticmethod
+    def forward(ctx, call, dropout_p, mask, q, k, v, *float_mask):
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v, *float_mask)]
+        with torch.enable_grad():
+            out = call(*leaves[:3], leaves[3] if float_mask else mask)
+        ctx.call, ctx.dropout_p, ctx.mask = call, dropout_p, mask
+        ctx.graph = (leaves, out)
+        ctx.save_for_backward(q, k, v, *float_mask)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, dout):
+        leaves, out = ctx.graph
+        if not torch.is_grad_enabled():  # a plain backward: the fused kernel's own
+            wrt = [t for t in leaves if t.requires_grad]
+            # retained: a caller may backward twice (retain_graph=True, gradcheck); the inner
+            # graph holds what SDPA saved (q, k, v, out, LSE) until this node is freed
+            got = iter(torch.autograd.grad(out, wrt, dout, retain_graph=True) if wrt else ())
+            return None, None, None, *(next(got) if t.requires_grad else None for t in leaves)
+        if ctx.dropout_p > 0:
+            raise ValueError(
+                f"backend 'sdpa' cannot differentiate twice (create_graph=True) through "
+                f"dropout_p={ctx.dropout_p}: its dropout mask cannot be redrawn; use "
+                "backend='reference' for second derivatives with dropout"
+            )
+        inputs = ctx.saved_tensors
+        wrt = [t for t, n in zip(inputs, ctx.needs_input_grad[3:], strict=True) if n]
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            again = ctx.call(*inputs[:3], inputs[3] if len(inputs) > 3 else ctx.mask)
+        got = iter(torch.autograd.grad(again, wrt, dout, create_graph=True, allow_unused=True))
+        res = []
+        for t, n in zip(inputs, ctx.needs_input_grad[3:], strict=True):
+            g = next(got) if n else None
+            res.append(torch.zeros_like(t) if n and g is None else g)
+        return None, None, None, *res
 
 
 def lse_supported(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
