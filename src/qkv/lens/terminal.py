@@ -99,12 +99,31 @@ def label(r: ExplainResult, j: int) -> str:
     return f"{tok(r, j)} ({j})"
 
 
-def _rank_contribution(h: Head) -> list[int]:
+def content_ranks(h: Head, top: int) -> list[tuple[int, bool]]:
+    """Each kept key's rank by contribution among all the keys the query sees, and whether it
+    is exact: (rank, True), or (a lower bound, False) for a key cut lists cannot place.
+
+    A head keeps the top-k by weight ∪ the top-k by contribution (all with top=0), so a rank
+    among the kept keys is the true rank up to k; past k it is only a lower bound (the true
+    rank counts keys the record dropped)."""
     order = sorted(range(len(h.index)), key=lambda r: -h.contribution[r])
-    ranks = [0] * len(h.index)
-    for rank, r in enumerate(order):
-        ranks[r] = rank + 1
+    cut = bool(top) and len(h.index) < h.n_keys
+    ranks = [(0, True)] * len(h.index)
+    for rank, r in enumerate(order, 1):
+        ranks[r] = (rank, not cut or rank <= top)
     return ranks
+
+
+def content_flag(weight_rank: int, content: tuple[int, bool], weight: float) -> str:
+    """The mark beside a key's rank by content: "sink" when it takes weight (> 0.05) but is at
+    least two places lower by content than by weight (a lower bound suffices); "more" when it
+    is at least three places higher by content (only from an exact rank); else ""."""
+    rank, exact = content
+    if rank > weight_rank + 1 and weight > 0.05:
+        return "sink"
+    if exact and rank + 2 < weight_rank:
+        return "more"
+    return ""
 
 
 def head_table(r: ExplainResult, layer: int, h: Head, whole: bool = True) -> Table:
@@ -129,15 +148,13 @@ def head_table(r: ExplainResult, layer: int, h: Head, whole: bool = True) -> Tab
         t.add_column(col, **kw)
     wmax = float(h.weight.max()) if len(h.weight) else 1.0
     cmax = float(h.contribution.max()) if len(h.contribution) else 1.0
-    ranks = _rank_contribution(h)
+    ranks = content_ranks(h, r.top)
     for rank, (j, s, w, c) in enumerate(
         zip(h.index, h.score, h.weight, h.contribution, strict=True)
     ):
-        flag = ""
-        if ranks[rank] > rank + 2 and w > 0.05:
-            flag = " ← sink: weight without content"
-        elif ranks[rank] + 2 < rank + 1:
-            flag = " ← carries more than its weight"
+        n, exact = ranks[rank]
+        flag = {"sink": " ← sink: weight without content",
+                "more": " ← carries more than its weight"}.get(content_flag(rank + 1, ranks[rank], w), "")  # fmt: skip
         t.add_row(
             str(rank + 1),
             tok(r, int(j)),
@@ -145,7 +162,7 @@ def head_table(r: ExplainResult, layer: int, h: Head, whole: bool = True) -> Tab
             f"{s:.2f}",
             f"{bar(w, wmax)} {w:.3f}",
             f"{bar(c, cmax)} {c:.3g}",
-            f"{ranks[rank]}{flag}",
+            f"{n if exact else f'> {r.top}'}{flag}",
         )
     return t
 
