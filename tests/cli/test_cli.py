@@ -474,3 +474,29 @@ def test_ctrl_c_during_start_up_exits_130_quietly(fraction, seconds_to_output):
     prog = "import qkv, time; print('imported', flush=True); time.sleep(60)"
     rc, err = interrupted([sys.executable, "-c", prog], wait_for="imported")
     assert rc != 0 and "KeyboardInterrupt" in err, err[-2000:]
+
+
+@pytest.mark.parametrize(("flag", "magic"), [("--html", b"<!DOCTYPE html>"), ("--png", b"\x89PNG")])
+def test_html_and_png_to_stdout(loads, capfdbinary, flag, magic, monkeypatch):
+    """'-' means stdout for --html and --png as for --json (before: a file named '-')."""
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False, raising=False)
+    argv = ["explain", SENTENCE, "--token", "it", "--model", "tiny-causal", "--layer", "0"]
+    assert main([*argv, "--head", "1", flag, "-"]) == 0
+    out = capfdbinary.readouterr().out
+    assert out.startswith(magic) and not os.path.exists("-")
+    if flag == "--html":
+        assert b"qkv-data" in out and b"\xe2\x94\x8f" not in out  # the page only, no table
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--html", "-", "--json", "-"], r"--json and --html both ask for stdout"),
+        (["--html", "{d}/a.out", "--png", "{d}/./a.out"], r"--html and --png name the same file"),
+    ],
+)
+def test_outputs_that_collide_are_refused_before_running(loads, tmp_path, capsys, extra, message):
+    argv = ["explain", SENTENCE, "--token", "it", "--model", "tiny-causal"]
+    assert main([*argv, *(a.format(d=tmp_path) for a in extra)]) == 2
+    assert re.search(message, capsys.readouterr().err) and loads == []
+    assert list(tmp_path.iterdir()) == []

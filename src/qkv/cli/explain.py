@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 from qkv.cli import add_dtype, check_output, model_of, stdout_console, text_or_file
 from qkv.lens import DEFAULT_TOP, explain, neuron
@@ -27,9 +28,9 @@ def run(args: argparse.Namespace) -> int:
             "--neuron shows one head's q·k for one key: give --layer L, --head H and --key WORD "
             "(or --key-index J) with it"
         )
-    for flag, path in (("--json", args.json), ("--html", args.html), ("--png", args.png)):
-        if path is not None and path != "-":
-            check_output(flag, path)  # fail before the model runs
+    outputs = [(f, p) for f, p in (("--json", args.json), ("--html", args.html),
+                                   ("--png", args.png)) if p is not None]  # fmt: skip
+    check_outputs(outputs)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: shard the text
         if args.flow or args.rollout or args.neuron:
             raise ValueError("--flow, --rollout and --neuron run on one process: drop torchrun")
@@ -64,6 +65,27 @@ def run(args: argparse.Namespace) -> int:
     return _output(result, args)
 
 
+def check_outputs(outputs: list[tuple[str, str]]) -> None:
+    """Fail before the model runs: an unwritable path, two flags naming one file, more than
+    one flag on stdout ("-"), or a PNG for a terminal."""
+    stdout = [f for f, p in outputs if p == "-"]
+    if len(stdout) > 1:
+        raise ValueError(f"{' and '.join(stdout)} both ask for stdout ('-'): give one a file name")
+    if "--png" in stdout and sys.stdout.isatty():
+        raise ValueError("--png -: stdout is a terminal; redirect it (> out.png) or name a file")
+    seen: dict[str, str] = {}
+    for flag, path in outputs:
+        if path == "-":
+            continue
+        check_output(flag, path)
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ValueError(
+                f"{seen[real]} and {flag} name the same file {path!r}: give each its own"
+            )
+        seen[real] = flag
+
+
 def _explain_sharded(text: str, args: argparse.Namespace):
     """`explain_sharded` over torchrun's ranks (gloo; MASTER_ADDR, RANK, WORLD_SIZE from the
     environment): the record on rank 0, None on the others."""
@@ -90,15 +112,21 @@ def _output(result, args: argparse.Namespace) -> int:
     if args.json not in (None, "-"):
         result.to_json(args.json, indent=1)
         written.append(args.json)
-    if args.html is not None:
-        result.to_html(args.html)
-        written.append(args.html)
-    if args.png is not None:
-        result.to_png(args.png)
-        written.append(args.png)
+    for path, write in ((args.html, result.to_html), (args.png, result.to_png)):
+        if path not in (None, "-"):
+            write(path)
+            written.append(path)
     try:
         if args.json == "-":
             sys.stdout.write(result.to_json(indent=1) + "\n")
+        elif args.html == "-":  # the page is stdout's one payload
+            sys.stdout.write(result.to_html())
+        elif args.png == "-":  # the picture is
+            with tempfile.TemporaryDirectory() as d:
+                png = result.to_png(os.path.join(d, "view.png")).read_bytes()
+            sys.stdout.flush()
+            sys.stdout.buffer.write(png)
+            sys.stdout.buffer.flush()
         else:
             result.render(stdout_console())
     finally:
@@ -188,6 +216,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "dims that drive the score",
     )
     p.add_argument("--json", metavar="PATH|-", help="write the qkv.explain/1 record (- for stdout)")
-    p.add_argument("--html", metavar="PATH", help="write a standalone HTML view")
-    p.add_argument("--png", metavar="PATH", help="write a PNG figure")
+    p.add_argument("--html", metavar="PATH|-", help="write a standalone HTML view (- for stdout)")
+    p.add_argument(
+        "--png", metavar="PATH|-", help="write a PNG figure (- for stdout, not a terminal)"
+    )
     p.set_defaults(run=run, python_names={"token index": "--index", "key index": "--key-index"})
