@@ -500,3 +500,23 @@ def test_outputs_that_collide_are_refused_before_running(loads, tmp_path, capsys
     assert main([*argv, *(a.format(d=tmp_path) for a in extra)]) == 2
     assert re.search(message, capsys.readouterr().err) and loads == []
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["explain", "The dog \udcff it", "--token", "it"],
+         r"the text argument is not UTF-8 text \(byte 0xff at offset 8\).*--file PATH"),
+        (["generate", "\udcffhi"], r"the prompt argument is not UTF-8 text \(byte 0xff at offset 0\)"),
+        (["compare", "a \udcc3", "a b", "--token", "a"],
+         r"TEXT_A is not UTF-8 text \(byte 0xc3 at offset 2\); type it in a UTF-8 terminal$"),
+        (["export", "x\udcfe", "--out", "x.npz"], r"not UTF-8 text \(byte 0xfe at offset 1\)"),
+        (["explain", "--token", "it"], r"pass the text as an argument or with --file PATH$"),
+    ],
+)  # fmt: skip
+def test_an_argument_that_is_not_utf8_names_the_byte(loads, capsys, argv, message):
+    """Bytes a terminal sent that are not UTF-8 reach Python as lone surrogates; the tokenizer
+    said only "TextInputSequence must be str". (And a missing text is not "not both".)"""
+    assert main([*argv, "--model", "tiny-causal"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(message, err) and err.count("\n") == 0 and loads == []

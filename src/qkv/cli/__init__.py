@@ -18,12 +18,28 @@ from typing import Any
 COMMANDS = ("compare", "demo", "explain", "export", "generate", "heads", "models", "serve", "train")
 
 
+def utf8_argument(text: str, what: str, file_flag: bool = False) -> str:
+    """`text` if it is UTF-8 as typed; else a ValueError naming the first byte that is not
+    (Python keeps such bytes of an argument as lone surrogates, which no tokenizer takes)."""
+    bad = next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None)
+    if bad is None:
+        return text
+    raw = text[:bad].encode("utf-8", "surrogateescape")
+    byte = f"byte 0x{ord(text[bad]) - 0xDC00:02x}" if ord(text[bad]) >= 0xDC80 else "a byte"
+    raise ValueError(
+        f"{what} is not UTF-8 text ({byte} at offset {len(raw)}); type it in a UTF-8 terminal"
+        + (" or pass it with --file PATH" if file_flag else "")
+    )
+
+
 def text_or_file(text: str | None, file: str | None, what: str = "text") -> str:
     """The positional TEXT, or the UTF-8 contents of --file PATH: exactly one of them."""
-    if (text is None) == (file is None):
-        raise ValueError(f"pass the {what} either as an argument or with --file PATH (not both)")
+    if text is None and file is None:
+        raise ValueError(f"pass the {what} as an argument or with --file PATH")
+    if text is not None and file is not None:
+        raise ValueError(f"pass the {what} either as an argument or with --file PATH, not both")
     if file is None:
-        return text
+        return utf8_argument(text, f"the {what} argument", file_flag=True)
     p = Path(file)
     if not p.is_file():
         raise FileNotFoundError(f"--file: no {what} file at {file!r}")

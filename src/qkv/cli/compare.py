@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qkv.cli import add_dtype, check_output, model_of, stdout_console
+from qkv.cli import add_dtype, check_output, model_of, stdout_console, utf8_argument
 from qkv.lens import compare
 from qkv.models import DEFAULT_MODEL
 
@@ -20,8 +20,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None and args.json != "-":
         check_output("--json", args.json)  # fail before the model runs
     result = compare(
-        args.text_a,
-        args.text_b,
+        utf8_argument(args.text_a, "TEXT_A"),
+        utf8_argument(args.text_b, "TEXT_B"),
         args.token if args.token is not None else args.index,
         model=model_of(args),
         occurrence=args.occurrence,
