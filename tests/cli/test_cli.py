@@ -520,3 +520,25 @@ def test_an_argument_that_is_not_utf8_names_the_byte(loads, capsys, argv, messag
     assert main([*argv, "--model", "tiny-causal"]) == 2
     err = capsys.readouterr().err.strip()
     assert re.search(message, err) and err.count("\n") == 0 and loads == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["explain", SENTENCE, "--index", "6", "--occurrence", "2"],
+         r"--occurrence picks among repeats of --token WORD"),
+        (["explain", SENTENCE, "--token", "it", "--key-occurrence", "2"],
+         r"--key-occurrence picks among repeats of --key WORD"),
+        (["explain", SENTENCE, "--token", "it", "--key-index", "1", "--key-occurrence", "2"],
+         r"--key-occurrence picks among repeats of --key WORD"),
+        (["compare", SENTENCE, SENTENCE + " too", "--index", "6", "--occurrence", "2"],
+         r"--occurrence picks among repeats of --token WORD"),
+        (["generate", "hi", "--top-k", "5"], r"--top-k shape sampling, but --temperature 0"),
+        (["generate", "hi", "--top-k", "5", "--seed", "3"], r"--top-k and --seed shape sampling"),
+    ],
+)  # fmt: skip
+def test_flags_that_would_be_ignored_are_refused(loads, capsys, argv, message):
+    """Before, each of these ran and ignored a flag (exit 0): --occurrence with --index, a key
+    occurrence with no --key word, --top-k or --seed on a greedy run."""
+    assert main([*argv, "--model", "tiny-causal"]) == 2
+    assert re.search(message, capsys.readouterr().err) and loads == []

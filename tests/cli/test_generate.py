@@ -64,7 +64,7 @@ def test_reads_the_prompt_from_a_file(smollm2, loads, tmp_path, capsys):
         (["hi", "--model", "smolm2"], "did you mean 'smollm2'"),
         ([""], "prompt is empty"),
         (["   "], "prompt is only whitespace"),
-        ([], "either as an argument or with --file"),
+        ([], "pass the prompt as an argument or with --file PATH\n"),
         (["hi", "--file", "x.txt"], "either as an argument or with --file"),
         (["--file", "/nonexistent/p.txt"], "no prompt file"),
         (["hi", "--temperature", "-1"], "temperature must be"),

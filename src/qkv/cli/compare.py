@@ -15,6 +15,9 @@ from qkv.models import DEFAULT_MODEL
 def run(args: argparse.Namespace) -> int:
     if (args.token is None) == (args.index is None):
         raise ValueError("choose the query with --token WORD or --index I (exactly one)")
+    if args.occurrence is not None and args.token is None:
+        raise ValueError("--occurrence picks among repeats of --token WORD; give --token with it "
+                         "(a position needs no occurrence)")  # fmt: skip
     if args.top < 1:
         raise ValueError(f"--top must be ≥ 1, got {args.top}")
     if args.json is not None and args.json != "-":
@@ -24,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         utf8_argument(args.text_b, "TEXT_B"),
         args.token if args.token is not None else args.index,
         model=model_of(args),
-        occurrence=args.occurrence,
+        occurrence=1 if args.occurrence is None else args.occurrence,
         layer=args.layer,
         head=args.head,
     )
@@ -52,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("text_b", metavar="TEXT_B", help="the second text")
     p.add_argument("--token", help="the query: a word of both texts (always a word, even '1')")
     p.add_argument("--index", type=int, help="the query by position instead (-1 = the last)")
-    p.add_argument("--occurrence", type=int, default=1,
+    p.add_argument("--occurrence", type=int,
                    help="which occurrence of a repeated --token word (from 1, the default; -1 = the "
                    "last)")  # fmt: skip
     p.add_argument("--model", default=DEFAULT_MODEL,

@@ -22,6 +22,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("choose the query with --token WORD or --index I (exactly one)")
     if args.key is not None and args.key_index is not None:
         raise ValueError("choose the key with --key WORD or --key-index J (not both)")
+    for occ, word, other in (("--occurrence", "--token", args.token),
+                             ("--key-occurrence", "--key", args.key)):  # fmt: skip
+        if getattr(args, occ[2:].replace("-", "_")) is not None and other is None:
+            raise ValueError(f"{occ} picks among repeats of {word} WORD; give {word} with it "
+                             "(a position needs no occurrence)")  # fmt: skip
+    args.occurrence = 1 if args.occurrence is None else args.occurrence
+    args.key_occurrence = 1 if args.key_occurrence is None else args.key_occurrence
     if args.neuron and (args.layer is None or args.head is None or
                         (args.key is None and args.key_index is None)):  # fmt: skip
         raise ValueError(
@@ -146,7 +153,6 @@ def _add_token_choice(
     p.add_argument(
         f"--{occurrence}",
         type=int,
-        default=1,
         help=f"which occurrence of a repeated --{word} word (from 1, the default; -1 = the last)",
     )
 

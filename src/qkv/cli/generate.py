@@ -13,11 +13,17 @@ from qkv.models import DEFAULT_MODEL
 
 def run(args: argparse.Namespace) -> int:
     prompt = text_or_file(args.prompt, args.file, "prompt")
+    if args.temperature == 0 and (args.top_k is not None or args.seed is not None):
+        flags = " and ".join(
+            f for f, v in (("--top-k", args.top_k), ("--seed", args.seed)) if v is not None
+        )
+        raise ValueError(f"{flags} shape sampling, but --temperature 0 (the default) is greedy: "
+                         "add --temperature T > 0, or drop them")  # fmt: skip
     model = qkv.models.load(args.model, dtype=args.dtype)
     if not callable(getattr(model, "generate", None)):
         raise ValueError(
-            f"{args.model!r} is not a decoder and cannot generate text; use smollm2 "
-            "(`qkv models` lists them)"
+            f"--model {args.model!r} is not a decoder and cannot generate text; use a decoder "
+            f"such as {' or '.join(decoders())} (`qkv models` lists them)"
         )
     pieces = model.generate(
         prompt,
@@ -36,6 +42,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def decoders() -> list[str]:
+    """The bundled models that generate (their loaders build a decoder)."""
+    return [m.name for m in qkv.models.available() if "decoder" in m.architecture.lower()]
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
@@ -46,7 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", help="the text to continue (or --file PATH)")
     p.add_argument("--file", help="read the prompt from a UTF-8 text file")
     p.add_argument(
-        "--model", default=DEFAULT_MODEL, help=f"a decoder model name (default {DEFAULT_MODEL})"
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a decoder: a bundled name or a checkpoint directory (default {DEFAULT_MODEL})",
     )
     add_dtype(p)
     p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many (default 64)")
