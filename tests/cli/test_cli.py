@@ -542,3 +542,23 @@ def test_flags_that_would_be_ignored_are_refused(loads, capsys, argv, message):
     occurrence with no --key word, --top-k or --seed on a greedy run."""
     assert main([*argv, "--model", "tiny-causal"]) == 2
     assert re.search(message, capsys.readouterr().err) and loads == []
+
+
+def test_cli_message_says_left_out_not_none_and_names_model():
+    from qkv.cli import _flags, build_parser, cli_message
+
+    flags = _flags(build_parser())
+    assert cli_message("top_k must be a positive int or None, got 0", flags, {}) == (
+        "--top-k must be a positive int or left out, got 0"
+    )
+    said = cli_message("unknown model 'gpt5': choose one of ['smollm2']", flags, {})
+    assert said == "--model 'gpt5' is not a bundled model: choose one of ['smollm2']"
+
+
+def test_train_refuses_a_bad_shape_before_printing_its_header(capsys):
+    assert main(["train", "recall", "--heads", "3"]) == 2
+    captured = capsys.readouterr()
+    assert "is not divisible by --heads 3" in captured.err and "training on" not in captured.err
+    assert main(["experiment", "projections", "--variants", "foo"]) == 2
+    captured = capsys.readouterr()
+    assert "--variants: unknown ['foo']" in captured.err and "projections:" not in captured.err

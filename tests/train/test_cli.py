@@ -113,7 +113,7 @@ def test_experiment_bad_input(tmp_path, capsys):
         str(tmp_path / "r.json"),
     ]
     assert main([*base, "--variants", "separate,shared"]) == 2
-    assert "unknown variants ['shared']" in capsys.readouterr().err
+    assert "--variants: unknown ['shared']" in capsys.readouterr().err
     assert main([*base, "--seeds", "0"]) == 2
     assert main(["experiment", "projections", "-q", "--png", str(tmp_path / "no" / "c.png")]) == 2
     assert "does not exist" in capsys.readouterr().err

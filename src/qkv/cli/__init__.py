@@ -144,6 +144,8 @@ def cli_message(message: str, flags: dict[str, tuple[str, bool]], names: dict[st
     message = re.sub(
         r"(?<![\w-])([a-z]\w*_\w+)\b", lambda m: flag(m.group(1)) or m.group(0), message
     )
+    message = re.sub(r"\bor None\b", "or left out", message)  # Python's "unset"
+    message = re.sub(r"^unknown model ('[^']*'):", r"--model \1 is not a bundled model:", message)
     return re.sub(
         r"(^|; |\. )([a-z]\w*)(?= (?:must|counts|-?\d+ out of range)\b)",
         lambda m: m.group(1) + (flag(m.group(2)) or m.group(2)),

@@ -170,11 +170,13 @@ def run_train(args: argparse.Namespace) -> int:
     task = _task_from(args, args.task)
     out = Path(args.out or f"runs/{args.task}")
     cfg = _train_config(args)
+    arch = _arch_from(args)
+    TinyConfig(vocab=task.vocab, max_positions=task.seq_len, **arch)  # refuse it before the header
     print(
         f"training on {task.name}: {task.text(task.sample(1, torch.Generator().manual_seed(7)).ids[0])}",
         file=sys.stderr,
     )
-    result = train(task, cfg, out=out, arch=_arch_from(args))
+    result = train(task, cfg, out=out, arch=arch)
     m = result.metrics
     print(
         f"{task.name}: held-out query accuracy {100 * m['accuracy']:.2f}% ({m['test_queries']} queries), "
@@ -204,6 +206,8 @@ def run_experiment(args: argparse.Namespace) -> int:
     task = _task_from(args, "recall", DEFAULT_TASK)
     variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else VARIANTS
     seeds = tuple(range(args.first_seed, args.first_seed + args.seeds))
+    if bad := [v for v in variants if v not in VARIANTS]:
+        raise ValueError(f"--variants: unknown {bad}; choose from {list(VARIANTS)}")
     if args.seeds <= 0:
         raise ValueError(f"--seeds must be positive, got {args.seeds}")
     png, js = Path(args.png), Path(args.json)
