@@ -80,3 +80,16 @@ def test_bad_input_names_the_cli_words(loads, tmp_path, monkeypatch, capsys, arg
     err = capsys.readouterr().err
     assert err.startswith("qkv export: error: ") and message in err
     assert loads == []  # failed before the model was loaded
+
+
+def test_export_to_parquet_describes_the_parquet_table(loads, tmp_path, capsys):
+    """Before, a .parquet export was described as the .npz layout ("weight float32 +
+    value_norm (l h j)"); the table holds one row per key with weight and contribution."""
+    pq = pytest.importorskip("pyarrow.parquet", reason="parquet output needs pyarrow")
+    out = tmp_path / "rows.parquet"
+    assert main(["export", SENTENCE, "--out", str(out), "--model", "tiny-causal"]) == 0
+    said = capsys.readouterr().out
+    assert "one table row per (layer, head, query, key): weight and contribution" in said
+    assert "value_norm" not in said
+    names = pq.read_table(out).schema.names
+    assert names == ["layer", "head", "query", "key", "weight", "contribution"]

@@ -43,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
     )
     L, H, Q = len(rows.layers), rows.model.n_heads, len(rows.queries)
-    if isinstance(rows, TopRows):
+    if path.suffix.lower() == ".parquet":
+        key = "kept key" if isinstance(rows, TopRows) else "key"
+        what = f"one table row per (layer, head, query, {key}): weight and contribution"
+    elif isinstance(rows, TopRows):
         what = f"top {rows.index.shape[-1]} keys per row (index, weight, contribution)"
     else:
         what = f"dense rows ({len(rows.tokens)} keys; weight float32 + value_norm (l h j))"
