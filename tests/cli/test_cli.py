@@ -492,7 +492,8 @@ def test_html_and_png_to_stdout(loads, capfdbinary, flag, magic, monkeypatch):
     ("extra", "message"),
     [
         (["--html", "-", "--json", "-"], r"--json and --html both ask for stdout"),
-        (["--html", "{d}/a.out", "--png", "{d}/./a.out"], r"--html and --png name the same file"),
+        (["--html", "{d}/a.png", "--png", "{d}/./a.png"], r"--html and --png name the same file"),
+        (["--png", "{d}/a.jpg"], r"--png writes PNG data: name the file \*\.png"),
     ],
 )
 def test_outputs_that_collide_are_refused_before_running(loads, tmp_path, capsys, extra, message):

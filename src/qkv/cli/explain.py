@@ -84,6 +84,8 @@ def check_outputs(outputs: list[tuple[str, str]]) -> None:
     for flag, path in outputs:
         if path == "-":
             continue
+        if flag == "--png" and not path.lower().endswith(".png"):
+            raise ValueError(f"--png writes PNG data: name the file *.png, got {path!r}")
         check_output(flag, path)
         real = os.path.realpath(path)
         if real in seen:
