@@ -166,3 +166,20 @@ def test_a_scale_that_is_not_a_python_number_says_so(scale):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=r"Python float .*pass float\(scale\)"):
         qkv.attention(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize(
+    ("kw", "reason"),
+    [
+        ({"window": (3, 0)}, r"this request has a window \(3, 0\)"),
+        ({"causal": True}, r"this request has causal with Sq=4 ≠ Sk=100"),
+        ({"mask": torch.ones(4, 100, dtype=torch.bool)}, r"this request has a mask"),
+    ],
+)
+def test_sdpa_lse_refusal_names_the_reason_in_the_caller_s_terms(kw, reason):
+    """A window's keys before every row are cut before the backend runs; the refusal used to
+    quote that cut length ("got Sq=4, Sk=7") for a call with 100 keys."""
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8)
+    with pytest.raises(ValueError, match=reason) as e:
+        qkv.attention(q, k, v, **kw, backend="sdpa", return_lse=True)
+    assert "Sk=7" not in str(e.value)

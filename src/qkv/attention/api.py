@@ -212,7 +212,8 @@ def attention(
     functions of index tensors (see `qkv.attention.mods`); all masks combine by AND.
 
     A row with no key left returns 0 with LSE −inf and zero gradients, never NaN. NaN/inf in a
-    masked-out key or value never reaches the output.
+    masked-out key or value never reaches the output (on every backend but an explicit "sdpa",
+    which is PyTorch's kernel as it is: there 0·NaN is NaN; "auto" checks K/V before using it).
 
     `sinks` (Hq,): learned attention sinks (gpt-oss; StreamingLLM's sink as a parameter). Each
     row of head h gets one more softmax logit σ_h with no value behind it, so its weights sum

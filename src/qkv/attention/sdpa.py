@@ -156,6 +156,25 @@ def lse_supported(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
     )
 
 
+def _lse_refusal(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> str:
+    """What in this request keeps SDPA's LSE kernels from it, in the caller's terms (a window's
+    keys may have been cut before the backend ran, so Sk is named only where it is the
+    caller's)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "a gradient to take"
+    if spec.left is not None or spec.right not in (None, 0):
+        return f"a window {(spec.left, spec.right)}"
+    if spec.mask is not None or spec.mask_mod is not None:
+        return "a mask"
+    if spec.right == 0 and spec.Sq != spec.Sk:
+        return f"causal with Sq={spec.Sq} ≠ Sk={spec.Sk}"
+    if unsupported(spec) is not None or spec.dropout_p > 0:
+        return unsupported(spec) or f"dropout_p={spec.dropout_p}"
+    if spec.Sq == 0 or spec.Sk == 0:
+        return f"Sq={spec.Sq}, Sk={spec.Sk}"
+    return f"D={spec.D}, Dv={spec.Dv} on {q.device.type} in {q.dtype}"
+
+
 def sdpa_lse(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
     """(out, lse (B, Hq, Sq) fp32) from a fused kernel; K/V are expanded to Hq heads for GQA
     (O(N) memory), as the kernels that return the LSE take equal head counts."""
@@ -163,8 +182,7 @@ def sdpa_lse(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tenso
         raise ValueError(
             "backend='sdpa' returns the LSE only without gradients, for plain or causal (Sq == Sk) "
             "attention with Sq, Sk > 0, on CPU (D == Dv) or on CUDA (D == Dv, a multiple of 8, "
-            f"≤ 256); got Sq={spec.Sq}, Sk={spec.Sk}, D={spec.D}, Dv={spec.Dv}; use "
-            "backend='tiled' or 'auto'"
+            f"≤ 256); this request has {_lse_refusal(q, k, v, spec)}; use backend='tiled' or 'auto'"
         )
     if spec.G > 1:
         k, v = k.repeat_interleave(spec.G, dim=1), v.repeat_interleave(spec.G, dim=1)
