@@ -150,3 +150,13 @@ def test_second_derivatives_through_sdpa_dropout_are_refused_by_name():
     out = qkv.attention(q, k, v, dropout_p=0.1, backend="sdpa")
     with pytest.raises(ValueError, match=r"dropout_p=0\.1.*backend='reference'"):
         torch.autograd.grad(out.sum(), q, create_graph=True)
+
+
+def test_torch_func_still_differentiates_an_explicit_sdpa():
+    """The double-backward Function stays out of torch.func (it has no setup_context): grad of
+    backend="sdpa" equals the float64 oracle's."""
+    q, k, v = make_qkv(1, 2, 1, 3, 5, 4, dtype=torch.float64)
+    got = torch.func.grad(lambda q: qkv.attention(q, k, v, backend="sdpa").pow(2).sum())(q)
+    qq = q.clone().requires_grad_()
+    naive(qq, k, v).out.pow(2).sum().backward()
+    assert err(got, qq.grad) < 1e-12
