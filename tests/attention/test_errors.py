@@ -44,6 +44,26 @@ def test_bad_tensors(mutate, exc, words):
         assert w in str(e.value), (w, str(e.value))
 
 
+@pytest.mark.parametrize(
+    "shape, hint",
+    [
+        ((8, 5, 16), r"add the missing batch/head axis with q\.unsqueeze\(0\)$"),
+        ((5, 16), r"add the 2 missing leading axes with q\[None, None\]$"),
+        ((1, 2, 8, 5, 16), r"fold its 1 extra leading dim into the batch with q\.flatten\(0, 1\) "
+                           r"\(shape \(2, 8, 5, 16\)\), or reshape it to \(B, H, S, D\)$"),
+        ((3, 1, 2, 8, 5, 16), r"fold its 2 extra leading dims into the batch with "
+                              r"q\.flatten\(0, 2\) \(shape \(6, 8, 5, 16\)\)"),
+    ],
+)  # fmt: skip
+def test_a_q_of_another_rank_gets_the_fix_for_its_rank(shape, hint):
+    """unsqueeze(0) only adds an axis: for a 5-D q it would make 6 dims."""
+    _, k, v = _qkv()
+    q = torch.randn(shape)
+    with pytest.raises(ValueError, match=rf"^q must have 4 dims \(B, H, S, D\) but has "
+                                         rf"{len(shape)}: shape .*; {hint}"):  # fmt: skip
+        qkv.attention(q, k, v)
+
+
 def test_device_mismatch_named():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="meta"):

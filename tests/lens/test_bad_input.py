@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+import qkv
 from qkv.lens import explain
 
 from .conftest import SENTENCE
@@ -133,3 +136,33 @@ def test_silent_choices_are_said(tiny_causal, text, token, said):
     assert any(said in n for n in r.notes), r.notes
     plain = explain(text, "tired" if "tired" in text else "owner", model=tiny_causal, rollout=False)
     assert not any(n.startswith("The query:") for n in plain.notes)
+
+
+def test_a_checkpoint_without_tokenizer_json_says_so(tmp_path):
+    """The README: "Without tokenizer.json, pass token ids; text gives an error that says so".
+    explain reads text only (ids are refused by type), so the error says to add the file, and
+    how to read attention from ids instead; with the file the same folder is explained."""
+    from tests.models.test_families import build, word_tokenizer
+
+    build("llama", tmp_path)
+    no_tokenizer = (
+        rf"^{re.escape(tmp_path.name)} has no tokenizer \(its folder has no tokenizer\.json\), "
+        r"and the lens reads text; put the checkpoint's tokenizer\.json beside its config\.json\. "
+        r"With token ids only, record the attention with qkv\.nn\.capture\(model\)"
+    )
+    with pytest.raises(ValueError, match=no_tokenizer):
+        explain("the dog chased the ball", "dog", model=str(tmp_path))
+    with pytest.raises(ValueError, match=no_tokenizer):  # a loaded model: the same
+        explain("the dog chased the ball", "dog", model=qkv.load(tmp_path))
+    with pytest.raises(TypeError, match=r"^text must be a str, got list$"):
+        explain([5, 17, 42, 8], 2, model=str(tmp_path))
+    word_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    r = explain("the dog chased the ball", "dog", model=str(tmp_path))
+    assert r.query.index == 1 and r.query.text.strip() == "dog"
+
+
+def test_the_docstring_names_every_bundled_model():
+    from qkv.models.registry import MODELS
+
+    doc = explain.__doc__
+    assert all(f'"{name}"' in doc for name in MODELS), (sorted(MODELS), doc[:2000])

@@ -11,6 +11,7 @@ Sizes are awkward on purpose: d_model 60, 6 query heads over 2 or 3 kv heads, d_
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -630,6 +631,65 @@ def test_unsupported_feature_is_named(folder):
         qkv.load(folder)
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_key_value_heads": 4},
+         r"num_attention_heads=6 must be a multiple of num_key_value_heads=4 \(GQA\)"),
+        ({"hidden_size": "60"}, r"hidden_size must be a positive int, got '60'"),
+        ({"num_attention_heads": 0}, r"num_attention_heads must be a positive int, got 0"),
+        ({"num_hidden_layers": 2.0}, r"num_hidden_layers must be a positive int, got 2\.0"),
+        # 0 is not "absent": it was read as GPT-2's n_inner=None, 4 × hidden_size
+        ({"intermediate_size": 0}, r"intermediate_size must be a positive int, got 0"),
+        ({"head_dim": 15},
+         r"RoPE needs an even head_dim and rope_parameters\.rope_theta > 1, got 15, 500\.0"),
+        ({"eos_token_id": 97}, r"eos_token_id=97 is outside the vocabulary \[0, 97\)"),
+        ({"max_position_embeddings": None}, r"max_position_embeddings is missing"),
+    ],
+)  # fmt: skip
+def test_config_errors_name_the_config_json_keys(folder, changes, message):
+    """A person edits config.json: its errors say num_key_value_heads, not DecoderConfig's
+    n_kv_heads (the whole message is matched, so no field name of qkv's is left in it)."""
+    _edit_config(folder, **changes)  # None: null, which reads as absent
+    where = re.escape(str(folder / "config.json"))
+    with pytest.raises(ValueError, match=rf"^{where}: {message}$"):
+        qkv.load(folder)
+
+
+def test_a_config_built_in_python_keeps_its_field_names():
+    """The same mistakes in a DecoderConfig made in Python are said in Python's names."""
+    from qkv.models.decoder import DecoderConfig
+
+    ok = dict(name="x", n_layers=1, n_heads=4, n_kv_heads=2, d_model=64, d_head=16, d_ff=64,
+              vocab_size=10, max_positions=8)  # fmt: skip
+    DecoderConfig(**ok)
+    with pytest.raises(
+        ValueError, match=r"^DecoderConfig: n_heads=4 must be a multiple of n_kv_heads=3 \(GQA\)$"
+    ):
+        DecoderConfig(**{**ok, "n_kv_heads": 3})
+    with pytest.raises(
+        ValueError, match=r"^DecoderConfig\.d_model must be a positive int, got '64'$"
+    ):
+        DecoderConfig(**{**ok, "d_model": "64"})
+
+
+def test_a_field_config_json_did_not_set_keeps_the_config_s_name():
+    """A derived value (d_head = hidden_size / heads) is not renamed after a key that does not
+    hold it, and then the message keeps "DecoderConfig" to say whose names these are."""
+    from qkv.models.families_base import in_file_terms
+
+    fields = frozenset({"n_heads", "d_head", "rope_dim"})
+    said = "DecoderConfig: rope_dim must be an even int in (0, d_head=10], got 3"
+    assert in_file_terms(said, "DecoderConfig", {"d_head": "head_dim"}, fields) == (
+        "DecoderConfig: rope_dim must be an even int in (0, head_dim=10], got 3"
+    )
+    assert in_file_terms(said, "DecoderConfig", {}, fields) == said
+    said = "DecoderConfig.n_heads must be a positive int, got 0"
+    assert in_file_terms(said, "DecoderConfig", {"n_heads": "n_head"}, fields) == (
+        "n_head must be a positive int, got 0"
+    )
+
+
 def test_missing_and_unexpected_tensors_are_reported(folder):
     def fn(w):
         del w["model.layers.1.mlp.up_proj.weight"]
@@ -690,8 +750,19 @@ def test_shard_missing_a_tensor_its_index_lists(tmp_path):
 def test_missing_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         qkv.load(tmp_path / "nowhere")
-    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"^{re.escape(str(tmp_path))} is a folder without config\.json, so not a "
+        r"checkpoint: .*one of \['gemma3', 'minilm', 'smollm2'\]",
+    ):
         qkv.load(tmp_path)
+    for empty in ("", "  "):  # not the current directory, which Path("") is
+        with pytest.raises(
+            ValueError,
+            match=r"^the model name or path is empty \('\s*'\): give a bundled name, one of "
+            r"\['gemma3', 'minilm', 'smollm2'\], a checkpoint folder or a \.gguf file$",
+        ):
+            qkv.load(empty)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(FileNotFoundError, match=r"no model\.safetensors nor"):
         qhf.read_weights(tmp_path)

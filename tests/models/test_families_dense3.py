@@ -298,7 +298,7 @@ def test_their_moe_and_multimodal_relatives_are_not_read_as_them():
                                           "factor": 2.0}},
          r"rope_type='ntk_by_parts' is not supported"),
         ("seed_oss", {"num_key_value_heads": 4},
-         r"n_heads=6 must be a multiple of n_kv_heads=4"),
+         r"num_attention_heads=6 must be a multiple of num_key_value_heads=4 \(GQA\)"),
     ],
 )  # fmt: skip
 def test_bad_config_is_named(tmp_path, mt, changes, match):

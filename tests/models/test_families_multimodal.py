@@ -258,3 +258,23 @@ def test_mixed_layouts_and_other_text_models_are_refused(pair, copy):
     (copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"text_config is None; expected a dict"):
         qkv.load(copy)
+
+
+def test_config_errors_name_where_config_json_holds_the_key(pair, copy):
+    """The text model's settings sit in text_config; the token ids at the top level."""
+    cfg = json.loads((copy / "config.json").read_text(encoding="utf-8"))
+    cfg["text_config"]["num_key_value_heads"] = 4
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ValueError,
+        match=r"config\.json: text_config\.num_attention_heads=6 must be a multiple of "
+        r"text_config\.num_key_value_heads=4 \(GQA\)$",
+    ):
+        qkv.load(copy)
+    cfg["text_config"]["num_key_value_heads"] = 2
+    cfg["eos_token_id"] = V
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ValueError, match=rf"config\.json: eos_token_id={V} is outside the vocabulary \[0, {V}\)$"
+    ):
+        qkv.load(copy)

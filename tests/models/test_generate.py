@@ -104,7 +104,7 @@ def test_bad_arguments_name_the_fix():
         model.generate("k1 v2", 2, chat=True)
     with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
         model.generate("k1 v2", 0)
-    with pytest.raises(ValueError, match="temperature must be a number ≥ 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number ≥ 0"):
         model.generate("k1 v2", 2, temperature=-1.0)
     with pytest.raises(ValueError, match="unknown token 'x9'"):
         model.generate("k1 x9", 2)
@@ -177,3 +177,133 @@ def test_cached_steps_run_on_one_thread_and_the_callers_count_is_kept(monkeypatc
         assert seen == [2, 2, 2]
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), True])
+def test_temperature_must_be_a_finite_number(value):
+    """NaN made softmax NaN and torch.multinomial raised its own RuntimeError; inf sampled
+    uniformly, as if the model were not there."""
+    model = make()
+    for call in (lambda: model.generate("k1 v2", 3, temperature=value),
+                 lambda: model.generate_ids([1, 2], 3, temperature=value)):  # fmt: skip
+        with pytest.raises(
+            ValueError,
+            match=rf"^temperature must be a finite number ≥ 0 \(0 = greedy\), got {value!r}$",
+        ):
+            call()
+    with pytest.raises(TypeError, match=r"^seed must be an int or None, got str 'x'$"):
+        model.generate_ids([1, 2], 3, temperature=1.0, seed="x")
+
+
+def test_a_tiny_temperature_samples_the_argmax():
+    """1e-300 turned every scaled float32 logit into ±inf (NaN probabilities); shifted by the
+    largest logit in float64 first, it is the greedy token, as the limit T → 0 is."""
+    model = make()
+    prompt = prompt_ids(5)
+    greedy = greedy_oracle(model, prompt, 6)
+    assert list(model.generate_ids(prompt, 6, temperature=1e-300, seed=0)) == greedy
+
+
+@pytest.mark.parametrize(
+    ("ids", "error", "message"),
+    [
+        ("abc", TypeError, r"^ids must be a sequence of ints \(token ids\), got str; to continue "
+                           r"text, call generate\(prompt\)$"),
+        (5, TypeError, r"^ids must be a sequence of ints \(token ids\), got int$"),
+        ([1, 2.7], TypeError, r"^ids must be a sequence of ints \(token ids\), got float 2\.7 "
+                              r"at ids\[1\]$"),
+        (torch.tensor([[1, 2]]), ValueError, r"^ids must be one sequence \(1-D\) of token ids, "
+                                             r"got a tensor of shape \(1, 2\); pass ids\[0\]$"),
+    ],
+)  # fmt: skip
+def test_ids_must_be_token_ids(ids, error, message):
+    with pytest.raises(error, match=message):
+        make().generate_ids(ids, 3)
+
+
+def test_ids_may_be_a_tensor_or_an_array():
+    import numpy as np
+
+    model = make()
+    prompt = prompt_ids(5)
+    want = list(model.generate_ids(prompt, 4))
+    assert list(model.generate_ids(torch.tensor(prompt), 4)) == want
+    assert list(model.generate_ids(np.array(prompt), 4)) == want
+
+
+# --------------------------------------------------------------------------------------------
+# a Decoder with a tokenizer: `Generation.generate` (the tiny model has a generate of its own)
+
+
+def word_decoder(max_positions: int = 16):
+    """A random 1-layer Decoder over a word-level tokenizer; no end token, so that generation
+    stops only at max_new_tokens or a full context."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    from qkv.models.decoder import Decoder, DecoderConfig
+    from qkv.models.tokenizer import Tokenizer
+
+    words = ["the", "dog", "ran", "far", "cat", "sat"]
+    tk = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, "the"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    config = DecoderConfig(name="wordlm", n_layers=1, n_heads=2, n_kv_heads=1, d_model=16,
+                           d_head=8, d_ff=32, vocab_size=len(words), max_positions=max_positions)  # fmt: skip
+    torch.manual_seed(0)
+    return Decoder(config, Tokenizer(tk, max_length=max_positions, name="wordlm")).eval()
+
+
+def spy_on_generate_ids(model, monkeypatch) -> list:
+    """What `generate` hands generate_ids: (prompt ids, max_new_tokens, tokens it yielded)."""
+    calls, real = [], model.generate_ids
+
+    def spy(ids, n, **kw):
+        out = list(real(ids, n, **kw))
+        calls.append((list(ids), n, len(out)))
+        return iter(out)
+
+    monkeypatch.setattr(model, "generate_ids", spy)
+    return calls
+
+
+def test_max_new_tokens_beyond_the_context_is_said_so(monkeypatch):
+    """max_new_tokens alone over the context: the error says so with both numbers, and that
+    truncating the prompt cannot help; what truncate=True then does is what it says."""
+    model = word_decoder(max_positions=16)
+    calls = spy_on_generate_ids(model, monkeypatch)
+    with pytest.raises(
+        ValueError,
+        match=r"^max_new_tokens=100 alone exceeds wordlm's context of 16 tokens, leaving no room "
+        r"for the prompt \(2 tokens\); lower max_new_tokens to at most 14\. Truncating the "
+        r"prompt cannot make room: truncate=True would keep only its last token and stop when "
+        r"the context is full \(at most 16 new tokens, not 100\)$",
+    ):
+        model.generate("the dog", 100)
+    model.generate("the dog", 100, truncate=True, stream=None)
+    assert calls == [([1], 100, 16)]  # "dog" only; 16 new tokens, not 100
+    with pytest.raises(
+        ValueError,
+        match=r"^max_new_tokens=16 alone fills wordlm's context of 16 tokens, leaving no room for "
+        r"the prompt \(1 token\); lower max_new_tokens to at most 15, or pass truncate=True "
+        r"\(keeps only the prompt's last token\)$",
+    ):
+        model.generate("dog", 16)
+    model.generate("the dog", 16, truncate=True, stream=None)
+    assert calls[1:] == [([1], 16, 16)]  # all 16 asked for: the last is never fed back
+    model.generate("the dog", 14, stream=None)  # 2 + 14: the prompt and its answer fit
+    assert calls[2:] == [([0, 1], 14, 14)]
+
+
+def test_a_long_prompt_says_what_truncate_keeps(monkeypatch):
+    model = word_decoder(max_positions=16)
+    calls = spy_on_generate_ids(model, monkeypatch)
+    prompt = " ".join(["the", "dog", "ran", "far"] * 3)  # 12 tokens
+    with pytest.raises(
+        ValueError,
+        match=r"^prompt is 12 tokens; with max_new_tokens=6 that exceeds wordlm's context of 16 "
+        r"tokens\. Shorten it, lower max_new_tokens to at most 4, or pass truncate=True \(keeps "
+        r"the last 10 prompt tokens\)$",
+    ):
+        model.generate(prompt, 6)
+    model.generate(prompt, 6, truncate=True, stream=None)
+    assert calls == [([2, 3, 0, 1, 2, 3, 0, 1, 2, 3], 6, 6)]

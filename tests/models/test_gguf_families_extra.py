@@ -373,6 +373,14 @@ NORM_2 = {f"blk.{i}.attn_norm_2.{p}": np.ones(64) for i in range(3) for p in ("w
          r"metadata key 'stablelm.attention.layer_norm_epsilon' is missing"),
         ("falcon-7b", {"kv": {"block_count": None}},
          r"metadata key 'falcon.block_count' is missing"),
+        # the metadata's own keys, not DecoderConfig's n_heads / n_kv_heads / d_model
+        ("stablelm2-1.6b", {"kv": {"attention.head_count_kv": 3}},
+         r"x\.gguf: stablelm\.attention\.head_count=4 must be a multiple of "
+         r"stablelm\.attention\.head_count_kv=3 \(GQA\)$"),
+        ("stablelm2-1.6b", {"kv": {"attention.head_count": 0}},  # was a ZeroDivisionError
+         r"x\.gguf: stablelm\.attention\.head_count must be a positive int, got 0$"),
+        ("stablelm2-1.6b", {"kv": {"embedding_length": "64"}},  # was a TypeError
+         r"x\.gguf: stablelm\.embedding_length must be a positive int, got '64'$"),
         ("falcon-7b", {"drop": ("blk.1.attn_qkv.weight",)},
          r"missing \(3\): \['blk.1.attn_qkv.weight \(needed for blocks.1.attn.W_Q\)"),
         ("stablelm2-1.6b", {"drop": ("blk.2.attn_k.bias",)},

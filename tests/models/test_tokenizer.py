@@ -1,5 +1,7 @@
 """The shared Tokenizer wrapper (uses the minilm package's tokenizer.json, no model weights)."""
 
+import re
+
 import pytest
 import tokenizers
 import torch
@@ -64,3 +66,27 @@ def test_errors(tok):
         Tokenizer.from_file("/nonexistent/tokenizer.json")
     with pytest.raises(TypeError, match=r"tokenizers\.Tokenizer"):
         Tokenizer("not a tokenizer")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # tokenizers' own words for this one are "expected `,` or `}` at line 1 column 7": a
+        # syntax error in valid JSON
+        ('{"not": "a tokenizer"}',
+         r'is JSON but not a Hugging Face tokenizers file: it has no "model" field \(its keys: '
+         r"'not'\); use the tokenizer\.json saved with the model$"),
+        ("{}", r'is JSON but not a Hugging Face tokenizers file: it has no "model" field '
+               r"\(its keys: none\)"),
+        ('["model"]', r"must hold a JSON object \(a tokenizers file\), got a list$"),
+        ('{"model": 1,', r"is not valid JSON: Expecting property name enclosed in double quotes: "
+                         r"line 1 column 13 \(char 12\)$"),
+        ('{"model": {"type": "Nope"}}',
+         r"is not a tokenizer\.json that tokenizers \S+ can read: data did not match any variant"),
+    ],
+)  # fmt: skip
+def test_a_file_that_is_no_tokenizer_says_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} {message}"):
+        Tokenizer.from_file(path)

@@ -70,8 +70,22 @@ class Spec:
         return self.banded or self.mask is not None or self.mask_mod is not None
 
 
-def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+def _shape(t: Tensor | tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(s) for s in (t.shape if isinstance(t, Tensor) else t)) + ")"
+
+
+def _four_dims_hint(name: str, t: Tensor) -> str:
+    """How to make `t` 4-D: leading axes added, or its extra leading dims folded into B."""
+    extra = t.dim() - 4
+    if extra < 0:
+        if extra == -1:
+            return f"add the missing batch/head axis with {name}.unsqueeze(0)"
+        return f"add the {-extra} missing leading axes with {name}[{', '.join(['None'] * -extra)}]"
+    folded = (math.prod(t.shape[: extra + 1]), *t.shape[extra + 1 :])
+    return (
+        f"fold its {extra} extra leading dim{'s' * (extra > 1)} into the batch with "
+        f"{name}.flatten(0, {extra}) (shape {_shape(folded)}), or reshape it to (B, H, S, D)"
+    )
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -82,7 +96,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         if t.dim() != 4:
             raise ValueError(
                 f"{name} must have 4 dims (B, H, S, D) but has {t.dim()}: shape {_shape(t)}; "
-                "add a batch/head axis with .unsqueeze(0)"
+                + _four_dims_hint(name, t)
             )
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(

@@ -227,8 +227,10 @@ def explain(
             from 1, negative from the end; a word split into pieces, or several words, resolve
             to the last token) or a token index. A str is always a word (even "1"), an int
             always a position.
-        model: a name ("smollm2", "minilm"), a checkpoint directory, or a model from `qkv.load`
-            (pass a loaded model to avoid reloading it on every call).
+        model: a bundled name ("smollm2", "minilm", "gemma3": `qkv.available()` lists them),
+            a checkpoint directory or .gguf file, or a model from `qkv.load` (pass a loaded
+            model to avoid reloading it on every call). A checkpoint folder needs its
+            tokenizer.json: explain reads text, not token ids.
         layer, head: restrict the record to one layer and/or head (0-based). Every index here
             (layer, head, token, key) follows Python: negative counts from the end, so -1 is
             the last layer; anything outside -n..n-1 raises IndexError.
@@ -453,6 +455,13 @@ class _Encoding(NamedTuple):
 def _encode(tokenizer: Any, text: str, info: ModelSummary, truncate: bool) -> tuple[Any, bool]:
     """The text's encoding, and whether `truncate` cut it to the model's context (its first
     tokens: the tokenizer's own truncation, which keeps its special tokens, where it has one)."""
+    if tokenizer is None:  # a checkpoint folder without tokenizer.json
+        raise ValueError(
+            f"{info.name} has no tokenizer (its folder has no tokenizer.json), and the lens reads "
+            "text; put the checkpoint's tokenizer.json beside its config.json. With token ids "
+            "only, record the attention with qkv.nn.capture(model) around model(ids) and read "
+            "rows with qkv.attention_weights"
+        )
     try:
         enc = tokenizer.encode(text)  # raises for text beyond its limit, naming it
     except ValueError:

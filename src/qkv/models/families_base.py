@@ -29,11 +29,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._validate import positive_ints
 from ..nn import RopeScaling
 from .convert import Reshape, Rule, heads_bias, heads_in, heads_out
 
@@ -152,6 +154,13 @@ class Wrapper:
             if value is not None:
                 out[key] = value
         return out
+
+    def key_of(self, cfg: Mapping[str, Any], key: str) -> str:
+        """Where the wrapper's config.json `cfg` sets `key` of the text model's config: at its
+        top level (a `top_level` key set there, or with a default of its own there, as `config`
+        reads it), else in text_config."""
+        top = key in self.top_level and (cfg.get(key), self.top_level[key]) != (None, None)
+        return key if top else f"text_config.{key}"
 
 
 def stack_numbered(
@@ -480,15 +489,66 @@ ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh
         "bloom_gelu": "gelu_tanh_bloom", "relu2": "relu2"}  # fmt: skip
 
 
+def config_at(cfg: Mapping[str, Any], key: str) -> Any:
+    """cfg's value at `key` (dotted keys reach into nested dicts), None when absent."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
+
+
 def config_get(cfg: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
     """The value of the first of `keys` present (dotted keys reach into nested dicts)."""
-    for key in keys:
-        node: Any = cfg
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, Mapping) else None
-        if node is not None:
-            return node
-    return None
+    return next((v for key in keys if (v := config_at(cfg, key)) is not None), None)
+
+
+def file_keys(
+    fields: Mapping[str, tuple[str, ...]],
+    got: Callable[[str], Any],
+    built: Mapping[str, Any],
+) -> dict[str, str]:
+    """field → the file's key it was read from (the first of its `fields` keys that `got`
+    returns a value for), for each field whose value in `built`, what the config is built
+    from, is that very value: a derived or converted value keeps qkv's name."""
+    out = {}
+    for ours, keys in fields.items():
+        key = next((k for k in keys if got(k) is not None), None)
+        if key is not None and ours in built and built[ours] is got(key):
+            out[ours] = key
+    return out
+
+
+def in_file_terms(message: str, owner: str, keys: Mapping[str, str], fields: frozenset) -> str:
+    """An error of the config dataclass `owner` ("DecoderConfig") built from a file, in that
+    file's words: each field of `keys` (`file_keys`) named by its key, and the "owner: " /
+    "owner." prefix dropped unless one of the owner's `fields` is still named by qkv's name.
+
+    "DecoderConfig: n_heads=4 must be a multiple of n_kv_heads=3 (GQA)" read from a Llama
+    config.json → "num_attention_heads=4 must be a multiple of num_key_value_heads=3 (GQA)"."""
+    word = r"(?<!\w)({})(?!\w)"
+    if keys:
+        names = "|".join(map(re.escape, sorted(keys, key=len, reverse=True)))
+        message = re.sub(word.format(names), lambda m: keys[m.group(1)], message)
+    rest = fields - set(keys)
+    if rest and re.search(word.format("|".join(map(re.escape, rest))), message):
+        return message
+    return re.sub(rf"^{re.escape(owner)}(?::\s*|\.(?=\w))", "", message)
+
+
+def check_sizes(
+    f: Mapping[str, Any],
+    names: tuple[str, ...],
+    where: str,
+    owner: str,
+    keys: Mapping[str, str],
+    fields: frozenset,
+) -> None:
+    """`positive_ints` over `names` of the fields read from a file, before anything is computed
+    from them (d_head = d_model // n_heads); its error in the file's words (`in_file_terms`)."""
+    try:
+        positive_ints(owner, SimpleNamespace(**{n: f.get(n) for n in names}), names)
+    except ValueError as e:
+        raise ValueError(f"{where}: {in_file_terms(str(e), owner, keys, fields)}") from e
 
 
 def read_fields(family: Family, cfg: Mapping[str, Any], where: str) -> dict[str, Any]:

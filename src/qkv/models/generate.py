@@ -14,8 +14,10 @@ Letters: b batch, i position, m model dim, v vocabulary.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -83,10 +85,10 @@ class Generation:
         slow oracle: same tokens). Generation also stops when the context is full.
         """
         c = self.config
-        ids = [int(i) for i in ids]
+        ids = _as_ids(ids)
         if not ids:
             raise ValueError("no prompt tokens: generation needs at least one")
-        _check_sampling(max_new_tokens, temperature, top_k)
+        _check_sampling(max_new_tokens, temperature, top_k, seed)
         stop = set((c.eos_id,) if stop_ids is None and c.eos_id is not None else (stop_ids or ()))
         gen = None
         if temperature > 0:
@@ -94,7 +96,7 @@ class Generation:
         steps = min(max_new_tokens, c.max_positions - len(ids) + 1)
         if steps <= 0:
             raise ValueError(
-                f"prompt is {len(ids)} tokens, beyond {c.name}'s context of {c.max_positions}"
+                f"prompt is {_tokens(len(ids))}, beyond {c.name}'s context of {c.max_positions}"
             )
         return self._decode(ids, steps, temperature, top_k, gen, stop, use_cache)
 
@@ -156,17 +158,13 @@ class Generation:
         `max_new_tokens` within the context (`truncate=True` keeps its last tokens instead).
         """
         c = self.config
-        _check_sampling(max_new_tokens, temperature, top_k)
+        _check_sampling(max_new_tokens, temperature, top_k, seed)
         ids = self.encode_prompt(prompt, chat=chat)
-        room = c.max_positions - max_new_tokens
+        room = c.max_positions - max_new_tokens  # prompt tokens that fit beside the new ones
         if len(ids) > room:
             if not truncate:
-                raise ValueError(
-                    f"prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
-                    f"{c.name}'s context of {c.max_positions} tokens. Shorten it, lower "
-                    f"max_new_tokens, or pass truncate=True (keeps the last {max(room, 1)} prompt tokens)"
-                )
-            ids = ids[-max(room, 1) :]
+                raise ValueError(_no_room(c.name, c.max_positions, len(ids), max_new_tokens))
+            ids = ids[-max(room, 1) :]  # room < 1: one token, then generate_ids stops when full
         new_ids = self.generate_ids(
             ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed
         )
@@ -265,17 +263,81 @@ def deliver(
     return "".join(out)
 
 
-def _check_sampling(max_new_tokens: object, temperature: object, top_k: object) -> None:
+def _tokens(n: int, what: str = "token") -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _no_room(name: str, context: int, n_prompt: int, max_new: int) -> str:
+    """Why a prompt of `n_prompt` tokens and `max_new` new ones do not fit `context`, and what
+    each way out does (`generate`'s truncate=True keeps the last max(context − max_new, 1))."""
+    room = context - max_new
+    ctx = f"{name}'s context of {_tokens(context)}"
+    lower = f"lower max_new_tokens to at most {context - n_prompt}"
+    if room < 1:  # max_new_tokens alone fills the context
+        return (
+            f"max_new_tokens={max_new} alone {'fills' if room == 0 else 'exceeds'} {ctx}, "
+            f"leaving no room for the prompt ({_tokens(n_prompt)}); "
+            + (lower if n_prompt < context else "lower max_new_tokens and shorten the prompt")
+            + (
+                ", or pass truncate=True (keeps only the prompt's last token)"
+                if room == 0  # generate_ids never feeds back the last new token
+                else ". Truncating the prompt cannot make room: truncate=True would keep only "
+                "its last token and stop when the context is full (at most "
+                f"{_tokens(context, 'new token')}, not {max_new})"
+            )
+        )
+    return (
+        f"prompt is {_tokens(n_prompt)}; with max_new_tokens={max_new} that exceeds {ctx}. "
+        + ("Shorten it, " + lower + "," if n_prompt < context else "Shorten it")
+        + f" or pass truncate=True (keeps the last {_tokens(room, 'prompt token')})"
+    )
+
+
+def _as_ids(ids: object) -> list[int]:
+    """`ids` (a sequence of ints, a 1-D integer tensor or array) as a list of Python ints."""
+    if isinstance(ids, str | bytes) or not isinstance(ids, Iterable):
+        hint = "; to continue text, call generate(prompt)" if isinstance(ids, str) else ""
+        raise TypeError(
+            f"ids must be a sequence of ints (token ids), got {type(ids).__name__}{hint}"
+        )
+    if isinstance(ids, Tensor):
+        if ids.dim() != 1:
+            raise ValueError(
+                f"ids must be one sequence (1-D) of token ids, got a tensor of shape "
+                f"{tuple(ids.shape)}" + ("; pass ids[0]" if ids.dim() == 2 else "")
+            )
+        ids = ids.tolist()
+    out = list(ids)
+    for n, i in enumerate(out):
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(
+                f"ids must be a sequence of ints (token ids), got {type(i).__name__} "
+                f"{i!r} at ids[{n}]"
+            )
+    return [int(i) for i in out]
+
+
+def _check_sampling(
+    max_new_tokens: object, temperature: object, top_k: object, seed: object = None
+) -> None:
     if (
         not isinstance(max_new_tokens, int)
         or isinstance(max_new_tokens, bool)
         or max_new_tokens <= 0
     ):
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(temperature, int | float) or temperature < 0:
-        raise ValueError(f"temperature must be a number ≥ 0 (0 = greedy), got {temperature!r}")
+    if (
+        not isinstance(temperature, int | float)
+        or isinstance(temperature, bool)
+        or not 0 <= temperature < math.inf  # False for nan
+    ):
+        raise ValueError(
+            f"temperature must be a finite number ≥ 0 (0 = greedy), got {temperature!r}"
+        )
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
 
 
 def _pick(
@@ -284,7 +346,10 @@ def _pick(
     """Next token from logits (v): argmax at temperature 0, else a (top-k) sample."""
     if temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits.float() / temperature
+    # float64, the largest logit moved to 0 first (softmax is shift-invariant): a temperature
+    # as small as 1e-300 then makes 0 and −inf, never 0/0
+    logits = logits.double()
+    logits = (logits - logits.max()) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -47,7 +47,7 @@ from . import gguf
 from .convert import Rule
 from .decoder import DecoderConfig
 from .families import W
-from .families_base import weight_rules
+from .families_base import check_sizes, file_keys, in_file_terms, weight_rules
 from .gguf_families_base import (
     CORE_FIELDS,
     LLAMA_WEIGHTS,
@@ -410,6 +410,14 @@ def config_from_gguf(contents: gguf.GGUFContents, *, name: str | None = None) ->
     f.update(family.fixed)
     if family.from_tensors is not None:
         f.update(family.from_tensors(contents))
+    known = frozenset(DecoderConfig.__dataclass_fields__)
+
+    def keys() -> dict[str, str]:  # field → its metadata key, for errors in the file's words
+        read = file_keys(family.fields, lambda k: md.get(f"{arch}.{k}"), f)
+        return {ours: f"{arch}.{k}" for ours, k in read.items()}
+
+    where = str(contents.path)
+    check_sizes(f, ("n_layers", "n_heads", "d_model"), where, "DecoderConfig", keys(), known)
     f.setdefault("n_kv_heads", f["n_heads"])
     f.setdefault("d_head", f["d_model"] // f["n_heads"])
     f.setdefault("vocab_size", len(md.get("tokenizer.ggml.tokens") or ()))
@@ -422,14 +430,13 @@ def config_from_gguf(contents: gguf.GGUFContents, *, name: str | None = None) ->
             f["max_positions"] = s.context(f["max_positions"])
     if family.derive is not None:
         f.update(family.derive(f))
-    known = {x.name for x in DecoderConfig.__dataclass_fields__.values()}
     try:
         return DecoderConfig(
             name=name or str(md.get("general.name", arch)),
             **{k: v for k, v in f.items() if k in known and k != "name"},
         )
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{contents.path}: {e}") from e
+    except (TypeError, ValueError) as e:  # in the metadata's words, not the dataclass's
+        raise ValueError(f"{where}: {in_file_terms(str(e), 'DecoderConfig', keys(), known)}") from e
 
 
 def rules(family: GGUFFamily, config: DecoderConfig) -> list[Rule]:

@@ -18,7 +18,7 @@ import bisect
 import contextlib
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,24 @@ from .convert import Rule, convert, read_safetensors
 from .decoder import Decoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .families import ACTS, FAMILIES, RESHAPES, Family, read_fields
-from .families_base import ntk_alpha, rope_scaling_from, stack_numbered, unstack, weight_rules
+from .families_base import (
+    check_sizes,
+    config_at,
+    file_keys,
+    in_file_terms,
+    ntk_alpha,
+    rope_scaling_from,
+    stack_numbered,
+    unstack,
+    weight_rules,
+)
 from .gguf import page_out
 from .memory import check_fits
 from .mxfp4 import Dequantized
 from .tokenizer import Tokenizer
 
+# the sizes every family reads from config.json, checked before anything is computed from them
+SIZES = ("n_layers", "n_heads", "d_model", "vocab_size", "max_positions")
 CONFIG, WEIGHTS, INDEX, TOKENIZER = (
     "config.json",
     "model.safetensors",
@@ -81,14 +93,38 @@ def family_of(cfg: dict[str, Any], where: str) -> Family:
     return FAMILIES[mt]
 
 
-def build_config(family: Family, cfg: dict[str, Any], *, name: str, where: str):
-    """config.json → a validated DecoderConfig or EncoderConfig."""
+def build_config(
+    family: Family,
+    cfg: dict[str, Any],
+    *,
+    name: str,
+    where: str,
+    key_of: Callable[[str], str] | None = None,
+):
+    """config.json → a validated DecoderConfig or EncoderConfig; errors name config.json's
+    keys (`in_file_terms`; `key_of(key)`: how the file names a key of `cfg`, when `cfg` is a
+    wrapper's text_config), not the dataclass's fields."""
     f = read_fields(family, cfg, where)
+    kind = EncoderConfig if family.kind == "encoder" else DecoderConfig
+    known = frozenset(x.name for x in dataclasses.fields(kind))
+
+    in_file = key_of or (lambda k: k)
+
+    def keys() -> dict[str, str]:
+        read = file_keys(family.fields, lambda k: config_at(cfg, k), f)
+        return {ours: in_file(k) for ours, k in read.items()}
+
+    for ours in SIZES:  # every family maps them; the sums below and `derive` use them
+        if f.get(ours) is None:
+            said = " or ".join(map(in_file, family.fields.get(ours, (ours,))))
+            raise ValueError(f"{where}: {said} is missing")
+    check_sizes(f, SIZES, where, kind.__name__, keys(), known)
     act = f.get("act", "gelu")
     if act not in ACTS:
         raise ValueError(f"{where}: activation {act!r} is not supported; qkv knows {sorted(ACTS)}")
     f["act"] = ACTS[act]
-    f["n_kv_heads"] = f.get("n_kv_heads") or f["n_heads"]
+    if f.get("n_kv_heads") is None:  # 0 is an error DecoderConfig names, not "absent"
+        f["n_kv_heads"] = f["n_heads"]
     if f.get("d_head") is None:
         if f["d_model"] % f["n_heads"]:
             raise ValueError(f"{where}: hidden size {f['d_model']} is not a multiple of "
@@ -102,11 +138,9 @@ def build_config(family: Family, cfg: dict[str, Any], *, name: str, where: str):
             if not msg.startswith("config.json"):
                 raise
             raise ValueError(where + msg.removeprefix("config.json")) from e
-    if family.kind == "encoder":
-        kind = EncoderConfig
-    else:
-        kind = DecoderConfig
-        f["d_ff"] = f.get("d_ff") or 4 * f["d_model"]  # GPT-2's n_inner=None
+    if family.kind != "encoder":
+        if f.get("d_ff") is None:  # GPT-2's n_inner=None
+            f["d_ff"] = 4 * f["d_model"]
         if isinstance(f.get("eos_id"), list):  # several end tokens: the first stops generation
             f["eos_id"] = f["eos_id"][0] if f["eos_id"] else None
         if isinstance(f.get("bos_id"), list):
@@ -118,11 +152,10 @@ def build_config(family: Family, cfg: dict[str, Any], *, name: str, where: str):
             scalings = [f["rope_scaling"], *(f["rope_scalings"] or ())]
             n = f["max_positions"]  # the context the scaling is for: transformers has no limit
             f["max_positions"] = max([n, *(s.context(n) for s in scalings if s is not None)])
-    known = {x.name for x in dataclasses.fields(kind)}
     try:
         return kind(name=name, **{k: v for k, v in f.items() if k in known})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {e}") from e
+    except (TypeError, ValueError) as e:  # in config.json's words, not the dataclass's
+        raise ValueError(f"{where}: {in_file_terms(str(e), kind.__name__, keys(), known)}") from e
 
 
 def _layer_types(cfg: dict[str, Any], f: dict[str, Any]) -> list[str] | None:
@@ -252,13 +285,18 @@ def load_dir(
         raise FileNotFoundError(f"no checkpoint directory at {d}")
     cfg = read_json(d / CONFIG)
     family = family_of(cfg, str(d / CONFIG))
-    prefixes = (family.prefix,)
+    prefixes, key_of = (family.prefix,), None
     if family.wrapper is not None:  # a multimodal checkpoint: its language model only
-        cfg = family.wrapper.config(cfg, str(d / CONFIG))
-        prefixes = family.wrapper.prefixes
+        wrapper, top = family.wrapper, cfg
+        cfg = wrapper.config(cfg, str(d / CONFIG))
+        prefixes = wrapper.prefixes
         name = name or f"{d.resolve().name} (text model)"
+
+        def key_of(key: str) -> str:
+            return wrapper.key_of(top, key)
+
     name = name or d.resolve().name
-    config = build_config(family, cfg, name=name, where=str(d / CONFIG))
+    config = build_config(family, cfg, name=name, where=str(d / CONFIG), key_of=key_of)
     tokenizer = None
     if (d / TOKENIZER).is_file():
         tokenizer = Tokenizer.from_file(d / TOKENIZER, max_length=config.max_positions,

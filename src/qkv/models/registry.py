@@ -97,6 +97,11 @@ def load(name_or_path: str | Path, *, dtype: torch.dtype | str | None = None):
         return getattr(module, fn)(dtype=dtype)
     if not isinstance(name_or_path, str | Path):
         raise TypeError(f"expected a model name or a path, got {type(name_or_path).__name__}")
+    if isinstance(name_or_path, str) and not name_or_path.strip():  # Path("") is the cwd
+        raise ValueError(
+            f"the model name or path is empty ({name_or_path!r}): give a bundled name, one of "
+            f"{sorted(MODELS)}, a checkpoint folder or a .gguf file"
+        )
     path = Path(name_or_path).expanduser()
     if not path.exists():
         bare = isinstance(name_or_path, str) and not any(c in name_or_path for c in "/\\.~")
@@ -119,6 +124,12 @@ def load(name_or_path: str | Path, *, dtype: torch.dtype | str | None = None):
             )
         return importlib.import_module("qkv.models.llama").load_gguf(path, dtype=dtype)
     hf = importlib.import_module("qkv.models.hf")
+    if not (path / hf.CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{path} is a folder without {hf.CONFIG}, so not a checkpoint: a checkpoint folder "
+            f"holds {hf.CONFIG} + *.safetensors (a model is also a bundled name, one of "
+            f"{sorted(MODELS)}, or a .gguf file)"
+        )
     cfg = hf.read_json(path / hf.CONFIG)
     if "format" in cfg:  # written by `qkv train`
         from ..nn import cast

@@ -4,6 +4,7 @@ tokens back to text with them), context-length checks, and padded batches.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,25 @@ class BatchEncoding:
     ids: Tensor
     attention_mask: Tensor
     encodings: list[Encoding]
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    """Why the tokenizers library refused `path`, in true words: its own message comes from the
+    first field it could not fit, which for a JSON object of another kind reads as a syntax
+    error (`{"not": "a tokenizer"}`: "expected `,` or `}` at line 1 column 7")."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+        return f"{path} is not valid JSON: {bad}"
+    if not isinstance(doc, dict):
+        return f"{path} must hold a JSON object (a tokenizers file), got a {type(doc).__name__}"
+    if "model" not in doc:
+        keys = ", ".join(map(repr, list(doc)[:8])) + (", …" if len(doc) > 8 else "")
+        return (
+            f'{path} is JSON but not a Hugging Face tokenizers file: it has no "model" field '
+            f"(its keys: {keys or 'none'}); use the tokenizer.json saved with the model"
+        )
+    return f"{path} is not a tokenizer.json that tokenizers {tokenizers.__version__} can read: {e}"
 
 
 class Tokenizer:
@@ -87,7 +107,7 @@ class Tokenizer:
         try:
             tk = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-            raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
+            raise ValueError(_unreadable(path, e)) from e
         return cls(tk, _copy=False, **kwargs)
 
     def __repr__(self) -> str:
