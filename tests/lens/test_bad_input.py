@@ -156,6 +156,10 @@ def test_a_checkpoint_without_tokenizer_json_says_so(tmp_path):
         explain("the dog chased the ball", "dog", model=qkv.load(tmp_path))
     with pytest.raises(TypeError, match=r"^text must be a str, got list$"):
         explain([5, 17, 42, 8], 2, model=str(tmp_path))
+    from qkv.lens import head_search
+
+    with pytest.raises(ValueError, match=no_tokenizer):  # was AttributeError in head_search
+        head_search(model=str(tmp_path), progress=False)
     word_tokenizer().save(str(tmp_path / "tokenizer.json"))
     r = explain("the dog chased the ball", "dog", model=str(tmp_path))
     assert r.query.index == 1 and r.query.text.strip() == "dog"

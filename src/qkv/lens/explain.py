@@ -452,16 +452,22 @@ class _Encoding(NamedTuple):
     offsets: list[tuple[int, int]]
 
 
+def no_tokenizer(name: str) -> ValueError:
+    """The error for a model without a tokenizer (a checkpoint folder without tokenizer.json)
+    given text."""
+    return ValueError(
+        f"{name} has no tokenizer (its folder has no tokenizer.json), and the lens reads "
+        "text; put the checkpoint's tokenizer.json beside its config.json. With token ids "
+        "only, record the attention with qkv.nn.capture(model) around model(ids) and read "
+        "rows with qkv.attention_weights"
+    )
+
+
 def _encode(tokenizer: Any, text: str, info: ModelSummary, truncate: bool) -> tuple[Any, bool]:
     """The text's encoding, and whether `truncate` cut it to the model's context (its first
     tokens: the tokenizer's own truncation, which keeps its special tokens, where it has one)."""
     if tokenizer is None:  # a checkpoint folder without tokenizer.json
-        raise ValueError(
-            f"{info.name} has no tokenizer (its folder has no tokenizer.json), and the lens reads "
-            "text; put the checkpoint's tokenizer.json beside its config.json. With token ids "
-            "only, record the attention with qkv.nn.capture(model) around model(ids) and read "
-            "rows with qkv.attention_weights"
-        )
+        raise no_tokenizer(info.name)
     try:
         enc = tokenizer.encode(text)  # raises for text beyond its limit, naming it
     except ValueError:

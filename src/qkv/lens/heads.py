@@ -35,7 +35,7 @@ from rich.table import Table
 from rich.text import Text
 from tqdm.auto import tqdm
 
-from .explain import resolve_model, run_capture, summarize
+from .explain import no_tokenizer, resolve_model, run_capture, summarize
 from .lookup import rows
 from .record import ModelSummary
 from .tokens import make_tokens, occurrences, word_spans
@@ -250,6 +250,8 @@ def head_search(
     examples = load_examples(data)  # before the (slow) model load
     m = resolve_model(model)
     info = summarize(m, model if isinstance(model, str) and not os.path.isdir(model) else None)
+    if getattr(m, "tokenizer", None) is None:
+        raise no_tokenizer(info.name)
     src = str(data) if data is not None else "bundled winograd.jsonl"
     L, H = info.n_layers, info.n_heads
     correct = {a: np.zeros((len(examples), L, H), dtype=bool) for a in AT}
