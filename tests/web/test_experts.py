@@ -172,7 +172,7 @@ def test_bad_requests_on_a_moe_model_keep_their_errors(served):
     for body, says in (
         ({"query": n, "layer": 0, "head": 0}, f"query must be an integer in [0, {n})"),
         ({"query": 0, "layer": 2, "head": 0}, "layer must be an integer in [0, 2)"),
-        ({"query": 0, "layer": 0, "head": 0, "experts": 1}, "unknown field 'experts'"),
+        ({"query": 0, "layer": 0, "head": 0, "experts": 1}, 'unknown field "experts"'),
     ):
         r = c.post("/api/lookup", json={"id": run["id"], **body})
         assert r.status_code == 400 and says in r.json()["error"], r.text
