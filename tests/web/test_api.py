@@ -7,6 +7,7 @@ projections, and DESIGN.md's measured 0.72 / 0.74."""
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import numpy as np
@@ -153,32 +154,54 @@ def test_export_json_and_png(http, seed):
 
 
 BAD = [
-    ("/api/run", {"model": "gemma3", "text": "hi"}, 400, "model must be one of ['smollm2']"),
+    ("/api/run", {"model": "gemma3", "text": "hi"}, 400, 'model must be one of ["smollm2"] (fixed when the server started), got "gemma3"'),
     ("/api/run", {"model": "../../../etc/passwd", "text": "hi"}, 400, "fixed when the server started"),
     ("/api/run", {"model": "smollm2", "text": ""}, 400, "text is empty"),
-    ("/api/run", {"model": "smollm2", "text": 7}, 400, "text must be a string, got int"),
+    ("/api/run", {"model": "smollm2", "text": 7}, 400, "text must be a string, got 7"),
     ("/api/run", {"model": "smollm2", "text": "dog " * 9000}, 400, "takes at most 8192"),
     ("/api/run", {"model": "smollm2", "text": "x" * 100_001}, 400, "at most 100000"),
-    ("/api/run", [1, 2], 400, "must be a JSON object, got list"),
+    ("/api/run", [1, 2], 400, "request body must be a JSON object, got an array"),
     ("/api/lookup", {"id": "nope", "query": 0, "layer": 0, "head": 0}, 404, "no kept run"),
     ("/api/lookup", {"id": "SEED", "query": 10, "layer": 0, "head": 0}, 400, "query must be an integer in [0, 10)"),
     ("/api/lookup", {"id": "SEED", "query": 8, "layer": 30, "head": 0}, 400, "layer must be an integer in [0, 30)"),
     ("/api/lookup", {"id": "SEED", "query": 8, "layer": 0, "head": -1}, 400, "head must be an integer in [0, 9)"),
-    ("/api/lookup", {"id": "SEED", "query": 8, "layer": 0, "head": True}, 400, "got True"),
+    ("/api/lookup", {"id": "SEED", "query": 8, "layer": 0, "head": True}, 400, "head must be an integer in [0, 9) (a head of smollm2), got true"),
     ("/api/lookup", {"id": "SEED", "query": 3, "layer": 0, "head": 0, "key": 8}, 400, "comes after the query"),
     ("/api/lookup", {"id": "SEED", "query": 3, "layer": 0}, 400, "head is missing"),
     ("/api/grid", {"id": "SEED", "query": 3}, 400, "key is missing"),
     ("/api/compare", {"model": "smollm2", "a": SENTENCE, "b": SENTENCE, "query": 8}, 400, "identical"),
     ("/api/compare", {"model": "smollm2", "a": SENTENCE, "b": SENTENCE_B, "query": "it"}, 400, "query must be a token position"),
-    ("/api/export", {"id": "SEED", "query": 8, "layer": 0, "head": 0, "format": "exe"}, 400, "format must be 'json' or 'png'"),
+    ("/api/export", {"id": "SEED", "query": 8, "layer": 0, "head": 0, "format": "exe"}, 400, 'format must be "json" or "png", got "exe"'),
     ("/api/compare", {"model": "smollm2", "a": "dog " * 1100, "b": "cat " * 1100, "query": 8}, 400, "compare takes at most 1024"),
     ("/api/lookup", {"query": 0, "layer": 0, "head": 0}, 400, "id is missing: pass the id that /api/run returned"),
     ("/api/grid", {"id": 7, "query": 0, "key": 0}, 400, "id must be the string that /api/run returned, got 7"),
-    ("/api/lookup", {"id": "SEED", "query": 8, "layer": 0, "head": 0, "tops": 0}, 400, "unknown field 'tops' for /api/lookup; its fields are id, query, layer, head, key, top"),
-    ("/api/run", {"model": "smollm2", "txt": "hi"}, 400, "unknown field 'txt' for /api/run"),
+    ("/api/lookup", {"id": "SEED", "query": 8, "layer": 0, "head": 0, "tops": 0}, 400, 'unknown field "tops" for /api/lookup; its fields are id, query, layer, head, key, top'),
+    ("/api/run", {"model": "smollm2", "txt": "hi"}, 400, 'unknown field "txt" for /api/run'),
     ("/api/compare", {"model": "smollm2", "a": "The dog ran", "b": "The cat", "query": 2}, 400, "query must be a token of both texts, an integer in [0, 2) (a has 3 tokens, b 2), got 2"),
     ("/api/compare", {"model": "smollm2", "a": "The dog", "b": "The cat", "query": 10**30}, 400, "query must be a token of both texts"),
     ("/api/compare", {"model": "smollm2", "a": SENTENCE, "b": SENTENCE, "query": 8}, 400, "a and b are identical"),
+    # JSON's words, not Python's (NoneType, list, True, None); a missing field says so
+    ("/api/run", None, 400, "request body must be a JSON object, got null"),
+    ("/api/run", "text", 400, 'request body must be a JSON object, got "text"'),
+    ("/api/run", {"text": "hi"}, 400, 'model is missing: pass one of ["smollm2"]'),
+    ("/api/run", {"model": None, "text": "hi"}, 400, 'model must be one of ["smollm2"] (fixed when the server started), got null'),
+    ("/api/run", {"model": ["smollm2"], "text": "hi"}, 400, "got an array"),
+    ("/api/run", {"model": "smollm2"}, 400, "text is missing: pass the text as a string"),
+    ("/api/run", {"model": "smollm2", "text": None}, 400, "text must be a string, got null"),
+    ("/api/run", {"model": "smollm2", "text": {"a": 1}}, 400, "text must be a string, got an object"),
+    ("/api/run", {"model": "smollm2", "text": "hi", "client": False}, 400, "client must be 1–64 printable ASCII characters, got false"),
+    ("/api/lookup", {"id": "SEED", "query": True, "layer": 0, "head": 0}, 400, "query must be an integer in [0, 10) (a token of the 10), got true"),
+    ("/api/lookup", {"id": "SEED", "query": None, "layer": 0, "head": 0}, 400, "query must be an integer in [0, 10) (a token of the 10), got null"),
+    ("/api/lookup", {"id": "SEED", "query": "8", "layer": 0, "head": 0}, 400, 'got "8"'),
+    ("/api/lookup", {"id": "SEED", "query": 8, "layer": 0, "head": 0, "top": -1}, 400, "top must be an integer in [0, 1048576] (0 = every key), got -1"),
+    ("/api/lookup", {"id": "SEED", "query": 8, "layer": 0, "head": 0, "top": 2.5}, 400, "got 2.5"),
+    ("/api/lookup", {"id": None, "query": 8, "layer": 0, "head": 0}, 400, "id must be the string that /api/run returned, got null"),
+    ("/api/grid", {"id": [1], "query": 0, "key": 0}, 400, "id must be the string that /api/run returned, got an array"),
+    ("/api/export", {"id": "SEED", "query": 8, "layer": 0, "head": 0}, 400, 'format is missing: pass "json" or "png"'),
+    ("/api/compare", {"model": "smollm2", "a": SENTENCE, "b": SENTENCE_B}, 400, "query is missing: pass a token position"),
+    ("/api/compare", {"model": "smollm2", "a": SENTENCE, "b": SENTENCE_B, "query": False}, 400, "query must be a token position (an integer ≥ 0), got false"),
+    ("/api/run", {"model": "smollm2", "text": "a \ud800 b"}, 400, "text holds an unpaired surrogate (U+D800 at character 2); send valid Unicode"),
+    ("/api/compare", {"model": "smollm2", "a": SENTENCE, "b": "x\udfff", "query": 0}, 400, "b holds an unpaired surrogate (U+DFFF at character 1)"),
 ]  # fmt: skip
 
 
@@ -188,11 +211,14 @@ BAD = [
 def test_bad_requests_get_a_json_4xx(http, seed, path, body, status, says):
     if isinstance(body, dict) and body.get("id") == "SEED":
         body = {**body, "id": seed["id"]}
-    r = http.post(path, json=body)
+    r = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     assert says in r.json()["error"]
     for python in ("truncate=", "text_a", "text_b", "sys.", "Traceback"):  # not the API's words
         assert python not in r.json()["error"]
+    assert not re.search(
+        r"\b(None|True|False|NoneType|list|dict|str|int|bool)\b", r.json()["error"]
+    )
 
 
 def test_body_size_type_and_method_are_bounded(http, server):
@@ -297,3 +323,89 @@ def test_a_second_model_bidirectional(smollm2):
             assert got == {SENTENCE: (0.20, 0.08), SENTENCE_B: (0.08, 0.23)}
     finally:
         srv.stop()
+
+
+def test_null_means_the_default_for_optional_fields(http, seed):
+    """ "top": null was refused while "key": null took the default: null now means what leaving
+    a field out means, for each optional field (key, top, client). Oracle: the same request
+    with the defaults written out (top 20, the head's own top key)."""
+    base = {"id": seed["id"], "query": 8, "layer": 13, "head": 8}
+    answers = [
+        http.post("/api/lookup", json={**base, **extra})
+        for extra in ({}, {"key": None, "top": None}, {"top": 20, "key": 1})
+    ]
+    assert [r.status_code for r in answers] == [200, 200, 200], answers[1].text
+    docs = [{k: v for k, v in r.json().items() if k != "server_ms"} for r in answers]
+    assert docs[1]["top"] == 20 and docs[1]["neuron"]["key"]["index"] == 1  # "dog"
+    assert docs[0] == docs[1]
+    for k in ("top", "layers", "query"):
+        assert docs[1][k] == docs[2][k]
+    r = http.post("/api/run", json={"model": "smollm2", "text": SENTENCE, "client": None})
+    assert r.status_code == 200, r.text
+
+
+def test_a_busy_answer_counts_its_jobs_in_english(smollm2):
+    """One job waiting: "1 job queued or running", not "1 jobs"."""
+    import asyncio
+    import threading
+
+    from qkv.web import Explorer, Limits
+    from qkv.web.session import Busy
+
+    ex = Explorer(["smollm2"], Limits(workers=1, max_queue=1), loaded={"smollm2": smollm2})
+    gate = threading.Event()
+
+    async def main():
+        first = asyncio.create_task(ex.call(gate.wait, 30))
+        await asyncio.sleep(0.05)
+        try:
+            with pytest.raises(Busy, match=r"busy: 1 job queued or running \(at most 1\)"):
+                await ex.call(int)
+        finally:
+            gate.set()
+            await first
+
+    try:
+        asyncio.run(main())
+    finally:
+        ex.close()
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_a_png_of_every_key_draws_at_most_100(http, monkeypatch):
+    """ "every key" (top 0) drew one bar per key: a 5,261-token text made a 1,100 × 162,170 px
+    image in 62 s, holding the pyplot lock. One head's PNG draws at most 100 keys: the top 50
+    by weight ∪ the top 50 by contribution, and its title says how many of how many. Oracle:
+    the JSON export's every key, ranked here."""
+    import matplotlib.axes
+    import matplotlib.figure
+
+    run = http.post("/api/run", json={"model": "smollm2", "text": " ".join([SENTENCE] * 30)})
+    n = len(run.json()["tokens"])  # 300
+    base = {"id": run.json()["id"], "query": n - 1, "layer": 29, "head": 0, "top": 0}
+    rec = from_json(http.post("/api/export", json={**base, "format": "json"}).text)
+    h = rec.head(29, 0)
+    w, c = h.weight.tolist(), h.contribution.tolist()
+    assert len(w) == n > 200
+    keep = set(sorted(range(n), key=lambda k: -w[k])[:50])
+    keep |= set(sorted(range(n), key=lambda k: -c[k])[:50])
+
+    bars, titles = [], []
+    barh, suptitle = matplotlib.axes.Axes.barh, matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.axes.Axes, "barh",
+                        lambda self, y, x, *a, **k: (bars.append(np.asarray(x)), barh(self, y, x, *a, **k))[1])  # fmt: skip
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda self, t, *a, **k: (titles.append(t), suptitle(self, t, *a, **k))[1])  # fmt: skip
+    p = http.post("/api/export", json={**base, "format": "png"})
+    assert p.status_code == 200, p.text
+    width, height = png_size(p.content)
+    assert len(bars[0]) == len(bars[1]) == len(keep) <= 100, [len(b) for b in bars]  # (+ neuron)
+    np.testing.assert_allclose(sorted(bars[0]), sorted(w[k] for k in keep), rtol=1e-6)
+    np.testing.assert_allclose(sorted(bars[1]), sorted(c[k] for k in keep), rtol=1e-6)
+    assert f"the {len(keep)} of its {n} keys with most weight or contribution" in titles[0]
+    assert height <= (1.2 + 0.28 * 100) * 110 + 10, (width, height)

@@ -12,6 +12,7 @@ import json
 import re
 import time
 
+import httpx
 import pytest
 
 from qkv.lens import compare, explain, from_json
@@ -21,7 +22,7 @@ from .conftest import SENTENCE, SENTENCE_B
 pytestmark = pytest.mark.slow
 
 XSS = "The dog </script><img src=x onerror=alert(1)> chased the ball because it was excited."
-DISPLAY = 5e-4  # the page shows 3 decimals (weights) / 2 decimals (compare table): half a unit
+DISPLAY = 5e-4  # the page shows 3 significant digits (weights) / 2 decimals (compare table)
 
 
 def open_page(browser, server):
@@ -85,6 +86,10 @@ def test_seed_scenario(server, browser, shots, smollm2):
     page.wait_for_selector("#cmpkeys tr[data-key='ball'] td.wb")
     ball = float(page.locator("#cmpkeys tr[data-key='ball'] td.wb").inner_text())
     page.screenshot(path=str(shots / "explorer-compare.png"), full_page=True)
+    status = page.locator("#status").inner_text()  # the run's line stays, the timing added
+    assert re.fullmatch(
+        r"10 tokens · smollm2 · 30 layers × 9 heads · \d+ ms · compared in \d+ ms", status
+    ), status
     cmp = compare(SENTENCE, SENTENCE_B, 8, model=smollm2, layer=13, head=8, progress=False)
     hm = cmp.head(13, 8)
     want = float(hm.weight_b[list(hm.index).index(4)])
@@ -362,4 +367,66 @@ def test_the_old_results_fade_while_a_new_text_runs(server, browser):
         page.evaluate("getComputedStyle(document.querySelector('#tokens')).pointerEvents") == "auto"
     )
     assert seen["errors"] == [], seen["errors"]
+    page.close()
+
+
+def significant(s: str) -> int:
+    """How many significant digits a printed number shows ("0.00288" → 3, "1.50" → 3)."""
+    return len(re.sub(r"e.*$", "", s).replace("-", "").replace(".", "").lstrip("0"))
+
+
+def test_a_long_text_prints_small_numbers_and_survives_eviction(server, browser, smollm2):
+    """On 330 tokens: (a) with every key, each weight and contribution prints 3 significant
+    digits (they printed 0.001 and 0.000 beside bars of clearly different length), oracle the
+    lens' one-shot record; (b) an out-of-range "go to" says the range (it was ignored); (c) when
+    the server has dropped the shown run, a click re-runs the shown run's text, not the text
+    box's (edited since), and opens the clicked token in the open layer and head (it opened the
+    last token of the text box's text)."""
+    text = words_text(smollm2.tokenizer, 330)
+    page, seen = open_page(browser, server)
+    run_text(page, text)
+    n = page.evaluate("st.cap.tokens.length")
+    q = int(page.locator("#tokens .chip.q").get_attribute("data-i"))
+    page.check("#all-keys")
+    page.wait_for_function("document.querySelectorAll('#keys tr.pick').length === 200")
+    rows = page.evaluate("Array.from(document.querySelectorAll('#keys tr.pick')).map(r => [+r.dataset.j,"
+                         " r.querySelector('td.weight').textContent, r.querySelector('td.contribution').textContent])")  # fmt: skip
+    ref = explain(text, q, model=smollm2, layer=0, head=0, top=0, progress=False).head(0, 0)
+    small = 0
+    for j, w, c in rows:
+        for shown, want in ((w, ref.key(j).weight), (c, ref.key(j).contribution)):
+            assert significant(shown) == 3 and float(shown) == pytest.approx(want, rel=5e-3), (j, shown, want)  # fmt: skip
+            small += want < 0.01
+    assert small > 50  # the check covers values that three decimals printed as 0.00x or 0.000
+
+    page.fill("#pager input", str(n + 5))
+    page.press("#pager input", "Enter")
+    assert page.locator("#error").inner_text() == (
+        f"go to: the tokens are numbered 0 to {n - 1}; {n + 5} is not one of them"
+    )
+
+    page.select_option("#layer", "13")
+    wait_head(page, 13, 0)
+    page.select_option("#head", "8")
+    wait_head(page, 13, 8)
+    old = page.evaluate("st.cap.id")
+    page.fill("#text", SENTENCE_B)  # edited, not run
+    with httpx.Client(base_url=server.url, timeout=120) as c:  # the server keeps 8 runs
+        for k in range(server.explorer.limits.max_captures):
+            assert (
+                c.post("/api/run", json={"model": "smollm2", "text": f"run {k}"}).status_code == 200
+            )
+        lost = c.post("/api/lookup", json={"id": old, "query": 0, "layer": 0, "head": 0})
+        assert lost.status_code == 404  # evicted
+    i = int(page.locator("#tokens .chip").nth(3).get_attribute("data-i"))
+    assert i not in (q, n - 1)
+    page.locator("#tokens .chip").nth(3).click()
+    page.wait_for_function(f"st.cap.id !== {old!r} && (document.querySelector('#lookup h2')||{{}})"
+                           f".textContent?.includes('(token {i}) · layer 13 head 8 ')", timeout=60_000)  # fmt: skip
+    assert page.evaluate("st.cap.text") == text
+    assert page.locator("#tokens .chip.q").get_attribute("data-i") == str(i)
+    assert page.input_value("#text") == SENTENCE_B  # the edit is kept, not run
+    assert seen["errors"] == [  # the browser logs the lookup the server refused, nothing else
+        "Failed to load resource: the server responded with a status of 404 (Not Found)"
+    ], seen["errors"]
     page.close()

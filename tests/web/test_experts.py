@@ -172,7 +172,7 @@ def test_bad_requests_on_a_moe_model_keep_their_errors(served):
     for body, says in (
         ({"query": n, "layer": 0, "head": 0}, f"query must be an integer in [0, {n})"),
         ({"query": 0, "layer": 2, "head": 0}, "layer must be an integer in [0, 2)"),
-        ({"query": 0, "layer": 0, "head": 0, "experts": 1}, "unknown field 'experts'"),
+        ({"query": 0, "layer": 0, "head": 0, "experts": 1}, 'unknown field "experts"'),
     ):
         r = c.post("/api/lookup", json={"id": run["id"], **body})
         assert r.status_code == 400 and says in r.json()["error"], r.text
@@ -180,8 +180,9 @@ def test_bad_requests_on_a_moe_model_keep_their_errors(served):
 
 def test_the_page_shows_the_experts(served, browser, shots):
     """Chromium under the page's own CSP (waits by locator, no evaluated strings): click 'it'
-    on gpt-oss; the line names the experts and weights of the record (3 decimals), one cell per
-    sparse layer, a cell opens its layer; none on the dense model; no console errors."""
+    on gpt-oss; the line names the experts and weights of the record (3 significant digits, as
+    JavaScript's toPrecision(3) and Python's "#.3g" print them), one cell per sparse layer, a
+    cell opens its layer; none on the dense model; no console errors."""
     from playwright.sync_api import expect
 
     models, _, srv = served
@@ -201,7 +202,7 @@ def test_the_page_shows_the_experts(served, browser, shots):
     line = page.locator("#experts-line")
     expect(line).to_contain_text("in layer 1")
     want = qkv.explain(TEXT, IT, model=models["gpt_oss"][1], progress=False).experts.layers[1]
-    pairs = ", ".join(f"{e} ({w:.3f})" for e, w in zip(want.experts, want.weights, strict=True))
+    pairs = ", ".join(f"{e} ({w:#.3g})" for e, w in zip(want.experts, want.weights, strict=True))
     assert line.inner_text() == f'experts of "it" in layer 1: {pairs} of 4'
     assert page.locator("#experts-row td").count() == 2
     assert page.locator("#experts-row td.sel").get_attribute("data-l") == "1"

@@ -143,8 +143,8 @@ h1{font-size:18px;margin:0 0 4px}.sub{color:#666;margin-bottom:10px}
 select,button{font:inherit;padding:2px 6px}
 #text{background:#fff;border:1px solid #ddd;border-radius:6px;padding:12px;white-space:pre-wrap;line-height:2.1;max-height:340px;overflow:auto}
 #text span{border-radius:3px;cursor:pointer;padding:1px 0}
-#text span.q{outline:2px solid #d62728;outline-offset:1px}
-#text span.pin{box-shadow:0 0 0 2px #1f77b4}
+#text span.q{outline:2px solid #d62728;outline-offset:1px;margin:0 3px}
+#text span.pin{box-shadow:0 0 0 2px #1f77b4;margin:0 3px}
 #text span.sp{color:#999;font-size:11px}
 #text span.pc{color:#999;font-size:11px;vertical-align:super}
 .row{display:flex;gap:20px;flex-wrap:wrap;margin-top:14px}
@@ -197,7 +197,7 @@ function drawText(){
     const v=K.get(j);const x=v?(st.qty==='contribution'?v[2]:v[1]):0;
     if(x>0)s.style.background=`rgba(${col},${Math.min(1,x/(mx||1))*0.85})`;
     if(j===D.query)s.classList.add('q');if(j===st.pin)s.classList.add('pin');
-    s.onmousemove=e=>tip(e,`${JSON.stringify(tt(j))} (token ${j})`+(!v?'\n(not among the kept keys)':isProp()?`\n${PROPNAME[st.qty]} share ${fmt(v[1])}`:`\nscore ${fmt(v[0])}  weight ${fmt(v[1])}  contribution ${fmt(v[2])}`));
+    s.onmousemove=e=>tip(e,`${JSON.stringify(tt(j))} (token ${j})`+(!v?'\n(not among the kept keys)':isProp()?`\n${PROPNAME[st.qty]} share ${fmt(v[1])}`:st.head<0?`\nmean weight ${fmt(v[1])}  content carried ${fmt(v[2])}`:`\nscore ${fmt(v[0])}  weight ${fmt(v[1])}  contribution ${fmt(v[2])}`));
     s.onmouseleave=()=>$('tip').style.display='none';
     s.onclick=()=>{st.pin=j;draw();};el.appendChild(s);});
   if(pos<CP.length)el.appendChild(document.createTextNode(cps(pos)));
@@ -221,12 +221,13 @@ function drawKeys(){
   const all=[...keys().entries()],[K,hidden]=shown(all);
   const mw=Math.max(1e-12,...K.map(k=>k[1][1])),mc=Math.max(1e-12,...K.map(k=>k[1][2]));
   const byC=[...all].sort((a,b)=>b[1][2]-a[1][2]).map(k=>k[0]);
-  let h=`<table><tr><th>#</th><th class=l>key</th><th>idx</th><th>score</th><th class=l>weight</th><th class=l>contribution</th><th>rank by content</th></tr>`;
+  const mean=st.head<0; // the layer's own numbers: mean_h w and ‖Σ_h w·v W_O‖, not one head's ‖w·v W_O‖
+  let h=`<table><tr><th>#</th><th class=l>key</th><th>idx</th><th>score</th><th class=l>${mean?'mean weight':'weight'}</th><th class=l>${mean?'content carried ‖Σ_h w·v W_O‖':'contribution'}</th><th>rank by content</th></tr>`;
   K.forEach(([j,v],r)=>{const rc=byC.indexOf(j)+1,sink=rc>r+3&&v[1]>0.05;
     h+=`<tr><td>${r+1}</td><td class=l>${esc(tt(j))}</td><td>${j}</td><td>${fmt(v[0])}</td>`+
     `<td class=l><span class=bar style="width:${80*v[1]/mw}px"></span>${fmt(v[1])}</td>`+
     `<td class=l><span class="bar c" style="width:${80*v[2]/mc}px"></span>${fmt(v[2])}</td><td class="${sink?'sink':''}">${rc}${sink?' sink':''}</td></tr>`;});
-  const what=st.head<0?`layer ${st.layer}, mean over heads`:`layer ${st.layer} head ${st.head}`;
+  const what=mean?`layer ${st.layer}: mean weight over heads vs the content carried (‖Σ_h w·v W_O‖)`:`layer ${st.layer} head ${st.head}`;
   let extra='';if(st.head>=0){const hh=D.heads.find(x=>x[0]===st.layer&&x[1]===st.head);extra=` · entropy ${fmt(Math.abs(hh[3]))} nats · ‖output‖ ${fmt(hh[4])} · ${hh[5]} keys visible`+(hh[10]?` · the learned sink takes ${fmt(hh[10])} of the weight`:'');}
   const kept=` · ${all.length} keys kept`+(hidden?` (${hidden} more, beyond the top 100 by weight and by contribution, are in the JSON)`:'');
   $('keys').innerHTML=`<b>${what}</b>${extra}${kept}`+h+'</table>';
@@ -262,7 +263,9 @@ function drawNeuron(){ // the record's neuron view: its numbers as given, drawn 
 }
 function syncControls(){$('layer').value=st.layer;fillHeads();$('head').value=st.head;}
 function fillHeads(){const s=$('head');s.innerHTML='<option value=-1>mean of heads</option>'+headsOf(st.layer).map(h=>`<option value=${h[1]}>${h[1]}</option>`).join('');}
-function draw(){drawText();drawKeys();drawGrid();}
+function draw(){ // the "show" menu names the layer's content in the mean-of-heads view
+  $('qty').querySelector('option[value=contribution]').textContent=st.head<0?'content carried ‖Σ_h w·v W_O‖':'contribution ‖w·v W_O‖';
+  drawText();drawKeys();drawGrid();}
 $('layer').innerHTML=layers.map(l=>`<option value=${l}>${l}</option>`).join('');
 for(const k of ['flow','rollout'])if(!(k in PROP))$('qty').querySelector(`option[value=${k}]`).remove();
 $('layer').onchange=e=>{st.layer=+e.target.value;fillHeads();st.head=-1;draw();};

@@ -1,6 +1,8 @@
 """The PNG view of an `ExplainResult` (matplotlib, Agg backend; written atomically).
 
-One head: its kept keys as two bar charts, weight beside contribution. Several layers: two
+One head: its kept keys as two bar charts, weight beside contribution; past `MAX_BARS` keys
+(every key of a long text) the top MAX_BARS/2 by weight ∪ by contribution, and the title says
+how many of how many are drawn (the JSON holds every key). Several layers: two
 heatmaps (layers × keys) of the head-mean weight and the layer-level contribution, each row
 scaled to its maximum, so sinks (weight without content) show as columns bright on the left
 and dark on the right; with a chosen key, a third panel: its weight by layer × head. With a
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from .neuron import NeuronView
 
 MAX_COLUMNS = 48
+MAX_BARS = 100  # keys in one head's chart: ≤ 3,300 px tall (5,261 keys drew 162,170 px in 62 s)
 NEURON_DIMS = 16  # dimensions drawn in the neuron figure
 
 
@@ -76,6 +79,19 @@ def _stack(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.concatenate(pad, 0)
 
 
+def drawn(weight: np.ndarray, contribution: np.ndarray, most: int = MAX_BARS) -> np.ndarray:
+    """Positions of the keys a bar chart draws: all of them up to `most`; beyond, the top
+    most/2 by weight ∪ the top most/2 by contribution (a key that carries content without
+    weight stays in), in the record's order (by weight)."""
+    n = len(weight)
+    if n <= most:
+        return np.arange(n)
+    by_w = np.argsort(-np.asarray(weight, dtype=float), kind="stable")[: most // 2]
+    by_c = np.argsort(-np.nan_to_num(np.asarray(contribution, float), nan=-np.inf), kind="stable")
+    keep = np.union1d(by_w, by_c[: most // 2])
+    return keep[np.argsort(-np.asarray(weight, dtype=float)[keep], kind="stable")]
+
+
 def _label(r: ExplainResult, j: int) -> str:
     t = r.tokens[j].text.strip() or repr(r.tokens[j].text)
     return f"{t[:12]}·{j}" if len(r.tokens) > 40 else t[:12]
@@ -93,17 +109,24 @@ def to_png(r: ExplainResult, path: str | os.PathLike, dpi: int = 110) -> Path:
     title = f"{r.model.name}: what {qtxt!r} (token {r.query.index}) looks up"
     if len(heads) == 1:
         layer, h = heads[0]
-        n = len(h.index)
+        keep = drawn(h.weight, h.contribution)
+        n = len(keep)
         fig, axes = plt.subplots(1, 2, figsize=(10, 1.2 + 0.28 * n), sharey=True)
         y = np.arange(n)
-        labels = [_label(r, int(j)) for j in h.index]
-        axes[0].barh(y, h.weight, color="#4c78a8")
+        labels = [_label(r, int(j)) for j in h.index[keep]]
+        axes[0].barh(y, h.weight[keep], color="#4c78a8")
         axes[0].set_title("weight (softmax)")
-        axes[1].barh(y, h.contribution, color="#f58518")
+        axes[1].barh(y, h.contribution[keep], color="#f58518")
         axes[1].set_title("contribution ‖w·v W_O‖")
         axes[0].set_yticks(y, labels)
         axes[0].invert_yaxis()
-        fig.suptitle(f"{title} — layer {layer} head {h.head}")
+        cut = (
+            f"\nthe {n} of its {len(h.index)} keys with most weight or contribution "
+            f"(top {MAX_BARS // 2} of each; at most {MAX_BARS} drawn, the JSON holds every key)"
+            if n < len(h.index)
+            else ""
+        )
+        fig.suptitle(f"{title} — layer {layer} head {h.head}{cut}")
     else:
         # one head per layer, the same one (explain(head=H)): draw that head, as the terminal's
         # per-layer table does; otherwise each layer's own numbers over every head

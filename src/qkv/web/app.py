@@ -10,22 +10,26 @@
     POST /api/grid           {id, query, key} → (layers × heads) weight on key, entropy
     POST /api/compare        {model, a, b, query} → qkv.compare/1 + per-head max |Δweight|
     POST /api/export         {id, query, layer, head, key?, top?, format: json|png} → a download
+                             (a PNG draws at most `qkv.lens.png.MAX_BARS` keys; its title says so)
 
 Why Starlette: a small, well-kept ASGI toolkit (routing, requests, responses, TestClient) with
 one dependency (anyio), served by uvicorn; qkv validates its few request fields explicitly, so
 FastAPI's pydantic layer would add weight without adding checks.
 
 Every request is validated (JSON object, body ≤ `max_body_kib`, only the route's fields, types
-and index ranges, text ≤ `max_chars` characters and ≤ the model's context in tokens); a bad one
-gets a 4xx with {"error": message}. No request names a file: models are named from the set fixed at start-up,
-assets come from a dict read when the app is made. Model work runs in the Explorer's worker
-pool (see `qkv.web.session`). Each JSON answer carries "server_ms", the time spent serving it.
+and index ranges, text ≤ `max_chars` characters of valid Unicode and ≤ the model's context in
+tokens); a bad one gets a 4xx with {"error": message} in JSON's words (null, true, an array …).
+An optional field (key, top, client) sent as null takes its default, as if it were absent.
+No request names a file: models are named from the set fixed at start-up, assets come from a
+dict read when the app is made. Model work runs in the Explorer's worker pool (see
+`qkv.web.session`). Each JSON answer carries "server_ms", the time spent serving it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 import traceback
@@ -57,6 +61,21 @@ RUN = ("model", "text", "client")
 LOOKUP = ("id", "query", "layer", "head", "key", "top")
 GRID = ("id", "query", "key")
 COMPARE = ("model", "a", "b", "query")
+
+
+SURROGATE = re.compile(r"[\ud800-\udfff]")  # left in a str only by an unpaired "\\ud800" escape
+
+
+def shown(x: Any) -> str:
+    """`x` as the request spelt it, in JSON's words: null, true, 7, "it"; an array or an object
+    by its kind only (never echoed whole); a long string cut to 60 characters."""
+    if isinstance(x, list):
+        return "an array"
+    if isinstance(x, dict):
+        return "an object"
+    s = json.dumps(x, ensure_ascii=False)
+    s = s if len(s) <= 60 else s[:59] + "…"
+    return SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", s)  # a str the answer can encode
 
 
 class BadRequest(Exception):
@@ -96,7 +115,7 @@ async def read_json(request: Request, limit: int) -> dict:
     except ValueError as e:  # Python's bound on an integer's digits (4300 by default)
         raise BadRequest(f"request body holds a number too long to read ({str(e).split(';')[0]}); every field takes a small integer or a string") from None  # fmt: skip
     if not isinstance(doc, dict):
-        raise BadRequest(f"request body must be a JSON object, got {type(doc).__name__}")
+        raise BadRequest(f"request body must be a JSON object, got {shown(doc)}")
     return doc
 
 
@@ -106,50 +125,78 @@ def fields(doc: dict, route: str, known: tuple[str, ...]) -> dict:
     unknown = sorted(set(doc) - set(known))
     if unknown:
         raise BadRequest(
-            f"unknown field {unknown[0]!r} for {route}; its fields are {', '.join(known)}"
+            f"unknown field {shown(unknown[0])} for {route}; its fields are {', '.join(known)}"
         )
     return doc
 
 
-def integer(doc: dict, name: str, n: int, *, default: Any = ..., what: str = "") -> Any:
-    """doc[name] as an int in [0, n) (`default` when absent and given)."""
-    if name not in doc or doc[name] is None:
-        if default is ...:
-            raise BadRequest(f"{name} is missing: pass an integer in [0, {n})")
+def integer(
+    doc: dict, name: str, n: int, *, default: Any = ..., what: str = "", most: bool = False
+) -> Any:
+    """doc[name] as an int in [0, n) ([0, n] when `most`); `default` when the field is absent or
+    null and a default is given, else a 400 that says it is missing."""
+    span = f"[0, {n}]" if most else f"[0, {n})"
+    if doc.get(name) is None and default is not ...:
         return default
+    if name not in doc:
+        raise BadRequest(f"{name} is missing: pass an integer in {span}{what}")
     x = doc[name]
-    if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n:
-        raise BadRequest(f"{name} must be an integer in [0, {n}){what}, got {x!r}")
+    if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n + most:
+        raise BadRequest(f"{name} must be an integer in {span}{what}, got {shown(x)}")
     return x
 
 
 def string(doc: dict, name: str, limit: int) -> str:
-    x = doc.get(name)
+    """doc[name]: a non-blank string of at most `limit` characters, valid Unicode (JSON lets a
+    "\\ud800" escape stand alone; no tokenizer can read the string it leaves)."""
+    if name not in doc:
+        raise BadRequest(f"{name} is missing: pass the text as a string")
+    x = doc[name]
     if not isinstance(x, str):
-        raise BadRequest(f"{name} must be a string, got {type(x).__name__ if name in doc else 'nothing'}")  # fmt: skip
+        raise BadRequest(f"{name} must be a string, got {shown(x)}")
     if not x.strip():
         raise BadRequest(f"{name} is empty: type a text")
     if len(x) > limit:
         raise BadRequest(f"{name} is {len(x)} characters; at most {limit} are accepted")
+    bad = SURROGATE.search(x)
+    if bad:
+        raise BadRequest(
+            f"{name} holds an unpaired surrogate (U+{ord(bad.group()):04X} at character "
+            f"{bad.start()}); send valid Unicode"
+        )
     return x
 
 
 def run_id(doc: dict) -> str:
     """doc["id"]: the id that /api/run returned (a string)."""
-    cid = doc.get("id")
-    if cid is None:
+    if "id" not in doc:
         raise BadRequest("id is missing: pass the id that /api/run returned")
+    cid = doc["id"]
     if not isinstance(cid, str):
-        raise BadRequest(f"id must be the string that /api/run returned, got {cid!r}")
+        raise BadRequest(f"id must be the string that /api/run returned, got {shown(cid)}")
     return cid
 
 
+def model_name(doc: dict, explorer: Explorer) -> str:
+    """doc["model"]: one of the models fixed when the server started (refused before any work)."""
+    names = json.dumps(sorted(explorer.slots))
+    if "model" not in doc:
+        raise BadRequest(f"model is missing: pass one of {names}")
+    m = doc["model"]
+    if not isinstance(m, str) or m not in explorer.slots:
+        raise BadRequest(
+            f"model must be one of {names} (fixed when the server started), got {shown(m)}"
+        )
+    return m
+
+
 def client_id(doc: dict) -> str | None:
+    """doc["client"], the page's id for its runs; None when absent or null."""
     c = doc.get("client")
     if c is None:
         return None
     if not isinstance(c, str) or not 1 <= len(c) <= 64 or not c.isascii() or not c.isprintable():
-        raise BadRequest(f"client must be 1–64 printable ASCII characters, got {c!r}")
+        raise BadRequest(f"client must be 1–64 printable ASCII characters, got {shown(c)}")
     return c
 
 
@@ -186,8 +233,7 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
     async def run(request: Request) -> Response:
         t0 = time.perf_counter()
         doc = fields(await read_json(request, body_limit), "/api/run", RUN)
-        model = doc.get("model")
-        explorer.check_model(model)  # refused before any work
+        model = model_name(doc, explorer)
         text = string(doc, "text", lim.max_chars)
         client = client_id(doc)
         job = explorer.start_job(client or "anon-" + secrets.token_hex(8))
@@ -208,11 +254,7 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
         layer = integer(doc, "layer", info.n_layers, what=f" (a layer of {info.name})")
         head = integer(doc, "head", info.n_heads, what=f" (a head of {info.name})")
         key = integer(doc, "key", n, default=None, what=f" (a token of the {n})")
-        top = doc.get("top", TOP_KEYS)
-        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 1 << 20:
-            raise BadRequest(
-                f"top must be an integer in [0, {1 << 20}] (0 = every key), got {top!r}"
-            )
+        top = integer(doc, "top", 1 << 20, default=TOP_KEYS, what=" (0 = every key)", most=True)
         return cap, i, layer, head, key, top
 
     async def lookup(request: Request) -> Response:
@@ -233,12 +275,13 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
     async def compare(request: Request) -> Response:
         t0 = time.perf_counter()
         doc = fields(await read_json(request, body_limit), "/api/compare", COMPARE)
-        model = doc.get("model")
-        explorer.check_model(model)
+        model = model_name(doc, explorer)
         a, b = string(doc, "a", lim.max_chars), string(doc, "b", lim.max_chars)
-        q = doc.get("query")
+        if "query" not in doc:
+            raise BadRequest("query is missing: pass a token position (an integer ≥ 0)")
+        q = doc["query"]
         if isinstance(q, bool) or not isinstance(q, int) or q < 0:
-            raise BadRequest(f"query must be a token position (an integer ≥ 0), got {q!r}")
+            raise BadRequest(f"query must be a token position (an integer ≥ 0), got {shown(q)}")
         if a == b:
             raise BadRequest("a and b are identical: nothing can move; change one of them")
 
@@ -258,9 +301,11 @@ def create_app(explorer: Explorer, *, allowed_hosts: list[str] | None = None) ->
 
     async def export(request: Request) -> Response:
         doc = fields(await read_json(request, body_limit), "/api/export", (*LOOKUP, "format"))
-        fmt = doc.get("format")
+        if "format" not in doc:
+            raise BadRequest('format is missing: pass "json" or "png"')
+        fmt = doc["format"]
         if fmt not in ("json", "png"):
-            raise BadRequest(f"format must be 'json' or 'png', got {fmt!r}")
+            raise BadRequest(f'format must be "json" or "png", got {shown(fmt)}')
         cap, i, layer, head, key, top = head_args(doc)
         r, _ = await explorer.call(payload.lookup, cap, i, layer, head, key, top)
         name = f"qkv-{cap.info.name}-token{i}-L{layer}H{head}.{fmt}"

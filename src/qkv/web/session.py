@@ -188,8 +188,9 @@ class Explorer:
         when `max_queue` jobs already wait or run, in both pools together."""
         with self._lock:
             if self._pending >= self.limits.max_queue:
+                n = self._pending
                 raise Busy(
-                    f"the server is busy: {self._pending} jobs queued or running "
+                    f"the server is busy: {n} job{'s' if n != 1 else ''} queued or running "
                     f"(at most {self.limits.max_queue}); retry shortly"
                 )
             self._pending += 1

@@ -9,6 +9,7 @@ const st = {
   client: Array.from(crypto.getRandomValues(new Uint8Array(8)), b => b.toString(16).padStart(2, '0')).join(''),
   cap: null, query: null, layer: 0, head: 0, key: null, page: 0,
   rec: null, grid: null, gridFor: '', cmp: null, busy: null, seq: 0, lseq: 0, cseq: 0, reveal: false,
+  status: '', // the shown run's line (tokens · model · shape · time); a compare adds its own after it
 };
 
 // ---- small helpers ------------------------------------------------------------------------
@@ -28,7 +29,9 @@ function svg(tag, attrs, text) {
   if (text !== undefined) e.textContent = text;
   return e;
 }
-const fmt = x => x === null || x === undefined || Number.isNaN(x) ? '—' : Math.abs(x) >= 100 ? x.toFixed(0) : x.toFixed(3);
+// 3 significant digits, as the CLI and the standalone page: 0.0254, 0.00288 (a weight of 0.0004
+// printed 0.000 beside a bar of its own length); 100 and over as whole numbers
+const fmt = x => x === null || x === undefined || Number.isNaN(x) ? '—' : Math.abs(x) >= 100 ? x.toFixed(0) : x.toPrecision(3);
 // a value that rounds to zero prints 0.00, never −0.00 (a decrease that is not there)
 const fmt2 = x => x === null || x === undefined ? '—' : (Math.abs(x) < 0.005 ? 0 : x).toFixed(2);
 const tokText = j => { const t = st.cap.tokens[j][0]; return t.trim() || t; };
@@ -45,11 +48,14 @@ async function api(path, body, signal) {
 }
 
 // ---- run: one forward per text ------------------------------------------------------------
-async function run() {
+// again: {text, model, query, layer, head, key} of a shown run the server no longer keeps: run
+// that text with that model (not the text box's, which may have been edited since) and open
+// that token, layer, head and key (not the last token)
+async function run(again) {
   if (st.busy) st.busy.abort(); // a newer run replaces the older one (the server cancels it too)
   const ctl = new AbortController(); st.busy = ctl;
   const seq = ++st.seq;
-  showError(''); $('status').textContent = 'running…';
+  showError(''); $('status').textContent = 'running…'; st.status = '';
   document.body.classList.add('running'); // the shown results are the old text's until it is back
   const prog = $('prog'); prog.hidden = false; prog.value = 0;
   const poll = setInterval(async () => {
@@ -59,18 +65,22 @@ async function run() {
     } catch (e) { /* the run ended or was replaced */ }
   }, 250);
   try {
-    const cap = await api('/api/run', { model: $('model').value, text: $('text').value, client: st.client }, ctl.signal);
+    const text = again ? again.text : $('text').value, model = again ? again.model : $('model').value;
+    const cap = await api('/api/run', { model, text, client: st.client }, ctl.signal);
     if (seq !== st.seq) return;
     st.busy = null; clearInterval(poll); prog.hidden = true; // progress is over: the run is back
     document.body.classList.remove('running');
     st.cap = cap; st.grid = null; st.gridFor = ''; st.cmp = null; st.cseq++; // drop a compare of the old text
+    if (again) { st.layer = again.layer; st.head = again.head; }
     st.layer = Math.min(st.layer, cap.layers - 1); st.head = Math.min(st.head, cap.heads - 1);
     fillLayerHead();
     let q = cap.tokens.length - 1; // the last token that is not a special one
     while (q > 0 && cap.tokens[q][1] === cap.tokens[q][2]) q--;
-    $('status').textContent = `${cap.tokens.length} tokens · ${cap.model} · ${cap.layers} layers × ${cap.heads} heads${cap.dtype && cap.dtype !== 'float32' ? ' · ' + cap.dtype : ''} · ${cap.server_ms.toFixed(0)} ms`;
+    if (again && again.query < cap.tokens.length) q = again.query;
+    st.status = `${cap.tokens.length} tokens · ${cap.model} · ${cap.layers} layers × ${cap.heads} heads${cap.dtype && cap.dtype !== 'float32' ? ' · ' + cap.dtype : ''} · ${cap.server_ms.toFixed(0)} ms`;
+    $('status').textContent = st.status;
     st.page = Math.floor(q / PAGE);
-    await selectQuery(q);
+    await selectQuery(q, again && again.key !== null && again.key < cap.tokens.length ? again.key : null);
     if ($('cmp-on').checked) await compare();
   } catch (e) {
     if (e.name !== 'AbortError' && e.status !== 409 && seq === st.seq) { showError(e.message); $('status').textContent = ''; }
@@ -93,7 +103,15 @@ function drawPager() {
   if (pages <= 1) { p.replaceChildren(el('span', {}, `${n} tokens — click one to see what it looked up`)); return; }
   const go = x => { st.page = Math.max(0, Math.min(pages - 1, x)); $('tokens').scrollTop = 0; drawTokens(); };
   const jump = el('input', { type: 'number', min: 0, max: n - 1, placeholder: 'token #' });
-  jump.onchange = () => { const i = +jump.value; if (i >= 0 && i < n) { st.page = Math.floor(i / PAGE); selectQuery(i); } };
+  jump.onchange = () => {
+    const i = Number(jump.value);
+    if (jump.value === '' && !jump.validity.badInput) return; // the box was cleared
+    if (jump.value === '' || !Number.isInteger(i) || i < 0 || i >= n) {
+      showError(`go to: the tokens are numbered 0 to ${n - 1}; ${jump.value === '' ? 'that is not a number' : jump.value + ' is not one of them'}`);
+      return;
+    }
+    showError(''); st.page = Math.floor(i / PAGE); selectQuery(i);
+  };
   p.replaceChildren(el('button', { id: 'prev', onclick: () => go(st.page - 1) }, '‹'),
     el('span', { id: 'pageinfo' }, `tokens ${st.page * PAGE}–${Math.min(n, (st.page + 1) * PAGE) - 1} of ${n} (page ${st.page + 1} of ${pages})`),
     el('button', { id: 'next', onclick: () => go(st.page + 1) }, '›'), el('span', {}, 'go to'), jump);
@@ -130,8 +148,8 @@ function drawTokens() {
 // ---- one query: lookup of the chosen head, the grid over every head --------------------------
 const effectiveKey = () => st.key !== null ? st.key : st.rec ? st.rec.neuron.key.index : null;
 
-async function selectQuery(i) {
-  st.query = i; st.key = null; st.page = Math.floor(i / PAGE); st.reveal = true;
+async function selectQuery(i, key = null) {
+  st.query = i; st.key = key; st.page = Math.floor(i / PAGE); st.reveal = true;
   await lookup();
   if ($('cmp-on').checked && st.cmp) await compare();
 }
@@ -154,7 +172,10 @@ async function lookup() {
   } catch (e) { if (seq === st.lseq) await recover(e); }
 }
 async function recover(e) {
-  if (e.status === 404 && st.cap) { showError('the server no longer keeps this run; running the text again…'); return run(); }
+  if (e.status === 404 && st.cap) { // evicted: the shown run's text again, then what was clicked
+    showError('the server no longer keeps this run; running its text again…');
+    return run({ text: st.cap.text, model: st.cap.model, query: st.query, layer: st.layer, head: st.head, key: st.key });
+  }
   showError(e.message);
 }
 
@@ -267,14 +288,15 @@ function drawNeuron() { // the record's Q·K neuron view, numbers as sent
 // ---- compare: two texts side by side, per-head differences ----------------------------------
 async function compare() {
   if (!st.cap) return;
-  showError(''); $('status').textContent = 'comparing…';
+  const line = extra => (st.status ? st.status + ' · ' : '') + extra; // the run's line stays
+  showError(''); $('status').textContent = line('comparing…');
   const seq = ++st.cseq;
   try {
     const doc = await api('/api/compare', { model: st.cap.model, a: st.cap.text, b: $('text-b').value, query: st.query });
     if (seq !== st.cseq) return; // a newer compare (another token, text or run) was sent since
     st.cmp = doc; $('compare').hidden = false; drawCompare();
-    $('status').textContent = `compared in ${doc.server_ms.toFixed(0)} ms`;
-  } catch (e) { if (seq === st.cseq) { showError(e.message); $('status').textContent = ''; } }
+    $('status').textContent = line(`compared in ${doc.server_ms.toFixed(0)} ms`);
+  } catch (e) { if (seq === st.cseq) { showError(e.message); $('status').textContent = st.status; } }
 }
 function drawCompare() {
   const c = st.cmp, box = $('compare');
@@ -334,7 +356,7 @@ async function init() {
     const m = await api('/api/models');
     $('model').replaceChildren(...m.models.map(x => el('option', { value: x.name }, x.name + (x.context ? ` (${x.layers}×${x.heads}, ${x.context} tokens)` : ''))));
   } catch (e) { showError(e.message); }
-  $('run').onclick = run;
+  $('run').onclick = () => run();
   $('text').onkeydown = ev => { if (ev.key === 'Enter' && (ev.ctrlKey || ev.metaKey)) run(); };
   $('layer').onchange = () => { st.layer = +$('layer').value; lookup(); };
   $('head').onchange = () => { st.head = +$('head').value; lookup(); };
