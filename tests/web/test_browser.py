@@ -196,13 +196,19 @@ def test_ranks_past_top_are_not_made_up(server, browser, smollm2):
     assert 20 < len(rows) < len(ref.index), len(rows)  # a cut list
     past = 0
     for j, rw, rc in rows:
-        for shown, col in ((rw, w), (rc.removesuffix(" sink"), c)):
-            true = 1 + sum(x > col[j] for x in col.values())
+        mark = next((m for m in (" sink", " carries more") if rc.endswith(m)), "")
+        true = {}
+        for what, shown, col in (("w", rw, w), ("c", rc.removesuffix(mark), c)):
+            true[what] = 1 + sum(x > col[j] for x in col.values())
             if shown == ">20":
-                assert true > 20, (j, shown, true)
+                assert true[what] > 20, (j, shown, true)
                 past += 1
             else:
-                assert int(shown) == true, (j, shown, true)
+                assert int(shown) == true[what], (j, shown, true)
+        if mark == " sink":  # the terminal's rule, true of the true ranks
+            assert true["c"] > true["w"] + 1 and w[j] > 0.05, (j, rc, true)
+        if mark == " carries more":
+            assert true["c"] + 2 < true["w"], (j, rc, true)
     assert past > 0
     assert seen["errors"] == [], seen["errors"]
     page.close()

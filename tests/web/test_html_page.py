@@ -105,3 +105,34 @@ def test_a_marked_token_does_not_paint_over_its_neighbour(smollm2, browser, tmp_
         assert errors == []
     finally:
         page.close()
+
+
+def test_the_rank_by_content_column_and_its_marks_equal_the_terminal_s(smollm2, browser, tmp_path):
+    """The page's "rank by content" cell for every key of every head is what the terminal
+    prints (lens.terminal.content_ranks / content_flag, held to the top=0 record in
+    tests/lens/test_content_rank.py): the same rank or "> k", the same mark. Before, the page
+    ranked among the kept keys only and marked a sink one place later than the terminal."""
+    from qkv.lens.terminal import content_flag, content_ranks
+
+    r = explain(SENTENCE, "excited", model=smollm2, top=2, rollout=False, progress=False)
+    page, errors = open_page(browser, r, tmp_path / "r.html")
+    marks = 0
+    try:
+        for lay, h in ((layer, h) for layer in r.layers for h in layer.heads):
+            page.select_option("#layer", str(lay.layer))
+            page.select_option("#head", str(h.head))
+            cells = page.evaluate(
+                "Array.from(document.querySelectorAll('#keys tr')).slice(1).map(r => "
+                "r.cells[r.cells.length - 1].textContent)"
+            )
+            want = []
+            for n, (rank, exact) in enumerate(content_ranks(h, r.top)):
+                mark = content_flag(n + 1, (rank, exact), float(h.weight[n]))
+                mark = {"more": "carries more"}.get(mark, mark)
+                want.append((str(rank) if exact else "> 2") + (f" {mark}" if mark else ""))
+                marks += bool(mark)
+            assert cells == want, (lay.layer, h.head, cells, want)
+        assert errors == []
+    finally:
+        page.close()
+    assert marks  # some head has a mark, so the marks were compared too

@@ -17,6 +17,7 @@ import secrets
 import numpy as np
 
 from .io import write_atomic
+from .lookup import LAYER_KEYS
 from .record import ExplainResult, dtype_words
 
 
@@ -75,6 +76,7 @@ def pack(r: ExplainResult) -> dict:
         "query": r.query.index,
         "key": None if r.key is None else r.key.index,
         "top": r.top,
+        "layer_top": max(r.top, LAYER_KEYS) if r.top else 0,  # keys a layer keeps, each way
         "notes": r.notes,
         "heads": heads,
         "idx": cat(idx, "<i4"),
@@ -216,6 +218,9 @@ function drawProp(){
   const top=P.length?P[0][1][1]:0,cav=top>0.9?`<div class=sink>${fmt(top)} on one token: the product has converged there (a sink) and says little about this text.</div>`:'';
   $('keys').innerHTML=`<b>${PROPNAME[st.qty]} through layer ${D.prop[st.qty].through}</b> (shares sum to 1)`+cav+h+'</table>';
 }
+function contentMark(wr,rc,exact,w){ // the terminal's rule (lens/terminal.py content_flag)
+  return rc>wr+1&&w>0.05?'sink':(exact&&rc+2<wr?'carries more':'');
+}
 function drawKeys(){
   if(isProp())return drawProp();
   const all=[...keys().entries()],[K,hidden]=shown(all);
@@ -223,10 +228,14 @@ function drawKeys(){
   const byC=[...all].sort((a,b)=>b[1][2]-a[1][2]).map(k=>k[0]);
   const mean=st.head<0; // the layer's own numbers: mean_h w and ‖Σ_h w·v W_O‖, not one head's ‖w·v W_O‖
   let h=`<table><tr><th>#</th><th class=l>key</th><th>idx</th><th>score</th><th class=l>${mean?'mean weight':'weight'}</th><th class=l>${mean?'content carried ‖Σ_h w·v W_O‖':'contribution'}</th><th>rank by content</th></tr>`;
-  K.forEach(([j,v],r)=>{const rc=byC.indexOf(j)+1,sink=rc>r+3&&v[1]>0.05;
+  // a cut record keeps the top k by weight ∪ by content (a layer: k = layer_top): a rank by
+  // content among the kept keys is the true rank up to k, past k only a lower bound ("> k")
+  const lim=mean?D.layer_top:D.top,nvis=Math.max(...D.heads.filter(x=>x[0]===st.layer).map(x=>x[5]));
+  const cut=lim>0&&all.length<nvis;
+  K.forEach(([j,v],r)=>{const rc=byC.indexOf(j)+1,exact=!cut||rc<=lim,mark=contentMark(r+1,rc,exact,v[1]);
     h+=`<tr><td>${r+1}</td><td class=l>${esc(tt(j))}</td><td>${j}</td><td>${fmt(v[0])}</td>`+
     `<td class=l><span class=bar style="width:${80*v[1]/mw}px"></span>${fmt(v[1])}</td>`+
-    `<td class=l><span class="bar c" style="width:${80*v[2]/mc}px"></span>${fmt(v[2])}</td><td class="${sink?'sink':''}">${rc}${sink?' sink':''}</td></tr>`;});
+    `<td class=l><span class="bar c" style="width:${80*v[2]/mc}px"></span>${fmt(v[2])}</td><td class="${mark==='sink'?'sink':''}">${exact?rc:'> '+lim}${mark?' '+mark:''}</td></tr>`;});
   const what=mean?`layer ${st.layer}: mean weight over heads vs the content carried (‖Σ_h w·v W_O‖)`:`layer ${st.layer} head ${st.head}`;
   let extra='';if(st.head>=0){const hh=D.heads.find(x=>x[0]===st.layer&&x[1]===st.head);extra=` · entropy ${fmt(Math.abs(hh[3]))} nats · ‖output‖ ${fmt(hh[4])} · ${hh[5]} keys visible`+(hh[10]?` · the learned sink takes ${fmt(hh[10])} of the weight`:'');}
   const kept=` · ${all.length} keys kept`+(hidden?` (${hidden} more, beyond the top 100 by weight and by contribution, are in the JSON)`:'');

@@ -188,12 +188,15 @@ function drawLookup() {
   // among the kept keys is the true rank up to k, past k it is only known to be > k.
   const cut = h.keys.length < h.n_keys, rank = n => cut && n > r.top ? `>${r.top}` : String(n);
   const rows = shown.map((k, r0) => {
-    const rc = byC.indexOf(k.index) + 1, sink = rc > r0 + 3 && k.weight > 0.05; // true rank ≥ rc
+    const rc = byC.indexOf(k.index) + 1, exact = !cut || rc <= r.top; // else: true rank ≥ rc
+    // the terminal's rule (lens/terminal.py content_flag): "sink" ≥ 2 places lower by content
+    // than by weight (a lower bound suffices), "carries more" ≥ 3 places higher (exact ranks)
+    const mark = rc > r0 + 2 && k.weight > 0.05 ? 'sink' : (exact && rc + 2 < r0 + 1 ? 'carries more' : ''), sink = mark === 'sink';
     const tr = el('tr', { class: 'pick' + (k.index === key ? ' sel' : ''), 'data-key': tokText(k.index), 'data-j': k.index },
       el('td', { class: 'rw' }, rank(r0 + 1)), el('td', { class: 'l' }, tokText(k.index)), el('td', {}, k.index), el('td', { class: 'score' }, fmt(k.score)),
       el('td', { class: 'l weight' }, el('span', { class: 'bar', style: `width:${(80 * k.weight / mw).toFixed(1)}px` }), fmt(k.weight)),
       el('td', { class: 'l contribution' }, el('span', { class: 'bar c', style: `width:${(80 * k.contribution / mc).toFixed(1)}px` }), fmt(k.contribution)),
-      el('td', { class: 'rc' + (sink ? ' sink' : '') }, rank(rc) + (sink ? ' sink' : '')));
+      el('td', { class: 'rc' + (sink ? ' sink' : '') }, rank(rc) + (mark ? ' ' + mark : '')));
     tr.onclick = () => { st.key = k.index; lookup(); };
     return tr;
   });
