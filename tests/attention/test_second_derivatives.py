@@ -160,3 +160,33 @@ def test_torch_func_still_differentiates_an_explicit_sdpa():
     qq = q.clone().requires_grad_()
     naive(qq, k, v).out.pow(2).sum().backward()
     assert err(got, qq.grad) < 1e-12
+
+
+def test_sdpa_keeps_nothing_alive_after_a_plain_backward(monkeypatch):
+    """The double-backward Function's inner SDPA graph (its saved q, k, v, out, LSE) is freed
+    with the node's saved tensors after a backward, not held until the caller drops the outer
+    graph (a training loop keeps `loss` alive through the optimiser step and the next forward:
+    every layer's attention activations would stay)."""
+    import gc
+    import weakref
+
+    import torch.nn.functional as F
+
+    from qkv.attention import sdpa as sdpa_mod
+
+    inner, real = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if out.requires_grad:
+            inner.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(sdpa_mod.F, "scaled_dot_product_attention", spy)
+    q, k, v = make_qkv(1, 2, 1, 6, 6, 4, requires_grad=True)
+    loss = qkv.attention(q, k, v, causal=True, backend="sdpa").sum()
+    assert len(inner) == 1 and inner[0]() is not None  # the inner graph exists
+    loss.backward()
+    gc.collect()
+    assert inner[0]() is None, "the inner graph outlived the backward"
+    assert loss.grad_fn is not None  # while the outer graph is still referenced

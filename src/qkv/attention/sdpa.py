@@ -88,17 +88,20 @@ class _Twice(torch.autograd.Function):
         with torch.enable_grad():
             out = call(*leaves[:3], leaves[3] if float_mask else mask)
         ctx.call, ctx.dropout_p, ctx.mask = call, dropout_p, mask
-        ctx.graph = (leaves, out)
-        ctx.save_for_backward(q, k, v, *float_mask)
+        ctx.n = 3 + len(float_mask)
+        # the inner graph lives through the saved `out`: freed with this node's saved tensors
+        # after a backward (kept by retain_graph=True), never held until the graph is dropped
+        ctx.save_for_backward(q, k, v, *float_mask, out, *leaves)
         return out.detach()
 
     @staticmethod
     def backward(ctx, dout):
-        leaves, out = ctx.graph
+        saved = ctx.saved_tensors
+        inputs, out, leaves = saved[: ctx.n], saved[ctx.n], saved[ctx.n + 1 :]
         if not torch.is_grad_enabled():  # a plain backward: the fused kernel's own
             wrt = [t for t in leaves if t.requires_grad]
-            # retained: a caller may backward twice (retain_graph=True, gradcheck); the inner
-            # graph holds what SDPA saved (q, k, v, out, LSE) until this node is freed
+            # retained within this backward's saved tensors: a second backward of the same
+            # graph (retain_graph=True, gradcheck) needs it again
             got = iter(torch.autograd.grad(out, wrt, dout, retain_graph=True) if wrt else ())
             return None, None, None, *(next(got) if t.requires_grad else None for t in leaves)
         if ctx.dropout_p > 0:
@@ -107,7 +110,6 @@ class _Twice(torch.autograd.Function):
                 f"dropout_p={ctx.dropout_p}: its dropout mask cannot be redrawn; use "
                 "backend='reference' for second derivatives with dropout"
             )
-        inputs = ctx.saved_tensors
         wrt = [t for t, n in zip(inputs, ctx.needs_input_grad[3:], strict=True) if n]
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
