@@ -54,9 +54,11 @@ CASES = {
 }
 
 
-def build(model_type: str, rope_scaling: dict, folder):
+def build(model_type: str, rope_scaling: dict, folder, **changes):
+    """A random `model_type` checkpoint (FAMILIES' config, updated by `changes`) with
+    `rope_scaling`, saved in `folder`; returns the transformers model."""
     cfg = transformers.AutoConfig.for_model(
-        model_type, **FAMILIES[model_type], rope_scaling=dict(rope_scaling)
+        model_type, **{**FAMILIES[model_type], **changes}, rope_scaling=dict(rope_scaling)
     )
     torch.manual_seed(0)
     m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
@@ -476,15 +478,8 @@ L_ORIG = 32  # original_max_position_embeddings; max_position_embeddings 128: fa
 def phi3_longrope(tmp_path_factory):
     """Phi-3 with rotary_dim 6 (3 pairs), no window, LongRoPE from L = 32 to 128 positions."""
     folder = tmp_path_factory.mktemp("phi3-longrope")
-    cfg = transformers.AutoConfig.for_model(
-        "phi3", **{**FAMILIES["phi3"], "sliding_window": None, "max_position_embeddings": 128},
-        original_max_position_embeddings=L_ORIG, rope_scaling=dict(LONGROPE),
-    )  # fmt: skip
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    randomise_(ref)
-    ref.save_pretrained(folder)
-    ref.generation_config.eos_token_id = None
+    ref = build("phi3", LONGROPE, folder, sliding_window=None, max_position_embeddings=128,
+                original_max_position_embeddings=L_ORIG)  # fmt: skip
     return ref, qkv.load(folder)
 
 
@@ -627,15 +622,7 @@ L_DYN = 32
 def dynamic_pair(tmp_path, model_type="llama"):
     """A fresh transformers model (its dynamic RoPE keeps state across calls) and ours, with
     max_position_embeddings L_DYN."""
-    cfg = transformers.AutoConfig.for_model(
-        model_type, **{**FAMILIES[model_type], "max_position_embeddings": L_DYN},
-        rope_scaling=dict(DYNAMIC),
-    )  # fmt: skip
-    torch.manual_seed(0)
-    ref = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    randomise_(ref)
-    ref.save_pretrained(tmp_path)
-    ref.generation_config.eos_token_id = None
+    ref = build(model_type, DYNAMIC, tmp_path, max_position_embeddings=L_DYN)
     return ref, qkv.load(tmp_path)
 
 

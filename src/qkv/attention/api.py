@@ -89,9 +89,7 @@ def _triton_forward_fits(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
     `TRITON_AUTO_DEVICES`, Triton importable, no gradient to take, a request it supports."""
     if q.device.type not in TRITON_AUTO_DEVICES or _TRITON_BROKEN:
         return False
-    if torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, spec.sinks) if t is not None
-    ):
+    if scoring.needs_grad(q, k, v, spec.sinks):
         return False
     try:
         from . import triton_kernel
@@ -137,7 +135,7 @@ def _choose(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> st
     off float64 against an allowance of 4.3e-3) and return an LSE 6e-5 off (tiled: 1e-6), see
     tests/attention/test_peers.py; tiled keeps scores, LSE and dP in fp32.
     """
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    needs_grad = scoring.needs_grad(q, k, v)
     half = q.dtype in (torch.float16, torch.bfloat16)
     if q.device.type == "meta":  # shapes only: the backends that never read a value
         return "sdpa" if unsupported(spec) is None and not return_lse else "reference"

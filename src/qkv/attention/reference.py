@@ -107,21 +107,34 @@ def double_backward_vjp(
     derivatives and differentiates again. Costs the reference's O(Sq·Sk) memory, only then.
     Dropout masks are drawn per tile by the fused backends and cannot be redrawn here.
     """
-    if spec.dropout_p > 0:
-        raise ValueError(
-            f"backend={backend!r} cannot differentiate twice (create_graph=True) through "
-            f"dropout_p={spec.dropout_p}: its dropout masks are drawn per tile; use "
-            "backend='reference' for second derivatives with dropout"
-        )
+    refuse_twice_through_dropout(spec.dropout_p, backend)
     inputs = (q, k, v, spec.sinks)[: len(needs)]
-    wrt = [t for t, n in zip(inputs, needs, strict=True) if n]
     with torch.enable_grad():
         r = reference(q, k, v, spec)
         outs, grads = [r.out], [dout]
         if dlse is not None:
             outs.append(r.lse)
             grads.append(dlse)
-        got = iter(torch.autograd.grad(outs, wrt, grads, create_graph=True, allow_unused=True))
+        return graph_grads(outs, grads, inputs, needs)
+
+
+def refuse_twice_through_dropout(dropout_p: float, backend: str) -> None:
+    """A backend whose dropout masks cannot be redrawn refuses `create_graph=True` by name."""
+    if dropout_p > 0:
+        raise ValueError(
+            f"backend={backend!r} cannot differentiate twice (create_graph=True) through "
+            f"dropout_p={dropout_p}: its dropout masks cannot be redrawn; use "
+            "backend='reference' for second derivatives with dropout"
+        )
+
+
+def graph_grads(
+    outs: list[Tensor], grads: list[Tensor], inputs: tuple[Tensor, ...], needs: tuple[bool, ...]
+) -> tuple[Tensor | None, ...]:
+    """∂(Σ outs·grads)/∂ each input with `needs`, as a differentiable graph (create_graph);
+    None where not needed, zeros where needed but unused."""
+    wrt = [t for t, n in zip(inputs, needs, strict=True) if n]
+    got = iter(torch.autograd.grad(outs, wrt, grads, create_graph=True, allow_unused=True))
     res = []
     for t, n in zip(inputs, needs, strict=True):
         g = next(got) if n else None

@@ -258,6 +258,11 @@ def empty_rows_to_inf(lse: Tensor) -> Tensor:
     return torch.where(lse == NEG_INF, torch.full_like(lse, float("inf")), lse)
 
 
+def needs_grad(*xs: Tensor | None) -> bool:
+    """Whether autograd will differentiate through a call on `xs` (None entries skipped)."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
 def all_finite(*xs: Tensor) -> bool:
     """True if no tensor in xs holds NaN/inf, in one reduction pass each and one host sync in
     all (a finite total proves it; a total that overflows is checked element-wise instead).

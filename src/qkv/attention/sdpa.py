@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import scoring
+from .reference import graph_grads, refuse_twice_through_dropout
 from .spec import Spec
 
 
@@ -65,8 +66,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Tensor:
 
     inputs = (q, k, v) if mask is None or not mask.is_floating_point() else (q, k, v, mask)
     if (
-        torch.is_grad_enabled()
-        and any(t.requires_grad for t in inputs)
+        scoring.needs_grad(*inputs)
         and not torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()  # torch.func differentiates SDPA
     ):
@@ -104,23 +104,12 @@ class _Twice(torch.autograd.Function):
             # graph (retain_graph=True, gradcheck) needs it again
             got = iter(torch.autograd.grad(out, wrt, dout, retain_graph=True) if wrt else ())
             return None, None, None, *(next(got) if t.requires_grad else None for t in leaves)
-        if ctx.dropout_p > 0:
-            raise ValueError(
-                f"backend 'sdpa' cannot differentiate twice (create_graph=True) through "
-                f"dropout_p={ctx.dropout_p}: its dropout mask cannot be redrawn; use "
-                "backend='reference' for second derivatives with dropout"
-            )
-        wrt = [t for t, n in zip(inputs, ctx.needs_input_grad[3:], strict=True) if n]
+        refuse_twice_through_dropout(ctx.dropout_p, "sdpa")
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(SDPBackend.MATH):
             again = ctx.call(*inputs[:3], inputs[3] if len(inputs) > 3 else ctx.mask)
-        got = iter(torch.autograd.grad(again, wrt, dout, create_graph=True, allow_unused=True))
-        res = []
-        for t, n in zip(inputs, ctx.needs_input_grad[3:], strict=True):
-            g = next(got) if n else None
-            res.append(torch.zeros_like(t) if n and g is None else g)
-        return None, None, None, *res
+        return None, None, None, *graph_grads([again], [dout], inputs, ctx.needs_input_grad[3:])
 
 
 def lse_supported(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
@@ -131,7 +120,7 @@ def lse_supported(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
     one (fp32), for head dims D == Dv, a multiple of 8, ≤ 256. Their LSE has no gradient path,
     so they serve only calls that need no gradient (the lens' capture).
     """
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    needs_grad = scoring.needs_grad(q, k, v)
     causal_only = spec.left is None and spec.right in (None, 0)
     exact = (
         not needs_grad
@@ -163,7 +152,7 @@ def _lse_refusal(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> str:
     """What in this request keeps SDPA's LSE kernels from it, in the caller's terms (a window's
     keys may have been cut before the backend ran, so Sk is named only where it is the
     caller's)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if scoring.needs_grad(q, k, v):
         return "a gradient to take"
     if spec.left is not None or spec.right not in (None, 0):
         return f"a window {(spec.left, spec.right)}"
