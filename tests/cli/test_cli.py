@@ -563,3 +563,19 @@ def test_train_refuses_a_bad_shape_before_printing_its_header(capsys):
     assert main(["experiment", "projections", "--variants", "foo"]) == 2
     captured = capsys.readouterr()
     assert "--variants: unknown ['foo']" in captured.err and "projections:" not in captured.err
+
+
+def test_a_checkpoint_without_tokenizer_json_gets_advice_a_cli_user_can_follow(tmp_path, capsys):
+    """The library's error also says how to read attention from token ids in Python
+    (qkv.nn.capture); the CLI reads text only, so it says just what to add."""
+    from tests.models.test_families import build
+
+    build("llama", tmp_path)
+    capsys.readouterr()  # transformers' progress bar while saving
+    assert main(["explain", "the dog ran", "--token", "dog", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"qkv explain: error: {tmp_path.name} has no tokenizer (its folder has no "
+        "tokenizer.json), and the lens reads text; put the checkpoint's tokenizer.json beside "
+        "its config.json"
+    )

@@ -77,6 +77,7 @@ def test_seed_scenario(server, browser, shots, smollm2):
         page.click("#exp-json")
     rec = from_json(open(dl.value.path(), encoding="utf-8").read())
     assert (rec.query.index, rec.head(13, 8).key(1).weight) == (8, pytest.approx(dog, abs=DISPLAY))
+    assert "the JSON holds every key" in page.get_attribute("#exp-png", "title")  # PNG: capped
     with page.expect_download() as dl:
         page.click("#exp-png")
     assert open(dl.value.path(), "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             rc = int(args.run(args) or 0)
         except (ValueError, TypeError, FileNotFoundError, IndexError, KeyError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            msg = getattr(e, "cli_text", msg)  # the error without its Python-only advice
             names = getattr(args, "python_names", {})
             print(f"qkv {args.command}: error: {cli_message(str(msg), _flags(parser), names)}",
                   file=sys.stderr)  # fmt: skip

@@ -9,6 +9,7 @@ import sys
 import qkv.models
 from qkv.cli import add_dtype, text_or_file
 from qkv.models import DEFAULT_MODEL
+from qkv.models.registry import UnknownModel
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,12 +20,15 @@ def run(args: argparse.Namespace) -> int:
         )
         raise ValueError(f"{flags} shape sampling, but --temperature 0 (the default) is greedy: "
                          "add --temperature T > 0, or drop them")  # fmt: skip
-    model = qkv.models.load(args.model, dtype=args.dtype)
+    bundled = {m.name for m in qkv.models.available()}
+    if args.model in bundled and args.model not in decoders():
+        raise not_a_decoder(args.model)  # before loading it
+    try:
+        model = qkv.models.load(args.model, dtype=args.dtype)
+    except UnknownModel as e:  # offer the decoders only
+        raise UnknownModel(e.name, decoders()) from None
     if not callable(getattr(model, "generate", None)):
-        raise ValueError(
-            f"--model {args.model!r} is not a decoder and cannot generate text; use a decoder "
-            f"such as {' or '.join(decoders())} (`qkv models` lists them)"
-        )
+        raise not_a_decoder(args.model)
     pieces = model.generate(
         prompt,
         args.max_new_tokens,
@@ -40,6 +44,13 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def not_a_decoder(model: str) -> ValueError:
+    return ValueError(
+        f"--model {model!r} is not a decoder and cannot generate text; use a decoder "
+        f"such as {' or '.join(decoders())} (`qkv models` lists them)"
+    )
 
 
 def decoders() -> list[str]:

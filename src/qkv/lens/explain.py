@@ -454,13 +454,18 @@ class _Encoding(NamedTuple):
 
 def no_tokenizer(name: str) -> ValueError:
     """The error for a model without a tokenizer (a checkpoint folder without tokenizer.json)
-    given text."""
-    return ValueError(
+    given text. Its `cli_text` is the same error without the Python-only advice, for the CLI
+    and the web (which read text only)."""
+    fix = (
         f"{name} has no tokenizer (its folder has no tokenizer.json), and the lens reads "
-        "text; put the checkpoint's tokenizer.json beside its config.json. With token ids "
-        "only, record the attention with qkv.nn.capture(model) around model(ids) and read "
-        "rows with qkv.attention_weights"
+        "text; put the checkpoint's tokenizer.json beside its config.json"
     )
+    e = ValueError(
+        f"{fix}. With token ids only, record the attention with qkv.nn.capture(model) around "
+        "model(ids) and read rows with qkv.attention_weights"
+    )
+    e.cli_text = fix  # type: ignore[attr-defined]
+    return e
 
 
 def _encode(tokenizer: Any, text: str, info: ModelSummary, truncate: bool) -> tuple[Any, bool]:

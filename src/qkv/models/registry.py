@@ -68,6 +68,20 @@ def available() -> list[ModelInfo]:
     return list(MODELS.values())
 
 
+class UnknownModel(ValueError):
+    """A bare name that is neither a bundled model nor a file (most likely a misspelt name);
+    `choices` are the names offered, `name` the one given."""
+
+    def __init__(self, name: str, choices: list[str]) -> None:
+        close = difflib.get_close_matches(name, choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        super().__init__(
+            f"unknown model {name!r}: choose one of {choices}{hint} "
+            "(or give the path of a checkpoint folder)"
+        )
+        self.name, self.choices = name, choices
+
+
 def load(name_or_path: str | Path, *, dtype: torch.dtype | str | None = None):
     """Load a bundled model by name, or a checkpoint by path, with its parameters in `dtype`:
     None or "float32" (the default), "bfloat16", "float16" or "float64" (or the torch dtype).
@@ -106,12 +120,7 @@ def load(name_or_path: str | Path, *, dtype: torch.dtype | str | None = None):
     if not path.exists():
         bare = isinstance(name_or_path, str) and not any(c in name_or_path for c in "/\\.~")
         if bare:  # a word that is no bundled name and no file: most likely a misspelt name
-            close = difflib.get_close_matches(name_or_path, list(MODELS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"unknown model {name_or_path!r}: choose one of {sorted(MODELS)}{hint} "
-                "(or give the path of a checkpoint folder)"
-            )
+            raise UnknownModel(name_or_path, sorted(MODELS))
         raise FileNotFoundError(
             f"no checkpoint at {path}: no such file or folder (a model is a bundled name, one of "
             f"{sorted(MODELS)}, a checkpoint folder or a .gguf file)"

@@ -248,7 +248,8 @@ class Explorer:
                 raise
             except ValueError as e:  # a text over the context: the explorer never cuts one
                 job.state = "failed"
-                raise ValueError(str(e).replace(" or pass truncate=True", "")) from None
+                said = getattr(e, "cli_text", str(e))  # without Python-only advice
+                raise ValueError(said.replace(" or pass truncate=True", "")) from None
             except BaseException:
                 job.state = "failed"
                 raise
