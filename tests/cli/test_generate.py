@@ -62,8 +62,10 @@ def test_reads_the_prompt_from_a_file(smollm2, loads, tmp_path, capsys):
     [
         (["hi", "--model", "minilm"], "'minilm' is not a decoder"),
         (["hi", "--model", "smolm2"], "did you mean 'smollm2'"),
-        (["hi", "--model", "nope"], "--model 'nope' is not a bundled model: choose one of "
-                                    "['smollm2', 'gemma3'] (or give"),  # the decoders only
+        (
+            ["hi", "--model", "nope"],
+            "--model 'nope' is not a bundled model: choose one of ['smollm2', 'gemma3'] (or give",
+        ),  # the decoders only
         ([""], "prompt is empty"),
         (["   "], "prompt is only whitespace"),
         ([], "pass the prompt as an argument or with --file PATH\n"),
