@@ -67,6 +67,22 @@ def test_cli_errors_are_one_line(argv, says, capsys):
     assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_a_model_without_a_tokenizer_is_refused_at_start(tmp_path, capsys, monkeypatch):
+    """The page sends text, so a checkpoint folder without tokenizer.json would fail every run:
+    serve refuses it before listening, in one line with the fix a CLI user can follow."""
+    from tests.models.test_families import build
+
+    build("llama", tmp_path / "notok")
+    monkeypatch.setattr("qkv.web.server.Server.serve_forever", lambda self: pytest.fail("served"))
+    capsys.readouterr()  # transformers' progress bar while saving
+    assert main(["serve", "--model", str(tmp_path / "notok"), "--port", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "qkv serve: error: notok has no tokenizer (its folder has no tokenizer.json), and the "
+        "lens reads text; put the checkpoint's tokenizer.json beside its config.json\n"
+    )
+
+
 def test_model_names_are_fixed_and_unique(tmp_path):
     (tmp_path / "a" / "m").mkdir(parents=True)
     (tmp_path / "b" / "m").mkdir(parents=True)

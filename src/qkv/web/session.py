@@ -165,8 +165,13 @@ class Explorer:
         return self.slots[name]
 
     def preload(self) -> None:
+        """Load every allowed model now. One without a tokenizer is refused here, not at its
+        first run: the page sends text."""
+        from qkv.lens.explain import no_tokenizer
+
         for name in self.slots:
-            self.model(name)
+            if getattr(self.model(name), "tokenizer", False) is None:
+                raise no_tokenizer(name)
 
     def describe(self) -> list[dict]:
         """Each allowed model's name, and its shape once loaded."""
