@@ -76,9 +76,11 @@ def peak_mib(fn: Callable[[], object], device: str) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def qkv_tensors(device: str, dtype, b: int, hq: int, hk: int, n: int, grad: bool, seed: int = 0):
+def qkv_tensors(
+    device: str, dtype, b: int, hq: int, hk: int, n: int, grad: bool, seed: int = 0, d: int = D
+):
     g = torch.Generator(device=device).manual_seed(seed)
-    shapes = ((b, hq, n, D), (b, hk, n, D), (b, hk, n, D))
+    shapes = ((b, hq, n, d), (b, hk, n, d), (b, hk, n, d))
     return [
         torch.randn(s, device=device, dtype=dtype, generator=g).requires_grad_(grad) for s in shapes
     ]
@@ -326,14 +328,6 @@ TARGET_CASES = (
 )
 
 
-def _tensors(device: str, dtype, b: int, h: int, n: int, d: int, grad: bool):
-    g = torch.Generator(device=device).manual_seed(0)
-    return [
-        torch.randn(b, h, n, d, device=device, dtype=dtype, generator=g).requires_grad_(grad)
-        for _ in range(3)
-    ]
-
-
 def _no_kv_check():
     """`auto` with the K/V finiteness check (its host sync) skipped: what the check costs."""
     from unittest import mock
@@ -362,7 +356,7 @@ def target_timing(device: str, dtype, quick: bool) -> tuple[list[str], list[str]
         name = f"B{b} H{h} N{n} D{d}, {'causal' if causal else 'dense'}"
         name += " fwd+bwd" if backward else ""
         kinds[name] = (full_n, backward)
-        q, k, v = _tensors(device, dtype, b, h, n, d, grad=backward)
+        q, k, v = qkv_tensors(device, dtype, b, h, h, n, grad=backward, d=d)
 
         def timed(fn: Callable[[], torch.Tensor]) -> float:
             call = (lambda: torch.autograd.grad(fn().sum(), (q, k, v))) if backward else fn
@@ -399,7 +393,7 @@ def window_target(
     """A sliding window of 256 at N = 32768, H16 D128, vs compiled flex_attention: forward and
     forward+backward of `auto` (no compile step for the user), `triton` and `tiled`."""
     h, n, d, w = (2, 512, 64, 64) if quick else (16, 32768, 128, 256)
-    q, k, v = _tensors(device, dtype, 1, h, n, d, grad=True)
+    q, k, v = qkv_tensors(device, dtype, 1, h, h, n, grad=True, d=d)
     rows = [
         f"| window {w}, N={n}, H{h} D{d} | forward | fwd+bwd | flex / ours, fwd | fwd+bwd |",
         "|---|---|---|---|---|",
