@@ -42,7 +42,7 @@ def test_ranks_are_exact_or_a_true_lower_bound(tiny_causal, token, top):
 
 @pytest.mark.parametrize("token", ["excited", "it"])
 def test_marks_hold_for_the_true_ranks(tiny_causal, token):
-    """A key marked "sink" in a cut record is at least two places lower by content than by
+    """A key marked "less" in a cut record is at least two places lower by content than by
     weight in truth; one marked "more" at least three places higher; with top=0 the marks
     are exactly the rule applied to the true ranks."""
     cut = explain(SENTENCE, token, model=tiny_causal, top=2)
@@ -54,12 +54,12 @@ def test_marks_hold_for_the_true_ranks(tiny_causal, token):
             for r, (j, w) in enumerate(zip(h.index, h.weight, strict=True)):
                 j = int(j)
                 mark = content_flag(r + 1, content_ranks(h, cut.top)[r], float(w))
-                if mark == "sink":
+                if mark == "less":
                     assert truth[j] > by_weight[j] + 1 and w > 0.05
                 if mark == "more":
                     assert truth[j] + 2 < by_weight[j]
             for r, (j, w) in enumerate(zip(hf.index, hf.weight, strict=True)):
-                want = ("sink" if truth[int(j)] > r + 2 and w > 0.05
+                want = ("less" if truth[int(j)] > r + 2 and w > 0.05
                         else "more" if truth[int(j)] + 2 < r + 1 else "")  # fmt: skip
                 assert content_flag(r + 1, content_ranks(hf, 0)[r], float(w)) == want
 

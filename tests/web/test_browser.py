@@ -197,7 +197,7 @@ def test_ranks_past_top_are_not_made_up(server, browser, smollm2):
     assert 20 < len(rows) < len(ref.index), len(rows)  # a cut list
     past = 0
     for j, rw, rc in rows:
-        mark = next((m for m in (" sink", " carries more") if rc.endswith(m)), "")
+        mark = next((m for m in (" carries less", " carries more") if rc.endswith(m)), "")
         true = {}
         for what, shown, col in (("w", rw, w), ("c", rc.removesuffix(mark), c)):
             true[what] = 1 + sum(x > col[j] for x in col.values())
@@ -206,7 +206,7 @@ def test_ranks_past_top_are_not_made_up(server, browser, smollm2):
                 past += 1
             else:
                 assert int(shown) == true[what], (j, shown, true)
-        if mark == " sink":  # the terminal's rule, true of the true ranks
+        if mark == " carries less":  # the terminal's rule, true of the true ranks
             assert true["c"] > true["w"] + 1 and w[j] > 0.05, (j, rc, true)
         if mark == " carries more":
             assert true["c"] + 2 < true["w"], (j, rc, true)

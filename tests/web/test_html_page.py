@@ -128,7 +128,7 @@ def test_the_rank_by_content_column_and_its_marks_equal_the_terminal_s(smollm2, 
             want = []
             for n, (rank, exact) in enumerate(content_ranks(h, r.top)):
                 mark = content_flag(n + 1, (rank, exact), float(h.weight[n]))
-                mark = {"more": "carries more"}.get(mark, mark)
+                mark = {"more": "carries more", "less": "carries less"}.get(mark, mark)
                 want.append((str(rank) if exact else "> 2") + (f" {mark}" if mark else ""))
                 marks += bool(mark)
             assert cells == want, (lay.layer, h.head, cells, want)

@@ -155,7 +155,7 @@ table{border-collapse:collapse;font-size:13px}td,th{padding:2px 6px;text-align:r
 td.l,th.l{text-align:left}
 .bar{display:inline-block;height:9px;background:#4c78a8;vertical-align:middle;margin-right:4px}
 .bar.c{background:#f58518}
-.sink{color:#b35900}
+.sink,.less{color:#b35900}
 #grid td{width:18px;height:16px;padding:0;border:1px solid #fff;cursor:pointer}
 #grid td.sel{outline:2px solid #d62728}
 #grid th{font-weight:400;font-size:11px}
@@ -219,7 +219,7 @@ function drawProp(){
   $('keys').innerHTML=`<b>${PROPNAME[st.qty]} through layer ${D.prop[st.qty].through}</b> (shares sum to 1)`+cav+h+'</table>';
 }
 function contentMark(wr,rc,exact,w){ // the terminal's rule (lens/terminal.py content_flag)
-  return rc>wr+1&&w>0.05?'sink':(exact&&rc+2<wr?'carries more':'');
+  return rc>wr+1&&w>0.05?'carries less':(exact&&rc+2<wr?'carries more':'');
 }
 function drawKeys(){
   if(isProp())return drawProp();
@@ -235,7 +235,7 @@ function drawKeys(){
   K.forEach(([j,v],r)=>{const rc=byC.indexOf(j)+1,exact=!cut||rc<=lim,mark=contentMark(r+1,rc,exact,v[1]);
     h+=`<tr><td>${r+1}</td><td class=l>${esc(tt(j))}</td><td>${j}</td><td>${fmt(v[0])}</td>`+
     `<td class=l><span class=bar style="width:${80*v[1]/mw}px"></span>${fmt(v[1])}</td>`+
-    `<td class=l><span class="bar c" style="width:${80*v[2]/mc}px"></span>${fmt(v[2])}</td><td class="${mark==='sink'?'sink':''}">${exact?rc:'> '+lim}${mark?' '+mark:''}</td></tr>`;});
+    `<td class=l><span class="bar c" style="width:${80*v[2]/mc}px"></span>${fmt(v[2])}</td><td class="${mark==='carries less'?'less':''}">${exact?rc:'> '+lim}${mark?' '+mark:''}</td></tr>`;});
   const what=mean?`layer ${st.layer}: mean weight over heads vs the content carried (‖Σ_h w·v W_O‖)`:`layer ${st.layer} head ${st.head}`;
   let extra='';if(st.head>=0){const hh=D.heads.find(x=>x[0]===st.layer&&x[1]===st.head);extra=` · entropy ${fmt(Math.abs(hh[3]))} nats · ‖output‖ ${fmt(hh[4])} · ${hh[5]} keys visible`+(hh[10]?` · the learned sink takes ${fmt(hh[10])} of the weight`:'');}
   const kept=` · ${all.length} keys kept`+(hidden?` (${hidden} more, beyond the top 100 by weight and by contribution, are in the JSON)`:'');

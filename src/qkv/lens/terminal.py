@@ -115,12 +115,14 @@ def content_ranks(h: Head, top: int) -> list[tuple[int, bool]]:
 
 
 def content_flag(weight_rank: int, content: tuple[int, bool], weight: float) -> str:
-    """The mark beside a key's rank by content: "sink" when it takes weight (> 0.05) but is at
+    """The mark beside a key's rank by content: "less" when it takes weight (> 0.05) but is at
     least two places lower by content than by weight (a lower bound suffices); "more" when it
-    is at least three places higher by content (only from an exact rank); else ""."""
+    is at least three places higher by content (only from an exact rank); else "". Marks
+    compare a key's two ranks only: an attention sink (the first token, a special token) is
+    often "less", but so is any key whose value is small beside its weight."""
     rank, exact = content
     if rank > weight_rank + 1 and weight > 0.05:
-        return "sink"
+        return "less"
     if exact and rank + 2 < weight_rank:
         return "more"
     return ""
@@ -153,7 +155,7 @@ def head_table(r: ExplainResult, layer: int, h: Head, whole: bool = True) -> Tab
         zip(h.index, h.score, h.weight, h.contribution, strict=True)
     ):
         n, exact = ranks[rank]
-        flag = {"sink": " ← sink: weight without content",
+        flag = {"less": " ← carries less than its weight",
                 "more": " ← carries more than its weight"}.get(content_flag(rank + 1, ranks[rank], w), "")  # fmt: skip
         t.add_row(
             str(rank + 1),

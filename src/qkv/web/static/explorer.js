@@ -189,14 +189,14 @@ function drawLookup() {
   const cut = h.keys.length < h.n_keys, rank = n => cut && n > r.top ? `>${r.top}` : String(n);
   const rows = shown.map((k, r0) => {
     const rc = byC.indexOf(k.index) + 1, exact = !cut || rc <= r.top; // else: true rank ≥ rc
-    // the terminal's rule (lens/terminal.py content_flag): "sink" ≥ 2 places lower by content
+    // the terminal's rule (lens/terminal.py content_flag): "carries less" ≥ 2 places lower by content
     // than by weight (a lower bound suffices), "carries more" ≥ 3 places higher (exact ranks)
-    const mark = rc > r0 + 2 && k.weight > 0.05 ? 'sink' : (exact && rc + 2 < r0 + 1 ? 'carries more' : ''), sink = mark === 'sink';
+    const mark = rc > r0 + 2 && k.weight > 0.05 ? 'carries less' : (exact && rc + 2 < r0 + 1 ? 'carries more' : ''), less = mark === 'carries less';
     const tr = el('tr', { class: 'pick' + (k.index === key ? ' sel' : ''), 'data-key': tokText(k.index), 'data-j': k.index },
       el('td', { class: 'rw' }, rank(r0 + 1)), el('td', { class: 'l' }, tokText(k.index)), el('td', {}, k.index), el('td', { class: 'score' }, fmt(k.score)),
       el('td', { class: 'l weight' }, el('span', { class: 'bar', style: `width:${(80 * k.weight / mw).toFixed(1)}px` }), fmt(k.weight)),
       el('td', { class: 'l contribution' }, el('span', { class: 'bar c', style: `width:${(80 * k.contribution / mc).toFixed(1)}px` }), fmt(k.contribution)),
-      el('td', { class: 'rc' + (sink ? ' sink' : '') }, rank(rc) + (mark ? ' ' + mark : '')));
+      el('td', { class: 'rc' + (less ? ' less' : '') }, rank(rc) + (mark ? ' ' + mark : '')));
     tr.onclick = () => { st.key = k.index; lookup(); };
     return tr;
   });
@@ -204,7 +204,7 @@ function drawLookup() {
     + (shown.length < h.keys.length ? `, the ${shown.length} with most weight listed (export JSON for all)` : '');
   $('lookup').replaceChildren(
     el('h2', {}, `${JSON.stringify(tokText(r.query.index))} (token ${r.query.index}) · layer ${st.layer} head ${st.head} (kv head ${h.kv_head})`),
-    el('div', { class: 'sub' }, `entropy ${fmt(h.entropy)} nats · ‖output‖ ${fmt(h.output_norm)} · ${h.sink ? `the learned sink takes ${fmt(h.sink)} of the weight · ` : ''}${kept} · a row whose rank by content is far below its rank by weight is marked sink · click a row to pick that key`),
+    el('div', { class: 'sub' }, `entropy ${fmt(h.entropy)} nats · ‖output‖ ${fmt(h.output_norm)} · ${h.sink ? `the learned sink takes ${fmt(h.sink)} of the weight · ` : ''}${kept} · a row whose rank by content is far below its rank by weight is marked carries less · click a row to pick that key`),
     el('table', { id: 'keys' }, el('tr', {}, el('th', {}, '#'), el('th', { class: 'l' }, 'key'), el('th', {}, 'idx'), el('th', {}, 'score'),
       el('th', { class: 'l' }, 'weight'), el('th', { class: 'l' }, 'contribution'), el('th', {}, 'rank by content')), ...rows),
     ...experts(r), ...r.notes.map(n => el('div', { class: 'sub' }, '• ' + n)));
