@@ -196,6 +196,27 @@ def test_float32_routers_choose_as_transformers_in_bfloat16(mt, tmp_path):
         assert err <= tol * want_w.abs().max(), (mt, i, float(err))
 
 
+@pytest.mark.parametrize("mt", list(_fp32_router_families()))
+def test_float64_models_with_float32_routers_run_in_float64(mt, tmp_path):
+    """`dtype=float64` casts every parameter, the routers transformers keeps float32 in half
+    precision too (they crashed: a float64 input met a float32 gate). Oracle: transformers'
+    float64 model, whose gate computes in float32: logits within 1e-5 of the largest."""
+    _fp32_router_families()[mt](tmp_path)
+    ours = qkv.load(tmp_path, dtype="float64")
+    assert {p.dtype for p in ours.parameters()} == {torch.float64}
+    peer = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float64, attn_implementation="eager",
+        experts_implementation="eager",
+    ).eval()  # fmt: skip
+    ids = torch.randint(
+        0, ours.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        got, want = ours(ids), peer(ids).logits
+    assert got.dtype == torch.float64
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max(), mt
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_recording_never_changes_a_half_precision_forward(dtype, tmp_path):
     """In fp16/bf16 on CPU `qkv.attention` takes SDPA without the LSE and tiled with it, whose

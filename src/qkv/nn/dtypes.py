@@ -4,6 +4,7 @@
                                                    "float16"/"fp16"/"half", "float64"/"double")
     cast(model, torch.bfloat16) → model, in place: every floating parameter and buffer in
                                   bfloat16, except those a module names in `keep_float32`
+                                  (kept float32 in float16/bfloat16 only: float64 casts all)
 
 `keep_float32` is a tuple of names relative to the module that holds it ("router.weight",
 "score_bias"): what transformers keeps in float32 in a half-precision model
@@ -56,7 +57,8 @@ def cast(model: nn.Module, dtype: torch.dtype | str) -> nn.Module:
     docstring); returns it. Parameter objects are kept (their data replaced, as `Module.to`
     does), so tied weights stay tied."""
     dtype = as_dtype(dtype)
-    keep = kept_float32(model)
+    half = dtype in (torch.float16, torch.bfloat16)
+    keep = kept_float32(model) if half else set()  # float64: all of it, the routers too
     buffers: dict[int, torch.Tensor] = {}  # a buffer two modules share stays shared
     for prefix, m in model.named_modules(remove_duplicate=False):
         dot = f"{prefix}." if prefix else ""
