@@ -365,6 +365,33 @@ def test_greedy_tokens_and_cache(mt, tmp_path):
     assert cached == uncached == want
 
 
+@pytest.mark.parametrize("where", ["config.json", "generation_config.json"])
+def test_every_end_token_stops_generation_as_in_transformers(where, tmp_path):
+    """eos_token_id as a list (Llama 3.1 Instruct: <|end_of_text|>, <|eom_id|>, <|eot_id|>),
+    in config.json or in generation_config.json alone (which transformers' generate reads
+    first): the second id ends the reply too. Oracle: transformers' greedy generate on the
+    same folder. Before, only the first id stopped, and generation_config.json was not read."""
+    ref = build("llama", tmp_path)
+    prompt = ids_for(5, 7)
+    ref.generation_config.eos_token_id = None
+    free, _, _ = greedy_three_ways(ref, qkv.load(tmp_path), prompt, N_GREEDY)
+    end = free[2]  # the third greedy token becomes an end token
+    if where == "config.json":  # a folder without generation_config.json (it would rule)
+        (tmp_path / "generation_config.json").unlink()
+    path = tmp_path / where
+    cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    cfg["eos_token_id"] = [V - 1 if end != V - 1 else V - 2, end]
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    peer = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        want = peer.generate(prompt, max_new_tokens=N_GREEDY, do_sample=False,
+                             pad_token_id=0)[0, prompt.shape[1] :].tolist()  # fmt: skip
+    model = qkv.load(tmp_path)
+    assert want[-1] == end and len(want) <= 3, want  # transformers stopped there
+    assert list(model.generate_ids(prompt[0].tolist(), N_GREEDY)) == want
+    assert model.config.end_ids == set(cfg["eos_token_id"])
+
+
 def test_a_config_without_model_type_is_read_by_its_architectures_class():
     """Every family's head class, as transformers names it (its auto mappings: causal LM,
     masked LM, image-text-to-text), leads back to that family: the longest class prefix wins
@@ -589,7 +616,9 @@ def test_without_a_tokenizer_ids_work_and_text_is_a_clear_error(tmp_path):
     ref = build("gpt2", tmp_path)
     model = qkv.load(tmp_path)
     assert _parity_error(model, ref) <= REL_TOL[torch.float32]
-    with pytest.raises(ValueError, match="no tokenizer; pass token ids"):
+    with pytest.raises(ValueError, match=r"has no tokenizer .* generate reads and writes text; put "
+                       r"the checkpoint's tokenizer\.json beside its config\.json\. With token ids, "
+                       r"call generate_ids\(ids\)"):  # fmt: skip
         model.generate("the dog")
 
 

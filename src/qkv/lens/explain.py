@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.tokenizer import no_tokenizer as models_no_tokenizer
 from .experts import Routing, routing, sparse_layers
 from .lookup import lookup_layer
 from .record import ExplainResult, ModelSummary, Query, Rollout
@@ -454,18 +455,13 @@ class _Encoding(NamedTuple):
 
 def no_tokenizer(name: str) -> ValueError:
     """The error for a model without a tokenizer (a checkpoint folder without tokenizer.json)
-    given text. Its `cli_text` is the same error without the Python-only advice, for the CLI
-    and the web (which read text only)."""
-    fix = (
-        f"{name} has no tokenizer (its folder has no tokenizer.json), and the lens reads "
-        "text; put the checkpoint's tokenizer.json beside its config.json"
+    given text."""
+    return models_no_tokenizer(
+        name,
+        needs="the lens reads text",
+        python="With token ids only, record the attention with qkv.nn.capture(model) around "
+        "model(ids) and read rows with qkv.attention_weights",
     )
-    e = ValueError(
-        f"{fix}. With token ids only, record the attention with qkv.nn.capture(model) around "
-        "model(ids) and read rows with qkv.attention_weights"
-    )
-    e.cli_text = fix  # type: ignore[attr-defined]
-    return e
 
 
 def _encode(tokenizer: Any, text: str, info: ModelSummary, truncate: bool) -> tuple[Any, bool]:

@@ -118,7 +118,10 @@ class DecoderConfig:
     `rope_interleaved`) turns the last qk_rope_head_dim features of each head, `attn_bias`
     biases the latent projections, `out_bias` the output; every query head has its own k and v
     (n_kv_heads = n_heads), and the per-head options of MultiHeadAttention (QK-norm, clip,
-    windows, softcap, sinks, partial rope_dim, ALiBi) are refused with it."""
+    windows, softcap, sinks, partial rope_dim, ALiBi) are refused with it. `eos_id` ends
+    generation, and so does every id in `stop_ids` (a checkpoint with several end tokens:
+    Llama 3.1 Instruct's <|eom_id|> and <|eot_id|> beside <|end_of_text|>; `end_ids` has them
+    all)."""
 
     name: str
     n_layers: int
@@ -171,6 +174,7 @@ class DecoderConfig:
     mla: MLAConfig | None = None
     bos_id: int | None = None
     eos_id: int | None = None
+    stop_ids: tuple[int, ...] = ()
     causal: bool = True
 
     def __post_init__(self) -> None:
@@ -311,6 +315,19 @@ class DecoderConfig:
             v = getattr(self, f)
             if v is not None and not 0 <= v < self.vocab_size:
                 raise ValueError(f"{own}.{f}={v} is outside the vocabulary [0, {self.vocab_size})")
+        if not isinstance(self.stop_ids, tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < self.vocab_size
+            for v in self.stop_ids
+        ):
+            raise ValueError(
+                f"{own}.stop_ids must be a tuple of token ids in [0, {self.vocab_size}), "
+                f"got {self.stop_ids!r}"
+            )
+
+    @property
+    def end_ids(self) -> frozenset[int]:
+        """Every id that ends generation: eos_id and stop_ids."""
+        return frozenset(self.stop_ids) | ({self.eos_id} if self.eos_id is not None else set())
 
     def _check_moe(self, own: str) -> None:
         if self.moe is None:

@@ -2,7 +2,7 @@
 sampled next tokens with a KV cache, and text streaming that never splits a UTF-8 character.
 
 A decoder gets it by inheriting `Generation`. The id loop (`generate_ids`: greedy or sampled,
-KV cache, stop ids, context limit) needs `config` (n_layers, max_positions, eos_id, name),
+KV cache, stop ids, context limit) needs `config` (n_layers, max_positions, end_ids, name),
 `hidden(ids, cache=...)` (final-norm states (b i m)) and `unembed(h)` (… m → … v). The text
 layer (`generate`) adds `tokenizer` and `chat_template`, read by `encode_prompt` and `_pieces`;
 a model with another kind of tokenizer overrides those two (`models.tiny`: symbols) and hands
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..nn import KVCache, RotaryEmbedding
 from .gguf import render_chat
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, no_tokenizer
 
 
 class Generation:
@@ -89,7 +89,7 @@ class Generation:
         if not ids:
             raise ValueError("no prompt tokens: generation needs at least one")
         _check_sampling(max_new_tokens, temperature, top_k, seed)
-        stop = set((c.eos_id,) if stop_ids is None and c.eos_id is not None else (stop_ids or ()))
+        stop = set(c.end_ids if stop_ids is None else stop_ids)
         gen = None
         if temperature > 0:
             gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -172,10 +172,10 @@ class Generation:
 
     def _pieces(self, new_ids: Iterator[int]) -> Iterator[str]:
         """Token ids → text pieces, held back while a UTF-8 character is split across tokens."""
-        tok, stop = self._tokenizer(), self.config.eos_id
+        tok, stop = self._tokenizer(), self.config.end_ids
         pending: list[int] = []
         for i in new_ids:
-            if i == stop:
+            if i in stop:
                 break
             pending.append(i)
             text = tok.decode(pending)
@@ -187,8 +187,10 @@ class Generation:
 
     def _tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
-            raise ValueError(
-                "this model has no tokenizer; pass token ids to model(...) / generate_ids"
+            raise no_tokenizer(
+                self.config.name,
+                needs="generate reads and writes text",
+                python="With token ids, call generate_ids(ids) and decode the ids yourself",
             )
         return self.tokenizer
 

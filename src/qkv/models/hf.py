@@ -141,8 +141,8 @@ def build_config(
     if family.kind != "encoder":
         if f.get("d_ff") is None:  # GPT-2's n_inner=None
             f["d_ff"] = 4 * f["d_model"]
-        if isinstance(f.get("eos_id"), list):  # several end tokens: the first stops generation
-            f["eos_id"] = f["eos_id"][0] if f["eos_id"] else None
+        if isinstance(f.get("eos_id"), list):  # several end tokens: each stops generation
+            f["eos_id"], f["stop_ids"] = end_tokens(f["eos_id"])
         if isinstance(f.get("bos_id"), list):
             f["bos_id"] = f["bos_id"][0] if f["bos_id"] else None
         f["windows"] = _windows(family, cfg, f)
@@ -156,6 +156,32 @@ def build_config(
         return kind(name=name, **{k: v for k, v in f.items() if k in known})
     except (TypeError, ValueError) as e:  # in config.json's words, not the dataclass's
         raise ValueError(f"{where}: {in_file_terms(str(e), kind.__name__, keys(), known)}") from e
+
+
+def end_tokens(ids: list) -> tuple[Any, tuple]:
+    """eos_token_id as a list (several end tokens) → (eos_id, stop_ids): the first, the rest."""
+    return (ids[0] if ids else None), tuple(ids[1:])
+
+
+def generation_ends(d: Path, config: Any) -> Any:
+    """`config` with generation_config.json's eos_token_id, where the folder has one: that file,
+    not config.json, says when transformers' `generate` stops (Llama 3.1 Instruct: three end
+    tokens). Errors name the file."""
+    path = d / "generation_config.json"
+    if not path.is_file() or not hasattr(config, "stop_ids"):
+        return config
+    ids = read_json(path).get("eos_token_id")
+    if ids is None:
+        return config
+    ids = ids if isinstance(ids, list) else [ids]
+    eos, rest = end_tokens(ids)
+    try:
+        return dataclasses.replace(config, eos_id=eos, stop_ids=rest)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{path}: eos_token_id must be a token id or a list of them in "
+            f"[0, {config.vocab_size}) (config.json's vocab_size), got {ids!r}"
+        ) from None
 
 
 def _layer_types(cfg: dict[str, Any], f: dict[str, Any]) -> list[str] | None:
@@ -297,6 +323,7 @@ def load_dir(
 
     name = name or d.resolve().name
     config = build_config(family, cfg, name=name, where=str(d / CONFIG), key_of=key_of)
+    config = generation_ends(d, config)
     tokenizer = None
     if (d / TOKENIZER).is_file():
         tokenizer = Tokenizer.from_file(d / TOKENIZER, max_length=config.max_positions,

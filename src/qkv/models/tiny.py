@@ -147,8 +147,13 @@ class TinyConfig:
     @property
     def eos_id(self) -> None:
         """A symbolic vocabulary has no end token: generation runs to `max_new_tokens` or the
-        context (what `Generation` reads)."""
+        context."""
         return None
+
+    @property
+    def end_ids(self) -> frozenset[int]:
+        """No id ends generation (what `Generation` reads)."""
+        return frozenset()
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -37,6 +37,20 @@ class BatchEncoding:
     encodings: list[Encoding]
 
 
+def no_tokenizer(name: str, *, needs: str, python: str) -> ValueError:
+    """The error for text given to a model without a tokenizer (a checkpoint folder without
+    tokenizer.json). `needs`: what reads text ("the lens reads text"); `python`: how to do
+    without, from Python. Its `cli_text` leaves that advice out (the CLI and the web read text
+    only)."""
+    fix = (
+        f"{name} has no tokenizer (its folder has no tokenizer.json), and {needs}; put the "
+        "checkpoint's tokenizer.json beside its config.json"
+    )
+    e = ValueError(f"{fix}. {python}")
+    e.cli_text = fix  # type: ignore[attr-defined]
+    return e
+
+
 def _unreadable(path: Path, e: Exception) -> str:
     """Why the tokenizers library refused `path`, in true words: its own message comes from the
     first field it could not fit, which for a JSON object of another kind reads as a syntax
