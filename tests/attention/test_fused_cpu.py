@@ -281,6 +281,30 @@ def test_block_mask_is_cached_and_skips_empty_blocks():
     assert c is not a
 
 
+@pytest.mark.parametrize("how", ["in place", "numpy view"])
+@pytest.mark.parametrize("mod", ["key_padding", "document", "prefix_lm"])
+def test_one_mod_whose_tensor_changes_between_calls_is_never_served_a_stale_mask(mod, how):
+    """A serving loop reuses one lengths (or doc-id) buffer across batches and keeps its mod:
+    the second call must see the new contents. Before, the key was read when the mod was made,
+    so auto/fused reused the first call's block mask (max error 1.09 on padding). Oracle: the
+    float64 naive attention with a fresh mod over a copy of the new contents."""
+    blockmask.clear_cache()
+    q, k, v = make_qkv(2, 2, 2, 128, 128, 16)
+    t, make = {
+        "key_padding": (torch.tensor([100, 128]), qkv.key_padding_mask),
+        "document": (torch.arange(128) // 40, qkv.document_mask),
+        "prefix_lm": (torch.tensor([90, 20]), qkv.prefix_lm_mask),
+    }[mod]
+    mm = make(t)
+    for backend in ("auto", "fused"):
+        qkv.attention(q, k, v, mask_mod=mm, backend=backend)
+    (t if how == "in place" else torch.from_numpy(t.numpy()))[0] = 30 if mod != "document" else 3
+    truth = oracle(q, k, v, mask_mod=make(t.clone()))
+    for backend in ("auto", "fused"):
+        got = qkv.attention(q, k, v, mask_mod=mm, backend=backend)
+        assert err(got, truth.out) < 1e-5, backend
+
+
 def test_auto_picks_fused_for_windows_and_mods_but_not_plain_or_fp64():
     q, _, _ = make_qkv(1, 2, 2, 200, 200, 16)
     pick = lambda t, **kw: choose_backend(t, t, t, make_spec(t, t, t, **kw), False)  # noqa: E731

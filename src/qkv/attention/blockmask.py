@@ -12,8 +12,9 @@ Bm is B when the mask depends on the batch index (a per-row padding mask), else 
 
 Cache: a mask is cached only when every mod in it carries a `_qkv_key` (the ready mods of
 `mods.py` do; and_masks/or_masks of them too), so an arbitrary Python mask_mod is evaluated
-afresh on every call and a captured tensor changed in place (its `_version` is in the key)
-is never served a stale structure.
+afresh on every call. A captured tensor's key is read at each call (its contents' digest on
+the CPU), so one changed in place, through a NumPy view too, is never served a stale
+structure.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import scoring
+from .mods import live_key
 from .spec import Spec
 
 CACHE_SIZE = 16  # block masks kept (one per distinct (mods, shapes) in a forward pass)
@@ -55,8 +57,9 @@ class BlockMask:
 
 
 def mod_key(fn) -> tuple | None:
-    """The cache key of a mask_mod: its `_qkv_key`, None if it has none (not cacheable)."""
-    return getattr(fn, "_qkv_key", None)
+    """The cache key of a mask_mod as of this call (`mods.live_key`), None if it has none
+    (not cacheable)."""
+    return live_key(fn)
 
 
 _cache: OrderedDict[tuple, tuple[object, BlockMask]] = OrderedDict()
@@ -67,8 +70,8 @@ def block_mask(spec: Spec, BQ: int, BK: int) -> BlockMask:
     """The block structure of the band (causal/window) AND `spec.mask_mod`, cached when the
     mod is a ready one. `spec.mask` (a tensor) is not part of it."""
     key = None
-    if spec.mask_mod is None or mod_key(spec.mask_mod) is not None:
-        mk = None if spec.mask_mod is None else mod_key(spec.mask_mod)
+    mk = None if spec.mask_mod is None else mod_key(spec.mask_mod)
+    if spec.mask_mod is None or mk is not None:
         key = (mk, spec.B, spec.Hq, spec.Sq, spec.Sk, spec.left, spec.right, BQ, BK)
         with _lock:
             hit = _cache.get(key)

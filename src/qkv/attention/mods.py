@@ -14,6 +14,7 @@ with keys, so the same mod is right for a prefill (Sq = Sk) and a cached decode 
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -21,19 +22,38 @@ from torch import Tensor
 
 from .spec import MaskMod, ScoreMod
 
-# Ready mods carry `_qkv_key`, a hashable description of what they compute (a captured tensor
-# by id and `_version`): the block structure of a mask is cached by it (`blockmask.py`). Score
-# mods carry `_qkv_fused`, the parameters the fused CPU kernel evaluates inside its loop
-# (`fused_cpu.py`). A mod without them is still exact everywhere, just not cached or fused.
+# Ready mods carry `_qkv_key`, a hashable description of what they compute, or a function
+# returning one where they capture a tensor (read at each call: `live_key`): the block
+# structure of a mask is cached by it (`blockmask.py`). Score mods carry `_qkv_fused`, the
+# parameters the fused CPU kernel evaluates inside its loop (`fused_cpu.py`). A mod without
+# them is still exact everywhere, just not cached or fused.
+
+
+def live_key(mod) -> tuple | None:
+    """A mask_mod's cache key as of now: its `_qkv_key`, called if it is a function (a
+    captured tensor's contents can change between calls); None if it has none."""
+    key = getattr(mod, "_qkv_key", None)
+    return key() if callable(key) else key
 
 
 def _tensor_key(t: Tensor) -> tuple:
-    return (id(t), t._version, tuple(t.shape), t.dtype)
+    """What a captured tensor holds now: on the CPU a digest of its contents, so a change in
+    place is seen, through a NumPy view too (which never bumps `_version`); elsewhere its
+    identity and `_version` (reading device memory would sync)."""
+    if t.device.type != "cpu":
+        return (id(t), t._version, tuple(t.shape), t.dtype)
+    data = t.detach().contiguous().numpy().tobytes()
+    return (tuple(t.shape), t.dtype, hashlib.blake2b(data, digest_size=16).digest())
 
 
-def _keyed(mods: tuple, name: str) -> tuple | None:
-    keys = tuple(getattr(m, "_qkv_key", None) for m in mods)
-    return None if any(k is None for k in keys) else (name, *keys)
+def _keyed(mods: tuple, name: str):
+    """The key of a combination of mods, read at each call (see `live_key`)."""
+
+    def key() -> tuple | None:
+        keys = tuple(live_key(m) for m in mods)
+        return None if any(k is None for k in keys) else (name, *keys)
+
+    return key if any(getattr(m, "_qkv_key", None) is not None for m in mods) else None
 
 
 def and_masks(*mods: MaskMod) -> MaskMod:
@@ -103,7 +123,7 @@ def key_padding_mask(keep_or_lengths: Tensor) -> MaskMod:
         def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return kv_idx < t[b]
 
-    mod._qkv_key = ("key_padding", _tensor_key(t))
+    mod._qkv_key = lambda: ("key_padding", _tensor_key(t))
     return mod
 
 
@@ -118,7 +138,7 @@ def document_mask(doc_ids: Tensor) -> MaskMod:
         bb = b if ids.shape[0] > 1 else torch.zeros_like(b)
         return ids[bb, q_idx] == ids[bb, kv_idx]
 
-    mod._qkv_key = ("document", _tensor_key(doc_ids))
+    mod._qkv_key = lambda: ("document", _tensor_key(doc_ids))
     return mod
 
 
@@ -131,7 +151,10 @@ def prefix_lm_mask(prefix_len: int | Tensor) -> MaskMod:
         return (kv_idx < n) | (kv_idx <= q_idx)
 
     p = prefix_len
-    mod._qkv_key = ("prefix_lm", _tensor_key(p) if isinstance(p, Tensor) else int(p))
+    if isinstance(p, Tensor):
+        mod._qkv_key = lambda: ("prefix_lm", _tensor_key(p))
+    else:
+        mod._qkv_key = ("prefix_lm", p)
     return mod
 
 
