@@ -30,6 +30,36 @@ def test_fully_masked_rows_are_zero_with_lse_minus_inf_and_zero_grads(backend):
     assert torch.all(q.grad[:, :, 7] == 0)
 
 
+@pytest.mark.parametrize(
+    ("backend", "learned"),  # tiled refuses a learned float mask by name (test_errors.py)
+    [
+        (b, learned)
+        for b in BACKENDS
+        for learned in (False, True)
+        if (b, learned) != ("tiled", True)
+    ],
+)
+def test_an_empty_row_of_a_float_mask_gives_zero_gradients_through_the_lse(backend, learned):
+    """A float bias whose row 7 is all −inf, and a loss on the output and the other rows' LSE:
+    the gradients are finite and row 7's are 0. The reference gave NaN for q, k and the bias
+    (log(0)'s gradient times 0), and `auto` takes the reference for a learned bias with the
+    LSE. Oracle: the float64 naive attention (conftest), written safe for an empty row."""
+    q, k, v = make_qkv(1, 2, 2, 10, 4, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(10, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    bias[7] = float("-inf")
+    bias.requires_grad_(learned)
+    out, lse = qkv.attention(q, k, v, mask=bias, return_lse=True, backend=backend)
+    rows = torch.arange(10) != 7
+    (out.sum() + lse[:, :, rows].sum()).backward()
+    grads = (q.grad, k.grad, v.grad) + ((bias.grad,) if learned else ())
+    assert _all_finite(*grads) and torch.all(q.grad[:, :, 7] == 0)
+    qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref = naive(qq, kk, vv, mask=bias.detach())
+    (ref.out.sum() + ref.lse[:, :, rows].sum()).backward()
+    for got, want in zip((q.grad, k.grad, v.grad), (qq.grad, kk.grad, vv.grad), strict=True):
+        assert err(got, want) < 1e-10
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_causal_with_more_queries_than_keys_has_empty_top_rows(backend):
     q, k, v = make_qkv(1, 2, 2, 9, 4, 8, requires_grad=True)  # δ = −5: rows 0..4 see nothing

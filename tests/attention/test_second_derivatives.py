@@ -92,6 +92,47 @@ def test_torch_func_transforms_run_auto_on_the_reference_and_refuse_custom_backw
             torch.func.grad(lambda q: qkv.attention(q, k, v, backend=backend).sum())(q)  # noqa: B023
 
 
+VMAP_CASES = {
+    "plain": {},
+    "causal, LSE": {"causal": True, "return_lse": True},
+    "mask_mod, sinks": {"mask_mod": qkv.causal_mask, "sinks": torch.tensor([0.5, -1.0, 2.0, 0.0])},
+    "NaN in a masked key": {"causal": True, "nan": True},
+}
+
+
+@pytest.mark.parametrize("case", list(VMAP_CASES))
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_vmap_runs_auto_and_the_reference(case, backend):
+    """torch.func.vmap over a leading axis (the README: under torch.func `auto` runs the
+    reference). It failed: the reference's NaN/inf checks read values on the host. Oracle:
+    the float64 naive attention of each sample."""
+    kw = dict(VMAP_CASES[case])
+    nan, lse = kw.pop("nan", False), kw.get("return_lse", False)
+    q, k, v = (t.double() for t in make_qkv(3 * 1, 4, 2, 6, 7, 8))
+    Q, K, V = q.view(3, 1, 4, 6, 8), k.view(3, 1, 2, 7, 8), v.view(3, 1, 2, 7, 8)
+    if nan:  # sample 0's last key, which only the last query row sees (causal, Sq < Sk)
+        K, V = K.clone(), V.clone()
+        K[0, 0, :, 6, 1], V[0, 0, :, 6, 2] = float("nan"), float("inf")
+    got = torch.func.vmap(lambda q, k, v: qkv.attention(q, k, v, backend=backend, **kw))(Q, K, V)
+    naive_kw = {x: y for x, y in kw.items() if x != "return_lse"}
+    for i in range(3):
+        want = naive(
+            Q[i],
+            K[i].nan_to_num(0, 0, 0) if nan else K[i],
+            V[i].nan_to_num(0, 0, 0) if nan else V[i],
+            **naive_kw,
+        )
+        out = got[0][i] if lse else got[i]
+        if nan and i == 0:  # the row that keeps the bad key is NaN; the others are exact
+            assert out[0, :, -1].isnan().all()
+            out, want_out = out[0, :, :-1], want.out[0, :, :-1]
+        else:
+            want_out = want.out
+        assert err(out, want_out) < 1e-12, (case, i)
+        if lse:
+            assert err(got[1][i], want.lse) < 1e-12
+
+
 # SDPA's fused kernels (CPU flash, CUDA flash/efficient) have no double backward: "auto" and
 # "sdpa" serve out-only calls (no LSE) through them, so those calls are checked here.
 SDPA_CASES = {
