@@ -185,7 +185,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--top",
         type=int,
         default=DEFAULT_TOP,
-        help=f"keys kept per head, ranked by weight; 0 = all (default {DEFAULT_TOP})",
+        help="keys kept per head: the top K by weight and the top K by content, plus the first "
+        "and special tokens, the query, the chosen key and the next key by weight; 0 = all "
+        f"(default {DEFAULT_TOP})",
     )
     _add_token_choice(
         p,

@@ -22,8 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "heads",
         help="rank heads by how well they route a pronoun to its antecedent",
         description="For each sentence, a head predicts the candidate that gets the most weight from the "
-        "pronoun (and, for a causal model, from the word that decides the referent); accuracy per head "
-        "against the nearest-candidate baseline (Clark et al. 2019).",
+        "pronoun (and, for a causal model, from the word that decides the referent). Each head's "
+        "accuracy is set against chance, the best of as many heads guessing at random (an exact "
+        "null: `*` marks p < 0.05, corrected for the number of heads), and against the "
+        "nearest-candidate baseline (Clark et al. 2019).",
     )
     p.add_argument(
         "--model",

@@ -357,10 +357,14 @@ def compare(
             result.notes.append(f"Keys of {which} with no match in the other text: {shown}{more}.")
     if (half := dtype_note(result.model)) is not None:
         result.notes.append(half)
-    moved = sum(i != j for i, j in zip(result.matched, result.matched_b, strict=True))
+    qa, qb = result.query_a.index, result.query_b.index
+    seen = [(i, j) for i, j in zip(result.matched, result.matched_b, strict=True)
+            if not result.model.causal or i <= qa or j <= qb]  # fmt: skip
+    moved = sum(i != j for i, j in seen)
     if moved:
+        of = " the query sees" if result.model.causal else ""
         result.notes.append(
-            f"{moved} matched keys stand at other positions in B (tokens inserted or removed "
-            "before them); they are matched by aligning the two token sequences."
+            f"{moved} matched keys{of} stand at other positions in B (tokens inserted or "
+            "removed before them); they are matched by aligning the two token sequences."
         )
     return result

