@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qkv
+from qkv.attention import auto_backend
 
 from .conftest import err, make_qkv, oracle
 
@@ -203,3 +204,64 @@ def test_sdpa_lse_refusal_names_the_reason_in_the_caller_s_terms(kw, reason):
     with pytest.raises(ValueError, match=reason) as e:
         qkv.attention(q, k, v, **kw, backend="sdpa", return_lse=True)
     assert "Sk=7" not in str(e.value)
+
+
+@pytest.mark.parametrize("scale", [True, False], ids=str)
+def test_a_bool_scale_is_refused(scale):
+    """A bool is an int to Python: scale=True ran as scale 1.0 (and False as 0: uniform)."""
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=rf"^scale must be a finite Python float .*, got {scale}$"):
+        qkv.attention(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("flag", ["yes", 1, None, torch.tensor(True)], ids=repr)
+def test_return_lse_must_be_a_bool(flag):
+    """return_lse="yes" returned (out, lse), 0 or None out alone: its truth value was read."""
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"^return_lse must be a bool, got "):
+        qkv.attention(q, k, v, return_lse=flag)
+    with pytest.raises(TypeError, match=r"^return_lse must be a bool, got "):
+        auto_backend(q, k, v, return_lse=flag)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool], ids=str)
+def test_attention_weights_refuses_an_lse_that_is_not_floating(dtype):
+    """An integer LSE was cast and used: the weights of a truncated log-sum-exp."""
+    q, k, _ = _qkv()
+    lse = torch.zeros(2, 8, 5, dtype=dtype)
+    with pytest.raises(TypeError, match=rf"^lse must be a floating tensor.*got {dtype}$"):
+        qkv.attention_weights(q, k, lse)
+
+
+def test_reference_attention_says_its_result_has_the_lse():
+    """It was "make_spec() got an unexpected keyword argument 'return_lse'"."""
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"reference_attention takes no return_lse.*read \.lse"):
+        qkv.reference_attention(q, k, v, return_lse=True)
+    with pytest.raises(TypeError, match=r"no backend.*qkv\.attention\(q, k, v, backend='tiled'"):
+        qkv.reference_attention(q, k, v, backend="tiled")
+    r = qkv.reference_attention(q, k, v, causal=True)  # what the message points to
+    truth = oracle(q, k, v, causal=True)
+    assert err(r.lse, truth.lse) < 1e-5 and err(r.out, truth.out) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["tiled", "fused"])
+def test_a_learned_float_mask_names_the_backend_that_was_asked_for(backend):
+    """fused runs a mask= call on tiled, and the refusal named "the tiled backend"."""
+    q, k, v = _qkv()
+    bias = torch.randn(5, 7, requires_grad=True)
+    with pytest.raises(ValueError, match=rf"^backend='{backend}' does not differentiate through "
+                                         r"a float mask; pass mask\.detach\(\)"):  # fmt: skip
+        qkv.attention(q, k, v, mask=bias, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "tiled", "fused"])
+def test_a_learned_float_mask_under_no_grad_is_just_a_mask(backend):
+    """Under torch.no_grad there is no gradient to refuse: `auto` with return_lse (→ tiled)
+    and explicit tiled/fused raised "does not differentiate through a float mask"."""
+    q, k, v = _qkv()
+    bias = torch.randn(5, 7, requires_grad=True)
+    with torch.no_grad():
+        out, lse = qkv.attention(q, k, v, mask=bias, return_lse=True, backend=backend)
+    truth = oracle(q, k, v, mask=bias.detach().double())
+    assert err(out, truth.out) < 1e-5 and err(lse, truth.lse) < 1e-5

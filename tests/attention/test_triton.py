@@ -248,6 +248,23 @@ def test_sinks_forward_and_gradients_vs_oracle(kw, dtype):
         assert_within_budget(a, p, t, dtype, factor=GRAD_FACTOR, what=name)
 
 
+@pytest.mark.parametrize("Sq", [5, 0])
+def test_sinks_with_no_keys_give_out_0_and_lse_sigma(Sq):
+    """Sk = 0: a row's only logit is its sink, so out is 0 and lse is σ_h (the docstring's
+    rule; the reference/tiled/fused backends gave it, triton gave −inf). dsinks_h is then
+    Σ_{b,i} dlse (exp(σ_h − lse) = 1, rowsum(dO∘O) = 0); dq is 0."""
+    q = torch.randn(2, 2, Sq, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 1, 0, 16, device=DEVICE)
+    sinks = torch.tensor([0.5, -1.0], device=DEVICE, requires_grad=True)
+    out, lse = qkv.attention(q, k, k, sinks=sinks, return_lse=True, backend="triton")
+    assert out.shape == (2, 2, Sq, 16) and (out == 0).all()
+    assert torch.equal(lse.cpu(), torch.tensor([0.5, -1.0]).view(1, 2, 1).expand(2, 2, Sq))
+    dlse = torch.randn(2, 2, Sq, device=DEVICE)
+    (out.sum() + (lse * dlse).sum()).backward()
+    assert torch.allclose(sinks.grad.cpu(), dlse.sum((0, 2)).cpu(), rtol=1e-6, atol=1e-6)
+    assert (q.grad == 0).all()
+
+
 @pytest.mark.parametrize("which", ["out", "lse"])
 def test_gradients_of_out_alone_and_of_lse_alone(which):
     """dLSE enters dS as −dLSE·P (Δ − dLSE): each term alone against the oracle."""

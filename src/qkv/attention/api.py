@@ -15,7 +15,7 @@ from . import fused_cpu, scoring
 from .reference import Intermediates, reference
 from .sdpa import lse_supported, sdpa, sdpa_lse, unsupported
 from .spec import MaskMod, ScoreMod, Spec, make_spec
-from .tiled import tiled
+from .tiled import tiled, tiled_refuses_bias
 
 BACKENDS = ("auto", "reference", "tiled", "sdpa", "fused", "triton")
 # devices on which `auto` may take the Triton forward (tests add "cpu" under TRITON_INTERPRET)
@@ -207,7 +207,10 @@ def attention(
     `window=(left, right)` keeps i+δ−left ≤ j ≤ i+δ+right (inclusive; None = unbounded);
     `(W−1, 0)` attends exactly the W most recent keys. `mask` is bool (True = keep) or a float
     additive bias, broadcastable to (B, Hq, Sq, Sk). `mask_mod`/`score_mod` are FlexAttention-style
-    functions of index tensors (see `qkv.attention.mods`); all masks combine by AND.
+    functions of index tensors; ready ones are `qkv.causal_mask`, `qkv.sliding_window_mask`,
+    `qkv.document_mask`, `qkv.key_padding_mask`, `qkv.prefix_lm_mask`, `qkv.alibi`, `qkv.softcap`,
+    combined by `qkv.and_masks`/`qkv.or_masks` (`help(qkv.document_mask)`; the module:
+    `from qkv.attention import mods`). All masks combine by AND.
 
     A row with no key left returns 0 with LSE −inf and zero gradients, never NaN. NaN/inf in a
     masked-out key or value never reaches the output (on every backend but an explicit "sdpa",
@@ -282,6 +285,13 @@ def _plan(
     spec = make_spec(q, k, v, **kw)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    if backend in ("tiled", "fused") and tiled_refuses_bias(spec):  # fused runs it on tiled
+        raise ValueError(
+            f"backend={backend!r} does not differentiate through a float mask; pass "
+            "mask.detach(), or backend='auto', 'reference' or 'sdpa' to learn the bias"
+        )
     if (s0 := _unseen_keys(spec)) > 0:  # keys before every row's window: never read them
         k, v = k[:, :, s0:], v[:, :, s0:]
         mask = kw["mask"]
@@ -355,6 +365,16 @@ def _reference(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Intermediates:
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Intermediates:
     """The reference backend with every intermediate (scores, logits, weights, lse, out).
     Takes the keyword arguments of `attention` (but `return_lse`/`backend`). O(Sq·Sk) memory."""
+    if "return_lse" in kwargs:
+        raise TypeError(
+            "reference_attention takes no return_lse: it returns every intermediate, the LSE "
+            "included; drop return_lse= and read .lse (and .out) of the result"
+        )
+    if "backend" in kwargs:
+        raise TypeError(
+            "reference_attention takes no backend: it always runs the reference; drop "
+            f"backend=, or call qkv.attention(q, k, v, backend={kwargs['backend']!r}, ...)"
+        )
     return _reference(q, k, v, make_spec(q, k, v, **kwargs))
 
 
@@ -417,6 +437,11 @@ def attention_weights(
             lse_r = torch.logaddexp(lse_r, scoring.sink_logits(spec.sinks, lse_r).unsqueeze(-1))
     else:
         want = (spec.B, spec.Hq, spec.Sq)
+        if isinstance(lse, Tensor) and not lse.is_floating_point():
+            raise TypeError(
+                "lse must be a floating tensor, the fp32 (fp64) LSE that "
+                f"attention(..., return_lse=True) returns, got {lse.dtype}"
+            )
         if not isinstance(lse, Tensor) or tuple(lse.shape) != want:
             got = tuple(lse.shape) if isinstance(lse, Tensor) else type(lse).__name__
             raise ValueError(f"lse must have shape (B, Hq, Sq) = {want}, got {got}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -27,6 +28,9 @@ from .spec import MaskMod, ScoreMod
 # structure of a mask is cached by it (`blockmask.py`). Score mods carry `_qkv_fused`, the
 # parameters the fused CPU kernel evaluates inside its loop (`fused_cpu.py`). A mod without
 # them is still exact everywhere, just not cached or fused.
+# Mods holding a per-batch tensor carry `_qkv_batch`, ((mod, argument, its batch size,
+# whether a batch of 1 broadcasts), ...): `make_spec` checks it against the call's B, since
+# indexing with b alone reads row 0 of a longer tensor silently when B = 1.
 
 
 def live_key(mod) -> tuple | None:
@@ -34,6 +38,10 @@ def live_key(mod) -> tuple | None:
     captured tensor's contents can change between calls); None if it has none."""
     key = getattr(mod, "_qkv_key", None)
     return key() if callable(key) else key
+
+
+def _batched(mods: tuple) -> tuple:
+    return tuple(x for m in mods for x in getattr(m, "_qkv_batch", ()))
 
 
 def _tensor_key(t: Tensor) -> tuple:
@@ -66,6 +74,7 @@ def and_masks(*mods: MaskMod) -> MaskMod:
         return out
 
     mod._qkv_key = _keyed(mods, "and")
+    mod._qkv_batch = _batched(mods)
     return mod
 
 
@@ -79,6 +88,7 @@ def or_masks(*mods: MaskMod) -> MaskMod:
         return out
 
     mod._qkv_key = _keyed(mods, "or")
+    mod._qkv_batch = _batched(mods)
     return mod
 
 
@@ -105,8 +115,14 @@ def sliding_window_mask(left: int, right: int = 0) -> MaskMod:
 
 def key_padding_mask(keep_or_lengths: Tensor) -> MaskMod:
     """Padding keys masked out. Takes `lengths (B,)` (keys `< lengths[b]` are real) or a bool
-    `keep (B, Sk)` (True = real token), the `attention_mask` of Hugging Face tokenizers."""
+    `keep (B, Sk)` (True = real token), the `attention_mask` of Hugging Face tokenizers.
+    B must be the call's batch size."""
     t = keep_or_lengths
+    if not isinstance(t, Tensor):
+        raise TypeError(
+            "key_padding_mask takes lengths (B,) as an integer tensor or a bool keep-mask "
+            f"(B, Sk), got {type(t).__name__}"
+        )
     if t.dtype == torch.bool:
         if t.dim() != 2:
             raise ValueError(f"a key padding keep-mask must be (B, Sk), got shape {tuple(t.shape)}")
@@ -124,12 +140,17 @@ def key_padding_mask(keep_or_lengths: Tensor) -> MaskMod:
             return kv_idx < t[b]
 
     mod._qkv_key = lambda: ("key_padding", _tensor_key(t))
+    arg = "keep" if t.dtype == torch.bool else "lengths"
+    mod._qkv_batch = (("key_padding_mask", arg, t.shape[0], False),)
     return mod
 
 
 def document_mask(doc_ids: Tensor) -> MaskMod:
     """Block-diagonal: a query sees only keys of its own document. `doc_ids (S,)` or `(B, S)`,
-    indexed by absolute position (packed sequences, Sk = S)."""
+    indexed by absolute position (packed sequences, Sk = S). `(S,)` and `(1, S)` serve every
+    batch row; otherwise B must be the call's batch size."""
+    if not isinstance(doc_ids, Tensor):
+        raise TypeError(f"doc_ids must be a tensor (S,) or (B, S), got {type(doc_ids).__name__}")
     ids = doc_ids if doc_ids.dim() == 2 else doc_ids.unsqueeze(0)
     if ids.dim() != 2:
         raise ValueError(f"doc_ids must be (S,) or (B, S), got shape {tuple(doc_ids.shape)}")
@@ -139,20 +160,34 @@ def document_mask(doc_ids: Tensor) -> MaskMod:
         return ids[bb, q_idx] == ids[bb, kv_idx]
 
     mod._qkv_key = lambda: ("document", _tensor_key(doc_ids))
+    mod._qkv_batch = (("document_mask", "doc_ids", ids.shape[0], True),)
     return mod
 
 
 def prefix_lm_mask(prefix_len: int | Tensor) -> MaskMod:
     """Bidirectional over the first `prefix_len` keys, causal after (T5/PaLI prefix-LM).
-    `prefix_len` is an int or a per-batch tensor (B,)."""
-
-    def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        n = prefix_len[b] if isinstance(prefix_len, Tensor) else prefix_len
-        return (kv_idx < n) | (kv_idx <= q_idx)
-
+    `prefix_len` is an int or a per-batch integer tensor (B,), B the call's batch size."""
     p = prefix_len
     if isinstance(p, Tensor):
+        if p.dim() != 1 or p.is_floating_point() or p.dtype == torch.bool:
+            raise TypeError(
+                f"prefix_len must be an int or an integer tensor (B,), got a {p.dtype} tensor of "
+                f"shape {tuple(p.shape)}" + (" (pass int(prefix_len))" if p.dim() == 0 else "")
+            )
+    elif isinstance(p, numbers.Integral) and not isinstance(p, bool):
+        p = int(p)  # numpy ints too
+    else:
+        raise TypeError(
+            f"prefix_len must be an int or an integer tensor (B,), got {type(p).__name__} {p!r}"
+        )
+
+    def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        n = p[b] if isinstance(p, Tensor) else p
+        return (kv_idx < n) | (kv_idx <= q_idx)
+
+    if isinstance(p, Tensor):
         mod._qkv_key = lambda: ("prefix_lm", _tensor_key(p))
+        mod._qkv_batch = (("prefix_lm_mask", "prefix_len", p.shape[0], False),)
     else:
         mod._qkv_key = ("prefix_lm", p)
     return mod

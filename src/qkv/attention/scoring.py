@@ -172,8 +172,10 @@ def modify(s: Tensor, spec: Spec, blk: Block) -> Tensor:
         s = spec.softcap * torch.tanh(s / spec.softcap)
     if spec.score_mod is not None:
         out = call_mod("score_mod", spec.score_mod, s, *_grids(spec, blk, s.device))
-        if not isinstance(out, Tensor):
-            raise TypeError(f"score_mod must return a tensor, got {type(out).__name__}")
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            got = out.dtype if isinstance(out, Tensor) else type(out).__name__
+            hint = "; a mod that says keep/drop is a mask_mod" if got == torch.bool else ""
+            raise TypeError(f"score_mod must return a floating score tensor, got {got}{hint}")
         s = torch.broadcast_to(out, s.shape).to(s.dtype)
     return s
 

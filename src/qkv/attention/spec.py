@@ -6,7 +6,9 @@ d head dim (q/k), e value dim. `g` is the GQA group size Hq // Hk.
 
 from __future__ import annotations
 
+import inspect
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -196,6 +198,73 @@ def _sinks(sinks: Tensor | None, q: Tensor) -> Tensor | None:
     return sinks
 
 
+# how each mod is called: its arguments in order (scoring.py calls mask_mod(b, h, q_idx, kv_idx)
+# and score_mod(score, b, h, q_idx, kv_idx), all positional)
+MOD_ARGS = {
+    "mask_mod": ("b", "h", "q_idx", "kv_idx"),
+    "score_mod": ("score", "b", "h", "q_idx", "kv_idx"),
+}
+_OTHER = {"mask_mod": "score_mod", "score_mod": "mask_mod"}
+# per mod kind, fn → why it cannot take those arguments ("" if it can)
+_mod_misfit = {name: weakref.WeakKeyDictionary() for name in MOD_ARGS}
+
+
+def _misfit(name: str, fn: Callable) -> str:
+    """Why `fn` cannot take the positional arguments `name` is called with ("" if it can)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # no inspectable signature (some builtins): let it through
+        return ""
+    try:
+        sig.bind(*MOD_ARGS[name])
+        return ""
+    except TypeError:
+        pass
+    why = f"{getattr(fn, '__name__', type(fn).__name__)}{sig}"
+    other = _OTHER[name]
+    try:
+        sig.bind(*MOD_ARGS[other])
+    except TypeError:
+        return why
+    hint = {
+        "score_mod": "a mod that says keep/drop is a mask_mod",
+        "mask_mod": "a mod that rewrites the score is a score_mod",
+    }[name]
+    return f"{why}, which takes {other}'s arguments: {hint}"
+
+
+def _mod_takes_args(name: str, fn: Callable) -> None:
+    """Raise TypeError when `fn`'s signature cannot take the mod's positional arguments (Python's
+    own "takes 2 positional arguments but 4 were given", raised inside the scoring, names
+    neither the mod nor its contract). Cached per function: a model passes the same mod on
+    every layer and step."""
+    try:
+        why = _mod_misfit[name][fn]
+    except (KeyError, TypeError):  # not seen yet, or not weak-referenceable (then not cached)
+        why = _misfit(name, fn)
+        try:
+            _mod_misfit[name][fn] = why
+        except TypeError:
+            pass
+    if why:
+        args = ", ".join(MOD_ARGS[name])
+        raise TypeError(
+            f"{name} must take ({args}), {len(MOD_ARGS[name])} positional arguments, "
+            f"but it is {why}"
+        )
+
+
+def _mod_batch(name: str, fn: Callable, B: int) -> None:
+    """Ready mods holding a per-batch tensor (`mods._qkv_batch`) against the call's B."""
+    for mod, arg, n, broadcasts in getattr(fn, "_qkv_batch", ()):
+        if n != B and not (broadcasts and n == 1):
+            one = ", or 1 to share one row with every batch row" if broadcasts and B > 1 else ""
+            raise ValueError(
+                f"{name}={mod}({arg}) has {arg} for a batch of {n} but the call has B={B}; "
+                f"its first dim must be {B}{one}"
+            )
+
+
 def make_spec(
     q: Tensor,
     k: Tensor,
@@ -229,6 +298,8 @@ def make_spec(
         left = None
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
+    if isinstance(scale, bool):  # an int to Python, but never a scale anyone means
+        raise TypeError(f"scale must be a finite Python float (or None for 1/√D), got {scale!r}")
     if not isinstance(scale, int | float) or not math.isfinite(scale):
         raise ValueError(
             f"scale must be a finite Python float (or None for 1/√D), got {scale!r}"
@@ -249,8 +320,13 @@ def make_spec(
     if not isinstance(dropout_p, int | float) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     for name, fn in (("mask_mod", mask_mod), ("score_mod", score_mod)):
-        if fn is not None and not callable(fn):
+        if fn is None:
+            continue
+        if not callable(fn):
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        if not torch.compiler.is_compiling():  # traced: the graph would break on inspect
+            _mod_takes_args(name, fn)
+        _mod_batch(name, fn, B)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     return Spec(

@@ -532,6 +532,12 @@ def default_blocks(spec: Spec, device: torch.device, backward: bool = False) -> 
     return (band_q if plain_window(spec) and not backward else block_q), block_k
 
 
+def tiled_refuses_bias(spec: Spec) -> bool:
+    """Whether a gradient for a float `mask` is asked, which tiled (and fused, which runs such
+    a call on tiled) cannot give: the mask requires grad and autograd is recording."""
+    return spec.mask is not None and spec.mask.requires_grad and torch.is_grad_enabled()
+
+
 def tiled(
     q: Tensor,
     k: Tensor,
@@ -543,7 +549,7 @@ def tiled(
     """(out (b h i e), lse (b h i)) by online softmax; differentiable in q, k, v."""
     fq, fk = default_blocks(spec, q.device)
     bq, bk = default_blocks(spec, q.device, backward=True)
-    if spec.mask is not None and spec.mask.requires_grad:
+    if tiled_refuses_bias(spec):
         raise ValueError(
             "the tiled backend does not differentiate through a float mask; "
             "pass mask.detach(), or backend='auto', 'reference' or 'sdpa' to learn the bias"

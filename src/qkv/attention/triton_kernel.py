@@ -332,6 +332,8 @@ def forward(
     if count:
         visits = torch.zeros(s.B * s.Hq, n_blocks, 2, dtype=torch.int32, device=q.device)
     if s.Sq == 0 or s.Sk == 0 or s.B * s.Hq == 0:
+        if s.sinks is not None:  # no key: a row's only logit is its sink, so its LSE is σ_h
+            lse.copy_(s.sinks.detach().to(lse.dtype).view(1, -1, 1).expand_as(lse))
         return out, lse, visits
     clean = needs_clean(s, k, v) if clean is None else clean
     block_d = max(16, triton.next_power_of_2(s.D))
