@@ -215,6 +215,8 @@ def attention(
     A row with no key left returns 0 with LSE −inf and zero gradients, never NaN. NaN/inf in a
     masked-out key or value never reaches the output (on every backend but an explicit "sdpa",
     which is PyTorch's kernel as it is: there 0·NaN is NaN; "auto" checks K/V before using it).
+    A kept non-finite key makes its rows NaN; a kept NaN/inf value makes NaN the features of
+    the rows that weight it ("fused" keeps plain arithmetic's ±inf for an infinite value).
 
     `sinks` (Hq,): learned attention sinks (gpt-oss; StreamingLLM's sink as a parameter). Each
     row of head h gets one more softmax logit σ_h with no value behind it, so its weights sum
