@@ -432,8 +432,9 @@ def test_a_missing_per_head_norm_is_reported(tmp_path):
     save_file(w, tmp_path / "model.safetensors")
     with pytest.raises(
         ValueError,
-        match=r"missing \(1\).*layers\.1\.self_attn\.q_layernorm\.weight(.|\n)*"
-        r"unexpected \(5\).*q_layernorm\.norms\.0\.weight",
+        match=r"lacks tensor 'model\.layers\.1\.self_attn\.q_layernorm\.norms\.\*\.weight' "
+        r".*\(1 missing; it also holds 5 tensors .*: "
+        r"'model\.layers\.1\.self_attn\.q_layernorm\.norms\.0\.weight'",
     ):
         qkv.load(tmp_path)
 

@@ -227,16 +227,18 @@ def test_a_wrong_prefix_loads_nothing(pair, monkeypatch):
     family = qhf.FAMILIES[mt]
     wrong = dataclasses.replace(family.wrapper, prefixes=("model.",))
     monkeypatch.setitem(qhf.FAMILIES, mt, dataclasses.replace(family, wrapper=wrong))
-    with pytest.raises(ValueError, match=r"missing .*embed_tokens\.weight"):
+    with pytest.raises(ValueError, match=r"lacks \d+ tensors .*embed_tokens\.weight"):
         qkv.load(folder)
 
 
-def test_a_missing_language_model_tensor_is_named(copy):
+def test_a_missing_language_model_tensor_is_named(pair, copy):
     state = load_file(copy / "model.safetensors")
     del state["language_model.model.layers.1.self_attn.q_proj.weight"]
     save_file(state, copy / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(
-        ValueError, match=r"missing \(1\): \['layers\.1\.self_attn\.q_proj\.weight \(needed for"
+        ValueError,
+        match=r"lacks tensor 'language_model\.model\.layers\.1\.self_attn\.q_proj\.weight' that "
+        rf"a {pair[0]} checkpoint of this config\.json has \(1 missing;",
     ):
         qkv.load(copy)
 

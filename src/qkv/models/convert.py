@@ -34,9 +34,7 @@ class Report:
     """What `convert` did: model names loaded, and what did not match."""
 
     loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(
-        default_factory=list
-    )  # model tensors nothing fills / rule sources absent
+    missing: list[str] = field(default_factory=list)  # rule sources the checkpoint lacks
     unexpected: list[str] = field(default_factory=list)  # checkpoint keys no rule uses
     ignored: list[str] = field(default_factory=list)  # checkpoint keys matching `ignore`
 
@@ -99,6 +97,9 @@ def convert(
     source: str = "checkpoint",
     check_finite: bool = True,
     assign: bool = False,
+    expected: str = "the model",
+    hint: str = "is the file complete, and does it belong to this model?",
+    file_key: Callable[[str], str] | None = None,
 ) -> Report:
     """Fill every tensor of `model.state_dict()` from `checkpoint` through `rules`, or raise.
 
@@ -108,7 +109,13 @@ def convert(
     tensor holds NaN/inf. Tensors are cast to the model tensor's dtype. `assign=True` makes the
     converted tensors the model's parameters (no copy; lets a model built on the meta device
     load); the per-head reshapes are views, so such parameters may be non-contiguous.
+
+    Errors are one line in the file's words: `file_key(key)` is how the file names a key of
+    `checkpoint` (a loader that strips a prefix puts it back: 'model.layers.0.mlp.up_proj.weight'),
+    `expected` what the rules describe ("a llama checkpoint of this config.json"), `hint` what
+    to check when tensors are missing or unexpected.
     """
+    named = file_key or (lambda k: k)
     rules = expand(rules, n_layers)
     target = model.state_dict()
     by_dst: dict[str, Rule] = {}
@@ -117,14 +124,15 @@ def convert(
             raise ValueError(f"two rules fill {r.dst!r}: {by_dst[r.dst].src!r} and {r.src!r}")
         by_dst[r.dst] = r
     report = Report()
-    report.missing += [
-        f"{name} (no rule fills this model tensor)" for name in target if name not in by_dst
-    ]
+    if unfilled := [name for name in target if name not in by_dst]:
+        raise ValueError(f"{source}: no rule fills {len(unfilled)} tensors of "
+                         f"{type(model).__name__}: {unfilled[:10]} (qkv's weight map is "
+                         "incomplete)")  # fmt: skip
     extra = [r.dst for r in rules if r.dst not in target]
     if extra:
         raise ValueError(f"rules name tensors the model does not have: {extra[:10]}")
     keys = set(checkpoint.keys())
-    report.missing += [f"{r.src} (needed for {r.dst})" for r in rules if r.src not in keys]
+    report.missing += [r.src for r in rules if r.src not in keys]
     used = {r.src for r in rules}
     patterns = list(ignore)
     for key in sorted(keys - used):
@@ -134,36 +142,28 @@ def convert(
             else report.unexpected
         ).append(key)
     if report.missing or report.unexpected:
-        raise ValueError(
-            f"{source} does not match {type(model).__name__}:"
-            + (
-                f"\n  missing ({len(report.missing)}): {report.missing[:20]}"
-                if report.missing
-                else ""
-            )
-            + (
-                f"\n  unexpected ({len(report.unexpected)}): {report.unexpected[:20]}"
-                if report.unexpected
-                else ""
-            )
-        )
+        raise ValueError(f"{source}: " + _mismatch(report, named, expected, hint))
     state: dict[str, Tensor] = {}
     for r in rules:
         raw = checkpoint[r.src]
         if not isinstance(raw, Tensor):
-            raise TypeError(f"{source}: {r.src!r} is a {type(raw).__name__}, expected a tensor")
+            raise TypeError(
+                f"{source}: {named(r.src)!r} is a {type(raw).__name__}, expected a tensor"
+            )
         t = r.fn(raw) if r.fn is not None else raw
         want = target[r.dst]
         if _shape(t) != _shape(want):
-            after = "" if r.fn is None else f" (→ {_shape(t)} after conversion)"
+            same = r.fn is None or _shape(t) == _shape(raw)
+            after = "" if same else f" (→ {_shape(t)} after conversion)"
             raise ValueError(
-                f"{source}: tensor {r.src!r} has shape {_shape(raw)}{after} but {r.dst!r} expects "
+                f"{source}: tensor {named(r.src)!r} has shape {_shape(raw)}{after} but {r.dst!r} expects "
                 f"{_shape(want)}; the file is corrupted or belongs to another model"
             )
         if want.is_floating_point():
             if not t.is_floating_point():
                 raise ValueError(
-                    f"{source}: tensor {r.src!r} is {t.dtype}, expected a floating tensor for {r.dst!r}"
+                    f"{source}: tensor {named(r.src)!r} is {t.dtype}, expected a floating tensor "
+                    f"for {r.dst!r}"
                 )
             t = t.to(want.dtype)
             # a finite sum implies every element is finite (NaN/inf propagate); exact check otherwise
@@ -173,12 +173,43 @@ def convert(
                 and not bool(torch.isfinite(t).all())
             ):
                 raise ValueError(
-                    f"{source}: tensor {r.src!r} contains NaN or inf; the file is corrupted"
+                    f"{source}: tensor {named(r.src)!r} contains NaN or inf; the file is corrupted"
                 )
         state[r.dst] = t
         report.loaded.append(r.dst)
     model.load_state_dict(state, strict=True, assign=assign)
     return report
+
+
+def with_article(word: str) -> str:
+    """`word` after its indefinite article: 'a llama', 'an olmo2'."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
+def _listed(names: list[str], n: int = 5) -> str:
+    """'a', 'b', 'c', … : the first `n` names quoted, an ellipsis for the rest."""
+    return ", ".join(map(repr, names[:n])) + (", …" if len(names) > n else "")
+
+
+def _mismatch(report: Report, named: Callable[[str], str], expected: str, hint: str) -> str:
+    """One line: the tensors `expected` has that the checkpoint lacks, and those it holds that
+    `expected` does not have, each by the file's own name (`named`; several keys of qkv's that
+    come from one tensor of the file, as GraniteMoE's experts do, are named once)."""
+    missing = list(dict.fromkeys(map(named, report.missing)))
+    extra = list(dict.fromkeys(map(named, report.unexpected)))
+    parts = []
+    if len(missing) == 1:
+        parts.append(f"the checkpoint lacks tensor {missing[0]!r} that {expected} has (1 missing")
+    elif missing:
+        parts.append(
+            f"the checkpoint lacks {len(missing)} tensors that {expected} has "
+            f"({len(missing)} missing: {_listed(missing)}"
+        )
+    if extra:
+        s = "" if len(extra) == 1 else "s"
+        holds = f"{len(extra)} tensor{s} {expected} does not have: {_listed(extra)}"
+        parts.append(f"; it also holds {holds}" if missing else f"the checkpoint holds {holds} (")
+    return "".join(parts) + ("; " if missing else "") + hint + ")"
 
 
 def read_safetensors(path: str | Path) -> dict[str, Tensor]:

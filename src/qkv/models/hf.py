@@ -18,6 +18,7 @@ import bisect
 import contextlib
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..nn import accelerate, as_dtype, cast
-from .convert import Rule, convert, read_safetensors
+from .convert import Rule, convert, read_safetensors, with_article
 from .decoder import Decoder, DecoderConfig
 from .encoder import Encoder, EncoderConfig
 from .families import ACTS, FAMILIES, RESHAPES, Family, read_fields
@@ -81,6 +82,11 @@ def family_of(cfg: dict[str, Any], where: str) -> Family:
             if known:
                 mt = max(known)[1]
                 break
+    if mt is None and not cfg.get("architectures"):
+        raise ValueError(
+            f"{where} has no model_type (nor architectures): add the model_type it was saved "
+            f"with, one of {sorted(FAMILIES)}"
+        )
     if mt not in FAMILIES:
         got = (
             f"model_type={mt!r}"
@@ -253,14 +259,27 @@ def _rope_scalings(family: Family, cfg: dict[str, Any], f: dict[str, Any], where
     return None, per_layer
 
 
-def read_weights(d: Path) -> dict[str, Tensor]:
+def read_weights(d: Path, auto: str = "AutoModelForCausalLM") -> dict[str, Tensor]:
     """Every tensor of `model.safetensors`, or of the shards `model.safetensors.index.json`
-    lists; ValueError for a shard that lacks a tensor its index promises."""
+    lists; ValueError for a shard that lacks a tensor its index promises. A folder of PyTorch
+    pickle files (pytorch_model.bin) is a FileNotFoundError saying how to convert it with
+    transformers' `auto` class."""
     if (d / WEIGHTS).is_file():
         return read_safetensors(d / WEIGHTS)
     if not (d / INDEX).is_file():
-        found = sorted(p.name for p in d.iterdir())[:20]
-        raise FileNotFoundError(f"{d} has no {WEIGHTS} nor {INDEX}; it holds {found}")
+        found = sorted(p.name for p in d.iterdir())
+        pickles = [n for n in found if n.startswith("pytorch_model") and ".bin" in n]
+        if pickles:
+            here = str(d).replace("'", "\\'")
+            raise FileNotFoundError(
+                f"{d} holds PyTorch pickle weights ({', '.join(pickles[:3])}"
+                f"{', …' if len(pickles) > 3 else ''}) but no {WEIGHTS}: qkv does not read "
+                "pickle files, as loading one can run code; convert them once with "
+                f'transformers, which writes {WEIGHTS} beside them: python -c "from '
+                f"transformers import {auto} as M; M.from_pretrained('{here}')"
+                f".save_pretrained('{here}')\""
+            )
+        raise FileNotFoundError(f"{d} has no {WEIGHTS} nor {INDEX}; it holds {found[:20]}")
     weight_map = read_json(d / INDEX).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{d / INDEX} has no weight_map")
@@ -270,9 +289,43 @@ def read_weights(d: Path) -> dict[str, Tensor]:
         if dup := sorted(set(part) & set(out)):
             raise ValueError(f"{d / shard} repeats tensors of another shard: {dup[:5]}")
         out.update(part)
-    if absent := sorted(k for k, f in weight_map.items() if k not in out):
-        raise ValueError(f"{d / INDEX} lists {len(absent)} tensors no shard holds: {absent[:5]}")
+    if absent := sorted(k for k in weight_map if k not in out):
+        raise ValueError(f"{d / INDEX}: " + _misplaced(d, absent, weight_map))
     return out
+
+
+def _misplaced(d: Path, absent: list[str], weight_map: dict[str, str]) -> str:
+    """Why the tensors `absent` are not in the shards `weight_map` points them to: each shard
+    named, and the folder's other .safetensors file that holds the tensor, if one does."""
+    from safetensors import SafetensorError, safe_open
+
+    listed = set(weight_map.values())
+    holders: dict[str, str] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        if f.name in listed:
+            continue
+        try:
+            with safe_open(str(f), "pt") as handle:
+                keys = set(handle.keys())
+        except (SafetensorError, OSError, RuntimeError):  # unreadable: it holds nothing to name
+            continue
+        holders.update({k: f.name for k in absent if k in keys and k not in holders})
+
+    def held(k: str) -> str:
+        return f" ({holders[k]}, which the index does not list, holds it)" if k in holders else ""
+
+    def one(k: str) -> str:
+        return f"{k!r} → {weight_map[k]}{held(k)}"
+
+    n = len(absent)
+    if n == 1:
+        k = absent[0]
+        says = f"maps tensor {k!r} to {weight_map[k]}, but that shard lacks it{held(k)}"
+    else:
+        more = ", …" if n > 3 else ""
+        says = (f"maps {n} tensors to shards that lack them: {', '.join(map(one, absent[:3]))}"
+                f"{more}")  # fmt: skip
+    return says + "; is the index the one saved with these shards?"
 
 
 def strip_prefixes(
@@ -288,6 +341,54 @@ def strip_prefixes(
                              f"stripped (one is {key!r}); the file mixes two layouts")  # fmt: skip
         out[short] = t
     return out
+
+
+def file_names(
+    raw: Iterable[str], prefixes: tuple[str, ...], family: Family
+) -> Callable[[str], str]:
+    """How the file whose keys are `raw` names a key of the state `load_dir` converts (its
+    `prefixes` stripped, `family.stacked` / `family.unstacked` applied): its own key where it
+    holds that key; else the key as the family's weight map names it, under the prefix the
+    file's keys of the same module carry ('layers.0.mlp.up_proj.weight' beside
+    'model.layers.1.…': 'model.layers.0.mlp.up_proj.weight'), else under the prefix most of its
+    prefixed keys carry, or for the output head (lm_head, beside the base model) the longest of
+    `prefixes` that prefix starts with ('language_model.' beside 'language_model.model.')."""
+    own: dict[str, str] = {}
+    for key in raw:
+        p = next((p for p in prefixes if p and key.startswith(p)), "")
+        own.setdefault(key.removeprefix(p), key)
+    by_module: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for short, key in own.items():
+        p = key[: len(key) - len(short)]
+        by_module.setdefault(short.split(".")[0], p)
+        if p:
+            counts[p] = counts.get(p, 0) + 1
+    main = max(counts, key=counts.get, default="")  # the base model's, if the file uses one
+    outer = max((p for p in prefixes if p != main and main.startswith(p)), key=len, default="")
+    heads = {w.src.split(".")[0] for w in family.weights if w.dst.startswith("lm_head")}
+    renamed = [(_pattern(dst), src) for src, dst in (*family.stacked, *family.unstacked)]
+
+    def name(key: str) -> str:
+        if key in own:
+            return own[key]
+        for pattern, src in renamed:  # one tensor of the file, or a run of them, under its name
+            if m := pattern.fullmatch(key):
+                key = src.format(m["layer"])
+                break
+        module = key.split(".")[0]
+        if module in by_module:
+            return by_module[module] + key
+        return (outer if module in heads else main) + key
+
+    return name
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    """`template` ('layers.{}.experts.*.w') as a regex: `{}` the layer, `*` any index."""
+    return re.compile(
+        re.escape(template).replace(r"\{\}", r"(?P<layer>\d+)").replace(r"\*", r"\d+")
+    )
 
 
 def rules(family: Family, config: Any) -> list[Rule]:
@@ -326,11 +427,18 @@ def load_dir(
     config = generation_ends(d, config)
     tokenizer = None
     if (d / TOKENIZER).is_file():
+        said = next((k for k in family.fields.get("vocab_size", ()) if config_at(cfg, k)
+                     is not None), "vocab_size")  # fmt: skip
+        limit = (config.vocab_size, f"{d / CONFIG}'s {(key_of or str)(said)}")
         tokenizer = Tokenizer.from_file(d / TOKENIZER, max_length=config.max_positions,
-                                        pad_id=cfg.get("pad_token_id"), name=name)  # fmt: skip
+                                        pad_id=cfg.get("pad_token_id"), name=name,
+                                        vocab_limit=limit)  # fmt: skip
     elif need_tokenizer:
         raise FileNotFoundError(f"{d} has no {TOKENIZER}")
-    raw = read_weights(d)  # memory-mapped from the files
+    auto = {"encoder": "AutoModel"}.get(family.kind, "AutoModelForCausalLM")
+    if family.wrapper is not None:
+        auto = "AutoModelForImageTextToText"
+    raw = read_weights(d, auto)  # memory-mapped from the files
     state = strip_prefixes(raw, prefixes, str(d))
     if family.wrapper is not None and config.tie_embeddings and "lm_head.weight" in state:
         # transformers ties lm_head to the embedding only where the file holds no other one
@@ -350,7 +458,9 @@ def load_dir(
     state = unstack(state, family.unstacked)
     model.load_report = convert(
         state, rules(family, config), model, n_layers=config.n_layers, ignore=family.ignore,
-        source=str(d), assign=True,
+        source=str(d), assign=True, expected=f"{with_article(family.model_type)} checkpoint of this config.json",
+        hint="is the file complete, and is config.json the one saved with it?",
+        file_key=file_names(raw, prefixes, family),
     )  # fmt: skip
     # fused W_Q|W_K|W_V (and gate|up): one matmul, no copy per forward
     accelerate(model)

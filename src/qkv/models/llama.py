@@ -24,7 +24,7 @@ import torch
 
 from ..nn import accelerate, as_dtype, cast
 from ..nn.quant import BlockWeight
-from .convert import convert
+from .convert import convert, with_article
 from .decoder import Decoder
 from .gguf import GGUFContents, build_tokenizer, page_out, read_gguf, unpermute_qk
 from .gguf_families import config_from_gguf, family_of, rules
@@ -115,6 +115,8 @@ def from_gguf(
         n_layers=config.n_layers,
         ignore=family.ignore,
         source=str(contents.path),
+        expected=f"{with_article(family.architecture)} GGUF of this metadata",
+        hint="is the file complete, and its general.architecture the one it was written for?",
         assign=True,  # the dequantised tensors become the parameters (per-head views, no copy)
     )
     # packs W_Q/W_K/W_V and gate/up each into one matrix (one matmul, no copy per forward)

@@ -78,7 +78,9 @@ class Tokenizer:
     the limit unless `truncate=True`. `padding_side` ("right" for encoders, "left" for
     batched generation) and `pad_id` (default: the tokenizer's pad token, else 0) shape
     `encode_batch`. `add_special_tokens` applies the tokenizer's post-processor
-    ([CLS] … [SEP] for BERT).
+    ([CLS] … [SEP] for BERT). `vocab_limit` = (n, what): the model's embeddings take ids below
+    n only, as `what` ("config.json's vocab_size") says; a text that encodes to an id ≥ n
+    raises a ValueError naming both (`check_ids`), a text that does not encodes as usual.
     """
 
     def __init__(
@@ -90,7 +92,9 @@ class Tokenizer:
         pad_id: int | None = None,
         padding_side: str = "right",
         name: str = "model",
+        vocab_limit: tuple[int, str] | None = None,
         _copy: bool = True,
+        _source: str | None = None,
     ) -> None:
         if not isinstance(tk, tokenizers.Tokenizer):
             raise TypeError(f"tk must be a tokenizers.Tokenizer, got {type(tk).__name__}")
@@ -107,6 +111,8 @@ class Tokenizer:
         self.add_special_tokens = add_special_tokens
         self.padding_side = padding_side
         self.name = name
+        self.vocab_limit = vocab_limit
+        self.source = _source or f"{name}'s tokenizer"  # what errors call it: its file, if any
         if pad_id is None:
             pad = tk.padding
             pad_id = pad["pad_id"] if pad else 0
@@ -122,7 +128,7 @@ class Tokenizer:
             tk = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise ValueError(_unreadable(path, e)) from e
-        return cls(tk, _copy=False, **kwargs)
+        return cls(tk, _copy=False, _source=str(path), **kwargs)
 
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, max_length={self.max_length})"
@@ -141,6 +147,19 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._tk.id_to_token(i)
+
+    def check_ids(self, ids: Sequence[int]) -> list[int]:
+        """`ids` as a list; ValueError when one reaches `vocab_limit`: the tokenizer gives ids
+        the model's embeddings do not have, so it is not the model's (a tokenizer whose last
+        ids are unused by the model still encodes texts that avoid them)."""
+        ids = list(ids)
+        if self.vocab_limit is not None and ids and max(ids) >= self.vocab_limit[0]:
+            n, what = self.vocab_limit
+            raise ValueError(
+                f"{self.source}: the text's token ids reach {max(ids)} but {what} is {n}: the "
+                "tokenizer does not belong to this checkpoint's embeddings"
+            )
+        return ids
 
     def _check_text(self, text: object) -> str:
         if not isinstance(text, str):
@@ -167,7 +186,9 @@ class Tokenizer:
                 "(special tokens included); shorten it or pass truncate=True"
             )
         return Encoding(
-            ids=list(enc.ids), tokens=list(enc.tokens), offsets=[tuple(o) for o in enc.offsets]
+            ids=self.check_ids(enc.ids),
+            tokens=list(enc.tokens),
+            offsets=[tuple(o) for o in enc.offsets],
         )
 
     def encode(
