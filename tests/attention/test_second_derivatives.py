@@ -231,3 +231,24 @@ def test_sdpa_keeps_nothing_alive_after_a_plain_backward(monkeypatch):
     gc.collect()
     assert inner[0]() is None, "the inner graph outlived the backward"
     assert loss.grad_fn is not None  # while the outer graph is still referenced
+
+
+@pytest.mark.parametrize(
+    ("kw", "fullgraph"),
+    [({}, True), ({"backend": "sdpa", "causal": True}, True), ({"causal": True}, False),
+     ({"window": (8, 0)}, False), ({"causal": True, "backend": "tiled"}, False),
+     ({"causal": True, "backend": "reference"}, False)],
+)  # fmt: skip
+def test_torch_compile_traces_what_the_docstring_says(kw, fullgraph):
+    """`attention`'s docstring: torch.compile traces every backend (graph breaks where a step
+    reads values on the host); fullgraph=True for what SDPA serves without a check. Dynamo's
+    tracing with the eager backend (no code generation: the claim is about the graph).
+    Oracle: the float64 naive attention."""
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 16)
+    f = torch.compile(lambda q, k, v: qkv.attention(q, k, v, **kw), backend="eager",
+                      fullgraph=fullgraph)  # fmt: skip
+    want = naive(
+        *(t.double() for t in (q, k, v)), **{x: y for x, y in kw.items() if x != "backend"}
+    )
+    assert err(f(q, k, v), want.out) < 1e-5

@@ -183,6 +183,27 @@ def test_minus_inf_sinks_change_nothing_and_empty_rows_stay_clean():
         assert all(torch.isfinite(g).all() for g in grads)
 
 
+def test_an_infinite_sink_takes_every_row_on_every_backend():
+    """σ_h = +inf takes all of head h's weight: its rows are 0 with LSE +inf (the limit of
+    σ → ∞), the other heads unchanged. The reference gave NaN (exp(inf − inf)) where the
+    others gave the limit. Oracle: the same heads with a finite sink, and the limit."""
+    q, k, v = make_qkv(1, 4, 2, 5, 7, 8)
+    sk = torch.tensor([float("inf"), 0.0, 1.0, float("-inf")])
+    want, want_lse = qkv.attention(
+        q,
+        k,
+        v,
+        sinks=torch.where(sk == float("inf"), 0.0, sk),
+        return_lse=True,
+        backend="reference",
+    )
+    for backend in BACKENDS:
+        out, lse = qkv.attention(q, k, v, sinks=sk, return_lse=True, backend=backend)
+        assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0])), backend
+        assert torch.all(lse[:, 0] == float("inf")), backend
+        assert err(out[:, 1:], want[:, 1:]) < 1e-6 and err(lse[:, 1:], want_lse[:, 1:]) < 1e-6
+
+
 def test_masked_nonfinite_kv_never_leak_with_sinks():
     """NaN in key 5 and inf in value 12, which a window of 2 keeps from every row (rows sit at
     positions 14 and 15, keeping 13..15): every gradient finite and equal to the truth's."""

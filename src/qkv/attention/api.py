@@ -231,6 +231,9 @@ def attention(
     Second derivatives (`create_graph=True`: gradient penalties, Hessian-vector products)
     recompute the forward through the reference, O(Sq·Sk) memory, and are refused with
     dropout on "tiled"/"fused". Under `torch.func` transforms "auto" runs the reference.
+    `torch.compile` traces every backend, with graph breaks where a step reads values on the
+    host (masks and the K/V finiteness check, the tiled loops); `fullgraph=True` needs a call
+    SDPA serves without such a check: plain attention, or `backend="sdpa"`.
 
     Backends: "reference" (explicit, O(Sq·Sk) memory, the oracle), "tiled" (online softmax,
     O(N) memory, custom backward, skips masked-out key blocks), "sdpa" (PyTorch's fused kernel,

@@ -48,7 +48,7 @@ def softmax_lse(logits: Tensor, sinks: Tensor | None = None) -> tuple[Tensor, Te
     e = torch.exp(logits - m.unsqueeze(-1))
     total = e.sum(-1)
     if sinks is not None:
-        total = total + torch.exp(sig - m)
+        total = total + torch.exp(torch.where(sig == m, 0.0, sig - m))  # σ = m = +inf: 1
     empty = total == 0  # log(0)'s gradient would be inf, and 0·inf NaN even where unused
     safe = torch.where(empty, torch.ones_like(total), total)
     lse = torch.where(empty, torch.full_like(total, float("-inf")), m + torch.log(safe))
