@@ -312,7 +312,7 @@ def _plan(
             f"backend={backend!r} reads values as it runs, which meta tensors do not have; "
             "use backend='auto' (or 'sdpa', 'reference') for shapes on the meta device"
         )
-    if torch._C._are_functorch_transforms_active():  # torch.func.grad/vmap/jacrev/…
+    if scoring.transforms_active():  # torch.func.grad/vmap/jacrev/…
         if auto:
             backend = "reference"
         elif backend in ("tiled", "fused", "triton"):

@@ -56,12 +56,6 @@ class BlockMask:
         return full, partial, self.Bm * self.Hm * self.NQ * self.NK - full - partial
 
 
-def mod_key(fn) -> tuple | None:
-    """The cache key of a mask_mod as of this call (`mods.live_key`), None if it has none
-    (not cacheable)."""
-    return live_key(fn)
-
-
 _cache: OrderedDict[tuple, tuple[object, BlockMask]] = OrderedDict()
 _lock = threading.Lock()
 
@@ -70,7 +64,7 @@ def block_mask(spec: Spec, BQ: int, BK: int) -> BlockMask:
     """The block structure of the band (causal/window) AND `spec.mask_mod`, cached when the
     mod is a ready one. `spec.mask` (a tensor) is not part of it."""
     key = None
-    mk = None if spec.mask_mod is None else mod_key(spec.mask_mod)
+    mk = None if spec.mask_mod is None else live_key(spec.mask_mod)  # None: not cacheable
     if spec.mask_mod is None or mk is not None:
         key = (mk, spec.B, spec.Hq, spec.Sq, spec.Sk, spec.left, spec.right, BQ, BK)
         with _lock:

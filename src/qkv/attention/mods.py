@@ -61,7 +61,7 @@ def _keyed(mods: tuple, name: str):
         keys = tuple(live_key(m) for m in mods)
         return None if any(k is None for k in keys) else (name, *keys)
 
-    return key if any(getattr(m, "_qkv_key", None) is not None for m in mods) else None
+    return key if all(getattr(m, "_qkv_key", None) is not None for m in mods) else None
 
 
 def and_masks(*mods: MaskMod) -> MaskMod:

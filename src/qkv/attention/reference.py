@@ -56,27 +56,13 @@ def softmax_lse(logits: Tensor, sinks: Tensor | None = None) -> tuple[Tensor, Te
 
 
 def blend(w: Tensor, v: Tensor) -> Tensor:
-    """w (b h i j) @ v (b h j e) where a NaN/inf value reaches only rows that weight it > 0.
-    Under torch.func transforms (vmap cannot branch on values) always the checked product."""
-    if not _transformed() and scoring.all_finite(v):
+    """w (b h i j) @ v (b h j e) where a NaN/inf value reaches only rows that weight it > 0
+    (under torch.func transforms always the checked product: `scoring.all_finite`)."""
+    if scoring.all_finite(v):
         return w @ v
     out = w @ scoring.finite(v)
     hit = (w != 0).to(w.dtype) @ (~torch.isfinite(v)).to(w.dtype)
     return out.masked_fill(hit > 0, float("nan"))
-
-
-def _transformed() -> bool:
-    """Whether a torch.func transform (vmap, grad, jacrev, …) is active: then no step may read
-    a tensor's values on the host (vmap cannot branch on them), so the NaN/inf handling runs
-    on every call, as masks, instead of after a finiteness check."""
-    return torch._C._are_functorch_transforms_active()
-
-
-def _bad_keys(k: Tensor, G: int) -> Tensor | None:
-    """`scoring.bad_keys`, or under a torch.func transform the (b h j) mask always."""
-    if _transformed():
-        return (~torch.isfinite(k).all(-1)).repeat_interleave(G, dim=1)
-    return scoring.bad_keys(k, G)
 
 
 def reference(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Intermediates:
@@ -86,7 +72,7 @@ def reference(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Intermediates:
     G = spec.G
     kk = scoring.widen(k).repeat_interleave(G, dim=1)  # (b h j d)
     vv = scoring.widen(v).repeat_interleave(G, dim=1)  # (b h j e)
-    kbad = _bad_keys(k, G)
+    kbad = scoring.bad_keys(k, G)
     s = (scoring.widen(q) @ scoring.finite(kk).transpose(-1, -2)) * spec.scale  # (b h i j)
     blk = scoring.block(spec, slice(0, spec.Sq), 0, spec.Sk, q.device)
     logits, _ = scoring.scores(s, spec, blk, kbad)

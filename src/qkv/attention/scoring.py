@@ -265,10 +265,19 @@ def needs_grad(*xs: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
 
 
+def transforms_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, …) is active: then no step may read
+    a tensor's values on the host (vmap cannot branch on them)."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def all_finite(*xs: Tensor) -> bool:
     """True if no tensor in xs holds NaN/inf, in one reduction pass each and one host sync in
     all (a finite total proves it; a total that overflows is checked element-wise instead).
-    Meta tensors (shapes without values) count as finite."""
+    Meta tensors (shapes without values) count as finite. Under a torch.func transform
+    (`transforms_active`) False, "not proven": callers then take their checked path, as masks."""
+    if transforms_active():
+        return False
     xs = tuple(x for x in xs if x.numel() and not x.is_meta)  # meta tensors hold no values
     if not xs:
         return True
@@ -283,6 +292,8 @@ def bad_keys(k: Tensor, G: int) -> Tensor | None:
     if all_finite(k):
         return None
     bad = ~torch.isfinite(k).all(-1)
+    if transforms_active():  # the mask always: vmap cannot ask whether it holds any True
+        return bad.repeat_interleave(G, dim=1)
     return bad.repeat_interleave(G, dim=1) if bad.any() else None
 
 

@@ -68,7 +68,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> Tensor:
     if (
         scoring.needs_grad(*inputs)
         and not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()  # torch.func differentiates SDPA
+        and not scoring.transforms_active()  # torch.func differentiates SDPA
     ):
         return _Twice.apply(call, spec.dropout_p, mask, *inputs[:3], *inputs[3:])
     return call(q, k, v, mask)
