@@ -53,8 +53,20 @@ def sync(device: str) -> None:
 
 
 def median_ms(fn: Callable[[], object], device: str, repeats: int = 10) -> float:
+    """Median ms of `fn`. On CUDA, CUDA events around each call, the calls back to back with no
+    host sync between them (as in a training loop): a host sync inside `fn` shows as the GPU
+    waiting, Python overhead only where it outlasts the kernels. On the CPU, wall time."""
     fn()
     sync(device)
+    if device == "cuda":
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(repeats)]  # fmt: skip
+        for start, end in ev:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) for start, end in ev)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -316,6 +328,53 @@ def sinks_table(device: str, dtype, n: int) -> list[str]:
     return rows
 
 
+def grad_builds(device: str) -> list[str]:
+    """Which head dims and dtypes the Triton backward builds for (`auto` sends gradients to it
+    for D ≤ 128), each with its max |Δ| against the float64 reference's gradients."""
+    rows = ["| dtype | D | triton fwd+bwd, window (31, 0) | max abs Δ grads vs f64 |",
+            "|---|---|---|---|"]  # fmt: skip
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for d in (64, 96, 128, 256):
+            q, k, v = qkv_tensors(device, dtype, 1, 4, 2, 300, grad=True, d=d)
+            kw = dict(window=(31, 0))
+            try:
+                got = torch.autograd.grad(
+                    qkv.attention(q, k, v, backend="triton", **kw).float().sum(), (q, k, v)
+                )
+            except Exception as e:  # report: which sizes auto may send a gradient to
+                rows.append(f"| {dtype} | {d} | {type(e).__name__}: {str(e)[:80]} | |")
+                continue
+            x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            want = torch.autograd.grad(qkv.reference_attention(*x64, **kw).out.sum(), x64)
+            e = max((a.double() - b).abs().max().item() for a, b in zip(got, want, strict=True))
+            rows.append(f"| {dtype} | {d} | builds | {e:.2e} |")
+    return rows
+
+
+def nan_guarantee(device: str, dtype, quick: bool) -> list[str]:
+    """NaN/inf in masked-out K/V at issue 15's smallest causal case: how many rows SDPA alone
+    leaks them into, and whether `auto` (SDPA, then the Triton repair, no K/V check) gives the
+    engine's contract: NaN exactly where the float64 reference has it, the rest within 3e-2."""
+    b, h, n, d = (1, 2, 128, 32) if quick else (4, 16, 1024, 128)
+    q, k, v = qkv_tensors(device, dtype, b, h, h, n, grad=False, d=d)
+    k[:, :, n // 2, 1] = float("nan")  # kept by rows ≥ n/2 only
+    v[:, :, n // 3, 2] = float("inf")
+    v[:, :, n - 5, 3] = float("nan")
+    raw = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = qkv.reference_attention(q.double(), k.double(), v.double(), causal=True).out
+    got = qkv.attention(q, k, v, causal=True)
+    leaked = (raw.isnan() & ~ref.isnan()).any(-1).sum().item()
+    same = torch.equal(got.isnan(), ref.isnan())
+    ok = ~ref.isnan()
+    e = (got.double()[ok] - ref[ok]).abs().max().item()
+    return [
+        "| B H N D, causal | rows SDPA leaks into | auto's NaN where the reference's | "
+        "max abs Δ elsewhere |",
+        "|---|---|---|---|",
+        f"| {b} {h} {n} {d} | {leaked} | {'yes' if same else 'NO'} | {e:.2e} |",
+    ]
+
+
 # issue 15's cases, bf16 on an H200: (B, Hq, N, D, causal, with backward)
 TARGET_CASES = (
     (4, 16, 1024, 128, False, False),
@@ -481,8 +540,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs")
     ap.add_argument("--dtypes", default=None, help="comma list, e.g. float32,bfloat16")
-    ap.add_argument("--only", choices=("targets",), default=None,
-                    help="run issue 15's target table only (about a minute on an H200)")  # fmt: skip
+    ap.add_argument("--only", choices=("targets", "rest"), default=None,
+                    help="targets: issue 15's tables only (about a minute on an H200); "
+                         "rest: every other section")  # fmt: skip
     args = ap.parse_args()
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
@@ -492,25 +552,39 @@ def main() -> None:
     default = "float32" if dev == "cpu" else "float32,bfloat16,float16"
     dtypes = [getattr(torch, d) for d in (args.dtypes or default).split(",")]
     dtype = torch.float32 if dev == "cpu" else torch.bfloat16
-    print(f"#### issue 15's targets, {dtype}: SDPA time / ours (> 1: we are faster)\n", flush=True)
-    table, verdict = target_timing(dev, dtype, args.quick)
-    print("\n".join(table) + "\n", flush=True)
-    print("\n".join(verdict) + "\n", flush=True)
+    if args.only != "rest":
+        targets(dev, dtype, args.quick)
     if args.only == "targets":
         return
+    rest(dev, dtype, dtypes, args.quick)
+
+
+def targets(dev: str, dtype, quick: bool) -> None:
+    print(f"#### issue 15's targets, {dtype}: SDPA time / ours (> 1: we are faster)\n", flush=True)
+    table, verdict = target_timing(dev, dtype, quick)
+    print("\n".join(table) + "\n", flush=True)
+    print("\n".join(verdict) + "\n", flush=True)
+    print("#### NaN/inf in masked K/V: SDPA alone, and auto without a K/V check\n", flush=True)
+    print("\n".join(nan_guarantee(dev, dtype, quick)) + "\n", flush=True)
+    if "triton" in kernels() and dev == "cuda":
+        print("#### the Triton backward's builds\n", flush=True)
+        print("\n".join(grad_builds(dev)) + "\n", flush=True)
+
+
+def rest(dev: str, dtype, dtypes, quick: bool) -> None:
     print("#### correctness: tiled vs SDPA, B=2, D=64\n", flush=True)
-    print("\n".join(correctness(dev, dtypes, 128 if args.quick else 1024)) + "\n", flush=True)
+    print("\n".join(correctness(dev, dtypes, 128 if quick else 1024)) + "\n", flush=True)
     print("#### return_lse without gradients (the lens' capture) vs float64, B=2, D=64\n")
-    print("\n".join(lse_check(dev, dtypes, 128 if args.quick else 2048)) + "\n", flush=True)
-    sizes = [256] if args.quick else [1024, 4096, 16384]
+    print("\n".join(lse_check(dev, dtypes, 128 if quick else 2048)) + "\n", flush=True)
+    sizes = [256] if quick else [1024, 4096, 16384]
     print(f"#### forward, {dtype}, B=1 H=8 D=64, median of 10\n", flush=True)
     print("\n".join(forward_timing(dev, dtype, sizes)) + "\n", flush=True)
     print(f"#### causal forward+backward, {dtype}, median of 5\n", flush=True)
     print("\n".join(backward_timing(dev, dtype, sizes)) + "\n", flush=True)
     print(f"#### sliding window, {dtype}, B=1 H=8 D=64\n", flush=True)
-    print("\n".join(window_timing(dev, dtype, 512 if args.quick else 16384)), flush=True)
+    print("\n".join(window_timing(dev, dtype, 512 if quick else 16384)), flush=True)
     print(f"\n#### learned sinks (gpt-oss), {dtype}, B=1 H=8 D=64\n", flush=True)
-    print("\n".join(sinks_table(dev, dtype, 256 if args.quick else 4096)), flush=True)
+    print("\n".join(sinks_table(dev, dtype, 256 if quick else 4096)), flush=True)
 
 
 if __name__ == "__main__":

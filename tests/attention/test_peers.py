@@ -68,10 +68,16 @@ def run_grads(fn, q, k, v, do):
 def three_ways(q, k, v, do, backend, **kw):
     """(got, plain, truth), each (out, lse, dq, dk, dv)."""
 
+    # triton runs on the GPU where there is one (else in its CPU interpreter); autograd
+    # carries the gradients back through the copies
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
     def ours(*x):
+        x = [t.to(device) for t in x]
         if backend == "auto":  # let `auto` choose as a training step would (no LSE asked)
-            return qkv.attention(*x, backend=backend, **kw)
-        return qkv.attention(*x, backend=backend, return_lse=True, **kw)
+            return qkv.attention(*x, backend=backend, **kw).cpu()
+        out, lse = qkv.attention(*x, backend=backend, return_lse=True, **kw)
+        return out.cpu(), lse.cpu()
 
     def ref(*x):
         r = naive(*x, **kw)

@@ -85,17 +85,54 @@ def _triton_build_failed(e: Exception) -> bool:
 
 
 def _triton_forward_fits(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
-    """Whether `auto` may run this request on the Triton forward: a device in
-    `TRITON_AUTO_DEVICES`, Triton importable, no gradient to take, a request it supports."""
-    if q.device.type not in TRITON_AUTO_DEVICES or _TRITON_BROKEN:
+    """Whether `auto` may run this request on the Triton kernels: a device in
+    `TRITON_AUTO_DEVICES`, Triton importable, a request they support; with a gradient to take,
+    head dims D ≤ TRITON_GRAD_MAX_D (the backward's sizes built and timed on an H200)."""
+    if not _triton_usable(q, spec):
         return False
-    if scoring.needs_grad(q, k, v, spec.sinks):
+    return spec.D <= TRITON_GRAD_MAX_D or not scoring.needs_grad(q, k, v, spec.sinks)
+
+
+TRITON_GRAD_MAX_D = 128
+
+
+def _triton_usable(q: Tensor, spec: Spec) -> bool:
+    if q.device.type not in TRITON_AUTO_DEVICES or _TRITON_BROKEN:
         return False
     try:
         from . import triton_kernel
     except ImportError:  # no Triton (or no working one): tiled computes the same
         return False
     return triton_kernel.unsupported(q, spec) is None
+
+
+def _sdpa_repairs(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
+    """Whether `auto` runs SDPA on this masked request without first checking K/V for NaN/inf
+    (a host sync: ~60 µs on an H200, more than SDPA's own 52 µs at B4 H16 N1024 D128) and
+    instead lets `triton_kernel.repair` recompute any query block whose output came back
+    non-finite: every leak of a masked NaN/inf through SDPA is a NaN there (0·NaN, 0·inf,
+    NaN + −inf), so checking the output finds it. No gradient (SDPA's backward would leak
+    too), no sinks, a request the Triton kernel computes, not under torch.compile."""
+    if torch.compiler.is_compiling() or spec.sinks is not None or not spec.masked:
+        return False
+    return not scoring.needs_grad(q, k, v) and _triton_usable(q, spec)
+
+
+def _repaired(
+    q: Tensor, k: Tensor, v: Tensor, spec: Spec, out: Tensor, lse: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """`triton_kernel.repair` of SDPA's (out, lse); where Triton cannot build the kernel on
+    this GPU (`_triton_build_failed` warns once), the K/V check it replaces, then tiled."""
+    from .triton_kernel import repair
+
+    try:
+        return repair(q, k, v, spec, out, lse)
+    except Exception as e:
+        if not _triton_build_failed(e):
+            raise
+    if scoring.all_finite(k, v):
+        return out, lse
+    return tiled(q, k, v, spec)
 
 
 def _sum_finite(q: Tensor) -> bool:
@@ -151,14 +188,15 @@ def _choose(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> st
         ok = not half and lse_supported(q, k, v, bare) and scoring.all_finite(k, v)
         return "sdpa" if ok else "tiled"
     if return_lse and lse_supported(q, k, v, spec):
-        return "sdpa" if not spec.masked or scoring.all_finite(k, v) else "tiled"
+        checked = not spec.masked or _sdpa_repairs(q, k, v, spec) or scoring.all_finite(k, v)
+        return "sdpa" if checked else "tiled"
     if spec.Sq == 0 or spec.Sk == 0 or return_lse or unsupported(spec) is not None:
         return "tiled"
     if spec.dropout_p > 0 or spec.left is not None or spec.mask_mod is not None:
         return "tiled"
     if spec.right is not None and spec.right != 0:
         return "tiled"
-    if spec.masked and not scoring.all_finite(k, v):
+    if spec.masked and not _sdpa_repairs(q, k, v, spec) and not scoring.all_finite(k, v):
         return "tiled"
     return "sdpa"
 
@@ -255,9 +293,11 @@ def attention(
     if backend == "sdpa" and auto and spec.sinks is not None:  # see _choose
         out, lse = _sdpa_sinks(q, k, v, spec)
         return (out, lse) if return_lse else out
+    repairs = backend == "sdpa" and auto and _sdpa_repairs(q, k, v, spec)
     if backend == "sdpa" and return_lse:
         try:
-            return sdpa_lse(q, k, v, spec)
+            out, lse = sdpa_lse(q, k, v, spec)
+            return _repaired(q, k, v, spec, out, lse) if repairs else (out, lse)
         except RuntimeError:  # a GPU without that fused kernel (e.g. flash before sm80)
             if not auto:
                 raise
@@ -279,6 +319,8 @@ def attention(
     if backend == "fused":
         out, lse = fused_cpu.fused(q, k, v, spec)
         return (out, lse) if return_lse else out
+    if repairs:
+        return _repaired(q, k, v, spec, sdpa(q, k, v, spec))[0]
     return sdpa(q, k, v, spec)
 
 

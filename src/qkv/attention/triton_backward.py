@@ -184,6 +184,11 @@ def _dq_kernel(Q, K, V, DO, LSE, DLT, DQ,
              dq * sm_scale, mask=qm)  # fmt: skip
 
 
+def _launch(config: Config) -> dict:
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+                num_stages=config.num_stages)  # fmt: skip
+
+
 def backward(
     q: Tensor,
     k: Tensor,
@@ -195,10 +200,13 @@ def backward(
     dlse: Tensor | None,
     config: Config | None = None,
     interpreted: bool = False,
+    dq_config: Config | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) in the inputs' dtypes for the triton forward's (out, lse); see the module
-    docstring. No host sync: Δ is one PyTorch reduction, the rest two kernel launches."""
+    docstring. No host sync: Δ is one PyTorch reduction, the rest two kernel launches.
+    `config` launches the dK/dV pass, `dq_config` (default: `config`) the dQ pass."""
     s, config = spec, config or Config()
+    dq_config = dq_config or config
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
@@ -213,19 +221,17 @@ def backward(
     common = dict(
         HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        DOT_F32=interpreted and q.dtype == torch.bfloat16,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        DOT_F32=interpreted and q.dtype == torch.bfloat16, BLOCK_D=block_d,
     )  # fmt: skip
     band = (s.left or 0, s.right or 0, s.scale * LOG2E, s.scale)
     _dkdv_kernel[(triton.cdiv(s.Sk, config.block_n), s.B * s.Hk)](
         q, k, v, dout, lse, dlt, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        s.Hq, s.Hk, s.G, s.Sq, s.Sk, s.D, *band, **common,
+        s.Hq, s.Hk, s.G, s.Sq, s.Sk, s.D, *band, **common, **_launch(config),
     )  # fmt: skip
-    _dq_kernel[(triton.cdiv(s.Sq, config.block_m), s.B * s.Hq)](
+    _dq_kernel[(triton.cdiv(s.Sq, dq_config.block_m), s.B * s.Hq)](
         q, k, v, dout, lse, dlt, dq,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        s.Hq, s.G, s.Sq, s.Sk, s.D, *band, **common,
+        s.Hq, s.G, s.Sq, s.Sk, s.D, *band, **common, **_launch(dq_config),
     )  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

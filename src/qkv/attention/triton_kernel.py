@@ -64,6 +64,17 @@ class Config:
     num_stages: int = 2
 
 
+def default_config(spec: Spec, dtype: torch.dtype) -> Config:
+    """The forward's launch: 64 × 64 blocks, 4 warps, and a third pipeline stage for fp16/bf16
+    with 64 < D ≤ 128. Measured on an H200 in bf16 by benchmarks/triton_tune.py (RESULTS.md):
+    of eight configs this one was fastest or within 5 % on issue 15's cases; the third stage
+    took D = 128 causal from 0.60–0.63× SDPA to 0.67–0.74×, and cost D = 64 1 %. The backward
+    keeps `Config()`, the fastest of six for each of its passes."""
+    if dtype in (torch.float16, torch.bfloat16) and 64 < spec.D <= 128:
+        return Config(num_stages=3)
+    return Config()
+
+
 def unsupported(q: Tensor, spec: Spec) -> str | None:
     """Why the triton backend cannot compute this request exactly, or None if it can."""
     if spec.mask is not None or spec.mask_mod is not None:
@@ -174,9 +185,8 @@ def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, of
         else:
             kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
         if CLEAN:  # a non-finite key: NaN for the rows that keep it, nothing for the others
-            kbad = tl.reduce(
-                ((kt != kt) | (tl.abs(kt.to(tl.float32)) == float("inf"))).to(tl.int32), 0, _MAX
-            )  # (j)
+            kf = kt.to(tl.float32)  # compared in fp32: the interpreter's bf16 != is on bits
+            kbad = tl.reduce(((kf != kf) | (tl.abs(kf) == float("inf"))).to(tl.int32), 0, _MAX)
             kt = tl.where(kbad[None, :] > 0, 0.0, kt)
         if DOT_F32:
             kt = kt.to(tl.float32)
@@ -192,7 +202,9 @@ def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, of
                 keep = keep & (offs_n[None, :] <= pos + right)
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an empty row keeps m = −inf
+        m_safe = m_new  # interior: every score is kept, so m is −inf only for a −inf key (NaN)
+        if MASKED:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an empty row keeps −inf
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
@@ -204,10 +216,13 @@ def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, of
         else:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         if CLEAN:  # 0·NaN = NaN: zero non-finite values, remember where kept ones were hit
-            bad = ((v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))).to(tl.float32)  # (j e)
+            # (j e) 1.0 where non-finite (tl.where, not a cast of bools: the interpreter's
+            # bool → float cast fails on bf16 tiles)
+            vf = v.to(tl.float32)  # compared in fp32: the interpreter's bf16 != is on bits
+            bad = tl.where((vf != vf) | (tl.abs(vf) == float("inf")), 1.0, 0.0)
             v = tl.where(bad > 0, 0.0, v)
             if MASKED:
-                hit = tl.dot(keep.to(tl.float32), bad, hit, input_precision="ieee")
+                hit = tl.dot(tl.where(keep, 1.0, 0.0), bad, hit, input_precision="ieee")
             else:
                 hit = hit + tl.reduce(bad, 0, _SUM)[None, :]
         p = _round(p, v.dtype, DOT_F32)  # (i j) rounded like v, as FlashAttention does
@@ -226,13 +241,18 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
                     Hq, G, Sq, Sk, D, left, right, qk_scale,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CLEAN: tl.constexpr,
                     COUNT: tl.constexpr, HAS_SINKS: tl.constexpr, EVEN_D: tl.constexpr,
-                    DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+                    DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, REPAIR: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """Grid (cdiv(Sq, BLOCK_M), B·Hq). O (b h i e) in q's dtype, LSE (b h i) fp32 contiguous;
     VISITS (B·Hq, n_blocks, 2) int32 [masked, interior] key blocks visited, when COUNT;
     SINKS (Hq,) fp32 natural-log sink logits when HAS_SINKS: the online softmax starts from
-    the sink (m = σ·log2 e, l = 1) instead of from nothing (m = −inf, l = 0)."""
-    pid_m = tl.program_id(0)
+    the sink (m = σ·log2 e, l = 1) instead of from nothing (m = −inf, l = 0).
+    REPAIR: O already holds an answer (SDPA's); a program whose O tile is all finite visits
+    no key block and stores nothing, one with NaN/inf there recomputes its rows and stores
+    them (and their LSE)."""
+    # the last query blocks first: under a causal band they visit the most key blocks, so
+    # the light ones fill the GPU's last wave instead of the heavy ones
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
     h = pid_bh % Hq
@@ -264,6 +284,18 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
     n_inner = pid_m * 0
     lo, mid_lo, mid_hi, hi = _block_range(qs, qe, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT,
                                           BLOCK_N)  # fmt: skip
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    o_mask = m_ok[:, None] & d_ok[None, :]
+    if REPAIR:  # rows to recompute only where the given answer holds NaN/inf
+        given = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+        bad = ((given != given) | (tl.abs(given) == float("inf"))).to(tl.int32)
+        row_bad = tl.reduce(bad, 1, _MAX)  # (i) 0 or 1
+        n_bad = tl.reduce(row_bad, 0, _MAX)
+        hi = lo + (hi - lo) * n_bad  # a finite tile: an empty visit, no key block is read
+        mid_lo = lo + (mid_lo - lo) * n_bad
+        mid_hi = lo + (mid_hi - lo) * n_bad
+        m_ok = m_ok & (row_bad > 0)  # only the rows that came back non-finite are stored
+        o_mask = m_ok[:, None] & d_ok[None, :]
     acc, m_i, l_i, hit, n_inner = _visit(
         acc, m_i, l_i, hit, n_inner, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
         mid_lo, mid_hi, Sk, D, delta, left, right, qk_scale,
@@ -290,9 +322,8 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
         float("-inf"),
         (m_safe + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,  # ln 2
     )
-    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
     out = _round(out, O.dtype.element_ty, DOT_F32 and O.dtype.element_ty == tl.bfloat16)
-    tl.store(o_ptrs, out, mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, out, mask=o_mask)
     tl.store(LSE + pid_bh * Sq + offs_m, lse, mask=m_ok)
     if COUNT:
         n_blocks = tl.num_programs(0)
@@ -311,7 +342,7 @@ def forward(
     k: Tensor,
     v: Tensor,
     spec: Spec,
-    config: Config = Config(),
+    config: Config | None = None,
     count: bool = False,
     clean: bool | None = None,
     out_dtype: torch.dtype | None = None,
@@ -320,7 +351,9 @@ def forward(
 
     `visits` (b·h, n_query_blocks, 2) int32 counts the [masked, interior] key blocks each
     program visited when `count`, else None. `clean`: `needs_clean`'s answer, if known.
-    `out_dtype` (default q's): fp32 keeps O unrounded for the backward's Δ = rowsum(dO∘O)."""
+    `out_dtype` (default q's): fp32 keeps O unrounded for the backward's Δ = rowsum(dO∘O).
+    `config` defaults to `default_config`."""
+    config = config or default_config(spec, q.dtype)
     for name, n in (("block_m", config.block_m), ("block_n", config.block_n)):
         if n < 16 or n & (n - 1):
             raise ValueError(f"{name} must be a power of two ≥ 16, got {n}")
@@ -346,11 +379,46 @@ def forward(
         HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None, CLEAN=clean,
         COUNT=count, HAS_SINKS=sinks is not None, EVEN_D=block_d == s.D,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
+        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16, REPAIR=False,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out, lse, visits
+
+
+def repair(
+    q: Tensor, k: Tensor, v: Tensor, spec: Spec, out: Tensor, lse: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """`out` (b h i e, q's dtype) and `lse` (b h i, fp32, or None) of another kernel (SDPA),
+    with every query row whose `out` holds NaN/inf recomputed by the cleaning forward: NaN/inf
+    in masked-out K/V (which SDPA's 0·NaN lets through, always as a NaN in the row) never
+    reaches it, a kept one gives NaN as `attention` documents. Rows that came back finite are
+    SDPA's, plain arithmetic (a kept infinite key whose score is −inf weighs 0 there). No host
+    sync: each program reads its out tile and visits no key when it is finite, so clean
+    inputs cost one read of `out`.
+    Writes in place (a non-contiguous `lse` is replaced by a contiguous copy) and returns
+    them. The request must be one `unsupported` accepts, without sinks."""
+    s = spec
+    if s.Sq == 0 or s.Sk == 0 or s.B * s.Hq == 0:
+        return out, lse
+    config = default_config(s, q.dtype)
+    if lse is not None and not lse.is_contiguous():
+        lse = lse.contiguous()
+    scratch = lse if lse is not None else torch.empty(s.B, s.Hq, s.Sq, device=q.device)
+    block_d = max(16, triton.next_power_of_2(s.D))
+    grid = (triton.cdiv(s.Sq, config.block_m), s.B * s.Hq)
+    _forward_kernel[grid](
+        q, k, v, out, scratch, scratch, scratch,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        s.Hq, s.G, s.Sq, s.Sk, s.D, s.left or 0, s.right or 0, s.scale * LOG2E,
+        HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None, CLEAN=True,
+        COUNT=False, HAS_SINKS=False, EVEN_D=block_d == s.D,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16, REPAIR=True,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out, lse
 
 
 # whether the kernels above were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)
@@ -359,8 +427,9 @@ INTERPRETED = not isinstance(_forward_kernel, triton.runtime.JITFunction)
 
 class _TritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sinks, spec: Spec, config: Config):
-        """`sinks` is `spec.sinks`, passed again so autograd sees it."""
+    def forward(ctx, q, k, v, sinks, spec: Spec, config: Config | None):
+        """`sinks` is `spec.sinks`, passed again so autograd sees it. `config` None: each
+        kernel's default (`default_config` forward, `Config()` backward)."""
         ctx.clean = needs_clean(spec, k, v) if spec.Sq and spec.Sk else False
         # O in fp32 for the backward: Δ = rowsum(dO∘O) from a half-rounded O puts dQ 10× past
         # flash-attn's bwd-overflow criterion (fp16, 2 keys); the tiled backend keeps it too
@@ -396,4 +465,4 @@ def triton_attention(
     why = unsupported(q, spec)
     if why is not None:
         raise ValueError(f"backend='triton': {why}")
-    return _TritonAttention.apply(q, k, v, spec.sinks, spec, config or Config())
+    return _TritonAttention.apply(q, k, v, spec.sinks, spec, config)
