@@ -41,9 +41,10 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool
     mask_mod or a score mod it can compute (measured 1.1–3.8× tiled's forward there,
     benchmarks/RESULTS.md); plain and causal requests keep SDPA / tiled, which are faster.
     On CUDA, `triton` replaces `tiled` for what it computes (windows, sinks, an LSE SDPA's
-    kernels cannot return) when no gradient is needed: its forward measured 14× tiled's for a
-    window of 256 at 32k tokens on an H200 (issue 15). With a gradient `tiled` stays until
-    the Triton backward has been timed on a GPU."""
+    kernels cannot return): its forward measured 14× tiled's for a window of 256 at 32k tokens
+    on an H200 (issue 15); its backward took 0.58–0.66× SDPA's backward time there (bf16,
+    D = 128, N = 4096 and 16384), where tiled's forward+backward took 0.07–0.09× SDPA's.
+    With a gradient, for D ≤ 128 only (`_triton_forward_fits`)."""
     backend = _choose(q, k, v, spec, return_lse)
     compiling = torch.compiler.is_compiling()  # a traced graph cannot branch on q's values
     if backend == "sdpa" and q.device.type == "cpu" and not compiling and not _sum_finite(q):
@@ -66,11 +67,9 @@ def _triton_build_failed(e: Exception) -> bool:
     """Whether `e` is Triton failing to compile or fit the kernel on this GPU (its
     `TritonError`s: CompilationError, OutOfResources, PTXASError). Then `auto` warns once, runs
     `tiled` (the same numbers within the error budget) and never tries Triton again here."""
-    try:
-        from triton.errors import TritonError
-    except ImportError:  # older Triton: no common base class
-        from triton.compiler.errors import CompilationError as TritonError
-    if not isinstance(e, TritonError):
+    from .triton_kernel import build_error
+
+    if not build_error(e):
         return False
     if not _TRITON_BROKEN:
         _TRITON_BROKEN.append(f"{type(e).__name__}: {str(e)[:300]}")
@@ -87,7 +86,10 @@ def _triton_build_failed(e: Exception) -> bool:
 def _triton_forward_fits(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
     """Whether `auto` may run this request on the Triton kernels: a device in
     `TRITON_AUTO_DEVICES`, Triton importable, a request they support; with a gradient to take,
-    head dims D ≤ TRITON_GRAD_MAX_D (the backward's sizes built and timed on an H200)."""
+    head dims D ≤ TRITON_GRAD_MAX_D (on an H200: bf16 D = 128 built and timed by
+    benchmarks/triton_tune.py, 0.58–0.66× SDPA's backward; fp32/bf16 D ≤ 64 passed
+    tests/attention/test_triton.py there). A backward Triton cannot build on some GPU falls
+    back to tiled's (`triton_kernel._backward`)."""
     if not _triton_usable(q, spec):
         return False
     return spec.D <= TRITON_GRAD_MAX_D or not scoring.needs_grad(q, k, v, spec.sinks)
@@ -166,7 +168,8 @@ def _choose(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> st
     one of PyTorch's fused kernels returns it (no gradient needed, plain or causal; see
     `lse_supported`); our tiled kernel when the request needs a differentiable LSE, a mod, a
     generator-driven dropout, block skipping (window, mask_mod), or when NaN/inf sit in K/V under
-    a mask (SDPA would leak them: 0·NaN = NaN). That check costs one host sync on a GPU.
+    a mask (SDPA would leak them: 0·NaN = NaN). That check costs one host sync; on CUDA without
+    a gradient `_sdpa_repairs` replaces it with a repair of SDPA's output that needs none.
     Also tiled for fp16/bf16 on CPU when a gradient or the LSE is asked for: PyTorch's CPU
     kernels fail flash-attn's own backward test there (fp16, 2 keys, d=64, causal: dq 6.3e-3
     off float64 against an allowance of 4.3e-3) and return an LSE 6e-5 off (tiled: 1e-6), see
@@ -252,7 +255,9 @@ def attention(
 
     A row with no key left returns 0 with LSE −inf and zero gradients, never NaN. NaN/inf in a
     masked-out key or value never reaches the output (on every backend but an explicit "sdpa",
-    which is PyTorch's kernel as it is: there 0·NaN is NaN; "auto" checks K/V before using it).
+    which is PyTorch's kernel as it is: there 0·NaN is NaN. "auto" on CUDA without a gradient
+    runs SDPA, then recomputes with the Triton kernel any row that came back non-finite, with no
+    host sync; with a gradient, or on CPU, it checks K/V before SDPA, one host sync).
     A kept non-finite key makes its rows NaN; a kept NaN/inf value makes NaN the features of
     the rows that weight it ("fused" keeps plain arithmetic's ±inf for an infinite value).
 
@@ -279,8 +284,8 @@ def attention(
     checks), "fused" (CPU: one compiled loop per query block for windows, mask_mods, softcap and
     ALiBi, with a cached block mask, tiled's backward; what it cannot compute exactly runs on
     tiled), "triton" (FlashAttention-2-style forward and backward kernels for CUDA;
-    plain/causal/window/GQA and sinks only; "auto" takes its forward on CUDA for windows,
-    sinks and LSEs that SDPA cannot serve, when no gradient is needed), "auto" (the fastest
+    plain/causal/window/GQA and sinks only; "auto" takes them on CUDA for windows,
+    sinks and LSEs that SDPA cannot serve, with gradients for D ≤ 128), "auto" (the fastest
     exact one). Equivalent PyTorch::
 
         s = (q @ k.repeat_interleave(Hq // Hk, 1).transpose(-1, -2)) * scale

@@ -1,5 +1,6 @@
 """The triton backend: a FlashAttention-2-style forward kernel for CUDA. `auto` takes it on CUDA
-where it would take `tiled` and no gradient is needed (`api.choose_backend`).
+where it would take `tiled` (with a gradient for D ≤ 128; `api.choose_backend`), and runs it
+as `repair` after SDPA on masked requests without a gradient, in place of a host-side K/V check.
 
 One program per (query block, b·h): it loads its Q block (i d) once, visits only the key
 blocks the band (causal/window) can keep, and keeps an online softmax in base 2 (scores ×
@@ -7,6 +8,8 @@ scale·log2(e), `exp2`) with fp32 running max `m`, sum `l` and accumulator `acc`
 blocks come in three runs: the band's left edge and right edge (masked with `tl.where`, as is
 the sequence tail) and the interior between them (no mask work at all). The run bounds are
 `key_block_range`, mirrored exactly by the kernel's `_block_range` (a debug counter checks it).
+Query blocks launch last first, so under a causal band the heaviest run in the first waves.
+Launch sizes: `default_config`, measured on an H200 (benchmarks/triton_tune.py).
 
 Exactly what `qkv.attention` means: scale, bottom-right alignment (query row i at position
 i + δ, δ = Sk − Sq), window (left, right) inclusive, GQA by indexing kv head h // (Hq // Hk)
@@ -32,6 +35,7 @@ interpreter, CPU tensors are accepted so the kernel can be tested without a GPU.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -447,14 +451,47 @@ class _TritonAttention(torch.autograd.Function):
                 q, k, v, ctx.spec, dout, dlse, ctx.needs_input_grad[:4], "triton"
             )
             return *grads, None, None
-        if ctx.clean:  # NaN/inf in K or V: the tiled backward keeps masked ones out
+        if ctx.clean or _BACKWARD_BROKEN:  # NaN/inf in K or V: tiled keeps masked ones out
             dq, dk, dv = tiled.backward(q, k, v, ctx.spec, out, lse, dout, dlse)
         else:
-            from .triton_backward import backward
-
-            dq, dk, dv = backward(q, k, v, ctx.spec, out, lse, dout, dlse, ctx.config,
-                                  interpreted=INTERPRETED)  # fmt: skip
+            dq, dk, dv = _backward(q, k, v, ctx.spec, out, lse, dout, dlse, ctx.config)
         return dq, dk, dv, tiled.sink_grad(ctx, out, lse, dout, dlse), None, None
+
+
+_BACKWARD_BROKEN: list[str] = []  # why this process's Triton could not build the backward
+
+
+def build_error(e: Exception) -> bool:
+    """Whether `e` is Triton failing to compile or fit a kernel on this GPU (its
+    `TritonError`s: CompilationError, OutOfResources, PTXASError)."""
+    try:
+        from triton.errors import TritonError
+    except ImportError:  # older Triton: no common base class
+        from triton.compiler.errors import CompilationError as TritonError
+    return isinstance(e, TritonError)
+
+
+def _backward(q, k, v, spec, out, lse, dout, dlse, config):
+    """The Triton backward; where Triton cannot build it on this GPU, the tiled backward (the
+    same gradients within the error budget, from the same saved out and LSE), with a warning
+    once, and tiled from then on: an error in the middle of a training step's backward would
+    lose the step."""
+    from .triton_backward import backward
+
+    try:
+        return backward(q, k, v, spec, out, lse, dout, dlse, config, interpreted=INTERPRETED)
+    except Exception as e:
+        if not build_error(e):
+            raise
+        _BACKWARD_BROKEN.append(f"{type(e).__name__}: {str(e)[:300]}")
+        warnings.warn(
+            f"qkv.attention: the Triton backward could not be built on this GPU "
+            f"({_BACKWARD_BROKEN[0]}); the tiled backward computes these gradients instead, "
+            "from now on.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return tiled.backward(q, k, v, spec, out, lse, dout, dlse)
 
 
 def triton_attention(
