@@ -347,6 +347,50 @@ def test_key_block_range_matches_band_range():
     assert n_checked > 500
 
 
+def test_query_block_range_matches_the_band():
+    """The backward's dK/dV pass per key block: every query block outside [lo, hi) keeps no
+    key of it, [lo, hi) is tight, and the unmasked interior [mid_lo, mid_hi) holds only
+    blocks whose every row (of the full block, below Sq) keeps every key of the block (below
+    Sk) — and every full block that does, but the last, partial one, is counted interior;
+    a partial key block (keys past Sk) has no interior."""
+    from qkv.attention.triton_backward import query_block_range
+
+    g = torch.Generator().manual_seed(1)
+    sides = [None, 0, 1, 2, 5, 16, 40]
+    for n_checked in range(400):
+        Sq, Sk = (int(x) for x in torch.randint(1, 90, (2,), generator=g))
+        left, right = (sides[int(x)] for x in torch.randint(0, len(sides), (2,), generator=g))
+        m, n = (16, 32, 64)[n_checked % 3], (16, 32)[n_checked % 2]
+        delta = Sk - Sq
+        for ks in range(0, Sk, n):
+            ke = min(ks + n, Sk)
+            full = ks + n <= Sk
+            lo, mid_lo, mid_hi, hi = query_block_range(ks, ke, Sq, delta, left, right, m, full)
+            assert lo <= mid_lo <= mid_hi <= hi
+            assert full or mid_lo == mid_hi
+            j = torch.arange(ks, ke).view(1, -1)
+            kinds = []
+            for blk in range(-(-Sq // m)):
+                i = torch.arange(blk * m, min(blk * m + m, Sq)).view(-1, 1) + delta
+                keep = torch.ones(i.shape[0], j.shape[1], dtype=torch.bool)
+                if left is not None:
+                    keep = keep & (j >= i - left)
+                if right is not None:
+                    keep = keep & (j <= i + right)
+                kinds.append("skip" if not keep.any() else "full" if keep.all() else "edge")
+            kept = [b for b, kind in enumerate(kinds) if kind != "skip"]
+            if kept:
+                assert (lo, hi) == (kept[0], kept[-1] + 1), (Sq, Sk, left, right, ks, m)
+            else:
+                assert lo == hi
+            for b in range(mid_lo, mid_hi):
+                assert kinds[b] == "full", (Sq, Sk, left, right, ks, m, b)
+            last_full_block = Sq // m  # blocks below it have m rows
+            for b, kind in enumerate(kinds):
+                if kind == "full" and b < last_full_block and full:
+                    assert mid_lo <= b < mid_hi, ("an interior block left masked", b)
+
+
 @pytest.mark.parametrize(
     "kw", [{"window": (8, 0)}, {"causal": True}, {"window": (None, 3)}], ids=str
 )

@@ -10,7 +10,8 @@ With `Δ_i = Σ_e dO_ie·O_ie − dLSE_i` (b h i), fp32, computed once by PyTorc
 Pass 1, grid (key blocks, b·Hk): one program owns a key block of one kv head and loops over the
 query heads of its GQA group and the query blocks whose band reaches it (`_query_range`), so
 dK/dV sum over the group with no atomics. Pass 2, grid (query blocks, b·Hq): dQ over the key
-blocks `_block_range` gives the forward. Scores and dP are fp32 `tl.dot` accumulations (IEEE for
+blocks `_block_range` gives the forward. In both passes the tiles the band keeps whole (the
+`mid` runs of `_block_range` and `query_block_range`) skip the mask, as the forward does. Scores and dP are fp32 `tl.dot` accumulations (IEEE for
 fp32 inputs); P and dS are rounded to the input dtype before their products, as FlashAttention
 does. Δ comes from the forward's O kept in fp32 (`_TritonAttention` saves it): from the
 half-rounded O, dQ lands 10× past flash-attn's own bwd-overflow criterion. Under Triton's CPU interpreter bf16 operands are widened to fp32 first (its `tl.dot`
@@ -48,11 +49,67 @@ def _query_range(ks, ke, Sq, delta, left, right, HAS_LEFT: tl.constexpr, HAS_RIG
     return start, stop
 
 
+def query_block_range(
+    ks: int,
+    ke: int,
+    Sq: int,
+    delta: int,
+    left: int | None,
+    right: int | None,
+    block_m: int,
+    full: bool = True,
+) -> tuple[int, int, int, int]:
+    """Query blocks (of `block_m` rows) for keys ks..ke−1: (lo, mid_lo, mid_hi, hi).
+
+    [lo, hi) are the blocks holding any row whose band keeps a key there (`_query_range`);
+    [mid_lo, mid_hi) ⊆ [lo, hi) are blocks in which every row of the full block keeps every
+    one of those keys, so the dK/dV pass needs no mask there (rows past Sq have P = 0 through
+    their LSE); none unless the key block is `full` (no key past Sk, whose P could overflow).
+    The kernel's `_query_block_range` computes the same integers."""
+    start = 0 if right is None else min(Sq, max(0, ks - delta - right))
+    stop = Sq if left is None else min(Sq, ke - delta + left)
+    stop = max(start, stop)
+    lo, hi = start // block_m, (stop + block_m - 1) // block_m
+    # block b (rows b·m … b·m+m−1) keeps every key: b·m ≥ ke−1−δ−right, b·m+m−1 ≤ ks−δ+left
+    mid_lo = (
+        lo if right is None else max(lo, (max(0, ke - 1 - delta - right) + block_m - 1) // block_m)
+    )
+    mid_hi = hi if left is None else min(hi, max(0, ks - delta + left + 1) // block_m)
+    mid_lo = min(mid_lo, hi)
+    if not full:
+        mid_lo = mid_hi = lo
+    return lo, mid_lo, max(mid_lo, mid_hi), hi
+
+
+@triton.jit
+def _query_block_range(ks, ke, Sq, delta, left, right, full, HAS_LEFT: tl.constexpr,
+                       HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """`query_block_range`, in the kernel (all operands ≥ 0 before each division)."""
+    start, stop = _query_range(ks, ke, Sq, delta, left, right, HAS_LEFT, HAS_RIGHT)
+    lo = start // BLOCK_M
+    hi = (stop + BLOCK_M - 1) // BLOCK_M
+    mid_lo = lo
+    mid_hi = hi
+    if HAS_RIGHT:
+        mid_lo = tl.maximum(lo, (tl.maximum(0, ke - 1 - delta - right) + BLOCK_M - 1) // BLOCK_M)
+    if HAS_LEFT:
+        mid_hi = tl.minimum(hi, tl.maximum(0, ks - delta + left + 1) // BLOCK_M)
+    mid_lo = tl.minimum(mid_lo, hi)
+    mid_lo = tl.where(full, mid_lo, lo)
+    mid_hi = tl.where(full, mid_hi, lo)
+    return lo, mid_lo, tl.maximum(mid_lo, mid_hi), hi
+
+
 @triton.jit
 def _probs(q, kt, lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
-           HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    """P (i j) fp32 for a tile: exp2(scale·log2e·q·k − lse·log2e) where kept, else 0."""
+           HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+           MASKED: tl.constexpr):  # fmt: skip
+    """P (i j) fp32 for a tile: exp2(scale·log2e·q·k − lse·log2e) where kept, else 0. Not
+    MASKED: a tile whose every (i, j) the band keeps (rows past Sq still get 0: their lse2
+    is +inf)."""
     s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+    if not MASKED:
+        return tl.exp2(s - lse2[:, None])
     pos = offs_m[:, None] + delta
     keep = (offs_m[:, None] < Sq) & (offs_n[None, :] < Sk)
     if HAS_LEFT:
@@ -99,6 +156,26 @@ def _key_block(K, V, b, g, offs_n, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, 
 
 
 @triton.jit
+def _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, h, Hq, Sq, Sk, offs_n, offs_d, D,
+                sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right, qk_scale,
+                blk_lo, blk_hi, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+                BLOCK_M: tl.constexpr):  # fmt: skip
+    """dK, dV (j d) of one key block summed over query blocks [blk_lo, blk_hi) of head h."""
+    for blk in range(blk_lo, blk_hi):
+        offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        q, do, lse2, dlt = _query_rows(Q, DO, LSE, DLT, b, h, Hq, Sq, offs_m, offs_d, D,
+                                       sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, DOT_F32)  # fmt: skip
+        p = _probs(q, kt, lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
+                   HAS_LEFT, HAS_RIGHT, DOT_PREC, MASKED)  # (i j)  # fmt: skip
+        dv = tl.dot(tl.trans(_as_operand(p, do, DOT_F32)), do, dv, input_precision=DOT_PREC)
+        dp = tl.dot(do, vt, input_precision=DOT_PREC)  # (i j) fp32
+        ds = p * (dp - dlt[:, None])
+        dk = tl.dot(tl.trans(_as_operand(ds, q, DOT_F32)), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_kernel(Q, K, V, DO, LSE, DLT, DK, DV,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sdb, sdh, sdm, sdd, skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
@@ -123,27 +200,46 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DLT, DK, DV,
     vt = tl.trans(v)  # (e j)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
-    start, stop = _query_range(ks, ke, Sq, delta, left, right, HAS_LEFT, HAS_RIGHT)
+    lo, mid_lo, mid_hi, hi = _query_block_range(ks, ke, Sq, delta, left, right,
+                                                ks + BLOCK_N <= Sk, HAS_LEFT, HAS_RIGHT,
+                                                BLOCK_M)  # fmt: skip
     for r in range(0, GS):  # the query heads of this kv head's group
         h = g * GS + r
-        for blk in range(start // BLOCK_M, (stop + BLOCK_M - 1) // BLOCK_M):
-            offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-            q, do, lse2, dlt = _query_rows(Q, DO, LSE, DLT, b, h, Hq, Sq, offs_m, offs_d, D,
-                                           sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, DOT_F32)  # fmt: skip
-            p = _probs(q, kt, lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
-                       HAS_LEFT, HAS_RIGHT, DOT_PREC)  # (i j)  # fmt: skip
-            dv = tl.dot(
-                tl.trans(_as_operand(p, do, DOT_F32)), do, dv, input_precision=DOT_PREC
-            )  # (j e)
-            dp = tl.dot(do, vt, input_precision=DOT_PREC)  # (i j) fp32
-            ds = p * (dp - dlt[:, None])
-            dk = tl.dot(
-                tl.trans(_as_operand(ds, q, DOT_F32)), q, dk, input_precision=DOT_PREC
-            )  # (j d)
+        dk, dv = _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, h, Hq, Sq, Sk, offs_n, offs_d,
+                             D, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right,
+                             qk_scale, mid_lo, mid_hi, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                             DOT_F32, BLOCK_M)  # fmt: skip
+        dk, dv = _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, h, Hq, Sq, Sk, offs_n, offs_d,
+                             D, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right,
+                             qk_scale, lo, mid_lo, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                             DOT_F32, BLOCK_M)  # fmt: skip
+        dk, dv = _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, h, Hq, Sq, Sk, offs_n, offs_d,
+                             D, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right,
+                             qk_scale, mid_hi, hi, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+                             DOT_F32, BLOCK_M)  # fmt: skip
     tl.store(DK + b * skgb + g * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
              dk * sm_scale, mask=kv_mask)  # fmt: skip
     tl.store(DV + b * svgb + g * svgh + offs_n[:, None] * svgn + offs_d[None, :] * svgd,
              dv, mask=kv_mask)  # fmt: skip
+
+
+@triton.jit
+def _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale,
+              K, V, b, hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn, svd,
+              blk_lo, blk_hi, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+              HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+              BLOCK_N: tl.constexpr):  # fmt: skip
+    """dQ (i d) of one query block summed over key blocks [blk_lo, blk_hi)."""
+    for blk in range(blk_lo, blk_hi):
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        k, v = _key_block(K, V, b, hk, offs_n, offs_d, Sk, D, skb, skh, skn, skd,
+                          svb, svh, svn, svd, DOT_F32)  # fmt: skip
+        p = _probs(q, tl.trans(k), lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
+                   HAS_LEFT, HAS_RIGHT, DOT_PREC, MASKED)  # (i j)  # fmt: skip
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (i j) fp32
+        ds = p * (dp - dlt[:, None])
+        dq = tl.dot(_as_operand(ds, k, DOT_F32), k, dq, input_precision=DOT_PREC)  # (i d)
+    return dq
 
 
 @triton.jit
@@ -168,17 +264,17 @@ def _dq_kernel(Q, K, V, DO, LSE, DLT, DQ,
     q, do, lse2, dlt = _query_rows(Q, DO, LSE, DLT, b, h, Hq, Sq, offs_m, offs_d, D,
                                    sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, DOT_F32)  # fmt: skip
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    lo, _lo, _hi, hi = _block_range(qs, qe, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT,
-                                      BLOCK_N)  # fmt: skip
-    for blk in range(lo, hi):
-        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        k, v = _key_block(K, V, b, hk, offs_n, offs_d, Sk, D, skb, skh, skn, skd,
-                          svb, svh, svn, svd, DOT_F32)  # fmt: skip
-        p = _probs(q, tl.trans(k), lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
-                   HAS_LEFT, HAS_RIGHT, DOT_PREC)  # (i j)  # fmt: skip
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (i j) fp32
-        ds = p * (dp - dlt[:, None])
-        dq = tl.dot(_as_operand(ds, k, DOT_F32), k, dq, input_precision=DOT_PREC)  # (i d)
+    lo, mid_lo, mid_hi, hi = _block_range(qs, qe, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT,
+                                          BLOCK_N)  # fmt: skip
+    dq = _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, K, V, b,
+                   hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn, svd,
+                   mid_lo, mid_hi, False, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32, BLOCK_N)  # fmt: skip
+    dq = _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, K, V, b,
+                   hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn, svd,
+                   lo, mid_lo, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32, BLOCK_N)  # fmt: skip
+    dq = _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, K, V, b,
+                   hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn, svd,
+                   mid_hi, hi, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32, BLOCK_N)  # fmt: skip
     qm = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
     tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_d[None, :] * sgd,
              dq * sm_scale, mask=qm)  # fmt: skip
