@@ -415,21 +415,47 @@ def test_kernel_visits_only_the_band(kw):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("grad", [False, True], ids=["self-repair", "checked"])
 @pytest.mark.parametrize("where", ["k", "v"])
-def test_nan_in_masked_keys_and_values_does_not_leak(where):
+def test_nan_in_masked_keys_and_values_does_not_leak(where, grad):
+    """Without a gradient the kernel checks its own answer (no host sync), with one K/V are
+    checked first; either way NaN/inf that no row keeps never reach the output, and a kept
+    one gives the engine's NaN (the reference's), not plain arithmetic's ±inf."""
     q, k, v = (t.detach() for t in qkv_on(1, 2, 1, 40, 40, 16))
     kw = {"window": (3, 0)}
     t = k if where == "k" else v
     t[:, :, 5, 2] = float("nan")  # key 5: kept by rows 5..8 only
     t[:, :, 30, 0] = float("inf")  # key 30: kept by rows 30..33 only
+    q[:, :, 30:34, 0] = q[:, :, 30:34, 0].abs() + 0.5  # their score with key 30: +inf
     # the engine's NaN/inf contract (a kept bad key makes its row NaN), not plain math's
     truth = reference_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(), **kw).out
-    out, _ = run(q, k, v, **kw)
-    out = out.cpu()
+    out, _ = run(*(x.requires_grad_(grad) for x in (q, k, v)), **kw)
+    out = out.detach().cpu()
     assert torch.equal(out.isnan(), truth.isnan())
     ok = torch.isfinite(truth)
     assert ok[:, :, :5].all() and ok[:, :, 9:30].all() and ok[:, :, 34:].all()
     assert err(out[ok], truth[ok]) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy
+def test_a_kept_infinite_key_scored_minus_inf_weighs_0_without_a_gradient():
+    """The one place the sync-free check differs from the engine's contract: a kept key with
+    an infinite component whose score is −inf leaves no trace in the answer (its weight is
+    exactly 0, as in plain arithmetic and SDPA), so without a gradient its rows are the
+    answer without that key; with a gradient (K/V checked on the host) they are NaN."""
+    q, k, v = (t.detach() for t in qkv_on(1, 2, 1, 40, 40, 16))
+    kw = {"window": (3, 0)}
+    k[:, :, 30, 0] = float("inf")
+    q[:, :, 30:34, 0] = -(q[:, :, 30:34, 0].abs() + 0.5)  # rows 30..33: score −inf with key 30
+    out, _ = run(q, k, v, **kw)
+    drop = torch.ones(40, 40, dtype=torch.bool)
+    drop[:, 30] = False  # the same rows without key 30
+    x = [t.cpu().double() for t in (q, k, v)]
+    want = reference_attention(*x, mask=drop, **kw).out
+    assert not out.isnan().any()
+    assert err(out.cpu(), want) < 1e-5
+    checked, _ = run(*(t.requires_grad_() for t in (q, k, v)), **kw)
+    assert checked[:, :, 30:34].isnan().all() and not checked[:, :, :30].isnan().any()
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,11 @@ Launch sizes: `default_config`, measured on an H200 (benchmarks/triton_tune.py).
 Exactly what `qkv.attention` means: scale, bottom-right alignment (query row i at position
 i + δ, δ = Sk − Sq), window (left, right) inclusive, GQA by indexing kv head h // (Hq // Hk)
 (no K/V copies), an empty row → out 0 and LSE −inf, NaN/inf in masked-out K or V never reaches
-the output: a banded call checks K and V once (one host sync) and, if they hold any, runs a
-variant that zeroes them and marks NaN exactly where plain math would (a kept bad key or value).
+the output. Without a gradient each program checks its own answer in registers and redoes a
+tile holding NaN/inf with the cleaning visits, which zero bad keys and values and mark NaN
+where a kept one is (no host sync; any leak is a NaN in the row, as in `repair`). With a
+gradient a banded call checks K and V once on the host instead (the backward must know too)
+and runs the cleaning variant if they hold any.
 fp16/bf16/fp32 in; scores q·k are accumulated in fp32 by `tl.dot` and never rounded to the
 input dtype, and softmax, `m`, `l` and `acc` stay fp32 (P is rounded to v's dtype before P·V, as
 FlashAttention does); LSE fp32 natural log (under the interpreter, whose
@@ -240,20 +243,69 @@ def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, of
 
 
 @triton.jit
+def _attend(q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d, h, SINKS, Sk, D, delta,
+            left, right, qk_scale, lo, mid_lo, mid_hi, hi,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CLEAN: tl.constexpr,
+            HAS_SINKS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+            DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr):  # fmt: skip
+    """One query block's (out (i e) fp32, lse (i) natural log, masked and interior key blocks
+    visited): the interior run [mid_lo, mid_hi) unmasked, then the two edge runs masked."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    if HAS_SINKS:  # one more logit, σ, with no value: m = σ (base 2), l = 1 (0 if σ = −inf)
+        sink = tl.load(SINKS + h) * 1.4426950408889634  # log2(e)
+        m_i = tl.full([BLOCK_M], 0.0, tl.float32) + sink
+        l_i = l_i + tl.where(sink == float("-inf"), 0.0, 1.0)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    hit = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    n_masked = lo * 0  # i32 loop counters (debug: blocks visited)
+    n_inner = lo * 0
+    acc, m_i, l_i, hit, n_inner = _visit(
+        acc, m_i, l_i, hit, n_inner, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
+        mid_lo, mid_hi, Sk, D, delta, left, right, qk_scale,
+        False, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, BLOCK_N,
+    )  # fmt: skip
+    acc, m_i, l_i, hit, n_masked = _visit(
+        acc, m_i, l_i, hit, n_masked, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
+        lo, mid_lo, Sk, D, delta, left, right, qk_scale,
+        True, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, BLOCK_N,
+    )  # fmt: skip
+    acc, m_i, l_i, hit, n_masked = _visit(
+        acc, m_i, l_i, hit, n_masked, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
+        mid_hi, hi, Sk, D, delta, left, right, qk_scale,
+        True, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, BLOCK_N,
+    )  # fmt: skip
+    empty = l_i == 0.0  # no key kept (and no sink): out 0, LSE −inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if CLEAN:
+        out = tl.where(hit > 0, float("nan"), out)
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    lse = tl.where(
+        empty,
+        float("-inf"),
+        (m_safe + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,  # ln 2
+    )
+    return out, lse, n_masked, n_inner
+
+
+@triton.jit
 def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
                     Hq, G, Sq, Sk, D, left, right, qk_scale,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CLEAN: tl.constexpr,
                     COUNT: tl.constexpr, HAS_SINKS: tl.constexpr, EVEN_D: tl.constexpr,
                     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, REPAIR: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+                    SELF_REPAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr):  # fmt: skip
     """Grid (cdiv(Sq, BLOCK_M), B·Hq). O (b h i e) in q's dtype, LSE (b h i) fp32 contiguous;
     VISITS (B·Hq, n_blocks, 2) int32 [masked, interior] key blocks visited, when COUNT;
     SINKS (Hq,) fp32 natural-log sink logits when HAS_SINKS: the online softmax starts from
     the sink (m = σ·log2 e, l = 1) instead of from nothing (m = −inf, l = 0).
     REPAIR: O already holds an answer (SDPA's); a program whose O tile is all finite visits
-    no key block and stores nothing, one with NaN/inf there recomputes its rows and stores
-    them (and their LSE)."""
+    no key block and stores nothing, one with NaN/inf there recomputes its rows with the
+    cleaning visits and stores those rows (and their LSE). SELF_REPAIR: the same check on this
+    kernel's own plain answer, in registers, before it is stored (no host-side K/V check)."""
     # the last query blocks first: under a causal band they visit the most key blocks, so
     # the light ones fill the GPU's last wave instead of the heavy ones
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -275,57 +327,38 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
         q = q.to(tl.float32)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
-    if HAS_SINKS:  # one more logit, σ, with no value: m = σ (base 2), l = 1 (0 if σ = −inf)
-        sink = tl.load(SINKS + h) * 1.4426950408889634  # log2(e)
-        m_i = tl.full([BLOCK_M], 0.0, tl.float32) + sink
-        l_i = l_i + tl.where(sink == float("-inf"), 0.0, 1.0)
-    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    hit = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    n_masked = pid_m * 0  # i32 loop counters (debug: blocks visited)
-    n_inner = pid_m * 0
     lo, mid_lo, mid_hi, hi = _block_range(qs, qe, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT,
                                           BLOCK_N)  # fmt: skip
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
     o_mask = m_ok[:, None] & d_ok[None, :]
-    if REPAIR:  # rows to recompute only where the given answer holds NaN/inf
-        given = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
-        bad = ((given != given) | (tl.abs(given) == float("inf"))).to(tl.int32)
+    n_masked = pid_m * 0
+    n_inner = pid_m * 0
+    if REPAIR:
+        out = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+        lse = tl.full([BLOCK_M], 0.0, tl.float32)
+    else:
+        out, lse, n_masked, n_inner = _attend(
+            q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d, h, SINKS, Sk, D, delta,
+            left, right, qk_scale, lo, mid_lo, mid_hi, hi, HAS_LEFT, HAS_RIGHT, CLEAN, HAS_SINKS, EVEN_D,
+            DOT_PREC, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+    if REPAIR or SELF_REPAIR:  # rows whose answer holds NaN/inf: again, cleaning K and V
+        bad = ((out != out) | (tl.abs(out) == float("inf"))).to(tl.int32)
         row_bad = tl.reduce(bad, 1, _MAX)  # (i) 0 or 1
         n_bad = tl.reduce(row_bad, 0, _MAX)
         hi = lo + (hi - lo) * n_bad  # a finite tile: an empty visit, no key block is read
         mid_lo = lo + (mid_lo - lo) * n_bad
         mid_hi = lo + (mid_hi - lo) * n_bad
-        m_ok = m_ok & (row_bad > 0)  # only the rows that came back non-finite are stored
-        o_mask = m_ok[:, None] & d_ok[None, :]
-    acc, m_i, l_i, hit, n_inner = _visit(
-        acc, m_i, l_i, hit, n_inner, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
-        mid_lo, mid_hi, Sk, D, delta, left, right, qk_scale,
-        False, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, BLOCK_N,
-    )  # fmt: skip
-    acc, m_i, l_i, hit, n_masked = _visit(
-        acc, m_i, l_i, hit, n_masked, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
-        lo, mid_lo, Sk, D, delta, left, right, qk_scale,
-        True, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, BLOCK_N,
-    )  # fmt: skip
-    acc, m_i, l_i, hit, n_masked = _visit(
-        acc, m_i, l_i, hit, n_masked, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
-        mid_hi, hi, Sk, D, delta, left, right, qk_scale,
-        True, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, BLOCK_N,
-    )  # fmt: skip
-
-    empty = l_i == 0.0  # no key kept (and no sink): out 0, LSE −inf
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    if CLEAN:
-        out = tl.where(hit > 0, float("nan"), out)
-    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-    lse = tl.where(
-        empty,
-        float("-inf"),
-        (m_safe + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,  # ln 2
-    )
+        fixed, fixed_lse, _m, _i = _attend(
+            q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d, h, SINKS, Sk, D, delta,
+            left, right, qk_scale, lo, mid_lo, mid_hi, hi, HAS_LEFT, HAS_RIGHT, True, HAS_SINKS, EVEN_D,
+            DOT_PREC, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+        out = tl.where(row_bad[:, None] > 0, fixed, out)
+        lse = tl.where(row_bad > 0, fixed_lse, lse)
+        if REPAIR:  # only the rows that came back non-finite are stored
+            m_ok = m_ok & (row_bad > 0)
+            o_mask = m_ok[:, None] & d_ok[None, :]
     out = _round(out, O.dtype.element_ty, DOT_F32 and O.dtype.element_ty == tl.bfloat16)
     tl.store(o_ptrs, out, mask=o_mask)
     tl.store(LSE + pid_bh * Sq + offs_m, lse, mask=m_ok)
@@ -354,7 +387,10 @@ def forward(
     """(out (b h i e) in q's dtype, lse (b h i) fp32, visits) — no autograd; see `triton`.
 
     `visits` (b·h, n_query_blocks, 2) int32 counts the [masked, interior] key blocks each
-    program visited when `count`, else None. `clean`: `needs_clean`'s answer, if known.
+    program visited when `count`, else None. `clean`: `needs_clean`'s answer (True: the
+    cleaning variant, False: plain); None: the kernel checks its own answer instead, in
+    registers, and redoes with the cleaning visits only a tile that holds NaN/inf (no host
+    sync; rows that come back finite are plain arithmetic's).
     `out_dtype` (default q's): fp32 keeps O unrounded for the backward's Δ = rowsum(dO∘O).
     `config` defaults to `default_config`."""
     config = config or default_config(spec, q.dtype)
@@ -364,30 +400,39 @@ def forward(
     s = spec
     out = torch.zeros(s.B, s.Hq, s.Sq, s.Dv, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.full((s.B, s.Hq, s.Sq), float("-inf"), dtype=torch.float32, device=q.device)
-    n_blocks = triton.cdiv(s.Sq, config.block_m)
     visits = None
     if count:
+        n_blocks = triton.cdiv(s.Sq, config.block_m)
         visits = torch.zeros(s.B * s.Hq, n_blocks, 2, dtype=torch.int32, device=q.device)
     if s.Sq == 0 or s.Sk == 0 or s.B * s.Hq == 0:
         if s.sinks is not None:  # no key: a row's only logit is its sink, so its LSE is σ_h
             lse.copy_(s.sinks.detach().to(lse.dtype).view(1, -1, 1).expand_as(lse))
         return out, lse, visits
-    clean = needs_clean(s, k, v) if clean is None else clean
-    block_d = max(16, triton.next_power_of_2(s.D))
-    grid = (n_blocks, s.B * s.Hq)
     sinks = None if s.sinks is None else s.sinks.detach().to(torch.float32).contiguous()
+    mode = "self-repair" if clean is None else ("clean" if clean else "plain")
+    _launch(q, k, v, s, out, lse, sinks, visits, config, mode)
+    return out, lse, visits
+
+
+def _launch(q, k, v, s: Spec, out, lse, sinks, visits, config: Config, mode: str) -> None:
+    """`_forward_kernel` over (query blocks, b·h); `mode` "plain" (CLEAN off), "clean",
+    "self-repair" (plain, then the cleaning visits for a tile whose answer holds NaN/inf) or
+    "repair" (`out` holds another kernel's answer)."""
+    block_d = max(16, triton.next_power_of_2(s.D))
+    grid = (triton.cdiv(s.Sq, config.block_m), s.B * s.Hq)
     _forward_kernel[grid](
-        q, k, v, out, lse, visits if count else lse, lse if sinks is None else sinks,
+        q, k, v, out, lse, lse if visits is None else visits, lse if sinks is None else sinks,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         s.Hq, s.G, s.Sq, s.Sk, s.D, s.left or 0, s.right or 0, s.scale * LOG2E,
-        HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None, CLEAN=clean,
-        COUNT=count, HAS_SINKS=sinks is not None, EVEN_D=block_d == s.D,
+        HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None,
+        CLEAN=mode in ("clean", "repair"), COUNT=visits is not None,
+        HAS_SINKS=sinks is not None, EVEN_D=block_d == s.D,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16, REPAIR=False,
+        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
+        REPAIR=mode == "repair", SELF_REPAIR=mode == "self-repair",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    return out, lse, visits
 
 
 def repair(
@@ -405,23 +450,10 @@ def repair(
     s = spec
     if s.Sq == 0 or s.Sk == 0 or s.B * s.Hq == 0:
         return out, lse
-    config = default_config(s, q.dtype)
     if lse is not None and not lse.is_contiguous():
         lse = lse.contiguous()
     scratch = lse if lse is not None else torch.empty(s.B, s.Hq, s.Sq, device=q.device)
-    block_d = max(16, triton.next_power_of_2(s.D))
-    grid = (triton.cdiv(s.Sq, config.block_m), s.B * s.Hq)
-    _forward_kernel[grid](
-        q, k, v, out, scratch, scratch, scratch,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        s.Hq, s.G, s.Sq, s.Sk, s.D, s.left or 0, s.right or 0, s.scale * LOG2E,
-        HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None, CLEAN=True,
-        COUNT=False, HAS_SINKS=False, EVEN_D=block_d == s.D,
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16, REPAIR=True,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+    _launch(q, k, v, s, out, scratch, None, None, default_config(s, q.dtype), "repair")
     return out, lse
 
 
@@ -434,11 +466,15 @@ class _TritonAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, sinks, spec: Spec, config: Config | None):
         """`sinks` is `spec.sinks`, passed again so autograd sees it. `config` None: each
         kernel's default (`default_config` forward, `Config()` backward)."""
-        ctx.clean = needs_clean(spec, k, v) if spec.Sq and spec.Sk else False
+        grads = any(ctx.needs_input_grad[:4])
+        # with a gradient the backward must know whether K/V hold NaN/inf (one host sync for a
+        # banded call); without one the kernel checks its own answer instead (no sync)
+        ctx.clean = needs_clean(spec, k, v) if grads and spec.Sq and spec.Sk else False
         # O in fp32 for the backward: Δ = rowsum(dO∘O) from a half-rounded O puts dQ 10× past
         # flash-attn's bwd-overflow criterion (fp16, 2 keys); the tiled backend keeps it too
-        wide = torch.float32 if any(ctx.needs_input_grad[:4]) else None
-        out, lse, _ = forward(q, k, v, spec, config, clean=ctx.clean, out_dtype=wide)
+        wide = torch.float32 if grads else None
+        clean = ctx.clean if grads else None
+        out, lse, _ = forward(q, k, v, spec, config, clean=clean, out_dtype=wide)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec, ctx.config = spec, config
         return out.to(q.dtype), lse
