@@ -331,37 +331,40 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
                                           BLOCK_N)  # fmt: skip
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
     o_mask = m_ok[:, None] & d_ok[None, :]
+    lse_ptrs = LSE + pid_bh * Sq + offs_m
     n_masked = pid_m * 0
     n_inner = pid_m * 0
     if REPAIR:
         out = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
-        lse = tl.full([BLOCK_M], 0.0, tl.float32)
     else:
         out, lse, n_masked, n_inner = _attend(
             q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d, h, SINKS, Sk, D, delta,
-            left, right, qk_scale, lo, mid_lo, mid_hi, hi, HAS_LEFT, HAS_RIGHT, CLEAN, HAS_SINKS, EVEN_D,
-            DOT_PREC, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_D,
+            left, right, qk_scale, lo, mid_lo, mid_hi, hi, HAS_LEFT, HAS_RIGHT, CLEAN,
+            HAS_SINKS, EVEN_D, DOT_PREC, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_D,
         )  # fmt: skip
-    if REPAIR or SELF_REPAIR:  # rows whose answer holds NaN/inf: again, cleaning K and V
+    row_bad = m_ok.to(tl.int32) * 0  # (i) 1 where the answer holds NaN/inf
+    if REPAIR or SELF_REPAIR:
         bad = ((out != out) | (tl.abs(out) == float("inf"))).to(tl.int32)
-        row_bad = tl.reduce(bad, 1, _MAX)  # (i) 0 or 1
+        row_bad = tl.reduce(bad, 1, _MAX)
+    if not REPAIR:  # the rows that need no second look (all of them unless SELF_REPAIR)
+        done = m_ok & (row_bad == 0)
+        out = _round(out, O.dtype.element_ty, DOT_F32 and O.dtype.element_ty == tl.bfloat16)
+        tl.store(o_ptrs, out, mask=done[:, None] & d_ok[None, :])
+        tl.store(lse_ptrs, lse, mask=done)
+    if REPAIR or SELF_REPAIR:  # the others again, cleaning K and V; `out` is dead by now
         n_bad = tl.reduce(row_bad, 0, _MAX)
         hi = lo + (hi - lo) * n_bad  # a finite tile: an empty visit, no key block is read
         mid_lo = lo + (mid_lo - lo) * n_bad
         mid_hi = lo + (mid_hi - lo) * n_bad
         fixed, fixed_lse, _m, _i = _attend(
             q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d, h, SINKS, Sk, D, delta,
-            left, right, qk_scale, lo, mid_lo, mid_hi, hi, HAS_LEFT, HAS_RIGHT, True, HAS_SINKS, EVEN_D,
-            DOT_PREC, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_D,
+            left, right, qk_scale, lo, mid_lo, mid_hi, hi, HAS_LEFT, HAS_RIGHT, True,
+            HAS_SINKS, EVEN_D, DOT_PREC, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_D,
         )  # fmt: skip
-        out = tl.where(row_bad[:, None] > 0, fixed, out)
-        lse = tl.where(row_bad > 0, fixed_lse, lse)
-        if REPAIR:  # only the rows that came back non-finite are stored
-            m_ok = m_ok & (row_bad > 0)
-            o_mask = m_ok[:, None] & d_ok[None, :]
-    out = _round(out, O.dtype.element_ty, DOT_F32 and O.dtype.element_ty == tl.bfloat16)
-    tl.store(o_ptrs, out, mask=o_mask)
-    tl.store(LSE + pid_bh * Sq + offs_m, lse, mask=m_ok)
+        redo = m_ok & (row_bad > 0)  # disjoint from `done`: no two stores to one address
+        fixed = _round(fixed, O.dtype.element_ty, DOT_F32 and O.dtype.element_ty == tl.bfloat16)
+        tl.store(o_ptrs, fixed, mask=redo[:, None] & d_ok[None, :])
+        tl.store(lse_ptrs, fixed_lse, mask=redo)
     if COUNT:
         n_blocks = tl.num_programs(0)
         tl.store(VISITS + (pid_bh * n_blocks + pid_m) * 2, n_masked)
