@@ -20,6 +20,8 @@ from .tiled import tiled, tiled_refuses_bias
 BACKENDS = ("auto", "reference", "tiled", "sdpa", "fused", "triton")
 # devices on which `auto` may take the Triton forward (tests add "cpu" under TRITON_INTERPRET)
 TRITON_AUTO_DEVICES: tuple[str, ...] = ("cuda",)
+# the largest head dim for which `auto` sends a gradient to the Triton backward
+TRITON_GRAD_MAX_D = 128
 
 
 def _triton_attention(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
@@ -95,10 +97,9 @@ def _triton_forward_fits(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
     return spec.D <= TRITON_GRAD_MAX_D or not scoring.needs_grad(q, k, v, spec.sinks)
 
 
-TRITON_GRAD_MAX_D = 128
-
-
 def _triton_usable(q: Tensor, spec: Spec) -> bool:
+    """A device in `TRITON_AUTO_DEVICES`, a Triton that imports and built before, a request
+    the kernels compute (`triton_kernel.unsupported`)."""
     if q.device.type not in TRITON_AUTO_DEVICES or _TRITON_BROKEN:
         return False
     try:
@@ -111,7 +112,7 @@ def _triton_usable(q: Tensor, spec: Spec) -> bool:
 def _sdpa_repairs(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
     """Whether `auto` runs SDPA on this masked request without first checking K/V for NaN/inf
     (a host sync: ~60 µs on an H200, more than SDPA's own 52 µs at B4 H16 N1024 D128) and
-    instead lets `triton_kernel.repair` recompute any query block whose output came back
+    instead lets `triton_kernel.repair` recompute any query row whose output came back
     non-finite: every leak of a masked NaN/inf through SDPA is a NaN there (0·NaN, 0·inf,
     NaN + −inf), so checking the output finds it. No gradient (SDPA's backward would leak
     too), no sinks, a request the Triton kernel computes, not under torch.compile."""

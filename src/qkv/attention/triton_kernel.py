@@ -74,9 +74,10 @@ class Config:
 def default_config(spec: Spec, dtype: torch.dtype) -> Config:
     """The forward's launch: 64 × 64 blocks, 4 warps, and a third pipeline stage for fp16/bf16
     with 64 < D ≤ 128. Measured on an H200 in bf16 by benchmarks/triton_tune.py (RESULTS.md):
-    of eight configs this one was fastest or within 5 % on issue 15's cases; the third stage
-    took D = 128 causal from 0.60–0.63× SDPA to 0.67–0.74×, and cost D = 64 1 %. The backward
-    keeps `Config()`, the fastest of six for each of its passes."""
+    of eight configs this one was fastest or within 5 % on each of issue 15's cases; the third
+    stage took D = 128 causal from 0.60–0.63× SDPA to 0.67–0.74× (and the D = 128 window of 256
+    from 0.377 to 0.394 ms), and would have cost D = 64 0.3 %. The backward keeps `Config()`,
+    the fastest of six for its dK/dV pass and within 1 % of the fastest for its dQ pass."""
     if dtype in (torch.float16, torch.bfloat16) and 64 < spec.D <= 128:
         return Config(num_stages=3)
     return Config()
