@@ -1,13 +1,19 @@
 """The engine on a GPU: correctness of `tiled` against PyTorch SDPA, then timing and memory tables.
 
     python benchmarks/gpu.py                  # on a CUDA machine (≈ 2–4 minutes)
-    python benchmarks/gpu.py --only targets   # issue 15's table and its verdicts only
+    python benchmarks/gpu.py --only targets   # issue 15's tables only (section 0)
+    python benchmarks/gpu.py --only rest      # sections 1–6
     python benchmarks/gpu.py --device cpu --quick   # smoke test of the script itself
+
+CUDA times are medians over CUDA events around back-to-back calls with no host sync between
+them, as in a training loop (a host sync inside a call shows as time).
 
 Sections: (0) issue 15's cases in bf16 (B4 H16 N1024 D128 … a window of 256 at 32k), SDPA time
 over `auto`'s, `triton`'s and `tiled`'s, and what `auto`'s K/V finiteness check costs (auto
 with it skipped; SDPA over nan_to_num'd K/V, a sync-free alternative), then each target
-met / NOT met; (1) max |ours − SDPA| for the output and dQ/dK/dV, per dtype and case; (2) the
+met / NOT met; NaN/inf in masked K/V (rows SDPA alone leaks into; whether `auto`, with no K/V
+check, gives the reference's NaN pattern); the Triton backward's builds per dtype and head
+dim; (1) max |ours − SDPA| for the output and dQ/dK/dV, per dtype and case; (2) the
 output and LSE of `return_lse=True` (the lens' call) vs float64, with the backend `auto` picks;
 (3) forward time, tiled and auto vs SDPA; (4) causal forward+backward time and peak CUDA
 memory; (5) a sliding window of 256 vs SDPA with the equivalent boolean mask and vs compiled
