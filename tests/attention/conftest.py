@@ -107,19 +107,20 @@ def err(a, b):
     return torch.where(a == b, torch.zeros_like(a), (a - b).abs()).max().item()
 
 
-def check_masked_nonfinite_grads(q, k, v, kw, run) -> None:
-    """Key 5 gets a NaN and value 12 an inf (entries no row keeps under `kw`); `run(q, k, v)`
-    returns the output. Every gradient must be finite and equal, within 1e-5, the float64
-    `naive` reference's on K/V with those entries zeroed: non-finite masked K/V never leak."""
+def check_masked_nonfinite_grads(q, k, v, kw, run, key=5, value=12) -> None:
+    """Key `key` gets a NaN and value `value` an inf (entries no row keeps under `kw`);
+    `run(q, k, v)` returns the output. Every gradient must be finite and equal, within 1e-5,
+    the float64 `naive` reference's on K/V with those entries zeroed: non-finite masked K/V
+    never leak."""
     k2, v2 = k.detach().clone(), v.detach().clone()
-    k2[:, :, 5, 2] = float("nan")
-    v2[:, :, 12, 0] = float("inf")
+    k2[:, :, key, 2] = float("nan")
+    v2[:, :, value, 0] = float("inf")
     xs = [t.detach().clone().requires_grad_() for t in (q, k2, v2)]
     run(*xs).sum().backward()
     ref = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
     with torch.no_grad():
-        ref[1][:, :, 5] = 0.0
-        ref[2][:, :, 12] = 0.0
+        ref[1][:, :, key] = 0.0
+        ref[2][:, :, value] = 0.0
     naive(*ref, **kw).out.sum().backward()
     for x, r in zip(xs, ref, strict=True):
         assert torch.isfinite(x.grad).all()

@@ -282,22 +282,40 @@ def test_gradients_of_out_alone_and_of_lse_alone(which):
         assert (got[2] == 0).all()
 
 
-def test_the_backward_is_triton_unless_k_or_v_holds_nan(monkeypatch):
-    """Finite K/V: the tiled backward is never called. NaN/inf in keys and values that no row
-    keeps: the tiled backward takes over, every gradient is finite and equals the float64
-    reference's on K/V with those entries zeroed (they never leak, forward or backward)."""
-    from qkv.attention import tiled
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy
+def test_the_triton_backward_keeps_masked_nan_out_on_its_own(monkeypatch):
+    """No host check and no tiled fallback: NaN/inf in keys and values that no row keeps,
+    in skipped blocks and inside a visited block's masked part, leave every gradient finite
+    and equal to the float64 reference's on K/V with those entries zeroed."""
+    from qkv.attention import scoring, tiled
 
-    calls = []
-    real = tiled.backward
-    monkeypatch.setattr(tiled, "backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(tiled, "backward", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(scoring, "all_finite", lambda *a, **k: 1 / 0)
     kw = {"window": (3, 0)}  # 10 queries at positions 30..39 keep keys 27..39 only
     q, k, v = qkv_on(1, 2, 1, 10, 40, 16, requires_grad=True)
-    out, _ = run(q, k, v, **kw)
-    out.sum().backward()
-    assert calls == []
-    check_masked_nonfinite_grads(q, k, v, kw, lambda *x: run(*x, **kw)[0])
-    assert calls == [1]
+    for key, value in ((5, 12), (24, 26)):  # skipped block; block 16..31's masked part
+        check_masked_nonfinite_grads(q, k, v, kw, lambda *x: run(*x, **kw)[0], key, value)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy
+def test_a_kept_nan_key_leaves_the_rows_that_mask_it_alone_in_dq():
+    """Key 28 (NaN) is kept by the rows at positions 30, 31 only; rows 32..39 share its tile
+    but mask it. Their dq must be finite and the float64 reference's (key 28 zeroed): ds is 0
+    there, and 0·NaN in ds·k must not make it NaN. The two rows that keep it: NaN."""
+    kw = {"window": (3, 0)}
+    q, k, v = qkv_on(1, 2, 1, 10, 40, 16, requires_grad=True)
+    k2 = k.detach().clone()
+    k2[:, :, 28, 2] = float("nan")
+    xs = [t.detach().clone().requires_grad_() for t in (q, k2, v)]
+    run(*xs, **kw)[0].sum().backward()
+    ref = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    with torch.no_grad():
+        ref[1][:, :, 28] = 0.0
+    naive(*ref, **kw).out.sum().backward()
+    dq = xs[0].grad.cpu()
+    assert dq[:, :, :2].isnan().all()
+    assert torch.isfinite(dq[:, :, 2:]).all()
+    assert err(dq[:, :, 2:], ref[0].grad[:, :, 2:]) < 1e-5
 
 
 def _brute_blocks(spec, qs, qe, n):
@@ -438,11 +456,11 @@ def test_nan_in_masked_keys_and_values_does_not_leak(where, grad):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy
-def test_a_kept_infinite_key_scored_minus_inf_weighs_0_without_a_gradient():
+def test_a_kept_infinite_key_scored_minus_inf_weighs_0():
     """The one place the sync-free check differs from the engine's contract: a kept key with
     an infinite component whose score is −inf leaves no trace in the answer (its weight is
-    exactly 0, as in plain arithmetic and SDPA), so without a gradient its rows are the
-    answer without that key; with a gradient (K/V checked on the host) they are NaN."""
+    exactly 0, as in plain arithmetic and SDPA), so its rows are the answer without that key,
+    with or without a gradient; tiled (K/V checked) makes them NaN."""
     q, k, v = (t.detach() for t in qkv_on(1, 2, 1, 40, 40, 16))
     kw = {"window": (3, 0)}
     k[:, :, 30, 0] = float("inf")
@@ -454,7 +472,9 @@ def test_a_kept_infinite_key_scored_minus_inf_weighs_0_without_a_gradient():
     want = reference_attention(*x, mask=drop, **kw).out
     assert not out.isnan().any()
     assert err(out.cpu(), want) < 1e-5
-    checked, _ = run(*(t.requires_grad_() for t in (q, k, v)), **kw)
+    with_grad, _ = run(*(t.requires_grad_() for t in (q, k, v)), **kw)
+    assert err(with_grad.detach().cpu(), want) < 1e-5
+    checked = qkv.attention(q, k, v, backend="tiled", **kw)
     assert checked[:, :, 30:34].isnan().all() and not checked[:, :, :30].isnan().any()
 
 

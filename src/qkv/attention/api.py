@@ -259,11 +259,12 @@ def attention(
     which is PyTorch's kernel as it is: there 0·NaN is NaN. "auto" on CUDA without a gradient
     runs SDPA, then recomputes with the Triton kernel any row that came back non-finite, with no
     host sync; with a gradient, or on CPU, it checks K/V before SDPA, one host sync; "triton"
-    checks its own answer likewise when no gradient is asked).
+    checks its own answer likewise, and its backward its own tiles).
     A kept non-finite key makes its rows NaN; a kept NaN/inf value makes NaN the features of
     the rows that weight it ("fused" keeps plain arithmetic's ±inf for an infinite value).
-    Where the answer is checked instead of K/V (no gradient on CUDA), a kept key whose score
-    is −inf (an infinite component) weighs 0, as in plain arithmetic: the answer cannot show it.
+    Where the answer is checked instead of K/V ("triton"; "auto" on CUDA without a gradient),
+    a kept key whose score is −inf (an infinite component) weighs 0, as in plain arithmetic:
+    the answer cannot show it.
 
     `sinks` (Hq,): learned attention sinks (gpt-oss; StreamingLLM's sink as a parameter). Each
     row of head h gets one more softmax logit σ_h with no value behind it, so its weights sum

@@ -18,8 +18,10 @@ half-rounded O, dQ lands 10× past flash-attn's own bwd-overflow criterion. Unde
 mistakes bf16 for integers).
 
 The masking is the forward's: bottom-right alignment δ = Sk − Sq, window (left, right)
-inclusive on that diagonal, the sequence tails. A banded call whose K or V holds NaN/inf takes
-`tiled.backward` instead (the forward knows, without a second check).
+inclusive on that diagonal, the sequence tails. NaN/inf in masked-out K or V never reach a
+gradient, with no check on the host: on the tiles with masked entries dS is zeroed where masked
+(a NaN value makes dP NaN there) and dQ's keys are cleaned (0·NaN), while a kept bad key or
+value still gives NaN through its own P or dP, as plain arithmetic does.
 """
 
 from __future__ import annotations
@@ -110,13 +112,28 @@ def _probs(q, kt, lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
     s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
     if not MASKED:
         return tl.exp2(s - lse2[:, None])
+    keep = _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT)
+    return tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+
+
+@triton.jit
+def _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT: tl.constexpr,
+          HAS_RIGHT: tl.constexpr):  # fmt: skip
+    """(i j) True where row i keeps key j: inside Sq and Sk, and the band's."""
     pos = offs_m[:, None] + delta
     keep = (offs_m[:, None] < Sq) & (offs_n[None, :] < Sk)
     if HAS_LEFT:
         keep = keep & (offs_n[None, :] >= pos - left)
     if HAS_RIGHT:
         keep = keep & (offs_n[None, :] <= pos + right)
-    return tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+    return keep
+
+
+@triton.jit
+def _finite(x):
+    """x with NaN/inf replaced by 0 (compared in fp32: the interpreter's bf16 != is on bits)."""
+    xf = x.to(tl.float32)
+    return tl.where((xf != xf) | (tl.abs(xf) == float("inf")), 0.0, x)
 
 
 @triton.jit
@@ -171,6 +188,9 @@ def _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, h, Hq, Sq, Sk, offs_n, offs_
         dv = tl.dot(tl.trans(_as_operand(p, do, DOT_F32)), do, dv, input_precision=DOT_PREC)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)  # (i j) fp32
         ds = p * (dp - dlt[:, None])
+        if MASKED:  # a masked NaN/inf value makes dp NaN: 0·NaN must stay 0
+            keep = _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT)
+            ds = tl.where(keep, ds, 0.0)
         dk = tl.dot(tl.trans(_as_operand(ds, q, DOT_F32)), q, dk, input_precision=DOT_PREC)
     return dk, dv
 
@@ -238,6 +258,11 @@ def _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale,
                    HAS_LEFT, HAS_RIGHT, DOT_PREC, MASKED)  # (i j)  # fmt: skip
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (i j) fp32
         ds = p * (dp - dlt[:, None])
+        if MASKED:  # masked NaN/inf in v (dp) or k (ds·k) must not leak: 0·NaN stays 0; a
+            # kept bad key still gives NaN through its ds
+            keep = _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT)
+            ds = tl.where(keep, ds, 0.0)
+            k = _finite(k)
         dq = tl.dot(_as_operand(ds, k, DOT_F32), k, dq, input_precision=DOT_PREC)  # (i d)
     return dq
 

@@ -14,11 +14,10 @@ Launch sizes: `default_config`, measured on an H200 (benchmarks/triton_tune.py).
 Exactly what `qkv.attention` means: scale, bottom-right alignment (query row i at position
 i + δ, δ = Sk − Sq), window (left, right) inclusive, GQA by indexing kv head h // (Hq // Hk)
 (no K/V copies), an empty row → out 0 and LSE −inf, NaN/inf in masked-out K or V never reaches
-the output. Without a gradient each program checks its own answer in registers and redoes a
-tile holding NaN/inf with the cleaning visits, which zero bad keys and values and mark NaN
-where a kept one is (no host sync; any leak is a NaN in the row, as in `repair`). With a
-gradient a banded call checks K and V once on the host instead (the backward must know too)
-and runs the cleaning variant if they hold any.
+the output. Each program checks its own answer in registers and redoes a tile holding NaN/inf
+with the cleaning visits, which zero bad keys and values and mark NaN where a kept one is (no
+host sync; any leak is a NaN in the row, as in `repair`); the backward keeps them out of the
+gradients on its own (`triton_backward`).
 fp16/bf16/fp32 in; scores q·k are accumulated in fp32 by `tl.dot` and never rounded to the
 input dtype, and softmax, `m`, `l` and `acc` stay fp32 (P is rounded to v's dtype before P·V, as
 FlashAttention does); LSE fp32 natural log (under the interpreter, whose
@@ -28,7 +27,7 @@ Head dims D = Dv ≤ 256, padded to a power of two ≥ 16 inside. fp32 dots use 
 (no TF32), as the error budget demands.
 
 The backward is `triton_backward` (FlashAttention-2's dK/dV and dQ passes from the saved
-LSE, fp32 scores and dP); a banded call with NaN/inf in K or V takes `tiled.backward`.
+LSE, fp32 scores and dP); where Triton cannot build it, `tiled.backward` (`_backward`).
 
 Importing this module imports Triton and decides, once, whether kernels run compiled (CUDA)
 or in Triton's CPU interpreter (`TRITON_INTERPRET=1` set before the import): under the
@@ -46,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import scoring, tiled
+from . import tiled
 from .reference import double_backward_vjp
 from .spec import Spec
 
@@ -372,12 +371,6 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
         tl.store(VISITS + (pid_bh * n_blocks + pid_m) * 2 + 1, n_inner)
 
 
-def needs_clean(spec: Spec, k: Tensor, v: Tensor) -> bool:
-    """Whether a banded call's K or V holds NaN/inf (one host sync, banded calls only): then
-    the forward runs its cleaning variant and the backward is `tiled.backward`."""
-    return spec.banded and not scoring.all_finite(k, v)
-
-
 def forward(
     q: Tensor,
     k: Tensor,
@@ -391,10 +384,10 @@ def forward(
     """(out (b h i e) in q's dtype, lse (b h i) fp32, visits) — no autograd; see `triton`.
 
     `visits` (b·h, n_query_blocks, 2) int32 counts the [masked, interior] key blocks each
-    program visited when `count`, else None. `clean`: `needs_clean`'s answer (True: the
-    cleaning variant, False: plain); None: the kernel checks its own answer instead, in
-    registers, and redoes with the cleaning visits only a tile that holds NaN/inf (no host
-    sync; rows that come back finite are plain arithmetic's).
+    program visited when `count`, else None. `clean` None (the default): the kernel checks its
+    own answer in registers and redoes with the cleaning visits only a tile that holds NaN/inf
+    (no host sync; rows that come back finite are plain arithmetic's); True: the cleaning
+    visits throughout; False: plain arithmetic only (masked NaN/inf may leak: for timing).
     `out_dtype` (default q's): fp32 keeps O unrounded for the backward's Δ = rowsum(dO∘O).
     `config` defaults to `default_config`."""
     config = config or default_config(spec, q.dtype)
@@ -470,15 +463,10 @@ class _TritonAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, sinks, spec: Spec, config: Config | None):
         """`sinks` is `spec.sinks`, passed again so autograd sees it. `config` None: each
         kernel's default (`default_config` forward, `Config()` backward)."""
-        grads = any(ctx.needs_input_grad[:4])
-        # with a gradient the backward must know whether K/V hold NaN/inf (one host sync for a
-        # banded call); without one the kernel checks its own answer instead (no sync)
-        ctx.clean = needs_clean(spec, k, v) if grads and spec.Sq and spec.Sk else False
         # O in fp32 for the backward: Δ = rowsum(dO∘O) from a half-rounded O puts dQ 10× past
         # flash-attn's bwd-overflow criterion (fp16, 2 keys); the tiled backend keeps it too
-        wide = torch.float32 if grads else None
-        clean = ctx.clean if grads else None
-        out, lse, _ = forward(q, k, v, spec, config, clean=clean, out_dtype=wide)
+        wide = torch.float32 if any(ctx.needs_input_grad[:4]) else None
+        out, lse, _ = forward(q, k, v, spec, config, out_dtype=wide)  # checks its own answer
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec, ctx.config = spec, config
         return out.to(q.dtype), lse
@@ -491,7 +479,7 @@ class _TritonAttention(torch.autograd.Function):
                 q, k, v, ctx.spec, dout, dlse, ctx.needs_input_grad[:4], "triton"
             )
             return *grads, None, None
-        if ctx.clean or _BACKWARD_BROKEN:  # NaN/inf in K or V: tiled keeps masked ones out
+        if _BACKWARD_BROKEN:  # Triton could not build the backward here
             dq, dk, dv = tiled.backward(q, k, v, ctx.spec, out, lse, dout, dlse)
         else:
             dq, dk, dv = _backward(q, k, v, ctx.spec, out, lse, dout, dlse, ctx.config)
