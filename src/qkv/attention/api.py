@@ -258,13 +258,16 @@ def attention(
     masked-out key or value never reaches the output (on every backend but an explicit "sdpa",
     which is PyTorch's kernel as it is: there 0·NaN is NaN. "auto" on CUDA without a gradient
     runs SDPA, then recomputes with the Triton kernel any row that came back non-finite, with no
-    host sync; with a gradient, or on CPU, it checks K/V before SDPA, one host sync; "triton"
-    checks its own answer likewise, and its backward its own tiles).
+    host sync; with a gradient, or on CPU, it checks K/V before SDPA, one host sync; "triton",
+    and "auto" where it runs Triton, check their own answer likewise, and the Triton backward
+    its own tiles).
     A kept non-finite key makes its rows NaN; a kept NaN/inf value makes NaN the features of
     the rows that weight it ("fused" keeps plain arithmetic's ±inf for an infinite value).
-    Where the answer is checked instead of K/V ("triton"; "auto" on CUDA without a gradient),
-    a kept key whose score is −inf (an infinite component) weighs 0, as in plain arithmetic:
-    the answer cannot show it.
+    Where the answer is checked instead of K/V ("triton", with or without a gradient, and
+    "auto" where it runs Triton or repairs SDPA), a kept key whose score is −inf (an infinite
+    component) weighs 0, as in plain arithmetic: the answer cannot show it. Gradients through a
+    kept non-finite key or value are NaN or plain arithmetic's, by backend and tile; only the
+    masked ones are guaranteed to stay out.
 
     `sinks` (Hq,): learned attention sinks (gpt-oss; StreamingLLM's sink as a parameter). Each
     row of head h gets one more softmax logit σ_h with no value behind it, so its weights sum
@@ -307,11 +310,12 @@ def attention(
     if backend == "sdpa" and return_lse:
         try:
             out, lse = sdpa_lse(q, k, v, spec)
-            return _repaired(q, k, v, spec, out, lse) if repairs else (out, lse)
         except RuntimeError:  # a GPU without that fused kernel (e.g. flash before sm80)
             if not auto:
                 raise
             backend = "tiled"
+        else:
+            return _repaired(q, k, v, spec, out, lse) if repairs else (out, lse)
     if backend == "triton":
         try:
             out, lse = _triton_attention(q, k, v, spec)

@@ -14,10 +14,10 @@ Launch sizes: `default_config`, measured on an H200 (benchmarks/triton_tune.py).
 Exactly what `qkv.attention` means: scale, bottom-right alignment (query row i at position
 i + δ, δ = Sk − Sq), window (left, right) inclusive, GQA by indexing kv head h // (Hq // Hk)
 (no K/V copies), an empty row → out 0 and LSE −inf, NaN/inf in masked-out K or V never reaches
-the output. Each program checks its own answer in registers and redoes a tile holding NaN/inf
-with the cleaning visits, which zero bad keys and values and mark NaN where a kept one is (no
-host sync; any leak is a NaN in the row, as in `repair`); the backward keeps them out of the
-gradients on its own (`triton_backward`).
+the output. A second launch (`repair` mode, `REPAIR_CONFIG`) reads each output tile and redoes
+only rows holding NaN/inf with the cleaning visits, which zero bad keys and values and mark NaN
+where a kept one is (no host sync; any leak is a NaN in the row). The backward keeps them out of
+the gradients on its own (`triton_backward`).
 fp16/bf16/fp32 in; scores q·k are accumulated in fp32 by `tl.dot` and never rounded to the
 input dtype, and softmax, `m`, `l` and `acc` stay fp32 (P is rounded to v's dtype before P·V, as
 FlashAttention does); LSE fp32 natural log (under the interpreter, whose
@@ -80,6 +80,14 @@ def default_config(spec: Spec, dtype: torch.dtype) -> Config:
     if dtype in (torch.float16, torch.bfloat16) and 64 < spec.D <= 128:
         return Config(num_stages=3)
     return Config()
+
+
+# the repair pass's launch: small tiles and no pipelining, to keep its cleaning loop nest (with
+# its fp32 `hit` dot) well inside shared memory for every dtype and D ≤ 256 (a review compiled
+# a 64 × 64, 2-stage kernel with two loop nests for sm_90: 360 KB at fp32 D = 256, past an
+# H200's 227 KB; this launch is not yet compiled for a GPU). It reads each output tile once
+# and recomputes only where NaN/inf came back, so its speed there hardly matters.
+REPAIR_CONFIG = Config(block_m=32, block_n=32, num_warps=4, num_stages=1)
 
 
 def unsupported(q: Tensor, spec: Spec) -> str | None:
@@ -296,16 +304,15 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CLEAN: tl.constexpr,
                     COUNT: tl.constexpr, HAS_SINKS: tl.constexpr, EVEN_D: tl.constexpr,
                     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, REPAIR: tl.constexpr,
-                    SELF_REPAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr):  # fmt: skip
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """Grid (cdiv(Sq, BLOCK_M), B·Hq). O (b h i e) in q's dtype, LSE (b h i) fp32 contiguous;
     VISITS (B·Hq, n_blocks, 2) int32 [masked, interior] key blocks visited, when COUNT;
     SINKS (Hq,) fp32 natural-log sink logits when HAS_SINKS: the online softmax starts from
     the sink (m = σ·log2 e, l = 1) instead of from nothing (m = −inf, l = 0).
     REPAIR: O already holds an answer (SDPA's); a program whose O tile is all finite visits
     no key block and stores nothing, one with NaN/inf there recomputes its rows with the
-    cleaning visits and stores those rows (and their LSE). SELF_REPAIR: the same check on this
-    kernel's own plain answer, in registers, before it is stored (no host-side K/V check)."""
+    cleaning visits and stores those rows (and their LSE). One loop nest per kernel: a second
+    one (checking this kernel's own answer in registers) would double its shared memory."""
     # the last query blocks first: under a causal band they visit the most key blocks, so
     # the light ones fill the GPU's last wave instead of the heavy ones
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -342,16 +349,13 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
             left, right, qk_scale, lo, mid_lo, mid_hi, hi, HAS_LEFT, HAS_RIGHT, CLEAN,
             HAS_SINKS, EVEN_D, DOT_PREC, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_D,
         )  # fmt: skip
-    row_bad = m_ok.to(tl.int32) * 0  # (i) 1 where the answer holds NaN/inf
-    if REPAIR or SELF_REPAIR:
-        bad = ((out != out) | (tl.abs(out) == float("inf"))).to(tl.int32)
-        row_bad = tl.reduce(bad, 1, _MAX)
-    if not REPAIR:  # the rows that need no second look (all of them unless SELF_REPAIR)
-        done = m_ok & (row_bad == 0)
+    if not REPAIR:
         out = _round(out, O.dtype.element_ty, DOT_F32 and O.dtype.element_ty == tl.bfloat16)
-        tl.store(o_ptrs, out, mask=done[:, None] & d_ok[None, :])
-        tl.store(lse_ptrs, lse, mask=done)
-    if REPAIR or SELF_REPAIR:  # the others again, cleaning K and V; `out` is dead by now
+        tl.store(o_ptrs, out, mask=o_mask)
+        tl.store(lse_ptrs, lse, mask=m_ok)
+    if REPAIR:  # rows whose given answer holds NaN/inf: again, cleaning K and V
+        bad = ((out != out) | (tl.abs(out) == float("inf"))).to(tl.int32)
+        row_bad = tl.reduce(bad, 1, _MAX)  # (i) 0 or 1
         n_bad = tl.reduce(row_bad, 0, _MAX)
         hi = lo + (hi - lo) * n_bad  # a finite tile: an empty visit, no key block is read
         mid_lo = lo + (mid_lo - lo) * n_bad
@@ -361,7 +365,7 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
             left, right, qk_scale, lo, mid_lo, mid_hi, hi, HAS_LEFT, HAS_RIGHT, True,
             HAS_SINKS, EVEN_D, DOT_PREC, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_D,
         )  # fmt: skip
-        redo = m_ok & (row_bad > 0)  # disjoint from `done`: no two stores to one address
+        redo = m_ok & (row_bad > 0)  # only these rows are stored
         fixed = _round(fixed, O.dtype.element_ty, DOT_F32 and O.dtype.element_ty == tl.bfloat16)
         tl.store(o_ptrs, fixed, mask=redo[:, None] & d_ok[None, :])
         tl.store(lse_ptrs, fixed_lse, mask=redo)
@@ -384,8 +388,8 @@ def forward(
     """(out (b h i e) in q's dtype, lse (b h i) fp32, visits) — no autograd; see `triton`.
 
     `visits` (b·h, n_query_blocks, 2) int32 counts the [masked, interior] key blocks each
-    program visited when `count`, else None. `clean` None (the default): the kernel checks its
-    own answer in registers and redoes with the cleaning visits only a tile that holds NaN/inf
+    program visited when `count`, else None. `clean` None (the default): a plain pass, then a
+    `repair` launch that recomputes with the cleaning visits only rows that came back NaN/inf
     (no host sync; rows that come back finite are plain arithmetic's); True: the cleaning
     visits throughout; False: plain arithmetic only (masked NaN/inf may leak: for timing).
     `out_dtype` (default q's): fp32 keeps O unrounded for the backward's Δ = rowsum(dO∘O).
@@ -406,15 +410,15 @@ def forward(
             lse.copy_(s.sinks.detach().to(lse.dtype).view(1, -1, 1).expand_as(lse))
         return out, lse, visits
     sinks = None if s.sinks is None else s.sinks.detach().to(torch.float32).contiguous()
-    mode = "self-repair" if clean is None else ("clean" if clean else "plain")
-    _launch(q, k, v, s, out, lse, sinks, visits, config, mode)
+    _launch(q, k, v, s, out, lse, sinks, visits, config, "clean" if clean else "plain")
+    if clean is None:  # check the answer instead of K/V: a second launch, no host sync
+        _launch(q, k, v, s, out, lse, sinks, None, REPAIR_CONFIG, "repair")
     return out, lse, visits
 
 
 def _launch(q, k, v, s: Spec, out, lse, sinks, visits, config: Config, mode: str) -> None:
-    """`_forward_kernel` over (query blocks, b·h); `mode` "plain" (CLEAN off), "clean",
-    "self-repair" (plain, then the cleaning visits for a tile whose answer holds NaN/inf) or
-    "repair" (`out` holds another kernel's answer)."""
+    """`_forward_kernel` over (query blocks, b·h); `mode` "plain" (CLEAN off), "clean" or
+    "repair" (`out` holds an answer: rows holding NaN/inf are recomputed cleaning K and V)."""
     block_d = max(16, triton.next_power_of_2(s.D))
     grid = (triton.cdiv(s.Sq, config.block_m), s.B * s.Hq)
     _forward_kernel[grid](
@@ -426,7 +430,7 @@ def _launch(q, k, v, s: Spec, out, lse, sinks, visits, config: Config, mode: str
         HAS_SINKS=sinks is not None, EVEN_D=block_d == s.D,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
-        REPAIR=mode == "repair", SELF_REPAIR=mode == "self-repair",
+        REPAIR=mode == "repair",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
@@ -450,7 +454,7 @@ def repair(
     if lse is not None and not lse.is_contiguous():
         lse = lse.contiguous()
     scratch = lse if lse is not None else torch.empty(s.B, s.Hq, s.Sq, device=q.device)
-    _launch(q, k, v, s, out, scratch, None, None, default_config(s, q.dtype), "repair")
+    _launch(q, k, v, s, out, scratch, None, None, REPAIR_CONFIG, "repair")
     return out, lse
 
 
