@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .spec import Spec
-from .triton_kernel import LOG2E, Config, _as_operand, _block_range
+from .triton_kernel import LOG2E, Config, _as_operand, _block_range, _nonfinite
 
 _SUM = tl.standard._sum_combine  # builtins only, as in triton_kernel (the interpreter needs them)
 
@@ -103,17 +103,10 @@ def _query_block_range(ks, ke, Sq, delta, left, right, full, HAS_LEFT: tl.conste
 
 
 @triton.jit
-def _probs(q, kt, lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
-           HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
-           MASKED: tl.constexpr):  # fmt: skip
-    """P (i j) fp32 for a tile: exp2(scale·log2e·q·k − lse·log2e) where kept, else 0. Not
-    MASKED: a tile whose every (i, j) the band keeps (rows past Sq still get 0: their lse2
-    is +inf)."""
-    s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-    if not MASKED:
-        return tl.exp2(s - lse2[:, None])
-    keep = _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT)
-    return tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+def _probs(q, kt, lse2, qk_scale, DOT_PREC: tl.constexpr):
+    """P (i j) fp32 for a tile, unmasked: exp2(scale·log2e·q·k − lse·log2e) (rows past Sq or
+    keeping no key get 0: their lse2 is +inf). Masked tiles apply `_keep` to it."""
+    return tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse2[:, None])
 
 
 @triton.jit
@@ -127,13 +120,6 @@ def _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT: tl.constexpr,
     if HAS_RIGHT:
         keep = keep & (offs_n[None, :] <= pos + right)
     return keep
-
-
-@triton.jit
-def _finite(x):
-    """x with NaN/inf replaced by 0 (compared in fp32: the interpreter's bf16 != is on bits)."""
-    xf = x.to(tl.float32)
-    return tl.where((xf != xf) | (tl.abs(xf) == float("inf")), 0.0, x)
 
 
 @triton.jit
@@ -183,13 +169,14 @@ def _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, h, Hq, Sq, Sk, offs_n, offs_
         offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         q, do, lse2, dlt = _query_rows(Q, DO, LSE, DLT, b, h, Hq, Sq, offs_m, offs_d, D,
                                        sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, DOT_F32)  # fmt: skip
-        p = _probs(q, kt, lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
-                   HAS_LEFT, HAS_RIGHT, DOT_PREC, MASKED)  # (i j)  # fmt: skip
+        p = _probs(q, kt, lse2, qk_scale, DOT_PREC)  # (i j)
+        if MASKED:
+            keep = _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(keep, p, 0.0)
         dv = tl.dot(tl.trans(_as_operand(p, do, DOT_F32)), do, dv, input_precision=DOT_PREC)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)  # (i j) fp32
         ds = p * (dp - dlt[:, None])
         if MASKED:  # a masked NaN/inf value makes dp NaN: 0·NaN must stay 0
-            keep = _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT)
             ds = tl.where(keep, ds, 0.0)
         dk = tl.dot(tl.trans(_as_operand(ds, q, DOT_F32)), q, dk, input_precision=DOT_PREC)
     return dk, dv
@@ -254,15 +241,16 @@ def _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale,
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         k, v = _key_block(K, V, b, hk, offs_n, offs_d, Sk, D, skb, skh, skn, skd,
                           svb, svh, svn, svd, DOT_F32)  # fmt: skip
-        p = _probs(q, tl.trans(k), lse2, offs_m, offs_n, Sq, Sk, delta, left, right, qk_scale,
-                   HAS_LEFT, HAS_RIGHT, DOT_PREC, MASKED)  # (i j)  # fmt: skip
+        p = _probs(q, tl.trans(k), lse2, qk_scale, DOT_PREC)  # (i j)
+        if MASKED:
+            keep = _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (i j) fp32
         ds = p * (dp - dlt[:, None])
         if MASKED:  # masked NaN/inf in v (dp) or k (ds·k) must not leak: 0·NaN stays 0; a
             # kept bad key still gives NaN through its ds
-            keep = _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT)
             ds = tl.where(keep, ds, 0.0)
-            k = _finite(k)
+            k = tl.where(_nonfinite(k), 0.0, k)
         dq = tl.dot(_as_operand(ds, k, DOT_F32), k, dq, input_precision=DOT_PREC)  # (i d)
     return dq
 

@@ -157,6 +157,13 @@ def _block_range(qs, qe, Sk, delta, left, right, HAS_LEFT: tl.constexpr, HAS_RIG
 
 
 @triton.jit
+def _nonfinite(x):
+    """True where x is NaN or ±inf, compared in fp32 (the interpreter's bf16 != is on bits)."""
+    xf = x.to(tl.float32)
+    return (xf != xf) | (tl.abs(xf) == float("inf"))
+
+
+@triton.jit
 def _round(x, dtype: tl.constexpr, RTNE_BF16: tl.constexpr):
     """fp32 x → `dtype`, to nearest even. RTNE_BF16 (Triton's CPU interpreter with bf16): its
     fp32 → bf16 cast truncates, unlike compiled kernels, so the rounding is done here on the
@@ -200,8 +207,7 @@ def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, of
         else:
             kt = tl.load(kt_ptrs, mask=d_ok[:, None], other=0.0)
         if CLEAN:  # a non-finite key: NaN for the rows that keep it, nothing for the others
-            kf = kt.to(tl.float32)  # compared in fp32: the interpreter's bf16 != is on bits
-            kbad = tl.reduce(((kf != kf) | (tl.abs(kf) == float("inf"))).to(tl.int32), 0, _MAX)
+            kbad = tl.reduce(_nonfinite(kt).to(tl.int32), 0, _MAX)  # (j)
             kt = tl.where(kbad[None, :] > 0, 0.0, kt)
         if DOT_F32:
             kt = kt.to(tl.float32)
@@ -233,8 +239,7 @@ def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, of
         if CLEAN:  # 0·NaN = NaN: zero non-finite values, remember where kept ones were hit
             # (j e) 1.0 where non-finite (tl.where, not a cast of bools: the interpreter's
             # bool → float cast fails on bf16 tiles)
-            vf = v.to(tl.float32)  # compared in fp32: the interpreter's bf16 != is on bits
-            bad = tl.where((vf != vf) | (tl.abs(vf) == float("inf")), 1.0, 0.0)
+            bad = tl.where(_nonfinite(v), 1.0, 0.0)
             v = tl.where(bad > 0, 0.0, v)
             if MASKED:
                 hit = tl.dot(tl.where(keep, 1.0, 0.0), bad, hit, input_precision="ieee")
@@ -354,7 +359,7 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
         tl.store(o_ptrs, out, mask=o_mask)
         tl.store(lse_ptrs, lse, mask=m_ok)
     if REPAIR:  # rows whose given answer holds NaN/inf: again, cleaning K and V
-        bad = ((out != out) | (tl.abs(out) == float("inf"))).to(tl.int32)
+        bad = _nonfinite(out).to(tl.int32)
         row_bad = tl.reduce(bad, 1, _MAX)  # (i) 0 or 1
         n_bad = tl.reduce(row_bad, 0, _MAX)
         hi = lo + (hi - lo) * n_bad  # a finite tile: an empty visit, no key block is read
