@@ -114,11 +114,15 @@ def _sdpa_repairs(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
     (a host sync: ~60 µs on an H200, more than SDPA's own 52 µs at B4 H16 N1024 D128) and
     instead lets `triton_kernel.repair` recompute any query row whose output came back
     non-finite: every leak of a masked NaN/inf through SDPA is a NaN there (0·NaN, 0·inf,
-    NaN + −inf), so checking the output finds it. No gradient (SDPA's backward would leak
-    too), no sinks, a request the Triton kernel computes, not under torch.compile."""
+    NaN + −inf), so checking the output finds it. With a gradient to take, `sdpa_checked`
+    checks SDPA's gradients on the device likewise (head dims D ≤ TRITON_GRAD_MAX_D, which
+    the Triton backward serves). No sinks, a request the Triton kernels compute (causal: they
+    take no mask tensor), not under torch.compile."""
     if torch.compiler.is_compiling() or spec.sinks is not None or not spec.masked:
         return False
-    return not scoring.needs_grad(q, k, v) and _triton_usable(q, spec)
+    if scoring.needs_grad(q, k, v) and spec.D > TRITON_GRAD_MAX_D:
+        return False
+    return _triton_usable(q, spec)
 
 
 def _repaired(
@@ -256,11 +260,13 @@ def attention(
 
     A row with no key left returns 0 with LSE −inf and zero gradients, never NaN. NaN/inf in a
     masked-out key or value never reaches the output (on every backend but an explicit "sdpa",
-    which is PyTorch's kernel as it is: there 0·NaN is NaN. "auto" on CUDA without a gradient
-    runs SDPA, then recomputes with the Triton kernel any row that came back non-finite, with no
-    host sync; with a gradient, or on CPU, it checks K/V before SDPA, one host sync; "triton",
-    and "auto" where it runs Triton, check their own answer likewise, and the Triton backward
-    its own tiles).
+    which is PyTorch's kernel as it is: there 0·NaN is NaN. "auto" on CUDA runs causal SDPA,
+    then recomputes with the Triton kernel any row that came back non-finite, and with a
+    gradient (D ≤ 128) redoes SDPA's gradients by the Triton backward if they came back
+    non-finite, with no host sync (`qkv.attention.sdpa_checked`); for masks the Triton kernels
+    do not take, on CPU, or under `create_graph=True`, it checks K/V on the host, one sync;
+    "triton", and "auto" where it runs Triton, check their own answer likewise, and the Triton
+    backward its own tiles).
     A kept non-finite key makes its rows NaN; a kept NaN/inf value makes NaN the features of
     the rows that weight it ("fused" keeps plain arithmetic's ±inf for an infinite value).
     Where the answer is checked instead of K/V ("triton", with or without a gradient, and
@@ -333,6 +339,13 @@ def attention(
     if backend == "fused":
         out, lse = fused_cpu.fused(q, k, v, spec)
         return (out, lse) if return_lse else out
+    if repairs and scoring.needs_grad(q, k, v):
+        from .sdpa_checked import sdpa_checked
+
+        def run(*xs: Tensor) -> Tensor:
+            return sdpa(*xs, spec)
+
+        return sdpa_checked(q, k, v, spec, run, lambda o: _repaired(q, k, v, spec, o)[0])
     if repairs:
         return _repaired(q, k, v, spec, sdpa(q, k, v, spec))[0]
     return sdpa(q, k, v, spec)

@@ -1,6 +1,6 @@
 """The triton backend's backward: FlashAttention-2's two passes, recomputing P from the saved LSE.
 
-With `Δ_i = Σ_e dO_ie·O_ie − dLSE_i` (b h i), fp32, computed once by PyTorch:
+With `Δ_i = Σ_e dO_ie·O_ie − dLSE_i` (b h i), fp32, computed once by `_delta_kernel`:
 
     P_ij  = exp(scale·q_i·k_j − LSE_i)        kept (i, j) only; an empty row (LSE −inf) is 0
     dP_ij = dO_i · v_j                         fp32, never rounded to the input dtype
@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .spec import Spec
-from .triton_kernel import LOG2E, Config, _as_operand, _block_range, _nonfinite
+from .triton_kernel import LOG2E, Config, _as_operand, _block_range, _nonfinite, _round
 
 _SUM = tl.standard._sum_combine  # builtins only, as in triton_kernel (the interpreter needs them)
 
@@ -186,11 +186,16 @@ def _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, h, Hq, Sq, Sk, offs_n, offs_
 def _dkdv_kernel(Q, K, V, DO, LSE, DLT, DK, DV,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sdb, sdh, sdm, sdd, skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
-                 Hq, Hk, GS, Sq, Sk, D, left, right, qk_scale, sm_scale,
+                 Hq, Hk, GS, Sq, Sk, D, left, right, qk_scale, sm_scale, GATE,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
-                 DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):  # fmt: skip
-    """Grid (cdiv(Sk, BLOCK_N), B·Hk). DK, DV (b g j d) fp32; LSE, DLT (b h i) fp32 contiguous."""
+                 DOT_F32: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Grid (cdiv(Sk, BLOCK_N), B·Hk). DK, DV (b g j d) in any float dtype (each value rounded
+    once, to nearest even); LSE, DLT (b h i) fp32 contiguous. HAS_GATE: a program whose int32
+    GATE reads 0 returns at once, reading and writing nothing."""
+    if HAS_GATE:
+        if tl.load(GATE) == 0:
+            return
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = pid_bg // Hk
@@ -224,8 +229,10 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DLT, DK, DV,
                              D, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right,
                              qk_scale, mid_hi, hi, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
                              DOT_F32, BLOCK_M)  # fmt: skip
+    dk = _round(dk * sm_scale, DK.dtype.element_ty, DOT_F32 and DK.dtype.element_ty == tl.bfloat16)
+    dv = _round(dv, DV.dtype.element_ty, DOT_F32 and DV.dtype.element_ty == tl.bfloat16)
     tl.store(DK + b * skgb + g * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
-             dk * sm_scale, mask=kv_mask)  # fmt: skip
+             dk, mask=kv_mask)  # fmt: skip
     tl.store(DV + b * svgb + g * svgh + offs_n[:, None] * svgn + offs_d[None, :] * svgd,
              dv, mask=kv_mask)  # fmt: skip
 
@@ -259,11 +266,15 @@ def _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale,
 def _dq_kernel(Q, K, V, DO, LSE, DLT, DQ,
                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                sdb, sdh, sdm, sdd, sgb, sgh, sgm, sgd,
-               Hq, GS, Sq, Sk, D, left, right, qk_scale, sm_scale,
+               Hq, GS, Sq, Sk, D, left, right, qk_scale, sm_scale, GATE,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
-               DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr):  # fmt: skip
-    """Grid (cdiv(Sq, BLOCK_M), B·Hq). DQ (b h i d) fp32."""
+               DOT_F32: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Grid (cdiv(Sq, BLOCK_M), B·Hq). DQ (b h i d) in any float dtype (rounded once);
+    GATE as `_dkdv_kernel`'s."""
+    if HAS_GATE:
+        if tl.load(GATE) == 0:
+            return
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -289,8 +300,32 @@ def _dq_kernel(Q, K, V, DO, LSE, DLT, DQ,
                    hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn, svd,
                    mid_hi, hi, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32, BLOCK_N)  # fmt: skip
     qm = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
+    dq = _round(dq * sm_scale, DQ.dtype.element_ty, DOT_F32 and DQ.dtype.element_ty == tl.bfloat16)
     tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_d[None, :] * sgd,
-             dq * sm_scale, mask=qm)  # fmt: skip
+             dq, mask=qm)  # fmt: skip
+
+
+@triton.jit
+def _delta_kernel(O, DO, DLSE, DLT, sob, soh, som, sod, sdb, sdh, sdm, sdd, Hq, Sq, Dv,
+                  HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Grid (cdiv(Sq, BLOCK_M), B·Hq). DLT (b h i) fp32 = Σ_e dO·O (fp32 products and sum)
+    − dLSE (fp32, (b h i) contiguous, when HAS_DLSE): Δ in one read of O and dO."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Sq
+    ok = m_ok[:, None] & (offs_e < Dv)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_e[None, :] * sod,
+                mask=ok, other=0.0).to(tl.float32)  # fmt: skip
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_e[None, :] * sdd,
+                 mask=ok, other=0.0).to(tl.float32)  # fmt: skip
+    dlt = tl.reduce(o * do, 1, _SUM)
+    row = pid_bh * Sq + offs_m
+    if HAS_DLSE:
+        dlt = dlt - tl.load(DLSE + row, mask=m_ok, other=0.0)
+    tl.store(DLT + row, dlt, mask=m_ok)
 
 
 def _launch(config: Config) -> dict:
@@ -312,35 +347,65 @@ def backward(
     dq_config: Config | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) in the inputs' dtypes for the triton forward's (out, lse); see the module
-    docstring. No host sync: Δ is one PyTorch reduction, the rest two kernel launches.
+    docstring. No host sync: a Δ kernel, then the two passes.
     `config` launches the dK/dV pass, `dq_config` (default: `config`) the dQ pass."""
+    s = spec
+    if s.Sq == 0 or s.Sk == 0 or s.B * s.Hq == 0 or (dout is None and dlse is None):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    dlt = torch.empty(s.B, s.Hq, s.Sq, dtype=torch.float32, device=q.device)
+    block_d = max(16, triton.next_power_of_2(s.Dv))
+    dlse_ = None if dlse is None else dlse.float().contiguous()
+    _delta_kernel[(triton.cdiv(s.Sq, 64), s.B * s.Hq)](
+        out, dout, dlt if dlse_ is None else dlse_, dlt, *out.stride(), *dout.stride(),
+        s.Hq, s.Sq, s.Dv, HAS_DLSE=dlse_ is not None, BLOCK_M=64, BLOCK_D=block_d,
+    )  # fmt: skip
+    grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    passes(q, k, v, s, lse.contiguous(), dlt, dout, grads, config, interpreted, dq_config)
+    return grads
+
+
+def passes(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: Spec,
+    lse: Tensor,
+    dlt: Tensor,
+    dout: Tensor,
+    grads: tuple[Tensor | None, Tensor | None, Tensor | None],
+    config: Config | None = None,
+    interpreted: bool = False,
+    dq_config: Config | None = None,
+    gate: Tensor | None = None,
+) -> None:
+    """The dK/dV and dQ passes, written into `grads` (dq, dk, dv: tensors of q's, k's, v's
+    shapes, any float dtype and strides; each value rounded once). A None dq skips its pass;
+    a None dk or dv is computed into scratch. `lse`, `dlt` (b h i) fp32 contiguous.
+    `gate` (int32 (1,) on the device): when it holds 0 every program returns at once, and
+    `grads` keep what they held (no host sync decides it)."""
     s, config = spec, config or Config()
     dq_config = dq_config or config
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
-    if s.Sq == 0 or s.Sk == 0 or s.B * s.Hq == 0 or (dout is None and dlse is None):
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-    dlt = (dout.float() * out.float()).sum(-1)  # (b h i) Δ = rowsum(dO ∘ O)
-    if dlse is not None:
-        dlt = dlt - dlse.float()
-    dlt, lse = dlt.contiguous(), lse.contiguous()
+    dq, dk, dv = grads
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
     block_d = max(16, triton.next_power_of_2(s.D))
     common = dict(
         HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        DOT_F32=interpreted and q.dtype == torch.bfloat16, BLOCK_D=block_d,
+        DOT_F32=interpreted and q.dtype == torch.bfloat16, HAS_GATE=gate is not None,
+        BLOCK_D=block_d,
     )  # fmt: skip
-    band = (s.left or 0, s.right or 0, s.scale * LOG2E, s.scale)
+    band = (s.left or 0, s.right or 0, s.scale * LOG2E, s.scale, dlt if gate is None else gate)
     _dkdv_kernel[(triton.cdiv(s.Sk, config.block_n), s.B * s.Hk)](
         q, k, v, dout, lse, dlt, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         s.Hq, s.Hk, s.G, s.Sq, s.Sk, s.D, *band, **common, **_launch(config),
     )  # fmt: skip
+    if dq is None:
+        return
     _dq_kernel[(triton.cdiv(s.Sq, dq_config.block_m), s.B * s.Hq)](
         q, k, v, dout, lse, dlt, dq,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         s.Hq, s.G, s.Sq, s.Sk, s.D, *band, **common, **_launch(dq_config),
     )  # fmt: skip
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -404,16 +404,19 @@ def forward(
         if n < 16 or n & (n - 1):
             raise ValueError(f"{name} must be a power of two ≥ 16, got {n}")
     s = spec
-    out = torch.zeros(s.B, s.Hq, s.Sq, s.Dv, dtype=out_dtype or q.dtype, device=q.device)
-    lse = torch.full((s.B, s.Hq, s.Sq), float("-inf"), dtype=torch.float32, device=q.device)
     visits = None
     if count:
         n_blocks = triton.cdiv(s.Sq, config.block_m)
         visits = torch.zeros(s.B * s.Hq, n_blocks, 2, dtype=torch.int32, device=q.device)
     if s.Sq == 0 or s.Sk == 0 or s.B * s.Hq == 0:
+        out = torch.zeros(s.B, s.Hq, s.Sq, s.Dv, dtype=out_dtype or q.dtype, device=q.device)
+        lse = torch.full((s.B, s.Hq, s.Sq), float("-inf"), dtype=torch.float32, device=q.device)
         if s.sinks is not None:  # no key: a row's only logit is its sink, so its LSE is σ_h
             lse.copy_(s.sinks.detach().to(lse.dtype).view(1, -1, 1).expand_as(lse))
         return out, lse, visits
+    # every row is stored by the first launch: no fill
+    out = torch.empty(s.B, s.Hq, s.Sq, s.Dv, dtype=out_dtype or q.dtype, device=q.device)
+    lse = torch.empty(s.B, s.Hq, s.Sq, dtype=torch.float32, device=q.device)
     sinks = None if s.sinks is None else s.sinks.detach().to(torch.float32).contiguous()
     _launch(q, k, v, s, out, lse, sinks, visits, config, "clean" if clean else "plain")
     if clean is None:  # check the answer instead of K/V: a second launch, no host sync
