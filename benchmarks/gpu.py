@@ -373,11 +373,35 @@ def nan_guarantee(device: str, dtype, quick: bool) -> list[str]:
     same = torch.equal(got.isnan(), ref.isnan())
     ok = ~ref.isnan()
     e = (got.double()[ok] - ref[ok]).abs().max().item()
-    return [
+    rows = [
         "| B H N D, causal | rows SDPA leaks into | auto's NaN where the reference's | "
         "max abs Δ elsewhere |",
         "|---|---|---|---|",
         f"| {b} {h} {n} {d} | {leaked} | {'yes' if same else 'NO'} | {e:.2e} |",
+    ]
+    return [*rows, "", *_nan_guarantee_grad(q, k, v, n)]
+
+
+def _nan_guarantee_grad(q, k, v, n: int) -> list[str]:
+    """The same with a gradient (`auto`: SDPA's backward, checked on the device, redone by
+    the Triton backward): dq of the rows that mask every bad entry (rows < n/3), against the
+    float64 reference's on K/V with the bad entries zeroed."""
+    xs = [t.detach().requires_grad_() for t in (q, k, v)]
+    do = torch.randn_like(q)
+    raw = torch.autograd.grad(F.scaled_dot_product_attention(*xs, is_causal=True), xs[0], do)[0]
+    got = torch.autograd.grad(qkv.attention(*xs, causal=True), xs[0], do)[0]
+    x64 = [t.detach().double() for t in (q, k, v)]
+    x64 = [torch.where(torch.isfinite(t), t, 0.0).requires_grad_() for t in x64]
+    ref = torch.autograd.grad(qkv.reference_attention(*x64, causal=True).out, x64[0], do.double())
+    rows = slice(0, n // 3)
+    leaked = (~torch.isfinite(raw[:, :, rows])).any(-1).sum().item()
+    fine = torch.isfinite(got[:, :, rows]).all().item()
+    e = (got[:, :, rows].double() - ref[0][:, :, rows]).abs().max().item()
+    return [
+        "| with a gradient: rows < N/3 | dq rows SDPA leaks into | auto's dq finite | "
+        "max abs Δ dq vs float64 |",
+        "|---|---|---|---|",
+        f"| {tuple(q.shape)} | {leaked} | {'yes' if fine else 'NO'} | {e:.2e} |",
     ]
 
 
