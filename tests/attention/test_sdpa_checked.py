@@ -207,7 +207,7 @@ def test_a_redo_triton_cannot_build_falls_back_to_the_host_check(monkeypatch):
         raise OutOfResources(232448, 101376, "shared memory")
 
     monkeypatch.setattr(sc, "redo_if_nonfinite", cannot_build)
-    monkeypatch.setattr(sc, "_REDO_BROKEN", [])
+    monkeypatch.setattr(sc._REDO_BROKEN, "seen", {})
     monkeypatch.setattr(api, "sdpa", _leaky_sdpa)
     q, k, v = qkv_on(1, 2, 2, 40, 40, 16, requires_grad=True)
     do = torch.randn(1, 2, 40, 16, device=DEVICE)
@@ -220,7 +220,7 @@ def test_a_redo_triton_cannot_build_falls_back_to_the_host_check(monkeypatch):
         assert torch.equal(a.isnan(), b.isnan())
         assert err(torch.nan_to_num(a), torch.nan_to_num(b)) < 1e-5
     monkeypatch.setattr(sc, "redo_if_nonfinite", lambda *a, **kw: 1 / 0)
-    monkeypatch.setattr(sc, "_REDO_BROKEN", [])
+    monkeypatch.setattr(sc._REDO_BROKEN, "seen", {})
     with pytest.raises(ZeroDivisionError):  # any other error is raised
         _grads(q, k, v, do, causal=True)
 

@@ -518,7 +518,7 @@ def as_on_cuda(monkeypatch):
     """`auto` as it decides on a CUDA machine, for this module's DEVICE: Triton allowed there,
     and the CPU-only `fused` backend out of the way (on CUDA it never runs)."""
     monkeypatch.setattr(api, "TRITON_AUTO_DEVICES", (DEVICE,))
-    monkeypatch.setattr(api, "_TRITON_BROKEN", [])
+    monkeypatch.setattr(api._TRITON_BROKEN, "seen", {})
     monkeypatch.setattr(fused_cpu, "supported", lambda q, spec: "runs on CPU only")
 
 
@@ -739,23 +739,32 @@ def test_auto_never_takes_triton_on_cpu_tensors(return_lse):
 
 def test_auto_falls_back_to_tiled_once_triton_cannot_build(as_on_cuda, monkeypatch):
     """A GPU where Triton cannot compile or fit the kernel: "auto" warns once, names the error,
-    returns tiled's answer and stops trying; backend="triton" still raises the error itself."""
+    returns tiled's answer and stops trying for that dtype and head dim only (an fp32 D = 256
+    that does not fit must not take bf16 D = 128 off Triton); backend="triton" still raises
+    the error itself."""
     from triton.runtime.errors import OutOfResources
 
     def cannot_build(*args, **kwargs):
         raise OutOfResources(232448, 101376, "shared memory")
 
+    real = tk.forward
     monkeypatch.setattr(tk, "forward", cannot_build)
     q, k, v = qkv_on(1, 2, 2, 40, 40, 16)
     want = qkv.attention(q, k, v, window=(8, 0), backend="tiled")
-    with pytest.warns(RuntimeWarning, match=r"could not be built.*OutOfResources.*runs 'tiled'"):
+    with pytest.warns(RuntimeWarning, match=r"could not be built.*float32 with head dim 16.*"
+                      r"OutOfResources.*runs 'tiled'"):  # fmt: skip
         got = qkv.attention(q, k, v, window=(8, 0))
     assert torch.equal(got, want)
     assert auto_backend(q, k, v, window=(8, 0)) == "tiled"
+    assert auto_backend(*qkv_on(1, 2, 2, 40, 40, 12), window=(8, 0)) == "tiled"  # padded: 16
+    monkeypatch.setattr(tk, "forward", real)
+    for other in (qkv_on(1, 2, 2, 40, 40, 16, dtype=torch.bfloat16), qkv_on(1, 2, 2, 40, 40, 32)):
+        assert auto_backend(*other, window=(8, 0)) == "triton"
+    monkeypatch.setattr(tk, "forward", cannot_build)
     with pytest.raises(OutOfResources):
         qkv.attention(q, k, v, window=(8, 0), backend="triton")
     monkeypatch.setattr(tk, "forward", lambda *a, **kw: 1 / 0)  # any other error: raised
-    monkeypatch.setattr(api, "_TRITON_BROKEN", [])
+    monkeypatch.setattr(api._TRITON_BROKEN, "seen", {})
     with pytest.raises(ZeroDivisionError):
         qkv.attention(q, k, v, window=(8, 0))
 
@@ -772,7 +781,7 @@ def test_a_backward_triton_cannot_build_falls_back_to_tiled(monkeypatch):
         raise OutOfResources(232448, 101376, "shared memory")
 
     monkeypatch.setattr(triton_backward, "backward", cannot_build)
-    monkeypatch.setattr(tk, "_BACKWARD_BROKEN", [])
+    monkeypatch.setattr(tk._BACKWARD_BROKEN, "seen", {})
     q, k, v = qkv_on(1, 2, 2, 40, 40, 16, requires_grad=True)
     want = torch.autograd.grad(
         qkv.attention(q, k, v, window=(8, 0), backend="tiled").sum(), (q, k, v)
@@ -781,10 +790,10 @@ def test_a_backward_triton_cannot_build_falls_back_to_tiled(monkeypatch):
         got = torch.autograd.grad(run(q, k, v, window=(8, 0))[0].sum(), (q, k, v))
     for a, b in zip(got, want, strict=True):
         assert err(a, b) < 1e-5
-    assert tk._BACKWARD_BROKEN
+    assert tk._BACKWARD_BROKEN.seen
     again = torch.autograd.grad(run(q, k, v, window=(8, 0))[0].sum(), (q, k, v))  # no warning
     assert err(again[0], want[0]) < 1e-5
-    monkeypatch.setattr(tk, "_BACKWARD_BROKEN", [])
+    monkeypatch.setattr(tk._BACKWARD_BROKEN, "seen", {})
     monkeypatch.setattr(triton_backward, "backward", lambda *a, **kw: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # any other error is raised
         torch.autograd.grad(run(q, k, v, window=(8, 0))[0].sum(), (q, k, v))

@@ -6,12 +6,12 @@ import dataclasses
 import functools
 import inspect
 import math
-import warnings
 
 import torch
 from torch import Tensor
 
 from . import fused_cpu, scoring
+from .builds import BuildFailures
 from .reference import Intermediates, reference
 from .sdpa import lse_supported, sdpa, sdpa_lse, unsupported
 from .spec import MaskMod, ScoreMod, Spec, make_spec
@@ -62,26 +62,24 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool
     return backend
 
 
-_TRITON_BROKEN: list[str] = []  # why this process's Triton could not build the kernel, if so
+# where this process's Triton could not build the forward kernels (by dtype and head dim)
+_TRITON_BROKEN = BuildFailures(
+    "the Triton kernel",
+    "backend='auto' runs 'tiled' (or checks K/V on the host) instead",
+    " Pass backend='triton' to see the full error.",
+)
 
 
-def _triton_build_failed(e: Exception) -> bool:
+def _triton_build_failed(e: Exception, q: Tensor, spec: Spec) -> bool:
     """Whether `e` is Triton failing to compile or fit the kernel on this GPU (its
     `TritonError`s: CompilationError, OutOfResources, PTXASError). Then `auto` warns once, runs
-    `tiled` (the same numbers within the error budget) and never tries Triton again here."""
+    `tiled` (the same numbers within the error budget) and never tries Triton again here for
+    q's dtype and head dim (`builds.BuildFailures`)."""
     from .triton_kernel import build_error
 
     if not build_error(e):
         return False
-    if not _TRITON_BROKEN:
-        _TRITON_BROKEN.append(f"{type(e).__name__}: {str(e)[:300]}")
-        warnings.warn(
-            f"qkv.attention: the Triton kernel could not be built on this GPU "
-            f"({_TRITON_BROKEN[0]}); backend='auto' runs 'tiled' instead from now on. "
-            "Pass backend='triton' to see the full error.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    _TRITON_BROKEN.record(e, q.dtype, spec.D, stacklevel=3)
     return True
 
 
@@ -98,9 +96,9 @@ def _triton_forward_fits(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:
 
 
 def _triton_usable(q: Tensor, spec: Spec) -> bool:
-    """A device in `TRITON_AUTO_DEVICES`, a Triton that imports and built before, a request
-    the kernels compute (`triton_kernel.unsupported`)."""
-    if q.device.type not in TRITON_AUTO_DEVICES or _TRITON_BROKEN:
+    """A device in `TRITON_AUTO_DEVICES`, a Triton that imports and has not failed to build
+    for q's dtype and head dim, a request the kernels compute (`triton_kernel.unsupported`)."""
+    if q.device.type not in TRITON_AUTO_DEVICES or _TRITON_BROKEN.broken(q.dtype, spec.D):
         return False
     try:
         from . import triton_kernel
@@ -135,7 +133,7 @@ def _repaired(
     try:
         return repair(q, k, v, spec, out, lse)
     except Exception as e:
-        if not _triton_build_failed(e):
+        if not _triton_build_failed(e, q, spec):
             raise
     if scoring.all_finite(k, v):
         return out, lse
@@ -327,7 +325,7 @@ def attention(
             out, lse = _triton_attention(q, k, v, spec)
             return (out, lse) if return_lse else out
         except Exception as e:  # only Triton's own build errors, and only under auto
-            if not auto or not _triton_build_failed(e):
+            if not auto or not _triton_build_failed(e, q, spec):
                 raise
             backend = "tiled"
     if backend == "reference":

@@ -22,7 +22,6 @@ and, where they hold NaN/inf, recomputes the gradients through the reference.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -31,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import scoring, tiled
+from .builds import BuildFailures
 from .reference import double_backward_vjp
 from .spec import Spec
 from .triton_backward import passes
@@ -125,8 +125,7 @@ def redo_if_nonfinite(
                                                        BLOCK_S=64, BLOCK_D=block_d)  # fmt: skip
     lse = torch.empty(s.B, s.Hq, s.Sq, dtype=torch.float32, device=q.device)
     dlt = torch.empty_like(lse)
-    block_d = max(16, triton.next_power_of_2(s.D))
-    dout = dout.contiguous()
+    block_d = max(16, triton.next_power_of_2(s.D))  # dout as it came (any strides: no copy)
     _lse_delta_kernel[(triton.cdiv(s.Sq, 64), s.B * s.Hq)](
         q, k, v, dout, lse, dlt, flag, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         s.Hq, s.G, s.Sq, s.Sk, s.D, s.left or 0, s.right or 0, s.scale * LOG2E,
@@ -187,26 +186,23 @@ class _Check(torch.autograd.Function):
         return None, None, *_redone(q, k, v, ctx.spec, dout, grads)
 
 
-_REDO_BROKEN: list[str] = []  # why this process's Triton could not build the redo, if so
+# where this process's Triton could not build the redo (by dtype and head dim)
+_REDO_BROKEN = BuildFailures(
+    "the Triton check of SDPA's gradients", "K/V are checked on the host instead"
+)
 
 
 def _redone(q, k, v, spec, dout, grads):
     """`redo_if_nonfinite`, or where Triton cannot build it here, the host check and tiled's
-    backward (with a warning, once)."""
-    if not _REDO_BROKEN:
+    backward (with a warning, once per dtype and head dim)."""
+    if not _REDO_BROKEN.broken(q.dtype, spec.D):
         try:
             redo_if_nonfinite(q, k, v, spec, dout, grads)
             return grads
         except Exception as e:
             if not build_error(e):
                 raise
-            _REDO_BROKEN.append(f"{type(e).__name__}: {str(e)[:300]}")
-            warnings.warn(
-                f"qkv.attention: the Triton check of SDPA's gradients could not be built on "
-                f"this GPU ({_REDO_BROKEN[0]}); K/V are checked on the host instead.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            _REDO_BROKEN.record(e, q.dtype, spec.D, stacklevel=4)
     if scoring.all_finite(k, v):
         return grads
     xs = [t.detach().requires_grad_(g is not None) for t, g in zip((q, k, v), grads, strict=True)]

@@ -37,7 +37,6 @@ interpreter, CPU tensors are accepted so the kernel can be tested without a GPU.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tiled
+from .builds import BuildFailures
 from .reference import double_backward_vjp
 from .spec import Spec
 
@@ -491,14 +491,17 @@ class _TritonAttention(torch.autograd.Function):
                 q, k, v, ctx.spec, dout, dlse, ctx.needs_input_grad[:4], "triton"
             )
             return *grads, None, None
-        if _BACKWARD_BROKEN:  # Triton could not build the backward here
+        if _BACKWARD_BROKEN.broken(q.dtype, ctx.spec.D):  # Triton could not build it here
             dq, dk, dv = tiled.backward(q, k, v, ctx.spec, out, lse, dout, dlse)
         else:
             dq, dk, dv = _backward(q, k, v, ctx.spec, out, lse, dout, dlse, ctx.config)
         return dq, dk, dv, tiled.sink_grad(ctx, out, lse, dout, dlse), None, None
 
 
-_BACKWARD_BROKEN: list[str] = []  # why this process's Triton could not build the backward
+# where this process's Triton could not build the backward (by dtype and head dim)
+_BACKWARD_BROKEN = BuildFailures(
+    "the Triton backward", "the tiled backward computes these gradients instead"
+)
 
 
 def build_error(e: Exception) -> bool:
@@ -514,8 +517,8 @@ def build_error(e: Exception) -> bool:
 def _backward(q, k, v, spec, out, lse, dout, dlse, config):
     """The Triton backward; where Triton cannot build it on this GPU, the tiled backward (the
     same gradients within the error budget, from the same saved out and LSE), with a warning
-    once, and tiled from then on: an error in the middle of a training step's backward would
-    lose the step."""
+    once per dtype and head dim, and tiled's for those from then on: an error in the middle
+    of a training step's backward would lose the step."""
     from .triton_backward import backward
 
     try:
@@ -523,14 +526,7 @@ def _backward(q, k, v, spec, out, lse, dout, dlse, config):
     except Exception as e:
         if not build_error(e):
             raise
-        _BACKWARD_BROKEN.append(f"{type(e).__name__}: {str(e)[:300]}")
-        warnings.warn(
-            f"qkv.attention: the Triton backward could not be built on this GPU "
-            f"({_BACKWARD_BROKEN[0]}); the tiled backward computes these gradients instead, "
-            "from now on.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        _BACKWARD_BROKEN.record(e, q.dtype, spec.D, stacklevel=2)
     return tiled.backward(q, k, v, spec, out, lse, dout, dlse)
 
 
