@@ -271,3 +271,27 @@ def test_inference_with_nonfinite_keys_stays_off_sdpa():
     truth = oracle(q[:, :, :15], k[:, :, :15], v[:, :, :15], causal=True, sinks=sk)
     assert torch.isnan(out[:, :, 15]).all()
     assert err(out[:, :, :15], truth.out) < 2e-5
+
+
+def test_unmasked_inference_takes_sdpa_with_no_kv_check(monkeypatch):
+    """A decode step (Sq = 1: its causal row keeps every key) masks nothing, so no masked
+    NaN/inf can leak and `auto` reads no K/V on the host before SDPA (it did, once per layer
+    per step). A NaN key is then kept by every row: NaN, as the engine's rule says."""
+    from qkv.attention import choose_backend, scoring
+    from qkv.attention.spec import make_spec
+
+    def no_check(*xs):
+        raise AssertionError("auto checked K/V on the host")
+
+    monkeypatch.setattr(scoring, "all_finite", no_check)
+    q, k, v = make_qkv(1, 4, 2, 1, 40, 16)
+    sk = sinks_for(4, torch.float32)
+    assert choose_backend(q, k, v, make_spec(q, k, v, causal=True, sinks=sk), False) == "sdpa"
+    with torch.no_grad():
+        out, lse = qkv.attention(q, k, v, causal=True, sinks=sk, return_lse=True)
+    truth = oracle(q, k, v, causal=True, sinks=sk)
+    assert err(out, truth.out) < 2e-5 and err(lse, truth.lse) < 2e-5
+    k[0, 1, 7, 2] = float("nan")  # kv head 1: query heads 2, 3
+    with torch.no_grad():
+        out = qkv.attention(q, k, v, causal=True, sinks=sk)
+    assert out[:, 2:].isnan().all() and torch.isfinite(out[:, :2]).all()

@@ -700,6 +700,33 @@ def test_auto_sdpa_leaves_a_finite_answer_as_it_is(as_on_cuda, monkeypatch):
     assert torch.equal(got, qkv.attention(q, k, v, causal=True, backend="sdpa"))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy
+def test_auto_sinks_on_sdpa_repair_instead_of_checking_kv(as_on_cuda, monkeypatch):
+    """Inference with sinks (fp32, causal, no gradient) runs SDPA's out and LSE and folds the
+    sinks in; on CUDA the repair now keeps masked NaN/inf out of them, with no K/V check:
+    NaN exactly where the float64 reference has it, the rest within 2e-5 of the truth."""
+    q, k, v = _poisoned(torch.float32)
+    sk = torch.linspace(-1.0, 2.0, 4)
+    kw = {"causal": True, "sinks": sk.to(DEVICE)}
+    cpu = [t.cpu() for t in (q, k, v)]
+    ref = reference_attention(*(t.double() for t in cpu), causal=True, sinks=sk.double())
+    bad = ref.out.isnan()
+    truth = oracle(*(scoring.finite(t) for t in cpu), causal=True, sinks=sk)
+    monkeypatch.setattr(api, "sdpa_lse", lambda *a: _leaky_sdpa(*a, lse=True))
+
+    def no_check(*xs):
+        raise AssertionError("auto checked K/V on the host")
+
+    monkeypatch.setattr(scoring, "all_finite", no_check)
+    assert auto_backend(q, k, v, return_lse=True, **kw) == "sdpa"
+    out, lse = qkv.attention(q, k, v, return_lse=True, **kw)
+    assert torch.equal(out.cpu().isnan(), bad)
+    assert err(out.cpu()[~bad], truth.out[~bad]) < 2e-5
+    fine = ~ref.lse.isnan()
+    assert torch.equal(lse.cpu().isnan(), ~fine)
+    assert err(lse.cpu()[fine], truth.lse[fine]) < 2e-5
+
+
 @pytest.mark.parametrize(
     "kw",
     [

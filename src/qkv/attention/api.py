@@ -191,8 +191,9 @@ def _choose(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> st
         return "tiled"
     if spec.sinks is not None:  # SDPA has no sink term, but its LSE lets one be folded in
         bare = dataclasses.replace(spec, sinks=None)
-        ok = not half and lse_supported(q, k, v, bare) and scoring.all_finite(k, v)
-        return "sdpa" if ok else "tiled"
+        ok = not half and lse_supported(q, k, v, bare)
+        checked = not bare.masked or _sdpa_repairs(q, k, v, bare) or scoring.all_finite(k, v)
+        return "sdpa" if ok and checked else "tiled"
     if return_lse and lse_supported(q, k, v, spec):
         checked = not spec.masked or _sdpa_repairs(q, k, v, spec) or scoring.all_finite(k, v)
         return "sdpa" if checked else "tiled"
@@ -268,8 +269,9 @@ def attention(
     A kept non-finite key makes its rows NaN; a kept NaN/inf value makes NaN the features of
     the rows that weight it ("fused" keeps plain arithmetic's ±inf for an infinite value).
     Where the answer is checked instead of K/V ("triton", with or without a gradient, and
-    "auto" where it runs Triton or repairs SDPA), a kept key whose score is −inf (an infinite
-    component) weighs 0, as in plain arithmetic: the answer cannot show it. Gradients through a
+    "auto" where it runs Triton or repairs SDPA) or nothing is masked ("auto" on SDPA), a kept
+    key whose score is −inf (an infinite component) weighs 0, as in plain arithmetic: the
+    answer cannot show it. Gradients through a
     kept non-finite key or value are NaN or plain arithmetic's, by backend and tile; only the
     masked ones are guaranteed to stay out.
 
@@ -413,7 +415,10 @@ def _sdpa_sinks(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Te
     """Sinks on SDPA, for `auto` (no gradient, fp32/fp64, plain or causal): the fused kernel's
     out and LSE, then `scoring.add_sinks` in the LSE's fp32 (fp64). A decode step of a model
     with sinks (Sq = 1 over 4096 keys, 8 heads) takes ~0.6 ms this way, ~4 ms on tiled."""
-    out, lse = sdpa_lse(q, k, v, dataclasses.replace(spec, sinks=None))
+    bare = dataclasses.replace(spec, sinks=None)
+    out, lse = sdpa_lse(q, k, v, bare)
+    if _sdpa_repairs(q, k, v, bare):  # causal on CUDA: no K/V check was made (see _choose)
+        out, lse = _repaired(q, k, v, bare, out, lse)
     out, lse = scoring.add_sinks(out.to(lse.dtype), lse, spec.sinks)
     return out.to(q.dtype), lse
 
