@@ -42,6 +42,7 @@ from .triton_kernel import (
     _attend,
     _block_range,
     _nonfinite,
+    _query_block,
     build_error,
 )
 
@@ -72,15 +73,9 @@ def _lse_delta_kernel(Q, K, V, DO, LSE, DLT, GATE,
     and Δ = rowsum(dO∘O) (b h i) from O in fp32, both fp32 contiguous; O is never stored."""
     if tl.load(GATE) == 0:
         return
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // G
-    qs = pid_m * BLOCK_M
-    qe = tl.minimum(qs + BLOCK_M, Sq)
-    offs_m = qs + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    pid_bh, b, h, hk, qs, qe, offs_m, offs_d = _query_block(
+        tl.program_id(0), Hq, G, Sq, BLOCK_M, BLOCK_D
+    )
     m_ok = offs_m < Sq
     ok = m_ok[:, None] & (offs_d < D)[None, :]
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,

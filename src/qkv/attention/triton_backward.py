@@ -32,7 +32,15 @@ import triton.language as tl
 from torch import Tensor
 
 from .spec import Spec
-from .triton_kernel import LOG2E, Config, _as_operand, _block_range, _nonfinite, _round
+from .triton_kernel import (
+    LOG2E,
+    Config,
+    _as_operand,
+    _block_range,
+    _nonfinite,
+    _query_block,
+    _round,
+)
 
 _SUM = tl.standard._sum_combine  # builtins only, as in triton_kernel (the interpreter needs them)
 
@@ -276,15 +284,8 @@ def _dq_kernel(Q, K, V, DO, LSE, DLT, DQ,
         if tl.load(GATE) == 0:
             return
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // GS
+    _bh, b, h, hk, qs, qe, offs_m, offs_d = _query_block(pid_m, Hq, GS, Sq, BLOCK_M, BLOCK_D)
     delta = Sk - Sq
-    qs = pid_m * BLOCK_M
-    qe = tl.minimum(qs + BLOCK_M, Sq)
-    offs_m = qs + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     q, do, lse2, dlt = _query_rows(Q, DO, LSE, DLT, b, h, Hq, Sq, offs_m, offs_d, D,
                                    sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, DOT_F32)  # fmt: skip
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)

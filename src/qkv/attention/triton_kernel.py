@@ -157,6 +157,26 @@ def _block_range(qs, qe, Sk, delta, left, right, HAS_LEFT: tl.constexpr, HAS_RIG
 
 
 @triton.jit
+def _query_block(pid_m, Hq, G, Sq, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (pid_m, b·h)'s query block: (b·h, b, h, the kv head h // G it reads, its rows
+    [qs, qe), offs_m (i), offs_d (d))."""
+    pid_bh = tl.program_id(1)
+    h = pid_bh % Hq
+    qs = pid_m * BLOCK_M
+    qe = tl.minimum(qs + BLOCK_M, Sq)
+    return (
+        pid_bh,
+        pid_bh // Hq,
+        h,
+        h // G,
+        qs,
+        qe,
+        qs + tl.arange(0, BLOCK_M),
+        tl.arange(0, BLOCK_D),
+    )
+
+
+@triton.jit
 def _nonfinite(x):
     """True where x is NaN or ±inf, compared in fp32 (the interpreter's bf16 != is on bits)."""
     xf = x.to(tl.float32)
@@ -321,15 +341,8 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
     # the last query blocks first: under a causal band they visit the most key blocks, so
     # the light ones fill the GPU's last wave instead of the heavy ones
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hk = h // G  # GQA: the kv head this query head reads
+    pid_bh, b, h, hk, qs, qe, offs_m, offs_d = _query_block(pid_m, Hq, G, Sq, BLOCK_M, BLOCK_D)
     delta = Sk - Sq
-    qs = pid_m * BLOCK_M
-    qe = tl.minimum(qs + BLOCK_M, Sq)
-    offs_m = qs + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Sq
     d_ok = offs_d < D
 
