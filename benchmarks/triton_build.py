@@ -1,0 +1,432 @@
+"""Build every Triton kernel variant qkv launches for NVIDIA sm_90 (H100/H200) and sm_80 (A100),
+on a machine without a GPU: shared memory, registers and spills per variant, and whether it fits.
+
+    python benchmarks/triton_build.py                    # both archs, every variant (≈ 5–6 min, 2 cores)
+    python benchmarks/triton_build.py --quick --arch 90  # D = 256 fp32/bf16 and D = 128 bf16 (≈ 1 min)
+    python benchmarks/triton_build.py --only backward    # the backward's kernels only
+
+How: the kernel modules are imported compiled (TRITON_INTERPRET is removed first), Triton's
+`JITFunction.run` — what every `kernel[grid](...)` calls — is replaced for the moment by a
+recorder, and qkv's own launch code runs on small CPU tensors (B 2, Hq 4, Hk 2, S 256; nothing
+is computed): `triton_kernel.forward` (clean None: plain then repair; clean True), `.repair`
+(after SDPA) and the autograd Function's forward (O kept fp32) and backward. Each recorded
+launch is bound by Triton's own binder for the target — the signature, constexprs, the
+specialisations a launch at these sizes gets (ints equal to 1, 16-divisibility) and the
+options — deduplicated, and built by `triton.compile(ASTSource, GPUTarget("cuda", arch, 32))`
+down to cubin with the ptxas in the triton wheel. No kernel signature is written here: a
+parameter added, renamed or made constexpr in the kernels is picked up.
+
+Columns: `shared` is `metadata.shared`, the dynamic shared memory one program needs; `fits`
+compares it with the arch's opt-in limit per block (sm_90 232448 B = 227 KB, sm_80 166912 B
+= 163 KB), as Triton does before a launch; `regs` and `spills` (bytes stored / loaded) come from
+ptxas -v. Variants: dtype fp32/bf16/fp16 × D 64/96/128/256 × causal or a window (127, 32) ×
+with or without sinks (the backward takes no sinks), each with its default launch config.
+Not built: the debug-only `count=True` launches (COUNT).
+Exit status 1 when a variant fails to build or does not fit, or when a kernel the modules
+launch (`name[` in their source) was reached by no case here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import io
+import os
+import pkgutil
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+
+os.environ.pop("TRITON_INTERPRET", None)  # decided when a kernel is decorated: compiled here
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, without its warning
+
+import torch
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from qkv.attention import sdpa_checked
+from qkv.attention import triton_kernel as tk
+from qkv.attention.spec import make_spec
+
+SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may opt in to
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HEAD_DIMS = (64, 96, 128, 256)
+BANDS = {"causal": {"causal": True}, "window": {"window": (127, 32)}}
+B, HQ, HK, S = 2, 4, 2, 256
+QUICK = [("fp32", 256), ("bf16", 256), ("bf16", 128)]  # the largest tiles, and D = 128's 3 stages
+# tests/attention/test_triton_build.py's set: the forward's default launch and the backward in
+# bf16 at D = 128 (auto's Triton path with a gradient), and SDPA's repair at fp32 D = 256
+# (causal, no sinks)
+SMOKE = [("bf16", 128, "fwd"), ("bf16", 128, "train bwd"), ("fp32", 256, "repair(sdpa)")]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request shape: input dtype, head dim D = Dv, band and whether it has sinks."""
+
+    dtype: str
+    D: int
+    band: str
+    sinks: bool
+
+
+@dataclass
+class Job:
+    """One distinct compilation: plain data, so it can go to a worker process."""
+
+    arch: int
+    module: str
+    kernel: str
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    cases: list[Case] = field(default_factory=list)  # the cases that launch it
+    entries: list[str] = field(default_factory=list)  # the qkv calls that launch it
+
+    def const(self, name: str, default: object = "-") -> object:
+        return self.constexprs.get(name, default)
+
+    def heavy(self) -> bool:
+        """fp32 at BLOCK_D ≥ 256: IEEE dots as unrolled FMAs, megabytes of PTX; ptxas takes
+        minutes and up to ~10 GB on one (sm_90 dK/dV)."""
+        return self.cases[0].dtype == "fp32" and max(c.D for c in self.cases) > 128
+
+    def column(self, attr: str) -> str:
+        """The distinct values of one `Case` field over the cases that launch this job."""
+        values = dict.fromkeys(getattr(c, attr) for c in self.cases)
+        return ", ".join(("yes" if v else "no") if isinstance(v, bool) else str(v) for v in values)
+
+
+@dataclass
+class Built:
+    """What ptxas made of a job (or why it could not)."""
+
+    shared: int | None = None
+    regs: int | None = None
+    stack: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@contextmanager
+def recording() -> Iterator[list[tuple[JITFunction, tuple, dict]]]:
+    """Within: every `kernel[grid](*args, **kwargs)` appends (kernel, args, kwargs) instead of
+    compiling or running anything; `JITFunction.run` is restored on the way out."""
+    launches: list[tuple[JITFunction, tuple, dict]] = []
+    run = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    JITFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run = run
+
+
+def entries(case: Case) -> Iterator[tuple[str, str, Callable[[], object]]]:
+    """(phase, label, call) for each of qkv's launch paths on `case`'s CPU tensors."""
+    dtype = DTYPES[case.dtype]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, HQ, S, case.D, generator=g).to(dtype)
+    k = torch.randn(B, HK, S, case.D, generator=g).to(dtype)
+    v = torch.randn(B, HK, S, case.D, generator=g).to(dtype)
+    sinks = torch.zeros(HQ) if case.sinks else None
+    spec = make_spec(q, k, v, sinks=sinks, **BANDS[case.band])
+    yield "forward", "fwd", lambda: tk.forward(q, k, v, spec)
+    yield "forward", "fwd clean", lambda: tk.forward(q, k, v, spec, clean=True)
+    if not case.sinks:  # SDPA takes no sinks, so neither does its repair
+        yield "forward", "repair(sdpa)", lambda: tk.repair(q, k, v, spec, torch.zeros_like(q))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    sg = None if sinks is None else sinks.clone().requires_grad_()
+    spec_g = make_spec(qg, kg, vg, sinks=sg, **BANDS[case.band])
+    held: list = []
+    yield (
+        "forward",
+        "train fwd (O fp32)",
+        lambda: held.extend(tk._TritonAttention.apply(qg, kg, vg, sg, spec_g, None)),
+    )
+    yield (
+        "backward",
+        "train bwd",
+        lambda: torch.autograd.backward(held, [torch.ones_like(t) for t in held]),
+    )
+    if not case.sinks:  # auto's SDPA with a gradient: the device check and gated redo
+        grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+        dout = torch.ones_like(q)
+        yield (
+            "backward",
+            "sdpa redo",
+            lambda: sdpa_checked.redo_if_nonfinite(q, k, v, spec, dout, grads),
+        )
+
+
+def bind(kernel: JITFunction, args: tuple, kwargs: dict, arch: int) -> tuple[dict, ...]:
+    """(signature, constexprs, attrs, options) for launching `kernel` on `arch`, by Triton's
+    own binder and `_pack_args`, with the launch options `JITFunction.run` adds."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound, specialization, options
+    )
+    names = {(i,): p.name for i, p in enumerate(kernel.params)}
+    constexprs = {names.get(path, path): value for path, value in constexprs.items()}
+    return signature, constexprs, attrs, dict(options.__dict__)
+
+
+Keep = Callable[[Case, str, str], bool]  # (case, phase, entry label) → build its launches?
+
+
+def collect(cases: list[Case], archs: list[int], keep: Keep) -> tuple[list[Job], set[str]]:
+    """The distinct jobs on `archs` of the launches `keep` selects, and the names of the
+    kernels any of `cases`' entries launched (selected or not)."""
+    jobs: dict[tuple, Job] = {}
+    reached: set[str] = set()
+    for case in cases:
+        for phase, label, call in entries(case):
+            with recording() as launches:
+                call()
+            for kernel, args, kwargs in launches:
+                reached.add(kernel.fn.__name__)
+                if not keep(case, phase, label):
+                    continue
+                for arch in archs:
+                    sig, const, attrs, opts = bind(kernel, args, kwargs, arch)
+                    key = (arch, kernel.module, kernel.fn.__name__, *map(repr, (sig, const, attrs, opts)))  # fmt: skip
+                    job = jobs.setdefault(
+                        key, Job(arch, kernel.module, kernel.fn.__name__, sig, const, attrs, opts)
+                    )  # fmt: skip
+                    for seen, new in ((job.cases, case), (job.entries, label)):
+                        if new not in seen:
+                            seen.append(new)
+    return list(jobs.values()), reached
+
+
+def launched_kernels() -> set[str]:
+    """Names of the JIT kernels `qkv.attention`'s modules launch: `name[` (a grid) in the
+    source of a module that defines Triton kernels."""
+    names = set()
+    package = importlib.import_module("qkv.attention")  # (`qkv.attention` is also a function)
+    for info in pkgutil.iter_modules(package.__path__, "qkv.attention."):
+        spec = importlib.util.find_spec(info.name)
+        with open(spec.origin, encoding="utf-8") as f:
+            src = f.read()
+        if "@triton.jit" not in src:
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if isinstance(obj, JITFunction) and re.search(rf"\b{re.escape(name)}\[", src):
+                names.add(name)
+    return names
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILLS = re.compile(
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+)
+
+
+def build(job: Job) -> Built:
+    """Compile `job` to cubin (in a worker); any failure of Triton's or ptxas's is the
+    variant's result, reported in its row, not the script's."""
+    kernel = getattr(importlib.import_module(job.module), job.kernel)
+    knobs.nvidia.dump_ptxas_log = True  # ptxas -v's log, printed: registers and spills
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    try:
+        with redirect_stdout(log):
+            src = ASTSource(kernel, job.signature, _paths(kernel, job.constexprs), job.attrs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=job.options)  # fmt: skip
+    except Exception as e:  # CompilationError, PTXASError, an MLIR pass's RuntimeError, ...
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+        return Built(error=f"{type(e).__name__}: {first[:200]}", seconds=time.perf_counter() - t0)
+    text = log.getvalue()
+    regs, frame = _PTXAS_REGS.search(text), _PTXAS_SPILLS.search(text)
+    stack, stores, loads = (int(x) for x in frame.groups()) if frame else (None, None, None)
+    return Built(compiled.metadata.shared, int(regs.group(1)) if regs else None, stack, stores,
+                 loads, seconds=time.perf_counter() - t0)  # fmt: skip
+
+
+def _paths(kernel: JITFunction, constexprs: dict) -> dict:
+    """Constexprs keyed by name back to the argument-index paths ASTSource expects."""
+    index = {p.name: (i,) for i, p in enumerate(kernel.params)}
+    return {index.get(k, k): v for k, v in constexprs.items()}
+
+
+def build_all(jobs: list[Job], workers: int) -> list[Built]:
+    """`build` of each job on `workers` processes (spawned: no forked Triton or torch state), in
+    a fresh Triton cache so that ptxas runs, and logs, for every one. `Job.heavy` ones go to a
+    process of their own, one at a time (two at once could take 20 GB), the rest to the others."""
+    built: list[Built | None] = [None] * len(jobs)
+    heavy = [i for i, j in enumerate(jobs) if j.heavy()] if workers > 1 else []
+    light = [i for i in range(len(jobs)) if i not in set(heavy)]
+    ctx = get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="qkv-triton-build-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        with (
+            ProcessPoolExecutor(1, mp_context=ctx) as one,
+            ProcessPoolExecutor(workers - 1 if heavy else workers, mp_context=ctx) as rest,
+        ):
+            futures = {i: one.submit(build, jobs[i]) for i in heavy}
+            futures |= {i: rest.submit(build, jobs[i]) for i in light}
+            index = {f: i for i, f in futures.items()}
+            for n, f in enumerate(as_completed(index), 1):
+                i, job = index[f], jobs[index[f]]
+                try:
+                    built[i] = f.result()
+                except BrokenProcessPool as e:  # a compiler crash (or OOM kill) took a worker
+                    built[i] = Built(error=f"worker died: {type(e).__name__}: {e}")
+                print(f"[{n}/{len(jobs)}] sm_{job.arch} {job.kernel} {job.column('dtype')} "
+                      f"D={job.column('D')}: {built[i].seconds:.0f} s", file=sys.stderr)  # fmt: skip
+    return built
+
+
+def flags(kernel: JITFunction, job: Job) -> str:
+    """The kernel's own constexpr parameters, BLOCK_* aside: true flags by name, others =."""
+    declared = {p.name for p in kernel.params if p.is_constexpr}
+    out = []
+    for name, value in job.constexprs.items():
+        if name not in declared or name.startswith("BLOCK_") or value is False:
+            continue
+        out.append(name if value is True else f"{name}={value}")
+    return " ".join(out)
+
+
+def fits(job: Job, built: Built) -> bool:
+    return built.error is None and built.shared is not None and built.shared <= SMEM_LIMIT[job.arch]
+
+
+def table(jobs: list[Job], built: list[Built]) -> str:
+    """Markdown: one table per (arch, kernel), rows in the order the cases launched them."""
+    out = []
+    groups: dict[tuple[int, str], list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault((job.arch, job.kernel), []).append(i)
+    for (arch, name), rows in groups.items():
+        kernel = getattr(importlib.import_module(jobs[rows[0]].module), name)
+        out += [
+            f"\n### sm_{arch}: `{name}` (shared memory limit {SMEM_LIMIT[arch]} B)\n",
+            "| kernel | entry | constexprs | dtype | D | band | sinks | BLOCK_M×N | warps | stages "
+            "| shared B | fits | regs | stack B | spills st/ld B | build s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for i in rows:
+            job, b = jobs[i], built[i]
+            spills = "?" if b.spill_stores is None else f"{b.spill_stores}/{b.spill_loads}"
+            shared = b.error if b.error else f"{b.shared}"
+            fit = "BUILD FAILED" if b.error else ("yes" if fits(job, b) else "**NO**")
+            out.append(
+                f"| {name} | {', '.join(job.entries)} | {flags(kernel, job)} | {job.column('dtype')} "
+                f"| {job.column('D')} | {job.column('band')} | {job.column('sinks')} "
+                f"| {job.const('BLOCK_M')}×{job.const('BLOCK_N')} "
+                f"| {job.options.get('num_warps')} | {job.options.get('num_stages')} | {shared} "
+                f"| {fit} | {_or_q(b.regs)} | {_or_q(b.stack)} | {spills} | {b.seconds:.0f} |"
+            )
+    return "\n".join(out)
+
+
+def _or_q(x: int | None) -> str:
+    return "?" if x is None else str(x)
+
+
+def ptxas_problem(archs: list[int]) -> str | None:
+    """Why the wheel's ptxas cannot build for `archs` here, or None."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError as e:
+        return f"triton has no NVIDIA backend ({e})"
+    for arch in archs:
+        try:
+            path = get_ptxas(arch).path
+        except RuntimeError as e:  # Triton's "Cannot find ptxas"
+            return f"no ptxas for sm_{arch}: {type(e).__name__}: {e}"
+        if not (path and os.access(path, os.X_OK)):
+            return f"ptxas for sm_{arch} is not an executable file: {path!r}"
+    return None
+
+
+def selection(quick: bool, smoke: bool, only: str | None) -> tuple[list[Case], Keep]:
+    """The cases and the launches to build for the command line's options."""
+    if smoke:
+        cases = [Case(dt, D, "causal", False) for dt, D in dict.fromkeys(x[:2] for x in SMOKE)]
+    elif quick:
+        cases = [Case(dt, D, "causal", False) for dt, D in QUICK]
+    else:
+        cases = [
+            Case(dt, D, band, sinks)
+            for dt in DTYPES
+            for D in HEAD_DIMS
+            for band in BANDS
+            for sinks in (False, True)
+        ]
+
+    def keep(case: Case, phase: str, label: str) -> bool:
+        return only in (None, phase) and (not smoke or (case.dtype, case.D, label) in SMOKE)
+
+    return cases, keep
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--arch", type=int, nargs="+", choices=sorted(SMEM_LIMIT), default=[90, 80])
+    ap.add_argument("--quick", action="store_true", help="D=256 fp32/bf16 and D=128 bf16, causal")
+    ap.add_argument("--smoke", action="store_true", help="the test's set (tests/attention)")
+    ap.add_argument("--only", choices=["forward", "backward"])
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
+    a = ap.parse_args(argv)
+    if a.jobs < 1:
+        ap.error(f"--jobs must be ≥ 1, got {a.jobs}")
+    if tk.INTERPRETED:
+        print("error: triton_kernel was built for the interpreter; unset TRITON_INTERPRET")
+        return 1
+    why = ptxas_problem(a.arch)
+    if why is not None:
+        print(f"error: {why}")
+        return 1
+    t0 = time.perf_counter()
+    cases, keep = selection(a.quick, a.smoke, a.only)
+    jobs, reached = collect(cases, a.arch, keep)
+    missed = sorted(launched_kernels() - reached)
+    print(f"triton {triton.__version__}; {len(jobs)} distinct builds for sm_{'/sm_'.join(map(str, a.arch))} "
+          f"on {a.jobs} processes")  # fmt: skip
+    built = build_all(jobs, a.jobs)
+    print(table(jobs, built))
+    failed = [(j, b) for j, b in zip(jobs, built, strict=True) if not fits(j, b)]
+    print(
+        f"\n{len(jobs) - len(failed)}/{len(jobs)} built and fit; {time.perf_counter() - t0:.0f} s"
+    )
+    for j, b in failed:
+        what = b.error or f"shared {b.shared} B > {SMEM_LIMIT[j.arch]} B"
+        where = (
+            f"{j.column('dtype')} D={j.column('D')} {j.column('band')} sinks={j.column('sinks')}"
+        )
+        print(f"FAILED sm_{j.arch} {j.kernel} {where} ({', '.join(j.entries)}): {what}")
+    if missed:
+        print(f"FAILED: kernels launched in the modules but reached by no case: {missed}")
+    return 1 if failed or missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
