@@ -1,9 +1,14 @@
 """Build every Triton kernel variant qkv launches for NVIDIA sm_90 (H100/H200) and sm_80 (A100),
 on a machine without a GPU: shared memory, registers and spills per variant, and whether it fits.
 
-    python benchmarks/triton_build.py                    # both archs, every variant (≈ 5–6 min, 2 cores)
-    python benchmarks/triton_build.py --quick --arch 90  # D = 256 fp32/bf16 and D = 128 bf16 (≈ 1 min)
+    python benchmarks/triton_build.py --smoke --arch 90  # the test's 6 builds (20 s on 2 idle cores)
+    python benchmarks/triton_build.py --quick --arch 90  # D = 256 fp32/bf16 and D = 128 bf16
     python benchmarks/triton_build.py --only backward    # the backward's kernels only
+    python benchmarks/triton_build.py                    # both archs, every variant: 644 builds
+
+The full run is long: on 2 cores it had not finished after 2 hours (ptxas takes minutes, and
+up to ~10 GB, on each fp32 D = 256 variant, whose IEEE dots become unrolled FMAs); give it a
+many-core machine, or select with --quick, --only and --arch.
 
 How: the kernel modules are imported compiled (TRITON_INTERPRET is removed first), Triton's
 `JITFunction.run` — what every `kernel[grid](...)` calls — is replaced for the moment by a
