@@ -1,20 +1,25 @@
 """Build every Triton kernel variant qkv launches for NVIDIA sm_90 (H100/H200) and sm_80 (A100),
 on a machine without a GPU: shared memory, registers and spills per variant, and whether it fits.
 
-    python benchmarks/triton_build.py --smoke --arch 90  # the test's 6 builds (20 s on 2 idle cores)
-    python benchmarks/triton_build.py --quick --arch 90  # D = 256 fp32/bf16 and D = 128 bf16
-    python benchmarks/triton_build.py --only backward    # the backward's kernels only
-    python benchmarks/triton_build.py                    # both archs, every variant: 644 builds
+    python benchmarks/triton_build.py --smoke --arch 90  # the test's 6 builds (≈ 35 s, 2 cores)
+    python benchmarks/triton_build.py --quick            # bf16 at D = 256: 24 builds (≈ 70 s)
+    python benchmarks/triton_build.py --only backward --dtype bf16 --head-dim 128
+    python benchmarks/triton_build.py                    # every variant: 616 builds (see below)
+    python benchmarks/triton_build.py --all              # and fp32 D = 256's band/sinks ones too
 
-The full run is long: on 2 cores it had not finished after 2 hours (ptxas takes minutes, and
-up to ~10 GB, on each fp32 D = 256 variant, whose IEEE dots become unrolled FMAs); give it a
-many-core machine, or select with --quick, --only and --arch.
+Most builds take 1–3 s on one core; fp32 at D = 256 dominates the full run: its IEEE dots
+become unrolled FMAs, megabytes of PTX, and each of its builds takes 0.5–5 minutes and ptxas up
+to ~10 GB (`slow`); they run one at a time per 11 GiB of free memory (`heavy_slots`), beside
+the rest. The full run (20 of its builds are fp32 D = 256) has not been timed; with fp32
+D = 256's band/sinks variants too (`--all`, 48 of 644) it had not finished after 2 hours on 2
+cores. Each build's result goes to stderr as it comes, the tables to stdout at the end.
 
 How: the kernel modules are imported compiled (TRITON_INTERPRET is removed first), Triton's
 `JITFunction.run` — what every `kernel[grid](...)` calls — is replaced for the moment by a
 recorder, and qkv's own launch code runs on small CPU tensors (B 2, Hq 4, Hk 2, S 256; nothing
 is computed): `triton_kernel.forward` (clean None: plain then repair; clean True), `.repair`
-(after SDPA) and the autograd Function's forward (O kept fp32) and backward. Each recorded
+(after SDPA), the autograd Function's forward (O kept fp32) and backward, and
+`sdpa_checked.redo_if_nonfinite` (auto's check of SDPA's gradients, gated redo). Each recorded
 launch is bound by Triton's own binder for the target — the signature, constexprs, the
 specialisations a launch at these sizes gets (ints equal to 1, 16-divisibility) and the
 options — deduplicated, and built by `triton.compile(ASTSource, GPUTarget("cuda", arch, 32))`
@@ -23,10 +28,13 @@ parameter added, renamed or made constexpr in the kernels is picked up.
 
 Columns: `shared` is `metadata.shared`, the dynamic shared memory one program needs; `fits`
 compares it with the arch's opt-in limit per block (sm_90 232448 B = 227 KB, sm_80 166912 B
-= 163 KB), as Triton does before a launch; `regs` and `spills` (bytes stored / loaded) come from
-ptxas -v. Variants: dtype fp32/bf16/fp16 × D 64/96/128/256 × causal or a window (127, 32) ×
-with or without sinks (the backward takes no sinks), each with its default launch config.
-Not built: the debug-only `count=True` launches (COUNT).
+= 163 KB), as Triton does before a launch; `regs`, `stack` (frame bytes) and `spills` (bytes
+stored / loaded) are ptxas -v's (where a kernel needs far more than 255 registers, ptxas may
+report 32 registers and a stack frame of kilobytes: fp32 at D = 256). Variants: dtype
+fp32/bf16/fp16 × D 64/96/128/256 × causal or a window (127, 32) × with or without sinks (the
+backward and SDPA's paths take none), each with its default launch config; a row lists every
+case that launches the same build (D 96 and 128 share the backward's). Not built: the
+debug-only `count=True` launches (COUNT).
 Exit status 1 when a variant fails to build or does not fit, or when a kernel the modules
 launch (`name[` in their source) was reached by no case here.
 """
@@ -43,8 +51,9 @@ import re
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
@@ -69,11 +78,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD_DIMS = (64, 96, 128, 256)
 BANDS = {"causal": {"causal": True}, "window": {"window": (127, 32)}}
 B, HQ, HK, S = 2, 4, 2, 256
-QUICK = [("fp32", 256), ("bf16", 256), ("bf16", 128)]  # the largest tiles, and D = 128's 3 stages
+QUICK = [("bf16", 256)]  # the largest tiles whose builds take seconds (not fp32: see `slow`)
 # tests/attention/test_triton_build.py's set: the forward's default launch and the backward in
 # bf16 at D = 128 (auto's Triton path with a gradient), and SDPA's repair at fp32 D = 256
 # (causal, no sinks)
 SMOKE = [("bf16", 128, "fwd"), ("bf16", 128, "train bwd"), ("fp32", 256, "repair(sdpa)")]
+
+
+def slow(dtype: str, D: int) -> bool:
+    """fp32 at D > 128 (BLOCK_D 256): its IEEE dots become unrolled FMAs, megabytes of PTX;
+    Triton and ptxas take 0.5–5 minutes per build, and ptxas up to ~10 GB (sm_90 dK/dV)."""
+    return dtype == "fp32" and D > 128
 
 
 @dataclass(frozen=True)
@@ -104,9 +119,7 @@ class Job:
         return self.constexprs.get(name, default)
 
     def heavy(self) -> bool:
-        """fp32 at BLOCK_D ≥ 256: IEEE dots as unrolled FMAs, megabytes of PTX; ptxas takes
-        minutes and up to ~10 GB on one (sm_90 dK/dV)."""
-        return self.cases[0].dtype == "fp32" and max(c.D for c in self.cases) > 128
+        return any(slow(c.dtype, c.D) for c in self.cases)
 
     def column(self, attr: str) -> str:
         """The distinct values of one `Case` field over the cases that launch this job."""
@@ -217,10 +230,11 @@ def collect(cases: list[Case], archs: list[int], keep: Keep) -> tuple[list[Job],
                     continue
                 for arch in archs:
                     sig, const, attrs, opts = bind(kernel, args, kwargs, arch)
-                    key = (arch, kernel.module, kernel.fn.__name__, *map(repr, (sig, const, attrs, opts)))  # fmt: skip
+                    name = kernel.fn.__name__
+                    key = (arch, kernel.module, name, *map(repr, (sig, const, attrs, opts)))
                     job = jobs.setdefault(
-                        key, Job(arch, kernel.module, kernel.fn.__name__, sig, const, attrs, opts)
-                    )  # fmt: skip
+                        key, Job(arch, kernel.module, name, sig, const, attrs, opts)
+                    )
                     for seen, new in ((job.cases, case), (job.entries, label)):
                         if new not in seen:
                             seen.append(new)
@@ -246,7 +260,7 @@ def launched_kernels() -> set[str]:
 
 
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
-_PTXAS_SPILLS = re.compile(
+_PTXAS_FRAME = re.compile(
     r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
 )
 
@@ -255,21 +269,26 @@ def build(job: Job) -> Built:
     """Compile `job` to cubin (in a worker); any failure of Triton's or ptxas's is the
     variant's result, reported in its row, not the script's."""
     kernel = getattr(importlib.import_module(job.module), job.kernel)
+    src = ASTSource(kernel, job.signature, _paths(kernel, job.constexprs), job.attrs)
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v's log, printed: registers and spills
     log = io.StringIO()
     t0 = time.perf_counter()
     try:
         with redirect_stdout(log):
-            src = ASTSource(kernel, job.signature, _paths(kernel, job.constexprs), job.attrs)
-            compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=job.options)  # fmt: skip
+            compiled = triton.compile(src, GPUTarget("cuda", job.arch, 32), options=job.options)
     except Exception as e:  # CompilationError, PTXASError, an MLIR pass's RuntimeError, ...
         first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
         return Built(error=f"{type(e).__name__}: {first[:200]}", seconds=time.perf_counter() - t0)
-    text = log.getvalue()
-    regs, frame = _PTXAS_REGS.search(text), _PTXAS_SPILLS.search(text)
+    regs, frame = _PTXAS_REGS.search(log.getvalue()), _PTXAS_FRAME.search(log.getvalue())
     stack, stores, loads = (int(x) for x in frame.groups()) if frame else (None, None, None)
-    return Built(compiled.metadata.shared, int(regs.group(1)) if regs else None, stack, stores,
-                 loads, seconds=time.perf_counter() - t0)  # fmt: skip
+    return Built(
+        shared=compiled.metadata.shared,
+        regs=int(regs.group(1)) if regs else None,
+        stack=stack,
+        spill_stores=stores,
+        spill_loads=loads,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _paths(kernel: JITFunction, constexprs: dict) -> dict:
@@ -278,32 +297,74 @@ def _paths(kernel: JITFunction, constexprs: dict) -> dict:
     return {index.get(k, k): v for k, v in constexprs.items()}
 
 
+def heavy_slots(workers: int) -> int:
+    """How many `Job.heavy` builds may run at once: one per 11 GiB of memory available now
+    beyond 4 GiB, at least one, and one worker always left for the others."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            kib = next(int(ln.split()[1]) for ln in f if ln.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 1
+    return max(1, min(workers - 1, int((kib / 2**20 - 4) // 11)))
+
+
 def build_all(jobs: list[Job], workers: int) -> list[Built]:
     """`build` of each job on `workers` processes (spawned: no forked Triton or torch state), in
-    a fresh Triton cache so that ptxas runs, and logs, for every one. `Job.heavy` ones go to a
-    process of their own, one at a time (two at once could take 20 GB), the rest to the others."""
+    a fresh Triton cache so that ptxas runs, and logs, for every one. `Job.heavy` ones first
+    (the longest), at most `heavy_slots` of them at once. Each result is printed to stderr as
+    it comes (a run stopped midway keeps what it built)."""
     built: list[Built | None] = [None] * len(jobs)
-    heavy = [i for i, j in enumerate(jobs) if j.heavy()] if workers > 1 else []
-    light = [i for i in range(len(jobs)) if i not in set(heavy)]
-    ctx = get_context("spawn")
+    heavy = deque(i for i, j in enumerate(jobs) if j.heavy())
+    light = deque(i for i, j in enumerate(jobs) if not j.heavy())
+    slots = heavy_slots(workers) if heavy else 0
+    running: dict[Future, int] = {}
+
+    def start(pool: ProcessPoolExecutor) -> None:
+        while len(running) < workers:
+            n_heavy = sum(jobs[i].heavy() for i in running.values())
+            if heavy and n_heavy < slots:
+                i = heavy.popleft()
+            elif light:
+                i = light.popleft()
+            else:
+                return
+            try:
+                running[pool.submit(build, jobs[i])] = i
+            except BrokenProcessPool as e:  # a worker died before: nothing more builds
+                built[i] = Built(error=f"worker died: {type(e).__name__}: {e}")
+
     with tempfile.TemporaryDirectory(prefix="qkv-triton-build-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
-        with (
-            ProcessPoolExecutor(1, mp_context=ctx) as one,
-            ProcessPoolExecutor(workers - 1 if heavy else workers, mp_context=ctx) as rest,
-        ):
-            futures = {i: one.submit(build, jobs[i]) for i in heavy}
-            futures |= {i: rest.submit(build, jobs[i]) for i in light}
-            index = {f: i for i, f in futures.items()}
-            for n, f in enumerate(as_completed(index), 1):
-                i, job = index[f], jobs[index[f]]
-                try:
-                    built[i] = f.result()
-                except BrokenProcessPool as e:  # a compiler crash (or OOM kill) took a worker
-                    built[i] = Built(error=f"worker died: {type(e).__name__}: {e}")
-                print(f"[{n}/{len(jobs)}] sm_{job.arch} {job.kernel} {job.column('dtype')} "
-                      f"D={job.column('D')}: {built[i].seconds:.0f} s", file=sys.stderr)  # fmt: skip
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            start(pool)
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    i = running.pop(f)
+                    try:
+                        built[i] = f.result()
+                    except BrokenProcessPool as e:  # a compiler crash (or OOM kill) took a worker
+                        built[i] = Built(error=f"worker died: {type(e).__name__}: {e}")
+                    n = sum(b is not None for b in built)
+                    print(f"[{n}/{len(jobs)}] {describe(jobs[i], built[i])}", file=sys.stderr,
+                          flush=True)  # fmt: skip
+                start(pool)
     return built
+
+
+def describe(job: Job, b: Built) -> str:
+    """One line: the job and what came of it."""
+    head = (
+        f"sm_{job.arch} {job.kernel} {job.column('dtype')} D={job.column('D')} "
+        f"{job.column('band')} sinks={job.column('sinks')} ({', '.join(job.entries)})"
+    )
+    if b.error:
+        return f"{head}: {b.error}"
+    fit = "fits" if fits(job, b) else f"DOES NOT FIT ({SMEM_LIMIT[job.arch]} B)"
+    return (
+        f"{head}: shared {b.shared} B {fit}, {_or_q(b.regs)} regs, spills "
+        f"{_or_q(b.spill_stores)}/{_or_q(b.spill_loads)} B, {b.seconds:.0f} s"
+    )
 
 
 def flags(kernel: JITFunction, job: Job) -> str:
@@ -338,7 +399,7 @@ def table(jobs: list[Job], built: list[Built]) -> str:
         for i in rows:
             job, b = jobs[i], built[i]
             spills = "?" if b.spill_stores is None else f"{b.spill_stores}/{b.spill_loads}"
-            shared = b.error if b.error else f"{b.shared}"
+            shared = b.error.replace("|", "\\|") if b.error else f"{b.shared}"
             fit = "BUILD FAILED" if b.error else ("yes" if fits(job, b) else "**NO**")
             out.append(
                 f"| {name} | {', '.join(job.entries)} | {flags(kernel, job)} | {job.column('dtype')} "
@@ -370,11 +431,13 @@ def ptxas_problem(archs: list[int]) -> str | None:
     return None
 
 
-def selection(quick: bool, smoke: bool, only: str | None) -> tuple[list[Case], Keep]:
-    """The cases and the launches to build for the command line's options."""
-    if smoke:
+def selection(a: argparse.Namespace) -> tuple[list[Case], Keep]:
+    """The cases and the launches to build for the command line's options `a`. The default:
+    every dtype × D × band × sinks, except that a `slow` (dtype, D) is built causal without
+    sinks only (the band and sinks change a few scalar ops, not the tiles) unless `a.all`."""
+    if a.smoke:
         cases = [Case(dt, D, "causal", False) for dt, D in dict.fromkeys(x[:2] for x in SMOKE)]
-    elif quick:
+    elif a.quick:
         cases = [Case(dt, D, "causal", False) for dt, D in QUICK]
     else:
         cases = [
@@ -383,10 +446,14 @@ def selection(quick: bool, smoke: bool, only: str | None) -> tuple[list[Case], K
             for D in HEAD_DIMS
             for band in BANDS
             for sinks in (False, True)
+            if a.all or not slow(dt, D) or (band, sinks) == ("causal", False)
         ]
+    cases = [
+        c for c in cases if c.dtype in (a.dtype or DTYPES) and c.D in (a.head_dim or HEAD_DIMS)
+    ]
 
     def keep(case: Case, phase: str, label: str) -> bool:
-        return only in (None, phase) and (not smoke or (case.dtype, case.D, label) in SMOKE)
+        return a.only in (None, phase) and (not a.smoke or (case.dtype, case.D, label) in SMOKE)
 
     return cases, keep
 
@@ -396,26 +463,35 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--arch", type=int, nargs="+", choices=sorted(SMEM_LIMIT), default=[90, 80])
-    ap.add_argument("--quick", action="store_true", help="D=256 fp32/bf16 and D=128 bf16, causal")
+    ap.add_argument("--quick", action="store_true", help="bf16 at D=256, causal, no sinks")
     ap.add_argument("--smoke", action="store_true", help="the test's set (tests/attention)")
+    ap.add_argument("--all", action="store_true", help="also fp32 D=256's band/sinks variants")
     ap.add_argument("--only", choices=["forward", "backward"])
+    ap.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="only these dtypes")
+    ap.add_argument("--head-dim", type=int, nargs="+", choices=HEAD_DIMS, help="only these D")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     a = ap.parse_args(argv)
     if a.jobs < 1:
         ap.error(f"--jobs must be ≥ 1, got {a.jobs}")
     if tk.INTERPRETED:
-        print("error: triton_kernel was built for the interpreter; unset TRITON_INTERPRET")
+        print("error: triton_kernel was built for the interpreter; unset TRITON_INTERPRET",
+              file=sys.stderr)  # fmt: skip
         return 1
     why = ptxas_problem(a.arch)
     if why is not None:
-        print(f"error: {why}")
+        print(f"error: {why}", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
-    cases, keep = selection(a.quick, a.smoke, a.only)
+    cases, keep = selection(a)
     jobs, reached = collect(cases, a.arch, keep)
     missed = sorted(launched_kernels() - reached)
-    print(f"triton {triton.__version__}; {len(jobs)} distinct builds for sm_{'/sm_'.join(map(str, a.arch))} "
-          f"on {a.jobs} processes")  # fmt: skip
+    if not jobs:
+        print("error: these options select no build", file=sys.stderr)
+        return 1
+    archs = "/".join(f"sm_{x}" for x in a.arch)
+    print(
+        f"triton {triton.__version__}; {len(jobs)} distinct builds for {archs} on {a.jobs} processes"
+    )
     built = build_all(jobs, a.jobs)
     print(table(jobs, built))
     failed = [(j, b) for j, b in zip(jobs, built, strict=True) if not fits(j, b)]
@@ -423,11 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{len(jobs) - len(failed)}/{len(jobs)} built and fit; {time.perf_counter() - t0:.0f} s"
     )
     for j, b in failed:
-        what = b.error or f"shared {b.shared} B > {SMEM_LIMIT[j.arch]} B"
-        where = (
-            f"{j.column('dtype')} D={j.column('D')} {j.column('band')} sinks={j.column('sinks')}"
-        )
-        print(f"FAILED sm_{j.arch} {j.kernel} {where} ({', '.join(j.entries)}): {what}")
+        print(f"FAILED {describe(j, b)}")
     if missed:
         print(f"FAILED: kernels launched in the modules but reached by no case: {missed}")
     return 1 if failed or missed else 0
