@@ -8,14 +8,15 @@ With `Δ_i = Σ_e dO_ie·O_ie − dLSE_i` (b h i), fp32, computed once by `_delt
     dV_j  = Σ_i P_ij dO_i     dK_j = scale · Σ_i dS_ij q_i     dQ_i = scale · Σ_j dS_ij k_j
 
 Pass 1, grid (key blocks, b·Hk): one program owns a key block of one kv head and loops over the
-query heads of its GQA group and the query blocks whose band reaches it (`_query_range`), so
-dK/dV sum over the group with no atomics. Pass 2, grid (query blocks, b·Hq): dQ over the key
-blocks `_block_range` gives the forward. In both passes the tiles the band keeps whole (the
-`mid` runs of `_block_range` and `query_block_range`) skip the mask, as the forward does. Scores and dP are fp32 `tl.dot` accumulations (IEEE for
-fp32 inputs); P and dS are rounded to the input dtype before their products, as FlashAttention
-does. Δ comes from the forward's O kept in fp32 (`_TritonAttention` saves it): from the
-half-rounded O, dQ lands 10× past flash-attn's own bwd-overflow criterion. Under Triton's CPU interpreter bf16 operands are widened to fp32 first (its `tl.dot`
-mistakes bf16 for integers).
+(query head of its GQA group, query block whose band reaches it: `_query_range`) pairs, one flat
+loop per run, so dK/dV sum over the group with no atomics. Pass 2, grid (query blocks, b·Hq): dQ
+over the key blocks `_block_range` gives the forward. In both passes the tiles the band keeps whole
+(the `mid` runs of `_block_range` and `query_block_range`) skip the mask, as the forward does.
+Scores and dP are fp32 `tl.dot` accumulations (IEEE for fp32 inputs); P and dS are rounded to the
+input dtype before their products, as FlashAttention does. Δ comes from the forward's O kept in
+fp32 (`_TritonAttention` saves it): from the half-rounded O, dQ lands 10× past flash-attn's own
+bwd-overflow criterion. Under Triton's CPU interpreter bf16 operands are widened to fp32 first (its
+`tl.dot` mistakes bf16 for integers).
 
 The masking is the forward's: bottom-right alignment δ = Sk − Sq, window (left, right)
 inclusive on that diagonal, the sequence tails. NaN/inf in masked-out K or V never reach a
@@ -167,14 +168,18 @@ def _key_block(K, V, b, g, offs_n, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, 
 
 
 @triton.jit
-def _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, h, Hq, Sq, Sk, offs_n, offs_d, D,
+def _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, h0, GS, Hq, Sq, Sk, offs_n, offs_d, D,
                 sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right, qk_scale,
                 blk_lo, blk_hi, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
                 HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
                 BLOCK_M: tl.constexpr):  # fmt: skip
-    """dK, dV (j d) of one key block summed over query blocks [blk_lo, blk_hi) of head h."""
-    for blk in range(blk_lo, blk_hi):
-        offs_m = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    """dK, dV (j d) of one key block summed over query blocks [blk_lo, blk_hi) of each query
+    head h0 … h0+GS−1: one flat loop over (head, block) pairs, not a loop nest per head (a
+    GQA group's nest kept three loops live and spilled registers: ptxas, sm_90)."""
+    n = blk_hi - blk_lo
+    for t in range(0, GS * n):
+        h = h0 + t // n
+        offs_m = (blk_lo + t % n) * BLOCK_M + tl.arange(0, BLOCK_M)
         q, do, lse2, dlt = _query_rows(Q, DO, LSE, DLT, b, h, Hq, Sq, offs_m, offs_d, D,
                                        sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, DOT_F32)  # fmt: skip
         p = _probs(q, kt, lse2, qk_scale, DOT_PREC)  # (i j)
@@ -223,20 +228,19 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DLT, DK, DV,
     lo, mid_lo, mid_hi, hi = _query_block_range(ks, ke, Sq, delta, left, right,
                                                 ks + BLOCK_N <= Sk, HAS_LEFT, HAS_RIGHT,
                                                 BLOCK_M)  # fmt: skip
-    for r in range(0, GS):  # the query heads of this kv head's group
-        h = g * GS + r
-        dk, dv = _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, h, Hq, Sq, Sk, offs_n, offs_d,
-                             D, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right,
-                             qk_scale, mid_lo, mid_hi, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-                             DOT_F32, BLOCK_M)  # fmt: skip
-        dk, dv = _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, h, Hq, Sq, Sk, offs_n, offs_d,
-                             D, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right,
-                             qk_scale, lo, mid_lo, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-                             DOT_F32, BLOCK_M)  # fmt: skip
-        dk, dv = _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, h, Hq, Sq, Sk, offs_n, offs_d,
-                             D, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right,
-                             qk_scale, mid_hi, hi, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-                             DOT_F32, BLOCK_M)  # fmt: skip
+    # each run over the query heads g·GS … g·GS+GS−1 of this kv head's group
+    dk, dv = _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, g * GS, GS, Hq, Sq, Sk, offs_n,
+                         offs_d, D, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right,
+                         qk_scale, mid_lo, mid_hi, False, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32,
+                         BLOCK_M)  # fmt: skip
+    dk, dv = _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, g * GS, GS, Hq, Sq, Sk, offs_n,
+                         offs_d, D, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right,
+                         qk_scale, lo, mid_lo, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32,
+                         BLOCK_M)  # fmt: skip
+    dk, dv = _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, g * GS, GS, Hq, Sq, Sk, offs_n,
+                         offs_d, D, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right,
+                         qk_scale, mid_hi, hi, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32,
+                         BLOCK_M)  # fmt: skip
     dk = _round(dk * sm_scale, DK.dtype.element_ty, DOT_F32 and DK.dtype.element_ty == tl.bfloat16)
     dv = _round(dv, DV.dtype.element_ty, DOT_F32 and DV.dtype.element_ty == tl.bfloat16)
     tl.store(DK + b * skgb + g * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
