@@ -1,7 +1,7 @@
 """Build every Triton kernel variant qkv launches for NVIDIA sm_90 (H100/H200) and sm_80 (A100),
 on a machine without a GPU: shared memory, registers and spills per variant, and whether it fits.
 
-    python benchmarks/triton_build.py --smoke --arch 90  # the test's 6 builds (≈ 35 s, 2 cores)
+    python benchmarks/triton_build.py --smoke --arch 90  # the test's 11 builds (≈ 30 s, 2 cores)
     python benchmarks/triton_build.py --quick            # bf16 at D = 256: 24 builds (≈ 70 s)
     python benchmarks/triton_build.py --only backward --dtype bf16 --head-dim 128
     python benchmarks/triton_build.py                    # every variant: 616 builds (see below)
@@ -79,10 +79,16 @@ HEAD_DIMS = (64, 96, 128, 256)
 BANDS = {"causal": {"causal": True}, "window": {"window": (127, 32)}}
 B, HQ, HK, S = 2, 4, 2, 256
 QUICK = [("bf16", 256)]  # the largest tiles whose builds take seconds (not fp32: see `slow`)
-# tests/attention/test_triton_build.py's set: the forward's default launch and the backward in
-# bf16 at D = 128 (auto's Triton path with a gradient), and SDPA's repair at fp32 D = 256
-# (causal, no sinks)
-SMOKE = [("bf16", 128, "fwd"), ("bf16", 128, "train bwd"), ("fp32", 256, "repair(sdpa)")]
+# tests/attention/test_triton_build.py's set: the forward's default launches and the backward
+# in bf16 and fp32 at D = 128 (auto's Triton path with a gradient), and SDPA's repair at fp32
+# D = 256 (causal, no sinks)
+SMOKE = [
+    ("bf16", 128, "fwd"),
+    ("bf16", 128, "train bwd"),
+    ("fp32", 128, "fwd"),
+    ("fp32", 128, "train bwd"),
+    ("fp32", 256, "repair(sdpa)"),
+]
 
 
 def slow(dtype: str, D: int) -> bool:

@@ -44,6 +44,7 @@ from .triton_kernel import (
     _nonfinite,
     _query_block,
     build_error,
+    repair_config,
 )
 
 
@@ -121,13 +122,15 @@ def redo_if_nonfinite(
     lse = torch.empty(s.B, s.Hq, s.Sq, dtype=torch.float32, device=q.device)
     dlt = torch.empty_like(lse)
     block_d = max(16, triton.next_power_of_2(s.D))  # dout as it came (any strides: no copy)
-    _lse_delta_kernel[(triton.cdiv(s.Sq, 64), s.B * s.Hq)](
+    c = repair_config(q.dtype)  # a cleaning forward, launched as the repair's (gated: rare)
+    _lse_delta_kernel[(triton.cdiv(s.Sq, c.block_m), s.B * s.Hq)](
         q, k, v, dout, lse, dlt, flag, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         s.Hq, s.G, s.Sq, s.Sk, s.D, s.left or 0, s.right or 0, s.scale * LOG2E,
         HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None, EVEN_D=block_d == s.D,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
-        BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d, num_warps=c.num_warps,
+        num_stages=c.num_stages,
     )  # fmt: skip
     passes(q, k, v, s, lse, dlt, dout, grads, interpreted=INTERPRETED, gate=flag)
 

@@ -333,6 +333,25 @@ def _delta_kernel(O, DO, DLSE, DLT, sob, soh, som, sod, sdb, sdh, sdm, sdd, Hq, 
     tl.store(DLT + row, dlt, mask=m_ok)
 
 
+def default_configs(spec: Spec, dtype: torch.dtype) -> tuple[Config, Config]:
+    """The (dK/dV pass, dQ pass) launches. fp16/bf16 with D ≤ 128: 64 × 64 blocks, 4 warps,
+    2 stages for both, the fastest of six for dK/dV and within 1 % of the fastest for dQ on an
+    H200 in bf16 (benchmarks/triton_tune.py, RESULTS.md). The others are chosen by what ptxas
+    for sm_90 reports (`benchmarks/triton_build.py`), not yet timed:
+    - fp16/bf16 past D = 128: 32 × 32, 8 warps (64 × 64, 4 warps spilled 4.5 KB per thread in
+      dK/dV at D = 256 and needed 206 KB of shared memory, past an A100's 163 KB);
+    - fp32, whose IEEE dots are FMA loops holding their tiles in registers (64 × 64, 4 warps
+      spilled 14 KB per thread in dK/dV at D = 64, 200 KB at D = 128): dK/dV at 16 × 32 keys,
+      8 warps, 1 stage for D ≤ 64 (no spill), else 16 × 16, 8 warps (0.4 KB at D = 128,
+      2 KB at D = 256); dQ at 32 × 64, 8 warps for D ≤ 128, else 16 × 32 (no spill)."""
+    if dtype == torch.float32:
+        dkdv = Config(16, 32, 8, 1) if spec.D <= 64 else Config(16, 16, 8, 2)
+        return dkdv, Config(32, 64, 8, 2) if spec.D <= 128 else Config(16, 32, 8, 2)
+    if spec.D <= 128:
+        return Config(), Config()
+    return Config(32, 32, 8, 2), Config(32, 32, 8, 2)
+
+
 def _launch(config: Config) -> dict:
     return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
                 num_stages=config.num_stages)  # fmt: skip
@@ -353,7 +372,8 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) in the inputs' dtypes for the triton forward's (out, lse); see the module
     docstring. No host sync: a Δ kernel, then the two passes.
-    `config` launches the dK/dV pass, `dq_config` (default: `config`) the dQ pass."""
+    `config` launches the dK/dV pass, `dq_config` (default: `config`) the dQ pass; both None:
+    `default_configs`."""
     s = spec
     if s.Sq == 0 or s.Sk == 0 or s.B * s.Hq == 0 or (dout is None and dlse is None):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -388,8 +408,11 @@ def passes(
     shapes, any float dtype and strides; each value rounded once). A None dq skips its pass;
     a None dk or dv is computed into scratch. `lse`, `dlt` (b h i) fp32 contiguous.
     `gate` (int32 (1,) on the device): when it holds 0 every program returns at once, and
-    `grads` keep what they held (no host sync decides it)."""
-    s, config = spec, config or Config()
+    `grads` keep what they held (no host sync decides it). Configs as `backward`'s."""
+    s = spec
+    if config is None:
+        config, dq_default = default_configs(s, q.dtype)
+        dq_config = dq_config or dq_default
     dq_config = dq_config or config
     dq, dk, dv = grads
     dk = torch.empty_like(k) if dk is None else dk

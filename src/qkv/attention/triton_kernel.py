@@ -14,7 +14,7 @@ Launch sizes: `default_config`, measured on an H200 (benchmarks/triton_tune.py).
 Exactly what `qkv.attention` means: scale, bottom-right alignment (query row i at position
 i + δ, δ = Sk − Sq), window (left, right) inclusive, GQA by indexing kv head h // (Hq // Hk)
 (no K/V copies), an empty row → out 0 and LSE −inf, NaN/inf in masked-out K or V never reaches
-the output. A second launch (`repair` mode, `REPAIR_CONFIG`) reads each output tile and redoes
+the output. A second launch (`repair` mode, `repair_config`) reads each output tile and redoes
 only rows holding NaN/inf with the cleaning visits, which zero bad keys and values and mark NaN
 where a kept one is (no host sync; any leak is a NaN in the row). The backward keeps them out of
 the gradients on its own (`triton_backward`).
@@ -71,23 +71,36 @@ class Config:
 
 
 def default_config(spec: Spec, dtype: torch.dtype) -> Config:
-    """The forward's launch: 64 × 64 blocks, 4 warps, and a third pipeline stage for fp16/bf16
+    """The forward's launch. fp16/bf16: 64 × 64 blocks, 4 warps, and a third pipeline stage
     with 64 < D ≤ 128. Measured on an H200 in bf16 by benchmarks/triton_tune.py (RESULTS.md):
     of eight configs this one was fastest or within 5 % on each of issue 15's cases; the third
     stage took D = 128 causal from 0.60–0.63× SDPA to 0.67–0.74× (and the D = 128 window of 256
-    from 0.377 to 0.394 ms), and would have cost D = 64 0.3 %. The backward keeps `Config()`,
-    the fastest of six for its dK/dV pass and within 1 % of the fastest for its dQ pass."""
-    if dtype in (torch.float16, torch.bfloat16) and 64 < spec.D <= 128:
+    from 0.377 to 0.394 ms), and would have cost D = 64 0.3 %.
+
+    fp32: 32 × 64 blocks (32 × 32 past D = 128), 8 warps. Its IEEE dots are FMA loops that hold
+    their tiles in registers: at 64 × 64, 4 warps ptxas for sm_90 spilled 2.5 KB per thread at
+    D = 64, 53 KB at D = 128 and 142 KB at D = 256 (a 50 s build, and 213 KB of shared memory,
+    past an A100's 163 KB); these spill nothing at D = 16 to 256 and build in seconds
+    (`benchmarks/triton_build.py`). Chosen by the compiler's report: not yet timed."""
+    if dtype == torch.float32:
+        return Config(32, 64, 8, 2) if spec.D <= 128 else Config(32, 32, 8, 2)
+    if 64 < spec.D <= 128:
         return Config(num_stages=3)
     return Config()
 
 
-# the repair pass's launch: small tiles and no pipelining, to keep its cleaning loop nest (with
-# its fp32 `hit` dot) well inside shared memory for every dtype and D ≤ 256 (a review compiled
-# a 64 × 64, 2-stage kernel with two loop nests for sm_90: 360 KB at fp32 D = 256, past an
-# H200's 227 KB; this launch is not yet compiled for a GPU). It reads each output tile once
-# and recomputes only where NaN/inf came back, so its speed there hardly matters.
-REPAIR_CONFIG = Config(block_m=32, block_n=32, num_warps=4, num_stages=1)
+def repair_config(dtype: torch.dtype) -> Config:
+    """The launch of the cleaning forward when it only repairs (`repair`, and the gated redo in
+    `sdpa_checked`): small tiles and no pipelining, to keep its loop nest (with its fp32 `hit`
+    dot) well inside shared memory for every dtype and D ≤ 256 (a review compiled a 64 × 64,
+    2-stage kernel with two loop nests for sm_90: 360 KB at fp32 D = 256, past an H200's
+    227 KB). It reads each output tile once and recomputes only where NaN/inf came back, so
+    on clean inputs its cost is that read: 32 × 32, 4 warps for fp16/bf16. fp32: 16 × 16,
+    8 warps; at 32 × 32, 4 warps ptxas for sm_90 spilled 6.4 KB per thread at D = 128 and
+    82 KB at D = 256, against none and 1 KB (`benchmarks/triton_build.py`; not yet timed)."""
+    if dtype == torch.float32:
+        return Config(16, 16, 8, 1)
+    return Config(32, 32, 4, 1)
 
 
 def unsupported(q: Tensor, spec: Spec) -> str | None:
@@ -433,7 +446,7 @@ def forward(
     sinks = None if s.sinks is None else s.sinks.detach().to(torch.float32).contiguous()
     _launch(q, k, v, s, out, lse, sinks, visits, config, "clean" if clean else "plain")
     if clean is None:  # check the answer instead of K/V: a second launch, no host sync
-        _launch(q, k, v, s, out, lse, sinks, None, REPAIR_CONFIG, "repair")
+        _launch(q, k, v, s, out, lse, sinks, None, repair_config(q.dtype), "repair")
     return out, lse, visits
 
 
@@ -475,7 +488,7 @@ def repair(
     if lse is not None and not lse.is_contiguous():
         lse = lse.contiguous()
     scratch = lse if lse is not None else torch.empty(s.B, s.Hq, s.Sq, device=q.device)
-    _launch(q, k, v, s, out, scratch, None, None, REPAIR_CONFIG, "repair")
+    _launch(q, k, v, s, out, scratch, None, None, repair_config(q.dtype), "repair")
     return out, lse
 
 
@@ -487,7 +500,7 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, spec: Spec, config: Config | None):
         """`sinks` is `spec.sinks`, passed again so autograd sees it. `config` None: each
-        kernel's default (`default_config` forward, `Config()` backward)."""
+        kernel's default (`default_config` forward, `triton_backward.default_configs`)."""
         # O in fp32 for the backward: Δ = rowsum(dO∘O) from a half-rounded O puts dQ 10× past
         # flash-attn's bwd-overflow criterion (fp16, 2 keys); the tiled backend keeps it too
         wide = torch.float32 if any(ctx.needs_input_grad[:4]) else None
