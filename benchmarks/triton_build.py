@@ -1,7 +1,7 @@
 """Build every Triton kernel variant qkv launches for NVIDIA sm_90 (H100/H200) and sm_80 (A100),
 on a machine without a GPU: shared memory, registers and spills per variant, and whether it fits.
 
-    python benchmarks/triton_build.py --smoke --arch 90  # the test's 11 builds (≈ 30 s, 2 cores)
+    python benchmarks/triton_build.py --smoke --arch 90  # the test's 15 builds (≈ 30 s, 2 cores)
     python benchmarks/triton_build.py --quick            # bf16 at D = 256: 24 builds (≈ 70 s)
     python benchmarks/triton_build.py --only backward --dtype bf16 --head-dim 128
     python benchmarks/triton_build.py                    # every variant: 616 builds (see below)
@@ -31,8 +31,9 @@ compares it with the arch's opt-in limit per block (sm_90 232448 B = 227 KB, sm_
 = 163 KB), as Triton does before a launch; `regs`, `stack` (frame bytes) and `spills` (bytes
 stored / loaded) are ptxas -v's (where a kernel needs far more than 255 registers, ptxas may
 report 32 registers and a stack frame of kilobytes: fp32 at D = 256). Variants: dtype
-fp32/bf16/fp16 × D 64/96/128/256 × causal or a window (127, 32) × with or without sinks (the
-backward and SDPA's paths take none), each with its default launch config; a row lists every
+fp32/bf16/fp16 × D 64/96/128/256 × causal, a window (127, 32), or causal with softcap and ALiBi
+× with or without sinks (the backward and SDPA's paths take none), each with its default
+launch config; a row lists every
 case that launches the same build (D 96 and 128 share the backward's). Not built: the
 debug-only `count=True` launches (COUNT).
 Exit status 1 when a variant fails to build or does not fit, or when a kernel the modules
@@ -69,25 +70,33 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from qkv.attention import sdpa_checked
+from qkv.attention import alibi, sdpa_checked
 from qkv.attention import triton_kernel as tk
 from qkv.attention.spec import make_spec
 
 SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may opt in to
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD_DIMS = (64, 96, 128, 256)
-BANDS = {"causal": {"causal": True}, "window": {"window": (127, 32)}}
 B, HQ, HK, S = 2, 4, 2, 256
+# a band, and the score mods the kernels evaluate (softcap= and alibi: MODS = 5; SDPA, and so
+# its repair and redo, never meets them)
+BANDS = {
+    "causal": {"causal": True},
+    "window": {"window": (127, 32)},
+    "causal+mods": {"causal": True, "softcap": 30.0, "score_mod": alibi(HQ)},
+}
 QUICK = [("bf16", 256)]  # the largest tiles whose builds take seconds (not fp32: see `slow`)
 # tests/attention/test_triton_build.py's set: the forward's default launches and the backward
-# in bf16 and fp32 at D = 128 (auto's Triton path with a gradient), and SDPA's repair at fp32
-# D = 256 (causal, no sinks)
+# in bf16 (with and without softcap and ALiBi) and fp32 at D = 128 (auto's Triton path with a
+# gradient), and SDPA's repair at fp32 D = 256 (causal, no sinks)
 SMOKE = [
-    ("bf16", 128, "fwd"),
-    ("bf16", 128, "train bwd"),
-    ("fp32", 128, "fwd"),
-    ("fp32", 128, "train bwd"),
-    ("fp32", 256, "repair(sdpa)"),
+    ("bf16", 128, "fwd", "causal"),
+    ("bf16", 128, "train bwd", "causal"),
+    ("bf16", 128, "fwd", "causal+mods"),
+    ("bf16", 128, "train bwd", "causal+mods"),
+    ("fp32", 128, "fwd", "causal"),
+    ("fp32", 128, "train bwd", "causal"),
+    ("fp32", 256, "repair(sdpa)", "causal"),
 ]
 
 
@@ -174,7 +183,8 @@ def entries(case: Case) -> Iterator[tuple[str, str, Callable[[], object]]]:
     spec = make_spec(q, k, v, sinks=sinks, **BANDS[case.band])
     yield "forward", "fwd", lambda: tk.forward(q, k, v, spec)
     yield "forward", "fwd clean", lambda: tk.forward(q, k, v, spec, clean=True)
-    if not case.sinks:  # SDPA takes no sinks, so neither does its repair
+    sdpa = not case.sinks and "mods" not in case.band  # what SDPA serves: no sinks, no mods
+    if sdpa:  # its repair
         yield "forward", "repair(sdpa)", lambda: tk.repair(q, k, v, spec, torch.zeros_like(q))
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     sg = None if sinks is None else sinks.clone().requires_grad_()
@@ -190,7 +200,7 @@ def entries(case: Case) -> Iterator[tuple[str, str, Callable[[], object]]]:
         "train bwd",
         lambda: torch.autograd.backward(held, [torch.ones_like(t) for t in held]),
     )
-    if not case.sinks:  # auto's SDPA with a gradient: the device check and gated redo
+    if sdpa:  # auto's SDPA with a gradient: the device check and gated redo
         grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
         dout = torch.ones_like(q)
         yield (
@@ -442,7 +452,8 @@ def selection(a: argparse.Namespace) -> tuple[list[Case], Keep]:
     every dtype × D × band × sinks, except that a `slow` (dtype, D) is built causal without
     sinks only (the band and sinks change a few scalar ops, not the tiles) unless `a.all`."""
     if a.smoke:
-        cases = [Case(dt, D, "causal", False) for dt, D in dict.fromkeys(x[:2] for x in SMOKE)]
+        cases = [Case(dt, D, band, False) for dt, D, _, band in dict.fromkeys(SMOKE)]
+        cases = list(dict.fromkeys(cases))
     elif a.quick:
         cases = [Case(dt, D, "causal", False) for dt, D in QUICK]
     else:
@@ -459,7 +470,8 @@ def selection(a: argparse.Namespace) -> tuple[list[Case], Keep]:
     ]
 
     def keep(case: Case, phase: str, label: str) -> bool:
-        return a.only in (None, phase) and (not a.smoke or (case.dtype, case.D, label) in SMOKE)
+        smoke = (case.dtype, case.D, label, case.band) in SMOKE
+        return a.only in (None, phase) and (not a.smoke or smoke)
 
     return cases, keep
 

@@ -484,10 +484,9 @@ def test_a_kept_infinite_key_scored_minus_inf_weighs_0():
         ({"mask": torch.ones(7, 9, dtype=torch.bool)}, "mask"),
         ({"mask_mod": lambda b, h, i, j: i >= j}, "mask"),
         ({"score_mod": lambda s, b, h, i, j: s}, "score_mod"),
-        ({"softcap": 5.0}, "softcap"),
         ({"dropout_p": 0.1}, "dropout"),
     ],
-    ids=["mask", "mask_mod", "score_mod", "softcap", "dropout"],
+    ids=["mask", "mask_mod", "score_mod", "dropout"],
 )
 def test_unsupported_requests_raise(kw, needle):
     q, k, v = qkv_on(1, 2, 2, 7, 9, 16)
@@ -732,13 +731,14 @@ def test_auto_sinks_on_sdpa_repair_instead_of_checking_kv(as_on_cuda, monkeypatc
     [
         {},
         {"causal": True},
-        {"window": (3, 0), "softcap": 5.0},
+        {"window": (3, 0), "score_mod": lambda s, b, h, i, j: s * 2},
         {"window": (3, 0), "dropout_p": 0.1},
     ],
-    ids=str,
+    ids=["plain", "causal", "window-score_mod", "window-dropout"],
 )
 def test_auto_never_takes_triton_for_what_sdpa_runs_or_triton_lacks(as_on_cuda, kw):
-    """Plain and causal (Sq = Sk) stay on SDPA; mods and dropout stay on tiled."""
+    """Plain and causal (Sq = Sk) stay on SDPA; a score_mod other than softcap(c) and
+    alibi(slopes), and dropout, stay on tiled."""
     q, k, v = qkv_on(1, 2, 2, 9, 9, 16)
     assert "triton" in BACKENDS
     for return_lse in (False, True):

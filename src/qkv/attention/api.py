@@ -42,8 +42,8 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool
     """`auto`: see `_choose`; on CPU, `fused` replaces `tiled` for a sliding window, a
     mask_mod or a score mod it can compute (measured 1.1–3.8× tiled's forward there,
     benchmarks/RESULTS.md); plain and causal requests keep SDPA / tiled, which are faster.
-    On CUDA, `triton` replaces `tiled` for what it computes (windows, sinks, an LSE SDPA's
-    kernels cannot return): its forward measured 14× tiled's for a window of 256 at 32k tokens
+    On CUDA, `triton` replaces `tiled` for what it computes (windows, sinks, softcap, ALiBi, an
+    LSE SDPA's kernels cannot return): its forward measured 14× tiled's for a window of 256 at 32k tokens
     on an H200 (issue 15); its backward took 0.58–0.66× SDPA's backward time there (bf16,
     D = 128, N = 4096 and 16384), where tiled's forward+backward took 0.07–0.09× SDPA's.
     With a gradient, for D ≤ 128 only (`_triton_forward_fits`)."""
@@ -298,8 +298,9 @@ def attention(
     checks), "fused" (CPU: one compiled loop per query block for windows, mask_mods, softcap and
     ALiBi, with a cached block mask, tiled's backward; what it cannot compute exactly runs on
     tiled), "triton" (FlashAttention-2-style forward and backward kernels for CUDA;
-    plain/causal/window/GQA and sinks only; "auto" takes them on CUDA for windows,
-    sinks and LSEs that SDPA cannot serve, with gradients for D ≤ 128), "auto" (the fastest
+    plain/causal/window/GQA, sinks, `softcap=` and the score mods `qkv.softcap(c)` and
+    `qkv.alibi(slopes)` only; "auto" takes them on CUDA for windows, sinks, softcap, ALiBi
+    and LSEs that SDPA cannot serve, with gradients for D ≤ 128), "auto" (the fastest
     exact one). Equivalent PyTorch::
 
         s = (q @ k.repeat_interleave(Hq // Hk, 1).transpose(-1, -2)) * scale

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from .._jit import Kernels
 from . import blockmask, scoring
+from .mods import fused_score_mod
 from .reference import double_backward_vjp
 from .spec import Spec
 from .tiled import backward, sink_grad, tiled
@@ -216,20 +217,12 @@ KERNELS = Kernels(_build, wide=False)
 
 
 def _score_mod_params(spec: Spec) -> tuple[float, np.ndarray | None] | None:
-    """(softcap of the score mod or 0, ALiBi slopes (1|B, Hq) or None); None if the score mod
-    is not one the kernel evaluates."""
-    fn = spec.score_mod
-    if fn is None:
-        return 0.0, None
-    tag = getattr(fn, "_qkv_fused", None)
-    if tag is None:
+    """`mods.fused_score_mod` with the slopes as a numpy array (1|B, Hq)."""
+    params = fused_score_mod(spec, torch.device("cpu"))
+    if params is None:
         return None
-    if tag[0] == "softcap":
-        return float(tag[1]), None
-    s = tag[1]
-    if tuple(s.shape) not in ((spec.Hq,), (spec.B, spec.Hq)):
-        return None  # tiled raises the mod's own error naming the shapes
-    return 0.0, s.detach().reshape(-1, spec.Hq).to(torch.float32).contiguous().numpy()
+    cap2, slopes = params
+    return cap2, None if slopes is None else slopes.numpy()
 
 
 def supported(q: Tensor, spec: Spec) -> str | None:

@@ -21,16 +21,40 @@ import numbers
 import torch
 from torch import Tensor
 
-from .spec import MaskMod, ScoreMod
+from .spec import MaskMod, ScoreMod, Spec
 
 # Ready mods carry `_qkv_key`, a hashable description of what they compute, or a function
 # returning one where they capture a tensor (read at each call: `live_key`): the block
 # structure of a mask is cached by it (`blockmask.py`). Score mods carry `_qkv_fused`, the
-# parameters the fused CPU kernel evaluates inside its loop (`fused_cpu.py`). A mod without
+# parameters the fused CPU and Triton kernels evaluate inside their loops (`fused_score_mod`:
+# `fused_cpu.py`, `triton_kernel.py`). A mod without
 # them is still exact everywhere, just not cached or fused.
 # Mods holding a per-batch tensor carry `_qkv_batch`, ((mod, argument, its batch size,
 # whether a batch of 1 broadcasts), ...): `make_spec` checks it against the call's B, since
 # indexing with b alone reads row 0 of a longer tensor silently when B = 1.
+
+
+def fused_score_mod(spec: Spec, device: torch.device) -> tuple[float, Tensor | None] | None:
+    """What a fused kernel evaluates for `spec.score_mod`: (the cap of `softcap(cap)` or 0,
+    the slopes (1|B, Hq) fp32 on `device` of `alibi(slopes)` or None), (0, None) for no score
+    mod, None for any other (or slopes whose shape does not fit the call: the tiled backend
+    raises the mod's own error naming the shapes)."""
+    fn = spec.score_mod
+    if fn is None:
+        return 0.0, None
+    tag = getattr(fn, "_qkv_fused", None)
+    if tag is None:
+        return None
+    if tag[0] == "softcap":
+        return float(tag[1]), None
+    s = tag[1]
+    if tuple(s.shape) not in ((spec.Hq,), (spec.B, spec.Hq)):
+        return None
+    placed = fn._qkv_placed  # one host → device copy per device, not one per call
+    key = (device, torch.float32)
+    if key not in placed:
+        placed[key] = s.detach().to(device=device, dtype=torch.float32)
+    return 0.0, placed[key].detach().reshape(-1, spec.Hq).contiguous()
 
 
 def live_key(mod) -> tuple | None:
@@ -241,6 +265,7 @@ def alibi(slopes: Tensor | int) -> ScoreMod:
         return score - slope * (q_idx - kv_idx).abs().to(score.dtype)
 
     mod._qkv_fused = ("alibi", s)
+    mod._qkv_placed = placed
     return mod
 
 

@@ -87,8 +87,9 @@ def _lse_delta_kernel(Q, K, V, DO, LSE, DLT, GATE,
                                           HAS_RIGHT, BLOCK_N)  # fmt: skip
     out, lse, _m, _i = _attend(
         q, K + b * skb + hk * skh, V + b * svb + hk * svh, skn, skd, svn, svd, offs_m, offs_d,
-        h, LSE, Sk, D, Sk - Sq, left, right, qk_scale, lo, mid_lo, mid_hi, hi, HAS_LEFT,
-        HAS_RIGHT, True, False, EVEN_D, DOT_PREC, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_D,
+        h, LSE, Sk, D, Sk - Sq, left, right, qk_scale, 0.0, 0.0, 0.0, lo, mid_lo, mid_hi, hi,
+        HAS_LEFT, HAS_RIGHT, True, False, EVEN_D, DOT_PREC, DOT_F32, 0, BLOCK_M, BLOCK_N,
+        BLOCK_D,
     )  # fmt: skip
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
                  mask=ok, other=0.0).to(tl.float32)  # fmt: skip

@@ -41,6 +41,9 @@ from .triton_kernel import (
     _nonfinite,
     _query_block,
     _round,
+    _score_mods,
+    _slope,
+    mod_args,
 )
 
 _SUM = tl.standard._sum_combine  # builtins only, as in triton_kernel (the interpreter needs them)
@@ -112,10 +115,19 @@ def _query_block_range(ks, ke, Sq, delta, left, right, full, HAS_LEFT: tl.conste
 
 
 @triton.jit
-def _probs(q, kt, lse2, qk_scale, DOT_PREC: tl.constexpr):
-    """P (i j) fp32 for a tile, unmasked: exp2(scale·log2e·q·k − lse·log2e) (rows past Sq or
-    keeping no key get 0: their lse2 is +inf). Masked tiles apply `_keep` to it."""
-    return tl.exp2(tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+def _probs(q, kt, lse2, qk_scale, offs_m, offs_n, delta, cap1, cap2, slope,
+           MODS: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """(P (i j) fp32, ∂s/∂(scale·q·k): 1.0 or (i j)) for a tile, unmasked:
+    exp2(scale·log2e·q·k − lse·log2e), or with MODS exp2(log2e·`_score_mods`(scale·q·k) −
+    lse·log2e) (`qk_scale` is then the natural scale). Rows past Sq or keeping no key get 0:
+    their lse2 is +inf. Masked tiles apply `_keep` to it."""
+    s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+    grad = 1.0
+    if MODS:
+        s, grad = _score_mods(s, offs_m[:, None] + delta, offs_n[None, :], cap1, cap2, slope,
+                              MODS)  # fmt: skip
+        s = s * 1.4426950408889634  # log2(e)
+    return tl.exp2(s - lse2[:, None]), grad
 
 
 @triton.jit
@@ -170,9 +182,9 @@ def _key_block(K, V, b, g, offs_n, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, 
 @triton.jit
 def _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, h0, GS, Hq, Sq, Sk, offs_n, offs_d, D,
                 sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right, qk_scale,
-                blk_lo, blk_hi, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
-                HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
-                BLOCK_M: tl.constexpr):  # fmt: skip
+                cap1, cap2, SLOPES, ssb, blk_lo, blk_hi, MASKED: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+                DOT_F32: tl.constexpr, MODS: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
     """dK, dV (j d) of one key block summed over query blocks [blk_lo, blk_hi) of each query
     head h0 … h0+GS−1: one flat loop over (head, block) pairs, not a loop nest per head (a
     GQA group's nest kept three loops live and spilled registers: ptxas, sm_90)."""
@@ -182,13 +194,17 @@ def _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, h0, GS, Hq, Sq, Sk, offs_n, 
         offs_m = (blk_lo + t % n) * BLOCK_M + tl.arange(0, BLOCK_M)
         q, do, lse2, dlt = _query_rows(Q, DO, LSE, DLT, b, h, Hq, Sq, offs_m, offs_d, D,
                                        sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, DOT_F32)  # fmt: skip
-        p = _probs(q, kt, lse2, qk_scale, DOT_PREC)  # (i j)
+        slope = _slope(SLOPES, b, h, ssb, MODS)
+        p, grad = _probs(q, kt, lse2, qk_scale, offs_m, offs_n, delta, cap1, cap2, slope, MODS,
+                         DOT_PREC)  # (i j)  # fmt: skip
         if MASKED:
             keep = _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(keep, p, 0.0)
         dv = tl.dot(tl.trans(_as_operand(p, do, DOT_F32)), do, dv, input_precision=DOT_PREC)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)  # (i j) fp32
         ds = p * (dp - dlt[:, None])
+        if MODS & 3:  # through the caps: ∂ cap·tanh(s/cap) = 1 − tanh²
+            ds = ds * grad
         if MASKED:  # a masked NaN/inf value makes dp NaN: 0·NaN must stay 0
             ds = tl.where(keep, ds, 0.0)
         dk = tl.dot(tl.trans(_as_operand(ds, q, DOT_F32)), q, dk, input_precision=DOT_PREC)
@@ -200,10 +216,12 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DLT, DK, DV,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                  sdb, sdh, sdm, sdd, skgb, skgh, skgn, skgd, svgb, svgh, svgn, svgd,
                  Hq, Hk, GS, Sq, Sk, D, left, right, qk_scale, sm_scale, GATE,
+                 cap1, cap2, SLOPES, ssb,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
-                 DOT_F32: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """Grid (cdiv(Sk, BLOCK_N), B·Hk). DK, DV (b g j d) in any float dtype (each value rounded
+                 DOT_F32: tl.constexpr, HAS_GATE: tl.constexpr, MODS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):  # fmt: skip
+    """Grid (cdiv(Sk, BLOCK_N), B·Hk). MODS, cap1, cap2, SLOPES, ssb as the forward's. DK, DV (b g j d) in any float dtype (each value rounded
     once, to nearest even); LSE, DLT (b h i) fp32 contiguous. HAS_GATE: a program whose int32
     GATE reads 0 returns at once, reading and writing nothing."""
     if HAS_GATE:
@@ -231,16 +249,16 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DLT, DK, DV,
     # each run over the query heads g·GS … g·GS+GS−1 of this kv head's group
     dk, dv = _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, g * GS, GS, Hq, Sq, Sk, offs_n,
                          offs_d, D, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right,
-                         qk_scale, mid_lo, mid_hi, False, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32,
-                         BLOCK_M)  # fmt: skip
+                         qk_scale, cap1, cap2, SLOPES, ssb, mid_lo, mid_hi, False, HAS_LEFT,
+                         HAS_RIGHT, DOT_PREC, DOT_F32, MODS, BLOCK_M)  # fmt: skip
     dk, dv = _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, g * GS, GS, Hq, Sq, Sk, offs_n,
                          offs_d, D, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right,
-                         qk_scale, lo, mid_lo, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32,
-                         BLOCK_M)  # fmt: skip
+                         qk_scale, cap1, cap2, SLOPES, ssb, lo, mid_lo, True, HAS_LEFT,
+                         HAS_RIGHT, DOT_PREC, DOT_F32, MODS, BLOCK_M)  # fmt: skip
     dk, dv = _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, g * GS, GS, Hq, Sq, Sk, offs_n,
                          offs_d, D, sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, delta, left, right,
-                         qk_scale, mid_hi, hi, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32,
-                         BLOCK_M)  # fmt: skip
+                         qk_scale, cap1, cap2, SLOPES, ssb, mid_hi, hi, True, HAS_LEFT,
+                         HAS_RIGHT, DOT_PREC, DOT_F32, MODS, BLOCK_M)  # fmt: skip
     dk = _round(dk * sm_scale, DK.dtype.element_ty, DOT_F32 and DK.dtype.element_ty == tl.bfloat16)
     dv = _round(dv, DV.dtype.element_ty, DOT_F32 and DV.dtype.element_ty == tl.bfloat16)
     tl.store(DK + b * skgb + g * skgh + offs_n[:, None] * skgn + offs_d[None, :] * skgd,
@@ -250,22 +268,25 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DLT, DK, DV,
 
 
 @triton.jit
-def _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale,
-              K, V, b, hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn, svd,
+def _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, cap1, cap2,
+              slope, K, V, b, hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn, svd,
               blk_lo, blk_hi, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
               HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
-              BLOCK_N: tl.constexpr):  # fmt: skip
+              MODS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """dQ (i d) of one query block summed over key blocks [blk_lo, blk_hi)."""
     for blk in range(blk_lo, blk_hi):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         k, v = _key_block(K, V, b, hk, offs_n, offs_d, Sk, D, skb, skh, skn, skd,
                           svb, svh, svn, svd, DOT_F32)  # fmt: skip
-        p = _probs(q, tl.trans(k), lse2, qk_scale, DOT_PREC)  # (i j)
+        p, grad = _probs(q, tl.trans(k), lse2, qk_scale, offs_m, offs_n, delta, cap1, cap2,
+                         slope, MODS, DOT_PREC)  # (i j)  # fmt: skip
         if MASKED:
             keep = _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (i j) fp32
         ds = p * (dp - dlt[:, None])
+        if MODS & 3:  # through the caps
+            ds = ds * grad
         if MASKED:  # masked NaN/inf in v (dp) or k (ds·k) must not leak: 0·NaN stays 0; a
             # kept bad key still gives NaN through its ds
             ds = tl.where(keep, ds, 0.0)
@@ -279,9 +300,11 @@ def _dq_kernel(Q, K, V, DO, LSE, DLT, DQ,
                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                sdb, sdh, sdm, sdd, sgb, sgh, sgm, sgd,
                Hq, GS, Sq, Sk, D, left, right, qk_scale, sm_scale, GATE,
+               cap1, cap2, SLOPES, ssb,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
-               DOT_F32: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+               DOT_F32: tl.constexpr, HAS_GATE: tl.constexpr, MODS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr):  # fmt: skip
     """Grid (cdiv(Sq, BLOCK_M), B·Hq). DQ (b h i d) in any float dtype (rounded once);
     GATE as `_dkdv_kernel`'s."""
     if HAS_GATE:
@@ -293,17 +316,21 @@ def _dq_kernel(Q, K, V, DO, LSE, DLT, DQ,
     q, do, lse2, dlt = _query_rows(Q, DO, LSE, DLT, b, h, Hq, Sq, offs_m, offs_d, D,
                                    sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, DOT_F32)  # fmt: skip
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    slope = _slope(SLOPES, b, h, ssb, MODS)
     lo, mid_lo, mid_hi, hi = _block_range(qs, qe, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT,
                                           BLOCK_N)  # fmt: skip
-    dq = _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, K, V, b,
-                   hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn, svd,
-                   mid_lo, mid_hi, False, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32, BLOCK_N)  # fmt: skip
-    dq = _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, K, V, b,
-                   hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn, svd,
-                   lo, mid_lo, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32, BLOCK_N)  # fmt: skip
-    dq = _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, K, V, b,
-                   hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn, svd,
-                   mid_hi, hi, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32, BLOCK_N)  # fmt: skip
+    dq = _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, cap1,
+                   cap2, slope, K, V, b, hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn,
+                   svd, mid_lo, mid_hi, False, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32, MODS,
+                   BLOCK_N)  # fmt: skip
+    dq = _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, cap1,
+                   cap2, slope, K, V, b, hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn,
+                   svd, lo, mid_lo, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32, MODS,
+                   BLOCK_N)  # fmt: skip
+    dq = _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, cap1,
+                   cap2, slope, K, V, b, hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn,
+                   svd, mid_hi, hi, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32, MODS,
+                   BLOCK_N)  # fmt: skip
     qm = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
     dq = _round(dq * sm_scale, DQ.dtype.element_ty, DOT_F32 and DQ.dtype.element_ty == tl.bfloat16)
     tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_d[None, :] * sgd,
@@ -418,13 +445,16 @@ def passes(
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
     block_d = max(16, triton.next_power_of_2(s.D))
+    mods, cap1, cap2, slopes = mod_args(s, q.device)
     common = dict(
         HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_F32=interpreted and q.dtype == torch.bfloat16, HAS_GATE=gate is not None,
-        BLOCK_D=block_d,
+        MODS=mods, BLOCK_D=block_d,
     )  # fmt: skip
-    band = (s.left or 0, s.right or 0, s.scale * LOG2E, s.scale, dlt if gate is None else gate)
+    band = (s.left or 0, s.right or 0, s.scale if mods else s.scale * LOG2E, s.scale,
+            dlt if gate is None else gate, cap1, cap2, dlt if slopes is None else slopes,
+            0 if slopes is None or len(slopes) == 1 else s.Hq)  # fmt: skip
     _dkdv_kernel[(triton.cdiv(s.Sk, config.block_n), s.B * s.Hk)](
         q, k, v, dout, lse, dlt, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),

@@ -9,6 +9,9 @@ blocks come in three runs: the band's left edge and right edge (masked with `tl.
 the sequence tail) and the interior between them (no mask work at all). The run bounds are
 `key_block_range`, mirrored exactly by the kernel's `_block_range` (a debug counter checks it).
 Query blocks launch last first, so under a causal band the heaviest run in the first waves.
+Score mods (`MODS`, `mod_args`): `softcap=` and the ready `qkv.softcap(c)` and
+`qkv.alibi(slopes)` are evaluated on each fp32 score tile (`_score_mods`; tanh by `_tanh`),
+the scores then turned to base 2; any other score_mod is refused (`unsupported`: tiled).
 Launch sizes: `default_config`, measured on an H200 (benchmarks/triton_tune.py).
 
 Exactly what `qkv.attention` means: scale, bottom-right alignment (query row i at position
@@ -46,6 +49,7 @@ from torch import Tensor
 
 from . import tiled
 from .builds import BuildFailures
+from .mods import fused_score_mod
 from .reference import double_backward_vjp
 from .spec import Spec
 
@@ -107,8 +111,11 @@ def unsupported(q: Tensor, spec: Spec) -> str | None:
     """Why the triton backend cannot compute this request exactly, or None if it can."""
     if spec.mask is not None or spec.mask_mod is not None:
         return "masks (mask=, mask_mod=) are not supported; use backend='tiled' or 'sdpa'"
-    if spec.has_mods:
-        return "score_mod/softcap are not supported; use backend='tiled'"
+    if spec.score_mod is not None and fused_score_mod(spec, torch.device("cpu")) is None:
+        return (
+            "a score_mod other than qkv.softcap(c) and qkv.alibi(slopes) is not supported; "
+            "use backend='tiled'"
+        )
     if spec.dropout_p > 0:
         return "dropout is not supported; use backend='tiled' or 'sdpa'"
     if spec.D != spec.Dv:
@@ -219,14 +226,72 @@ def _as_operand(x, like, DOT_F32: tl.constexpr):
     return x.to(like.dtype)
 
 
+# the score mods the kernels evaluate (`mods.fused_score_mod`), as bits of their MODS constexpr
+MOD_CAP1, MOD_CAP2, MOD_ALIBI = 1, 2, 4
+
+
+def mod_args(spec: Spec, device: torch.device) -> tuple[int, float, float, Tensor | None]:
+    """(MODS bits, softcap= cap or 0, the softcap(c) score mod's c or 0, the alibi(slopes)
+    score mod's slopes (1|B, Hq) fp32 on `device` or None) for the kernels; `unsupported`
+    has refused any other score mod."""
+    params = fused_score_mod(spec, device)
+    assert params is not None, "unsupported() refuses this score_mod"
+    cap2, slopes = params
+    cap1 = spec.softcap or 0.0
+    bits = (MOD_CAP1 if cap1 else 0) | (MOD_CAP2 if cap2 else 0)
+    return bits | (MOD_ALIBI if slopes is not None else 0), cap1, cap2, slopes
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 (libdevice's does not run under the interpreter): an odd Taylor polynomial
+    where |x| < 1/4 (truncation < 3e-9), else sign(x)·(1 − e)/(1 + e) with e = exp(−2|x|),
+    free of cancellation there (1 − e ≥ 0.39). NaN stays NaN, ±inf gives ±1."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = x * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835)))))
+    return tl.where(a < 0.25, small, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def _score_mods(s, pos, cols, cap1, cap2, slope, MODS: tl.constexpr):
+    """Natural scores s (scale·q·k, fp32) → cap1·tanh(s/cap1) (`softcap=`) → the score mod:
+    cap2·tanh(s/cap2) (`softcap(c)`) or s − slope·|pos − j| (`alibi`), as `scoring.modify`.
+    `pos` (absolute query positions i + δ) and `cols` (key indices j) are broadcast to s's
+    tile. Returns (scores, ∂scores/∂s): the factor dS is multiplied by (1.0 without a cap)."""
+    grad = 1.0
+    if MODS & 1:
+        t = _tanh(s / cap1)
+        s = cap1 * t
+        grad = 1.0 - t * t
+    if MODS & 2:
+        t = _tanh(s / cap2)
+        s = cap2 * t
+        grad = grad * (1.0 - t * t)
+    if MODS & 4:
+        s = s - slope * tl.abs(pos - cols).to(tl.float32)
+    return s, grad
+
+
+@triton.jit
+def _slope(SLOPES, b, h, ssb, MODS: tl.constexpr):
+    """Head h's ALiBi slope in batch row b (SLOPES (1|B, Hq) fp32, batch stride ssb), or 0."""
+    if MODS & 4:
+        return tl.load(SLOPES + b * ssb + h)
+    return 0.0
+
+
 @triton.jit
 def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
-           blk_lo, blk_hi, Sk, D, delta, left, right, qk_scale,
+           blk_lo, blk_hi, Sk, D, delta, left, right, qk_scale, cap1, cap2, slope,
            MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
            CLEAN: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
-           DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Online softmax over key blocks [blk_lo, blk_hi): scores (i j) in base 2, masked by the
-    band and the sequence tail only when MASKED; returns the updated (acc, m, l, hit, visits)."""
+           DOT_F32: tl.constexpr, MODS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Online softmax over key blocks [blk_lo, blk_hi): scores (i j) in base 2 (with MODS,
+    `qk_scale` is the natural scale and `_score_mods` come first), masked by the band and the
+    sequence tail only when MASKED; returns the updated (acc, m, l, hit, visits)."""
     d_ok = offs_d < D
     for blk in range(blk_lo, blk_hi):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -245,6 +310,10 @@ def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, of
         if DOT_F32:
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # (i j) base-2 logits
+        if MODS:
+            s, _grad = _score_mods(s, offs_m[:, None] + delta, offs_n[None, :], cap1, cap2,
+                                   slope, MODS)  # fmt: skip
+            s = s * 1.4426950408889634  # log2(e)
         if CLEAN:
             s = tl.where(kbad[None, :] > 0, float("nan"), s)
         if MASKED:
@@ -290,11 +359,11 @@ def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, of
 
 @triton.jit
 def _attend(q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d, h, SINKS, Sk, D, delta,
-            left, right, qk_scale, lo, mid_lo, mid_hi, hi,
+            left, right, qk_scale, cap1, cap2, slope, lo, mid_lo, mid_hi, hi,
             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CLEAN: tl.constexpr,
             HAS_SINKS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
-            DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr):  # fmt: skip
+            DOT_F32: tl.constexpr, MODS: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """One query block's (out (i e) fp32, lse (i) natural log, masked and interior key blocks
     visited): the interior run [mid_lo, mid_hi) unmasked, then the two edge runs masked."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -309,18 +378,18 @@ def _attend(q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d, h, SINKS, Sk,
     n_inner = lo * 0
     acc, m_i, l_i, hit, n_inner = _visit(
         acc, m_i, l_i, hit, n_inner, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
-        mid_lo, mid_hi, Sk, D, delta, left, right, qk_scale,
-        False, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, BLOCK_N,
+        mid_lo, mid_hi, Sk, D, delta, left, right, qk_scale, cap1, cap2, slope,
+        False, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, MODS, BLOCK_N,
     )  # fmt: skip
     acc, m_i, l_i, hit, n_masked = _visit(
         acc, m_i, l_i, hit, n_masked, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
-        lo, mid_lo, Sk, D, delta, left, right, qk_scale,
-        True, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, BLOCK_N,
+        lo, mid_lo, Sk, D, delta, left, right, qk_scale, cap1, cap2, slope,
+        True, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, MODS, BLOCK_N,
     )  # fmt: skip
     acc, m_i, l_i, hit, n_masked = _visit(
         acc, m_i, l_i, hit, n_masked, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
-        mid_hi, hi, Sk, D, delta, left, right, qk_scale,
-        True, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, BLOCK_N,
+        mid_hi, hi, Sk, D, delta, left, right, qk_scale, cap1, cap2, slope,
+        True, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, MODS, BLOCK_N,
     )  # fmt: skip
     empty = l_i == 0.0  # no key kept (and no sink): out 0, LSE −inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -338,15 +407,18 @@ def _attend(q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d, h, SINKS, Sk,
 @triton.jit
 def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-                    Hq, G, Sq, Sk, D, left, right, qk_scale,
+                    Hq, G, Sq, Sk, D, left, right, qk_scale, cap1, cap2, SLOPES, ssb,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CLEAN: tl.constexpr,
                     COUNT: tl.constexpr, HAS_SINKS: tl.constexpr, EVEN_D: tl.constexpr,
                     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, REPAIR: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+                    MODS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr):  # fmt: skip
     """Grid (cdiv(Sq, BLOCK_M), B·Hq). O (b h i e) in q's dtype, LSE (b h i) fp32 contiguous;
     VISITS (B·Hq, n_blocks, 2) int32 [masked, interior] key blocks visited, when COUNT;
     SINKS (Hq,) fp32 natural-log sink logits when HAS_SINKS: the online softmax starts from
     the sink (m = σ·log2 e, l = 1) instead of from nothing (m = −inf, l = 0).
+    MODS (bits MOD_CAP1, MOD_CAP2, MOD_ALIBI): `_score_mods` with caps cap1, cap2 and SLOPES
+    (1|B, Hq) fp32 (batch stride ssb); `qk_scale` is then the natural scale, else scale·log2 e.
     REPAIR: O already holds an answer (SDPA's); a program whose O tile is all finite visits
     no key block and stores nothing, one with NaN/inf there recomputes its rows with the
     cleaning visits and stores those rows (and their LSE). One loop nest per kernel: a second
@@ -365,6 +437,7 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
         q = q.to(tl.float32)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
+    slope = _slope(SLOPES, b, h, ssb, MODS)
     lo, mid_lo, mid_hi, hi = _block_range(qs, qe, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT,
                                           BLOCK_N)  # fmt: skip
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
@@ -377,8 +450,9 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
     else:
         out, lse, n_masked, n_inner = _attend(
             q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d, h, SINKS, Sk, D, delta,
-            left, right, qk_scale, lo, mid_lo, mid_hi, hi, HAS_LEFT, HAS_RIGHT, CLEAN,
-            HAS_SINKS, EVEN_D, DOT_PREC, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_D,
+            left, right, qk_scale, cap1, cap2, slope, lo, mid_lo, mid_hi, hi, HAS_LEFT,
+            HAS_RIGHT, CLEAN, HAS_SINKS, EVEN_D, DOT_PREC, DOT_F32, MODS, BLOCK_M, BLOCK_N,
+            BLOCK_D,
         )  # fmt: skip
     if not REPAIR:
         out = _round(out, O.dtype.element_ty, DOT_F32 and O.dtype.element_ty == tl.bfloat16)
@@ -393,8 +467,9 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
         mid_hi = lo + (mid_hi - lo) * n_bad
         fixed, fixed_lse, _m, _i = _attend(
             q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d, h, SINKS, Sk, D, delta,
-            left, right, qk_scale, lo, mid_lo, mid_hi, hi, HAS_LEFT, HAS_RIGHT, True,
-            HAS_SINKS, EVEN_D, DOT_PREC, DOT_F32, BLOCK_M, BLOCK_N, BLOCK_D,
+            left, right, qk_scale, cap1, cap2, slope, lo, mid_lo, mid_hi, hi, HAS_LEFT,
+            HAS_RIGHT, True, HAS_SINKS, EVEN_D, DOT_PREC, DOT_F32, MODS, BLOCK_M, BLOCK_N,
+            BLOCK_D,
         )  # fmt: skip
         redo = m_ok & (row_bad > 0)  # only these rows are stored
         fixed = _round(fixed, O.dtype.element_ty, DOT_F32 and O.dtype.element_ty == tl.bfloat16)
@@ -424,8 +499,10 @@ def forward(
     (no host sync; rows that come back finite are plain arithmetic's); True: the cleaning
     visits throughout; False: plain arithmetic only (masked NaN/inf may leak: for timing).
     `out_dtype` (default q's): fp32 keeps O unrounded for the backward's Δ = rowsum(dO∘O).
-    `config` defaults to `default_config`."""
-    config = config or default_config(spec, q.dtype)
+    `config` defaults to `default_config`, or with `clean=True` to `repair_config` (the cleaning
+    loop holds a second fp32 dot: at fp32 D = 256 the default's 32 × 32 tiles need 172 KB of
+    shared memory that way, past an A100's 163 KB)."""
+    config = config or (repair_config(q.dtype) if clean else default_config(spec, q.dtype))
     for name, n in (("block_m", config.block_m), ("block_n", config.block_n)):
         if n < 16 or n & (n - 1):
             raise ValueError(f"{name} must be a power of two ≥ 16, got {n}")
@@ -455,16 +532,19 @@ def _launch(q, k, v, s: Spec, out, lse, sinks, visits, config: Config, mode: str
     "repair" (`out` holds an answer: rows holding NaN/inf are recomputed cleaning K and V)."""
     block_d = max(16, triton.next_power_of_2(s.D))
     grid = (triton.cdiv(s.Sq, config.block_m), s.B * s.Hq)
+    mods, cap1, cap2, slopes = mod_args(s, q.device)
     _forward_kernel[grid](
         q, k, v, out, lse, lse if visits is None else visits, lse if sinks is None else sinks,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        s.Hq, s.G, s.Sq, s.Sk, s.D, s.left or 0, s.right or 0, s.scale * LOG2E,
+        s.Hq, s.G, s.Sq, s.Sk, s.D, s.left or 0, s.right or 0,
+        s.scale if mods else s.scale * LOG2E, cap1, cap2,
+        lse if slopes is None else slopes, 0 if slopes is None or len(slopes) == 1 else s.Hq,
         HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None,
         CLEAN=mode in ("clean", "repair"), COUNT=visits is not None,
         HAS_SINKS=sinks is not None, EVEN_D=block_d == s.D,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
-        REPAIR=mode == "repair",
+        REPAIR=mode == "repair", MODS=mods,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
