@@ -17,7 +17,8 @@ dim; (1) max |ours − SDPA| for the output and dQ/dK/dV, per dtype and case; (2
 output and LSE of `return_lse=True` (the lens' call) vs float64, with the backend `auto` picks;
 (3) forward time, tiled and auto vs SDPA; (4) causal forward+backward time and peak CUDA
 memory; (5) a sliding window of 256 vs SDPA with the equivalent boolean mask and vs compiled
-flex_attention; (6) learned sinks: qkv vs SDPA with a sink key.
+flex_attention; (6) learned sinks: qkv vs SDPA with a sink key; (7) softcap and ALiBi: `auto`
+(the Triton kernels on CUDA), tiled, SDPA with an ALiBi bias and compiled flex_attention.
 Ratios are peer time / our time (> 1 means we are faster), all measured in the same run.
 
 (Not named cuda.py: a script of that name in benchmarks/ shadows the `cuda` package that
@@ -289,6 +290,65 @@ def window_timing(device: str, dtype, n: int, w: int = 256) -> list[str]:
             rows.append(
                 f"| ratio {name} / qkv | {f / ours[0]:.2f}× | {shown(b / ours[1], '.2f')}× | |"
             )
+    return rows
+
+
+def mods_table(device: str, dtype, n: int, cap: float = 50.0) -> list[str]:
+    """Softcap (Gemma 2's 50) and ALiBi (BLOOM's slopes), causal: each way's max |out − float64|
+    and its forward and fwd+bwd time. `auto` is the Triton kernels on CUDA (tiled before), the
+    peers SDPA with ALiBi as an (H, N, N) float bias (it cannot softcap) and compiled
+    flex_attention with the same score_mod."""
+    h = 8
+    q, k, v = qkv_tensors(device, dtype, 1, h, h, n, grad=True)
+    slopes = qkv.alibi_slopes(h).to(device)
+    i = torch.arange(n, device=device)
+    dist = (i[:, None] - i[None, :]).abs().to(torch.float32)
+    bias = (-slopes[:, None, None] * dist).masked_fill(i[None, :] > i[:, None], float("-inf"))
+    mods = {
+        "softcap": (dict(softcap=cap), lambda s, b, hh, qi, ki: cap * torch.tanh(s / cap)),
+        "alibi": (
+            dict(score_mod=qkv.alibi(slopes)),
+            lambda s, b, hh, qi, ki: s - slopes[hh] * (qi - ki).abs(),
+        ),
+    }
+    rows = [
+        f"| N={n}, H{h} D{D}, causal | max abs Δ out vs f64 | forward | fwd+bwd |",
+        "|---|---|---|---|",
+    ]
+    flex = block = None
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        block = create_block_mask(lambda b, hh, qi, ki: qi >= ki, None, None, n, n, device=device)
+        flex = torch.compile(flex_attention)
+    except Exception as e:  # report, keep measuring the rest
+        rows.append(f"| flex_attention unavailable: {type(e).__name__}: {str(e)[:120]} | | | |")
+    for name, (kw, score_mod) in mods.items():
+        x64 = [t.detach().double() for t in (q, k, v)]
+        truth = qkv.attention(*x64, causal=True, backend="reference", **kw)
+        runs = {
+            f"qkv auto ({auto_backend(q.detach(), k.detach(), v.detach(), causal=True, **kw)})": (
+                lambda kw=kw: qkv.attention(q, k, v, causal=True, **kw)
+            ),
+            "qkv tiled": lambda kw=kw: qkv.attention(q, k, v, causal=True, backend="tiled", **kw),
+        }
+        if name == "alibi":
+            runs["SDPA + float bias"] = lambda: F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias.to(dtype)
+            )
+        if flex is not None:
+            runs["flex_attention (compiled)"] = lambda sm=score_mod: flex(
+                q, k, v, score_mod=sm, block_mask=block
+            )
+        for way, fn in runs.items():
+            try:
+                err = (fn().detach().double() - truth).abs().max().item()
+                fwd = median_ms(fn, device)
+                bwd = median_ms(lambda fn=fn: torch.autograd.grad(fn().sum(), (q, k, v)), device, 5)
+            except Exception as e:  # report, keep measuring the rest
+                rows.append(f"| {name}: {way} failed: {type(e).__name__}: {str(e)[:100]} | | | |")
+                continue
+            rows.append(f"| {name}: {way} | {err:.1e} | {fwd:.2f} ms | {bwd:.2f} ms |")
     return rows
 
 
@@ -615,6 +675,8 @@ def rest(dev: str, dtype, dtypes, quick: bool) -> None:
     print("\n".join(window_timing(dev, dtype, 512 if quick else 16384)), flush=True)
     print(f"\n#### learned sinks (gpt-oss), {dtype}, B=1 H=8 D=64\n", flush=True)
     print("\n".join(sinks_table(dev, dtype, 256 if quick else 4096)), flush=True)
+    print(f"\n#### softcap and ALiBi, {dtype}, B=1 H=8 D=64\n", flush=True)
+    print("\n".join(mods_table(dev, dtype, 256 if quick else 4096)), flush=True)
 
 
 if __name__ == "__main__":
