@@ -100,11 +100,24 @@ def _triton_usable(q: Tensor, spec: Spec) -> bool:
     for q's dtype and head dim, a request the kernels compute (`triton_kernel.unsupported`)."""
     if q.device.type not in TRITON_AUTO_DEVICES or _TRITON_BROKEN.broken(q.dtype, spec.D):
         return False
-    try:
-        from . import triton_kernel
-    except ImportError:  # no Triton (or no working one): tiled computes the same
-        return False
-    return triton_kernel.unsupported(q, spec) is None
+    kernels = _triton_kernel()
+    return kernels is not None and kernels.unsupported(q, spec) is None
+
+
+_TRITON_KERNEL: list = []  # [the triton_kernel module, or None where Triton does not import]
+
+
+def _triton_kernel():
+    """`triton_kernel`, imported once (an import statement per call costs microseconds on the
+    hot path), or None where Triton (or a working one) cannot be imported: tiled computes the
+    same there."""
+    if not _TRITON_KERNEL:
+        try:
+            from . import triton_kernel
+        except ImportError:
+            triton_kernel = None
+        _TRITON_KERNEL.append(triton_kernel)
+    return _TRITON_KERNEL[0]
 
 
 def _sdpa_repairs(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:

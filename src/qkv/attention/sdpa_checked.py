@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import scoring, tiled
-from .builds import BuildFailures
+from .builds import BuildFailures, head_dim_class
 from .reference import double_backward_vjp
 from .spec import Spec
 from .triton_backward import passes
@@ -44,6 +44,7 @@ from .triton_kernel import (
     _nonfinite,
     _query_block,
     build_error,
+    cdiv,
     repair_config,
 )
 
@@ -117,14 +118,14 @@ def redo_if_nonfinite(
     checked = [grads[0]] if grads[0] is not None else [g for g in grads[1:] if g is not None]
     for g in checked:
         B, H, S, D = g.shape
-        block_d = max(16, triton.next_power_of_2(D))
-        _nonfinite_kernel[(triton.cdiv(S, 64), B * H)](g, *g.stride(), H, S, D, flag,
+        block_d = head_dim_class(D)
+        _nonfinite_kernel[(cdiv(S, 64), B * H)](g, *g.stride(), H, S, D, flag,
                                                        BLOCK_S=64, BLOCK_D=block_d)  # fmt: skip
     lse = torch.empty(s.B, s.Hq, s.Sq, dtype=torch.float32, device=q.device)
     dlt = torch.empty_like(lse)
-    block_d = max(16, triton.next_power_of_2(s.D))  # dout as it came (any strides: no copy)
+    block_d = head_dim_class(s.D)  # dout as it came (any strides: no copy)
     c = repair_config(q.dtype)  # a cleaning forward, launched as the repair's (gated: rare)
-    _lse_delta_kernel[(triton.cdiv(s.Sq, c.block_m), s.B * s.Hq)](
+    _lse_delta_kernel[(cdiv(s.Sq, c.block_m), s.B * s.Hq)](
         q, k, v, dout, lse, dlt, flag, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
         s.Hq, s.G, s.Sq, s.Sk, s.D, s.left or 0, s.right or 0, s.scale * LOG2E,
         HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None, EVEN_D=block_d == s.D,

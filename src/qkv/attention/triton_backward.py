@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .builds import head_dim_class
 from .spec import Spec
 from .triton_kernel import (
     LOG2E,
@@ -43,6 +44,7 @@ from .triton_kernel import (
     _round,
     _score_mods,
     _slope,
+    cdiv,
     mod_args,
 )
 
@@ -372,11 +374,14 @@ def default_configs(spec: Spec, dtype: torch.dtype) -> tuple[Config, Config]:
       8 warps, 1 stage for D ≤ 64 (no spill), else 16 × 16, 8 warps (0.4 KB at D = 128,
       2 KB at D = 256); dQ at 32 × 64, 8 warps for D ≤ 128, else 16 × 32 (no spill)."""
     if dtype == torch.float32:
-        dkdv = Config(16, 32, 8, 1) if spec.D <= 64 else Config(16, 16, 8, 2)
-        return dkdv, Config(32, 64, 8, 2) if spec.D <= 128 else Config(16, 32, 8, 2)
-    if spec.D <= 128:
-        return Config(), Config()
-    return Config(32, 32, 8, 2), Config(32, 32, 8, 2)
+        dkdv = _FP32_DKDV_64 if spec.D <= 64 else _FP32_DKDV
+        return dkdv, _FP32_DQ if spec.D <= 128 else _FP32_DQ_WIDE
+    return (_HALF, _HALF) if spec.D <= 128 else (_HALF_WIDE, _HALF_WIDE)
+
+
+_HALF, _HALF_WIDE = Config(), Config(32, 32, 8, 2)
+_FP32_DKDV_64, _FP32_DKDV = Config(16, 32, 8, 1), Config(16, 16, 8, 2)
+_FP32_DQ, _FP32_DQ_WIDE = Config(32, 64, 8, 2), Config(16, 32, 8, 2)
 
 
 def _launch(config: Config) -> dict:
@@ -406,9 +411,9 @@ def backward(
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()
     dlt = torch.empty(s.B, s.Hq, s.Sq, dtype=torch.float32, device=q.device)
-    block_d = max(16, triton.next_power_of_2(s.Dv))
+    block_d = head_dim_class(s.Dv)
     dlse_ = None if dlse is None else dlse.float().contiguous()
-    _delta_kernel[(triton.cdiv(s.Sq, 64), s.B * s.Hq)](
+    _delta_kernel[(cdiv(s.Sq, 64), s.B * s.Hq)](
         out, dout, dlt if dlse_ is None else dlse_, dlt, *out.stride(), *dout.stride(),
         s.Hq, s.Sq, s.Dv, HAS_DLSE=dlse_ is not None, BLOCK_M=64, BLOCK_D=block_d,
     )  # fmt: skip
@@ -444,7 +449,7 @@ def passes(
     dq, dk, dv = grads
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
-    block_d = max(16, triton.next_power_of_2(s.D))
+    block_d = head_dim_class(s.D)
     mods, cap1, cap2, slopes = mod_args(s, q.device)
     common = dict(
         HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None,
@@ -455,14 +460,14 @@ def passes(
     band = (s.left or 0, s.right or 0, s.scale if mods else s.scale * LOG2E, s.scale,
             dlt if gate is None else gate, cap1, cap2, dlt if slopes is None else slopes,
             0 if slopes is None or len(slopes) == 1 else s.Hq)  # fmt: skip
-    _dkdv_kernel[(triton.cdiv(s.Sk, config.block_n), s.B * s.Hk)](
+    _dkdv_kernel[(cdiv(s.Sk, config.block_n), s.B * s.Hk)](
         q, k, v, dout, lse, dlt, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         s.Hq, s.Hk, s.G, s.Sq, s.Sk, s.D, *band, **common, **_launch(config),
     )  # fmt: skip
     if dq is None:
         return
-    _dq_kernel[(triton.cdiv(s.Sq, dq_config.block_m), s.B * s.Hq)](
+    _dq_kernel[(cdiv(s.Sq, dq_config.block_m), s.B * s.Hq)](
         q, k, v, dout, lse, dlt, dq,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         s.Hq, s.G, s.Sq, s.Sk, s.D, *band, **common, **_launch(dq_config),

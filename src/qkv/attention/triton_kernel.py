@@ -48,7 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tiled
-from .builds import BuildFailures
+from .builds import BuildFailures, head_dim_class
 from .mods import fused_score_mod
 from .reference import double_backward_vjp
 from .spec import Spec
@@ -74,6 +74,12 @@ class Config:
     num_stages: int = 2
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for launch grids, in plain Python: `triton.cdiv` is a constexpr function whose
+    call costs microseconds of host time per launch (Triton 3.9)."""
+    return -(-a // b)
+
+
 def default_config(spec: Spec, dtype: torch.dtype) -> Config:
     """The forward's launch. fp16/bf16: 64 × 64 blocks, 4 warps, and a third pipeline stage
     with 64 < D ≤ 128. Measured on an H200 in bf16 by benchmarks/triton_tune.py (RESULTS.md):
@@ -87,10 +93,15 @@ def default_config(spec: Spec, dtype: torch.dtype) -> Config:
     past an A100's 163 KB); these spill nothing at D = 16 to 256 and build in seconds
     (`benchmarks/triton_build.py`). Chosen by the compiler's report: not yet timed."""
     if dtype == torch.float32:
-        return Config(32, 64, 8, 2) if spec.D <= 128 else Config(32, 32, 8, 2)
+        return _FP32_FORWARD if spec.D <= 128 else _FP32_FORWARD_WIDE
     if 64 < spec.D <= 128:
-        return Config(num_stages=3)
-    return Config()
+        return _HALF_FORWARD_128
+    return _DEFAULT
+
+
+_DEFAULT = Config()
+_HALF_FORWARD_128 = Config(num_stages=3)
+_FP32_FORWARD, _FP32_FORWARD_WIDE = Config(32, 64, 8, 2), Config(32, 32, 8, 2)
 
 
 def repair_config(dtype: torch.dtype) -> Config:
@@ -102,9 +113,10 @@ def repair_config(dtype: torch.dtype) -> Config:
     on clean inputs its cost is that read: 32 × 32, 4 warps for fp16/bf16. fp32: 16 × 16,
     8 warps; at 32 × 32, 4 warps ptxas for sm_90 spilled 6.4 KB per thread at D = 128 and
     82 KB at D = 256, against none and 1 KB (`benchmarks/triton_build.py`; not yet timed)."""
-    if dtype == torch.float32:
-        return Config(16, 16, 8, 1)
-    return Config(32, 32, 4, 1)
+    return _FP32_REPAIR if dtype == torch.float32 else _HALF_REPAIR
+
+
+_FP32_REPAIR, _HALF_REPAIR = Config(16, 16, 8, 1), Config(32, 32, 4, 1)
 
 
 def unsupported(q: Tensor, spec: Spec) -> str | None:
@@ -509,7 +521,7 @@ def forward(
     s = spec
     visits = None
     if count:
-        n_blocks = triton.cdiv(s.Sq, config.block_m)
+        n_blocks = cdiv(s.Sq, config.block_m)
         visits = torch.zeros(s.B * s.Hq, n_blocks, 2, dtype=torch.int32, device=q.device)
     if s.Sq == 0 or s.Sk == 0 or s.B * s.Hq == 0:
         out = torch.zeros(s.B, s.Hq, s.Sq, s.Dv, dtype=out_dtype or q.dtype, device=q.device)
@@ -530,8 +542,8 @@ def forward(
 def _launch(q, k, v, s: Spec, out, lse, sinks, visits, config: Config, mode: str) -> None:
     """`_forward_kernel` over (query blocks, b·h); `mode` "plain" (CLEAN off), "clean" or
     "repair" (`out` holds an answer: rows holding NaN/inf are recomputed cleaning K and V)."""
-    block_d = max(16, triton.next_power_of_2(s.D))
-    grid = (triton.cdiv(s.Sq, config.block_m), s.B * s.Hq)
+    block_d = head_dim_class(s.D)
+    grid = (cdiv(s.Sq, config.block_m), s.B * s.Hq)
     mods, cap1, cap2, slopes = mod_args(s, q.device)
     _forward_kernel[grid](
         q, k, v, out, lse, lse if visits is None else visits, lse if sinks is None else sinks,
