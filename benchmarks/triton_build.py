@@ -4,15 +4,16 @@ on a machine without a GPU: shared memory, registers and spills per variant, and
     python benchmarks/triton_build.py --smoke --arch 90  # the test's 15 builds (≈ 30 s, 2 cores)
     python benchmarks/triton_build.py --quick            # bf16 at D = 256: 24 builds (≈ 70 s)
     python benchmarks/triton_build.py --only backward --dtype bf16 --head-dim 128
-    python benchmarks/triton_build.py                    # every variant: 616 builds (see below)
+    python benchmarks/triton_build.py                    # every variant: 844 builds, 25 min
     python benchmarks/triton_build.py --all              # and fp32 D = 256's band/sinks ones too
 
-Most builds take 1–3 s on one core; fp32 at D = 256 dominates the full run: its IEEE dots
-become unrolled FMAs, megabytes of PTX, and each of its builds takes 0.5–5 minutes and ptxas up
-to ~10 GB (`slow`); they run one at a time per 11 GiB of free memory (`heavy_slots`), beside
-the rest. The full run (20 of its builds are fp32 D = 256) has not been timed; with fp32
-D = 256's band/sinks variants too (`--all`, 48 of 644) it had not finished after 2 hours on 2
-cores. Each build's result goes to stderr as it comes, the tables to stdout at the end.
+Most builds take 1–5 s on one core: the full run took 1481 s on 2 cores (844/844 built and fit,
+2026-12-01). fp32 at D = 256 was the slow case (`slow`): at the 64 × 64, 4-warp launches used
+before, its IEEE dots became unrolled FMAs, megabytes of PTX, builds of 0.5–5 minutes and ptxas
+up to ~10 GB; the fp32 launches now spill little and build in seconds, but such builds still
+run one at a time per 11 GiB of free memory (`heavy_slots`), beside the rest. `--all` builds
+fp32 D = 256's band/sinks variants too (the default builds those causal without sinks only). Each
+build's result goes to stderr as it comes, the tables to stdout at the end.
 
 How: the kernel modules are imported compiled (TRITON_INTERPRET is removed first), Triton's
 `JITFunction.run` — what every `kernel[grid](...)` calls — is replaced for the moment by a
