@@ -377,3 +377,43 @@ def test_workers_hold_blas_to_one_thread():
         torch.set_num_threads(saved)
     assert sorted((w, n) for w, n, _ in seen) == [(0, 1), (0, 2), (1, 2)]
     assert all(threads == {1} for _, _, threads in seen), seen
+
+
+def _forked_fused(q, k, v, queue) -> None:
+    """In a forked child: the fused backend on 2 threads, its answer on `queue`."""
+    torch.set_num_threads(2)
+    queue.put(qkv.attention(q, k, v, window=(9, 0), backend="fused").numpy())  # plain pickle
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_threads_kept_across_calls_and_a_fork():
+    """Worker threads are kept between calls (a pool per call cost ~3 ms), and a child forked
+    after the parent used them (a DataLoader worker) starts its own instead of waiting on
+    threads it did not inherit; both answers within the float64 oracle's budget."""
+    import multiprocessing as mp
+
+    q, k, v = make_qkv(1, 4, 4, 70, 70, 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = qkv.attention(q, k, v, window=(9, 0), backend="fused")
+        pool = fused_cpu._POOL[0]
+        qkv.attention(q, k, v, window=(9, 0), backend="fused")
+        assert fused_cpu._POOL == [pool]
+        ctx = mp.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_forked_fused, args=(q, k, v, queue))
+        child.start()
+        try:
+            got = torch.from_numpy(queue.get(timeout=120))
+            child.join(timeout=60)
+            assert child.exitcode == 0
+        finally:
+            if child.is_alive():  # it hung: do not leave it behind
+                child.kill()
+    finally:
+        torch.set_num_threads(threads)
+    x64 = [t.double() for t in (q, k, v)]
+    truth, plain = naive(*x64, window=(9, 0)).out, naive(q, k, v, window=(9, 0)).out
+    for out in (first, got):
+        assert_within_budget(out, plain, truth, torch.float32)
