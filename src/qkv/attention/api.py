@@ -43,8 +43,8 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool
     mask_mod or a score mod it can compute (measured 1.1–3.8× tiled's forward there,
     benchmarks/RESULTS.md); plain and causal requests keep SDPA / tiled, which are faster.
     On CUDA, `triton` replaces `tiled` for what it computes (windows, sinks, softcap, ALiBi, an
-    LSE SDPA's kernels cannot return): its forward measured 14× tiled's for a window of 256 at 32k tokens
-    on an H200 (issue 15); its backward took 0.58–0.66× SDPA's backward time there (bf16,
+    LSE SDPA's kernels cannot return): its forward measured 14× tiled's for a window of 256 at
+    32k tokens on an H200 (issue 15); its backward took 0.58–0.66× SDPA's backward time there (bf16,
     D = 128, N = 4096 and 16384), where tiled's forward+backward took 0.07–0.09× SDPA's.
     With a gradient, for D ≤ 128 only (`_triton_forward_fits`)."""
     backend = _choose(q, k, v, spec, return_lse)
@@ -104,20 +104,16 @@ def _triton_usable(q: Tensor, spec: Spec) -> bool:
     return kernels is not None and kernels.unsupported(q, spec) is None
 
 
-_TRITON_KERNEL: list = []  # [the triton_kernel module, or None where Triton does not import]
-
-
+@functools.cache
 def _triton_kernel():
     """`triton_kernel`, imported once (an import statement per call costs microseconds on the
     hot path), or None where Triton (or a working one) cannot be imported: tiled computes the
     same there."""
-    if not _TRITON_KERNEL:
-        try:
-            from . import triton_kernel
-        except ImportError:
-            triton_kernel = None
-        _TRITON_KERNEL.append(triton_kernel)
-    return _TRITON_KERNEL[0]
+    try:
+        from . import triton_kernel
+    except ImportError:
+        return None
+    return triton_kernel
 
 
 def _sdpa_repairs(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> bool:

@@ -299,17 +299,18 @@ def run_tasks(kernel, args: list, tasks: int) -> None:
             f.result()
 
 
-_POOL: list = []  # [ThreadPoolExecutor], kept: a new pool per call started its threads anew
+_POOL: list = []  # [(ThreadPoolExecutor, its thread count)]: a new pool per call started
+# its threads anew
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
     """A pool of at least `n` threads, kept for the process: starting fresh threads on every
     call cost ~3 ms on a 2-core machine (a 128-token call took 4 ms against tiled's 1.1 ms)."""
-    if not _POOL or _POOL[0]._max_workers < n:
+    if not _POOL or _POOL[0][1] < n:
         if _POOL:
-            _POOL.pop().shutdown(wait=False)
-        _POOL.append(ThreadPoolExecutor(max_workers=n, thread_name_prefix="qkv-fused"))
-    return _POOL[0]
+            _POOL.pop()[0].shutdown(wait=False)
+        _POOL.append((ThreadPoolExecutor(max_workers=n, thread_name_prefix="qkv-fused"), n))
+    return _POOL[0][0]
 
 
 # a forked child (a DataLoader worker) inherits the pool but not its threads: start afresh

@@ -120,7 +120,7 @@ def redo_if_nonfinite(
         B, H, S, D = g.shape
         block_d = head_dim_class(D)
         _nonfinite_kernel[(cdiv(S, 64), B * H)](g, *g.stride(), H, S, D, flag,
-                                                       BLOCK_S=64, BLOCK_D=block_d)  # fmt: skip
+                                                BLOCK_S=64, BLOCK_D=block_d)  # fmt: skip
     lse = torch.empty(s.B, s.Hq, s.Sq, dtype=torch.float32, device=q.device)
     dlt = torch.empty_like(lse)
     block_d = head_dim_class(s.D)  # dout as it came (any strides: no copy)

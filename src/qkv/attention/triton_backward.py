@@ -35,7 +35,6 @@ from torch import Tensor
 from .builds import head_dim_class
 from .spec import Spec
 from .triton_kernel import (
-    LOG2E,
     Config,
     _as_operand,
     _block_range,
@@ -223,7 +222,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DLT, DK, DV,
                  DOT_F32: tl.constexpr, HAS_GATE: tl.constexpr, MODS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr):  # fmt: skip
-    """Grid (cdiv(Sk, BLOCK_N), B·Hk). MODS, cap1, cap2, SLOPES, ssb as the forward's. DK, DV (b g j d) in any float dtype (each value rounded
+    """Grid (cdiv(Sk, BLOCK_N), B·Hk). MODS, cap1, cap2, SLOPES, ssb as the forward's.
+    DK, DV (b g j d) in any float dtype (each value rounded
     once, to nearest even); LSE, DLT (b h i) fp32 contiguous. HAS_GATE: a program whose int32
     GATE reads 0 returns at once, reading and writing nothing."""
     if HAS_GATE:
@@ -450,16 +450,15 @@ def passes(
     dk = torch.empty_like(k) if dk is None else dk
     dv = torch.empty_like(v) if dv is None else dv
     block_d = head_dim_class(s.D)
-    mods, cap1, cap2, slopes = mod_args(s, q.device)
+    mods, qk_scale, mod_tail = mod_args(s, dlt)
     common = dict(
         HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_F32=interpreted and q.dtype == torch.bfloat16, HAS_GATE=gate is not None,
         MODS=mods, BLOCK_D=block_d,
     )  # fmt: skip
-    band = (s.left or 0, s.right or 0, s.scale if mods else s.scale * LOG2E, s.scale,
-            dlt if gate is None else gate, cap1, cap2, dlt if slopes is None else slopes,
-            0 if slopes is None or len(slopes) == 1 else s.Hq)  # fmt: skip
+    band = (s.left or 0, s.right or 0, qk_scale, s.scale, dlt if gate is None else gate,
+            *mod_tail)  # fmt: skip
     _dkdv_kernel[(cdiv(s.Sk, config.block_n), s.B * s.Hk)](
         q, k, v, dout, lse, dlt, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),

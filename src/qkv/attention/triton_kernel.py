@@ -123,7 +123,7 @@ def unsupported(q: Tensor, spec: Spec) -> str | None:
     """Why the triton backend cannot compute this request exactly, or None if it can."""
     if spec.mask is not None or spec.mask_mod is not None:
         return "masks (mask=, mask_mod=) are not supported; use backend='tiled' or 'sdpa'"
-    if spec.score_mod is not None and fused_score_mod(spec, torch.device("cpu")) is None:
+    if spec.score_mod is not None and fused_score_mod(spec, q.device) is None:
         return (
             "a score_mod other than qkv.softcap(c) and qkv.alibi(slopes) is not supported; "
             "use backend='tiled'"
@@ -242,16 +242,22 @@ def _as_operand(x, like, DOT_F32: tl.constexpr):
 MOD_CAP1, MOD_CAP2, MOD_ALIBI = 1, 2, 4
 
 
-def mod_args(spec: Spec, device: torch.device) -> tuple[int, float, float, Tensor | None]:
-    """(MODS bits, softcap= cap or 0, the softcap(c) score mod's c or 0, the alibi(slopes)
-    score mod's slopes (1|B, Hq) fp32 on `device` or None) for the kernels; `unsupported`
-    has refused any other score mod."""
-    params = fused_score_mod(spec, device)
+def mod_args(spec: Spec, placeholder: Tensor) -> tuple[int, float, tuple]:
+    """(MODS bits, qk_scale, (cap1, cap2, SLOPES, ssb)): what every kernel takes for the score
+    mods. qk_scale is the natural scale with mods (`_score_mods` turn the scores to base 2),
+    else scale·log2 e; cap1 is `softcap=`'s cap or 0, cap2 the softcap(c) score mod's c or 0,
+    SLOPES the alibi(slopes) score mod's slopes (1|B, Hq) fp32 on `placeholder`'s device (or
+    `placeholder`, never read, without ALiBi) and ssb their batch stride. `unsupported` has
+    refused any other score mod."""
+    params = fused_score_mod(spec, placeholder.device)
     assert params is not None, "unsupported() refuses this score_mod"
     cap2, slopes = params
     cap1 = spec.softcap or 0.0
     bits = (MOD_CAP1 if cap1 else 0) | (MOD_CAP2 if cap2 else 0)
-    return bits | (MOD_ALIBI if slopes is not None else 0), cap1, cap2, slopes
+    bits |= MOD_ALIBI if slopes is not None else 0
+    ssb = 0 if slopes is None or len(slopes) == 1 else spec.Hq
+    slopes = placeholder if slopes is None else slopes
+    return bits, spec.scale if bits else spec.scale * LOG2E, (cap1, cap2, slopes, ssb)
 
 
 @triton.jit
@@ -272,7 +278,8 @@ def _score_mods(s, pos, cols, cap1, cap2, slope, MODS: tl.constexpr):
     """Natural scores s (scale·q·k, fp32) → cap1·tanh(s/cap1) (`softcap=`) → the score mod:
     cap2·tanh(s/cap2) (`softcap(c)`) or s − slope·|pos − j| (`alibi`), as `scoring.modify`.
     `pos` (absolute query positions i + δ) and `cols` (key indices j) are broadcast to s's
-    tile. Returns (scores, ∂scores/∂s): the factor dS is multiplied by (1.0 without a cap)."""
+    tile. Returns (scores, ∂scores/∂s): the factor dS is multiplied by (1.0 without a cap).
+    MODS bits 1, 2, 4 are MOD_CAP1, MOD_CAP2, MOD_ALIBI (a jit function reads no plain global)."""
     grad = 1.0
     if MODS & 1:
         t = _tanh(s / cap1)
@@ -544,13 +551,11 @@ def _launch(q, k, v, s: Spec, out, lse, sinks, visits, config: Config, mode: str
     "repair" (`out` holds an answer: rows holding NaN/inf are recomputed cleaning K and V)."""
     block_d = head_dim_class(s.D)
     grid = (cdiv(s.Sq, config.block_m), s.B * s.Hq)
-    mods, cap1, cap2, slopes = mod_args(s, q.device)
+    mods, qk_scale, mod_tail = mod_args(s, lse)
     _forward_kernel[grid](
         q, k, v, out, lse, lse if visits is None else visits, lse if sinks is None else sinks,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        s.Hq, s.G, s.Sq, s.Sk, s.D, s.left or 0, s.right or 0,
-        s.scale if mods else s.scale * LOG2E, cap1, cap2,
-        lse if slopes is None else slopes, 0 if slopes is None or len(slopes) == 1 else s.Hq,
+        s.Hq, s.G, s.Sq, s.Sk, s.D, s.left or 0, s.right or 0, qk_scale, *mod_tail,
         HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None,
         CLEAN=mode in ("clean", "repair"), COUNT=visits is not None,
         HAS_SINKS=sinks is not None, EVEN_D=block_d == s.D,
