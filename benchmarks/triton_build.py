@@ -44,6 +44,7 @@ launch (`name[` in their source) was reached by no case here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import io
@@ -92,6 +93,7 @@ QUICK = [("bf16", 256)]  # the largest tiles whose builds take seconds (not fp32
 # gradient), and SDPA's repair at fp32 D = 256 (causal, no sinks)
 SMOKE = [
     ("bf16", 128, "fwd", "causal"),
+    ("bf16", 128, "fwd tma", "causal"),
     ("bf16", 128, "train bwd", "causal"),
     ("bf16", 128, "fwd", "causal+mods"),
     ("bf16", 128, "train bwd", "causal+mods"),
@@ -99,6 +101,10 @@ SMOKE = [
     ("fp32", 128, "train bwd", "causal"),
     ("fp32", 256, "repair(sdpa)", "causal"),
 ]
+
+# entries whose launches need sm_90 or newer (`tk.tma_ready`: TMA descriptors); built for those
+# archs only
+HOPPER_ONLY = {"fwd tma"}
 
 
 def slow(dtype: str, D: int) -> bool:
@@ -183,6 +189,8 @@ def entries(case: Case) -> Iterator[tuple[str, str, Callable[[], object]]]:
     sinks = torch.zeros(HQ) if case.sinks else None
     spec = make_spec(q, k, v, sinks=sinks, **BANDS[case.band])
     yield "forward", "fwd", lambda: tk.forward(q, k, v, spec)
+    tma = dataclasses.replace(tk.default_config(spec, dtype), tma=True)  # opt-in, sm_90+
+    yield "forward", "fwd tma", lambda: tk.forward(q, k, v, spec, tma)
     yield "forward", "fwd clean", lambda: tk.forward(q, k, v, spec, clean=True)
     sdpa = not case.sinks and "mods" not in case.band  # what SDPA serves: no sinks, no mods
     if sdpa:  # its repair
@@ -246,6 +254,8 @@ def collect(cases: list[Case], archs: list[int], keep: Keep) -> tuple[list[Job],
                 if not keep(case, phase, label):
                     continue
                 for arch in archs:
+                    if label in HOPPER_ONLY and arch < 90:
+                        continue
                     sig, const, attrs, opts = bind(kernel, args, kwargs, arch)
                     name = kernel.fn.__name__
                     key = (arch, kernel.module, name, *map(repr, (sig, const, attrs, opts)))

@@ -4,7 +4,7 @@
     TRITON_INTERPRET=1 python benchmarks/triton_tune.py --device cpu --quick   # smoke test
 
 For each case (bf16 on a GPU) and each candidate `Config(block_m, block_n, num_warps,
-num_stages)`: the forward kernel's median time and SDPA time / ours; the backward's two passes
+num_stages)`, the forward's also with K/V read by TMA (`tma=True`, sm_90+): the forward kernel's median time and SDPA time / ours; the backward's two passes
 (dK/dV over key blocks, dQ over query blocks) timed apart, each against SDPA's whole backward.
 Every config's output (or gradients) is compared with SDPA's in the same dtype: a config that
 miscompiles shows as "WRONG" instead of a time. Triton's compile errors and out-of-resources
@@ -25,7 +25,7 @@ from qkv.attention import triton_backward as tb
 from qkv.attention import triton_kernel as tk
 from qkv.attention.spec import make_spec
 
-FWD = [  # (block_m, block_n, num_warps, num_stages)
+FWD = [  # (block_m, block_n, num_warps, num_stages[, tma]): tma reads K/V by TMA (sm_90+)
     (64, 64, 4, 2),
     (64, 64, 4, 3),
     (128, 64, 4, 3),
@@ -34,6 +34,10 @@ FWD = [  # (block_m, block_n, num_warps, num_stages)
     (128, 128, 8, 2),
     (128, 32, 4, 4),
     (64, 128, 4, 3),
+    (64, 64, 4, 3, True),
+    (64, 64, 4, 4, True),
+    (128, 64, 8, 3, True),
+    (128, 128, 8, 3, True),
 ]
 DKDV = [(64, 64, 4, 2), (32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 8, 3), (32, 64, 4, 3),
         (64, 128, 4, 2)]  # fmt: skip
@@ -101,8 +105,13 @@ def cell(fn, check, device) -> str:
         return type(e).__name__
 
 
+def _label(c: tuple) -> str:
+    """A config's column: its four numbers, "TMA" after them where K/V are read by TMA."""
+    return f"{c[:4]}" + (" TMA" if c[4:] == (True,) else "")
+
+
 def sweep_forward(device, dtype, cases, configs, tol) -> list[str]:
-    rows = ["| case | SDPA ms | " + " | ".join(f"{c}" for c in configs) + " |",
+    rows = ["| case | SDPA ms | " + " | ".join(_label(c) for c in configs) + " |",
             "|---|---|" + "---|" * len(configs)]  # fmt: skip
     for b, h, n, d, kw in cases:
         q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype) for _ in range(3))
@@ -113,6 +122,9 @@ def sweep_forward(device, dtype, cases, configs, tol) -> list[str]:
         cells = []
         for c in configs:
             cfg = tk.Config(*c)
+            if cfg.tma and not tk.tma_ready(k, v):  # it would time the pointer loads again
+                cells.append("no TMA")
+                continue
             t = cell(
                 lambda cfg=cfg: tk.forward(q, k, v, spec, cfg, clean=False)[0],
                 lambda out: (out.float() - want).abs().max().item() <= tol,
@@ -189,7 +201,7 @@ def main() -> None:
     if args.quick:
         fwd_cases = [(1, 2, 64, 32, {"causal": True}), (1, 2, 128, 32, {"window": (31, 0)})]
         bwd_cases = fwd_cases[:1]
-        fwd_cfg = FWD[:2]
+        fwd_cfg = [FWD[0], FWD[-1]]
         DKDV[:] = DKDV[:2]
         DQ[:] = DQ[:2]
     tol = 3e-2 if dtype == torch.bfloat16 else 2e-3

@@ -2,7 +2,7 @@
 
 Runs `benchmarks/triton_build.py --smoke --arch 90` in a subprocess: the forward's default
 launches and the backward's kernels in bf16 (with and without softcap and ALiBi) and fp32 at
-D = 128, and SDPA's repair at fp32 D = 256, each compiled by Triton to cubin with the wheel's ptxas. The default launches of the
+D = 128, the forward reading K/V by TMA (`Config(tma=True)`, bf16 D = 128), and SDPA's repair at fp32 D = 256, each compiled by Triton to cubin with the wheel's ptxas. The default launches of the
 forward and backward passes must not spill more than `SPILL_LIMIT` bytes per thread (fp32 at
 64 × 64 blocks spilled 53 KB in the forward and 200 KB in dK/dV at D = 128). A subprocess because Triton decides
 interpreted vs compiled when a kernel is decorated, once per process: test_triton.py imports
@@ -81,6 +81,8 @@ def test_smoke_set_builds_and_fits_on_sm90():
         assert {"_dkdv_kernel", "_dq_kernel"} <= at_128, built
         assert any(r["dtype"] == dtype and r["D"] == "128" and "REPAIR" not in r["constexprs"]
                    for r in fwd), built  # fmt: skip
+    tma = [r for r in fwd if re.search(r"\bTMA\b", r["constexprs"])]  # Config(tma=True)
+    assert [(r["dtype"], r["D"]) for r in tma] == [("bf16", "128")], built
     modded = {r["kernel"] for r in got if "MODS=5" in r["constexprs"]}  # softcap= and alibi
     assert {"_forward_kernel", "_dkdv_kernel", "_dq_kernel"} <= modded, built
     passes = [r for r in got if "REPAIR" not in r["constexprs"]]

@@ -86,11 +86,11 @@ def _lse_delta_kernel(Q, K, V, DO, LSE, DLT, GATE,
         q = q.to(tl.float32)
     lo, mid_lo, mid_hi, hi = _block_range(qs, qe, Sk, Sk - Sq, left, right, HAS_LEFT,
                                           HAS_RIGHT, BLOCK_N)  # fmt: skip
-    out, lse, _m, _i = _attend(
-        q, K + b * skb + hk * skh, V + b * svb + hk * svh, skn, skd, svn, svd, offs_m, offs_d,
-        h, LSE, Sk, D, Sk - Sq, left, right, qk_scale, 0.0, 0.0, 0.0, lo, mid_lo, mid_hi, hi,
-        HAS_LEFT, HAS_RIGHT, True, False, EVEN_D, DOT_PREC, DOT_F32, 0, BLOCK_M, BLOCK_N,
-        BLOCK_D,
+    out, lse, _m, _i = _attend(  # pointer loads (K, V again as the unread descriptors)
+        q, K + b * skb + hk * skh, V + b * svb + hk * svh, skn, skd, svn, svd, K, V, b, hk,
+        offs_m, offs_d, h, LSE, Sk, D, Sk - Sq, left, right, qk_scale, 0.0, 0.0, 0.0, lo,
+        mid_lo, mid_hi, hi, HAS_LEFT, HAS_RIGHT, True, False, EVEN_D, DOT_PREC, DOT_F32, 0,
+        False, False, BLOCK_M, BLOCK_N, BLOCK_D,
     )  # fmt: skip
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
                  mask=ok, other=0.0).to(tl.float32)  # fmt: skip

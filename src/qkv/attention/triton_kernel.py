@@ -4,7 +4,8 @@ as `repair` after SDPA on masked requests without a gradient, in place of a host
 
 One program per (query block, b·h): it loads its Q block (i d) once, visits only the key
 blocks the band (causal/window) can keep, and keeps an online softmax in base 2 (scores ×
-scale·log2(e), `exp2`) with fp32 running max `m`, sum `l` and accumulator `acc` (i e). Key
+scale·log2(e), `exp2`; without score mods that factor is applied inside the row max and the
+exponent's FMA, `FOLD`) with fp32 running max `m`, sum `l` and accumulator `acc` (i e). Key
 blocks come in three runs: the band's left edge and right edge (masked with `tl.where`, as is
 the sequence tail) and the interior between them (no mask work at all). The run bounds are
 `key_block_range`, mirrored exactly by the kernel's `_block_range` (a debug counter checks it).
@@ -12,7 +13,9 @@ Query blocks launch last first, so under a causal band the heaviest run in the f
 Score mods (`MODS`, `mod_args`): `softcap=` and the ready `qkv.softcap(c)` and
 `qkv.alibi(slopes)` are evaluated on each fp32 score tile (`_score_mods`; tanh by `_tanh`),
 the scores then turned to base 2; any other score_mod is refused (`unsupported`: tiled).
-Launch sizes: `default_config`, measured on an H200 (benchmarks/triton_tune.py).
+Launch sizes: `default_config`, measured on an H200 (benchmarks/triton_tune.py). On sm_90+,
+`Config(tma=True)` reads K and V blocks by the TMA unit through host tensor descriptors
+(`tma_ready`); opt-in until timed.
 
 Exactly what `qkv.attention` means: scale, bottom-right alignment (query row i at position
 i + δ, δ = Sk − Sq), window (left, right) inclusive, GQA by indexing kv head h // (Hq // Hk)
@@ -39,6 +42,7 @@ interpreter, CPU tensors are accepted so the kernel can be tested without a GPU.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -52,6 +56,11 @@ from .builds import BuildFailures, head_dim_class
 from .mods import fused_score_mod
 from .reference import double_backward_vjp
 from .spec import Spec
+
+try:  # host-side TMA descriptors (Triton ≥ 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: `Config.tma` falls back to pointers
+    TensorDescriptor = None
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -72,6 +81,10 @@ class Config:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    # K and V blocks by the TMA unit (Hopper's tensor memory accelerator, sm_90+) through
+    # host-built tensor descriptors, instead of per-thread pointer loads; only where
+    # `tma_ready` holds (else the pointer loads). The forward only; not yet timed.
+    tma: bool = False
 
 
 def cdiv(a: int, b: int) -> int:
@@ -117,6 +130,30 @@ def repair_config(dtype: torch.dtype) -> Config:
 
 
 _FP32_REPAIR, _HALF_REPAIR = Config(16, 16, 8, 1), Config(32, 32, 4, 1)
+
+
+def tma_ready(*tensors: Tensor) -> bool:
+    """Whether `Config.tma` can read these (b h j d) tensors through TMA descriptors: Triton
+    has them, the GPU is sm_90 or newer (CPU tensors: the interpreter or a build for one),
+    the head dim is contiguous, and the base and every other stride are positive multiples
+    of 16 bytes, as the TMA unit requires. Else the kernel loads through pointers."""
+    if TensorDescriptor is None:
+        return False
+    for t in tensors:
+        if t.is_cuda and _capability(t.device.index) < 9:
+            return False
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any(st <= 0 or st * size % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+@functools.cache
+def _capability(index: int | None) -> int:
+    """The major compute capability of CUDA device `index` (None: the current one)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def unsupported(q: Tensor, spec: Spec) -> str | None:
@@ -303,21 +340,39 @@ def _slope(SLOPES, b, h, ssb, MODS: tl.constexpr):
 
 
 @triton.jit
-def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
-           blk_lo, blk_hi, Sk, D, delta, left, right, qk_scale, cap1, cap2, slope,
-           MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+def _block(DESC, b, h, j0, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows j0 … j0+BLOCK_N−1 of head (b, h) of a (b h j d) tensor descriptor, as
+    (BLOCK_N, BLOCK_D); zeros past its sequence and head dim."""
+    return DESC.load([b, h, j0, 0]).reshape(BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, K_DESC, V_DESC,
+           b, hk, offs_m, offs_d, blk_lo, blk_hi, Sk, D, delta, left, right, qk_scale, cap1,
+           cap2, slope, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
            CLEAN: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
-           DOT_F32: tl.constexpr, MODS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+           DOT_F32: tl.constexpr, MODS: tl.constexpr, FOLD: tl.constexpr,
+           TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """Online softmax over key blocks [blk_lo, blk_hi): scores (i j) in base 2 (with MODS,
     `qk_scale` is the natural scale and `_score_mods` come first), masked by the band and the
-    sequence tail only when MASKED; returns the updated (acc, m, l, hit, visits)."""
+    sequence tail only when MASKED; returns the updated (acc, m, l, hit, visits).
+    FOLD (no MODS, qk_scale > 0): the tile stays q·k and qk_scale is applied inside the row
+    max (max(c·s) = c·max(s) for c > 0, the same rounded value) and the exponent, where
+    c·s − m is one FMA: a multiply per score fewer, as FlashAttention's Triton tutorial does.
+    TMA: K and V blocks come through the descriptors K_DESC, V_DESC (b hk j d) at
+    batch row b, kv head hk, which read zeros past Sk and D (no load masks)."""
     d_ok = offs_d < D
+    fold = 1.0
+    if FOLD:
+        fold = qk_scale
     for blk in range(blk_lo, blk_hi):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         kv_ok = offs_n < Sk
         kt_ptrs = k_base + offs_n[None, :] * skn + offs_d[:, None] * skd  # (d j)
         v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :] * svd  # (j e)
-        if MASKED:
+        if TMA:
+            kt = tl.trans(_block(K_DESC, b, hk, blk * BLOCK_N, BLOCK_N, BLOCK_D))  # (d j)
+        elif MASKED:
             kt = tl.load(kt_ptrs, mask=d_ok[:, None] & kv_ok[None, :], other=0.0)
         elif EVEN_D:
             kt = tl.load(kt_ptrs)
@@ -328,11 +383,13 @@ def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, of
             kt = tl.where(kbad[None, :] > 0, 0.0, kt)
         if DOT_F32:
             kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # (i j) base-2 logits
+        s = tl.dot(q, kt, input_precision=DOT_PREC)  # (i j) q·k
         if MODS:
-            s, _grad = _score_mods(s, offs_m[:, None] + delta, offs_n[None, :], cap1, cap2,
-                                   slope, MODS)  # fmt: skip
-            s = s * 1.4426950408889634  # log2(e)
+            s, _grad = _score_mods(s * qk_scale, offs_m[:, None] + delta, offs_n[None, :],
+                                   cap1, cap2, slope, MODS)  # fmt: skip
+            s = s * 1.4426950408889634  # log2(e): base-2 logits
+        elif not FOLD:
+            s = s * qk_scale  # base-2 logits
         if CLEAN:
             s = tl.where(kbad[None, :] > 0, float("nan"), s)
         if MASKED:
@@ -343,15 +400,17 @@ def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, of
             if HAS_RIGHT:
                 keep = keep & (offs_n[None, :] <= pos + right)
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX) * fold)
         m_safe = m_new  # interior: every score is kept, so m is −inf only for a −inf key (NaN)
         if MASKED:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an empty row keeps −inf
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(s * fold - m_safe[:, None])  # one FMA with FOLD
         l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
         acc = acc * alpha[:, None]
-        if MASKED:
+        if TMA:
+            v = _block(V_DESC, b, hk, blk * BLOCK_N, BLOCK_N, BLOCK_D)  # (j e)
+        elif MASKED:
             v = tl.load(v_ptrs, mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
         elif EVEN_D:
             v = tl.load(v_ptrs)
@@ -377,12 +436,12 @@ def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, of
 
 
 @triton.jit
-def _attend(q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d, h, SINKS, Sk, D, delta,
-            left, right, qk_scale, cap1, cap2, slope, lo, mid_lo, mid_hi, hi,
-            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CLEAN: tl.constexpr,
+def _attend(q, k_base, v_base, skn, skd, svn, svd, K_DESC, V_DESC, b, hk, offs_m, offs_d, h,
+            SINKS, Sk, D, delta, left, right, qk_scale, cap1, cap2, slope, lo, mid_lo, mid_hi,
+            hi, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CLEAN: tl.constexpr,
             HAS_SINKS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
-            DOT_F32: tl.constexpr, MODS: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+            DOT_F32: tl.constexpr, MODS: tl.constexpr, FOLD: tl.constexpr,
+            TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """One query block's (out (i e) fp32, lse (i) natural log, masked and interior key blocks
     visited): the interior run [mid_lo, mid_hi) unmasked, then the two edge runs masked."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -396,19 +455,22 @@ def _attend(q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d, h, SINKS, Sk,
     n_masked = lo * 0  # i32 loop counters (debug: blocks visited)
     n_inner = lo * 0
     acc, m_i, l_i, hit, n_inner = _visit(
-        acc, m_i, l_i, hit, n_inner, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
-        mid_lo, mid_hi, Sk, D, delta, left, right, qk_scale, cap1, cap2, slope,
-        False, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, MODS, BLOCK_N,
+        acc, m_i, l_i, hit, n_inner, q, k_base, v_base, skn, skd, svn, svd, K_DESC, V_DESC, b,
+        hk, offs_m, offs_d, mid_lo, mid_hi, Sk, D, delta, left, right, qk_scale, cap1, cap2, slope,
+        False, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, MODS, FOLD, TMA,
+        BLOCK_N, BLOCK_D,
     )  # fmt: skip
     acc, m_i, l_i, hit, n_masked = _visit(
-        acc, m_i, l_i, hit, n_masked, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
-        lo, mid_lo, Sk, D, delta, left, right, qk_scale, cap1, cap2, slope,
-        True, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, MODS, BLOCK_N,
+        acc, m_i, l_i, hit, n_masked, q, k_base, v_base, skn, skd, svn, svd, K_DESC, V_DESC, b,
+        hk, offs_m, offs_d, lo, mid_lo, Sk, D, delta, left, right, qk_scale, cap1, cap2, slope,
+        True, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, MODS, FOLD, TMA,
+        BLOCK_N, BLOCK_D,
     )  # fmt: skip
     acc, m_i, l_i, hit, n_masked = _visit(
-        acc, m_i, l_i, hit, n_masked, q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d,
-        mid_hi, hi, Sk, D, delta, left, right, qk_scale, cap1, cap2, slope,
-        True, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, MODS, BLOCK_N,
+        acc, m_i, l_i, hit, n_masked, q, k_base, v_base, skn, skd, svn, svd, K_DESC, V_DESC, b,
+        hk, offs_m, offs_d, mid_hi, hi, Sk, D, delta, left, right, qk_scale, cap1, cap2, slope,
+        True, HAS_LEFT, HAS_RIGHT, CLEAN, EVEN_D, DOT_PREC, DOT_F32, MODS, FOLD, TMA,
+        BLOCK_N, BLOCK_D,
     )  # fmt: skip
     empty = l_i == 0.0  # no key kept (and no sink): out 0, LSE −inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -424,13 +486,14 @@ def _attend(q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d, h, SINKS, Sk,
 
 
 @triton.jit
-def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
+def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS, K_DESC, V_DESC,
                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
                     Hq, G, Sq, Sk, D, left, right, qk_scale, cap1, cap2, SLOPES, ssb,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CLEAN: tl.constexpr,
                     COUNT: tl.constexpr, HAS_SINKS: tl.constexpr, EVEN_D: tl.constexpr,
                     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, REPAIR: tl.constexpr,
-                    MODS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MODS: tl.constexpr, FOLD: tl.constexpr, TMA: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr):  # fmt: skip
     """Grid (cdiv(Sq, BLOCK_M), B·Hq). O (b h i e) in q's dtype, LSE (b h i) fp32 contiguous;
     VISITS (B·Hq, n_blocks, 2) int32 [masked, interior] key blocks visited, when COUNT;
@@ -438,6 +501,8 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
     the sink (m = σ·log2 e, l = 1) instead of from nothing (m = −inf, l = 0).
     MODS (bits MOD_CAP1, MOD_CAP2, MOD_ALIBI): `_score_mods` with caps cap1, cap2 and SLOPES
     (1|B, Hq) fp32 (batch stride ssb); `qk_scale` is then the natural scale, else scale·log2 e.
+    TMA: K and V blocks come through K_DESC, V_DESC (host tensor descriptors of K and V,
+    block (1, 1, BLOCK_N, BLOCK_D)); else those are K and V again, never read.
     REPAIR: O already holds an answer (SDPA's); a program whose O tile is all finite visits
     no key block and stores nothing, one with NaN/inf there recomputes its rows with the
     cleaning visits and stores those rows (and their LSE). One loop nest per kernel: a second
@@ -468,10 +533,10 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
         out = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
     else:
         out, lse, n_masked, n_inner = _attend(
-            q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d, h, SINKS, Sk, D, delta,
-            left, right, qk_scale, cap1, cap2, slope, lo, mid_lo, mid_hi, hi, HAS_LEFT,
-            HAS_RIGHT, CLEAN, HAS_SINKS, EVEN_D, DOT_PREC, DOT_F32, MODS, BLOCK_M, BLOCK_N,
-            BLOCK_D,
+            q, k_base, v_base, skn, skd, svn, svd, K_DESC, V_DESC, b, hk, offs_m, offs_d, h,
+            SINKS, Sk, D, delta, left, right, qk_scale, cap1, cap2, slope, lo, mid_lo, mid_hi,
+            hi, HAS_LEFT, HAS_RIGHT, CLEAN, HAS_SINKS, EVEN_D, DOT_PREC, DOT_F32, MODS, FOLD,
+            TMA, BLOCK_M, BLOCK_N, BLOCK_D,
         )  # fmt: skip
     if not REPAIR:
         out = _round(out, O.dtype.element_ty, DOT_F32 and O.dtype.element_ty == tl.bfloat16)
@@ -485,10 +550,10 @@ def _forward_kernel(Q, K, V, O, LSE, VISITS, SINKS,
         mid_lo = lo + (mid_lo - lo) * n_bad
         mid_hi = lo + (mid_hi - lo) * n_bad
         fixed, fixed_lse, _m, _i = _attend(
-            q, k_base, v_base, skn, skd, svn, svd, offs_m, offs_d, h, SINKS, Sk, D, delta,
-            left, right, qk_scale, cap1, cap2, slope, lo, mid_lo, mid_hi, hi, HAS_LEFT,
-            HAS_RIGHT, True, HAS_SINKS, EVEN_D, DOT_PREC, DOT_F32, MODS, BLOCK_M, BLOCK_N,
-            BLOCK_D,
+            q, k_base, v_base, skn, skd, svn, svd, K_DESC, V_DESC, b, hk, offs_m, offs_d, h,
+            SINKS, Sk, D, delta, left, right, qk_scale, cap1, cap2, slope, lo, mid_lo, mid_hi,
+            hi, HAS_LEFT, HAS_RIGHT, True, HAS_SINKS, EVEN_D, DOT_PREC, DOT_F32, MODS, FOLD,
+            TMA, BLOCK_M, BLOCK_N, BLOCK_D,
         )  # fmt: skip
         redo = m_ok & (row_bad > 0)  # only these rows are stored
         fixed = _round(fixed, O.dtype.element_ty, DOT_F32 and O.dtype.element_ty == tl.bfloat16)
@@ -552,8 +617,14 @@ def _launch(q, k, v, s: Spec, out, lse, sinks, visits, config: Config, mode: str
     block_d = head_dim_class(s.D)
     grid = (cdiv(s.Sq, config.block_m), s.B * s.Hq)
     mods, qk_scale, mod_tail = mod_args(s, lse)
+    tma = config.tma and tma_ready(k, v)
+    descs = (k, v)
+    if tma:
+        block = [1, 1, config.block_n, block_d]
+        descs = tuple(TensorDescriptor.from_tensor(t, block) for t in (k, v))
     _forward_kernel[grid](
         q, k, v, out, lse, lse if visits is None else visits, lse if sinks is None else sinks,
+        *descs,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         s.Hq, s.G, s.Sq, s.Sk, s.D, s.left or 0, s.right or 0, qk_scale, *mod_tail,
         HAS_LEFT=s.left is not None, HAS_RIGHT=s.right is not None,
@@ -562,6 +633,7 @@ def _launch(q, k, v, s: Spec, out, lse, sinks, visits, config: Config, mode: str
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16,
         REPAIR=mode == "repair", MODS=mods,
+        FOLD=not mods and qk_scale > 0, TMA=tma,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
