@@ -20,9 +20,13 @@ bwd-overflow criterion. Under Triton's CPU interpreter bf16 operands are widened
 
 The masking is the forward's: bottom-right alignment δ = Sk − Sq, window (left, right)
 inclusive on that diagonal, the sequence tails. NaN/inf in masked-out K or V never reach a
-gradient, with no check on the host: on the tiles with masked entries dS is zeroed where masked
-(a NaN value makes dP NaN there) and dQ's keys are cleaned (0·NaN), while a kept bad key or
-value still gives NaN through its own P or dP, as plain arithmetic does.
+gradient, with no check on the host. dK/dV: on the tiles with masked entries dS is zeroed
+where masked (a NaN value makes dP NaN there). dQ: a plain pass, then a second launch of it
+(`REPAIR`) that reads each dQ tile and, only where a row came back NaN/inf, recomputes the rows
+with dS zeroed where masked and the keys' NaN/inf cleaned (0·NaN), as the forward's repair
+does: any leak is a NaN in the row, and clean inputs pay one read of dQ instead of the
+cleaning on every masked tile. A kept bad key or value still gives NaN through its own P or
+dP, as plain arithmetic does.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch import Tensor
 from .builds import head_dim_class
 from .spec import Spec
 from .triton_kernel import (
+    _MAX,
     Config,
     _as_operand,
     _block_range,
@@ -272,10 +277,13 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DLT, DK, DV,
 @triton.jit
 def _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, cap1, cap2,
               slope, K, V, b, hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn, svd,
-              blk_lo, blk_hi, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
-              HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
-              MODS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """dQ (i d) of one query block summed over key blocks [blk_lo, blk_hi)."""
+              blk_lo, blk_hi, MASKED: tl.constexpr, CLEAN: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+              DOT_F32: tl.constexpr, MODS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """dQ (i d) of one query block summed over key blocks [blk_lo, blk_hi). On masked tiles
+    P is zeroed where masked, and with CLEAN (the repair launch) dS too and the keys' NaN/inf,
+    so that masked NaN/inf in K or V cannot reach dQ; without it they give NaN (0·NaN), which
+    the repair launch finds and recomputes."""
     for blk in range(blk_lo, blk_hi):
         offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         k, v = _key_block(K, V, b, hk, offs_n, offs_d, Sk, D, skb, skh, skn, skd,
@@ -289,8 +297,8 @@ def _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, ca
         ds = p * (dp - dlt[:, None])
         if MODS & 3:  # through the caps
             ds = ds * grad
-        if MASKED:  # masked NaN/inf in v (dp) or k (ds·k) must not leak: 0·NaN stays 0; a
-            # kept bad key still gives NaN through its ds
+        if MASKED and CLEAN:  # masked NaN/inf in v (dp) or k (ds·k) must not leak: 0·NaN
+            # stays 0; a kept bad key still gives NaN through its ds
             ds = tl.where(keep, ds, 0.0)
             k = tl.where(_nonfinite(k), 0.0, k)
         dq = tl.dot(_as_operand(ds, k, DOT_F32), k, dq, input_precision=DOT_PREC)  # (i d)
@@ -305,15 +313,25 @@ def _dq_kernel(Q, K, V, DO, LSE, DLT, DQ,
                cap1, cap2, SLOPES, ssb,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
                DOT_F32: tl.constexpr, HAS_GATE: tl.constexpr, MODS: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               REPAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr):  # fmt: skip
     """Grid (cdiv(Sq, BLOCK_M), B·Hq). DQ (b h i d) in any float dtype (rounded once);
-    GATE as `_dkdv_kernel`'s."""
+    GATE as `_dkdv_kernel`'s. REPAIR: DQ holds this kernel's plain answer; a program whose
+    tile of it is all finite returns at once, one with NaN/inf recomputes its rows with the
+    cleaning visits and stores those rows."""
     if HAS_GATE:
         if tl.load(GATE) == 0:
             return
     pid_m = tl.program_id(0)
     _bh, b, h, hk, qs, qe, offs_m, offs_d = _query_block(pid_m, Hq, GS, Sq, BLOCK_M, BLOCK_D)
+    qm = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
+    dq_ptrs = DQ + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_d[None, :] * sgd
+    rows = offs_m < Sq  # the rows stored
+    if REPAIR:
+        got = tl.load(dq_ptrs, mask=qm, other=0.0)
+        rows = rows & (tl.reduce(_nonfinite(got).to(tl.int32), 1, _MAX) > 0)
+        if tl.reduce(rows.to(tl.int32), 0, _MAX) == 0:
+            return
     delta = Sk - Sq
     q, do, lse2, dlt = _query_rows(Q, DO, LSE, DLT, b, h, Hq, Sq, offs_m, offs_d, D,
                                    sqb, sqh, sqm, sqd, sdb, sdh, sdm, sdd, DOT_F32)  # fmt: skip
@@ -323,20 +341,18 @@ def _dq_kernel(Q, K, V, DO, LSE, DLT, DQ,
                                           BLOCK_N)  # fmt: skip
     dq = _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, cap1,
                    cap2, slope, K, V, b, hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn,
-                   svd, mid_lo, mid_hi, False, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32, MODS,
-                   BLOCK_N)  # fmt: skip
+                   svd, mid_lo, mid_hi, False, REPAIR, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32,
+                   MODS, BLOCK_N)  # fmt: skip
     dq = _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, cap1,
                    cap2, slope, K, V, b, hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn,
-                   svd, lo, mid_lo, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32, MODS,
-                   BLOCK_N)  # fmt: skip
+                   svd, lo, mid_lo, True, REPAIR, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32,
+                   MODS, BLOCK_N)  # fmt: skip
     dq = _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, cap1,
                    cap2, slope, K, V, b, hk, offs_d, Sk, D, skb, skh, skn, skd, svb, svh, svn,
-                   svd, mid_hi, hi, True, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32, MODS,
-                   BLOCK_N)  # fmt: skip
-    qm = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
+                   svd, mid_hi, hi, True, REPAIR, HAS_LEFT, HAS_RIGHT, DOT_PREC, DOT_F32,
+                   MODS, BLOCK_N)  # fmt: skip
     dq = _round(dq * sm_scale, DQ.dtype.element_ty, DOT_F32 and DQ.dtype.element_ty == tl.bfloat16)
-    tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_d[None, :] * sgd,
-             dq, mask=qm)  # fmt: skip
+    tl.store(dq_ptrs, dq, mask=rows[:, None] & (offs_d < D)[None, :])
 
 
 @triton.jit
@@ -466,8 +482,9 @@ def passes(
     )  # fmt: skip
     if dq is None:
         return
-    _dq_kernel[(cdiv(s.Sq, dq_config.block_m), s.B * s.Hq)](
-        q, k, v, dout, lse, dlt, dq,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        s.Hq, s.G, s.Sq, s.Sk, s.D, *band, **common, **_launch(dq_config),
-    )  # fmt: skip
+    for repair in (False, True):  # plain, then rows that came back NaN/inf again, cleaning
+        _dq_kernel[(cdiv(s.Sq, dq_config.block_m), s.B * s.Hq)](
+            q, k, v, dout, lse, dlt, dq,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+            s.Hq, s.G, s.Sq, s.Sk, s.D, *band, **common, REPAIR=repair, **_launch(dq_config),
+        )  # fmt: skip
