@@ -42,6 +42,7 @@ from .triton_kernel import (
     _MAX,
     Config,
     _as_operand,
+    _band,
     _block_range,
     _nonfinite,
     _query_block,
@@ -139,14 +140,8 @@ def _probs(q, kt, lse2, qk_scale, offs_m, offs_n, delta, cap1, cap2, slope,
 @triton.jit
 def _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT: tl.constexpr,
           HAS_RIGHT: tl.constexpr):  # fmt: skip
-    """(i j) True where row i keeps key j: inside Sq and Sk, and the band's."""
-    pos = offs_m[:, None] + delta
-    keep = (offs_m[:, None] < Sq) & (offs_n[None, :] < Sk)
-    if HAS_LEFT:
-        keep = keep & (offs_n[None, :] >= pos - left)
-    if HAS_RIGHT:
-        keep = keep & (offs_n[None, :] <= pos + right)
-    return keep
+    """(i j) True where row i keeps key j: inside Sq and Sk, and the band's (`_band`)."""
+    return _band(offs_m, offs_n, offs_m < Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT)
 
 
 @triton.jit

@@ -340,6 +340,22 @@ def _slope(SLOPES, b, h, ssb, MODS: tl.constexpr):
 
 
 @triton.jit
+def _band(offs_m, offs_n, rows_ok, Sk, delta, left, right, HAS_LEFT: tl.constexpr,
+          HAS_RIGHT: tl.constexpr):  # fmt: skip
+    """(i j) True where query row i (`rows_ok`, at position i + δ) keeps key j: j < Sk and
+    inside the band. The bounds are folded per row first (last = min(i + δ + right, Sk − 1),
+    or −1 for a row not ok), so each score takes one comparison per bound, not three tests
+    and two selects."""
+    last = tl.where(rows_ok, Sk - 1, -1)  # (i)
+    if HAS_RIGHT:
+        last = tl.minimum(last, offs_m + delta + right)
+    keep = offs_n[None, :] <= last[:, None]
+    if HAS_LEFT:
+        keep = keep & (offs_n[None, :] >= (offs_m + delta - left)[:, None])
+    return keep
+
+
+@triton.jit
 def _block(DESC, b, h, j0, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows j0 … j0+BLOCK_N−1 of head (b, h) of a (b h j d) tensor descriptor, as
     (BLOCK_N, BLOCK_D); zeros past its sequence and head dim."""
@@ -393,12 +409,8 @@ def _visit(acc, m_i, l_i, hit, visits, q, k_base, v_base, skn, skd, svn, svd, K_
         if CLEAN:
             s = tl.where(kbad[None, :] > 0, float("nan"), s)
         if MASKED:
-            pos = offs_m[:, None] + delta  # absolute position of each query row
-            keep = kv_ok[None, :] & (offs_m[:, None] >= 0)
-            if HAS_LEFT:
-                keep = keep & (offs_n[None, :] >= pos - left)
-            if HAS_RIGHT:
-                keep = keep & (offs_n[None, :] <= pos + right)
+            keep = _band(offs_m, offs_n, offs_m >= 0, Sk, delta, left, right, HAS_LEFT,
+                         HAS_RIGHT)  # fmt: skip
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX) * fold)
         m_safe = m_new  # interior: every score is kept, so m is −inf only for a −inf key (NaN)
