@@ -139,9 +139,10 @@ def _probs(q, kt, lse2, qk_scale, offs_m, offs_n, delta, cap1, cap2, slope,
 
 @triton.jit
 def _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT: tl.constexpr,
-          HAS_RIGHT: tl.constexpr):  # fmt: skip
+          HAS_RIGHT: tl.constexpr, RANGE: tl.constexpr):  # fmt: skip
     """(i j) True where row i keeps key j: inside Sq and Sk, and the band's (`_band`)."""
-    return _band(offs_m, offs_n, offs_m < Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT)
+    return _band(offs_m, offs_n, offs_m < Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT,
+                 RANGE)  # fmt: skip
 
 
 @triton.jit
@@ -199,7 +200,8 @@ def _dkdv_visit(dk, dv, kt, vt, Q, DO, LSE, DLT, b, h0, GS, Hq, Sq, Sk, offs_n, 
         p, grad = _probs(q, kt, lse2, qk_scale, offs_m, offs_n, delta, cap1, cap2, slope, MODS,
                          DOT_PREC)  # (i j)  # fmt: skip
         if MASKED:
-            keep = _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT)
+            keep = _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT,
+                         False)  # fmt: skip
             p = tl.where(keep, p, 0.0)
         dv = tl.dot(tl.trans(_as_operand(p, do, DOT_F32)), do, dv, input_precision=DOT_PREC)
         dp = tl.dot(do, vt, input_precision=DOT_PREC)  # (i j) fp32
@@ -286,7 +288,8 @@ def _dq_visit(dq, q, do, lse2, dlt, offs_m, Sq, delta, left, right, qk_scale, ca
         p, grad = _probs(q, tl.trans(k), lse2, qk_scale, offs_m, offs_n, delta, cap1, cap2,
                          slope, MODS, DOT_PREC)  # (i j)  # fmt: skip
         if MASKED:
-            keep = _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT)
+            keep = _keep(offs_m, offs_n, Sq, Sk, delta, left, right, HAS_LEFT, HAS_RIGHT,
+                         True)  # fmt: skip
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (i j) fp32
         ds = p * (dp - dlt[:, None])

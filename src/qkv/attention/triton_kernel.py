@@ -341,18 +341,31 @@ def _slope(SLOPES, b, h, ssb, MODS: tl.constexpr):
 
 @triton.jit
 def _band(offs_m, offs_n, rows_ok, Sk, delta, left, right, HAS_LEFT: tl.constexpr,
-          HAS_RIGHT: tl.constexpr):  # fmt: skip
+          HAS_RIGHT: tl.constexpr, RANGE: tl.constexpr = True):  # fmt: skip
     """(i j) True where query row i (`rows_ok`, at position i + δ) keeps key j: j < Sk and
-    inside the band. The bounds are folded per row first (last = min(i + δ + right, Sk − 1),
-    or −1 for a row not ok), so each score takes one comparison per bound, not three tests
-    and two selects."""
+    inside the band. The bounds are folded per row first (first = max(0, i + δ − left),
+    last = min(i + δ + right, Sk − 1); nothing for a row not ok), so that each score takes
+    one comparison: j ≤ last, or with a left bound 0 ≤ j − first ≤ last − first as one
+    unsigned comparison (j − first < 0 wraps past any width), not three tests and two
+    selects. An empty row's first is 2³⁰ (past any key) and its width 0. RANGE False: two
+    comparisons for a left bound instead (the dK/dV pass: with the range form ptxas for sm_90
+    gave its masked loop more instructions and spills, 950 against 916 and 92 B against 40 at
+    bf16 D = 128; the forward's and dQ's loops were shorter with it, 535 and 500 against 567
+    and 527; benchmarks/triton_sass.py)."""
     last = tl.where(rows_ok, Sk - 1, -1)  # (i)
     if HAS_RIGHT:
         last = tl.minimum(last, offs_m + delta + right)
-    keep = offs_n[None, :] <= last[:, None]
-    if HAS_LEFT:
-        keep = keep & (offs_n[None, :] >= (offs_m + delta - left)[:, None])
-    return keep
+    if not HAS_LEFT:
+        return offs_n[None, :] <= last[:, None]
+    if not RANGE:
+        return (offs_n[None, :] <= last[:, None]) & (
+            offs_n[None, :] >= (offs_m + delta - left)[:, None]
+        )
+    first = tl.maximum(0, offs_m + delta - left)  # (i)
+    empty = last < first
+    first = tl.where(empty, 1 << 30, first)
+    width = tl.where(empty, 0, last - first).to(tl.uint32, bitcast=True)
+    return (offs_n[None, :] - first[:, None]).to(tl.uint32, bitcast=True) <= width[:, None]
 
 
 @triton.jit
