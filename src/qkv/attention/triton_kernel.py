@@ -85,6 +85,11 @@ class Config:
     # host-built tensor descriptors, instead of per-thread pointer loads; only where
     # `tma_ready` holds (else the pointer loads). The forward only; not yet timed.
     tma: bool = False
+    # registers per thread ptxas may use (None: its choice); the forward only. 128 keeps four
+    # 4-warp programs per SM at D ≤ 64 bf16 (126 registers in the launch timed on the H200,
+    # 132 causal and 174 windowed since the scale fold and `_band`) with no spills on sm_90,
+    # but spills 28–52 B on sm_80: for benchmarks/triton_tune.py to time, not a default
+    maxnreg: int | None = None
 
 
 def cdiv(a: int, b: int) -> int:
@@ -661,6 +666,7 @@ def _launch(q, k, v, s: Spec, out, lse, sinks, visits, config: Config, mode: str
         FOLD=not mods and qk_scale > 0, TMA=tma,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
+        **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )  # fmt: skip
 
 
