@@ -19,12 +19,9 @@ first (bf16: max abs difference ≤ 3e-2), so a fast wrong kernel shows as WRONG
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +30,7 @@ import triton.language as tl
 
 from qkv.attention import triton_kernel as tk
 from qkv.attention.spec import make_spec
+from triton_tune import bench, device_args
 
 CASES = [  # (B, H, N, D, causal): issue 15's forward cases
     (4, 16, 1024, 128, False),
@@ -105,29 +103,8 @@ def floor_forward(q, k, v, causal: bool, config: tk.Config) -> torch.Tensor:
     return out
 
 
-def median_ms(fn, device: str, repeats: int = 20) -> float:
-    """CUDA events via triton.testing.do_bench on a GPU; wall-clock medians elsewhere."""
-    if device == "cuda":
-        return triton.testing.do_bench(fn, return_mode="median")
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs")
-    a = ap.parse_args()
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            "no CUDA device here: run on a GPU, or TRITON_INTERPRET=1 … --device cpu --quick"
-        )
+    a = device_args(__doc__, "tiny sizes: checks the script runs")
     if a.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("on CPU the kernels run in Triton's interpreter: set TRITON_INTERPRET=1")
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
@@ -148,7 +125,7 @@ def main() -> None:
         if tk.tma_ready(k, v):
             tma = dataclasses.replace(config, tma=True)
             runs["tma"] = lambda: tk.forward(q, k, v, spec, tma, clean=False)[0]
-        sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+        sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
                          a.device)  # fmt: skip
         cells = []
         for key in ("floor", "qkv", "tma"):
@@ -159,7 +136,7 @@ def main() -> None:
             if not worst <= (TOL if dtype != torch.float32 else 2e-3):  # NaN is wrong too
                 cells.append("WRONG")
                 continue
-            t = median_ms(runs[key], a.device)
+            t = bench(runs[key], a.device)
             cells.append(f"{t:.3f} ({sdpa / t:.2f}×)")
         kind = "causal" if causal else "dense"
         launch = f"{config.block_m}×{config.block_n} w{config.num_warps} s{config.num_stages}"

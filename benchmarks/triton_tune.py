@@ -190,17 +190,24 @@ def sweep_backward(device, dtype, cases, tol) -> list[str]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+def device_args(doc: str, quick: str) -> argparse.Namespace:
+    """--device (default cuda) and --quick (help `quick`) from the command line; exits with
+    how to run where CUDA is asked for and missing."""
+    ap = argparse.ArgumentParser(description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, two configs: a smoke test")
+    ap.add_argument("--quick", action="store_true", help=quick)
     args = ap.parse_args()
-    dev = args.device
-    if dev == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(
             "no CUDA device here: run on a GPU, or TRITON_INTERPRET=1 … --device cpu --quick"
         )
+    return args
+
+
+def main() -> None:
+    args = device_args(__doc__, "tiny sizes, two configs: a smoke test")
+    dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     fwd_cases, bwd_cases, fwd_cfg = FWD_CASES, BWD_CASES, FWD
     if args.quick:
