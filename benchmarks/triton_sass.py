@@ -131,7 +131,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--dtype", choices=list(tb.DTYPES), default="bf16")
-    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--head-dim", type=int, default=128, choices=(16, 32, 64, 96, 128, 256))
     ap.add_argument("--band", choices=["causal", "window", "dense"], default="causal")
     ap.add_argument("--tma", action="store_true", help="also the forward with Config(tma=True)")
     ap.add_argument("--floor", action="store_true", help="also triton_floor.py's forward")
