@@ -58,12 +58,17 @@ def test_tma_forward_vs_oracle(case, dtype):
 
 
 def test_tma_reads_the_same_blocks_as_the_pointer_loads():
-    """Same blocks, same arithmetic: the two load paths agree bit for bit, on a head dim and a
-    sequence that leave both padded."""
+    """Same blocks, same arithmetic: the two load paths agree on a head dim and a sequence
+    that leave both padded; bit for bit in the interpreter, within 1e-6 (fp32, IEEE dots)
+    where two compiled kernels may schedule their float operations differently."""
     q, k, v = (t.detach() for t in qkv_on(2, 4, 2, 45, 77, 24))
     for kw in ({"causal": True}, {"window": (9, 3)}, {}):
         tma, pointers = _run(q, k, v, TMA, **kw), _run(q, k, v, SMALL, **kw)
-        assert all(torch.equal(a, b) for a, b in zip(tma, pointers, strict=True))
+        for a, b in zip(tma, pointers, strict=True):
+            if tk.INTERPRETED:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy
