@@ -296,25 +296,36 @@ def build(job: Job) -> Built:
     """Compile `job` to cubin (in a worker); any failure of Triton's or ptxas's is the
     variant's result, reported in its row, not the script's."""
     kernel = getattr(importlib.import_module(job.module), job.kernel)
-    src = ASTSource(kernel, job.signature, _paths(kernel, job.constexprs), job.attrs)
-    knobs.nvidia.dump_ptxas_log = True  # ptxas -v's log, printed: registers and spills
-    log = io.StringIO()
     t0 = time.perf_counter()
     try:
-        with redirect_stdout(log):
-            compiled = triton.compile(src, GPUTarget("cuda", job.arch, 32), options=job.options)
+        _, built = compile_reported(
+            kernel, job.signature, job.constexprs, job.attrs, job.options, job.arch
+        )
     except Exception as e:  # CompilationError, PTXASError, an MLIR pass's RuntimeError, ...
         first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
         return Built(error=f"{type(e).__name__}: {first[:200]}", seconds=time.perf_counter() - t0)
+    built.seconds = time.perf_counter() - t0
+    return built
+
+
+def compile_reported(
+    kernel: JITFunction, signature: dict, constexprs: dict, attrs: dict, options: dict, arch: int
+) -> tuple[object, Built]:
+    """(Triton's compiled kernel, what ptxas -v reported: shared memory, registers, stack and
+    spills) for a bound launch (`bind`) on `arch`; raises what Triton or ptxas raise."""
+    src = ASTSource(kernel, signature, _paths(kernel, constexprs), attrs)
+    knobs.nvidia.dump_ptxas_log = True  # ptxas -v's log, printed: registers and spills
+    log = io.StringIO()
+    with redirect_stdout(log):
+        compiled = triton.compile(src, GPUTarget("cuda", arch, 32), options=options)
     regs, frame = _PTXAS_REGS.search(log.getvalue()), _PTXAS_FRAME.search(log.getvalue())
     stack, stores, loads = (int(x) for x in frame.groups()) if frame else (None, None, None)
-    return Built(
+    return compiled, Built(
         shared=compiled.metadata.shared,
         regs=int(regs.group(1)) if regs else None,
         stack=stack,
         spill_stores=stores,
         spill_loads=loads,
-        seconds=time.perf_counter() - t0,
     )
 
 

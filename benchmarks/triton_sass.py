@@ -23,20 +23,16 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import io
 import os
 import re
 import sys
 import tempfile
-from contextlib import redirect_stdout
 
 os.environ.pop("TRITON_INTERPRET", None)  # compiled builds, decided when kernels are decorated
 
 import torch
 import triton
 from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from triton.tools.disasm import get_sass
 
 import triton_build as tb
@@ -49,22 +45,10 @@ _LABEL = re.compile(r"^\.?(L\w+):")
 _TARGET = re.compile(r"\b\.?(L\w+)\b")
 
 
-def sass_of(kernel, args: tuple, kwargs: dict, arch: int = 90) -> tuple[str, dict]:
-    """(SASS text, {registers, spill stores, shared}) of one recorded launch built for `arch`."""
-    sig, const, attrs, opts = tb.bind(kernel, args, kwargs, arch)
-    src = ASTSource(kernel, sig, tb._paths(kernel, const), attrs)
-    knobs.nvidia.dump_ptxas_log = True
-    log = io.StringIO()
-    with redirect_stdout(log):
-        compiled = triton.compile(src, GPUTarget("cuda", arch, 32), options=opts)
-    regs = re.search(r"Used (\d+) registers", log.getvalue())
-    spill = re.search(r"(\d+) bytes spill stores", log.getvalue())
-    info = {
-        "regs": int(regs.group(1)) if regs else None,
-        "spills": int(spill.group(1)) if spill else None,
-        "shared": compiled.metadata.shared,
-    }
-    return get_sass(compiled.asm["cubin"]), info
+def sass_of(kernel, args: tuple, kwargs: dict, arch: int = 90) -> tuple[str, tb.Built]:
+    """(SASS text, ptxas's report) of one recorded launch built for `arch`."""
+    compiled, built = tb.compile_reported(kernel, *tb.bind(kernel, args, kwargs, arch), arch)
+    return get_sass(compiled.asm["cubin"]), built
 
 
 def loops(sass: str) -> list[tuple[int, collections.Counter]]:
@@ -148,10 +132,10 @@ def main() -> int:
     print("| kernel | regs | spills B | loop | instructions | " + " | ".join(SHOWN) + " |")
     print("|---|---|---|---|---|" + "---|" * len(SHOWN))
     for name, kern, args, kwargs in launches(tb.DTYPES[a.dtype], a.head_dim, band, a.tma, a.floor):
-        sass, info = sass_of(kern, args, kwargs)
+        sass, built = sass_of(kern, args, kwargs)
         for i, (n, ops) in enumerate(loops(sass)):
             cells = " | ".join(str(ops.get(op, 0) or "") for op in SHOWN)
-            print(f"| {name} | {info['regs']} | {info['spills']} | {i + 1} | {n} | {cells} |",
+            print(f"| {name} | {built.regs} | {built.spill_stores} | {i + 1} | {n} | {cells} |",
                   flush=True)  # fmt: skip
     return 0
 

@@ -4,8 +4,10 @@
     TRITON_INTERPRET=1 python benchmarks/triton_tune.py --device cpu --quick   # smoke test
 
 For each case (bf16 on a GPU) and each candidate `Config(block_m, block_n, num_warps,
-num_stages)`, the forward's also with K/V read by TMA (`tma=True`, sm_90+): the forward kernel's median time and SDPA time / ours; the backward's two passes
-(dK/dV over key blocks, dQ over query blocks) timed apart, each against SDPA's whole backward.
+num_stages)` (the forward's also with K/V read by TMA, `tma=True`, sm_90+, and with a
+register cap, `maxnreg`): the forward kernel's median time and SDPA time / ours; the
+backward's two passes (dK/dV over key blocks, dQ over query blocks) timed apart, each against
+SDPA's whole backward.
 Every config's output (or gradients) is compared with SDPA's in the same dtype: a config that
 miscompiles shows as "WRONG" instead of a time. Triton's compile errors and out-of-resources
 show as the error's name. The chosen defaults go into `triton_kernel.default_config`.

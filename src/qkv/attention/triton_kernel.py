@@ -472,7 +472,8 @@ def _attend(q, k_base, v_base, skn, skd, svn, svd, K_DESC, V_DESC, b, hk, offs_m
             hi, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, CLEAN: tl.constexpr,
             HAS_SINKS: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
             DOT_F32: tl.constexpr, MODS: tl.constexpr, FOLD: tl.constexpr,
-            TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+            TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr):  # fmt: skip
     """One query block's (out (i e) fp32, lse (i) natural log, masked and interior key blocks
     visited): the interior run [mid_lo, mid_hi) unmasked, then the two edge runs masked."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -761,7 +762,8 @@ def triton_attention(
     q: Tensor, k: Tensor, v: Tensor, spec: Spec, config: Config | None = None
 ) -> tuple[Tensor, Tensor]:
     """(out (b h i e), lse (b h i) fp32) by the Triton forward; differentiable in q, k, v
-    through the Triton backward (`triton_backward`). Raises ValueError naming another backend for what it lacks."""
+    through the Triton backward (`triton_backward`). Raises ValueError naming another backend
+    for what it lacks."""
     why = unsupported(q, spec)
     if why is not None:
         raise ValueError(f"backend='triton': {why}")
