@@ -60,6 +60,10 @@ if not tk.INTERPRETED and not torch.cuda.is_available():
         allow_module_level=True,
     )
 DEVICE = "cpu" if tk.INTERPRETED else "cuda"
+if tk.INTERPRETED:
+    from . import interpreter
+
+    interpreter.quicker()  # the int32 checks run in test_int32_index_math_does_not_overflow
 
 
 @pytest.fixture(autouse=True)
@@ -210,6 +214,45 @@ def test_gradients_vs_oracle(case, dtype):
     for name, a, p, t in zip("qkv", got, plain, truth, strict=True):
         assert a.dtype == dtype
         assert_within_budget(a, p, t, dtype, factor=GRAD_FACTOR, what=f"d{name}")
+
+
+OVERFLOW_CASES = {  # (Hq, Hk, Sq, Sk, kwargs): every masking path of the three kernels
+    "causal-empty-top": (4, 2, 40, 17, {"causal": True}),
+    "window-empty-rows": (2, 2, 40, 17, {"window": (0, 0)}),
+    "softcap-alibi-gqa": (4, 2, 33, 33, {"softcap": 3.0, "score_mod": qkv.alibi(qkv.alibi_slopes(4))}),
+}
+
+
+@pytest.mark.skipif(not tk.INTERPRETED, reason="the int32 overflow checks are the interpreter's")
+@pytest.mark.parametrize("case", list(OVERFLOW_CASES))
+def test_int32_index_math_does_not_overflow(case):
+    """The interpreter's int32 checks on (the rest of the suite drops them for speed,
+    `interpreter.quicker`): every int32 add, sub and mul of offsets, band bounds and the
+    empty-row sentinel in the forward, dK/dV and dQ passes is checked, and out, dq, dk, dv stay
+    within the float64 oracle's budget."""
+    Hq, Hk, Sq, Sk, kw = OVERFLOW_CASES[case]
+    q, k, v = qkv_on(1, Hq, Hk, Sq, Sk, 16, requires_grad=True)
+    g = torch.Generator().manual_seed(7)
+    do = torch.randn(1, Hq, Sq, 16, generator=g, dtype=torch.float64)
+    with interpreter.overflow_checked() as checked:
+        got = grads(lambda *x: run(*x, **kw), q, k, v, do, None)
+    assert checked, "this Triton's interpreter has no int32 checks: see tests/attention/interpreter.py"
+    x = [t.detach().cpu() for t in (q, k, v)]
+    truth = grads(_ref(**kw), *(t.double() for t in x), do, None)
+    plain = grads(_ref(**kw), *x, do, None)
+    for name, a, p, t in zip("qkv", got, plain, truth, strict=True):
+        assert_within_budget(a, p, t, torch.float32, factor=GRAD_FACTOR, what=f"d{name}")
+
+
+@pytest.mark.skipif(not tk.INTERPRETED, reason="the int32 overflow checks are the interpreter's")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy
+def test_int32_index_math_does_not_overflow_in_the_repairs():
+    """The same checks through the forward's and the dQ pass's repair launches: NaN/inf in
+    keys and values no row keeps (queries at 16..48 keep keys 9..51 of 0..48)."""
+    kw = {"window": (7, 3)}
+    q, k, v = qkv_on(1, 4, 1, 33, 49, 16)
+    with interpreter.overflow_checked():
+        check_masked_nonfinite_grads(q, k, v, kw, lambda *x: run(*x, **kw)[0], 5, 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -456,7 +456,10 @@ def test_ctrl_c_during_start_up_exits_130_quietly(fraction, seconds_to_output):
     delay = fraction * seconds_to_output
 
     def interrupted(argv, wait_for=None):
-        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # SIGINT at its default in the child, as at a terminal: a run started in the background
+        # (`&`, nohup) passes SIGINT on ignored, and Python then never raises KeyboardInterrupt
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
         if wait_for is not None:
             assert p.stdout.readline().decode().strip() == wait_for
         else:
