@@ -47,19 +47,27 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool
     32k tokens on an H200 (issue 15); its backward took 0.58–0.66× SDPA's backward time there (bf16,
     D = 128, N = 4096 and 16384), where tiled's forward+backward took 0.07–0.09× SDPA's.
     With a gradient, for D ≤ 128 only (`_triton_forward_fits`)."""
-    backend = _choose(q, k, v, spec, return_lse)
+    return _route(q, k, v, spec, return_lse)[0]
+
+
+def _route(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> tuple[str, bool]:
+    """`choose_backend`, and whether `attention` repairs SDPA's answer on the device
+    (`_sdpa_repairs`, decided once per call: ~8 µs of host time on a 2-core CPU)."""
+    backend, repairs = _choose(q, k, v, spec, return_lse)
     compiling = torch.compiler.is_compiling()  # a traced graph cannot branch on q's values
     if backend == "sdpa" and q.device.type == "cpu" and not compiling and not _sum_finite(q):
         backend = "tiled"
+    if backend == "sdpa":
+        return backend, repairs
     if backend != "tiled" or not (spec.Sq and spec.Sk):
-        return backend
+        return backend, False
     special = spec.left is not None or spec.mask_mod is not None or spec.has_mods
     special = special or spec.sinks is not None
     if special and fused_cpu.supported(q, spec) is None:
-        return "fused"
+        return "fused", False
     if not compiling and _triton_forward_fits(q, k, v, spec):
-        return "triton"
-    return backend
+        return "triton", False
+    return backend, False
 
 
 # where this process's Triton could not build the forward kernels (by dtype and head dim)
@@ -173,8 +181,9 @@ def _unseen_keys(spec: Spec) -> int:
     return max(0, spec.delta - spec.left)
 
 
-def _choose(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> str:
-    """`auto`: the fastest backend that computes exactly what was asked.
+def _choose(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> tuple[str, bool]:
+    """`auto`: the fastest backend that computes exactly what was asked, and whether SDPA's
+    answer is then repaired (`_sdpa_repairs`; False for every other backend).
 
     SDPA (fused C++/CUDA) for plain, causal and tensor-masked attention, and with the LSE where
     one of PyTorch's fused kernels returns it (no gradient needed, plain or causal; see
@@ -190,31 +199,33 @@ def _choose(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> st
     needs_grad = scoring.needs_grad(q, k, v)
     half = q.dtype in (torch.float16, torch.bfloat16)
     if q.device.type == "meta":  # shapes only: the backends that never read a value
-        return "sdpa" if unsupported(spec) is None and not return_lse else "reference"
+        return ("sdpa" if unsupported(spec) is None and not return_lse else "reference"), False
     if spec.bias is not None and spec.bias.requires_grad and torch.is_grad_enabled():
         # a learned bias: SDPA and the reference differentiate it, tiled and fused do not
         sdpa_ok = not return_lse and unsupported(spec) is None and spec.dropout_p == 0
         sdpa_ok = sdpa_ok and not (half and q.device.type == "cpu") and scoring.all_finite(k, v)
-        return "sdpa" if sdpa_ok else "reference"
+        return ("sdpa" if sdpa_ok else "reference"), False  # checked: no Triton takes a bias
     if half and q.device.type == "cpu" and (needs_grad or return_lse):
-        return "tiled"
+        return "tiled", False
     if spec.sinks is not None:  # SDPA has no sink term, but its LSE lets one be folded in
         bare = dataclasses.replace(spec, sinks=None)
         ok = not half and lse_supported(q, k, v, bare)
         checked = not bare.masked or _sdpa_repairs(q, k, v, bare) or scoring.all_finite(k, v)
-        return "sdpa" if ok and checked else "tiled"
+        return ("sdpa" if ok and checked else "tiled"), False  # `_sdpa_sinks` repairs its own
     if return_lse and lse_supported(q, k, v, spec):
-        checked = not spec.masked or _sdpa_repairs(q, k, v, spec) or scoring.all_finite(k, v)
-        return "sdpa" if checked else "tiled"
+        repairs = spec.masked and _sdpa_repairs(q, k, v, spec)
+        checked = not spec.masked or repairs or scoring.all_finite(k, v)
+        return ("sdpa", repairs) if checked else ("tiled", False)
     if spec.Sq == 0 or spec.Sk == 0 or return_lse or unsupported(spec) is not None:
-        return "tiled"
+        return "tiled", False
     if spec.dropout_p > 0 or spec.left is not None or spec.mask_mod is not None:
-        return "tiled"
+        return "tiled", False
     if spec.right is not None and spec.right != 0:
-        return "tiled"
-    if spec.masked and not _sdpa_repairs(q, k, v, spec) and not scoring.all_finite(k, v):
-        return "tiled"
-    return "sdpa"
+        return "tiled", False
+    repairs = spec.masked and _sdpa_repairs(q, k, v, spec)
+    if spec.masked and not repairs and not scoring.all_finite(k, v):
+        return "tiled", False
+    return "sdpa", repairs
 
 
 def attention(
@@ -318,11 +329,10 @@ def attention(
     """
     kw = dict(causal=causal, window=window, mask=mask, mask_mod=mask_mod, score_mod=score_mod,
               scale=scale, softcap=softcap, dropout_p=dropout_p, generator=generator, sinks=sinks)  # fmt: skip
-    k, v, spec, backend, auto = _plan(q, k, v, kw, return_lse, backend)
+    k, v, spec, backend, auto, repairs = _plan(q, k, v, kw, return_lse, backend)
     if backend == "sdpa" and auto and spec.sinks is not None:  # see _choose
         out, lse = _sdpa_sinks(q, k, v, spec)
         return (out, lse) if return_lse else out
-    repairs = backend == "sdpa" and auto and _sdpa_repairs(q, k, v, spec)
     if backend == "sdpa" and return_lse:
         try:
             out, lse = sdpa_lse(q, k, v, spec)
@@ -363,9 +373,10 @@ def attention(
 
 def _plan(
     q: Tensor, k: Tensor, v: Tensor, kw: dict, return_lse: bool, backend: str
-) -> tuple[Tensor, Tensor, Spec, str, bool]:
-    """`attention`'s request → (k, v, spec, backend, whether it was "auto"): the spec checked,
-    the keys before every row's window dropped, and the backend `auto` stands for resolved."""
+) -> tuple[Tensor, Tensor, Spec, str, bool, bool]:
+    """`attention`'s request → (k, v, spec, backend, whether it was "auto", whether SDPA's
+    answer is repaired on the device): the spec checked, the keys before every row's window
+    dropped, and the backend `auto` stands for resolved."""
     spec = make_spec(q, k, v, **kw)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -385,7 +396,7 @@ def _plan(
             q, k, v, causal=kw["causal"], window=kw["window"], mask=mask, scale=spec.scale,
             softcap=kw["softcap"], sinks=kw["sinks"],
         )  # fmt: skip
-    auto = backend == "auto"
+    auto, repairs = backend == "auto", False
     if q.device.type == "meta" and backend in ("tiled", "fused"):  # triton: CUDA only
         raise ValueError(
             f"backend={backend!r} reads values as it runs, which meta tensors do not have; "
@@ -400,8 +411,8 @@ def _plan(
                 "(grad, vmap, jacrev, …) cannot trace; use backend='auto' or 'reference' there"
             )
     elif auto:
-        backend = choose_backend(q, k, v, spec, return_lse)
-    return k, v, spec, backend, auto
+        backend, repairs = _route(q, k, v, spec, return_lse)
+    return k, v, spec, backend, auto, repairs
 
 
 def auto_backend(q: Tensor, k: Tensor, v: Tensor, *, return_lse: bool = False, **kwargs) -> str:
