@@ -52,7 +52,7 @@ def choose_backend(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool
 
 def _route(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> tuple[str, bool]:
     """`choose_backend`, and whether `attention` repairs SDPA's answer on the device
-    (`_sdpa_repairs`, decided once per call: ~8 µs of host time on a 2-core CPU)."""
+    (`_sdpa_repairs`, decided once per call)."""
     backend, repairs = _choose(q, k, v, spec, return_lse)
     compiling = torch.compiler.is_compiling()  # a traced graph cannot branch on q's values
     if backend == "sdpa" and q.device.type == "cpu" and not compiling and not _sum_finite(q):
@@ -210,8 +210,9 @@ def _choose(q: Tensor, k: Tensor, v: Tensor, spec: Spec, return_lse: bool) -> tu
     if spec.sinks is not None:  # SDPA has no sink term, but its LSE lets one be folded in
         bare = dataclasses.replace(spec, sinks=None)
         ok = not half and lse_supported(q, k, v, bare)
-        checked = not bare.masked or _sdpa_repairs(q, k, v, bare) or scoring.all_finite(k, v)
-        return ("sdpa" if ok and checked else "tiled"), False  # `_sdpa_sinks` repairs its own
+        repairs = bare.masked and _sdpa_repairs(q, k, v, bare)
+        checked = not bare.masked or repairs or scoring.all_finite(k, v)
+        return ("sdpa", repairs) if ok and checked else ("tiled", False)
     if return_lse and lse_supported(q, k, v, spec):
         repairs = spec.masked and _sdpa_repairs(q, k, v, spec)
         checked = not spec.masked or repairs or scoring.all_finite(k, v)
@@ -331,7 +332,7 @@ def attention(
               scale=scale, softcap=softcap, dropout_p=dropout_p, generator=generator, sinks=sinks)  # fmt: skip
     k, v, spec, backend, auto, repairs = _plan(q, k, v, kw, return_lse, backend)
     if backend == "sdpa" and auto and spec.sinks is not None:  # see _choose
-        out, lse = _sdpa_sinks(q, k, v, spec)
+        out, lse = _sdpa_sinks(q, k, v, spec, repairs)
         return (out, lse) if return_lse else out
     if backend == "sdpa" and return_lse:
         try:
@@ -432,13 +433,16 @@ def _request_defaults() -> dict:
             if p.kind is p.KEYWORD_ONLY and p.name not in ("return_lse", "backend")}  # fmt: skip
 
 
-def _sdpa_sinks(q: Tensor, k: Tensor, v: Tensor, spec: Spec) -> tuple[Tensor, Tensor]:
+def _sdpa_sinks(
+    q: Tensor, k: Tensor, v: Tensor, spec: Spec, repairs: bool
+) -> tuple[Tensor, Tensor]:
     """Sinks on SDPA, for `auto` (no gradient, fp32/fp64, plain or causal): the fused kernel's
-    out and LSE, then `scoring.add_sinks` in the LSE's fp32 (fp64). A decode step of a model
+    out and LSE, repaired on the device where `_choose` said so (causal on CUDA: no K/V check
+    was made), then `scoring.add_sinks` in the LSE's fp32 (fp64). A decode step of a model
     with sinks (Sq = 1 over 4096 keys, 8 heads) takes ~0.6 ms this way, ~4 ms on tiled."""
     bare = dataclasses.replace(spec, sinks=None)
     out, lse = sdpa_lse(q, k, v, bare)
-    if _sdpa_repairs(q, k, v, bare):  # causal on CUDA: no K/V check was made (see _choose)
+    if repairs:
         out, lse = _repaired(q, k, v, bare, out, lse)
     out, lse = scoring.add_sinks(out.to(lse.dtype), lse, spec.sinks)
     return out.to(q.dtype), lse

@@ -7,8 +7,8 @@ share an fp16 scale and minimum; Q8_0: 32 int8 weights share a scale). `read_ggu
 tensor dequantised to float32 in PyTorch's (out, in) order and caches the result on disk, keyed by
 the file's path, size and mtime, so a second load skips the dequantisation. The key/value header
 is parsed here (`_kv`, one pass over the bytes: 0.6 s for gemma3's 262k-token vocabulary, where
-the library's reader takes 21 s); tensors are located and dequantised by the `gguf` library. `build_tokenizer` likewise keeps the tokenizer it builds (seconds for a 262k
-vocabulary) as a tokenizer.json under the same root, keyed by a digest of what it is built from.
+the library's reader takes 21 s); tensors are located and dequantised by the `gguf` library.
+`build_tokenizer` likewise keeps the tokenizer it builds (seconds for a 262k vocabulary) as a tokenizer.json under the same root, keyed by a digest of what it is built from.
 
 Q/K rows. llama.cpp's converter reorders the rows of `attn_q`/`attn_k` so that each head's RoPE
 pairs are adjacent (GPT-J / Meta layout, pair p = rows (2p, 2p+1)); Hugging Face Llama checkpoints
@@ -204,14 +204,15 @@ def _open_reader(path: Path, gguf):
     class Reader(gguf.GGUFReader):
         def _build_fields(self, offs: int, count: int) -> int:  # type: ignore[override]
             """The key/value section as Python values (`self.metadata`), parsed by `_kv`: the
-            library's parser makes two NumPy views per element, 25 s of a first load for
+            library's parser makes two NumPy views per element, 21 s of a first load for
             gemma3's 262k-token vocabulary. `self.fields` gets each key with its type (and a
             scalar's value, which the library reads back for `general.alignment`)."""
             order = "<" if (self.byte_order == "S") == (sys.byteorder == "big") else ">"
-            kv, fields, end = _kv(memoryview(self.data), offs, int(count), order)
+            fields, end = _kv(memoryview(self.data), offs, int(count), order)
             # GGUF.version, GGUF.tensor_count, GGUF.kv_count first, as the library lists them
-            self.metadata = {k: f.parts[0][0].item() for k, f in self.fields.items()} | kv
+            self.metadata = {k: f.parts[0][0].item() for k, f in self.fields.items()}
             for field_offs, name, vtype, value in fields:
+                self.metadata[name] = value
                 scalar = vtype in _SCALARS
                 parts = [np.array([value], dtype=order + _SCALARS[vtype])] if scalar else []
                 self._push_field(
@@ -270,9 +271,9 @@ _STRING, _ARRAY = 8, 9
 
 def _kv(
     buf: memoryview, offs: int, count: int, order: str
-) -> tuple[dict[str, Any], list[tuple[int, str, int, Any]], int]:
+) -> tuple[list[tuple[int, str, int, Any]], int]:
     """GGUF's key/value section at `offs` in `buf`, `count` entries, byte order `order` ("<" or
-    ">") → ({key: value}, [(offset, key, value type, value)], end offset). Values as Python: a
+    ">") → ([(offset, key, value type, value)], end offset). Values as Python: a
     scalar (int, float, bool), a str (UTF-8), or a list of either (nested arrays flattened, as
     the gguf library's `ReaderField.data` does). Raises struct.error, ValueError or
     UnicodeDecodeError on a truncated or corrupted section."""
@@ -306,15 +307,14 @@ def _kv(
             items += item if itype == _ARRAY else [item]
         return items, at
 
-    metadata, fields = {}, []
+    fields = []
     for _ in range(count):
         start = offs
         key, offs = string(offs)
         (vtype,) = struct.unpack_from(order + "I", buf, offs)
         got, offs = value(vtype, offs + 4)
-        metadata[key] = got
         fields.append((start, key, vtype, got))
-    return metadata, fields, offs
+    return fields, offs
 
 
 # ---------------------------------------------------------------------------------------------
