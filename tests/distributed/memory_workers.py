@@ -68,6 +68,6 @@ def ring_memory(rank: int, world: int) -> dict:
         for w, group in ((4, None), (2, pair)):
             if rank >= w:
                 continue
-            report[f"w{w}"] = {n: _causal_step(n * w, rank, w, group) for n in (1024, 2048)}
+            report[f"w{w}"] = {n: _causal_step(n * w, rank, w, group) for n in (512, 1024)}
         dist.barrier()
     return report

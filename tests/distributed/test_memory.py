@@ -1,12 +1,10 @@
 """Per-rank memory of ring_attention: what grows with the shard is the results, the saved
 out/LSE and the ring's buffers — two K/V blocks and one dK/dV, never more — counted in bytes
-by the allocator (one 4-process gloo launch; see memory_workers.py)."""
+by the allocator (the 4-process gloo launch it shares with test_ring.py; see memory_workers.py)."""
 
 from __future__ import annotations
 
 import pytest
-
-from . import spawn
 
 # causal, zigzag, B=1, Hq=2, Hk=1, D=Dv=64, fp32: bytes per position this rank holds
 Q_ROW = 2 * 64 * 4  # one row of q, out, dq or dO (b h i d)
@@ -18,14 +16,13 @@ BOUND = SAVED + Q_ROW + 3 * KV_ROW  # backward: dq, and 2 blocks + 1 dK/dV (or 1
 
 
 @pytest.fixture(scope="module")
-def report():
-    results, _ = spawn.run("tests.distributed.memory_workers:ring_memory", 4, timeout=240)
-    return spawn.ok(results)
+def report(four_rank_report):
+    return [r["memory"] for r in four_rank_report]
 
 
 def _slopes(report, w):
-    """Bytes per held position that each rank's peak grows by, from 1024 to 2048 positions."""
-    return [(r[f"w{w}"]["2048"] - r[f"w{w}"]["1024"]) / 1024 for r in report[:w]]
+    """Bytes per held position that each rank's peak grows by, from 512 to 1024 positions."""
+    return [(r[f"w{w}"]["1024"] - r[f"w{w}"]["512"]) / 512 for r in report[:w]]
 
 
 @pytest.mark.parametrize("w", [2, 4])

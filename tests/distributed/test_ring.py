@@ -9,7 +9,6 @@ import torch
 from qkv.distributed.layout import make_layout
 from qkv.distributed.ring import band_pair
 
-from . import spawn
 from .workers import CASES, GROUPS, dtypes
 
 # fp64: absolute; fp32/bf16/fp16: at most 2× the plain same-dtype formula's own error vs
@@ -19,9 +18,8 @@ QUANTITIES = ("out", "lse", "dq", "dk", "dv")
 
 
 @pytest.fixture(scope="module")
-def report():
-    results, _ = spawn.run("tests.distributed.workers:ring_cases", 4, timeout=240)
-    return spawn.ok(results)
+def report(four_rank_report):
+    return [r["ring"] for r in four_rank_report]
 
 
 KEYS = [f"w{w}/{n}/{str(dt)[6:]}" for w in GROUPS for n in CASES for dt in dtypes(n)]
