@@ -9,6 +9,8 @@ every layer may import it.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import threading
 import warnings
 from collections.abc import Callable
@@ -68,6 +70,8 @@ class Kernels:
                     stacklevel=3,
                 )
             kernels = self._build({**FLAGS, "cache": False})
+        for kernel, _ in kernels.values():
+            _key_by_source(kernel)
         wide = self._wide() if callable(self._wide) else self._wide
         if wide:
             llvm.set_option("", "-force-vector-width=16")
@@ -78,6 +82,68 @@ class Kernels:
             if wide:
                 llvm.set_option("", "-force-vector-width=0")
         return {name: kernel for name, (kernel, _) in kernels.items()}
+
+
+def _key_by_source(kernel: Any) -> None:
+    """Let numba find `kernel` in its disk cache from another process.
+
+    numba keys a cached closure by the pickle of its cells, and a pickled numba function carries
+    a uuid made anew in every process: a kernel that closes over a helper (`exp2`, `tile`) was
+    compiled again in every process (3 s for the fused forward, 9 s for its backward) and added
+    one more entry to the cache each time. Here the cells count by what they compile from
+    instead (`_compiled_from`). A kernel without a closure, or with caching off, is left as it is.
+    """
+    from numba.core.caching import FunctionCache
+
+    if kernel.py_func.__closure__ is None or type(kernel._cache) is not FunctionCache:
+        return
+
+    class SourceKeyed(FunctionCache):
+        def _index_key(self, sig, codegen):
+            func = self._py_func
+            code = hashlib.sha256(func.__code__.co_code).hexdigest()
+            cells = hashlib.sha256(_compiled_from(func).encode()).hexdigest()
+            return sig, codegen.magic_tuple(), (code, cells)
+
+    kernel._cache = SourceKeyed(kernel.py_func)
+
+
+def _compiled_from(func: Any, seen: set | None = None) -> str:
+    """What a numba function compiles from besides its own bytecode, as text that is the same in
+    every process: the plain constants it reads as globals (`BQ`, `LOG2E`: numba freezes them),
+    and each closure cell: a numba function or intrinsic by its source and, recursively, what it
+    compiles from; a module by its name; a number, string or bool by its repr. Anything else is
+    pickled as numba would (a cache miss at worst, never a stale hit)."""
+    from numba.core.serialize import dumps
+
+    seen = set() if seen is None else seen
+    if id(func) in seen:
+        return ""
+    seen.add(id(func))
+    parts = [
+        f"{name}={func.__globals__[name]!r}"
+        for name in func.__code__.co_names
+        if isinstance(func.__globals__.get(name), (bool, int, float, str))
+    ]
+    for cell in func.__closure__ or ():
+        value = cell.cell_contents
+        inner = getattr(value, "py_func", None) or getattr(value, "_defn", None)
+        if inspect.isfunction(inner):
+            try:
+                parts.append(inspect.getsource(inner))
+            except OSError:  # no source on disk
+                parts.append(dumps(value).hex())
+            options = getattr(value, "targetoptions", {})  # fastmath: a set, its order per process
+            parts += [f"{k}={sorted(v) if isinstance(v, (set, frozenset)) else v!r}"
+                      for k, v in sorted(options.items())]  # fmt: skip
+            parts.append(_compiled_from(inner, seen))
+        elif inspect.ismodule(value):
+            parts.append(value.__name__)
+        elif isinstance(value, (bool, int, float, str)):
+            parts.append(repr(value))
+        else:
+            parts.append(dumps(value).hex())
+    return "\n".join(parts)
 
 
 def wide_vectors_pay() -> bool:

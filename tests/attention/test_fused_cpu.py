@@ -4,6 +4,7 @@ count independence; a silent compile."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -315,18 +316,36 @@ def test_auto_picks_fused_for_windows_and_mods_but_not_plain_or_fp64():
     assert pick(q.double(), window=(31, 0)) == "tiled"
 
 
-def test_compiling_from_an_empty_cache_prints_nothing(tmp_path):
+def test_compiling_from_an_empty_cache_prints_nothing_and_the_next_process_compiles_nothing(
+    tmp_path,
+):
+    """The forward and backward kernels compile silently into numba's disk cache, and a second
+    process loads every one of them from it. They close over their helpers (exp2, the tile),
+    which numba keyed by a pickle that differs in every process: each process compiled them
+    again (3 s + 9 s here) and added one more entry to the cache."""
     code = (
-        "import torch, qkv\n"
-        "q = k = v = torch.randn(1, 2, 70, 16)\n"
-        "qkv.attention(q, k, v, window=(9, 0), softcap=3.0, backend='fused')\n"
+        "import json, torch, qkv\n"
+        "from qkv.attention import fused_cpu, fused_cpu_backward\n"
+        "q, k, v = (torch.randn(1, 2, 70, 16, requires_grad=True) for _ in range(3))\n"
+        "qkv.attention(q, k, v, window=(9, 0), softcap=3.0, backend='fused').sum().backward()\n"
+        "kernels = {**fused_cpu.KERNELS._compiled, **fused_cpu_backward.KERNELS._compiled}\n"
+        "stats = {n: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values())]\n"
+        "         for n, k in kernels.items()}\n"
+        "print(json.dumps(stats), end='')\n"
     )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=600)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout == "" and res.stderr == "", (res.stdout + res.stderr)[-3000:]
-    assert any(tmp_path.rglob("*.nbi")), "the kernel was not cached"
+    runs = []
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=600)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.stderr == "", res.stderr[-3000:]
+        runs.append((json.loads(res.stdout), sorted(p.name for p in tmp_path.rglob("*.nbc"))))
+    (first, cached), (second, cached_after) = runs
+    assert set(first) == {"forward", "dq", "dkdv"}, first
+    assert all(hits == 0 and misses == 1 for hits, misses in first.values()), first
+    assert all(hits == 1 and misses == 0 for hits, misses in second.values()), second
+    assert len(cached) == 3 and cached_after == cached, (cached, cached_after)
 
 
 @pytest.mark.parametrize(
