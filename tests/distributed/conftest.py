@@ -4,34 +4,37 @@ process start-up on a small machine: 7 s for four)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 from . import spawn
 
 
-def two_ranks(rank: int, world: int) -> dict:
-    from .lens_workers import lens_across_ranks
-    from .model_workers import sharded_decoder
+def in_turn(rank: int, world: int, targets: dict[str, str]) -> dict:
+    """Each `module:function` of `targets`, in order, on this rank: {key: its result}."""
+    out = {}
+    for key, target in targets.items():
+        module, name = target.rsplit(":", 1)
+        out[key] = getattr(importlib.import_module(module), name)(rank, world)
+    return out
 
-    return {"model": sharded_decoder(rank, world), "lens": lens_across_ranks(rank, world)}
+
+def launch(world: int, **targets: str) -> list[dict]:
+    """Every rank's {key: result} of `in_turn` on one launch of `world` processes."""
+    results, _ = spawn.run("tests.distributed.conftest:in_turn", world, targets, timeout=300)
+    return spawn.ok(results)
 
 
 @pytest.fixture(scope="session")
 def two_rank_report():
-    results, _ = spawn.run("tests.distributed.conftest:two_ranks", 2, timeout=300)
-    return spawn.ok(results)
-
-
-def four_ranks(rank: int, world: int) -> dict:
-    from .memory_workers import ring_memory
-    from .workers import ring_cases
-
-    # the memory count is relative to each measured call's start: the cases before it do not
-    # change it
-    return {"ring": ring_cases(rank, world), "memory": ring_memory(rank, world)}
+    return launch(2, model="tests.distributed.model_workers:sharded_decoder",
+                  lens="tests.distributed.lens_workers:lens_across_ranks")  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def four_rank_report():
-    results, _ = spawn.run("tests.distributed.conftest:four_ranks", 4, timeout=300)
-    return spawn.ok(results)
+    # the memory count is relative to each measured call's start: the cases before it do not
+    # change it
+    return launch(4, ring="tests.distributed.workers:ring_cases",
+                  memory="tests.distributed.memory_workers:ring_memory")  # fmt: skip
