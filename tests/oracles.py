@@ -11,7 +11,8 @@ often that runs:
 - the model (float32, eager attention: its rows are what `output_attentions` returns) and the
   tokenizer are made once per session and shared by the modules that compare with them
   (tests/models, tests/lens). Callers must not change them; a test that needs another setting
-  passes it per call (`generate(eos_token_id=None)`).
+  passes it per call. The model's `generate` has no end-of-sequence token, so its greedy picks
+  are never suppressed (`min_new_tokens`) nor cut short, as ours with `stop_ids=()`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _one_reader_per_file():
 @functools.cache
 def gguf_reference(path: Path):
     """(transformers' causal LM, transformers' tokenizer) read from the GGUF at `path`: float32,
-    eager attention, in eval mode. Skips, naming what is missing, without transformers,
+    eager attention, in eval mode, no end-of-sequence token. Skips, naming what is missing, without transformers,
     accelerate (transformers needs it to load a GGUF) or gguf."""
     transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
@@ -64,6 +65,7 @@ def gguf_reference(path: Path):
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             str(path.parent), gguf_file=path.name
         )
+    model.generation_config.eos_token_id = None
     return model.eval(), tokenizer
 
 

@@ -109,19 +109,10 @@ def tiny_gemma3(path, *, rope_base=1000.0, kv_heads=K, kv=None):
     return path
 
 
-def reference(path, dtype=torch.float32):
-    """transformers' reading of the same file (its own dequantisation, eager attention)."""
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=dtype, attn_implementation="eager"
-    )
-    ref.generation_config.eos_token_id = None  # greedy picks stay unsuppressed
-    return ref.eval()
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tiny_gemma3(tmp_path_factory.mktemp("gemma3") / "tiny.gguf")
-    return path, llama.load_gguf(path, cache_dir=False), reference(path)
+    return path, llama.load_gguf(path, cache_dir=False), oracles.gguf_reference(path)[0]
 
 
 def ids_for(seed: int, n: int) -> torch.Tensor:
@@ -227,7 +218,7 @@ def test_unpermuting_qk_as_for_llama_breaks_parity(tiny, monkeypatch):
 
 def test_tiny_tokenizer_matches_transformers(tiny):
     path, model, _ = tiny
-    theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    theirs = oracles.gguf_reference(path)[1]
     for text in ["the dog", "  the  cat ", "thé dog\n\ncat", "a🙂b", "<bos>the"]:
         assert model.tokenizer.encode(text).ids == theirs(text).input_ids, text
 
@@ -306,7 +297,7 @@ def test_real_greedy_tokens_cached_and_uncached(real):
     n = 12
     with torch.no_grad():
         want = ref.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n,
-                            do_sample=False, eos_token_id=None)[0, len(ids):].tolist()  # fmt: skip
+                            do_sample=False)[0, len(ids):].tolist()  # fmt: skip
     cached = list(model.generate_ids(ids, n, stop_ids=()))
     uncached = list(model.generate_ids(ids, n, stop_ids=(), use_cache=False))
     assert cached == uncached == want

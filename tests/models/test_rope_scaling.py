@@ -439,11 +439,12 @@ def test_gemma3_gguf_linear_scales_the_global_layers(tmp_path, monkeypatch):
     oracle is its model with rope_parameters.full_attention made linear × 8 (transformers' own
     Gemma 3 rule), the file's weights loaded into it."""
     from tests.models.test_gemma3 import ids_for as gemma_ids
-    from tests.models.test_gemma3 import reference, tiny_gemma3
+    from tests.models.test_gemma3 import tiny_gemma3
+    from tests.oracles import gguf_reference
 
     kv = {"rope.scaling.type": "linear", "rope.scaling.factor": 8.0}
     path = tiny_gemma3(tmp_path / "g.gguf", kv=kv)
-    plain = reference(path)
+    plain = gguf_reference(path)[0]
     assert plain.config.rope_parameters["full_attention"]["rope_type"] == "default"
     cfg = copy.deepcopy(plain.config)
     cfg.rope_parameters["full_attention"].update(rope_type="linear", factor=8.0)

@@ -8,7 +8,8 @@ tensor dequantised to float32 in PyTorch's (out, in) order and caches the result
 the file's path, size and mtime, so a second load skips the dequantisation. The key/value header
 is parsed here (`_kv`, one pass over the bytes: 0.6 s for gemma3's 262k-token vocabulary, where
 the library's reader takes 21 s); tensors are located and dequantised by the `gguf` library.
-`build_tokenizer` likewise keeps the tokenizer it builds (seconds for a 262k vocabulary) as a tokenizer.json under the same root, keyed by a digest of what it is built from.
+`build_tokenizer` likewise keeps the tokenizer it builds (seconds for a 262k vocabulary) as a
+tokenizer.json under the same root, keyed by a digest of what it is built from.
 
 Q/K rows. llama.cpp's converter reorders the rows of `attn_q`/`attn_k` so that each head's RoPE
 pairs are adjacent (GPT-J / Meta layout, pair p = rows (2p, 2p+1)); Hugging Face Llama checkpoints
