@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import types
 
 import pytest
@@ -146,16 +147,67 @@ def fake_package(monkeypatch, tmp_path):
 def test_gguf_path_hashes_again_only_when_the_file_changed(monkeypatch, tmp_path, capsys):
     calls = fake_package(monkeypatch, tmp_path)
     path = qgemma3.gguf_path(tmp_path / "cache")
-    assert path.read_bytes() == b"gguf bytes" and calls == [False]
+    assert path.read_bytes() == b"gguf bytes" and calls == [True]  # rejoined (beside it)
     assert "assembling m.gguf" in capsys.readouterr().err
     stamp = path.with_name("m.gguf.sha256")
     assert json.loads(stamp.read_text())["sha256"] == "ab12"
-    assert qgemma3.gguf_path(tmp_path / "cache") == path and calls == [False]  # stamp holds
+    assert qgemma3.gguf_path(tmp_path / "cache") == path and calls == [True]  # stamp holds
     path.write_bytes(b"gguf bytez")  # damaged: another mtime → checked → replaced
     os.utime(path, ns=(1, 1))
-    assert qgemma3.gguf_path(tmp_path / "cache") == path and calls == [False, False, True]
+    assert qgemma3.gguf_path(tmp_path / "cache") == path and calls == [True, False, True]
     assert path.read_bytes() == b"gguf bytes"
     stamp.write_text("{broken")  # a damaged stamp: hash again
     qgemma3.gguf_path(tmp_path / "cache")
     assert calls[-1] is False and len(calls) == 4
     assert qgemma3.gguf_path(tmp_path / "cache") == path and len(calls) == 4
+
+
+def test_gguf_path_never_shows_a_half_written_file(monkeypatch, tmp_path):
+    """Two loaders at once on an empty cache (two ranks, two workers): while one still writes,
+    the file is absent or whole, the other gets a whole file, and both succeed. A re-assembly
+    replaces a damaged copy without rewriting it under a reader that has it open."""
+    whole = bytes(range(256)) * 64
+    writing, go_on = threading.Event(), threading.Event()
+
+    def assemble(target, overwrite=False):  # the package's: write in blocks, then check it all
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() and not overwrite:
+            if target.read_bytes() != whole:
+                raise FileExistsError(target)
+            return target
+        with open(target, "wb") as f:
+            f.write(whole[: len(whole) // 2])
+            f.flush()
+            if not writing.is_set():  # the first writer stops half-way until told to go on
+                writing.set()
+                assert go_on.wait(30)
+            f.write(whole[len(whole) // 2 :])
+        if target.read_bytes() != whole:
+            raise ValueError("Assembled file sha256 did not match expected value")
+        return target
+
+    pkg = types.SimpleNamespace(MODEL_NAME="m.gguf", EXPECTED_SHA256="ab12",
+                                chunk_paths=lambda: [tmp_path / "chunk"], assemble=assemble)  # fmt: skip
+    (tmp_path / "chunk").write_bytes(whole)
+    monkeypatch.setattr(qgemma3.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(qgemma3.importlib, "import_module", lambda name: pkg)
+    cache = tmp_path / "cache"
+    target = cache / "gemma3" / "m.gguf"
+    first: list = []
+    a = threading.Thread(target=lambda: first.append(qgemma3.gguf_path(cache)))
+    a.start()
+    try:
+        assert writing.wait(30)
+        assert not target.exists()  # never half a file at the path a reader opens
+        assert qgemma3.gguf_path(cache) == target and target.read_bytes() == whole
+    finally:
+        go_on.set()
+        a.join(30)
+    assert first == [target] and target.read_bytes() == whole
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m.gguf", "m.gguf.sha256"]
+
+    target.write_bytes(b"damaged")  # another mtime and size: checked, then replaced
+    with open(target, "rb") as reader:
+        assert qgemma3.gguf_path(cache) == target and target.read_bytes() == whole
+        assert reader.read() == b"damaged"  # the open file was not rewritten in place
+    assert sorted(p.name for p in target.parent.iterdir()) == ["m.gguf", "m.gguf.sha256"]

