@@ -17,6 +17,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from . import sm90
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 # absolute floor added to the budget, per dtype (one table, keyed by dtype)
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
@@ -138,3 +140,19 @@ def assert_within_budget(got, plain, truth, dtype, factor=FWD_FACTOR, what="outp
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sm90_build(request):
+    """test_triton_build's sm_90 build (`sm90.start`), started when the engine's first test
+    begins, at low priority, so that its minute of Triton and ptxas mostly runs on a core the
+    tests before it leave idle. None when that test is not selected or cannot build here."""
+    selected = any(item.nodeid == sm90.TEST for item in request.session.items)
+    if not selected or sm90.cannot_build() is not None:
+        yield None
+        return
+    proc = sm90.start(nice=10)
+    yield proc
+    if proc.poll() is None:  # the test did not run to the end (an interrupted session)
+        proc.kill()
+        proc.communicate()

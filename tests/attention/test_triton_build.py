@@ -4,37 +4,20 @@ Runs `benchmarks/triton_build.py --smoke --arch 90` in a subprocess: the forward
 launches and the backward's kernels in bf16 (with and without softcap and ALiBi) and fp32 at
 D = 128, the forward reading K/V by TMA (`Config(tma=True)`, bf16 D = 128), and SDPA's repair at fp32 D = 256, each compiled by Triton to cubin with the wheel's ptxas. The default launches of the
 forward and backward passes must not spill more than `SPILL_LIMIT` bytes per thread (fp32 at
-64 × 64 blocks spilled 53 KB in the forward and 200 KB in dK/dV at D = 128). A subprocess because Triton decides
-interpreted vs compiled when a kernel is decorated, once per process: test_triton.py imports
-the kernels under TRITON_INTERPRET=1 here, and the build needs them compiled.
+64 × 64 blocks spilled 53 KB in the forward and 200 KB in dK/dV at D = 128). The build runs in a
+subprocess (`sm90.start`), which the engine's conftest starts ahead of this test.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "triton_build.py"
+from .sm90 import cannot_build, start
+
 SPILL_LIMIT = 1024  # bytes of spill stores per thread, in a pass's default launch
-
-
-def _ptxas_missing() -> str | None:
-    """Why this machine cannot build for sm_90 with Triton's ptxas, or None."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-    except ImportError as e:
-        return f"triton has no NVIDIA backend: {e}"
-    try:
-        path = get_ptxas(90).path
-    except RuntimeError as e:  # Triton's "Cannot find ptxas-blackwell"
-        return f"no ptxas for sm_90 in the triton wheel: {e}"
-    return None if os.access(path, os.X_OK) else f"ptxas for sm_90 is not executable: {path}"
 
 
 def rows(output: str) -> list[dict[str, str]]:
@@ -51,20 +34,16 @@ def rows(output: str) -> list[dict[str, str]]:
     return out
 
 
-def test_smoke_set_builds_and_fits_on_sm90():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed (pip install triton; Linux only)")
-    why = _ptxas_missing()
+def test_smoke_set_builds_and_fits_on_sm90(sm90_build):
+    why = cannot_build()
     if why is not None:
         pytest.skip(why)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--arch", "90"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    proc = sm90_build or start()  # started early by the conftest, unless this test runs alone
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     report = res.stdout + res.stderr[-3000:]
     assert res.returncode == 0, report
     got = rows(res.stdout)
