@@ -153,6 +153,4 @@ def sm90_build(request):
         return
     proc = sm90.start(nice=10)
     yield proc
-    if proc.poll() is None:  # the test did not run to the end (an interrupted session)
-        proc.kill()
-        proc.communicate()
+    sm90.stop(proc)  # still running only if the session ended before the test read it

@@ -8,8 +8,10 @@ interpreter) instead of running alone; the test then waits for it and reads its 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +41,21 @@ def start(*, nice: int = 0) -> subprocess.Popen:
     engine's tests import the kernels under TRITON_INTERPRET=1, and the build needs them
     compiled. `nice` lowers its priority, so it takes only a core the tests leave idle."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--smoke", "--arch", "90"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        preexec_fn=(lambda: os.nice(nice)) if nice else None,
+        start_new_session=True,  # its own process group: `stop` ends its build workers too
     )  # fmt: skip
+    if nice:  # set from here, not in the child before exec (unsafe in a threaded parent);
+        # its build workers, started a second later, inherit it
+        os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill the build and its worker processes if they still run (killing the parent alone
+    leaves its multiprocessing workers behind), and reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()

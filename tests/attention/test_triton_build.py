@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from .sm90 import cannot_build, start
+from .sm90 import cannot_build, start, stop
 
 SPILL_LIMIT = 1024  # bytes of spill stores per thread, in a pass's default launch
 
@@ -42,7 +42,7 @@ def test_smoke_set_builds_and_fits_on_sm90(sm90_build):
     try:
         stdout, stderr = proc.communicate(timeout=600)
     finally:
-        proc.kill()
+        stop(proc)
     res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     report = res.stdout + res.stderr[-3000:]
     assert res.returncode == 0, report
