@@ -142,11 +142,12 @@ def _deterministic():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def sm90_build(request):
-    """test_triton_build's sm_90 build (`sm90.start`), started when the engine's first test
-    begins, at low priority, so that its minute of Triton and ptxas mostly runs on a core the
-    tests before it leave idle. None when that test is not selected or cannot build here."""
+    """test_triton_build's sm_90 build (`sm90.start`), started by the first test that asks for
+    it: test_triton.py's first (they run Triton's interpreter, on one core; the build, niced,
+    takes the other), else the build's own test. None when that test is not selected or cannot
+    build here."""
     selected = any(item.nodeid == sm90.TEST for item in request.session.items)
     if not selected or sm90.cannot_build() is not None:
         yield None

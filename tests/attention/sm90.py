@@ -2,8 +2,8 @@
 
 `benchmarks/triton_build.py --smoke --arch 90` spends about a minute in Triton and ptxas, most
 of it one core per build. The engine's conftest starts it in the background, at low priority,
-when the engine's tests begin, so that it overlaps the single-threaded tests before it (Triton's
-interpreter) instead of running alone; the test then waits for it and reads its output.
+when test_triton.py begins, so that it overlaps those single-threaded tests (Triton's
+interpreter) instead of running alone; the build's test then waits for it and reads its output.
 """
 
 from __future__ import annotations

@@ -42,6 +42,9 @@ from .test_peers import LSE_RTOL
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install triton; Linux only)", allow_module_level=True)
 
+# the sm_90 smoke build of test_triton_build.py runs beside these single-threaded tests
+pytestmark = pytest.mark.usefixtures("sm90_build")
+
 _saved = os.environ.get("TRITON_INTERPRET")
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
