@@ -38,7 +38,9 @@ def test_smoke_set_builds_and_fits_on_sm90(sm90_build):
     why = cannot_build()
     if why is not None:
         pytest.skip(why)
-    proc = sm90_build or start()  # started early by the conftest, unless this test runs alone
+    # started by the conftest with test_triton.py, or for this test; here only if its node id
+    # did not match there
+    proc = sm90_build or start()
     try:
         stdout, stderr = proc.communicate(timeout=600)
     finally:
