@@ -51,8 +51,8 @@ def _one_reader_per_file():
 @functools.cache
 def gguf_reference(path: Path):
     """(transformers' causal LM, transformers' tokenizer) read from the GGUF at `path`: float32,
-    eager attention, in eval mode, no end-of-sequence token. Skips, naming what is missing, without transformers,
-    accelerate (transformers needs it to load a GGUF) or gguf."""
+    eager attention, in eval mode, no end-of-sequence token. Skips, naming what is missing,
+    without transformers, accelerate (transformers needs it to load a GGUF) or gguf."""
     transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle")
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
     pytest.importorskip("gguf", reason="transformers reads a GGUF with the gguf package")

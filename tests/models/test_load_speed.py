@@ -137,11 +137,16 @@ def fake_package(monkeypatch, tmp_path):
             raise FileExistsError(target)
         return target
 
+    use_package(monkeypatch, chunk, assemble)
+    return calls
+
+
+def use_package(monkeypatch, chunk, assemble) -> None:
+    """gemma3's chunk package replaced by one with this chunk file and `assemble`."""
     pkg = types.SimpleNamespace(MODEL_NAME="m.gguf", EXPECTED_SHA256="ab12",
                                 chunk_paths=lambda: [chunk], assemble=assemble)  # fmt: skip
     monkeypatch.setattr(qgemma3.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(qgemma3.importlib, "import_module", lambda name: pkg)
-    return calls
 
 
 def test_gguf_path_hashes_again_only_when_the_file_changed(monkeypatch, tmp_path, capsys):
@@ -186,11 +191,8 @@ def test_gguf_path_never_shows_a_half_written_file(monkeypatch, tmp_path):
             raise ValueError("Assembled file sha256 did not match expected value")
         return target
 
-    pkg = types.SimpleNamespace(MODEL_NAME="m.gguf", EXPECTED_SHA256="ab12",
-                                chunk_paths=lambda: [tmp_path / "chunk"], assemble=assemble)  # fmt: skip
     (tmp_path / "chunk").write_bytes(whole)
-    monkeypatch.setattr(qgemma3.importlib.util, "find_spec", lambda name: object())
-    monkeypatch.setattr(qgemma3.importlib, "import_module", lambda name: pkg)
+    use_package(monkeypatch, tmp_path / "chunk", assemble)
     cache = tmp_path / "cache"
     target = cache / "gemma3" / "m.gguf"
     first: list = []
